@@ -1,0 +1,1 @@
+"""Generated gRPC stubs for pdserve.v1 (built by `make protos`, never edited by hand)."""
