@@ -1,0 +1,1 @@
+"""Coordinator: the public gateway, the router over prefill/decode pools, the Redis registry, the planner."""

@@ -1,0 +1,20 @@
+"""The coordinator process's one frozen config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    model_dir: str  # tokenizer + config.json are read here; weights are never loaded by the gateway
+    redis_url: str
+    cluster: str = "default"
+    host: str = "127.0.0.1"
+    port: int = 50051  # gateway gRPC port; 0 = a free one (printed on stdout)
+    expect_prefill: int = 1  # health reports SERVING once this many of each role are registered
+    expect_decode: int = 1
+    codec: str = "raw"  # KV codec decode asks prefill for
+    refresh_s: float = 0.25  # registry snapshot period
+    max_inflight: int = 4096  # requests in flight before RESOURCE_EXHAUSTED
+    suspect_s: float = 5.0  # an instance that refused a connection is skipped this long

@@ -1,0 +1,240 @@
+"""The public `pdserve.v1.Generation` service: validate, route, run prefill then decode, stream.
+
+One request's life here: (1) validate and assign an id; (2) pick a prefill and a decode instance;
+(3) stream `Prefill` until its first token (sent to the client at once: TTFT); (4) stream `Decode`
+with the KV handle, relaying tokens; (5) whatever happens (finish, error, client cancel, deadline),
+make sure the prefill lease is released and the decode request is cancelled, so no KV block leaks.
+A prefill or decode instance that refuses the connection before it produced anything is skipped
+and the step is retried on another instance: the KV lease keeps the prompt's cache meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+
+from coordinator.config import CoordinatorConfig
+from coordinator.registry import InstanceInfo
+from coordinator.router import Router
+from engine.config import ModelConfig
+from engine.sampling import SamplingParams
+from engine.stream import StopChecker
+from engine.tokenizer import Tokenizer
+from pdserve.errors import CapacityExceeded, InvalidRequest, PDServeError, Unavailable
+from pdserve.rpc import params_to_proto, stream_errors
+from pdserve.v1 import (
+    common_pb2,
+    decode_pb2,
+    decode_pb2_grpc,
+    generation_pb2,
+    generation_pb2_grpc,
+    prefill_pb2,
+    prefill_pb2_grpc,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 3  # instances tried per phase when one refuses the connection
+
+
+def _refused(exc: grpc.RpcError) -> bool:
+    return isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def sampling_from_request(req: generation_pb2.GenerateRequest) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=req.max_tokens,
+        temperature=req.temperature,
+        top_p=req.top_p if req.HasField("top_p") else 1.0,
+        top_k=req.top_k,
+        seed=req.seed if req.HasField("seed") else None,
+        stop=tuple(req.stop),
+        ignore_eos=req.ignore_eos,
+    )
+
+
+class Gateway(generation_pb2_grpc.GenerationServicer):
+    def __init__(self, cfg: CoordinatorConfig, router: Router, tokenizer: Tokenizer, model: ModelConfig) -> None:
+        self.cfg = cfg
+        self.router = router
+        self.tokenizer = tokenizer
+        self.model = model
+        self.inflight = 0
+        self._background: set[asyncio.Task] = set()
+
+    # ---- validation -----------------------------------------------------------------------
+    def _prompt_ids(self, req: generation_pb2.GenerateRequest) -> list[int]:
+        if req.prompt and req.prompt_token_ids:
+            raise InvalidRequest("give either prompt or prompt_token_ids, not both")
+        ids = list(req.prompt_token_ids) if req.prompt_token_ids else self.tokenizer.encode(req.prompt)
+        if not ids:
+            raise InvalidRequest("prompt is empty")
+        bad = [t for t in ids if not 0 <= t < self.model.vocab_size]
+        if bad:
+            raise InvalidRequest(f"prompt_token_ids out of range [0, {self.model.vocab_size}): {bad[:5]}")
+        return ids
+
+    # ---- the RPC --------------------------------------------------------------------------
+    @stream_errors
+    async def Generate(
+        self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[generation_pb2.GenerateResponse]:
+        received = time.monotonic()
+        request_id = request.request_id or uuid.uuid4().hex
+        prompt_ids = self._prompt_ids(request)
+        params = sampling_from_request(request)
+        params.validate(len(prompt_ids), self.model.max_position_embeddings)
+        if self.inflight >= self.cfg.max_inflight:
+            raise CapacityExceeded(f"gateway has {self.inflight} requests in flight (limit {self.cfg.max_inflight})")
+        self.inflight += 1
+        stop = StopChecker(self.tokenizer, params)
+        state = _RequestState()
+        try:
+            async for msg in self._run(request_id, prompt_ids, params, stop, state, received):
+                yield msg
+        finally:
+            self.inflight -= 1
+            state.cancel_calls()
+            if state.handle is not None and not state.kv_consumed:
+                self._release_later(state.prefill_address, state.handle.transfer_id)
+
+    async def _run(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        stop: StopChecker,
+        state: _RequestState,
+        received: float,
+    ) -> AsyncIterator[generation_pb2.GenerateResponse]:
+        first_token, prefill_inst = await self._prefill(request_id, prompt_ids, params, state)
+        ttft = time.monotonic() - received
+        completion = [first_token]
+        reason = stop.push(first_token)
+        yield generation_pb2.GenerateResponse(request_id=request_id, token_ids=[first_token], text=stop.take_text())
+        if reason is None:
+            async for tokens, reason in self._decode(request_id, prompt_ids, params, first_token, state):
+                checked = None
+                for t in tokens:
+                    completion.append(t)
+                    checked = stop.push(t) or checked
+                if tokens:
+                    yield generation_pb2.GenerateResponse(request_id=request_id, token_ids=tokens, text=stop.take_text())
+                if reason is not None or checked is not None:
+                    reason = reason or checked
+                    break
+        usage = common_pb2.Usage(prompt_tokens=len(prompt_ids), completion_tokens=len(completion), ttft_s=ttft)
+        yield generation_pb2.GenerateResponse(
+            request_id=request_id, text=stop.take_text(final=True), finish_reason=reason or "length", usage=usage
+        )
+
+    async def _prefill(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, state: _RequestState
+    ) -> tuple[int, InstanceInfo]:
+        req = prefill_pb2.PrefillRequest(
+            request_id=request_id, prompt_token_ids=prompt_ids, sampling=params_to_proto(params), codec=self.cfg.codec
+        )
+        last_exc: BaseException | None = None
+        for _ in range(MAX_ATTEMPTS):
+            inst = self.router.pick_prefill()
+            stub = prefill_pb2_grpc.PrefillStub(self.router.channel(inst.grpc_address))
+            got_event = False
+            with self.router.track(inst):
+                call = stub.Prefill(req)
+                state.prefill_call = call
+                state.prefill_address = inst.grpc_address
+                try:
+                    async for ev in call:
+                        got_event = True
+                        if ev.HasField("scheduled"):
+                            state.handle = ev.scheduled
+                        elif ev.HasField("done"):
+                            state.handle = ev.done.kv
+                            return ev.done.first_token_id, inst
+                except grpc.aio.AioRpcError as exc:
+                    if _refused(exc) and not got_event:
+                        self.router.mark_suspect(inst)
+                        last_exc = exc
+                        continue
+                    raise
+            raise Unavailable(f"prefill instance {inst.instance_id} ended the stream without a result")
+        raise Unavailable(f"no prefill instance reachable after {MAX_ATTEMPTS} attempts: {last_exc}")
+
+    async def _decode(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, first_token: int, state: _RequestState
+    ) -> AsyncIterator[tuple[list[int], str | None]]:
+        assert state.handle is not None
+        req = decode_pb2.DecodeRequest(
+            request_id=request_id,
+            prompt_token_ids=prompt_ids,
+            sampling=params_to_proto(params),
+            kv=state.handle,
+            first_token_id=first_token,
+        )
+        blocks = _blocks(len(prompt_ids) + params.max_tokens, 16)
+        last_exc: BaseException | None = None
+        for _ in range(MAX_ATTEMPTS):
+            inst = self.router.pick_decode(blocks)
+            stub = decode_pb2_grpc.DecodeStub(self.router.channel(inst.grpc_address))
+            got_event = False
+            with self.router.track(inst, blocks):
+                call = stub.Decode(req)
+                state.decode_call = call
+                try:
+                    async for ev in call:
+                        if not got_event:
+                            state.kv_consumed = True  # decode pulled the KV: the lease is gone
+                        got_event = True
+                        yield list(ev.token_ids), (ev.finish_reason or None)
+                        if ev.finish_reason:
+                            return
+                except grpc.aio.AioRpcError as exc:
+                    if _refused(exc) and not got_event:
+                        self.router.mark_suspect(inst)
+                        last_exc = exc
+                        continue
+                    raise
+            raise Unavailable(f"decode instance {inst.instance_id} ended the stream without finishing")
+        raise Unavailable(f"no decode instance reachable after {MAX_ATTEMPTS} attempts: {last_exc}")
+
+    def _release_later(self, address: str, transfer_id: str) -> None:
+        """Release a prefill lease without blocking the (possibly cancelled) request task."""
+
+        async def release() -> None:
+            stub = prefill_pb2_grpc.PrefillStub(self.router.channel(address))
+            try:
+                await stub.Release(prefill_pb2.ReleaseRequest(transfer_id=transfer_id), timeout=5.0)
+            except grpc.aio.AioRpcError as exc:
+                log.warning("release of lease %s at %s failed: %s (it expires by TTL)", transfer_id, address, exc.code())
+
+        task = asyncio.get_running_loop().create_task(release())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+
+class _RequestState:
+    """What must be cleaned up if a request ends early."""
+
+    def __init__(self) -> None:
+        self.handle: common_pb2.KVHandle | None = None
+        self.prefill_address = ""
+        self.kv_consumed = False
+        self.prefill_call: grpc.aio.Call | None = None
+        self.decode_call: grpc.aio.Call | None = None
+
+    def cancel_calls(self) -> None:
+        for call in (self.prefill_call, self.decode_call):
+            if call is not None and not call.done():
+                call.cancel()
+
+
+def _blocks(tokens: int, block_size: int) -> int:
+    return -(-tokens // block_size)
+
+
+__all__ = ["Gateway", "PDServeError"]

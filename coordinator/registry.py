@@ -1,0 +1,121 @@
+"""The cluster registry in Redis: instances announce themselves with a TTL heartbeat; the
+coordinator reads a snapshot. A dead instance stops heartbeating and its key expires (TTL), so it
+drops out of every snapshot taken after `ttl_s` at the latest.
+
+Keys: `pdserve:{cluster}:inst:{role}:{instance_id}` -> JSON of `InstanceInfo`, with `EX ttl_s`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import redis
+
+log = logging.getLogger(__name__)
+
+ROLES = ("prefill", "decode", "colocated")
+
+
+@dataclass(frozen=True)
+class InstanceInfo:
+    instance_id: str
+    role: str  # "prefill" | "decode" | "colocated"
+    grpc_address: str  # host:port of the instance's gRPC service
+    kv_address: str = ""  # prefill: where decode pulls KV (transport URL)
+    transports: tuple[str, ...] = ()
+    node: str = ""  # host name: same node -> shared memory / NVLink possible
+    devices: str = ""  # e.g. "cpu:0" or "cuda:1"
+    model_fingerprint: int = 0
+    max_model_len: int = 0
+    kv_blocks_total: int = 0
+    block_size: int = 0
+    # load, refreshed with every heartbeat
+    queue_len: int = 0
+    running: int = 0
+    kv_blocks_free: int = 0
+    leases: int = 0
+    updated_at: float = field(default_factory=time.time)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @staticmethod
+    def from_json(raw: str | bytes) -> InstanceInfo:
+        data = json.loads(raw)
+        data["transports"] = tuple(data.get("transports", ()))
+        known = {f.name for f in dataclasses.fields(InstanceInfo)}
+        return InstanceInfo(**{k: v for k, v in data.items() if k in known})
+
+
+def _key(cluster: str, role: str, instance_id: str) -> str:
+    return f"pdserve:{cluster}:inst:{role}:{instance_id}"
+
+
+class Registry:
+    """Thin client over one Redis database."""
+
+    def __init__(self, url: str, cluster: str = "default") -> None:
+        self.url = url
+        self.cluster = cluster
+        self._r = redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
+
+    def announce(self, info: InstanceInfo, ttl_s: float) -> None:
+        key = _key(self.cluster, info.role, info.instance_id)
+        self._r.set(key, info.to_json(), px=max(1, int(ttl_s * 1000)))
+
+    def withdraw(self, info: InstanceInfo) -> None:
+        self._r.delete(_key(self.cluster, info.role, info.instance_id))
+
+    def instances(self, role: str | None = None) -> list[InstanceInfo]:
+        pattern = _key(self.cluster, role or "*", "*")
+        keys = sorted(self._r.scan_iter(match=pattern, count=500))
+        if not keys:
+            return []
+        out = []
+        for raw in self._r.mget(keys):
+            if raw is not None:  # expired between SCAN and MGET
+                out.append(InstanceInfo.from_json(raw))
+        return out
+
+    def ping(self) -> bool:
+        return bool(self._r.ping())
+
+    def close(self) -> None:
+        self._r.close()
+
+
+class Heartbeat:
+    """Background thread: re-announce `info_fn()` every ttl/3 seconds; withdraw on stop()."""
+
+    def __init__(self, registry: Registry, info_fn: Callable[[], InstanceInfo], ttl_s: float = 3.0) -> None:
+        self.registry = registry
+        self.info_fn = info_fn
+        self.ttl_s = ttl_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="registry-heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self.registry.announce(self.info_fn(), self.ttl_s)  # registered before start() returns
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.ttl_s / 3):
+            try:
+                self.registry.announce(self.info_fn(), self.ttl_s)
+            except redis.RedisError as exc:
+                log.warning("heartbeat to %s failed: %s", self.registry.url, exc)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(2.0)
+        try:
+            self.registry.withdraw(self.info_fn())
+        except redis.RedisError as exc:
+            log.warning("withdraw from registry failed: %s", exc)

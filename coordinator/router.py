@@ -1,0 +1,117 @@
+"""Pick a prefill and a decode instance for each request.
+
+Prefill: fewest requests in flight from this gateway (shortest queue), registry queue length breaking
+ties. Decode: most free KV blocks after subtracting what this gateway's in-flight requests reserved.
+Instances serving another model (fingerprint) are never chosen; an instance that failed a call is
+skipped for `suspect_s`. The snapshot is refreshed from Redis every `refresh_s`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+
+import grpc
+
+from coordinator.registry import InstanceInfo, Registry
+from pdserve.errors import Unavailable
+from pdserve.rpc import CHANNEL_OPTIONS
+
+log = logging.getLogger(__name__)
+
+
+class Router:
+    def __init__(self, registry: Registry, fingerprint: int, refresh_s: float = 0.25, suspect_s: float = 5.0) -> None:
+        self.registry = registry
+        self.fingerprint = fingerprint
+        self.refresh_s = refresh_s
+        self.suspect_s = suspect_s
+        self.snapshot: list[InstanceInfo] = []
+        self._inflight: dict[str, int] = defaultdict(int)  # instance id -> requests in flight
+        self._reserved_blocks: dict[str, int] = defaultdict(int)  # decode id -> blocks reserved
+        self._suspect_until: dict[str, float] = {}
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._rr = itertools.count()
+        self._task: asyncio.Task | None = None
+
+    # ---- registry snapshot ----------------------------------------------------------------
+    async def refresh(self) -> None:
+        self.snapshot = await asyncio.to_thread(self.registry.instances)
+
+    async def start(self) -> None:
+        await self.refresh()
+        self._task = asyncio.create_task(self._refresh_loop())
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.refresh_s)
+            try:
+                await self.refresh()
+            except Exception as exc:  # noqa: BLE001 - keep the last snapshot; Redis may come back
+                log.warning("registry refresh failed: %s", exc)
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+        for ch in self._channels.values():
+            await ch.close()
+
+    def count(self, role: str) -> int:
+        return sum(1 for i in self.snapshot if i.role == role and i.model_fingerprint == self.fingerprint)
+
+    # ---- choice ---------------------------------------------------------------------------
+    def _candidates(self, role: str) -> list[InstanceInfo]:
+        now = time.monotonic()
+        out = [
+            i
+            for i in self.snapshot
+            if i.role == role
+            and i.model_fingerprint == self.fingerprint
+            and self._suspect_until.get(i.instance_id, 0.0) <= now
+        ]
+        if not out:
+            others = [i for i in self.snapshot if i.role == role]
+            why = "serving another model" if others else "registered"
+            raise Unavailable(f"no healthy {role} instance {why} (registry has {len(self.snapshot)} instances)")
+        return out
+
+    def pick_prefill(self) -> InstanceInfo:
+        cands = self._candidates("prefill")
+        turn = next(self._rr)
+        return min(
+            cands,
+            key=lambda i: (self._inflight[i.instance_id], i.queue_len, (hash(i.instance_id) + turn) % len(cands)),
+        )
+
+    def pick_decode(self, blocks_needed: int) -> InstanceInfo:
+        cands = self._candidates("decode")
+        fits = [i for i in cands if i.kv_blocks_total >= blocks_needed] or cands
+        return max(
+            fits, key=lambda i: (i.kv_blocks_total - self._reserved_blocks[i.instance_id], -self._inflight[i.instance_id])
+        )
+
+    def mark_suspect(self, inst: InstanceInfo) -> None:
+        self._suspect_until[inst.instance_id] = time.monotonic() + self.suspect_s
+        log.warning("instance %s (%s) failed a call; skipping it for %.0fs", inst.instance_id, inst.role, self.suspect_s)
+
+    @contextlib.contextmanager
+    def track(self, inst: InstanceInfo, blocks: int = 0) -> Iterator[None]:
+        self._inflight[inst.instance_id] += 1
+        self._reserved_blocks[inst.instance_id] += blocks
+        try:
+            yield
+        finally:
+            self._inflight[inst.instance_id] -= 1
+            self._reserved_blocks[inst.instance_id] -= blocks
+
+    def channel(self, address: str) -> grpc.aio.Channel:
+        ch = self._channels.get(address)
+        if ch is None:
+            ch = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            self._channels[address] = ch
+        return ch

@@ -1,0 +1,107 @@
+"""The coordinator process: gateway + router + health + reflection on one gRPC port."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from coordinator.config import CoordinatorConfig
+from coordinator.gateway import Gateway
+from coordinator.registry import Registry
+from coordinator.router import Router
+from engine.config import ModelConfig
+from engine.runner import model_fingerprint
+from engine.tokenizer import Tokenizer
+from pdserve.v1 import generation_pb2, generation_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+GENERATION_SERVICE = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
+
+
+async def _watch_health(router: Router, cfg: CoordinatorConfig, servicer: health.aio.HealthServicer) -> None:
+    """SERVING while at least the expected number of prefill and decode instances are registered."""
+    last = None
+    while True:
+        ok = router.count("prefill") >= cfg.expect_prefill and router.count("decode") >= cfg.expect_decode
+        status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+        if status != last:
+            for name in ("", GENERATION_SERVICE):
+                await servicer.set(name, status)
+            log.info(
+                "health %s (prefill %d/%d, decode %d/%d)",
+                health_pb2.HealthCheckResponse.ServingStatus.Name(status),
+                router.count("prefill"),
+                cfg.expect_prefill,
+                router.count("decode"),
+                cfg.expect_decode,
+            )
+            last = status
+        await asyncio.sleep(cfg.refresh_s)
+
+
+async def run(cfg: CoordinatorConfig) -> None:
+    model = ModelConfig.from_hf_dir(cfg.model_dir)
+    tokenizer = Tokenizer(cfg.model_dir)
+    registry = Registry(cfg.redis_url, cfg.cluster)
+    router = Router(registry, model_fingerprint(cfg.model_dir), cfg.refresh_s, cfg.suspect_s)
+    await router.start()
+
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    gateway = Gateway(cfg, router, tokenizer, model)
+    generation_pb2_grpc.add_GenerationServicer_to_server(gateway, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    services = (GENERATION_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(services, server)
+    port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+    if port == 0:
+        raise RuntimeError(f"cannot bind the gateway on {cfg.host}:{cfg.port} (port in use?)")
+    await server.start()
+    watcher = asyncio.create_task(_watch_health(router, cfg, health_servicer))
+    print(f"GATEWAY {cfg.host}:{port}", flush=True)
+    log.info("gateway on %s:%d, registry %s cluster %s", cfg.host, port, cfg.redis_url, cfg.cluster)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    watcher.cancel()
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(grace=2.0)
+    await router.stop()
+    registry.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m coordinator", description="pdserve coordinator (gateway + router)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--redis-url", required=True)
+    p.add_argument("--cluster", default="default")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--expect-prefill", type=int, default=1)
+    p.add_argument("--expect-decode", type=int, default=1)
+    p.add_argument("--codec", default="raw")
+    p.add_argument("--max-inflight", type=int, default=4096)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s coordinator %(name)s: %(message)s")
+    cfg = CoordinatorConfig(
+        model_dir=a.model,
+        redis_url=a.redis_url,
+        cluster=a.cluster,
+        host=a.host,
+        port=a.port,
+        expect_prefill=a.expect_prefill,
+        expect_decode=a.expect_decode,
+        codec=a.codec,
+        max_inflight=a.max_inflight,
+    )
+    asyncio.run(run(cfg))

@@ -1,0 +1,123 @@
+"""The `pdserve` command: `up` (local cluster), `generate` (stream a completion)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import grpc
+
+
+def _default_model() -> str:
+    from engine.synth import default_model_dir
+
+    return str(default_model_dir())
+
+
+def cmd_up(a: argparse.Namespace) -> int:
+    from engine.device import parse_cpus
+    from pdserve.launcher import ClusterConfig, LocalCluster, run_forever
+
+    cfg = ClusterConfig(
+        model_dir=a.model or _default_model(),
+        host=a.host,
+        port=a.port,
+        prefill=a.prefill,
+        decode=a.decode,
+        redis_url=a.redis_url,
+        cluster=a.cluster,
+        cpus=parse_cpus(a.cpus) if a.cpus else (),
+        use_cuda=not a.cpu,
+        transport=a.transport,
+        codec=a.codec,
+        num_kv_blocks=a.num_kv_blocks,
+        log_dir=a.log_dir,
+    )
+    return run_forever(LocalCluster(cfg))
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    if a.local:
+        from engine.local import LocalEngine
+        from engine.sampling import SamplingParams
+
+        engine = LocalEngine.from_model_dir(a.model or _default_model())
+        params = SamplingParams(
+            max_tokens=a.max_tokens,
+            temperature=a.temperature,
+            top_p=a.top_p,
+            top_k=a.top_k,
+            seed=a.seed,
+            stop=tuple(a.stop),
+            ignore_eos=a.ignore_eos,
+        )
+        sys.stdout.write(engine.generate_text([a.prompt], [params])[0])
+        sys.stdout.write("\n")
+        return 0
+
+    from pdserve.client import Client
+
+    with Client(a.addr) as client:
+        try:
+            for msg in client.stream(
+                a.prompt,
+                max_tokens=a.max_tokens,
+                temperature=a.temperature,
+                top_p=a.top_p,
+                top_k=a.top_k,
+                seed=a.seed,
+                stop=a.stop,
+                ignore_eos=a.ignore_eos,
+                timeout=a.timeout,
+            ):
+                sys.stdout.write(msg.text)
+                sys.stdout.flush()
+        except grpc.RpcError as exc:
+            print(f"\npdserve generate: {exc.code().name}: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+            return 1
+    sys.stdout.write("\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pdserve", description="Disaggregated prefill/decode LLM serving")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    up = sub.add_parser("up", help="run a local cluster: redis, coordinator, prefill and decode instances")
+    up.add_argument("--model", default=None, help="HF model dir (default: the shipped model)")
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--port", type=int, default=50051, help="gateway gRPC port (0 = a free one)")
+    up.add_argument("--prefill", type=int, default=1, help="prefill instances")
+    up.add_argument("--decode", type=int, default=1, help="decode instances")
+    up.add_argument("--redis-url", default=None, help="use this Redis instead of starting a private one")
+    up.add_argument("--cluster", default="default", help="registry namespace")
+    up.add_argument("--cpus", default="", help="CPU cores to divide among instances (default: all)")
+    up.add_argument("--cpu", action="store_true", help="never use CUDA devices")
+    up.add_argument("--transport", default="auto", help="KV transport: auto | ucx | tcp | shm")
+    up.add_argument("--codec", default="raw", help="KV codec: raw | int8 | fp8 | cachegen")
+    up.add_argument("--num-kv-blocks", type=int, default=None)
+    up.add_argument("--log-dir", default=None, help="write each process's log here")
+    up.set_defaults(fn=cmd_up)
+
+    g = sub.add_parser("generate", help="stream a completion (from a cluster, or --local in this process)")
+    g.add_argument("prompt")
+    g.add_argument("--addr", default="127.0.0.1:50051")
+    g.add_argument("--local", action="store_true", help="run the model in this process, no cluster (the reference)")
+    g.add_argument("--model", default=None)
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=[])
+    g.add_argument("--ignore-eos", action="store_true")
+    g.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    g.set_defaults(fn=cmd_generate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    sys.exit(args.fn(args))

@@ -1,0 +1,83 @@
+"""A small Python client for the public `Generation` API.
+
+    from pdserve.client import Client
+    with Client("127.0.0.1:50051") as c:
+        for chunk in c.generate("def fibonacci(n):", max_tokens=32):
+            print(chunk.text, end="")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import grpc
+
+from pdserve.v1 import generation_pb2, generation_pb2_grpc
+
+
+@dataclass
+class Completion:
+    request_id: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str = ""
+    prompt_tokens: int = 0
+    ttft_s: float = 0.0
+
+
+class Client:
+    def __init__(self, address: str = "127.0.0.1:50051") -> None:
+        self.address = address
+        self._channel = grpc.insecure_channel(address, options=[("grpc.enable_http_proxy", 0)])
+        self._stub = generation_pb2_grpc.GenerationStub(self._channel)
+
+    def stream(
+        self,
+        prompt: str | list[int],
+        *,
+        max_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float | None = None,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: list[str] | None = None,
+        ignore_eos: bool = False,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> Iterator[generation_pb2.GenerateResponse]:
+        req = generation_pb2.GenerateRequest(
+            max_tokens=max_tokens, temperature=temperature, top_k=top_k, stop=stop or [], ignore_eos=ignore_eos
+        )
+        if isinstance(prompt, str):
+            req.prompt = prompt
+        else:
+            req.prompt_token_ids.extend(prompt)
+        if top_p is not None:
+            req.top_p = top_p
+        if seed is not None:
+            req.seed = seed
+        if request_id is not None:
+            req.request_id = request_id
+        return self._stub.Generate(req, timeout=timeout)
+
+    def generate(self, prompt: str | list[int], **kwargs: object) -> Completion:
+        out = Completion()
+        for msg in self.stream(prompt, **kwargs):  # type: ignore[arg-type]
+            out.request_id = msg.request_id
+            out.token_ids.extend(msg.token_ids)
+            out.text += msg.text
+            if msg.finish_reason:
+                out.finish_reason = msg.finish_reason
+                out.prompt_tokens = msg.usage.prompt_tokens
+                out.ttft_s = msg.usage.ttft_s
+        return out
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,147 @@
+"""What every model-serving instance process shares: its one frozen config, the command-line
+flags that build it, and the serve loop (gRPC server, registry heartbeat, clean shutdown).
+
+The prefill and decode packages add only their engine and servicer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import grpc
+
+from coordinator.registry import Heartbeat, InstanceInfo, Registry
+from engine.device import Device, parse_cpus
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InstanceConfig:
+    """Configuration of one prefill, decode or colocated instance process."""
+
+    role: str  # "prefill" | "decode" | "colocated"
+    model_dir: str
+    redis_url: str
+    cluster: str = "default"
+    instance_id: str = ""
+    host: str = "127.0.0.1"  # gRPC and KV listen host (and the address advertised)
+    port: int = 0  # gRPC port; 0 = a free one
+    device: Device = Device(kind="cpu", cuda_index=None, cpus=())
+    num_kv_blocks: int | None = None  # None = sized by the runner's default memory budget
+    block_size: int = 16  # tokens per KV block
+    max_batch_tokens: int = 2048  # prefill: prompt tokens per forward pass
+    max_running: int = 64  # decode: sequences per step
+    max_queue: int = 1024  # requests waiting before RESOURCE_EXHAUSTED
+    transport: str = "auto"  # KV transport scheme: auto | ucx | tcp | shm
+    codec: str = "raw"  # default KV codec the decode side asks for
+    lease_ttl_s: float = 30.0  # prefill: KV held this long for decode to pull
+    pull_timeout_s: float = 30.0  # decode: give up a KV pull after this long
+    heartbeat_ttl_s: float = 3.0  # registry key TTL; heartbeat every ttl/3
+
+    def with_defaults(self) -> InstanceConfig:
+        if self.instance_id:
+            return self
+        from dataclasses import replace
+
+        return replace(self, instance_id=f"{self.role}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+
+
+def add_instance_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model directory (HF format)")
+    p.add_argument("--redis-url", required=True)
+    p.add_argument("--cluster", default="default")
+    p.add_argument("--instance-id", default="")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--cpus", default="", help="CPU cores this instance owns, e.g. '0' or '2-3' (CPU device)")
+    p.add_argument("--cuda", type=int, default=None, help="CUDA device index this instance owns")
+    p.add_argument("--num-kv-blocks", type=int, default=None)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--max-batch-tokens", type=int, default=2048)
+    p.add_argument("--max-running", type=int, default=64)
+    p.add_argument("--max-queue", type=int, default=1024)
+    p.add_argument("--transport", default="auto")
+    p.add_argument("--codec", default="raw")
+    p.add_argument("--lease-ttl", type=float, default=30.0)
+    p.add_argument("--pull-timeout", type=float, default=30.0)
+    p.add_argument("--heartbeat-ttl", type=float, default=3.0)
+
+
+def config_from_args(role: str, a: argparse.Namespace) -> InstanceConfig:
+    if a.cuda is not None:
+        device = Device(kind="cuda", cuda_index=a.cuda, cpus=parse_cpus(a.cpus) if a.cpus else ())
+    else:
+        cpus = parse_cpus(a.cpus) if a.cpus else tuple(sorted(os.sched_getaffinity(0)))
+        device = Device(kind="cpu", cuda_index=None, cpus=cpus)
+    return InstanceConfig(
+        role=role,
+        model_dir=a.model,
+        redis_url=a.redis_url,
+        cluster=a.cluster,
+        instance_id=a.instance_id,
+        host=a.host,
+        port=a.port,
+        device=device,
+        num_kv_blocks=a.num_kv_blocks,
+        block_size=a.block_size,
+        max_batch_tokens=a.max_batch_tokens,
+        max_running=a.max_running,
+        max_queue=a.max_queue,
+        transport=a.transport,
+        codec=a.codec,
+        lease_ttl_s=a.lease_ttl,
+        pull_timeout_s=a.pull_timeout,
+        heartbeat_ttl_s=a.heartbeat_ttl,
+    ).with_defaults()
+
+
+def device_label(device: Device) -> str:
+    if device.kind == "cuda":
+        return f"cuda:{device.cuda_index}"
+    return "cpu:" + ",".join(str(c) for c in device.cpus)
+
+
+async def serve(
+    cfg: InstanceConfig,
+    add_servicers: Callable[[grpc.aio.Server], None],
+    info_fn: Callable[[str], InstanceInfo],
+    on_stop: Callable[[], Awaitable[None] | None],
+) -> None:
+    """Run the gRPC server until SIGINT/SIGTERM, registered in Redis the whole time it serves.
+
+    `info_fn(grpc_address)` builds the registry record (called at every heartbeat for fresh load).
+    """
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    add_servicers(server)
+    port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+    if port == 0:
+        raise RuntimeError(f"cannot bind gRPC on {cfg.host}:{cfg.port}")
+    address = f"{cfg.host}:{port}"
+    await server.start()
+    registry = Registry(cfg.redis_url, cfg.cluster)
+    heartbeat = Heartbeat(registry, lambda: info_fn(address), ttl_s=cfg.heartbeat_ttl_s)
+    heartbeat.start()
+    log.info("%s %s serving on %s (device %s)", cfg.role, cfg.instance_id, address, device_label(cfg.device))
+    print(f"SERVING {cfg.role} {cfg.instance_id} {address}", flush=True)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("%s %s stopping", cfg.role, cfg.instance_id)
+    heartbeat.stop()  # withdraw first: the router stops sending new work here
+    await server.stop(grace=2.0)
+    result = on_stop()
+    if asyncio.iscoroutine(result):
+        await result
+    registry.close()

@@ -1,0 +1,218 @@
+"""Local mode: run a whole cluster as processes on this machine (`pdserve up`, and the tests).
+
+Starts a private redis-server (unless given a Redis URL), the coordinator, and N prefill + M decode
+instances on disjoint device sets: one CUDA device each when there are enough GPUs, otherwise
+disjoint CPU core sets (when there are fewer cores than instances, cores are shared round-robin and
+a warning says so). Every child runs in its own session so that Ctrl-C reaches the launcher only,
+which then stops the coordinator first, the instances next, Redis last: nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from pdserve.redis_server import RedisServer, free_port
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    model_dir: str
+    host: str = "127.0.0.1"
+    port: int = 50051  # gateway port; 0 = a free one
+    prefill: int = 1
+    decode: int = 1
+    redis_url: str | None = None  # None = start a private redis-server
+    cluster: str = "default"
+    cpus: tuple[int, ...] = ()  # cores to divide among instances; () = all this process may use
+    use_cuda: bool = True  # one CUDA device per instance when enough are visible
+    transport: str = "auto"
+    codec: str = "raw"
+    num_kv_blocks: int | None = None
+    heartbeat_ttl_s: float = 3.0
+    lease_ttl_s: float = 30.0
+    extra_instance_args: tuple[str, ...] = ()
+    log_dir: str | None = None  # children's output goes here (files) instead of this process's stdout
+
+
+def assign_devices(n: int, cpus: tuple[int, ...], use_cuda: bool) -> list[list[str]]:
+    """Instance i's device flags: ['--cuda', 'k'] or ['--cpus', 'a,b']; disjoint where possible."""
+    cuda_count = 0
+    if use_cuda:
+        try:
+            import torch
+
+            cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        except ImportError:
+            cuda_count = 0
+    if cuda_count >= n:
+        return [["--cuda", str(i)] for i in range(n)]
+    cores = list(cpus) or sorted(os.sched_getaffinity(0))
+    if len(cores) >= n:
+        per, extra = divmod(len(cores), n)
+        out, start = [], 0
+        for i in range(n):
+            size = per + (1 if i < extra else 0)
+            out.append(["--cpus", ",".join(str(c) for c in cores[start : start + size])])
+            start += size
+        return out
+    log.warning("%d instances on %d cores: cores are shared round-robin, not disjoint", n, len(cores))
+    return [["--cpus", str(cores[i % len(cores)])] for i in range(n)]
+
+
+@dataclass
+class Child:
+    role: str
+    proc: subprocess.Popen
+    args: list[str]
+    log_path: str | None = None
+
+
+@dataclass
+class LocalCluster:
+    cfg: ClusterConfig
+    redis: RedisServer | None = None
+    redis_url: str = ""
+    gateway_address: str = ""
+    children: list[Child] = field(default_factory=list)
+    _next_device: int = 0
+
+    # ---- start ----------------------------------------------------------------------------
+    def start(self, timeout_s: float = 180.0) -> LocalCluster:
+        cfg = self.cfg
+        if cfg.redis_url:
+            self.redis_url = cfg.redis_url
+        else:
+            self.redis = RedisServer(cfg.host)
+            self.redis_url = self.redis.url
+        port = cfg.port or free_port(cfg.host)
+        self.gateway_address = f"{cfg.host}:{port}"
+        self._devices = assign_devices(cfg.prefill + cfg.decode, cfg.cpus, cfg.use_cuda)
+        try:
+            for _ in range(cfg.prefill):
+                self.add_instance("prefill")
+            for _ in range(cfg.decode):
+                self.add_instance("decode")
+            coord = [sys.executable, "-m", "coordinator", "--model", cfg.model_dir, "--redis-url", self.redis_url]
+            coord += ["--cluster", cfg.cluster, "--host", cfg.host, "--port", str(port)]
+            coord += ["--expect-prefill", str(cfg.prefill), "--expect-decode", str(cfg.decode), "--codec", cfg.codec]
+            self._spawn("coordinator", coord)
+            self.wait_serving(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def add_instance(self, role: str, device_args: list[str] | None = None) -> Child:
+        """Start one more prefill/decode instance (also used to replace a dead one)."""
+        cfg = self.cfg
+        if device_args is None:
+            device_args = self._devices[self._next_device % len(self._devices)]
+            self._next_device += 1
+        args = [sys.executable, "-m", f"{role}_service", "--model", cfg.model_dir, "--redis-url", self.redis_url]
+        args += ["--cluster", cfg.cluster, "--host", cfg.host, "--transport", cfg.transport, "--codec", cfg.codec]
+        args += ["--heartbeat-ttl", str(cfg.heartbeat_ttl_s), "--lease-ttl", str(cfg.lease_ttl_s), *device_args]
+        if cfg.num_kv_blocks is not None:
+            args += ["--num-kv-blocks", str(cfg.num_kv_blocks)]
+        args += list(cfg.extra_instance_args)
+        return self._spawn(role, args)
+
+    def _spawn(self, role: str, args: list[str]) -> Child:
+        env = dict(os.environ)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        out = None
+        log_path = None
+        if self.cfg.log_dir:
+            os.makedirs(self.cfg.log_dir, exist_ok=True)
+            log_path = os.path.join(self.cfg.log_dir, f"{role}-{len(self.children)}.log")
+            out = open(log_path, "ab")  # noqa: SIM115 - owned by the child process
+        proc = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT if out else None, start_new_session=True)
+        if out is not None:
+            out.close()
+        child = Child(role, proc, args, log_path)
+        self.children.append(child)
+        log.info("started %s pid %d", role, proc.pid)
+        return child
+
+    def wait_serving(self, timeout_s: float) -> None:
+        """Block until the gateway's standard health service says SERVING."""
+        deadline = time.monotonic() + timeout_s
+        with grpc.insecure_channel(self.gateway_address, options=[("grpc.enable_http_proxy", 0)]) as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            while time.monotonic() < deadline:
+                dead = [c for c in self.children if c.proc.poll() is not None]
+                if dead:
+                    c = dead[0]
+                    raise RuntimeError(f"{c.role} exited with code {c.proc.returncode} during start ({c.log_path or 'see output'})")
+                try:
+                    resp = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+                    if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.2)
+        raise TimeoutError(f"cluster not SERVING on {self.gateway_address} within {timeout_s:.0f}s")
+
+    # ---- stop -----------------------------------------------------------------------------
+    def kill(self, child: Child, sig: int = signal.SIGKILL) -> None:
+        if child.proc.poll() is None:
+            child.proc.send_signal(sig)
+            child.proc.wait(10)
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        order = {"coordinator": 0, "prefill": 1, "decode": 1}
+        for rank in (0, 1):
+            group = [c for c in self.children if order.get(c.role, 1) == rank and c.proc.poll() is None]
+            for c in group:
+                c.proc.send_signal(signal.SIGTERM)
+            for c in group:
+                try:
+                    c.proc.wait(timeout_s)
+                except subprocess.TimeoutExpired:
+                    log.warning("%s pid %d ignored SIGTERM; killing it", c.role, c.proc.pid)
+                    c.proc.kill()
+                    c.proc.wait()
+        if self.redis is not None:
+            self.redis.stop()
+            self.redis = None
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def run_forever(cluster: LocalCluster) -> int:
+    """`pdserve up`: serve until Ctrl-C / SIGTERM, reporting children that die meanwhile."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    cluster.start()
+    print(
+        f"pdserve up: serving on {cluster.gateway_address} "
+        f"(prefill {cluster.cfg.prefill}, decode {cluster.cfg.decode}, redis {cluster.redis_url})",
+        flush=True,
+    )
+    reported: set[int] = set()
+    try:
+        while not stop.wait(0.5):
+            for c in cluster.children:
+                if c.proc.poll() is not None and c.proc.pid not in reported:
+                    reported.add(c.proc.pid)
+                    print(f"pdserve up: {c.role} pid {c.proc.pid} exited with code {c.proc.returncode}", flush=True)
+    finally:
+        print("pdserve up: stopping", flush=True)
+        cluster.stop()
+    return 0

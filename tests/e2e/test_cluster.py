@@ -1,0 +1,201 @@
+"""End to end: a real cluster (redis-server, coordinator, prefill and decode processes on loopback)
+against the single-process reference, plus bad input, cancellation and instance replacement."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+
+from coordinator.registry import Registry
+from engine.local import LocalEngine
+from engine.sampling import SamplingParams
+from pdserve.client import Client
+from pdserve.launcher import ClusterConfig, LocalCluster
+from pdserve.v1 import common_pb2, decode_pb2_grpc, prefill_pb2_grpc
+
+PROMPTS = [
+    "def fibonacci(n):",
+    "import os\nimport sys\n",
+    "class Stack:\n    def __init__(self):\n        self.items = []\n",
+    "The quick brown fox",
+    "for i in range(10):\n    print(i)",
+    "# Licensed under the Apache License",
+    "return",
+    "x",
+]
+
+
+def _requests(n: int) -> list[tuple[str, int]]:
+    """n (prompt, max_tokens) pairs with varied prompt and output lengths."""
+    out = []
+    for i in range(n):
+        prompt = PROMPTS[i % len(PROMPTS)] * (1 + i % 3)
+        out.append((prompt, 1 + (i * 7) % 24))
+    return out
+
+
+def _start(model_dir: Path, tmp_path: Path, prefill: int, decode: int, **kw: object) -> LocalCluster:
+    cfg = ClusterConfig(
+        model_dir=str(model_dir),
+        port=0,
+        prefill=prefill,
+        decode=decode,
+        use_cuda=False,
+        num_kv_blocks=256,
+        heartbeat_ttl_s=1.5,
+        log_dir=str(tmp_path / "logs"),
+        **kw,  # type: ignore[arg-type]
+    )
+    return LocalCluster(cfg).start(timeout_s=120)
+
+
+def _stats(cluster: LocalCluster) -> list[common_pb2.InstanceStats]:
+    out = []
+    for inst in Registry(cluster.redis_url).instances():
+        ch = grpc.insecure_channel(inst.grpc_address)
+        stub = prefill_pb2_grpc.PrefillStub(ch) if inst.role == "prefill" else decode_pb2_grpc.DecodeStub(ch)
+        out.append(stub.Stats(common_pb2.InstanceStatsRequest(), timeout=5))
+        ch.close()
+    return out
+
+
+def _assert_no_leaks(cluster: LocalCluster, timeout_s: float = 10.0) -> None:
+    """Every instance returns to all blocks free, no leases, and its block manager's integrity holds."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        stats = _stats(cluster)
+        clean = all(s.kv_blocks_free == s.kv_blocks_total and s.leases == 0 and s.integrity_ok for s in stats)
+        if clean or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert stats, "no instances registered"
+    for s in stats:
+        assert s.integrity_ok, f"{s.role} {s.instance_id}: check_integrity failed"
+        assert s.leases == 0, f"{s.role} {s.instance_id}: {s.leases} KV leases still held"
+        assert s.kv_blocks_free == s.kv_blocks_total, f"{s.role} {s.instance_id}: {s.kv_blocks_total - s.kv_blocks_free} blocks leaked"
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir: Path) -> LocalEngine:
+    return LocalEngine.from_model_dir(str(tiny_model_dir))
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (2, 2)], ids=["1P1D", "2P2D"])
+def test_greedy_output_equals_single_process_reference(
+    shape: tuple[int, int], tiny_model_dir: Path, reference: LocalEngine, tmp_path: Path
+) -> None:
+    reqs = _requests(16)
+    tok = reference.tokenizer
+    prompts = [tok.encode(p) for p, _ in reqs]
+    params = [SamplingParams(max_tokens=m, ignore_eos=True) for _, m in reqs]
+    expected = reference.generate(prompts, params)
+
+    cluster = _start(tiny_model_dir, tmp_path, *shape)
+    try:
+        with Client(cluster.gateway_address) as client, ThreadPoolExecutor(16) as pool:
+            futures = [pool.submit(client.generate, p, max_tokens=m, ignore_eos=True, timeout=120) for p, m in reqs]
+            results = [f.result() for f in futures]
+        for (prompt, max_tokens), want, got in zip(reqs, expected, results, strict=True):
+            assert got.token_ids == want, f"prompt {prompt!r}: cluster {got.token_ids} != reference {want}"
+            assert got.finish_reason == "length"
+            assert len(got.token_ids) == max_tokens
+            assert got.text == tok.decode(want)
+        _assert_no_leaks(cluster)
+    finally:
+        cluster.stop()
+    assert all(c.proc.poll() is not None for c in cluster.children), "a process outlived stop()"
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    c = _start(tiny_model_dir, tmp_path_factory.mktemp("cluster"), 1, 1)
+    yield c
+    c.stop()
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        ({"prompt": "", "max_tokens": 4}, "empty"),
+        ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
+        ({"prompt": "hi", "max_tokens": -3}, "max_tokens"),
+        ({"prompt": "hi", "max_tokens": 100_000}, "context"),
+        ({"prompt": "hi", "max_tokens": 4, "temperature": -0.5}, "temperature"),
+        ({"prompt": "hi", "max_tokens": 4, "top_p": 0.0}, "top_p"),
+        ({"prompt": "hi", "max_tokens": 4, "top_p": 1.5}, "top_p"),
+        ({"prompt": [999_999], "max_tokens": 4}, "range"),
+    ],
+)
+def test_bad_input_is_invalid_argument(cluster: LocalCluster, kwargs: dict, fragment: str) -> None:
+    with Client(cluster.gateway_address) as client:
+        prompt = kwargs.pop("prompt")
+        with pytest.raises(grpc.RpcError) as err:
+            client.generate(prompt, timeout=30, **kwargs)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert fragment in err.value.details().lower()
+    _assert_no_leaks(cluster)
+
+
+def test_client_cancel_mid_stream_frees_blocks_everywhere(cluster: LocalCluster) -> None:
+    with Client(cluster.gateway_address) as client:
+        stream = client.stream("def fibonacci(n):" * 4, max_tokens=200, ignore_eos=True, timeout=60)
+        got = 0
+        for msg in stream:
+            got += len(msg.token_ids)
+            if got >= 3:
+                stream.cancel()
+                break
+    assert got >= 3
+    _assert_no_leaks(cluster)
+
+
+def test_short_deadline_frees_blocks_everywhere(cluster: LocalCluster) -> None:
+    with Client(cluster.gateway_address) as client:
+        with pytest.raises(grpc.RpcError) as err:
+            client.generate("import os\n" * 20, max_tokens=400, ignore_eos=True, timeout=0.3)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    _assert_no_leaks(cluster)
+
+
+def test_many_cancels_under_load_leave_nothing_behind(cluster: LocalCluster) -> None:
+    def one(i: int) -> None:
+        with Client(cluster.gateway_address) as client:
+            try:
+                client.generate("x = 1\n" * (1 + i), max_tokens=64, ignore_eos=True, timeout=0.05 + 0.1 * (i % 5))
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    _assert_no_leaks(cluster, timeout_s=15)
+
+
+def test_dead_decode_drops_out_and_replacement_serves(tiny_model_dir: Path, tmp_path: Path) -> None:
+    cluster = _start(tiny_model_dir, tmp_path, 1, 1)
+    try:
+        registry = Registry(cluster.redis_url)
+        decode = next(c for c in cluster.children if c.role == "decode")
+        cluster.kill(decode)  # SIGKILL: no withdraw, only the TTL removes it
+        killed_at = time.monotonic()
+        while registry.instances("decode"):
+            assert time.monotonic() - killed_at < cluster.cfg.heartbeat_ttl_s + 1.0, "dead decode still registered"
+            time.sleep(0.1)
+        with Client(cluster.gateway_address) as client, pytest.raises(grpc.RpcError) as err:
+            client.generate("hello", max_tokens=4, timeout=30)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        cluster.add_instance("decode")
+        cluster.wait_serving(60)
+        with Client(cluster.gateway_address) as client:
+            out = client.generate("hello", max_tokens=4, ignore_eos=True, timeout=60)
+        assert len(out.token_ids) == 4
+        _assert_no_leaks(cluster)
+    finally:
+        cluster.stop()
