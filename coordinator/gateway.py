@@ -59,7 +59,9 @@ def sampling_from_request(req: generation_pb2.GenerateRequest) -> SamplingParams
 
 
 class Gateway(generation_pb2_grpc.GenerationServicer):
-    def __init__(self, cfg: CoordinatorConfig, router: Router, tokenizer: Tokenizer, model: ModelConfig) -> None:
+    def __init__(
+        self, cfg: CoordinatorConfig, router: Router, tokenizer: Tokenizer, model: ModelConfig
+    ) -> None:
         self.cfg = cfg
         self.router = router
         self.tokenizer = tokenizer
@@ -90,7 +92,9 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
         params = sampling_from_request(request)
         params.validate(len(prompt_ids), self.model.max_position_embeddings)
         if self.inflight >= self.cfg.max_inflight:
-            raise CapacityExceeded(f"gateway has {self.inflight} requests in flight (limit {self.cfg.max_inflight})")
+            raise CapacityExceeded(
+                f"gateway has {self.inflight} requests in flight (limit {self.cfg.max_inflight})"
+            )
         self.inflight += 1
         stop = StopChecker(self.tokenizer, params)
         state = _RequestState()
@@ -116,7 +120,9 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
         ttft = time.monotonic() - received
         completion = [first_token]
         reason = stop.push(first_token)
-        yield generation_pb2.GenerateResponse(request_id=request_id, token_ids=[first_token], text=stop.take_text())
+        yield generation_pb2.GenerateResponse(
+            request_id=request_id, token_ids=[first_token], text=stop.take_text()
+        )
         if reason is None:
             async for tokens, reason in self._decode(request_id, prompt_ids, params, first_token, state):
                 checked = None
@@ -124,20 +130,30 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
                     completion.append(t)
                     checked = stop.push(t) or checked
                 if tokens:
-                    yield generation_pb2.GenerateResponse(request_id=request_id, token_ids=tokens, text=stop.take_text())
+                    yield generation_pb2.GenerateResponse(
+                        request_id=request_id, token_ids=tokens, text=stop.take_text()
+                    )
                 if reason is not None or checked is not None:
                     reason = reason or checked
                     break
-        usage = common_pb2.Usage(prompt_tokens=len(prompt_ids), completion_tokens=len(completion), ttft_s=ttft)
+        usage = common_pb2.Usage(
+            prompt_tokens=len(prompt_ids), completion_tokens=len(completion), ttft_s=ttft
+        )
         yield generation_pb2.GenerateResponse(
-            request_id=request_id, text=stop.take_text(final=True), finish_reason=reason or "length", usage=usage
+            request_id=request_id,
+            text=stop.take_text(final=True),
+            finish_reason=reason or "length",
+            usage=usage,
         )
 
     async def _prefill(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams, state: _RequestState
     ) -> tuple[int, InstanceInfo]:
         req = prefill_pb2.PrefillRequest(
-            request_id=request_id, prompt_token_ids=prompt_ids, sampling=params_to_proto(params), codec=self.cfg.codec
+            request_id=request_id,
+            prompt_token_ids=prompt_ids,
+            sampling=params_to_proto(params),
+            codec=self.cfg.codec,
         )
         last_exc: BaseException | None = None
         for _ in range(MAX_ATTEMPTS):
@@ -166,7 +182,12 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
         raise Unavailable(f"no prefill instance reachable after {MAX_ATTEMPTS} attempts: {last_exc}")
 
     async def _decode(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams, first_token: int, state: _RequestState
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        first_token: int,
+        state: _RequestState,
     ) -> AsyncIterator[tuple[list[int], str | None]]:
         assert state.handle is not None
         req = decode_pb2.DecodeRequest(
@@ -210,7 +231,12 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
             try:
                 await stub.Release(prefill_pb2.ReleaseRequest(transfer_id=transfer_id), timeout=5.0)
             except grpc.aio.AioRpcError as exc:
-                log.warning("release of lease %s at %s failed: %s (it expires by TTL)", transfer_id, address, exc.code())
+                log.warning(
+                    "release of lease %s at %s failed: %s (it expires by TTL)",
+                    transfer_id,
+                    address,
+                    exc.code(),
+                )
 
         task = asyncio.get_running_loop().create_task(release())
         self._background.add(task)

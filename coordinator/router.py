@@ -26,7 +26,9 @@ log = logging.getLogger(__name__)
 
 
 class Router:
-    def __init__(self, registry: Registry, fingerprint: int, refresh_s: float = 0.25, suspect_s: float = 5.0) -> None:
+    def __init__(
+        self, registry: Registry, fingerprint: int, refresh_s: float = 0.25, suspect_s: float = 5.0
+    ) -> None:
         self.registry = registry
         self.fingerprint = fingerprint
         self.refresh_s = refresh_s
@@ -42,6 +44,9 @@ class Router:
     # ---- registry snapshot ----------------------------------------------------------------
     async def refresh(self) -> None:
         self.snapshot = await asyncio.to_thread(self.registry.instances)
+        live = {i.grpc_address for i in self.snapshot}
+        for address in [a for a in self._channels if a not in live]:
+            await self._channels.pop(address).close()
 
     async def start(self) -> None:
         await self.refresh()
@@ -75,9 +80,15 @@ class Router:
             and self._suspect_until.get(i.instance_id, 0.0) <= now
         ]
         if not out:
-            others = [i for i in self.snapshot if i.role == role]
-            why = "serving another model" if others else "registered"
-            raise Unavailable(f"no healthy {role} instance {why} (registry has {len(self.snapshot)} instances)")
+            same_role = [i for i in self.snapshot if i.role == role]
+            same_model = [i for i in same_role if i.model_fingerprint == self.fingerprint]
+            if same_model:
+                why = f"reachable ({len(same_model)} registered, all failed a call in the last {self.suspect_s:.0f}s)"
+            elif same_role:
+                why = f"serving this model ({len(same_role)} registered serve another model)"
+            else:
+                why = "registered"
+            raise Unavailable(f"no {role} instance {why}")
         return out
 
     def pick_prefill(self) -> InstanceInfo:
@@ -85,19 +96,37 @@ class Router:
         turn = next(self._rr)
         return min(
             cands,
-            key=lambda i: (self._inflight[i.instance_id], i.queue_len, (hash(i.instance_id) + turn) % len(cands)),
+            key=lambda i: (
+                self._inflight[i.instance_id],
+                i.queue_len,
+                (hash(i.instance_id) + turn) % len(cands),
+            ),
         )
 
     def pick_decode(self, blocks_needed: int) -> InstanceInfo:
         cands = self._candidates("decode")
         fits = [i for i in cands if i.kv_blocks_total >= blocks_needed] or cands
         return max(
-            fits, key=lambda i: (i.kv_blocks_total - self._reserved_blocks[i.instance_id], -self._inflight[i.instance_id])
+            fits,
+            key=lambda i: (
+                i.kv_blocks_total - self._reserved_blocks[i.instance_id],
+                -self._inflight[i.instance_id],
+            ),
         )
 
     def mark_suspect(self, inst: InstanceInfo) -> None:
         self._suspect_until[inst.instance_id] = time.monotonic() + self.suspect_s
-        log.warning("instance %s (%s) failed a call; skipping it for %.0fs", inst.instance_id, inst.role, self.suspect_s)
+        # Drop the cached channel: a new instance may reuse this address, and a channel in
+        # reconnect back-off would fail its calls at once.
+        ch = self._channels.pop(inst.grpc_address, None)
+        if ch is not None:
+            asyncio.get_running_loop().create_task(ch.close())
+        log.warning(
+            "instance %s (%s) failed a call; skipping it for %.0fs",
+            inst.instance_id,
+            inst.role,
+            self.suspect_s,
+        )
 
     @contextlib.contextmanager
     def track(self, inst: InstanceInfo, blocks: int = 0) -> Iterator[None]:

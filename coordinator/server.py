@@ -81,7 +81,9 @@ async def run(cfg: CoordinatorConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m coordinator", description="pdserve coordinator (gateway + router)")
+    p = argparse.ArgumentParser(
+        prog="python -m coordinator", description="pdserve coordinator (gateway + router)"
+    )
     p.add_argument("--model", required=True)
     p.add_argument("--redis-url", required=True)
     p.add_argument("--cluster", default="default")
@@ -92,7 +94,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--codec", default="raw")
     p.add_argument("--max-inflight", type=int, default=4096)
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s coordinator %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s coordinator %(name)s: %(message)s"
+    )
     cfg = CoordinatorConfig(
         model_dir=a.model,
         redis_url=a.redis_url,

@@ -41,7 +41,7 @@ class Tokens:
 Event = Tokens | PDServeError
 
 
-@dataclass
+@dataclass(eq=False)  # identity semantics: jobs live in sets and are compared by object
 class DecodeJob:
     request_id: str
     prompt_ids: list[int]
@@ -170,7 +170,9 @@ class DecodeEngine:
                 write_layer=lambda layer, k, v: cache.write(layer, seq.blocks, 0, k, v),
             )
             if trailer.num_tokens != len(job.prompt_ids):
-                raise Unavailable(f"KV stream has {trailer.num_tokens} tokens, prompt has {len(job.prompt_ids)}")
+                raise Unavailable(
+                    f"KV stream has {trailer.num_tokens} tokens, prompt has {len(job.prompt_ids)}"
+                )
             if job.first_token_id is not None and trailer.first_token_id != job.first_token_id:
                 raise Unavailable("first token in the KV trailer differs from the one in the request")
             result = trailer.first_token_id
@@ -214,7 +216,9 @@ class DecodeEngine:
         elif first:
             self._running.append(job)
         if new or reason is not None or first:
-            job.emit(Tokens(new, reason, admission_wait_s=wait_s, transfer_s=job.transfer_s if first else 0.0))
+            job.emit(
+                Tokens(new, reason, admission_wait_s=wait_s, transfer_s=job.transfer_s if first else 0.0)
+            )
 
     def _step(self, batch: list[DecodeJob]) -> None:
         try:

@@ -87,7 +87,9 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
 
 
 async def run(cfg: InstanceConfig) -> None:
-    runner = ModelRunner(cfg.model_dir, cfg.device, num_kv_blocks=cfg.num_kv_blocks, block_size=cfg.block_size)
+    runner = ModelRunner(
+        cfg.model_dir, cfg.device, num_kv_blocks=cfg.num_kv_blocks, block_size=cfg.block_size
+    )
     puller = KVPuller(fingerprint=runner.fingerprint, timeout_s=cfg.pull_timeout_s)
     engine = DecodeEngine(runner, puller, cfg.max_running, cfg.max_queue)
     engine.start()
@@ -111,7 +113,9 @@ async def run(cfg: InstanceConfig) -> None:
             kv_blocks_free=engine.block_manager.num_free,
         )
 
-    await serve(cfg, lambda srv: decode_pb2_grpc.add_DecodeServicer_to_server(servicer, srv), info, engine.stop)
+    await serve(
+        cfg, lambda srv: decode_pb2_grpc.add_DecodeServicer_to_server(servicer, srv), info, engine.stop
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -44,7 +44,11 @@ class StopChecker:
     def take_text(self, final: bool = False) -> str:
         """Text not yet returned that can no longer become part of a stop string."""
         text = self.text
-        end = len(text) if (final or self.finish_reason is not None) else max(self._released, len(text) - self._holdback)
+        end = (
+            len(text)
+            if (final or self.finish_reason is not None)
+            else max(self._released, len(text) - self._holdback)
+        )
         delta = text[self._released : end]
         self._released = end
         return delta

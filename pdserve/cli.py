@@ -103,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="stream a completion (from a cluster, or --local in this process)")
     g.add_argument("prompt")
     g.add_argument("--addr", default="127.0.0.1:50051")
-    g.add_argument("--local", action="store_true", help="run the model in this process, no cluster (the reference)")
+    g.add_argument(
+        "--local", action="store_true", help="run the model in this process, no cluster (the reference)"
+    )
     g.add_argument("--model", default=None)
     g.add_argument("--max-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0)

@@ -1,9 +1,9 @@
 """A small Python client for the public `Generation` API.
 
-    from pdserve.client import Client
-    with Client("127.0.0.1:50051") as c:
-        for chunk in c.generate("def fibonacci(n):", max_tokens=32):
-            print(chunk.text, end="")
+from pdserve.client import Client
+with Client("127.0.0.1:50051") as c:
+    for chunk in c.generate("def fibonacci(n):", max_tokens=32):
+        print(chunk.text, end="")
 """
 
 from __future__ import annotations
@@ -47,7 +47,11 @@ class Client:
         timeout: float | None = None,
     ) -> Iterator[generation_pb2.GenerateResponse]:
         req = generation_pb2.GenerateRequest(
-            max_tokens=max_tokens, temperature=temperature, top_k=top_k, stop=stop or [], ignore_eos=ignore_eos
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            stop=stop or [],
+            ignore_eos=ignore_eos,
         )
         if isinstance(prompt, str):
             req.prompt = prompt

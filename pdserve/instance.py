@@ -52,7 +52,9 @@ class InstanceConfig:
             return self
         from dataclasses import replace
 
-        return replace(self, instance_id=f"{self.role}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+        return replace(
+            self, instance_id=f"{self.role}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        )
 
 
 def add_instance_args(p: argparse.ArgumentParser) -> None:

@@ -104,9 +104,24 @@ class LocalCluster:
                 self.add_instance("prefill")
             for _ in range(cfg.decode):
                 self.add_instance("decode")
-            coord = [sys.executable, "-m", "coordinator", "--model", cfg.model_dir, "--redis-url", self.redis_url]
+            coord = [
+                sys.executable,
+                "-m",
+                "coordinator",
+                "--model",
+                cfg.model_dir,
+                "--redis-url",
+                self.redis_url,
+            ]
             coord += ["--cluster", cfg.cluster, "--host", cfg.host, "--port", str(port)]
-            coord += ["--expect-prefill", str(cfg.prefill), "--expect-decode", str(cfg.decode), "--codec", cfg.codec]
+            coord += [
+                "--expect-prefill",
+                str(cfg.prefill),
+                "--expect-decode",
+                str(cfg.decode),
+                "--codec",
+                cfg.codec,
+            ]
             self._spawn("coordinator", coord)
             self.wait_serving(timeout_s)
         except BaseException:
@@ -120,9 +135,32 @@ class LocalCluster:
         if device_args is None:
             device_args = self._devices[self._next_device % len(self._devices)]
             self._next_device += 1
-        args = [sys.executable, "-m", f"{role}_service", "--model", cfg.model_dir, "--redis-url", self.redis_url]
-        args += ["--cluster", cfg.cluster, "--host", cfg.host, "--transport", cfg.transport, "--codec", cfg.codec]
-        args += ["--heartbeat-ttl", str(cfg.heartbeat_ttl_s), "--lease-ttl", str(cfg.lease_ttl_s), *device_args]
+        args = [
+            sys.executable,
+            "-m",
+            f"{role}_service",
+            "--model",
+            cfg.model_dir,
+            "--redis-url",
+            self.redis_url,
+        ]
+        args += [
+            "--cluster",
+            cfg.cluster,
+            "--host",
+            cfg.host,
+            "--transport",
+            cfg.transport,
+            "--codec",
+            cfg.codec,
+        ]
+        args += [
+            "--heartbeat-ttl",
+            str(cfg.heartbeat_ttl_s),
+            "--lease-ttl",
+            str(cfg.lease_ttl_s),
+            *device_args,
+        ]
         if cfg.num_kv_blocks is not None:
             args += ["--num-kv-blocks", str(cfg.num_kv_blocks)]
         args += list(cfg.extra_instance_args)
@@ -137,13 +175,26 @@ class LocalCluster:
             os.makedirs(self.cfg.log_dir, exist_ok=True)
             log_path = os.path.join(self.cfg.log_dir, f"{role}-{len(self.children)}.log")
             out = open(log_path, "ab")  # noqa: SIM115 - owned by the child process
-        proc = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT if out else None, start_new_session=True)
+        proc = subprocess.Popen(
+            args, env=env, stdout=out, stderr=subprocess.STDOUT if out else None, start_new_session=True
+        )
         if out is not None:
             out.close()
         child = Child(role, proc, args, log_path)
         self.children.append(child)
         log.info("started %s pid %d", role, proc.pid)
         return child
+
+    def health(self) -> str:
+        """The gateway's overall health status name (SERVING, NOT_SERVING, ...), or UNREACHABLE."""
+        with grpc.insecure_channel(self.gateway_address, options=[("grpc.enable_http_proxy", 0)]) as ch:
+            try:
+                resp = health_pb2_grpc.HealthStub(ch).Check(
+                    health_pb2.HealthCheckRequest(service=""), timeout=2.0
+                )
+            except grpc.RpcError:
+                return "UNREACHABLE"
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
 
     def wait_serving(self, timeout_s: float) -> None:
         """Block until the gateway's standard health service says SERVING."""
@@ -154,7 +205,9 @@ class LocalCluster:
                 dead = [c for c in self.children if c.proc.poll() is not None]
                 if dead:
                     c = dead[0]
-                    raise RuntimeError(f"{c.role} exited with code {c.proc.returncode} during start ({c.log_path or 'see output'})")
+                    raise RuntimeError(
+                        f"{c.role} exited with code {c.proc.returncode} during start ({c.log_path or 'see output'})"
+                    )
                 try:
                     resp = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
                     if resp.status == health_pb2.HealthCheckResponse.SERVING:
@@ -166,9 +219,11 @@ class LocalCluster:
 
     # ---- stop -----------------------------------------------------------------------------
     def kill(self, child: Child, sig: int = signal.SIGKILL) -> None:
+        """Kill one child on purpose (failure tests); it is no longer part of the cluster."""
         if child.proc.poll() is None:
             child.proc.send_signal(sig)
             child.proc.wait(10)
+        self.children.remove(child)
 
     def stop(self, timeout_s: float = 15.0) -> None:
         order = {"coordinator": 0, "prefill": 1, "decode": 1}
@@ -211,7 +266,10 @@ def run_forever(cluster: LocalCluster) -> int:
             for c in cluster.children:
                 if c.proc.poll() is not None and c.proc.pid not in reported:
                     reported.add(c.proc.pid)
-                    print(f"pdserve up: {c.role} pid {c.proc.pid} exited with code {c.proc.returncode}", flush=True)
+                    print(
+                        f"pdserve up: {c.role} pid {c.proc.pid} exited with code {c.proc.returncode}",
+                        flush=True,
+                    )
     finally:
         print("pdserve up: stopping", flush=True)
         cluster.stop()

@@ -23,7 +23,9 @@ class RedisServer:
     def __init__(self, host: str = "127.0.0.1", port: int | None = None) -> None:
         exe = shutil.which("redis-server")
         if exe is None:
-            raise RuntimeError("redis-server not found on PATH; run `make setup` or install the redis-server package")
+            raise RuntimeError(
+                "redis-server not found on PATH; run `make setup` or install the redis-server package"
+            )
         self.host = host
         self.port = port or free_port(host)
         self._dir = tempfile.TemporaryDirectory(prefix="pdserve-redis-")

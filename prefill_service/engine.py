@@ -46,7 +46,7 @@ class Done:
 Event = Scheduled | Done | PDServeError
 
 
-@dataclass
+@dataclass(eq=False)  # identity semantics: jobs live in sets and are compared by object
 class PrefillJob:
     request_id: str
     prompt_ids: list[int]
@@ -59,7 +59,9 @@ class PrefillJob:
 
 
 class PrefillEngine:
-    def __init__(self, runner: ModelRunner, kv_server: KVServer, max_batch_tokens: int, max_queue: int) -> None:
+    def __init__(
+        self, runner: ModelRunner, kv_server: KVServer, max_batch_tokens: int, max_queue: int
+    ) -> None:
         self.runner = runner
         self.kv_server = kv_server
         self.block_manager = BlockManager(runner.kv_cache.num_blocks, runner.block_size)

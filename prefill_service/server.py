@@ -12,7 +12,7 @@ import grpc
 from coordinator.registry import InstanceInfo
 from engine.runner import ModelRunner
 from kv_transfer.server import KVServer
-from kv_transfer.transport import available_transports, transport_for
+from kv_transfer.transport import available_transports, default_scheme, transport_for
 from pdserve.errors import PDServeError
 from pdserve.instance import InstanceConfig, add_instance_args, config_from_args, device_label, serve
 from pdserve.rpc import params_from_proto, stream_errors, unary_errors
@@ -23,7 +23,9 @@ log = logging.getLogger(__name__)
 
 
 class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
-    def __init__(self, cfg: InstanceConfig, engine: PrefillEngine, runner: ModelRunner, kv_address: str) -> None:
+    def __init__(
+        self, cfg: InstanceConfig, engine: PrefillEngine, runner: ModelRunner, kv_address: str
+    ) -> None:
         self.cfg = cfg
         self.engine = engine
         self.runner = runner
@@ -57,7 +59,9 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                 if isinstance(ev, PDServeError):
                     raise ev
                 if isinstance(ev, Scheduled):
-                    yield prefill_pb2.PrefillEvent(scheduled=self._handle(ev.transfer_id, ev.num_tokens, request.codec))
+                    yield prefill_pb2.PrefillEvent(
+                        scheduled=self._handle(ev.transfer_id, ev.num_tokens, request.codec)
+                    )
                 elif isinstance(ev, Done):
                     finished = True
                     done = prefill_pb2.PrefillDone(
@@ -102,8 +106,10 @@ def stats_proto(cfg: InstanceConfig, engine: PrefillEngine) -> common_pb2.Instan
 
 
 async def run(cfg: InstanceConfig) -> None:
-    runner = ModelRunner(cfg.model_dir, cfg.device, num_kv_blocks=cfg.num_kv_blocks, block_size=cfg.block_size)
-    transport = transport_for(cfg.transport)
+    runner = ModelRunner(
+        cfg.model_dir, cfg.device, num_kv_blocks=cfg.num_kv_blocks, block_size=cfg.block_size
+    )
+    transport = transport_for(default_scheme() if cfg.transport == "auto" else cfg.transport)
     kv_server = KVServer(transport, cfg.host, fingerprint=runner.fingerprint, lease_ttl_s=cfg.lease_ttl_s)
     kv_server.start()
     engine = PrefillEngine(runner, kv_server, cfg.max_batch_tokens, cfg.max_queue)

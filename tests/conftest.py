@@ -25,5 +25,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from engine.synth import make_random_model
 
     path = tmp_path_factory.mktemp("models") / "tiny-llama"
-    make_random_model(path, layers=2, hidden=128, heads=4, kv_heads=2, intermediate=344, vocab_size=2048, seed=1)
+    make_random_model(
+        path, layers=2, hidden=128, heads=4, kv_heads=2, intermediate=344, vocab_size=2048, seed=1
+    )
     return path

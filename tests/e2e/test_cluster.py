@@ -77,7 +77,9 @@ def _assert_no_leaks(cluster: LocalCluster, timeout_s: float = 10.0) -> None:
     for s in stats:
         assert s.integrity_ok, f"{s.role} {s.instance_id}: check_integrity failed"
         assert s.leases == 0, f"{s.role} {s.instance_id}: {s.leases} KV leases still held"
-        assert s.kv_blocks_free == s.kv_blocks_total, f"{s.role} {s.instance_id}: {s.kv_blocks_total - s.kv_blocks_free} blocks leaked"
+        assert s.kv_blocks_free == s.kv_blocks_total, (
+            f"{s.role} {s.instance_id}: {s.kv_blocks_total - s.kv_blocks_free} blocks leaked"
+        )
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +100,9 @@ def test_greedy_output_equals_single_process_reference(
     cluster = _start(tiny_model_dir, tmp_path, *shape)
     try:
         with Client(cluster.gateway_address) as client, ThreadPoolExecutor(16) as pool:
-            futures = [pool.submit(client.generate, p, max_tokens=m, ignore_eos=True, timeout=120) for p, m in reqs]
+            futures = [
+                pool.submit(client.generate, p, max_tokens=m, ignore_eos=True, timeout=120) for p, m in reqs
+            ]
             results = [f.result() for f in futures]
         for (prompt, max_tokens), want, got in zip(reqs, expected, results, strict=True):
             assert got.token_ids == want, f"prompt {prompt!r}: cluster {got.token_ids} != reference {want}"
@@ -124,7 +128,7 @@ def cluster(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
         ({"prompt": "", "max_tokens": 4}, "empty"),
         ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
         ({"prompt": "hi", "max_tokens": -3}, "max_tokens"),
-        ({"prompt": "hi", "max_tokens": 100_000}, "context"),
+        ({"prompt": "hi", "max_tokens": 100_000}, "maximum length"),
         ({"prompt": "hi", "max_tokens": 4, "temperature": -0.5}, "temperature"),
         ({"prompt": "hi", "max_tokens": 4, "top_p": 0.0}, "top_p"),
         ({"prompt": "hi", "max_tokens": 4, "top_p": 1.5}, "top_p"),
@@ -155,9 +159,8 @@ def test_client_cancel_mid_stream_frees_blocks_everywhere(cluster: LocalCluster)
 
 
 def test_short_deadline_frees_blocks_everywhere(cluster: LocalCluster) -> None:
-    with Client(cluster.gateway_address) as client:
-        with pytest.raises(grpc.RpcError) as err:
-            client.generate("import os\n" * 20, max_tokens=400, ignore_eos=True, timeout=0.3)
+    with Client(cluster.gateway_address) as client, pytest.raises(grpc.RpcError) as err:
+        client.generate("import os\n" * 20, max_tokens=400, ignore_eos=True, timeout=0.3)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     _assert_no_leaks(cluster)
 
@@ -166,7 +169,9 @@ def test_many_cancels_under_load_leave_nothing_behind(cluster: LocalCluster) -> 
     def one(i: int) -> None:
         with Client(cluster.gateway_address) as client:
             try:
-                client.generate("x = 1\n" * (1 + i), max_tokens=64, ignore_eos=True, timeout=0.05 + 0.1 * (i % 5))
+                client.generate(
+                    "x = 1\n" * (1 + i), max_tokens=64, ignore_eos=True, timeout=0.05 + 0.1 * (i % 5)
+                )
             except grpc.RpcError as exc:
                 assert exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
@@ -186,11 +191,16 @@ def test_dead_decode_drops_out_and_replacement_serves(tiny_model_dir: Path, tmp_
         cluster.kill(decode)  # SIGKILL: no withdraw, only the TTL removes it
         killed_at = time.monotonic()
         while registry.instances("decode"):
-            assert time.monotonic() - killed_at < cluster.cfg.heartbeat_ttl_s + 1.0, "dead decode still registered"
+            assert time.monotonic() - killed_at < cluster.cfg.heartbeat_ttl_s + 1.0, (
+                "dead decode still registered"
+            )
             time.sleep(0.1)
         with Client(cluster.gateway_address) as client, pytest.raises(grpc.RpcError) as err:
             client.generate("hello", max_tokens=4, timeout=30)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        while cluster.health() != "NOT_SERVING":
+            assert time.monotonic() - killed_at < 10, "gateway health still SERVING without a decode instance"
+            time.sleep(0.1)
         cluster.add_instance("decode")
         cluster.wait_serving(60)
         with Client(cluster.gateway_address) as client:

@@ -9,7 +9,9 @@ from pdserve.redis_server import RedisServer
 
 
 def _info(i: int, role: str = "decode") -> InstanceInfo:
-    return InstanceInfo(instance_id=f"{role}-{i}", role=role, grpc_address=f"127.0.0.1:{5000 + i}", kv_blocks_total=64)
+    return InstanceInfo(
+        instance_id=f"{role}-{i}", role=role, grpc_address=f"127.0.0.1:{5000 + i}", kv_blocks_total=64
+    )
 
 
 def test_announce_snapshot_and_ttl_expiry(redis_server: RedisServer) -> None:
@@ -33,7 +35,9 @@ def test_clusters_are_isolated(redis_server: RedisServer) -> None:
 def test_heartbeat_keeps_alive_and_withdraws_on_stop(redis_server: RedisServer) -> None:
     reg = Registry(redis_server.url, cluster="hb-test")
     load = {"free": 64}
-    hb = Heartbeat(reg, lambda: InstanceInfo("d-1", "decode", "127.0.0.1:1", kv_blocks_free=load["free"]), ttl_s=0.6)
+    hb = Heartbeat(
+        reg, lambda: InstanceInfo("d-1", "decode", "127.0.0.1:1", kv_blocks_free=load["free"]), ttl_s=0.6
+    )
     hb.start()
     try:
         assert len(reg.instances()) == 1  # registered before start() returns

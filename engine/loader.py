@@ -1,0 +1,95 @@
+"""Build a `CausalLM` and fill it from a directory of HF `*.safetensors` files (single or sharded), by name."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+
+import torch
+from safetensors import safe_open
+
+from engine.config import ModelConfig
+from engine.model import CausalLM
+
+# Keys some checkpoints carry that we recompute instead of loading.
+_IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def safetensors_files(model_dir: str) -> list[str]:
+    """The weight files of `model_dir`, sorted. Sharded checkpoints are listed by their index json."""
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index, encoding="utf-8") as f:
+            names = sorted(set(json.load(f)["weight_map"].values()))
+        return [os.path.join(model_dir, n) for n in names]
+    files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {model_dir}")
+    return files
+
+
+def load_model(
+    model_dir: str,
+    config: ModelConfig | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    layer_start: int = 0,
+    layer_end: int | None = None,
+) -> CausalLM:
+    """Construct on the meta device (no random init), materialise on `device` in `dtype`, load weights."""
+    config = config or ModelConfig.from_hf_dir(model_dir)
+    with torch.device("meta"):
+        model = CausalLM(config, layer_start, layer_end)
+    model = model.to(dtype).to_empty(device=device)
+    load_weights(model, model_dir)
+    return model.eval()
+
+
+def load_weights(model: CausalLM, model_dir: str) -> None:
+    """Copy every checkpoint tensor into the parameter of the same name (casting dtype, moving device).
+
+    Strict: a parameter with no tensor, or a tensor with no parameter (outside this model's layer range),
+    raises ValueError. A checkpoint `lm_head.weight` is skipped when embeddings are tied.
+    """
+    params = dict(model.named_parameters())
+    loaded: set[str] = set()
+    unexpected: list[str] = []
+    for path in safetensors_files(model_dir):
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                if name in params:
+                    param = params[name]
+                    tensor = f.get_tensor(name)
+                    if tuple(tensor.shape) != tuple(param.shape):
+                        raise ValueError(
+                            f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(param.shape)}"
+                        )
+                    with torch.no_grad():
+                        param.copy_(tensor)
+                    loaded.add(name)
+                elif not _expected_elsewhere(model, name):
+                    unexpected.append(name)
+    missing = sorted(set(params) - loaded)
+    if missing:
+        raise ValueError(f"checkpoint in {model_dir} lacks {len(missing)} weights, e.g. {missing[:5]}")
+    if unexpected:
+        raise ValueError(
+            f"checkpoint in {model_dir} has {len(unexpected)} unknown weights, e.g. {unexpected[:5]}"
+        )
+
+
+def _expected_elsewhere(model: CausalLM, name: str) -> bool:
+    """A checkpoint key that this model legitimately does not hold."""
+    if _IGNORED.search(name):
+        return True
+    if name == "lm_head.weight" and (model.config.tie_word_embeddings or not model.model.is_last):
+        return True
+    if name == "model.embed_tokens.weight" and not model.model.is_first:
+        return True
+    if name == "model.norm.weight" and not model.model.is_last:
+        return True
+    m = _LAYER.match(name)
+    return m is not None and not model.layer_start <= int(m.group(1)) < model.layer_end

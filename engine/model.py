@@ -1,0 +1,315 @@
+"""The Llama-family decoder (llama / qwen2 / mistral) over a flat batch of tokens and a paged KV cache.
+
+One forward runs any mix of sequences: sequence i contributes `num_new[i]` query tokens at positions
+`[start[i], start[i] + num_new[i])`. Their K/V are written to the cache first, then each sequence attends
+to its whole K/V `[0, start + num_new)` read back from its cache blocks. That single rule covers prefill
+(start == 0), chunked prefill (start > 0) and decode (num_new == 1, batched into one SDPA call).
+
+Parameter names equal Hugging Face's (`model.layers.3.self_attn.q_proj.weight`, ...), so a safetensors
+checkpoint loads by name. Layers are built for a range `[layer_start, layer_end)` and attention / MLP take
+their local head / column counts, which is where pipeline and tensor parallel variants slot in.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from engine.config import ModelConfig
+from engine.kv_cache import KVCache, slots_for
+
+
+# --------------------------------------------------------------------------------------------------------
+# Batch metadata: built once per forward, shared by every layer.
+# --------------------------------------------------------------------------------------------------------
+@dataclass
+class BatchMeta:
+    positions: Tensor  # [T] absolute position of each new token
+    slot_mapping: Tensor  # [T] flat KV slot each new token's K/V is written to
+    last_index: Tensor  # [N] index into T of each sequence's last new token
+    num_new: list[int]  # [N] query tokens per sequence
+    seq_slots: list[Tensor]  # N x [S_i] slots of seq i's whole K/V, S_i = start_i + num_new_i ([] on decode)
+    seq_masks: list[Tensor | None]  # N x [num_new_i, S_i] bool (True = attend); None = plain causal
+    decode_slots: Tensor | None  # [N, S_max] when every num_new == 1 (padded with a valid slot)
+    decode_mask: Tensor | None  # [N, 1, 1, S_max] bool
+
+    @staticmethod
+    def build(
+        block_tables: list[list[int]],
+        starts: list[int],
+        num_new: list[int],
+        block_size: int,
+        device: torch.device | str = "cpu",
+        sliding_window: int | None = None,
+    ) -> BatchMeta:
+        if not block_tables or any(n <= 0 for n in num_new):
+            raise ValueError(f"need >= 1 sequence with >= 1 new token each, got num_new={num_new}")
+        seq_slots = [
+            slots_for(b, 0, s + n, block_size) for b, s, n in zip(block_tables, starts, num_new, strict=True)
+        ]
+        positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, num_new, strict=True)])
+        slot_mapping = torch.cat([sl[s:] for sl, s in zip(seq_slots, starts, strict=True)])
+        last_index = torch.tensor(num_new).cumsum(0) - 1
+
+        decode_slots = decode_mask = None
+        seq_masks: list[Tensor | None] = []
+        if all(n == 1 for n in num_new):
+            lens = torch.tensor([s + 1 for s in starts])  # [N]
+            s_max = int(lens.max())
+            kpos = torch.arange(s_max)  # [S_max]
+            decode_slots = torch.stack([sl[kpos.clamp(max=len(sl) - 1)] for sl in seq_slots])  # [N, S_max]
+            mask = kpos[None, :] < lens[:, None]  # [N, S_max]
+            if sliding_window is not None:
+                mask &= kpos[None, :] > (lens - 1 - sliding_window)[:, None]
+            decode_mask = mask[:, None, None, :].to(device)
+            decode_slots = decode_slots.to(device)
+            seq_slots = []  # not needed: decode reads through decode_slots
+        else:
+            for s, n in zip(starts, num_new, strict=True):
+                if s == 0 and sliding_window is None:
+                    seq_masks.append(None)
+                    continue
+                qpos = torch.arange(s, s + n)[:, None]  # [n, 1]
+                kpos = torch.arange(s + n)[None, :]  # [1, S]
+                mask = kpos <= qpos  # [n, S]
+                if sliding_window is not None:
+                    mask &= kpos > qpos - sliding_window
+                seq_masks.append(mask.to(device))
+
+        return BatchMeta(
+            positions=positions.to(device),
+            slot_mapping=slot_mapping.to(device),
+            last_index=last_index.to(device),
+            num_new=list(num_new),
+            seq_slots=[sl.to(device) for sl in seq_slots],
+            seq_masks=seq_masks,
+            decode_slots=decode_slots,
+            decode_mask=decode_mask,
+        )
+
+
+# --------------------------------------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        # x: [T, hidden]; normalise in fp32 like HF, scale in the model dtype
+        dtype = x.dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(dtype)
+
+
+def rope_inv_freq(config: ModelConfig) -> Tensor:
+    """[D/2] fp32 inverse frequencies, with llama3 / linear scaling applied (matches HF bit for bit)."""
+    dim = config.head_dim
+    exponent = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim
+    inv_freq = 1.0 / (config.rope_theta**exponent)  # [D/2]
+    scaling = config.rope_scaling_dict
+    if scaling is None:
+        return inv_freq
+    factor = float(scaling["factor"])
+    if scaling["rope_type"] == "linear":
+        return inv_freq / factor
+    # llama3: long wavelengths divided by `factor`, short kept, the band in between interpolated
+    old_len = scaling["original_max_position_embeddings"]
+    low_freq_wavelen = old_len / scaling["low_freq_factor"]
+    high_freq_wavelen = old_len / scaling["high_freq_factor"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - scaling["low_freq_factor"]) / (
+        scaling["high_freq_factor"] - scaling["low_freq_factor"]
+    )
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+class RotaryEmbedding:
+    """cos / sin tables for given positions. Not an nn.Module: nothing to load, safe under meta init."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        self.inv_freq = rope_inv_freq(config)  # [D/2] fp32, CPU
+        self._on_device: dict[torch.device, Tensor] = {}
+
+    def __call__(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        inv_freq = self._on_device.get(positions.device)
+        if inv_freq is None:
+            inv_freq = self._on_device.setdefault(positions.device, self.inv_freq.to(positions.device))
+        freqs = positions.float()[:, None] * inv_freq[None, :]  # [T, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    # x: [T, heads, D]; cos, sin: [T, D]
+    return x * cos[:, None, :] + rotate_half(x) * sin[:, None, :]
+
+
+class Attention(nn.Module):
+    """GQA self-attention. `num_heads` / `num_kv_heads` are the local counts (a TP shard sets fewer)."""
+
+    def __init__(self, config: ModelConfig, num_heads: int, num_kv_heads: int) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, config.head_dim
+        d, hidden, bias = config.head_dim, config.hidden_size, config.attention_bias
+        self.q_proj = nn.Linear(hidden, num_heads * d, bias=bias)
+        self.k_proj = nn.Linear(hidden, num_kv_heads * d, bias=bias)
+        self.v_proj = nn.Linear(hidden, num_kv_heads * d, bias=bias)
+        self.o_proj = nn.Linear(
+            num_heads * d, hidden, bias=config.o_proj_bias
+        )  # TP: row-parallel + all-reduce
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, meta: BatchMeta, kv_cache: KVCache, cache_layer: int
+    ) -> Tensor:
+        t = x.shape[0]
+        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)  # [T, H, D]
+        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        kv_cache.write_slots(cache_layer, meta.slot_mapping, k, v)
+
+        if meta.decode_slots is not None:
+            out = self._decode_attention(q, meta, kv_cache, cache_layer)
+        else:
+            out = self._prefill_attention(q, meta, kv_cache, cache_layer)
+        return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
+
+    def _decode_attention(self, q: Tensor, meta: BatchMeta, kv_cache: KVCache, cache_layer: int) -> Tensor:
+        # q: [N, H, D], one token per sequence; K/V gathered and padded to the longest sequence
+        assert meta.decode_slots is not None and meta.decode_mask is not None
+        k, v = kv_cache.gather_slots(cache_layer, meta.decode_slots)  # [N, S_max, Hkv, D]
+        k, v = k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype)  # [N, Hkv, S_max, D]
+        out = F.scaled_dot_product_attention(
+            q[:, :, None, :], k, v, attn_mask=meta.decode_mask, enable_gqa=True
+        )  # [N, H, 1, D]
+        return out[:, :, 0, :]  # [N, H, D]
+
+    def _prefill_attention(self, q: Tensor, meta: BatchMeta, kv_cache: KVCache, cache_layer: int) -> Tensor:
+        # one causal SDPA per sequence; query i of a sequence sits at position start + i
+        outs, offset = [], 0
+        for n, slots, mask in zip(meta.num_new, meta.seq_slots, meta.seq_masks, strict=True):
+            qi = q[offset : offset + n].transpose(0, 1)[None]  # [1, H, n, D]
+            k, v = kv_cache.gather_slots(cache_layer, slots)  # [S, Hkv, D]
+            k, v = k.transpose(0, 1)[None].to(q.dtype), v.transpose(0, 1)[None].to(q.dtype)  # [1, Hkv, S, D]
+            out = F.scaled_dot_product_attention(
+                qi, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True
+            )
+            outs.append(out[0].transpose(0, 1))  # [n, H, D]
+            offset += n
+        return torch.cat(outs)  # [T, H, D]
+
+
+class MLP(nn.Module):
+    """SwiGLU. `intermediate` is the local column count (a TP shard sets fewer)."""
+
+    def __init__(self, hidden: int, intermediate: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)  # TP: row-parallel + all-reduce
+
+    def forward(self, x: Tensor) -> Tensor:
+        # x: [T, hidden] -> [T, intermediate] -> [T, hidden]
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.self_attn = Attention(config, config.num_heads, config.num_kv_heads)
+        self.mlp = MLP(config.hidden_size, config.intermediate_size)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self, h: Tensor, cos: Tensor, sin: Tensor, meta: BatchMeta, kv_cache: KVCache, cache_layer: int
+    ) -> Tensor:
+        # h: [T, hidden]
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, meta, kv_cache, cache_layer)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+# --------------------------------------------------------------------------------------------------------
+# The model: `model.*` is the decoder stack, `lm_head` the output projection (absent when tied).
+# --------------------------------------------------------------------------------------------------------
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig, layer_start: int, layer_end: int) -> None:
+        super().__init__()
+        self.is_first, self.is_last = layer_start == 0, layer_end == config.num_layers
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size) if self.is_first else None
+        # ModuleDict keyed by the *global* layer index keeps HF names under a pipeline layer range
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(config) for i in range(layer_start, layer_end)})
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if self.is_last else None
+
+
+class CausalLM(nn.Module):
+    """Layers [layer_start, layer_end) of a Llama-family model. The KV cache's layer 0 is `layer_start`."""
+
+    def __init__(self, config: ModelConfig, layer_start: int = 0, layer_end: int | None = None) -> None:
+        super().__init__()
+        layer_end = config.num_layers if layer_end is None else layer_end
+        if not 0 <= layer_start < layer_end <= config.num_layers:
+            raise ValueError(f"bad layer range [{layer_start}, {layer_end}) for {config.num_layers} layers")
+        self.config, self.layer_start, self.layer_end = config, layer_start, layer_end
+        self.model = LlamaModel(config, layer_start, layer_end)
+        untied_head = self.model.is_last and not config.tie_word_embeddings
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False) if untied_head else None
+        self.rotary = RotaryEmbedding(config)
+
+    @property
+    def num_local_layers(self) -> int:
+        return self.layer_end - self.layer_start
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        # input_ids: [T] -> [T, hidden]
+        assert self.model.embed_tokens is not None, "only the first pipeline stage embeds tokens"
+        return self.model.embed_tokens(input_ids)
+
+    def run_layers(
+        self, h: Tensor, meta: BatchMeta, kv_cache: KVCache, on_layer: Callable[[int], None] | None = None
+    ) -> Tensor:
+        """h: [T, hidden] through this stage's layers. on_layer(i) fires once layer i's K/V is in the cache."""
+        cos, sin = self.rotary(meta.positions, h.dtype)  # [T, D] each
+        for name, layer in self.model.layers.items():
+            i = int(name)
+            h = layer(h, cos, sin, meta, kv_cache, i - self.layer_start)
+            if on_layer is not None:
+                on_layer(i)
+        return h
+
+    def compute_logits(self, h: Tensor, last_index: Tensor) -> Tensor:
+        # h: [T, hidden] -> logits of each sequence's last token: [N, V]
+        assert self.model.norm is not None, "only the last pipeline stage computes logits"
+        h = self.model.norm(h[last_index])  # [N, hidden]
+        if self.lm_head is not None:
+            return self.lm_head(h)
+        assert self.model.embed_tokens is not None
+        return h @ self.model.embed_tokens.weight.t()  # tied: [N, hidden] @ [hidden, V]
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        meta: BatchMeta,
+        kv_cache: KVCache,
+        on_layer: Callable[[int], None] | None = None,
+    ) -> Tensor:
+        """input_ids: [T] (all sequences' new tokens, concatenated) -> logits [N, V]."""
+        h = self.run_layers(self.embed(input_ids), meta, kv_cache, on_layer)
+        return self.compute_logits(h, meta.last_index)

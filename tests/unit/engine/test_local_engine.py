@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.device import Device
+from engine.local import LocalEngine
+from engine.runner import ModelRunner, model_fingerprint
+from engine.sampling import SamplingParams
+from engine.sequence import Sequence
+from engine.synth import make_random_model
+from pdserve.errors import CapacityExceeded, InvalidRequest
+
+PROMPTS = ["def main():\n", "import os\nimport sys\n", "class Foo(Bar):\n    def __init__(self", "x"]
+
+
+@pytest.fixture(scope="module")
+def engine(engine_model_dir: str) -> LocalEngine:
+    return LocalEngine(ModelRunner(engine_model_dir, num_kv_blocks=64, block_size=8))
+
+
+def _params(n: int) -> list[SamplingParams]:
+    return [
+        SamplingParams(max_tokens=12),
+        SamplingParams(max_tokens=7, temperature=0.9, top_p=0.9, seed=3),
+        SamplingParams(max_tokens=10, temperature=1.2, top_k=40, seed=11),
+        SamplingParams(max_tokens=9),
+    ][:n]
+
+
+def test_batch_equals_one_at_a_time(engine: LocalEngine):
+    prompts = [engine.tokenizer.encode(p) for p in PROMPTS]
+    params = _params(4)
+    batched = engine.generate(prompts, params)
+    alone = [engine.generate([p], [sp])[0] for p, sp in zip(prompts, params, strict=True)]
+    assert batched == alone
+    assert [len(o) for o in batched] == [12, 7, 10, 9], "ignore_eos is off but these must run to length"
+    assert engine.block_manager.num_free == engine.block_manager.num_blocks
+
+
+def test_queueing_when_the_cache_is_small_gives_the_same_outputs(engine_model_dir: str, engine: LocalEngine):
+    small = LocalEngine(ModelRunner(engine_model_dir, num_kv_blocks=6, block_size=8))  # ~2 requests at a time
+    prompts = [engine.tokenizer.encode(p) for p in PROMPTS]
+    assert small.generate(prompts, _params(4)) == engine.generate(prompts, _params(4))
+
+
+def test_stop_string_and_eos(engine: LocalEngine):
+    [free_run] = engine.generate_text(["def f(x):"], [SamplingParams(max_tokens=12)])
+    stop = free_run[3:5]
+    [cut] = engine.generate_text(["def f(x):"], [SamplingParams(max_tokens=12, stop=(stop,))])
+    assert cut == free_run[: free_run.find(stop)]
+    prompt = engine.tokenizer.encode("def f(x):")
+    [ids] = engine.generate([prompt], [SamplingParams(max_tokens=12)])
+    seq = Sequence("s", prompt, SamplingParams(max_tokens=12, stop=(stop,)))
+    assert engine.run([seq]) == [cut]
+    assert seq.finish_reason == "stop" and len(seq.output_ids) < len(ids)
+    # make the first greedy token an EOS id: generation stops right there (unless ignore_eos)
+    eos = engine.tokenizer.eos_token_ids
+    engine.tokenizer.eos_token_ids = (ids[0],)
+    try:
+        [stopped] = engine.generate([prompt], [SamplingParams(max_tokens=12)])
+        [ignored] = engine.generate([prompt], [SamplingParams(max_tokens=12, ignore_eos=True)])
+    finally:
+        engine.tokenizer.eos_token_ids = eos
+    assert stopped == ids[:1] and ignored == ids
+
+
+def test_requests_that_can_never_run_are_rejected(engine_model_dir: str, engine: LocalEngine):
+    with pytest.raises(InvalidRequest, match="empty"):
+        engine.generate([[]], [SamplingParams()])
+    with pytest.raises(InvalidRequest, match="maximum length 512"):
+        engine.generate([[1] * 500], [SamplingParams(max_tokens=13)])
+    tiny = LocalEngine(ModelRunner(engine_model_dir, num_kv_blocks=4, block_size=8))
+    with pytest.raises(CapacityExceeded, match="more KV blocks"):
+        tiny.generate([[1] * 20], [SamplingParams(max_tokens=13)])  # 33 tokens > 4 blocks * 8
+    assert tiny.block_manager.num_free == tiny.block_manager.num_blocks
+
+
+def test_fingerprint_is_stable_and_tracks_the_weights(engine_model_dir: str, engine: LocalEngine, tmp_path):
+    assert engine.runner.fingerprint == model_fingerprint(engine_model_dir)
+    assert 0 <= engine.runner.fingerprint < 2**64
+    dims = {"layers": 2, "hidden": 64, "heads": 4, "kv_heads": 2, "intermediate": 128, "vocab_size": 512}
+    other = make_random_model(tmp_path, **dims, seed=1, tokenizer_texts=["a b c"])
+    assert model_fingerprint(other) != engine.runner.fingerprint
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_runner_matches_cpu(engine_model_dir: str, engine: LocalEngine):
+    prompts = [engine.tokenizer.encode(p) for p in PROMPTS]
+    params = [SamplingParams(max_tokens=10, ignore_eos=True)] * len(prompts)
+    fp32 = ModelRunner(engine_model_dir, Device.cuda(0), num_kv_blocks=64, block_size=8, dtype=torch.float32)
+    assert LocalEngine(fp32).generate(prompts, params) == engine.generate(prompts, params)
+    bf16 = LocalEngine(ModelRunner(engine_model_dir, Device.cuda(0), num_kv_blocks=64, block_size=8))
+    assert bf16.runner.kv_cache.dtype == torch.bfloat16
+    assert [len(o) for o in bf16.generate(prompts, params)] == [10] * len(prompts)
