@@ -15,6 +15,7 @@ class CoordinatorConfig:
     expect_prefill: int = 1  # health reports SERVING once this many of each role are registered
     expect_decode: int = 1
     codec: str = "raw"  # KV codec decode asks prefill for
+    layerwise: bool = True  # start decode's KV pull when prefill schedules (layer-wise streaming)
     refresh_s: float = 0.25  # registry snapshot period
     max_inflight: int = 4096  # requests in flight before RESOURCE_EXHAUSTED
     suspect_s: float = 5.0  # an instance that refused a connection is skipped this long

@@ -14,12 +14,11 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 
 from coordinator.config import CoordinatorConfig
-from coordinator.registry import InstanceInfo
 from coordinator.router import Router
 from engine.config import ModelConfig
 from engine.sampling import SamplingParams
@@ -116,7 +115,17 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
         state: _RequestState,
         received: float,
     ) -> AsyncIterator[generation_pb2.GenerateResponse]:
-        first_token, prefill_inst = await self._prefill(request_id, prompt_ids, params, state)
+        # Layer-wise streaming: decode is asked to pull as soon as prefill has scheduled the request,
+        # so the KV moves layer by layer while later layers still compute.
+        pump = state.pump
+        stream_kv = self.cfg.layerwise and params.max_tokens > 1
+
+        def on_scheduled(handle: common_pb2.KVHandle) -> None:
+            pump.start(self._decode(request_id, prompt_ids, params, None, handle, state))
+
+        first_token = await self._prefill(
+            request_id, prompt_ids, params, state, on_scheduled if stream_kv else None
+        )
         ttft = time.monotonic() - received
         completion = [first_token]
         reason = stop.push(first_token)
@@ -124,7 +133,10 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
             request_id=request_id, token_ids=[first_token], text=stop.take_text()
         )
         if reason is None:
-            async for tokens, reason in self._decode(request_id, prompt_ids, params, first_token, state):
+            if not pump.started:
+                assert state.handle is not None
+                pump.start(self._decode(request_id, prompt_ids, params, first_token, state.handle, state))
+            async for tokens, decode_reason in pump:
                 checked = None
                 for t in tokens:
                     completion.append(t)
@@ -133,9 +145,10 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
                     yield generation_pb2.GenerateResponse(
                         request_id=request_id, token_ids=tokens, text=stop.take_text()
                     )
-                if reason is not None or checked is not None:
-                    reason = reason or checked
+                if decode_reason is not None or checked is not None:
+                    reason = decode_reason or checked
                     break
+        pump.cancel()
         usage = common_pb2.Usage(
             prompt_tokens=len(prompt_ids), completion_tokens=len(completion), ttft_s=ttft
         )
@@ -147,8 +160,15 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
         )
 
     async def _prefill(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams, state: _RequestState
-    ) -> tuple[int, InstanceInfo]:
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        state: _RequestState,
+        on_scheduled: Callable[[common_pb2.KVHandle], None] | None,
+    ) -> int:
+        """Run prefill on some instance; returns the first token. `on_scheduled(handle)` fires once
+        the KV handle is valid (before the KV is complete)."""
         req = prefill_pb2.PrefillRequest(
             request_id=request_id,
             prompt_token_ids=prompt_ids,
@@ -169,9 +189,11 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
                         got_event = True
                         if ev.HasField("scheduled"):
                             state.handle = ev.scheduled
+                            if on_scheduled is not None:
+                                on_scheduled(ev.scheduled)
                         elif ev.HasField("done"):
                             state.handle = ev.done.kv
-                            return ev.done.first_token_id, inst
+                            return ev.done.first_token_id
                 except grpc.aio.AioRpcError as exc:
                     if _refused(exc) and not got_event:
                         self.router.mark_suspect(inst)
@@ -186,24 +208,24 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
         request_id: str,
         prompt_ids: list[int],
         params: SamplingParams,
-        first_token: int,
+        first_token: int | None,
+        handle: common_pb2.KVHandle,
         state: _RequestState,
     ) -> AsyncIterator[tuple[list[int], str | None]]:
-        assert state.handle is not None
+        """Run decode on some instance, yielding (new tokens, finish reason or None) per event.
+        Without `first_token` the decode instance takes it from the KV stream's trailer."""
         req = decode_pb2.DecodeRequest(
-            request_id=request_id,
-            prompt_token_ids=prompt_ids,
-            sampling=params_to_proto(params),
-            kv=state.handle,
-            first_token_id=first_token,
+            request_id=request_id, prompt_token_ids=prompt_ids, sampling=params_to_proto(params), kv=handle
         )
-        blocks = _blocks(len(prompt_ids) + params.max_tokens, 16)
+        if first_token is not None:
+            req.first_token_id = first_token
+        num_tokens = len(prompt_ids) + params.max_tokens
         last_exc: BaseException | None = None
         for _ in range(MAX_ATTEMPTS):
-            inst = self.router.pick_decode(blocks)
+            inst = self.router.pick_decode(num_tokens)
             stub = decode_pb2_grpc.DecodeStub(self.router.channel(inst.grpc_address))
             got_event = False
-            with self.router.track(inst, blocks):
+            with self.router.track(inst, num_tokens):
                 call = stub.Decode(req)
                 state.decode_call = call
                 try:
@@ -252,15 +274,55 @@ class _RequestState:
         self.kv_consumed = False
         self.prefill_call: grpc.aio.Call | None = None
         self.decode_call: grpc.aio.Call | None = None
+        self.pump = _DecodePump()
 
     def cancel_calls(self) -> None:
         for call in (self.prefill_call, self.decode_call):
             if call is not None and not call.done():
                 call.cancel()
+        self.pump.cancel()
 
 
-def _blocks(tokens: int, block_size: int) -> int:
-    return -(-tokens // block_size)
+_END = object()
+
+
+class _DecodePump:
+    """Runs the decode stream in its own task (so it can start before prefill ends) and hands its
+    events to the request task through a queue; errors travel through the queue too."""
+
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._task: asyncio.Task | None = None
+
+    @property
+    def started(self) -> bool:
+        return self._task is not None
+
+    def start(self, events: AsyncIterator[tuple[list[int], str | None]]) -> None:
+        async def pump() -> None:
+            try:
+                async for item in events:
+                    await self._queue.put(item)
+                await self._queue.put(_END)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the request task
+                await self._queue.put(exc)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+
+        self._task = asyncio.get_running_loop().create_task(pump())
+
+    def cancel(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+
+    async def __aiter__(self) -> AsyncIterator[tuple[list[int], str | None]]:
+        while True:
+            item = await self._queue.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
 
 
 __all__ = ["Gateway", "PDServeError"]

@@ -103,9 +103,10 @@ class Router:
             ),
         )
 
-    def pick_decode(self, blocks_needed: int) -> InstanceInfo:
+    def pick_decode(self, num_tokens: int) -> InstanceInfo:
+        """The decode instance with the most KV blocks not reserved by this gateway's requests."""
         cands = self._candidates("decode")
-        fits = [i for i in cands if i.kv_blocks_total >= blocks_needed] or cands
+        fits = [i for i in cands if blocks_for(num_tokens, i.block_size) <= i.kv_blocks_total] or cands
         return max(
             fits,
             key=lambda i: (
@@ -129,7 +130,9 @@ class Router:
         )
 
     @contextlib.contextmanager
-    def track(self, inst: InstanceInfo, blocks: int = 0) -> Iterator[None]:
+    def track(self, inst: InstanceInfo, num_tokens: int = 0) -> Iterator[None]:
+        """Count a request in flight on `inst` (and, for decode, the KV blocks it reserves there)."""
+        blocks = blocks_for(num_tokens, inst.block_size) if num_tokens else 0
         self._inflight[inst.instance_id] += 1
         self._reserved_blocks[inst.instance_id] += blocks
         try:
@@ -144,3 +147,7 @@ class Router:
             ch = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
             self._channels[address] = ch
         return ch
+
+
+def blocks_for(num_tokens: int, block_size: int) -> int:
+    return -(-num_tokens // max(1, block_size))

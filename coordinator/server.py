@@ -93,6 +93,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--expect-decode", type=int, default=1)
     p.add_argument("--codec", default="raw")
     p.add_argument("--max-inflight", type=int, default=4096)
+    p.add_argument(
+        "--no-layerwise",
+        action="store_true",
+        help="pull KV only after prefill finished (no layer-wise streaming)",
+    )
     a = p.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s coordinator %(name)s: %(message)s"
@@ -107,5 +112,6 @@ def main(argv: list[str] | None = None) -> None:
         expect_decode=a.expect_decode,
         codec=a.codec,
         max_inflight=a.max_inflight,
+        layerwise=not a.no_layerwise,
     )
     asyncio.run(run(cfg))
