@@ -1,0 +1,355 @@
+"""KVPuller (decode side): pull one transfer's KV layer by layer, verify every frame, hand layers over.
+
+`pull()` blocks and returns the Trailer; `start_pull()` runs the same in a thread and returns a
+PullHandle whose `poll()` reports WAITING -> TRANSFERRING -> DONE | FAILED (SGLang-style status).
+
+Checks on every frame: CRC and format (decode_frame), model fingerprint, transfer id, codec, layer
+order (0, 1, 2, ... with no gaps), and that T, Hkv, D and dtype never change; the trailer must agree
+with what arrived (num_layers, num_tokens). Any failure raises a typed error, closes the connection
+(no ACK: the server keeps the lease, so the pull can be retried) and leaves nothing half-acknowledged.
+
+Connections are pooled per address: after an ACK the channel is kept for the next pull to that server.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from kv_transfer.codec import get_codec
+from kv_transfer.errors import (
+    FingerprintMismatch,
+    FrameForeign,
+    KVTransferError,
+    LeaseExpired,
+    PeerClosed,
+    ProtocolError,
+    RemoteError,
+    TransferCancelled,
+    UnknownCodec,
+    UnknownTransfer,
+)
+from kv_transfer.frame import DEFAULT_MAX_ELEMENTS, decode_frame, is_frame
+from kv_transfer.transport import transport_for
+from kv_transfer.transport.base import Channel, Transport
+from kv_transfer.wire import (
+    Ack,
+    ErrorCode,
+    ErrorMsg,
+    Pull,
+    TrailerMsg,
+    decode_control,
+    encode_control,
+    is_control,
+)
+
+log = logging.getLogger(__name__)
+
+WriteLayer = Callable[[int, Tensor, Tensor], None]  # (layer, k [T, Hkv, D], v [T, Hkv, D])
+
+
+@dataclass(frozen=True)
+class PullStats:
+    """Sizes in bytes, durations in seconds. Server-side figures come from the trailer."""
+
+    bytes_on_wire: int = 0  # frames received (headers, params, payload, CRC)
+    raw_bytes: int = 0  # K and V uncompressed, as the server read them
+    payload_bytes: int = 0  # codec params + payloads
+    server_read_s: float = 0.0
+    encode_s: float = 0.0  # server: codec encode + frame assembly
+    server_wait_s: float = 0.0  # server: waiting for prefill to make layers ready
+    server_send_s: float = 0.0
+    transfer_s: float = 0.0  # puller: PULL sent -> trailer received (wall clock)
+    decode_s: float = 0.0  # puller: frame checks + codec decode
+    write_s: float = 0.0  # puller: write_layer callbacks
+    connect_s: float = 0.0
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.raw_bytes / self.payload_bytes if self.payload_bytes else 0.0
+
+
+@dataclass(frozen=True)
+class Trailer:
+    first_token_id: int
+    num_tokens: int
+    num_layers: int = 0
+    stats: PullStats = field(default_factory=PullStats)
+
+
+class PullState(enum.Enum):
+    WAITING = "waiting"  # connecting / PULL sent, no frame yet (prefill may still be running)
+    TRANSFERRING = "transferring"  # at least one layer received
+    DONE = "done"
+    FAILED = "failed"
+
+
+class PullHandle:
+    """Status of one pull. Thread-safe; `poll()` never blocks."""
+
+    def __init__(self, transfer_id: str) -> None:
+        self.transfer_id = transfer_id
+        self._state = PullState.WAITING
+        self._layers = 0
+        self._trailer: Trailer | None = None
+        self._error: BaseException | None = None
+        self._done = threading.Event()
+        self._abort = threading.Event()
+        self._channel: Channel | None = None
+        self._lock = threading.Lock()
+
+    def poll(self) -> PullState:
+        return self._state
+
+    @property
+    def state(self) -> PullState:
+        return self._state
+
+    @property
+    def layers_received(self) -> int:
+        return self._layers
+
+    @property
+    def error(self) -> BaseException | None:
+        return self._error
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """True once DONE or FAILED."""
+        return self._done.wait(timeout)
+
+    def result(self, timeout: float | None = None) -> Trailer:
+        """The trailer; re-raises the pull's error if it FAILED; TimeoutError if still running."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"pull {self.transfer_id!r} still {self._state.value}")
+        if self._error is not None:
+            raise self._error
+        assert self._trailer is not None
+        return self._trailer
+
+    def abort(self) -> None:
+        """Stop the pull (closes its connection; the server keeps the lease until expiry or a retry)."""
+        self._abort.set()
+        with self._lock:
+            ch = self._channel
+        if ch is not None:
+            ch.close()
+
+    # called by the puller
+    def _set_channel(self, ch: Channel | None) -> None:
+        with self._lock:
+            self._channel = ch
+        if ch is not None and self._abort.is_set():
+            ch.close()
+
+    def _layer_done(self, n: int) -> None:
+        self._layers = n
+        self._state = PullState.TRANSFERRING
+
+    def _finish(self, trailer: Trailer | None, error: BaseException | None) -> None:
+        self._trailer, self._error = trailer, error
+        self._state = PullState.FAILED if error is not None else PullState.DONE
+        self._done.set()
+
+
+_ERRORS: dict[ErrorCode, type[KVTransferError]] = {
+    ErrorCode.UNKNOWN_TRANSFER: UnknownTransfer,
+    ErrorCode.FINGERPRINT_MISMATCH: FingerprintMismatch,
+    ErrorCode.UNKNOWN_CODEC: UnknownCodec,
+    ErrorCode.CANCELLED: TransferCancelled,
+    ErrorCode.EXPIRED: LeaseExpired,
+    ErrorCode.BAD_REQUEST: ProtocolError,
+    ErrorCode.INTERNAL: RemoteError,
+    ErrorCode.SUPERSEDED: TransferCancelled,
+    ErrorCode.SHUTTING_DOWN: PeerClosed,
+}
+
+
+class KVPuller:
+    """Pulls KV from KVServers. Thread-safe: concurrent pulls use separate pooled connections.
+
+    timeout_s bounds the wait for each next message (not the whole pull: a streaming pull may wait
+    for a long prefill as long as layers keep coming). out_dtype=None keeps the sender's dtype.
+    """
+
+    def __init__(
+        self,
+        fingerprint: int,
+        timeout_s: float = 30.0,
+        max_elements: int = DEFAULT_MAX_ELEMENTS,
+        out_dtype: torch.dtype | None = None,
+        connect_timeout_s: float = 10.0,
+        max_idle_per_address: int = 4,
+    ) -> None:
+        self.fingerprint = fingerprint & 0xFFFFFFFFFFFFFFFF
+        self.timeout_s, self.max_elements, self.out_dtype = timeout_s, max_elements, out_dtype
+        self.connect_timeout_s = connect_timeout_s
+        self.max_idle_per_address = max_idle_per_address
+        self._idle: dict[str, list[Channel]] = {}
+        self._transports: dict[str, Transport] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+
+    # --- public ------------------------------------------------------------------------------------
+    def pull(self, handle_address: str, transfer_id: str, codec: str, write_layer: WriteLayer) -> Trailer:
+        """Pull every layer in order, calling write_layer(layer, k, v) as each arrives; returns the Trailer.
+
+        k, v may alias a receive buffer that the next layer overwrites: write_layer must copy them
+        (KVCache.write does). Raises typed errors (UnknownTransfer, LeaseExpired, FrameCorrupted, ...).
+        """
+        handle = PullHandle(transfer_id)
+        self._run(handle, handle_address, codec, write_layer)
+        return handle.result(0)
+
+    def start_pull(
+        self, handle_address: str, transfer_id: str, codec: str, write_layer: WriteLayer
+    ) -> PullHandle:
+        """Run pull() in a background thread; watch it with handle.poll() / wait() / result()."""
+        handle = PullHandle(transfer_id)
+        threading.Thread(
+            target=self._run, args=(handle, handle_address, codec, write_layer), name="kvpull", daemon=True
+        ).start()
+        return handle
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, {}
+        for chans in idle.values():
+            for ch in chans:
+                ch.close()
+
+    def __enter__(self) -> KVPuller:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- connection pool ---------------------------------------------------------------------------
+    def _checkout(self, address: str) -> tuple[Channel, bool]:
+        with self._lock:
+            chans = self._idle.get(address, [])
+            while chans:
+                ch = chans.pop()
+                if not ch.closed and not ch.poll():  # poll(): EOF or stray bytes waiting -> unusable
+                    return ch, True
+                ch.close()
+            transport = self._transports.get(address)
+            if transport is None:
+                transport = self._transports[address] = transport_for(address)
+        return transport.connect(address, self.connect_timeout_s), False
+
+    def _checkin(self, address: str, ch: Channel) -> None:
+        with self._lock:
+            chans = self._idle.setdefault(address, [])
+            if not self._closed and len(chans) < self.max_idle_per_address:
+                chans.append(ch)
+                return
+        ch.close()
+
+    # --- one pull ----------------------------------------------------------------------------------
+    def _run(self, handle: PullHandle, address: str, codec_name: str, write_layer: WriteLayer) -> None:
+        try:
+            get_codec(codec_name)  # fail fast, before touching the network
+            for attempt in range(2):
+                t0 = time.perf_counter()
+                ch, pooled = self._checkout(address)
+                connect_s = time.perf_counter() - t0
+                handle._set_channel(ch)
+                try:
+                    trailer = self._pull_on(ch, handle, codec_name, write_layer, connect_s)
+                except PeerClosed:
+                    ch.close()
+                    # a pooled connection may have died while idle: retry once on a fresh one, but only
+                    # if nothing was handed to write_layer yet
+                    if pooled and attempt == 0 and handle.layers_received == 0 and not handle._abort.is_set():
+                        continue
+                    raise
+                except BaseException:
+                    ch.close()
+                    raise
+                finally:
+                    handle._set_channel(None)
+                self._checkin(address, ch)
+                handle._finish(trailer, None)
+                return
+        except BaseException as e:  # recorded on the handle; pull() re-raises it via result()
+            if handle._abort.is_set() and isinstance(e, PeerClosed):
+                e = TransferCancelled(f"pull of {handle.transfer_id!r} aborted")
+            handle._finish(None, e)
+
+    def _pull_on(
+        self, ch: Channel, handle: PullHandle, codec_name: str, write_layer: WriteLayer, connect_s: float
+    ) -> Trailer:
+        tid = handle.transfer_id
+        codec = get_codec(codec_name)
+        t_start = time.perf_counter()
+        ch.send(encode_control(Pull(self.fingerprint, tid, codec_name)), timeout=self.timeout_s)
+        expect_layer = 0
+        shape: tuple[int, int, int] | None = None
+        dtype: torch.dtype | None = None
+        wire_bytes = 0
+        decode_s = write_s = 0.0
+        while True:
+            msg = ch.recv(timeout=self.timeout_s)
+            if is_frame(msg):
+                t0 = time.perf_counter()
+                f = decode_frame(msg, expect_fingerprint=self.fingerprint, max_elements=self.max_elements)
+                if f.transfer_id != tid:
+                    raise ProtocolError(f"frame for transfer {f.transfer_id!r} while pulling {tid!r}")
+                if f.codec_id != codec.codec_id:
+                    raise ProtocolError(
+                        f"frame codec id {f.codec_id}, requested {codec.name} ({codec.codec_id})"
+                    )
+                if f.layer != expect_layer:
+                    raise ProtocolError(f"frame for layer {f.layer}, expected layer {expect_layer}")
+                if shape is None:
+                    shape, dtype = f.shape, f.dtype
+                elif f.shape != shape or f.dtype != dtype:
+                    raise ProtocolError(
+                        f"layer {f.layer} is {f.shape} {f.dtype}, earlier layers {shape} {dtype}"
+                    )
+                k, v = codec.decode(f.params, f.payload, f.shape, self.out_dtype or f.dtype, f.layer)
+                t1 = time.perf_counter()
+                write_layer(f.layer, k, v)
+                write_s += time.perf_counter() - t1
+                decode_s += t1 - t0
+                wire_bytes += f.nbytes
+                expect_layer += 1
+                handle._layer_done(expect_layer)
+                continue
+            if not is_control(msg):
+                raise FrameForeign(f"unexpected message starting {bytes(msg[:4])!r}")
+            ctl = decode_control(msg)
+            if isinstance(ctl, ErrorMsg):
+                raise _ERRORS.get(ctl.code, RemoteError)(f"server: {ctl.message}")
+            if not isinstance(ctl, TrailerMsg):
+                raise ProtocolError(f"unexpected {type(ctl).__name__} during a pull")
+            transfer_s = time.perf_counter() - t_start
+            if ctl.transfer_id != tid or ctl.num_layers != expect_layer or expect_layer == 0:
+                raise ProtocolError(
+                    f"trailer says {ctl.num_layers} layers of {ctl.transfer_id!r}, got {expect_layer} of {tid!r}"
+                )
+            if shape is not None and ctl.num_tokens != shape[0]:
+                raise ProtocolError(f"trailer says {ctl.num_tokens} tokens, frames carried {shape[0]}")
+            ch.send(encode_control(Ack(tid)), timeout=self.timeout_s)
+            stats = PullStats(
+                bytes_on_wire=wire_bytes,
+                raw_bytes=ctl.raw_bytes,
+                payload_bytes=ctl.payload_bytes,
+                server_read_s=ctl.read_s,
+                encode_s=ctl.encode_s,
+                server_wait_s=ctl.wait_s,
+                server_send_s=ctl.send_s,
+                transfer_s=transfer_s,
+                decode_s=decode_s,
+                write_s=write_s,
+                connect_s=connect_s,
+            )
+            return Trailer(ctl.first_token_id, ctl.num_tokens, ctl.num_layers, stats)

@@ -1,0 +1,87 @@
+"""The Codec contract: turn one layer's K and V ([T, Hkv, D] CPU tensors) into (params, payload) bytes and back.
+
+A codec is stateless and thread-safe: one instance may encode and decode for many threads at once.
+`params` describes the payload (layout version, wire dtype, scales that belong to the header); the
+frame carries both plus shape and the source dtype, so `decode` needs nothing but what is on the wire.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from kv_transfer.errors import CodecError, FrameCorrupted
+from kv_transfer.frame import DTYPE_CODES, Buffer
+
+Shape = tuple[int, int, int]  # (T, Hkv, D)
+
+
+class Codec(ABC):
+    """Encode/decode K and V of one layer. Subclasses set `name`, `codec_id` (see registry.py), `lossless`."""
+
+    name: str
+    codec_id: int
+    lossless: bool
+
+    @abstractmethod
+    def encode(self, k: Tensor, v: Tensor, layer: int) -> tuple[bytes, bytes]:
+        """k, v: [T, Hkv, D] fp32/fp16/bf16 CPU -> (params, payload)."""
+
+    @abstractmethod
+    def decode(
+        self, params: Buffer, payload: Buffer, shape: Shape, dtype: torch.dtype, layer: int
+    ) -> tuple[Tensor, Tensor]:
+        """-> k, v: [T, Hkv, D] in `dtype` on CPU. Raises FrameCorrupted if params/payload do not fit `shape`.
+
+        The returned tensors may alias `payload` (zero-copy codecs); copy them if they must outlive it.
+        """
+
+    def encode_parts(self, k: Tensor, v: Tensor, layer: int) -> tuple[Buffer, Sequence[Buffer]]:
+        """Like encode() but the payload may be several buffers that the frame concatenates (so a codec
+        can hand over views instead of building one bytes object). Default: `encode()` as one part."""
+        params, payload = self.encode(k, v, layer)
+        return params, [payload]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, id={self.codec_id})"
+
+
+def check_kv(k: Tensor, v: Tensor) -> None:
+    """Shared input validation: same [T, Hkv, D] shape, same supported float dtype, CPU."""
+    if k.dim() != 3 or k.shape != v.shape:
+        raise CodecError(f"k and v must both be [T, Hkv, D]; got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.dtype != v.dtype or k.dtype not in DTYPE_CODES:
+        raise CodecError(f"k/v dtype must be one of {list(DTYPE_CODES)} and equal; got {k.dtype}, {v.dtype}")
+    if k.device.type != "cpu" or v.device.type != "cpu":
+        raise CodecError("codecs encode CPU tensors; move K/V to the host first")
+    if min(k.shape) < 1:
+        raise CodecError(f"empty K/V shape {tuple(k.shape)}")
+
+
+def numel(shape: Shape) -> int:
+    t, h, d = shape
+    return t * h * d
+
+
+def expect_len(buf: Buffer, n: int, what: str) -> None:
+    if len(buf) != n:
+        raise FrameCorrupted(f"{what}: {len(buf)} bytes, the frame's shape needs {n}")
+
+
+def tensor_bytes(t: Tensor) -> memoryview:
+    """A flat byte view of a contiguous CPU tensor (no copy; works for bf16, which numpy lacks)."""
+    t = t.contiguous()
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def tensor_from(buf: Buffer, dtype: torch.dtype, shape: tuple[int, ...]) -> Tensor:
+    """A tensor view over `buf` (copied first if it is read-only, which torch.frombuffer cannot share)."""
+    mv = buf if isinstance(buf, memoryview) else memoryview(buf)
+    if mv.readonly:
+        mv = memoryview(bytearray(mv))
+    if len(mv) == 0:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(mv, dtype=dtype).view(shape)

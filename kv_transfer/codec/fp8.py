@@ -1,0 +1,71 @@
+"""FP8 e4m3 (torch.float8_e4m3fn) with one fp32 scale per tensor (one for K, one for V of the layer).
+
+scale = absmax / 448 (448 = largest e4m3 value), q = fp8(x / scale). Error bound per element, from e4m3's
+3 mantissa bits (relative step 2^-3, round-to-nearest halves it) and its smallest subnormal step 2^-9:
+|x - x_hat| <= max(|x| * 2^-4, scale * 2^-10) (plus the output dtype's rounding if that is not fp32).
+
+params: layout u8 (= 1).   payload: k_scale fp32 ‖ v_scale fp32 ‖ k fp8[T*Hkv*D] ‖ v fp8[T*Hkv*D].
+"""
+
+from __future__ import annotations
+
+import struct
+
+import torch
+from torch import Tensor
+
+from kv_transfer.codec.base import Codec, Shape, check_kv, expect_len, numel, tensor_bytes, tensor_from
+from kv_transfer.errors import CodecError, FrameCorrupted
+from kv_transfer.frame import Buffer
+
+_PARAMS = struct.Struct("<B")
+_LAYOUT = 1
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+
+
+def quantize(x: Tensor) -> tuple[Tensor, Tensor]:
+    """x: [T, Hkv, D] -> (scale fp32 [1], q uint8 view of fp8 [T, Hkv, D])."""
+    xf = x.float()
+    absmax = xf.abs().amax()
+    if not bool(torch.isfinite(absmax)):
+        raise CodecError("fp8 codec: K/V contains NaN or Inf")
+    scale = torch.where(absmax > 0, absmax / FP8_MAX, torch.ones_like(absmax)).reshape(1)
+    q = (xf / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
+    return scale, q.view(torch.uint8)
+
+
+def dequantize(scale: Tensor, q: Tensor, dtype: torch.dtype) -> Tensor:
+    """scale [1] fp32, q [T, Hkv, D] uint8 (fp8 bits) -> [T, Hkv, D] in dtype."""
+    return (q.view(FP8).float() * scale).to(dtype)
+
+
+class Fp8Codec(Codec):
+    name = "fp8"
+    codec_id = 3
+    lossless = False
+
+    def encode_parts(self, k: Tensor, v: Tensor, layer: int) -> tuple[Buffer, list[Buffer]]:
+        check_kv(k, v)
+        ks, kq = quantize(k)
+        vs, vq = quantize(v)
+        return _PARAMS.pack(_LAYOUT), [tensor_bytes(ks), tensor_bytes(vs), tensor_bytes(kq), tensor_bytes(vq)]
+
+    def encode(self, k: Tensor, v: Tensor, layer: int) -> tuple[bytes, bytes]:
+        params, parts = self.encode_parts(k, v, layer)
+        return bytes(params), b"".join(parts)
+
+    def decode(
+        self, params: Buffer, payload: Buffer, shape: Shape, dtype: torch.dtype, layer: int
+    ) -> tuple[Tensor, Tensor]:
+        expect_len(params, _PARAMS.size, "fp8 codec params")
+        if bytes(params)[0] != _LAYOUT:
+            raise FrameCorrupted(f"fp8 codec layout {bytes(params)[0]} unknown")
+        n = numel(shape)
+        expect_len(payload, 8 + 2 * n, "fp8 codec payload")
+        mv = payload if isinstance(payload, memoryview) else memoryview(payload)
+        ks = tensor_from(mv[0:4], torch.float32, (1,))
+        vs = tensor_from(mv[4:8], torch.float32, (1,))
+        kq = tensor_from(mv[8 : 8 + n], torch.uint8, shape)
+        vq = tensor_from(mv[8 + n :], torch.uint8, shape)
+        return dequantize(ks, kq, dtype), dequantize(vs, vq, dtype)

@@ -1,0 +1,451 @@
+"""KVServer (prefill side): the lease table plus the pull server that streams each layer's KV frames.
+
+Threads: one acceptor, one handler per connection, one reaper that expires leases. A connection may
+carry several pulls one after another (the puller pools connections).
+
+Lease life:
+- open_lease() -> deadline = now + ttl. The deadline is renewed on every frame sent, and also on
+  mark_ready()/finish()/PULL (progress on either side means the KV is still wanted).
+- Released exactly once, with on_release(transfer_id, reason), by the first of:
+    "pulled"    the puller ACKed the trailer;
+    "expired"   the reaper found the deadline passed;
+    "cancelled" cancel(), or stop() with the lease still open.
+  on_release runs on whichever thread released (a connection handler, the reaper, or the caller of
+  cancel()/stop()), outside the server's locks; it should be quick (free blocks, enqueue work).
+- If the puller's connection drops mid-transfer (or it rejects a frame) the lease is NOT released: it
+  stays until a retried PULL completes it or it expires. A retried PULL restarts from layer 0 and
+  supersedes a still-running stream for the same transfer id.
+
+Invariant: read_layer is never called after a lease's release began. Reads and releases both hold the
+lease's `io_lock`, and `released` is set under it, so on_release (which frees the KV blocks) cannot run
+while a layer is being read and encoded, and no read starts after it.
+Lock order: lease.io_lock before server._lock; on_release and read_layer run without server._lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+from kv_transfer.codec import Codec, get_codec
+from kv_transfer.errors import (
+    FrameError,
+    KVTransferError,
+    LeaseExists,
+    PeerClosed,
+    ServerStopped,
+    TransferTimeout,
+    UnknownCodec,
+)
+from kv_transfer.frame import MAX_TRANSFER_ID_BYTES, FrameBuffer
+from kv_transfer.transport.base import Channel, Listener, Transport
+from kv_transfer.wire import Ack, ErrorCode, ErrorMsg, Pull, TrailerMsg, decode_control, encode_control
+from pdserve.errors import InvalidRequest
+
+log = logging.getLogger(__name__)
+
+ReadLayer = Callable[[int], tuple[Tensor, Tensor]]  # layer -> (k, v), each [T, Hkv, D] CPU
+OnRelease = Callable[[str, str], None]  # (transfer_id, reason)
+
+IDLE_CONNECTION_TIMEOUT_S = 600.0  # a pooled connection with no PULL for this long is closed
+
+
+@dataclass(eq=False)
+class _Lease:
+    transfer_id: str
+    num_layers: int
+    num_tokens: int
+    read_layer: ReadLayer
+    on_release: OnRelease
+    deadline: float  # time.monotonic() seconds
+    io_lock: threading.Lock = field(default_factory=threading.Lock)
+    ready: int = 0  # layers [0, ready) may be sent
+    first_token_id: int | None = None  # set by finish(): the trailer may follow the last layer
+    released: str | None = None  # release reason once released
+    session: int = 0  # incremented by every PULL; a stream whose session is stale stops
+
+
+@dataclass
+class _PullStats:
+    bytes_on_wire: int = 0
+    raw_bytes: int = 0
+    payload_bytes: int = 0
+    read_s: float = 0.0
+    encode_s: float = 0.0
+    wait_s: float = 0.0
+    send_s: float = 0.0
+
+
+class _StreamEnded(Exception):
+    """Internal: the pull cannot continue; `code`/`message` go to the puller as ERROR."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+class KVServer:
+    def __init__(
+        self,
+        transport: Transport,
+        host: str,
+        fingerprint: int,
+        lease_ttl_s: float = 30.0,
+        port: int = 0,
+        send_timeout_s: float = 60.0,
+    ) -> None:
+        if lease_ttl_s <= 0:
+            raise ValueError("lease_ttl_s must be > 0")
+        self.transport, self.host, self.port = transport, host, port
+        self.fingerprint = fingerprint & 0xFFFFFFFFFFFFFFFF
+        self.lease_ttl_s = lease_ttl_s
+        self.send_timeout_s = send_timeout_s
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)  # notified on any lease change and on stop
+        self._leases: dict[str, _Lease] = {}
+        self._listener: Listener | None = None
+        self._threads: set[threading.Thread] = set()
+        self._channels: set[Channel] = set()
+        self._stopping = False
+        self._address: str | None = None
+
+    # --- lifecycle ---------------------------------------------------------------------------------
+    @property
+    def address(self) -> str:
+        if self._address is None:
+            raise RuntimeError("KVServer.address is known after start()")
+        return self._address
+
+    def start(self) -> None:
+        if self._listener is not None:
+            raise RuntimeError("KVServer already started")
+        self._listener = self.transport.listen(self.host, self.port)
+        self._address = self._listener.address
+        for target, name in ((self._accept_loop, "accept"), (self._reaper_loop, "reaper")):
+            self._spawn(target, f"kvserver-{name}")
+        log.info("KVServer listening on %s", self._address)
+
+    def stop(self) -> None:
+        """Stop serving; open leases are released with reason "cancelled" (so their KV is freed)."""
+        with self._lock:
+            if self._stopping:
+                return
+            self._stopping = True
+            self._cond.notify_all()
+            channels = list(self._channels)
+        if self._listener is not None:
+            self._listener.close()
+        for ch in channels:
+            ch.close()  # wakes handler threads blocked in recv/send
+        me = threading.current_thread()
+        for th in list(self._threads):
+            if th is not me:
+                th.join(timeout=10.0)
+        with self._lock:
+            leases = list(self._leases.values())
+        for lease in leases:
+            self._release(lease, "cancelled")
+
+    def __enter__(self) -> KVServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _spawn(self, target: Callable[..., None], name: str, *args: object) -> None:
+        th = threading.Thread(target=self._run_thread, args=(target, *args), name=name, daemon=True)
+        with self._lock:
+            self._threads.add(th)
+        th.start()
+
+    def _run_thread(self, target: Callable[..., None], *args: object) -> None:
+        try:
+            target(*args)
+        except Exception:  # a bug in a handler must not kill the server: log it loudly
+            log.exception("KVServer thread %s failed", threading.current_thread().name)
+        finally:
+            with self._lock:
+                self._threads.discard(threading.current_thread())
+
+    # --- lease table (called by the prefill service) -----------------------------------------------
+    def open_lease(
+        self,
+        transfer_id: str,
+        num_layers: int,
+        num_tokens: int,
+        read_layer: ReadLayer,
+        on_release: OnRelease,
+    ) -> None:
+        """Hold `transfer_id`'s KV for pulling. read_layer(l) -> (k, v) [num_tokens, Hkv, D] CPU tensors is
+        called from server threads, only for ready layers and never after release; on_release is called
+        exactly once. Raises InvalidRequest (bad arguments), LeaseExists, ServerStopped."""
+        if not transfer_id or len(transfer_id.encode("utf-8")) > MAX_TRANSFER_ID_BYTES:
+            raise InvalidRequest(f"transfer id must be 1..{MAX_TRANSFER_ID_BYTES} utf-8 bytes")
+        if num_layers < 1 or num_tokens < 1:
+            raise InvalidRequest("num_layers and num_tokens must be >= 1")
+        with self._lock:
+            if self._stopping:
+                raise ServerStopped("KVServer is stopped")
+            if transfer_id in self._leases:
+                raise LeaseExists(f"transfer {transfer_id!r} already has a live lease")
+            self._leases[transfer_id] = _Lease(
+                transfer_id,
+                num_layers,
+                num_tokens,
+                read_layer,
+                on_release,
+                deadline=time.monotonic() + self.lease_ttl_s,
+            )
+            self._cond.notify_all()
+
+    def mark_ready(self, transfer_id: str, num_layers_ready: int) -> bool:
+        """Layers [0, n) may be sent. Monotonic. False if the lease is gone (released or never opened)."""
+        with self._lock:
+            lease = self._leases.get(transfer_id)
+            if lease is None:
+                return False
+            n = min(max(num_layers_ready, lease.ready), lease.num_layers)
+            if n != lease.ready:
+                lease.ready = n
+                lease.deadline = time.monotonic() + self.lease_ttl_s
+                self._cond.notify_all()
+            return True
+
+    def finish(self, transfer_id: str, first_token_id: int) -> bool:
+        """All layers are ready and the first token is known: the trailer may be sent. False if gone."""
+        with self._lock:
+            lease = self._leases.get(transfer_id)
+            if lease is None:
+                return False
+            lease.ready = lease.num_layers
+            lease.first_token_id = int(first_token_id)
+            lease.deadline = time.monotonic() + self.lease_ttl_s
+            self._cond.notify_all()
+            return True
+
+    def cancel(self, transfer_id: str) -> bool:
+        with self._lock:
+            lease = self._leases.get(transfer_id)
+        return lease is not None and self._release(lease, "cancelled")
+
+    def num_leases(self) -> int:
+        with self._lock:
+            return len(self._leases)
+
+    def _release(self, lease: _Lease, reason: str) -> bool:
+        """Release once; True if this call released it. Waits for an in-flight read of the lease."""
+        with lease.io_lock, self._lock:
+            if lease.released is not None:
+                return False
+            lease.released = reason
+            if self._leases.get(lease.transfer_id) is lease:
+                del self._leases[lease.transfer_id]
+            self._cond.notify_all()
+        try:
+            lease.on_release(lease.transfer_id, reason)
+        except Exception:  # the callback is the caller's code: report, keep serving
+            log.exception("on_release(%r, %r) raised", lease.transfer_id, reason)
+        return True
+
+    # --- threads -----------------------------------------------------------------------------------
+    def _reaper_loop(self) -> None:
+        while True:
+            with self._lock:
+                if self._stopping:
+                    return
+                now = time.monotonic()
+                expired = [le for le in self._leases.values() if le.deadline <= now]
+                if not expired:
+                    nxt = min((le.deadline for le in self._leases.values()), default=now + 1.0)
+                    self._cond.wait(timeout=min(max(nxt - now, 0.001), 1.0))
+                    continue
+            for lease in expired:
+                with self._lock:
+                    still = lease.deadline <= time.monotonic()  # a frame may have renewed it meanwhile
+                if still and self._release(lease, "expired"):
+                    log.info("lease %s expired", lease.transfer_id)
+
+    def _accept_loop(self) -> None:
+        assert self._listener is not None
+        while not self._stopping:
+            try:
+                ch = self._listener.accept(timeout=0.5)
+            except TransferTimeout:
+                continue
+            except KVTransferError as e:
+                if self._stopping:
+                    return
+                log.warning("accept failed: %s", e)
+                time.sleep(0.05)
+                continue
+            with self._lock:
+                if self._stopping:
+                    ch.close()
+                    return
+                self._channels.add(ch)
+            self._spawn(self._serve_connection, "kvserver-conn", ch)
+
+    def _serve_connection(self, ch: Channel) -> None:
+        buf = FrameBuffer()  # reused for every frame on this connection
+        try:
+            while not self._stopping:
+                try:
+                    msg = decode_control(ch.recv(timeout=IDLE_CONNECTION_TIMEOUT_S))
+                except (PeerClosed, TransferTimeout):
+                    return
+                except FrameError as e:
+                    log.warning("dropping connection: bad request (%s)", e)
+                    self._send_error(ch, ErrorCode.BAD_REQUEST, "", str(e))
+                    return
+                if not isinstance(msg, Pull):
+                    self._send_error(
+                        ch, ErrorCode.BAD_REQUEST, "", f"expected PULL, got {type(msg).__name__}"
+                    )
+                    return
+                if not self._serve_pull(ch, msg, buf):
+                    return
+        except KVTransferError as e:  # peer died or misbehaved mid-pull: only this connection ends
+            log.info("connection ended: %s: %s", type(e).__name__, e)
+        finally:
+            ch.close()
+            with self._lock:
+                self._channels.discard(ch)
+
+    def _send_error(self, ch: Channel, code: ErrorCode, tid: str, message: str) -> None:
+        try:
+            ch.send(encode_control(ErrorMsg(code, tid, message)), timeout=5.0)
+        except (PeerClosed, TransferTimeout):
+            pass  # the peer is gone; nothing more to tell it
+
+    def _serve_pull(self, ch: Channel, pull: Pull, buf: FrameBuffer) -> bool:
+        """Stream one pull. Returns whether the connection can carry another pull."""
+        tid = pull.transfer_id
+        if pull.fingerprint != self.fingerprint:
+            self._send_error(
+                ch,
+                ErrorCode.FINGERPRINT_MISMATCH,
+                tid,
+                f"server model fingerprint is {self.fingerprint:#018x}",
+            )
+            return True
+        try:
+            codec = get_codec(pull.codec)
+        except UnknownCodec as e:
+            self._send_error(ch, ErrorCode.UNKNOWN_CODEC, tid, str(e))
+            return True
+        with self._lock:
+            lease = self._leases.get(tid)
+            if lease is not None:
+                lease.session += 1
+                session = lease.session
+                lease.deadline = time.monotonic() + self.lease_ttl_s
+        if lease is None:
+            self._send_error(ch, ErrorCode.UNKNOWN_TRANSFER, tid, f"no lease for transfer {tid!r}")
+            return True
+        stats = _PullStats()
+        try:
+            for layer in range(lease.num_layers):
+                self._wait_for(lease, session, layer + 1, stats)
+                frame = self._encode_layer(lease, codec, layer, buf, stats)
+                t0 = time.perf_counter()
+                ch.send(frame, timeout=self.send_timeout_s)
+                stats.send_s += time.perf_counter() - t0
+                stats.bytes_on_wire += len(frame)
+                with self._lock:
+                    lease.deadline = time.monotonic() + self.lease_ttl_s
+            first_token_id = self._wait_for(lease, session, None, stats)
+        except _StreamEnded as e:
+            self._send_error(ch, e.code, tid, e.message)
+            return e.code != ErrorCode.SHUTTING_DOWN
+        trailer = TrailerMsg(
+            transfer_id=tid,
+            first_token_id=first_token_id,
+            num_tokens=lease.num_tokens,
+            num_layers=lease.num_layers,
+            bytes_on_wire=stats.bytes_on_wire,
+            raw_bytes=stats.raw_bytes,
+            payload_bytes=stats.payload_bytes,
+            read_s=stats.read_s,
+            encode_s=stats.encode_s,
+            wait_s=stats.wait_s,
+            send_s=stats.send_s,
+        )
+        ch.send(encode_control(trailer), timeout=self.send_timeout_s)
+        with self._lock:
+            lease.deadline = time.monotonic() + self.lease_ttl_s
+        reply = decode_control(ch.recv(timeout=self.lease_ttl_s))
+        if not isinstance(reply, Ack) or reply.transfer_id != tid:
+            log.warning("pull %s: expected ACK, got %r; lease kept", tid, reply)
+            return False
+        self._release(lease, "pulled")
+        return True
+
+    def _wait_for(self, lease: _Lease, session: int, layers: int | None, stats: _PullStats) -> int:
+        """Block until `layers` layers are ready (or, with None, until finish()); returns first_token_id."""
+        t0 = time.perf_counter()
+        with self._lock:
+            while True:
+                if self._stopping:
+                    raise _StreamEnded(ErrorCode.SHUTTING_DOWN, "server is stopping")
+                if lease.released is not None:
+                    code = {"expired": ErrorCode.EXPIRED, "cancelled": ErrorCode.CANCELLED}.get(
+                        lease.released, ErrorCode.UNKNOWN_TRANSFER
+                    )
+                    raise _StreamEnded(code, f"lease {lease.transfer_id!r} was released ({lease.released})")
+                if lease.session != session:
+                    raise _StreamEnded(ErrorCode.SUPERSEDED, "a newer PULL for this transfer took over")
+                if layers is not None and lease.ready >= layers:
+                    break
+                if layers is None and lease.first_token_id is not None:
+                    break
+                # the reaper expires the lease if nothing renews it; wake at least once a second
+                self._cond.wait(timeout=1.0)
+        stats.wait_s += time.perf_counter() - t0
+        return lease.first_token_id if lease.first_token_id is not None else -1
+
+    def _encode_layer(
+        self, lease: _Lease, codec: Codec, layer: int, buf: FrameBuffer, stats: _PullStats
+    ) -> memoryview:
+        with lease.io_lock:  # no release while we read (see module doc)
+            if lease.released is not None:
+                raise _StreamEnded(ErrorCode.UNKNOWN_TRANSFER, f"lease released ({lease.released})")
+            t0 = time.perf_counter()
+            try:
+                k, v = lease.read_layer(layer)
+            except Exception as e:  # the engine's callback failed: tell the puller, keep serving
+                log.exception("read_layer(%d) for %s failed", layer, lease.transfer_id)
+                raise _StreamEnded(
+                    ErrorCode.INTERNAL, f"read_layer({layer}) failed: {type(e).__name__}"
+                ) from e
+            t1 = time.perf_counter()
+            if k.dim() != 3 or k.shape != v.shape or k.shape[0] != lease.num_tokens:
+                raise _StreamEnded(
+                    ErrorCode.INTERNAL,
+                    f"read_layer({layer}) gave {tuple(k.shape)}/{tuple(v.shape)}, want [{lease.num_tokens}, Hkv, D]",
+                )
+            try:
+                params, parts = codec.encode_parts(k, v, layer)
+            except KVTransferError as e:
+                raise _StreamEnded(ErrorCode.INTERNAL, f"encode layer {layer}: {e}") from e
+            frame = buf.encode(
+                codec_id=codec.codec_id,
+                fingerprint=self.fingerprint,
+                transfer_id=lease.transfer_id,
+                layer=layer,
+                shape=tuple(k.shape),
+                dtype=k.dtype,
+                params=params,
+                payload=parts,
+            )
+            t2 = time.perf_counter()
+        stats.read_s += t1 - t0
+        stats.encode_s += t2 - t1
+        stats.raw_bytes += k.numel() * k.element_size() * 2
+        stats.payload_bytes += len(params) + sum(len(memoryview(p)) for p in parts)
+        return frame

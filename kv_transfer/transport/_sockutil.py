@@ -1,0 +1,169 @@
+"""Socket plumbing shared by the transports: address parsing, deadlines, exact reads, safe close.
+
+Every transport keeps a plain socket per channel (TCP stream, unix socket for shm signalling, TCP
+control socket next to UCX) so that peer death is always seen as EOF/reset -> PeerClosed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import select
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+from kv_transfer.errors import PeerClosed, TransferTimeout, UnknownTransport
+
+log = logging.getLogger(__name__)
+
+WILDCARD_HOSTS = ("", "0.0.0.0", "::")
+
+
+def split_scheme(address: str) -> tuple[str, str]:
+    """'tcp://h:1' -> ('tcp', 'h:1'); a bare scheme 'tcp' -> ('tcp', '')."""
+    scheme, sep, rest = address.partition("://")
+    if not sep:
+        return address.lower(), ""
+    return scheme.lower(), rest
+
+
+def parse_host_port(address: str, scheme: str) -> tuple[str, int]:
+    """'tcp://host:port' or 'tcp://[v6]:port' -> (host, port)."""
+    got, rest = split_scheme(address)
+    if got != scheme:
+        raise UnknownTransport(f"address {address!r} is not a {scheme}:// address")
+    if rest.startswith("["):
+        host, _, tail = rest[1:].partition("]")
+        port_s = tail[1:] if tail.startswith(":") else ""
+    else:
+        host, _, port_s = rest.rpartition(":")
+    try:
+        port = int(port_s)
+    except ValueError:
+        raise UnknownTransport(f"address {address!r} has no port") from None
+    if not host or not 0 < port < 65536:
+        raise UnknownTransport(f"bad address {address!r}")
+    return host, port
+
+
+def format_host_port(scheme: str, host: str, port: int) -> str:
+    if host in WILDCARD_HOSTS:
+        host = socket.gethostname()
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{scheme}://{host}:{port}"
+
+
+def deadline_of(timeout: float | None) -> float | None:
+    return None if timeout is None else time.monotonic() + max(0.0, timeout)
+
+
+def remaining(deadline: float | None) -> float | None:
+    """Seconds left (None = forever); TransferTimeout once the deadline has passed."""
+    if deadline is None:
+        return None
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TransferTimeout("timed out")
+    return left
+
+
+def tune_tcp(sock: socket.socket) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+
+
+def recv_exact_into(sock: socket.socket, mv: memoryview, deadline: float | None) -> None:
+    """Fill `mv` from `sock`. PeerClosed on EOF/reset; TransferTimeout (possibly after partial data)."""
+    got, n = 0, len(mv)
+    while got < n:
+        sock.settimeout(remaining(deadline))
+        try:
+            k = sock.recv_into(mv[got:], n - got)
+        except TimeoutError:
+            raise TransferTimeout(f"timed out after {got} of {n} bytes") from None
+        except OSError as e:
+            raise PeerClosed(f"connection lost: {e}") from None
+        if k == 0:
+            raise PeerClosed(f"peer closed the connection ({got} of {n} bytes read)")
+        got += k
+
+
+def sendall(sock: socket.socket, data: bytes | memoryview, deadline: float | None) -> None:
+    sock.settimeout(remaining(deadline))
+    try:
+        sock.sendall(data)
+    except TimeoutError:
+        raise TransferTimeout("send timed out") from None
+    except OSError as e:
+        raise PeerClosed(f"connection lost while sending: {e}") from None
+
+
+def readable(sock: socket.socket, timeout: float = 0.0) -> bool:
+    try:
+        r, _, _ = select.select([sock], [], [], timeout)
+    except (OSError, ValueError):
+        return True  # closed socket: the next recv reports it
+    return bool(r)
+
+
+def peer_gone(sock: socket.socket) -> bool:
+    """Non-blocking check for EOF/reset without consuming data (False if data or nothing is waiting)."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True
+
+
+def close_listening(sock: socket.socket) -> None:
+    """Close a listening socket so that a thread blocked in accept() on it wakes up now."""
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    sock.close()
+
+
+class ChannelGuard:
+    """Closed flag + operation lock + thread-safe close, shared by the channel implementations.
+
+    Invariant: resources are released only while holding `_op_lock`, so a close() from another thread
+    first shuts the socket down (waking the thread blocked in an operation) and then waits for it.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._op_lock = threading.RLock()
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @contextlib.contextmanager
+    def _op(self) -> Iterator[None]:
+        with self._op_lock:
+            if self._closed:
+                raise PeerClosed("channel is closed")
+            yield
+
+    def _release_resources(self) -> None:
+        """Subclasses free their own resources here (called once, under the op lock)."""
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        if not self._op_lock.acquire(timeout=10.0):
+            log.error("channel close: an operation did not finish in 10 s; releasing anyway")
+            self._sock.close()
+            return
+        try:
+            self._sock.close()
+            self._release_resources()
+        finally:
+            self._op_lock.release()

@@ -1,0 +1,126 @@
+"""TCP transport: length-prefixed messages over one socket, received into a reused buffer.
+
+Stream format: per message a 12-byte header (magic b"PDT1", length u64 LE) then the bytes. TCP_NODELAY
+is on; small messages go out in one send call, large ones as header + body without an extra copy.
+Address: tcp://host:port.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+from kv_transfer.errors import FrameForeign, FrameTooLarge, PeerClosed, TransferTimeout
+from kv_transfer.frame import Buffer, as_bytes_view
+from kv_transfer.transport._sockutil import (
+    ChannelGuard,
+    close_listening,
+    deadline_of,
+    format_host_port,
+    parse_host_port,
+    readable,
+    recv_exact_into,
+    sendall,
+    tune_tcp,
+)
+from kv_transfer.transport.base import DEFAULT_MAX_MESSAGE_BYTES, Channel, Listener, Transport
+
+MAGIC = b"PDT1"
+_HDR = struct.Struct("<4sQ")
+_COALESCE_BYTES = 64 << 10  # messages up to this size are copied behind the header: one syscall
+
+
+class TCPChannel(ChannelGuard, Channel):
+    def __init__(self, sock: socket.socket, max_message_bytes: int) -> None:
+        super().__init__(sock)
+        tune_tcp(sock)
+        self._max = max_message_bytes
+        self._hdr = bytearray(_HDR.size)
+        self._buf = bytearray(0)  # receive buffer, reused; replaced (never resized) when too small
+
+    def send(self, data: Buffer, timeout: float | None = None) -> None:
+        mv = as_bytes_view(data)
+        deadline = deadline_of(timeout)
+        with self._op():
+            head = _HDR.pack(MAGIC, len(mv))
+            try:
+                if len(mv) <= _COALESCE_BYTES:
+                    sendall(self._sock, head + mv, deadline)
+                else:
+                    sendall(self._sock, head, deadline)
+                    sendall(self._sock, mv, deadline)
+            except (PeerClosed, TransferTimeout):
+                self.close()  # a partial message leaves the stream unusable
+                raise
+
+    def recv(self, timeout: float | None = None) -> memoryview:
+        deadline = deadline_of(timeout)
+        with self._op():
+            hdr = memoryview(self._hdr)
+            if timeout is not None and not readable(self._sock, timeout):
+                # nothing arrived at all: the stream is intact, the channel stays usable
+                raise TransferTimeout(f"no message within {timeout} s")
+            try:
+                recv_exact_into(self._sock, hdr, deadline)
+                magic, n = _HDR.unpack(hdr)
+                if magic != MAGIC:
+                    raise FrameForeign(f"not a pdserve TCP stream (magic {bytes(magic)!r})")
+                if n > self._max:
+                    raise FrameTooLarge(f"message claims {n} bytes > cap {self._max}")
+                if len(self._buf) < n:
+                    self._buf = bytearray(max(n, len(self._buf) * 5 // 4))
+                out = memoryview(self._buf)[:n]
+                recv_exact_into(self._sock, out, deadline)
+                return out
+            except (PeerClosed, TransferTimeout, FrameForeign, FrameTooLarge):
+                self.close()
+                raise
+
+    def poll(self) -> bool:
+        return not self._closed and readable(self._sock, 0.0)
+
+
+class TCPListener(Listener):
+    def __init__(self, host: str, port: int, max_message_bytes: int) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._sock = socket.socket(family, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind((host, port))
+        self._sock.listen(128)
+        self._max = max_message_bytes
+        self.address = format_host_port("tcp", host, self._sock.getsockname()[1])
+
+    def accept(self, timeout: float | None = None) -> Channel:
+        self._sock.settimeout(timeout)
+        try:
+            conn, _ = self._sock.accept()
+        except TimeoutError:
+            raise TransferTimeout("no connection") from None
+        except OSError as e:
+            raise PeerClosed(f"listener closed: {e}") from None
+        conn.settimeout(None)
+        return TCPChannel(conn, self._max)
+
+    def close(self) -> None:
+        close_listening(self._sock)
+
+
+class TCPTransport(Transport):
+    scheme = "tcp"
+
+    def __init__(self, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+        self.max_message_bytes = max_message_bytes
+
+    def listen(self, host: str, port: int = 0) -> Listener:
+        return TCPListener(host, port, self.max_message_bytes)
+
+    def connect(self, address: str, timeout: float) -> Channel:
+        host, port = parse_host_port(address, "tcp")
+        try:
+            sock = socket.create_connection((host, port), timeout=timeout)
+        except TimeoutError:
+            raise TransferTimeout(f"connect to {address} timed out") from None
+        except OSError as e:
+            raise PeerClosed(f"cannot connect to {address}: {e}") from None
+        sock.settimeout(None)
+        return TCPChannel(sock, self.max_message_bytes)

@@ -1,0 +1,236 @@
+"""Control messages of the pull protocol (PULL, TRAILER, ACK, ERROR): struct-packed, versioned, CRC'd.
+
+Envelope (little-endian), version 1:
+
+    magic b"PDKC" | version u16 | type u8 | flags u8 (= 0) | body_len u32 | body | crc32 u32 (over all before)
+
+Bodies (strings are length-prefixed utf-8; every body must be consumed exactly):
+
+    PULL     fingerprint u64 | tid (u16 len) | codec name (u8 len)
+    TRAILER  first_token_id i64 | num_tokens u32 | num_layers u32 | bytes_on_wire u64 | raw_bytes u64 |
+             payload_bytes u64 | read_s f64 | encode_s f64 | wait_s f64 | send_s f64 | tid (u16 len)
+    ACK      tid (u16 len)
+    ERROR    code u16 | tid (u16 len) | message (u16 len)
+
+Conversation on one channel (several pulls may follow each other on the same channel):
+    puller -> PULL; server -> one KV frame per layer, in layer order; server -> TRAILER; puller -> ACK.
+    Instead of any frame or the trailer the server may send ERROR, which ends that pull.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+import zlib
+from dataclasses import dataclass
+
+from kv_transfer.errors import FrameCorrupted, FrameForeign, FrameTooLarge
+from kv_transfer.frame import MAX_TRANSFER_ID_BYTES, Buffer, as_bytes_view
+
+MAGIC = b"PDKC"
+VERSION = 1
+MAX_BODY_BYTES = 64 << 10
+MAX_CODEC_NAME_BYTES = 64
+MAX_ERROR_MESSAGE_BYTES = 4096
+
+_ENVELOPE = struct.Struct("<4sHBBI")
+_CRC = struct.Struct("<I")
+_U16 = struct.Struct("<H")
+_U8 = struct.Struct("<B")
+_PULL = struct.Struct("<Q")
+_TRAILER = struct.Struct("<qIIQQQdddd")
+_ERROR = struct.Struct("<H")
+
+
+class MsgType(enum.IntEnum):
+    PULL = 1
+    TRAILER = 2
+    ACK = 3
+    ERROR = 4
+
+
+class ErrorCode(enum.IntEnum):
+    """Why the server ended a pull; the puller maps each to a typed error."""
+
+    UNKNOWN_TRANSFER = 1
+    FINGERPRINT_MISMATCH = 2
+    UNKNOWN_CODEC = 3
+    CANCELLED = 4
+    EXPIRED = 5
+    BAD_REQUEST = 6
+    INTERNAL = 7
+    SUPERSEDED = 8  # a newer PULL for the same transfer took over
+    SHUTTING_DOWN = 9
+
+
+@dataclass(frozen=True)
+class Pull:
+    fingerprint: int
+    transfer_id: str
+    codec: str
+
+
+@dataclass(frozen=True)
+class TrailerMsg:
+    """The server's closing message of a pull; durations in seconds, sizes in bytes."""
+
+    transfer_id: str
+    first_token_id: int
+    num_tokens: int
+    num_layers: int
+    bytes_on_wire: int  # every message the server sent for this pull, this trailer excluded
+    raw_bytes: int  # K and V as read from the cache, uncompressed
+    payload_bytes: int  # codec payload + params of all frames
+    read_s: float  # read_layer calls
+    encode_s: float  # codec encode + frame assembly
+    wait_s: float  # waiting for layers to become ready (prefill still running)
+    send_s: float  # transport send calls
+
+
+@dataclass(frozen=True)
+class Ack:
+    transfer_id: str
+
+
+@dataclass(frozen=True)
+class ErrorMsg:
+    code: ErrorCode
+    transfer_id: str
+    message: str
+
+
+ControlMsg = Pull | TrailerMsg | Ack | ErrorMsg
+
+
+# --- encoding --------------------------------------------------------------------------------------
+def _str(s: str, cap: int, width: struct.Struct, what: str, truncate: bool = False) -> bytes:
+    b = s.encode("utf-8")
+    if len(b) > cap:
+        if not truncate:
+            raise ValueError(f"{what} is {len(b)} bytes > {cap}")
+        b = b[:cap].decode("utf-8", errors="ignore").encode("utf-8")
+    return width.pack(len(b)) + b
+
+
+def _envelope(kind: MsgType, body: bytes) -> bytes:
+    head = _ENVELOPE.pack(MAGIC, VERSION, kind, 0, len(body)) + body
+    return head + _CRC.pack(zlib.crc32(head))
+
+
+def encode_control(msg: ControlMsg) -> bytes:
+    if isinstance(msg, Pull):
+        body = (
+            _PULL.pack(msg.fingerprint & 0xFFFFFFFFFFFFFFFF)
+            + _str(msg.transfer_id, MAX_TRANSFER_ID_BYTES, _U16, "transfer id")
+            + _str(msg.codec, MAX_CODEC_NAME_BYTES, _U8, "codec name")
+        )
+        return _envelope(MsgType.PULL, body)
+    if isinstance(msg, TrailerMsg):
+        body = _TRAILER.pack(
+            msg.first_token_id,
+            msg.num_tokens,
+            msg.num_layers,
+            msg.bytes_on_wire,
+            msg.raw_bytes,
+            msg.payload_bytes,
+            msg.read_s,
+            msg.encode_s,
+            msg.wait_s,
+            msg.send_s,
+        ) + _str(msg.transfer_id, MAX_TRANSFER_ID_BYTES, _U16, "transfer id")
+        return _envelope(MsgType.TRAILER, body)
+    if isinstance(msg, Ack):
+        return _envelope(MsgType.ACK, _str(msg.transfer_id, MAX_TRANSFER_ID_BYTES, _U16, "transfer id"))
+    if isinstance(msg, ErrorMsg):
+        body = (
+            _ERROR.pack(int(msg.code))
+            + _str(msg.transfer_id, MAX_TRANSFER_ID_BYTES, _U16, "transfer id", truncate=True)
+            + _str(msg.message, MAX_ERROR_MESSAGE_BYTES, _U16, "error message", truncate=True)
+        )
+        return _envelope(MsgType.ERROR, body)
+    raise TypeError(f"not a control message: {type(msg).__name__}")
+
+
+# --- decoding --------------------------------------------------------------------------------------
+class _Reader:
+    """Cursor over a body; every read is bounds-checked (FrameCorrupted on overrun)."""
+
+    def __init__(self, body: memoryview) -> None:
+        self.body, self.off = body, 0
+
+    def unpack(self, st: struct.Struct) -> tuple:
+        if self.off + st.size > len(self.body):
+            raise FrameCorrupted("control message body too short")
+        vals = st.unpack_from(self.body, self.off)
+        self.off += st.size
+        return vals
+
+    def string(self, width: struct.Struct, cap: int) -> str:
+        (n,) = self.unpack(width)
+        if n > cap or self.off + n > len(self.body):
+            raise FrameCorrupted(f"string of {n} bytes overruns the control message")
+        raw = bytes(self.body[self.off : self.off + n])
+        self.off += n
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise FrameForeign(f"control message string is not utf-8: {e}") from None
+
+    def done(self) -> None:
+        if self.off != len(self.body):
+            raise FrameCorrupted(f"{len(self.body) - self.off} trailing bytes in control message body")
+
+
+def is_control(buf: Buffer) -> bool:
+    return bytes(as_bytes_view(buf)[:4]) == MAGIC
+
+
+def decode_control(buf: Buffer) -> ControlMsg:
+    """Validate and parse one control message; FrameError subclasses on anything wrong."""
+    mv = as_bytes_view(buf)
+    n = len(mv)
+    head = bytes(mv[:4])
+    if head != MAGIC[: len(head)]:
+        raise FrameForeign(f"not a control message: magic {head!r}")
+    if n < _ENVELOPE.size + _CRC.size:
+        raise FrameCorrupted(f"truncated control message: {n} bytes")
+    _, version, kind, flags, body_len = _ENVELOPE.unpack_from(mv, 0)
+    if version != VERSION:
+        raise FrameForeign(f"control message version {version}, this build reads {VERSION}")
+    if body_len > MAX_BODY_BYTES:
+        raise FrameTooLarge(f"control body claims {body_len} bytes > {MAX_BODY_BYTES}")
+    total = _ENVELOPE.size + body_len + _CRC.size
+    if total != n:
+        raise FrameCorrupted(f"control message length {n} != header's {total}")
+    (crc,) = _CRC.unpack_from(mv, n - _CRC.size)
+    if zlib.crc32(mv[: n - _CRC.size]) != crc:
+        raise FrameCorrupted("control message CRC32 mismatch")
+    if flags != 0:
+        raise FrameForeign(f"unknown control flags {flags:#x}")
+    r = _Reader(mv[_ENVELOPE.size : n - _CRC.size])
+    msg: ControlMsg
+    if kind == MsgType.PULL:
+        (fp,) = r.unpack(_PULL)
+        tid = r.string(_U16, MAX_TRANSFER_ID_BYTES)
+        codec = r.string(_U8, MAX_CODEC_NAME_BYTES)
+        msg = Pull(fingerprint=fp, transfer_id=tid, codec=codec)
+    elif kind == MsgType.TRAILER:
+        vals = r.unpack(_TRAILER)
+        tid = r.string(_U16, MAX_TRANSFER_ID_BYTES)
+        msg = TrailerMsg(tid, *vals)
+    elif kind == MsgType.ACK:
+        msg = Ack(r.string(_U16, MAX_TRANSFER_ID_BYTES))
+    elif kind == MsgType.ERROR:
+        (code,) = r.unpack(_ERROR)
+        tid = r.string(_U16, MAX_TRANSFER_ID_BYTES)
+        text = r.string(_U16, MAX_ERROR_MESSAGE_BYTES)
+        try:
+            ecode = ErrorCode(code)
+        except ValueError:
+            ecode = ErrorCode.INTERNAL
+            text = f"(unknown error code {code}) {text}"
+        msg = ErrorMsg(ecode, tid, text)
+    else:
+        raise FrameForeign(f"unknown control message type {kind}")
+    r.done()
+    return msg

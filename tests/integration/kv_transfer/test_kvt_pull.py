@@ -1,0 +1,400 @@
+"""KVServer + KVPuller over each transport, in real threads: streaming, leases, failures, survival."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from kv_transfer import KVPuller, KVServer, PullState, transport_for
+from kv_transfer.errors import (
+    FingerprintMismatch,
+    FrameCorrupted,
+    LeaseExists,
+    LeaseExpired,
+    PeerClosed,
+    TransferCancelled,
+    UnknownCodec,
+    UnknownTransfer,
+)
+from kv_transfer.frame import Buffer
+from kv_transfer.transport._sockutil import parse_host_port
+from kv_transfer.transport.base import Channel, Listener, Transport
+from kv_transfer.transport.ucx import ucx_available
+from kv_transfer.wire import ErrorCode, ErrorMsg, decode_control
+
+FP = 0x5EED
+L, T, H, D = 4, 33, 2, 16
+
+
+def schemes() -> list[object]:
+    ucx = pytest.param(
+        "ucx", marks=pytest.mark.skipif(not ucx_available(), reason="ucxx does not import here (see ucx.py)")
+    )
+    return ["tcp", "shm", ucx]
+
+
+def make_kv(seed: int, dtype: torch.dtype = torch.float32) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(T, H, D, generator=g).to(dtype), torch.randn(T, H, D, generator=g).to(dtype))
+        for _ in range(L)
+    ]
+
+
+class Releases:
+    """on_release recorder: counts calls per (transfer, reason)."""
+
+    def __init__(self) -> None:
+        self.calls: Counter[tuple[str, str]] = Counter()
+        self.cond = threading.Condition()
+
+    def __call__(self, tid: str, reason: str) -> None:
+        with self.cond:
+            self.calls[(tid, reason)] += 1
+            self.cond.notify_all()
+
+    def wait(self, tid: str, reason: str, timeout: float = 10.0) -> None:
+        with self.cond:
+            assert self.cond.wait_for(lambda: self.calls[(tid, reason)] >= 1, timeout), dict(self.calls)
+
+    def total(self, tid: str) -> int:
+        return sum(n for (t, _), n in self.calls.items() if t == tid)
+
+
+class Sink:
+    """write_layer recorder: copies what arrives and remembers the order."""
+
+    def __init__(self) -> None:
+        self.layers: list[int] = []
+        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.layers.append(layer)
+        self.kv[layer] = (k.clone(), v.clone())
+
+
+@pytest.fixture(params=schemes())
+def scheme(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def server(scheme: str) -> Iterator[KVServer]:
+    srv = KVServer(transport_for(scheme), "127.0.0.1", fingerprint=FP, lease_ttl_s=10.0)
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def puller() -> Iterator[KVPuller]:
+    p = KVPuller(fingerprint=FP, timeout_s=10.0)
+    yield p
+    p.close()
+
+
+def open_lease(
+    srv: KVServer, tid: str, rel: Releases, seed: int = 0
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    kv = make_kv(seed)
+    srv.open_lease(tid, L, T, lambda layer: kv[layer], rel)
+    return kv
+
+
+def test_streaming_pull_before_prefill_finishes(server: KVServer, puller: KVPuller) -> None:
+    rel = Releases()
+    kv = open_lease(server, "r1", rel)
+    sink = Sink()
+    handle = puller.start_pull(server.address, "r1", "raw", sink)
+    time.sleep(0.2)
+    assert handle.poll() == PullState.WAITING and sink.layers == []  # nothing is ready yet
+    for layer in range(L):  # the "prefill": layers become ready one by one
+        assert server.mark_ready("r1", layer + 1)
+        deadline = time.monotonic() + 10
+        while handle.layers_received < layer + 1 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert sink.layers == list(range(layer + 1))  # streamed as soon as ready, in order
+        assert handle.poll() == PullState.TRANSFERRING
+    assert not handle.wait(0.2)  # no trailer before finish()
+    server.finish("r1", first_token_id=777)
+    trailer = handle.result(10)
+    assert handle.poll() == PullState.DONE
+    assert (trailer.first_token_id, trailer.num_tokens, trailer.num_layers) == (777, T, L)
+    for layer in range(L):
+        assert torch.equal(sink.kv[layer][0], kv[layer][0]) and torch.equal(sink.kv[layer][1], kv[layer][1])
+    s = trailer.stats
+    assert s.raw_bytes == 2 * L * T * H * D * 4 and s.payload_bytes >= s.raw_bytes
+    assert s.bytes_on_wire > s.payload_bytes and s.transfer_s > 0 and s.server_wait_s > 0.1
+    rel.wait("r1", "pulled")
+    time.sleep(0.1)
+    assert rel.total("r1") == 1 and server.num_leases() == 0
+    assert not server.cancel("r1")  # already released: no second on_release
+    assert rel.total("r1") == 1
+
+
+@pytest.mark.parametrize("codec", ["int8", "fp8"])
+def test_lossy_codec_pull(server: KVServer, puller: KVPuller, codec: str) -> None:
+    rel = Releases()
+    kv = open_lease(server, "lossy", rel)
+    server.finish("lossy", 1)
+    sink = Sink()
+    trailer = puller.pull(server.address, "lossy", codec, sink)
+    assert trailer.stats.compression_ratio > 3.0
+    for layer in range(L):
+        err = (sink.kv[layer][0] - kv[layer][0]).abs().max().item()
+        assert 0 < err < 0.5
+    rel.wait("lossy", "pulled")
+
+
+def test_out_dtype_conversion(server: KVServer) -> None:
+    rel = Releases()
+    kv = open_lease(server, "bf", rel)
+    server.finish("bf", 2)
+    sink = Sink()
+    with KVPuller(fingerprint=FP, timeout_s=10.0, out_dtype=torch.bfloat16) as p:
+        p.pull(server.address, "bf", "raw", sink)
+    assert sink.kv[1][0].dtype == torch.bfloat16 and torch.equal(sink.kv[1][0], kv[1][0].to(torch.bfloat16))
+    rel.wait("bf", "pulled")
+
+
+def test_several_pulls_reuse_one_connection(server: KVServer, puller: KVPuller) -> None:
+    rel = Releases()
+    for i in range(3):
+        open_lease(server, f"m{i}", rel, seed=i)
+        server.finish(f"m{i}", i)
+    for i in range(3):
+        assert puller.pull(server.address, f"m{i}", "raw", Sink()).first_token_id == i
+        assert puller.pull.__self__._idle[server.address]  # the channel went back to the pool
+    for i in range(3):
+        rel.wait(f"m{i}", "pulled")
+
+
+def test_concurrent_pulls(server: KVServer) -> None:
+    rel = Releases()
+    kvs = {f"c{i}": open_lease(server, f"c{i}", rel, seed=i) for i in range(4)}
+    for tid in kvs:
+        server.finish(tid, 5)
+    with KVPuller(fingerprint=FP, timeout_s=10.0) as p:
+        handles = {tid: (p.start_pull(server.address, tid, "raw", sink := Sink()), sink) for tid in kvs}
+        for tid, (h, sink) in handles.items():
+            h.result(20)
+            assert all(torch.equal(sink.kv[i][0], kvs[tid][i][0]) for i in range(L))
+    for tid in kvs:
+        rel.wait(tid, "pulled")
+        assert rel.total(tid) == 1
+
+
+def test_unknown_transfer_and_bad_requests(server: KVServer, puller: KVPuller) -> None:
+    with pytest.raises(UnknownTransfer):
+        puller.pull(server.address, "never-opened", "raw", Sink())
+    rel = Releases()
+    open_lease(server, "fp", rel)
+    server.finish("fp", 1)
+    with KVPuller(fingerprint=FP + 1, timeout_s=5.0) as other_model, pytest.raises(FingerprintMismatch):
+        other_model.pull(server.address, "fp", "raw", Sink())
+    with pytest.raises(UnknownCodec):
+        puller.pull(server.address, "fp", "zstd", Sink())
+    with pytest.raises(LeaseExists):
+        server.open_lease("fp", L, T, lambda layer: make_kv(0)[layer], rel)
+    assert not server.mark_ready("never-opened", 1) and not server.finish("never-opened", 1)
+    puller.pull(server.address, "fp", "raw", Sink())  # the lease survived all of the above
+    rel.wait("fp", "pulled")
+
+
+def test_cancel_releases_once_and_fails_a_waiting_pull(server: KVServer, puller: KVPuller) -> None:
+    rel = Releases()
+    open_lease(server, "x", rel)
+    server.mark_ready("x", 1)
+    handle = puller.start_pull(server.address, "x", "raw", Sink())
+    deadline = time.monotonic() + 10
+    while handle.layers_received < 1 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert server.cancel("x")
+    with pytest.raises(TransferCancelled):
+        handle.result(10)
+    assert handle.poll() == PullState.FAILED
+    assert not server.cancel("x")
+    assert rel.calls == Counter({("x", "cancelled"): 1})
+
+
+def test_expiry_releases_once(scheme: str, puller: KVPuller) -> None:
+    with KVServer(transport_for(scheme), "127.0.0.1", fingerprint=FP, lease_ttl_s=0.3) as srv:
+        rel = Releases()
+        open_lease(srv, "idle", rel)  # nobody ever pulls it
+        open_lease(srv, "stuck", rel)  # a puller waits, but prefill never makes a layer ready
+        handle = puller.start_pull(srv.address, "stuck", "raw", Sink())
+        rel.wait("idle", "expired")
+        with pytest.raises(LeaseExpired):
+            handle.result(10)
+        rel.wait("stuck", "expired")
+        time.sleep(0.4)
+        assert rel.calls == Counter({("idle", "expired"): 1, ("stuck", "expired"): 1})
+        assert srv.num_leases() == 0
+        with pytest.raises(UnknownTransfer):
+            puller.pull(srv.address, "idle", "raw", Sink())
+
+
+def test_renewal_keeps_a_slow_prefill_alive(scheme: str, puller: KVPuller) -> None:
+    with KVServer(transport_for(scheme), "127.0.0.1", fingerprint=FP, lease_ttl_s=0.4) as srv:
+        rel = Releases()
+        open_lease(srv, "slow", rel)
+        handle = puller.start_pull(srv.address, "slow", "raw", Sink())
+        for layer in range(L):  # total 0.8 s > ttl, but every step renews the lease
+            time.sleep(0.2)
+            srv.mark_ready("slow", layer + 1)
+        srv.finish("slow", 3)
+        assert handle.result(10).first_token_id == 3
+        rel.wait("slow", "pulled")
+        assert rel.total("slow") == 1
+
+
+class _CorruptOnce(Transport):
+    """Wraps a transport; flips one bit in the n-th message the first accepted channel sends."""
+
+    def __init__(self, inner: Transport, nth: int) -> None:
+        self.inner, self.nth, self.scheme = inner, nth, inner.scheme
+        self.done = False
+
+    def listen(self, host: str, port: int = 0) -> Listener:
+        return _Lst(self.inner.listen(host, port), self)
+
+    def connect(self, address: str, timeout: float) -> Channel:
+        return self.inner.connect(address, timeout)
+
+
+class _Lst(Listener):
+    def __init__(self, inner: Listener, owner: _CorruptOnce) -> None:
+        self.inner, self.owner, self.address = inner, owner, inner.address
+
+    def accept(self, timeout: float | None = None) -> Channel:
+        return _Ch(self.inner.accept(timeout), self.owner)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class _Ch(Channel):
+    def __init__(self, inner: Channel, owner: _CorruptOnce) -> None:
+        self.inner, self.owner, self.sent = inner, owner, 0
+
+    def send(self, data: Buffer, timeout: float | None = None) -> None:
+        self.sent += 1
+        if self.sent == self.owner.nth and not self.owner.done:
+            self.owner.done = True
+            bad = bytearray(data)
+            bad[len(bad) // 2] ^= 0x10
+            data = bad
+        self.inner.send(data, timeout)
+
+    def recv(self, timeout: float | None = None) -> memoryview:
+        return self.inner.recv(timeout)
+
+    def poll(self) -> bool:
+        return self.inner.poll()
+
+    def close(self) -> None:
+        self.inner.close()
+
+    @property
+    def closed(self) -> bool:
+        return self.inner.closed
+
+
+def test_corrupted_frame_is_caught_and_server_survives(scheme: str, puller: KVPuller) -> None:
+    with KVServer(_CorruptOnce(transport_for(scheme), nth=2), "127.0.0.1", fingerprint=FP) as srv:
+        rel = Releases()
+        kv = open_lease(srv, "c", rel)
+        srv.finish("c", 9)
+        sink = Sink()
+        with pytest.raises(FrameCorrupted):
+            puller.pull(srv.address, "c", "raw", sink)
+        assert sink.layers == [0]  # layer 1's frame was the damaged one
+        time.sleep(0.1)
+        assert rel.total("c") == 0 and srv.num_leases() == 1  # not acknowledged: the lease stays
+        sink = Sink()
+        assert puller.pull(srv.address, "c", "raw", sink).first_token_id == 9  # retry succeeds
+        assert torch.equal(sink.kv[L - 1][1], kv[L - 1][1])
+        rel.wait("c", "pulled")
+        open_lease(srv, "next", rel, seed=1)
+        srv.finish("next", 10)
+        assert puller.pull(srv.address, "next", "raw", Sink()).first_token_id == 10
+        rel.wait("next", "pulled")
+        assert rel.total("c") == 1 and rel.total("next") == 1
+
+
+def test_puller_dying_mid_transfer_keeps_the_lease(server: KVServer, puller: KVPuller) -> None:
+    rel = Releases()
+    open_lease(server, "d", rel)
+    server.finish("d", 4)
+
+    def dies_at_layer_2(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        if layer == 2:
+            raise RuntimeError("decode worker crashed")
+
+    with pytest.raises(RuntimeError, match="crashed"):
+        puller.pull(server.address, "d", "raw", dies_at_layer_2)
+    time.sleep(0.2)
+    assert rel.total("d") == 0 and server.num_leases() == 1
+    assert puller.pull(server.address, "d", "raw", Sink()).first_token_id == 4  # a retried pull completes it
+    rel.wait("d", "pulled")
+    assert rel.total("d") == 1
+
+
+def test_server_survives_garbage_clients(scheme: str, server: KVServer, puller: KVPuller) -> None:
+    for garbage in (
+        b"",
+        b"\x00" * 7,
+        b"PDT1" + b"\xff" * 8 + b"junk",
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 50,
+    ):
+        if scheme == "shm":
+            raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            raw.connect("\0" + server.address.removeprefix("shm://"))
+        else:
+            raw = socket.create_connection(parse_host_port(server.address, scheme))
+        raw.sendall(garbage)
+        raw.close()
+    # a well-formed connection carrying a message that is not a PULL: ERROR(BAD_REQUEST), then closed
+    ch = transport_for(scheme).connect(server.address, timeout=5)
+    ch.send(b"\x00" * 100)
+    reply = decode_control(ch.recv(timeout=5))
+    assert isinstance(reply, ErrorMsg) and reply.code == ErrorCode.BAD_REQUEST
+    with pytest.raises(PeerClosed):
+        ch.recv(timeout=5)
+    ch.close()
+    rel = Releases()
+    open_lease(server, "ok", rel)
+    server.finish("ok", 1)
+    assert puller.pull(server.address, "ok", "raw", Sink()).num_layers == L
+    rel.wait("ok", "pulled")
+
+
+def test_stop_releases_open_leases_as_cancelled(scheme: str) -> None:
+    srv = KVServer(transport_for(scheme), "127.0.0.1", fingerprint=FP)
+    srv.start()
+    rel = Releases()
+    open_lease(srv, "s1", rel)
+    with KVPuller(fingerprint=FP, timeout_s=10.0) as p:
+        handle = p.start_pull(srv.address, "s1", "raw", Sink())
+        time.sleep(0.2)
+        srv.stop()
+        with pytest.raises(PeerClosed):
+            handle.result(10)
+    assert rel.calls == Counter({("s1", "cancelled"): 1})
+
+
+def test_abort_a_pull(server: KVServer, puller: KVPuller) -> None:
+    rel = Releases()
+    open_lease(server, "ab", rel)
+    handle = puller.start_pull(server.address, "ab", "raw", Sink())
+    time.sleep(0.2)
+    handle.abort()
+    with pytest.raises(TransferCancelled):
+        handle.result(10)
+    assert server.num_leases() == 1 and rel.total("ab") == 0  # the server keeps it for a retry

@@ -1,0 +1,271 @@
+"""Transports (tcp, shm, ucx): whole messages arrive intact and in order; failures are typed."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import threading
+import time
+import tracemalloc
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import pytest
+import torch
+
+from kv_transfer.errors import FrameForeign, FrameTooLarge, PeerClosed, TransferTimeout, UnknownTransport
+from kv_transfer.transport import available_transports, transport_for
+from kv_transfer.transport._sockutil import parse_host_port
+from kv_transfer.transport.base import Channel, Listener, Transport
+from kv_transfer.transport.shm import ShmTransport
+from kv_transfer.transport.ucx import ucx_available
+
+MiB = 1 << 20
+
+
+def _schemes() -> list[object]:
+    ucx = pytest.param(
+        "ucx", marks=pytest.mark.skipif(not ucx_available(), reason="ucxx does not import here (see ucx.py)")
+    )
+    return ["tcp", "shm", ucx]
+
+
+def _transport(scheme: str) -> Transport:
+    # a small shm ring so that multi-chunk and wrap-around paths run with modest messages
+    return ShmTransport(ring_bytes=4 * MiB) if scheme == "shm" else transport_for(scheme)
+
+
+def run_bg(fn: Callable[[], object]) -> tuple[threading.Thread, dict[str, object]]:
+    """Run fn in a thread; its result or exception lands in the returned dict."""
+    box: dict[str, object] = {}
+
+    def target() -> None:
+        try:
+            box["result"] = fn()
+        except BaseException as e:  # handed to the test thread, which asserts on it
+            box["error"] = e
+
+    th = threading.Thread(target=target, daemon=True)
+    th.start()
+    return th, box
+
+
+def join(th: threading.Thread, box: dict[str, object], timeout: float = 30.0) -> object:
+    th.join(timeout)
+    assert not th.is_alive(), "background side hung"
+    if "error" in box:
+        raise box["error"]  # type: ignore[misc]
+    return box.get("result")
+
+
+@pytest.fixture(params=_schemes())
+def pair(request: pytest.FixtureRequest) -> Iterator[tuple[Channel, Channel, Listener]]:
+    """(client, server, listener), connected and past any handshake."""
+    transport = _transport(request.param)
+    lst = transport.listen("127.0.0.1", 0)
+
+    def serve() -> Channel:
+        ch = lst.accept(timeout=10)
+        assert bytes(ch.recv(timeout=10)) == b"hello"
+        return ch
+
+    th, box = run_bg(serve)
+    cli = transport.connect(lst.address, timeout=10)
+    cli.send(b"hello")
+    srv = join(th, box)
+    assert isinstance(srv, Channel)
+    yield cli, srv, lst
+    cli.close()
+    srv.close()
+    lst.close()
+
+
+def payload(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8)
+
+
+@pytest.mark.parametrize("size", [1 * MiB, 64 * MiB], ids=["1MiB", "64MiB"])
+def test_round_trip_intact(pair: tuple[Channel, Channel, Listener], size: int) -> None:
+    cli, srv, _ = pair
+    data = payload(size, size)
+
+    def echo() -> None:
+        msg = srv.recv(timeout=30)
+        srv.send(msg, timeout=30)  # the view stays valid until srv's next operation
+
+    th, box = run_bg(echo)
+    cli.send(data, timeout=30)
+    back = cli.recv(timeout=30)
+    join(th, box)
+    assert len(back) == size and np.array_equal(np.frombuffer(back, dtype=np.uint8), data)
+
+
+def test_many_messages_in_order_both_ways(pair: tuple[Channel, Channel, Listener]) -> None:
+    cli, srv, _ = pair
+    sizes = [0, 1, 100, (64 << 10) - 1, 64 << 10, (64 << 10) + 1, 3 * MiB, 9 * MiB, 7, 5 * MiB, 0, 12]
+
+    def serve() -> None:
+        for i, n in enumerate(sizes):
+            got = srv.recv(timeout=30)
+            assert len(got) == n and np.array_equal(np.frombuffer(got, dtype=np.uint8), payload(n, i)), i
+            srv.send(struct.pack("<I", i) + bytes(got[:16]))
+
+    th, box = run_bg(serve)
+    for i, n in enumerate(sizes):
+        cli.send(payload(n, i).tobytes())
+    for i, n in enumerate(sizes):
+        reply = bytes(cli.recv(timeout=30))
+        assert struct.unpack("<I", reply[:4])[0] == i and reply[4:] == payload(n, i).tobytes()[:16]
+    join(th, box)
+
+
+def test_peer_close_is_peer_closed(pair: tuple[Channel, Channel, Listener]) -> None:
+    cli, srv, _ = pair
+    srv.close()
+    with pytest.raises(PeerClosed):
+        cli.recv(timeout=10)
+    assert cli.closed
+    with pytest.raises(PeerClosed):
+        cli.send(b"x")
+
+
+def test_peer_close_during_large_send(pair: tuple[Channel, Channel, Listener]) -> None:
+    cli, srv, _ = pair
+    th, box = run_bg(lambda: cli.send(payload(64 * MiB, 1), timeout=30))
+    time.sleep(0.2)
+    srv.close()  # never reads the message
+    th.join(30)
+    assert not th.is_alive()
+    assert isinstance(box.get("error"), PeerClosed) or "result" in box  # TCP may have buffered it all
+    with pytest.raises(PeerClosed):
+        cli.recv(timeout=10)
+
+
+def test_recv_timeout_leaves_channel_usable(pair: tuple[Channel, Channel, Listener]) -> None:
+    cli, srv, _ = pair
+    t0 = time.monotonic()
+    with pytest.raises(TransferTimeout):
+        cli.recv(timeout=0.2)
+    assert 0.15 < time.monotonic() - t0 < 5
+    assert not cli.poll()
+    srv.send(b"late")
+    deadline = time.monotonic() + 5
+    while not cli.poll() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert cli.poll()
+    assert bytes(cli.recv(timeout=5)) == b"late"
+
+
+def test_close_from_another_thread_wakes_recv(pair: tuple[Channel, Channel, Listener]) -> None:
+    cli, _, _ = pair
+    th, box = run_bg(lambda: cli.recv(timeout=None))
+    time.sleep(0.2)
+    cli.close()
+    th.join(10)
+    assert not th.is_alive() and isinstance(box.get("error"), PeerClosed)
+
+
+@pytest.mark.parametrize("scheme", _schemes())
+def test_garbage_and_early_disconnect_are_typed(scheme: str) -> None:
+    transport = _transport(scheme)
+    with transport.listen("127.0.0.1", 0) as lst:
+        for garbage in (b"GET / HTTP/1.0\r\n\r\n" + bytes(64), b""):
+            if scheme == "shm":
+                raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                raw.connect("\0" + lst.address.removeprefix("shm://"))
+            else:
+                raw = socket.create_connection(parse_host_port(lst.address, scheme))
+            raw.sendall(garbage)
+            raw.close()
+            ch = lst.accept(timeout=10)
+            with pytest.raises((FrameForeign, PeerClosed)):
+                ch.recv(timeout=10)
+            ch.close()
+
+
+def test_tcp_oversized_length_claim_is_refused_without_allocation() -> None:
+    transport = transport_for("tcp")
+    with transport.listen("127.0.0.1", 0) as lst:
+        raw = socket.create_connection(parse_host_port(lst.address, "tcp"))
+        raw.sendall(b"PDT1" + struct.pack("<Q", 1 << 60))
+        ch = lst.accept(timeout=10)
+        tracemalloc.start()
+        try:
+            with pytest.raises(FrameTooLarge):
+                ch.recv(timeout=10)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert peak < MiB
+        raw.close()
+
+
+def test_shm_leaves_no_descriptors_or_files_behind() -> None:
+    def n_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    transport = ShmTransport(ring_bytes=2 * MiB)
+    before_files = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+    before = n_fds()
+    for _ in range(3):
+        with transport.listen() as lst:
+            th, box = run_bg(lambda lst=lst: bytes(lst.accept(timeout=10).recv(timeout=10)))  # type: ignore[misc]
+            with transport.connect(lst.address, timeout=10) as cli:
+                cli.send(payload(3 * MiB, 0))
+            join(th, box)
+    time.sleep(0.1)
+    assert n_fds() <= before
+    if os.path.isdir("/dev/shm"):
+        assert set(os.listdir("/dev/shm")) <= before_files
+
+
+def test_transport_for_and_addresses() -> None:
+    assert transport_for("tcp://127.0.0.1:5").scheme == "tcp"
+    assert transport_for("shm").scheme == "shm"
+    assert available_transports()[0] == ("ucx" if ucx_available() else "tcp")
+    assert "tcp" in available_transports() and "shm" in available_transports()
+    with pytest.raises(UnknownTransport):
+        transport_for("rdma://x:1")
+    assert parse_host_port("tcp://[::1]:80", "tcp") == ("::1", 80)
+    assert parse_host_port("ucx://10.0.0.1:7", "ucx") == ("10.0.0.1", 7)
+    for bad in ("tcp://host", "tcp://:5", "tcp://h:0", "ucx://h:5"):
+        with pytest.raises(UnknownTransport):
+            parse_host_port(bad, "tcp")
+    with pytest.raises((PeerClosed, TransferTimeout)):
+        transport_for("tcp").connect("tcp://127.0.0.1:1", timeout=2)
+    with pytest.raises(PeerClosed):
+        transport_for("shm").connect("shm://pdkv-no-such-listener", timeout=2)
+
+
+def test_ucx_reports_unavailable_clearly_when_ucxx_does_not_import(monkeypatch: pytest.MonkeyPatch) -> None:
+    import kv_transfer.transport.ucx as ucx_mod
+    from kv_transfer.errors import TransportUnavailable
+    from kv_transfer.transport import default_scheme
+
+    monkeypatch.setattr(ucx_mod, "_api", None)
+    monkeypatch.setattr(ucx_mod, "_import_error", "ImportError: simulated")
+    assert not ucx_mod.ucx_available()
+    assert available_transports() == ["tcp", "shm"] and default_scheme() == "tcp"
+    with pytest.raises(TransportUnavailable, match="import ucxx failed.*simulated"):
+        transport_for("ucx://127.0.0.1:5")
+
+
+@pytest.mark.skipif(
+    not (ucx_available() and torch.cuda.is_available()), reason="needs ucxx and a CUDA device"
+)
+def test_ucx_moves_cuda_tensors() -> None:
+    transport = transport_for("ucx")
+    with transport.listen("127.0.0.1", 0) as lst:
+        th, box = run_bg(lambda: lst.accept(timeout=10))
+        cli = transport.connect(lst.address, timeout=10)
+        srv = join(th, box)
+        assert isinstance(srv, Channel)
+        x = torch.randn(1 << 20, device="cuda", dtype=torch.bfloat16)
+        th, box = run_bg(lambda: srv.recv(timeout=30).clone())
+        cli.send(x, timeout=30)
+        got = join(th, box)
+        assert isinstance(got, torch.Tensor) and got.is_cuda
+        assert torch.equal(got.view(torch.bfloat16), x)
+        cli.close()
+        srv.close()
