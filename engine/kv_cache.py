@@ -63,8 +63,8 @@ class KVCache:
         """k, v: [T, Hkv, D] go to flat slots [T]."""
         k_flat, v_flat = self._flat(layer)
         slots = slots.to(self.device)
-        k_flat[slots] = k.to(device=self.device, dtype=self.dtype)
-        v_flat[slots] = v.to(device=self.device, dtype=self.dtype)
+        k_flat.index_copy_(0, slots, k.to(device=self.device, dtype=self.dtype))  # cheaper than index_put_
+        v_flat.index_copy_(0, slots, v.to(device=self.device, dtype=self.dtype))
 
     def gather_slots(self, layer: int, slots: Tensor) -> tuple[Tensor, Tensor]:
         """slots: any int shape S -> k, v: [*S, Hkv, D] (copies)."""

@@ -39,12 +39,14 @@ def load_model(
     layer_start: int = 0,
     layer_end: int | None = None,
 ) -> CausalLM:
-    """Construct on the meta device (no random init), materialise on `device` in `dtype`, load weights."""
+    """Construct on the meta device (no random init), materialise on `device` in `dtype`, load weights,
+    then pack them for inference (`CausalLM.pack_weights`)."""
     config = config or ModelConfig.from_hf_dir(model_dir)
     with torch.device("meta"):
         model = CausalLM(config, layer_start, layer_end)
     model = model.to(dtype).to_empty(device=device)
     load_weights(model, model_dir)
+    model.pack_weights()
     return model.eval()
 
 

@@ -1,0 +1,90 @@
+"""The C kernels of `engine.kernels` against their torch references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine import kernels
+from engine.kernels import (
+    SMALL_MATMUL_MAX_ROWS,
+    kernels_available,
+    paged_decode_attention,
+    paged_decode_attention_ref,
+    small_matmul,
+)
+
+needs_kernels = pytest.mark.skipif(not kernels_available(), reason="no C compiler / kernels disabled")
+
+
+def _paged_case(
+    lens: list[int], heads: int, kv_heads: int, head_dim: int = 32, block: int = 4, seed: int = 0
+) -> tuple[torch.Tensor, ...]:
+    """A cache with every sequence's blocks scattered (descending, interleaved with the others')."""
+    gen = torch.Generator().manual_seed(seed)
+    width = max(-(-n // block) for n in lens)
+    num_blocks = len(lens) * width + 3
+    k = torch.randn(num_blocks, block, kv_heads, head_dim, generator=gen)
+    v = torch.randn(num_blocks, block, kv_heads, head_dim, generator=gen)
+    order = torch.randperm(num_blocks, generator=gen)
+    table = torch.zeros(len(lens), width, dtype=torch.long)
+    for i, n in enumerate(lens):
+        need = -(-n // block)
+        table[i, :need] = order[i * width : i * width + need]
+    q = torch.randn(len(lens), heads, head_dim, generator=gen)
+    return q, k, v, table, torch.tensor(lens)
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "window"), [(8, 8, None), (8, 2, None), (4, 1, None), (8, 2, 5)]
+)
+def test_paged_decode_attention_matches_gather_and_sdpa(heads: int, kv_heads: int, window: int | None):
+    lens = [1, 4, 5, 17, 9]  # one token, exactly one block, crossing blocks, longest, in between
+    q, k, v, table, seq_lens = _paged_case(lens, heads, kv_heads)
+    out = paged_decode_attention(q, k, v, table, seq_lens, window)
+    ref = paged_decode_attention_ref(q, k, v, table, seq_lens, window)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_paged_decode_attention_falls_back_for_other_dtypes():
+    q, k, v, table, seq_lens = _paged_case([3, 6], 4, 2)
+    out = paged_decode_attention(q.double(), k.double(), v.double(), table, seq_lens)
+    ref = paged_decode_attention_ref(q.double(), k.double(), v.double(), table, seq_lens)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, ref)
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [2, 3, 5, 6, 7, 12, 16, SMALL_MATMUL_MAX_ROWS])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_small_matmul_matches_torch(rows: int, with_bias: bool):
+    gen = torch.Generator().manual_seed(rows)
+    k, n = 37, 80  # k not a multiple of the 16-row k-block
+    wide = torch.randn(rows, 2 * k, generator=gen)
+    x = wide[:, :k]  # rows with a stride of 2k, as MLP.forward passes its gate half
+    w_t = torch.randn(k, n, generator=gen)
+    bias = torch.randn(n, generator=gen) if with_bias else None
+    ref = x @ w_t if bias is None else torch.addmm(bias, x, w_t)
+    torch.testing.assert_close(small_matmul(x, w_t, bias), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_small_matmul_uses_torch_outside_its_shapes(monkeypatch: pytest.MonkeyPatch):
+    calls = []
+    lib = kernels._load()
+    if lib is not None:
+        real = lib.small_matmul
+        monkeypatch.setattr(lib, "small_matmul", lambda *a: calls.append(a) or real(*a))
+    gen = torch.Generator().manual_seed(0)
+    w_t = torch.randn(24, 32, generator=gen)
+    for x, w in [
+        (torch.randn(1, 24, generator=gen), w_t),  # one row: MKL's GEMV
+        (torch.randn(SMALL_MATMUL_MAX_ROWS + 1, 24, generator=gen), w_t),  # many rows: MKL's GEMM
+        (torch.randn(4, 24, generator=gen), torch.randn(24, 40, generator=gen)),  # 40 % 16 != 0
+    ]:
+        torch.testing.assert_close(small_matmul(x, w), x @ w)
+    assert calls == []
+    if lib is not None and kernels._has_small_matmul:
+        x = torch.randn(4, 24, generator=gen)
+        torch.testing.assert_close(small_matmul(x, w_t), x @ w_t, atol=1e-5, rtol=1e-5)
+        assert len(calls) == 1  # the control: this shape does go to the kernel
