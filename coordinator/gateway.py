@@ -6,6 +6,8 @@ with the KV handle, relaying tokens; (5) whatever happens (finish, error, client
 make sure the prefill lease is released and the decode request is cancelled, so no KV block leaks.
 A prefill or decode instance that refuses the connection before it produced anything is skipped
 and the step is retried on another instance: the KV lease keeps the prompt's cache meanwhile.
+In colocated mode (the baseline pdserve is benchmarked against) steps (2)-(4) are one relayed call to a
+colocated instance, which runs prefill and decode in one engine.
 """
 
 from __future__ import annotations
@@ -19,11 +21,14 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 
 from coordinator.config import CoordinatorConfig
+from coordinator.registry import InstanceInfo
 from coordinator.router import Router
 from engine.config import ModelConfig
 from engine.sampling import SamplingParams
 from engine.stream import StopChecker
 from engine.tokenizer import Tokenizer
+from kv_transfer.choice import choose_codec, load_profiles
+from pdserve import telemetry
 from pdserve.errors import CapacityExceeded, InvalidRequest, PDServeError, Unavailable
 from pdserve.rpc import params_to_proto, stream_errors
 from pdserve.v1 import (
@@ -66,6 +71,7 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
         self.tokenizer = tokenizer
         self.model = model
         self.inflight = 0
+        self.codec_profiles = load_profiles(cfg.model_dir)
         self._background: set[asyncio.Task] = set()
 
     # ---- validation -----------------------------------------------------------------------
@@ -82,10 +88,14 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
 
     # ---- the RPC --------------------------------------------------------------------------
     @stream_errors
+    @telemetry.traced_request
     async def Generate(
-        self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+        self,
+        request: generation_pb2.GenerateRequest,
+        context: grpc.aio.ServicerContext,
+        rt: telemetry.RequestTrace,
     ) -> AsyncIterator[generation_pb2.GenerateResponse]:
-        received = time.monotonic()
+        received = rt.received
         request_id = request.request_id or uuid.uuid4().hex
         prompt_ids = self._prompt_ids(request)
         params = sampling_from_request(request)
@@ -94,9 +104,17 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
             raise CapacityExceeded(
                 f"gateway has {self.inflight} requests in flight (limit {self.cfg.max_inflight})"
             )
+        rt.accepted(request_id, len(prompt_ids), params.max_tokens)
         self.inflight += 1
+        if self.cfg.colocated:  # baseline mode: one colocated instance does the whole request
+            try:
+                async for msg in self._colocated(request, request_id, prompt_ids, received):
+                    yield msg
+            finally:
+                self.inflight -= 1
+            return
         stop = StopChecker(self.tokenizer, params)
-        state = _RequestState()
+        state = _RequestState(rt)
         try:
             async for msg in self._run(request_id, prompt_ids, params, stop, state, received):
                 yield msg
@@ -127,6 +145,7 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
             request_id, prompt_ids, params, state, on_scheduled if stream_kv else None
         )
         ttft = time.monotonic() - received
+        state.trace.first_token()
         completion = [first_token]
         reason = stop.push(first_token)
         yield generation_pb2.GenerateResponse(
@@ -142,6 +161,7 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
                     completion.append(t)
                     checked = stop.push(t) or checked
                 if tokens:
+                    state.trace.tokens(len(tokens))
                     yield generation_pb2.GenerateResponse(
                         request_id=request_id, token_ids=tokens, text=stop.take_text()
                     )
@@ -149,6 +169,7 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
                     reason = decode_reason or checked
                     break
         pump.cancel()
+        state.trace.finished(reason or "length")
         usage = common_pb2.Usage(
             prompt_tokens=len(prompt_ids), completion_tokens=len(completion), ttft_s=ttft
         )
@@ -176,26 +197,34 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
             codec=self.cfg.codec,
         )
         last_exc: BaseException | None = None
-        for _ in range(MAX_ATTEMPTS):
-            inst = self.router.pick_prefill()
+        for attempt in range(MAX_ATTEMPTS):
+            with telemetry.span(telemetry.ROUTE, state.trace.ctx) as route:
+                inst = self.router.pick_prefill()
+                route.set_attributes(telemetry.route_attributes("prefill", inst, attempt, self.router))
             stub = prefill_pb2_grpc.PrefillStub(self.router.channel(inst.grpc_address))
             got_event = False
-            with self.router.track(inst):
-                call = stub.Prefill(req)
+            with (
+                self.router.track(inst),
+                telemetry.rpc_span(telemetry.GATEWAY_PREFILL, state.trace.ctx, inst) as span,
+            ):
+                call = stub.Prefill(req, metadata=telemetry.outgoing_metadata(span))
                 state.prefill_call = call
                 state.prefill_address = inst.grpc_address
                 try:
                     async for ev in call:
                         got_event = True
                         if ev.HasField("scheduled"):
+                            span.add_event("scheduled", {"pdserve.kv.transfer_id": ev.scheduled.transfer_id})
                             state.handle = ev.scheduled
                             if on_scheduled is not None:
                                 on_scheduled(ev.scheduled)
                         elif ev.HasField("done"):
+                            telemetry.prefill_done(span, ev.done)
                             state.handle = ev.done.kv
                             return ev.done.first_token_id
                 except grpc.aio.AioRpcError as exc:
                     if _refused(exc) and not got_event:
+                        telemetry.record_error(span, exc)
                         self.router.mark_suspect(inst)
                         last_exc = exc
                         continue
@@ -221,12 +250,18 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
             req.first_token_id = first_token
         num_tokens = len(prompt_ids) + params.max_tokens
         last_exc: BaseException | None = None
-        for _ in range(MAX_ATTEMPTS):
-            inst = self.router.pick_decode(num_tokens)
+        for attempt in range(MAX_ATTEMPTS):
+            with telemetry.span(telemetry.ROUTE, state.trace.ctx) as route:
+                inst = self.router.pick_decode(num_tokens)
+                route.set_attributes(telemetry.route_attributes("decode", inst, attempt, self.router))
+            req.kv.codec = self._codec_for(len(prompt_ids), handle.address, inst)
             stub = decode_pb2_grpc.DecodeStub(self.router.channel(inst.grpc_address))
             got_event = False
-            with self.router.track(inst, num_tokens):
-                call = stub.Decode(req)
+            with (
+                self.router.track(inst, num_tokens),
+                telemetry.rpc_span(telemetry.GATEWAY_DECODE, state.trace.ctx, inst) as span,
+            ):
+                call = stub.Decode(req, metadata=telemetry.outgoing_metadata(span))
                 state.decode_call = call
                 try:
                     async for ev in call:
@@ -238,12 +273,65 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
                             return
                 except grpc.aio.AioRpcError as exc:
                     if _refused(exc) and not got_event:
+                        telemetry.record_error(span, exc)
                         self.router.mark_suspect(inst)
                         last_exc = exc
                         continue
                     raise
             raise Unavailable(f"decode instance {inst.instance_id} ended the stream without finishing")
         raise Unavailable(f"no decode instance reachable after {MAX_ATTEMPTS} attempts: {last_exc}")
+
+    async def _colocated(
+        self,
+        request: generation_pb2.GenerateRequest,
+        request_id: str,
+        prompt_ids: list[int],
+        received: float,
+    ) -> AsyncIterator[generation_pb2.GenerateResponse]:
+        """Relay Generate to the colocated instance with the fewest requests in flight (retrying one
+        that refuses the connection before answering); the usage's TTFT is the gateway's."""
+        req = generation_pb2.GenerateRequest()
+        req.CopyFrom(request)
+        req.request_id = request_id
+        req.ClearField("prompt")
+        req.prompt_token_ids[:] = prompt_ids
+        last_exc: BaseException | None = None
+        for _ in range(MAX_ATTEMPTS):
+            inst = self.router.pick_colocated(len(prompt_ids) + request.max_tokens)
+            stub = generation_pb2_grpc.GenerationStub(self.router.channel(inst.grpc_address))
+            ttft: float | None = None
+            with self.router.track(inst):
+                call = stub.Generate(req)
+                try:
+                    async for msg in call:
+                        if ttft is None:
+                            ttft = time.monotonic() - received
+                        if msg.finish_reason:
+                            msg.usage.ttft_s = ttft
+                        yield msg
+                    return
+                except grpc.aio.AioRpcError as exc:
+                    if _refused(exc) and ttft is None:
+                        self.router.mark_suspect(inst)
+                        last_exc = exc
+                        continue
+                    raise
+                finally:
+                    if not call.done():  # the client went away: cancelling frees the instance's blocks
+                        call.cancel()
+        raise Unavailable(f"no colocated instance reachable after {MAX_ATTEMPTS} attempts: {last_exc}")
+
+    def _codec_for(self, prompt_len: int, kv_address: str, decode: InstanceInfo) -> str:
+        """The configured codec, or with "auto" the fastest admissible one on this link's measured
+        bandwidth (lossless while the link is unmeasured or no profile is known)."""
+        if self.cfg.codec != "auto":
+            return self.cfg.codec
+        link_bps = decode.links.get(kv_address)
+        if not link_bps:
+            return "raw"
+        m = self.model
+        raw_bytes = prompt_len * m.num_layers * 2 * m.num_kv_heads * m.head_dim * 4  # K and V, fp32
+        return choose_codec(raw_bytes, link_bps, self.codec_profiles, self.cfg.max_kl, m.num_layers).name
 
     def _release_later(self, address: str, transfer_id: str) -> None:
         """Release a prefill lease without blocking the (possibly cancelled) request task."""
@@ -266,9 +354,10 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
 
 
 class _RequestState:
-    """What must be cleaned up if a request ends early."""
+    """What must be cleaned up if a request ends early (and the request's telemetry)."""
 
-    def __init__(self) -> None:
+    def __init__(self, trace: telemetry.RequestTrace) -> None:
+        self.trace = trace
         self.handle: common_pb2.KVHandle | None = None
         self.prefill_address = ""
         self.kv_consumed = False

@@ -40,6 +40,7 @@ class InstanceInfo:
     running: int = 0
     kv_blocks_free: int = 0
     leases: int = 0
+    links: dict[str, float] = field(default_factory=dict)  # decode: prefill KV address -> measured bytes/s
     updated_at: float = field(default_factory=time.time)
 
     def to_json(self) -> str:

@@ -2,8 +2,9 @@
 
 Prefill: fewest requests in flight from this gateway (shortest queue), registry queue length breaking
 ties. Decode: most free KV blocks after subtracting what this gateway's in-flight requests reserved.
-Instances serving another model (fingerprint) are never chosen; an instance that failed a call is
-skipped for `suspect_s`. The snapshot is refreshed from Redis every `refresh_s`.
+Colocated (baseline mode): fewest requests in flight. Instances serving another model (fingerprint) are
+never chosen; an instance that failed a call is skipped for `suspect_s`. The snapshot is refreshed from
+Redis every `refresh_s`.
 """
 
 from __future__ import annotations
@@ -112,6 +113,21 @@ class Router:
             key=lambda i: (
                 i.kv_blocks_total - self._reserved_blocks[i.instance_id],
                 -self._inflight[i.instance_id],
+            ),
+        )
+
+    def pick_colocated(self, num_tokens: int) -> InstanceInfo:
+        """The colocated instance (baseline mode) with the fewest requests in flight from this gateway,
+        among those whose KV memory can hold the request at all."""
+        cands = self._candidates("colocated")
+        fits = [i for i in cands if blocks_for(num_tokens, i.block_size) <= i.kv_blocks_total] or cands
+        turn = next(self._rr)
+        return min(
+            fits,
+            key=lambda i: (
+                self._inflight[i.instance_id],
+                i.queue_len,
+                (hash(i.instance_id) + turn) % len(fits),
             ),
         )
 

@@ -18,6 +18,7 @@ from coordinator.router import Router
 from engine.config import ModelConfig
 from engine.runner import model_fingerprint
 from engine.tokenizer import Tokenizer
+from pdserve import telemetry
 from pdserve.v1 import generation_pb2, generation_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -26,21 +27,27 @@ GENERATION_SERVICE = generation_pb2.DESCRIPTOR.services_by_name["Generation"].fu
 
 
 async def _watch_health(router: Router, cfg: CoordinatorConfig, servicer: health.aio.HealthServicer) -> None:
-    """SERVING while at least the expected number of prefill and decode instances are registered."""
+    """SERVING while at least the expected number of prefill and decode (or, in colocated mode, colocated)
+    instances are registered."""
     last = None
     while True:
-        ok = router.count("prefill") >= cfg.expect_prefill and router.count("decode") >= cfg.expect_decode
+        if cfg.colocated:
+            ok = router.count("colocated") >= cfg.expect_colocated
+        else:
+            ok = router.count("prefill") >= cfg.expect_prefill and router.count("decode") >= cfg.expect_decode
         status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
         if status != last:
             for name in ("", GENERATION_SERVICE):
                 await servicer.set(name, status)
             log.info(
-                "health %s (prefill %d/%d, decode %d/%d)",
+                "health %s (prefill %d/%d, decode %d/%d, colocated %d/%d)",
                 health_pb2.HealthCheckResponse.ServingStatus.Name(status),
                 router.count("prefill"),
                 cfg.expect_prefill,
                 router.count("decode"),
                 cfg.expect_decode,
+                router.count("colocated"),
+                cfg.expect_colocated if cfg.colocated else 0,
             )
             last = status
         await asyncio.sleep(cfg.refresh_s)
@@ -64,6 +71,9 @@ async def run(cfg: CoordinatorConfig) -> None:
     if port == 0:
         raise RuntimeError(f"cannot bind the gateway on {cfg.host}:{cfg.port} (port in use?)")
     await server.start()
+    telemetry.instruments().observe_instance(
+        "coordinator", f"coordinator-{cfg.host}:{port}", lambda: {"inflight": gateway.inflight}
+    )
     watcher = asyncio.create_task(_watch_health(router, cfg, health_servicer))
     print(f"GATEWAY {cfg.host}:{port}", flush=True)
     log.info("gateway on %s:%d, registry %s cluster %s", cfg.host, port, cfg.redis_url, cfg.cluster)
@@ -91,8 +101,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--port", type=int, default=50051)
     p.add_argument("--expect-prefill", type=int, default=1)
     p.add_argument("--expect-decode", type=int, default=1)
-    p.add_argument("--codec", default="raw")
+    p.add_argument("--codec", default="auto", help="KV codec name, or auto (per link)")
+    p.add_argument("--max-kl", type=float, default=0.01, help="quality floor for --codec auto (nats/token)")
     p.add_argument("--max-inflight", type=int, default=4096)
+    p.add_argument(
+        "--colocated",
+        action="store_true",
+        help="baseline mode: proxy every request to a colocated instance (no prefill/decode split)",
+    )
+    p.add_argument("--expect-colocated", type=int, default=1)
     p.add_argument(
         "--no-layerwise",
         action="store_true",
@@ -111,7 +128,14 @@ def main(argv: list[str] | None = None) -> None:
         expect_prefill=a.expect_prefill,
         expect_decode=a.expect_decode,
         codec=a.codec,
+        max_kl=a.max_kl,
         max_inflight=a.max_inflight,
         layerwise=not a.no_layerwise,
+        colocated=a.colocated,
+        expect_colocated=a.expect_colocated,
     )
-    asyncio.run(run(cfg))
+    telemetry.setup("coordinator", f"coordinator-{cfg.host}:{cfg.port}")
+    try:
+        asyncio.run(run(cfg))
+    finally:
+        telemetry.shutdown()

@@ -18,7 +18,9 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
+from decode_service import tracing
 from engine.block_manager import BlockManager
 from engine.runner import ModelRunner
 from engine.sampling import SamplingParams
@@ -57,6 +59,9 @@ class DecodeJob:
     cancelled: bool = False
     seq: Sequence | None = None
     stop: StopChecker | None = None
+    trace: Any = None  # OpenTelemetry Context: the parent of this job's spans (None: not traced)
+    steps_span: Any = None
+    steps: int = 0  # decode steps this sequence took part in
 
 
 class DecodeEngine:
@@ -72,6 +77,7 @@ class DecodeEngine:
         self._running: list[DecodeJob] = []
         self._cond = threading.Condition()
         self._stop = False
+        self.links: dict[str, float] = {}  # prefill KV address -> measured bytes/s (EWMA)
         self._pull_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kv-pull")
         self._thread = threading.Thread(target=self._loop, name="decode-step", daemon=True)
 
@@ -162,6 +168,8 @@ class DecodeEngine:
         assert seq is not None
         cache = self.runner.kv_cache
         result: BaseException | int
+        trailer = None
+        started = time.monotonic()
         try:
             trailer = self.puller.pull(
                 job.kv_address,
@@ -178,11 +186,22 @@ class DecodeEngine:
             result = trailer.first_token_id
         except BaseException as exc:  # noqa: BLE001 - handed to the step loop, which fails the request
             result = exc
-        job.transfer_s = time.monotonic() - job.admitted
+        ended = time.monotonic()
+        job.transfer_s = ended - job.admitted
+        tracing.record_pull(
+            job, started, ended, trailer, result if isinstance(result, BaseException) else None
+        )
         with self._cond:
+            if trailer is not None and trailer.stats.server_send_s > 0:
+                self._observe_link(job.kv_address, trailer.stats.bytes_on_wire / trailer.stats.server_send_s)
             self._pulling.discard(job)
             self._pulled.append((job, result))
             self._cond.notify()
+
+    def _observe_link(self, kv_address: str, bytes_per_s: float) -> None:
+        """EWMA of the wire bandwidth from each prefill KV server (published in the registry)."""
+        old = self.links.get(kv_address)
+        self.links[kv_address] = bytes_per_s if old is None else 0.8 * old + 0.2 * bytes_per_s
 
     def _join_pulled(self) -> None:
         for job, result in self._pulled:
@@ -209,11 +228,15 @@ class DecodeEngine:
         seq.output_ids.append(token)
         reason = job.stop.push(token)
         new = [] if first else [token]
+        if not first:
+            job.steps += 1
         if reason is not None:
+            tracing.end_steps(job, reason)
             self._free(job)
             if job in self._running:
                 self._running.remove(job)
         elif first:
+            tracing.start_steps(job)
             self._running.append(job)
         if new or reason is not None or first:
             job.emit(
@@ -247,6 +270,7 @@ class DecodeEngine:
         # pulling jobs are reaped in _join_pulled once their pull thread returns
 
     def _free(self, job: DecodeJob) -> None:
+        tracing.end_steps(job, None)  # no-op unless it left the batch early (failed, cancelled)
         if job.seq is not None and job.seq.blocks:
             self.block_manager.free(job.seq.blocks)
             job.seq.blocks = []

@@ -13,7 +13,9 @@ from coordinator.registry import InstanceInfo
 from decode_service.engine import DecodeEngine, DecodeJob, Tokens
 from engine.runner import ModelRunner
 from kv_transfer.client import KVPuller
+from kv_transfer.codec.cachegen_tables import install_model
 from kv_transfer.transport import available_transports
+from pdserve import telemetry
 from pdserve.errors import ModelMismatch, PDServeError
 from pdserve.instance import InstanceConfig, add_instance_args, config_from_args, device_label, serve
 from pdserve.rpc import params_from_proto, stream_errors, unary_errors
@@ -29,7 +31,19 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         self.runner = runner
 
     @stream_errors
-    async def Decode(self, request: decode_pb2.DecodeRequest, context: grpc.aio.ServicerContext):
+    @telemetry.server_stream(telemetry.DECODE_REQUEST)
+    async def Decode(
+        self, request: decode_pb2.DecodeRequest, context: grpc.aio.ServicerContext, span: telemetry.Span
+    ):
+        span.set_attributes(
+            {
+                "pdserve.request_id": request.request_id,
+                "pdserve.prompt_tokens": len(request.prompt_token_ids),
+                "pdserve.max_tokens": request.sampling.max_tokens,
+                "pdserve.kv.transfer_id": request.kv.transfer_id,
+                "pdserve.instance.id": self.cfg.instance_id,
+            }
+        )
         if request.kv.model_fingerprint and request.kv.model_fingerprint != self.runner.fingerprint:
             raise ModelMismatch("KV handle comes from a different model than this decode instance serves")
         loop = asyncio.get_running_loop()
@@ -43,6 +57,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             codec=request.kv.codec or self.cfg.codec,
             first_token_id=request.first_token_id if request.HasField("first_token_id") else None,
             emit=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
+            trace=telemetry.parent_of(span),
         )
         self.engine.submit(job)
         finished = False
@@ -90,10 +105,21 @@ async def run(cfg: InstanceConfig) -> None:
     runner = ModelRunner(
         cfg.model_dir, cfg.device, num_kv_blocks=cfg.num_kv_blocks, block_size=cfg.block_size
     )
+    install_model(cfg.model_dir)  # codecs learn the model's depth and its shipped cachegen tables
     puller = KVPuller(fingerprint=runner.fingerprint, timeout_s=cfg.pull_timeout_s)
     engine = DecodeEngine(runner, puller, cfg.max_running, cfg.max_queue)
     engine.start()
     servicer = DecodeServicer(cfg, engine, runner)
+
+    def gauges() -> dict[str, int]:
+        bm = engine.block_manager
+        return {
+            **engine.stats(),
+            "kv_blocks_free": bm.num_free,
+            "kv_blocks_used": bm.num_blocks - bm.num_free,
+        }
+
+    telemetry.instruments().observe_instance("decode", cfg.instance_id, gauges)
 
     def info(address: str) -> InstanceInfo:
         s = engine.stats()
@@ -111,6 +137,7 @@ async def run(cfg: InstanceConfig) -> None:
             queue_len=s["queue_len"],
             running=s["running"],
             kv_blocks_free=engine.block_manager.num_free,
+            links=dict(engine.links),
         )
 
     await serve(
@@ -123,4 +150,9 @@ def main(argv: list[str] | None = None) -> None:
     add_instance_args(p)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s decode %(name)s: %(message)s")
-    asyncio.run(run(config_from_args("decode", args)))
+    cfg = config_from_args("decode", args)
+    telemetry.setup("decode", cfg.instance_id)
+    try:
+        asyncio.run(run(cfg))
+    finally:
+        telemetry.shutdown()

@@ -1,4 +1,5 @@
-"""The `pdserve` command: `up` (local cluster), `generate` (stream a completion)."""
+"""The `pdserve` command: `up` (local cluster), `generate` (stream a completion), `bench` (benchmarks),
+`trace` (one request's spans as a waterfall)."""
 
 from __future__ import annotations
 
@@ -33,8 +34,31 @@ def cmd_up(a: argparse.Namespace) -> int:
         codec=a.codec,
         num_kv_blocks=a.num_kv_blocks,
         log_dir=a.log_dir,
+        colocated=a.replicas if a.colocated else 0,
+        chunk_tokens=a.chunk_tokens,
     )
     return run_forever(LocalCluster(cfg))
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    """`pdserve bench NAME ARGS...` runs `bench.NAME.main(ARGS)` (same as `python -m bench.NAME ARGS`)."""
+    import importlib
+    import re
+
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", a.name):
+        print(f"pdserve bench: bad benchmark name {a.name!r}", file=sys.stderr)
+        return 2
+    try:
+        module = importlib.import_module(f"bench.{a.name}")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"bench.{a.name}":
+            raise
+        print(f"pdserve bench: no benchmark named {a.name!r} (no module bench.{a.name})", file=sys.stderr)
+        return 2
+    if not hasattr(module, "main"):
+        print(f"pdserve bench: bench.{a.name} is not a benchmark (no main)", file=sys.stderr)
+        return 2
+    return int(module.main(a.args) or 0)
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
@@ -69,6 +93,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
                 seed=a.seed,
                 stop=a.stop,
                 ignore_eos=a.ignore_eos,
+                request_id=a.request_id,
                 timeout=a.timeout,
             ):
                 sys.stdout.write(msg.text)
@@ -95,9 +120,21 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--cpus", default="", help="CPU cores to divide among instances (default: all)")
     up.add_argument("--cpu", action="store_true", help="never use CUDA devices")
     up.add_argument("--transport", default="auto", help="KV transport: auto | ucx | tcp | shm")
-    up.add_argument("--codec", default="raw", help="KV codec: raw | int8 | fp8 | cachegen")
+    up.add_argument("--codec", default="auto", help="KV codec: auto (per link) | raw | int8 | fp8 | cachegen")
     up.add_argument("--num-kv-blocks", type=int, default=None)
     up.add_argument("--log-dir", default=None, help="write each process's log here")
+    up.add_argument(
+        "--colocated",
+        action="store_true",
+        help="the baseline: colocated instances (prefill + decode in one engine) instead of prefill/decode",
+    )
+    up.add_argument("--replicas", type=int, default=1, help="with --colocated: colocated instances")
+    up.add_argument(
+        "--chunk-tokens",
+        type=int,
+        default=None,
+        help="with --colocated: chunked prefill, this many tokens per step (default: whole prompts)",
+    )
     up.set_defaults(fn=cmd_up)
 
     g = sub.add_parser("generate", help="stream a completion (from a cluster, or --local in this process)")
@@ -115,7 +152,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", default=[])
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    g.add_argument("--request-id", default=None, help="the request's id (for `pdserve trace ID`)")
     g.set_defaults(fn=cmd_generate)
+
+    b = sub.add_parser(
+        "bench", help="run a benchmark: pdserve bench compare --quick (prints one JSON object)"
+    )
+    b.add_argument("name", help="benchmark module in bench/, e.g. compare")
+    b.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
+    b.set_defaults(fn=cmd_bench)
+
+    from pdserve import trace_cli
+
+    t = sub.add_parser("trace", help="print a request's trace as a waterfall (from a span file or Jaeger)")
+    trace_cli.add_arguments(t)
+    t.set_defaults(fn=trace_cli.run)
     return p
 
 

@@ -1,7 +1,7 @@
 """Local mode: run a whole cluster as processes on this machine (`pdserve up`, and the tests).
 
 Starts a private redis-server (unless given a Redis URL), the coordinator, and N prefill + M decode
-instances on disjoint device sets: one CUDA device each when there are enough GPUs, otherwise
+instances (or, for the colocated baseline, N colocated instances) on disjoint device sets: one CUDA device each when there are enough GPUs, otherwise
 disjoint CPU core sets (when there are fewer cores than instances, cores are shared round-robin and
 a warning says so). Every child runs in its own session so that Ctrl-C reaches the launcher only,
 which then stops the coordinator first, the instances next, Redis last: nothing is left behind.
@@ -38,12 +38,21 @@ class ClusterConfig:
     cpus: tuple[int, ...] = ()  # cores to divide among instances; () = all this process may use
     use_cuda: bool = True  # one CUDA device per instance when enough are visible
     transport: str = "auto"
-    codec: str = "raw"
+    codec: str = "auto"  # the gateway's KV codec choice: a name, or auto (per link)
     num_kv_blocks: int | None = None
     heartbeat_ttl_s: float = 3.0
     lease_ttl_s: float = 30.0
     extra_instance_args: tuple[str, ...] = ()
     log_dir: str | None = None  # children's output goes here (files) instead of this process's stdout
+    colocated: int = 0  # > 0: the baseline, this many colocated instances instead of prefill + decode
+    chunk_tokens: int | None = None  # colocated: chunked prefill with this token budget per step
+
+    @property
+    def roles(self) -> list[str]:
+        """The instance role of each device set, in start order."""
+        if self.colocated:
+            return ["colocated"] * self.colocated
+        return ["prefill"] * self.prefill + ["decode"] * self.decode
 
 
 def assign_devices(n: int, cpus: tuple[int, ...], use_cuda: bool) -> list[list[str]]:
@@ -98,12 +107,10 @@ class LocalCluster:
             self.redis_url = self.redis.url
         port = cfg.port or free_port(cfg.host)
         self.gateway_address = f"{cfg.host}:{port}"
-        self._devices = assign_devices(cfg.prefill + cfg.decode, cfg.cpus, cfg.use_cuda)
+        self._devices = assign_devices(len(cfg.roles), cfg.cpus, cfg.use_cuda)
         try:
-            for _ in range(cfg.prefill):
-                self.add_instance("prefill")
-            for _ in range(cfg.decode):
-                self.add_instance("decode")
+            for role in cfg.roles:
+                self.add_instance(role)
             coord = [
                 sys.executable,
                 "-m",
@@ -122,6 +129,8 @@ class LocalCluster:
                 "--codec",
                 cfg.codec,
             ]
+            if cfg.colocated:
+                coord += ["--colocated", "--expect-colocated", str(cfg.colocated)]
             self._spawn("coordinator", coord)
             self.wait_serving(timeout_s)
         except BaseException:
@@ -130,7 +139,7 @@ class LocalCluster:
         return self
 
     def add_instance(self, role: str, device_args: list[str] | None = None) -> Child:
-        """Start one more prefill/decode instance (also used to replace a dead one)."""
+        """Start one more prefill/decode/colocated instance (also used to replace a dead one)."""
         cfg = self.cfg
         if device_args is None:
             device_args = self._devices[self._next_device % len(self._devices)]
@@ -151,8 +160,6 @@ class LocalCluster:
             cfg.host,
             "--transport",
             cfg.transport,
-            "--codec",
-            cfg.codec,
         ]
         args += [
             "--heartbeat-ttl",
@@ -163,6 +170,8 @@ class LocalCluster:
         ]
         if cfg.num_kv_blocks is not None:
             args += ["--num-kv-blocks", str(cfg.num_kv_blocks)]
+        if role == "colocated" and cfg.chunk_tokens is not None:
+            args += ["--chunk-tokens", str(cfg.chunk_tokens)]
         args += list(cfg.extra_instance_args)
         return self._spawn(role, args)
 
@@ -255,10 +264,10 @@ def run_forever(cluster: LocalCluster) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     cluster.start()
+    cfg = cluster.cfg
+    shape = f"colocated {cfg.colocated}" if cfg.colocated else f"prefill {cfg.prefill}, decode {cfg.decode}"
     print(
-        f"pdserve up: serving on {cluster.gateway_address} "
-        f"(prefill {cluster.cfg.prefill}, decode {cluster.cfg.decode}, redis {cluster.redis_url})",
-        flush=True,
+        f"pdserve up: serving on {cluster.gateway_address} ({shape}, redis {cluster.redis_url})", flush=True
     )
     reported: set[int] = set()
     try:

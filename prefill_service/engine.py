@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from engine.block_manager import BlockManager
 from engine.runner import ModelRunner
@@ -24,6 +25,7 @@ from engine.sampling import SamplingParams
 from engine.sequence import Sequence
 from kv_transfer.server import KVServer
 from pdserve.errors import Cancelled, CapacityExceeded, InvalidRequest, PDServeError
+from prefill_service import tracing
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,8 @@ class PrefillJob:
     cancelled: bool = False
     arrived: float = field(default_factory=time.monotonic)
     seq: Sequence | None = None
+    trace: Any = None  # OpenTelemetry Context: the parent of this job's spans (None: not traced)
+    lease_span: Any = None
 
 
 class PrefillEngine:
@@ -173,6 +177,7 @@ class PrefillEngine:
         for job in batch:
             seq = job.seq
             assert seq is not None
+            tracing.open_lease(job, num_layers)
             self.kv_server.open_lease(
                 job.transfer_id,
                 num_layers,
@@ -182,13 +187,20 @@ class PrefillEngine:
             )
             job.emit(Scheduled(job.transfer_id, seq.num_prompt_tokens))
         started = time.monotonic()
+        spans = tracing.BatchSpans(batch, started)
 
         def on_layer(layer: int) -> None:
             for job in batch:
                 self.kv_server.mark_ready(job.transfer_id, layer + 1)
+            spans.layer_ready(layer)
 
-        first_tokens = self.runner.prefill([job.seq for job in batch], on_layer=on_layer)  # type: ignore[misc]
+        try:
+            first_tokens = self.runner.prefill([job.seq for job in batch], on_layer=on_layer)  # type: ignore[misc]
+        except BaseException as exc:
+            spans.end(exc)
+            raise
         compute_s = time.monotonic() - started
+        spans.end()
         for job, token in zip(batch, first_tokens, strict=True):
             assert token is not None  # whole prompts, never a partial chunk, are prefilled here
             self.kv_server.finish(job.transfer_id, token)
@@ -199,6 +211,8 @@ class PrefillEngine:
     def _on_release(self, transfer_id: str, reason: str) -> None:
         with self._cond:
             job = self._leased.pop(transfer_id, None)
+            if job is not None:
+                tracing.end_lease(job, reason)
             if job is not None and job.seq is not None:
                 self.block_manager.free(job.seq.blocks)
                 job.seq.blocks = []

@@ -11,8 +11,10 @@ import grpc
 
 from coordinator.registry import InstanceInfo
 from engine.runner import ModelRunner
+from kv_transfer.codec.cachegen_tables import install_model
 from kv_transfer.server import KVServer
 from kv_transfer.transport import available_transports, default_scheme, transport_for
+from pdserve import telemetry
 from pdserve.errors import PDServeError
 from pdserve.instance import InstanceConfig, add_instance_args, config_from_args, device_label, serve
 from pdserve.rpc import params_from_proto, stream_errors, unary_errors
@@ -42,7 +44,17 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         )
 
     @stream_errors
-    async def Prefill(self, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext):
+    @telemetry.server_stream(telemetry.PREFILL_REQUEST)
+    async def Prefill(
+        self, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext, span: telemetry.Span
+    ):
+        span.set_attributes(
+            {
+                "pdserve.request_id": request.request_id,
+                "pdserve.prompt_tokens": len(request.prompt_token_ids),
+                "pdserve.instance.id": self.cfg.instance_id,
+            }
+        )
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         job = PrefillJob(
@@ -50,6 +62,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             prompt_ids=list(request.prompt_token_ids),
             params=params_from_proto(request.sampling),
             emit=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
+            trace=telemetry.parent_of(span),
         )
         self.engine.submit(job)
         finished = False
@@ -109,6 +122,7 @@ async def run(cfg: InstanceConfig) -> None:
     runner = ModelRunner(
         cfg.model_dir, cfg.device, num_kv_blocks=cfg.num_kv_blocks, block_size=cfg.block_size
     )
+    install_model(cfg.model_dir)  # codecs learn the model's depth and its shipped cachegen tables
     transport = transport_for(default_scheme() if cfg.transport == "auto" else cfg.transport)
     kv_server = KVServer(transport, cfg.host, fingerprint=runner.fingerprint, lease_ttl_s=cfg.lease_ttl_s)
     kv_server.start()
@@ -139,6 +153,16 @@ async def run(cfg: InstanceConfig) -> None:
         engine.stop()
         kv_server.stop()
 
+    def gauges() -> dict[str, int]:
+        bm = engine.block_manager
+        return {
+            **engine.stats(),
+            "kv_blocks_free": bm.num_free,
+            "kv_blocks_used": bm.num_blocks - bm.num_free,
+        }
+
+    telemetry.instruments().observe_instance("prefill", cfg.instance_id, gauges)
+
     await serve(cfg, lambda srv: prefill_pb2_grpc.add_PrefillServicer_to_server(servicer, srv), info, stop)
 
 
@@ -147,4 +171,9 @@ def main(argv: list[str] | None = None) -> None:
     add_instance_args(p)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s prefill %(name)s: %(message)s")
-    asyncio.run(run(config_from_args("prefill", args)))
+    cfg = config_from_args("prefill", args)
+    telemetry.setup("prefill", cfg.instance_id)
+    try:
+        asyncio.run(run(cfg))
+    finally:
+        telemetry.shutdown()
