@@ -1,0 +1,392 @@
+"""`python -m bench.codec`: KV codecs on the shipped model -- size, speed per core, quality, break-even link.
+
+    python -m bench.codec [--quick] [--json PATH] [--save-profiles] [--model DIR]
+
+What is measured (one process, `torch.set_num_threads(1)`, the model in fp32 on the CPU as pdserve runs it here):
+
+* KV: real held-out text (`heldout.txt` beside the model, tokenized as in training; the first 4096 tokens are
+  skipped because `kv_transfer.codec.cachegen_tables` profiles its static tables on them). `windows` windows
+  of `prompt + continuation + 1` consecutive tokens; `ModelRunner.prefill` of the prompt fills the paged KV
+  cache, and each layer's K and V are read back from it ([T, Hkv, D]).
+* Codecs: `raw`, `int8`, `fp8` (the registry's instances) and CacheGen at its three levels, built directly as
+  `CacheGenCodec(level=...)`: keys `cachegen_low`, `cachegen` (= the default level, what the registry's
+  "cachegen" is) and `cachegen_high`. `install_model(model)` runs first, as in the services, so CacheGen
+  knows the model's depth and uses the model's static tables if it ships some.
+* Size: codec params + payload (frame header and CRC not counted) of every window's prompt KV given as fp16
+  -> `bits_per_element` (per K or V element), `ratio_vs_fp16` = 16 / bits, `ratio_vs_int8` = int8's bits / bits.
+* Speed: one `speed_tokens`-long held-out prompt's KV, every layer, `encode_parts` and `decode` timed with the
+  thread's CPU clock (`time.thread_time`: one core's work, robust to other tenants on this shared machine),
+  input fp16 and output fp16 -> MB/s (1e6 bytes/s) of fp16-equivalent K+V; median of `repeats` rounds, the
+  codecs interleaved within each round.
+* Quality (teacher forced): with the prompt's KV replaced by each codec's round trip (fp32 in, fp32 out:
+  the serving dtype here), the model reads the `continuation` held-out tokens that follow the prompt (their
+  own K/V computed exactly) and predicts each next token. Against the exact fp32 KV: per-token
+  KL(reference || codec) in nats (mean over tokens), top-1 agreement, and the relative change of perplexity
+  on the true next tokens. `noise_floor` is the same for the KV merely rounded through fp16 (fp16 vs fp32);
+  `int8` is the 8-bit baseline.
+* Break-even (`kv_transfer.choice.break_even_bps`): each codec's measured profile (ratio and speeds in the
+  serving dtype, fp32 here, as the gateway's codec choice counts bytes) against raw's measured profile, for
+  one `prompt`-token hand-off pipelined over the model's layers -> link Gbit/s below which the codec hands
+  off faster than raw. `--save-profiles` writes raw/int8/fp8/cachegen (default level) profiles beside the
+  model (`codec_profiles.json`), which `--codec auto` then uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from bench.report import emit
+from kv_transfer.choice import CodecProfile, break_even_bps, save_profiles
+from kv_transfer.codec import Codec, get_codec
+from kv_transfer.codec.cachegen import CacheGenCodec
+
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "pdserve-tiny-py"
+SKIP_TOKENS = 4096  # the static CacheGen tables are profiled on the first 4096 held-out tokens
+PROFILE_NAMES = {"raw": "raw", "int8": "int8", "fp8": "fp8", "cachegen": "cachegen"}  # bench key -> registry
+
+
+@dataclass(frozen=True)
+class Settings:
+    prompt: int  # prompt tokens per window (the KV that is coded)
+    continuation: int  # teacher-forced tokens read after it
+    windows: int
+    speed_tokens: int
+    repeats: int
+
+    @staticmethod
+    def make(quick: bool) -> Settings:
+        if quick:
+            return Settings(prompt=256, continuation=64, windows=4, speed_tokens=1024, repeats=3)
+        return Settings(prompt=1024, continuation=256, windows=16, speed_tokens=2000, repeats=7)
+
+
+def codecs() -> dict[str, Codec]:
+    return {
+        "raw": get_codec("raw"),
+        "int8": get_codec("int8"),
+        "fp8": get_codec("fp8"),
+        "cachegen_low": CacheGenCodec(level="low"),
+        "cachegen": CacheGenCodec(level="default"),
+        "cachegen_high": CacheGenCodec(level="high"),
+    }
+
+
+# ---- model plumbing ---------------------------------------------------------------------------------------
+
+
+class Model:
+    """A ModelRunner with one sequence's worth of blocks, for prefill + teacher-forced continuation."""
+
+    def __init__(self, model_dir: str, max_tokens: int) -> None:
+        from engine.runner import ModelRunner
+
+        self.runner = ModelRunner(model_dir, num_kv_blocks=-(-max_tokens // 16) + 1, block_size=16)
+        self.cfg = self.runner.config
+        self.blocks = list(range(self.runner.kv_cache.num_blocks))
+
+    @property
+    def num_layers(self) -> int:
+        return self.cfg.num_layers
+
+    def prefill(self, prompt: list[int]) -> list[tuple[Tensor, Tensor]]:
+        """Prefill `prompt` into the cache; -> its K/V per layer (copies, [T, Hkv, D], serving dtype)."""
+        from engine.sampling import SamplingParams
+        from engine.sequence import Sequence
+
+        seq = Sequence("bench", list(prompt), SamplingParams(max_tokens=1), blocks=self.blocks)
+        self.runner.prefill([seq])
+        cache = self.runner.kv_cache
+        return [cache.read(layer, self.blocks, len(prompt)) for layer in range(self.num_layers)]
+
+    def set_prompt_kv(self, kv: list[tuple[Tensor, Tensor]]) -> None:
+        for layer, (k, v) in enumerate(kv):
+            self.runner.kv_cache.write(layer, self.blocks, 0, k, v)
+
+    def continuation_logits(self, prompt_len: int, feed: list[int]) -> Tensor:
+        """Logits [C, V] (fp64) of every fed token, reading the cache's prompt KV (teacher forcing)."""
+        from engine.model import BatchMeta
+
+        r = self.runner
+        meta = BatchMeta.build(
+            [self.blocks], [prompt_len], [len(feed)], r.block_size, r.torch_device, self.cfg.sliding_window
+        )
+        ids = torch.tensor(feed, dtype=torch.long, device=r.torch_device)
+        with torch.inference_mode():
+            h = r.model.run_layers(r.model.embed(ids), meta, r.kv_cache)
+            logits = r.model.compute_logits(h, torch.arange(len(feed), device=r.torch_device))
+        return logits.double().cpu()
+
+
+def heldout_ids(model_dir: str) -> list[int]:
+    from training.eval import load_heldout_ids
+
+    return load_heldout_ids(model_dir)
+
+
+# ---- quality ------------------------------------------------------------------------------------------
+
+
+class Quality:
+    """Sums over teacher-forced tokens of KL(ref || x), top-1 agreement and NLL of the true next token."""
+
+    def __init__(self) -> None:
+        self.kl = self.agree = self.nll = 0.0
+        self.n = 0
+
+    def add(self, ref_logp: Tensor, logits: Tensor, targets: Tensor) -> None:
+        logp = torch.log_softmax(logits, -1)
+        self.kl += float((ref_logp.exp() * (ref_logp - logp)).sum(-1).clamp_min(0).sum())
+        self.agree += float((logp.argmax(-1) == ref_logp.argmax(-1)).sum())
+        self.nll += float(-logp.gather(-1, targets[:, None]).sum())
+        self.n += targets.numel()
+
+    def summary(self, ref: Quality) -> dict[str, float]:
+        ppl, ref_ppl = math.exp(self.nll / self.n), math.exp(ref.nll / ref.n)
+        return {
+            "kl_mean": self.kl / self.n,
+            "top1_agreement": self.agree / self.n,
+            "ppl_delta_rel": ppl / ref_ppl - 1.0,
+        }
+
+
+RoundTrip = Callable[[Tensor, Tensor, int], tuple[Tensor, Tensor]]
+
+
+def codec_round_trip(codec: Codec) -> RoundTrip:
+    def rt(k: Tensor, v: Tensor, layer: int) -> tuple[Tensor, Tensor]:
+        params, parts = codec.encode_parts(k, v, layer)
+        payload = memoryview(bytearray(b"".join(bytes(p) for p in parts)))  # writable, as a receive buffer
+        ko, vo = codec.decode(memoryview(bytes(params)), payload, tuple(k.shape), k.dtype, layer)
+        return ko.clone(), vo.clone()
+
+    return rt
+
+
+def wire_bytes(codec: Codec, k: Tensor, v: Tensor, layer: int) -> int:
+    params, parts = codec.encode_parts(k, v, layer)
+    return len(memoryview(params).cast("B")) + sum(len(memoryview(p).cast("B")) for p in parts)
+
+
+def measure_quality(
+    model: Model, ids: list[int], s: Settings, cdx: dict[str, Codec]
+) -> tuple[dict[str, Quality], Quality, dict[str, int], dict[str, int], int, int]:
+    """-> (quality per codec, noise-floor quality, wire bytes per codec of fp16 input, ... of serving-dtype
+    input, K+V elements coded, windows used)."""
+    span = s.prompt + s.continuation + 1
+    usable = (len(ids) - SKIP_TOKENS) // span
+    if usable < 1:
+        raise SystemExit(f"held-out text has {len(ids)} tokens: too few for one {span}-token window")
+    n_windows = min(s.windows, usable)
+    stride = (len(ids) - SKIP_TOKENS) // n_windows  # spread the windows over the held-out text
+    ref_q, floor_q = Quality(), Quality()
+    quality = {name: Quality() for name in cdx}
+    size16 = dict.fromkeys(cdx, 0)
+    size_serving = dict.fromkeys(cdx, 0)
+    elements = 0
+    for w in range(n_windows):
+        start = SKIP_TOKENS + w * stride
+        window = ids[start : start + span]
+        prompt, feed = window[: s.prompt], window[s.prompt : s.prompt + s.continuation]
+        targets = torch.tensor(window[s.prompt + 1 :], dtype=torch.long)
+        ref_kv = model.prefill(prompt)
+        ref_logits = model.continuation_logits(s.prompt, feed)
+        ref_logp = torch.log_softmax(ref_logits, -1)
+        ref_q.add(ref_logp, ref_logits, targets)
+        elements += sum(2 * k.numel() for k, _ in ref_kv)
+        variants: dict[str, RoundTrip] = {name: codec_round_trip(c) for name, c in cdx.items()}
+        variants["__fp16"] = lambda k, v, _layer: (k.half().to(k.dtype), v.half().to(v.dtype))
+        for name, rt in variants.items():
+            model.set_prompt_kv([rt(k, v, layer) for layer, (k, v) in enumerate(ref_kv)])
+            logits = model.continuation_logits(s.prompt, feed)
+            (floor_q if name == "__fp16" else quality[name]).add(ref_logp, logits, targets)
+        for name, c in cdx.items():
+            for layer, (k, v) in enumerate(ref_kv):
+                size16[name] += wire_bytes(c, k.half(), v.half(), layer)
+                size_serving[name] += wire_bytes(c, k, v, layer)
+        print(f"  window {w + 1}/{n_windows} done", flush=True, file=sys.stderr)
+    quality["__ref"] = ref_q
+    return quality, floor_q, size16, size_serving, elements, n_windows
+
+
+# ---- speed --------------------------------------------------------------------------------------------
+
+
+def measure_speed(
+    kv: list[tuple[Tensor, Tensor]], cdx: dict[str, Codec], repeats: int, dtype: torch.dtype
+) -> dict[str, tuple[float, float]]:
+    """-> name: (encode, decode) bytes/s of `dtype`-sized K+V per core (thread CPU time), medians."""
+    kv = [(k.to(dtype).contiguous(), v.to(dtype).contiguous()) for k, v in kv]
+    nbytes = sum(2 * k.numel() * k.element_size() for k, _ in kv)
+    enc: dict[str, list[float]] = {n: [] for n in cdx}
+    dec: dict[str, list[float]] = {n: [] for n in cdx}
+    for _ in range(repeats + 1):  # the first round warms up (tables, allocator) and is dropped
+        for name, c in cdx.items():
+            te = td = 0.0
+            for layer, (k, v) in enumerate(kv):
+                t0 = time.thread_time()
+                params, parts = c.encode_parts(k, v, layer)
+                te += time.thread_time() - t0
+                payload = memoryview(bytearray(b"".join(bytes(p) for p in parts)))
+                params_mv = memoryview(bytes(params))
+                t0 = time.thread_time()
+                c.decode(params_mv, payload, tuple(k.shape), dtype, layer)
+                td += time.thread_time() - t0
+            enc[name].append(te)
+            dec[name].append(td)
+    return {
+        n: (
+            nbytes / max(statistics.median(enc[n][1:]), 1e-9),
+            nbytes / max(statistics.median(dec[n][1:]), 1e-9),
+        )
+        for n in cdx
+    }
+
+
+# ---- run ------------------------------------------------------------------------------------------------
+
+
+def run(model_dir: str, s: Settings, save: bool = False) -> dict[str, Any]:
+    from kv_transfer.codec.cachegen_tables import install_model
+
+    if not (Path(model_dir) / "model.safetensors").exists() and not list(
+        Path(model_dir).glob("*.safetensors")
+    ):
+        raise SystemExit(f"{model_dir}: no weights (model.safetensors) yet")
+    torch.set_num_threads(1)
+    t_start = time.perf_counter()
+    tables = install_model(model_dir)
+    cdx = codecs()
+    ids = heldout_ids(model_dir)
+    model = Model(model_dir, max(s.prompt + s.continuation + 1, s.speed_tokens))
+    serving_dtype = model.runner.dtype
+    quality, floor_q, size16, size_serving, elements, n_windows = measure_quality(model, ids, s, cdx)
+    ref_q = quality.pop("__ref")
+
+    speed_prompt = ids[SKIP_TOKENS : SKIP_TOKENS + s.speed_tokens]
+    speed_kv = model.prefill(speed_prompt)
+    speed16 = measure_speed(speed_kv, cdx, s.repeats, torch.float16)
+    speed_serving = measure_speed(speed_kv, cdx, s.repeats, serving_dtype)
+
+    bits = {n: 8.0 * size16[n] / elements for n in cdx}
+    out_codecs: dict[str, dict[str, float]] = {}
+    for n in cdx:
+        q = quality[n].summary(ref_q)
+        out_codecs[n] = {
+            "ratio_vs_fp16": 16.0 / bits[n],
+            "ratio_vs_int8": bits["int8"] / bits[n],
+            "bits_per_element": bits[n],
+            "encode_mb_s": speed16[n][0] / 1e6,
+            "decode_mb_s": speed16[n][1] / 1e6,
+            **q,
+        }
+
+    serving_bytes = elements * serving_dtype.itemsize
+    profiles = {
+        n: CodecProfile(
+            name=n,
+            ratio=size_serving[n] / serving_bytes,
+            encode_bps=speed_serving[n][0],
+            decode_bps=speed_serving[n][1],
+            kl_mean=0.0 if cdx[n].lossless else out_codecs[n]["kl_mean"],
+        )
+        for n in cdx
+    }
+    cfg = model.cfg
+    handoff_bytes = s.prompt * cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * serving_dtype.itemsize
+    break_even = {
+        n: break_even_bps(profiles[n], profiles["raw"], handoff_bytes, cfg.num_layers) * 8 / 1e9
+        for n in cdx
+        if n != "raw"
+    }
+    saved = None
+    if save:
+        saved = str(
+            save_profiles(
+                model_dir,
+                [
+                    CodecProfile(PROFILE_NAMES[n], p.ratio, p.encode_bps, p.decode_bps, p.kl_mean)
+                    for n, p in profiles.items()
+                    if n in PROFILE_NAMES
+                ],
+            )
+        )
+    ref_ppl = math.exp(ref_q.nll / ref_q.n)
+    return {
+        "model": str(model_dir),
+        "codecs": out_codecs,
+        "noise_floor": {"what": "KV rounded through fp16 (fp16 vs fp32)", **floor_q.summary(ref_q)},
+        "break_even_gbit_s": break_even,
+        "settings": {
+            "quick": s.windows < Settings.make(False).windows,
+            "windows": n_windows,
+            "prompt_tokens": s.prompt,
+            "continuation_tokens": s.continuation,
+            "scored_tokens": ref_q.n,
+            "reference_ppl": ref_ppl,
+            "speed_tokens": len(speed_prompt),
+            "repeats": s.repeats,
+            "clock": "thread CPU time (one core)",
+            "serving_dtype": str(serving_dtype).replace("torch.", ""),
+            "kv_shape_per_layer": [cfg.num_kv_heads, cfg.head_dim],
+            "num_layers": cfg.num_layers,
+            "cachegen_static_tables": tables is not None,
+            "break_even_handoff_bytes": handoff_bytes,
+            "profiles_serving_dtype": {
+                n: {"ratio": p.ratio, "encode_mb_s": p.encode_bps / 1e6, "decode_mb_s": p.decode_bps / 1e6}
+                for n, p in profiles.items()
+            },
+            "profiles_saved_to": saved,
+            "elapsed_s": time.perf_counter() - t_start,
+        },
+    }
+
+
+def summary(r: dict[str, Any]) -> str:
+    lines = [
+        f"model {r['model']}  ({r['settings']['windows']} windows x {r['settings']['prompt_tokens']} prompt "
+        f"+ {r['settings']['continuation_tokens']} scored tokens; ref ppl {r['settings']['reference_ppl']:.3f})",
+        f"{'codec':14s} {'bits':>6s} {'x fp16':>7s} {'x int8':>7s} {'enc MB/s':>9s} {'dec MB/s':>9s} "
+        f"{'KL':>9s} {'top1':>7s} {'dPPL':>8s} {'b-e Gb/s':>8s}",
+    ]
+    for n, c in r["codecs"].items():
+        be = r["break_even_gbit_s"].get(n)
+        lines.append(
+            f"{n:14s} {c['bits_per_element']:6.2f} {c['ratio_vs_fp16']:7.2f} {c['ratio_vs_int8']:7.2f} "
+            f"{c['encode_mb_s']:9.1f} {c['decode_mb_s']:9.1f} {c['kl_mean']:9.2e} {c['top1_agreement']:7.4f} "
+            f"{c['ppl_delta_rel']:+8.4f} {'' if be is None else f'{be:8.3f}'}"
+        )
+    f = r["noise_floor"]
+    lines.append(
+        f"{'fp16 floor':14s} {'':6s} {'':7s} {'':7s} {'':9s} {'':9s} {f['kl_mean']:9.2e} "
+        f"{f['top1_agreement']:7.4f} {f['ppl_delta_rel']:+8.4f}"
+    )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.codec", description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer and shorter windows (under a minute)")
+    ap.add_argument("--json", default=None, help="write the JSON object here instead of stdout")
+    ap.add_argument("--save-profiles", action="store_true", help="write codec_profiles.json beside the model")
+    ap.add_argument(
+        "--model", default=str(DEFAULT_MODEL), help="model directory (default: the shipped model)"
+    )
+    a = ap.parse_args(argv)
+    result = run(a.model, Settings.make(a.quick), save=a.save_profiles)
+    emit(result, a.json, summary=summary(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,197 @@
+"""Load runs of one system on one workload, scored against any SLO: the pieces of the goodput comparison.
+
+* :class:`Prober` runs the workload at a rate over the public API (``bench.serving``) and caches the records by
+  rate, so one run is scored against every SLO scale ``k``.
+* :class:`Turns` lets several systems, all started at once, take turns at running load in a fixed rotation:
+  the machines here are shared, and a slow drift in the background load then hits every system alike
+  instead of whichever happened to run last.
+* :func:`goodput_from_runs`, :func:`refine_goodput`, :func:`tightest_k`: goodput and SLO scale from the runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+
+from bench.metrics import SLO, RequestRecord, attainment, compute_metrics
+from bench.serving import run_load
+from bench.workload import Workload, make_requests
+
+log = logging.getLogger("bench.probe")
+
+TARGET = 0.9  # SLO attainment that defines goodput
+
+
+class Stopped(Exception):
+    """Raised in a participant waiting for its turn once the comparison is stopped."""
+
+
+@dataclass
+class Run:
+    rate: float
+    records: list[RequestRecord]
+
+
+class Turns:
+    """One load run at a time; the participants take turns in rotation until they leave, the order
+    reversed every round (A B C, C B A, A B C, ...) so that no one always runs first after the others."""
+
+    def __init__(self, names: list[str]) -> None:
+        self._order = list(names)
+        self._next = 0
+        self._cond = threading.Condition()
+        self.stopped = threading.Event()  # set by stop(): runs end early, no turn is granted any more
+
+    @contextlib.contextmanager
+    def turn(self, name: str) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: self.stopped.is_set() or self._order[self._next] == name)
+            if self.stopped.is_set():
+                raise Stopped("the comparison was stopped")
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._next += 1
+                if self._next == len(self._order):
+                    self._order.reverse()
+                    self._next = 0
+                self._cond.notify_all()
+
+    def stop(self) -> None:
+        with self._cond:
+            self.stopped.set()
+            self._cond.notify_all()
+
+    def leave(self, name: str) -> None:
+        with self._cond:
+            i = self._order.index(name)
+            self._order.pop(i)
+            if self._order:
+                if i < self._next:
+                    self._next -= 1
+                self._next %= len(self._order)
+            self._cond.notify_all()
+
+
+class Prober:
+    """Load runs of one (system, workload), cached by rate (so every k reuses them).
+
+    A run sends ``workload.n_requests`` requests, fewer at low rates so that its schedule spans at most
+    ``max_span_s`` (but never fewer than ``min_requests``): the first requests of the same seeded schedule.
+    Runs of different probers sharing ``turns`` never overlap.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        address: str,
+        workload: Workload,
+        source: list[int],
+        *,
+        timeout_s: float,
+        max_span_s: float,
+        min_requests: int,
+        turns: Turns | None = None,
+        log_slo: SLO | None = None,
+    ) -> None:
+        self.name = name
+        self.address = address
+        self.workload = workload
+        self.source = source
+        self.timeout_s = timeout_s
+        self.max_span_s = max_span_s
+        self.min_requests = min_requests
+        self.turns = turns
+        self.log_slo = log_slo
+        self.runs: dict[float, Run] = {}
+
+    def run(self, rate: float) -> Run:
+        rate = float(f"{rate:.4g}")
+        if rate not in self.runs:
+            n = min(self.workload.n_requests, max(self.min_requests, round(rate * self.max_span_s)))
+            reqs = make_requests(replace(self.workload, rate=rate, n_requests=n), self.source)
+            with self.turns.turn(self.name) if self.turns else contextlib.nullcontext():
+                t = time.monotonic()
+                records = asyncio.run(
+                    run_load(
+                        self.address,
+                        reqs,
+                        request_timeout_s=self.timeout_s,
+                        drain_s=self.timeout_s,
+                        stop=self.turns.stopped if self.turns else None,
+                    )
+                )
+                elapsed = time.monotonic() - t
+                time.sleep(0.3)  # let cancelled stragglers be reaped before the next run
+            if self.turns and self.turns.stopped.is_set():
+                raise Stopped("the comparison was stopped")
+            self.runs[rate] = Run(rate, records)
+            att = f", attainment {self.attainment(rate, self.log_slo):.2f}" if self.log_slo else ""
+            log.info(
+                "%s %s @ %.3g req/s: %d/%d ok%s (%.1fs)",
+                self.name,
+                self.workload.name,
+                rate,
+                sum(r.ok for r in records),
+                len(records),
+                att,
+                elapsed,
+            )
+        return self.runs[rate]
+
+    def attainment(self, rate: float, slo: SLO) -> float:
+        return attainment(compute_metrics(self.run(rate).records), slo)
+
+
+def min_k_per_request(records: list[RequestRecord], prefill_s: float, decode_s: float) -> list[float]:
+    """The smallest SLO scale each request meets (inf for a failed request)."""
+    out = []
+    for m in compute_metrics(records):
+        if not m.ok or m.ttft_s is None or m.tpot_s is None:
+            out.append(math.inf)
+        else:
+            out.append(max(m.ttft_s / prefill_s, m.tpot_s / decode_s))
+    return out
+
+
+def tightest_k(records: list[RequestRecord], prefill_s: float, decode_s: float) -> float | None:
+    """The smallest k at which >= TARGET of the requests meet the SLO (None if no k does)."""
+    ks = sorted(min_k_per_request(records, prefill_s, decode_s))
+    k = ks[math.ceil(TARGET * len(ks)) - 1]
+    return k if math.isfinite(k) else None
+
+
+def goodput_from_runs(runs: list[Run], slo: SLO) -> float:
+    """Highest probed rate passing the SLO target with every lower probed rate passing too."""
+    best = 0.0
+    for run in sorted(runs, key=lambda r: r.rate):
+        if attainment(compute_metrics(run.records), slo) < TARGET:
+            break
+        best = run.rate
+    return best
+
+
+def refine_goodput(prober: Prober, slo: SLO, budget: int, rel_tol: float) -> None:
+    """Continue the bracket-then-bisect search for `slo` over the cached runs, with at most `budget` new
+    runs: double past the highest run if every run passes, else bisect above the goodput. Never below the
+    lowest run (runs at low rates are the longest; a goodput of 0 then means "below the lowest run")."""
+    for _ in range(budget):
+        runs = sorted(prober.runs.values(), key=lambda r: r.rate)
+        good = goodput_from_runs(runs, slo)
+        above = [r.rate for r in runs if r.rate > good]
+        if good == 0.0:
+            return
+        if not above:
+            nxt = good * 2
+        elif above[0] - good > rel_tol * good:
+            nxt = (good + above[0]) / 2
+        else:
+            return
+        prober.run(nxt)
