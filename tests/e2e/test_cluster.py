@@ -209,3 +209,19 @@ def test_dead_decode_drops_out_and_replacement_serves(tiny_model_dir: Path, tmp_
         _assert_no_leaks(cluster)
     finally:
         cluster.stop()
+
+
+def test_gateway_serves_health_and_reflection(cluster: LocalCluster) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with grpc.insecure_channel(cluster.gateway_address) as ch:
+        health = health_pb2_grpc.HealthStub(ch)
+        for service in ("", "pdserve.v1.Generation"):
+            resp = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert resp.status == health_pb2.HealthCheckResponse.SERVING
+        reflect = reflection_pb2_grpc.ServerReflectionStub(ch)
+        req = reflection_pb2.ServerReflectionRequest(list_services="")
+        (resp,) = list(reflect.ServerReflectionInfo(iter([req]), timeout=5))
+        names = {s.name for s in resp.list_services_response.service}
+    assert {"pdserve.v1.Generation", "grpc.health.v1.Health"} <= names
