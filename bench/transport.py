@@ -335,11 +335,11 @@ def _decode_proc(
                 peer.send(("run", mode, tid, prompt))
                 tag, got = peer.recv()
                 assert tag == "pull" and got == tid, (tag, got)
-                t_pull = time.monotonic()
+                t_pull, cpu0 = time.monotonic(), time.process_time()
                 trailer = puller.pull(
                     address, tid, codec, lambda layer, k, v: cache.write(layer, blocks, 0, k, v)
                 )
-                t_ready = time.monotonic()
+                t_ready, cpu1 = time.monotonic(), time.process_time()
                 tag, t0, t1 = peer.recv()
                 st = trailer.stats
                 results.append(
@@ -353,6 +353,7 @@ def _decode_proc(
                         "raw_bytes": st.raw_bytes,
                         "encode_s": st.encode_s,
                         "decode_s": st.decode_s,
+                        "decode_side_cpu_s": cpu1 - cpu0,
                     }
                 )
         peer.send(("quit",))
@@ -506,6 +507,9 @@ def measure_handoff(model_dir: str, s: Settings, link: str) -> dict[str, Any]:
         "ttft_added_frac_streaming_cachegen": _med(rows, "added_s", mode="streaming", codec="cachegen") / pre,
         "wire_bytes_raw": _med(rows, "wire_bytes", codec="raw"),
         "wire_bytes_cachegen": _med(rows, "wire_bytes", codec="cachegen"),
+        "encode_s_cachegen": _med(rows, "encode_s", mode="after", codec="cachegen"),
+        "decode_s_cachegen": _med(rows, "decode_s", mode="after", codec="cachegen"),
+        "decode_side_cpu_s_cachegen": _med(rows, "decode_side_cpu_s", mode="after", codec="cachegen"),
     }
     return {
         "unshaped": unshaped,
