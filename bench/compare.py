@@ -112,9 +112,9 @@ QUICK = Mode(
         WorkloadSpec("balanced", Uniform(48, 80), Uniform(48, 80), headline_k=4.0),
     ),
     budgets=(64,),
-    n_requests=40,
+    n_requests=30,
     min_requests=30,
-    max_span_s=4.0,
+    max_span_s=3.0,
     max_probes=2,
     extra_probes=0,
     rel_tol=0.25,
@@ -404,11 +404,16 @@ def start_all(chosen: list[System], model_dir: str, cpus: tuple[int, ...], log_d
             except Exception as exc:  # noqa: BLE001 - reported after the others are stopped
                 errors.append(f"{name}: {exc}")
     if errors:
-        for c in clusters.values():
-            c.stop()
+        stop_all(list(clusters.values()))
         raise RuntimeError("could not start every system: " + "; ".join(errors))
     log.info("%d systems up in %.1fs", len(clusters), time.monotonic() - t)
     return clusters
+
+
+def stop_all(clusters: list[Any]) -> None:
+    """Stop clusters in parallel (each waits for its processes' graceful shutdown)."""
+    with ThreadPoolExecutor(max(1, len(clusters))) as pool:
+        list(pool.map(lambda c: c.stop(), clusters))
 
 
 def evaluate_system(
@@ -470,8 +475,7 @@ def run_all(
         finally:
             turns.stop()  # no-op after a complete run; else the other systems end their runs now
             pool.shutdown(wait=True, cancel_futures=True)
-            for c in clusters.values():
-                c.stop()
+            stop_all(list(clusters.values()))
     return per_system, metrics_at_fixed
 
 
@@ -512,7 +516,7 @@ def workload_result(plan: Plan, sysres: dict[str, dict[str, Any]]) -> dict[str, 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__.splitlines()[0])
     p.add_argument(
-        "--quick", action="store_true", help="small model, few rates, 30-40 requests per run (< 2 min)"
+        "--quick", action="store_true", help="small model, 2 runs per search, 30 requests per run (< 2 min)"
     )
     p.add_argument("--json", default=None, help="write the JSON object here instead of stdout")
     p.add_argument("--plots", default=None, help="write PNG plots into this directory")
@@ -560,8 +564,13 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("interrupted: every started process was stopped; no result")
         return 130
     load_end = os.getloadavg()
-    # the same isolated measurement again: how far the machine drifted during the run
-    drift = {p.spec.name: measure_isolated(model_dir, cpus[0], source, *_iso_lens(p.spec)) for p in plans}
+    # the same isolated measurement again (full mode): how far the machine drifted during the run
+    drift = {
+        p.spec.name: measure_isolated(model_dir, cpus[0], source, *_iso_lens(p.spec))
+        if mode.name == "full"
+        else None
+        for p in plans
+    }
 
     result: dict[str, Any] = {
         "benchmark": "compare",
