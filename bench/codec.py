@@ -47,6 +47,7 @@ import torch
 from torch import Tensor
 
 from bench.report import emit
+from engine.kv_probe import KVProbe, kl_per_token
 from kv_transfer.choice import CodecProfile, break_even_bps, save_profiles
 from kv_transfer.codec import Codec, get_codec
 from kv_transfer.codec.cachegen import CacheGenCodec
@@ -79,53 +80,13 @@ def codecs() -> dict[str, Codec]:
         "cachegen_low": CacheGenCodec(level="low"),
         "cachegen": CacheGenCodec(level="default"),
         "cachegen_high": CacheGenCodec(level="high"),
+        # the same default level entropy-coded by constriction instead of the compiled rANS coder: same
+        # reconstruction (quality), the speed of the fallback used where no C compiler is available
+        "cachegen_constriction": CacheGenCodec(level="default", coder="constriction"),
     }
 
 
 # ---- model plumbing ---------------------------------------------------------------------------------------
-
-
-class Model:
-    """A ModelRunner with one sequence's worth of blocks, for prefill + teacher-forced continuation."""
-
-    def __init__(self, model_dir: str, max_tokens: int) -> None:
-        from engine.runner import ModelRunner
-
-        self.runner = ModelRunner(model_dir, num_kv_blocks=-(-max_tokens // 16) + 1, block_size=16)
-        self.cfg = self.runner.config
-        self.blocks = list(range(self.runner.kv_cache.num_blocks))
-
-    @property
-    def num_layers(self) -> int:
-        return self.cfg.num_layers
-
-    def prefill(self, prompt: list[int]) -> list[tuple[Tensor, Tensor]]:
-        """Prefill `prompt` into the cache; -> its K/V per layer (copies, [T, Hkv, D], serving dtype)."""
-        from engine.sampling import SamplingParams
-        from engine.sequence import Sequence
-
-        seq = Sequence("bench", list(prompt), SamplingParams(max_tokens=1), blocks=self.blocks)
-        self.runner.prefill([seq])
-        cache = self.runner.kv_cache
-        return [cache.read(layer, self.blocks, len(prompt)) for layer in range(self.num_layers)]
-
-    def set_prompt_kv(self, kv: list[tuple[Tensor, Tensor]]) -> None:
-        for layer, (k, v) in enumerate(kv):
-            self.runner.kv_cache.write(layer, self.blocks, 0, k, v)
-
-    def continuation_logits(self, prompt_len: int, feed: list[int]) -> Tensor:
-        """Logits [C, V] (fp64) of every fed token, reading the cache's prompt KV (teacher forcing)."""
-        from engine.model import BatchMeta
-
-        r = self.runner
-        meta = BatchMeta.build(
-            [self.blocks], [prompt_len], [len(feed)], r.block_size, r.torch_device, self.cfg.sliding_window
-        )
-        ids = torch.tensor(feed, dtype=torch.long, device=r.torch_device)
-        with torch.inference_mode():
-            h = r.model.run_layers(r.model.embed(ids), meta, r.kv_cache)
-            logits = r.model.compute_logits(h, torch.arange(len(feed), device=r.torch_device))
-        return logits.double().cpu()
 
 
 def heldout_ids(model_dir: str) -> list[int]:
@@ -146,7 +107,7 @@ class Quality:
 
     def add(self, ref_logp: Tensor, logits: Tensor, targets: Tensor) -> None:
         logp = torch.log_softmax(logits, -1)
-        self.kl += float((ref_logp.exp() * (ref_logp - logp)).sum(-1).clamp_min(0).sum())
+        self.kl += float(kl_per_token(ref_logp, logits).sum())
         self.agree += float((logp.argmax(-1) == ref_logp.argmax(-1)).sum())
         self.nll += float(-logp.gather(-1, targets[:, None]).sum())
         self.n += targets.numel()
@@ -179,7 +140,7 @@ def wire_bytes(codec: Codec, k: Tensor, v: Tensor, layer: int) -> int:
 
 
 def measure_quality(
-    model: Model, ids: list[int], s: Settings, cdx: dict[str, Codec]
+    model: KVProbe, ids: list[int], s: Settings, cdx: dict[str, Codec]
 ) -> tuple[dict[str, Quality], Quality, dict[str, int], dict[str, int], int, int]:
     """-> (quality per codec, noise-floor quality, wire bytes per codec of fp16 input, ... of serving-dtype
     input, K+V elements coded, windows used)."""
@@ -268,7 +229,7 @@ def run(model_dir: str, s: Settings, save: bool = False) -> dict[str, Any]:
     tables = install_model(model_dir)
     cdx = codecs()
     ids = heldout_ids(model_dir)
-    model = Model(model_dir, max(s.prompt + s.continuation + 1, s.speed_tokens))
+    model = KVProbe(model_dir, max(s.prompt + s.continuation + 1, s.speed_tokens))
     serving_dtype = model.runner.dtype
     quality, floor_q, size16, size_serving, elements, n_windows = measure_quality(model, ids, s, cdx)
     ref_q = quality.pop("__ref")

@@ -19,19 +19,16 @@ non-CPU or non-fp32 tensor, or `PDSERVE_KERNELS=0`, callers get the torch path i
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import os
-import platform
-import shutil
 import subprocess
-import tempfile
 import threading
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from engine.cbuild import build_library
 
 log = logging.getLogger(__name__)
 
@@ -175,44 +172,11 @@ void rms_norm(float *out, const float *x, const float *w, int64_t T, int64_t n, 
     }
 }
 """
-_CFLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-shared", "-fPIC"]
-
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
 _has_small_matmul = False
 SMALL_MATMUL_MAX_ROWS = 24  # beyond this MKL's blocked GEMM wins (measured: equal at 32, 2x faster at 128)
-
-
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return line
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _build(cache: Path) -> Path:
-    """Compile the source into `cache` (atomically: a temp file renamed into place) unless already there."""
-    key = hashlib.sha256("\n".join([_C_SOURCE, *_CFLAGS, _cpu_flags()]).encode()).hexdigest()[:16]
-    target = cache / f"pdserve_kernels-{key}.so"
-    if target.exists():
-        return target
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        raise RuntimeError("no C compiler (cc / gcc) on PATH")
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        src, so = Path(tmp) / "pdserve_kernels.c", Path(tmp) / "pdserve_kernels.so"
-        src.write_text(_C_SOURCE)
-        proc = subprocess.run([cc, *_CFLAGS, "-o", str(so), str(src), "-lm"], capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-2000:]}")
-        os.replace(so, target)
-    return target
 
 
 def _load() -> ctypes.CDLL | None:
@@ -223,10 +187,8 @@ def _load() -> ctypes.CDLL | None:
         if _tried:
             return _lib
         if os.environ.get("PDSERVE_KERNELS", "1") != "0":
-            from engine.synth import cache_dir
-
             try:
-                lib = ctypes.CDLL(str(_build(cache_dir() / "kernels")))
+                lib = ctypes.CDLL(str(build_library("pdserve_kernels", _C_SOURCE)))
                 fn = lib.paged_decode_attention
                 fn.restype = ctypes.c_int
                 fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 7 + [ctypes.c_float]

@@ -14,8 +14,11 @@ Quantization, per chunk of at most `chunk_tokens` tokens (chunks are coded indep
   output dtype's rounding. `error_bounds(params, shape)` returns these bounds per element.
 
 Entropy coding: each channel's symbols (of K or V, one layer) are coded with that channel's own categorical
-model by `constriction`'s compiled ANS coder, one coder per (chunk, K/V); up to 31 levels two neighbouring
-tokens' symbols form one coded symbol (alphabet n^2, product model), which saves decode time. Models come:
+model, one coder per (chunk, K/V). By default the compiled rANS coder (`kv_transfer.codec.rans`, flag
+FLAG_RANS) codes the token-major symbols in one C call per part; where no C compiler is available (or with
+`coder="constriction"`) `constriction`'s compiled ANS coder does, one model per channel, and up to 31 levels
+two neighbouring tokens' symbols form one coded symbol (alphabet n^2, product model). Decoders read both.
+Models come:
   * STATIC: from a table profiled once per model (`cachegen_tables`), identified by its u64 id in params;
   * CHANNEL: from the chunk itself, shipped as 4-bit code lengths (half-bit steps of -log2 p) per symbol and
     channel: 4 bytes per channel at 8 bins, ~0.03 bits per element at 1024-token chunks (LMCache ships a
@@ -54,6 +57,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from kv_transfer.codec import rans
 from kv_transfer.codec.base import Codec, Shape
 from kv_transfer.codec.cachegen_core import (
     ALLOWED_BINS,
@@ -99,6 +103,8 @@ _HEADER = struct.Struct("<2sBBBBBBHIQI")
 _CHUNK = struct.Struct("<IIIBB")  # tokens, k words, v words, k table mode, v table mode
 _CRC = struct.Struct("<I")
 FLAG_WIDE = 1  # key scales and raw tokens in fp32 (some |value| is beyond fp16's range), else fp16
+FLAG_RANS = 2  # entropy-coded by the compiled rANS coder (kv_transfer.codec.rans), else by constriction
+CODERS = ("auto", "rans", "constriction")
 MODE_CHANNEL, MODE_SHARED, MODE_STATIC, MODE_DELTA = 0, 1, 2, 3
 TABLE_MODES = ("auto", "chunk")
 _FP16_SAFE = 60000.0  # largest |value| whose scales are stored as fp16 (fp16 max is 65504)
@@ -118,22 +124,29 @@ class CacheGenCodec(Codec):
         *,
         tables: CacheGenTables | None = None,
         table_mode: str = "auto",
-        chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+        chunk_tokens: int | None = None,
         anchor_group: int = 0,
         raw_tokens: int = DEFAULT_RAW_TOKENS,
         num_layers: int | None = None,
+        coder: str = "auto",
     ) -> None:
         if level not in LEVELS:
             raise CodecError(f"cachegen level {level!r} unknown; known: {sorted(LEVELS)}")
         if table_mode not in TABLE_MODES:
             raise CodecError(f"cachegen table_mode {table_mode!r} unknown; known: {TABLE_MODES}")
-        if not 2 <= chunk_tokens < 1 << 31:
+        if chunk_tokens is not None and not 2 <= chunk_tokens < 1 << 31:
             raise CodecError(f"cachegen chunk_tokens {chunk_tokens} out of range")
         if anchor_group == 1 or not 0 <= anchor_group < 1 << 16:
             raise CodecError(f"cachegen anchor_group {anchor_group}: 0 (off) or 2..65535")
         if not 0 <= raw_tokens < 256:
             raise CodecError(f"cachegen raw_tokens {raw_tokens}: 0..255")
-        self.level, self.table_mode = LEVELS[level], table_mode
+        if coder not in CODERS:
+            raise CodecError(f"cachegen coder {coder!r} unknown; known: {CODERS}")
+        if coder == "rans" and not rans.available():
+            raise CodecError("cachegen coder 'rans': the compiled rANS coder is not available here")
+        # rANS unless asked otherwise or unavailable; anchor/delta grouping is implemented with constriction
+        self.use_rans = coder != "constriction" and not anchor_group and rans.available()
+        self.level_name, self.level, self.table_mode = level, LEVELS[level], table_mode
         self.tables, self.chunk_tokens, self.anchor_group = tables, chunk_tokens, anchor_group
         self.num_layers, self.raw_tokens = num_layers, raw_tokens
         if tables is not None:
@@ -145,10 +158,25 @@ class CacheGenCodec(Codec):
         return self.tables if self.tables is not None else installed_tables()
 
     def bins_for(self, layer: int) -> tuple[int, int]:
-        """(K bins, V bins) this encoder uses at `layer`. The model's depth comes from the constructor, else
-        its tables, else `install_model()`, else DEFAULT_NUM_LAYERS is assumed."""
+        """(K bins, V bins) this encoder uses at `layer`: the model's bit plan for this level when its tables
+        (passed, else installed) carry one, else the level's shallow/deep rule. The model's depth comes from
+        the constructor, else its tables, else `install_model()`, else DEFAULT_NUM_LAYERS is assumed."""
+        tables = self._tables()
+        plan = tables.plans.get(self.level_name) if tables is not None else None
+        if plan is not None and layer < len(plan) and self.num_layers in (None, len(plan)):
+            return plan[layer]
         num_layers = self.num_layers or (self.tables.num_layers if self.tables else installed_num_layers())
         return self.level.bins(layer, num_layers or DEFAULT_NUM_LAYERS)
+
+    def chunk_size(self) -> int:
+        """Tokens per chunk: the constructor's, else the tables' (what the bit plan was made for), else
+        DEFAULT_CHUNK_TOKENS."""
+        if self.chunk_tokens is not None:
+            return self.chunk_tokens
+        tables = self._tables()
+        if tables is not None and tables.chunk_tokens is not None:
+            return tables.chunk_tokens
+        return DEFAULT_CHUNK_TOKENS
 
     def encode(self, k: Tensor, v: Tensor, layer: int) -> tuple[bytes, bytes]:
         params, parts = self.encode_parts(k, v, layer)
@@ -176,7 +204,7 @@ class CacheGenCodec(Codec):
         raw = min(self.raw_tokens, t)
         raw_parts = [_le_bytes(kf[:raw].to(scale_dtype)), _le_bytes(vf[:raw].to(scale_dtype))]
         directory, scales, table_parts, words, static = [], [], [], [], False
-        for a, b in chunk_bounds(t - raw, self.chunk_tokens):
+        for a, b in chunk_bounds(t - raw, self.chunk_size()):
             a, b = a + raw, b + raw
             centre, half, kq = quantize_keys(kf[a:b], levels_of(kbins), scale_dtype)
             vbase, ve, vq = quantize_values(vf[a:b], levels_of(vbins))
@@ -197,7 +225,7 @@ class CacheGenCodec(Codec):
             self.level.level_id,
             kbins,
             vbins,
-            FLAG_WIDE if wide else 0,
+            (FLAG_WIDE if wide else 0) | (FLAG_RANS if self.use_rans else 0),
             raw,
             self.anchor_group,
             len(directory),
@@ -213,6 +241,8 @@ class CacheGenCodec(Codec):
         """Symbols [t, C] -> (table mode, table bytes, ANS words)."""
         n = 2 * levels_of(bins) + 1
         channels = q.shape[1]
+        if self.use_rans:
+            return self._code_rans(q, n, bins, layer, kind, tables)
         if self.anchor_group:
             anchors, deltas = _split_delta(to_streams(q, n, False), self.anchor_group, n)
             acodes = table_codes(symbol_counts(anchors, n))
@@ -234,6 +264,22 @@ class CacheGenCodec(Codec):
         probs = codes_to_probs(codes)
         models = build_models(pair_probs(probs) if pairs else probs)
         return MODE_CHANNEL, pack_nibbles(codes), ans_encode(list(s), models)
+
+    def _code_rans(
+        self, q: Tensor, n: int, bins: int, layer: int, kind: str, tables: CacheGenTables | None
+    ) -> tuple[int, bytes, np.ndarray]:
+        """`_code` with the compiled rANS coder: symbols stay token-major uint8 [t, C]."""
+        sym = q.to(torch.uint8).cpu().numpy()
+        channels = sym.shape[1]
+        if tables is not None and tables.has(layer, kind, bins, channels):
+            return MODE_STATIC, b"", rans.encode(sym, tables.rans_tables(layer, kind, bins))
+        counts = rans.histogram(sym, n)
+        codes, shared = table_codes(counts), table_codes(counts.sum(0, keepdims=True))
+        per_channel = code_bits(counts, codes_to_probs(codes)) + 4 * codes.size
+        if code_bits(counts, codes_to_probs(shared)) + 4 * n < per_channel:
+            tab = rans.tables_from_codes(np.repeat(shared, channels, 0))
+            return MODE_SHARED, pack_nibbles(shared), rans.encode(sym, tab)
+        return MODE_CHANNEL, pack_nibbles(codes), rans.encode(sym, rans.tables_from_codes(codes))
 
     # ---- decode ---------------------------------------------------------------------------------------
 
@@ -299,6 +345,19 @@ class CacheGenCodec(Codec):
         """ANS words of one (chunk, K/V) -> symbols fp32 [t, C] on `device`."""
         n = 2 * levels_of(bins) + 1
         c = p.channels
+        if p.flags & FLAG_RANS:
+            if mode == MODE_STATIC:
+                assert tables is not None  # parse_params checked it
+                tab = tables.rans_tables(layer, kind, bins)
+            elif mode == MODE_SHARED:
+                tab = rans.tables_from_codes(np.repeat(unpack_nibbles(table, n).reshape(1, n), c, 0))
+            else:
+                tab = rans.tables_from_codes(unpack_nibbles(table, c * n).reshape(c, n))
+            try:
+                sym = rans.decode(words, t, tab)
+            except CodecError as e:  # the coder is missing on this host
+                raise FrameForeign(f"cachegen: {e}") from None
+            return torch.from_numpy(sym).to(device).float()
         if mode == MODE_DELTA:
             g = p.anchor_group
             na = -(-t // g)
@@ -404,8 +463,15 @@ def parse_params(params: Buffer, shape: Shape) -> Params:
         raise FrameForeign(f"cachegen params version {version}, this build reads {_VERSION}")
     t, h, d = shape
     c = h * d
-    if k_bins not in ALLOWED_BINS or v_bins not in ALLOWED_BINS or flags & ~FLAG_WIDE or raw > t:
+    if (
+        k_bins not in ALLOWED_BINS
+        or v_bins not in ALLOWED_BINS
+        or flags & ~(FLAG_WIDE | FLAG_RANS)
+        or raw > t
+    ):
         raise FrameCorrupted(f"cachegen params: bins {k_bins}/{v_bins}, flags {flags:#x}, {raw} raw tokens")
+    if anchor_group and flags & FLAG_RANS:
+        raise FrameCorrupted("cachegen params: anchor/delta grouping is never rANS-coded")
     if anchor_group == 1 or not (1 if raw < t else 0) <= n_chunks <= t - raw:
         raise FrameCorrupted(
             f"cachegen params: anchor group {anchor_group}, {n_chunks} chunks for {t} tokens"

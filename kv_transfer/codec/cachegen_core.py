@@ -55,7 +55,7 @@ LEVELS: dict[str, Level] = {
     ),
     "low": Level(3, k_shallow=8, k_deep=4, v_shallow=8, v_deep=4, k_shallow_frac=1 / 8, v_shallow_frac=1 / 8),
 }
-ALLOWED_BINS = (4, 8, 16, 32, 64)
+ALLOWED_BINS = tuple(range(4, 66, 2))  # even; M = bins // 2 - 1 levels each side of 0
 DEFAULT_NUM_LAYERS = 32  # depth assumed when neither tables nor the caller say (LMCache's 7-8B layout)
 DEFAULT_CHUNK_TOKENS = 1024
 # Leading tokens sent as fp16, keeping an attention sink out of the key ranges. Off: no gain measured (the

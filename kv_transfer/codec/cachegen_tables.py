@@ -13,15 +13,19 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import threading
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from kv_transfer.codec import rans
 from kv_transfer.codec.cachegen_core import (
+    ALLOWED_BINS,
     DEFAULT_CHUNK_TOKENS,
     LEVELS,
     Level,
@@ -46,16 +50,42 @@ def _key(layer: int, kind: str, bins: int) -> str:
     return f"L{layer}.{kind}.b{bins}"
 
 
+Plan = tuple[tuple[int, int], ...]  # (K bins, V bins) per layer
+
+
 class CacheGenTables:
     """probs[(layer, kind, bins)] = float32 [C, 2M+1] unnormalised symbol probabilities (e.g. smoothed counts).
+
+    Optionally a model's bit plan (`kv_transfer.codec.cachegen_plan`): `plans[level]` = (K bins, V bins) per
+    layer, which encoders of that level use instead of the level's generic shallow/deep rule, and the
+    `chunk_tokens` the plan (and these tables) were made for.
 
     Immutable after construction; `models()` caches the constriction models it builds (thread-safe).
     `table_id` hashes the arrays as stored, so a saved and reloaded table keeps its id.
     """
 
-    def __init__(self, probs: dict[tuple[int, str, int], np.ndarray], num_layers: int) -> None:
+    def __init__(
+        self,
+        probs: dict[tuple[int, str, int], np.ndarray],
+        num_layers: int,
+        plans: dict[str, Plan] | None = None,
+        chunk_tokens: int | None = None,
+    ) -> None:
         if num_layers < 1:
             raise CodecError(f"cachegen tables: num_layers {num_layers} < 1")
+        self.plans: dict[str, Plan] = {}
+        for level, plan in (plans or {}).items():
+            plan = tuple((int(kb), int(vb)) for kb, vb in plan)
+            if (
+                level not in LEVELS
+                or len(plan) != num_layers
+                or any(b not in ALLOWED_BINS for pair in plan for b in pair)
+            ):
+                raise CodecError(f"cachegen tables: bad plan for level {level!r}: {plan}")
+            self.plans[level] = plan
+        if chunk_tokens is not None and not 2 <= chunk_tokens < 1 << 31:
+            raise CodecError(f"cachegen tables: chunk_tokens {chunk_tokens} out of range")
+        self.chunk_tokens = chunk_tokens
         clean: dict[tuple[int, str, int], np.ndarray] = {}
         for (layer, kind, bins), p in sorted(probs.items()):
             p = np.ascontiguousarray(p, dtype=np.float32)
@@ -72,7 +102,7 @@ class CacheGenTables:
             h.update(repr((key, p.shape)).encode())
             h.update(p.tobytes())
         self.table_id = int.from_bytes(h.digest(), "little") or 1  # 0 means "no table" on the wire
-        self._models: dict[tuple[int, str, int, bool], list] = {}
+        self._models: dict[tuple[int, str, int, object], Any] = {}  # constriction models / rANS tables
         self._lock = threading.Lock()
 
     def has(self, layer: int, kind: str, bins: int, channels: int) -> bool:
@@ -90,11 +120,26 @@ class CacheGenTables:
                 self._models.setdefault(key, models)
         return models
 
+    def rans_tables(self, layer: int, kind: str, bins: int) -> rans.Tables:
+        """The compiled coder's per-channel tables for (layer, kind, bins), built once and cached."""
+        key = (layer, kind, bins, "rans")
+        tab = self._models.get(key)
+        if tab is None:
+            tab = rans.tables_from_probs(self.probs[(layer, kind, bins)])
+            tab.lut()  # built now, so the cached instance is never mutated while shared
+            with self._lock:
+                tab = self._models.setdefault(key, tab)
+        return tab
+
     def save(self, path: str | Path) -> None:
         from safetensors.numpy import save_file
 
         tensors = {_key(*key): p for key, p in self.probs.items()}
         meta = {"format": _FORMAT, "version": _FORMAT_VERSION, "num_layers": str(self.num_layers)}
+        if self.plans:
+            meta["plans"] = json.dumps({lv: [list(b) for b in plan] for lv, plan in self.plans.items()})
+        if self.chunk_tokens is not None:
+            meta["chunk_tokens"] = str(self.chunk_tokens)
         save_file(tensors, str(path), metadata=meta)
 
     @classmethod
@@ -111,9 +156,13 @@ class CacheGenTables:
                     layer, kind, bins = name.split(".")
                     probs[(int(layer[1:]), kind, int(bins[1:]))] = f.get_tensor(name)
                 num_layers = int(meta["num_layers"])
-        except (OSError, ValueError, KeyError, SafetensorError) as e:
+                plans = json.loads(meta["plans"]) if "plans" in meta else None
+                chunk = int(meta["chunk_tokens"]) if "chunk_tokens" in meta else None
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
             raise CodecError(f"cannot read cachegen tables {path}: {e}") from None
-        return cls(probs, num_layers)
+        if plans is not None and not isinstance(plans, dict):
+            raise CodecError(f"cannot read cachegen tables {path}: plans is not a mapping")
+        return cls(probs, num_layers, plans, chunk)
 
 
 # ---- profiling --------------------------------------------------------------------------------------
@@ -125,17 +174,21 @@ def profile_tables(
     levels: Iterable[Level] | None = None,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     prior: float = 0.5,
+    plans: dict[str, Plan] | None = None,
+    record_chunk_tokens: bool = False,
 ) -> CacheGenTables:
     """Histogram the symbols the codec would produce for each (layer, K/V, channel) at every bins setting
-    that one of `levels` (default: all) uses for that layer. samples: (layer, k [T,Hkv,D], v [T,Hkv,D]).
-    `prior` is added to every count, so symbols never seen in profiling stay cheap enough."""
+    that one of `levels` (default: all) or of `plans` uses for that layer. samples: (layer, k [T,Hkv,D],
+    v [T,Hkv,D]). `prior` is added to every count, so symbols never seen in profiling stay cheap enough.
+    The tables carry `plans`, and `chunk_tokens` when `record_chunk_tokens` (encoders then default to it)."""
     levels = list(levels or LEVELS.values())
+    plans = plans or {}
     counts: dict[tuple[int, str, int], np.ndarray] = {}
     for layer, k, v in samples:
         t, h, d = k.shape
         kf, vf = k.reshape(t, h * d).float(), v.reshape(t, h * d).float()
-        kbins = {lv.bins(layer, num_layers)[0] for lv in levels}
-        vbins = {lv.bins(layer, num_layers)[1] for lv in levels}
+        kbins = {lv.bins(layer, num_layers)[0] for lv in levels} | {p[layer][0] for p in plans.values()}
+        vbins = {lv.bins(layer, num_layers)[1] for lv in levels} | {p[layer][1] for p in plans.values()}
         for kind, x, bins_set in (("k", kf, kbins), ("v", vf, vbins)):
             for bins in sorted(bins_set):
                 m = levels_of(bins)
@@ -151,7 +204,12 @@ def profile_tables(
                             f"profile: layer {layer} has {c.shape[0]} channels, earlier {acc.shape[0]}"
                         )
                     acc += c
-    return CacheGenTables({key: c + prior for key, c in counts.items()}, num_layers)
+    return CacheGenTables(
+        {key: c + prior for key, c in counts.items()},
+        num_layers,
+        plans,
+        chunk_tokens if record_chunk_tokens else None,
+    )
 
 
 def profile_model(model_dir: str | Path, num_tokens: int = 4096, seq_tokens: int = 1024) -> CacheGenTables:

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from kv_transfer.codec import cachegen_tables
+from kv_transfer.codec import cachegen_tables, rans
 from kv_transfer.codec.cachegen import (
+    FLAG_RANS,
+    FLAG_WIDE,
     LEVELS,
     CacheGenCodec,
     error_bounds,
@@ -152,7 +154,7 @@ def test_large_values_use_fp32_scales() -> None:
     k, v = synthetic_kv(64)
     k, v = (k * 1e6).to(torch.bfloat16), v.to(torch.bfloat16)  # beyond fp16's range
     params, _, k2, v2 = roundtrip(CacheGenCodec(), k, v, 0)
-    assert parse_params(params, tuple(k.shape)).flags == 1
+    assert parse_params(params, tuple(k.shape)).flags & FLAG_WIDE
     kb, vb = error_bounds(params, tuple(k.shape))
     assert_within_bound(k, k2, kb)
     assert_within_bound(v, v2, vb)
@@ -446,3 +448,33 @@ def test_cuda_quantization_matches_cpu_bound() -> None:
         assert_within_bound(v.half(), v2.cpu(), vb)
     cpu_params, cpu_payload = codec.encode(k.half(), v.half(), 1)
     assert abs(len(cpu_payload) - len(payload)) <= 0.01 * len(payload)
+
+
+# ---- entropy coders: compiled rANS (default) and constriction ----------------------------------------------
+
+
+@pytest.mark.skipif(not rans.available(), reason="no C compiler for the rANS coder")
+@pytest.mark.parametrize("t", [4, 300, 1201])
+def test_rans_and_constriction_frames_decode_identically_either_way(tables: CacheGenTables, t: int) -> None:
+    """Both coders code the same quantized symbols: equal reconstructions, sizes within 2%, and a codec of
+    either kind decodes frames of both (the flag in params says which coder wrote them)."""
+    k, v = synthetic_kv(t, 7, seed=3)
+    for kw in ({"table_mode": "chunk", "num_layers": NUM_LAYERS}, {"tables": tables}):
+        fast = CacheGenCodec(chunk_tokens=512, **kw)
+        slow = CacheGenCodec(chunk_tokens=512, coder="constriction", **kw)
+        pf, wf = fast.encode(k, v, 7)
+        ps, ws = slow.encode(k, v, 7)
+        assert parse_params(pf, tuple(k.shape)).flags & FLAG_RANS
+        assert not parse_params(ps, tuple(k.shape)).flags & FLAG_RANS
+        outs = [
+            c.decode(p, w, tuple(k.shape), k.dtype, 7) for c in (fast, slow) for p, w in ((pf, wf), (ps, ws))
+        ]
+        for ko, vo in outs[1:]:
+            assert torch.equal(ko, outs[0][0]) and torch.equal(vo, outs[0][1])
+        size_f, size_s = len(pf) + len(wf), len(ps) + len(ws)
+        assert abs(size_f - size_s) <= 0.02 * size_s + 16, (size_f, size_s)
+
+
+def test_unknown_coder_is_a_codec_error() -> None:
+    with pytest.raises(CodecError):
+        CacheGenCodec(coder="zstd")

@@ -1,0 +1,60 @@
+"""Prefill a prompt, swap its KV for another version (e.g. a codec's reconstruction), and read the logits of
+a teacher-forced continuation: how the KV codec benchmark (`bench.codec`) and the CacheGen bit planner
+(`kv_transfer.codec.cachegen_plan`) measure what a lossy KV cache does to the model's predictions.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class KVProbe:
+    """A ModelRunner with one sequence's worth of blocks (CPU), for prefill + teacher-forced continuation."""
+
+    def __init__(self, model_dir: str, max_tokens: int) -> None:
+        from engine.runner import ModelRunner
+
+        self.runner = ModelRunner(model_dir, num_kv_blocks=-(-max_tokens // 16) + 1, block_size=16)
+        self.cfg = self.runner.config
+        self.blocks = list(range(self.runner.kv_cache.num_blocks))
+
+    @property
+    def num_layers(self) -> int:
+        return self.cfg.num_layers
+
+    def prefill(self, prompt: list[int]) -> list[tuple[Tensor, Tensor]]:
+        """Prefill `prompt` into the cache; -> its K/V per layer (copies, [T, Hkv, D], serving dtype)."""
+        from engine.sampling import SamplingParams
+        from engine.sequence import Sequence
+
+        seq = Sequence("probe", list(prompt), SamplingParams(max_tokens=1), blocks=self.blocks)
+        self.runner.prefill([seq])
+        cache = self.runner.kv_cache
+        return [cache.read(layer, self.blocks, len(prompt)) for layer in range(self.num_layers)]
+
+    def set_prompt_kv(self, kv: list[tuple[Tensor, Tensor]]) -> None:
+        """Overwrite the prompt's KV (every layer, [T, Hkv, D] each) in the cache."""
+        for layer, (k, v) in enumerate(kv):
+            self.runner.kv_cache.write(layer, self.blocks, 0, k, v)
+
+    def continuation_logits(self, prompt_len: int, feed: list[int]) -> Tensor:
+        """Logits [len(feed), V] (fp64, CPU) of every fed token, reading the cache's prompt KV (teacher
+        forcing: token i of `feed` sits at position prompt_len + i)."""
+        from engine.model import BatchMeta
+
+        r = self.runner
+        meta = BatchMeta.build(
+            [self.blocks], [prompt_len], [len(feed)], r.block_size, r.torch_device, self.cfg.sliding_window
+        )
+        ids = torch.tensor(feed, dtype=torch.long, device=r.torch_device)
+        with torch.inference_mode():
+            h = r.model.run_layers(r.model.embed(ids), meta, r.kv_cache)
+            logits = r.model.compute_logits(h, torch.arange(len(feed), device=r.torch_device))
+        return logits.double().cpu()
+
+
+def kl_per_token(ref_logp: Tensor, logits: Tensor) -> Tensor:
+    """KL(ref || softmax(logits)) per row, nats, clamped at 0: ref_logp, logits [N, V] -> [N]."""
+    logp = torch.log_softmax(logits, -1)
+    return (ref_logp.exp() * (ref_logp - logp)).sum(-1).clamp_min(0)
