@@ -16,19 +16,13 @@ so `check_integrity()` holds whenever the engine is idle.
 
 from __future__ import annotations
 
-import collections
 import logging
-import threading
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from engine.block_manager import BlockManager
 from engine.runner import ModelRunner
-from engine.sampling import SamplingParams
-from engine.sequence import Sequence
+from engine.step_loop import Job, StepEngine
 from engine.stream import StopChecker
-from pdserve.errors import Cancelled, CapacityExceeded, InvalidRequest, PDServeError
+from pdserve.errors import Cancelled, PDServeError
 
 log = logging.getLogger(__name__)
 
@@ -43,19 +37,14 @@ class Tokens:
 Event = Tokens | PDServeError
 
 
-@dataclass(eq=False)  # identity semantics: jobs live in lists and are compared by object
-class ColocatedJob:
-    request_id: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    emit: Callable[[Event], None]  # called from the step loop thread; must not block
-    arrived: float = field(default_factory=time.monotonic)
-    cancelled: bool = False
-    seq: Sequence | None = None
-    stop: StopChecker | None = None
+@dataclass(eq=False)
+class ColocatedJob(Job):
+    """`emit` gets Tokens events, the last one with a finish_reason, or one PDServeError."""
+
+    stop: StopChecker | None = None  # set by submit
 
 
-class ColocatedEngine:
+class ColocatedEngine(StepEngine[ColocatedJob]):
     def __init__(
         self,
         runner: ModelRunner,
@@ -66,71 +55,26 @@ class ColocatedEngine:
     ) -> None:
         if chunk_tokens is not None and chunk_tokens < 1:
             raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
-        self.runner = runner
-        self.block_manager = BlockManager(runner.kv_cache.num_blocks, runner.block_size)
+        super().__init__(runner, max_queue, thread_name="colocated-step")
         self.max_running = max_running
-        self.max_queue = max_queue
         self.max_batch_tokens = max_batch_tokens
         self.chunk_tokens = chunk_tokens
-        self._waiting: collections.deque[ColocatedJob] = collections.deque()
         self._prefilling: list[ColocatedJob] = []  # admitted, prompt not fully cached yet (FIFO)
         self._running: list[ColocatedJob] = []  # decoding
-        self._cond = threading.Condition()
-        self._stop = False
-        self._thread = threading.Thread(target=self._loop, name="colocated-step", daemon=True)
 
-    # ---- called from gRPC handlers -------------------------------------------------------
+    # ---- called from gRPC handlers (cancel, stats, check_integrity: StepEngine) --------------
     def submit(self, job: ColocatedJob) -> None:
-        cfg = self.runner.config
-        job.params.validate(len(job.prompt_ids), cfg.max_position_embeddings)
-        if any(t < 0 or t >= cfg.vocab_size for t in job.prompt_ids):
-            raise InvalidRequest(f"prompt token ids must be in [0, {cfg.vocab_size})")
-        need = self.block_manager.blocks_needed(len(job.prompt_ids) + job.params.max_tokens)
-        if need > self.block_manager.num_blocks:
-            raise CapacityExceeded(
-                f"request needs {need} KV blocks (prompt + max_tokens), this instance has "
-                f"{self.block_manager.num_blocks} in total"
-            )
+        self.validate_request(job.prompt_ids, job.params, len(job.prompt_ids) + job.params.max_tokens)
         job.stop = StopChecker(self.runner.tokenizer, job.params)
-        with self._cond:
-            if len(self._waiting) >= self.max_queue:
-                raise CapacityExceeded(f"admission queue full ({self.max_queue} waiting)")
-            self._waiting.append(job)
-            self._cond.notify()
-
-    def cancel(self, job: ColocatedJob) -> None:
-        """Mark a job cancelled; the step loop frees its blocks before the next step. Idempotent."""
-        with self._cond:
-            job.cancelled = True
-            self._cond.notify()
-
-    def stats(self) -> dict[str, int]:
-        with self._cond:
-            return {
-                "queue_len": len(self._waiting),
-                "running": len(self._prefilling) + len(self._running),
-            }
-
-    def check_integrity(self) -> None:
-        """Block manager consistent, and every used block owned by exactly the admitted sequences."""
-        with self._cond:
-            jobs = [*self._prefilling, *self._running]
-            owners = [job.seq.blocks for job in jobs if job.seq is not None]
-            self.block_manager.check_integrity(owners=owners)
-
-    # ---- lifecycle ------------------------------------------------------------------------
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        with self._cond:
-            self._stop = True
-            for job in [*self._waiting, *self._prefilling, *self._running]:
-                job.cancelled = True
-            self._cond.notify_all()
-        self._thread.join(10.0)
+        self._enqueue(job)
 
     # ---- step loop ------------------------------------------------------------------------
+    def _owners(self) -> list[ColocatedJob]:
+        return [*self._prefilling, *self._running]
+
+    def _stats(self) -> dict[str, int]:
+        return {"queue_len": len(self._waiting), "running": len(self._prefilling) + len(self._running)}
+
     def _loop(self) -> None:
         while True:
             with self._cond:
@@ -150,13 +94,8 @@ class ColocatedEngine:
         """FIFO: reserve prompt + max_tokens blocks while they fit and `max_running` allows."""
         while self._waiting and len(self._prefilling) + len(self._running) < self.max_running:
             job = self._waiting[0]
-            n = len(job.prompt_ids) + job.params.max_tokens
-            if not self.block_manager.can_allocate(n):
+            if not self._reserve(job, len(job.prompt_ids) + job.params.max_tokens):
                 return
-            self._waiting.popleft()
-            seq = Sequence(job.request_id, list(job.prompt_ids), job.params)
-            seq.blocks = self.block_manager.allocate(n)
-            job.seq = seq
             self._prefilling.append(job)
 
     def _schedule(self) -> list[tuple[ColocatedJob, int]]:
@@ -218,9 +157,7 @@ class ColocatedEngine:
         job.emit(Tokens([token], stop.take_text(), reason))
 
     def _reap_cancelled(self) -> None:
-        for job in [j for j in self._waiting if j.cancelled]:
-            self._waiting.remove(job)
-            job.emit(Cancelled("request cancelled"))
+        self._reap_waiting()
         for job in [j for j in (*self._prefilling, *self._running) if j.cancelled]:
             self._remove(job)
             self._free(job)
@@ -230,11 +167,6 @@ class ColocatedEngine:
         for group in (self._prefilling, self._running):
             if job in group:
                 group.remove(job)
-
-    def _free(self, job: ColocatedJob) -> None:
-        if job.seq is not None and job.seq.blocks:
-            self.block_manager.free(job.seq.blocks)
-            job.seq.blocks = []
 
 
 def _uncached(job: ColocatedJob) -> int:

@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
-import socket
 import time
 import uuid
+from contextlib import aclosing
 
 import grpc
 
 from colocated_service.engine import ColocatedEngine, ColocatedJob, Tokens
 from coordinator.gateway import sampling_from_request
-from coordinator.registry import InstanceInfo
 from engine.runner import ModelRunner
-from pdserve.errors import InvalidRequest, PDServeError
-from pdserve.instance import InstanceConfig, add_instance_args, config_from_args, device_label, serve
+from pdserve import instance
+from pdserve.errors import InvalidRequest
 from pdserve.rpc import stream_errors, unary_errors
 from pdserve.v1 import (
     colocated_pb2_grpc,
@@ -29,7 +27,7 @@ log = logging.getLogger(__name__)
 
 
 class ColocatedServicer(generation_pb2_grpc.GenerationServicer, colocated_pb2_grpc.ColocatedServicer):
-    def __init__(self, cfg: InstanceConfig, engine: ColocatedEngine, runner: ModelRunner) -> None:
+    def __init__(self, cfg: instance.InstanceConfig, engine: ColocatedEngine, runner: ModelRunner) -> None:
         self.cfg = cfg
         self.engine = engine
         self.runner = runner
@@ -46,24 +44,13 @@ class ColocatedServicer(generation_pb2_grpc.GenerationServicer, colocated_pb2_gr
     async def Generate(self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
         received = time.monotonic()
         request_id = request.request_id or uuid.uuid4().hex
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-        job = ColocatedJob(
-            request_id=request_id,
-            prompt_ids=self._prompt_ids(request),
-            params=sampling_from_request(request),
-            emit=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
-        )
-        self.engine.submit(job)
-        finished = False
+        stream = instance.EngineStream()
+        job = ColocatedJob(request_id, self._prompt_ids(request), sampling_from_request(request), stream.emit)
         ttft = 0.0
         completion = 0
-        try:
-            while True:
-                ev = await events.get()
-                if isinstance(ev, PDServeError):
-                    finished = True
-                    raise ev
+        events = stream.events(self.engine, job, last=lambda ev: bool(ev.finish_reason))
+        async with aclosing(events):
+            async for ev in events:
                 assert isinstance(ev, Tokens)
                 if completion == 0:
                     ttft = time.monotonic() - received
@@ -72,42 +59,20 @@ class ColocatedServicer(generation_pb2_grpc.GenerationServicer, colocated_pb2_gr
                     request_id=request_id, token_ids=ev.token_ids, text=ev.text
                 )
                 if ev.finish_reason:
-                    finished = True
                     usage = common_pb2.Usage(
                         prompt_tokens=len(job.prompt_ids), completion_tokens=completion, ttft_s=ttft
                     )
                     yield generation_pb2.GenerateResponse(
                         request_id=request_id, finish_reason=ev.finish_reason, usage=usage
                     )
-                    return
-        finally:
-            if not finished:  # client cancelled or its deadline passed: free the blocks now
-                self.engine.cancel(job)
 
     @unary_errors
     async def Stats(self, request: common_pb2.InstanceStatsRequest, context: grpc.aio.ServicerContext):
-        s = self.engine.stats()
-        bm = self.engine.block_manager
-        try:
-            self.engine.check_integrity()
-            ok = True
-        except AssertionError:
-            ok = False
-        return common_pb2.InstanceStats(
-            instance_id=self.cfg.instance_id,
-            role=self.cfg.role,
-            queue_len=s["queue_len"],
-            running=s["running"],
-            kv_blocks_total=bm.num_blocks,
-            kv_blocks_free=bm.num_free,
-            integrity_ok=ok,
-        )
+        return instance.stats_proto(self.cfg, self.engine)
 
 
-async def run(cfg: InstanceConfig, chunk_tokens: int | None) -> None:
-    runner = ModelRunner(
-        cfg.model_dir, cfg.device, num_kv_blocks=cfg.num_kv_blocks, block_size=cfg.block_size
-    )
+async def run(cfg: instance.InstanceConfig, chunk_tokens: int | None) -> None:
+    runner = instance.load_runner(cfg)
     engine = ColocatedEngine(runner, cfg.max_running, cfg.max_queue, cfg.max_batch_tokens, chunk_tokens)
     engine.start()
     servicer = ColocatedServicer(cfg, engine, runner)
@@ -116,44 +81,33 @@ async def run(cfg: InstanceConfig, chunk_tokens: int | None) -> None:
         generation_pb2_grpc.add_GenerationServicer_to_server(servicer, server)
         colocated_pb2_grpc.add_ColocatedServicer_to_server(servicer, server)
 
-    def info(address: str) -> InstanceInfo:
-        s = engine.stats()
-        return InstanceInfo(
-            instance_id=cfg.instance_id,
-            role="colocated",
-            grpc_address=address,
-            node=socket.gethostname(),
-            devices=device_label(cfg.device),
-            model_fingerprint=runner.fingerprint,
-            max_model_len=runner.config.max_position_embeddings,
-            kv_blocks_total=engine.block_manager.num_blocks,
-            block_size=engine.block_manager.block_size,
-            queue_len=s["queue_len"],
-            running=s["running"],
-            kv_blocks_free=engine.block_manager.num_free,
-        )
-
     mode = f"chunked prefill, {chunk_tokens} tokens per step" if chunk_tokens else "whole-prompt prefill"
     log.info("colocated engine: %s, max_running %d", mode, cfg.max_running)
-    await serve(cfg, add, info, engine.stop)
+    await instance.serve(cfg, add, lambda address: instance.registry_info(cfg, engine, address), engine.stop)
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(
-        prog="python -m colocated_service",
-        description="pdserve colocated instance: prefill and decode in one engine (the baseline)",
-    )
-    add_instance_args(p)
+def _positive_int(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
+def _add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--chunk-tokens",
-        type=int,
+        type=_positive_int,
         default=None,
         help="chunked prefill: tokens per step (decodes + prompt chunks); default: whole prompts",
     )
-    args = p.parse_args(argv)
-    if args.chunk_tokens is not None and args.chunk_tokens < 1:
-        p.error("--chunk-tokens must be >= 1")
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s colocated %(name)s: %(message)s"
+
+
+def main(argv: list[str] | None = None) -> None:
+    instance.run_main(
+        "colocated",
+        "pdserve colocated instance: prefill and decode in one engine (the baseline)",
+        lambda cfg, args: run(cfg, args.chunk_tokens),
+        argv,
+        add_args=_add_args,
+        traced=False,  # the baseline sets up no telemetry
     )
-    asyncio.run(run(config_from_args("colocated", args), args.chunk_tokens))

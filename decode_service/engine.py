@@ -11,23 +11,18 @@ cancelled (whatever phase it is in), so `check_integrity()` holds whenever the e
 
 from __future__ import annotations
 
-import collections
 import logging
-import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from decode_service import tracing
-from engine.block_manager import BlockManager
 from engine.runner import ModelRunner
-from engine.sampling import SamplingParams
-from engine.sequence import Sequence
+from engine.step_loop import Job, StepEngine
 from engine.stream import StopChecker
 from kv_transfer.client import KVPuller
-from pdserve.errors import Cancelled, CapacityExceeded, InvalidRequest, PDServeError, Unavailable
+from pdserve.errors import Cancelled, InvalidRequest, PDServeError, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -43,93 +38,57 @@ class Tokens:
 Event = Tokens | PDServeError
 
 
-@dataclass(eq=False)  # identity semantics: jobs live in sets and are compared by object
-class DecodeJob:
-    request_id: str
-    prompt_ids: list[int]
-    params: SamplingParams
+@dataclass(eq=False)
+class DecodeJob(Job):
+    """`emit` gets Tokens events (the first one after the pull, with no token: the prefill instance
+    sampled it), the last one with a finish_reason, or one PDServeError."""
+
     kv_address: str
     transfer_id: str
     codec: str
     first_token_id: int | None
-    emit: Callable[[Event], None]  # called from engine threads; must not block
-    arrived: float = field(default_factory=time.monotonic)
     admitted: float = 0.0
     transfer_s: float = 0.0
-    cancelled: bool = False
-    seq: Sequence | None = None
-    stop: StopChecker | None = None
+    stop: StopChecker | None = None  # set by submit
     trace: Any = None  # OpenTelemetry Context: the parent of this job's spans (None: not traced)
     steps_span: Any = None
     steps: int = 0  # decode steps this sequence took part in
 
 
-class DecodeEngine:
+class DecodeEngine(StepEngine[DecodeJob]):
+    queue_name = "decode admission queue"
+
     def __init__(self, runner: ModelRunner, puller: KVPuller, max_running: int, max_queue: int) -> None:
-        self.runner = runner
+        super().__init__(runner, max_queue, thread_name="decode-step")
         self.puller = puller
-        self.block_manager = BlockManager(runner.kv_cache.num_blocks, runner.block_size)
         self.max_running = max_running
-        self.max_queue = max_queue
-        self._waiting: collections.deque[DecodeJob] = collections.deque()
-        self._pulling: set[DecodeJob] = set()
+        self._pulling: set[DecodeJob] = set()  # admitted, KV pull in flight on a pull thread
         self._pulled: list[tuple[DecodeJob, BaseException | int]] = []  # (job, error or first token)
-        self._running: list[DecodeJob] = []
-        self._cond = threading.Condition()
-        self._stop = False
+        self._running: list[DecodeJob] = []  # decoding
         self.links: dict[str, float] = {}  # prefill KV address -> measured bytes/s (EWMA)
         self._pull_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kv-pull")
-        self._thread = threading.Thread(target=self._loop, name="decode-step", daemon=True)
 
-    # ---- called from gRPC handlers -------------------------------------------------------
+    # ---- called from gRPC handlers (cancel, stats, check_integrity: StepEngine) --------------
     def submit(self, job: DecodeJob) -> None:
-        cfg = self.runner.config
-        job.params.validate(len(job.prompt_ids), cfg.max_position_embeddings)
-        if job.first_token_id is not None and not 0 <= job.first_token_id < cfg.vocab_size:
-            raise InvalidRequest(f"first_token_id must be in [0, {cfg.vocab_size})")
-        need = self.block_manager.blocks_needed(len(job.prompt_ids) + job.params.max_tokens)
-        if need > self.block_manager.num_blocks:
-            raise CapacityExceeded(
-                f"request needs {need} KV blocks (prompt + max_tokens), this instance has "
-                f"{self.block_manager.num_blocks} in total"
-            )
+        self.validate_request(job.prompt_ids, job.params, len(job.prompt_ids) + job.params.max_tokens)
+        vocab_size = self.runner.config.vocab_size
+        if job.first_token_id is not None and not 0 <= job.first_token_id < vocab_size:
+            raise InvalidRequest(f"first_token_id must be in [0, {vocab_size})")
         job.stop = StopChecker(self.runner.tokenizer, job.params)
-        with self._cond:
-            if len(self._waiting) >= self.max_queue:
-                raise CapacityExceeded(f"decode admission queue full ({self.max_queue} waiting)")
-            self._waiting.append(job)
-            self._cond.notify()
+        self._enqueue(job)
 
-    def cancel(self, job: DecodeJob) -> None:
-        with self._cond:
-            job.cancelled = True
-            self._cond.notify()
-
-    def stats(self) -> dict[str, int]:
-        with self._cond:
-            return {"queue_len": len(self._waiting) + len(self._pulling), "running": len(self._running)}
-
-    def check_integrity(self) -> None:
-        """Block manager consistent, and every used block owned by exactly the live sequences."""
-        with self._cond:
-            jobs = [*self._pulling, *self._running, *(job for job, _ in self._pulled)]
-            owners = [job.seq.blocks for job in jobs if job.seq is not None]
-            self.block_manager.check_integrity(owners=owners)
-
-    # ---- lifecycle ------------------------------------------------------------------------
-    def start(self) -> None:
-        self._thread.start()
-
+    # ---- lifecycle (start: StepEngine) ----------------------------------------------------
     def stop(self) -> None:
-        with self._cond:
-            self._stop = True
-            for job in [*self._waiting, *self._pulling, *self._running]:
-                job.cancelled = True
-            self._cond.notify_all()
-        self._thread.join(10.0)
+        super().stop()
         self._pull_pool.shutdown(wait=True, cancel_futures=True)
 
     # ---- step loop ------------------------------------------------------------------------
+    def _owners(self) -> list[DecodeJob]:
+        return [*self._pulling, *self._running, *(job for job, _ in self._pulled)]
+
+    def _stats(self) -> dict[str, int]:
+        return {"queue_len": len(self._waiting) + len(self._pulling), "running": len(self._running)}
+
     def _loop(self) -> None:
         while True:
             with self._cond:
@@ -152,13 +111,8 @@ class DecodeEngine:
         """FIFO admission: reserve prompt + max_tokens blocks, then pull the KV on a pull thread."""
         while self._waiting and len(self._running) + len(self._pulling) < self.max_running:
             job = self._waiting[0]
-            n = len(job.prompt_ids) + job.params.max_tokens
-            if not self.block_manager.can_allocate(n):
+            if not self._reserve(job, len(job.prompt_ids) + job.params.max_tokens):
                 return
-            self._waiting.popleft()
-            seq = Sequence(job.request_id, list(job.prompt_ids), job.params)
-            seq.blocks = self.block_manager.allocate(n)
-            job.seq = seq
             job.admitted = time.monotonic()
             self._pulling.add(job)
             self._pull_pool.submit(self._pull, job)
@@ -260,9 +214,7 @@ class DecodeEngine:
                     self._append(job, token)
 
     def _reap_cancelled(self) -> None:
-        for job in [j for j in self._waiting if j.cancelled]:
-            self._waiting.remove(job)
-            job.emit(Cancelled("request cancelled"))
+        self._reap_waiting()
         for job in [j for j in self._running if j.cancelled]:
             self._running.remove(job)
             self._free(job)
@@ -271,6 +223,4 @@ class DecodeEngine:
 
     def _free(self, job: DecodeJob) -> None:
         tracing.end_steps(job, None)  # no-op unless it left the batch early (failed, cancelled)
-        if job.seq is not None and job.seq.blocks:
-            self.block_manager.free(job.seq.blocks)
-            job.seq.blocks = []
+        super()._free(job)

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import logging
-import socket
+from contextlib import aclosing
 
 import grpc
 
@@ -15,9 +13,8 @@ from engine.runner import ModelRunner
 from kv_transfer.client import KVPuller
 from kv_transfer.codec.cachegen_tables import install_model
 from kv_transfer.transport import available_transports
-from pdserve import telemetry
-from pdserve.errors import ModelMismatch, PDServeError
-from pdserve.instance import InstanceConfig, add_instance_args, config_from_args, device_label, serve
+from pdserve import instance, telemetry
+from pdserve.errors import ModelMismatch
 from pdserve.rpc import params_from_proto, stream_errors, unary_errors
 from pdserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 
@@ -25,7 +22,7 @@ log = logging.getLogger(__name__)
 
 
 class DecodeServicer(decode_pb2_grpc.DecodeServicer):
-    def __init__(self, cfg: InstanceConfig, engine: DecodeEngine, runner: ModelRunner) -> None:
+    def __init__(self, cfg: instance.InstanceConfig, engine: DecodeEngine, runner: ModelRunner) -> None:
         self.cfg = cfg
         self.engine = engine
         self.runner = runner
@@ -46,8 +43,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         )
         if request.kv.model_fingerprint and request.kv.model_fingerprint != self.runner.fingerprint:
             raise ModelMismatch("KV handle comes from a different model than this decode instance serves")
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
+        stream = instance.EngineStream()
         job = DecodeJob(
             request_id=request.request_id,
             prompt_ids=list(request.prompt_token_ids),
@@ -56,17 +52,12 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             transfer_id=request.kv.transfer_id,
             codec=request.kv.codec or self.cfg.codec,
             first_token_id=request.first_token_id if request.HasField("first_token_id") else None,
-            emit=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
+            emit=stream.emit,
             trace=telemetry.parent_of(span),
         )
-        self.engine.submit(job)
-        finished = False
-        try:
-            while True:
-                ev = await events.get()
-                if isinstance(ev, PDServeError):
-                    finished = True
-                    raise ev
+        events = stream.events(self.engine, job, last=lambda ev: bool(ev.finish_reason))
+        async with aclosing(events):
+            async for ev in events:
                 assert isinstance(ev, Tokens)
                 yield decode_pb2.DecodeEvent(
                     token_ids=ev.token_ids,
@@ -74,85 +65,29 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                     admission_wait_s=ev.admission_wait_s,
                     transfer_s=ev.transfer_s,
                 )
-                if ev.finish_reason:
-                    finished = True
-                    return
-        finally:
-            if not finished:  # client cancelled or its deadline passed: free the blocks now
-                self.engine.cancel(job)
 
     @unary_errors
     async def Stats(self, request: common_pb2.InstanceStatsRequest, context: grpc.aio.ServicerContext):
-        s = self.engine.stats()
-        bm = self.engine.block_manager
-        try:
-            self.engine.check_integrity()
-            ok = True
-        except AssertionError:
-            ok = False
-        return common_pb2.InstanceStats(
-            instance_id=self.cfg.instance_id,
-            role=self.cfg.role,
-            queue_len=s["queue_len"],
-            running=s["running"],
-            kv_blocks_total=bm.num_blocks,
-            kv_blocks_free=bm.num_free,
-            integrity_ok=ok,
-        )
+        return instance.stats_proto(self.cfg, self.engine)
 
 
-async def run(cfg: InstanceConfig) -> None:
-    runner = ModelRunner(
-        cfg.model_dir, cfg.device, num_kv_blocks=cfg.num_kv_blocks, block_size=cfg.block_size
-    )
+async def run(cfg: instance.InstanceConfig) -> None:
+    runner = instance.load_runner(cfg)
     install_model(cfg.model_dir)  # codecs learn the model's depth and its shipped cachegen tables
     puller = KVPuller(fingerprint=runner.fingerprint, timeout_s=cfg.pull_timeout_s)
     engine = DecodeEngine(runner, puller, cfg.max_running, cfg.max_queue)
     engine.start()
     servicer = DecodeServicer(cfg, engine, runner)
-
-    def gauges() -> dict[str, int]:
-        bm = engine.block_manager
-        return {
-            **engine.stats(),
-            "kv_blocks_free": bm.num_free,
-            "kv_blocks_used": bm.num_blocks - bm.num_free,
-        }
-
-    telemetry.instruments().observe_instance("decode", cfg.instance_id, gauges)
+    instance.observe_load(cfg, engine)
 
     def info(address: str) -> InstanceInfo:
-        s = engine.stats()
-        return InstanceInfo(
-            instance_id=cfg.instance_id,
-            role="decode",
-            grpc_address=address,
-            transports=tuple(available_transports()),
-            node=socket.gethostname(),
-            devices=device_label(cfg.device),
-            model_fingerprint=runner.fingerprint,
-            max_model_len=runner.config.max_position_embeddings,
-            kv_blocks_total=engine.block_manager.num_blocks,
-            block_size=engine.block_manager.block_size,
-            queue_len=s["queue_len"],
-            running=s["running"],
-            kv_blocks_free=engine.block_manager.num_free,
-            links=dict(engine.links),
-        )
+        transports = tuple(available_transports())
+        return instance.registry_info(cfg, engine, address, transports=transports, links=dict(engine.links))
 
-    await serve(
+    await instance.serve(
         cfg, lambda srv: decode_pb2_grpc.add_DecodeServicer_to_server(servicer, srv), info, engine.stop
     )
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m decode_service", description="pdserve decode instance")
-    add_instance_args(p)
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s decode %(name)s: %(message)s")
-    cfg = config_from_args("decode", args)
-    telemetry.setup("decode", cfg.instance_id)
-    try:
-        asyncio.run(run(cfg))
-    finally:
-        telemetry.shutdown()
+    instance.run_main("decode", "pdserve decode instance", lambda cfg, args: run(cfg), argv)

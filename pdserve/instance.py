@@ -1,7 +1,9 @@
 """What every model-serving instance process shares: its one frozen config, the command-line
-flags that build it, and the serve loop (gRPC server, registry heartbeat, clean shutdown).
+flags that build it, the process entry (`run_main`), the serve loop (gRPC server, registry
+heartbeat, clean shutdown), and the servicers' plumbing around an engine (`EngineStream` for one
+request's events, `stats_proto`, `registry_info`, `observe_load`).
 
-The prefill and decode packages add only their engine and servicer.
+The prefill, decode and colocated packages add only their engine and servicer.
 """
 
 from __future__ import annotations
@@ -13,13 +15,19 @@ import os
 import signal
 import socket
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
 from coordinator.registry import Heartbeat, InstanceInfo, Registry
 from engine.device import Device, parse_cpus
+from engine.runner import ModelRunner
+from engine.step_loop import Job, StepEngine
+from pdserve import telemetry
+from pdserve.errors import PDServeError
+from pdserve.v1 import common_pb2
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +114,35 @@ def config_from_args(role: str, a: argparse.Namespace) -> InstanceConfig:
     ).with_defaults()
 
 
+def run_main(
+    role: str,
+    description: str,
+    run: Callable[[InstanceConfig, argparse.Namespace], Coroutine[Any, Any, None]],
+    argv: list[str] | None,
+    add_args: Callable[[argparse.ArgumentParser], None] | None = None,
+    traced: bool = True,
+) -> None:
+    """The process entry of `python -m {role}_service`: flags, logging, telemetry (if `traced`), `run`."""
+    p = argparse.ArgumentParser(prog=f"python -m {role}_service", description=description)
+    add_instance_args(p)
+    if add_args is not None:
+        add_args(p)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s {role} %(name)s: %(message)s")
+    cfg = config_from_args(role, args)
+    if traced:
+        telemetry.setup(role, cfg.instance_id)
+    try:
+        asyncio.run(run(cfg, args))
+    finally:
+        if traced:
+            telemetry.shutdown()
+
+
+def load_runner(cfg: InstanceConfig) -> ModelRunner:
+    return ModelRunner(cfg.model_dir, cfg.device, num_kv_blocks=cfg.num_kv_blocks, block_size=cfg.block_size)
+
+
 def device_label(device: Device) -> str:
     if device.kind == "cuda":
         return f"cuda:{device.cuda_index}"
@@ -147,3 +184,99 @@ async def serve(
     if asyncio.iscoroutine(result):
         await result
     registry.close()
+
+
+# ---- the servicers' plumbing around an engine -------------------------------------------------------
+class EngineStream:
+    """Carries one job's events from the engine's threads to the gRPC handler's event loop.
+
+    In a handler: make one, give `stream.emit` to the job, then
+        events = stream.events(engine, job, last)
+        async with contextlib.aclosing(events):  # closes it (cancelling the job) if the handler stops early
+            async for ev in events: ...
+    """
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+
+    def emit(self, event: Any) -> None:
+        """The job's `emit`: called from engine threads, never blocks."""
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+
+    async def events(self, engine: StepEngine, job: Job, last: Callable[[Any], bool]) -> AsyncIterator[Any]:
+        """Submit `job` and yield its events up to the one `last` accepts; an error event is raised.
+
+        Closed before that (the client cancelled or its deadline passed: the handler stops iterating),
+        it cancels the job, so the engine frees its blocks now. A finished or failed job is not cancelled.
+        """
+        engine.submit(job)
+        finished = False
+        try:
+            while not finished:
+                event = await self._queue.get()
+                if isinstance(event, PDServeError):
+                    finished = True
+                    raise event
+                finished = last(event)
+                yield event
+        finally:
+            if not finished:
+                engine.cancel(job)
+
+
+def stats_proto(cfg: InstanceConfig, engine: StepEngine) -> common_pb2.InstanceStats:
+    """The `Stats` RPC's answer: load, KV blocks and whether `check_integrity()` holds right now."""
+    s = engine.stats()
+    bm = engine.block_manager
+    try:
+        engine.check_integrity()
+        ok = True
+    except AssertionError:
+        ok = False
+    return common_pb2.InstanceStats(
+        instance_id=cfg.instance_id,
+        role=cfg.role,
+        queue_len=s["queue_len"],
+        running=s.get("running", 0),
+        kv_blocks_total=bm.num_blocks,
+        kv_blocks_free=bm.num_free,
+        leases=s.get("leases", 0),
+        integrity_ok=ok,
+    )
+
+
+def registry_info(cfg: InstanceConfig, engine: StepEngine, grpc_address: str, **extra: Any) -> InstanceInfo:
+    """The registry record (an `info_fn` for `serve`): identity, model, capacity, fresh load, `extra`."""
+    s = engine.stats()
+    bm = engine.block_manager
+    return InstanceInfo(
+        instance_id=cfg.instance_id,
+        role=cfg.role,
+        grpc_address=grpc_address,
+        node=socket.gethostname(),
+        devices=device_label(cfg.device),
+        model_fingerprint=engine.runner.fingerprint,
+        max_model_len=engine.runner.config.max_position_embeddings,
+        kv_blocks_total=bm.num_blocks,
+        block_size=bm.block_size,
+        queue_len=s["queue_len"],
+        running=s.get("running", 0),
+        kv_blocks_free=bm.num_free,
+        leases=s.get("leases", 0),
+        **extra,
+    )
+
+
+def observe_load(cfg: InstanceConfig, engine: StepEngine) -> None:
+    """Export the engine's load and KV blocks as OpenTelemetry gauges (no-ops unless metrics are on)."""
+
+    def gauges() -> dict[str, int]:
+        bm = engine.block_manager
+        return {
+            **engine.stats(),
+            "kv_blocks_free": bm.num_free,
+            "kv_blocks_used": bm.num_blocks - bm.num_free,
+        }
+
+    telemetry.instruments().observe_instance(cfg.role, cfg.instance_id, gauges)

@@ -10,21 +10,16 @@ if it is cancelled before it was scheduled.
 
 from __future__ import annotations
 
-import collections
 import logging
-import threading
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from engine.block_manager import BlockManager
 from engine.runner import ModelRunner
-from engine.sampling import SamplingParams
-from engine.sequence import Sequence
+from engine.step_loop import Job, StepEngine
 from kv_transfer.server import KVServer
-from pdserve.errors import Cancelled, CapacityExceeded, InvalidRequest, PDServeError
+from pdserve.errors import Cancelled, PDServeError
 from prefill_service import tracing
 
 log = logging.getLogger(__name__)
@@ -48,59 +43,38 @@ class Done:
 Event = Scheduled | Done | PDServeError
 
 
-@dataclass(eq=False)  # identity semantics: jobs live in sets and are compared by object
-class PrefillJob:
-    request_id: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    emit: Callable[[Event], None]  # called from the step loop thread; must not block
-    transfer_id: str = ""
-    cancelled: bool = False
-    arrived: float = field(default_factory=time.monotonic)
-    seq: Sequence | None = None
+@dataclass(eq=False)
+class PrefillJob(Job):
+    """`emit` gets Scheduled (the lease is open) then Done, or one PDServeError."""
+
+    transfer_id: str = ""  # set by submit
     trace: Any = None  # OpenTelemetry Context: the parent of this job's spans (None: not traced)
     lease_span: Any = None
 
 
-class PrefillEngine:
+class PrefillEngine(StepEngine[PrefillJob]):
+    queue_name = "prefill queue"
+
     def __init__(
         self, runner: ModelRunner, kv_server: KVServer, max_batch_tokens: int, max_queue: int
     ) -> None:
-        self.runner = runner
+        super().__init__(runner, max_queue, thread_name="prefill-step")
         self.kv_server = kv_server
-        self.block_manager = BlockManager(runner.kv_cache.num_blocks, runner.block_size)
         self.max_batch_tokens = max_batch_tokens
-        self.max_queue = max_queue
-        self._queue: collections.deque[PrefillJob] = collections.deque()
         self._leased: dict[str, PrefillJob] = {}  # transfer_id -> job whose blocks are leased
-        self._cond = threading.Condition()
-        self._stop = False
-        self._thread = threading.Thread(target=self._loop, name="prefill-step", daemon=True)
 
-    # ---- called from gRPC handlers -------------------------------------------------------
+    # ---- called from gRPC handlers (stats, check_integrity: StepEngine) ----------------------
     def submit(self, job: PrefillJob) -> None:
-        max_len = self.runner.config.max_position_embeddings
-        job.params.validate(len(job.prompt_ids), max_len)
-        if any(t < 0 or t >= self.runner.config.vocab_size for t in job.prompt_ids):
-            raise InvalidRequest(f"prompt token ids must be in [0, {self.runner.config.vocab_size})")
-        need = self.block_manager.blocks_needed(len(job.prompt_ids))
-        if need > self.block_manager.num_blocks:
-            raise CapacityExceeded(
-                f"prompt needs {need} KV blocks, this instance has {self.block_manager.num_blocks} in total"
-            )
+        self.validate_request(job.prompt_ids, job.params, len(job.prompt_ids))
         job.transfer_id = f"{job.request_id}:{uuid.uuid4().hex[:8]}"
-        with self._cond:
-            if len(self._queue) >= self.max_queue:
-                raise CapacityExceeded(f"prefill queue full ({self.max_queue} requests waiting)")
-            self._queue.append(job)
-            self._cond.notify()
+        self._enqueue(job)
 
     def cancel(self, job: PrefillJob) -> None:
         """Drop a queued job, or release its lease if it already ran. Idempotent."""
         with self._cond:
             job.cancelled = True  # seen by _run if the lease is not open yet
-            if job in self._queue:
-                self._queue.remove(job)
+            if job in self._waiting:
+                self._waiting.remove(job)
                 return
         if job.transfer_id:
             self.kv_server.cancel(job.transfer_id)
@@ -108,33 +82,25 @@ class PrefillEngine:
     def release(self, transfer_id: str) -> bool:
         return self.kv_server.cancel(transfer_id)
 
-    def stats(self) -> dict[str, int]:
-        with self._cond:
-            return {"queue_len": len(self._queue), "leases": len(self._leased)}
-
-    def check_integrity(self) -> None:
-        """Block manager consistent, and every used block owned by exactly the live leases."""
-        with self._cond:
-            owners = [job.seq.blocks for job in self._leased.values() if job.seq is not None]
-            self.block_manager.check_integrity(owners=owners)
-
-    # ---- lifecycle ------------------------------------------------------------------------
-    def start(self) -> None:
-        self._thread.start()
-
+    # ---- lifecycle (start: StepEngine) ----------------------------------------------------
     def stop(self) -> None:
+        """Queued jobs fail at once; the leases still open are released once the step loop is done."""
         with self._cond:
-            self._stop = True
-            pending = list(self._queue)
-            self._queue.clear()
-            self._cond.notify_all()
+            pending = list(self._waiting)
+            self._waiting.clear()
         for job in pending:
             job.emit(Cancelled("prefill instance shutting down"))
-        self._thread.join(10.0)
+        super().stop()
         for transfer_id in list(self._leased):
             self.kv_server.cancel(transfer_id)
 
     # ---- step loop ------------------------------------------------------------------------
+    def _owners(self) -> list[PrefillJob]:
+        return list(self._leased.values())
+
+    def _stats(self) -> dict[str, int]:
+        return {"queue_len": len(self._waiting), "leases": len(self._leased)}
+
     def _loop(self) -> None:
         while True:
             with self._cond:
@@ -155,17 +121,13 @@ class PrefillEngine:
         """FIFO: take queued jobs while their prompt tokens fit the budget and their blocks fit memory."""
         batch: list[PrefillJob] = []
         tokens = 0
-        while self._queue:
-            job = self._queue[0]
+        while self._waiting:
+            job = self._waiting[0]
             n = len(job.prompt_ids)
             if batch and tokens + n > self.max_batch_tokens:
                 break
-            if not self.block_manager.can_allocate(n):
+            if not self._reserve(job, n):
                 break  # back-pressure: wait for leases to be pulled / expire
-            self._queue.popleft()
-            seq = Sequence(job.request_id, list(job.prompt_ids), job.params)
-            seq.blocks = self.block_manager.allocate(n)
-            job.seq = seq
             self._leased[job.transfer_id] = job
             batch.append(job)
             tokens += n
@@ -213,8 +175,6 @@ class PrefillEngine:
             job = self._leased.pop(transfer_id, None)
             if job is not None:
                 tracing.end_lease(job, reason)
-            if job is not None and job.seq is not None:
-                self.block_manager.free(job.seq.blocks)
-                job.seq.blocks = []
+                self._free(job)
             self._cond.notify()
         log.debug("lease %s released (%s)", transfer_id, reason)
