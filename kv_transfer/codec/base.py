@@ -7,6 +7,7 @@ frame carries both plus shape and the source dtype, so `decode` needs nothing bu
 
 from __future__ import annotations
 
+import struct
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
@@ -85,3 +86,54 @@ def tensor_from(buf: Buffer, dtype: torch.dtype, shape: tuple[int, ...]) -> Tens
     if len(mv) == 0:
         return torch.empty(shape, dtype=dtype)
     return torch.frombuffer(mv, dtype=dtype).view(shape)
+
+
+_SCALED_PARAMS = struct.Struct("<B")
+_SCALED_LAYOUT = 1
+
+
+class ScaledCodec(Codec):
+    """A one-byte-per-element codec with fp32 scales: int8 (a scale per token) and fp8 (one per tensor).
+
+    params: layout u8 (= 1). payload: k_scale fp32[S] ‖ v_scale fp32[S] ‖ k [T*Hkv*D] ‖ v [T*Hkv*D] (one byte
+    each), with S = `num_scales(T)`. Subclasses define the quantizer pair and S.
+    """
+
+    q_dtype: torch.dtype  # one byte per element on the wire
+
+    @abstractmethod
+    def quantize(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x: [T, Hkv, D] -> (scales fp32 [S], q [T, Hkv, D] of q_dtype); CodecError on NaN/Inf."""
+
+    @abstractmethod
+    def dequantize(self, scale: Tensor, q: Tensor, dtype: torch.dtype) -> Tensor:
+        """scales fp32 [S], q [T, Hkv, D] -> [T, Hkv, D] in dtype."""
+
+    @abstractmethod
+    def num_scales(self, t: int) -> int: ...
+
+    def encode_parts(self, k: Tensor, v: Tensor, layer: int) -> tuple[Buffer, list[Buffer]]:
+        check_kv(k, v)
+        ks, kq = self.quantize(k)
+        vs, vq = self.quantize(v)
+        parts = [tensor_bytes(ks), tensor_bytes(vs), tensor_bytes(kq), tensor_bytes(vq)]
+        return _SCALED_PARAMS.pack(_SCALED_LAYOUT), parts
+
+    def encode(self, k: Tensor, v: Tensor, layer: int) -> tuple[bytes, bytes]:
+        params, parts = self.encode_parts(k, v, layer)
+        return bytes(params), b"".join(parts)
+
+    def decode(
+        self, params: Buffer, payload: Buffer, shape: Shape, dtype: torch.dtype, layer: int
+    ) -> tuple[Tensor, Tensor]:
+        expect_len(params, _SCALED_PARAMS.size, f"{self.name} codec params")
+        if bytes(params)[0] != _SCALED_LAYOUT:
+            raise FrameCorrupted(f"{self.name} codec layout {bytes(params)[0]} unknown")
+        s, n = self.num_scales(shape[0]), numel(shape)
+        expect_len(payload, 8 * s + 2 * n, f"{self.name} codec payload")
+        mv = payload if isinstance(payload, memoryview) else memoryview(payload)
+        ks = tensor_from(mv[: 4 * s], torch.float32, (s,))
+        vs = tensor_from(mv[4 * s : 8 * s], torch.float32, (s,))
+        kq = tensor_from(mv[8 * s : 8 * s + n], self.q_dtype, shape)
+        vq = tensor_from(mv[8 * s + n :], self.q_dtype, shape)
+        return self.dequantize(ks, kq, dtype), self.dequantize(vs, vq, dtype)

@@ -9,17 +9,12 @@ params: layout u8 (= 1).   payload: k_scale fp32 ‖ v_scale fp32 ‖ k fp8[T*Hk
 
 from __future__ import annotations
 
-import struct
-
 import torch
 from torch import Tensor
 
-from kv_transfer.codec.base import Codec, Shape, check_kv, expect_len, numel, tensor_bytes, tensor_from
-from kv_transfer.errors import CodecError, FrameCorrupted
-from kv_transfer.frame import Buffer
+from kv_transfer.codec.base import ScaledCodec
+from kv_transfer.errors import CodecError
 
-_PARAMS = struct.Struct("<B")
-_LAYOUT = 1
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
 
@@ -40,32 +35,17 @@ def dequantize(scale: Tensor, q: Tensor, dtype: torch.dtype) -> Tensor:
     return (q.view(FP8).float() * scale).to(dtype)
 
 
-class Fp8Codec(Codec):
+class Fp8Codec(ScaledCodec):
     name = "fp8"
     codec_id = 3
     lossless = False
+    q_dtype = torch.uint8
 
-    def encode_parts(self, k: Tensor, v: Tensor, layer: int) -> tuple[Buffer, list[Buffer]]:
-        check_kv(k, v)
-        ks, kq = quantize(k)
-        vs, vq = quantize(v)
-        return _PARAMS.pack(_LAYOUT), [tensor_bytes(ks), tensor_bytes(vs), tensor_bytes(kq), tensor_bytes(vq)]
+    def quantize(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return quantize(x)
 
-    def encode(self, k: Tensor, v: Tensor, layer: int) -> tuple[bytes, bytes]:
-        params, parts = self.encode_parts(k, v, layer)
-        return bytes(params), b"".join(parts)
+    def dequantize(self, scale: Tensor, q: Tensor, dtype: torch.dtype) -> Tensor:
+        return dequantize(scale, q, dtype)
 
-    def decode(
-        self, params: Buffer, payload: Buffer, shape: Shape, dtype: torch.dtype, layer: int
-    ) -> tuple[Tensor, Tensor]:
-        expect_len(params, _PARAMS.size, "fp8 codec params")
-        if bytes(params)[0] != _LAYOUT:
-            raise FrameCorrupted(f"fp8 codec layout {bytes(params)[0]} unknown")
-        n = numel(shape)
-        expect_len(payload, 8 + 2 * n, "fp8 codec payload")
-        mv = payload if isinstance(payload, memoryview) else memoryview(payload)
-        ks = tensor_from(mv[0:4], torch.float32, (1,))
-        vs = tensor_from(mv[4:8], torch.float32, (1,))
-        kq = tensor_from(mv[8 : 8 + n], torch.uint8, shape)
-        vq = tensor_from(mv[8 + n :], torch.uint8, shape)
-        return dequantize(ks, kq, dtype), dequantize(vs, vq, dtype)
+    def num_scales(self, t: int) -> int:
+        return 1

@@ -9,17 +9,12 @@ params: layout u8 (= 1).   payload: k_scale fp32[T] ‖ v_scale fp32[T] ‖ k in
 
 from __future__ import annotations
 
-import struct
-
 import torch
 from torch import Tensor
 
-from kv_transfer.codec.base import Codec, Shape, check_kv, expect_len, numel, tensor_bytes, tensor_from
-from kv_transfer.errors import CodecError, FrameCorrupted
-from kv_transfer.frame import Buffer
+from kv_transfer.codec.base import ScaledCodec
+from kv_transfer.errors import CodecError
 
-_PARAMS = struct.Struct("<B")
-_LAYOUT = 1
 QMAX = 127.0
 
 
@@ -40,32 +35,17 @@ def dequantize(scale: Tensor, q: Tensor, dtype: torch.dtype) -> Tensor:
     return (q.float() * scale.view(-1, 1, 1)).to(dtype)
 
 
-class Int8Codec(Codec):
+class Int8Codec(ScaledCodec):
     name = "int8"
     codec_id = 2
     lossless = False
+    q_dtype = torch.int8
 
-    def encode_parts(self, k: Tensor, v: Tensor, layer: int) -> tuple[Buffer, list[Buffer]]:
-        check_kv(k, v)
-        ks, kq = quantize(k)
-        vs, vq = quantize(v)
-        return _PARAMS.pack(_LAYOUT), [tensor_bytes(ks), tensor_bytes(vs), tensor_bytes(kq), tensor_bytes(vq)]
+    def quantize(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return quantize(x)
 
-    def encode(self, k: Tensor, v: Tensor, layer: int) -> tuple[bytes, bytes]:
-        params, parts = self.encode_parts(k, v, layer)
-        return bytes(params), b"".join(parts)
+    def dequantize(self, scale: Tensor, q: Tensor, dtype: torch.dtype) -> Tensor:
+        return dequantize(scale, q, dtype)
 
-    def decode(
-        self, params: Buffer, payload: Buffer, shape: Shape, dtype: torch.dtype, layer: int
-    ) -> tuple[Tensor, Tensor]:
-        expect_len(params, _PARAMS.size, "int8 codec params")
-        if bytes(params)[0] != _LAYOUT:
-            raise FrameCorrupted(f"int8 codec layout {bytes(params)[0]} unknown")
-        t, n = shape[0], numel(shape)
-        expect_len(payload, 8 * t + 2 * n, "int8 codec payload")
-        mv = payload if isinstance(payload, memoryview) else memoryview(payload)
-        ks = tensor_from(mv[: 4 * t], torch.float32, (t,))
-        vs = tensor_from(mv[4 * t : 8 * t], torch.float32, (t,))
-        kq = tensor_from(mv[8 * t : 8 * t + n], torch.int8, shape)
-        vq = tensor_from(mv[8 * t + n :], torch.int8, shape)
-        return dequantize(ks, kq, dtype), dequantize(vs, vq, dtype)
+    def num_scales(self, t: int) -> int:
+        return t
