@@ -13,6 +13,7 @@ import grpc
 from colocated_service.engine import ColocatedEngine, ColocatedJob, Tokens
 from coordinator.gateway import sampling_from_request
 from engine.runner import ModelRunner
+from engine.sampling import generation_defaults
 from pdserve import instance
 from pdserve.errors import InvalidRequest
 from pdserve.rpc import stream_errors, unary_errors
@@ -31,6 +32,7 @@ class ColocatedServicer(generation_pb2_grpc.GenerationServicer, colocated_pb2_gr
         self.cfg = cfg
         self.engine = engine
         self.runner = runner
+        self.generation_defaults = generation_defaults(cfg.model_dir)
 
     def _prompt_ids(self, req: generation_pb2.GenerateRequest) -> list[int]:
         if req.prompt and req.prompt_token_ids:
@@ -45,7 +47,12 @@ class ColocatedServicer(generation_pb2_grpc.GenerationServicer, colocated_pb2_gr
         received = time.monotonic()
         request_id = request.request_id or uuid.uuid4().hex
         stream = instance.EngineStream()
-        job = ColocatedJob(request_id, self._prompt_ids(request), sampling_from_request(request), stream.emit)
+        job = ColocatedJob(
+            request_id,
+            self._prompt_ids(request),
+            sampling_from_request(request, self.generation_defaults),
+            stream.emit,
+        )
         ttft = 0.0
         completion = 0
         events = stream.events(self.engine, job, last=lambda ev: bool(ev.finish_reason))

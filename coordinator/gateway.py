@@ -24,7 +24,7 @@ from coordinator.config import CoordinatorConfig
 from coordinator.registry import InstanceInfo
 from coordinator.router import Router
 from engine.config import ModelConfig
-from engine.sampling import SamplingParams
+from engine.sampling import SamplingParams, generation_defaults
 from engine.stream import StopChecker
 from engine.tokenizer import Tokenizer
 from kv_transfer.choice import choose_codec, load_profiles
@@ -50,7 +50,11 @@ def _refused(exc: grpc.RpcError) -> bool:
     return isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.UNAVAILABLE
 
 
-def sampling_from_request(req: generation_pb2.GenerateRequest) -> SamplingParams:
+def sampling_from_request(
+    req: generation_pb2.GenerateRequest, defaults: dict[str, float] | None = None
+) -> SamplingParams:
+    """The request's sampling parameters; `defaults` (the model's generation_config) fill unset fields."""
+    defaults = defaults or {}
     return SamplingParams(
         max_tokens=req.max_tokens,
         temperature=req.temperature,
@@ -59,6 +63,9 @@ def sampling_from_request(req: generation_pb2.GenerateRequest) -> SamplingParams
         seed=req.seed if req.HasField("seed") else None,
         stop=tuple(req.stop),
         ignore_eos=req.ignore_eos,
+        repetition_penalty=req.repetition_penalty
+        if req.HasField("repetition_penalty")
+        else defaults.get("repetition_penalty", 1.0),
     )
 
 
@@ -72,6 +79,7 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
         self.model = model
         self.inflight = 0
         self.codec_profiles = load_profiles(cfg.model_dir)
+        self.generation_defaults = generation_defaults(cfg.model_dir)
         self._background: set[asyncio.Task] = set()
 
     # ---- validation -----------------------------------------------------------------------
@@ -98,7 +106,7 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
         received = rt.received
         request_id = request.request_id or uuid.uuid4().hex
         prompt_ids = self._prompt_ids(request)
-        params = sampling_from_request(request)
+        params = sampling_from_request(request, self.generation_defaults)
         params.validate(len(prompt_ids), self.model.max_position_embeddings)
         if self.inflight >= self.cfg.max_inflight:
             raise CapacityExceeded(

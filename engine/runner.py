@@ -89,7 +89,10 @@ class ModelRunner:
         done = [i for i, s in enumerate(seqs) if s.num_cached == s.num_tokens]
         tokens: list[int | None] = [None] * len(seqs)
         sampled = sample(
-            logits[done], [seqs[i].params for i in done], [len(seqs[i].output_ids) for i in done]
+            logits[done],
+            [seqs[i].params for i in done],
+            [len(seqs[i].output_ids) for i in done],
+            [seqs[i].all_ids for i in done],
         )
         for i, t in zip(done, sampled, strict=True):
             tokens[i] = t
@@ -107,7 +110,9 @@ class ModelRunner:
         logits = self._forward(seqs, [s.last_token for s in seqs], [1] * len(seqs), None)  # [N, V]
         for s in seqs:
             s.num_cached += 1
-        return sample(logits, [s.params for s in seqs], [len(s.output_ids) for s in seqs])
+        return sample(
+            logits, [s.params for s in seqs], [len(s.output_ids) for s in seqs], [s.all_ids for s in seqs]
+        )
 
     def _forward(
         self, seqs: list[Sequence], ids: list[int], num_new: list[int], on_layer: Callable[[int], None] | None

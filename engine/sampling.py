@@ -22,6 +22,9 @@ class SamplingParams:
     seed: int | None = None  # None -> a fresh random seed per token
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    # > 0; 1 = off. Logits of tokens already in the sequence (prompt and output) are divided by it where
+    # positive and multiplied where negative (the CTRL / Hugging Face / vLLM repetition penalty).
+    repetition_penalty: float = 1.0
 
     def validate(self, prompt_len: int, max_model_len: int) -> None:
         """Raise InvalidRequest with a message naming the first bad field."""
@@ -42,6 +45,10 @@ class SamplingParams:
             raise InvalidRequest(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
         if any(not s for s in self.stop):
             raise InvalidRequest("stop strings must be non-empty")
+        if not (self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty)):
+            raise InvalidRequest(
+                f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}"
+            )
 
     @property
     def greedy(self) -> bool:
@@ -54,10 +61,18 @@ def step_seed(seed: int, step: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def sample(logits: Tensor, params: list[SamplingParams], steps: list[int]) -> list[int]:
-    """logits: [N, V] -> one token per row. Row i's token depends only on (logits[i], params[i], steps[i])."""
+def sample(
+    logits: Tensor,
+    params: list[SamplingParams],
+    steps: list[int],
+    histories: list[list[int]] | None = None,
+) -> list[int]:
+    """logits: [N, V] -> one token per row. Row i's token depends only on (logits[i], params[i], steps[i],
+    histories[i]); histories[i] is the sequence so far (prompt + output), read by the repetition penalty."""
     if not (logits.shape[0] == len(params) == len(steps)):
         raise ValueError(f"{logits.shape[0]} logit rows, {len(params)} params, {len(steps)} steps")
+    if histories is not None and any(p.repetition_penalty != 1.0 for p in params):
+        logits = apply_repetition_penalty(logits, params, histories)
     greedy = logits.argmax(dim=-1).tolist()  # [N]
     tokens = []
     for i, (p, step) in enumerate(zip(params, steps, strict=True)):
@@ -75,6 +90,36 @@ def _sample_row(logits: Tensor, p: SamplingParams, step: int) -> int:
     cdf = probs.double().cumsum(0)  # [V], inverse-CDF draw: first index whose cdf exceeds u * total
     idx = int(torch.searchsorted(cdf, (u * cdf[-1]).reshape(1), right=True)[0])
     return min(idx, probs.shape[0] - 1)  # cdf[idx] > u * total >= cdf[idx - 1], so probs[idx] > 0
+
+
+def apply_repetition_penalty(
+    logits: Tensor, params: list[SamplingParams], histories: list[list[int]]
+) -> Tensor:
+    """logits [N, V] -> a copy with row i's logits of the tokens in histories[i] penalised (see SamplingParams)."""
+    logits = logits.clone()
+    for i, p in enumerate(params):
+        if p.repetition_penalty == 1.0 or not histories[i]:
+            continue
+        seen = torch.tensor(sorted(set(histories[i])), dtype=torch.long, device=logits.device)
+        row = logits[i, seen]
+        logits[i, seen] = torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)
+    return logits
+
+
+def generation_defaults(model_dir: str) -> dict[str, float]:
+    """Sampling defaults a model ships in `generation_config.json` (Hugging Face field names) that pdserve
+    applies to requests leaving them unset, as transformers and vLLM do. Only `repetition_penalty` is read;
+    pdserve's temperature default stays 0 (greedy) whatever the file says."""
+    import json
+    from pathlib import Path
+
+    path = Path(model_dir) / "generation_config.json"
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    rp = cfg.get("repetition_penalty")
+    return {"repetition_penalty": float(rp)} if isinstance(rp, int | float) and rp > 0 else {}
 
 
 def filter_top_k_top_p(logits: Tensor, top_k: int, top_p: float) -> Tensor:

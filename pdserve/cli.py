@@ -64,9 +64,13 @@ def cmd_bench(a: argparse.Namespace) -> int:
 def cmd_generate(a: argparse.Namespace) -> int:
     if a.local:
         from engine.local import LocalEngine
-        from engine.sampling import SamplingParams
+        from engine.sampling import SamplingParams, generation_defaults
 
-        engine = LocalEngine.from_model_dir(a.model or _default_model())
+        model_dir = a.model or _default_model()
+        engine = LocalEngine.from_model_dir(model_dir)
+        rp = a.repetition_penalty
+        if rp is None:  # as the cluster does: the model's generation_config default
+            rp = generation_defaults(model_dir).get("repetition_penalty", 1.0)
         params = SamplingParams(
             max_tokens=a.max_tokens,
             temperature=a.temperature,
@@ -75,6 +79,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
             seed=a.seed,
             stop=tuple(a.stop),
             ignore_eos=a.ignore_eos,
+            repetition_penalty=rp,
         )
         sys.stdout.write(engine.generate_text([a.prompt], [params])[0])
         sys.stdout.write("\n")
@@ -93,6 +98,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
                 seed=a.seed,
                 stop=a.stop,
                 ignore_eos=a.ignore_eos,
+                repetition_penalty=a.repetition_penalty,
                 request_id=a.request_id,
                 timeout=a.timeout,
             ):
@@ -151,6 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", default=[])
     g.add_argument("--ignore-eos", action="store_true")
+    g.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=None,
+        help="> 0, 1 = off (default: the model's generation_config.json, else 1)",
+    )
     g.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
     g.add_argument("--request-id", default=None, help="the request's id (for `pdserve trace ID`)")
     g.set_defaults(fn=cmd_generate)

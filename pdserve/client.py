@@ -43,9 +43,12 @@ class Client:
         seed: int | None = None,
         stop: list[str] | None = None,
         ignore_eos: bool = False,
+        repetition_penalty: float | None = None,
         request_id: str | None = None,
         timeout: float | None = None,
     ) -> Iterator[generation_pb2.GenerateResponse]:
+        """Stream a completion. Sampling fields left None take the server's defaults (for
+        `repetition_penalty`: the model's generation_config.json, else 1 = off)."""
         req = generation_pb2.GenerateRequest(
             max_tokens=max_tokens,
             temperature=temperature,
@@ -61,6 +64,8 @@ class Client:
             req.top_p = top_p
         if seed is not None:
             req.seed = seed
+        if repetition_penalty is not None:
+            req.repetition_penalty = repetition_penalty
         if request_id is not None:
             req.request_id = request_id
         return self._stub.Generate(req, timeout=timeout)

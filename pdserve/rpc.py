@@ -30,6 +30,7 @@ def params_to_proto(p: SamplingParams) -> common_pb2.SamplingParams:
         top_k=p.top_k,
         stop=list(p.stop),
         ignore_eos=p.ignore_eos,
+        repetition_penalty=p.repetition_penalty,
     )
     if p.seed is not None:
         msg.seed = p.seed
@@ -45,6 +46,7 @@ def params_from_proto(msg: common_pb2.SamplingParams) -> SamplingParams:
         seed=msg.seed if msg.HasField("seed") else None,
         stop=tuple(msg.stop),
         ignore_eos=msg.ignore_eos,
+        repetition_penalty=msg.repetition_penalty if msg.repetition_penalty != 0 else 1.0,
     )
 
 

@@ -101,9 +101,12 @@ def clusters(
 
 
 def _generate_all(cluster: LocalCluster, prompts: list, max_tokens: list[int]) -> list[list[int]]:
+    """Plain greedy (repetition penalty 1, whatever the model's generation_config says)."""
     with Client(cluster.gateway_address) as client, ThreadPoolExecutor(len(prompts)) as pool:
         futures = [
-            pool.submit(client.generate, p, max_tokens=m, ignore_eos=True, timeout=120)
+            pool.submit(
+                client.generate, p, max_tokens=m, ignore_eos=True, repetition_penalty=1.0, timeout=120
+            )
             for p, m in zip(prompts, max_tokens, strict=True)
         ]
         results = [f.result() for f in futures]

@@ -86,3 +86,22 @@ def test_validate_rejects_bad_requests(params: SamplingParams, prompt_len: int, 
 
 def test_validate_accepts_edge_values():
     SamplingParams(max_tokens=60, top_p=1.0, top_k=0, temperature=0.0).validate(40, max_model_len=100)
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_seen_logits():
+    logits = torch.tensor([[2.0, -1.0, 1.5, 0.5]])
+    p = SamplingParams(repetition_penalty=2.0)
+    # token 0 seen (2.0 -> 1.0 < 1.5): the unseen token 2 wins; token 1 (negative) is pushed further down
+    assert sample(logits, [p], [0], [[0, 1, 1]]) == [2]
+    assert sample(logits, [SamplingParams()], [0], [[0, 1]]) == [0]  # 1.0 = off
+    assert sample(logits, [p], [0], None) == [0]  # no history: nothing to penalise
+    from engine.sampling import apply_repetition_penalty
+
+    out = apply_repetition_penalty(logits, [p], [[0, 1]])
+    assert out.tolist() == [[1.0, -2.0, 1.5, 0.5]] and logits[0, 0] == 2.0  # a copy
+
+
+@pytest.mark.parametrize("rp", [0.0, -1.0, float("inf"), float("nan")])
+def test_bad_repetition_penalty_is_invalid_request(rp: float):
+    with pytest.raises(InvalidRequest, match="repetition_penalty"):
+        SamplingParams(repetition_penalty=rp).validate(4, 64)

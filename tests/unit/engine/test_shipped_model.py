@@ -64,3 +64,25 @@ def test_engine_reproduces_model_card_perplexity(runner: ModelRunner) -> None:
     card = read_card_perplexity(MODEL)
     assert abs(result.ppl - card) / card < 0.01, f"engine {result.ppl:.3f} vs card {card:.3f}"
     assert result.ppl <= unigram_perplexity(load_unigram_counts(MODEL), ids).ppl / 3
+
+
+def test_generation_config_penalty_greedy_equals_transformers(runner: ModelRunner) -> None:
+    """The shipped generation_config's repetition penalty, applied by pdserve's sampler over prompt +
+    output, gives transformers' greedy `generate` token for token (prefill samples the first token)."""
+    from transformers import AutoModelForCausalLM
+
+    from engine.local import LocalEngine
+    from engine.sampling import SamplingParams, generation_defaults
+
+    rp = generation_defaults(str(MODEL))["repetition_penalty"]
+    assert rp > 1.0
+    engine = LocalEngine(runner)
+    hf = AutoModelForCausalLM.from_pretrained(str(MODEL), dtype=torch.float32).eval()
+    for prompt in ("def fibonacci(n):", "class Stack:\n"):
+        ids = runner.tokenizer.encode(prompt)
+        params = SamplingParams(max_tokens=40, ignore_eos=True, repetition_penalty=rp)
+        ours = engine.generate([ids], [params])[0]
+        with torch.inference_mode():
+            out = hf.generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False, repetition_penalty=rp)
+        theirs = out[0, len(ids) :].tolist()  # stops early if it samples EOS
+        assert len(theirs) >= 8 and ours[: len(theirs)] == theirs, prompt
