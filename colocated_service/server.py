@@ -80,7 +80,7 @@ class ColocatedServicer(generation_pb2_grpc.GenerationServicer, colocated_pb2_gr
 
 async def run(cfg: instance.InstanceConfig, chunk_tokens: int | None) -> None:
     runner = instance.load_runner(cfg)
-    engine = ColocatedEngine(runner, cfg.max_running, cfg.max_queue, cfg.max_batch_tokens, chunk_tokens)
+    engine = ColocatedEngine(runner, cfg.max_running, cfg.max_queue, cfg.batch_tokens, chunk_tokens)
     engine.start()
     servicer = ColocatedServicer(cfg, engine, runner)
 

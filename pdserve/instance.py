@@ -46,7 +46,10 @@ class InstanceConfig:
     device: Device = Device(kind="cpu", cuda_index=None, cpus=())
     num_kv_blocks: int | None = None  # None = sized by the runner's default memory budget
     block_size: int = 16  # tokens per KV block
-    max_batch_tokens: int = 2048  # prefill: prompt tokens per forward pass
+    # Prompt tokens per prefill forward pass (the first prompt always goes, whatever its length); None =
+    # the device's saturation point (`default_batch_tokens`). Batching past it buys no throughput and
+    # makes every prompt in the batch wait for all of them (DistServe, section 4.1).
+    max_batch_tokens: int | None = None
     max_running: int = 64  # decode: sequences per step
     max_queue: int = 1024  # requests waiting before RESOURCE_EXHAUSTED
     transport: str = "auto"  # KV transport scheme: auto | ucx | tcp | shm
@@ -54,6 +57,10 @@ class InstanceConfig:
     lease_ttl_s: float = 30.0  # prefill: KV held this long for decode to pull
     pull_timeout_s: float = 30.0  # decode: give up a KV pull after this long
     heartbeat_ttl_s: float = 3.0  # registry key TTL; heartbeat every ttl/3
+
+    @property
+    def batch_tokens(self) -> int:
+        return self.max_batch_tokens or default_batch_tokens(self.device)
 
     def with_defaults(self) -> InstanceConfig:
         if self.instance_id:
@@ -63,6 +70,18 @@ class InstanceConfig:
         return replace(
             self, instance_id=f"{self.role}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         )
+
+
+CPU_BATCH_TOKENS = 256
+GPU_BATCH_TOKENS = 2048
+
+
+def default_batch_tokens(device: Device) -> int:
+    """Prompt tokens at which one prefill pass saturates the device. Measured on a 2-vCPU EPYC, one core
+    (`docs/benchmarks.md`): a 28.8M-parameter Llama costs 1.16, 0.88, 0.80, 0.79, 0.84, 0.90 ms per token
+    at 32, 64, 128, 256, 512, 1024 prompt tokens, so CPU prefill saturates at 128-256 tokens; GPUs need
+    about 2k tokens for small models."""
+    return GPU_BATCH_TOKENS if device.kind == "cuda" else CPU_BATCH_TOKENS
 
 
 def add_instance_args(p: argparse.ArgumentParser) -> None:
@@ -76,7 +95,12 @@ def add_instance_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cuda", type=int, default=None, help="CUDA device index this instance owns")
     p.add_argument("--num-kv-blocks", type=int, default=None)
     p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--max-batch-tokens", type=int, default=2048)
+    p.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=None,
+        help=f"prompt tokens per prefill pass (default: {CPU_BATCH_TOKENS} on CPU, {GPU_BATCH_TOKENS} on CUDA)",
+    )
     p.add_argument("--max-running", type=int, default=64)
     p.add_argument("--max-queue", type=int, default=1024)
     p.add_argument("--transport", default="auto")

@@ -91,7 +91,7 @@ async def run(cfg: instance.InstanceConfig) -> None:
     transport = transport_for(default_scheme() if cfg.transport == "auto" else cfg.transport)
     kv_server = KVServer(transport, cfg.host, fingerprint=runner.fingerprint, lease_ttl_s=cfg.lease_ttl_s)
     kv_server.start()
-    engine = PrefillEngine(runner, kv_server, cfg.max_batch_tokens, cfg.max_queue)
+    engine = PrefillEngine(runner, kv_server, cfg.batch_tokens, cfg.max_queue)
     engine.start()
     servicer = PrefillServicer(cfg, engine, runner, kv_server.address)
     instance.observe_load(cfg, engine)
