@@ -101,7 +101,9 @@ class Mode:
     extra_probes: int  # more load runs allowed for each other k (0: score the headline runs only)
     rel_tol: float
     ks: tuple[float, ...] = (1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
-    load_factor: float = 0.4  # start rate = load_factor x a 1-core capacity estimate (measured goodputs: 0.2-0.5)
+    load_factor: float = (
+        0.4  # start rate = load_factor x a 1-core capacity estimate (measured goodputs: 0.2-0.5)
+    )
 
 
 QUICK = Mode(

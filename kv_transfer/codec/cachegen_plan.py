@@ -13,7 +13,7 @@ Method (calibration on the first `CALIB_TOKENS` held-out tokens; `bench.codec` s
 2. For each level's budget (`BUDGETS`, mean bits per element over K and V of all layers), choose one bins
    per (layer, K/V) minimising the summed KL within the budget (Lagrangian relaxation: minimise
    KL + lambda x bits per part, bisecting lambda; KLs of separate parts are treated as additive).
-3. Keep the chunk size whose default-level plan has the lowest predicted KL, then profile the static tables
+3. Keep the largest chunk size whose default-level plan is within 5% of the lowest predicted KL, then profile the static tables
    for every plan's bins at that chunk size (`cachegen_tables.profile_tables`).
 The predicted and measured (all parts quantized together) KL of each plan are returned for the record.
 """
@@ -221,10 +221,10 @@ def plan_model(
         costs = measure_costs(cal, chunk, candidates)
         plans = {level: choose(costs, cal.num_layers, budget) for level, budget in BUDGETS.items()}
         per_chunk[chunk] = (costs, plans)
-    best = min(
-        chunks,
-        key=lambda c: predicted(per_chunk[c][0], per_chunk[c][1]["default"])["kl_sum_of_parts"],
-    )
+    # the largest chunk whose default-level plan is within 5% of the lowest predicted KL: smaller chunks cost
+    # per-chunk work (encode speed) for gains this small
+    kl = {c: predicted(per_chunk[c][0], per_chunk[c][1]["default"])["kl_sum_of_parts"] for c in chunks}
+    best = max(c for c in chunks if kl[c] <= 1.05 * min(kl.values()))
     costs, plans = per_chunk[best]
     report = {
         "chunk_tokens": best,
