@@ -179,7 +179,8 @@ def _heldout_prompts() -> list[list[int]]:
 @pytest.mark.xfail(
     strict=False,
     reason="issue 5 target not met yet: cachegen's default level matched the first 32 greedy tokens on "
-    "65% of held-out prompts with the current (under-trained) shipped model, target >= 95%",
+    "45% of held-out prompts with the retrained shipped model (65% with the earlier one), target >= 95%; "
+    "divergences start at near-ties of this small model (docs/benchmarks.md)",
 )
 def test_cachegen_first_tokens_match_reference_on_heldout_prompts(
     clusters: dict[str, LocalCluster], record_property: pytest.RecordProperty
