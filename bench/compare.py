@@ -114,8 +114,8 @@ QUICK = Mode(
         WorkloadSpec("balanced", Uniform(48, 80), Uniform(48, 80), headline_k=4.0),
     ),
     budgets=(64,),
-    n_requests=30,
-    min_requests=30,
+    n_requests=24,
+    min_requests=24,
     max_span_s=3.0,
     max_probes=2,
     extra_probes=0,
@@ -518,7 +518,7 @@ def workload_result(plan: Plan, sysres: dict[str, dict[str, Any]]) -> dict[str, 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__.splitlines()[0])
     p.add_argument(
-        "--quick", action="store_true", help="small model, 2 runs per search, 30 requests per run (< 2 min)"
+        "--quick", action="store_true", help="small model, 2 runs per search, 24 requests per run (< 2 min)"
     )
     p.add_argument("--json", default=None, help="write the JSON object here instead of stdout")
     p.add_argument("--plots", default=None, help="write PNG plots into this directory")
