@@ -24,6 +24,10 @@ What is measured (one process, `torch.set_num_threads(1)`, the model in fp32 on 
   KL(reference || codec) in nats (mean over tokens), top-1 agreement, and the relative change of perplexity
   on the true next tokens. `noise_floor` is the same for the KV merely rounded through fp16 (fp16 vs fp32);
   `int8` is the 8-bit baseline.
+* Greedy match (free running, as the end-to-end test measures it through a cluster): `greedy_prompts` held-out
+  prompts of 128 tokens; the first 32 greedy tokens read through each codec's prompt KV (the first token is
+  prefill's, exact, as in serving; later tokens' K/V computed exactly, as decode does) against those read
+  through the exact KV -> `greedy32_match`, the share of prompts that match throughout.
 * Break-even (`kv_transfer.choice.break_even_bps`): each codec's measured profile (ratio and speeds in the
   serving dtype, fp32 here, as the gateway's codec choice counts bytes) against raw's measured profile, for
   one `prompt`-token hand-off pipelined over the model's layers -> link Gbit/s below which the codec hands
@@ -64,12 +68,21 @@ class Settings:
     windows: int
     speed_tokens: int
     repeats: int
+    greedy_prompts: int  # held-out prompts of GREEDY_PROMPT_TOKENS for the greedy-match rate
+    greedy_tokens: int = 32
 
     @staticmethod
     def make(quick: bool) -> Settings:
         if quick:
-            return Settings(prompt=256, continuation=64, windows=4, speed_tokens=1024, repeats=3)
-        return Settings(prompt=1024, continuation=256, windows=16, speed_tokens=2000, repeats=7)
+            return Settings(
+                prompt=256, continuation=64, windows=4, speed_tokens=1024, repeats=3, greedy_prompts=6
+            )
+        return Settings(
+            prompt=1024, continuation=256, windows=16, speed_tokens=2000, repeats=7, greedy_prompts=100
+        )
+
+
+GREEDY_PROMPT_TOKENS = 128  # as in the end-to-end test (tests/e2e/test_kv_handoff.py)
 
 
 def codecs() -> dict[str, Codec]:
@@ -180,6 +193,33 @@ def measure_quality(
     return quality, floor_q, size16, size_serving, elements, n_windows
 
 
+def measure_greedy(model: KVProbe, ids: list[int], s: Settings, cdx: dict[str, Codec]) -> dict[str, dict]:
+    """Per codec: the share of held-out prompts whose first `greedy_tokens` greedy tokens, read through the
+    codec's prompt KV, equal those read through the exact KV (the first token is prefill's, exact, as in
+    serving), and the first differing positions. Prompts are spread over the held-out text after SKIP_TOKENS."""
+    n, t = s.greedy_prompts, GREEDY_PROMPT_TOKENS
+    stride = (len(ids) - SKIP_TOKENS - t) // max(n, 1)
+    out: dict[str, dict] = {name: {"matches": 0, "first_diff": []} for name in cdx}
+    for i in range(n):
+        prompt = ids[SKIP_TOKENS + i * stride : SKIP_TOKENS + i * stride + t]
+        ref_kv = model.prefill(prompt)
+        first = int(model.continuation_logits(t - 1, [prompt[-1]])[-1].argmax())
+        model.set_prompt_kv(ref_kv)
+        ref = model.greedy(t, first, s.greedy_tokens)
+        for name, c in cdx.items():
+            rt = codec_round_trip(c)
+            model.set_prompt_kv([rt(k, v, layer) for layer, (k, v) in enumerate(ref_kv)])
+            got = model.greedy(t, first, s.greedy_tokens)
+            diff = next((j for j, (a, b) in enumerate(zip(got, ref, strict=True)) if a != b), None)
+            out[name]["matches"] += diff is None
+            if diff is not None:
+                out[name]["first_diff"].append(diff)
+    return {
+        name: {"match_rate": r["matches"] / max(n, 1), "first_diff": sorted(r["first_diff"])}
+        for name, r in out.items()
+    }
+
+
 # ---- speed --------------------------------------------------------------------------------------------
 
 
@@ -229,10 +269,13 @@ def run(model_dir: str, s: Settings, save: bool = False) -> dict[str, Any]:
     tables = install_model(model_dir)
     cdx = codecs()
     ids = heldout_ids(model_dir)
-    model = KVProbe(model_dir, max(s.prompt + s.continuation + 1, s.speed_tokens))
+    model = KVProbe(
+        model_dir, max(s.prompt + s.continuation + 1, s.speed_tokens, GREEDY_PROMPT_TOKENS + s.greedy_tokens)
+    )
     serving_dtype = model.runner.dtype
     quality, floor_q, size16, size_serving, elements, n_windows = measure_quality(model, ids, s, cdx)
     ref_q = quality.pop("__ref")
+    greedy = measure_greedy(model, ids, s, cdx)
 
     speed_prompt = ids[SKIP_TOKENS : SKIP_TOKENS + s.speed_tokens]
     speed_kv = model.prefill(speed_prompt)
@@ -250,6 +293,7 @@ def run(model_dir: str, s: Settings, save: bool = False) -> dict[str, Any]:
             "encode_mb_s": speed16[n][0] / 1e6,
             "decode_mb_s": speed16[n][1] / 1e6,
             **q,
+            f"greedy{s.greedy_tokens}_match": greedy[n]["match_rate"],
         }
 
     serving_bytes = elements * serving_dtype.itemsize
@@ -294,6 +338,12 @@ def run(model_dir: str, s: Settings, save: bool = False) -> dict[str, Any]:
             "prompt_tokens": s.prompt,
             "continuation_tokens": s.continuation,
             "scored_tokens": ref_q.n,
+            "greedy": {
+                "prompts": s.greedy_prompts,
+                "prompt_tokens": GREEDY_PROMPT_TOKENS,
+                "tokens": s.greedy_tokens,
+                "first_diff_positions": {n: g["first_diff"] for n, g in greedy.items()},
+            },
             "reference_ppl": ref_ppl,
             "speed_tokens": len(speed_prompt),
             "repeats": s.repeats,
@@ -318,14 +368,15 @@ def summary(r: dict[str, Any]) -> str:
         f"model {r['model']}  ({r['settings']['windows']} windows x {r['settings']['prompt_tokens']} prompt "
         f"+ {r['settings']['continuation_tokens']} scored tokens; ref ppl {r['settings']['reference_ppl']:.3f})",
         f"{'codec':14s} {'bits':>6s} {'x fp16':>7s} {'x int8':>7s} {'enc MB/s':>9s} {'dec MB/s':>9s} "
-        f"{'KL':>9s} {'top1':>7s} {'dPPL':>8s} {'b-e Gb/s':>8s}",
+        f"{'KL':>9s} {'top1':>7s} {'dPPL':>8s} {'greedy':>7s} {'b-e Gb/s':>8s}",
     ]
+    gkey = f"greedy{r['settings']['greedy']['tokens']}_match"
     for n, c in r["codecs"].items():
         be = r["break_even_gbit_s"].get(n)
         lines.append(
             f"{n:14s} {c['bits_per_element']:6.2f} {c['ratio_vs_fp16']:7.2f} {c['ratio_vs_int8']:7.2f} "
             f"{c['encode_mb_s']:9.1f} {c['decode_mb_s']:9.1f} {c['kl_mean']:9.2e} {c['top1_agreement']:7.4f} "
-            f"{c['ppl_delta_rel']:+8.4f} {'' if be is None else f'{be:8.3f}'}"
+            f"{c['ppl_delta_rel']:+8.4f} {c[gkey]:7.2f} {'' if be is None else f'{be:8.3f}'}"
         )
     f = r["noise_floor"]
     lines.append(

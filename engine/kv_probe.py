@@ -53,6 +53,15 @@ class KVProbe:
             logits = r.model.compute_logits(h, torch.arange(len(feed), device=r.torch_device))
         return logits.double().cpu()
 
+    def greedy(self, prompt_len: int, first: int, n: int) -> list[int]:
+        """`n` greedy tokens after the cache's prompt KV, starting with `first` (the token prefill sampled, as in
+        serving); each later token is fed one at a time and its KV is computed exactly, as decode does."""
+        out = [first]
+        while len(out) < n:
+            logits = self.continuation_logits(prompt_len + len(out) - 1, [out[-1]])
+            out.append(int(logits[-1].argmax()))
+        return out
+
 
 def kl_per_token(ref_logp: Tensor, logits: Tensor) -> Tensor:
     """KL(ref || softmax(logits)) per row, nats, clamped at 0: ref_logp, logits [N, V] -> [N]."""
