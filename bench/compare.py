@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from bench.goodput import find_goodput, goodput_per_device
+from bench.ideal import ideal_ttft_attainment
 from bench.metrics import SLO, RequestMetrics, attainment, compute_metrics, summarize_records
 from bench.probe import TARGET, Prober, Turns, goodput_from_runs, refine_goodput, tightest_k
 from bench.report import emit, plot_attainment_vs_rate, plot_goodput_bars, plot_latency_cdfs, plots_status
@@ -248,9 +249,17 @@ def _compact(summary: dict[str, Any]) -> dict[str, Any]:
 
 
 def evaluate(
-    prober: Prober, iso: dict, slos: dict[float, SLO], headline_k: float, start_rate: float, mode: Mode
+    prober: Prober,
+    iso: dict,
+    slos: dict[float, SLO],
+    headline_k: float,
+    start_rate: float,
+    mode: Mode,
+    prefill_servers: int = 0,
 ) -> dict[str, Any]:
-    """Goodput at the headline k (bisection), then at every other k, and the tightest k at start_rate."""
+    """Goodput at the headline k (bisection), then at every other k, and the tightest k at start_rate.
+    With `prefill_servers` (a disaggregated system), every run is also scored against the ideal prefill pool
+    of that many instances (`bench.ideal`): the TTFT attainment queueing alone allows on the run's schedule."""
     res = find_goodput(
         lambda r: prober.attainment(r, slos[headline_k]),
         start_rate=start_rate,
@@ -272,17 +281,34 @@ def evaluate(
     runs = []
     for run in sorted(prober.runs.values(), key=lambda r: r.rate):
         summary = summarize_records(run.records, slos[headline_k])
-        runs.append(
-            {
-                "rate": run.rate,
-                "attainment_by_k": {
-                    f"{k:g}": attainment(compute_metrics(run.records), s) for k, s in slos.items()
-                },
-                "tightest_k": tightest_k(run.records, iso["prefill_s"], iso["decode_step_s"]),
-                "at_headline_k": _compact(summary),
+        entry = {
+            "rate": run.rate,
+            "attainment_by_k": {
+                f"{k:g}": attainment(compute_metrics(run.records), s) for k, s in slos.items()
+            },
+            "tightest_k": tightest_k(run.records, iso["prefill_s"], iso["decode_step_s"]),
+            "at_headline_k": _compact(summary),
+        }
+        if prefill_servers:
+            entry["ideal_prefill_ttft_attainment_by_k"] = {
+                f"{k:g}": ideal_ttft_attainment(
+                    run.records, s.ttft_s, iso["prefill_s"], iso["prompt_len"], prefill_servers
+                )
+                for k, s in slos.items()
             }
-        )
+        runs.append(entry)
+    ideal = None
+    if prefill_servers:  # the highest probed rate the ideal pool passes at each k, every lower run passing
+        ideal = {"prefill_servers": prefill_servers, "goodput_by_k": {}}
+        for k in slos:
+            best = 0.0
+            for entry in runs:
+                if entry["ideal_prefill_ttft_attainment_by_k"][f"{k:g}"] < TARGET:
+                    break
+                best = entry["rate"]
+            ideal["goodput_by_k"][f"{k:g}"] = best
     return {
+        "ideal_prefill_pool": ideal,
         "goodput": goodput,
         "tightest_k_at_fixed_rate": tightest_k(fixed.records, iso["prefill_s"], iso["decode_step_s"]),
         "runs": runs,
@@ -439,7 +465,15 @@ def evaluate_system(
                 turns=turns,
                 log_slo=plan.slos[plan.spec.headline_k],
             )
-            out = evaluate(prober, plan.isolated, plan.slos, plan.spec.headline_k, plan.start_rate, mode)
+            out = evaluate(
+                prober,
+                plan.isolated,
+                plan.slos,
+                plan.spec.headline_k,
+                plan.start_rate,
+                mode,
+                prefill_servers=system.prefill,
+            )
             results[plan.spec.name] = {"devices": system.devices, "config": asdict(system), **out}
             fixed[plan.spec.name] = compute_metrics(prober.run(plan.start_rate).records)
     finally:
@@ -511,6 +545,15 @@ def workload_result(plan: Plan, sysres: dict[str, dict[str, Any]]) -> dict[str, 
         "best_colocated": best,
         "goodput_ratio_vs_best_colocated": ratio,
         "goodput_ratio_lower_bound": lower_bound,  # set when every colocated goodput is below its lowest probe
+        # the ideal prefill pool's goodput per device (TTFT only, bench.ideal) on the disaggregated system's runs
+        "disagg_ideal_prefill_goodput_per_device": (
+            goodput_per_device(
+                sysres[DISAGG]["ideal_prefill_pool"]["goodput_by_k"][f"{plan.spec.headline_k:g}"],
+                sysres[DISAGG]["devices"],
+            )
+            if DISAGG in sysres and sysres[DISAGG].get("ideal_prefill_pool")
+            else None
+        ),
         "systems": sysres,
     }
 
@@ -629,6 +672,12 @@ def human_summary(result: dict[str, Any]) -> str:
         r, bound = w["goodput_ratio_vs_best_colocated"], w["goodput_ratio_lower_bound"]
         shown = f"{r:.2f}x" if r is not None else (f"> {bound:.2f}x" if bound is not None else "n/a")
         lines.append(f"  disaggregated / best colocated ({w['best_colocated']}): {shown}")
+        ideal = w.get("disagg_ideal_prefill_goodput_per_device")
+        if ideal is not None:
+            lines.append(
+                f"  ideal prefill pool on the disaggregated runs' schedules (queueing only): goodput/device "
+                f">= {ideal:.3f} req/s"
+            )
     return "\n".join(lines)
 
 

@@ -1,0 +1,47 @@
+"""The ideal prefill pool bound (bench.ideal) on hand-worked schedules."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.ideal import fcfs_completion_delays, ideal_ttft_attainment
+from bench.metrics import RequestRecord
+
+
+def test_one_server_queues_in_arrival_order() -> None:
+    # arrivals 0, 0.1, 5.0 with 1 s each: the second waits 0.9 s, the third finds the server free
+    assert fcfs_completion_delays([0.0, 0.1, 5.0], [1.0, 1.0, 1.0]) == pytest.approx([1.0, 1.9, 1.0])
+
+
+def test_input_order_is_kept_when_arrivals_are_unsorted() -> None:
+    assert fcfs_completion_delays([0.1, 0.0], [1.0, 1.0]) == pytest.approx([1.9, 1.0])
+
+
+def test_two_servers_take_simultaneous_arrivals_in_parallel() -> None:
+    # three at once on two servers: two finish at 1, the third starts when the first server frees up
+    assert fcfs_completion_delays([0.0, 0.0, 0.0], [1.0, 1.0, 1.0], servers=2) == pytest.approx(
+        [1.0, 1.0, 2.0]
+    )
+    # the earliest free server is used, not a round robin: server A frees at 1, B at 3
+    assert fcfs_completion_delays([0.0, 0.0, 1.5], [1.0, 3.0, 1.0], servers=2) == pytest.approx(
+        [1.0, 3.0, 1.0]
+    )
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError):
+        fcfs_completion_delays([0.0], [1.0], servers=0)
+    with pytest.raises(ValueError):
+        fcfs_completion_delays([0.0, 1.0], [1.0])
+
+
+def test_attainment_scales_service_with_prompt_length() -> None:
+    # 100 ms for 100 tokens: prompts of 100, 200, 100 tokens at 0, 0.05, 1.0 s
+    recs = [RequestRecord(0, 0.0, 100, 4), RequestRecord(1, 0.05, 200, 4), RequestRecord(2, 1.0, 100, 4)]
+    # delays: 0.1, 0.1 - 0.05 + 0.2 = 0.25, 0.1
+    assert ideal_ttft_attainment(recs, 0.2, prefill_s=0.1, prefill_len=100) == pytest.approx(2 / 3)
+    assert ideal_ttft_attainment(recs, 0.26, prefill_s=0.1, prefill_len=100) == pytest.approx(1.0)
+    # a second server takes the 200-token prompt at once (delay 0.2)
+    assert ideal_ttft_attainment(recs, 0.21, prefill_s=0.1, prefill_len=100) == pytest.approx(2 / 3)
+    assert ideal_ttft_attainment(recs, 0.21, prefill_s=0.1, prefill_len=100, servers=2) == pytest.approx(1.0)
+    assert ideal_ttft_attainment([], 1.0, prefill_s=0.1, prefill_len=100) == 0.0
