@@ -42,10 +42,11 @@ class Level:
         )
 
 
-# Measured on the shipped 5-layer model (models/pdserve-tiny-py, 512-token prompts, 512 teacher-forced tokens):
-#   high    4.1x smaller than fp16, KL 0.0002 nats/token, top-1 agreement 99.0%
-#   default 6.15x,                  KL 0.0019,             top-1 96.9%
-#   low     ~12x,                   KL 0.023,              top-1 87%
+# The rule below is the fallback where a model ships no bit plan. With the shipped model's plan (bench.codec,
+# 1024-token prompts, 256 teacher-forced tokens; docs/benchmarks.md):
+#   high    4.0x smaller than fp16, KL 0.0004 nats/token, top-1 agreement 98.2%
+#   default 6.35x,                  KL 0.0036,             top-1 94.6%
+#   low     10.7x,                  KL 0.029,              top-1 86.7%
 LEVELS: dict[str, Level] = {
     "high": Level(
         1, k_shallow=32, k_deep=16, v_shallow=32, v_deep=16, k_shallow_frac=1 / 4, v_shallow_frac=1 / 8
