@@ -34,9 +34,9 @@ bigger on every data measured: the shipped model's KV at the default level 6.2x 
 (G = 10), and structured synthetic KV even with neighbour correlation 0.99 (test_anchor_delta_does_not_help),
 so it is off: coding symbols directly with per-channel models already captures what the anchors would.
 
-Speed (one core, fp16-equivalent bytes, shipped model's KV [2000, 2, 32], default level, measured on a
-loaded 2-vCPU host): encode ~105 MB/s with chunk tables, ~160 with static ones; decode ~97 / ~109 MB/s.
-constriction's ANS decoder (~15 ns per element with pairs) dominates decoding. CUDA inputs are quantized
+Speed (one core, fp16-equivalent bytes, thread CPU time, shipped model's KV [2000, 2, 32], default level with
+its static tables; bench.codec, docs/benchmarks.md): encode ~224 MB/s and decode ~218 MB/s with the compiled
+rANS coder; with constriction (the fallback) ~185 / ~111 MB/s, its ANS decoder dominating decode. CUDA inputs are quantized
 on the GPU (torch) and `decode(..., device="cuda")` dequantizes there; the entropy stage is on the CPU.
 
 params (little-endian, no pickle): `_HEADER` | chunk directory n x `_CHUNK` | per chunk: K centre [C] and
