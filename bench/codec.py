@@ -199,24 +199,23 @@ def measure_greedy(model: KVProbe, ids: list[int], s: Settings, cdx: dict[str, C
     serving), and the first differing positions. Prompts are spread over the held-out text after SKIP_TOKENS."""
     n, t = s.greedy_prompts, GREEDY_PROMPT_TOKENS
     stride = (len(ids) - SKIP_TOKENS - t) // max(n, 1)
-    out: dict[str, dict] = {name: {"matches": 0, "first_diff": []} for name in cdx}
+    round_trips = {name: codec_round_trip(c) for name, c in cdx.items()}
+    first_diff: dict[str, list[int]] = {name: [] for name in cdx}  # one entry per prompt that diverged
     for i in range(n):
         prompt = ids[SKIP_TOKENS + i * stride : SKIP_TOKENS + i * stride + t]
         ref_kv = model.prefill(prompt)
-        first = int(model.continuation_logits(t - 1, [prompt[-1]])[-1].argmax())
+        first = model.first_token(prompt)
         model.set_prompt_kv(ref_kv)
         ref = model.greedy(t, first, s.greedy_tokens)
-        for name, c in cdx.items():
-            rt = codec_round_trip(c)
+        for name, rt in round_trips.items():
             model.set_prompt_kv([rt(k, v, layer) for layer, (k, v) in enumerate(ref_kv)])
             got = model.greedy(t, first, s.greedy_tokens)
             diff = next((j for j, (a, b) in enumerate(zip(got, ref, strict=True)) if a != b), None)
-            out[name]["matches"] += diff is None
             if diff is not None:
-                out[name]["first_diff"].append(diff)
+                first_diff[name].append(diff)
     return {
-        name: {"match_rate": r["matches"] / max(n, 1), "first_diff": sorted(r["first_diff"])}
-        for name, r in out.items()
+        name: {"match_rate": (n - len(d)) / max(n, 1), "first_diff": sorted(d)}
+        for name, d in first_diff.items()
     }
 
 

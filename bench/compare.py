@@ -38,7 +38,15 @@ import numpy as np
 from bench.goodput import find_goodput, goodput_per_device
 from bench.ideal import ideal_ttft_attainment
 from bench.metrics import SLO, RequestMetrics, attainment, compute_metrics, summarize_records
-from bench.probe import TARGET, Prober, Turns, goodput_from_runs, refine_goodput, tightest_k
+from bench.probe import (
+    TARGET,
+    Prober,
+    Turns,
+    goodput_from_runs,
+    highest_passing_rate,
+    refine_goodput,
+    tightest_k,
+)
 from bench.report import emit, plot_attainment_vs_rate, plot_goodput_bars, plot_latency_cdfs, plots_status
 from bench.serving import run_load
 from bench.workload import LengthDist, Uniform, Workload, make_requests
@@ -299,14 +307,15 @@ def evaluate(
         runs.append(entry)
     ideal = None
     if prefill_servers:  # the highest probed rate the ideal pool passes at each k, every lower run passing
-        ideal = {"prefill_servers": prefill_servers, "goodput_by_k": {}}
-        for k in slos:
-            best = 0.0
-            for entry in runs:
-                if entry["ideal_prefill_ttft_attainment_by_k"][f"{k:g}"] < TARGET:
-                    break
-                best = entry["rate"]
-            ideal["goodput_by_k"][f"{k:g}"] = best
+        ideal = {
+            "prefill_servers": prefill_servers,
+            "goodput_by_k": {
+                key: highest_passing_rate(
+                    [(e["rate"], e["ideal_prefill_ttft_attainment_by_k"][key]) for e in runs]
+                )
+                for key in (f"{k:g}" for k in slos)
+            },
+        }
     return {
         "ideal_prefill_pool": ideal,
         "goodput": goodput,

@@ -168,14 +168,19 @@ def tightest_k(records: list[RequestRecord], prefill_s: float, decode_s: float) 
     return k if math.isfinite(k) else None
 
 
+def highest_passing_rate(attainment_by_rate: list[tuple[float, float]]) -> float:
+    """Highest rate whose attainment reaches TARGET with every lower rate's reaching it too (0.0: none)."""
+    best = 0.0
+    for rate, att in sorted(attainment_by_rate):
+        if att < TARGET:
+            break
+        best = rate
+    return best
+
+
 def goodput_from_runs(runs: list[Run], slo: SLO) -> float:
     """Highest probed rate passing the SLO target with every lower probed rate passing too."""
-    best = 0.0
-    for run in sorted(runs, key=lambda r: r.rate):
-        if attainment(compute_metrics(run.records), slo) < TARGET:
-            break
-        best = run.rate
-    return best
+    return highest_passing_rate([(r.rate, attainment(compute_metrics(r.records), slo)) for r in runs])
 
 
 def refine_goodput(prober: Prober, slo: SLO, budget: int, rel_tol: float) -> None:

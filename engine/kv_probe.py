@@ -53,6 +53,11 @@ class KVProbe:
             logits = r.model.compute_logits(h, torch.arange(len(feed), device=r.torch_device))
         return logits.double().cpu()
 
+    def first_token(self, prompt: list[int]) -> int:
+        """The greedy token after `prompt`, read through the cache's KV of its first len - 1 tokens (after
+        `prefill(prompt)`: the exact KV, i.e. the token prefill samples). Rewrites the last token's KV."""
+        return int(self.continuation_logits(len(prompt) - 1, [prompt[-1]])[-1].argmax())
+
     def greedy(self, prompt_len: int, first: int, n: int) -> list[int]:
         """`n` greedy tokens after the cache's prompt KV, starting with `first` (the token prefill sampled, as in
         serving); each later token is fed one at a time and its KV is computed exactly, as decode does."""

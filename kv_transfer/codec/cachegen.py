@@ -36,8 +36,9 @@ so it is off: coding symbols directly with per-channel models already captures w
 
 Speed (one core, fp16-equivalent bytes, thread CPU time, shipped model's KV [2000, 2, 32], default level with
 its static tables; bench.codec, docs/benchmarks.md): encode ~224 MB/s and decode ~218 MB/s with the compiled
-rANS coder; with constriction (the fallback) ~185 / ~111 MB/s, its ANS decoder dominating decode. CUDA inputs are quantized
-on the GPU (torch) and `decode(..., device="cuda")` dequantizes there; the entropy stage is on the CPU.
+rANS coder; with constriction (the fallback) ~185 / ~111 MB/s, its ANS decoder dominating decode. CUDA inputs
+are quantized on the GPU (torch) and `decode(..., device="cuda")` dequantizes there; the entropy stage is on
+the CPU.
 
 params (little-endian, no pickle): `_HEADER` | chunk directory n x `_CHUNK` | per chunk: K centre [C] and
 K half [C] (fp16, or fp32 per flag), V base (fp32), V e [t] (u8) | per chunk: K table, V table (per mode) |

@@ -18,7 +18,8 @@ def test_greedy_through_the_exact_kv_equals_the_engine(tiny_model_dir: Path) -> 
     )[0]
     probe = KVProbe(str(tiny_model_dir), 64)
     kv = probe.prefill(prompt)
-    first = int(probe.continuation_logits(len(prompt) - 1, [prompt[-1]])[-1].argmax())
+    first = probe.first_token(prompt)
+    assert first == want[0]
     probe.set_prompt_kv(kv)
     assert probe.greedy(len(prompt), first, 12) == want
 
