@@ -7,7 +7,10 @@ Method (docs/benchmarks.md, "Serving"):
    bench model's tokenizer). Outputs are forced (`ignore_eos`).
 2. Isolated latencies, measured in this run on one pinned core with the same engine: the prefill time of the
    workload's mean prompt length and the batch-1 decode step at its mean context. SLO at scale ``k``:
-   TTFT <= k x isolated prefill, TPOT <= k x isolated decode step.
+   TTFT <= k x s x isolated prefill, TPOT <= k x isolated decode step. The TTFT scale s is 1, except for a
+   workload modelled on an application whose SLOs have a given TTFT:TPOT ratio (the prefill-heavy one:
+   DistServe's summarization, 15 s : 0.15 s, a tight TPOT beside a loose TTFT), where
+   s = max(1, ratio x decode step / prefill). Such a workload is also scored against s = 1 ("symmetric").
 3. Every system (same cores, same engine, same gateway and client) is started with `LocalCluster` and driven
    open-loop by the same seeded schedule (`bench.workload`, `bench.serving`). The goodput search
    (`bench.goodput.find_goodput`) bisects the rate at the workload's headline ``k``; every load run is scored
@@ -89,12 +92,19 @@ def systems(budgets: tuple[int, ...]) -> list[System]:
     return out
 
 
+SUMMARIZATION = 100.0  # DistServe's summarization SLOs: TTFT 15 s, TPOT 0.15 s (shared docs, REFERENCES.md)
+
+
 @dataclass(frozen=True)
 class WorkloadSpec:
     name: str
     prompt: LengthDist
     output: LengthDist
     headline_k: float  # the SLO scale goodput_per_device is quoted at
+    # The application's TTFT SLO over its TPOT SLO, as in DistServe's per-application SLOs (summarization:
+    # 15 s / 0.15 s = 100, a tight TPOT beside a loose TTFT). Sets the TTFT scale s of this workload's SLOs,
+    # s = max(1, ratio x isolated decode step / isolated prefill), measured in the run. None: s = 1.
+    ttft_tpot_ratio: float | None = None
 
 
 @dataclass(frozen=True)
@@ -109,6 +119,7 @@ class Mode:
     max_probes: int  # load runs of the headline-k search
     extra_probes: int  # more load runs allowed for each other k (0: score the headline runs only)
     rel_tol: float
+    symmetric_probes: int  # load runs of the symmetric-SLO search (workloads with a TTFT scale != 1)
     ks: tuple[float, ...] = (1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
     load_factor: float = (
         0.4  # start rate = load_factor x a 1-core capacity estimate (measured goodputs: 0.2-0.5)
@@ -119,7 +130,11 @@ QUICK = Mode(
     name="quick",
     model={"layers": 4, "hidden": 256, "heads": 8, "kv_heads": 2, "intermediate": 688},
     workloads=(
-        WorkloadSpec("prefill_heavy", Uniform(224, 288), Uniform(8, 16), headline_k=2.0),
+        # k = 3: the quick model's 1.6 ms decode step is near the ~1 ms per-token serving overhead, and at
+        # k = 2 no system passes even the lowest rate
+        WorkloadSpec(
+            "prefill_heavy", Uniform(224, 288), Uniform(8, 16), headline_k=3.0, ttft_tpot_ratio=SUMMARIZATION
+        ),
         WorkloadSpec("balanced", Uniform(48, 80), Uniform(48, 80), headline_k=4.0),
     ),
     budgets=(64,),
@@ -129,12 +144,15 @@ QUICK = Mode(
     max_probes=2,
     extra_probes=0,
     rel_tol=0.25,
+    symmetric_probes=0,  # quick: the symmetric SLOs are scored on the headline search's runs only
 )
 FULL = Mode(
     name="full",
     model={"layers": 8, "hidden": 512, "heads": 8, "kv_heads": 2, "intermediate": 1408},
     workloads=(
-        WorkloadSpec("prefill_heavy", Uniform(320, 448), Uniform(12, 20), headline_k=2.0),
+        WorkloadSpec(
+            "prefill_heavy", Uniform(320, 448), Uniform(12, 20), headline_k=2.0, ttft_tpot_ratio=SUMMARIZATION
+        ),
         WorkloadSpec("balanced", Uniform(96, 160), Uniform(96, 160), headline_k=4.0),
     ),
     budgets=(32, 128),
@@ -142,8 +160,9 @@ FULL = Mode(
     min_requests=30,
     max_span_s=20.0,
     max_probes=4,
-    extra_probes=0,  # other k are scored on the headline search's runs (fits ~25 min on 2 cores)
+    extra_probes=0,  # other k are scored on the headline search's runs (fits ~35 min on 2 cores)
     rel_tol=0.2,
+    symmetric_probes=4,  # the same search, most of its runs cached: ~4 min more
 )
 
 
@@ -264,10 +283,15 @@ def evaluate(
     start_rate: float,
     mode: Mode,
     prefill_servers: int = 0,
+    symmetric_slos: dict[float, SLO] | None = None,
 ) -> dict[str, Any]:
     """Goodput at the headline k (bisection), then at every other k, and the tightest k at start_rate.
     With `prefill_servers` (a disaggregated system), every run is also scored against the ideal prefill pool
-    of that many instances (`bench.ideal`): the TTFT attainment queueing alone allows on the run's schedule."""
+    of that many instances (`bench.ideal`): the TTFT attainment queueing alone allows on the run's schedule.
+    With `symmetric_slos` (a workload whose TTFT scale is not 1), goodput is also found against SLOs that
+    scale both isolated latencies alike: a search of its own at the headline k (`mode.symmetric_probes` load
+    runs at most, cached runs included; 0: score the other runs only), every k scored on all runs."""
+    base = (slos[headline_k].ttft_s / headline_k, slos[headline_k].tpot_s / headline_k)  # the SLO at k = 1
     res = find_goodput(
         lambda r: prober.attainment(r, slos[headline_k]),
         start_rate=start_rate,
@@ -279,6 +303,16 @@ def evaluate(
     for k, slo in slos.items():
         if k != headline_k:
             refine_goodput(prober, slo, mode.extra_probes, mode.rel_tol)
+    sym_search = None
+    if symmetric_slos and mode.symmetric_probes:
+        sym_search = find_goodput(
+            lambda r: prober.attainment(r, symmetric_slos[headline_k]),
+            start_rate=start_rate,
+            target=TARGET,
+            rel_tol=mode.rel_tol,
+            max_probes=mode.symmetric_probes,
+            min_rate=start_rate / 4,
+        ).to_dict()
     goodput: dict[str, Any] = {}
     for k, slo in slos.items():
         if k == headline_k:
@@ -294,7 +328,7 @@ def evaluate(
             "attainment_by_k": {
                 f"{k:g}": attainment(compute_metrics(run.records), s) for k, s in slos.items()
             },
-            "tightest_k": tightest_k(run.records, iso["prefill_s"], iso["decode_step_s"]),
+            "tightest_k": tightest_k(run.records, *base),
             "at_headline_k": _compact(summary),
         }
         if prefill_servers:
@@ -319,7 +353,13 @@ def evaluate(
     return {
         "ideal_prefill_pool": ideal,
         "goodput": goodput,
-        "tightest_k_at_fixed_rate": tightest_k(fixed.records, iso["prefill_s"], iso["decode_step_s"]),
+        "tightest_k_at_fixed_rate": tightest_k(fixed.records, *base),
+        "goodput_symmetric": (
+            {f"{k:g}": goodput_from_runs(list(prober.runs.values()), s) for k, s in symmetric_slos.items()}
+            if symmetric_slos
+            else None
+        ),
+        "symmetric_search": sym_search,
         "runs": runs,
     }
 
@@ -386,6 +426,8 @@ class Plan:
     workload: Workload
     isolated: dict[str, Any]
     slos: dict[float, SLO]
+    ttft_scale: float  # TTFT SLO = k x ttft_scale x isolated prefill (1 unless the spec sets ttft_tpot_ratio)
+    symmetric_slos: dict[float, SLO] | None  # k x both isolated latencies, when ttft_scale != 1
     start_rate: float  # the search starts here; also the fixed rate of the tightest-k comparison
     timeout_s: float  # a request unanswered this long after its arrival is a failure (an SLO miss)
 
@@ -396,17 +438,32 @@ def _iso_lens(spec: WorkloadSpec) -> tuple[int, int]:
     return p_len, p_len + o_len // 2
 
 
+def workload_slos(
+    spec: WorkloadSpec, prefill_s: float, decode_step_s: float, ks: list[float]
+) -> tuple[float, dict[float, SLO], dict[float, SLO] | None]:
+    """(TTFT scale s, the workload's SLO per k, the symmetric SLO per k or None when s == 1).
+
+    At scale k: TTFT <= k x s x prefill_s, TPOT <= k x decode_step_s; s = max(1, ratio x decode / prefill)
+    for a spec with a TTFT:TPOT ratio (never below 1: a TTFT SLO under the isolated prefill is unmeetable)."""
+    scale = 1.0
+    if spec.ttft_tpot_ratio is not None:
+        scale = max(1.0, spec.ttft_tpot_ratio * decode_step_s / prefill_s)
+    slos = {k: SLO(k * scale * prefill_s, k * decode_step_s) for k in ks}
+    symmetric = {k: SLO(k * prefill_s, k * decode_step_s) for k in ks} if scale != 1.0 else None
+    return scale, slos, symmetric
+
+
 def plan_workload(
     spec: WorkloadSpec, mode: Mode, model_dir: str, cpu: int, source: list[int], seed: int
 ) -> Plan:
     p_len, o_len = mean_len(spec.prompt), mean_len(spec.output)
     iso = measure_isolated(model_dir, cpu, source, *_iso_lens(spec))
     ks = sorted({*mode.ks, spec.headline_k})
-    slos = {k: SLO(k * iso["prefill_s"], k * iso["decode_step_s"]) for k in ks}
+    scale, slos, symmetric = workload_slos(spec, iso["prefill_s"], iso["decode_step_s"], ks)
     # a 1-core capacity estimate (prefill + decode at a batch of ~8); start at load_factor of it
     per_request = iso["prefill_s"] + o_len * iso["decode_step_s"] / 8
     start_rate = float(f"{mode.load_factor / per_request:.3g}")
-    timeout_s = max(ks) * (iso["prefill_s"] + spec.output.hi * iso["decode_step_s"]) * 2 + 2.0  # type: ignore[union-attr]
+    timeout_s = max(ks) * (scale * iso["prefill_s"] + spec.output.hi * iso["decode_step_s"]) * 2 + 2.0  # type: ignore[union-attr]
     workload = Workload(
         spec.name,
         n_requests=mode.n_requests,
@@ -416,14 +473,15 @@ def plan_workload(
         seed=seed,
     )
     log.info(
-        "%s: isolated prefill(%d) %.1f ms, decode step %.2f ms; start rate %.3g req/s",
+        "%s: isolated prefill(%d) %.1f ms, decode step %.2f ms; TTFT scale %.2f; start rate %.3g req/s",
         spec.name,
         p_len,
         1e3 * iso["prefill_s"],
         1e3 * iso["decode_step_s"],
+        scale,
         start_rate,
     )
-    return Plan(spec, workload, iso, slos, start_rate, timeout_s)
+    return Plan(spec, workload, iso, slos, scale, symmetric, start_rate, timeout_s)
 
 
 def start_all(chosen: list[System], model_dir: str, cpus: tuple[int, ...], log_dir: str) -> dict[str, Any]:
@@ -482,6 +540,7 @@ def evaluate_system(
                 plan.start_rate,
                 mode,
                 prefill_servers=system.prefill,
+                symmetric_slos=plan.symmetric_slos,
             )
             results[plan.spec.name] = {"devices": system.devices, "config": asdict(system), **out}
             fixed[plan.spec.name] = compute_metrics(prober.run(plan.start_rate).records)
@@ -524,27 +583,57 @@ def run_all(
     return per_system, metrics_at_fixed
 
 
-def workload_result(plan: Plan, sysres: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The JSON of one workload: goodput per device at the headline k and at every k, the ratio of the
-    disaggregated system to the best colocated one, the tightest k at the fixed rate, every run."""
-    by_k = {
-        k: {n: goodput_per_device(s["goodput"][k]["rate"], s["devices"]) for n, s in sysres.items()}
-        for k in (f"{k:g}" for k in plan.slos)
-    }
-    per_device = by_k[f"{plan.spec.headline_k:g}"]
+def vs_best_colocated(
+    per_device: dict[str, float], sysres: dict[str, dict[str, Any]]
+) -> tuple[str | None, float | None, float | None]:
+    """(best colocated system, disaggregated / its goodput, lower bound of that ratio when every colocated
+    goodput is 0, i.e. below its lowest probed rate)."""
     colocated = {n: v for n, v in per_device.items() if n != DISAGG}
     best = max(colocated, key=lambda n: colocated[n]) if colocated else None
     ratio = lower_bound = None
     if best is not None and DISAGG in per_device:
         if colocated[best] > 0:
             ratio = per_device[DISAGG] / colocated[best]
-        elif per_device[DISAGG] > 0:  # no colocated system passed even its lowest probed rate
+        elif per_device[DISAGG] > 0:
             floor = max(min(r["rate"] for r in sysres[n]["runs"]) / sysres[n]["devices"] for n in colocated)
             lower_bound = per_device[DISAGG] / floor
+    return best, ratio, lower_bound
+
+
+def workload_result(plan: Plan, sysres: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The JSON of one workload: goodput per device at the headline k and at every k, the ratio of the
+    disaggregated system to the best colocated one, the tightest k at the fixed rate, every run."""
+    headline = f"{plan.spec.headline_k:g}"
+    by_k = {
+        k: {n: goodput_per_device(s["goodput"][k]["rate"], s["devices"]) for n, s in sysres.items()}
+        for k in (f"{k:g}" for k in plan.slos)
+    }
+    per_device = by_k[headline]
+    best, ratio, lower_bound = vs_best_colocated(per_device, sysres)
+    symmetric = None
+    if (
+        plan.symmetric_slos
+    ):  # the same runs against k x both isolated latencies (no goodput search of its own)
+        sym_by_k = {
+            k: {n: goodput_per_device(s["goodput_symmetric"][k], s["devices"]) for n, s in sysres.items()}
+            for k in (f"{k:g}" for k in plan.symmetric_slos)
+        }
+        sym_best, sym_ratio, sym_bound = vs_best_colocated(sym_by_k[headline], sysres)
+        symmetric = {
+            "slos": {
+                f"{k:g}": {"ttft_s": s.ttft_s, "tpot_s": s.tpot_s} for k, s in plan.symmetric_slos.items()
+            },
+            "goodput_per_device_by_k": sym_by_k,
+            "best_colocated": sym_best,
+            "goodput_ratio_vs_best_colocated": sym_ratio,
+            "goodput_ratio_lower_bound": sym_bound,
+        }
     return {
         "workload": plan.workload.to_dict(),
         "isolated": plan.isolated,
         "headline_k": plan.spec.headline_k,
+        "ttft_tpot_ratio": plan.spec.ttft_tpot_ratio,
+        "ttft_scale": plan.ttft_scale,
         "slos": {f"{k:g}": {"ttft_s": s.ttft_s, "tpot_s": s.tpot_s} for k, s in plan.slos.items()},
         "fixed_rate": plan.start_rate,
         "request_timeout_s": plan.timeout_s,
@@ -557,12 +646,13 @@ def workload_result(plan: Plan, sysres: dict[str, dict[str, Any]]) -> dict[str, 
         # the ideal prefill pool's goodput per device (TTFT only, bench.ideal) on the disaggregated system's runs
         "disagg_ideal_prefill_goodput_per_device": (
             goodput_per_device(
-                sysres[DISAGG]["ideal_prefill_pool"]["goodput_by_k"][f"{plan.spec.headline_k:g}"],
+                sysres[DISAGG]["ideal_prefill_pool"]["goodput_by_k"][headline],
                 sysres[DISAGG]["devices"],
             )
             if DISAGG in sysres and sysres[DISAGG].get("ideal_prefill_pool")
             else None
         ),
+        "symmetric_slos": symmetric,
         "systems": sysres,
     }
 
@@ -645,6 +735,7 @@ def main(argv: list[str] | None = None) -> int:
             "search": {
                 "max_probes": mode.max_probes,
                 "extra_probes_per_k": mode.extra_probes,
+                "symmetric_probes": mode.symmetric_probes,
                 "rel_tol": mode.rel_tol,
                 "min_rate": "start_rate / 4",
             },
@@ -670,7 +761,8 @@ def human_summary(result: dict[str, Any]) -> str:
         slo = w["slos"][k]
         lines.append(
             f"{wname}: k={k} -> TTFT <= {slo['ttft_s'] * 1e3:.0f} ms, TPOT <= {slo['tpot_s'] * 1e3:.1f} ms "
-            f"(isolated prefill {iso['prefill_s'] * 1e3:.1f} ms, decode step {iso['decode_step_s'] * 1e3:.2f} ms)"
+            f"(TTFT scale {w['ttft_scale']:.2f}; isolated prefill {iso['prefill_s'] * 1e3:.1f} ms, "
+            f"decode step {iso['decode_step_s'] * 1e3:.2f} ms)"
         )
         for name, g in sorted(w["goodput_per_device"].items(), key=lambda kv: -kv[1]):
             tk = w["tightest_k_at_fixed_rate"][name]
@@ -686,6 +778,16 @@ def human_summary(result: dict[str, Any]) -> str:
             lines.append(
                 f"  ideal prefill pool on the disaggregated runs' schedules (queueing only): goodput/device "
                 f">= {ideal:.3f} req/s"
+            )
+        sym = w.get("symmetric_slos")
+        if sym:
+            g = sym["goodput_per_device_by_k"][k]
+            r, bound = sym["goodput_ratio_vs_best_colocated"], sym["goodput_ratio_lower_bound"]
+            shown = f"{r:.2f}x" if r is not None else (f"> {bound:.2f}x" if bound is not None else "n/a")
+            lines.append(
+                f"  symmetric SLOs (TTFT scale 1) at k={k}: "
+                + ", ".join(f"{n} {v:.3f}" for n, v in sorted(g.items(), key=lambda kv: -kv[1]))
+                + f"; disaggregated / best colocated: {shown}"
             )
     return "\n".join(lines)
 

@@ -150,20 +150,22 @@ class Prober:
         return attainment(compute_metrics(self.run(rate).records), slo)
 
 
-def min_k_per_request(records: list[RequestRecord], prefill_s: float, decode_s: float) -> list[float]:
-    """The smallest SLO scale each request meets (inf for a failed request)."""
+def min_k_per_request(records: list[RequestRecord], ttft_base_s: float, tpot_base_s: float) -> list[float]:
+    """The smallest SLO scale each request meets, the SLO at scale k being k x (ttft_base_s, tpot_base_s)
+    (inf for a failed request)."""
     out = []
     for m in compute_metrics(records):
         if not m.ok or m.ttft_s is None or m.tpot_s is None:
             out.append(math.inf)
         else:
-            out.append(max(m.ttft_s / prefill_s, m.tpot_s / decode_s))
+            out.append(max(m.ttft_s / ttft_base_s, m.tpot_s / tpot_base_s))
     return out
 
 
-def tightest_k(records: list[RequestRecord], prefill_s: float, decode_s: float) -> float | None:
-    """The smallest k at which >= TARGET of the requests meet the SLO (None if no k does)."""
-    ks = sorted(min_k_per_request(records, prefill_s, decode_s))
+def tightest_k(records: list[RequestRecord], ttft_base_s: float, tpot_base_s: float) -> float | None:
+    """The smallest k at which >= TARGET of the requests meet the SLO k x (ttft_base_s, tpot_base_s)
+    (None if no k does)."""
+    ks = sorted(min_k_per_request(records, ttft_base_s, tpot_base_s))
     k = ks[math.ceil(TARGET * len(ks)) - 1]
     return k if math.isfinite(k) else None
 

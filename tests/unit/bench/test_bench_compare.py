@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import math
 import threading
+from dataclasses import replace
 
 import pytest
 
-from bench.metrics import SLO, RequestRecord
+from bench.compare import DISAGG, QUICK, WorkloadSpec, evaluate, vs_best_colocated, workload_slos
+from bench.metrics import SLO, RequestRecord, attainment, compute_metrics
 from bench.probe import Run, Turns, goodput_from_runs, min_k_per_request, refine_goodput, tightest_k
+from bench.workload import Uniform
 from pdserve.cli import main as pdserve_main
 
 
@@ -105,3 +108,73 @@ def test_turns_rotate_reversing_each_round_and_survive_leaving() -> None:
         t.join(5)
     assert not any(t.is_alive() for t in threads), f"deadlock after {order}"
     assert order == ["a", "b", "c", "c", "a", "a", "c"]
+
+
+def test_workload_slos_scale_ttft_by_the_applications_ratio() -> None:
+    ks = [1.5, 2.0]
+    # summarization-shaped: TTFT:TPOT = 100; isolated prefill 0.25 s, decode step 0.008 s -> s = 3.2
+    spec = WorkloadSpec("ph", Uniform(8, 8), Uniform(4, 4), headline_k=2.0, ttft_tpot_ratio=100.0)
+    scale, slos, symmetric = workload_slos(spec, 0.25, 0.008, ks)
+    assert scale == pytest.approx(3.2)
+    assert slos[2.0].ttft_s == pytest.approx(1.6) and slos[2.0].tpot_s == pytest.approx(0.016)
+    assert slos[2.0].ttft_s / slos[2.0].tpot_s == pytest.approx(100.0)
+    assert symmetric is not None
+    assert symmetric[1.5].ttft_s == pytest.approx(0.375) and symmetric[1.5].tpot_s == pytest.approx(0.012)
+    # no ratio: both latencies scale alike, nothing symmetric to add
+    plain = WorkloadSpec("b", Uniform(8, 8), Uniform(4, 4), headline_k=4.0)
+    scale, slos, symmetric = workload_slos(plain, 0.25, 0.008, ks)
+    assert (scale, symmetric) == (1.0, None)
+    assert slos[2.0].ttft_s == pytest.approx(0.5)
+    # a ratio that would put TTFT under the isolated prefill is clipped to s = 1
+    scale, slos, symmetric = workload_slos(replace(spec, ttft_tpot_ratio=10.0), 0.25, 0.008, ks)
+    assert (scale, symmetric) == (1.0, None)
+
+
+def test_vs_best_colocated_ratio_and_lower_bound() -> None:
+    sysres = {
+        DISAGG: {"runs": [{"rate": 1.0}], "devices": 2},
+        "colocated-a": {"runs": [{"rate": 0.5}, {"rate": 1.0}], "devices": 2},
+        "colocated-b": {"runs": [{"rate": 0.8}], "devices": 2},
+    }
+    assert vs_best_colocated({DISAGG: 1.5, "colocated-a": 0.5, "colocated-b": 0.6}, sysres) == (
+        "colocated-b",
+        pytest.approx(2.5),
+        None,
+    )
+    # no colocated system passed its lowest run: the ratio is only bounded, by the highest lowest run (0.4/dev)
+    best, ratio, bound = vs_best_colocated({DISAGG: 1.5, "colocated-a": 0.0, "colocated-b": 0.0}, sysres)
+    assert ratio is None and bound == pytest.approx(1.5 / 0.4)
+    assert vs_best_colocated({DISAGG: 0.0, "colocated-a": 0.0}, sysres)[1:] == (None, None)
+
+
+class SloProber(FakeProber):
+    """Every request takes 0.3 s to its first token up to `knee` req/s and 1.0 s above; 10 ms token gaps."""
+
+    def run(self, rate: float) -> Run:
+        if rate not in self.runs:
+            self.new.append(rate)
+            ttft = 0.3 if rate <= self.knee else 1.0
+            self.runs[rate] = Run(rate, [_record(i, ttft, 0.01) for i in range(10)])
+        return self.runs[rate]
+
+    def attainment(self, rate: float, slo: SLO) -> float:
+        return attainment(compute_metrics(self.run(rate).records), slo)
+
+
+def test_evaluate_searches_the_symmetric_slos_on_their_own() -> None:
+    # the workload's SLO at k=2 (TTFT 2.0 s) passes every rate; the symmetric one (TTFT 0.2 s) passes none,
+    # so its search halves below the start rate, and both goodputs come out of one set of cached runs
+    slos = {2.0: SLO(2.0, 0.02)}
+    symmetric = {2.0: SLO(0.2, 0.02)}
+    iso = {"prefill_s": 0.1, "decode_step_s": 0.01, "prompt_len": 8}
+    mode = replace(QUICK, max_probes=2, symmetric_probes=3)
+    prober = SloProber(knee=0.5, rates=[])
+    out = evaluate(prober, iso, slos, 2.0, 1.0, mode, symmetric_slos=symmetric)  # type: ignore[arg-type]
+    assert out["goodput"]["2"]["rate"] == 2.0  # 1.0 and 2.0 pass the loose TTFT
+    assert [p["rate"] for p in out["symmetric_search"]["probes"]] == [1.0, 0.5, 0.25]
+    assert out["goodput_symmetric"]["2"] == 0.0  # 0.3 s > 0.2 s at every rate
+    assert out["tightest_k_at_fixed_rate"] == pytest.approx(1.0)  # TTFT 1.0 s over the k=1 TTFT 1.0 s
+    # no symmetric probes: scored on the headline runs only
+    prober = SloProber(knee=0.5, rates=[])
+    out = evaluate(prober, iso, slos, 2.0, 1.0, replace(mode, symmetric_probes=0), symmetric_slos=symmetric)  # type: ignore[arg-type]
+    assert out["symmetric_search"] is None and sorted(prober.runs) == [1.0, 2.0]
