@@ -667,7 +667,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cpus", default="", help="the 2 cores the systems share (default: the first two usable)")
     p.add_argument("--systems", default="", help="comma-separated system names (default: all of the mode)")
     p.add_argument("--workloads", default="", help="comma-separated workload names (default: all)")
-    p.add_argument("--n-requests", type=int, default=None, help="requests per load run")
+    p.add_argument("--n-requests", type=int, default=None, help="requests per load run (at most)")
+    p.add_argument(
+        "--max-span-s",
+        type=float,
+        default=None,
+        help="fewer requests when a run's arrivals would span longer",
+    )
+    p.add_argument(
+        "--max-probes", type=int, default=None, help="load runs per goodput search (the symmetric one too)"
+    )
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -686,6 +695,12 @@ def main(argv: list[str] | None = None) -> int:
     mode = QUICK if a.quick else FULL
     if a.n_requests:
         mode = replace(mode, n_requests=a.n_requests, min_requests=min(mode.min_requests, a.n_requests))
+    if a.max_span_s:
+        mode = replace(mode, max_span_s=a.max_span_s)
+    if a.max_probes:
+        mode = replace(
+            mode, max_probes=a.max_probes, symmetric_probes=a.max_probes if mode.symmetric_probes else 0
+        )
     from engine.device import parse_cpus
 
     cpus = parse_cpus(a.cpus) if a.cpus else tuple(sorted(os.sched_getaffinity(0)))[:2]
