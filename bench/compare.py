@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.goodput import find_goodput, goodput_per_device
+from bench.goodput import GoodputResult, find_goodput, goodput_per_device
 from bench.ideal import ideal_ttft_attainment
 from bench.metrics import SLO, RequestMetrics, attainment, compute_metrics, summarize_records
 from bench.probe import (
@@ -292,27 +292,24 @@ def evaluate(
     scale both isolated latencies alike: a search of its own at the headline k (`mode.symmetric_probes` load
     runs at most, cached runs included; 0: score the other runs only), every k scored on all runs."""
     base = (slos[headline_k].ttft_s / headline_k, slos[headline_k].tpot_s / headline_k)  # the SLO at k = 1
-    res = find_goodput(
-        lambda r: prober.attainment(r, slos[headline_k]),
-        start_rate=start_rate,
-        target=TARGET,
-        rel_tol=mode.rel_tol,
-        max_probes=mode.max_probes,
-        min_rate=start_rate / 4,
-    )
+
+    def search(slo: SLO, max_probes: int) -> GoodputResult:
+        return find_goodput(
+            lambda r: prober.attainment(r, slo),
+            start_rate=start_rate,
+            target=TARGET,
+            rel_tol=mode.rel_tol,
+            max_probes=max_probes,
+            min_rate=start_rate / 4,
+        )
+
+    res = search(slos[headline_k], mode.max_probes)
     for k, slo in slos.items():
         if k != headline_k:
             refine_goodput(prober, slo, mode.extra_probes, mode.rel_tol)
     sym_search = None
     if symmetric_slos and mode.symmetric_probes:
-        sym_search = find_goodput(
-            lambda r: prober.attainment(r, symmetric_slos[headline_k]),
-            start_rate=start_rate,
-            target=TARGET,
-            rel_tol=mode.rel_tol,
-            max_probes=mode.symmetric_probes,
-            min_rate=start_rate / 4,
-        ).to_dict()
+        sym_search = search(symmetric_slos[headline_k], mode.symmetric_probes).to_dict()
     goodput: dict[str, Any] = {}
     for k, slo in slos.items():
         if k == headline_k:

@@ -58,6 +58,8 @@ def test_pdserve_bench_rejects_unknown_benchmarks(capsys: pytest.CaptureFixture[
 class FakeProber:
     """Runs whose requests all meet a 0.5 s TTFT SLO up to `knee` req/s, and none above."""
 
+    ttft_s = (0.1, 1.0)  # time to first token at rates up to the knee, and above it
+
     def __init__(self, knee: float, rates: list[float]) -> None:
         self.knee = knee
         self.runs: dict[float, Run] = {}
@@ -69,7 +71,7 @@ class FakeProber:
     def run(self, rate: float) -> Run:
         if rate not in self.runs:
             self.new.append(rate)
-            ttft = 0.1 if rate <= self.knee else 1.0
+            ttft = self.ttft_s[0] if rate <= self.knee else self.ttft_s[1]
             self.runs[rate] = Run(rate, [_record(i, ttft, 0.01) for i in range(10)])
         return self.runs[rate]
 
@@ -150,12 +152,7 @@ def test_vs_best_colocated_ratio_and_lower_bound() -> None:
 class SloProber(FakeProber):
     """Every request takes 0.3 s to its first token up to `knee` req/s and 1.0 s above; 10 ms token gaps."""
 
-    def run(self, rate: float) -> Run:
-        if rate not in self.runs:
-            self.new.append(rate)
-            ttft = 0.3 if rate <= self.knee else 1.0
-            self.runs[rate] = Run(rate, [_record(i, ttft, 0.01) for i in range(10)])
-        return self.runs[rate]
+    ttft_s = (0.3, 1.0)
 
     def attainment(self, rate: float, slo: SLO) -> float:
         return attainment(compute_metrics(self.run(rate).records), slo)
