@@ -4,7 +4,7 @@ VENV ?= .venv
 VPY := $(VENV)/bin/python
 PROTO_SRC := $(wildcard protos/pdserve/v1/*.proto)
 
-.PHONY: setup protos test lint format bench clean
+.PHONY: setup protos test lint format bench clean gpu-wheels
 
 setup:
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -28,6 +28,17 @@ lint:
 format:
 	$(VPY) -m ruff format .
 	$(VPY) -m ruff check --fix .
+
+# Python packages the device machine's image lacks (cp312 wheels, into the git-ignored .whl/), for
+# infra/device/gpu_check.sh (docs/gpu.md). ucxx is left out: its libucx wheel alone is over 40 MB, and with the
+# working tree it would pass the device tool's 64 MiB limit; the UCX CUDA test skips there without it.
+GPU_WHEELS := constriction==0.5.0 grpcio==1.85.3 grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 \
+	protobuf==7.36.2 redis==8.1.0 opentelemetry-api==1.45.2 opentelemetry-sdk==1.45.2 \
+	opentelemetry-semantic-conventions==0.66b2
+gpu-wheels:
+	$(VPY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .whl $(GPU_WHEELS)
 
 clean:
 	rm -rf $(VENV) pdserve/v1/*_pb2*.py pdserve/v1/*_pb2.pyi

@@ -1,0 +1,132 @@
+"""The CacheGen codec's CUDA path against its CPU path, on the shipped model's real KV (`python -m bench.codec_gpu`).
+
+Encodes the prefill KV of held-out text from fp16 tensors on the CPU and on the GPU, decodes each frame on the
+CPU and with ``device="cuda"``, and reports, per path: encode and decode MB/s of fp16 K+V (wall clock, the GPU
+synchronised), the frame size, and whether every reconstruction stays within the frame's stated error bound and
+agrees with the CPU path's. Without CUDA it reports ``"cuda": false`` and the CPU path only, so it runs (and is
+tested) anywhere; on a GPU host it is what `infra/device/gpu_check.sh` runs.
+
+One JSON object on stdout (or ``--json``), a human summary on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from bench.codec import DEFAULT_MODEL, SKIP_TOKENS, heldout_ids
+from bench.report import emit
+from engine.kv_probe import KVProbe
+from kv_transfer.codec.cachegen import CacheGenCodec, error_bounds
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_path(
+    codec: CacheGenCodec, kv: list[tuple[Tensor, Tensor]], enc_dev: str, dec_dev: str, repeats: int
+) -> dict[str, Any]:
+    """Encode the layers' fp16 K/V placed on `enc_dev`, decode onto `dec_dev`: medians over `repeats` rounds
+    (one warm-up round dropped), the frame bytes, and the worst |error| / bound over every element."""
+    on = [(k.to(enc_dev, torch.float16), v.to(enc_dev, torch.float16)) for k, v in kv]
+    nbytes = sum(2 * k.numel() * 2 for k, _ in on)
+    enc_s: list[float] = []
+    dec_s: list[float] = []
+    frames: list[tuple[bytes, bytes]] = []
+    for r in range(repeats + 1):
+        frames = []
+        _sync(enc_dev)
+        t0 = time.perf_counter()
+        for layer, (k, v) in enumerate(on):
+            params, parts = codec.encode_parts(k, v, layer)
+            frames.append((bytes(params), b"".join(bytes(p) for p in parts)))
+        _sync(enc_dev)
+        t1 = time.perf_counter()
+        outs = [
+            codec.decode(p, w, tuple(k.shape), torch.float16, layer, device=dec_dev)
+            for layer, ((p, w), (k, _)) in enumerate(zip(frames, on, strict=True))
+        ]
+        _sync(dec_dev)
+        t2 = time.perf_counter()
+        if r:
+            enc_s.append(t1 - t0)
+            dec_s.append(t2 - t1)
+    worst = 0.0  # max |error| / allowed, allowed = the frame's bound + the fp16 output's rounding
+    for (p, _), (k, v), (k2, v2) in zip(frames, on, outs, strict=True):
+        kb, vb = error_bounds(p, tuple(k.shape))
+        for ref, got, bound in ((k, k2, kb), (v, v2, vb)):
+            x, x_hat = ref.float().cpu(), got.float().cpu()
+            allowed = bound + torch.maximum(x.abs(), x_hat.abs()) * 2.0**-10 + 1e-6 * float(x.abs().max())
+            worst = max(worst, float(((x - x_hat).abs() / allowed).max()))
+    return {
+        "encode_mb_s": nbytes / statistics.median(enc_s) / 1e6,
+        "decode_mb_s": nbytes / statistics.median(dec_s) / 1e6,
+        "fp16_bytes": nbytes,
+        "frame_bytes": sum(len(p) + len(w) for p, w in frames),
+        "worst_error_over_bound": worst,
+        "within_bound": worst <= 1.0,
+        "_outs": outs,
+    }
+
+
+def run(tokens: int, repeats: int) -> dict[str, Any]:
+    model_dir = str(DEFAULT_MODEL)
+    ids = heldout_ids(model_dir)[SKIP_TOKENS : SKIP_TOKENS + tokens]
+    kv = KVProbe(model_dir, tokens).prefill(ids)  # per layer (K, V) [T, Hkv, D] on the CPU
+    codec = CacheGenCodec(level="default")
+    cuda = torch.cuda.is_available()
+    paths = [("cpu", "cpu")] + ([("cuda", "cuda"), ("cuda", "cpu"), ("cpu", "cuda")] if cuda else [])
+    results = {f"{e}->{d}": time_path(codec, kv, e, d, repeats) for e, d in paths}
+    ref = results["cpu->cpu"].pop("_outs")
+    for r in results.values():
+        outs = r.pop("_outs", None)
+        if outs is not None:  # dequantized by another device: the same symbols, so within fp16 rounding
+            r["max_abs_diff_vs_cpu"] = max(
+                float((got.float().cpu() - want.float()).abs().max())
+                for layer_got, layer_want in zip(outs, ref, strict=True)
+                for got, want in zip(layer_got, layer_want, strict=True)
+            )
+    return {
+        "benchmark": "codec_gpu",
+        "cuda": cuda,
+        "device_name": torch.cuda.get_device_name(0) if cuda else None,
+        "tokens": tokens,
+        "layers": len(kv),
+        "codec": "cachegen (default level)",
+        "paths": results,
+        "all_within_bound": all(r["within_bound"] for r in results.values()),
+    }
+
+
+def summary(r: dict[str, Any]) -> str:
+    lines = [f"codec_gpu: cuda={r['cuda']} ({r['device_name']}), {r['tokens']} tokens x {r['layers']} layers"]
+    for name, p in r["paths"].items():
+        diff = p.get("max_abs_diff_vs_cpu")
+        lines.append(
+            f"  {name:10s} encode {p['encode_mb_s']:8.1f} MB/s  decode {p['decode_mb_s']:8.1f} MB/s  "
+            f"{p['frame_bytes']} B  error/bound {p['worst_error_over_bound']:.3f}"
+            + (f"  |diff vs cpu| {diff:.2e}" if diff is not None else "")
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.codec_gpu", description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=2000, help="prompt tokens whose KV is coded")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--json", default=None, help="write the JSON object here instead of stdout")
+    a = ap.parse_args(argv)
+    result = run(a.tokens, a.repeats)
+    emit(result, a.json, summary=summary(result))
+    return 0 if result["all_within_bound"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
