@@ -30,15 +30,21 @@ format:
 	$(VPY) -m ruff check --fix .
 
 # Python packages the device machine's image lacks (cp312 wheels, into the git-ignored .whl/), for
-# infra/device/gpu_check.sh (docs/gpu.md). ucxx is left out: its libucx wheel alone is over 40 MB, and with the
-# working tree it would pass the device tool's 64 MiB limit; the UCX CUDA test skips there without it.
+# infra/device/gpu_check.sh (README, "GPU paths"). The image has CUDA 13, so ucxx comes as its -cu13 build; its
+# native wheels are trimmed of static archives, headers and duplicate .so copies (infra/device/trim_wheel.py:
+# 55 MB -> 14 MB) so that they and the working tree fit the device tool's 64 MiB transfer.
 GPU_WHEELS := constriction==0.5.0 grpcio==1.85.3 grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 \
 	protobuf==7.36.2 redis==8.1.0 opentelemetry-api==1.45.2 opentelemetry-sdk==1.45.2 \
-	opentelemetry-semantic-conventions==0.66b2
+	opentelemetry-semantic-conventions==0.66b2 \
+	ucxx-cu13==0.52.0 libucxx-cu13==0.52.0 libucx-cu13==1.21.0 librmm-cu13==26.10.0 rmm-cu13==26.10.0 \
+	rapids-logger==0.3.0
 gpu-wheels:
+	rm -rf .whl
 	$(VPY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-		-d .whl $(GPU_WHEELS)
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
+		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
+	$(VPY) infra/device/trim_wheel.py .whl/libucx_*.whl .whl/libucxx_*.whl .whl/librmm_*.whl
+	du -ch .whl/*.whl | tail -1
 
 clean:
 	rm -rf $(VENV) pdserve/v1/*_pb2*.py pdserve/v1/*_pb2.pyi

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks, as one short run on a device machine (docs/gpu.md). From a session lent one:
-#   make gpu-wheels      # here, once: the Python packages the device image lacks, into .whl/ (git-ignored)
+#   make gpu-wheels      # here, once: the packages the device image lacks (ucxx-cu13 included), into .whl/
 #   run(command="bash infra/device/gpu_check.sh", carry=[".whl", "pdserve/v1"], timeout_s=420)
 # What it checks: the CUDA-guarded tests (GPU device binding, the CUDA model runner against the CPU one, the
 # CacheGen codec's CUDA quantization against its CPU bound, and UCX moving CUDA tensors where ucxx imports),
