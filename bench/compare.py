@@ -580,6 +580,10 @@ def run_all(
     return per_system, metrics_at_fixed
 
 
+def slos_json(slos: dict[float, SLO]) -> dict[str, dict[str, float]]:
+    return {f"{k:g}": {"ttft_s": s.ttft_s, "tpot_s": s.tpot_s} for k, s in slos.items()}
+
+
 def vs_best_colocated(
     per_device: dict[str, float], sysres: dict[str, dict[str, Any]]
 ) -> tuple[str | None, float | None, float | None]:
@@ -608,18 +612,14 @@ def workload_result(plan: Plan, sysres: dict[str, dict[str, Any]]) -> dict[str, 
     per_device = by_k[headline]
     best, ratio, lower_bound = vs_best_colocated(per_device, sysres)
     symmetric = None
-    if (
-        plan.symmetric_slos
-    ):  # the same runs against k x both isolated latencies (no goodput search of its own)
+    if plan.symmetric_slos:  # k x both isolated latencies: its own search in full mode, every k on all runs
         sym_by_k = {
             k: {n: goodput_per_device(s["goodput_symmetric"][k], s["devices"]) for n, s in sysres.items()}
             for k in (f"{k:g}" for k in plan.symmetric_slos)
         }
         sym_best, sym_ratio, sym_bound = vs_best_colocated(sym_by_k[headline], sysres)
         symmetric = {
-            "slos": {
-                f"{k:g}": {"ttft_s": s.ttft_s, "tpot_s": s.tpot_s} for k, s in plan.symmetric_slos.items()
-            },
+            "slos": slos_json(plan.symmetric_slos),
             "goodput_per_device_by_k": sym_by_k,
             "best_colocated": sym_best,
             "goodput_ratio_vs_best_colocated": sym_ratio,
@@ -631,7 +631,7 @@ def workload_result(plan: Plan, sysres: dict[str, dict[str, Any]]) -> dict[str, 
         "headline_k": plan.spec.headline_k,
         "ttft_tpot_ratio": plan.spec.ttft_tpot_ratio,
         "ttft_scale": plan.ttft_scale,
-        "slos": {f"{k:g}": {"ttft_s": s.ttft_s, "tpot_s": s.tpot_s} for k, s in plan.slos.items()},
+        "slos": slos_json(plan.slos),
         "fixed_rate": plan.start_rate,
         "request_timeout_s": plan.timeout_s,
         "goodput_per_device": per_device,
