@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks, as one short run on a device machine (docs/gpu.md). From a session lent one:
+# The GPU checks, as one short run on a device machine (README, "GPU paths"). From a session lent one:
 #   make gpu-wheels      # here, once: the packages the device image lacks (ucxx-cu13 included), into .whl/
 #   run(command="bash infra/device/gpu_check.sh", carry=[".whl", "pdserve/v1"], timeout_s=420)
 # What it checks: the CUDA-guarded tests (GPU device binding, the CUDA model runner against the CPU one, the
