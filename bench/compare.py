@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.cpu import PidsFn
 from bench.goodput import GoodputResult, find_goodput, goodput_per_device
 from bench.ideal import ideal_ttft_attainment
 from bench.metrics import SLO, RequestMetrics, attainment, compute_metrics, summarize_records
@@ -121,6 +122,9 @@ class Mode:
     rel_tol: float
     symmetric_probes: int  # load runs of the symmetric-SLO search (workloads with a TTFT scale != 1)
     ks: tuple[float, ...] = (1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
+    # A run during which CPU outside the system under test and the load generator peaked above this many
+    # cores in some second is run again (once): see bench.cpu. Idle peers use ~0.07 cores in all.
+    max_foreign_cores: float = 0.3
     load_factor: float = (
         0.4  # start rate = load_factor x a 1-core capacity estimate (measured goodputs: 0.2-0.5)
     )
@@ -327,6 +331,8 @@ def evaluate(
             },
             "tightest_k": tightest_k(run.records, *base),
             "at_headline_k": _compact(summary),
+            "cpu": run.cpu.to_dict() if run.cpu else None,
+            "discarded_disturbed_runs": [u.to_dict() for u in run.discarded],
         }
         if prefill_servers:
             entry["ideal_prefill_ttft_attainment_by_k"] = {
@@ -509,9 +515,18 @@ def stop_all(clusters: list[Any]) -> None:
 
 
 def evaluate_system(
-    system: System, address: str, plans: list[Plan], mode: Mode, source: list[int], turns: Turns
+    system: System,
+    address: str,
+    plans: list[Plan],
+    mode: Mode,
+    source: list[int],
+    turns: Turns,
+    pids: PidsFn | None = None,
+    peer_pids: PidsFn | None = None,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, list[RequestMetrics]]]:
-    """Every workload on one running system: (results, metrics at the fixed rate) per workload."""
+    """Every workload on one running system: (results, metrics at the fixed rate) per workload. With `pids`
+    (the system's processes; `peer_pids`: the other systems') each run's CPU use is measured, and a run that
+    foreign load disturbed is run again (`Prober`)."""
     results: dict[str, dict[str, Any]] = {}
     fixed: dict[str, list[RequestMetrics]] = {}
     try:
@@ -528,6 +543,9 @@ def evaluate_system(
                 min_requests=mode.min_requests,
                 turns=turns,
                 log_slo=plan.slos[plan.spec.headline_k],
+                pids=pids,
+                peer_pids=peer_pids,
+                max_foreign_cores=mode.max_foreign_cores,
             )
             out = evaluate(
                 prober,
@@ -562,9 +580,21 @@ def run_all(
         turns = Turns([s.name for s in chosen])
         pool = ThreadPoolExecutor(len(chosen))
         try:
+
+            def peers_of(name: str) -> PidsFn:
+                return lambda: [pid for n, c in clusters.items() if n != name for pid in c.pids()]
+
             futures = {
                 s.name: pool.submit(
-                    evaluate_system, s, clusters[s.name].gateway_address, plans, mode, source, turns
+                    evaluate_system,
+                    s,
+                    clusters[s.name].gateway_address,
+                    plans,
+                    mode,
+                    source,
+                    turns,
+                    clusters[s.name].pids,
+                    peers_of(s.name),
                 )
                 for s in chosen
             }
@@ -744,6 +774,7 @@ def main(argv: list[str] | None = None) -> int:
                 "max_span_s": mode.max_span_s,
             },
             "target_attainment": TARGET,
+            "max_foreign_cores": mode.max_foreign_cores,
             "search": {
                 "max_probes": mode.max_probes,
                 "extra_probes_per_k": mode.extra_probes,
@@ -790,6 +821,15 @@ def human_summary(result: dict[str, Any]) -> str:
             lines.append(
                 f"  ideal prefill pool on the disaggregated runs' schedules (queueing only): goodput/device "
                 f">= {ideal:.3f} req/s"
+            )
+        cpus = [run["cpu"] for sres in w["systems"].values() for run in sres["runs"] if run.get("cpu")]
+        if cpus:
+            reruns = sum(
+                len(run["discarded_disturbed_runs"]) for sres in w["systems"].values() for run in sres["runs"]
+            )
+            lines.append(
+                f"  foreign CPU during the runs: mean <= {max(c['foreign_cores'] for c in cpus):.2f} cores, "
+                f"peak second <= {max(c['foreign_peak_cores'] for c in cpus):.2f}; {reruns} disturbed run(s) redone"
             )
         sym = w.get("symmetric_slos")
         if sym:

@@ -17,11 +17,12 @@ import math
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
+from bench.cpu import CpuMeter, CpuUsage, PidsFn
 from bench.metrics import SLO, RequestRecord, attainment, compute_metrics
 from bench.serving import run_load
-from bench.workload import Workload, make_requests
+from bench.workload import BenchRequest, Workload, make_requests
 
 log = logging.getLogger("bench.probe")
 
@@ -36,6 +37,10 @@ class Stopped(Exception):
 class Run:
     rate: float
     records: list[RequestRecord]
+    cpu: CpuUsage | None = None  # who used the CPU during the run (None: not measured)
+    discarded: list[CpuUsage] = field(
+        default_factory=list
+    )  # earlier runs at this rate, run again as disturbed
 
 
 class Turns:
@@ -86,6 +91,10 @@ class Prober:
     A run sends ``workload.n_requests`` requests, fewer at low rates so that its schedule spans at most
     ``max_span_s`` (but never fewer than ``min_requests``): the first requests of the same seeded schedule.
     Runs of different probers sharing ``turns`` never overlap.
+
+    With ``pids`` (the system's processes) each run's CPU use is measured (:mod:`bench.cpu`), the other
+    systems' processes (``peer_pids``) counted apart; a run during which foreign load (anything but the system
+    and this process) peaked above ``max_foreign_cores`` in some second is run again, ``reruns`` times at most.
     """
 
     def __init__(
@@ -100,6 +109,10 @@ class Prober:
         min_requests: int,
         turns: Turns | None = None,
         log_slo: SLO | None = None,
+        pids: PidsFn | None = None,
+        peer_pids: PidsFn | None = None,
+        max_foreign_cores: float = math.inf,
+        reruns: int = 1,
     ) -> None:
         self.name = name
         self.address = address
@@ -110,6 +123,8 @@ class Prober:
         self.min_requests = min_requests
         self.turns = turns
         self.log_slo = log_slo
+        self.pids, self.peer_pids = pids, peer_pids
+        self.max_foreign_cores, self.reruns = max_foreign_cores, reruns
         self.runs: dict[float, Run] = {}
 
     def run(self, rate: float) -> Run:
@@ -117,8 +132,34 @@ class Prober:
         if rate not in self.runs:
             n = min(self.workload.n_requests, max(self.min_requests, round(rate * self.max_span_s)))
             reqs = make_requests(replace(self.workload, rate=rate, n_requests=n), self.source)
-            with self.turns.turn(self.name) if self.turns else contextlib.nullcontext():
-                t = time.monotonic()
+            discarded: list[CpuUsage] = []
+            while True:
+                run = self._load(rate, reqs)
+                if not self._disturbed(run.cpu) or len(discarded) >= self.reruns:
+                    break
+                assert run.cpu is not None
+                log.warning(
+                    "%s %s @ %.3g req/s: foreign CPU peaked at %.2f cores (limit %.2f): running it again",
+                    self.name,
+                    self.workload.name,
+                    rate,
+                    run.cpu.foreign_peak_cores,
+                    self.max_foreign_cores,
+                )
+                discarded.append(run.cpu)
+            run.discarded = discarded
+            self.runs[rate] = run
+        return self.runs[rate]
+
+    def _disturbed(self, cpu: CpuUsage | None) -> bool:
+        return cpu is not None and cpu.foreign_peak_cores > self.max_foreign_cores
+
+    def _load(self, rate: float, reqs: list[BenchRequest]) -> Run:
+        """One load run at `rate`, in this prober's turn, its CPU use measured when the pids are known."""
+        with self.turns.turn(self.name) if self.turns else contextlib.nullcontext():
+            meter = CpuMeter(self.pids, self.peer_pids) if self.pids else None
+            t = time.monotonic()
+            with meter or contextlib.nullcontext():
                 records = asyncio.run(
                     run_load(
                         self.address,
@@ -128,23 +169,29 @@ class Prober:
                         stop=self.turns.stopped if self.turns else None,
                     )
                 )
-                elapsed = time.monotonic() - t
-                time.sleep(0.3)  # let cancelled stragglers be reaped before the next run
-            if self.turns and self.turns.stopped.is_set():
-                raise Stopped("the comparison was stopped")
-            self.runs[rate] = Run(rate, records)
-            att = f", attainment {self.attainment(rate, self.log_slo):.2f}" if self.log_slo else ""
-            log.info(
-                "%s %s @ %.3g req/s: %d/%d ok%s (%.1fs)",
-                self.name,
-                self.workload.name,
-                rate,
-                sum(r.ok for r in records),
-                len(records),
-                att,
-                elapsed,
-            )
-        return self.runs[rate]
+            elapsed = time.monotonic() - t
+            time.sleep(0.3)  # let cancelled stragglers be reaped before the next run
+        if self.turns and self.turns.stopped.is_set():
+            raise Stopped("the comparison was stopped")
+        run = Run(rate, records, meter.usage if meter else None)
+        att = f", attainment {attainment(compute_metrics(records), self.log_slo):.2f}" if self.log_slo else ""
+        cpu = (
+            f", foreign CPU {run.cpu.foreign_cores:.2f} (peak {run.cpu.foreign_peak_cores:.2f})"
+            if run.cpu
+            else ""
+        )
+        log.info(
+            "%s %s @ %.3g req/s: %d/%d ok%s%s (%.1fs)",
+            self.name,
+            self.workload.name,
+            rate,
+            sum(r.ok for r in records),
+            len(records),
+            att,
+            cpu,
+            elapsed,
+        )
+        return run
 
     def attainment(self, rate: float, slo: SLO) -> float:
         return attainment(compute_metrics(self.run(rate).records), slo)

@@ -226,6 +226,11 @@ class LocalCluster:
                 time.sleep(0.2)
         raise TimeoutError(f"cluster not SERVING on {self.gateway_address} within {timeout_s:.0f}s")
 
+    def pids(self) -> list[int]:
+        """Process ids of the running processes this cluster started: its children and its private Redis."""
+        pids = [c.proc.pid for c in self.children if c.proc.poll() is None]
+        return pids + ([self.redis.pid] if self.redis is not None else [])
+
     # ---- stop -----------------------------------------------------------------------------
     def kill(self, child: Child, sig: int = signal.SIGKILL) -> None:
         """Kill one child on purpose (failure tests); it is no longer part of the cluster."""

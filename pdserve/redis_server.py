@@ -35,6 +35,10 @@ class RedisServer:
         self._wait_ready()
 
     @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    @property
     def url(self) -> str:
         return f"redis://{self.host}:{self.port}/0"
 

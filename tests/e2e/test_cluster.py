@@ -11,6 +11,8 @@ from pathlib import Path
 import grpc
 import pytest
 
+from bench.probe import Prober
+from bench.workload import Uniform, Workload
 from coordinator.registry import Registry
 from engine.local import LocalEngine
 from engine.sampling import SamplingParams
@@ -225,3 +227,27 @@ def test_gateway_serves_health_and_reflection(cluster: LocalCluster) -> None:
         (resp,) = list(reflect.ServerReflectionInfo(iter([req]), timeout=5))
         names = {s.name for s in resp.list_services_response.service}
     assert {"pdserve.v1.Generation", "grpc.health.v1.Health"} <= names
+
+
+def test_load_run_measures_the_systems_cpu(cluster: LocalCluster) -> None:
+    """A benchmark load run over the public API, its CPU split between the cluster's processes (gateway,
+    Redis, instances, found by `LocalCluster.pids`) and the load generator."""
+    pids = cluster.pids()
+    assert len(pids) == len(cluster.children) + 1  # + the private redis-server
+    workload = Workload("smoke", n_requests=8, rate=8.0, prompt=Uniform(8, 24), output=Uniform(8, 16), seed=1)
+    prober = Prober(
+        "1P1D",
+        cluster.gateway_address,
+        workload,
+        list(range(100, 1100)),
+        timeout_s=60,
+        max_span_s=10,
+        min_requests=8,
+        pids=cluster.pids,
+    )
+    run = prober.run(8.0)
+    assert len(run.records) == 8 and all(r.ok and len(r.token_times) == r.output_len for r in run.records)
+    assert run.cpu is not None
+    assert run.cpu.system_cores > 0.05  # 8 prefills and up to 128 decode steps ran in these processes
+    assert run.cpu.bench_cores > 0.0
+    assert run.cpu.wall_s > 0.5

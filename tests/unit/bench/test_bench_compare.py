@@ -10,9 +10,10 @@ from dataclasses import replace
 import pytest
 
 from bench.compare import DISAGG, QUICK, WorkloadSpec, evaluate, vs_best_colocated, workload_slos
+from bench.cpu import CpuUsage
 from bench.metrics import SLO, RequestRecord, attainment, compute_metrics
-from bench.probe import Run, Turns, goodput_from_runs, min_k_per_request, refine_goodput, tightest_k
-from bench.workload import Uniform
+from bench.probe import Prober, Run, Turns, goodput_from_runs, min_k_per_request, refine_goodput, tightest_k
+from bench.workload import Uniform, Workload
 from pdserve.cli import main as pdserve_main
 
 
@@ -175,3 +176,46 @@ def test_evaluate_searches_the_symmetric_slos_on_their_own() -> None:
     prober = SloProber(knee=0.5, rates=[])
     out = evaluate(prober, iso, slos, 2.0, 1.0, replace(mode, symmetric_probes=0), symmetric_slos=symmetric)  # type: ignore[arg-type]
     assert out["symmetric_search"] is None and sorted(prober.runs) == [1.0, 2.0]
+
+
+class ScriptedProber(Prober):
+    """A prober whose load runs report scripted foreign CPU peaks (the run itself is not what is tested)."""
+
+    def __init__(self, peaks: list[float], **kw: object) -> None:
+        super().__init__(
+            "sys",
+            "127.0.0.1:1",
+            Workload("w", n_requests=4, rate=1.0),
+            list(range(100)),
+            timeout_s=1,
+            max_span_s=10,
+            min_requests=1,
+            **kw,
+        )  # type: ignore[arg-type]
+        self.peaks = peaks
+        self.loads = 0
+
+    def _load(self, rate: float, reqs: list) -> Run:
+        peak = self.peaks[self.loads]
+        self.loads += 1
+        usage = CpuUsage(1.0, 1.0, 0.1, 0.0, peak, 0.0, foreign_peak_cores=peak)
+        return Run(rate, [_record(i, 0.1, 0.01) for i in range(len(reqs))], usage)
+
+
+@pytest.mark.parametrize(
+    "peaks, loads, kept_peak, discarded",
+    [
+        ([0.1], 1, 0.1, []),  # quiet: one run
+        ([0.9, 0.2], 2, 0.2, [0.9]),  # disturbed, then quiet: the quiet run is kept
+        ([0.9, 0.8, 0.1], 2, 0.8, [0.9]),  # disturbed twice: one rerun only, the last run kept
+    ],
+)
+def test_a_disturbed_run_is_run_again_once(
+    peaks: list[float], loads: int, kept_peak: float, discarded: list[float]
+) -> None:
+    prober = ScriptedProber(peaks, max_foreign_cores=0.5, reruns=1)
+    run = prober.run(2.0)
+    assert prober.loads == loads
+    assert run.cpu is not None and run.cpu.foreign_peak_cores == kept_peak
+    assert [u.foreign_peak_cores for u in run.discarded] == discarded
+    assert prober.run(2.0) is run and prober.loads == loads  # cached: no new load

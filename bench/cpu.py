@@ -1,0 +1,178 @@
+"""Who used the machine's CPU during a load run: the system under test, the load generator, everything else.
+
+A serving comparison on a shared 2-core machine is only as good as its quiet: CPU taken by anything but
+the system under test (other systems' idle loops, stragglers, the hypervisor's steal, whatever else runs
+on the host) lands on TTFT and TPOT and can fail a run that would pass. :class:`CpuMeter` measures it per
+run from Linux's ``/proc`` counters, so a disturbed run is visible in the JSON and can be run again.
+
+Units: every ``*_cores`` figure is CPU seconds per wall second (1.0 = one core busy the whole run).
+``busy`` counts user + nice + system + irq + softirq time of the whole machine; ``steal`` is time the
+hypervisor gave these vCPUs to someone else (not included in busy).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+_TICK_S = 1.0 / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 0.01
+
+
+@dataclass(frozen=True)
+class MachineTicks:
+    busy: int  # user + nice + system + irq + softirq, all CPUs, in clock ticks
+    steal: int
+
+
+def machine_ticks(stat_path: str = "/proc/stat") -> MachineTicks | None:
+    """The machine's cumulative CPU counters (None where /proc/stat is unavailable)."""
+    try:
+        with open(stat_path, encoding="ascii") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    v = [int(x) for x in fields[1:]] + [0] * 8  # user nice system idle iowait irq softirq steal ...
+    return MachineTicks(busy=v[0] + v[1] + v[2] + v[5] + v[6], steal=v[7])
+
+
+def process_ticks(pids: Iterable[int]) -> int:
+    """utime + stime of these processes (all their threads), in clock ticks; vanished processes count 0."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+                # the command name (field 2) may hold spaces and parentheses: split after its last ')'
+                rest = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        total += int(rest[11]) + int(rest[12])  # fields 14 and 15 of proc(5): utime, stime
+    return total
+
+
+def with_descendants(pids: Iterable[int]) -> list[int]:
+    """These processes and every process below them (a server's worker processes count as its own)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])  # field 4 of proc(5)
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], list(pids)
+    while todo:
+        pid = todo.pop()
+        if pid not in out:
+            out.append(pid)
+            todo.extend(children.get(pid, []))
+    return out
+
+
+@dataclass(frozen=True)
+class CpuUsage:
+    """CPU use during one run, in cores (CPU seconds per wall second)."""
+
+    wall_s: float
+    system_cores: float  # the system under test: its gateway, Redis and instances
+    bench_cores: float  # this process: the load generator (and the harness's other threads)
+    peers_cores: float  # the other systems of the comparison (idle, or finishing a previous run)
+    outside_cores: float  # everything else on the machine
+    steal_cores: float  # taken by the hypervisor
+    foreign_peak_cores: float  # the most foreign CPU (peers + outside + steal) in any one sampling window
+
+    @property
+    def foreign_cores(self) -> float:
+        """CPU the run competed with that neither the system under test nor its load generator used."""
+        return self.peers_cores + self.outside_cores + self.steal_cores
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: round(v, 4) for k, v in asdict(self).items()} | {
+            "foreign_cores": round(self.foreign_cores, 4)
+        }
+
+
+PidsFn = Callable[[], list[int]]
+
+
+@dataclass(frozen=True)
+class _Sample:
+    t: float  # time.monotonic()
+    machine: MachineTicks
+    own: int  # clock ticks
+    peers: int
+    bench: int
+
+
+class CpuMeter:
+    """``with CpuMeter(own, peers) as m: ...`` then ``m.usage`` (None off Linux).
+
+    ``own`` and ``peers`` return the pids of the system under test and of the other systems; they are
+    asked once, at the start, with their descendants. A thread samples every ``interval_s`` to find the
+    peak foreign load of any window (a burst that the run's mean would hide).
+    """
+
+    def __init__(self, own: PidsFn, peers: PidsFn | None = None, interval_s: float = 1.0) -> None:
+        self._own_fn, self._peers_fn = own, peers or (lambda: [])
+        self.interval_s = interval_s
+        self.usage: CpuUsage | None = None
+        self._samples: list[_Sample] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _sample(self) -> _Sample | None:
+        m = machine_ticks()
+        if m is None:
+            return None
+        bench = process_ticks([os.getpid()])
+        return _Sample(time.monotonic(), m, process_ticks(self._own), process_ticks(self._peers), bench)
+
+    def _sampler(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            if (s := self._sample()) is not None:
+                self._samples.append(s)
+
+    def __enter__(self) -> CpuMeter:
+        self._own = with_descendants(self._own_fn())
+        self._peers = [p for p in with_descendants(self._peers_fn()) if p not in self._own]
+        first = self._sample()
+        if first is not None:
+            self._samples = [first]
+            self._thread = threading.Thread(target=self._sampler, name="cpu-meter", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._thread.join()
+        if (last := self._sample()) is not None:
+            self._samples.append(last)
+        self.usage = usage_between(self._samples)
+
+
+def _split(a: _Sample, b: _Sample) -> tuple[float, float, float, float, float, float]:
+    """(wall s, own, bench, peers, outside, steal) CPU seconds between two samples."""
+    own, peers, bench = max(0, b.own - a.own), max(0, b.peers - a.peers), max(0, b.bench - a.bench)
+    outside = max(0, (b.machine.busy - a.machine.busy) - own - peers - bench)
+    steal = max(0, b.machine.steal - a.machine.steal)
+    return (b.t - a.t, own * _TICK_S, bench * _TICK_S, peers * _TICK_S, outside * _TICK_S, steal * _TICK_S)
+
+
+def usage_between(samples: list[_Sample]) -> CpuUsage | None:
+    """The usage over the first..last samples, with the peak foreign load over consecutive pairs."""
+    if len(samples) < 2 or samples[-1].t <= samples[0].t:
+        return None
+    wall, own, bench, peers, outside, steal = _split(samples[0], samples[-1])
+    windows = (_split(a, b) for a, b in itertools.pairwise(samples))
+    peak = max((p + o + st) / w for w, _, _, p, o, st in windows if w > 0)
+    return CpuUsage(wall, own / wall, bench / wall, peers / wall, outside / wall, steal / wall, peak)

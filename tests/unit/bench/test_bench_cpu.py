@@ -1,0 +1,110 @@
+"""CPU accounting of a load run (bench.cpu): /proc parsing, the split between the system under test, the load
+generator, the other systems and the rest of the machine, and the peak window; real processes on Linux."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bench import cpu
+from bench.cpu import (
+    CpuMeter,
+    MachineTicks,
+    _Sample,
+    machine_ticks,
+    process_ticks,
+    usage_between,
+    with_descendants,
+)
+
+linux_only = pytest.mark.skipif(not Path("/proc/stat").exists(), reason="needs Linux /proc")
+
+
+def test_machine_ticks_sums_busy_fields_and_keeps_steal_apart(tmp_path: Path) -> None:
+    stat = tmp_path / "stat"
+    # user nice system idle iowait irq softirq steal guest guest_nice
+    stat.write_text("cpu  100 2 30 5000 7 4 5 60 0 0\ncpu0 50 1 15 2500 3 2 2 30 0 0\n")
+    assert machine_ticks(str(stat)) == MachineTicks(busy=100 + 2 + 30 + 4 + 5, steal=60)
+    stat.write_text("intr 1 2 3\n")
+    assert machine_ticks(str(stat)) is None
+    assert machine_ticks(str(tmp_path / "missing")) is None
+
+
+def _sample(t: float, busy: int, steal: int, own: int, peers: int, bench: int) -> _Sample:
+    return _Sample(t, MachineTicks(busy, steal), own, peers, bench)
+
+
+def test_usage_splits_the_machine_and_finds_the_peak_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu, "_TICK_S", 0.01)
+    samples = [
+        _sample(0.0, busy=0, steal=0, own=0, peers=0, bench=0),
+        # second 1: own 120 ticks, bench 20, peers 5, 5 ticks of anything else, no steal: foreign 0.10 cores
+        _sample(1.0, busy=150, steal=0, own=120, peers=5, bench=20),
+        # second 2: own 100, bench 20, peers 5, outside 45, steal 20: foreign (5 + 45 + 20) / 100 = 0.70 cores
+        _sample(2.0, busy=320, steal=20, own=220, peers=10, bench=40),
+    ]
+    u = usage_between(samples)
+    assert u is not None
+    assert u.wall_s == pytest.approx(2.0)
+    assert u.system_cores == pytest.approx(1.10)  # 220 ticks in 2 s
+    assert u.bench_cores == pytest.approx(0.20)
+    assert u.peers_cores == pytest.approx(0.05)
+    assert u.outside_cores == pytest.approx(0.25)  # (320 - 220 - 10 - 40) ticks in 2 s
+    assert u.steal_cores == pytest.approx(0.10)
+    assert u.foreign_cores == pytest.approx(0.40)
+    assert u.foreign_peak_cores == pytest.approx(0.70)
+    assert u.to_dict()["foreign_cores"] == pytest.approx(0.40)
+    assert usage_between(samples[:1]) is None
+
+
+@linux_only
+def test_process_ticks_counts_cpu_time_and_ignores_vanished_pids() -> None:
+    before = process_ticks([os.getpid()])
+    deadline = time.process_time() + 0.3
+    while time.process_time() < deadline:
+        pass
+    assert process_ticks([os.getpid()]) - before >= 10  # >= 0.1 s at 100 ticks/s, after 0.3 s of CPU
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    assert process_ticks([dead.pid]) == 0
+
+
+@linux_only
+def test_descendants_and_a_busy_peer_are_seen() -> None:
+    # a parent whose child spins on a core: the child is the parent's, and counts as a peer's load
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import subprocess, sys, time\n"
+            "c = subprocess.Popen([sys.executable, '-c', 'while True: pass'])\n"
+            "print(c.pid, flush=True)\n"
+            "time.sleep(60)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+        assert set(with_descendants([parent.pid])) == {parent.pid, child}
+        time.sleep(0.2)  # the child is spinning
+        with CpuMeter(own=lambda: [], peers=lambda: [parent.pid], interval_s=0.2) as meter:
+            time.sleep(1.0)
+        u = meter.usage
+        assert u is not None
+        assert u.peers_cores > 0.5  # one spinning process, on a 2-core machine with nothing else heavy
+        assert u.foreign_peak_cores > 0.5
+        assert u.system_cores == 0.0
+    finally:
+        with contextlib.suppress(NameError, ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
+        parent.kill()
+        parent.wait()
