@@ -12,7 +12,6 @@ hypervisor gave these vCPUs to someone else (not included in busy).
 
 from __future__ import annotations
 
-import itertools
 import os
 import threading
 import time
@@ -157,7 +156,7 @@ class CpuMeter:
         self._thread.join()
         if (last := self._sample()) is not None:
             self._samples.append(last)
-        self.usage = usage_between(self._samples)
+        self.usage = usage_between(self._samples, min_window_s=0.5 * self.interval_s)
 
 
 def _split(a: _Sample, b: _Sample) -> tuple[float, float, float, float, float, float]:
@@ -168,11 +167,18 @@ def _split(a: _Sample, b: _Sample) -> tuple[float, float, float, float, float, f
     return (b.t - a.t, own * _TICK_S, bench * _TICK_S, peers * _TICK_S, outside * _TICK_S, steal * _TICK_S)
 
 
-def usage_between(samples: list[_Sample]) -> CpuUsage | None:
-    """The usage over the first..last samples, with the peak foreign load over consecutive pairs."""
+def usage_between(samples: list[_Sample], min_window_s: float = 0.0) -> CpuUsage | None:
+    """The usage over the first..last samples, with the peak foreign load over windows of consecutive
+    samples at least `min_window_s` long (shorter ones are merged into the next: clock-tick accounting makes
+    a window of a few ticks meaningless). A trailing short window counts in the mean only."""
     if len(samples) < 2 or samples[-1].t <= samples[0].t:
         return None
     wall, own, bench, peers, outside, steal = _split(samples[0], samples[-1])
-    windows = (_split(a, b) for a, b in itertools.pairwise(samples))
-    peak = max((p + o + st) / w for w, _, _, p, o, st in windows if w > 0)
+    peak, start = 0.0, samples[0]
+    for s in samples[1:]:
+        if s.t - start.t >= max(min_window_s, 1e-9):
+            w, _, _, p, o, st = _split(start, s)
+            peak, start = max(peak, (p + o + st) / w), s
+    if start is samples[0]:  # no window long enough: the whole run is the only one
+        peak = (peers + outside + steal) / wall
     return CpuUsage(wall, own / wall, bench / wall, peers / wall, outside / wall, steal / wall, peak)

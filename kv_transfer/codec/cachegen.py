@@ -549,6 +549,19 @@ def error_bounds(params: Buffer, shape: Shape) -> tuple[Tensor, Tensor]:
     return kb.view(t, h, d), vb.view(t, h, d)
 
 
+# Significand precision (bits, the implicit one included) per output dtype: rounding to it moves a value by at
+# most |x| * 2**-p.
+_PRECISION = {torch.float32: 24, torch.float16: 11, torch.bfloat16: 8}
+
+
+def error_allowance(x: Tensor, x_hat: Tensor, bound: Tensor) -> Tensor:
+    """What |x - x_hat| may reach, per element (fp32): the frame's bound (`error_bounds`) plus the output
+    dtype's rounding (x_hat's dtype) and fp32 arithmetic. A reconstruction beyond it is a codec bug."""
+    x32, x_hat32 = x.float(), x_hat.float()
+    rounding = torch.maximum(x32.abs(), x_hat32.abs()) * 2.0 ** -_PRECISION.get(x_hat.dtype, 24)
+    return bound * (1 + 1e-5) + rounding + 1e-6 * float(x32.abs().max())
+
+
 # ---- helpers -------------------------------------------------------------------------------------------
 
 

@@ -16,6 +16,7 @@ from kv_transfer.codec.cachegen import (
     FLAG_WIDE,
     LEVELS,
     CacheGenCodec,
+    error_allowance,
     error_bounds,
     parse_params,
 )
@@ -36,7 +37,6 @@ torch.set_num_threads(1)
 
 NUM_LAYERS = 8
 HKV, D = 4, 64
-_MANTISSA = {torch.float32: 24, torch.float16: 11, torch.bfloat16: 8}
 
 
 def synthetic_kv(
@@ -85,14 +85,7 @@ def synthetic_kv(
 
 def assert_within_bound(x: torch.Tensor, x_hat: torch.Tensor, bound: torch.Tensor) -> None:
     """|x - x_hat| <= the quantizer's bound, plus fp32 arithmetic and the output dtype's rounding."""
-    out_dtype = x_hat.dtype
-    x, x_hat = x.float(), x_hat.float()
-    tol = (
-        torch.maximum(x.abs(), x_hat.abs()) * 2.0 ** -_MANTISSA[out_dtype]
-        + bound * 1e-5
-        + 1e-6 * float(x.abs().max())
-    )
-    excess = (x - x_hat).abs() - bound - tol
+    excess = (x.float() - x_hat.float()).abs() - error_allowance(x, x_hat, bound)
     assert float(excess.max()) <= 0, f"error exceeds the bound by {float(excess.max())}"
 
 
