@@ -1,0 +1,62 @@
+"""The serving comparison as a user runs it: `pdserve bench compare --quick`, cut down to two systems, one
+workload and one short run per search, in a subprocess; its JSON has the documented shape and every number in
+it comes from a run (real clusters on loopback, real load)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SYSTEMS = ("disagg-1P1D", "colocated-2x1core")
+
+
+@pytest.mark.timeout(600)
+def test_bench_compare_quick_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "compare.json"
+    cmd = [sys.executable, "-m", "pdserve", "bench", "compare", "--quick", "--json", str(out)]
+    cmd += [
+        "--systems",
+        ",".join(SYSTEMS),
+        "--workloads",
+        "balanced",
+        "--n-requests",
+        "8",
+        "--max-probes",
+        "1",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=540)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "disaggregated / best colocated" in proc.stderr  # the human summary
+
+    result = json.loads(out.read_text())
+    assert result["benchmark"] == "compare" and result["mode"] == "quick"
+    assert result["machine"]["logical_cores"] >= 1 and result["machine"]["git_commit"]
+    w = result["workloads"]["balanced"]
+    assert set(w["goodput_per_device"]) == set(SYSTEMS)
+    assert w["best_colocated"] == "colocated-2x1core"
+    ratio, bound = w["goodput_ratio_vs_best_colocated"], w["goodput_ratio_lower_bound"]
+    assert ratio is None or (math.isfinite(ratio) and ratio >= 0)
+    assert bound is None or bound > 0
+    iso = w["isolated"]
+    assert (
+        0 < iso["decode_step_s"] < iso["prefill_s"] < 5
+    )  # measured in this run: prefill of 64 tokens > 1 step
+    k = f"{w['headline_k']:g}"
+    assert w["slos"][k]["ttft_s"] == pytest.approx(float(k) * w["ttft_scale"] * iso["prefill_s"])
+    for name in SYSTEMS:
+        runs = w["systems"][name]["runs"]
+        assert runs, f"{name}: no load run"
+        for run in runs:
+            assert run["rate"] > 0
+            assert 0.0 <= run["attainment_by_k"][k] <= 1.0
+            summary = run["at_headline_k"]
+            assert summary["n_requests"] == 8 and summary["n_ok"] + summary["n_failed"] == 8
+            cpu = run["cpu"]
+            if Path("/proc/stat").exists():
+                assert cpu is not None and cpu["system_cores"] > 0.05  # the system did the work
+                assert cpu["wall_s"] > 0
