@@ -41,32 +41,38 @@ def machine_ticks(stat_path: str = "/proc/stat") -> MachineTicks | None:
     return MachineTicks(busy=v[0] + v[1] + v[2] + v[5] + v[6], steal=v[7])
 
 
+def _stat_fields(pid: int | str) -> list[str] | None:
+    """Fields 3.. of /proc/PID/stat (proc(5)), None if the process is gone. The command name (field 2) may
+    hold spaces and parentheses, so the split is after its last ')'."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
 def process_ticks(pids: Iterable[int]) -> int:
     """utime + stime of these processes (all their threads), in clock ticks; vanished processes count 0."""
     total = 0
     for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-                # the command name (field 2) may hold spaces and parentheses: split after its last ')'
-                rest = f.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        total += int(rest[11]) + int(rest[12])  # fields 14 and 15 of proc(5): utime, stime
+        if (rest := _stat_fields(pid)) is not None:
+            total += int(rest[11]) + int(rest[12])  # fields 14 and 15 of proc(5): utime, stime
     return total
 
 
-def with_descendants(pids: Iterable[int]) -> list[int]:
-    """These processes and every process below them (a server's worker processes count as its own)."""
+def _children() -> dict[int, list[int]]:
+    """Parent pid -> child pids, for every process on the machine (one scan of /proc)."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])  # field 4 of proc(5)
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
+        if entry.isdigit() and (rest := _stat_fields(entry)) is not None:
+            children.setdefault(int(rest[1]), []).append(int(entry))  # field 4 of proc(5): ppid
+    return children
+
+
+def with_descendants(pids: Iterable[int], children: dict[int, list[int]] | None = None) -> list[int]:
+    """These processes and every process below them (a server's worker processes count as its own);
+    `children`: a `_children()` scan to reuse."""
+    children = _children() if children is None else children
     out, todo = [], list(pids)
     while todo:
         pid = todo.pop()
@@ -140,8 +146,9 @@ class CpuMeter:
                 self._samples.append(s)
 
     def __enter__(self) -> CpuMeter:
-        self._own = with_descendants(self._own_fn())
-        self._peers = [p for p in with_descendants(self._peers_fn()) if p not in self._own]
+        children = _children()
+        self._own = with_descendants(self._own_fn(), children)
+        self._peers = [p for p in with_descendants(self._peers_fn(), children) if p not in self._own]
         first = self._sample()
         if first is not None:
             self._samples = [first]

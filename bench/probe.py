@@ -38,9 +38,8 @@ class Run:
     rate: float
     records: list[RequestRecord]
     cpu: CpuUsage | None = None  # who used the CPU during the run (None: not measured)
-    discarded: list[CpuUsage] = field(
-        default_factory=list
-    )  # earlier runs at this rate, run again as disturbed
+    # the CPU use of earlier runs at this rate, each run again because foreign load disturbed it
+    discarded: list[CpuUsage] = field(default_factory=list)
 
 
 class Turns:
