@@ -5,10 +5,14 @@ the sequence's cached positions, walking its blocks in the paged cache directly.
 (`paged_decode_attention_ref`: gather every sequence's whole context into a padded copy, then masked SDPA)
 copies the context once per layer per step and is 3-7x slower on CPU.
 
-`small_matmul` is x @ w_t (+ bias) for 2..24 rows with w_t stored [in, out]: MKL packs the weight matrix
-on every call for such shapes, which on a memory-bound decode step costs as much as the multiply itself;
+`small_matmul` is x @ w_t (+ bias) for 1..24 rows with w_t stored [in, out]: MKL packs the weight matrix
+on every call for 2..24 rows, which on a memory-bound decode step costs as much as the multiply itself;
 this kernel streams w_t in place instead (k-blocks of 16 rows, 6x16 register tiles, software prefetch)
-and is ~1.5x faster at 16 rows. One row (GEMV) and larger batches stay with MKL, which is as fast or faster.
+and is ~1.5x faster at 16 rows. One row (GEMV) goes to it too: on the 2026-12-03 host it read weights
+too big for the cache at 26 GB/s against MKL's 21-22 (35 against 21 for a 65 MB LM head), and every row's
+result is then the same whatever the batch holds (each row accumulates over k in the same order in every
+tile shape), so a sequence's decode logits are bitwise equal alone and batched with up to 23 others.
+Batches of 25 rows and more stay with MKL's blocked GEMM.
 
 The C source below is compiled on first use with the system C compiler (`cc`, ~1 s) into
 `<pdserve cache>/kernels/`, keyed by the source and the CPU's flags (it is built with -march=native),
@@ -288,11 +292,11 @@ def paged_decode_attention_ref(
 
 
 def small_matmul(x: Tensor, w_t: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x: [M, K] @ w_t: [K, N] (+ bias [N]) -> [M, N]. The C kernel for 2 <= M <= 24 rows on one CPU
+    """x: [M, K] @ w_t: [K, N] (+ bias [N]) -> [M, N]. The C kernel for 1 <= M <= 24 rows on one CPU
     thread (fp32, N % 16 == 0, x rows unit-stride, w_t contiguous); `torch.addmm` / `@` otherwise."""
     m = x.shape[0]
     if (
-        2 <= m <= SMALL_MATMUL_MAX_ROWS
+        1 <= m <= SMALL_MATMUL_MAX_ROWS
         and _load() is not None
         and _has_small_matmul
         and x.device.type == "cpu"

@@ -56,7 +56,7 @@ def test_paged_decode_attention_falls_back_for_other_dtypes():
 
 
 @needs_kernels
-@pytest.mark.parametrize("rows", [2, 3, 5, 6, 7, 12, 16, SMALL_MATMUL_MAX_ROWS])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 6, 7, 12, 16, SMALL_MATMUL_MAX_ROWS])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_small_matmul_matches_torch(rows: int, with_bias: bool):
     gen = torch.Generator().manual_seed(rows)
@@ -78,13 +78,27 @@ def test_small_matmul_uses_torch_outside_its_shapes(monkeypatch: pytest.MonkeyPa
     gen = torch.Generator().manual_seed(0)
     w_t = torch.randn(24, 32, generator=gen)
     for x, w in [
-        (torch.randn(1, 24, generator=gen), w_t),  # one row: MKL's GEMV
         (torch.randn(SMALL_MATMUL_MAX_ROWS + 1, 24, generator=gen), w_t),  # many rows: MKL's GEMM
         (torch.randn(4, 24, generator=gen), torch.randn(24, 40, generator=gen)),  # 40 % 16 != 0
     ]:
         torch.testing.assert_close(small_matmul(x, w), x @ w)
     assert calls == []
     if lib is not None and kernels._has_small_matmul:
-        x = torch.randn(4, 24, generator=gen)
-        torch.testing.assert_close(small_matmul(x, w_t), x @ w_t, atol=1e-5, rtol=1e-5)
-        assert len(calls) == 1  # the control: this shape does go to the kernel
+        for rows in (1, 4):  # the controls: these shapes do go to the kernel
+            x = torch.randn(rows, 24, generator=gen)
+            torch.testing.assert_close(small_matmul(x, w_t), x @ w_t, atol=1e-5, rtol=1e-5)
+        assert len(calls) == 2
+
+
+@needs_kernels
+def test_small_matmul_rows_do_not_depend_on_the_batch():
+    # each row is computed the same way whatever the tile shape: one row alone equals that row in any batch
+    gen = torch.Generator().manual_seed(3)
+    k, n = 100, 64
+    x = torch.randn(SMALL_MATMUL_MAX_ROWS, k, generator=gen)
+    w_t = torch.randn(k, n, generator=gen)
+    bias = torch.randn(n, generator=gen)
+    full = small_matmul(x, w_t, bias)
+    for rows in (1, 2, 5, 6, 7, 13):
+        assert torch.equal(small_matmul(x[:rows], w_t, bias), full[:rows])
+    assert torch.equal(small_matmul(x[3:4], w_t, bias), full[3:4])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from engine.kernels import kernels_available
 from engine.model import BatchMeta
 from engine.runner import ModelRunner
 from engine.sampling import SamplingParams
@@ -148,3 +149,19 @@ def test_on_layer_fires_in_order_after_that_layers_kv_is_written(engine_model_di
     assert seen == list(range(runner.config.num_layers))
     assert all(isinstance(t, int) for t in tokens)
     assert [s.num_cached for s in seqs] == [6, 9]
+
+
+@pytest.mark.skipif(not kernels_available(), reason="no C compiler / kernels disabled")
+def test_decode_logits_do_not_depend_on_the_batch(runner: ModelRunner):
+    # With the C kernels, every matmul of a decode step (1..24 rows) computes each row the same way whatever
+    # else is in the batch: a sequence's logits are bitwise equal decoded alone or next to others.
+    blocks = Blocks(runner.kv_cache.num_blocks)
+    prompts = [prompt(n, seed=100 + n) for n in (5, 12, 20)]
+    batch_tables = [blocks.take(len(p) + 1) for p in prompts]
+    solo_tables = [blocks.take(len(p) + 1) for p in prompts]
+    for table, p in [*zip(batch_tables, prompts, strict=True), *zip(solo_tables, prompts, strict=True)]:
+        logits(runner, [table], [0], [p])  # the same prefill, alone, into both tables: identical KV
+    starts = [len(p) for p in prompts]
+    batched = logits(runner, batch_tables, starts, [[7]] * len(prompts))
+    solo = torch.stack([logits(runner, [t], [s], [[7]])[0] for t, s in zip(solo_tables, starts, strict=True)])
+    assert torch.equal(batched, solo)
