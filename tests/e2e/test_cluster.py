@@ -161,8 +161,10 @@ def test_client_cancel_mid_stream_frees_blocks_everywhere(cluster: LocalCluster)
 
 
 def test_short_deadline_frees_blocks_everywhere(cluster: LocalCluster) -> None:
+    # 1500 tokens take >= 0.75 s even at the tiny model's fastest measured step (~0.5 ms/token, 2026-12-03),
+    # so the deadline always lands mid-stream (400 tokens once finished inside 0.3 s on a fast host)
     with Client(cluster.gateway_address) as client, pytest.raises(grpc.RpcError) as err:
-        client.generate("import os\n" * 20, max_tokens=400, ignore_eos=True, timeout=0.3)
+        client.generate("import os\n" * 20, max_tokens=1500, ignore_eos=True, timeout=0.3)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     _assert_no_leaks(cluster)
 
