@@ -214,6 +214,11 @@ def kernels_available() -> bool:
     return _load() is not None
 
 
+def small_matmul_available() -> bool:
+    """True when `small_matmul` has its C kernel (the kernels loaded and the CPU has AVX2 and FMA)."""
+    return _load() is not None and _has_small_matmul
+
+
 def paged_decode_attention(
     q: Tensor,
     k_cache: Tensor,
@@ -297,8 +302,7 @@ def small_matmul(x: Tensor, w_t: Tensor, bias: Tensor | None = None) -> Tensor:
     m = x.shape[0]
     if (
         1 <= m <= SMALL_MATMUL_MAX_ROWS
-        and _load() is not None
-        and _has_small_matmul
+        and small_matmul_available()
         and x.device.type == "cpu"
         and x.dtype == w_t.dtype == torch.float32
         and x.dim() == 2

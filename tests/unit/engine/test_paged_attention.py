@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.kernels import kernels_available
+from engine.kernels import small_matmul_available
 from engine.model import BatchMeta
 from engine.runner import ModelRunner
 from engine.sampling import SamplingParams
@@ -151,7 +151,9 @@ def test_on_layer_fires_in_order_after_that_layers_kv_is_written(engine_model_di
     assert [s.num_cached for s in seqs] == [6, 9]
 
 
-@pytest.mark.skipif(not kernels_available(), reason="no C compiler / kernels disabled")
+@pytest.mark.skipif(
+    not small_matmul_available(), reason="no small-matmul kernel (no C compiler, or no AVX2 and FMA)"
+)
 def test_decode_logits_do_not_depend_on_the_batch(runner: ModelRunner):
     # With the C kernels, every matmul of a decode step (1..24 rows) computes each row the same way whatever
     # else is in the batch: a sequence's logits are bitwise equal decoded alone or next to others.
