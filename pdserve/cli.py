@@ -30,6 +30,7 @@ def cmd_up(a: argparse.Namespace) -> int:
         cluster=a.cluster,
         cpus=parse_cpus(a.cpus) if a.cpus else (),
         use_cuda=not a.cpu,
+        share_cuda=a.share_cuda,
         transport=a.transport,
         codec=a.codec,
         num_kv_blocks=a.num_kv_blocks,
@@ -125,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--cluster", default="default", help="registry namespace")
     up.add_argument("--cpus", default="", help="CPU cores to divide among instances (default: all)")
     up.add_argument("--cpu", action="store_true", help="never use CUDA devices")
+    up.add_argument(
+        "--share-cuda",
+        action="store_true",
+        help="with fewer CUDA devices than instances, share them round-robin (development; phases interfere)",
+    )
     up.add_argument("--transport", default="auto", help="KV transport: auto | ucx | tcp | shm")
     up.add_argument("--codec", default="auto", help="KV codec: auto (per link) | raw | int8 | fp8 | cachegen")
     up.add_argument("--num-kv-blocks", type=int, default=None)

@@ -37,6 +37,7 @@ class ClusterConfig:
     cluster: str = "default"
     cpus: tuple[int, ...] = ()  # cores to divide among instances; () = all this process may use
     use_cuda: bool = True  # one CUDA device per instance when enough are visible
+    share_cuda: bool = False  # fewer CUDA devices than instances: share them round-robin (development)
     transport: str = "auto"
     codec: str = "auto"  # the gateway's KV codec choice: a name, or auto (per link)
     num_kv_blocks: int | None = None
@@ -55,8 +56,14 @@ class ClusterConfig:
         return ["prefill"] * self.prefill + ["decode"] * self.decode
 
 
-def assign_devices(n: int, cpus: tuple[int, ...], use_cuda: bool) -> list[list[str]]:
-    """Instance i's device flags: ['--cuda', 'k'] or ['--cpus', 'a,b']; disjoint where possible."""
+def assign_devices(
+    n: int, cpus: tuple[int, ...], use_cuda: bool, share_cuda: bool = False
+) -> list[list[str]]:
+    """Instance i's device flags: ['--cuda', 'k'] or ['--cpus', 'a,b']; disjoint where possible.
+
+    CUDA needs one device per instance; with fewer, instances go to CPU cores, unless share_cuda puts
+    them round-robin on the devices there are (a one-GPU development box: the phases then interfere).
+    """
     cuda_count = 0
     if use_cuda:
         try:
@@ -65,8 +72,8 @@ def assign_devices(n: int, cpus: tuple[int, ...], use_cuda: bool) -> list[list[s
             cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         except ImportError:
             cuda_count = 0
-    if cuda_count >= n:
-        return [["--cuda", str(i)] for i in range(n)]
+    if cuda_count >= n or (share_cuda and cuda_count > 0):
+        return [["--cuda", str(i % cuda_count)] for i in range(n)]
     cores = list(cpus) or sorted(os.sched_getaffinity(0))
     if len(cores) >= n:
         per, extra = divmod(len(cores), n)
@@ -107,7 +114,7 @@ class LocalCluster:
             self.redis_url = self.redis.url
         port = cfg.port or free_port(cfg.host)
         self.gateway_address = f"{cfg.host}:{port}"
-        self._devices = assign_devices(len(cfg.roles), cfg.cpus, cfg.use_cuda)
+        self._devices = assign_devices(len(cfg.roles), cfg.cpus, cfg.use_cuda, cfg.share_cuda)
         try:
             for role in cfg.roles:
                 self.add_instance(role)

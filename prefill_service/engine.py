@@ -16,6 +16,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from torch import Tensor
+
 from engine.runner import ModelRunner
 from engine.step_loop import Job, StepEngine
 from kv_transfer.server import KVServer
@@ -144,7 +146,9 @@ class PrefillEngine(StepEngine[PrefillJob]):
                 job.transfer_id,
                 num_layers,
                 seq.num_prompt_tokens,
-                read_layer=lambda layer, b=seq.blocks, n=seq.num_prompt_tokens: cache.read(layer, b, n),
+                read_layer=lambda layer, b=seq.blocks, n=seq.num_prompt_tokens: _host_kv(
+                    cache.read(layer, b, n)
+                ),
                 on_release=self._on_release,
             )
             job.emit(Scheduled(job.transfer_id, seq.num_prompt_tokens))
@@ -178,3 +182,13 @@ class PrefillEngine(StepEngine[PrefillJob]):
                 self._free(job)
             self._cond.notify()
         log.debug("lease %s released (%s)", transfer_id, reason)
+
+
+def _host_kv(kv: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """The KV server hands codecs CPU tensors: a CUDA cache's gathered K/V [T, Hkv, D] come to the host.
+
+    Runs on a KV connection thread. The gather was queued on the device's default stream after the
+    layer's compute, so .cpu() (synchronous) returns the finished values.
+    """
+    k, v = kv
+    return (k.cpu(), v.cpu()) if k.is_cuda else (k, v)
