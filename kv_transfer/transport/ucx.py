@@ -5,12 +5,26 @@ Why this shape (measured on the 2-vCPU CPU hosts, see docs REFERENCES "This mach
   off moves 64 MiB messages at 7-10 GB/s. Without error handling UCX cannot report a dead peer, so a
   plain TCP socket next to the endpoint carries the connection setup (UCX worker addresses), a header
   per message, and small messages inline; its EOF is how either side learns that the peer died.
-- Default UCX_TLS is "tcp,posix" (plus cuda_copy,cuda_ipc on a CUDA host), not "tcp,sm": "sm" includes
-  CMA, and with error handling off UCX *aborts the process* (SIGABRT in cma_ep.c) when the peer dies in
-  the middle of a CMA transfer -- a dead prefill would take the decode instance down. posix shared
-  memory survives peer death and was faster here (10.5 vs 7.6 GB/s). An explicit `tls` argument or the
-  UCX_TLS environment variable overrides the default. UCX_POSIX_FIFO_SIZE defaults to 1024 (from 64):
-  on a busy host the sender then runs further ahead of a receiver not yet scheduled (2-4x on 64 MiB).
+- Default UCX_TLS on a CPU host is "tcp,posix", not "tcp,sm": "sm" includes CMA, and with error
+  handling off UCX *aborts the process* (SIGABRT in cma_ep.c) when the peer dies in the middle of a CMA
+  transfer -- a dead prefill would take the decode instance down. posix shared memory survives peer
+  death and was faster here (10.5 vs 7.6 GB/s). An explicit `tls` argument or the UCX_TLS environment
+  variable overrides the default. UCX_POSIX_FIFO_SIZE defaults to 1024 (from 64): on a busy host the
+  sender then runs further ahead of a receiver not yet scheduled (2-4x on 64 MiB).
+- On a CUDA host the default is "tcp,cuda_copy,cuda_ipc". Measured on an H200 host (UCX 1.21, ucxx 0.52,
+  cu13 wheels, torch 2.11; infra/device/ucx_cuda_probe.py, docs/benchmarks.md): a CUDA tensor sent with
+  posix shared memory among the transports, or with tcp + cuda_copy alone, was handled as host memory --
+  SIGSEGV in the rendezvous fragment pack (uct_mm_ep_am_bcopy) or EIO from UCX's TCP send -- with the
+  memory-type cache on or off, protocols v1 and v2, get/put rendezvous, eager; only tcp,cuda_copy,cuda_ipc
+  moved it (between processes). A channel whose TLS has shared memory or lacks cuda_ipc therefore refuses
+  CUDA tensors (ProtocolError: send host bytes) instead of crashing the process. Host messages then go
+  over TCP: the served KV frames are host bytes, and pdserve's TCP transport moved a 1 MiB layer at 1.24x
+  a raw socket there (UCX with posix: 0.84x).
+  CUDA transfers run with the device's primary context current in the channel's thread (made so before
+  the worker is created, when CUDA is in use, and before each CUDA transfer), after the sender syncs the
+  device's current stream (UCX reads the memory on its own streams), and with UCX_MEMTYPE_CACHE=n (the
+  cache learns pointers by intercepting cudaMalloc): the set-up the working configuration was verified
+  with; the probe's variants without the context step or with the cache crashed like the rest.
 - One UCX worker per channel, progressed by the thread that uses the channel (blocking mode: progress,
   arm, then select() on the worker's epoll fd and the control socket). No progress thread, no busy
   polling, and a channel's failure never touches another's requests (cancel_inflight_requests is
@@ -73,6 +87,8 @@ INLINE_MAX = 64 << 10
 MAX_WORKER_ADDRESS_BYTES = 1 << 20
 HANDSHAKE_TIMEOUT_S = 10.0
 FLAG_CUDA = 1
+CUDA_TLS = "tcp,cuda_copy,cuda_ipc"  # the one setting that moved CUDA tensors on the H200 host (docstring)
+_SHM_TLS = {"posix", "sysv", "sm", "mm", "shm", "all"}  # with CUDA buffers these crashed UCX (docstring)
 POSIX_FIFO_SIZE = 1024
 CLOSE_PROGRESS_S = 0.05  # progress spent on a closing endpoint before it is dropped
 
@@ -112,7 +128,7 @@ def ucx_available() -> bool:
 def default_tls() -> str:
     if os.environ.get("UCX_TLS"):
         return os.environ["UCX_TLS"]
-    return "tcp,posix,cuda_copy,cuda_ipc" if torch.cuda.is_available() else "tcp,posix"
+    return CUDA_TLS if torch.cuda.is_available() else "tcp,posix"
 
 
 def _context(tls: str) -> Any:
@@ -124,11 +140,26 @@ def _context(tls: str) -> Any:
             # OS has not scheduled yet: 64 MiB messages went 0.3-0.4 -> 0.9-1.7 GB/s on a busy 2-core
             # host, for ~6.5 MiB more shared memory per worker (per channel). Env var: read at creation.
             os.environ.setdefault("UCX_POSIX_FIFO_SIZE", str(POSIX_FIFO_SIZE))
+            if torch.cuda.is_available():
+                os.environ.setdefault("UCX_MEMTYPE_CACHE", "n")
             ctx = api.UCXContext(
                 config_dict={"TLS": tls}, feature_flags=(api.Feature.TAG, api.Feature.WAKEUP)
             )
             _contexts[tls] = ctx
         return ctx
+
+
+def cuda_tls_ok(tls: str) -> bool:
+    """Whether a UCX_TLS setting is one that moves CUDA buffers safely: cuda_ipc, and no shared memory."""
+    names = {t.strip().lstrip("^") for t in tls.split(",") if t.strip()}
+    return "cuda_ipc" in names and not names & _SHM_TLS and not tls.startswith("^")
+
+
+def _cuda_capable(tls: str) -> bool:
+    """Whether this process's UCX can move CUDA memory: CUDA is present, UCX loaded its CUDA support, and
+    the TLS setting is a safe one (cuda_tls_ok). Otherwise UCX may take a device pointer for host memory
+    and memcpy it (a SIGSEGV)."""
+    return torch.cuda.is_available() and cuda_tls_ok(tls) and bool(_context(tls).cuda_support)
 
 
 def _is_cuda_tensor(data: object) -> bool:
@@ -150,6 +181,7 @@ class UCXChannel(ChannelGuard, Channel):
         self._hdr = bytearray(_HDR.size)
         self._buf = bytearray(0)  # host receive buffer, reused; replaced (never resized) when too small
         self._dev_buf: torch.Tensor | None = None  # CUDA receive buffer, reused
+        self._cuda_dev: int | None = None  # the CUDA device of this channel's transfers, once known
         if connect_timeout is not None:
             with self._op():
                 try:
@@ -164,10 +196,12 @@ class UCXChannel(ChannelGuard, Channel):
             return
         api = _ucx()
         if self._worker is None:
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                self._cuda_ctx()  # UCX's CUDA transports bind to the context current at creation
             self._worker = api.UCXWorker(_context(self._tls))
             self._worker.init_blocking_progress_mode()
         addr = self._worker.address.tobytes()
-        flags = FLAG_CUDA if torch.cuda.is_available() else 0
+        flags = FLAG_CUDA if _cuda_capable(self._tls) else 0
         sendall(self._sock, _HELLO.pack(HELLO_MAGIC, VERSION, flags, len(addr)) + addr, deadline)
         head = bytearray(_HELLO.size)
         recv_exact_into(self._sock, memoryview(head), deadline)
@@ -184,6 +218,18 @@ class UCXChannel(ChannelGuard, Channel):
             self._ep = self._worker.create_endpoint_from_worker_address(address, False)
         except api.UCXError as e:
             raise FrameForeign(f"unusable UCX worker address from peer: {e}") from None
+
+    def _cuda_ctx(self, device: torch.device | None = None) -> int:
+        """Make the CUDA device's primary context current in this thread (a new thread has none); -> index.
+
+        The device is the tensor's for a send, else the one this channel used before, else the thread's
+        current device (the process's bound device, engine.device.bind)."""
+        if device is not None and device.index is not None:
+            self._cuda_dev = device.index
+        elif self._cuda_dev is None:
+            self._cuda_dev = torch.cuda.current_device()
+        torch.cuda.set_device(self._cuda_dev)
+        return self._cuda_dev
 
     def _release_resources(self) -> None:
         worker, ep = self._worker, self._ep
@@ -263,8 +309,16 @@ class UCXChannel(ChannelGuard, Channel):
                 if not cuda and n <= INLINE_MAX:
                     sendall(self._sock, _HDR.pack(MSG_MAGIC, INLINE, n, 0) + payload, deadline)
                     return
+                if cuda and not _cuda_capable(self._tls):
+                    raise ProtocolError(
+                        f"UCX cannot move CUDA memory safely with UCX_TLS={self._tls!r} (needs CUDA support "
+                        f"loaded and {CUDA_TLS!r}: cuda_ipc, no shared memory): send host bytes instead"
+                    )
                 if cuda and not self._peer_cuda:
-                    raise ProtocolError("peer has no CUDA: send host bytes instead")
+                    raise ProtocolError("peer has no CUDA UCX: send host bytes instead")
+                if cuda:
+                    dev = self._cuda_ctx(data.device)  # type: ignore[union-attr]
+                    torch.cuda.current_stream(dev).synchronize()  # the producer's writes land first
                 tag = self._send_seq
                 self._send_seq += 1
                 sendall(self._sock, _HDR.pack(MSG_MAGIC, CUDA if cuda else HOST, n, tag), deadline)
@@ -329,8 +383,9 @@ class UCXChannel(ChannelGuard, Channel):
     def _recv_cuda(self, n: int, tag: int, deadline: float | None) -> torch.Tensor:
         if not torch.cuda.is_available():
             raise ProtocolError("peer sent a CUDA message but this host has no CUDA")
+        dev = self._cuda_ctx()
         if self._dev_buf is None or self._dev_buf.numel() < n:
-            self._dev_buf = torch.empty(max(n, 1), dtype=torch.uint8, device="cuda")
+            self._dev_buf = torch.empty(max(n, 1), dtype=torch.uint8, device=torch.device("cuda", dev))
         out = self._dev_buf[:n]
         if n:
             self._wait(self._submit(lambda: self._ep.tag_recv(_Array(out), _api.UCXXTag(tag))), deadline)

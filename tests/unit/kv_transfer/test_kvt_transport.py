@@ -251,21 +251,36 @@ def test_ucx_reports_unavailable_clearly_when_ucxx_does_not_import(monkeypatch: 
         transport_for("ucx://127.0.0.1:5")
 
 
+def test_cuda_tls_ok_only_for_settings_that_moved_cuda_tensors() -> None:
+    from kv_transfer.transport.ucx import CUDA_TLS, cuda_tls_ok
+
+    assert cuda_tls_ok(CUDA_TLS) and cuda_tls_ok("rc,tcp,cuda_copy,cuda_ipc")
+    for tls in ("tcp,posix,cuda_copy,cuda_ipc", "tcp,cuda_copy", "sm,cuda_copy,cuda_ipc", "all", "^posix"):
+        assert not cuda_tls_ok(tls), tls
+
+
 @pytest.mark.skipif(
     not (ucx_available() and torch.cuda.is_available()), reason="needs ucxx and a CUDA device"
 )
 def test_ucx_moves_cuda_tensors() -> None:
-    transport = transport_for("ucx")
-    with transport.listen("127.0.0.1", 0) as lst:
-        th, box = run_bg(lambda: lst.accept(timeout=10))
-        cli = transport.connect(lst.address, timeout=10)
-        srv = join(th, box)
-        assert isinstance(srv, Channel)
-        x = torch.randn(1 << 20, device="cuda", dtype=torch.bfloat16)
-        th, box = run_bg(lambda: srv.recv(timeout=30).clone())
-        cli.send(x, timeout=30)
-        got = join(th, box)
-        assert isinstance(got, torch.Tensor) and got.is_cuda
-        assert torch.equal(got.view(torch.bfloat16), x)
-        cli.close()
-        srv.close()
+    """A CUDA tensor sent by another process (the hand-off's shape) arrives as CUDA bytes equal to it,
+    and a host message after it on the same channel still arrives (default TLS: tcp,cuda_copy,cuda_ipc)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    nbytes = 4 << 20
+    want = (torch.arange(nbytes, device="cuda", dtype=torch.int64) % 251).to(torch.uint8)
+    peer = Path(__file__).with_name("ucx_cuda_peer.py")
+    with transport_for("ucx").listen("127.0.0.1", 0) as lst:
+        proc = subprocess.Popen([sys.executable, str(peer), lst.address, str(nbytes)])
+        try:
+            ch = lst.accept(timeout=60)
+            got = ch.recv(timeout=60)
+            assert isinstance(got, torch.Tensor) and got.is_cuda
+            assert torch.equal(got, want)
+            assert bytes(ch.recv(timeout=30)) == b"after"
+            assert proc.wait(timeout=30) == 0
+            ch.close()
+        finally:
+            proc.kill()

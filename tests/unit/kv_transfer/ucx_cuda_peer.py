@@ -1,0 +1,30 @@
+"""Peer process for test_ucx_moves_cuda_tensors: connect to argv[1] over UCX, send a CUDA tensor holding a
+known byte pattern of argv[2] bytes, then b"after"; exit 0 once both are sent (the receiver checks them)."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+
+from kv_transfer.transport import transport_for
+
+
+def pattern(nbytes: int) -> torch.Tensor:
+    return (torch.arange(nbytes, device="cuda", dtype=torch.int64) % 251).to(torch.uint8)
+
+
+def main() -> int:
+    address, nbytes = sys.argv[1], int(sys.argv[2])
+    data = pattern(nbytes)
+    ch = transport_for("ucx").connect(address, timeout=20)
+    ch.send(data, timeout=20)
+    ch.send(b"after", timeout=20)
+    time.sleep(0.5)  # the receiver finishes before this endpoint goes
+    ch.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
