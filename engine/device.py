@@ -1,4 +1,5 @@
-"""Which hardware an engine runs on (`Device`) and pinning the current process/thread to it (`bind`)."""
+"""Which hardware an engine runs on (`Device`) and pinning to it: the whole process (`pin_process`), the
+engine thread (`bind`)."""
 
 from __future__ import annotations
 
@@ -88,3 +89,27 @@ def _pin_cpus(cpus: tuple[int, ...]) -> None:
                 log.warning("could not pin to cpus %s: %s", usable, e)
     if usable:
         torch.set_num_threads(len(usable))
+
+
+def pin_process(cpus: tuple[int, ...]) -> None:
+    """Pin every thread this process has (and so every thread it will create) to `cpus`.
+
+    sched_setaffinity(0) pins only the calling thread; threads started before it -- gRPC's event engine,
+    the telemetry exporter, Redis heartbeats -- would keep the whole machine and run on other instances'
+    cores. An instance calls this first thing; `bind` then pins the engine thread and sizes torch's pool.
+    Linux only (/proc/self/task); elsewhere just the calling thread. Unavailable cpus are skipped."""
+    if not cpus or not hasattr(os, "sched_getaffinity"):
+        return
+    usable = sorted(set(cpus) & os.sched_getaffinity(0))
+    if not usable:
+        log.warning("none of cpus %s is available to this process; not pinning", list(cpus))
+        return
+    try:
+        tids = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        tids = [0]
+    for tid in tids:
+        try:
+            os.sched_setaffinity(tid, usable)
+        except OSError as e:  # a thread that just exited, or no permission
+            log.debug("could not pin thread %d to cpus %s: %s", tid, usable, e)

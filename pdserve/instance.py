@@ -22,7 +22,7 @@ from typing import Any
 import grpc
 
 from coordinator.registry import Heartbeat, InstanceInfo, Registry
-from engine.device import Device, parse_cpus
+from engine.device import Device, parse_cpus, pin_process
 from engine.runner import ModelRunner
 from engine.step_loop import Job, StepEngine
 from pdserve import telemetry
@@ -154,6 +154,7 @@ def run_main(
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s {role} %(name)s: %(message)s")
     cfg = config_from_args(role, args)
+    pin_process(cfg.device.cpus)  # before telemetry and gRPC start threads that would otherwise float
     if traced:
         telemetry.setup(role, cfg.instance_id)
     try:

@@ -50,3 +50,25 @@ def test_bind_cuda_without_cuda_raises():
 def test_bind_cuda_selects_the_device():
     assert bind(Device.cuda(0)) == torch.device("cuda", 0)
     assert torch.cuda.current_device() == 0
+
+
+def test_pin_process_pins_threads_started_before_it() -> None:
+    """Run in a child process (pinning pytest itself would slow the rest of the suite)."""
+    import subprocess
+    import sys
+
+    code = """
+import os, threading
+from engine.device import pin_process
+stop = threading.Event()
+t = threading.Thread(target=stop.wait)
+t.start()
+first = min(os.sched_getaffinity(0))
+pin_process((first, 10_000))  # 10_000: not a cpu here, skipped
+got = os.sched_getaffinity(t.native_id), os.sched_getaffinity(0)
+stop.set(); t.join()
+assert got == ({first}, {first}), got
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
