@@ -16,6 +16,7 @@ from coordinator.gateway import Gateway
 from coordinator.registry import Registry
 from coordinator.router import Router
 from engine.config import ModelConfig
+from engine.device import parse_cpus, pin_process
 from engine.runner import model_fingerprint
 from engine.tokenizer import Tokenizer
 from pdserve import telemetry
@@ -111,6 +112,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--expect-colocated", type=int, default=1)
     p.add_argument(
+        "--cpus",
+        default="",
+        help="pin this process to these cores, e.g. '0' or '0-3' (default: not pinned)",
+    )
+    p.add_argument(
         "--no-layerwise",
         action="store_true",
         help="pull KV only after prefill finished (no layer-wise streaming)",
@@ -119,6 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s coordinator %(name)s: %(message)s"
     )
+    pin_process(parse_cpus(a.cpus))  # before gRPC and telemetry start their threads
     cfg = CoordinatorConfig(
         model_dir=a.model,
         redis_url=a.redis_url,
