@@ -47,11 +47,10 @@ class ClusterConfig:
     log_dir: str | None = None  # children's output goes here (files) instead of this process's stdout
     colocated: int = 0  # > 0: the baseline, this many colocated instances instead of prefill + decode
     chunk_tokens: int | None = None  # colocated: chunked prefill with this token budget per step
-    # Cores for the coordinator (gateway + router). None: on a disaggregated cluster whose instances own CPU
-    # cores, the prefill instances' cores -- the gateway relays every token, and on a decode core that work
-    # lands between decode steps, inside the TPOT the SLO bounds, while prefill has TTFT slack; otherwise
-    # not pinned. (): never pinned.
-    coordinator_cpus: tuple[int, ...] | None = None
+    # Cores to pin the coordinator (gateway + router) to; () = not pinned. Pinning it to the prefill cores of
+    # a 1P1D cluster (so that its per-token relaying stays off the decode core) made no measurable TPOT or
+    # TTFT difference in an A/B on this host (docs/benchmarks.md), so it is not the default.
+    coordinator_cpus: tuple[int, ...] = ()
 
     @property
     def roles(self) -> list[str]:
@@ -59,22 +58,6 @@ class ClusterConfig:
         if self.colocated:
             return ["colocated"] * self.colocated
         return ["prefill"] * self.prefill + ["decode"] * self.decode
-
-
-def coordinator_cores(cfg: ClusterConfig, devices: list[list[str]]) -> tuple[int, ...]:
-    """The coordinator's cores (ClusterConfig.coordinator_cpus): explicit, or the prefill instances' CPU
-    cores on a disaggregated cluster, or () = not pinned. `devices` is assign_devices' result."""
-    if cfg.coordinator_cpus is not None:
-        return tuple(cfg.coordinator_cpus)
-    if cfg.colocated or not cfg.prefill or not cfg.decode:
-        return ()
-    cores: set[int] = set()
-    for flags in devices[: cfg.prefill]:  # roles start with the prefill instances
-        if flags[0] != "--cpus":
-            return ()
-        cores.update(int(c) for c in flags[1].split(","))  # assign_devices writes "a,b"
-    decode_cores = {int(c) for f in devices[cfg.prefill :] if f[0] == "--cpus" for c in f[1].split(",")}
-    return () if cores & decode_cores else tuple(sorted(cores))  # shared round-robin cores: no gain
 
 
 def assign_devices(
@@ -159,9 +142,8 @@ class LocalCluster:
             ]
             if cfg.colocated:
                 coord += ["--colocated", "--expect-colocated", str(cfg.colocated)]
-            front = coordinator_cores(cfg, self._devices)
-            if front:
-                coord += ["--cpus", ",".join(map(str, front))]
+            if cfg.coordinator_cpus:
+                coord += ["--cpus", ",".join(map(str, cfg.coordinator_cpus))]
             self._spawn("coordinator", coord)
             self.wait_serving(timeout_s)
         except BaseException:

@@ -40,33 +40,3 @@ def test_share_cuda_without_cuda_and_use_cuda_off_use_cores(monkeypatch: pytest.
     assert assign_devices(2, (0, 1), use_cuda=True, share_cuda=True) == [["--cpus", "0"], ["--cpus", "1"]]
     _fake_cuda(monkeypatch, 2)
     assert assign_devices(2, (0, 1), use_cuda=False, share_cuda=True) == [["--cpus", "0"], ["--cpus", "1"]]
-
-
-def test_coordinator_goes_on_the_prefill_cores_of_a_disaggregated_cluster(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    from pdserve.launcher import ClusterConfig, coordinator_cores
-
-    _fake_cuda(monkeypatch, 0)
-    disagg = ClusterConfig(model_dir="m", prefill=1, decode=1, cpus=(0, 1, 2, 3))
-    devices = assign_devices(len(disagg.roles), disagg.cpus, use_cuda=False)
-    assert devices == [["--cpus", "0,1"], ["--cpus", "2,3"]]
-    assert coordinator_cores(disagg, devices) == (0, 1)
-    two_prefill = ClusterConfig(model_dir="m", prefill=2, decode=1, cpus=(0, 1, 2))
-    assert coordinator_cores(two_prefill, assign_devices(3, two_prefill.cpus, use_cuda=False)) == (0, 1)
-
-
-def test_coordinator_not_pinned_when_there_is_no_better_place(monkeypatch: pytest.MonkeyPatch) -> None:
-    from pdserve.launcher import ClusterConfig, coordinator_cores
-
-    _fake_cuda(monkeypatch, 0)
-    colocated = ClusterConfig(model_dir="m", colocated=2, cpus=(0, 1))
-    assert coordinator_cores(colocated, assign_devices(2, (0, 1), use_cuda=False)) == ()
-    shared = ClusterConfig(model_dir="m", prefill=1, decode=1, cpus=(0,))  # round-robin on one core
-    assert coordinator_cores(shared, assign_devices(2, (0,), use_cuda=False)) == ()
-    on_gpus = ClusterConfig(model_dir="m", prefill=1, decode=1)
-    assert coordinator_cores(on_gpus, [["--cuda", "0"], ["--cuda", "1"]]) == ()
-    explicit = ClusterConfig(model_dir="m", prefill=1, decode=1, coordinator_cpus=(3,))
-    assert coordinator_cores(explicit, [["--cpus", "0"], ["--cpus", "1"]]) == (3,)
-    never = ClusterConfig(model_dir="m", prefill=1, decode=1, coordinator_cpus=())
-    assert coordinator_cores(never, [["--cpus", "0"], ["--cpus", "1"]]) == ()
