@@ -93,8 +93,10 @@ def codecs() -> dict[str, Codec]:
         "cachegen_low": CacheGenCodec(level="low"),
         "cachegen": CacheGenCodec(level="default"),
         "cachegen_high": CacheGenCodec(level="high"),
-        # the same default level entropy-coded by constriction instead of the compiled rANS coder: same
-        # reconstruction (quality), the speed of the fallback used where no C compiler is available
+        # CacheGen's own quantizers (per-channel keys, per-token values) without the model's transform
+        "cachegen_v1": CacheGenCodec(level="default", transform="off"),
+        # the fallback where no C compiler builds the rANS coder: the default level without the transform
+        # (transform coding needs rANS), i.e. cachegen_v1's reconstruction, entropy-coded by constriction
         "cachegen_constriction": CacheGenCodec(level="default", coder="constriction"),
     }
 
@@ -201,12 +203,18 @@ def measure_greedy(model: KVProbe, ids: list[int], s: Settings, cdx: dict[str, C
     stride = (len(ids) - SKIP_TOKENS - t) // max(n, 1)
     round_trips = {name: codec_round_trip(c) for name, c in cdx.items()}
     first_diff: dict[str, list[int]] = {name: [] for name in cdx}  # one entry per prompt that diverged
+    nbytes, elements = dict.fromkeys(cdx, 0), 0
     for i in range(n):
         prompt = ids[SKIP_TOKENS + i * stride : SKIP_TOKENS + i * stride + t]
         ref_kv = model.prefill(prompt)
         first = model.first_token(prompt)
         model.set_prompt_kv(ref_kv)
         ref = model.greedy(t, first, s.greedy_tokens)
+        elements += sum(2 * k.numel() for k, _ in ref_kv)
+        for name, c in cdx.items():
+            nbytes[name] += sum(
+                wire_bytes(c, k.half(), v.half(), layer) for layer, (k, v) in enumerate(ref_kv)
+            )
         for name, rt in round_trips.items():
             model.set_prompt_kv([rt(k, v, layer) for layer, (k, v) in enumerate(ref_kv)])
             got = model.greedy(t, first, s.greedy_tokens)
@@ -214,7 +222,11 @@ def measure_greedy(model: KVProbe, ids: list[int], s: Settings, cdx: dict[str, C
             if diff is not None:
                 first_diff[name].append(diff)
     return {
-        name: {"match_rate": (n - len(d)) / max(n, 1), "first_diff": sorted(d)}
+        name: {
+            "match_rate": (n - len(d)) / max(n, 1),
+            "first_diff": sorted(d),
+            "bits_per_element": 8.0 * nbytes[name] / max(elements, 1),
+        }
         for name, d in first_diff.items()
     }
 
@@ -293,6 +305,8 @@ def run(model_dir: str, s: Settings, save: bool = False) -> dict[str, Any]:
             "decode_mb_s": speed16[n][1] / 1e6,
             **q,
             f"greedy{s.greedy_tokens}_match": greedy[n]["match_rate"],
+            # the greedy prompts are short (128 tokens): what their hand-off costs, side information included
+            "greedy_prompt_bits_per_element": greedy[n]["bits_per_element"],
         }
 
     serving_bytes = elements * serving_dtype.itemsize

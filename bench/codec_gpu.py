@@ -22,6 +22,7 @@ from torch import Tensor
 from bench.codec import DEFAULT_MODEL, SKIP_TOKENS, heldout_ids
 from bench.report import emit
 from engine.kv_probe import KVProbe
+from kv_transfer.codec import cachegen_klt as klt
 from kv_transfer.codec.cachegen import CacheGenCodec, error_allowance, error_bounds
 
 
@@ -59,13 +60,9 @@ def time_path(
         if r:
             enc_s.append(t1 - t0)
             dec_s.append(t2 - t1)
-    worst = 0.0  # max |error| / allowance (the frame's bound + the output's rounding: error_allowance)
-    for (p, _), (k, v), (k2, v2) in zip(frames, on, outs, strict=True):
-        kb, vb = error_bounds(p, tuple(k.shape))
-        for ref, got, bound in ((k, k2, kb), (v, v2, vb)):
-            x, x_hat = ref.cpu(), got.cpu()
-            allowed = error_allowance(x, x_hat, bound)
-            worst = max(worst, float(((x.float() - x_hat.float()).abs() / allowed).max()))
+    worst = 0.0  # max error / allowance (the frame's bound + the output's rounding)
+    for layer, ((p, _), (k, v), (k2, v2)) in enumerate(zip(frames, on, outs, strict=True)):
+        worst = max(worst, error_over_bound(p, layer, k, v, k2, v2))
     return {
         "encode_mb_s": nbytes / statistics.median(enc_s) / 1e6,
         "decode_mb_s": nbytes / statistics.median(dec_s) / 1e6,
@@ -76,33 +73,59 @@ def time_path(
     }, outs
 
 
+def error_over_bound(params: bytes, layer: int, k: Tensor, v: Tensor, k2: Tensor, v2: Tensor) -> float:
+    """The worst error / allowance of one layer's reconstruction: per element for CacheGen's own quantizers
+    (format v1), per token in L2 for transform coding (v2, `cachegen_klt.error_bounds_klt`)."""
+    shape = tuple(k.shape)
+    worst = 0.0
+    if params[2] == klt.VERSION:
+        bounds = klt.error_bounds_klt(params, shape, layer)
+        for ref, got, bound in zip((k, v), (k2, v2), bounds, strict=True):
+            x, x_hat = ref.cpu().float(), got.cpu().float()
+            err = (x - x_hat).flatten(1).norm(dim=1)
+            allowed = bound * (1 + 1e-4) + 2.0**-10 * 2 * x.flatten(1).norm(dim=1) + 1e-5  # + fp16 output
+            worst = max(worst, float((err / allowed).max()))
+        return worst
+    for ref, got, bound in zip((k, v), (k2, v2), error_bounds(params, shape), strict=True):
+        x, x_hat = ref.cpu(), got.cpu()
+        allowed = error_allowance(x, x_hat, bound)
+        worst = max(worst, float(((x.float() - x_hat.float()).abs() / allowed).max()))
+    return worst
+
+
 def run(tokens: int, repeats: int) -> dict[str, Any]:
     model_dir = str(DEFAULT_MODEL)
     ids = heldout_ids(model_dir)[SKIP_TOKENS : SKIP_TOKENS + tokens]
-    kv = KVProbe(model_dir, tokens).prefill(ids)  # per layer (K, V) [T, Hkv, D] on the CPU
-    codec = CacheGenCodec(level="default")
+    probe = KVProbe(model_dir, tokens)
+    kv = probe.prefill(ids)  # per layer (K, V) [T, Hkv, D] on the CPU
+    transform = klt.load_model_transform(model_dir)  # passed, not installed: no process-wide state changes
+    layers = probe.cfg.num_layers
+    codecs = {"cachegen_v1": CacheGenCodec(level="default", transform="off", num_layers=layers)}
+    if transform is not None:
+        codecs["cachegen"] = CacheGenCodec(level="default", transform=transform, num_layers=layers)
     cuda = torch.cuda.is_available()
     paths = [("cpu", "cpu")] + ([("cuda", "cuda"), ("cuda", "cpu"), ("cpu", "cuda")] if cuda else [])
     results: dict[str, dict[str, Any]] = {}
-    ref: list[tuple[Tensor, Tensor]] = []
-    for e, d in paths:
-        r, outs = time_path(codec, kv, e, d, repeats)
-        results[f"{e}->{d}"] = r
-        if (e, d) == ("cpu", "cpu"):
-            ref = outs
-        else:  # dequantized by another device: the same symbols, so within fp16 rounding
-            r["max_abs_diff_vs_cpu"] = max(
-                float((got.float().cpu() - want.float()).abs().max())
-                for layer_got, layer_want in zip(outs, ref, strict=True)
-                for got, want in zip(layer_got, layer_want, strict=True)
-            )
+    for name, codec in codecs.items():
+        ref: list[tuple[Tensor, Tensor]] = []
+        for e, d in paths:
+            r, outs = time_path(codec, kv, e, d, repeats)
+            results[f"{name}:{e}->{d}"] = r
+            if (e, d) == ("cpu", "cpu"):
+                ref = outs
+            else:  # another device quantized or dequantized: the same symbols up to rounding
+                r["max_abs_diff_vs_cpu"] = max(
+                    float((got.float().cpu() - want.float()).abs().max())
+                    for layer_got, layer_want in zip(outs, ref, strict=True)
+                    for got, want in zip(layer_got, layer_want, strict=True)
+                )
     return {
         "benchmark": "codec_gpu",
         "cuda": cuda,
         "device_name": torch.cuda.get_device_name(0) if cuda else None,
         "tokens": tokens,
         "layers": len(kv),
-        "codec": "cachegen (default level)",
+        "codec": "cachegen (default level): with the model's transform (format v2) and without (v1)",
         "paths": results,
         "all_within_bound": all(r["within_bound"] for r in results.values()),
     }
@@ -113,7 +136,7 @@ def summary(r: dict[str, Any]) -> str:
     for name, p in r["paths"].items():
         diff = p.get("max_abs_diff_vs_cpu")
         lines.append(
-            f"  {name:10s} encode {p['encode_mb_s']:8.1f} MB/s  decode {p['decode_mb_s']:8.1f} MB/s  "
+            f"  {name:22s} encode {p['encode_mb_s']:8.1f} MB/s  decode {p['decode_mb_s']:8.1f} MB/s  "
             f"{p['frame_bytes']} B  error/bound {p['worst_error_over_bound']:.3f}"
             + (f"  |diff vs cpu| {diff:.2e}" if diff is not None else "")
         )

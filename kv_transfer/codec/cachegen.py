@@ -58,6 +58,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from kv_transfer.codec import cachegen_klt as klt
 from kv_transfer.codec import rans
 from kv_transfer.codec.base import Codec, Shape
 from kv_transfer.codec.cachegen_core import (
@@ -108,6 +109,7 @@ FLAG_RANS = 2  # entropy-coded by the compiled rANS coder (kv_transfer.codec.ran
 CODERS = ("auto", "rans", "constriction")
 MODE_CHANNEL, MODE_SHARED, MODE_STATIC, MODE_DELTA = 0, 1, 2, 3
 TABLE_MODES = ("auto", "chunk")
+TRANSFORMS = ("auto", "off")
 _FP16_SAFE = 60000.0  # largest |value| whose scales are stored as fp16 (fp16 max is 65504)
 _LITTLE = sys.byteorder == "little"
 
@@ -130,6 +132,7 @@ class CacheGenCodec(Codec):
         raw_tokens: int = DEFAULT_RAW_TOKENS,
         num_layers: int | None = None,
         coder: str = "auto",
+        transform: str | klt.KLTransform = "auto",
     ) -> None:
         if level not in LEVELS:
             raise CodecError(f"cachegen level {level!r} unknown; known: {sorted(LEVELS)}")
@@ -143,6 +146,10 @@ class CacheGenCodec(Codec):
             raise CodecError(f"cachegen raw_tokens {raw_tokens}: 0..255")
         if coder not in CODERS:
             raise CodecError(f"cachegen coder {coder!r} unknown; known: {CODERS}")
+        if not isinstance(transform, klt.KLTransform) and transform not in TRANSFORMS:
+            raise CodecError(
+                f"cachegen transform {transform!r} unknown; known: {TRANSFORMS} or a KLTransform"
+            )
         if coder == "rans" and not rans.available():
             raise CodecError("cachegen coder 'rans': the compiled rANS coder is not available here")
         # rANS unless asked otherwise or unavailable; anchor/delta grouping is implemented with constriction
@@ -152,11 +159,23 @@ class CacheGenCodec(Codec):
         self.num_layers, self.raw_tokens = num_layers, raw_tokens
         if tables is not None:
             register_tables(tables)  # so any instance in this process can decode what this one encodes
+        self.transform = transform
+        if isinstance(transform, klt.KLTransform):
+            klt.register_transform(transform)
 
     # ---- encode ---------------------------------------------------------------------------------------
 
     def _tables(self) -> CacheGenTables | None:
         return self.tables if self.tables is not None else installed_tables()
+
+    def transform_for(self, layer: int, channels: int, head_dim: int) -> klt.KLTransform | None:
+        """The transform this encoder codes `layer` with (format v2), or None (v1: CacheGen's per-channel /
+        per-token quantizers). Transform coding needs the compiled rANS coder, no raw tokens and no
+        anchor/delta grouping; "auto" uses the installed model's transform where it covers the layer."""
+        if self.transform == "off" or not self.use_rans or self.raw_tokens or self.anchor_group:
+            return None
+        tr = self.transform if isinstance(self.transform, klt.KLTransform) else klt.installed_transform()
+        return tr if tr is not None and tr.covers(layer, channels, head_dim, self.level_name) else None
 
     def bins_for(self, layer: int) -> tuple[int, int]:
         """(K bins, V bins) this encoder uses at `layer`: the model's bit plan for this level when its tables
@@ -194,6 +213,10 @@ class CacheGenCodec(Codec):
             raise CodecError(f"k/v dtype must be one of {list(DTYPE_CODES)}, equal, on one device")
         t, h, d = k.shape
         c = h * d
+        tr = self.transform_for(layer, c, d)
+        if tr is not None:
+            params, words = klt.encode(tr, self.level_name, k, v, layer, chunk_bounds(t, self.chunk_size()))
+            return params, [memoryview(w).cast("B") if _LITTLE else _le_bytes(w) for w in words]
         kf, vf = k.reshape(t, c).float(), v.reshape(t, c).float()
         k_lim, v_lim = torch.stack([*torch.aminmax(kf), *torch.aminmax(vf)]).abs().view(2, 2).amax(1).tolist()
         if not (np.isfinite(k_lim) and np.isfinite(v_lim)):
@@ -295,18 +318,20 @@ class CacheGenCodec(Codec):
         device: torch.device | str | None = None,
     ) -> tuple[Tensor, Tensor]:
         """-> k, v [T, Hkv, D] in `dtype`; on the CPU, or dequantized on `device` (e.g. CUDA) if given."""
-        p = parse_params(params, shape)
-        t, h, d = shape
-        c = h * d
         dev = torch.device(device) if device is not None else torch.device("cpu")
         pay = memoryview(payload).cast("B") if not isinstance(payload, memoryview) else payload.cast("B")
-        if zlib.crc32(pay) != p.payload_crc:
-            raise FrameCorrupted("cachegen payload crc32 mismatch")
-        if 4 * sum(ch.k_words + ch.v_words for ch in p.chunks) != len(pay):
-            raise FrameCorrupted(f"cachegen payload: {len(pay)} bytes, the chunk directory says otherwise")
-        all_words = np.frombuffer(pay, dtype="<u4")
-        if not _LITTLE or all_words.ctypes.data % 4:
-            all_words = all_words.astype(np.uint32)
+        raw_params = bytes(params)
+        if raw_params[:2] == _MAGIC and len(raw_params) > 2 and raw_params[2] == klt.VERSION:
+            pk = klt.parse(raw_params, shape, layer)
+            self._check_payload(pay, pk.payload_crc, sum(ch[2] + ch[3] for ch in pk.chunks))
+            if not rans.available():
+                raise FrameForeign("cachegen: transform-coded frame, and no compiled rANS coder here")
+            return klt.decode(pk, _words(pay), shape, dtype, layer, dev)
+        p = parse_params(raw_params, shape)
+        t, h, d = shape
+        c = h * d
+        self._check_payload(pay, p.payload_crc, sum(ch.k_words + ch.v_words for ch in p.chunks))
+        all_words = _words(pay)
         tables = p.table(layer, c) if p.table_id else None
         out_k = torch.empty((t, c), dtype=dtype, device=dev)
         out_v = torch.empty((t, c), dtype=dtype, device=dev)
@@ -329,6 +354,13 @@ class CacheGenCodec(Codec):
             out_k[ch.start : ch.start + ch.tokens].copy_(dequantize_keys(ksym, centre, half, mk))
             out_v[ch.start : ch.start + ch.tokens].copy_(dequantize_values(vsym, vscale, mv))
         return out_k.view(t, h, d), out_v.view(t, h, d)
+
+    @staticmethod
+    def _check_payload(pay: memoryview, crc: int, words: int) -> None:
+        if zlib.crc32(pay) != crc:
+            raise FrameCorrupted("cachegen payload crc32 mismatch")
+        if 4 * words != len(pay):
+            raise FrameCorrupted(f"cachegen payload: {len(pay)} bytes, the chunk directory says otherwise")
 
     def _decode_part(
         self,
@@ -568,6 +600,14 @@ def error_allowance(x: Tensor, x_hat: Tensor, bound: Tensor) -> Tensor:
 def _le_bytes(x: Tensor | np.ndarray) -> bytes:
     a = x.detach().cpu().numpy() if isinstance(x, Tensor) else x
     return a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes()
+
+
+def _words(pay: memoryview) -> np.ndarray:
+    """Payload bytes -> uint32 words (little-endian; copied only when unaligned or on big-endian hosts)."""
+    words = np.frombuffer(pay, dtype="<u4")
+    if not _LITTLE or words.ctypes.data % 4:
+        words = words.astype(np.uint32)
+    return words
 
 
 def _interleave(a: list, b: list) -> list:

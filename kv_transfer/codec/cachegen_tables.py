@@ -271,19 +271,28 @@ def installed_tables() -> CacheGenTables | None:
 
 def install_model(model_dir: str | Path) -> CacheGenTables | None:
     """What a service calls once after loading its model: the shared codec instance then knows the model's
-    depth (which layers are shallow) and uses its static tables when it ships some (returned)."""
+    depth (which layers are shallow), uses its static tables when it ships some (returned), and its
+    transform (`cachegen_klt`) when it ships one (else none is installed)."""
     global _installed_num_layers
     from engine.config import ModelConfig
+    from kv_transfer.codec.cachegen_klt import install_transform, load_model_transform
 
-    num_layers = ModelConfig.from_hf_dir(model_dir).num_layers
+    cfg = ModelConfig.from_hf_dir(model_dir)
+    num_layers = cfg.num_layers
     tables = load_model_tables(model_dir)
     if tables is not None and tables.num_layers != num_layers:
         raise CodecError(
             f"{model_dir}: cachegen tables for {tables.num_layers} layers, the model has {num_layers}"
         )
+    transform = load_model_transform(model_dir)
+    if transform is not None and (
+        transform.num_layers != num_layers or transform.channels != cfg.num_kv_heads * cfg.head_dim
+    ):
+        raise CodecError(f"{model_dir}: cachegen transform does not fit the model ({transform.fwd.shape})")
     with _registry_lock:
         _installed_num_layers = num_layers
     install_tables(tables)
+    install_transform(transform)
     return tables
 
 

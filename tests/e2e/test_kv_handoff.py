@@ -176,13 +176,6 @@ def _heldout_prompts() -> list[list[int]]:
 
 
 @pytest.mark.skipif(not SHIPPED_READY, reason="the shipped model is not trained yet")
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 5 target not met: cachegen's default level matched the first 32 greedy tokens on 45% of "
-    "these held-out prompts, target >= 95%. On 100 other held-out prompts (bench.codec) int8 matches 95%, fp8 "
-    "71%, cachegen_high 68%, the default 26%: divergences start at near-ties of this small model (margins of "
-    "0.001-0.05 logits), so the target asks int8's fidelity at 2.5 bits (docs/benchmarks.md)",
-)
 def test_cachegen_first_tokens_match_reference_on_heldout_prompts(
     clusters: dict[str, LocalCluster], record_property: pytest.RecordProperty
 ) -> None:

@@ -31,7 +31,9 @@ def test_codec_bench_reports_every_figure() -> None:
         assert c["encode_mb_s"] > 0 and c["decode_mb_s"] > 0
     raw = r["codecs"]["raw"]
     assert raw["kl_mean"] == 0.0 and raw["top1_agreement"] == 1.0 and raw["greedy32_match"] == 1.0
-    assert r["codecs"]["cachegen"]["ratio_vs_fp16"] > 4.0  # compressed, whatever the prompt length
+    assert r["codecs"]["cachegen_v1"]["ratio_vs_fp16"] > 4.0  # compressed, whatever the prompt length
+    # transform coding spends finer steps on a prompt's last 64 tokens: a 64-token prompt is all of them
+    assert r["codecs"]["cachegen"]["ratio_vs_fp16"] > 2.0
     assert r["codecs"]["cachegen"]["kl_mean"] > 0.0  # lossy, and measured as such
     assert set(r["break_even_gbit_s"]) == set(r["codecs"]) - {"raw"}
     assert r["noise_floor"]["kl_mean"] < 1e-5
