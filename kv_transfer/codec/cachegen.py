@@ -66,6 +66,7 @@ from kv_transfer.codec.cachegen_core import (
     DEFAULT_CHUNK_TOKENS,
     DEFAULT_NUM_LAYERS,
     DEFAULT_RAW_TOKENS,
+    FP16_SAFE,
     LEVELS,
     ans_decode,
     ans_encode,
@@ -76,6 +77,7 @@ from kv_transfer.codec.cachegen_core import (
     dequantize_keys,
     dequantize_values,
     from_streams,
+    le_bytes,
     levels_of,
     pack_nibbles,
     pair_probs,
@@ -110,7 +112,6 @@ CODERS = ("auto", "rans", "constriction")
 MODE_CHANNEL, MODE_SHARED, MODE_STATIC, MODE_DELTA = 0, 1, 2, 3
 TABLE_MODES = ("auto", "chunk")
 TRANSFORMS = ("auto", "off")
-_FP16_SAFE = 60000.0  # largest |value| whose scales are stored as fp16 (fp16 max is 65504)
 _LITTLE = sys.byteorder == "little"
 
 
@@ -216,17 +217,17 @@ class CacheGenCodec(Codec):
         tr = self.transform_for(layer, c, d)
         if tr is not None:
             params, words = klt.encode(tr, self.level_name, k, v, layer, chunk_bounds(t, self.chunk_size()))
-            return params, [memoryview(w).cast("B") if _LITTLE else _le_bytes(w) for w in words]
+            return params, [memoryview(w).cast("B") if _LITTLE else le_bytes(w) for w in words]
         kf, vf = k.reshape(t, c).float(), v.reshape(t, c).float()
         k_lim, v_lim = torch.stack([*torch.aminmax(kf), *torch.aminmax(vf)]).abs().view(2, 2).amax(1).tolist()
         if not (np.isfinite(k_lim) and np.isfinite(v_lim)):
             raise CodecError("cachegen: K/V contains NaN or Inf")
-        wide = max(k_lim, v_lim) > _FP16_SAFE
+        wide = max(k_lim, v_lim) > FP16_SAFE
         scale_dtype = torch.float32 if wide else torch.float16  # of key scales and raw tokens
         kbins, vbins = self.bins_for(layer)
         tables = self._tables() if self.table_mode == "auto" and not self.anchor_group else None
         raw = min(self.raw_tokens, t)
-        raw_parts = [_le_bytes(kf[:raw].to(scale_dtype)), _le_bytes(vf[:raw].to(scale_dtype))]
+        raw_parts = [le_bytes(kf[:raw].to(scale_dtype)), le_bytes(vf[:raw].to(scale_dtype))]
         directory, scales, table_parts, words, static = [], [], [], [], False
         for a, b in chunk_bounds(t - raw, self.chunk_size()):
             a, b = a + raw, b + raw
@@ -236,10 +237,10 @@ class CacheGenCodec(Codec):
             vmode, vtab, vw = self._code(vq, vbins, layer, "v", tables)
             directory.append(_CHUNK.pack(b - a, kw.size, vw.size, kmode, vmode))
             static = static or MODE_STATIC in (kmode, vmode)
-            scales += [_le_bytes(centre), _le_bytes(half), _le_bytes(vbase), _le_bytes(ve)]
+            scales += [le_bytes(centre), le_bytes(half), le_bytes(vbase), le_bytes(ve)]
             table_parts += [ktab, vtab]
             words += [kw, vw]
-        parts: list[Buffer] = [memoryview(w).cast("B") if _LITTLE else _le_bytes(w) for w in words]
+        parts: list[Buffer] = [memoryview(w).cast("B") if _LITTLE else le_bytes(w) for w in words]
         payload_crc = 0
         for part in parts:
             payload_crc = zlib.crc32(part, payload_crc)
@@ -595,11 +596,6 @@ def error_allowance(x: Tensor, x_hat: Tensor, bound: Tensor) -> Tensor:
 
 
 # ---- helpers -------------------------------------------------------------------------------------------
-
-
-def _le_bytes(x: Tensor | np.ndarray) -> bytes:
-    a = x.detach().cpu().numpy() if isinstance(x, Tensor) else x
-    return a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes()
 
 
 def _words(pay: memoryview) -> np.ndarray:

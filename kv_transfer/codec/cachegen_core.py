@@ -74,7 +74,7 @@ def levels_of(bins: int) -> int:
 # ---- quantization (torch: runs on the input's device, CPU or CUDA) ------------------------------------
 
 
-def _store(x: Tensor, scale_dtype: torch.dtype, up: bool) -> Tensor:
+def store_scale(x: Tensor, scale_dtype: torch.dtype, up: bool) -> Tensor:
     """x fp32 -> scale_dtype, rounded up (never below x) when `up` (so the stored range still covers x)."""
     if scale_dtype == torch.float32:
         return x
@@ -83,12 +83,22 @@ def _store(x: Tensor, scale_dtype: torch.dtype, up: bool) -> Tensor:
     return x.to(torch.float16)
 
 
+# largest |value| whose scales are stored as fp16 (fp16 max is 65504); beyond it both formats store fp32
+FP16_SAFE = 60000.0
+
+
+def le_bytes(x: Tensor | np.ndarray) -> bytes:
+    """An array's bytes in little-endian order (the wire order of every cachegen field)."""
+    a = x.detach().cpu().numpy() if isinstance(x, Tensor) else x
+    return a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes()
+
+
 def quantize_keys(x: Tensor, m: int, scale_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     """x: [t, C] fp32 -> (centre [C], half [C] in scale_dtype, symbols q + M as fp32 [t, C] in [0, 2M])."""
     lo, hi = x.amin(0), x.amax(0)
-    centre = _store((hi + lo) * 0.5, scale_dtype, up=False)
+    centre = store_scale((hi + lo) * 0.5, scale_dtype, up=False)
     c = centre.float()
-    half = _store(torch.maximum(hi - c, c - lo), scale_dtype, up=True)
+    half = store_scale(torch.maximum(hi - c, c - lo), scale_dtype, up=True)
     h = half.float()
     inv = torch.where(h > 0, m / h, torch.zeros_like(h))
     return centre, half, (x - c).mul_(inv).round_().clamp_(-m, m).add_(m)

@@ -54,6 +54,7 @@ import torch
 from torch import Tensor
 
 from kv_transfer.codec import rans
+from kv_transfer.codec.cachegen_core import FP16_SAFE, le_bytes, store_scale
 from kv_transfer.errors import CodecError, FrameCorrupted, FrameForeign
 
 TRANSFORM_FILE = "cachegen_transform.safetensors"
@@ -67,7 +68,6 @@ _CRC = struct.Struct("<I")
 FLAG_WIDE = 1  # centres and steps in fp32 (a component beyond fp16's range), else fp16
 QMAX = 127  # |q| <= QMAX: symbols q + QMAX fit a byte, alphabet 255
 N_SYMBOLS = 2 * QMAX + 1
-_FP16_SAFE = 60000.0
 _LEVEL_IDS = {"high": 1, "default": 2, "low": 3}
 # The prompt's last RECENT[0] tokens are coded with steps / RECENT[1]: the first generated tokens attend to
 # them most. On the shipped model (bench.codec, 128-token prompts) it lifts the share of prompts whose first
@@ -172,7 +172,8 @@ def rope_tables(inv_freq: Tensor, start: int, t: int, device: torch.device) -> t
 
 
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x [t, H, D] fp32 rotated by the angles in cos/sin (pass -sin to undo)."""
+    """x [t, H, D] fp32 rotated by the angles in cos/sin (pass -sin to undo). engine.model.apply_rope's twin,
+    kept here so the codec does not import the engine (which compiles its kernels on import)."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos[:, None, :] + torch.cat((-x2, x1), dim=-1) * sin[:, None, :]
 
@@ -337,20 +338,13 @@ def load_model_transform(model_dir: str | Path) -> KLTransform | None:
 # ---- encode / decode ---------------------------------------------------------------------------------------
 
 
-def _store(x: Tensor, wide: bool, up: bool) -> Tensor:
-    if wide:
-        return x
-    if up:
-        x = x * (1 + 2**-10) + 2**-24  # nearest-rounding to fp16 of this is >= x
-    return x.to(torch.float16)
-
-
 def _quantize(y: Tensor, step: float, wide: bool) -> tuple[Tensor, Tensor, Tensor]:
     """y fp32 [t, C] -> (centre [C], step [C] (stored dtype), q fp32 [t, C] in [-QMAX, QMAX])."""
-    centre = _store(y.mean(0), wide, up=False)
+    sdt = torch.float32 if wide else torch.float16
+    centre = store_scale(y.mean(0), sdt, up=False)
     dev = y - centre.float()
     spread = dev.abs().amax(0)
-    st = _store(torch.clamp(spread / (QMAX - 0.5), min=step), wide, up=True)
+    st = store_scale(torch.clamp(spread / (QMAX - 0.5), min=step), sdt, up=True)
     q = dev.div_(st.float()).round_().clamp_(-QMAX, QMAX)
     return centre, st, q
 
@@ -372,7 +366,7 @@ def encode(
     lim = max(float(yk.abs().max()), float(yv.abs().max()))
     if not np.isfinite(lim):
         raise CodecError("cachegen: K/V contains NaN or Inf")
-    wide = lim > _FP16_SAFE
+    wide = lim > FP16_SAFE
     ks, vs = steps if steps is not None else (float(s) for s in transform.steps[level][layer])
     t = k.shape[0]
     recent = RECENT if recent is None else recent
@@ -388,7 +382,7 @@ def encode(
             sym = q.add_(QMAX).to(torch.uint8).cpu().numpy()
             rho, amax = fit_rho(sym)
             chunk_words.append(rans.encode(sym, laplace_tables(rho, amax)))
-            side += [_le(centre), _le(st), rho.tobytes(), amax.tobytes()]
+            side += [le_bytes(centre), le_bytes(st), rho.tobytes(), amax.tobytes()]
         directory.append(_CHUNK2.pack(b - a, chunk_words[0].size, chunk_words[1].size))
         words += chunk_words
     crc = 0
@@ -488,8 +482,3 @@ def error_bounds_klt(params: bytes, shape: tuple[int, int, int], layer: int) -> 
             bound = float(p.transform.inv_norm[layer, kind]) * float(step.double().norm()) / 2
             out[start : start + tokens] = bound
     return kb, vb
-
-
-def _le(x: Tensor) -> bytes:
-    a = x.detach().cpu().numpy()
-    return a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes()
