@@ -38,7 +38,9 @@ whole prompts).
 
 params v2 (little-endian): `_HEADER2` | chunk directory n x `_CHUNK2` | per chunk and part (K, then V):
 centre [C], step [C] (fp16, or fp32 when FLAG_WIDE), rho [C] u8, amax [C] u8 | crc32 of all before it.
-payload: per chunk, K's rANS words then V's; its crc32 is in the header.
+payload: per chunk, K's rANS words then V's; its crc32 is in the header. Each part's symbols are coded
+component-major (component c's tokens in order, then c + 1's; `rans.lap_code2`), which decodes 1.6x faster
+than token-major order.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ import torch
 from torch import Tensor
 
 from kv_transfer.codec import rans
-from kv_transfer.codec.cachegen_core import FP16_SAFE, le_bytes, store_scale
+from kv_transfer.codec.cachegen_core import FP16_SAFE, le_bytes, store_scale_np
 from kv_transfer.errors import CodecError, FrameCorrupted, FrameForeign
 
 TRANSFORM_FILE = "cachegen_transform.safetensors"
@@ -102,62 +104,23 @@ def _laplace_weights() -> np.ndarray:
     return _laplace_w
 
 
-def fit_rho(sym: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Symbols uint8 [t, C] (q + QMAX) -> (rho uint8 [C]: the maximum-likelihood discrete Laplace per
-    component, amax uint8 [C]: the largest |q| per component). For p(q) ~ r^|q|, E|q| = 2r / (1 - r^2), so
-    r = (sqrt(1 + m^2) - 1) / m for the mean magnitude m; rho = round(-32 log2(1 - r)). Closed form: no
-    search, no BLAS call (whose worker threads spin on a loaded host)."""
-    counts = rans.histogram(sym, N_SYMBOLS)  # [C, N] int64
-    present = counts > 0
-    mag_of = np.abs(np.arange(-QMAX, QMAX + 1, dtype=np.float64))
-    m = (counts * mag_of).sum(1) / np.maximum(counts.sum(1), 1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        r = np.where(m > 0, (np.sqrt(1 + m * m) - 1) / np.where(m > 0, m, 1.0), 0.0)
-        rho = np.rint(-32 * np.log2(np.maximum(1 - r, 2.0**-8)))
-    amax = QMAX - np.minimum(np.argmax(present, axis=1), np.argmax(present[:, ::-1], axis=1))
-    return np.clip(rho, 0, 255).astype(np.uint8), amax.astype(np.uint8)
+def laplace_tables(rho: np.ndarray, amax: np.ndarray, lut: bool = False) -> rans.Tables:
+    """Per-component rANS tables over symbols q + QMAX: support [-amax_c, amax_c], weights from rho_c:
+    freq = 1 + floor(w (PROB_SCALE - n) / sum w) inside the support (n = 2 amax + 1 symbols), 0 outside, the
+    remainder on the largest weight (q = 0). All-integer from (rho, amax), so both ends build identical
+    tables; built in C (`rans.lap_tables`), with the decode lookup when `lut`."""
+    return rans.lap_tables(rho, amax, QMAX, _symbol_weights(), lut)
 
 
-def laplace_tables(rho: np.ndarray, amax: np.ndarray) -> rans.Tables:
-    """Per-component rANS tables over symbols q + QMAX: support [-amax_c, amax_c], weights from rho_c.
-    All-integer from (rho, amax), so both ends build identical tables. Rows are cached by (rho, amax)."""
-    out = []
-    for key in (rho.astype(np.int64) << 8 | amax.astype(np.int64)).tolist():
-        row = _rows.get(key)
-        if row is None:  # (threads may race here: at worst a row is computed twice, identically)
-            row = _laplace_row(key >> 8, key & 0xFF)
-            if len(_rows) > _MAX_ROWS:
-                _rows.clear()
-            _rows[key] = row
-        out.append(row)
-    return rans.Tables(np.stack(out))
+_w_sym: np.ndarray | None = None
 
 
-_MAX_ROWS = 8192  # cached rows (1 KiB each)
-_rows: dict[int, np.ndarray] = {}  # (rho << 8 | amax) -> freq uint32 [N_SYMBOLS]
-
-
-_w_sym: tuple[np.ndarray, np.ndarray] | None = None
-
-
-def _symbol_weights() -> tuple[np.ndarray, np.ndarray]:
-    """(weights int64 [256 rho, N_SYMBOLS] by symbol, |q| of each symbol [N_SYMBOLS])."""
+def _symbol_weights() -> np.ndarray:
+    """Weights int64 [256 rho, N_SYMBOLS] by symbol (q + QMAX)."""
     global _w_sym
     if _w_sym is None:
-        mags = np.abs(np.arange(-QMAX, QMAX + 1))
-        _w_sym = (np.ascontiguousarray(_laplace_weights()[:, mags]), mags)
+        _w_sym = np.ascontiguousarray(_laplace_weights()[:, np.abs(np.arange(-QMAX, QMAX + 1))])
     return _w_sym
-
-
-def _laplace_row(rho: int, amax: int) -> np.ndarray:
-    """freq uint32 [N_SYMBOLS] summing to PROB_SCALE: 1 + floor(w (PROB_SCALE - n) / sum w) inside the
-    support (n = 2 amax + 1 symbols), 0 outside, the remainder on the largest weight (q = 0)."""
-    w_sym, mags = _symbol_weights()
-    inside = mags <= amax
-    w = w_sym[rho] * inside
-    freq = (w * (rans.PROB_SCALE - (2 * amax + 1))) // max(int(w.sum()), 1) + inside
-    freq[int(w.argmax())] += rans.PROB_SCALE - int(freq.sum())
-    return freq.astype(np.uint32)
 
 
 # ---- the transform -------------------------------------------------------------------------------------
@@ -245,29 +208,38 @@ class KLTransform:
         return t  # type: ignore[return-value]
 
     def _cos_sin(self, t: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        """cos, sin [t, D] of positions 0..t-1 (cached per device, grown by doubling)."""
+        """cos, sin [P >= t, D] (contiguous) of positions 0..P-1 (cached per device, grown by doubling)."""
         got = self._rope.get(device)
         if got is None or got[0].shape[0] < t:
             n = max(t, 2 * got[0].shape[0] if got is not None else 1024)
             got = rope_tables(self._on(device)[2], 0, n, device)
             with self._lock:
                 self._rope[device] = got
-        return got[0][:t], got[1][:t]
+        return got
 
     def forward(self, k: Tensor, v: Tensor, layer: int) -> tuple[Tensor, Tensor]:
         """k, v [T, Hkv, D] (positions 0..T-1) -> y_k, y_v fp32 [T, C] on their device."""
         fwd = self._on(k.device)[0]
         t = k.shape[0]
         cos, sin = self._cos_sin(t, k.device)
-        kp = _rotate(k.float(), cos, -sin).reshape(t, -1)
-        return kp @ fwd[layer, 0], v.float().reshape(t, -1) @ fwd[layer, 1]
+        if k.device.type == "cpu":  # one compiled pass (torch's takes five, with temporaries)
+            kf = k.float().contiguous()
+            kp = torch.empty_like(kf)
+            rans.rope(kf.numpy(), cos.numpy(), sin.numpy(), -1.0, kp.numpy())
+        else:
+            kp = _rotate(k.float(), cos[:t], -sin[:t])
+        return kp.reshape(t, -1) @ fwd[layer, 0], v.float().reshape(t, -1) @ fwd[layer, 1]
 
     def inverse(self, yk: Tensor, yv: Tensor, layer: int) -> tuple[Tensor, Tensor]:
         """Inverse of forward: y_k, y_v fp32 [T, C] -> k, v fp32 [T, Hkv, D]."""
         inv = self._on(yk.device)[1]
         t = yk.shape[0]
         cos, sin = self._cos_sin(t, yk.device)
-        k = _rotate((yk @ inv[layer, 0]).view(t, self.num_kv_heads, self.head_dim), cos, sin)
+        k = (yk @ inv[layer, 0]).view(t, self.num_kv_heads, self.head_dim)
+        if k.device.type == "cpu":
+            rans.rope(k.numpy(), cos.numpy(), sin.numpy(), 1.0, k.numpy())  # in place
+        else:
+            k = _rotate(k, cos[:t], sin[:t])
         return k, (yv @ inv[layer, 1]).view(t, self.num_kv_heads, self.head_dim)
 
     # ---- files ----
@@ -338,15 +310,56 @@ def load_model_transform(model_dir: str | Path) -> KLTransform | None:
 # ---- encode / decode ---------------------------------------------------------------------------------------
 
 
-def _quantize(y: Tensor, step: float, wide: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """y fp32 [t, C] -> (centre [C], step [C] (stored dtype), q fp32 [t, C] in [-QMAX, QMAX])."""
-    sdt = torch.float32 if wide else torch.float16
-    centre = store_scale(y.mean(0), sdt, up=False)
-    dev = y - centre.float()
-    spread = dev.abs().amax(0)
-    st = store_scale(torch.clamp(spread / (QMAX - 0.5), min=step), sdt, up=True)
-    q = dev.div_(st.float()).round_().clamp_(-QMAX, QMAX)
-    return centre, st, q
+def _centre_step(
+    mean: np.ndarray, lo: np.ndarray, hi: np.ndarray, step: float, wide: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-component mean, min, max fp32 [C] -> (centre, step) [C] in the stored dtype (fp32 when `wide`,
+    else fp16): the mean, and the plan's step widened where max_t |y - centre| would need |q| > QMAX
+    (max(hi - c, c - lo) equals it: fp32 rounding is monotone)."""
+    centre = store_scale_np(mean, wide, up=False)
+    c = centre.astype(np.float32)
+    spread = np.maximum(hi - c, c - lo)
+    return centre, store_scale_np(
+        np.maximum(spread / np.float32(QMAX - 0.5), np.float32(step)), wide, up=True
+    )
+
+
+def _code_chunk(
+    ys: tuple[Tensor, Tensor], steps: tuple[float, float], wide: bool, fused: bool = True
+) -> tuple[list[np.ndarray], list[bytes]]:
+    """A chunk's K and V parts y fp32 [t, C] (rows of contiguous [T, C]) -> (rANS words of each part, side
+    fields per part: centre and step in the stored dtype, rho, amax). Symbols are clamp(round((y - centre)
+    / step), +-QMAX) + QMAX, each component's discrete Laplace fitted to them (rans.lap_code2). CPU:
+    statistics in one compiled pass per part, then quantize + fit + code both parts in one call (`fused`);
+    other devices (or fused=False) quantize with torch where y lives and fit and code on the host -- the same
+    bytes for the same statistics."""
+    cpu = ys[0].device.type == "cpu"
+    parts = []
+    for y, step in zip(ys, steps, strict=True):
+        if cpu:
+            y = y.contiguous()
+            mean, lo, hi = rans.col_stats(y.numpy())
+        else:
+            mean, (lo, hi) = y.mean(0), torch.aminmax(y, dim=0)
+            mean, lo, hi = (a.cpu().numpy() for a in (mean, lo, hi))
+        parts.append((y, *_centre_step(mean, lo, hi, step, wide)))
+    cs = np.stack([c.astype(np.float32) for _, c, _ in parts])  # [2, C]
+    ss = np.stack([s.astype(np.float32) for _, _, s in parts])
+    if cpu and fused:
+        w0, w1, rho, amax = rans.lap_encode2(
+            parts[0][0].numpy(), parts[1][0].numpy(), cs, ss, QMAX, _symbol_weights()
+        )
+    else:
+        dev = ys[0].device
+        y2 = torch.stack([parts[0][0], parts[1][0]])  # [2, t, C]
+        ct, sc = (torch.from_numpy(a).to(dev)[:, None, :] for a in (cs, ss))
+        q = (y2 - ct).div_(sc).round_().clamp_(-QMAX, QMAX).add_(QMAX)
+        sym = q.to(torch.uint8).transpose(1, 2).contiguous().cpu().numpy()  # [2, C, t]
+        w0, w1, rho, amax = rans.lap_code2(sym, QMAX, _symbol_weights())
+    side = []
+    for i, (_, centre, st) in enumerate(parts):
+        side += [le_bytes(centre), le_bytes(st), rho[i].tobytes(), amax[i].tobytes()]
+    return [w0, w1], side
 
 
 def encode(
@@ -363,7 +376,7 @@ def encode(
     level's steps for `layer`, unless `steps` (K, V) overrides them (calibration). recent = (R, f): the last
     R tokens form a chunk of their own, coded with steps / f (the prompt's last tokens are read most)."""
     yk, yv = transform.forward(k, v, layer)
-    lim = max(float(yk.abs().max()), float(yv.abs().max()))
+    lim = float(torch.stack([*torch.aminmax(yk), *torch.aminmax(yv)]).abs().max())
     if not np.isfinite(lim):
         raise CodecError("cachegen: K/V contains NaN or Inf")
     wide = lim > FP16_SAFE
@@ -376,13 +389,8 @@ def encode(
     directory, side, words = [], [], []
     for a, b in chunks:
         f = recent[1] if n_recent and a == t - n_recent else 1.0
-        chunk_words = []
-        for y, step in ((yk[a:b], ks / f), (yv[a:b], vs / f)):
-            centre, st, q = _quantize(y, step, wide)
-            sym = q.add_(QMAX).to(torch.uint8).cpu().numpy()
-            rho, amax = fit_rho(sym)
-            chunk_words.append(rans.encode(sym, laplace_tables(rho, amax)))
-            side += [le_bytes(centre), le_bytes(st), rho.tobytes(), amax.tobytes()]
+        chunk_words, chunk_side = _code_chunk((yk[a:b], yv[a:b]), (ks / f, vs / f), wide)
+        side += chunk_side
         directory.append(_CHUNK2.pack(b - a, chunk_words[0].size, chunk_words[1].size))
         words += chunk_words
     crc = 0
@@ -397,7 +405,7 @@ def encode(
 
 class Parsed:
     """Validated v2 params: the transform, and per chunk (start, tokens, k words, v words, [K side, V side])
-    with side = (centre fp32 [C], step fp32 [C], rho u8 [C], amax u8 [C])."""
+    with side = (centre fp32 [C], step fp32 [C], rho u8 [C], amax u8 [C]) as numpy arrays."""
 
     def __init__(self, transform: KLTransform, flags: int, payload_crc: int, chunks: list) -> None:
         self.transform, self.flags, self.payload_crc, self.chunks = transform, flags, payload_crc, chunks
@@ -442,7 +450,7 @@ def parse(params: bytes, shape: tuple[int, int, int], layer: int) -> Parsed:
             off += 2 * c
             if not np.isfinite(cs).all() or (cs[c:] <= 0).any() or (amax > QMAX).any():
                 raise FrameCorrupted("cachegen params: non-finite or non-positive step, or |q| > 127")
-            sides.append((torch.from_numpy(cs[:c]), torch.from_numpy(cs[c:]), rho, amax))
+            sides.append((cs[:c], cs[c:], rho, amax))
         chunks.append((start, tokens, kw, vw, sides))
         start += tokens
     if start != t:
@@ -457,17 +465,29 @@ def decode(
     dtype: torch.dtype,
     layer: int,
     device: torch.device,
+    fused: bool = True,
 ) -> tuple[Tensor, Tensor]:
-    """Parsed params + all payload words (uint32, sizes checked by the caller) -> k, v [T, Hkv, D]."""
+    """Parsed params + all payload words (uint32, sizes checked by the caller) -> k, v [T, Hkv, D]. CPU:
+    tables, rANS and dequantization of a chunk in one compiled call (`fused`); other devices (or
+    fused=False) decode the symbols on the host and dequantize with torch where the output lives."""
     t, h, d = shape
     ys = [torch.empty((t, h * d), dtype=torch.float32, device=device) for _ in range(2)]
     w = 0
     for start, tokens, kw, vw, sides in p.chunks:
-        for y, n, (centre, step, rho, amax) in zip(ys, (kw, vw), sides, strict=True):
-            sym = rans.decode(words[w : w + n], tokens, laplace_tables(rho, amax))
-            w += n
-            q = torch.from_numpy(sym).to(device).float().sub_(QMAX)
-            y[start : start + tokens] = torch.addcmul(centre.to(device)[None], q, step.to(device)[None])
+        wk, wv = words[w : w + kw], words[w + kw : w + kw + vw]
+        w += kw + vw
+        rho, amax, centre, step = (np.stack([sd[i] for sd in sides]) for i in (2, 3, 0, 1))  # [2, C] each
+        if device.type == "cpu" and fused:
+            out = [y[start : start + tokens].numpy() for y in ys]
+            rans.lap_decode2(wk, wv, rho, amax, centre, step, QMAX, _symbol_weights(), *out)
+            continue
+        sym = rans.lap_uncode2(wk, wv, rho, amax, tokens, QMAX, _symbol_weights())  # [2, C, t]
+        q = torch.from_numpy(sym).to(device).transpose(1, 2).float().sub_(QMAX)
+        c, st = (torch.from_numpy(a).to(device)[:, None, :] for a in (centre, step))
+        y2 = torch.addcmul(c, q, st)  # [2, t, C]
+        for y, part in zip(ys, y2, strict=True):
+            y[start : start + tokens] = part
+
     k, v = p.transform.inverse(ys[0], ys[1], layer)
     return k.to(dtype), v.to(dtype)
 
@@ -479,6 +499,8 @@ def error_bounds_klt(params: bytes, shape: tuple[int, int, int], layer: int) -> 
     kb, vb = torch.empty(shape[0]), torch.empty(shape[0])
     for start, tokens, _, _, sides in p.chunks:
         for out, kind, (_, step, _, _) in zip((kb, vb), (0, 1), sides, strict=True):
-            bound = float(p.transform.inv_norm[layer, kind]) * float(step.double().norm()) / 2
+            bound = (
+                float(p.transform.inv_norm[layer, kind]) * float(np.linalg.norm(step.astype(np.float64))) / 2
+            )
             out[start : start + tokens] = bound
     return kb, vb

@@ -94,14 +94,56 @@ def test_laplace_tables_cover_exactly_the_support() -> None:
         assert (tab.freq[c][inside] >= 1).all() and (tab.freq[c][~inside] == 0).all()
 
 
-def test_fit_rho_prefers_the_matching_spread() -> None:
+def test_fitted_models_prefer_the_matching_spread_and_round_trip() -> None:
     g = np.random.default_rng(0)
-    narrow = np.clip(np.round(g.laplace(0, 0.5, (4000, 1))), -127, 127)
-    wide = np.clip(np.round(g.laplace(0, 20, (4000, 1))), -127, 127)
-    sym = (np.concatenate([narrow, wide], 1) + klt.QMAX).astype(np.uint8)
-    rho, amax = klt.fit_rho(sym)
-    assert rho[0] < rho[1]  # wider spread: r closer to 1, a larger rho
-    assert amax.tolist() == np.abs(sym.astype(int) - klt.QMAX).max(0).tolist()
+    narrow = np.clip(np.round(g.laplace(0, 0.5, (1, 4000))), -127, 127)
+    wide = np.clip(np.round(g.laplace(0, 20, (1, 4000))), -127, 127)
+    sym = (np.stack([narrow, wide]) + klt.QMAX).astype(np.uint8)  # [2 parts, 1 component, 4000 tokens]
+    w0, w1, rho, amax = rans.lap_code2(sym, klt.QMAX, klt._symbol_weights())
+    assert rho[0, 0] < rho[1, 0]  # wider spread: r closer to 1, a larger rho
+    assert amax[:, 0].tolist() == np.abs(sym.astype(int) - klt.QMAX).max((1, 2)).tolist()
+    assert w0.size < w1.size  # the narrow part costs fewer bits
+    back = rans.lap_uncode2(w0, w1, rho, amax, 4000, klt.QMAX, klt._symbol_weights())
+    assert np.array_equal(back, sym)
+    with pytest.raises(FrameCorrupted):  # each part's words only decode with their own models
+        rans.lap_uncode2(w1, w0, rho, amax, 4000, klt.QMAX, klt._symbol_weights())
+
+
+def test_fused_cpu_encoder_writes_the_generic_paths_bytes() -> None:
+    """The CPU encoder (quantize + fit + code in one compiled call) and the path other devices take (torch
+    quantization, then lap_code2 on the host) must produce identical frames from the same statistics."""
+    g = torch.Generator().manual_seed(3)
+    for t in (1, 2, 7, 300):
+        yk, yv = torch.randn(t, 64, generator=g) * 3, torch.randn(t, 64, generator=g) * 0.2
+        for wide in (False, True):
+            fused = klt._code_chunk((yk, yv), (0.3, 0.05), wide, fused=True)
+            generic = klt._code_chunk((yk, yv), (0.3, 0.05), wide, fused=False)
+            assert [w.tobytes() for w in fused[0]] == [w.tobytes() for w in generic[0]]
+            assert fused[1] == generic[1]
+
+
+def test_generic_decoder_matches_the_fused_one() -> None:
+    """The path CUDA outputs take (host rANS to symbols, torch dequantization) equals the CPU's fused call."""
+    tr = random_transform()
+    klt.register_transform(tr)
+    k, v = kv(150, 1)
+    params, words = klt.encode(tr, "default", k, v, 1, [(0, 64), (64, 128), (128, 150)])
+    p = klt.parse(params, tuple(k.shape), 1)
+    allw = np.concatenate(words)
+    fused = klt.decode(p, allw, tuple(k.shape), torch.float32, 1, torch.device("cpu"))
+    generic = klt.decode(p, allw, tuple(k.shape), torch.float32, 1, torch.device("cpu"), fused=False)
+    for a, b in zip(fused, generic, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_compiled_rope_matches_torch() -> None:
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(37, 2, 32, generator=g)
+    cos, sin = klt.rope_tables(torch.rand(16, generator=g), 0, 64, x.device)
+    for sign in (1.0, -1.0):
+        out = torch.empty_like(x)
+        klt.rans.rope(x.numpy(), cos.numpy(), sin.numpy(), sign, out.numpy())
+        torch.testing.assert_close(out, klt._rotate(x, cos[:37], sign * sin[:37]), rtol=1e-5, atol=1e-6)
 
 
 # ---- round trips and the error bound ----------------------------------------------------------------------
