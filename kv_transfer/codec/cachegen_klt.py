@@ -39,7 +39,7 @@ whole prompts).
 params v2 (little-endian): `_HEADER2` | chunk directory n x `_CHUNK2` | per chunk and part (K, then V):
 centre [C], step [C] (fp16, or fp32 when FLAG_WIDE), rho [C] u8, amax [C] u8 | crc32 of all before it.
 payload: per chunk, K's rANS words then V's; its crc32 is in the header. Each part's symbols are coded
-component-major (component c's tokens in order, then c + 1's; `rans.lap_code2`), which decodes 1.6x faster
+component-major (component c's tokens in order, then c + 1's; `rans.lap_code2`), which decodes ~1.5x faster
 than token-major order.
 """
 
