@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from engine.arena import WeightArena
 from engine.config import ModelConfig
 from engine.kernels import paged_decode_attention, rms_norm, small_matmul
 from engine.kv_cache import KVCache, slots_for
@@ -195,8 +196,9 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos[:, None, :] + rotate_half(x) * sin[:, None, :]
 
 
-def pack_linears(*linears: nn.Linear) -> tuple[Tensor, Tensor | None]:
-    """Store `linears` (same in_features) as one contiguous [in, sum(out)] matrix plus one bias vector.
+def pack_linears(*linears: nn.Linear, arena: WeightArena | None = None) -> tuple[Tensor, Tensor | None]:
+    """Store `linears` (same in_features) as one contiguous [in, sum(out)] matrix (in `arena` when given)
+    plus one bias vector.
 
     Each linear's weight (and bias) is re-pointed at a view of the packed storage, so parameter names,
     shapes and values stay those of the checkpoint while the forward runs one `x @ w_t` instead of one
@@ -205,7 +207,8 @@ def pack_linears(*linears: nn.Linear) -> tuple[Tensor, Tensor | None]:
     what `engine.kernels.small_matmul` streams.
     """
     with torch.no_grad():
-        w_t = torch.cat([lin.weight for lin in linears]).t().contiguous()  # [in, out_total]
+        w = torch.cat([lin.weight for lin in linears])  # [out_total, in]
+        w_t = w.t().contiguous() if arena is None else arena.take((w.shape[1], w.shape[0])).copy_(w.t())
         has_bias = linears[0].bias is not None
         bias = torch.cat([lin.bias for lin in linears]) if has_bias else None
     offset = 0
@@ -244,9 +247,9 @@ class Attention(nn.Module):
         self.register_buffer("o_t", None, persistent=False)
         self.register_buffer("o_bias", None, persistent=False)
 
-    def pack(self) -> None:
-        self.qkv_t, self.qkv_bias = pack_linears(self.q_proj, self.k_proj, self.v_proj)
-        self.o_t, self.o_bias = pack_linears(self.o_proj)
+    def pack(self, arena: WeightArena | None = None) -> None:
+        self.qkv_t, self.qkv_bias = pack_linears(self.q_proj, self.k_proj, self.v_proj, arena=arena)
+        self.o_t, self.o_bias = pack_linears(self.o_proj, arena=arena)
 
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, meta: BatchMeta, kv_cache: KVCache, cache_layer: int
@@ -308,9 +311,9 @@ class MLP(nn.Module):
         self.register_buffer("gate_up_t", None, persistent=False)
         self.register_buffer("down_t", None, persistent=False)
 
-    def pack(self) -> None:
-        self.gate_up_t, _ = pack_linears(self.gate_proj, self.up_proj)
-        self.down_t, _ = pack_linears(self.down_proj)
+    def pack(self, arena: WeightArena | None = None) -> None:
+        self.gate_up_t, _ = pack_linears(self.gate_proj, self.up_proj, arena=arena)
+        self.down_t, _ = pack_linears(self.down_proj, arena=arena)
 
     def forward(self, x: Tensor) -> Tensor:
         # x: [T, hidden] -> [T, 2 I] -> [T, I] -> [T, hidden]
@@ -366,12 +369,20 @@ class CausalLM(nn.Module):
 
     def pack_weights(self) -> None:
         """After loading: fuse q/k/v and gate/up and store every projection as [in, out] (see
-        `pack_linears`). Parameter names and values are unchanged; they become views of the packed copies."""
+        `pack_linears`). Parameter names and values are unchanged; they become views of the packed copies,
+        which share one `WeightArena` (on CPU hosts that allow it, transparent huge pages: fewer TLB misses
+        while a decode step streams them)."""
+        linears = [lin for m in self.modules() if isinstance(m, (Attention, MLP)) for lin in m.children()]
+        linears += [self.lm_head] if self.lm_head is not None else []
+        w = linears[0].weight
+        arena = WeightArena(
+            WeightArena.size_of([tuple(lin.weight.shape) for lin in linears]), w.dtype, w.device
+        )
         for layer in self.model.layers.values():
-            layer.self_attn.pack()
-            layer.mlp.pack()
+            layer.self_attn.pack(arena)
+            layer.mlp.pack(arena)
         if self.lm_head is not None:
-            self.lm_head_t, _ = pack_linears(self.lm_head)
+            self.lm_head_t, _ = pack_linears(self.lm_head, arena=arena)
 
     @property
     def num_local_layers(self) -> int:

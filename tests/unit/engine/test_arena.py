@@ -1,0 +1,60 @@
+"""WeightArena: aligned views of one block, huge pages where the OS offers them, and a plain fallback."""
+
+from __future__ import annotations
+
+import mmap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from engine.arena import WeightArena
+from engine.loader import load_model
+from engine.synth import cached_random_model
+
+
+def test_views_are_aligned_disjoint_and_writable() -> None:
+    shapes = [(3, 5), (7, 16), (1, 1), (64, 33)]
+    arena = WeightArena(WeightArena.size_of(shapes), torch.float32, torch.device("cpu"))
+    views = [arena.take(s) for s in shapes]
+    for i, (v, s) in enumerate(zip(views, shapes, strict=True)):
+        assert v.shape == s and v.is_contiguous() and v.data_ptr() % 64 == 0
+        v.fill_(float(i))
+    for i, v in enumerate(views):  # no view overwrote another
+        assert bool((v == i).all())
+
+
+def test_a_take_beyond_the_reservation_gets_its_own_memory() -> None:
+    arena = WeightArena(16, torch.float32, torch.device("cpu"))
+    a = arena.take((16,))
+    b = arena.take((4096,))  # past the block: a separate allocation, not an overlap
+    a.fill_(1.0)
+    b.fill_(2.0)
+    assert bool((a == 1).all()) and bool((b == 2).all())
+
+
+def test_huge_pages_are_requested_unless_disabled(monkeypatch: pytest.MonkeyPatch) -> None:
+    on = WeightArena(1 << 20, torch.float32, torch.device("cpu"))
+    assert on.huge_pages == hasattr(mmap, "MADV_HUGEPAGE")
+    monkeypatch.setenv("PDSERVE_HUGEPAGES", "0")
+    off = WeightArena(1 << 20, torch.float32, torch.device("cpu"))
+    assert not off.huge_pages
+    assert off.take((8, 8)).shape == (8, 8)
+
+
+def test_packed_model_weights_live_in_one_arena_with_the_checkpoint_values() -> None:
+    model_dir = cached_random_model(
+        layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128, vocab_size=256
+    )
+    model = load_model(model_dir, device="cpu")
+    attn, mlp = model.model.layers["0"].self_attn, model.model.layers["1"].mlp
+    packed = [attn.qkv_t, attn.o_t, mlp.gate_up_t, mlp.down_t]
+    base = packed[0].untyped_storage().data_ptr()
+    assert all(t.untyped_storage().data_ptr() == base for t in packed)  # one block
+    # the named parameters are views of the packed matrices and hold the checkpoint's values
+    assert attn.q_proj.weight.untyped_storage().data_ptr() == base
+    saved = load_file(str(Path(model_dir) / "model.safetensors"))
+    assert torch.equal(attn.q_proj.weight, saved["model.layers.0.self_attn.q_proj.weight"])
+    assert torch.equal(attn.v_proj.weight, saved["model.layers.0.self_attn.v_proj.weight"])
+    assert torch.equal(mlp.down_t.t(), saved["model.layers.1.mlp.down_proj.weight"])
