@@ -1,13 +1,16 @@
-"""One block of memory for a model's packed weights, backed by transparent huge pages where the OS allows.
+"""One block of memory for a model's packed weights (or a KV cache), backed by transparent huge pages where
+the OS allows.
 
 A CPU decode step streams every weight matrix once (the bench model: 168 MB a step). With 4 KiB pages that
 is ~43 000 pages a step, far more than the TLB holds, and the page walks slow the weight reads: the bench
 model's batch-1 matmuls took 7.1 ms a step from 4 KiB pages and 6.6 ms from 2 MiB ones (measured,
 docs/benchmarks.md). Linux hands out huge pages for a mapping advised with MADV_HUGEPAGE when transparent
 huge pages are in "madvise" or "always" mode; one mapping for all matrices wastes at most one huge page.
+Attention reads the KV cache the same way (batch 16 at long contexts reads more KV than weights).
 
-`WeightArena(numel, dtype, device).take(shape)` returns consecutive views, each starting on a 64-byte
-boundary. Off Linux, on GPUs, or with PDSERVE_HUGEPAGES=0 the block is a plain `torch.empty`.
+`Arena(numel, dtype, device).take(shape)` returns consecutive views, each starting on a 64-byte
+boundary; a fresh block reads as zeros. Off Linux, on GPUs, or with PDSERVE_HUGEPAGES=0 the block is a
+plain `torch.zeros`.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ def _huge_block(nbytes: int) -> Tensor | None:
     return torch.frombuffer(buf, dtype=torch.uint8)  # the tensor keeps the mapping alive
 
 
-class WeightArena:
+class Arena:
     """`numel` elements of `dtype` on `device`, handed out in order by `take` (64-byte aligned views)."""
 
     def __init__(self, numel: int, dtype: torch.dtype, device: torch.device) -> None:
@@ -48,9 +51,11 @@ class WeightArena:
         capacity = numel + 64 * self.align  # room for alignment padding between up to 64 matrices
         block = _huge_block(capacity * self.itemsize) if device.type == "cpu" else None
         if block is not None:
-            self.buf = block.view(dtype)
+            # touch every page now, as torch.zeros would: memory the machine cannot back fails here, at
+            # start-up, not on some later request's first write
+            self.buf = block.view(dtype).zero_()
         else:
-            self.buf = torch.empty(capacity, dtype=dtype, device=device)
+            self.buf = torch.zeros(capacity, dtype=dtype, device=device)
         self.huge_pages = block is not None
         self.offset = 0
 
@@ -60,10 +65,10 @@ class WeightArena:
         return sum(math.prod(s) for s in shapes)
 
     def take(self, shape: tuple[int, ...]) -> Tensor:
-        """An uninitialised contiguous view of `shape`; falls back to torch.empty once the block is used up."""
+        """A contiguous view of `shape` (zeros until written); its own torch.zeros once the block is used up."""
         start = -(-self.offset // self.align) * self.align
         n = math.prod(shape)
         if start + n > self.buf.numel():
-            return torch.empty(shape, dtype=self.dtype, device=self.buf.device)
+            return torch.zeros(shape, dtype=self.dtype, device=self.buf.device)
         self.offset = start + n
         return self.buf[start : start + n].view(shape)

@@ -6,8 +6,12 @@ flattened `[num_blocks * B]` slot axis. Which blocks a sequence owns is `BlockMa
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
+
+from engine.arena import Arena
 
 
 def slots_for(blocks: list[int], start: int, num_tokens: int, block_size: int) -> Tensor:
@@ -36,8 +40,8 @@ class KVCache:
         device: torch.device | str = "cpu",
     ) -> None:
         shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        arena = Arena(2 * math.prod(shape), dtype, torch.device(device))  # huge pages where available
+        self.k, self.v = arena.take(shape), arena.take(shape)  # zeros
         self.num_layers, self.num_blocks, self.block_size = num_layers, num_blocks, block_size
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from engine.arena import WeightArena
+from engine.arena import Arena
 from engine.config import ModelConfig
 from engine.kernels import paged_decode_attention, rms_norm, small_matmul
 from engine.kv_cache import KVCache, slots_for
@@ -196,7 +196,7 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos[:, None, :] + rotate_half(x) * sin[:, None, :]
 
 
-def pack_linears(*linears: nn.Linear, arena: WeightArena | None = None) -> tuple[Tensor, Tensor | None]:
+def pack_linears(*linears: nn.Linear, arena: Arena | None = None) -> tuple[Tensor, Tensor | None]:
     """Store `linears` (same in_features) as one contiguous [in, sum(out)] matrix (in `arena` when given)
     plus one bias vector.
 
@@ -247,7 +247,7 @@ class Attention(nn.Module):
         self.register_buffer("o_t", None, persistent=False)
         self.register_buffer("o_bias", None, persistent=False)
 
-    def pack(self, arena: WeightArena | None = None) -> None:
+    def pack(self, arena: Arena | None = None) -> None:
         self.qkv_t, self.qkv_bias = pack_linears(self.q_proj, self.k_proj, self.v_proj, arena=arena)
         self.o_t, self.o_bias = pack_linears(self.o_proj, arena=arena)
 
@@ -311,7 +311,7 @@ class MLP(nn.Module):
         self.register_buffer("gate_up_t", None, persistent=False)
         self.register_buffer("down_t", None, persistent=False)
 
-    def pack(self, arena: WeightArena | None = None) -> None:
+    def pack(self, arena: Arena | None = None) -> None:
         self.gate_up_t, _ = pack_linears(self.gate_proj, self.up_proj, arena=arena)
         self.down_t, _ = pack_linears(self.down_proj, arena=arena)
 
@@ -370,14 +370,12 @@ class CausalLM(nn.Module):
     def pack_weights(self) -> None:
         """After loading: fuse q/k/v and gate/up and store every projection as [in, out] (see
         `pack_linears`). Parameter names and values are unchanged; they become views of the packed copies,
-        which share one `WeightArena` (on CPU hosts that allow it, transparent huge pages: fewer TLB misses
+        which share one `Arena` (on CPU hosts that allow it, transparent huge pages: fewer TLB misses
         while a decode step streams them)."""
         linears = [lin for m in self.modules() if isinstance(m, (Attention, MLP)) for lin in m.children()]
         linears += [self.lm_head] if self.lm_head is not None else []
         w = linears[0].weight
-        arena = WeightArena(
-            WeightArena.size_of([tuple(lin.weight.shape) for lin in linears]), w.dtype, w.device
-        )
+        arena = Arena(Arena.size_of([tuple(lin.weight.shape) for lin in linears]), w.dtype, w.device)
         for layer in self.model.layers.values():
             layer.self_attn.pack(arena)
             layer.mlp.pack(arena)

@@ -1,4 +1,4 @@
-"""WeightArena: aligned views of one block, huge pages where the OS offers them, and a plain fallback."""
+"""Arena: aligned views of one block, huge pages where the OS offers them, and a plain fallback."""
 
 from __future__ import annotations
 
@@ -9,14 +9,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine.arena import WeightArena
+from engine.arena import Arena
+from engine.kv_cache import KVCache
 from engine.loader import load_model
 from engine.synth import cached_random_model
 
 
 def test_views_are_aligned_disjoint_and_writable() -> None:
     shapes = [(3, 5), (7, 16), (1, 1), (64, 33)]
-    arena = WeightArena(WeightArena.size_of(shapes), torch.float32, torch.device("cpu"))
+    arena = Arena(Arena.size_of(shapes), torch.float32, torch.device("cpu"))
     views = [arena.take(s) for s in shapes]
     for i, (v, s) in enumerate(zip(views, shapes, strict=True)):
         assert v.shape == s and v.is_contiguous() and v.data_ptr() % 64 == 0
@@ -26,7 +27,7 @@ def test_views_are_aligned_disjoint_and_writable() -> None:
 
 
 def test_a_take_beyond_the_reservation_gets_its_own_memory() -> None:
-    arena = WeightArena(16, torch.float32, torch.device("cpu"))
+    arena = Arena(16, torch.float32, torch.device("cpu"))
     a = arena.take((16,))
     b = arena.take((4096,))  # past the block: a separate allocation, not an overlap
     a.fill_(1.0)
@@ -35,10 +36,10 @@ def test_a_take_beyond_the_reservation_gets_its_own_memory() -> None:
 
 
 def test_huge_pages_are_requested_unless_disabled(monkeypatch: pytest.MonkeyPatch) -> None:
-    on = WeightArena(1 << 20, torch.float32, torch.device("cpu"))
+    on = Arena(1 << 20, torch.float32, torch.device("cpu"))
     assert on.huge_pages == hasattr(mmap, "MADV_HUGEPAGE")
     monkeypatch.setenv("PDSERVE_HUGEPAGES", "0")
-    off = WeightArena(1 << 20, torch.float32, torch.device("cpu"))
+    off = Arena(1 << 20, torch.float32, torch.device("cpu"))
     assert not off.huge_pages
     assert off.take((8, 8)).shape == (8, 8)
 
@@ -58,3 +59,12 @@ def test_packed_model_weights_live_in_one_arena_with_the_checkpoint_values() -> 
     assert torch.equal(attn.q_proj.weight, saved["model.layers.0.self_attn.q_proj.weight"])
     assert torch.equal(attn.v_proj.weight, saved["model.layers.0.self_attn.v_proj.weight"])
     assert torch.equal(mlp.down_t.t(), saved["model.layers.1.mlp.down_proj.weight"])
+
+
+def test_kv_cache_planes_are_zeroed_disjoint_views_of_one_block() -> None:
+    cache = KVCache(num_layers=2, num_blocks=3, block_size=4, num_kv_heads=2, head_dim=8)
+    assert cache.k.shape == cache.v.shape == (2, 3, 4, 2, 8)
+    assert bool((cache.k == 0).all()) and bool((cache.v == 0).all())
+    assert cache.k.untyped_storage().data_ptr() == cache.v.untyped_storage().data_ptr()
+    cache.k.fill_(1.0)
+    assert bool((cache.v == 0).all())  # K's writes do not reach V
