@@ -48,7 +48,7 @@ class Arena:
     def __init__(self, numel: int, dtype: torch.dtype, device: torch.device) -> None:
         self.dtype, self.itemsize = dtype, torch.empty((), dtype=dtype).element_size()
         self.align = max(1, _ALIGN_BYTES // self.itemsize)  # elements
-        capacity = numel + 64 * self.align  # room for alignment padding between up to 64 matrices
+        capacity = max(numel, 1)
         block = _huge_block(capacity * self.itemsize) if device.type == "cpu" else None
         if block is not None:
             # touch every page now, as torch.zeros would: memory the machine cannot back fails here, at
@@ -60,9 +60,10 @@ class Arena:
         self.offset = 0
 
     @staticmethod
-    def size_of(shapes: list[tuple[int, ...]]) -> int:
-        """Elements to reserve for views of these shapes (alignment padding excluded: the arena adds it)."""
-        return sum(math.prod(s) for s in shapes)
+    def size_of(shapes: list[tuple[int, ...]], dtype: torch.dtype) -> int:
+        """Elements to reserve for `take`s of these shapes, in order, alignment padding included."""
+        align = max(1, _ALIGN_BYTES // torch.empty((), dtype=dtype).element_size())
+        return sum(-(-math.prod(s) // align) * align for s in shapes)
 
     def take(self, shape: tuple[int, ...]) -> Tensor:
         """A contiguous view of `shape` (zeros until written); its own torch.zeros once the block is used up."""

@@ -6,8 +6,6 @@ flattened `[num_blocks * B]` slot axis. Which blocks a sequence owns is `BlockMa
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -40,7 +38,9 @@ class KVCache:
         device: torch.device | str = "cpu",
     ) -> None:
         shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
-        arena = Arena(2 * math.prod(shape), dtype, torch.device(device))  # huge pages where available
+        arena = Arena(
+            Arena.size_of([shape, shape], dtype), dtype, torch.device(device)
+        )  # huge pages if available
         self.k, self.v = arena.take(shape), arena.take(shape)  # zeros
         self.num_layers, self.num_blocks, self.block_size = num_layers, num_blocks, block_size
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim

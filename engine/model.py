@@ -375,7 +375,7 @@ class CausalLM(nn.Module):
         linears = [lin for m in self.modules() if isinstance(m, (Attention, MLP)) for lin in m.children()]
         linears += [self.lm_head] if self.lm_head is not None else []
         w = linears[0].weight
-        arena = Arena(Arena.size_of([tuple(lin.weight.shape) for lin in linears]), w.dtype, w.device)
+        arena = Arena(Arena.size_of([tuple(lin.weight.shape) for lin in linears], w.dtype), w.dtype, w.device)
         for layer in self.model.layers.values():
             layer.self_attn.pack(arena)
             layer.mlp.pack(arena)

@@ -17,10 +17,11 @@ from engine.synth import cached_random_model
 
 def test_views_are_aligned_disjoint_and_writable() -> None:
     shapes = [(3, 5), (7, 16), (1, 1), (64, 33)]
-    arena = Arena(Arena.size_of(shapes), torch.float32, torch.device("cpu"))
+    arena = Arena(Arena.size_of(shapes, torch.float32), torch.float32, torch.device("cpu"))
     views = [arena.take(s) for s in shapes]
     for i, (v, s) in enumerate(zip(views, shapes, strict=True)):
         assert v.shape == s and v.is_contiguous() and v.data_ptr() % 64 == 0
+        assert v.untyped_storage().data_ptr() == arena.buf.untyped_storage().data_ptr()  # all in the block
         v.fill_(float(i))
     for i, v in enumerate(views):  # no view overwrote another
         assert bool((v == i).all())
