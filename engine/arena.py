@@ -42,14 +42,18 @@ def _huge_block(nbytes: int) -> Tensor | None:
     return torch.frombuffer(buf, dtype=torch.uint8)  # the tensor keeps the mapping alive
 
 
+def _align(dtype: torch.dtype) -> int:
+    """Elements of `dtype` in _ALIGN_BYTES (at least 1): where each `take` starts."""
+    return max(1, _ALIGN_BYTES // dtype.itemsize)
+
+
 class Arena:
     """`numel` elements of `dtype` on `device`, handed out in order by `take` (64-byte aligned views)."""
 
     def __init__(self, numel: int, dtype: torch.dtype, device: torch.device) -> None:
-        self.dtype, self.itemsize = dtype, torch.empty((), dtype=dtype).element_size()
-        self.align = max(1, _ALIGN_BYTES // self.itemsize)  # elements
+        self.dtype, self.align = dtype, _align(dtype)
         capacity = max(numel, 1)
-        block = _huge_block(capacity * self.itemsize) if device.type == "cpu" else None
+        block = _huge_block(capacity * dtype.itemsize) if device.type == "cpu" else None
         if block is not None:
             # touch every page now, as torch.zeros would: memory the machine cannot back fails here, at
             # start-up, not on some later request's first write
@@ -62,7 +66,7 @@ class Arena:
     @staticmethod
     def size_of(shapes: list[tuple[int, ...]], dtype: torch.dtype) -> int:
         """Elements to reserve for `take`s of these shapes, in order, alignment padding included."""
-        align = max(1, _ALIGN_BYTES // torch.empty((), dtype=dtype).element_size())
+        align = _align(dtype)
         return sum(-(-math.prod(s) // align) * align for s in shapes)
 
     def take(self, shape: tuple[int, ...]) -> Tensor:
