@@ -60,6 +60,9 @@ log = logging.getLogger("bench.compare")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_MODEL = REPO_ROOT / "models" / "pdserve-tiny-py"
 DISAGG = "disagg-1P1D"
+# The same two instances with conditional disaggregation (coordinator `--local-prefill busy`): a prompt of at
+# most 128 tokens is prefilled on the decode instance while the prefill instance has two requests in flight.
+DISAGG_COND = "disagg-1P1D-cond"
 KV_BLOCKS = 2048  # per instance, every system: 64 running requests of the longest full-mode workload fit
 
 
@@ -78,12 +81,14 @@ class System:
     decode: int = 0
     colocated: int = 0
     chunk_tokens: int | None = None
+    local_prefill: str = "off"  # coordinator --local-prefill (conditional disaggregation)
 
 
 def systems(budgets: tuple[int, ...]) -> list[System]:
     """Disaggregated 1P + 1D against every colocated configuration on 2 cores."""
     out = [
         System(DISAGG, 2, prefill=1, decode=1),
+        System(DISAGG_COND, 2, prefill=1, decode=1, local_prefill="busy"),
         System("colocated-2x1core", 2, colocated=2),
         System("colocated-1x2core", 2, colocated=1),
     ]
@@ -155,7 +160,7 @@ QUICK = Mode(
     rel_tol=0.25,
     symmetric_probes=0,  # quick: the symmetric SLOs are scored on the headline search's runs only
     # the one-replica-on-2-cores layouts were never the best colocated system in a full run: quick skips them
-    only_systems=("disagg-1P1D", "colocated-2x1core", "colocated-2x1core-chunk64"),
+    only_systems=(DISAGG, DISAGG_COND, "colocated-2x1core", "colocated-2x1core-chunk64"),
 )
 FULL = Mode(
     name="full",
@@ -384,6 +389,7 @@ def start_system(system: System, model_dir: str, cpus: tuple[int, ...], log_dir:
         decode=system.decode,
         colocated=system.colocated,
         chunk_tokens=system.chunk_tokens,
+        local_prefill=system.local_prefill,
         cpus=cpus,
         use_cuda=False,
         heartbeat_ttl_s=1.5,
@@ -622,19 +628,19 @@ def slos_json(slos: dict[float, SLO]) -> dict[str, dict[str, float]]:
 
 
 def vs_best_colocated(
-    per_device: dict[str, float], sysres: dict[str, dict[str, Any]]
+    per_device: dict[str, float], sysres: dict[str, dict[str, Any]], system: str = DISAGG
 ) -> tuple[str | None, float | None, float | None]:
-    """(best colocated system, disaggregated / its goodput, lower bound of that ratio when every colocated
-    goodput is 0, i.e. below its lowest probed rate)."""
-    colocated = {n: v for n, v in per_device.items() if n != DISAGG}
+    """(best colocated system, `system`'s goodput / its goodput, lower bound of that ratio when every
+    colocated goodput is 0, i.e. below its lowest probed rate)."""
+    colocated = {n: v for n, v in per_device.items() if n.startswith("colocated")}
     best = max(colocated, key=lambda n: colocated[n]) if colocated else None
     ratio = lower_bound = None
-    if best is not None and DISAGG in per_device:
+    if best is not None and system in per_device:
         if colocated[best] > 0:
-            ratio = per_device[DISAGG] / colocated[best]
-        elif per_device[DISAGG] > 0:
+            ratio = per_device[system] / colocated[best]
+        elif per_device[system] > 0:
             floor = max(min(r["rate"] for r in sysres[n]["runs"]) / sysres[n]["devices"] for n in colocated)
-            lower_bound = per_device[DISAGG] / floor
+            lower_bound = per_device[system] / floor
     return best, ratio, lower_bound
 
 
@@ -648,6 +654,7 @@ def workload_result(plan: Plan, sysres: dict[str, dict[str, Any]]) -> dict[str, 
     }
     per_device = by_k[headline]
     best, ratio, lower_bound = vs_best_colocated(per_device, sysres)
+    cond_ratio = vs_best_colocated(per_device, sysres, DISAGG_COND)[1] if DISAGG_COND in per_device else None
     symmetric = None
     if plan.symmetric_slos:  # k x both isolated latencies: its own search in full mode, every k on all runs
         sym_by_k = {
@@ -677,6 +684,8 @@ def workload_result(plan: Plan, sysres: dict[str, dict[str, Any]]) -> dict[str, 
         "best_colocated": best,
         "goodput_ratio_vs_best_colocated": ratio,
         "goodput_ratio_lower_bound": lower_bound,  # set when every colocated goodput is below its lowest probe
+        # the same ratio for the conditional-disaggregation system (the pure split's is the one above)
+        "conditional_goodput_ratio_vs_best_colocated": cond_ratio,
         # the ideal prefill pool's goodput per device (TTFT only, bench.ideal) on the disaggregated system's runs
         "disagg_ideal_prefill_goodput_per_device": (
             goodput_per_device(
@@ -824,6 +833,9 @@ def human_summary(result: dict[str, Any]) -> str:
         r, bound = w["goodput_ratio_vs_best_colocated"], w["goodput_ratio_lower_bound"]
         shown = f"{r:.2f}x" if r is not None else (f"> {bound:.2f}x" if bound is not None else "n/a")
         lines.append(f"  disaggregated / best colocated ({w['best_colocated']}): {shown}")
+        cond = w.get("conditional_goodput_ratio_vs_best_colocated")
+        if cond is not None:
+            lines.append(f"  conditional disaggregation ({DISAGG_COND}) / best colocated: {cond:.2f}x")
         ideal = w.get("disagg_ideal_prefill_goodput_per_device")
         if ideal is not None:
             lines.append(

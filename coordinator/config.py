@@ -17,8 +17,31 @@ class CoordinatorConfig:
     codec: str = "auto"  # KV codec: a name, or "auto" = chosen per link (kv_transfer/choice.py)
     max_kl: float = 0.01  # quality floor for "auto": mean per-token KL (nats) a lossy codec may cost
     layerwise: bool = True  # start decode's KV pull when prefill schedules (layer-wise streaming)
+    # Conditional disaggregation (Dynamo's "conditional disaggregation", llm-d's selective P/D): where a
+    # prompt of at most `local_prefill_max_tokens` tokens is prefilled. "off": always on a prefill
+    # instance. "busy": on a decode instance when every prefill instance already has `local_prefill_depth`
+    # requests of this gateway in flight (the prompt would wait that many passes) and fewer local prefills
+    # are pending than there are decode instances (decodes stall for one short pass at a time).
+    # "always": on a decode instance. A local prefill stalls that instance's decodes for one pass, so the
+    # limit is kept to about one saturating CPU pass (128 tokens; measured in docs/benchmarks.md).
+    local_prefill: str = "off"
+    local_prefill_max_tokens: int = 128
+    local_prefill_depth: int = 2
     refresh_s: float = 0.25  # registry snapshot period
     max_inflight: int = 4096  # requests in flight before RESOURCE_EXHAUSTED
     suspect_s: float = 5.0  # an instance that refused a connection is skipped this long
     colocated: bool = False  # baseline mode: proxy Generate to colocated instances (no prefill/decode)
     expect_colocated: int = 1  # colocated mode: SERVING once this many colocated instances are registered
+
+    def __post_init__(self) -> None:
+        if self.local_prefill not in LOCAL_PREFILL_POLICIES:
+            raise ValueError(
+                f"local_prefill must be one of {LOCAL_PREFILL_POLICIES}, got {self.local_prefill!r}"
+            )
+        if self.local_prefill_depth < 1:
+            raise ValueError(f"local_prefill_depth must be >= 1, got {self.local_prefill_depth}")
+        if self.local_prefill_max_tokens < 1:
+            raise ValueError(f"local_prefill_max_tokens must be >= 1, got {self.local_prefill_max_tokens}")
+
+
+LOCAL_PREFILL_POLICIES = ("off", "busy", "always")

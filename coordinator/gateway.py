@@ -2,8 +2,10 @@
 
 One request's life here: (1) validate and assign an id; (2) pick a prefill and a decode instance;
 (3) stream `Prefill` until its first token (sent to the client at once: TTFT); (4) stream `Decode`
-with the KV handle, relaying tokens; (5) whatever happens (finish, error, client cancel, deadline),
-make sure the prefill lease is released and the decode request is cancelled, so no KV block leaks.
+with the KV handle, relaying tokens (conditional disaggregation, `local_prefill`: a short prompt may
+skip (3), its decode instance prefills it and sends the first token itself); (5) whatever happens
+(finish, error, client cancel, deadline), make sure the prefill lease is released and the decode
+request is cancelled, so no KV block leaks.
 A prefill or decode instance that refuses the connection before it produced anything is skipped
 and the step is retried on another instance: the KV lease keeps the prompt's cache meanwhile.
 In colocated mode (the baseline pdserve is benchmarked against) steps (2)-(4) are one relayed call to a
@@ -81,6 +83,7 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
         self.codec_profiles = load_profiles(cfg.model_dir)
         self.generation_defaults = generation_defaults(cfg.model_dir)
         self._background: set[asyncio.Task] = set()
+        self.local_pending = 0  # local prefills sent to decode instances whose first token has not come back
 
     # ---- validation -----------------------------------------------------------------------
     def _prompt_ids(self, req: generation_pb2.GenerateRequest) -> list[int]:
@@ -149,9 +152,17 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
         def on_scheduled(handle: common_pb2.KVHandle) -> None:
             pump.start(self._decode(request_id, prompt_ids, params, None, handle, state))
 
-        first_token = await self._prefill(
-            request_id, prompt_ids, params, state, on_scheduled if stream_kv else None
-        )
+        if self._prefill_locally(len(prompt_ids)):
+            self.local_pending += 1
+            try:
+                pump.start(self._decode(request_id, prompt_ids, params, None, None, state))
+                first_token = await pump.first_token()
+            finally:
+                self.local_pending -= 1
+        else:
+            first_token = await self._prefill(
+                request_id, prompt_ids, params, state, on_scheduled if stream_kv else None
+            )
         ttft = time.monotonic() - received
         state.trace.first_token()
         completion = [first_token]
@@ -186,6 +197,17 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
             text=stop.take_text(final=True),
             finish_reason=reason or "length",
             usage=usage,
+        )
+
+    def _prefill_locally(self, prompt_len: int) -> bool:
+        """Conditional disaggregation (`CoordinatorConfig.local_prefill`): prefill on the decode instance?"""
+        policy = self.cfg.local_prefill
+        if policy == "off" or prompt_len > self.cfg.local_prefill_max_tokens:
+            return False
+        if policy == "always":
+            return True
+        return self.router.prefill_busy(self.cfg.local_prefill_depth) and self.local_pending < max(
+            1, self.router.count("decode")
         )
 
     async def _prefill(
@@ -246,13 +268,18 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
         prompt_ids: list[int],
         params: SamplingParams,
         first_token: int | None,
-        handle: common_pb2.KVHandle,
+        handle: common_pb2.KVHandle | None,
         state: _RequestState,
     ) -> AsyncIterator[tuple[list[int], str | None]]:
         """Run decode on some instance, yielding (new tokens, finish reason or None) per event.
-        Without `first_token` the decode instance takes it from the KV stream's trailer."""
+        Without `first_token` the decode instance takes it from the KV stream's trailer; without a
+        `handle` it prefills the prompt itself (local prefill) and its first event carries the first token."""
         req = decode_pb2.DecodeRequest(
-            request_id=request_id, prompt_token_ids=prompt_ids, sampling=params_to_proto(params), kv=handle
+            request_id=request_id,
+            prompt_token_ids=prompt_ids,
+            sampling=params_to_proto(params),
+            kv=handle,
+            local_prefill=handle is None,
         )
         if first_token is not None:
             req.first_token_id = first_token
@@ -262,7 +289,8 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
             with telemetry.span(telemetry.ROUTE, state.trace.ctx) as route:
                 inst = self.router.pick_decode(num_tokens)
                 route.set_attributes(telemetry.route_attributes("decode", inst, attempt, self.router))
-            req.kv.codec = self._codec_for(len(prompt_ids), handle.address, inst)
+            if handle is not None:
+                req.kv.codec = self._codec_for(len(prompt_ids), handle.address, inst)
             stub = decode_pb2_grpc.DecodeStub(self.router.channel(inst.grpc_address))
             got_event = False
             with (
@@ -272,6 +300,8 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
                 call = stub.Decode(req, metadata=telemetry.outgoing_metadata(span))
                 state.decode_call = call
                 try:
+                    if handle is None:
+                        span.set_attribute("pdserve.prefill.local", True)
                     async for ev in call:
                         if not got_event:
                             state.kv_consumed = True  # decode pulled the KV: the lease is gone
@@ -389,6 +419,7 @@ class _DecodePump:
 
     def __init__(self) -> None:
         self._queue: asyncio.Queue = asyncio.Queue()
+        self._front: list = []  # at most one event first_token() put back
         self._task: asyncio.Task | None = None
 
     @property
@@ -412,9 +443,22 @@ class _DecodePump:
         if self._task is not None and not self._task.done():
             self._task.cancel()
 
+    async def first_token(self) -> int:
+        """Local prefill: take the first token from the first event (later tokens of that event, or its
+        finish, are put back in front); the stream ending without one is UNAVAILABLE."""
+        item = await self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        if item is _END or not item[0]:
+            raise Unavailable("decode instance ended a local prefill without a first token")
+        tokens, reason = item
+        if tokens[1:] or reason is not None:
+            self._front.append((tokens[1:], reason))
+        return tokens[0]
+
     async def __aiter__(self) -> AsyncIterator[tuple[list[int], str | None]]:
         while True:
-            item = await self._queue.get()
+            item = self._front.pop() if self._front else await self._queue.get()
             if item is _END:
                 return
             if isinstance(item, BaseException):

@@ -104,6 +104,15 @@ class Router:
             ),
         )
 
+    def prefill_busy(self, depth: int = 1) -> bool:
+        """Every usable prefill instance has at least `depth` requests of this gateway in flight (a new
+        prompt would wait for `depth` of them)."""
+        try:
+            cands = self._candidates("prefill")
+        except Unavailable:
+            return True
+        return all(self._inflight[i.instance_id] >= depth for i in cands)
+
     def pick_decode(self, num_tokens: int) -> InstanceInfo:
         """The decode instance with the most KV blocks not reserved by this gateway's requests."""
         cands = self._candidates("decode")

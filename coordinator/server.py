@@ -11,7 +11,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from coordinator.config import CoordinatorConfig
+from coordinator.config import LOCAL_PREFILL_POLICIES, CoordinatorConfig
 from coordinator.gateway import Gateway
 from coordinator.registry import Registry
 from coordinator.router import Router
@@ -121,6 +121,25 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="pull KV only after prefill finished (no layer-wise streaming)",
     )
+    p.add_argument(
+        "--local-prefill",
+        choices=LOCAL_PREFILL_POLICIES,
+        default="off",
+        help="conditional disaggregation: prefill short prompts on the decode instance: off, busy (when "
+        "every prefill instance is busy), always",
+    )
+    p.add_argument(
+        "--local-prefill-max-tokens",
+        type=int,
+        default=128,
+        help="longest prompt --local-prefill may prefill on a decode instance (default 128)",
+    )
+    p.add_argument(
+        "--local-prefill-depth",
+        type=int,
+        default=2,
+        help="--local-prefill busy: requests in flight on every prefill instance before a prompt goes local",
+    )
     a = p.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s coordinator %(name)s: %(message)s"
@@ -138,6 +157,9 @@ def main(argv: list[str] | None = None) -> None:
         max_kl=a.max_kl,
         max_inflight=a.max_inflight,
         layerwise=not a.no_layerwise,
+        local_prefill=a.local_prefill,
+        local_prefill_max_tokens=a.local_prefill_max_tokens,
+        local_prefill_depth=a.local_prefill_depth,
         colocated=a.colocated,
         expect_colocated=a.expect_colocated,
     )

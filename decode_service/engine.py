@@ -5,6 +5,10 @@ blocks = back-pressure: KV is pulled only into memory that is already reserved),
 imports its prompt KV from the prefill instance, and from the next step on it decodes with every
 other running sequence. Requests join and leave between steps; tokens are emitted every step.
 
+A `local_prefill` request (the gateway's conditional disaggregation: a short prompt while the prefill
+pool is busy) has no KV to pull: the step loop prefills it here, between two decode steps (the running
+sequences stall for that pass, as in a colocated engine), and emits its first token itself.
+
 Invariant: every allocated block is freed exactly once, when its sequence finishes, fails, or is
 cancelled (whatever phase it is in), so `check_integrity()` holds whenever the engine is idle.
 """
@@ -47,6 +51,7 @@ class DecodeJob(Job):
     transfer_id: str
     codec: str
     first_token_id: int | None
+    local_prefill: bool = False  # no KV handle: the step loop prefills the prompt here
     admitted: float = 0.0
     transfer_s: float = 0.0
     stop: StopChecker | None = None  # set by submit
@@ -58,10 +63,21 @@ class DecodeJob(Job):
 class DecodeEngine(StepEngine[DecodeJob]):
     queue_name = "decode admission queue"
 
-    def __init__(self, runner: ModelRunner, puller: KVPuller, max_running: int, max_queue: int) -> None:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        puller: KVPuller,
+        max_running: int,
+        max_queue: int,
+        max_batch_tokens: int = 256,
+    ) -> None:
         super().__init__(runner, max_queue, thread_name="decode-step")
         self.puller = puller
         self.max_running = max_running
+        self.max_batch_tokens = (
+            max_batch_tokens  # local prefill: prompt tokens per pass (the first always goes)
+        )
+        self._local: list[DecodeJob] = []  # admitted local_prefill jobs, prompt not computed yet (FIFO)
         self._pulling: set[DecodeJob] = set()  # admitted, KV pull in flight on a pull thread
         self._pulled: list[tuple[DecodeJob, BaseException | int]] = []  # (job, error or first token)
         self._running: list[DecodeJob] = []  # decoding
@@ -84,10 +100,11 @@ class DecodeEngine(StepEngine[DecodeJob]):
 
     # ---- step loop ------------------------------------------------------------------------
     def _owners(self) -> list[DecodeJob]:
-        return [*self._pulling, *self._running, *(job for job, _ in self._pulled)]
+        return [*self._local, *self._pulling, *self._running, *(job for job, _ in self._pulled)]
 
     def _stats(self) -> dict[str, int]:
-        return {"queue_len": len(self._waiting) + len(self._pulling), "running": len(self._running)}
+        queued = len(self._waiting) + len(self._pulling) + len(self._local)
+        return {"queue_len": queued, "running": len(self._running)}
 
     def _loop(self) -> None:
         while True:
@@ -95,7 +112,7 @@ class DecodeEngine(StepEngine[DecodeJob]):
                 self._reap_cancelled()
                 self._admit()
                 self._join_pulled()
-                while not self._stop and not self._running and not self._pulled:
+                while not self._stop and not self._running and not self._pulled and not self._local:
                     self._cond.wait(0.05)
                     self._reap_cancelled()
                     self._admit()
@@ -103,19 +120,61 @@ class DecodeEngine(StepEngine[DecodeJob]):
                 if self._stop and not self._pulling:
                     self._reap_cancelled()
                     return
+                local = self._take_local()
                 batch = list(self._running)
-            if batch:
+            if local:
+                self._prefill_local(local)
+            if batch:  # the sequences running before the pass (the new ones join the next step)
                 self._step(batch)
 
     def _admit(self) -> None:
         """FIFO admission: reserve prompt + max_tokens blocks, then pull the KV on a pull thread."""
-        while self._waiting and len(self._running) + len(self._pulling) < self.max_running:
+        while self._waiting and len(self._running) + len(self._pulling) + len(self._local) < self.max_running:
             job = self._waiting[0]
             if not self._reserve(job, len(job.prompt_ids) + job.params.max_tokens):
                 return
             job.admitted = time.monotonic()
+            if job.local_prefill:
+                self._local.append(job)
+                continue
             self._pulling.add(job)
             self._pull_pool.submit(self._pull, job)
+
+    def _take_local(self) -> list[DecodeJob]:
+        """FIFO local prefills for the next pass, up to `max_batch_tokens` prompt tokens (the first always).
+        They stay in `_local` (owned, reaped on stop) until `_prefill_local` is done with them."""
+        batch: list[DecodeJob] = []
+        tokens = 0
+        for job in self._local:
+            n = len(job.prompt_ids)
+            if batch and tokens + n > self.max_batch_tokens:
+                break
+            batch.append(job)
+            tokens += n
+        return batch
+
+    def _prefill_local(self, batch: list[DecodeJob]) -> None:
+        """One prefill pass over local_prefill prompts (the running sequences wait for it); each job's
+        first token is emitted and it joins the running batch."""
+        try:
+            tokens = self.runner.prefill([job.seq for job in batch])  # type: ignore[misc]
+        except Exception as exc:  # noqa: BLE001 - a failed pass fails its requests, not the instance
+            log.exception("local prefill failed")
+            with self._cond:
+                for job in batch:
+                    self._local.remove(job)
+                    self._free(job)
+                    job.emit(PDServeError(f"local prefill failed: {exc}"))
+            return
+        with self._cond:
+            for job, token in zip(batch, tokens, strict=True):
+                assert token is not None  # whole prompts are prefilled here
+                self._local.remove(job)
+                if job.cancelled:
+                    self._free(job)
+                    job.emit(Cancelled("request cancelled"))
+                    continue
+                self._append(job, token, wait_s=job.admitted - job.arrived)
 
     def _pull(self, job: DecodeJob) -> None:
         seq = job.seq
@@ -181,7 +240,7 @@ class DecodeEngine(StepEngine[DecodeJob]):
         first = not seq.output_ids
         seq.output_ids.append(token)
         reason = job.stop.push(token)
-        new = [] if first else [token]
+        new = [] if first and not job.local_prefill else [token]
         if not first:
             job.steps += 1
         if reason is not None:
@@ -215,6 +274,10 @@ class DecodeEngine(StepEngine[DecodeJob]):
 
     def _reap_cancelled(self) -> None:
         self._reap_waiting()
+        for job in [j for j in self._local if j.cancelled]:
+            self._local.remove(job)
+            self._free(job)
+            job.emit(Cancelled("request cancelled"))
         for job in [j for j in self._running if j.cancelled]:
             self._running.remove(job)
             self._free(job)

@@ -14,7 +14,7 @@ from kv_transfer.client import KVPuller
 from kv_transfer.codec.cachegen_tables import install_model
 from kv_transfer.transport import available_transports
 from pdserve import instance, telemetry
-from pdserve.errors import ModelMismatch
+from pdserve.errors import InvalidRequest, ModelMismatch
 from pdserve.rpc import params_from_proto, stream_errors, unary_errors
 from pdserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 
@@ -41,6 +41,10 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                 "pdserve.instance.id": self.cfg.instance_id,
             }
         )
+        if request.local_prefill and (request.HasField("kv") or request.HasField("first_token_id")):
+            raise InvalidRequest("local_prefill computes the prompt here: give no KV handle or first token")
+        if not request.local_prefill and not request.kv.transfer_id:
+            raise InvalidRequest("a KV handle (kv.transfer_id) is required unless local_prefill is set")
         if request.kv.model_fingerprint and request.kv.model_fingerprint != self.runner.fingerprint:
             raise ModelMismatch("KV handle comes from a different model than this decode instance serves")
         stream = instance.EngineStream()
@@ -52,6 +56,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             transfer_id=request.kv.transfer_id,
             codec=request.kv.codec or self.cfg.codec,
             first_token_id=request.first_token_id if request.HasField("first_token_id") else None,
+            local_prefill=request.local_prefill,
             emit=stream.emit,
             trace=telemetry.parent_of(span),
         )
@@ -75,7 +80,7 @@ async def run(cfg: instance.InstanceConfig) -> None:
     runner = instance.load_runner(cfg)
     install_model(cfg.model_dir)  # codecs learn the model's depth and its shipped cachegen tables
     puller = KVPuller(fingerprint=runner.fingerprint, timeout_s=cfg.pull_timeout_s)
-    engine = DecodeEngine(runner, puller, cfg.max_running, cfg.max_queue)
+    engine = DecodeEngine(runner, puller, cfg.max_running, cfg.max_queue, cfg.batch_tokens)
     engine.start()
     servicer = DecodeServicer(cfg, engine, runner)
     instance.observe_load(cfg, engine)

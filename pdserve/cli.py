@@ -37,6 +37,8 @@ def cmd_up(a: argparse.Namespace) -> int:
         log_dir=a.log_dir,
         colocated=a.replicas if a.colocated else 0,
         chunk_tokens=a.chunk_tokens,
+        local_prefill=a.local_prefill,
+        local_prefill_max_tokens=a.local_prefill_max_tokens,
     )
     return run_forever(LocalCluster(cfg))
 
@@ -146,6 +148,19 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="with --colocated: chunked prefill, this many tokens per step (default: whole prompts)",
+    )
+    up.add_argument(
+        "--local-prefill",
+        choices=("off", "busy", "always"),
+        default="off",
+        help="conditional disaggregation: let decode instances prefill short prompts (busy: only while every "
+        "prefill instance is busy)",
+    )
+    up.add_argument(
+        "--local-prefill-max-tokens",
+        type=int,
+        default=128,
+        help="with --local-prefill: the longest prompt a decode instance may prefill",
     )
     up.set_defaults(fn=cmd_up)
 

@@ -51,6 +51,10 @@ class ClusterConfig:
     # a 1P1D cluster (so that its per-token relaying stays off the decode core) made no measurable TPOT or
     # TTFT difference in an A/B on this host (docs/benchmarks.md), so it is not the default.
     coordinator_cpus: tuple[int, ...] = ()
+    # Conditional disaggregation (coordinator `--local-prefill`): off | busy | always, and the longest prompt
+    # a decode instance may prefill itself.
+    local_prefill: str = "off"
+    local_prefill_max_tokens: int = 128
 
     @property
     def roles(self) -> list[str]:
@@ -142,6 +146,9 @@ class LocalCluster:
             ]
             if cfg.colocated:
                 coord += ["--colocated", "--expect-colocated", str(cfg.colocated)]
+            if cfg.local_prefill != "off":
+                coord += ["--local-prefill", cfg.local_prefill]
+                coord += ["--local-prefill-max-tokens", str(cfg.local_prefill_max_tokens)]
             if cfg.coordinator_cpus:
                 coord += ["--cpus", ",".join(map(str, cfg.coordinator_cpus))]
             self._spawn("coordinator", coord)

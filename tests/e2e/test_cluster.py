@@ -18,7 +18,7 @@ from engine.local import LocalEngine
 from engine.sampling import SamplingParams
 from pdserve.client import Client
 from pdserve.launcher import ClusterConfig, LocalCluster
-from pdserve.v1 import common_pb2, decode_pb2_grpc, prefill_pb2_grpc
+from pdserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2_grpc
 
 PROMPTS = [
     "def fibonacci(n):",
@@ -89,9 +89,20 @@ def reference(tiny_model_dir: Path) -> LocalEngine:
     return LocalEngine.from_model_dir(str(tiny_model_dir))
 
 
-@pytest.mark.parametrize("shape", [(1, 1), (2, 2)], ids=["1P1D", "2P2D"])
+@pytest.mark.parametrize(
+    "shape, kw",
+    [
+        ((1, 1), {}),
+        ((2, 2), {}),
+        # conditional disaggregation: every prompt prefilled by the decode instance ...
+        ((1, 1), {"local_prefill": "always", "local_prefill_max_tokens": 4096}),
+        # ... or, with 16 requests at once, whichever prompts find the prefill instance busy
+        ((1, 1), {"local_prefill": "busy", "local_prefill_max_tokens": 4096}),
+    ],
+    ids=["1P1D", "2P2D", "1P1D-local-always", "1P1D-local-busy"],
+)
 def test_greedy_output_equals_single_process_reference(
-    shape: tuple[int, int], tiny_model_dir: Path, reference: LocalEngine, tmp_path: Path
+    shape: tuple[int, int], kw: dict, tiny_model_dir: Path, reference: LocalEngine, tmp_path: Path
 ) -> None:
     reqs = _requests(16)
     tok = reference.tokenizer
@@ -99,7 +110,7 @@ def test_greedy_output_equals_single_process_reference(
     params = [SamplingParams(max_tokens=m, ignore_eos=True) for _, m in reqs]
     expected = reference.generate(prompts, params)
 
-    cluster = _start(tiny_model_dir, tmp_path, *shape)
+    cluster = _start(tiny_model_dir, tmp_path, *shape, **kw)
     try:
         with Client(cluster.gateway_address) as client, ThreadPoolExecutor(16) as pool:
             futures = [
@@ -185,6 +196,52 @@ def test_many_cancels_under_load_leave_nothing_behind(cluster: LocalCluster) -> 
     for t in threads:
         t.join()
     _assert_no_leaks(cluster, timeout_s=15)
+
+
+def test_local_prefill_cancel_mid_stream_frees_blocks(tiny_model_dir: Path, tmp_path: Path) -> None:
+    cluster = _start(tiny_model_dir, tmp_path, 1, 1, local_prefill="always", local_prefill_max_tokens=4096)
+    try:
+        with Client(cluster.gateway_address) as client:
+            stream = client.stream("def fibonacci(n):" * 4, max_tokens=200, ignore_eos=True, timeout=60)
+            got = 0
+            for msg in stream:
+                got += len(msg.token_ids)
+                if got >= 3:
+                    stream.cancel()
+                    break
+            assert got >= 3
+            _assert_no_leaks(cluster)
+            one = client.generate("x", max_tokens=1, ignore_eos=True, timeout=60)  # the first token ends it
+            assert len(one.token_ids) == 1 and one.finish_reason == "length"
+        _assert_no_leaks(cluster)
+    finally:
+        cluster.stop()
+
+
+@pytest.mark.parametrize(
+    "fields, fragment",
+    [
+        ({"local_prefill": True, "kv": common_pb2.KVHandle(transfer_id="t")}, "no kv handle"),
+        ({"local_prefill": True, "first_token_id": 3}, "no kv handle"),
+        ({}, "kv handle"),
+    ],
+    ids=["local-with-handle", "local-with-first-token", "no-handle"],
+)
+def test_decode_rejects_inconsistent_local_prefill_requests(
+    cluster: LocalCluster, fields: dict, fragment: str
+) -> None:
+    inst = next(i for i in Registry(cluster.redis_url).instances() if i.role == "decode")
+    req = decode_pb2.DecodeRequest(
+        request_id="bad",
+        prompt_token_ids=[1, 2, 3],
+        sampling=common_pb2.SamplingParams(max_tokens=4),
+        **fields,
+    )
+    with grpc.insecure_channel(inst.grpc_address) as ch, pytest.raises(grpc.RpcError) as err:
+        list(decode_pb2_grpc.DecodeStub(ch).Decode(req, timeout=10))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert fragment in err.value.details().lower()
+    _assert_no_leaks(cluster)
 
 
 def test_dead_decode_drops_out_and_replacement_serves(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import pytest
 
-from bench.compare import DISAGG, QUICK, WorkloadSpec, evaluate, vs_best_colocated, workload_slos
+from bench.compare import DISAGG, DISAGG_COND, QUICK, WorkloadSpec, evaluate, vs_best_colocated, workload_slos
 from bench.cpu import CpuUsage
 from bench.metrics import SLO, RequestRecord, attainment, compute_metrics
 from bench.probe import Prober, Run, Turns, goodput_from_runs, min_k_per_request, refine_goodput, tightest_k
@@ -148,6 +148,18 @@ def test_vs_best_colocated_ratio_and_lower_bound() -> None:
     best, ratio, bound = vs_best_colocated({DISAGG: 1.5, "colocated-a": 0.0, "colocated-b": 0.0}, sysres)
     assert ratio is None and bound == pytest.approx(1.5 / 0.4)
     assert vs_best_colocated({DISAGG: 0.0, "colocated-a": 0.0}, sysres)[1:] == (None, None)
+
+
+def test_vs_best_colocated_never_counts_a_disaggregated_system_as_colocated() -> None:
+    sysres = {
+        DISAGG: {"runs": [{"rate": 1.0}], "devices": 2},
+        DISAGG_COND: {"runs": [{"rate": 1.0}], "devices": 2},
+        "colocated-a": {"runs": [{"rate": 0.5}], "devices": 2},
+    }
+    per_device = {DISAGG: 0.5, DISAGG_COND: 2.0, "colocated-a": 1.0}
+    # the conditional system's 2.0 is not "the best colocated": the pure split is compared with colocated-a
+    assert vs_best_colocated(per_device, sysres) == ("colocated-a", pytest.approx(0.5), None)
+    assert vs_best_colocated(per_device, sysres, DISAGG_COND) == ("colocated-a", pytest.approx(2.0), None)
 
 
 class SloProber(FakeProber):
