@@ -159,12 +159,7 @@ class DecodeEngine(StepEngine[DecodeJob]):
         try:
             tokens = self.runner.prefill([job.seq for job in batch])  # type: ignore[misc]
         except Exception as exc:  # noqa: BLE001 - a failed pass fails its requests, not the instance
-            log.exception("local prefill failed")
-            with self._cond:
-                for job in batch:
-                    self._local.remove(job)
-                    self._free(job)
-                    job.emit(PDServeError(f"local prefill failed: {exc}"))
+            self._fail(batch, self._local, "local prefill", exc)
             return
         with self._cond:
             for job, token in zip(batch, tokens, strict=True):
@@ -260,17 +255,21 @@ class DecodeEngine(StepEngine[DecodeJob]):
         try:
             tokens = self.runner.decode([job.seq for job in batch])  # type: ignore[misc]
         except Exception as exc:  # noqa: BLE001 - a failed step fails its requests, not the instance
-            log.exception("decode step failed")
-            with self._cond:
-                for job in batch:
-                    self._running.remove(job)
-                    self._free(job)
-                    job.emit(PDServeError(f"decode step failed: {exc}"))
+            self._fail(batch, self._running, "decode step", exc)
             return
         with self._cond:
             for job, token in zip(batch, tokens, strict=True):
                 if job in self._running:
                     self._append(job, token)
+
+    def _fail(self, batch: list[DecodeJob], owner: list[DecodeJob], what: str, exc: Exception) -> None:
+        """A forward pass raised: its jobs leave `owner`, free their blocks and fail (the instance lives on)."""
+        log.exception("%s failed", what)
+        with self._cond:
+            for job in batch:
+                owner.remove(job)
+                self._free(job)
+                job.emit(PDServeError(f"{what} failed: {exc}"))
 
     def _reap_cancelled(self) -> None:
         self._reap_waiting()

@@ -158,16 +158,21 @@ def test_bad_input_is_invalid_argument(cluster: LocalCluster, kwargs: dict, frag
     _assert_no_leaks(cluster)
 
 
+def _cancel_mid_stream(client: Client) -> None:
+    """Start a long generation and cancel it once 3 tokens have arrived."""
+    stream = client.stream("def fibonacci(n):" * 4, max_tokens=200, ignore_eos=True, timeout=60)
+    got = 0
+    for msg in stream:
+        got += len(msg.token_ids)
+        if got >= 3:
+            stream.cancel()
+            break
+    assert got >= 3
+
+
 def test_client_cancel_mid_stream_frees_blocks_everywhere(cluster: LocalCluster) -> None:
     with Client(cluster.gateway_address) as client:
-        stream = client.stream("def fibonacci(n):" * 4, max_tokens=200, ignore_eos=True, timeout=60)
-        got = 0
-        for msg in stream:
-            got += len(msg.token_ids)
-            if got >= 3:
-                stream.cancel()
-                break
-    assert got >= 3
+        _cancel_mid_stream(client)
     _assert_no_leaks(cluster)
 
 
@@ -202,14 +207,7 @@ def test_local_prefill_cancel_mid_stream_frees_blocks(tiny_model_dir: Path, tmp_
     cluster = _start(tiny_model_dir, tmp_path, 1, 1, local_prefill="always", local_prefill_max_tokens=4096)
     try:
         with Client(cluster.gateway_address) as client:
-            stream = client.stream("def fibonacci(n):" * 4, max_tokens=200, ignore_eos=True, timeout=60)
-            got = 0
-            for msg in stream:
-                got += len(msg.token_ids)
-                if got >= 3:
-                    stream.cancel()
-                    break
-            assert got >= 3
+            _cancel_mid_stream(client)
             _assert_no_leaks(cluster)
             one = client.generate("x", max_tokens=1, ignore_eos=True, timeout=60)  # the first token ends it
             assert len(one.token_ids) == 1 and one.finish_reason == "length"
