@@ -156,11 +156,16 @@ class DecodeEngine(StepEngine[DecodeJob]):
     def _prefill_local(self, batch: list[DecodeJob]) -> None:
         """One prefill pass over local_prefill prompts (the running sequences wait for it); each job's
         first token is emitted and it joins the running batch."""
+        started = time.monotonic()
         try:
             tokens = self.runner.prefill([job.seq for job in batch])  # type: ignore[misc]
         except Exception as exc:  # noqa: BLE001 - a failed pass fails its requests, not the instance
             self._fail(batch, self._local, "local prefill", exc)
             return
+        ended = time.monotonic()
+        batch_tokens = sum(len(job.prompt_ids) for job in batch)
+        for job in batch:
+            tracing.record_local_prefill(job, started, ended, batch_tokens)
         with self._cond:
             for job, token in zip(batch, tokens, strict=True):
                 assert token is not None  # whole prompts are prefilled here

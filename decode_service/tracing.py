@@ -119,6 +119,30 @@ def _transfer_details(
     telemetry.end_span(decode, ended)
 
 
+def record_local_prefill(job: DecodeJob, started: float, ended: float, batch_tokens: int) -> None:
+    """After a local prefill pass (conditional disaggregation): the admission and local prefill spans."""
+    if job.trace is None:
+        return
+    seq = job.seq
+    admission = telemetry.start_span(
+        telemetry.DECODE_ADMISSION,
+        job.trace,
+        start=job.arrived,
+        attributes={
+            "pdserve.kv.blocks_reserved": len(seq.blocks) if seq is not None else 0,
+            "pdserve.tokens_reserved": len(job.prompt_ids) + job.params.max_tokens,
+        },
+    )
+    telemetry.end_span(admission, job.admitted)
+    s = telemetry.start_span(
+        telemetry.DECODE_LOCAL_PREFILL,
+        job.trace,
+        start=started,
+        attributes={"pdserve.prompt_tokens": len(job.prompt_ids), "pdserve.batch.tokens": batch_tokens},
+    )
+    telemetry.end_span(s, ended)
+
+
 def start_steps(job: DecodeJob) -> None:
     """The sequence joins the running batch (its first token is known)."""
     if job.trace is not None:

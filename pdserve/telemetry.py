@@ -59,6 +59,9 @@ KV_TRANSFER = "pdserve.kv.transfer"  # the KV pull: PULL sent -> trailer receive
 KV_ENCODE = "pdserve.kv.encode"  # prefill-side codec encode, summed over layers (from the trailer)
 KV_DECODE = "pdserve.kv.decode"  # decode-side frame checks + codec decode, summed over layers
 DECODE_STEPS = "pdserve.decode.steps"  # joined the running batch -> finished (tokens, steps)
+# conditional disaggregation only (not in SPAN_NAMES, the remote-prefill path): the decode instance's own
+# prefill pass of a local_prefill request (no prefill.* or kv.* spans in that trace)
+DECODE_LOCAL_PREFILL = "pdserve.decode.local_prefill"
 EVENT_KV_PUBLISH = "pdserve.kv.publish"  # span event on PREFILL_COMPUTE: layer l's KV is ready
 
 SPAN_NAMES = (

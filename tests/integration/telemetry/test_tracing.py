@@ -321,3 +321,48 @@ def test_every_service_serves_prometheus_metrics(traced: Traced) -> None:
     for role in ("prefill", "decode"):
         assert re.search(r'pdserve_kv_blocks\{[^}]*pdserve_kv_state="free"', pages[role]), role
         assert "pdserve_queue_depth" in pages[role]
+
+
+def test_local_prefill_is_traced_on_the_decode_instance(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Conditional disaggregation: the decode instance's own prefill pass is a span under its Decode RPC, and
+    the trace has no prefill-instance or KV hand-off spans."""
+    span_file = tmp_path / "spans.jsonl"
+    with pytest.MonkeyPatch.context() as mp:  # the children inherit it; this process stays untraced
+        mp.setenv("PDSERVE_TRACE_FILE", str(span_file))
+        mp.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
+        cfg = ClusterConfig(
+            model_dir=str(tiny_model_dir),
+            port=0,
+            use_cuda=False,
+            num_kv_blocks=256,
+            local_prefill="always",
+            local_prefill_max_tokens=4096,
+            log_dir=str(tmp_path / "logs"),
+        )
+        cluster = LocalCluster(cfg).start(timeout_s=120)
+    try:
+        with Client(cluster.gateway_address) as client:
+            client.generate(
+                "def fibonacci(n):", max_tokens=4, ignore_eos=True, request_id="local", timeout=60
+            )
+        deadline = time.monotonic() + 20
+        while True:
+            spans = (
+                trace_cli.find_trace(trace_cli.load_file(str(span_file)), "local")
+                if span_file.exists()
+                else []
+            )
+            names = {s.name for s in spans}
+            if {T.DECODE_LOCAL_PREFILL, T.DECODE_STEPS, T.GATEWAY_GENERATE} <= names:
+                break
+            assert time.monotonic() < deadline, f"spans did not arrive within 20 s: {sorted(names)}"
+            time.sleep(0.2)
+    finally:
+        cluster.stop()
+    by_id = {s.span_id: s for s in spans}
+    (local,) = [s for s in spans if s.name == T.DECODE_LOCAL_PREFILL]
+    assert by_id[local.parent_span_id].name == T.DECODE_REQUEST
+    assert local.service == "pdserve-decode" and local.attributes["pdserve.prompt_tokens"] > 0
+    assert not names & {T.GATEWAY_PREFILL, T.PREFILL_REQUEST, T.PREFILL_COMPUTE, T.KV_LEASE, T.KV_TRANSFER}
+    (steps,) = [s for s in spans if s.name == T.DECODE_STEPS]
+    assert local.end_ns <= steps.start_ns + EPS_NS  # it joined the running batch after its prefill pass
