@@ -39,17 +39,7 @@ def record_pull(
         m.handoff_seconds.record(ended - started, attrs)
     if job.trace is None:
         return
-    seq = job.seq
-    admission = telemetry.start_span(
-        telemetry.DECODE_ADMISSION,
-        job.trace,
-        start=job.arrived,
-        attributes={
-            "pdserve.kv.blocks_reserved": len(seq.blocks) if seq is not None else 0,
-            "pdserve.tokens_reserved": len(job.prompt_ids) + job.params.max_tokens,
-        },
-    )
-    telemetry.end_span(admission, job.admitted)
+    _admission_span(job)
     transfer = telemetry.start_span(
         telemetry.KV_TRANSFER,
         job.trace,
@@ -123,6 +113,18 @@ def record_local_prefill(job: DecodeJob, started: float, ended: float, batch_tok
     """After a local prefill pass (conditional disaggregation): the admission and local prefill spans."""
     if job.trace is None:
         return
+    _admission_span(job)
+    s = telemetry.start_span(
+        telemetry.DECODE_LOCAL_PREFILL,
+        job.trace,
+        start=started,
+        attributes={"pdserve.prompt_tokens": len(job.prompt_ids), "pdserve.batch.tokens": batch_tokens},
+    )
+    telemetry.end_span(s, ended)
+
+
+def _admission_span(job: DecodeJob) -> None:
+    """submitted -> KV blocks reserved (job.arrived -> job.admitted)."""
     seq = job.seq
     admission = telemetry.start_span(
         telemetry.DECODE_ADMISSION,
@@ -134,13 +136,6 @@ def record_local_prefill(job: DecodeJob, started: float, ended: float, batch_tok
         },
     )
     telemetry.end_span(admission, job.admitted)
-    s = telemetry.start_span(
-        telemetry.DECODE_LOCAL_PREFILL,
-        job.trace,
-        start=started,
-        attributes={"pdserve.prompt_tokens": len(job.prompt_ids), "pdserve.batch.tokens": batch_tokens},
-    )
-    telemetry.end_span(s, ended)
 
 
 def start_steps(job: DecodeJob) -> None:
