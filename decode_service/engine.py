@@ -69,14 +69,13 @@ class DecodeEngine(StepEngine[DecodeJob]):
         puller: KVPuller,
         max_running: int,
         max_queue: int,
-        max_batch_tokens: int = 256,
+        max_batch_tokens: int,
     ) -> None:
         super().__init__(runner, max_queue, thread_name="decode-step")
         self.puller = puller
         self.max_running = max_running
-        self.max_batch_tokens = (
-            max_batch_tokens  # local prefill: prompt tokens per pass (the first always goes)
-        )
+        # local prefill: prompt tokens per pass (the first always goes), the instance's --max-batch-tokens
+        self.max_batch_tokens = max_batch_tokens
         self._local: list[DecodeJob] = []  # admitted local_prefill jobs, prompt not computed yet (FIFO)
         self._pulling: set[DecodeJob] = set()  # admitted, KV pull in flight on a pull thread
         self._pulled: list[tuple[DecodeJob, BaseException | int]] = []  # (job, error or first token)
@@ -128,7 +127,8 @@ class DecodeEngine(StepEngine[DecodeJob]):
                 self._step(batch)
 
     def _admit(self) -> None:
-        """FIFO admission: reserve prompt + max_tokens blocks, then pull the KV on a pull thread."""
+        """FIFO admission: reserve prompt + max_tokens blocks, then pull the KV on a pull thread (or, for a
+        local_prefill job, queue it for the step loop's next prefill pass)."""
         while self._waiting and len(self._running) + len(self._pulling) + len(self._local) < self.max_running:
             job = self._waiting[0]
             if not self._reserve(job, len(job.prompt_ids) + job.params.max_tokens):
@@ -278,14 +278,11 @@ class DecodeEngine(StepEngine[DecodeJob]):
 
     def _reap_cancelled(self) -> None:
         self._reap_waiting()
-        for job in [j for j in self._local if j.cancelled]:
-            self._local.remove(job)
-            self._free(job)
-            job.emit(Cancelled("request cancelled"))
-        for job in [j for j in self._running if j.cancelled]:
-            self._running.remove(job)
-            self._free(job)
-            job.emit(Cancelled("request cancelled"))
+        for owner in (self._local, self._running):
+            for job in [j for j in owner if j.cancelled]:
+                owner.remove(job)
+                self._free(job)
+                job.emit(Cancelled("request cancelled"))
         # pulling jobs are reaped in _join_pulled once their pull thread returns
 
     def _free(self, job: DecodeJob) -> None:
