@@ -107,6 +107,9 @@ class KVServer:
         self.send_timeout_s = send_timeout_s
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)  # notified on any lease change and on stop
+        # The reaper's own: notified when a lease opens and on stop only. Renewals (every layer marked
+        # ready, every frame) only push deadlines later, so they need not wake it.
+        self._reaper_cond = threading.Condition(self._lock)
         self._leases: dict[str, _Lease] = {}
         self._listener: Listener | None = None
         self._threads: set[threading.Thread] = set()
@@ -137,6 +140,7 @@ class KVServer:
                 return
             self._stopping = True
             self._cond.notify_all()
+            self._reaper_cond.notify_all()
             channels = list(self._channels)
         if self._listener is not None:
             self._listener.close()
@@ -203,6 +207,7 @@ class KVServer:
                 deadline=time.monotonic() + self.lease_ttl_s,
             )
             self._cond.notify_all()
+            self._reaper_cond.notify()
 
     def mark_ready(self, transfer_id: str, num_layers_ready: int) -> bool:
         """Layers [0, n) may be sent. Monotonic. False if the lease is gone (released or never opened)."""
@@ -263,7 +268,7 @@ class KVServer:
                 expired = [le for le in self._leases.values() if le.deadline <= now]
                 if not expired:
                     nxt = min((le.deadline for le in self._leases.values()), default=now + 1.0)
-                    self._cond.wait(timeout=min(max(nxt - now, 0.001), 1.0))
+                    self._reaper_cond.wait(timeout=min(max(nxt - now, 0.001), 1.0))
                     continue
             for lease in expired:
                 with self._lock:
