@@ -229,8 +229,8 @@ def measure_isolated(model_dir: str, cpu: int, source: list[int], prompt_len: in
 
     def work() -> None:
         from engine.device import Device
+        from engine.params import SamplingParams
         from engine.runner import ModelRunner
-        from engine.sampling import SamplingParams
         from engine.sequence import Sequence
 
         runner = ModelRunner(model_dir, Device.cpu((cpu,)), num_kv_blocks=4 * (context_len // 16 + 64))

@@ -222,7 +222,7 @@ class PdserveDecode:
     """A batch of prompts prefilled once in a `ModelRunner`; `run` replays the same decode steps."""
 
     def __init__(self, runner: Any, block_manager: Any, prompts: list[list[int]], new_tokens: int) -> None:
-        from engine.sampling import SamplingParams
+        from engine.params import SamplingParams
         from engine.sequence import Sequence
 
         self.runner, self.new_tokens = runner, new_tokens
@@ -389,7 +389,7 @@ def run(settings: Settings, quiet: bool = False) -> dict[str, Any]:
         bar.update()
 
         # prefill: one prompt from scratch, pdserve and HF (last-token logits only, as in generate)
-        from engine.sampling import SamplingParams
+        from engine.params import SamplingParams
         from engine.sequence import Sequence
 
         prompt = random_prompts(1, settings.prefill_len, arch.vocab, settings.seed + 1)[0]

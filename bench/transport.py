@@ -256,8 +256,8 @@ def _prefill_proc(
     import torch
 
     torch.set_num_threads(1)
+    from engine.params import SamplingParams
     from engine.runner import ModelRunner
-    from engine.sampling import SamplingParams
     from engine.sequence import Sequence
     from kv_transfer.codec.cachegen_tables import install_model
     from kv_transfer.server import KVServer

@@ -12,8 +12,8 @@ import grpc
 
 from colocated_service.engine import ColocatedEngine, ColocatedJob, Tokens
 from coordinator.gateway import sampling_from_request
+from engine.params import generation_defaults
 from engine.runner import ModelRunner
-from engine.sampling import generation_defaults
 from pdserve import instance
 from pdserve.errors import InvalidRequest
 from pdserve.rpc import stream_errors, unary_errors

@@ -1,14 +1,16 @@
 """Which hardware an engine runs on (`Device`) and pinning to it: the whole process (`pin_process`), the
-engine thread (`bind`)."""
+engine thread (`bind`). torch is imported where a device is bound, not at import: the coordinator pins
+itself with `parse_cpus` / `pin_process` and never loads torch."""
 
 from __future__ import annotations
 
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,8 @@ class Device:
 
     @property
     def torch_device(self) -> torch.device:
+        import torch
+
         return torch.device("cpu") if self.kind == "cpu" else torch.device("cuda", self.cuda_index)
 
     def __str__(self) -> str:
@@ -65,6 +69,8 @@ def bind(device: Device) -> torch.device:
     Never fails for CPU pinning: unavailable cpus are skipped with a warning. Raises RuntimeError if a
     CUDA device is asked for and CUDA is not available.
     """
+    import torch
+
     if device.cpus:
         _pin_cpus(device.cpus)
     if device.kind == "cuda":
@@ -88,6 +94,8 @@ def _pin_cpus(cpus: tuple[int, ...]) -> None:
             except OSError as e:
                 log.warning("could not pin to cpus %s: %s", usable, e)
     if usable:
+        import torch
+
         torch.set_num_threads(len(usable))
 
 

@@ -25,7 +25,7 @@ class KVProbe:
 
     def prefill(self, prompt: list[int]) -> list[tuple[Tensor, Tensor]]:
         """Prefill `prompt` into the cache; -> its K/V per layer (copies, [T, Hkv, D], serving dtype)."""
-        from engine.sampling import SamplingParams
+        from engine.params import SamplingParams
         from engine.sequence import Sequence
 
         seq = Sequence("probe", list(prompt), SamplingParams(max_tokens=1), blocks=self.blocks)

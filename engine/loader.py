@@ -2,37 +2,18 @@
 
 from __future__ import annotations
 
-import glob
-import json
-import os
 import re
 
 import torch
 from safetensors import safe_open
 
+from engine.checkpoint import safetensors_files
 from engine.config import ModelConfig
 from engine.model import CausalLM
 
 # Keys some checkpoints carry that we recompute instead of loading.
 _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
-
-
-def safetensors_files(model_dir: str) -> list[str]:
-    """The weight files of `model_dir`, sorted. Sharded checkpoints are listed by their index json."""
-    index = os.path.join(model_dir, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index, encoding="utf-8") as f:
-            names = sorted(set(json.load(f)["weight_map"].values()))
-        return [os.path.join(model_dir, n) for n in names]
-    single = os.path.join(model_dir, "model.safetensors")
-    if os.path.exists(single):  # other *.safetensors beside it (e.g. cachegen_tables) are not weights
-        return [single]
-    files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
-    files = [f for f in files if not os.path.basename(f).startswith("cachegen_tables")]
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors files in {model_dir}")
-    return files
 
 
 def load_model(

@@ -11,8 +11,8 @@ from collections import deque
 
 from engine.block_manager import BlockManager
 from engine.device import Device
+from engine.params import SamplingParams
 from engine.runner import ModelRunner
-from engine.sampling import SamplingParams
 from engine.sequence import Sequence
 from engine.stream import StopChecker
 from pdserve.errors import CapacityExceeded

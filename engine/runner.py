@@ -2,24 +2,21 @@
 
 from __future__ import annotations
 
-import hashlib
-import os
-import struct
 from collections.abc import Callable
 
 import torch
 
+from engine.checkpoint import model_fingerprint
 from engine.config import ModelConfig
 from engine.device import Device, bind
 from engine.kv_cache import KVCache
-from engine.loader import load_model, safetensors_files
+from engine.loader import load_model
 from engine.model import BatchMeta
 from engine.sampling import sample
 from engine.sequence import Sequence
 from engine.tokenizer import Tokenizer
 
 DEFAULT_KV_CACHE_BYTES = 256 * 2**20
-_FINGERPRINT_DATA_BYTES = 64 * 2**10  # per weight file: header + this much tensor data is hashed
 
 
 class ModelRunner:
@@ -130,18 +127,3 @@ class ModelRunner:
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.torch_device)  # [T]
         with torch.inference_mode():
             return self.model(input_ids, meta, self.kv_cache, on_layer).float()
-
-
-def model_fingerprint(model_dir: str) -> int:
-    """u64 identifying a checkpoint: sha256 of config.json and each weight file's name, size, safetensors
-    header and first 64 KiB of tensor data. Cheap (no full hash of the weights)."""
-    h = hashlib.sha256()
-    with open(os.path.join(model_dir, "config.json"), "rb") as f:
-        h.update(f.read())
-    for path in safetensors_files(model_dir):
-        h.update(os.path.basename(path).encode() + struct.pack("<Q", os.path.getsize(path)))
-        with open(path, "rb") as f:
-            header_len = f.read(8)
-            h.update(header_len + f.read(struct.unpack("<Q", header_len)[0]))
-            h.update(f.read(_FINGERPRINT_DATA_BYTES))
-    return int.from_bytes(h.digest()[:8], "little")

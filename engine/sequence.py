@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.sampling import SamplingParams
+from engine.params import SamplingParams
 
 
 @dataclass

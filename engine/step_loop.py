@@ -19,8 +19,8 @@ from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, Generic, TypeVar
 
 from engine.block_manager import BlockManager
+from engine.params import SamplingParams
 from engine.runner import ModelRunner
-from engine.sampling import SamplingParams
 from engine.sequence import Sequence
 from pdserve.errors import Cancelled, CapacityExceeded, InvalidRequest
 

@@ -8,7 +8,7 @@ and on its text. Text is released lazily: while a stop string might still be com
 
 from __future__ import annotations
 
-from engine.sampling import SamplingParams
+from engine.params import SamplingParams
 from engine.sequence import Sequence
 from engine.stop import check_stop, find_stop
 from engine.tokenizer import IncrementalDecoder, Tokenizer

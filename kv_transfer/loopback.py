@@ -25,7 +25,7 @@ KV_SHAPE = (8, 4096, 8, 128)  # L, T, Hkv, D -> 32 MiB of fp32 K+V per layer, 25
 
 
 def _child(scheme: str, conn: Any) -> None:
-    from kv_transfer import KVServer
+    from kv_transfer.server import KVServer
 
     lst = transport_for(scheme).listen("127.0.0.1", 0)
     layers, t, h, d = KV_SHAPE
@@ -51,7 +51,7 @@ def _child(scheme: str, conn: Any) -> None:
 
 
 def measure(scheme: str, mib: int, iters: int) -> dict[str, float]:
-    from kv_transfer import KVPuller
+    from kv_transfer.client import KVPuller
 
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()

@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from engine.sampling import SamplingParams
+from engine.params import SamplingParams
 from pdserve.errors import grpc_status
 from pdserve.v1 import common_pb2
 

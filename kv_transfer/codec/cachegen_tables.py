@@ -215,8 +215,8 @@ def profile_tables(
 def profile_model(model_dir: str | Path, num_tokens: int = 4096, seq_tokens: int = 1024) -> CacheGenTables:
     """Run the model (engine.ModelRunner, CPU) over `num_tokens` tokens of its held-out text (or random
     token ids when there is none) and profile the resulting KV."""
+    from engine.params import SamplingParams
     from engine.runner import ModelRunner
-    from engine.sampling import SamplingParams
     from engine.sequence import Sequence
 
     runner = ModelRunner(str(model_dir), num_kv_blocks=-(-seq_tokens // 16), block_size=16)

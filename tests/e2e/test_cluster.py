@@ -15,7 +15,7 @@ from bench.probe import Prober
 from bench.workload import Uniform, Workload
 from coordinator.registry import Registry
 from engine.local import LocalEngine
-from engine.sampling import SamplingParams
+from engine.params import SamplingParams
 from pdserve.client import Client
 from pdserve.launcher import ClusterConfig, LocalCluster
 from pdserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2_grpc

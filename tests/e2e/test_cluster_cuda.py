@@ -18,7 +18,7 @@ import torch
 from coordinator.registry import Registry
 from engine.device import Device
 from engine.local import LocalEngine
-from engine.sampling import SamplingParams
+from engine.params import SamplingParams
 from kv_transfer.transport.ucx import ucx_available
 from pdserve.client import Client
 from pdserve.launcher import ClusterConfig, LocalCluster

@@ -12,7 +12,7 @@ import pytest
 
 from coordinator.registry import Registry
 from engine.local import LocalEngine
-from engine.sampling import SamplingParams
+from engine.params import SamplingParams
 from pdserve.client import Client
 from pdserve.launcher import ClusterConfig, LocalCluster
 from pdserve.v1 import colocated_pb2_grpc, common_pb2

@@ -15,7 +15,8 @@ import time
 
 import torch
 
-from kv_transfer import KVServer, available_transports, transport_for
+from kv_transfer.server import KVServer
+from kv_transfer.transport import available_transports, transport_for
 
 FP = 0xC0FFEE
 L, T, H, D = 3, 40, 2, 8

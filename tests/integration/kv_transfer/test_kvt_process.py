@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kv_transfer import KVPuller, PullState
+from kv_transfer.client import KVPuller, PullState
 from kv_transfer.errors import PeerClosed, TransferTimeout
 
 HERE = Path(__file__).resolve().parent

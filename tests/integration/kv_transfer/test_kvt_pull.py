@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from kv_transfer import KVPuller, KVServer, PullState, transport_for
+from kv_transfer.client import KVPuller, PullState
 from kv_transfer.errors import (
     FingerprintMismatch,
     FrameCorrupted,
@@ -23,6 +23,8 @@ from kv_transfer.errors import (
     UnknownTransfer,
 )
 from kv_transfer.frame import Buffer
+from kv_transfer.server import KVServer
+from kv_transfer.transport import transport_for
 from kv_transfer.transport._sockutil import parse_host_port
 from kv_transfer.transport.base import Channel, Listener, Transport
 from kv_transfer.transport.ucx import ucx_available

@@ -10,8 +10,8 @@ import pytest
 
 from colocated_service.engine import ColocatedEngine, ColocatedJob, Tokens
 from engine.local import LocalEngine
+from engine.params import SamplingParams
 from engine.runner import ModelRunner
-from engine.sampling import SamplingParams
 from pdserve.errors import Cancelled
 
 

@@ -8,7 +8,7 @@ import torch
 
 from engine.kv_probe import KVProbe, kl_per_token
 from engine.local import LocalEngine
-from engine.sampling import SamplingParams
+from engine.params import SamplingParams
 
 
 def test_greedy_through_the_exact_kv_equals_the_engine(tiny_model_dir: Path) -> None:

@@ -3,10 +3,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from engine.checkpoint import model_fingerprint
 from engine.device import Device
 from engine.local import LocalEngine
-from engine.runner import ModelRunner, model_fingerprint
-from engine.sampling import SamplingParams
+from engine.params import SamplingParams
+from engine.runner import ModelRunner
 from engine.sequence import Sequence
 from engine.synth import make_random_model
 from pdserve.errors import CapacityExceeded, InvalidRequest

@@ -7,8 +7,8 @@ import torch
 
 from engine.kernels import small_matmul_available
 from engine.model import BatchMeta
+from engine.params import SamplingParams
 from engine.runner import ModelRunner
-from engine.sampling import SamplingParams
 from engine.sequence import Sequence
 
 BLOCK = 4

@@ -3,7 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.sampling import SamplingParams, filter_top_k_top_p, sample
+from engine.params import SamplingParams
+from engine.sampling import filter_top_k_top_p, sample
 from pdserve.errors import InvalidRequest
 
 

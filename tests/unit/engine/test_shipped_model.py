@@ -72,7 +72,7 @@ def test_generation_config_penalty_greedy_equals_transformers(runner: ModelRunne
     from transformers import AutoModelForCausalLM
 
     from engine.local import LocalEngine
-    from engine.sampling import SamplingParams, generation_defaults
+    from engine.params import SamplingParams, generation_defaults
 
     rp = generation_defaults(str(MODEL))["repetition_penalty"]
     assert rp > 1.0

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from engine.sampling import SamplingParams
+from engine.params import SamplingParams
 from engine.sequence import Sequence
 from engine.stop import check_stop, find_stop
 
