@@ -16,7 +16,11 @@ class CoordinatorConfig:
     expect_decode: int = 1
     codec: str = "auto"  # KV codec: a name, or "auto" = chosen per link (kv_transfer/choice.py)
     max_kl: float = 0.01  # quality floor for "auto": mean per-token KL (nats) a lossy codec may cost
-    layerwise: bool = True  # start decode's KV pull when prefill schedules (layer-wise streaming)
+    # Layer-wise streaming: decode starts pulling the KV when prefill schedules the request, so each layer
+    # moves while later layers compute. "auto": only from a CUDA prefill instance, whose copies leave its
+    # compute alone; a CPU prefill instance would encode and send on the cores computing the prompt, which
+    # slowed its pass and delayed the first token (docs/benchmarks.md). "on" / "off": always / never.
+    layerwise: str = "auto"
     # Conditional disaggregation (Dynamo's "conditional disaggregation", llm-d's selective P/D): where a
     # prompt of at most `local_prefill_max_tokens` tokens is prefilled. "off": always on a prefill
     # instance. "busy": on a decode instance when every prefill instance already has `local_prefill_depth`
@@ -34,6 +38,8 @@ class CoordinatorConfig:
     expect_colocated: int = 1  # colocated mode: SERVING once this many colocated instances are registered
 
     def __post_init__(self) -> None:
+        if self.layerwise not in LAYERWISE_POLICIES:
+            raise ValueError(f"layerwise must be one of {LAYERWISE_POLICIES}, got {self.layerwise!r}")
         if self.local_prefill not in LOCAL_PREFILL_POLICIES:
             raise ValueError(
                 f"local_prefill must be one of {LOCAL_PREFILL_POLICIES}, got {self.local_prefill!r}"
@@ -45,3 +51,4 @@ class CoordinatorConfig:
 
 
 LOCAL_PREFILL_POLICIES = ("off", "busy", "always")
+LAYERWISE_POLICIES = ("auto", "on", "off")

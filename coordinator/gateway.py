@@ -26,7 +26,7 @@ from coordinator.config import CoordinatorConfig
 from coordinator.registry import InstanceInfo
 from coordinator.router import Router
 from engine.config import ModelConfig
-from engine.sampling import SamplingParams, generation_defaults
+from engine.params import SamplingParams, generation_defaults
 from engine.stream import StopChecker
 from engine.tokenizer import Tokenizer
 from kv_transfer.choice import choose_codec, load_profiles
@@ -144,10 +144,10 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
         state: _RequestState,
         received: float,
     ) -> AsyncIterator[generation_pb2.GenerateResponse]:
-        # Layer-wise streaming: decode is asked to pull as soon as prefill has scheduled the request,
-        # so the KV moves layer by layer while later layers still compute.
+        # Layer-wise streaming (where `_layerwise` says it pays): decode is asked to pull as soon as prefill
+        # has scheduled the request, so the KV moves layer by layer while later layers still compute.
         pump = state.pump
-        stream_kv = self.cfg.layerwise and params.max_tokens > 1
+        stream_kv = params.max_tokens > 1
 
         def on_scheduled(handle: common_pb2.KVHandle) -> None:
             pump.start(self._decode(request_id, prompt_ids, params, None, handle, state))
@@ -210,6 +210,12 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
             1, self.router.count("decode")
         )
 
+    def _layerwise(self, prefill: InstanceInfo) -> bool:
+        """Start the decode pull when `prefill` schedules the request (`CoordinatorConfig.layerwise`)?
+        "auto": only for a CUDA prefill instance, whose transfer does not take its compute's processor."""
+        policy = self.cfg.layerwise
+        return policy == "on" or (policy == "auto" and prefill.devices.startswith("cuda"))
+
     async def _prefill(
         self,
         request_id: str,
@@ -219,7 +225,7 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
         on_scheduled: Callable[[common_pb2.KVHandle], None] | None,
     ) -> int:
         """Run prefill on some instance; returns the first token. `on_scheduled(handle)` fires once
-        the KV handle is valid (before the KV is complete)."""
+        the KV handle is valid (before the KV is complete), if that instance streams layer-wise."""
         req = prefill_pb2.PrefillRequest(
             request_id=request_id,
             prompt_token_ids=prompt_ids,
@@ -232,6 +238,7 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
                 inst = self.router.pick_prefill()
                 route.set_attributes(telemetry.route_attributes("prefill", inst, attempt, self.router))
             stub = prefill_pb2_grpc.PrefillStub(self.router.channel(inst.grpc_address))
+            scheduled = on_scheduled if on_scheduled is not None and self._layerwise(inst) else None
             got_event = False
             with (
                 self.router.track(inst),
@@ -246,8 +253,8 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
                         if ev.HasField("scheduled"):
                             span.add_event("scheduled", {"pdserve.kv.transfer_id": ev.scheduled.transfer_id})
                             state.handle = ev.scheduled
-                            if on_scheduled is not None:
-                                on_scheduled(ev.scheduled)
+                            if scheduled is not None:
+                                scheduled(ev.scheduled)
                         elif ev.HasField("done"):
                             telemetry.prefill_done(span, ev.done)
                             state.handle = ev.done.kv

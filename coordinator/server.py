@@ -11,13 +11,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from coordinator.config import LOCAL_PREFILL_POLICIES, CoordinatorConfig
+from coordinator.config import LAYERWISE_POLICIES, LOCAL_PREFILL_POLICIES, CoordinatorConfig
 from coordinator.gateway import Gateway
 from coordinator.registry import Registry
 from coordinator.router import Router
+from engine.checkpoint import model_fingerprint
 from engine.config import ModelConfig
 from engine.device import parse_cpus, pin_process
-from engine.runner import model_fingerprint
 from engine.tokenizer import Tokenizer
 from pdserve import telemetry
 from pdserve.v1 import generation_pb2, generation_pb2_grpc
@@ -117,9 +117,11 @@ def main(argv: list[str] | None = None) -> None:
         help="pin this process to these cores, e.g. '0' or '0-3' (default: not pinned)",
     )
     p.add_argument(
-        "--no-layerwise",
-        action="store_true",
-        help="pull KV only after prefill finished (no layer-wise streaming)",
+        "--layerwise",
+        choices=LAYERWISE_POLICIES,
+        default="auto",
+        help="layer-wise KV streaming (decode pulls while prefill computes): auto (only from CUDA prefill "
+        "instances), on, off (pull after prefill finished)",
     )
     p.add_argument(
         "--local-prefill",
@@ -156,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
         codec=a.codec,
         max_kl=a.max_kl,
         max_inflight=a.max_inflight,
-        layerwise=not a.no_layerwise,
+        layerwise=a.layerwise,
         local_prefill=a.local_prefill,
         local_prefill_max_tokens=a.local_prefill_max_tokens,
         local_prefill_depth=a.local_prefill_depth,

@@ -39,6 +39,7 @@ def cmd_up(a: argparse.Namespace) -> int:
         chunk_tokens=a.chunk_tokens,
         local_prefill=a.local_prefill,
         local_prefill_max_tokens=a.local_prefill_max_tokens,
+        layerwise=a.layerwise,
     )
     return run_forever(LocalCluster(cfg))
 
@@ -67,7 +68,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
 def cmd_generate(a: argparse.Namespace) -> int:
     if a.local:
         from engine.local import LocalEngine
-        from engine.sampling import SamplingParams, generation_defaults
+        from engine.params import SamplingParams, generation_defaults
 
         model_dir = a.model or _default_model()
         engine = LocalEngine.from_model_dir(model_dir)
@@ -161,6 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=128,
         help="with --local-prefill: the longest prompt a decode instance may prefill",
+    )
+    up.add_argument(
+        "--layerwise",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="layer-wise KV streaming, decode pulling while prefill computes (auto: only from CUDA prefill "
+        "instances)",
     )
     up.set_defaults(fn=cmd_up)
 

@@ -55,6 +55,7 @@ class ClusterConfig:
     # a decode instance may prefill itself.
     local_prefill: str = "off"
     local_prefill_max_tokens: int = 128
+    layerwise: str = "auto"  # coordinator --layerwise: auto (only from CUDA prefill instances) | on | off
 
     @property
     def roles(self) -> list[str]:
@@ -149,6 +150,8 @@ class LocalCluster:
             if cfg.local_prefill != "off":
                 coord += ["--local-prefill", cfg.local_prefill]
                 coord += ["--local-prefill-max-tokens", str(cfg.local_prefill_max_tokens)]
+            if cfg.layerwise != "auto":
+                coord += ["--layerwise", cfg.layerwise]
             if cfg.coordinator_cpus:
                 coord += ["--cpus", ",".join(map(str, cfg.coordinator_cpus))]
             self._spawn("coordinator", coord)

@@ -20,7 +20,7 @@ import pytest
 
 from coordinator.registry import Registry
 from engine.local import LocalEngine
-from engine.sampling import SamplingParams
+from engine.params import SamplingParams
 from kv_transfer.transport import available_transports
 from kv_transfer.transport.ucx import ucx_available
 from pdserve.client import Client
@@ -73,10 +73,11 @@ def clusters(
     tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[dict[str, LocalCluster]]:
     """Every cluster this module needs, started side by side (their start-up waits overlap): one per
-    transport with codec raw on the tiny model, and one with codec cachegen on the shipped model."""
+    transport with codec raw on the tiny model (streaming layer-wise), and one with codec cachegen on the
+    shipped model (the default: the KV is pulled once prefill is done)."""
     specs: dict[str, tuple[Path, dict[str, object]]] = {
-        t: (tiny_model_dir, {"transport": t, "codec": "raw"}) for t in TRANSPORTS
-    }
+        t: (tiny_model_dir, {"transport": t, "codec": "raw", "layerwise": "on"}) for t in TRANSPORTS
+    }  # layer-wise streaming on: decode pulls each layer while prefill computes (off by default on CPU)
     if SHIPPED_READY:
         specs["cachegen"] = (SHIPPED_MODEL, {"codec": "cachegen"})
     started: dict[str, LocalCluster] = {}

@@ -1,5 +1,6 @@
-"""Conditional disaggregation: when the gateway prefills a prompt on a decode instance (pure policy code:
-the router's in-flight counts and the coordinator config; the serving path is in tests/e2e/test_cluster.py)."""
+"""Gateway policies (pure policy code: the router's in-flight counts and the coordinator config; the serving
+paths are in tests/e2e): conditional disaggregation (when a prompt is prefilled on a decode instance) and
+layer-wise streaming (when decode starts pulling the KV)."""
 
 from __future__ import annotations
 
@@ -83,3 +84,24 @@ def test_gateway_policy(tiny_model_dir: Path) -> None:
             assert not busy._prefill_locally(129)
             busy.local_pending = 1  # one local prefill per decode instance at a time
             assert not busy._prefill_locally(8)
+
+
+def test_layerwise_streaming_by_default_only_from_cuda_prefill_instances(tiny_model_dir: Path) -> None:
+    from coordinator.gateway import Gateway
+    from engine.config import ModelConfig
+    from engine.tokenizer import Tokenizer
+
+    model = ModelConfig.from_hf_dir(tiny_model_dir)
+    cpu = InstanceInfo("p0", "prefill", "127.0.0.1:1000", devices="cpu:0")
+    gpu = InstanceInfo("p1", "prefill", "127.0.0.1:1001", devices="cuda:0")
+
+    def layerwise(policy: str, inst: InstanceInfo) -> bool:
+        cfg = CoordinatorConfig(model_dir=str(tiny_model_dir), redis_url="redis://x", layerwise=policy)
+        return Gateway(cfg, _router(), Tokenizer(str(tiny_model_dir)), model)._layerwise(inst)
+
+    assert CoordinatorConfig(model_dir="m", redis_url="redis://x").layerwise == "auto"
+    assert layerwise("auto", gpu) and not layerwise("auto", cpu)
+    assert layerwise("on", cpu) and layerwise("on", gpu)
+    assert not layerwise("off", cpu) and not layerwise("off", gpu)
+    with pytest.raises(ValueError, match="layerwise"):
+        CoordinatorConfig(model_dir="m", redis_url="redis://x", layerwise="sometimes")
