@@ -346,7 +346,17 @@ class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig, layer_start: int, layer_end: int) -> None:
         super().__init__()
         self.is_first, self.is_last = layer_start == 0, layer_end == config.num_layers
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size) if self.is_first else None
+        # `_weight` skips the random init, which loads nothing under meta but imported torch._dynamo (~1 s
+        # of every instance's start-up): the loader fills the weights anyway
+        self.embed_tokens = (
+            nn.Embedding(
+                config.vocab_size,
+                config.hidden_size,
+                _weight=torch.empty(config.vocab_size, config.hidden_size),
+            )
+            if self.is_first
+            else None
+        )
         # ModuleDict keyed by the *global* layer index keeps HF names under a pipeline layer range
         self.layers = nn.ModuleDict({str(i): DecoderLayer(config) for i in range(layer_start, layer_end)})
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if self.is_last else None
