@@ -167,13 +167,13 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
         state.trace.first_token()
         completion = [first_token]
         reason = stop.push(first_token)
+        if reason is None and not pump.started:  # decode starts pulling before the first token is written
+            assert state.handle is not None
+            pump.start(self._decode(request_id, prompt_ids, params, first_token, state.handle, state))
         yield generation_pb2.GenerateResponse(
             request_id=request_id, token_ids=[first_token], text=stop.take_text()
         )
         if reason is None:
-            if not pump.started:
-                assert state.handle is not None
-                pump.start(self._decode(request_id, prompt_ids, params, first_token, state.handle, state))
             async for tokens, decode_reason in pump:
                 checked = None
                 for t in tokens:
