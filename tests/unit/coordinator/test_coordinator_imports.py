@@ -7,6 +7,8 @@ import sys
 
 
 def test_coordinator_process_imports_no_torch() -> None:
-    code = "import sys, coordinator.server; heavy = {'torch', 'numpy'} & set(sys.modules); print(sorted(heavy))"
+    code = (
+        "import sys, coordinator.server; heavy = {'torch', 'numpy'} & set(sys.modules); print(sorted(heavy))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]", out.stdout
