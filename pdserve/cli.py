@@ -9,6 +9,8 @@ import sys
 
 import grpc
 
+from coordinator.config import LAYERWISE_POLICIES, LOCAL_PREFILL_POLICIES
+
 
 def _default_model() -> str:
     from engine.synth import default_model_dir
@@ -152,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument(
         "--local-prefill",
-        choices=("off", "busy", "always"),
+        choices=LOCAL_PREFILL_POLICIES,
         default="off",
         help="conditional disaggregation: let decode instances prefill short prompts (busy: only while every "
         "prefill instance is busy)",
@@ -165,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument(
         "--layerwise",
-        choices=("auto", "on", "off"),
+        choices=LAYERWISE_POLICIES,
         default="auto",
         help="layer-wise KV streaming, decode pulling while prefill computes (auto: only from CUDA prefill "
         "instances)",
