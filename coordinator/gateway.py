@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -29,7 +30,7 @@ from engine.config import ModelConfig
 from engine.params import SamplingParams, generation_defaults
 from engine.stream import StopChecker
 from engine.tokenizer import Tokenizer
-from kv_transfer.choice import choose_codec, load_profiles
+from kv_transfer.choice import CodecProfile, choose_codec, load_profiles
 from pdserve import telemetry
 from pdserve.errors import CapacityExceeded, InvalidRequest, PDServeError, Unavailable
 from pdserve.rpc import params_to_proto, stream_errors
@@ -69,6 +70,42 @@ def sampling_from_request(
         if req.HasField("repetition_penalty")
         else defaults.get("repetition_penalty", 1.0),
     )
+
+
+def kv_floor_from_request(req: generation_pb2.GenerateRequest) -> float | None:
+    """The request's KV quality floor (mean per-token KL in nats a lossy codec may add), None when unset."""
+    if not req.HasField("max_kv_kl"):
+        return None
+    floor = req.max_kv_kl
+    if not math.isfinite(floor) or floor < 0:
+        raise InvalidRequest(
+            f"max_kv_kl must be a finite KL >= 0 (nats per token; 0 = lossless), got {floor}"
+        )
+    return floor
+
+
+def pick_codec(
+    cfg: CoordinatorConfig,
+    profiles: tuple[CodecProfile, ...],
+    raw_bytes: float,
+    link_bps: float | None,
+    num_layers: int,
+    floor: float | None,
+) -> str:
+    """The codec of one hand-off. A fixed --codec is used as configured unless the request set a floor its
+    measured profile does not meet (or it has none): then raw. With "auto", the fastest codec within the
+    floor (the request's, else cfg.max_kl) on the link's measured bandwidth; raw while it is unmeasured."""
+    if cfg.codec != "auto":
+        if floor is None or cfg.codec == "raw":
+            return cfg.codec
+        kl = next((p.kl_mean for p in profiles if p.name == cfg.codec), None)
+        return cfg.codec if kl is not None and kl <= floor else "raw"
+    if not link_bps:
+        return "raw"
+    max_kl = cfg.max_kl if floor is None else floor
+    if not any(p.kl_mean <= max_kl for p in profiles):  # e.g. profiles measured without raw
+        return "raw"
+    return choose_codec(raw_bytes, link_bps, profiles, max_kl, num_layers).name
 
 
 class Gateway(generation_pb2_grpc.GenerationServicer):
@@ -111,6 +148,7 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
         prompt_ids = self._prompt_ids(request)
         params = sampling_from_request(request, self.generation_defaults)
         params.validate(len(prompt_ids), self.model.max_position_embeddings)
+        kv_floor = kv_floor_from_request(request)
         if self.inflight >= self.cfg.max_inflight:
             raise CapacityExceeded(
                 f"gateway has {self.inflight} requests in flight (limit {self.cfg.max_inflight})"
@@ -125,7 +163,7 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
                 self.inflight -= 1
             return
         stop = StopChecker(self.tokenizer, params)
-        state = _RequestState(rt)
+        state = _RequestState(rt, kv_floor)
         try:
             async for msg in self._run(request_id, prompt_ids, params, stop, state, received):
                 yield msg
@@ -297,7 +335,7 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
                 inst = self.router.pick_decode(num_tokens)
                 route.set_attributes(telemetry.route_attributes("decode", inst, attempt, self.router))
             if handle is not None:
-                req.kv.codec = self._codec_for(len(prompt_ids), handle.address, inst)
+                req.kv.codec = self._codec_for(len(prompt_ids), handle.address, inst, state.kv_floor)
             stub = decode_pb2_grpc.DecodeStub(self.router.channel(inst.grpc_address))
             got_event = False
             with (
@@ -366,17 +404,14 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
                         call.cancel()
         raise Unavailable(f"no colocated instance reachable after {MAX_ATTEMPTS} attempts: {last_exc}")
 
-    def _codec_for(self, prompt_len: int, kv_address: str, decode: InstanceInfo) -> str:
-        """The configured codec, or with "auto" the fastest admissible one on this link's measured
-        bandwidth (lossless while the link is unmeasured or no profile is known)."""
-        if self.cfg.codec != "auto":
-            return self.cfg.codec
-        link_bps = decode.links.get(kv_address)
-        if not link_bps:
-            return "raw"
+    def _codec_for(
+        self, prompt_len: int, kv_address: str, decode: InstanceInfo, floor: float | None = None
+    ) -> str:
+        """This hand-off's codec (`pick_codec`): `floor` is the request's max_kv_kl, None when unset."""
         m = self.model
         raw_bytes = prompt_len * m.num_layers * 2 * m.num_kv_heads * m.head_dim * 4  # K and V, fp32
-        return choose_codec(raw_bytes, link_bps, self.codec_profiles, self.cfg.max_kl, m.num_layers).name
+        link_bps = decode.links.get(kv_address)
+        return pick_codec(self.cfg, self.codec_profiles, raw_bytes, link_bps, m.num_layers, floor)
 
     def _release_later(self, address: str, transfer_id: str) -> None:
         """Release a prefill lease without blocking the (possibly cancelled) request task."""
@@ -401,8 +436,9 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
 class _RequestState:
     """What must be cleaned up if a request ends early (and the request's telemetry)."""
 
-    def __init__(self, trace: telemetry.RequestTrace) -> None:
+    def __init__(self, trace: telemetry.RequestTrace, kv_floor: float | None = None) -> None:
         self.trace = trace
+        self.kv_floor = kv_floor  # the request's max_kv_kl (None: unset)
         self.handle: common_pb2.KVHandle | None = None
         self.prefill_address = ""
         self.kv_consumed = False

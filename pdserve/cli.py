@@ -105,6 +105,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
                 stop=a.stop,
                 ignore_eos=a.ignore_eos,
                 repetition_penalty=a.repetition_penalty,
+                max_kv_kl=a.max_kv_kl,
                 request_id=a.request_id,
                 timeout=a.timeout,
             ):
@@ -193,6 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="> 0, 1 = off (default: the model's generation_config.json, else 1)",
+    )
+    g.add_argument(
+        "--max-kv-kl",
+        type=float,
+        default=None,
+        help="quality floor of the KV hand-off: mean per-token KL (nats) its codec may add; 0 = lossless "
+        "(default: the cluster's --max-kl / --codec)",
     )
     g.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
     g.add_argument("--request-id", default=None, help="the request's id (for `pdserve trace ID`)")

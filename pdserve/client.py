@@ -44,11 +44,14 @@ class Client:
         stop: list[str] | None = None,
         ignore_eos: bool = False,
         repetition_penalty: float | None = None,
+        max_kv_kl: float | None = None,
         request_id: str | None = None,
         timeout: float | None = None,
     ) -> Iterator[generation_pb2.GenerateResponse]:
         """Stream a completion. Sampling fields left None take the server's defaults (for
-        `repetition_penalty`: the model's generation_config.json, else 1 = off)."""
+        `repetition_penalty`: the model's generation_config.json, else 1 = off). `max_kv_kl`: the quality
+        floor of the prompt's KV hand-off, mean per-token KL in nats a lossy codec may add (0 = lossless;
+        None = the cluster's setting)."""
         req = generation_pb2.GenerateRequest(
             max_tokens=max_tokens,
             temperature=temperature,
@@ -66,6 +69,8 @@ class Client:
             req.seed = seed
         if repetition_penalty is not None:
             req.repetition_penalty = repetition_penalty
+        if max_kv_kl is not None:
+            req.max_kv_kl = max_kv_kl
         if request_id is not None:
             req.request_id = request_id
         return self._stub.Generate(req, timeout=timeout)

@@ -146,6 +146,7 @@ def cluster(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
         ({"prompt": "hi", "max_tokens": 4, "top_p": 0.0}, "top_p"),
         ({"prompt": "hi", "max_tokens": 4, "top_p": 1.5}, "top_p"),
         ({"prompt": [999_999], "max_tokens": 4}, "range"),
+        ({"prompt": "hi", "max_tokens": 4, "max_kv_kl": -0.01}, "max_kv_kl"),
     ],
 )
 def test_bad_input_is_invalid_argument(cluster: LocalCluster, kwargs: dict, fragment: str) -> None:

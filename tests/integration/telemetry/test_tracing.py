@@ -24,6 +24,7 @@ from pdserve.trace_cli import OTLPReceiver, SpanRecord
 
 OK_REQUESTS = {f"ok-{i}": ("def fibonacci(n):" * (1 + i % 3), 2 + 3 * i) for i in range(6)}
 ONE_TOKEN = "one-token"  # max_tokens=1: prefill alone answers, no decode call
+LOSSLESS = "lossless-floor"  # max_kv_kl=0: the request's quality floor replaces the cluster's lossy codec
 BAD = "bad-request"  # max_tokens=0: INVALID_ARGUMENT at the gateway
 CODEC = "int8"  # a lossy codec, so bytes in and bytes out of the encode differ
 EPS_NS = 1_000_000  # clock tolerance between processes (1 ms)
@@ -121,10 +122,11 @@ def traced(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
                 for f in futures:
                     f.result()
             client.generate("x = 1", max_tokens=1, request_id=ONE_TOKEN, timeout=60)
+            client.generate("import os", max_tokens=4, max_kv_kl=0.0, request_id=LOSSLESS, timeout=60)
             with pytest.raises(grpc.RpcError):
                 client.generate("hi", max_tokens=0, request_id=BAD, timeout=60)
         deadline = time.monotonic() + 20
-        while not all(_complete(receiver, rid) for rid in OK_REQUESTS):
+        while not all(_complete(receiver, rid) for rid in [*OK_REQUESTS, LOSSLESS]):
             assert time.monotonic() < deadline, "spans did not arrive at the OTLP receiver within 20 s"
             time.sleep(0.2)
         time.sleep(0.5)  # the one-token request's lease span ends after its Release
@@ -139,7 +141,7 @@ def test_every_request_is_exactly_one_trace_across_all_three_services(traced: Tr
     roots = [s for s in spans if s.name == T.GATEWAY_GENERATE]
     ids_of_roots = sorted(s.attributes.get("pdserve.request_id", "") for s in roots)
     # the bad request fails validation before it has an id attribute: its root has none
-    assert ids_of_roots == sorted(["", ONE_TOKEN, *OK_REQUESTS]), ids_of_roots
+    assert ids_of_roots == sorted(["", ONE_TOKEN, LOSSLESS, *OK_REQUESTS]), ids_of_roots
     assert len({s.trace_id for s in spans}) == len(roots), "spans outside the requests' traces"
     for rid in OK_REQUESTS:
         by_name = traced.trace(rid)
@@ -235,6 +237,14 @@ def test_kv_attributes_carry_bytes_and_codec(traced: Traced) -> None:
         assert all(r["pdserve.route.reason"] and r["pdserve.instance.id"] for r in route)
 
 
+def test_a_request_floor_of_zero_hands_off_losslessly(traced: Traced) -> None:
+    one = {name: group[0] for name, group in traced.trace(LOSSLESS).items()}
+    t = one[T.KV_TRANSFER].attributes
+    assert t["pdserve.kv.codec"] == "raw" != CODEC  # the cluster runs int8; this request asked for exact KV
+    assert t["pdserve.kv.payload_bytes"] >= t["pdserve.kv.raw_bytes"] > 0  # nothing was compressed away
+    assert one[T.KV_ENCODE].attributes["pdserve.kv.codec"] == "raw"
+
+
 def test_errors_are_recorded_with_status(traced: Traced) -> None:
     roots = [
         s
@@ -258,15 +268,18 @@ def _points(receiver: OTLPReceiver, name: str, timeout_s: float = 10.0) -> list:
 
 
 def test_metrics_are_exported(traced: Traced) -> None:
-    n_ok = len(OK_REQUESTS) + 1
+    n_ok = len(OK_REQUESTS) + 2  # and the one-token and lossless-floor requests
     ttft = _points(traced.receiver, "pdserve.request.ttft")
     assert ttft and max(p.count for _, p in ttft) == n_ok
     for name in ("pdserve.request.tbt", "pdserve.request.tpot"):
         assert _points(traced.receiver, name), name
     handoff = _points(traced.receiver, "pdserve.kv.handoff.bytes")
-    attrs = {kv.key: kv.value.string_value for _, p in handoff for kv in p.attributes}
-    assert attrs["pdserve.kv.codec"] == CODEC and attrs["pdserve.kv.transport"]
-    assert max(p.count for _, p in handoff) == len(OK_REQUESTS)
+    by_codec: dict[str, int] = {}  # hand-offs per codec (points are cumulative: the largest count)
+    for _, p in handoff:
+        attrs = {kv.key: kv.value.string_value for kv in p.attributes}
+        assert attrs["pdserve.kv.transport"]
+        by_codec[attrs["pdserve.kv.codec"]] = max(by_codec.get(attrs["pdserve.kv.codec"], 0), p.count)
+    assert by_codec == {CODEC: len(OK_REQUESTS), "raw": 1}  # raw: the lossless-floor request
     assert _points(traced.receiver, "pdserve.kv.handoff.duration")
     requests = _points(traced.receiver, "pdserve.requests")
     by_status = {

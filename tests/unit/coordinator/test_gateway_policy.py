@@ -1,16 +1,22 @@
 """Gateway policies (pure policy code: the router's in-flight counts and the coordinator config; the serving
-paths are in tests/e2e): conditional disaggregation (when a prompt is prefilled on a decode instance) and
-layer-wise streaming (when decode starts pulling the KV)."""
+paths are in tests/e2e): conditional disaggregation (when a prompt is prefilled on a decode instance),
+layer-wise streaming (when decode starts pulling the KV) and the hand-off's codec under a request's quality
+floor."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
 
 from coordinator.config import CoordinatorConfig
+from coordinator.gateway import kv_floor_from_request, pick_codec
 from coordinator.registry import InstanceInfo
 from coordinator.router import Router
+from kv_transfer.choice import CodecProfile
+from pdserve.errors import InvalidRequest
+from pdserve.v1 import generation_pb2
 
 FP = 7
 
@@ -105,3 +111,63 @@ def test_layerwise_streaming_by_default_only_from_cuda_prefill_instances(tiny_mo
     assert not layerwise("off", cpu) and not layerwise("off", gpu)
     with pytest.raises(ValueError, match="layerwise"):
         CoordinatorConfig(model_dir="m", redis_url="redis://x", layerwise="sometimes")
+
+
+# ---- the codec of a hand-off, and a request's KV quality floor (max_kv_kl) ---------------------------------
+
+PROFILES = (
+    CodecProfile("raw", 1.0, math.inf, math.inf, 0.0),
+    CodecProfile("int8", 0.53, 1.4e9, 4.4e9, 6e-6),
+    CodecProfile("cachegen", 0.16, 3.0e8, 3.0e8, 1e-4),
+)
+MiB = 2**20
+
+
+def _pick(codec: str, link_bps: float | None, floor: float | None, profiles=PROFILES, **kw) -> str:
+    cfg = CoordinatorConfig(model_dir="m", redis_url="redis://x", codec=codec, **kw)
+    return pick_codec(cfg, profiles, 8 * MiB, link_bps, 5, floor)
+
+
+def test_a_fixed_codec_is_used_as_configured_without_a_request_floor() -> None:
+    assert _pick("cachegen", None, None) == "cachegen"
+    assert _pick("cachegen", 1e6, None, profiles=()) == "cachegen"  # unmeasured: the operator's choice
+
+
+@pytest.mark.parametrize(
+    "codec, floor, want",
+    [
+        ("cachegen", 0.0, "raw"),  # lossless asked: a lossy codec is replaced by raw
+        ("cachegen", 5e-5, "raw"),  # measured 1e-4 > the floor
+        ("cachegen", 1e-4, "cachegen"),  # within it
+        ("int8", 1e-5, "int8"),
+        ("raw", 0.0, "raw"),
+        ("fp8", 1.0, "raw"),  # no profile: its quality is unknown, so the floor cannot be vouched for
+    ],
+)
+def test_a_request_floor_overrides_a_fixed_codec_it_does_not_meet(
+    codec: str, floor: float, want: str
+) -> None:
+    assert _pick(codec, 1.25e8, floor) == want
+
+
+def test_auto_picks_the_fastest_codec_within_the_request_floor_else_the_clusters() -> None:
+    slow = 1.25e8  # 1 Gbit/s: compression pays
+    assert _pick("auto", slow, None, max_kl=0.01) == "cachegen"
+    assert _pick("auto", slow, 1e-5) == "int8"  # the request's floor replaces --max-kl
+    assert _pick("auto", slow, 0.0) == "raw"
+    assert _pick("auto", slow, None, max_kl=0.0) == "raw"
+    assert _pick("auto", None, 1.0) == "raw"  # link not measured yet: lossless
+    assert _pick("auto", slow, 0.0, profiles=PROFILES[1:]) == "raw"  # nothing measured is lossless enough
+
+
+@pytest.mark.parametrize("value", [-1e-3, math.nan, math.inf])
+def test_a_bad_floor_is_invalid_argument(value: float) -> None:
+    req = generation_pb2.GenerateRequest(prompt="x", max_tokens=1, max_kv_kl=value)
+    with pytest.raises(InvalidRequest, match="max_kv_kl"):
+        kv_floor_from_request(req)
+
+
+def test_an_unset_floor_is_none_and_zero_is_zero() -> None:
+    assert kv_floor_from_request(generation_pb2.GenerateRequest(prompt="x", max_tokens=1)) is None
+    req = generation_pb2.GenerateRequest(prompt="x", max_tokens=1, max_kv_kl=0.0)
+    assert kv_floor_from_request(req) == 0.0
