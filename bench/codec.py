@@ -27,7 +27,13 @@ What is measured (one process, `torch.set_num_threads(1)`, the model in fp32 on 
 * Greedy match (free running, as the end-to-end test measures it through a cluster): `greedy_prompts` held-out
   prompts of 128 tokens; the first 32 greedy tokens read through each codec's prompt KV (the first token is
   prefill's, exact, as in serving; later tokens' K/V computed exactly, as decode does) against those read
-  through the exact KV -> `greedy32_match`, the share of prompts that match throughout.
+  through the exact KV -> `greedy32_match`, the share of prompts that match throughout, with its 95% Wilson
+  interval (`greedy32_ci95`: a near-tie lottery, so 100 prompts leave +-5 points). The prompts do not overlap
+  (at most (held-out tokens - 4096) / 128 of them). For scale, the same is measured for the exact KV merely
+  rounded through fp16 and bf16 (`settings.greedy.rounding`: what any perturbation of that size costs), and
+  each reference run's smallest top-1 - top-2 logit margin over its greedy steps is summarised
+  (`settings.greedy.reference_min_margin`): prompts whose continuation passes a near-tie flip under tiny
+  KV errors.
 * Break-even (`kv_transfer.choice.break_even_bps`): each codec's measured profile (ratio and speeds in the
   serving dtype, fp32 here, as the gateway's codec choice counts bytes) against raw's measured profile, for
   one `prompt`-token hand-off pipelined over the model's layers -> link Gbit/s below which the codec hands
@@ -78,7 +84,7 @@ class Settings:
                 prompt=256, continuation=64, windows=4, speed_tokens=1024, repeats=3, greedy_prompts=6
             )
         return Settings(
-            prompt=1024, continuation=256, windows=16, speed_tokens=2000, repeats=7, greedy_prompts=100
+            prompt=1024, continuation=256, windows=16, speed_tokens=2000, repeats=7, greedy_prompts=280
         )
 
 
@@ -195,21 +201,44 @@ def measure_quality(
     return quality, floor_q, size16, size_serving, elements, n_windows
 
 
-def measure_greedy(model: KVProbe, ids: list[int], s: Settings, cdx: dict[str, Codec]) -> dict[str, dict]:
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a rate k / n (well behaved at rates near 0 or 1)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _rounding(dtype: torch.dtype) -> RoundTrip:
+    return lambda k, v, _layer: (k.to(dtype).to(k.dtype), v.to(dtype).to(v.dtype))
+
+
+def measure_greedy(
+    model: KVProbe, ids: list[int], s: Settings, cdx: dict[str, Codec]
+) -> tuple[dict[str, dict], dict[str, Any]]:
     """Per codec: the share of held-out prompts whose first `greedy_tokens` greedy tokens, read through the
     codec's prompt KV, equal those read through the exact KV (the first token is prefill's, exact, as in
-    serving), and the first differing positions. Prompts are spread over the held-out text after SKIP_TOKENS."""
-    n, t = s.greedy_prompts, GREEDY_PROMPT_TOKENS
+    serving), its 95% interval, and the first differing positions. Prompts are consecutive, non-overlapping
+    spans of the held-out text after SKIP_TOKENS. -> (per codec, context: prompts used, the rates of plain
+    fp16 / bf16 rounding, the reference runs' smallest top-2 margins)."""
+    t = GREEDY_PROMPT_TOKENS
+    n = min(s.greedy_prompts, (len(ids) - SKIP_TOKENS) // t)
     stride = (len(ids) - SKIP_TOKENS - t) // max(n, 1)
     round_trips = {name: codec_round_trip(c) for name, c in cdx.items()}
-    first_diff: dict[str, list[int]] = {name: [] for name in cdx}  # one entry per prompt that diverged
+    round_trips.update({"__fp16": _rounding(torch.float16), "__bf16": _rounding(torch.bfloat16)})
+    first_diff: dict[str, list[int]] = {name: [] for name in round_trips}  # one per prompt that diverged
     nbytes, elements = dict.fromkeys(cdx, 0), 0
+    min_margins: list[float] = []
     for i in range(n):
         prompt = ids[SKIP_TOKENS + i * stride : SKIP_TOKENS + i * stride + t]
         ref_kv = model.prefill(prompt)
         first = model.first_token(prompt)
         model.set_prompt_kv(ref_kv)
-        ref = model.greedy(t, first, s.greedy_tokens)
+        margins: list[float] = []
+        ref = model.greedy(t, first, s.greedy_tokens, margins)
+        min_margins.append(min(margins, default=math.inf))
         elements += sum(2 * k.numel() for k, _ in ref_kv)
         for name, c in cdx.items():
             nbytes[name] += sum(
@@ -221,14 +250,27 @@ def measure_greedy(model: KVProbe, ids: list[int], s: Settings, cdx: dict[str, C
             diff = next((j for j, (a, b) in enumerate(zip(got, ref, strict=True)) if a != b), None)
             if diff is not None:
                 first_diff[name].append(diff)
-    return {
+    rate = {name: (n - len(d)) / max(n, 1) for name, d in first_diff.items()}
+    per_codec = {
         name: {
-            "match_rate": (n - len(d)) / max(n, 1),
-            "first_diff": sorted(d),
+            "match_rate": rate[name],
+            "ci95": wilson_interval(n - len(first_diff[name]), n),
+            "first_diff": sorted(first_diff[name]),
             "bits_per_element": 8.0 * nbytes[name] / max(elements, 1),
         }
-        for name, d in first_diff.items()
+        for name in cdx
     }
+    mm = sorted(min_margins)
+    context = {
+        "prompts": n,
+        "rounding": {"fp16": rate["__fp16"], "bf16": rate["__bf16"]},
+        "reference_min_margin": {
+            "what": "per prompt, the smallest top-1 - top-2 logit margin over its greedy steps (exact KV)",
+            **{f"p{q}": mm[min(len(mm) - 1, q * len(mm) // 100)] for q in (5, 10, 25, 50) if mm},
+            "share_below_0.01": sum(m < 0.01 for m in mm) / max(len(mm), 1),
+        },
+    }
+    return per_codec, context
 
 
 # ---- speed --------------------------------------------------------------------------------------------
@@ -286,7 +328,7 @@ def run(model_dir: str, s: Settings, save: bool = False) -> dict[str, Any]:
     serving_dtype = model.runner.dtype
     quality, floor_q, size16, size_serving, elements, n_windows = measure_quality(model, ids, s, cdx)
     ref_q = quality.pop("__ref")
-    greedy = measure_greedy(model, ids, s, cdx)
+    greedy, greedy_context = measure_greedy(model, ids, s, cdx)
 
     speed_prompt = ids[SKIP_TOKENS : SKIP_TOKENS + s.speed_tokens]
     speed_kv = model.prefill(speed_prompt)
@@ -305,6 +347,7 @@ def run(model_dir: str, s: Settings, save: bool = False) -> dict[str, Any]:
             "decode_mb_s": speed16[n][1] / 1e6,
             **q,
             f"greedy{s.greedy_tokens}_match": greedy[n]["match_rate"],
+            f"greedy{s.greedy_tokens}_ci95": list(greedy[n]["ci95"]),
             # the greedy prompts are short (128 tokens): what their hand-off costs, side information included
             "greedy_prompt_bits_per_element": greedy[n]["bits_per_element"],
         }
@@ -352,7 +395,7 @@ def run(model_dir: str, s: Settings, save: bool = False) -> dict[str, Any]:
             "continuation_tokens": s.continuation,
             "scored_tokens": ref_q.n,
             "greedy": {
-                "prompts": s.greedy_prompts,
+                **greedy_context,
                 "prompt_tokens": GREEDY_PROMPT_TOKENS,
                 "tokens": s.greedy_tokens,
                 "first_diff_positions": {n: g["first_diff"] for n, g in greedy.items()},
@@ -395,6 +438,13 @@ def summary(r: dict[str, Any]) -> str:
     lines.append(
         f"{'fp16 floor':14s} {'':6s} {'':7s} {'':7s} {'':9s} {'':9s} {f['kl_mean']:9.2e} "
         f"{f['top1_agreement']:7.4f} {f['ppl_delta_rel']:+8.4f}"
+    )
+    g = r["settings"]["greedy"]
+    lo, hi = r["codecs"]["cachegen"][gkey.replace("match", "ci95")] if "cachegen" in r["codecs"] else (0, 0)
+    lines.append(
+        f"greedy: {g['prompts']} prompts; cachegen 95% interval [{lo:.2f}, {hi:.2f}]; the exact KV rounded "
+        f"through fp16 {g['rounding']['fp16']:.2f}, bf16 {g['rounding']['bf16']:.2f}; "
+        f"{g['reference_min_margin']['share_below_0.01']:.0%} of prompts pass a top-2 margin < 0.01 logits"
     )
     return "\n".join(lines)
 

@@ -58,13 +58,18 @@ class KVProbe:
         `prefill(prompt)`: the exact KV, i.e. the token prefill samples). Rewrites the last token's KV."""
         return int(self.continuation_logits(len(prompt) - 1, [prompt[-1]])[-1].argmax())
 
-    def greedy(self, prompt_len: int, first: int, n: int) -> list[int]:
+    def greedy(self, prompt_len: int, first: int, n: int, margins: list[float] | None = None) -> list[int]:
         """`n` greedy tokens after the cache's prompt KV, starting with `first` (the token prefill sampled, as in
-        serving); each later token is fed one at a time and its KV is computed exactly, as decode does."""
+        serving); each later token is fed one at a time and its KV is computed exactly, as decode does.
+        `margins`, if given, receives each chosen token's top-1 minus top-2 logit (n - 1 values): how far a
+        perturbation of the KV must move the logits to flip that step."""
         out = [first]
         while len(out) < n:
-            logits = self.continuation_logits(prompt_len + len(out) - 1, [out[-1]])
-            out.append(int(logits[-1].argmax()))
+            logits = self.continuation_logits(prompt_len + len(out) - 1, [out[-1]])[-1]
+            if margins is not None:
+                top2 = logits.topk(2).values
+                margins.append(float(top2[0] - top2[1]))
+            out.append(int(logits.argmax()))
         return out
 
 

@@ -21,7 +21,9 @@ def test_greedy_through_the_exact_kv_equals_the_engine(tiny_model_dir: Path) -> 
     first = probe.first_token(prompt)
     assert first == want[0]
     probe.set_prompt_kv(kv)
-    assert probe.greedy(len(prompt), first, 12) == want
+    margins: list[float] = []
+    assert probe.greedy(len(prompt), first, 12, margins) == want
+    assert len(margins) == 11 and all(m >= 0.0 for m in margins)
 
 
 def test_perturbed_kv_changes_the_logits_and_exact_kv_restores_them(tiny_model_dir: Path) -> None:
