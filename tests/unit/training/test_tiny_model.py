@@ -3,6 +3,7 @@ perplexity, beats the unigram baseline by 3x, and continues Python like Python."
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -100,11 +101,13 @@ def test_loads_with_transformers_and_logits_are_consistent(model, heldout_ids):
         assert torch.isfinite(full).all()
         # prefill 150 tokens then decode 50 one at a time through the KV cache: same logits
         out = model(input_ids=ids[:, :150], use_cache=True)
-        steps, past = [out.logits], out.past_key_values
+        # the KV cache's name: `cache` in recent transformers (5.2x), `past_key_values` before
+        name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        steps, past = [out.logits], out[name]
         for t in range(150, 200):
-            o = model(input_ids=ids[:, t : t + 1], past_key_values=past, use_cache=True)
+            o = model(input_ids=ids[:, t : t + 1], use_cache=True, **{name: past})
             steps.append(o.logits)
-            past = o.past_key_values
+            past = o[name]
     incremental = torch.cat(steps, dim=1)
     torch.testing.assert_close(incremental, full, atol=1e-4, rtol=1e-4)
     # the model actually predicts held-out text (the split opens with prose, a docstring): top-1 accuracy
