@@ -347,6 +347,10 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
                 try:
                     if handle is None:
                         span.set_attribute("pdserve.prefill.local", True)
+                    else:  # why this codec: the request's floor, when it set one
+                        span.set_attribute("pdserve.kv.codec", req.kv.codec)
+                        if state.kv_floor is not None:
+                            span.set_attribute("pdserve.kv.max_kl", state.kv_floor)
                     async for ev in call:
                         if not got_event:
                             state.kv_consumed = True  # decode pulled the KV: the lease is gone

@@ -243,6 +243,10 @@ def test_a_request_floor_of_zero_hands_off_losslessly(traced: Traced) -> None:
     assert t["pdserve.kv.codec"] == "raw" != CODEC  # the cluster runs int8; this request asked for exact KV
     assert t["pdserve.kv.payload_bytes"] >= t["pdserve.kv.raw_bytes"] > 0  # nothing was compressed away
     assert one[T.KV_ENCODE].attributes["pdserve.kv.codec"] == "raw"
+    asked = one[T.GATEWAY_DECODE].attributes  # the gateway records the codec it asked for, and why
+    assert asked["pdserve.kv.codec"] == "raw" and asked["pdserve.kv.max_kl"] == 0.0
+    ok = traced.trace("ok-0")[T.GATEWAY_DECODE][0].attributes
+    assert ok["pdserve.kv.codec"] == CODEC and "pdserve.kv.max_kl" not in ok
 
 
 def test_errors_are_recorded_with_status(traced: Traced) -> None:
