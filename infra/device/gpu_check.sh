@@ -3,8 +3,8 @@
 #   make gpu-wheels      # here, once: the packages the device image lacks (ucxx-cu13 included), into .whl/
 #   run(command="bash infra/device/gpu_check.sh", carry=[".whl", "pdserve/v1"], timeout_s=420)
 # What it checks: the CUDA-guarded tests (GPU device binding, the CUDA model runner against the CPU one, the
-# CacheGen codec's CUDA quantization against its CPU bound, UCX moving CUDA tensors where ucxx imports, the
-# transports and KV pulls with UCX's CUDA transports enabled, and a 1P1D cluster on the GPU whose greedy
+# CacheGen codec's CUDA quantization against its CPU bound (format v1, and v2's transform on the GPU), UCX
+# moving CUDA tensors where ucxx imports, the transports and KV pulls with UCX's CUDA transports enabled, and a 1P1D cluster on the GPU whose greedy
 # tokens must equal a single-process CUDA run; redis-server travels in .whl/redis), then bench.codec_gpu (the codec's CUDA path against its CPU path on the shipped model's KV). Everything it
 # prints lands in $OUT (env.txt, pytest.txt, codec_gpu.json); the exit status is nonzero if any check failed.
 set -uo pipefail
@@ -48,6 +48,7 @@ status=0
     "tests/unit/engine/test_device.py" \
     "tests/unit/engine/test_local_engine.py::test_cuda_runner_matches_cpu" \
     "tests/unit/kv_transfer/test_cachegen.py::test_cuda_quantization_matches_cpu_bound" \
+    "tests/unit/kv_transfer/test_cachegen_klt.py::test_cuda_tensors_transform_on_the_gpu" \
     "tests/unit/kv_transfer/test_kvt_transport.py" \
     "tests/integration/kv_transfer" \
     "tests/unit/pdserve" \
