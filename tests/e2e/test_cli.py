@@ -66,13 +66,14 @@ def test_up_generate_and_ctrl_c(tiny_model_dir: Path, tmp_path: Path) -> None:
         assert cluster.stdout == local.stdout, "cluster completion differs from the single-process reference"
         assert cluster.stdout.strip(), "empty completion"
 
-        bad = subprocess.run(
-            [*PDSERVE, "generate", "--addr", addr, "--max-tokens", "0", prompt],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr
+        for args, fragment in ((["--max-tokens", "0"], "max_tokens"), (["--max-kv-kl", "-1"], "max_kv_kl")):
+            bad = subprocess.run(
+                [*PDSERVE, "generate", "--addr", addr, *args, prompt],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr and fragment in bad.stderr
     finally:
         up.send_signal(signal.SIGINT)
         up.wait(60)
