@@ -11,6 +11,7 @@ from coordinator.registry import InstanceInfo
 from decode_service.engine import DecodeEngine, DecodeJob, Tokens
 from engine.runner import ModelRunner
 from kv_transfer.client import KVPuller
+from kv_transfer.codec import layer0
 from kv_transfer.codec.cachegen_tables import install_model
 from kv_transfer.transport import available_transports
 from pdserve import instance, telemetry
@@ -54,7 +55,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             params=params_from_proto(request.sampling),
             kv_address=request.kv.address,
             transfer_id=request.kv.transfer_id,
-            codec=request.kv.codec or self.cfg.codec,
+            codec=layer0.pull_codec(request.kv.codec or self.cfg.codec),
             first_token_id=request.first_token_id if request.HasField("first_token_id") else None,
             local_prefill=request.local_prefill,
             emit=stream.emit,
@@ -79,6 +80,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
 async def run(cfg: instance.InstanceConfig) -> None:
     runner = instance.load_runner(cfg)
     install_model(cfg.model_dir)  # codecs learn the model's depth and its shipped cachegen tables
+    # cachegen_l0: layer 0 from the ids
+    layer0.install_from_model(getattr(runner, "model", None), runner.fingerprint)
     puller = KVPuller(fingerprint=runner.fingerprint, timeout_s=cfg.pull_timeout_s)
     engine = DecodeEngine(runner, puller, cfg.max_running, cfg.max_queue, cfg.batch_tokens)
     engine.start()

@@ -401,6 +401,33 @@ class CausalLM(nn.Module):
         assert self.model.embed_tokens is not None, "only the first pipeline stage embeds tokens"
         return self.model.embed_tokens(input_ids)
 
+    @property
+    def computes_layer0_kv(self) -> bool:
+        """Whether `layer0_kv` can run here: this stage holds the embedding and layer 0 with all KV heads."""
+        if self.layer_start != 0 or self.model.embed_tokens is None:
+            return False
+        return self.model.layers["0"].self_attn.num_kv_heads == self.config.num_kv_heads
+
+    def layer0_kv(self, input_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """Layer 0's K and V of tokens at positions 0..T-1, computed from the ids alone (embedding ->
+        input RMSNorm -> K/V projection -> RoPE on K): what prefill writes into the cache for layer 0.
+        input_ids: [T] int64 on the model's device -> k, v [T, Hkv, D] in the model's dtype."""
+        if not self.computes_layer0_kv:
+            raise RuntimeError("layer0_kv needs the first pipeline stage with all of layer 0's KV heads")
+        attn = self.model.layers["0"].self_attn
+        t, h, hkv, d = input_ids.shape[0], attn.num_heads, attn.num_kv_heads, attn.head_dim
+        with torch.inference_mode():
+            x = self.model.layers["0"].input_layernorm(self.embed(input_ids))  # [T, hidden]
+            assert attn.qkv_t is not None, "weights are not packed: load the model with engine.loader"
+            w_kv = attn.qkv_t[:, h * d :]  # [hidden, 2 Hkv D]: K then V columns of the fused projection
+            b_kv = attn.qkv_bias[h * d :] if attn.qkv_bias is not None else None
+            kv = linear_t(x, w_kv, b_kv)  # [T, 2 Hkv D]
+            positions = torch.arange(t, device=input_ids.device)
+            cos, sin = self.rotary(positions, x.dtype)
+            k = apply_rope(kv[:, : hkv * d].view(t, hkv, d), cos, sin)
+            v = kv[:, hkv * d :].reshape(t, hkv, d)
+        return k, v
+
     def run_layers(
         self, h: Tensor, meta: BatchMeta, kv_cache: KVCache, on_layer: Callable[[int], None] | None = None
     ) -> Tensor:

@@ -27,9 +27,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
 
 from kv_transfer.codec import Codec, get_codec
@@ -68,6 +69,7 @@ class _Lease:
     first_token_id: int | None = None  # set by finish(): the trailer may follow the last layer
     released: str | None = None  # release reason once released
     session: int = 0  # incremented by every PULL; a stream whose session is stale stops
+    token_ids: Tensor | None = None  # the prompt's ids [T] int64, for codecs that use them (cachegen_l0)
 
 
 @dataclass
@@ -185,14 +187,20 @@ class KVServer:
         num_tokens: int,
         read_layer: ReadLayer,
         on_release: OnRelease,
+        token_ids: Sequence[int] | None = None,
     ) -> None:
         """Hold `transfer_id`'s KV for pulling. read_layer(l) -> (k, v) [num_tokens, Hkv, D] CPU tensors is
         called from server threads, only for ready layers and never after release; on_release is called
-        exactly once. Raises InvalidRequest (bad arguments), LeaseExists, ServerStopped."""
+        exactly once. `token_ids`: the prompt's ids, which a codec may send instead of a layer it can be
+        recomputed from (cachegen_l0's layer 0). Raises InvalidRequest (bad arguments), LeaseExists,
+        ServerStopped."""
         if not transfer_id or len(transfer_id.encode("utf-8")) > MAX_TRANSFER_ID_BYTES:
             raise InvalidRequest(f"transfer id must be 1..{MAX_TRANSFER_ID_BYTES} utf-8 bytes")
         if num_layers < 1 or num_tokens < 1:
             raise InvalidRequest("num_layers and num_tokens must be >= 1")
+        if token_ids is not None and len(token_ids) != num_tokens:
+            raise InvalidRequest(f"{len(token_ids)} token ids for {num_tokens} tokens")
+        ids = torch.tensor(list(token_ids), dtype=torch.int64) if token_ids is not None else None
         with self._lock:
             if self._stopping:
                 raise ServerStopped("KVServer is stopped")
@@ -205,6 +213,7 @@ class KVServer:
                 read_layer,
                 on_release,
                 deadline=time.monotonic() + self.lease_ttl_s,
+                token_ids=ids,
             )
             self._cond.notify_all()
             self._reaper_cond.notify()
@@ -435,7 +444,7 @@ class KVServer:
                     f"read_layer({layer}) gave {tuple(k.shape)}/{tuple(v.shape)}, want [{lease.num_tokens}, Hkv, D]",
                 )
             try:
-                params, parts = codec.encode_parts(k, v, layer)
+                params, parts = codec.encode_parts(k, v, layer, lease.token_ids)
             except KVTransferError as e:
                 raise _StreamEnded(ErrorCode.INTERNAL, f"encode layer {layer}: {e}") from e
             frame = buf.encode(

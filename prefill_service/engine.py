@@ -150,6 +150,7 @@ class PrefillEngine(StepEngine[PrefillJob]):
                     cache.read(layer, b, n)
                 ),
                 on_release=self._on_release,
+                token_ids=job.prompt_ids,
             )
             job.emit(Scheduled(job.transfer_id, seq.num_prompt_tokens))
         started = time.monotonic()

@@ -40,9 +40,13 @@ class Codec(ABC):
         The returned tensors may alias `payload` (zero-copy codecs); copy them if they must outlive it.
         """
 
-    def encode_parts(self, k: Tensor, v: Tensor, layer: int) -> tuple[Buffer, Sequence[Buffer]]:
+    def encode_parts(
+        self, k: Tensor, v: Tensor, layer: int, token_ids: Tensor | None = None
+    ) -> tuple[Buffer, Sequence[Buffer]]:
         """Like encode() but the payload may be several buffers that the frame concatenates (so a codec
-        can hand over views instead of building one bytes object). Default: `encode()` as one part."""
+        can hand over views instead of building one bytes object). `token_ids` [T] int64: the prompt's
+        ids, where the caller has them (a codec may use them: `cachegen_l0` sends layer 0 as ids); others
+        ignore them. Default: `encode()` as one part."""
         params, payload = self.encode(k, v, layer)
         return params, [payload]
 
@@ -112,7 +116,9 @@ class ScaledCodec(Codec):
     @abstractmethod
     def num_scales(self, t: int) -> int: ...
 
-    def encode_parts(self, k: Tensor, v: Tensor, layer: int) -> tuple[Buffer, list[Buffer]]:
+    def encode_parts(
+        self, k: Tensor, v: Tensor, layer: int, token_ids: Tensor | None = None
+    ) -> tuple[Buffer, list[Buffer]]:
         check_kv(k, v)
         ks, kq = self.quantize(k)
         vs, vq = self.quantize(v)

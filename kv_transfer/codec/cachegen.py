@@ -59,7 +59,7 @@ import torch
 from torch import Tensor
 
 from kv_transfer.codec import cachegen_klt as klt
-from kv_transfer.codec import rans
+from kv_transfer.codec import layer0, rans
 from kv_transfer.codec.base import Codec, Shape
 from kv_transfer.codec.cachegen_core import (
     ALLOWED_BINS,
@@ -203,7 +203,13 @@ class CacheGenCodec(Codec):
         params, parts = self.encode_parts(k, v, layer)
         return params, b"".join(parts)
 
-    def encode_parts(self, k: Tensor, v: Tensor, layer: int) -> tuple[bytes, list[Buffer]]:
+    def _steps(self, tr: klt.KLTransform, layer: int) -> tuple[float, float] | None:
+        """The transform's (K, V) steps for `layer`; None: the level's plan (see CacheGenL0Codec)."""
+        return None
+
+    def encode_parts(
+        self, k: Tensor, v: Tensor, layer: int, token_ids: Tensor | None = None
+    ) -> tuple[bytes, list[Buffer]]:
         """k, v: [T, Hkv, D] fp32/fp16/bf16 on CPU or CUDA (quantized there; entropy coded on the CPU)
         -> (params, payload parts: the ANS word arrays of each chunk's K and V)."""
         if k.dim() != 3 or k.shape != v.shape or min(k.shape) < 1:
@@ -216,7 +222,8 @@ class CacheGenCodec(Codec):
         c = h * d
         tr = self.transform_for(layer, c, d)
         if tr is not None:
-            params, words = klt.encode(tr, self.level_name, k, v, layer, chunk_bounds(t, self.chunk_size()))
+            chunks = chunk_bounds(t, self.chunk_size())
+            params, words = klt.encode(tr, self.level_name, k, v, layer, chunks, steps=self._steps(tr, layer))
             return params, [memoryview(w).cast("B") if _LITTLE else le_bytes(w) for w in words]
         kf, vf = k.reshape(t, c).float(), v.reshape(t, c).float()
         k_lim, v_lim = torch.stack([*torch.aminmax(kf), *torch.aminmax(vf)]).abs().view(2, 2).amax(1).tolist()
@@ -322,6 +329,8 @@ class CacheGenCodec(Codec):
         dev = torch.device(device) if device is not None else torch.device("cpu")
         pay = memoryview(payload).cast("B") if not isinstance(payload, memoryview) else payload.cast("B")
         raw_params = bytes(params)
+        if layer0.is_layer0_frame(raw_params):
+            return layer0.decode(raw_params, pay, shape, dtype, dev)
         if raw_params[:2] == _MAGIC and len(raw_params) > 2 and raw_params[2] == klt.VERSION:
             pk = klt.parse(raw_params, shape, layer)
             self._check_payload(pay, pk.payload_crc, sum(ch[2] + ch[3] for ch in pk.chunks))
@@ -419,6 +428,29 @@ class CacheGenCodec(Codec):
 
 
 # ---- params ------------------------------------------------------------------------------------------
+
+
+class CacheGenL0Codec(CacheGenCodec):
+    """`cachegen` with layer 0 sent as the prompt's token ids (`kv_transfer.codec.layer0`): the decoder
+    recomputes it exactly from its model, and the other layers spend the level's budget (the transform's
+    "<level>+l0" plan, calibrated with layer 0 free; the level's own plan where the transform has none).
+    Layer 0 falls back to ordinary coding where the caller gives no ids or this process cannot reproduce the
+    layer from them. A decode instance asks for it only if it has installed its model's layer-0 function."""
+
+    name = "cachegen_l0"
+    codec_id = 5
+
+    def _steps(self, tr: klt.KLTransform, layer: int) -> tuple[float, float] | None:
+        plan = tr.steps.get(self.level_name + klt.L0_SUFFIX)
+        return (float(plan[layer][0]), float(plan[layer][1])) if plan is not None else None
+
+    def encode_parts(
+        self, k: Tensor, v: Tensor, layer: int, token_ids: Tensor | None = None
+    ) -> tuple[bytes, list[Buffer]]:
+        if layer == 0 and token_ids is not None and layer0.matches(k, v, token_ids):
+            params, payload = layer0.encode(token_ids)
+            return params, [payload]
+        return super().encode_parts(k, v, layer, token_ids)
 
 
 class Chunk:

@@ -76,6 +76,9 @@ _LEVEL_IDS = {"high": 1, "default": 2, "low": 3}
 # 32 greedy tokens match from 78% to 96% for ~0.14 bits per element at 1024-token prompts (measured, see
 # docs/benchmarks.md); the calibration counts these bits in each level's budget.
 RECENT = (64, 8.0)
+# A transform's steps may hold, beside each level, "<level>+l0": the plan for when layer 0 is not coded but
+# recomputed from the token ids (`cachegen_l0`), calibrated to the same budget with layer 0 free.
+L0_SUFFIX = "+l0"
 
 # ---- discrete Laplace tables ----------------------------------------------------------------------------
 
@@ -169,7 +172,7 @@ class KLTransform:
         for level, s in steps.items():
             s = np.ascontiguousarray(s, np.float32)
             if (
-                level not in _LEVEL_IDS
+                level.removesuffix(L0_SUFFIX) not in _LEVEL_IDS
                 or s.shape != (layers, 2)
                 or not (np.isfinite(s).all() and (s > 0).all())
             ):

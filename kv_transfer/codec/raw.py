@@ -24,7 +24,9 @@ class RawCodec(Codec):
     codec_id = 1
     lossless = True
 
-    def encode_parts(self, k: Tensor, v: Tensor, layer: int) -> tuple[Buffer, Sequence[Buffer]]:
+    def encode_parts(
+        self, k: Tensor, v: Tensor, layer: int, token_ids: Tensor | None = None
+    ) -> tuple[Buffer, Sequence[Buffer]]:
         check_kv(k, v)
         return _PARAMS.pack(_LAYOUT, DTYPE_CODES[k.dtype]), [tensor_bytes(k), tensor_bytes(v)]
 

@@ -19,6 +19,7 @@ _TABLE: tuple[tuple[int, str, str], ...] = (
     (2, "int8", "kv_transfer.codec.int8:Int8Codec"),
     (3, "fp8", "kv_transfer.codec.fp8:Fp8Codec"),
     (4, "cachegen", "kv_transfer.codec.cachegen:CacheGenCodec"),
+    (5, "cachegen_l0", "kv_transfer.codec.cachegen:CacheGenL0Codec"),
 )
 _BY_NAME = {name: (cid, target) for cid, name, target in _TABLE}
 _BY_ID = {cid: name for cid, name, _ in _TABLE}

@@ -29,6 +29,7 @@ from kv_transfer.transport._sockutil import parse_host_port
 from kv_transfer.transport.base import Channel, Listener, Transport
 from kv_transfer.transport.ucx import ucx_available
 from kv_transfer.wire import ErrorCode, ErrorMsg, decode_control
+from pdserve.errors import InvalidRequest
 
 FP = 0x5EED
 L, T, H, D = 4, 33, 2, 16
@@ -400,3 +401,36 @@ def test_abort_a_pull(server: KVServer, puller: KVPuller) -> None:
     with pytest.raises(TransferCancelled):
         handle.result(10)
     assert server.num_leases() == 1 and rel.total("ab") == 0  # the server keeps it for a retry
+
+
+def test_cachegen_l0_pull_sends_layer0_as_the_leases_token_ids(
+    server: KVServer, puller: KVPuller, tiny_model_dir
+) -> None:
+    """A real model's prompt KV behind a lease that knows the prompt's ids: pulled with cachegen_l0, layer 0
+    crosses as 4 bytes per token and arrives exactly as prefill computed it; the rest is cachegen's."""
+    from engine.kv_probe import KVProbe
+    from kv_transfer.codec import layer0
+
+    probe = KVProbe(str(tiny_model_dir), 64)
+    ids = [(13 * i + 7) % 2000 for i in range(48)]
+    kv = probe.prefill(ids)
+    with pytest.raises(InvalidRequest, match="token ids"):
+        server.open_lease(
+            "l0-bad", len(kv), len(ids), lambda layer: kv[layer], Releases(), token_ids=ids[:-1]
+        )
+    assert layer0.install_from_model(probe.runner.model, probe.runner.fingerprint)
+    try:
+        rel = Releases()
+        server.open_lease("l0", len(kv), len(ids), lambda layer: kv[layer], rel, token_ids=ids)
+        server.finish("l0", 5)
+        sink = Sink()
+        trailer = puller.pull(server.address, "l0", "cachegen_l0", sink)
+        assert torch.equal(sink.kv[0][0], kv[0][0]) and torch.equal(sink.kv[0][1], kv[0][1])
+        for layer in range(1, len(kv)):
+            err = (sink.kv[layer][0] - kv[layer][0]).abs().max().item()
+            assert 0 < err < 0.5
+        layer_bytes = 2 * len(ids) * kv[0][0][0].numel() * 4  # one layer's K+V in fp32
+        assert trailer.stats.payload_bytes < (len(kv) - 1) * layer_bytes / 3  # layer 0 ~free, rest compressed
+        rel.wait("l0", "pulled")
+    finally:
+        layer0.install_layer0(None)

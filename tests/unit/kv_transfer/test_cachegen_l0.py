@@ -1,0 +1,155 @@
+"""cachegen_l0: layer 0 sent as the prompt's token ids and recomputed by the decoder's model
+(kv_transfer.codec.layer0), checked against the engine's own prefill on a real (random) model."""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.kv_probe import KVProbe
+from kv_transfer.codec import get_codec, layer0
+from kv_transfer.codec.cachegen import CacheGenL0Codec
+from kv_transfer.errors import FrameCorrupted, FrameForeign
+from kv_transfer.frame import FrameBuffer, decode_frame
+
+PROMPT = [(11 * i + 5) % 2000 for i in range(70)]
+
+
+@pytest.fixture(scope="module")
+def probe(tiny_model_dir: Path) -> KVProbe:
+    return KVProbe(str(tiny_model_dir), 128)
+
+
+@pytest.fixture
+def installed(probe: KVProbe) -> Iterator[KVProbe]:
+    assert layer0.install_from_model(probe.runner.model, probe.runner.fingerprint)
+    yield probe
+    layer0.install_layer0(None)
+
+
+def _kv(probe: KVProbe) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return probe.prefill(PROMPT)
+
+
+def _ids() -> torch.Tensor:
+    return torch.tensor(PROMPT, dtype=torch.long)
+
+
+def test_the_model_computes_layer0_kv_exactly_as_prefill_writes_it(probe: KVProbe) -> None:
+    k0, v0 = _kv(probe)[0]
+    k, v = probe.runner.model.layer0_kv(_ids())
+    assert torch.equal(k, k0) and torch.equal(v, v0)
+
+
+def test_layer0_travels_as_ids_and_comes_back_exact(installed: KVProbe) -> None:
+    kv = _kv(installed)
+    codec = get_codec("cachegen_l0")
+    k, v = kv[0]
+    params, parts = codec.encode_parts(k, v, 0, _ids())
+    payload = b"".join(bytes(p) for p in parts)
+    assert layer0.is_layer0_frame(bytes(params)) and len(payload) == 4 * len(PROMPT)
+    ko, vo = codec.decode(params, payload, tuple(k.shape), k.dtype, 0)
+    assert torch.equal(ko, k) and torch.equal(vo, v)
+    # through the framed container, as the KV server sends it
+    frame = FrameBuffer().encode(
+        codec_id=codec.codec_id,
+        fingerprint=7,
+        transfer_id="t",
+        layer=0,
+        shape=tuple(k.shape),
+        dtype=k.dtype,
+        params=params,
+        payload=parts,
+    )
+    f = decode_frame(bytes(frame), expect_fingerprint=7)
+    ko, vo = get_codec("cachegen_l0").decode(f.params, f.payload, f.shape, f.dtype, 0)
+    assert torch.equal(ko, k)
+    # deeper layers are coded as cachegen codes them (lossy, bounded), not as ids
+    k1, v1 = kv[1]
+    p1, _ = codec.encode_parts(k1, v1, 1, _ids())
+    assert not layer0.is_layer0_frame(bytes(p1))
+
+
+def test_without_ids_or_a_match_layer0_is_coded_as_usual(installed: KVProbe) -> None:
+    k, v = _kv(installed)[0]
+    codec = CacheGenL0Codec()
+    params, _ = codec.encode_parts(k, v, 0)  # no ids given
+    assert not layer0.is_layer0_frame(bytes(params))
+    wrong = _ids().roll(1)  # the ids of other K/V: the encoder's check refuses them
+    params, _ = codec.encode_parts(k, v, 0, wrong)
+    assert not layer0.is_layer0_frame(bytes(params))
+    params, _ = codec.encode_parts(k + 1e-2, v, 0, _ids())  # K/V not what the model computes
+    assert not layer0.is_layer0_frame(bytes(params))
+    params, _ = codec.encode_parts(k, v, 0, torch.tensor([10**6] * len(PROMPT)))  # outside the vocab
+    assert not layer0.is_layer0_frame(bytes(params))
+
+
+def test_without_its_model_an_encoder_codes_layer0_as_usual(probe: KVProbe) -> None:
+    layer0.install_layer0(None)
+    k, v = _kv(probe)[0]
+    params, _ = CacheGenL0Codec().encode_parts(k, v, 0, _ids())
+    assert not layer0.is_layer0_frame(bytes(params))
+
+
+def test_a_decoder_without_the_model_or_with_another_refuses_the_frame(installed: KVProbe) -> None:
+    k, v = _kv(installed)[0]
+    params, parts = CacheGenL0Codec().encode_parts(k, v, 0, _ids())
+    payload = b"".join(bytes(p) for p in parts)
+    fn, model_id, vocab = layer0.installed_layer0()  # type: ignore[misc]
+    try:
+        layer0.install_layer0(None)
+        with pytest.raises(FrameForeign, match="no layer-0 function"):
+            CacheGenL0Codec().decode(params, payload, tuple(k.shape), k.dtype, 0)
+        layer0.install_layer0(fn, model_id + 1, vocab)
+        with pytest.raises(FrameForeign, match="model"):
+            CacheGenL0Codec().decode(params, payload, tuple(k.shape), k.dtype, 0)
+    finally:
+        layer0.install_layer0(fn, model_id, vocab)
+
+
+def test_damaged_layer0_frames_are_frame_corrupted(installed: KVProbe) -> None:
+    k, v = _kv(installed)[0]
+    codec = CacheGenL0Codec()
+    params, parts = codec.encode_parts(k, v, 0, _ids())
+    params, payload = bytes(params), b"".join(bytes(p) for p in parts)
+    shape = tuple(k.shape)
+    bad_payload = bytearray(payload)
+    bad_payload[5] ^= 0x10
+    bad_params = bytearray(params)
+    bad_params[4] ^= 0x01
+    cases = [
+        (params, bytes(bad_payload), shape),  # a flipped bit in the ids: payload CRC
+        (bytes(bad_params), payload, shape),  # in the header: params CRC
+        (params[:-1], payload, shape),  # truncated params
+        (params, payload[:-4], shape),  # truncated payload
+        (params, payload, (shape[0] + 1, *shape[1:])),  # the frame's shape disagrees
+    ]
+    for p, pay, shp in cases:
+        with pytest.raises(FrameCorrupted):
+            codec.decode(p, pay, shp, k.dtype, 0)
+    # well-formed, CRC'd, but an id outside the vocabulary: refused before the model reads it
+    ids = _ids().clone()
+    ids[3] = 10**6
+    forged = ids.numpy().astype("<u4").tobytes()
+    head = layer0._HEADER.pack(
+        b"CG", layer0.VERSION, len(PROMPT), layer0.installed_layer0()[1], zlib.crc32(forged)
+    )  # type: ignore[index]
+    forged_params = head + layer0._CRC.pack(zlib.crc32(head))
+    with pytest.raises(FrameCorrupted, match="vocabulary"):
+        codec.decode(forged_params, forged, shape, k.dtype, 0)
+
+
+def test_a_decoder_asks_for_cachegen_l0_only_where_it_can_recompute(probe: KVProbe) -> None:
+    layer0.install_layer0(None)
+    assert layer0.pull_codec("cachegen") == "cachegen" and layer0.pull_codec("cachegen_l0") == "cachegen"
+    assert layer0.pull_codec("int8") == "int8"
+    layer0.install_from_model(probe.runner.model, probe.runner.fingerprint)
+    try:
+        assert layer0.pull_codec("cachegen") == "cachegen_l0"
+        assert layer0.pull_codec("raw") == "raw"
+    finally:
+        layer0.install_layer0(None)
