@@ -34,6 +34,7 @@ from torch import Tensor
 
 from kv_transfer.codec.cachegen_core import chunk_bounds
 from kv_transfer.codec.cachegen_klt import (
+    L0_SUFFIX,
     TRANSFORM_FILE,
     KLTransform,
     decode,
@@ -49,6 +50,7 @@ CONTINUATION = 256
 BUDGETS = {"high": 4.0, "default": 2.65, "low": 1.5}
 REF_STEP_FRAC = 0.05
 CHUNK_TOKENS = 1024
+L0_PARAMS_BYTES = 23  # a layer-0-from-ids frame's params (kv_transfer.codec.layer0)
 
 
 def _sqrtm(m: Tensor, floor: float = 1e-3) -> tuple[Tensor, Tensor]:
@@ -114,15 +116,21 @@ def build_transform(
     return fwd, inv
 
 
-def _bits(transform: KLTransform, kvs: list[list[tuple[Tensor, Tensor]]], steps: np.ndarray) -> float:
-    """Mean bits per K/V element of the prompts' KV coded with steps [L, 2]."""
+def _bits(
+    transform: KLTransform, kvs: list[list[tuple[Tensor, Tensor]]], steps: np.ndarray, l0: bool = False
+) -> float:
+    """Mean bits per K/V element of the prompts' KV coded with steps [L, 2]; with `l0`, layer 0 travels as
+    the token ids (cachegen_l0: 4 bytes per token plus its frame's params)."""
     total = elements = 0
     for kv in kvs:
         for layer, (k, v) in enumerate(kv):
+            elements += 2 * k.numel()
+            if l0 and layer == 0:
+                total += L0_PARAMS_BYTES + 4 * k.shape[0]
+                continue
             chunks = chunk_bounds(k.shape[0], CHUNK_TOKENS)
             params, words = encode(transform, "default", k, v, layer, chunks, tuple(map(float, steps[layer])))
             total += len(params) + sum(w.nbytes for w in words)
-            elements += 2 * k.numel()
     return 8.0 * total / elements
 
 
@@ -220,28 +228,33 @@ def profile(
     # 3. per level: bisect lambda to the budget
     plans: dict[str, np.ndarray] = {}
     record: dict[str, dict] = {}
+    # each level twice: every layer coded, and layer 0 recomputed from the ids (the "<level>+l0" plan)
     for level, budget in budgets.items():
-        lo, hi = -60.0, 20.0  # log2 lambda
-        for _ in range(40):
-            mid = (lo + hi) / 2
-            steps = np.sqrt(2.0**mid / sens)
-            if _bits(base, prompt_kv, steps) > budget:
-                lo = mid
-            else:
-                hi = mid
-        steps = np.sqrt(2.0**hi / sens).astype(np.float32)
-        plans[level] = steps
-        kl = mean_kl(
-            [
+        for l0 in (False, True):
+            lo, hi = -60.0, 20.0  # log2 lambda
+            for _ in range(40):
+                mid = (lo + hi) / 2
+                steps = np.sqrt(2.0**mid / sens)
+                if _bits(base, prompt_kv, steps, l0) > budget:
+                    lo = mid
+                else:
+                    hi = mid
+            steps = np.sqrt(2.0**hi / sens).astype(np.float32)
+            name = level + L0_SUFFIX if l0 else level
+            plans[name] = steps
+            kl = mean_kl(
                 [
-                    _round_trip(base, k, v, layer, tuple(map(float, steps[layer])))
-                    for layer, (k, v) in enumerate(kv)
+                    [
+                        (k, v)
+                        if l0 and layer == 0
+                        else _round_trip(base, k, v, layer, tuple(map(float, steps[layer])))
+                        for layer, (k, v) in enumerate(kv)
+                    ]
+                    for kv in prompt_kv
                 ]
-                for kv in prompt_kv
-            ]
-        )
-        record[level] = {"budget_bits": budget, "bits": _bits(base, prompt_kv, steps), "calib_kl": kl}
-        log(f"{level}: {record[level]}")
+            )
+            record[name] = {"budget_bits": budget, "bits": _bits(base, prompt_kv, steps, l0), "calib_kl": kl}
+            log(f"{name}: {record[name]}")
     meta = {
         "calibration": json.dumps(
             {
