@@ -10,8 +10,10 @@ What is measured (one process, `torch.set_num_threads(1)`, the model in fp32 on 
   cache, and each layer's K and V are read back from it ([T, Hkv, D]).
 * Codecs: `raw`, `int8`, `fp8` (the registry's instances) and CacheGen at its three levels, built directly as
   `CacheGenCodec(level=...)`: keys `cachegen_low`, `cachegen` (= the default level, what the registry's
-  "cachegen" is) and `cachegen_high`. `install_model(model)` runs first, as in the services, so CacheGen
-  knows the model's depth and uses the model's static tables if it ships some.
+  "cachegen" is) and `cachegen_high`; `cachegen_l0` is the default level with layer 0 sent as the token ids
+  (what a decode instance that holds the model asks for: every round trip gets the prompt's ids). As in the
+  services, `install_model(model)` runs first, so CacheGen knows the model's depth and uses the model's
+  static tables if it ships some, and the probe's model is installed as the layer-0 function.
 * Size: codec params + payload (frame header and CRC not counted) of every window's prompt KV given as fp16
   -> `bits_per_element` (per K or V element), `ratio_vs_fp16` = 16 / bits, `ratio_vs_int8` = int8's bits / bits.
 * Speed: one `speed_tokens`-long held-out prompt's KV, every layer, `encode_parts` and `decode` timed with the
@@ -59,8 +61,8 @@ from torch import Tensor
 from bench.report import emit
 from engine.kv_probe import KVProbe, kl_per_token
 from kv_transfer.choice import CodecProfile, break_even_bps, save_profiles
-from kv_transfer.codec import Codec, get_codec
-from kv_transfer.codec.cachegen import CacheGenCodec
+from kv_transfer.codec import Codec, get_codec, layer0
+from kv_transfer.codec.cachegen import CacheGenCodec, CacheGenL0Codec
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "pdserve-tiny-py"
 SKIP_TOKENS = 4096  # the static CacheGen tables are profiled on the first 4096 held-out tokens
@@ -99,6 +101,9 @@ def codecs() -> dict[str, Codec]:
         "cachegen_low": CacheGenCodec(level="low"),
         "cachegen": CacheGenCodec(level="default"),
         "cachegen_high": CacheGenCodec(level="high"),
+        # the default level with layer 0 sent as the token ids and recomputed by the decoder (what a decode
+        # instance that holds the model asks for), the other layers on the "default+l0" plan
+        "cachegen_l0": CacheGenL0Codec(level="default"),
         # CacheGen's own quantizers (per-channel keys, per-token values) without the model's transform
         "cachegen_v1": CacheGenCodec(level="default", transform="off"),
         # the fallback where no C compiler builds the rANS coder: the default level without the transform
@@ -142,12 +147,12 @@ class Quality:
         }
 
 
-RoundTrip = Callable[[Tensor, Tensor, int], tuple[Tensor, Tensor]]
+RoundTrip = Callable[[Tensor, Tensor, int, Tensor], tuple[Tensor, Tensor]]  # k, v, layer, prompt ids
 
 
 def codec_round_trip(codec: Codec) -> RoundTrip:
-    def rt(k: Tensor, v: Tensor, layer: int) -> tuple[Tensor, Tensor]:
-        params, parts = codec.encode_parts(k, v, layer)
+    def rt(k: Tensor, v: Tensor, layer: int, ids: Tensor) -> tuple[Tensor, Tensor]:
+        params, parts = codec.encode_parts(k, v, layer, ids)
         payload = memoryview(bytearray(b"".join(bytes(p) for p in parts)))  # writable, as a receive buffer
         ko, vo = codec.decode(memoryview(bytes(params)), payload, tuple(k.shape), k.dtype, layer)
         return ko.clone(), vo.clone()
@@ -155,8 +160,8 @@ def codec_round_trip(codec: Codec) -> RoundTrip:
     return rt
 
 
-def wire_bytes(codec: Codec, k: Tensor, v: Tensor, layer: int) -> int:
-    params, parts = codec.encode_parts(k, v, layer)
+def wire_bytes(codec: Codec, k: Tensor, v: Tensor, layer: int, ids: Tensor) -> int:
+    params, parts = codec.encode_parts(k, v, layer, ids)
     return len(memoryview(params).cast("B")) + sum(len(memoryview(p).cast("B")) for p in parts)
 
 
@@ -182,20 +187,21 @@ def measure_quality(
         prompt, feed = window[: s.prompt], window[s.prompt : s.prompt + s.continuation]
         targets = torch.tensor(window[s.prompt + 1 :], dtype=torch.long)
         ref_kv = model.prefill(prompt)
+        pids = torch.tensor(prompt, dtype=torch.long)
         ref_logits = model.continuation_logits(s.prompt, feed)
         ref_logp = torch.log_softmax(ref_logits, -1)
         ref_q.add(ref_logp, ref_logits, targets)
         elements += sum(2 * k.numel() for k, _ in ref_kv)
         variants: dict[str, RoundTrip] = {name: codec_round_trip(c) for name, c in cdx.items()}
-        variants["__fp16"] = lambda k, v, _layer: (k.half().to(k.dtype), v.half().to(v.dtype))
+        variants["__fp16"] = _rounding(torch.float16)
         for name, rt in variants.items():
-            model.set_prompt_kv([rt(k, v, layer) for layer, (k, v) in enumerate(ref_kv)])
+            model.set_prompt_kv([rt(k, v, layer, pids) for layer, (k, v) in enumerate(ref_kv)])
             logits = model.continuation_logits(s.prompt, feed)
             (floor_q if name == "__fp16" else quality[name]).add(ref_logp, logits, targets)
         for name, c in cdx.items():
             for layer, (k, v) in enumerate(ref_kv):
-                size16[name] += wire_bytes(c, k.half(), v.half(), layer)
-                size_serving[name] += wire_bytes(c, k, v, layer)
+                size16[name] += wire_bytes(c, k.half(), v.half(), layer, pids)
+                size_serving[name] += wire_bytes(c, k, v, layer, pids)
         print(f"  window {w + 1}/{n_windows} done", flush=True, file=sys.stderr)
     quality["__ref"] = ref_q
     return quality, floor_q, size16, size_serving, elements, n_windows
@@ -212,7 +218,7 @@ def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 def _rounding(dtype: torch.dtype) -> RoundTrip:
-    return lambda k, v, _layer: (k.to(dtype).to(k.dtype), v.to(dtype).to(v.dtype))
+    return lambda k, v, _layer, _ids: (k.to(dtype).to(k.dtype), v.to(dtype).to(v.dtype))
 
 
 def measure_greedy(
@@ -234,6 +240,7 @@ def measure_greedy(
     for i in range(n):
         prompt = ids[SKIP_TOKENS + i * stride : SKIP_TOKENS + i * stride + t]
         ref_kv = model.prefill(prompt)
+        pids = torch.tensor(prompt, dtype=torch.long)
         first = model.first_token(prompt)
         model.set_prompt_kv(ref_kv)
         margins: list[float] = []
@@ -242,10 +249,10 @@ def measure_greedy(
         elements += sum(2 * k.numel() for k, _ in ref_kv)
         for name, c in cdx.items():
             nbytes[name] += sum(
-                wire_bytes(c, k.half(), v.half(), layer) for layer, (k, v) in enumerate(ref_kv)
+                wire_bytes(c, k.half(), v.half(), layer, pids) for layer, (k, v) in enumerate(ref_kv)
             )
         for name, rt in round_trips.items():
-            model.set_prompt_kv([rt(k, v, layer) for layer, (k, v) in enumerate(ref_kv)])
+            model.set_prompt_kv([rt(k, v, layer, pids) for layer, (k, v) in enumerate(ref_kv)])
             got = model.greedy(t, first, s.greedy_tokens)
             diff = next((j for j, (a, b) in enumerate(zip(got, ref, strict=True)) if a != b), None)
             if diff is not None:
@@ -277,9 +284,10 @@ def measure_greedy(
 
 
 def measure_speed(
-    kv: list[tuple[Tensor, Tensor]], cdx: dict[str, Codec], repeats: int, dtype: torch.dtype
+    kv: list[tuple[Tensor, Tensor]], ids: Tensor, cdx: dict[str, Codec], repeats: int, dtype: torch.dtype
 ) -> dict[str, tuple[float, float]]:
-    """-> name: (encode, decode) bytes/s of `dtype`-sized K+V per core (thread CPU time), medians."""
+    """-> name: (encode, decode) bytes/s of `dtype`-sized K+V per core (thread CPU time), medians. `ids`:
+    the prompt's token ids (cachegen_l0 recomputes layer 0 from them: its check and its decode count)."""
     kv = [(k.to(dtype).contiguous(), v.to(dtype).contiguous()) for k, v in kv]
     nbytes = sum(2 * k.numel() * k.element_size() for k, _ in kv)
     enc: dict[str, list[float]] = {n: [] for n in cdx}
@@ -289,7 +297,7 @@ def measure_speed(
             te = td = 0.0
             for layer, (k, v) in enumerate(kv):
                 t0 = time.thread_time()
-                params, parts = c.encode_parts(k, v, layer)
+                params, parts = c.encode_parts(k, v, layer, ids)
                 te += time.thread_time() - t0
                 payload = memoryview(bytearray(b"".join(bytes(p) for p in parts)))
                 params_mv = memoryview(bytes(params))
@@ -326,14 +334,16 @@ def run(model_dir: str, s: Settings, save: bool = False) -> dict[str, Any]:
         model_dir, max(s.prompt + s.continuation + 1, s.speed_tokens, GREEDY_PROMPT_TOKENS + s.greedy_tokens)
     )
     serving_dtype = model.runner.dtype
+    layer0.install_from_model(model.runner.model, model.runner.fingerprint)  # as the services do
     quality, floor_q, size16, size_serving, elements, n_windows = measure_quality(model, ids, s, cdx)
     ref_q = quality.pop("__ref")
     greedy, greedy_context = measure_greedy(model, ids, s, cdx)
 
     speed_prompt = ids[SKIP_TOKENS : SKIP_TOKENS + s.speed_tokens]
     speed_kv = model.prefill(speed_prompt)
-    speed16 = measure_speed(speed_kv, cdx, s.repeats, torch.float16)
-    speed_serving = measure_speed(speed_kv, cdx, s.repeats, serving_dtype)
+    speed_ids = torch.tensor(speed_prompt, dtype=torch.long)
+    speed16 = measure_speed(speed_kv, speed_ids, cdx, s.repeats, torch.float16)
+    speed_serving = measure_speed(speed_kv, speed_ids, cdx, s.repeats, serving_dtype)
 
     bits = {n: 8.0 * size16[n] / elements for n in cdx}
     out_codecs: dict[str, dict[str, float]] = {}

@@ -4,13 +4,14 @@ loopback) against the single-process reference.
 (a) codec raw over every transport (ucx where ucxx imports, tcp, shm): greedy output equals the reference
     token for token (8 concurrent requests of varied lengths, the tiny random model);
 (b) codec cachegen on the shipped model, 20 held-out prompts of 128 tokens (after the 4096 tokens its
-    tables and transform are calibrated on): with a request floor of max_kv_kl = 0 the KV is handed off
-    losslessly and every prompt's first 32 greedy tokens equal the reference's; at the default level the
-    share that match is printed, recorded as the test property `cachegen_match_rate`, and must stay above a
-    regression bound (75%). Issue 5's target for that share is 95%; `bench.codec` measures it on all 280
-    such prompts with an interval (92.9%, [89.2, 95.3], 2026-12-06: near-ties of a small model flip under any
-    KV error; int8 95.7%, fp16 rounding alone 98.9%; docs/benchmarks.md). Twenty prompts cannot resolve a
-    few points, so this test guards the path, and the bench holds the figure.
+    tables and transform are calibrated on). The decode instance holds the model, so it asks for
+    `cachegen_l0` (layer 0 sent as the token ids and recomputed exactly; the other layers on the level's
+    "+l0" plan). With a request floor of max_kv_kl = 0 the KV is handed off losslessly and every prompt's
+    first 32 greedy tokens equal the reference's; at the default level the share that match is printed,
+    recorded as the test property `cachegen_match_rate`, and must reach 90% (18 of 20: plain cachegen, which
+    codes layer 0, matched 17 of these). Issue 5's target for that share is 95%; `bench.codec` measures it
+    on all 280 such prompts with an interval (docs/benchmarks.md): twenty prompts cannot resolve a few
+    points, so this test guards the path, and the bench holds the figure.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ PROMPTS = [
 MATCH_TOKENS = 32
 MATCH_PROMPTS = 20
 MATCH_PROMPT_TOKENS = 128
-MIN_MATCH_RATE = 0.75  # a regression bound: CacheGen's own quantizers (cachegen_v1) match ~32%
+MIN_MATCH_RATE = 0.90  # a regression bound (plain cachegen: 85% here, CacheGen's own quantizers ~32%)
 TRANSPORTS = available_transports()  # ucx, tcp, shm (ucx only where ucxx imports)
 SHIPPED_READY = (SHIPPED_MODEL / "model.safetensors").exists()
 
