@@ -3,7 +3,8 @@
 #   make gpu-wheels      # here, once: the packages the device image lacks (ucxx-cu13 included), into .whl/
 #   run(command="bash infra/device/gpu_check.sh", carry=[".whl", "pdserve/v1"], timeout_s=420)
 # What it checks: the CUDA-guarded tests (GPU device binding, the CUDA model runner against the CPU one, the
-# CacheGen codec's CUDA quantization against its CPU bound (format v1, and v2's transform on the GPU), UCX
+# CacheGen codec's CUDA quantization against its CPU bound (format v1, v2's transform on the GPU,
+# cachegen_l0's layer 0 from a bf16 CUDA prefill), UCX
 # moving CUDA tensors where ucxx imports, the transports and KV pulls with UCX's CUDA transports enabled, and a 1P1D cluster on the GPU whose greedy
 # tokens must equal a single-process CUDA run; redis-server travels in .whl/redis), then bench.codec_gpu (the codec's CUDA path against its CPU path on the shipped model's KV). Everything it
 # prints lands in $OUT (env.txt, pytest.txt, codec_gpu.json); the exit status is nonzero if any check failed.
@@ -49,6 +50,7 @@ status=0
     "tests/unit/engine/test_local_engine.py::test_cuda_runner_matches_cpu" \
     "tests/unit/kv_transfer/test_cachegen.py::test_cuda_quantization_matches_cpu_bound" \
     "tests/unit/kv_transfer/test_cachegen_klt.py::test_cuda_tensors_transform_on_the_gpu" \
+    "tests/unit/kv_transfer/test_cachegen_l0.py::test_cuda_bf16_prefill_layer0_travels_as_ids" \
     "tests/unit/kv_transfer/test_kvt_transport.py" \
     "tests/integration/kv_transfer" \
     "tests/unit/pdserve" \

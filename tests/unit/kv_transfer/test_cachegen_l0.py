@@ -153,3 +153,30 @@ def test_a_decoder_asks_for_cachegen_l0_only_where_it_can_recompute(probe: KVPro
         assert layer0.pull_codec("raw") == "raw"
     finally:
         layer0.install_layer0(None)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_prefill_layer0_travels_as_ids(tiny_model_dir: Path) -> None:
+    """On a GPU (bf16 cache): prefill's layer 0, read to the host as the KV server does, passes the encoder's
+    check, crosses as ids, and decodes to the model's own recomputation (within one bf16 rounding)."""
+    from engine.device import Device
+    from engine.params import SamplingParams
+    from engine.runner import ModelRunner
+    from engine.sequence import Sequence
+
+    runner = ModelRunner(str(tiny_model_dir), Device.cuda(0), num_kv_blocks=16, block_size=16)
+    blocks = list(range(runner.kv_cache.num_blocks))
+    runner.prefill([Sequence("l0", list(PROMPT), SamplingParams(max_tokens=1), blocks=blocks)])
+    k, v = (x.cpu() for x in runner.kv_cache.read(0, blocks, len(PROMPT)))
+    assert layer0.install_from_model(runner.model, runner.fingerprint)
+    try:
+        codec = CacheGenL0Codec()
+        params, parts = codec.encode_parts(k, v, 0, _ids())
+        assert layer0.is_layer0_frame(bytes(params))
+        ko, vo = codec.decode(params, b"".join(bytes(p) for p in parts), tuple(k.shape), k.dtype, 0)
+        for x, y in ((k, ko), (v, vo)):
+            assert float((x.float() - y.float()).abs().max()) <= layer0.TOL[torch.bfloat16] * float(
+                x.abs().max()
+            )
+    finally:
+        layer0.install_layer0(None)
