@@ -22,9 +22,11 @@ relative to the prefill compute time (`ttft_added_frac_*`, medians over trials, 
   * unshaped: loopback, the default transport, codec raw;
   * limited_1gbit: a 1 Gbit/s link -- a network namespace whose loopback is shaped by `tc` tbf (both
     processes enter it), or, where that cannot be set up, `kv_transfer.transport.limited.LimitedTransport`
-    (a token bucket on the prefill side's sends over tcp); `link` says which. Codecs raw and cachegen, pull
-    after prefill (the whole hand-off on the critical path): `cachegen_speedup_vs_raw` = hand-off time
-    (pull start -> decode-ready) with raw / with cachegen. Streaming figures are reported too.
+    (a token bucket on the prefill side's sends over tcp); `link` says which. Codecs raw, cachegen and
+    cachegen_l0 (layer 0 as the token ids, what a decode instance holding the model pulls when told
+    cachegen; both processes hold the model, as the services do), pull after prefill (the whole hand-off
+    on the critical path): `cachegen_speedup_vs_raw` = hand-off time (pull start -> decode-ready) with raw
+    / with cachegen, `cachegen_l0_speedup_vs_raw` likewise. Streaming figures are reported too.
 All clocks here are wall clocks (time.monotonic, shared by the processes).
 """
 
@@ -259,6 +261,7 @@ def _prefill_proc(
     from engine.params import SamplingParams
     from engine.runner import ModelRunner
     from engine.sequence import Sequence
+    from kv_transfer.codec import layer0
     from kv_transfer.codec.cachegen_tables import install_model
     from kv_transfer.server import KVServer
     from kv_transfer.transport import transport_for
@@ -266,6 +269,7 @@ def _prefill_proc(
 
     install_model(model_dir)
     runner = ModelRunner(model_dir, num_kv_blocks=-(-max_tokens // 16) + 1, block_size=16)
+    layer0.install_from_model(runner.model, runner.fingerprint)  # as prefill_service does
     cache, num_layers = runner.kv_cache, runner.config.num_layers
     blocks = list(range(runner.kv_cache.num_blocks))
     transport = transport_for(scheme)
@@ -289,6 +293,7 @@ def _prefill_proc(
                 n,
                 read_layer=lambda layer, n=n: cache.read(layer, blocks, n),
                 on_release=lambda *_a, ev=released: ev.set(),
+                token_ids=prompt,
             )
             if mode == "streaming":
                 conn.send(("pull", tid))  # the decode side learns of the request when it is scheduled
@@ -310,22 +315,24 @@ def _prefill_proc(
 def _decode_proc(
     model_dir: str, netns: str | None, plan: list[tuple[str, str, list[int]]], peer: Any, out: Any
 ) -> None:
-    """The decode side: pulls each trial's KV into its own KVCache; reports the timings to `out`."""
+    """The decode side: pulls each trial's KV into its own KV cache (a ModelRunner's: it holds the model, as a
+    decode instance does, so cachegen_l0 can recompute layer 0); reports the timings to `out`."""
     _enter_netns(netns)
     _pin(1)
     import torch
 
     torch.set_num_threads(1)
-    from engine.config import ModelConfig
-    from engine.kv_cache import KVCache
+    from engine.runner import ModelRunner
     from kv_transfer.client import KVPuller
+    from kv_transfer.codec import layer0
     from kv_transfer.codec.cachegen_tables import install_model
 
     try:
         install_model(model_dir)
-        cfg = ModelConfig.from_hf_dir(model_dir)
         max_tokens = max(len(p) for _, _, p in plan)
-        cache = KVCache(cfg.num_layers, -(-max_tokens // 16) + 1, 16, cfg.num_kv_heads, cfg.head_dim)
+        runner = ModelRunner(model_dir, num_kv_blocks=-(-max_tokens // 16) + 1, block_size=16)
+        layer0.install_from_model(runner.model, runner.fingerprint)  # as decode_service does
+        cache = runner.kv_cache
         blocks = list(range(cache.num_blocks))
         address, fingerprint = peer.recv()
         results = []
@@ -482,20 +489,25 @@ def measure_handoff(model_dir: str, s: Settings, link: str) -> dict[str, Any]:
         how = "netns" if ok else "limiter"
         if not ok:
             _log(f"  netns + tc not usable ({why}); using the in-process rate limiter")
-    plan = [(m, c, p) for p in prompts for c in ("raw", "cachegen") for m in ("after", "streaming")]
+    # cachegen_l0: what a decode instance that holds the model pulls when told cachegen (layer 0 as ids)
+    codecs = ("raw", "cachegen", "cachegen_l0")
+    plan = [(m, c, p) for p in prompts for c in codecs for m in ("after", "streaming")]
+    warm = 2 * len(codecs)  # the first prompt's trials (connection set-up, first allocations) are dropped
     _log(f"  hand-off, 1 Gbit/s link ({how}): {len(plan)} trials")
     if how == "netns":
         with shaped_netns("1gbit") as ns:
-            rows = run_handoff(model_dir, "tcp", plan, netns=ns)[4:]
+            rows = run_handoff(model_dir, "tcp", plan, netns=ns)[warm:]
         link_desc = "network namespace, loopback shaped by tc tbf rate 1gbit burst 256kb; tcp transport"
     else:
-        rows = run_handoff(model_dir, "tcp", plan, limit_bps=LINK_BPS)[4:]
+        rows = run_handoff(model_dir, "tcp", plan, limit_bps=LINK_BPS)[warm:]
         link_desc = "LimitedTransport token bucket (125e6 bytes/s) on the prefill side's tcp sends"
     h_raw = _med(rows, "handoff_s", mode="after", codec="raw")
     h_cg = _med(rows, "handoff_s", mode="after", codec="cachegen")
+    h_l0 = _med(rows, "handoff_s", mode="after", codec="cachegen_l0")
     pre = _med(rows, "prefill_s")
     limited = {
         "cachegen_speedup_vs_raw": h_raw / h_cg,
+        "cachegen_l0_speedup_vs_raw": h_raw / h_l0,
         "link": how,
         "link_detail": link_desc,
         "handoff_s_raw": h_raw,
@@ -510,6 +522,10 @@ def measure_handoff(model_dir: str, s: Settings, link: str) -> dict[str, Any]:
         "encode_s_cachegen": _med(rows, "encode_s", mode="after", codec="cachegen"),
         "decode_s_cachegen": _med(rows, "decode_s", mode="after", codec="cachegen"),
         "decode_side_cpu_s_cachegen": _med(rows, "decode_side_cpu_s", mode="after", codec="cachegen"),
+        "handoff_s_cachegen_l0": h_l0,
+        "wire_bytes_cachegen_l0": _med(rows, "wire_bytes", codec="cachegen_l0"),
+        "encode_s_cachegen_l0": _med(rows, "encode_s", mode="after", codec="cachegen_l0"),
+        "decode_s_cachegen_l0": _med(rows, "decode_s", mode="after", codec="cachegen_l0"),
     }
     return {
         "unshaped": unshaped,
@@ -566,7 +582,8 @@ def summary(r: dict[str, Any]) -> str:
     )
     lines.append(
         f"1 Gbit/s ({lim['link']}): hand-off raw {lim['handoff_s_raw'] * 1e3:.1f} ms, cachegen "
-        f"{lim['handoff_s_cachegen'] * 1e3:.1f} ms -> {lim['cachegen_speedup_vs_raw']:.2f}x"
+        f"{lim['handoff_s_cachegen'] * 1e3:.1f} ms -> {lim['cachegen_speedup_vs_raw']:.2f}x, cachegen_l0 "
+        f"{lim['handoff_s_cachegen_l0'] * 1e3:.1f} ms -> {lim['cachegen_l0_speedup_vs_raw']:.2f}x"
     )
     return "\n".join(lines)
 
