@@ -81,7 +81,7 @@ async def run(cfg: instance.InstanceConfig) -> None:
     runner = instance.load_runner(cfg)
     install_model(cfg.model_dir)  # codecs learn the model's depth and its shipped cachegen tables
     # cachegen_l0: layer 0 from the ids
-    layer0.install_from_model(getattr(runner, "model", None), runner.fingerprint)
+    layer0.install_from_model(runner.model, runner.fingerprint)
     puller = KVPuller(fingerprint=runner.fingerprint, timeout_s=cfg.pull_timeout_s)
     engine = DecodeEngine(runner, puller, cfg.max_running, cfg.max_queue, cfg.batch_tokens)
     engine.start()

@@ -90,7 +90,7 @@ async def run(cfg: instance.InstanceConfig) -> None:
     runner = instance.load_runner(cfg)
     install_model(cfg.model_dir)  # codecs learn the model's depth and its shipped cachegen tables
     # cachegen_l0 checks layer 0 against it
-    layer0.install_from_model(getattr(runner, "model", None), runner.fingerprint)
+    layer0.install_from_model(runner.model, runner.fingerprint)
     transport = transport_for(default_scheme() if cfg.transport == "auto" else cfg.transport)
     kv_server = KVServer(transport, cfg.host, fingerprint=runner.fingerprint, lease_ttl_s=cfg.lease_ttl_s)
     kv_server.start()

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from kv_transfer.codec import layer0
 from kv_transfer.codec.cachegen_core import chunk_bounds
 from kv_transfer.codec.cachegen_klt import (
     L0_SUFFIX,
@@ -50,7 +51,6 @@ CONTINUATION = 256
 BUDGETS = {"high": 4.0, "default": 2.65, "low": 1.5}
 REF_STEP_FRAC = 0.05
 CHUNK_TOKENS = 1024
-L0_PARAMS_BYTES = 23  # a layer-0-from-ids frame's params (kv_transfer.codec.layer0)
 
 
 def _sqrtm(m: Tensor, floor: float = 1e-3) -> tuple[Tensor, Tensor]:
@@ -126,7 +126,7 @@ def _bits(
         for layer, (k, v) in enumerate(kv):
             elements += 2 * k.numel()
             if l0 and layer == 0:
-                total += L0_PARAMS_BYTES + 4 * k.shape[0]
+                total += layer0.PARAMS_BYTES + 4 * k.shape[0]
                 continue
             chunks = chunk_bounds(k.shape[0], CHUNK_TOKENS)
             params, words = encode(transform, "default", k, v, layer, chunks, tuple(map(float, steps[layer])))

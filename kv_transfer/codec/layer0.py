@@ -31,6 +31,7 @@ from kv_transfer.errors import CodecError, FrameCorrupted, FrameForeign
 VERSION = 3  # the cachegen params version of a layer-0-from-ids frame
 _HEADER = struct.Struct("<2sBIQI")
 _CRC = struct.Struct("<I")
+PARAMS_BYTES = _HEADER.size + _CRC.size  # a layer-0 frame's params (the calibration counts them)
 # |recomputed - given| <= TOL * max|given|, per K and V: fp32 reproduces prefill bit for bit here (the same
 # ops); 16-bit caches may differ in the last bit where the batch shape changes the matmul's summation order
 TOL = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 1.6e-2}
@@ -54,16 +55,11 @@ def installed_layer0() -> tuple[Layer0Fn, int, int] | None:
 
 def install_from_model(model, fingerprint: int) -> bool:
     """Install `model.layer0_kv` (an engine CausalLM) if it can compute layer 0 here; -> whether it did."""
-    if model is None or not getattr(model, "computes_layer0_kv", False):
+    if not model.computes_layer0_kv:
         install_layer0(None)
         return False
     device = next(model.parameters()).device
-
-    def fn(ids: Tensor) -> tuple[Tensor, Tensor]:
-        k, v = model.layer0_kv(ids.to(device))
-        return k, v
-
-    install_layer0(fn, fingerprint, model.config.vocab_size)
+    install_layer0(lambda ids: model.layer0_kv(ids.to(device)), fingerprint, model.config.vocab_size)
     return True
 
 
@@ -104,8 +100,8 @@ def decode(
     params: bytes, payload: memoryview, shape: tuple[int, int, int], dtype: torch.dtype, device: torch.device
 ) -> tuple[Tensor, Tensor]:
     """params, payload of a layer-0-from-ids frame -> k, v [T, Hkv, D] in `dtype` on `device`."""
-    if len(params) != _HEADER.size + _CRC.size:
-        raise FrameCorrupted(f"layer-0 params: {len(params)} bytes, want {_HEADER.size + _CRC.size}")
+    if len(params) != PARAMS_BYTES:
+        raise FrameCorrupted(f"layer-0 params: {len(params)} bytes, want {PARAMS_BYTES}")
     (crc,) = _CRC.unpack_from(params, _HEADER.size)
     if zlib.crc32(params[: _HEADER.size]) != crc:
         raise FrameCorrupted("layer-0 params: CRC mismatch")
