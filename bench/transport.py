@@ -287,7 +287,7 @@ def _prefill_proc(
             n = len(prompt)
             released = threading.Event()
             seq = Sequence(tid, list(prompt), SamplingParams(max_tokens=1), blocks=blocks)
-            server.open_lease(
+            lease_token = server.open_lease(
                 tid,
                 num_layers,
                 n,
@@ -296,7 +296,7 @@ def _prefill_proc(
                 token_ids=prompt,
             )
             if mode == "streaming":
-                conn.send(("pull", tid))  # the decode side learns of the request when it is scheduled
+                conn.send(("pull", tid, lease_token))  # the decode side learns of it when it is scheduled
             t0 = time.monotonic()
             token = runner.prefill([seq], on_layer=lambda layer, tid=tid: server.mark_ready(tid, layer + 1))[
                 0
@@ -304,7 +304,7 @@ def _prefill_proc(
             t1 = time.monotonic()
             server.finish(tid, int(token))
             if mode == "after":
-                conn.send(("pull", tid))
+                conn.send(("pull", tid, lease_token))
             if not released.wait(120):  # the blocks are reused by the next trial: wait for the pull's ACK
                 raise RuntimeError(f"lease {tid} was not pulled")
             conn.send(("times", t0, t1))
@@ -340,11 +340,15 @@ def _decode_proc(
             for i, (mode, codec, prompt) in enumerate(plan):
                 tid = f"bench-{i}-{uuid.uuid4().hex[:8]}"
                 peer.send(("run", mode, tid, prompt))
-                tag, got = peer.recv()
+                tag, got, lease_token = peer.recv()
                 assert tag == "pull" and got == tid, (tag, got)
                 t_pull, cpu0 = time.monotonic(), time.process_time()
                 trailer = puller.pull(
-                    address, tid, codec, lambda layer, k, v: cache.write(layer, blocks, 0, k, v)
+                    address,
+                    tid,
+                    codec,
+                    lambda layer, k, v: cache.write(layer, blocks, 0, k, v),
+                    token=lease_token,
                 )
                 t_ready, cpu1 = time.monotonic(), time.process_time()
                 tag, t0, t1 = peer.recv()

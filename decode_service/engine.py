@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from decode_service import tracing
@@ -51,6 +51,7 @@ class DecodeJob(Job):
     transfer_id: str
     codec: str
     first_token_id: int | None
+    kv_token: bytes = field(default=b"", repr=False)  # the lease's secret from the KV handle
     local_prefill: bool = False  # no KV handle: the step loop prefills the prompt here
     admitted: float = 0.0
     transfer_s: float = 0.0
@@ -189,6 +190,7 @@ class DecodeEngine(StepEngine[DecodeJob]):
                 job.transfer_id,
                 job.codec,
                 write_layer=lambda layer, k, v: cache.write(layer, seq.blocks, 0, k, v),
+                token=job.kv_token,
             )
             if trailer.num_tokens != len(job.prompt_ids):
                 raise Unavailable(

@@ -55,6 +55,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             params=params_from_proto(request.sampling),
             kv_address=request.kv.address,
             transfer_id=request.kv.transfer_id,
+            kv_token=request.kv.token,
             codec=layer0.pull_codec(request.kv.codec or self.cfg.codec),
             first_token_id=request.first_token_id if request.HasField("first_token_id") else None,
             local_prefill=request.local_prefill,

@@ -31,6 +31,7 @@ from kv_transfer.errors import (
     LeaseExpired,
     PeerClosed,
     ProtocolError,
+    PullUnauthorized,
     RemoteError,
     TransferCancelled,
     UnknownCodec,
@@ -168,6 +169,7 @@ _ERRORS: dict[ErrorCode, type[KVTransferError]] = {
     ErrorCode.INTERNAL: RemoteError,
     ErrorCode.SUPERSEDED: TransferCancelled,
     ErrorCode.SHUTTING_DOWN: PeerClosed,
+    ErrorCode.UNAUTHORIZED: PullUnauthorized,
 }
 
 
@@ -197,23 +199,30 @@ class KVPuller:
         self._closed = False
 
     # --- public ------------------------------------------------------------------------------------
-    def pull(self, handle_address: str, transfer_id: str, codec: str, write_layer: WriteLayer) -> Trailer:
+    def pull(
+        self, handle_address: str, transfer_id: str, codec: str, write_layer: WriteLayer, *, token: bytes
+    ) -> Trailer:
         """Pull every layer in order, calling write_layer(layer, k, v) as each arrives; returns the Trailer.
 
+        `token` is the lease's secret from the KV handle (what `KVServer.open_lease` returned).
         k, v may alias a receive buffer that the next layer overwrites: write_layer must copy them
-        (KVCache.write does). Raises typed errors (UnknownTransfer, LeaseExpired, FrameCorrupted, ...).
+        (KVCache.write does). Raises typed errors (UnknownTransfer, PullUnauthorized, LeaseExpired,
+        FrameCorrupted, ...).
         """
         handle = PullHandle(transfer_id)
-        self._run(handle, handle_address, codec, write_layer)
+        self._run(handle, handle_address, codec, write_layer, token)
         return handle.result(0)
 
     def start_pull(
-        self, handle_address: str, transfer_id: str, codec: str, write_layer: WriteLayer
+        self, handle_address: str, transfer_id: str, codec: str, write_layer: WriteLayer, *, token: bytes
     ) -> PullHandle:
         """Run pull() in a background thread; watch it with handle.poll() / wait() / result()."""
         handle = PullHandle(transfer_id)
         threading.Thread(
-            target=self._run, args=(handle, handle_address, codec, write_layer), name="kvpull", daemon=True
+            target=self._run,
+            args=(handle, handle_address, codec, write_layer, token),
+            name="kvpull",
+            daemon=True,
         ).start()
         return handle
 
@@ -254,7 +263,9 @@ class KVPuller:
         ch.close()
 
     # --- one pull ----------------------------------------------------------------------------------
-    def _run(self, handle: PullHandle, address: str, codec_name: str, write_layer: WriteLayer) -> None:
+    def _run(
+        self, handle: PullHandle, address: str, codec_name: str, write_layer: WriteLayer, token: bytes
+    ) -> None:
         try:
             get_codec(codec_name)  # fail fast, before touching the network
             for attempt in range(2):
@@ -263,7 +274,7 @@ class KVPuller:
                 connect_s = time.perf_counter() - t0
                 handle._set_channel(ch)
                 try:
-                    trailer = self._pull_on(ch, handle, codec_name, write_layer, connect_s)
+                    trailer = self._pull_on(ch, handle, codec_name, write_layer, connect_s, token)
                 except PeerClosed:
                     ch.close()
                     # a pooled connection may have died while idle: retry once on a fresh one, but only
@@ -285,12 +296,18 @@ class KVPuller:
             handle._finish(None, e)
 
     def _pull_on(
-        self, ch: Channel, handle: PullHandle, codec_name: str, write_layer: WriteLayer, connect_s: float
+        self,
+        ch: Channel,
+        handle: PullHandle,
+        codec_name: str,
+        write_layer: WriteLayer,
+        connect_s: float,
+        token: bytes,
     ) -> Trailer:
         tid = handle.transfer_id
         codec = get_codec(codec_name)
         t_start = time.perf_counter()
-        ch.send(encode_control(Pull(self.fingerprint, tid, codec_name)), timeout=self.timeout_s)
+        ch.send(encode_control(Pull(self.fingerprint, tid, codec_name, token)), timeout=self.timeout_s)
         expect_layer = 0
         shape: tuple[int, int, int] | None = None
         dtype: torch.dtype | None = None

@@ -136,3 +136,10 @@ class RemoteError(KVTransferError):
     """The server reported an internal failure while serving the pull."""
 
     code = grpc.StatusCode.INTERNAL
+
+
+class PullUnauthorized(KVTransferError):
+    """The PULL's lease token is wrong or missing: only the decode instance the gateway handed the lease's
+    token to may pull it. The server sent no KV and keeps the lease for the right puller."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED

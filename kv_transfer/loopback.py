@@ -40,9 +40,9 @@ def _child(scheme: str, conn: Any) -> None:
             break
         if len(msg) == 4 and bytes(msg) == b"kv??":
             tid = f"kv{time.monotonic_ns()}"
-            srv.open_lease(tid, layers, t, lambda _layer: kv, lambda *_: None)
+            token = srv.open_lease(tid, layers, t, lambda _layer: kv, lambda *_: None)
             srv.finish(tid, 0)
-            ch.send(tid.encode())
+            ch.send(token + tid.encode())
             continue
         ch.send(b"ok")
     ch.close()
@@ -52,6 +52,7 @@ def _child(scheme: str, conn: Any) -> None:
 
 def measure(scheme: str, mib: int, iters: int) -> dict[str, float]:
     from kv_transfer.client import KVPuller
+    from kv_transfer.server import LEASE_TOKEN_BYTES
 
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
@@ -73,8 +74,9 @@ def measure(scheme: str, mib: int, iters: int) -> dict[str, float]:
         best = 0.0
         for _ in range(3):
             ch.send(b"kv??")
-            tid = bytes(ch.recv(timeout=60)).decode()
-            trailer = puller.pull(kv_addr, tid, "raw", lambda _layer, k, v: None)
+            reply = bytes(ch.recv(timeout=60))  # lease token (LEASE_TOKEN_BYTES) + transfer id
+            token, tid = reply[:LEASE_TOKEN_BYTES], reply[LEASE_TOKEN_BYTES:].decode()
+            trailer = puller.pull(kv_addr, tid, "raw", lambda _layer, k, v: None, token=token)
             best = max(best, trailer.stats.raw_bytes / trailer.stats.transfer_s / 1e9)
         out["pull_raw_GBps"] = round(best, 3)
     ch.send(b"quit")

@@ -12,6 +12,12 @@ Lease life:
     "cancelled" cancel(), or stop() with the lease still open.
   on_release runs on whichever thread released (a connection handler, the reaper, or the caller of
   cancel()/stop()), outside the server's locks; it should be quick (free blocks, enqueue work).
+- Each lease has a secret token (16 random bytes) that open_lease() returns; the prefill service puts it
+  in the KV handle, the gateway hands it only to the decode instance it chose, and that puller sends it in
+  its PULL. A PULL with another token (or none) is refused with ERROR UNAUTHORIZED before any KV byte is
+  sent, counted (`counters().unauthorized_pulls`), and leaves the lease exactly as it was: not released,
+  its deadline not renewed, a stream in progress not superseded. After a completed pull the lease is gone,
+  so replaying the token gets UNKNOWN_TRANSFER.
 - If the puller's connection drops mid-transfer (or it rejects a frame) the lease is NOT released: it
   stays until a retried PULL completes it or it expires. A retried PULL restarts from layer 0 and
   supersedes a still-running stream for the same transfer id.
@@ -24,7 +30,9 @@ Lock order: lease.io_lock before server._lock; on_release and read_layer run wit
 
 from __future__ import annotations
 
+import hmac
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -54,6 +62,7 @@ ReadLayer = Callable[[int], tuple[Tensor, Tensor]]  # layer -> (k, v), each [T, 
 OnRelease = Callable[[str, str], None]  # (transfer_id, reason)
 
 IDLE_CONNECTION_TIMEOUT_S = 600.0  # a pooled connection with no PULL for this long is closed
+LEASE_TOKEN_BYTES = 16
 
 
 @dataclass(eq=False)
@@ -70,6 +79,7 @@ class _Lease:
     released: str | None = None  # release reason once released
     session: int = 0  # incremented by every PULL; a stream whose session is stale stops
     token_ids: Tensor | None = None  # the prompt's ids [T] int64, for codecs that use them (cachegen_l0)
+    token: bytes = field(default=b"", repr=False)  # the lease's secret; a PULL must carry it
 
 
 @dataclass
@@ -81,6 +91,15 @@ class _PullStats:
     encode_s: float = 0.0
     wait_s: float = 0.0
     send_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class KVServerCounters:
+    """Totals since start; bytes are what the server passed to `Channel.send`."""
+
+    unauthorized_pulls: int = 0  # PULLs refused for a wrong or missing lease token
+    frame_bytes_sent: int = 0  # KV frames (every byte of KV leaves in one)
+    control_bytes_sent: int = 0  # TRAILER and ERROR messages
 
 
 class _StreamEnded(Exception):
@@ -118,6 +137,9 @@ class KVServer:
         self._channels: set[Channel] = set()
         self._stopping = False
         self._address: str | None = None
+        self._unauthorized_pulls = 0  # these three under _lock
+        self._frame_bytes_sent = 0
+        self._control_bytes_sent = 0
 
     # --- lifecycle ---------------------------------------------------------------------------------
     @property
@@ -188,12 +210,13 @@ class KVServer:
         read_layer: ReadLayer,
         on_release: OnRelease,
         token_ids: Sequence[int] | None = None,
-    ) -> None:
-        """Hold `transfer_id`'s KV for pulling. read_layer(l) -> (k, v) [num_tokens, Hkv, D] CPU tensors is
-        called from server threads, only for ready layers and never after release; on_release is called
-        exactly once. `token_ids`: the prompt's ids, which a codec may send instead of a layer it can be
-        recomputed from (cachegen_l0's layer 0). Raises InvalidRequest (bad arguments), LeaseExists,
-        ServerStopped."""
+    ) -> bytes:
+        """Hold `transfer_id`'s KV for pulling; returns the lease's secret token, which a PULL must carry
+        (hand it only to the puller that should get this KV). read_layer(l) -> (k, v) [num_tokens, Hkv, D]
+        CPU tensors is called from server threads, only for ready layers and never after release;
+        on_release is called exactly once. `token_ids`: the prompt's ids, which a codec may send instead of
+        a layer it can be recomputed from (cachegen_l0's layer 0). Raises InvalidRequest (bad arguments),
+        LeaseExists, ServerStopped."""
         if not transfer_id or len(transfer_id.encode("utf-8")) > MAX_TRANSFER_ID_BYTES:
             raise InvalidRequest(f"transfer id must be 1..{MAX_TRANSFER_ID_BYTES} utf-8 bytes")
         if num_layers < 1 or num_tokens < 1:
@@ -201,6 +224,7 @@ class KVServer:
         if token_ids is not None and len(token_ids) != num_tokens:
             raise InvalidRequest(f"{len(token_ids)} token ids for {num_tokens} tokens")
         ids = torch.tensor(list(token_ids), dtype=torch.int64) if token_ids is not None else None
+        token = secrets.token_bytes(LEASE_TOKEN_BYTES)
         with self._lock:
             if self._stopping:
                 raise ServerStopped("KVServer is stopped")
@@ -214,9 +238,11 @@ class KVServer:
                 on_release,
                 deadline=time.monotonic() + self.lease_ttl_s,
                 token_ids=ids,
+                token=token,
             )
             self._cond.notify_all()
             self._reaper_cond.notify()
+        return token
 
     def mark_ready(self, transfer_id: str, num_layers_ready: int) -> bool:
         """Layers [0, n) may be sent. Monotonic. False if the lease is gone (released or never opened)."""
@@ -251,6 +277,12 @@ class KVServer:
     def num_leases(self) -> int:
         with self._lock:
             return len(self._leases)
+
+    def counters(self) -> KVServerCounters:
+        with self._lock:
+            return KVServerCounters(
+                self._unauthorized_pulls, self._frame_bytes_sent, self._control_bytes_sent
+            )
 
     def _release(self, lease: _Lease, reason: str) -> bool:
         """Release once; True if this call released it. Waits for an in-flight read of the lease."""
@@ -331,9 +363,19 @@ class KVServer:
             with self._lock:
                 self._channels.discard(ch)
 
+    def _send(self, ch: Channel, data: memoryview | bytes, timeout: float, frame: bool) -> None:
+        """Every byte the server sends goes through here (counted once sent)."""
+        ch.send(data, timeout=timeout)
+        n = data.nbytes if isinstance(data, memoryview) else len(data)
+        with self._lock:
+            if frame:
+                self._frame_bytes_sent += n
+            else:
+                self._control_bytes_sent += n
+
     def _send_error(self, ch: Channel, code: ErrorCode, tid: str, message: str) -> None:
         try:
-            ch.send(encode_control(ErrorMsg(code, tid, message)), timeout=5.0)
+            self._send(ch, encode_control(ErrorMsg(code, tid, message)), 5.0, frame=False)
         except (PeerClosed, TransferTimeout):
             pass  # the peer is gone; nothing more to tell it
 
@@ -353,14 +395,22 @@ class KVServer:
         except UnknownCodec as e:
             self._send_error(ch, ErrorCode.UNKNOWN_CODEC, tid, str(e))
             return True
+        authorized = False
         with self._lock:
             lease = self._leases.get(tid)
-            if lease is not None:
+            if lease is not None and hmac.compare_digest(lease.token, pull.token):
+                authorized = True  # only now may the pull touch the lease (supersede, renew, stream)
                 lease.session += 1
                 session = lease.session
                 lease.deadline = time.monotonic() + self.lease_ttl_s
+            elif lease is not None:
+                self._unauthorized_pulls += 1
         if lease is None:
             self._send_error(ch, ErrorCode.UNKNOWN_TRANSFER, tid, f"no lease for transfer {tid!r}")
+            return True
+        if not authorized:
+            log.warning("PULL for %s refused: %s lease token", tid, "wrong" if pull.token else "no")
+            self._send_error(ch, ErrorCode.UNAUTHORIZED, tid, f"wrong or missing lease token for {tid!r}")
             return True
         stats = _PullStats()
         try:
@@ -368,7 +418,7 @@ class KVServer:
                 self._wait_for(lease, session, layer + 1, stats)
                 frame = self._encode_layer(lease, codec, layer, buf, stats)
                 t0 = time.perf_counter()
-                ch.send(frame, timeout=self.send_timeout_s)
+                self._send(ch, frame, self.send_timeout_s, frame=True)
                 stats.send_s += time.perf_counter() - t0
                 stats.bytes_on_wire += len(frame)
                 with self._lock:
@@ -390,7 +440,7 @@ class KVServer:
             wait_s=stats.wait_s,
             send_s=stats.send_s,
         )
-        ch.send(encode_control(trailer), timeout=self.send_timeout_s)
+        self._send(ch, encode_control(trailer), self.send_timeout_s, frame=False)
         with self._lock:
             lease.deadline = time.monotonic() + self.lease_ttl_s
         reply = decode_control(ch.recv(timeout=self.lease_ttl_s))

@@ -1,12 +1,12 @@
 """Control messages of the pull protocol (PULL, TRAILER, ACK, ERROR): struct-packed, versioned, CRC'd.
 
-Envelope (little-endian), version 1:
+Envelope (little-endian), version 2:
 
     magic b"PDKC" | version u16 | type u8 | flags u8 (= 0) | body_len u32 | body | crc32 u32 (over all before)
 
 Bodies (strings are length-prefixed utf-8; every body must be consumed exactly):
 
-    PULL     fingerprint u64 | tid (u16 len) | codec name (u8 len)
+    PULL     fingerprint u64 | tid (u16 len) | codec name (u8 len) | lease token (u8 len, raw bytes)
     TRAILER  first_token_id i64 | num_tokens u32 | num_layers u32 | bytes_on_wire u64 | raw_bytes u64 |
              payload_bytes u64 | read_s f64 | encode_s f64 | wait_s f64 | send_s f64 | tid (u16 len)
     ACK      tid (u16 len)
@@ -15,6 +15,10 @@ Bodies (strings are length-prefixed utf-8; every body must be consumed exactly):
 Conversation on one channel (several pulls may follow each other on the same channel):
     puller -> PULL; server -> one KV frame per layer, in layer order; server -> TRAILER; puller -> ACK.
     Instead of any frame or the trailer the server may send ERROR, which ends that pull.
+    The lease token is the secret the server issued with the lease (KVHandle.token); a PULL whose token
+    differs gets ERROR UNAUTHORIZED before any frame, and the lease is left as it was.
+
+Version 2 added the PULL's lease token (version 1 had none); the two do not interoperate.
 """
 
 from __future__ import annotations
@@ -28,10 +32,11 @@ from kv_transfer.errors import FrameCorrupted, FrameForeign, FrameTooLarge
 from kv_transfer.frame import MAX_TRANSFER_ID_BYTES, Buffer, as_bytes_view
 
 MAGIC = b"PDKC"
-VERSION = 1
+VERSION = 2
 MAX_BODY_BYTES = 64 << 10
 MAX_CODEC_NAME_BYTES = 64
 MAX_ERROR_MESSAGE_BYTES = 4096
+MAX_TOKEN_BYTES = 64
 
 _ENVELOPE = struct.Struct("<4sHBBI")
 _CRC = struct.Struct("<I")
@@ -61,6 +66,7 @@ class ErrorCode(enum.IntEnum):
     INTERNAL = 7
     SUPERSEDED = 8  # a newer PULL for the same transfer took over
     SHUTTING_DOWN = 9
+    UNAUTHORIZED = 10  # the PULL's lease token is wrong or missing
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,12 @@ class Pull:
     fingerprint: int
     transfer_id: str
     codec: str
+    token: bytes = b""  # the lease's secret (KVHandle.token); b"" = none given
+
+    def __repr__(self) -> str:  # never print the secret
+        return (
+            f"Pull(fingerprint={self.fingerprint:#x}, transfer_id={self.transfer_id!r}, codec={self.codec!r})"
+        )
 
 
 @dataclass(frozen=True)
@@ -112,6 +124,12 @@ def _str(s: str, cap: int, width: struct.Struct, what: str, truncate: bool = Fal
     return width.pack(len(b)) + b
 
 
+def _blob(b: bytes, cap: int, what: str) -> bytes:
+    if len(b) > cap:
+        raise ValueError(f"{what} is {len(b)} bytes > {cap}")
+    return _U8.pack(len(b)) + bytes(b)
+
+
 def _envelope(kind: MsgType, body: bytes) -> bytes:
     head = _ENVELOPE.pack(MAGIC, VERSION, kind, 0, len(body)) + body
     return head + _CRC.pack(zlib.crc32(head))
@@ -123,6 +141,7 @@ def encode_control(msg: ControlMsg) -> bytes:
             _PULL.pack(msg.fingerprint & 0xFFFFFFFFFFFFFFFF)
             + _str(msg.transfer_id, MAX_TRANSFER_ID_BYTES, _U16, "transfer id")
             + _str(msg.codec, MAX_CODEC_NAME_BYTES, _U8, "codec name")
+            + _blob(msg.token, MAX_TOKEN_BYTES, "lease token")
         )
         return _envelope(MsgType.PULL, body)
     if isinstance(msg, TrailerMsg):
@@ -176,6 +195,14 @@ class _Reader:
         except UnicodeDecodeError as e:
             raise FrameForeign(f"control message string is not utf-8: {e}") from None
 
+    def blob(self, cap: int) -> bytes:
+        (n,) = self.unpack(_U8)
+        if n > cap or self.off + n > len(self.body):
+            raise FrameCorrupted(f"field of {n} bytes overruns the control message")
+        raw = bytes(self.body[self.off : self.off + n])
+        self.off += n
+        return raw
+
     def done(self) -> None:
         if self.off != len(self.body):
             raise FrameCorrupted(f"{len(self.body) - self.off} trailing bytes in control message body")
@@ -213,7 +240,8 @@ def decode_control(buf: Buffer) -> ControlMsg:
         (fp,) = r.unpack(_PULL)
         tid = r.string(_U16, MAX_TRANSFER_ID_BYTES)
         codec = r.string(_U8, MAX_CODEC_NAME_BYTES)
-        msg = Pull(fingerprint=fp, transfer_id=tid, codec=codec)
+        token = r.blob(MAX_TOKEN_BYTES)
+        msg = Pull(fingerprint=fp, transfer_id=tid, codec=codec, token=token)
     elif kind == MsgType.TRAILER:
         vals = r.unpack(_TRAILER)
         tid = r.string(_U16, MAX_TRANSFER_ID_BYTES)

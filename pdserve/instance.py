@@ -312,6 +312,7 @@ def stats_proto(cfg: InstanceConfig, engine: StepEngine) -> common_pb2.InstanceS
         kv_blocks_free=bm.num_free,
         leases=s.get("leases", 0),
         integrity_ok=ok,
+        kv_unauthorized_pulls=s.get("kv_unauthorized_pulls", 0),
     )
 
 

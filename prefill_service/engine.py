@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import Tensor
@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 class Scheduled:
     transfer_id: str
     num_tokens: int
+    token: bytes = field(default=b"", repr=False)  # the lease's secret: goes into the KV handle only
 
 
 @dataclass
@@ -40,6 +41,7 @@ class Done:
     num_tokens: int
     queue_s: float
     compute_s: float
+    token: bytes = field(default=b"", repr=False)  # the lease's secret: goes into the KV handle only
 
 
 Event = Scheduled | Done | PDServeError
@@ -50,6 +52,7 @@ class PrefillJob(Job):
     """`emit` gets Scheduled (the lease is open) then Done, or one PDServeError."""
 
     transfer_id: str = ""  # set by submit
+    kv_token: bytes = field(default=b"", repr=False)  # the lease's secret, set when the lease opens
     trace: Any = None  # OpenTelemetry Context: the parent of this job's spans (None: not traced)
     lease_span: Any = None
 
@@ -101,7 +104,11 @@ class PrefillEngine(StepEngine[PrefillJob]):
         return list(self._leased.values())
 
     def _stats(self) -> dict[str, int]:
-        return {"queue_len": len(self._waiting), "leases": len(self._leased)}
+        return {
+            "queue_len": len(self._waiting),
+            "leases": len(self._leased),
+            "kv_unauthorized_pulls": self.kv_server.counters().unauthorized_pulls,
+        }
 
     def _loop(self) -> None:
         while True:
@@ -142,7 +149,7 @@ class PrefillEngine(StepEngine[PrefillJob]):
             seq = job.seq
             assert seq is not None
             tracing.open_lease(job, num_layers)
-            self.kv_server.open_lease(
+            job.kv_token = self.kv_server.open_lease(
                 job.transfer_id,
                 num_layers,
                 seq.num_prompt_tokens,
@@ -152,7 +159,7 @@ class PrefillEngine(StepEngine[PrefillJob]):
                 on_release=self._on_release,
                 token_ids=job.prompt_ids,
             )
-            job.emit(Scheduled(job.transfer_id, seq.num_prompt_tokens))
+            job.emit(Scheduled(job.transfer_id, seq.num_prompt_tokens, job.kv_token))
         started = time.monotonic()
         spans = tracing.BatchSpans(batch, started)
 
@@ -171,7 +178,16 @@ class PrefillEngine(StepEngine[PrefillJob]):
         for job, token in zip(batch, first_tokens, strict=True):
             assert token is not None  # whole prompts, never a partial chunk, are prefilled here
             self.kv_server.finish(job.transfer_id, token)
-            job.emit(Done(job.transfer_id, token, len(job.prompt_ids), started - job.arrived, compute_s))
+            job.emit(
+                Done(
+                    job.transfer_id,
+                    token,
+                    len(job.prompt_ids),
+                    started - job.arrived,
+                    compute_s,
+                    job.kv_token,
+                )
+            )
             if job.cancelled:  # cancelled while computing: nobody will pull this KV
                 self.kv_server.cancel(job.transfer_id)
 

@@ -30,8 +30,9 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         self.runner = runner
         self.kv_address = kv_address
 
-    def _handle(self, transfer_id: str, num_tokens: int, codec: str) -> common_pb2.KVHandle:
+    def _handle(self, transfer_id: str, num_tokens: int, codec: str, token: bytes) -> common_pb2.KVHandle:
         return common_pb2.KVHandle(
+            token=token,
             transfer_id=transfer_id,
             address=self.kv_address,
             codec=codec or self.cfg.codec,
@@ -66,12 +67,12 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             async for ev in events:
                 if isinstance(ev, Scheduled):
                     yield prefill_pb2.PrefillEvent(
-                        scheduled=self._handle(ev.transfer_id, ev.num_tokens, request.codec)
+                        scheduled=self._handle(ev.transfer_id, ev.num_tokens, request.codec, ev.token)
                     )
                 elif isinstance(ev, Done):
                     done = prefill_pb2.PrefillDone(
                         first_token_id=ev.first_token_id,
-                        kv=self._handle(ev.transfer_id, ev.num_tokens, request.codec),
+                        kv=self._handle(ev.transfer_id, ev.num_tokens, request.codec, ev.token),
                         queue_s=ev.queue_s,
                         compute_s=ev.compute_s,
                     )

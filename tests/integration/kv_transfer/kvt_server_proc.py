@@ -53,13 +53,14 @@ def main() -> None:
         if cmd == "open":
             tid, kv = args[0], make_kv(int(args[1]))
             for scheme, srv in servers.items():
-                srv.open_lease(
+                token = srv.open_lease(
                     tid,
                     L,
                     T,
                     lambda layer, kv=kv: kv[layer],
                     lambda t, r, s=scheme: say(f"released {s} {t} {r}"),
                 )
+                say(f"token {scheme} {tid} {token.hex()}")
             say(f"opened {tid}")
         elif cmd == "stream":
             threading.Thread(target=stream, args=(args[0], float(args[1])), daemon=True).start()

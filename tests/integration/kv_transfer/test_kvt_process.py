@@ -53,6 +53,16 @@ class ServerProcess:
             if line.startswith(prefixes):
                 return line
 
+    def open(self, tid: str, seed: int) -> dict[str, bytes]:
+        """Open a lease for `tid` on every transport's server; returns each server's lease token."""
+        self.send(f"open {tid} {seed}")
+        tokens = {}
+        while (line := self.expect(("token", f"opened {tid}"))).startswith("token"):
+            _, scheme, got, token = line.split()
+            assert got == tid
+            tokens[scheme] = bytes.fromhex(token)
+        return tokens
+
     def send(self, cmd: str) -> None:
         assert self.proc.stdin is not None
         self.proc.stdin.write(cmd + "\n")
@@ -70,14 +80,17 @@ def server_proc() -> Iterator[ServerProcess]:
 
 def test_streaming_pulls_from_another_process(server_proc: ServerProcess) -> None:
     assert {"tcp", "shm"} <= set(server_proc.addresses)
-    server_proc.send("open p0 7")
-    server_proc.expect(("opened p0",))
+    tokens = server_proc.open("p0", 7)
     expected = make_kv(7)
     with KVPuller(fingerprint=FP, timeout_s=20.0) as puller:
         got: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {s: {} for s in server_proc.addresses}
         handles = {
             s: puller.start_pull(
-                addr, "p0", "raw", lambda i, k, v, s=s: got[s].__setitem__(i, (k.clone(), v.clone()))
+                addr,
+                "p0",
+                "raw",
+                lambda i, k, v, s=s: got[s].__setitem__(i, (k.clone(), v.clone())),
+                token=tokens[s],
             )
             for s, addr in server_proc.addresses.items()
         }
@@ -96,13 +109,12 @@ def test_streaming_pulls_from_another_process(server_proc: ServerProcess) -> Non
 
 
 def test_server_process_death_is_peer_closed(server_proc: ServerProcess) -> None:
-    server_proc.send("open p1 8")
-    server_proc.expect(("opened p1",))
+    tokens = server_proc.open("p1", 8)
     server_proc.send("ready p1 1")
     server_proc.expect(("marked p1",))
     with KVPuller(fingerprint=FP, timeout_s=20.0) as puller:
         handles = {
-            s: puller.start_pull(addr, "p1", "raw", lambda *a: None)
+            s: puller.start_pull(addr, "p1", "raw", lambda *a: None, token=tokens[s])
             for s, addr in server_proc.addresses.items()
         }
         deadline = time.monotonic() + 20

@@ -18,17 +18,18 @@ from kv_transfer.errors import (
     LeaseExists,
     LeaseExpired,
     PeerClosed,
+    PullUnauthorized,
     TransferCancelled,
     UnknownCodec,
     UnknownTransfer,
 )
-from kv_transfer.frame import Buffer
+from kv_transfer.frame import Buffer, is_frame
 from kv_transfer.server import KVServer
 from kv_transfer.transport import transport_for
 from kv_transfer.transport._sockutil import parse_host_port
 from kv_transfer.transport.base import Channel, Listener, Transport
 from kv_transfer.transport.ucx import ucx_available
-from kv_transfer.wire import ErrorCode, ErrorMsg, decode_control
+from kv_transfer.wire import ErrorCode, ErrorMsg, Pull, decode_control, encode_control
 from pdserve.errors import InvalidRequest
 
 FP = 0x5EED
@@ -51,11 +52,12 @@ def make_kv(seed: int, dtype: torch.dtype = torch.float32) -> list[tuple[torch.T
 
 
 class Releases:
-    """on_release recorder: counts calls per (transfer, reason)."""
+    """on_release recorder: counts calls per (transfer, reason); keeps each lease's token."""
 
     def __init__(self) -> None:
         self.calls: Counter[tuple[str, str]] = Counter()
         self.cond = threading.Condition()
+        self.tokens: dict[str, bytes] = {}  # transfer id -> the lease token open_lease returned
 
     def __call__(self, tid: str, reason: str) -> None:
         with self.cond:
@@ -106,7 +108,7 @@ def open_lease(
     srv: KVServer, tid: str, rel: Releases, seed: int = 0
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     kv = make_kv(seed)
-    srv.open_lease(tid, L, T, lambda layer: kv[layer], rel)
+    rel.tokens[tid] = srv.open_lease(tid, L, T, lambda layer: kv[layer], rel)
     return kv
 
 
@@ -114,7 +116,7 @@ def test_streaming_pull_before_prefill_finishes(server: KVServer, puller: KVPull
     rel = Releases()
     kv = open_lease(server, "r1", rel)
     sink = Sink()
-    handle = puller.start_pull(server.address, "r1", "raw", sink)
+    handle = puller.start_pull(server.address, "r1", "raw", sink, token=rel.tokens["r1"])
     time.sleep(0.2)
     assert handle.poll() == PullState.WAITING and sink.layers == []  # nothing is ready yet
     for layer in range(L):  # the "prefill": layers become ready one by one
@@ -147,7 +149,7 @@ def test_lossy_codec_pull(server: KVServer, puller: KVPuller, codec: str) -> Non
     kv = open_lease(server, "lossy", rel)
     server.finish("lossy", 1)
     sink = Sink()
-    trailer = puller.pull(server.address, "lossy", codec, sink)
+    trailer = puller.pull(server.address, "lossy", codec, sink, token=rel.tokens["lossy"])
     assert trailer.stats.compression_ratio > 3.0
     for layer in range(L):
         err = (sink.kv[layer][0] - kv[layer][0]).abs().max().item()
@@ -161,7 +163,7 @@ def test_out_dtype_conversion(server: KVServer) -> None:
     server.finish("bf", 2)
     sink = Sink()
     with KVPuller(fingerprint=FP, timeout_s=10.0, out_dtype=torch.bfloat16) as p:
-        p.pull(server.address, "bf", "raw", sink)
+        p.pull(server.address, "bf", "raw", sink, token=rel.tokens["bf"])
     assert sink.kv[1][0].dtype == torch.bfloat16 and torch.equal(sink.kv[1][0], kv[1][0].to(torch.bfloat16))
     rel.wait("bf", "pulled")
 
@@ -172,7 +174,9 @@ def test_several_pulls_reuse_one_connection(server: KVServer, puller: KVPuller) 
         open_lease(server, f"m{i}", rel, seed=i)
         server.finish(f"m{i}", i)
     for i in range(3):
-        assert puller.pull(server.address, f"m{i}", "raw", Sink()).first_token_id == i
+        assert (
+            puller.pull(server.address, f"m{i}", "raw", Sink(), token=rel.tokens[f"m{i}"]).first_token_id == i
+        )
         assert puller.pull.__self__._idle[server.address]  # the channel went back to the pool
     for i in range(3):
         rel.wait(f"m{i}", "pulled")
@@ -184,7 +188,10 @@ def test_concurrent_pulls(server: KVServer) -> None:
     for tid in kvs:
         server.finish(tid, 5)
     with KVPuller(fingerprint=FP, timeout_s=10.0) as p:
-        handles = {tid: (p.start_pull(server.address, tid, "raw", sink := Sink()), sink) for tid in kvs}
+        handles = {
+            tid: (p.start_pull(server.address, tid, "raw", sink := Sink(), token=rel.tokens[tid]), sink)
+            for tid in kvs
+        }
         for tid, (h, sink) in handles.items():
             h.result(20)
             assert all(torch.equal(sink.kv[i][0], kvs[tid][i][0]) for i in range(L))
@@ -195,18 +202,20 @@ def test_concurrent_pulls(server: KVServer) -> None:
 
 def test_unknown_transfer_and_bad_requests(server: KVServer, puller: KVPuller) -> None:
     with pytest.raises(UnknownTransfer):
-        puller.pull(server.address, "never-opened", "raw", Sink())
+        puller.pull(server.address, "never-opened", "raw", Sink(), token=b"")
     rel = Releases()
     open_lease(server, "fp", rel)
     server.finish("fp", 1)
     with KVPuller(fingerprint=FP + 1, timeout_s=5.0) as other_model, pytest.raises(FingerprintMismatch):
-        other_model.pull(server.address, "fp", "raw", Sink())
+        other_model.pull(server.address, "fp", "raw", Sink(), token=rel.tokens["fp"])
     with pytest.raises(UnknownCodec):
-        puller.pull(server.address, "fp", "zstd", Sink())
+        puller.pull(server.address, "fp", "zstd", Sink(), token=rel.tokens["fp"])
     with pytest.raises(LeaseExists):
         server.open_lease("fp", L, T, lambda layer: make_kv(0)[layer], rel)
     assert not server.mark_ready("never-opened", 1) and not server.finish("never-opened", 1)
-    puller.pull(server.address, "fp", "raw", Sink())  # the lease survived all of the above
+    puller.pull(
+        server.address, "fp", "raw", Sink(), token=rel.tokens["fp"]
+    )  # the lease survived all of the above
     rel.wait("fp", "pulled")
 
 
@@ -214,7 +223,7 @@ def test_cancel_releases_once_and_fails_a_waiting_pull(server: KVServer, puller:
     rel = Releases()
     open_lease(server, "x", rel)
     server.mark_ready("x", 1)
-    handle = puller.start_pull(server.address, "x", "raw", Sink())
+    handle = puller.start_pull(server.address, "x", "raw", Sink(), token=rel.tokens["x"])
     deadline = time.monotonic() + 10
     while handle.layers_received < 1 and time.monotonic() < deadline:
         time.sleep(0.005)
@@ -231,7 +240,7 @@ def test_expiry_releases_once(scheme: str, puller: KVPuller) -> None:
         rel = Releases()
         open_lease(srv, "idle", rel)  # nobody ever pulls it
         open_lease(srv, "stuck", rel)  # a puller waits, but prefill never makes a layer ready
-        handle = puller.start_pull(srv.address, "stuck", "raw", Sink())
+        handle = puller.start_pull(srv.address, "stuck", "raw", Sink(), token=rel.tokens["stuck"])
         rel.wait("idle", "expired")
         with pytest.raises(LeaseExpired):
             handle.result(10)
@@ -240,14 +249,14 @@ def test_expiry_releases_once(scheme: str, puller: KVPuller) -> None:
         assert rel.calls == Counter({("idle", "expired"): 1, ("stuck", "expired"): 1})
         assert srv.num_leases() == 0
         with pytest.raises(UnknownTransfer):
-            puller.pull(srv.address, "idle", "raw", Sink())
+            puller.pull(srv.address, "idle", "raw", Sink(), token=rel.tokens["idle"])
 
 
 def test_renewal_keeps_a_slow_prefill_alive(scheme: str, puller: KVPuller) -> None:
     with KVServer(transport_for(scheme), "127.0.0.1", fingerprint=FP, lease_ttl_s=0.4) as srv:
         rel = Releases()
         open_lease(srv, "slow", rel)
-        handle = puller.start_pull(srv.address, "slow", "raw", Sink())
+        handle = puller.start_pull(srv.address, "slow", "raw", Sink(), token=rel.tokens["slow"])
         for layer in range(L):  # total 0.8 s > ttl, but every step renews the lease
             time.sleep(0.2)
             srv.mark_ready("slow", layer + 1)
@@ -316,17 +325,19 @@ def test_corrupted_frame_is_caught_and_server_survives(scheme: str, puller: KVPu
         srv.finish("c", 9)
         sink = Sink()
         with pytest.raises(FrameCorrupted):
-            puller.pull(srv.address, "c", "raw", sink)
+            puller.pull(srv.address, "c", "raw", sink, token=rel.tokens["c"])
         assert sink.layers == [0]  # layer 1's frame was the damaged one
         time.sleep(0.1)
         assert rel.total("c") == 0 and srv.num_leases() == 1  # not acknowledged: the lease stays
         sink = Sink()
-        assert puller.pull(srv.address, "c", "raw", sink).first_token_id == 9  # retry succeeds
+        assert (
+            puller.pull(srv.address, "c", "raw", sink, token=rel.tokens["c"]).first_token_id == 9
+        )  # retry succeeds
         assert torch.equal(sink.kv[L - 1][1], kv[L - 1][1])
         rel.wait("c", "pulled")
         open_lease(srv, "next", rel, seed=1)
         srv.finish("next", 10)
-        assert puller.pull(srv.address, "next", "raw", Sink()).first_token_id == 10
+        assert puller.pull(srv.address, "next", "raw", Sink(), token=rel.tokens["next"]).first_token_id == 10
         rel.wait("next", "pulled")
         assert rel.total("c") == 1 and rel.total("next") == 1
 
@@ -341,10 +352,12 @@ def test_puller_dying_mid_transfer_keeps_the_lease(server: KVServer, puller: KVP
             raise RuntimeError("decode worker crashed")
 
     with pytest.raises(RuntimeError, match="crashed"):
-        puller.pull(server.address, "d", "raw", dies_at_layer_2)
+        puller.pull(server.address, "d", "raw", dies_at_layer_2, token=rel.tokens["d"])
     time.sleep(0.2)
     assert rel.total("d") == 0 and server.num_leases() == 1
-    assert puller.pull(server.address, "d", "raw", Sink()).first_token_id == 4  # a retried pull completes it
+    assert (
+        puller.pull(server.address, "d", "raw", Sink(), token=rel.tokens["d"]).first_token_id == 4
+    )  # a retried pull completes it
     rel.wait("d", "pulled")
     assert rel.total("d") == 1
 
@@ -374,7 +387,7 @@ def test_server_survives_garbage_clients(scheme: str, server: KVServer, puller: 
     rel = Releases()
     open_lease(server, "ok", rel)
     server.finish("ok", 1)
-    assert puller.pull(server.address, "ok", "raw", Sink()).num_layers == L
+    assert puller.pull(server.address, "ok", "raw", Sink(), token=rel.tokens["ok"]).num_layers == L
     rel.wait("ok", "pulled")
 
 
@@ -384,7 +397,7 @@ def test_stop_releases_open_leases_as_cancelled(scheme: str) -> None:
     rel = Releases()
     open_lease(srv, "s1", rel)
     with KVPuller(fingerprint=FP, timeout_s=10.0) as p:
-        handle = p.start_pull(srv.address, "s1", "raw", Sink())
+        handle = p.start_pull(srv.address, "s1", "raw", Sink(), token=rel.tokens["s1"])
         time.sleep(0.2)
         srv.stop()
         with pytest.raises(PeerClosed):
@@ -395,7 +408,7 @@ def test_stop_releases_open_leases_as_cancelled(scheme: str) -> None:
 def test_abort_a_pull(server: KVServer, puller: KVPuller) -> None:
     rel = Releases()
     open_lease(server, "ab", rel)
-    handle = puller.start_pull(server.address, "ab", "raw", Sink())
+    handle = puller.start_pull(server.address, "ab", "raw", Sink(), token=rel.tokens["ab"])
     time.sleep(0.2)
     handle.abort()
     with pytest.raises(TransferCancelled):
@@ -421,10 +434,12 @@ def test_cachegen_l0_pull_sends_layer0_as_the_leases_token_ids(
     assert layer0.install_from_model(probe.runner.model, probe.runner.fingerprint)
     try:
         rel = Releases()
-        server.open_lease("l0", len(kv), len(ids), lambda layer: kv[layer], rel, token_ids=ids)
+        rel.tokens["l0"] = server.open_lease(
+            "l0", len(kv), len(ids), lambda layer: kv[layer], rel, token_ids=ids
+        )
         server.finish("l0", 5)
         sink = Sink()
-        trailer = puller.pull(server.address, "l0", "cachegen_l0", sink)
+        trailer = puller.pull(server.address, "l0", "cachegen_l0", sink, token=rel.tokens["l0"])
         assert torch.equal(sink.kv[0][0], kv[0][0]) and torch.equal(sink.kv[0][1], kv[0][1])
         for layer in range(1, len(kv)):
             err = (sink.kv[layer][0] - kv[layer][0]).abs().max().item()
@@ -434,3 +449,54 @@ def test_cachegen_l0_pull_sends_layer0_as_the_leases_token_ids(
         rel.wait("l0", "pulled")
     finally:
         layer0.install_layer0(None)
+
+
+def test_only_the_lease_token_pulls_and_a_wrong_one_gets_no_kv_byte(
+    scheme: str, server: KVServer, puller: KVPuller
+) -> None:
+    """A PULL with a wrong, missing or truncated token gets ERROR(UNAUTHORIZED) and not one frame byte, is
+    counted, and leaves the lease to the right puller, even one already streaming; a replay after the
+    pull finds no lease."""
+    rel = Releases()
+    kv = open_lease(server, "auth", rel)
+    right = rel.tokens["auth"]
+    assert len(right) == 16
+    server.mark_ready("auth", 1)  # layer 0 may be sent right away
+    sink = Sink()
+    handle = puller.start_pull(server.address, "auth", "raw", sink, token=right)
+    deadline = time.monotonic() + 10
+    while handle.layers_received < 1 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert handle.poll() == PullState.TRANSFERRING
+    frames_before = server.counters().frame_bytes_sent
+    assert frames_before > 0
+    # on the wire: every reply to a bad PULL is one ERROR control message, never a KV frame
+    ch = transport_for(scheme).connect(server.address, timeout=5)
+    wrong_tokens = [bytes(b ^ 0xFF for b in right), b"", right[:-1], right + b"\x00"]
+    received = 0
+    for token in wrong_tokens:
+        ch.send(encode_control(Pull(FP, "auth", "raw", token)))
+        reply = ch.recv(timeout=5)
+        received += len(reply)
+        assert not is_frame(reply)
+        msg = decode_control(reply)
+        assert isinstance(msg, ErrorMsg) and msg.code == ErrorCode.UNAUTHORIZED and msg.transfer_id == "auth"
+    ch.close()
+    with pytest.raises(PullUnauthorized):  # the typed error a puller gets
+        puller.pull(server.address, "auth", "raw", Sink(), token=bytes(16))
+    counters = server.counters()
+    assert counters.unauthorized_pulls == len(wrong_tokens) + 1
+    assert counters.frame_bytes_sent == frames_before  # not one KV byte went to a wrong token
+    assert server.num_leases() == 1 and rel.total("auth") == 0
+    # the right puller's stream was not superseded: it gets the rest and the whole cache is byte-exact
+    server.mark_ready("auth", L)
+    server.finish("auth", 77)
+    trailer = handle.result(10)
+    assert trailer.first_token_id == 77 and sink.layers == list(range(L))
+    for layer in range(L):
+        assert torch.equal(sink.kv[layer][0], kv[layer][0]) and torch.equal(sink.kv[layer][1], kv[layer][1])
+    assert server.counters().frame_bytes_sent == trailer.stats.bytes_on_wire  # every frame went to it
+    rel.wait("auth", "pulled")
+    with pytest.raises(UnknownTransfer):  # replaying the token: the lease is gone
+        puller.pull(server.address, "auth", "raw", Sink(), token=right)
+    assert server.counters().unauthorized_pulls == len(wrong_tokens) + 1

@@ -200,14 +200,15 @@ def test_encode_rejects_bad_fields() -> None:
 
 # --- control messages ------------------------------------------------------------------------------
 CONTROL = [
-    Pull(FP, "req-1", "int8"),
+    Pull(FP, "req-1", "int8", token=bytes(range(16))),
+    Pull(FP, "req-1", "raw"),  # no token (refused by the server, but well-formed)
     TrailerMsg("req-1", 42, 100, 8, 1 << 40, 1 << 41, 12345, 0.5, 0.25, 0.125, 1e-3),
     Ack("req-1"),
     ErrorMsg(ErrorCode.EXPIRED, "req-1", "lease expired ✓"),
 ]
 
 
-@pytest.mark.parametrize("msg", CONTROL, ids=lambda m: type(m).__name__)
+@pytest.mark.parametrize("msg", CONTROL, ids=lambda m: f"{type(m).__name__}-{len(encode_control(m))}")
 def test_control_round_trip_and_damage(msg: object) -> None:
     buf = encode_control(msg)  # type: ignore[arg-type]
     assert is_control(buf) and not is_frame(buf)
@@ -235,6 +236,18 @@ def test_control_rejects_foreign_and_oversized() -> None:
     unknown_type[6] = 77
     with pytest.raises(FrameForeign):
         decode_control(_recrc(unknown_type))
+
+
+def test_pull_token_is_bounded_and_never_printed() -> None:
+    with pytest.raises(ValueError, match="lease token"):
+        encode_control(Pull(FP, "t", "raw", token=bytes(65)))
+    msg = decode_control(encode_control(Pull(FP, "t", "raw", token=b"\xaa" * 64)))
+    assert isinstance(msg, Pull) and msg.token == b"\xaa" * 64
+    assert "aa" not in repr(msg).replace(f"{FP:#x}", "")
+    v1 = bytearray(encode_control(Pull(FP, "t", "raw", token=b"k")))
+    v1[4:6] = struct.pack("<H", 1)  # a version-1 peer (PULL without a token) is refused, not misread
+    with pytest.raises(FrameForeign, match="version 1"):
+        decode_control(_recrc(v1))
 
 
 def test_error_message_is_truncated_not_refused() -> None:
