@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from pdserve.tls import TLSFiles
 
 
 @dataclass(frozen=True)
@@ -36,8 +38,12 @@ class CoordinatorConfig:
     suspect_s: float = 5.0  # an instance that refused a connection is skipped this long
     colocated: bool = False  # baseline mode: proxy Generate to colocated instances (no prefill/decode)
     expect_colocated: int = 1  # colocated mode: SERVING once this many colocated instances are registered
+    # TLS (pdserve/tls.py): with a certificate the gateway's public port serves TLS (no client certificate
+    # asked); with a CA too, the router's channels to instances and the registry are mutual TLS.
+    tls: TLSFiles = field(default_factory=TLSFiles)
 
     def __post_init__(self) -> None:
+        self.tls.require_cluster_identity()
         if self.layerwise not in LAYERWISE_POLICIES:
             raise ValueError(f"layerwise must be one of {LAYERWISE_POLICIES}, got {self.layerwise!r}")
         if self.local_prefill not in LOCAL_PREFILL_POLICIES:

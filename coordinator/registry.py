@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 import redis
 
+from pdserve.tls import TLSFiles, redis_kwargs
+
 log = logging.getLogger(__name__)
 
 ROLES = ("prefill", "decode", "colocated")
@@ -59,12 +61,15 @@ def _key(cluster: str, role: str, instance_id: str) -> str:
 
 
 class Registry:
-    """Thin client over one Redis database."""
+    """Thin client over one Redis database. A `rediss://` URL is TLS, with `tls`'s CA and this process's
+    certificate (pdserve.tls.redis_kwargs); under --tls-ca only such a URL is accepted."""
 
-    def __init__(self, url: str, cluster: str = "default") -> None:
+    def __init__(self, url: str, cluster: str = "default", tls: TLSFiles | None = None) -> None:
         self.url = url
         self.cluster = cluster
-        self._r = redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
+        self._r = redis.Redis.from_url(
+            url, socket_timeout=2.0, socket_connect_timeout=2.0, **redis_kwargs(url, tls or TLSFiles())
+        )
 
     def announce(self, info: InstanceInfo, ttl_s: float) -> None:
         key = _key(self.cluster, info.role, info.instance_id)

@@ -22,15 +22,22 @@ import grpc
 from coordinator.registry import InstanceInfo, Registry
 from pdserve.errors import Unavailable
 from pdserve.rpc import CHANNEL_OPTIONS
+from pdserve.tls import TLSFiles, cluster_channel
 
 log = logging.getLogger(__name__)
 
 
 class Router:
     def __init__(
-        self, registry: Registry, fingerprint: int, refresh_s: float = 0.25, suspect_s: float = 5.0
+        self,
+        registry: Registry,
+        fingerprint: int,
+        refresh_s: float = 0.25,
+        suspect_s: float = 5.0,
+        tls: TLSFiles | None = None,
     ) -> None:
         self.registry = registry
+        self.tls = tls or TLSFiles()  # with a CA, channels to instances are mutual TLS
         self.fingerprint = fingerprint
         self.refresh_s = refresh_s
         self.suspect_s = suspect_s
@@ -169,7 +176,7 @@ class Router:
     def channel(self, address: str) -> grpc.aio.Channel:
         ch = self._channels.get(address)
         if ch is None:
-            ch = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            ch = cluster_channel(address, self.tls, CHANNEL_OPTIONS)
             self._channels[address] = ch
         return ch
 

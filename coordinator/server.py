@@ -20,6 +20,7 @@ from engine.config import ModelConfig
 from engine.device import parse_cpus, pin_process
 from engine.tokenizer import Tokenizer
 from pdserve import telemetry
+from pdserve.tls import TLSConfigError, TLSFiles, add_port, add_tls_args
 from pdserve.v1 import generation_pb2, generation_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -57,8 +58,8 @@ async def _watch_health(router: Router, cfg: CoordinatorConfig, servicer: health
 async def run(cfg: CoordinatorConfig) -> None:
     model = ModelConfig.from_hf_dir(cfg.model_dir)
     tokenizer = Tokenizer(cfg.model_dir)
-    registry = Registry(cfg.redis_url, cfg.cluster)
-    router = Router(registry, model_fingerprint(cfg.model_dir), cfg.refresh_s, cfg.suspect_s)
+    registry = Registry(cfg.redis_url, cfg.cluster, tls=cfg.tls)
+    router = Router(registry, model_fingerprint(cfg.model_dir), cfg.refresh_s, cfg.suspect_s, tls=cfg.tls)
     await router.start()
 
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
@@ -68,7 +69,7 @@ async def run(cfg: CoordinatorConfig) -> None:
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     services = (GENERATION_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(services, server)
-    port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+    port = add_port(server, f"{cfg.host}:{cfg.port}", cfg.tls, client_auth=False)  # clients: API keys
     if port == 0:
         raise RuntimeError(f"cannot bind the gateway on {cfg.host}:{cfg.port} (port in use?)")
     await server.start()
@@ -77,7 +78,15 @@ async def run(cfg: CoordinatorConfig) -> None:
     )
     watcher = asyncio.create_task(_watch_health(router, cfg, health_servicer))
     print(f"GATEWAY {cfg.host}:{port}", flush=True)
-    log.info("gateway on %s:%d, registry %s cluster %s", cfg.host, port, cfg.redis_url, cfg.cluster)
+    log.info(
+        "gateway on %s:%d (%s), registry %s cluster %s%s",
+        cfg.host,
+        port,
+        "TLS" if cfg.tls.enabled else "plaintext",
+        cfg.redis_url,
+        cfg.cluster,
+        ", mutual TLS inside the cluster" if cfg.tls.mutual else "",
+    )
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -142,11 +151,17 @@ def main(argv: list[str] | None = None) -> None:
         default=2,
         help="--local-prefill busy: requests in flight on every prefill instance before a prompt goes local",
     )
+    add_tls_args(p)
     a = p.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s coordinator %(name)s: %(message)s"
     )
     pin_process(parse_cpus(a.cpus))  # before gRPC and telemetry start their threads
+    try:
+        tls = TLSFiles.from_args(a)
+        tls.require_cluster_identity()
+    except TLSConfigError as exc:
+        p.error(str(exc))
     cfg = CoordinatorConfig(
         model_dir=a.model,
         redis_url=a.redis_url,
@@ -164,6 +179,7 @@ def main(argv: list[str] | None = None) -> None:
         local_prefill_depth=a.local_prefill_depth,
         colocated=a.colocated,
         expect_colocated=a.expect_colocated,
+        tls=tls,
     )
     telemetry.setup("coordinator", f"coordinator-{cfg.host}:{cfg.port}")
     try:

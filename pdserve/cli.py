@@ -1,5 +1,5 @@
 """The `pdserve` command: `up` (local cluster), `generate` (stream a completion), `bench` (benchmarks),
-`trace` (one request's spans as a waterfall)."""
+`trace` (one request's spans as a waterfall), `certs` (development TLS certificates)."""
 
 from __future__ import annotations
 
@@ -18,9 +18,32 @@ def _default_model() -> str:
     return str(default_model_dir())
 
 
+def _up_tls(a: argparse.Namespace):  # -> pdserve.tls.TLSFiles
+    """--tls-dir DIR is DIR/cert.pem, DIR/key.pem and DIR/ca.pem (what `pdserve certs DIR` writes); the
+    single flags override its files."""
+    import os
+
+    from pdserve.tls import TLSFiles
+
+    d = a.tls_dir
+    return TLSFiles(
+        cert=a.tls_cert or (os.path.join(d, "cert.pem") if d else ""),
+        key=a.tls_key or (os.path.join(d, "key.pem") if d else ""),
+        ca=a.tls_ca or (os.path.join(d, "ca.pem") if d else ""),
+    )
+
+
 def cmd_up(a: argparse.Namespace) -> int:
     from engine.device import parse_cpus
     from pdserve.launcher import ClusterConfig, LocalCluster, run_forever
+    from pdserve.tls import TLSConfigError
+
+    try:
+        tls = _up_tls(a)
+        tls.require_cluster_identity()
+    except TLSConfigError as exc:
+        print(f"pdserve up: {exc}", file=sys.stderr)
+        return 2
 
     cfg = ClusterConfig(
         model_dir=a.model or _default_model(),
@@ -42,8 +65,24 @@ def cmd_up(a: argparse.Namespace) -> int:
         local_prefill=a.local_prefill,
         local_prefill_max_tokens=a.local_prefill_max_tokens,
         layerwise=a.layerwise,
+        tls=tls,
     )
     return run_forever(LocalCluster(cfg))
+
+
+def cmd_certs(a: argparse.Namespace) -> int:
+    from pdserve.certs import write_dev_certs
+
+    hosts = tuple(dict.fromkeys(["localhost", "127.0.0.1", *a.host]))
+    try:
+        files = write_dev_certs(a.dir, hosts=hosts, days=a.days, overwrite=a.force)
+    except FileExistsError as exc:
+        print(f"pdserve certs: {exc} (--force replaces them)", file=sys.stderr)
+        return 1
+    print(f"pdserve certs: CA {files.ca}, certificate {files.cert} + key {files.key} for {', '.join(hosts)}")
+    print(f"  pdserve up --tls-dir {a.dir}")
+    print(f"  pdserve generate --tls-ca {files.ca} 'def f(x):'")
+    return 0
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
@@ -92,8 +131,14 @@ def cmd_generate(a: argparse.Namespace) -> int:
         return 0
 
     from pdserve.client import Client
+    from pdserve.tls import TLSConfigError
 
-    with Client(a.addr) as client:
+    try:
+        client = Client(a.addr, tls_ca=a.tls_ca, tls_cert=a.tls_cert, tls_key=a.tls_key)
+    except TLSConfigError as exc:
+        print(f"pdserve generate: {exc}", file=sys.stderr)
+        return 2
+    with client:
         try:
             for msg in client.stream(
                 a.prompt,
@@ -173,6 +218,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="layer-wise KV streaming, decode pulling while prefill computes (auto: only from CUDA prefill "
         "instances)",
     )
+    up.add_argument("--tls-cert", default="", help="PEM certificate every process presents (with --tls-key)")
+    up.add_argument("--tls-key", default="", help="PEM private key of --tls-cert")
+    up.add_argument(
+        "--tls-ca",
+        default="",
+        help="PEM cluster CA: mutual TLS inside the cluster (Redis TLS-only, instances require client certs)",
+    )
+    up.add_argument(
+        "--tls-dir", default="", help="DIR/cert.pem, DIR/key.pem, DIR/ca.pem (as `pdserve certs DIR` writes)"
+    )
     up.set_defaults(fn=cmd_up)
 
     g = sub.add_parser("generate", help="stream a completion (from a cluster, or --local in this process)")
@@ -204,7 +259,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
     g.add_argument("--request-id", default=None, help="the request's id (for `pdserve trace ID`)")
+    g.add_argument("--tls-ca", default=None, help="PEM CA that signed the gateway's certificate (TLS)")
+    g.add_argument("--tls-cert", default=None, help="PEM client certificate, if the server asks for one")
+    g.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
     g.set_defaults(fn=cmd_generate)
+
+    c = sub.add_parser("certs", help="write a development CA and a certificate + key for TLS (DIR/*.pem)")
+    c.add_argument("dir")
+    c.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        help="another name or IP address the certificate is valid for (repeat; localhost and 127.0.0.1 "
+        "are always in)",
+    )
+    c.add_argument("--days", type=int, default=365)
+    c.add_argument("--force", action="store_true", help="replace existing files")
+    c.set_defaults(fn=cmd_certs)
 
     b = sub.add_parser(
         "bench", help="run a benchmark: pdserve bench compare --quick (prints one JSON object)"

@@ -4,6 +4,10 @@ from pdserve.client import Client
 with Client("127.0.0.1:50051") as c:
     for chunk in c.generate("def fibonacci(n):", max_tokens=32):
         print(chunk.text, end="")
+
+A gateway serving TLS: `Client(address, tls_ca="ca.pem")` (the CA that signed its certificate; without
+one, a `tls_cert` alone verifies against the system's roots). `tls_cert`/`tls_key`: a client certificate,
+for a server that asks for one.
 """
 
 from __future__ import annotations
@@ -11,8 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-import grpc
-
+from pdserve.tls import TLSFiles, client_channel
 from pdserve.v1 import generation_pb2, generation_pb2_grpc
 
 
@@ -27,9 +30,18 @@ class Completion:
 
 
 class Client:
-    def __init__(self, address: str = "127.0.0.1:50051") -> None:
+    def __init__(
+        self,
+        address: str = "127.0.0.1:50051",
+        *,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+    ) -> None:
+        """TLS when any of `tls_ca`, `tls_cert` is given (PEM paths; a bad one raises TLSConfigError)."""
         self.address = address
-        self._channel = grpc.insecure_channel(address, options=[("grpc.enable_http_proxy", 0)])
+        tls = TLSFiles(cert=tls_cert or "", key=tls_key or "", ca=tls_ca or "")
+        self._channel = client_channel(address, tls, [("grpc.enable_http_proxy", 0)])
         self._stub = generation_pb2_grpc.GenerationStub(self._channel)
 
     def stream(

@@ -18,10 +18,11 @@ import threading
 import uuid
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+import redis
 
 from coordinator.registry import Heartbeat, InstanceInfo, Registry
 from engine.device import Device, parse_cpus, pin_process
@@ -29,6 +30,7 @@ from engine.runner import ModelRunner
 from engine.step_loop import Job, StepEngine
 from pdserve import telemetry
 from pdserve.errors import PDServeError
+from pdserve.tls import TLSConfigError, TLSFiles, add_port, add_tls_args
 from pdserve.v1 import common_pb2
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,14 @@ class InstanceConfig:
     lease_ttl_s: float = 30.0  # prefill: KV held this long for decode to pull
     pull_timeout_s: float = 30.0  # decode: give up a KV pull after this long
     heartbeat_ttl_s: float = 3.0  # registry key TTL; heartbeat every ttl/3
+    # Mutual TLS (pdserve/tls.py): all three files or none. The gRPC server then requires a client
+    # certificate signed by the CA, and the registry (a rediss:// URL) gets this process's certificate.
+    tls: TLSFiles = field(default_factory=TLSFiles)
+
+    def __post_init__(self) -> None:
+        self.tls.require_cluster_identity()
+        if self.tls.enabled and not self.tls.mutual:
+            raise TLSConfigError("an instance serves TLS only as mutual TLS: give --tls-ca with --tls-cert")
 
     @property
     def batch_tokens(self) -> int:
@@ -110,6 +120,7 @@ def add_instance_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lease-ttl", type=float, default=30.0)
     p.add_argument("--pull-timeout", type=float, default=30.0)
     p.add_argument("--heartbeat-ttl", type=float, default=3.0)
+    add_tls_args(p)
 
 
 def config_from_args(role: str, a: argparse.Namespace) -> InstanceConfig:
@@ -137,6 +148,7 @@ def config_from_args(role: str, a: argparse.Namespace) -> InstanceConfig:
         lease_ttl_s=a.lease_ttl,
         pull_timeout_s=a.pull_timeout,
         heartbeat_ttl_s=a.heartbeat_ttl,
+        tls=TLSFiles.from_args(a),
     ).with_defaults()
 
 
@@ -155,15 +167,60 @@ def run_main(
         add_args(p)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s {role} %(name)s: %(message)s")
-    cfg = config_from_args(role, args)
+    try:
+        cfg = config_from_args(role, args)
+    except TLSConfigError as exc:
+        p.error(str(exc))
+    try:
+        check_registry(cfg)  # before loading the model: a refused registration fails in a second
+    except RegistrationError as exc:
+        log.error("%s", exc)
+        raise SystemExit(REGISTRATION_FAILED) from None
     pin_process(cfg.device.cpus)  # before telemetry and gRPC start threads that would otherwise float
     if traced:
         telemetry.setup(role, cfg.instance_id)
     try:
         asyncio.run(run(cfg, args))
+    except RegistrationError as exc:
+        log.error("%s", exc)
+        raise SystemExit(REGISTRATION_FAILED) from None
     finally:
         if traced:
             telemetry.shutdown()
+
+
+REGISTRATION_FAILED = 3  # exit status of an instance the registry refused
+
+
+class RegistrationError(RuntimeError):
+    """The instance cannot write its record into the registry (unreachable, or refused: under mutual TLS,
+    without a client certificate signed by the cluster CA). The instance exits; it never serves."""
+
+
+def _registration_error(cfg: InstanceConfig, exc: Exception) -> RegistrationError:
+    hint = (
+        " (mutual TLS: the registry accepts only a client certificate signed by the cluster CA; check "
+        "--tls-cert/--tls-key against --tls-ca)"
+        if cfg.tls.mutual
+        else ""
+    )
+    return RegistrationError(f"cannot register in the registry {cfg.redis_url}: {exc}{hint}")
+
+
+def check_registry(cfg: InstanceConfig) -> None:
+    """Connect to the registry as the heartbeat will (TLS and certificate included) and write a key; raises
+    RegistrationError. A TLS server that refuses our certificate may let the handshake finish and close
+    the connection only when it reads our first command, so this sends one (PING), not only connects."""
+    try:
+        registry = Registry(cfg.redis_url, cfg.cluster, tls=cfg.tls)
+    except TLSConfigError as exc:
+        raise RegistrationError(str(exc)) from None
+    try:
+        registry.ping()
+    except redis.RedisError as exc:
+        raise _registration_error(cfg, exc) from None
+    finally:
+        registry.close()
 
 
 def load_runner(cfg: InstanceConfig) -> ModelRunner:
@@ -188,15 +245,31 @@ async def serve(
     """
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     add_servicers(server)
-    port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+    # under --tls-ca: mutual TLS, every caller presents a certificate signed by the cluster CA
+    port = add_port(server, f"{cfg.host}:{cfg.port}", cfg.tls, client_auth=True)
     if port == 0:
         raise RuntimeError(f"cannot bind gRPC on {cfg.host}:{cfg.port}")
     address = f"{cfg.host}:{port}"
     await server.start()
-    registry = Registry(cfg.redis_url, cfg.cluster)
+    registry = Registry(cfg.redis_url, cfg.cluster, tls=cfg.tls)
     heartbeat = Heartbeat(registry, lambda: info_fn(address), ttl_s=cfg.heartbeat_ttl_s)
-    heartbeat.start()
-    log.info("%s %s serving on %s (device %s)", cfg.role, cfg.instance_id, address, device_label(cfg.device))
+    try:
+        heartbeat.start()
+    except redis.RedisError as exc:  # refused: stop everything started so far, then exit with the reason
+        await server.stop(None)
+        result = on_stop()
+        if asyncio.iscoroutine(result):
+            await result
+        registry.close()
+        raise _registration_error(cfg, exc) from None
+    log.info(
+        "%s %s serving on %s (%s, device %s)",
+        cfg.role,
+        cfg.instance_id,
+        address,
+        "mutual TLS" if cfg.tls.mutual else "plaintext",
+        device_label(cfg.device),
+    )
     print(f"SERVING {cfg.role} {cfg.instance_id} {address}", flush=True)
 
     stop = asyncio.Event()

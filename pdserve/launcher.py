@@ -22,6 +22,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pdserve.redis_server import RedisServer, free_port
+from pdserve.tls import TLSFiles, channel_credentials
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,10 @@ class ClusterConfig:
     local_prefill: str = "off"
     local_prefill_max_tokens: int = 128
     layerwise: str = "auto"  # coordinator --layerwise: auto (only from CUDA prefill instances) | on | off
+    # TLS (pdserve/tls.py): a certificate alone = the gateway serves TLS; with the CA too, everything inside
+    # the cluster is mutual TLS (the private Redis is TLS-only and requires client certificates, instances
+    # require them on gRPC). Every process presents the same certificate.
+    tls: TLSFiles = field(default_factory=TLSFiles)
 
     @property
     def roles(self) -> list[str]:
@@ -119,7 +124,7 @@ class LocalCluster:
         if cfg.redis_url:
             self.redis_url = cfg.redis_url
         else:
-            self.redis = RedisServer(cfg.host)
+            self.redis = RedisServer(cfg.host, tls=cfg.tls)
             self.redis_url = self.redis.url
         port = cfg.port or free_port(cfg.host)
         self.gateway_address = f"{cfg.host}:{port}"
@@ -154,6 +159,7 @@ class LocalCluster:
                 coord += ["--layerwise", cfg.layerwise]
             if cfg.coordinator_cpus:
                 coord += ["--cpus", ",".join(map(str, cfg.coordinator_cpus))]
+            coord += cfg.tls.as_args()
             self._spawn("coordinator", coord)
             self.wait_serving(timeout_s)
         except BaseException:
@@ -195,6 +201,8 @@ class LocalCluster:
             args += ["--num-kv-blocks", str(cfg.num_kv_blocks)]
         if role == "colocated" and cfg.chunk_tokens is not None:
             args += ["--chunk-tokens", str(cfg.chunk_tokens)]
+        if cfg.tls.mutual:  # instances serve TLS only as mutual TLS
+            args += cfg.tls.as_args()
         args += list(cfg.extra_instance_args)
         return self._spawn(role, args)
 
@@ -217,9 +225,25 @@ class LocalCluster:
         log.info("started %s pid %d", role, proc.pid)
         return child
 
+    def gateway_channel(self) -> grpc.Channel:
+        """A channel to the gateway as a client makes it: TLS (verified against the CA, or the system's roots
+        without one) when the gateway has a certificate."""
+        options = [("grpc.enable_http_proxy", 0)]
+        if not self.cfg.tls.enabled:
+            return grpc.insecure_channel(self.gateway_address, options=options)
+        creds = channel_credentials(TLSFiles(ca=self.cfg.tls.ca))
+        return grpc.secure_channel(self.gateway_address, creds, options=options)
+
+    def instance_channel(self, address: str) -> grpc.Channel:
+        """A channel to an instance's gRPC server, presenting the cluster certificate under mutual TLS."""
+        options = [("grpc.enable_http_proxy", 0)]
+        if not self.cfg.tls.mutual:
+            return grpc.insecure_channel(address, options=options)
+        return grpc.secure_channel(address, channel_credentials(self.cfg.tls), options=options)
+
     def health(self) -> str:
         """The gateway's overall health status name (SERVING, NOT_SERVING, ...), or UNREACHABLE."""
-        with grpc.insecure_channel(self.gateway_address, options=[("grpc.enable_http_proxy", 0)]) as ch:
+        with self.gateway_channel() as ch:
             try:
                 resp = health_pb2_grpc.HealthStub(ch).Check(
                     health_pb2.HealthCheckRequest(service=""), timeout=2.0
@@ -231,7 +255,7 @@ class LocalCluster:
     def wait_serving(self, timeout_s: float) -> None:
         """Block until the gateway's standard health service says SERVING."""
         deadline = time.monotonic() + timeout_s
-        with grpc.insecure_channel(self.gateway_address, options=[("grpc.enable_http_proxy", 0)]) as ch:
+        with self.gateway_channel() as ch:
             stub = health_pb2_grpc.HealthStub(ch)
             while time.monotonic() < deadline:
                 dead = [c for c in self.children if c.proc.poll() is not None]
@@ -294,8 +318,12 @@ def run_forever(cluster: LocalCluster) -> int:
     cluster.start()
     cfg = cluster.cfg
     shape = f"colocated {cfg.colocated}" if cfg.colocated else f"prefill {cfg.prefill}, decode {cfg.decode}"
+    security = ""
+    if cfg.tls.enabled:
+        security = ", TLS gateway" + (", mutual TLS inside" if cfg.tls.mutual else "")
     print(
-        f"pdserve up: serving on {cluster.gateway_address} ({shape}, redis {cluster.redis_url})", flush=True
+        f"pdserve up: serving on {cluster.gateway_address} ({shape}, redis {cluster.redis_url}{security})",
+        flush=True,
     )
     reported: set[int] = set()
     try:

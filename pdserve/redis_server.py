@@ -10,6 +10,8 @@ import time
 
 import redis
 
+from pdserve.tls import TLSFiles, redis_kwargs
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -18,9 +20,12 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class RedisServer:
-    """A throwaway redis-server: no persistence, bound to loopback, killed on stop()."""
+    """A throwaway redis-server: no persistence, bound to loopback, killed on stop().
 
-    def __init__(self, host: str = "127.0.0.1", port: int | None = None) -> None:
+    With `tls` naming a CA (mutual TLS) it listens with TLS only and requires every client to present a
+    certificate signed by that CA (`--tls-auth-clients yes`): its URL is then rediss://."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int | None = None, tls: TLSFiles | None = None) -> None:
         exe = shutil.which("redis-server")
         if exe is None:
             raise RuntimeError(
@@ -28,8 +33,15 @@ class RedisServer:
             )
         self.host = host
         self.port = port or free_port(host)
+        self.tls = tls if tls is not None and tls.mutual else None
         self._dir = tempfile.TemporaryDirectory(prefix="pdserve-redis-")
-        args = [exe, "--bind", host, "--port", str(self.port), "--save", "", "--appendonly", "no"]
+        if self.tls is None:
+            args = [exe, "--bind", host, "--port", str(self.port)]
+        else:  # TLS only: no plaintext port
+            args = [exe, "--bind", host, "--port", "0", "--tls-port", str(self.port)]
+            args += ["--tls-cert-file", self.tls.cert, "--tls-key-file", self.tls.key]
+            args += ["--tls-ca-cert-file", self.tls.ca, "--tls-auth-clients", "yes"]
+        args += ["--save", "", "--appendonly", "no"]
         args += ["--dir", self._dir.name, "--protected-mode", "no", "--loglevel", "warning"]
         self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self._wait_ready()
@@ -40,11 +52,13 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        return f"redis://{self.host}:{self.port}/0"
+        return f"{'rediss' if self.tls else 'redis'}://{self.host}:{self.port}/0"
 
     def _wait_ready(self, timeout_s: float = 10.0) -> None:
         deadline = time.monotonic() + timeout_s
-        client = redis.Redis(host=self.host, port=self.port, socket_timeout=0.5)
+        client = redis.Redis.from_url(
+            self.url, socket_timeout=0.5, **redis_kwargs(self.url, self.tls or TLSFiles())
+        )
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
                 err = self._proc.stderr.read().decode() if self._proc.stderr else ""
