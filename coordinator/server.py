@@ -8,6 +8,7 @@ import logging
 import signal
 
 import grpc
+import redis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -58,9 +59,12 @@ async def _watch_health(router: Router, cfg: CoordinatorConfig, servicer: health
 async def run(cfg: CoordinatorConfig) -> None:
     model = ModelConfig.from_hf_dir(cfg.model_dir)
     tokenizer = Tokenizer(cfg.model_dir)
-    registry = Registry(cfg.redis_url, cfg.cluster, tls=cfg.tls)
-    router = Router(registry, model_fingerprint(cfg.model_dir), cfg.refresh_s, cfg.suspect_s, tls=cfg.tls)
-    await router.start()
+    try:
+        registry = Registry(cfg.redis_url, cfg.cluster, tls=cfg.tls)
+        router = Router(registry, model_fingerprint(cfg.model_dir), cfg.refresh_s, cfg.suspect_s, tls=cfg.tls)
+        await router.start()
+    except (redis.RedisError, TLSConfigError) as exc:  # e.g. the registry refused our certificate
+        raise SystemExit(f"coordinator: cannot read the registry {cfg.redis_url}: {exc}") from None
 
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     gateway = Gateway(cfg, router, tokenizer, model)

@@ -84,3 +84,15 @@ def test_registry_under_a_ca_must_be_tls(certs) -> None:
         "ssl_keyfile": a.key,
     }
     assert redis_kwargs("redis://127.0.0.1:6379/0", TLSFiles()) == {}
+
+
+def test_pdserve_up_tls_dir_names_the_three_files_and_single_flags_override(certs) -> None:
+    from pdserve.cli import _up_tls, build_parser
+
+    a, b = certs
+    tls_dir = str(Path(a.ca).parent)
+    tls = _up_tls(build_parser().parse_args(["up", "--tls-dir", tls_dir]))
+    assert tls == TLSFiles(cert=a.cert, key=a.key, ca=a.ca)
+    tls = _up_tls(build_parser().parse_args(["up", "--tls-dir", tls_dir, "--tls-ca", b.ca]))
+    assert tls == TLSFiles(cert=a.cert, key=a.key, ca=b.ca)
+    assert _up_tls(build_parser().parse_args(["up"])) == TLSFiles()
