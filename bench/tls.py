@@ -7,10 +7,14 @@ This process measures, rounds interleaved across modes:
 - `unary_us`: median round trip of a 64-byte echo on a warm channel;
 - `stream_msgs_per_s`: 64-byte messages per second of a 2000-message server stream;
 - `connect_ms`: median of a new channel's handshake + first echo.
+Cluster (`--cluster`): two 1P1D clusters of the same model on the same cores, one plaintext, one with a TLS
+gateway and mutual TLS inside (`pdserve up --tls-dir`'s setup); the same greedy requests, one at a time,
+alternating between them: median TTFT and end-to-end latency seen by `pdserve.client`.
 KV stream encryption: AES-256-GCM encrypt + decrypt of 1 MiB buffers (one layer of the shipped model's KV at
 its full context in fp32) on one core, in GB/s of wall clock and GB per CPU-second.
 
     python -m bench.tls            # ~30 s; prints one JSON object
+    python -m bench.tls --cluster  # + the cluster A/B (~2 minutes on 2 cores)
 """
 
 from __future__ import annotations
@@ -161,6 +165,55 @@ def measure_aes_gcm(mib: int = 1, seconds: float = 2.0) -> dict[str, float]:
     return out
 
 
+def measure_cluster(model_dir: str, n: int, max_tokens: int) -> dict[str, dict[str, float]]:
+    from pdserve.client import Client
+    from pdserve.launcher import ClusterConfig, LocalCluster
+
+    prompts = [
+        "def fibonacci(n):",
+        "import os\nimport sys\n",
+        "class Stack:\n    def __init__(self):\n",
+        "for i in",
+    ]
+    with tempfile.TemporaryDirectory(prefix="pdserve-bench-tls-") as d:
+        files = write_dev_certs(d)
+        tls = {"plaintext": TLSFiles(), "mtls": TLSFiles(files.cert, files.key, files.ca)}
+        clusters = {}
+        try:
+            for mode, files_ in tls.items():
+                cfg = ClusterConfig(
+                    model_dir=model_dir, port=0, use_cuda=False, log_dir=f"{d}/{mode}", tls=files_
+                )
+                clusters[mode] = LocalCluster(cfg).start()
+            clients = {
+                "plaintext": Client(clusters["plaintext"].gateway_address),
+                "mtls": Client(clusters["mtls"].gateway_address, tls_ca=files.ca),
+            }
+            samples: dict[str, dict[str, list[float]]] = {m: {"ttft_ms": [], "latency_ms": []} for m in tls}
+            for i in range(-2, n):  # two warm-up rounds
+                order = ("plaintext", "mtls") if i % 2 == 0 else ("mtls", "plaintext")
+                for mode in order:
+                    t0 = time.perf_counter()
+                    ttft = None
+                    stream = clients[mode].stream(
+                        prompts[i % len(prompts)], max_tokens=max_tokens, ignore_eos=True
+                    )
+                    for _ in stream:
+                        ttft = ttft if ttft is not None else time.perf_counter() - t0
+                    if i >= 0 and ttft is not None:
+                        samples[mode]["ttft_ms"].append(ttft * 1e3)
+                        samples[mode]["latency_ms"].append((time.perf_counter() - t0) * 1e3)
+            for c in clients.values():
+                c.close()
+        finally:
+            for c in clusters.values():
+                c.stop()
+    out = {m: {k: round(statistics.median(v), 2) for k, v in s.items()} for m, s in samples.items()}
+    for k in ("ttft_ms", "latency_ms"):
+        out["mtls"][f"{k}_x_plaintext"] = round(out["mtls"][k] / out["plaintext"][k], 3)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.tls", description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=5)
@@ -168,6 +221,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--stream", type=int, default=2000, help="messages of the server stream per round and mode"
     )
+    p.add_argument("--cluster", action="store_true", help="also the 1P1D cluster A/B (plaintext vs mTLS)")
+    p.add_argument("--model", default=None, help="model of the cluster A/B (default: the shipped model)")
+    p.add_argument("--requests", type=int, default=40, help="cluster A/B: requests per mode")
+    p.add_argument("--max-tokens", type=int, default=16, help="cluster A/B: tokens per request")
     a = p.parse_args(argv)
     os.sched_setaffinity(0, {1 if len(os.sched_getaffinity(0)) > 1 else 0})  # the servers run on core 0
     result = {
@@ -176,6 +233,12 @@ def main(argv: list[str] | None = None) -> int:
         "grpc": measure_grpc(a.rounds, a.unary, a.stream),
         "kv_stream_encryption": measure_aes_gcm(),
     }
+    if a.cluster:
+        from engine.synth import default_model_dir
+
+        os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))  # the clusters split every core
+        model = a.model or str(default_model_dir())
+        result["cluster"] = measure_cluster(model, a.requests, a.max_tokens)
     emit(result)
     return 0
 
