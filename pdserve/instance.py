@@ -208,9 +208,9 @@ def _registration_error(cfg: InstanceConfig, exc: Exception) -> RegistrationErro
 
 
 def check_registry(cfg: InstanceConfig) -> None:
-    """Connect to the registry as the heartbeat will (TLS and certificate included) and write a key; raises
-    RegistrationError. A TLS server that refuses our certificate may let the handshake finish and close
-    the connection only when it reads our first command, so this sends one (PING), not only connects."""
+    """Reach the registry as the heartbeat will (TLS and certificate included); raises RegistrationError. A
+    TLS server that refuses our certificate may let the handshake finish and close the connection only
+    when it reads our first command, so this sends one (PING), not only connects."""
     try:
         registry = Registry(cfg.redis_url, cfg.cluster, tls=cfg.tls)
     except TLSConfigError as exc:
