@@ -60,6 +60,7 @@ class FakeProber:
     """Runs whose requests all meet a 0.5 s TTFT SLO up to `knee` req/s, and none above."""
 
     ttft_s = (0.1, 1.0)  # time to first token at rates up to the knee, and above it
+    seeds = (0,)
 
     def __init__(self, knee: float, rates: list[float]) -> None:
         self.knee = knee
