@@ -22,8 +22,12 @@ from bench.report import emit, plots_status
 
 log = logging.getLogger("bench.compare")
 
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.compare", description="Disaggregated vs colocated serving on the same cores: goodput under derived SLOs.")
+    p = argparse.ArgumentParser(
+        prog="python -m bench.compare",
+        description="Disaggregated vs colocated serving on the same cores: goodput under derived SLOs.",
+    )
     p.add_argument(
         "--quick",
         action="store_true",

@@ -22,6 +22,7 @@ log = logging.getLogger("bench.compare")
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 SHIPPED_MODEL = REPO_ROOT / "models" / "pdserve-tiny-py"
 
+
 def bench_model(kwargs: dict[str, int]) -> tuple[str, str | None]:
     """(model dir, shipped tokenizer path or None): the random model gets the shipped tokenizer's vocab size."""
     from engine.synth import cached_random_model

@@ -22,6 +22,7 @@ DISAGG = "disagg-1P1D"
 DISAGG_COND = "disagg-1P1D-cond"
 KV_BLOCKS = 2048  # per instance, every system: 64 running requests of the longest full-mode workload fit
 
+
 @dataclass(frozen=True)
 class System:
     """One serving configuration on `devices` cores: prefill + decode instances, or colocated replicas."""

@@ -191,7 +191,9 @@ def test_seeded_requests_run_the_seeds_one_after_another() -> None:
         assert [r.prompt_ids for r in part] == [r.prompt_ids for r in alone]
         assert [r.output_len for r in part] == [r.output_len for r in alone]
         # the same gaps within a seed; one mean gap (0.25 s) between the seeds
-        assert np.diff([r.scheduled_s for r in part]) == pytest.approx(np.diff([r.scheduled_s for r in alone]))
+        assert np.diff([r.scheduled_s for r in part]) == pytest.approx(
+            np.diff([r.scheduled_s for r in alone])
+        )
         if i:
             assert part[0].scheduled_s - reqs[5 * i - 1].scheduled_s == pytest.approx(0.25)
     with pytest.raises(ValueError):
