@@ -12,7 +12,7 @@ import time
 from dataclasses import asdict, replace
 from typing import Any
 
-from bench.compare.modes import FULL, QUICK
+from bench.compare.modes import FULL, QUICK, Mode
 from bench.compare.orchestrate import run_all
 from bench.compare.results import human_summary, plot_all, workload_result
 from bench.compare.slos import bench_model, iso_lens, measure_isolated, plan_workload, prompt_source
@@ -62,13 +62,8 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    a = parse_args(argv)
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _interrupt)  # stop every started process, as Ctrl-C does
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    logging.getLogger("pdserve.launcher").setLevel(logging.WARNING)
-    began = time.monotonic()
+def mode_from_args(a: argparse.Namespace) -> Mode:
+    """QUICK or FULL with the command line's overrides."""
     mode = QUICK if a.quick else FULL
     if a.n_requests:
         mode = replace(mode, n_requests=a.n_requests, min_requests=min(mode.min_requests, a.n_requests))
@@ -82,6 +77,17 @@ def main(argv: list[str] | None = None) -> int:
         mode = replace(
             mode, max_probes=a.max_probes, symmetric_probes=a.max_probes if mode.symmetric_probes else 0
         )
+    return mode
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)  # stop every started process, as Ctrl-C does
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("pdserve.launcher").setLevel(logging.WARNING)
+    began = time.monotonic()
+    mode = mode_from_args(a)
     from engine.device import parse_cpus
 
     cpus = parse_cpus(a.cpus) if a.cpus else tuple(sorted(os.sched_getaffinity(0)))[:2]

@@ -9,7 +9,16 @@ from dataclasses import replace
 
 import pytest
 
-from bench.compare import DISAGG, DISAGG_COND, QUICK, WorkloadSpec, evaluate, vs_best_colocated, workload_slos
+from bench.compare import (
+    DISAGG,
+    DISAGG_COND,
+    FULL,
+    QUICK,
+    WorkloadSpec,
+    evaluate,
+    vs_best_colocated,
+    workload_slos,
+)
 from bench.cpu import CpuUsage
 from bench.metrics import SLO, RequestRecord, attainment, compute_metrics
 from bench.probe import Prober, Run, Turns, goodput_from_runs, min_k_per_request, refine_goodput, tightest_k
@@ -291,3 +300,20 @@ def test_workload_result_reports_the_ratio_per_seed_and_its_spread() -> None:
     spread = w["goodput_ratio_spread"]
     assert (spread["min"], spread["max"], spread["n"]) == (pytest.approx(1.0), pytest.approx(2.0 / 1.025), 2)
     assert w["bracket_rel_width"] == {DISAGG: pytest.approx(0.25), "colocated-a": pytest.approx(0.25)}
+
+
+def test_a_run_plays_every_seed_and_keeps_their_records_apart() -> None:
+    prober = ScriptedProber([0.1], seeds=(3, 4))
+    run = prober.run(2.0)
+    assert len(run.records) == 8 and run.seed_of == [3] * 4 + [4] * 4  # 4 requests per seed
+    assert run.records_of(4) == run.records[4:] and run.records_of(None) == run.records
+
+
+def test_command_line_overrides_of_the_mode() -> None:
+    from bench.compare.cli import mode_from_args, parse_args
+
+    assert (QUICK.seeds, FULL.seeds) == (3, 3) and FULL.rel_tol <= 0.1  # issue 24: brackets <= 10 %
+    mode = mode_from_args(parse_args(["--quick", "--seeds", "2", "--n-requests", "5", "--max-probes", "3"]))
+    assert (mode.seeds, mode.n_requests, mode.min_requests, mode.max_probes) == (2, 5, 5, 3)
+    with pytest.raises(SystemExit):
+        mode_from_args(parse_args(["--seeds", "0"]))
