@@ -31,7 +31,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="small model, 3 systems, 4 runs per search, 3 seeds x 12 requests per run (~2 min)",
+        help="small model, 3 systems, 4 runs per search, 3 seeds x 12 requests per run (2-3 min)",
     )
     p.add_argument("--json", default=None, help="write the JSON object here instead of stdout")
     p.add_argument("--plots", default=None, help="write PNG plots into this directory")
