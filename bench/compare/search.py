@@ -12,6 +12,7 @@ from bench.metrics import SLO, attainment, compute_metrics, summarize_records
 from bench.probe import (
     TARGET,
     Prober,
+    Run,
     attainment_by_rate,
     fitted_from_runs,
     highest_passing_rate,
@@ -28,6 +29,38 @@ def _compact(summary: dict[str, Any]) -> dict[str, Any]:
     out["request_throughput"] = summary["request_throughput"]
     out["output_token_throughput"] = summary["output_token_throughput"]
     return out
+
+
+def score_run(
+    run: Run,
+    slos: dict[float, SLO],
+    headline_k: float,
+    seeds: tuple[int, ...],
+    base: tuple[float, float],
+    iso: dict,
+    prefill_servers: int,
+) -> dict[str, Any]:
+    """One load run in the JSON: attainment at every k and per seed (headline k), the tightest k (the SLO
+    at k = 1 is `base`), a summary at the headline k, the CPU use, and the ideal prefill pool's attainment."""
+    entry = {
+        "rate": run.rate,
+        "attainment_by_k": {f"{k:g}": attainment(compute_metrics(run.records), s) for k, s in slos.items()},
+        "attainment_by_seed": {
+            str(seed): attainment(compute_metrics(run.records_of(seed)), slos[headline_k]) for seed in seeds
+        },
+        "tightest_k": tightest_k(run.records, *base),
+        "at_headline_k": _compact(summarize_records(run.records, slos[headline_k])),
+        "cpu": run.cpu.to_dict() if run.cpu else None,
+        "discarded_disturbed_runs": [u.to_dict() for u in run.discarded],
+    }
+    if prefill_servers:
+        entry["ideal_prefill_ttft_attainment_by_k"] = {
+            f"{k:g}": ideal_ttft_attainment(
+                run.records, s.ttft_s, iso["prefill_s"], iso["prompt_len"], prefill_servers
+            )
+            for k, s in slos.items()
+        }
+    return entry
 
 
 def evaluate(
@@ -81,31 +114,10 @@ def evaluate(
 
     goodput = {f"{k:g}": scored(slo, res if k == headline_k else None) for k, slo in slos.items()}
     fixed = prober.run(start_rate)
-    runs = []
-    for run in sorted(prober.runs.values(), key=lambda r: r.rate):
-        summary = summarize_records(run.records, slos[headline_k])
-        entry = {
-            "rate": run.rate,
-            "attainment_by_k": {
-                f"{k:g}": attainment(compute_metrics(run.records), s) for k, s in slos.items()
-            },
-            "attainment_by_seed": {  # at the headline k
-                str(seed): attainment(compute_metrics(run.records_of(seed)), slos[headline_k])
-                for seed in prober.seeds
-            },
-            "tightest_k": tightest_k(run.records, *base),
-            "at_headline_k": _compact(summary),
-            "cpu": run.cpu.to_dict() if run.cpu else None,
-            "discarded_disturbed_runs": [u.to_dict() for u in run.discarded],
-        }
-        if prefill_servers:
-            entry["ideal_prefill_ttft_attainment_by_k"] = {
-                f"{k:g}": ideal_ttft_attainment(
-                    run.records, s.ttft_s, iso["prefill_s"], iso["prompt_len"], prefill_servers
-                )
-                for k, s in slos.items()
-            }
-        runs.append(entry)
+    runs = [
+        score_run(run, slos, headline_k, prober.seeds, base, iso, prefill_servers)
+        for run in sorted(prober.runs.values(), key=lambda r: r.rate)
+    ]
     ideal = None
     if prefill_servers:  # the highest probed rate the ideal pool passes at each k, every lower run passing
         ideal = {
