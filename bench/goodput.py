@@ -5,10 +5,17 @@ requests meeting the SLO), so it is tested on synthetic curves and driven by rea
 :func:`derive_slos` and :func:`goodput_sweep` implement DistServe-style SLOs: ``k`` times the latency of a request
 served alone, swept over ``k``.
 
-Search: probe ``start_rate``; while it passes, double (bracketing up), while it fails, halve (bracketing down);
-then bisect the bracket ``[highest pass, lowest fail]`` until ``hi - lo <= rel_tol * lo``.  The reported rate is
-the highest *measured* passing rate, so on a monotone curve it never overstates goodput.  Attainment is assumed
-non-increasing in rate; noisy probes are taken at face value (use >= 1000 requests per probe for 90% claims).
+Search: probe ``start_rate``; while it passes, multiply by ``growth`` (bracketing up), while it fails, divide
+(bracketing down); then bisect the bracket ``[highest pass, lowest fail]`` until ``hi - lo <= rel_tol * lo``.
+``rate`` is the highest *measured* passing rate, so on a monotone curve it never overstates goodput.
+Attainment is assumed non-increasing in rate; noisy probes are taken at face value (use >= 1000 requests per
+probe for 90% claims).
+
+Fitted goodput (:func:`fitted_goodput`, ``GoodputResult.rate_fitted``): the rate where the straight line between
+the highest passing rate (every lower measured rate passing too) and the next measured rate above it crosses
+the target. It lies inside the final bracket, so its error is bounded by the bracket's width, and it is not
+tied to the search's grid: two systems whose brackets share their ends but whose attainments differ no longer
+tie at a ratio of exactly 1 or 2.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ class GoodputResult:
     ``rate`` is the highest passing rate probed (0.0 if none passed down to ``min_rate``); ``hi`` the lowest
     failing rate (None if ``max_rate`` or the probe budget was hit first).  ``converged`` says the bracket was
     narrowed to ``rel_tol`` (or a rate bound was reached), as opposed to running out of probes.
+    ``rate_fitted`` is the target crossing interpolated inside ``[rate, hi]`` (:func:`fitted_goodput`).
     """
 
     rate: float
@@ -48,10 +56,21 @@ class GoodputResult:
     def per_device(self, devices: int) -> float:
         return goodput_per_device(self.rate, devices)
 
+    @property
+    def rate_fitted(self) -> float:
+        return fitted_goodput([(p.rate, p.attainment) for p in self.probes], self.target)
+
+    @property
+    def rel_width(self) -> float | None:
+        """(hi - rate) / rate: the bracket's relative width (None while unbounded or nothing passed)."""
+        return bracket_rel_width(self.rate, self.hi)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "rate": self.rate,
             "hi": self.hi,
+            "rate_fitted": self.rate_fitted,
+            "rel_width": self.rel_width,
             "target": self.target,
             "rel_tol": self.rel_tol,
             "converged": self.converged,
@@ -66,10 +85,41 @@ def goodput_per_device(rate: float, devices: int) -> float:
     return rate / devices
 
 
+def bracket_rel_width(lo: float, hi: float | None) -> float | None:
+    """(hi - lo) / lo, None when the bracket is open (no failing rate, or no passing one)."""
+    return (hi - lo) / lo if hi is not None and lo > 0 else None
+
+
+def passing_bracket(points: Sequence[tuple[float, float]], target: float) -> tuple[float, float | None]:
+    """(lo, hi) of measured ``(rate, attainment)`` points: lo the highest rate passing ``target`` with every
+    lower rate passing too (0.0: the lowest rate fails), hi the next measured rate above it (None: none)."""
+    lo, hi = 0.0, None
+    for rate, att in sorted(points):
+        if att < target:
+            hi = rate
+            break
+        lo = rate
+    return lo, hi
+
+
+def fitted_goodput(points: Sequence[tuple[float, float]], target: float = 0.9) -> float:
+    """The rate where attainment crosses ``target``, by linear interpolation between the two measured points
+    around the crossing (``passing_bracket``): lo + (a_lo - target) / (a_lo - a_hi) x (hi - lo), so
+    lo <= result < hi. lo when nothing above it was measured; 0.0 when the lowest rate fails (no
+    extrapolation below the measurements)."""
+    by_rate = dict(points)
+    lo, hi = passing_bracket(points, target)
+    if lo == 0.0 or hi is None:
+        return lo
+    a_lo, a_hi = by_rate[lo], by_rate[hi]  # a_lo >= target > a_hi
+    return lo + (a_lo - target) / (a_lo - a_hi) * (hi - lo)
+
+
 def find_goodput(
     attainment_at: Callable[[float], float],
     *,
     start_rate: float = 1.0,
+    growth: float = 2.0,
     target: float = 0.9,
     rel_tol: float = 0.05,
     max_probes: int = 16,
@@ -77,13 +127,16 @@ def find_goodput(
     max_rate: float = 1e6,
     on_probe: Callable[[Probe], None] | None = None,
 ) -> GoodputResult:
-    """Bracket then bisect the rate for the highest one with ``attainment_at(rate) >= target``."""
+    """Bracket (steps of ``growth``) then bisect the rate for the highest one with
+    ``attainment_at(rate) >= target``."""
     if not 0 < min_rate <= start_rate <= max_rate:
         raise ValueError(
             f"need 0 < min_rate <= start_rate <= max_rate, got {min_rate}, {start_rate}, {max_rate}"
         )
-    if not 0 < rel_tol < 1 or max_probes < 1:
-        raise ValueError(f"need 0 < rel_tol < 1 and max_probes >= 1, got {rel_tol}, {max_probes}")
+    if not 0 < rel_tol < 1 or max_probes < 1 or not growth > 1:
+        raise ValueError(
+            f"need 0 < rel_tol < 1, max_probes >= 1 and growth > 1, got {rel_tol}, {max_probes}, {growth}"
+        )
     probes: list[Probe] = []
 
     def probe(rate: float) -> bool:
@@ -106,7 +159,7 @@ def find_goodput(
             if lo >= max_rate:
                 bound_hit = True
                 break
-            r = min(lo * 2.0, max_rate)
+            r = min(lo * growth, max_rate)
             if probe(r):
                 lo = r
             else:
@@ -117,7 +170,7 @@ def find_goodput(
             if hi <= min_rate:
                 bound_hit = True
                 break
-            r = max(hi / 2.0, min_rate)
+            r = max(hi / growth, min_rate)
             if probe(r):
                 lo = r
             else:

@@ -5,7 +5,11 @@
 * :class:`Turns` lets several systems, all started at once, take turns at running load in a fixed rotation:
   the machines here are shared, and a slow drift in the background load then hits every system alike
   instead of whichever happened to run last.
-* :func:`goodput_from_runs`, :func:`refine_goodput`, :func:`tightest_k`: goodput and SLO scale from the runs.
+* :func:`goodput_from_runs`, :func:`fitted_from_runs`, :func:`refine_goodput`, :func:`tightest_k`: goodput and
+  SLO scale from the runs.
+
+A run at a rate plays several seeded schedules back to back (``seeds``, ``bench.workload.make_seeded_requests``):
+scored together they give the pooled attainment the search follows, scored seed by seed the spread.
 """
 
 from __future__ import annotations
@@ -20,9 +24,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
 from bench.cpu import CpuMeter, CpuUsage, PidsFn
+from bench.goodput import fitted_goodput
 from bench.metrics import SLO, RequestRecord, attainment, compute_metrics
 from bench.serving import run_load
-from bench.workload import BenchRequest, Workload, make_requests
+from bench.workload import BenchRequest, Workload, make_seeded_requests
 
 log = logging.getLogger("bench.probe")
 
@@ -40,6 +45,13 @@ class Run:
     cpu: CpuUsage | None = None  # who used the CPU during the run (None: not measured)
     # the CPU use of earlier runs at this rate, each run again because foreign load disturbed it
     discarded: list[CpuUsage] = field(default_factory=list)
+    seed_of: list[int] = field(default_factory=list)  # the workload seed of each record ([]: one seed)
+
+    def records_of(self, seed: int | None = None) -> list[RequestRecord]:
+        """The records of one seed's schedule (every record with `seed` None)."""
+        if seed is None or not self.seed_of:
+            return self.records
+        return [r for r, s in zip(self.records, self.seed_of, strict=True) if s == seed]
 
 
 class Turns:
@@ -87,8 +99,9 @@ class Turns:
 class Prober:
     """Load runs of one (system, workload), cached by rate (so every k reuses them).
 
-    A run sends ``workload.n_requests`` requests, fewer at low rates so that its schedule spans at most
-    ``max_span_s`` (but never fewer than ``min_requests``): the first requests of the same seeded schedule.
+    A run sends, for each of ``seeds`` (default: the workload's seed), ``workload.n_requests`` requests, fewer
+    at low rates so that each seed's schedule spans at most ``max_span_s`` (but never fewer than
+    ``min_requests``): the first requests of the same seeded schedules, one seed after another.
     Runs of different probers sharing ``turns`` never overlap.
 
     With ``pids`` (the system's processes) each run's CPU use is measured (:mod:`bench.cpu`), the other
@@ -112,6 +125,7 @@ class Prober:
         peer_pids: PidsFn | None = None,
         max_foreign_cores: float = math.inf,
         reruns: int = 1,
+        seeds: tuple[int, ...] | None = None,
     ) -> None:
         self.name = name
         self.address = address
@@ -124,13 +138,16 @@ class Prober:
         self.log_slo = log_slo
         self.pids, self.peer_pids = pids, peer_pids
         self.max_foreign_cores, self.reruns = max_foreign_cores, reruns
+        self.seeds = seeds or (workload.seed,)
         self.runs: dict[float, Run] = {}
 
     def run(self, rate: float) -> Run:
         rate = float(f"{rate:.4g}")
         if rate not in self.runs:
             n = min(self.workload.n_requests, max(self.min_requests, round(rate * self.max_span_s)))
-            reqs = make_requests(replace(self.workload, rate=rate, n_requests=n), self.source)
+            reqs, seed_of = make_seeded_requests(
+                replace(self.workload, rate=rate, n_requests=n), self.source, list(self.seeds)
+            )
             discarded: list[CpuUsage] = []
             while True:
                 run = self._load(rate, reqs)
@@ -147,6 +164,7 @@ class Prober:
                 )
                 discarded.append(run.cpu)
             run.discarded = discarded
+            run.seed_of = seed_of
             self.runs[rate] = run
         return self.runs[rate]
 
@@ -193,6 +211,7 @@ class Prober:
         return run
 
     def attainment(self, rate: float, slo: SLO) -> float:
+        """Attainment over every seed's requests at `rate` (run now unless cached)."""
         return attainment(compute_metrics(self.run(rate).records), slo)
 
 
@@ -226,9 +245,20 @@ def highest_passing_rate(attainment_by_rate: list[tuple[float, float]]) -> float
     return best
 
 
+def attainment_by_rate(runs: list[Run], slo: SLO, seed: int | None = None) -> list[tuple[float, float]]:
+    """(rate, attainment) of every run, over every seed's requests or over `seed`'s only."""
+    return [(r.rate, attainment(compute_metrics(r.records_of(seed)), slo)) for r in runs]
+
+
 def goodput_from_runs(runs: list[Run], slo: SLO) -> float:
     """Highest probed rate passing the SLO target with every lower probed rate passing too."""
-    return highest_passing_rate([(r.rate, attainment(compute_metrics(r.records), slo)) for r in runs])
+    return highest_passing_rate(attainment_by_rate(runs, slo))
+
+
+def fitted_from_runs(runs: list[Run], slo: SLO, seed: int | None = None) -> float:
+    """Goodput interpolated between the runs around the target crossing (`bench.goodput.fitted_goodput`),
+    over every seed's requests or over `seed`'s only."""
+    return fitted_goodput(attainment_by_rate(runs, slo, seed), TARGET)
 
 
 def refine_goodput(prober: Prober, slo: SLO, budget: int, rel_tol: float) -> None:

@@ -30,15 +30,36 @@ _REPO_ROOT = Path(__file__).resolve().parent.parent
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _cpu_model() -> str:
+def _cpuinfo(key: str, path: str = "/proc/cpuinfo") -> str | None:
+    """The first value of ``key`` in /proc/cpuinfo (None off Linux or when absent)."""
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(path) as f:
             for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                name, _, value = line.partition(":")
+                if name.strip().lower() == key:
+                    return value.strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine() or "unknown"
+    return None
+
+
+def _cpu_model() -> str:
+    return _cpuinfo("model name") or platform.processor() or platform.machine() or "unknown"
+
+
+# /proc/cpuinfo's vendor_id -> the vendor's name
+_VENDORS = {"GenuineIntel": "Intel", "AuthenticAMD": "AMD", "HygonGenuine": "Hygon"}
+
+
+def _cpu_vendor(model: str) -> str:
+    """Intel, AMD, ... from /proc/cpuinfo's vendor_id, else guessed from the model name, else 'unknown'."""
+    vendor_id = _cpuinfo("vendor_id")
+    if vendor_id:
+        return _VENDORS.get(vendor_id, vendor_id)
+    for word in ("Intel", "AMD", "Apple", "Ampere", "Graviton"):
+        if word.lower() in model.lower():
+            return word
+    return "ARM" if _cpuinfo("cpu implementer") else "unknown"
 
 
 def _git_commit() -> str | None:
@@ -74,9 +95,15 @@ def _git_dirty() -> bool | None:
 
 
 def machine_info() -> dict[str, Any]:
-    """CPU model, logical cores, usable cores, torch version and device, Python version, git commit."""
+    """CPU model and vendor, logical cores, usable cores, torch version and device, Python version, git commit.
+
+    The host matters to every serving figure (the same full comparison has given 1.00x on an Intel host and
+    2.00x on an AMD one), so every benchmark's JSON carries it (``emit`` adds this object)."""
+    model = _cpu_model()
     info: dict[str, Any] = {
-        "cpu_model": _cpu_model(),
+        "cpu_model": model,
+        "cpu_vendor": _cpu_vendor(model),
+        "cpu_avx512": "avx512f" in (_cpuinfo("flags") or "").split(),  # x86: AVX-512 Foundation
         "logical_cores": os.cpu_count(),
         "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "python": platform.python_version(),

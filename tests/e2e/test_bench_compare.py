@@ -1,5 +1,5 @@
 """The serving comparison as a user runs it: `pdserve bench compare --quick`, cut down to two systems, one
-workload and one short run per search, in a subprocess; its JSON has the documented shape and every number in
+workload, two seeds of 6 requests and one short run per search, in a subprocess; its JSON has the documented shape and every number in
 it comes from a run (real clusters on loopback, real load)."""
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ def test_bench_compare_quick_end_to_end(tmp_path: Path) -> None:
         "--workloads",
         "balanced",
         "--n-requests",
-        "8",
+        "6",
+        "--seeds",
+        "2",
         "--max-probes",
         "1",
     ]
@@ -36,12 +38,16 @@ def test_bench_compare_quick_end_to_end(tmp_path: Path) -> None:
     result = json.loads(out.read_text())
     assert result["benchmark"] == "compare" and result["mode"] == "quick"
     assert result["machine"]["logical_cores"] >= 1 and result["machine"]["git_commit"]
+    assert result["machine"]["cpu_model"] and result["machine"]["cpu_vendor"]  # the host, in every result
+    assert result["config"]["seeds"] == [0, 1]
     w = result["workloads"]["balanced"]
     assert set(w["goodput_per_device"]) == set(SYSTEMS)
     assert w["best_colocated"] == "colocated-2x1core"
     ratio, bound = w["goodput_ratio_vs_best_colocated"], w["goodput_ratio_lower_bound"]
     assert ratio is None or (math.isfinite(ratio) and ratio >= 0)
     assert bound is None or bound > 0
+    assert set(w["goodput_ratio_by_seed"]) == {"0", "1"}
+    assert w["goodput_ratio_spread"]["n"] + w["goodput_ratio_spread"]["undefined"] == 2
     iso = w["isolated"]
     assert (
         0 < iso["decode_step_s"] < iso["prefill_s"] < 5
@@ -55,7 +61,8 @@ def test_bench_compare_quick_end_to_end(tmp_path: Path) -> None:
             assert run["rate"] > 0
             assert 0.0 <= run["attainment_by_k"][k] <= 1.0
             summary = run["at_headline_k"]
-            assert summary["n_requests"] == 8 and summary["n_ok"] + summary["n_failed"] == 8
+            assert summary["n_requests"] == 12 and summary["n_ok"] + summary["n_failed"] == 12  # 2 seeds x 6
+            assert set(run["attainment_by_seed"]) == {"0", "1"}
             cpu = run["cpu"]
             if Path("/proc/stat").exists():
                 assert cpu is not None and cpu["system_cores"] > 0.05  # the system did the work

@@ -9,7 +9,16 @@ from dataclasses import replace
 
 import pytest
 
-from bench.compare import DISAGG, DISAGG_COND, QUICK, WorkloadSpec, evaluate, vs_best_colocated, workload_slos
+from bench.compare import (
+    DISAGG,
+    DISAGG_COND,
+    FULL,
+    QUICK,
+    WorkloadSpec,
+    evaluate,
+    vs_best_colocated,
+    workload_slos,
+)
 from bench.cpu import CpuUsage
 from bench.metrics import SLO, RequestRecord, attainment, compute_metrics
 from bench.probe import Prober, Run, Turns, goodput_from_runs, min_k_per_request, refine_goodput, tightest_k
@@ -60,6 +69,7 @@ class FakeProber:
     """Runs whose requests all meet a 0.5 s TTFT SLO up to `knee` req/s, and none above."""
 
     ttft_s = (0.1, 1.0)  # time to first token at rates up to the knee, and above it
+    seeds = (0,)
 
     def __init__(self, knee: float, rates: list[float]) -> None:
         self.knee = knee
@@ -231,3 +241,79 @@ def test_a_disturbed_run_is_run_again_once(
     assert run.cpu is not None and run.cpu.foreign_peak_cores == kept_peak
     assert [u.foreign_peak_cores for u in run.discarded] == discarded
     assert prober.run(2.0) is run and prober.loads == loads  # cached: no new load
+
+
+class SeededProber(SloProber):
+    """Two seeds per run: seed s's requests all meet a 0.5 s TTFT SLO up to knees[s] req/s, none above."""
+
+    seeds = (0, 1)
+
+    def __init__(self, knees: dict[int, float]) -> None:
+        self.knees = knees
+        super().__init__(knee=0.0, rates=[])
+
+    def run(self, rate: float) -> Run:
+        if rate not in self.runs:
+            self.new.append(rate)
+            records, seed_of = [], []
+            for seed in self.seeds:
+                ttft = self.ttft_s[0] if rate <= self.knees[seed] else self.ttft_s[1]
+                records += [_record(len(records) + i, ttft, 0.01) for i in range(10)]
+                seed_of += [seed] * 10
+            self.runs[rate] = Run(rate, records, seed_of=seed_of)
+        return self.runs[rate]
+
+
+def _evaluate_seeded(knees: dict[int, float]) -> dict:
+    iso = {"prefill_s": 0.1, "decode_step_s": 0.01, "prompt_len": 8}
+    mode = replace(QUICK, max_probes=4, rel_tol=0.25, growth=2.0)
+    return evaluate(SeededProber(knees), iso, {2.0: SLO(0.5, 0.02)}, 2.0, 1.0, mode)  # type: ignore[arg-type]
+
+
+def test_evaluate_fits_goodput_pooled_and_per_seed() -> None:
+    # worked by hand: 1.0 passes for both seeds (pooled 1.0); 2.0, 1.5, 1.25 fail seed 1 (pooled 0.5)
+    out = _evaluate_seeded({0: 2.0, 1: 1.0})
+    g = out["goodput"]["2"]
+    assert [p["rate"] for p in g["search"]["probes"]] == [1.0, 2.0, 1.5, 1.25]
+    assert g["bracket"] == {"lo": 1.0, "hi": 1.25, "rel_width": pytest.approx(0.25)}
+    assert g["rate"] == pytest.approx(1.0 + 0.1 / 0.5 * 0.25)  # the pooled line 1.0 -> 0.5 crosses 0.9
+    assert g["by_seed"]["0"] == 2.0  # seed 0 passes every run
+    assert g["by_seed"]["1"] == pytest.approx(1.0 + 0.1 / 1.0 * 0.25)
+    assert [r["attainment_by_seed"] for r in out["runs"]][1] == {"0": 1.0, "1": 0.0}  # at 1.25
+
+
+def test_workload_result_reports_the_ratio_per_seed_and_its_spread() -> None:
+    from bench.compare import workload_result
+    from bench.compare.slos import Plan
+
+    sysres = {
+        DISAGG: {"devices": 2, "config": {}, **_evaluate_seeded({0: 2.0, 1: 1.0})},
+        "colocated-a": {"devices": 2, "config": {}, **_evaluate_seeded({0: 1.0, 1: 1.0})},
+    }
+    spec = WorkloadSpec("w", Uniform(8, 8), Uniform(4, 4), headline_k=2.0)
+    plan = Plan(spec, Workload("w", 10, 1.0), {}, {2.0: SLO(0.5, 0.02)}, 1.0, None, 1.0, 5.0, (0, 1))
+    w = workload_result(plan, sysres)
+    # colocated-a: seed 0 and 1 both fail 1.25 -> 1.025 pooled and per seed
+    assert w["goodput_per_device"]["colocated-a"] == pytest.approx(1.025 / 2)
+    assert w["goodput_ratio_vs_best_colocated"] == pytest.approx(1.05 / 1.025)
+    assert w["goodput_ratio_by_seed"] == {"0": pytest.approx(2.0 / 1.025), "1": pytest.approx(1.0)}
+    spread = w["goodput_ratio_spread"]
+    assert (spread["min"], spread["max"], spread["n"]) == (pytest.approx(1.0), pytest.approx(2.0 / 1.025), 2)
+    assert w["bracket_rel_width"] == {DISAGG: pytest.approx(0.25), "colocated-a": pytest.approx(0.25)}
+
+
+def test_a_run_plays_every_seed_and_keeps_their_records_apart() -> None:
+    prober = ScriptedProber([0.1], seeds=(3, 4))
+    run = prober.run(2.0)
+    assert len(run.records) == 8 and run.seed_of == [3] * 4 + [4] * 4  # 4 requests per seed
+    assert run.records_of(4) == run.records[4:] and run.records_of(None) == run.records
+
+
+def test_command_line_overrides_of_the_mode() -> None:
+    from bench.compare.cli import mode_from_args, parse_args
+
+    assert (QUICK.seeds, FULL.seeds) == (3, 3) and FULL.rel_tol <= 0.1  # issue 24: brackets <= 10 %
+    mode = mode_from_args(parse_args(["--quick", "--seeds", "2", "--n-requests", "5", "--max-probes", "3"]))
+    assert (mode.seeds, mode.n_requests, mode.min_requests, mode.max_probes) == (2, 5, 5, 3)
+    with pytest.raises(SystemExit):
+        mode_from_args(parse_args(["--seeds", "0"]))

@@ -9,10 +9,13 @@ import pytest
 from bench.goodput import (
     GoodputResult,
     Probe,
+    bracket_rel_width,
     derive_slos,
     find_goodput,
+    fitted_goodput,
     goodput_per_device,
     goodput_sweep,
+    passing_bracket,
     slo_sweep,
 )
 from bench.metrics import SLO
@@ -106,3 +109,47 @@ def test_goodput_sweep_over_slo_scale() -> None:
     for k, slo, res in results:
         assert slo.tpot_s == pytest.approx(0.1 * k)
         assert k / 1.01 <= res.rate <= k + 1e-9
+
+
+def test_fitted_goodput_on_hand_worked_points() -> None:
+    # passes at 1 and 2, fails at 4: the line from (2, 0.95) to (4, 0.5) crosses 0.9 at 2 + 0.05 / 0.45 x 2
+    assert fitted_goodput([(4.0, 0.5), (1.0, 1.0), (2.0, 0.95)]) == pytest.approx(2.0 + 2.0 / 9.0)
+    # a rate above the first failure that passes again does not count: the crossing is between 1 and 2
+    assert fitted_goodput([(1.0, 0.95), (2.0, 0.8), (3.0, 0.95)]) == pytest.approx(1.0 + 1.0 / 3.0)
+    assert fitted_goodput([(1.0, 0.95), (2.0, 0.97)]) == 2.0  # nothing fails: the highest rate
+    assert fitted_goodput([(1.0, 0.5), (2.0, 0.97)]) == 0.0  # the lowest rate fails: no extrapolation
+    assert fitted_goodput([]) == 0.0
+    assert passing_bracket([(1.0, 0.95), (2.0, 0.8), (4.0, 0.1)], 0.9) == (1.0, 2.0)
+    assert bracket_rel_width(2.0, 2.2) == pytest.approx(0.1)
+    assert bracket_rel_width(2.0, None) is None and bracket_rel_width(0.0, 1.0) is None
+
+
+def test_search_to_ten_percent_on_a_linear_curve() -> None:
+    # attainment 1.1 - 0.1 r crosses 0.9 at r = 2, worked by hand: 1 and 2 pass (2 exactly at the target),
+    # 4 fails, then 3, 2.5, 2.25, 2.125 fail; [2, 2.125] is within 10 % of 2
+    res = find_goodput(lambda r: 1.1 - 0.1 * r, start_rate=1.0, rel_tol=0.1, max_probes=8)
+    assert [p.rate for p in res.probes] == pytest.approx([1.0, 2.0, 4.0, 3.0, 2.5, 2.25, 2.125])
+    assert res.converged and res.rate == pytest.approx(2.0) and res.hi == pytest.approx(2.125)
+    assert res.rel_width == pytest.approx(0.0625)
+    assert res.rate_fitted == pytest.approx(2.0)
+    d = res.to_dict()
+    assert d["rate_fitted"] == pytest.approx(2.0) and d["rel_width"] == pytest.approx(0.0625)
+
+
+@pytest.mark.parametrize("knee", [1.0, 1.1, 1.37, 2.9])
+def test_ten_percent_brackets_resolve_a_ten_percent_difference(knee: float) -> None:
+    # a smooth fall through the target at `knee` (attainment 0.9 there, slope -0.5 per unit of rate / knee)
+    def curve(r: float) -> float:
+        return min(1.0, max(0.0, 0.9 - 0.5 * (r - knee) / knee))
+
+    res = find_goodput(curve, start_rate=1.0, rel_tol=0.1, max_probes=8)
+    assert res.converged and res.rel_width is not None and res.rel_width <= 0.1
+    assert res.rate <= knee <= res.hi  # type: ignore[operator]
+    assert res.rate_fitted == pytest.approx(knee, rel=1e-9)  # linear between the bracket's ends: exact
+
+
+def test_growth_sets_the_bracketing_step() -> None:
+    res = find_goodput(Curve(3.7), start_rate=1.0, growth=1.5, rel_tol=0.5, max_probes=8)
+    assert [p.rate for p in res.probes][:5] == pytest.approx([1.0, 1.5, 2.25, 3.375, 5.0625])
+    with pytest.raises(ValueError):
+        find_goodput(Curve(3.7), growth=1.0)

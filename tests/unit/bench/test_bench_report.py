@@ -20,11 +20,22 @@ def test_machine_info() -> None:
     for key in ("cpu_model", "logical_cores", "usable_cores", "python", "torch", "device", "git_commit"):
         assert key in info
     assert isinstance(info["cpu_model"], str) and info["cpu_model"]
+    assert isinstance(info["cpu_vendor"], str) and info["cpu_vendor"]
+    assert isinstance(info["cpu_avx512"], bool)
     assert info["logical_cores"] >= 1
     assert info["torch"] is None or isinstance(info["torch"], str)
     assert info["device"] == "cpu" or info["device"].startswith("cuda:")
     assert info["git_commit"] is None or re.fullmatch(r"[0-9a-f]{40}", info["git_commit"])
     json.dumps(info)
+
+
+def test_cpu_vendor_from_cpuinfo(tmp_path: Path) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) CPU\n")
+    assert report._cpuinfo("vendor_id", str(cpuinfo)) == "GenuineIntel"
+    assert report._cpuinfo("model name", str(cpuinfo)) == "Intel(R) Xeon(R) CPU"
+    assert report._cpuinfo("flags", str(cpuinfo)) is None
+    assert report._cpuinfo("vendor_id", str(tmp_path / "absent")) is None
 
 
 @dataclass

@@ -16,6 +16,7 @@ from bench.workload import (
     arrival_offsets,
     load_trace,
     make_requests,
+    make_seeded_requests,
     parse_length_dist,
     prompt_offsets,
     request_lengths,
@@ -175,3 +176,25 @@ def test_csv_trace(tmp_path: Path) -> None:
         bad.write_text(body)
         with pytest.raises(ValueError):
             load_trace(bad)
+
+
+def test_seeded_requests_run_the_seeds_one_after_another() -> None:
+    wl = _wl(n_requests=5, rate=4.0)
+    reqs, seed_of = make_seeded_requests(wl, SOURCE, [1, 2, 3])
+    assert seed_of == [1] * 5 + [2] * 5 + [3] * 5
+    assert [r.index for r in reqs] == list(range(15))
+    times = [r.scheduled_s for r in reqs]
+    assert times == sorted(times)
+    for i, seed in enumerate((1, 2, 3)):
+        alone = make_requests(Workload(**{**wl.__dict__, "seed": seed}), SOURCE)
+        part = reqs[5 * i : 5 * i + 5]
+        assert [r.prompt_ids for r in part] == [r.prompt_ids for r in alone]
+        assert [r.output_len for r in part] == [r.output_len for r in alone]
+        # the same gaps within a seed; one mean gap (0.25 s) between the seeds
+        assert np.diff([r.scheduled_s for r in part]) == pytest.approx(
+            np.diff([r.scheduled_s for r in alone])
+        )
+        if i:
+            assert part[0].scheduled_s - reqs[5 * i - 1].scheduled_s == pytest.approx(0.25)
+    with pytest.raises(ValueError):
+        make_seeded_requests(wl, SOURCE, [])

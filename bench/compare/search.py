@@ -1,0 +1,143 @@
+"""One system on one workload: the goodput search at the headline k over pooled seeds, every run scored against
+every k and every seed, the tightest k at the fixed rate, the ideal prefill pool's bound."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bench.compare.modes import Mode
+from bench.goodput import GoodputResult, bracket_rel_width, find_goodput, passing_bracket
+from bench.ideal import ideal_ttft_attainment
+from bench.metrics import SLO, attainment, compute_metrics, summarize_records
+from bench.probe import (
+    TARGET,
+    Prober,
+    Run,
+    attainment_by_rate,
+    fitted_from_runs,
+    highest_passing_rate,
+    refine_goodput,
+    tightest_k,
+)
+
+
+def _compact(summary: dict[str, Any]) -> dict[str, Any]:
+    keep = ("n_requests", "n_ok", "n_failed", "errors", "attainment", "attainment_ttft", "attainment_tpot")
+    out = {k: summary[k] for k in keep}
+    for key in ("ttft_s", "tpot_s", "tbt_s"):
+        out[key] = {q: summary[key][q] for q in ("p50", "p90", "p99")}
+    out["request_throughput"] = summary["request_throughput"]
+    out["output_token_throughput"] = summary["output_token_throughput"]
+    return out
+
+
+def score_run(
+    run: Run,
+    slos: dict[float, SLO],
+    headline_k: float,
+    seeds: tuple[int, ...],
+    base: tuple[float, float],
+    iso: dict,
+    prefill_servers: int,
+) -> dict[str, Any]:
+    """One load run in the JSON: attainment at every k and per seed (headline k), the tightest k (the SLO
+    at k = 1 is `base`), a summary at the headline k, the CPU use, and the ideal prefill pool's attainment."""
+    entry = {
+        "rate": run.rate,
+        "attainment_by_k": {f"{k:g}": attainment(compute_metrics(run.records), s) for k, s in slos.items()},
+        "attainment_by_seed": {
+            str(seed): attainment(compute_metrics(run.records_of(seed)), slos[headline_k]) for seed in seeds
+        },
+        "tightest_k": tightest_k(run.records, *base),
+        "at_headline_k": _compact(summarize_records(run.records, slos[headline_k])),
+        "cpu": run.cpu.to_dict() if run.cpu else None,
+        "discarded_disturbed_runs": [u.to_dict() for u in run.discarded],
+    }
+    if prefill_servers:
+        entry["ideal_prefill_ttft_attainment_by_k"] = {
+            f"{k:g}": ideal_ttft_attainment(
+                run.records, s.ttft_s, iso["prefill_s"], iso["prompt_len"], prefill_servers
+            )
+            for k, s in slos.items()
+        }
+    return entry
+
+
+def evaluate(
+    prober: Prober,
+    iso: dict,
+    slos: dict[float, SLO],
+    headline_k: float,
+    start_rate: float,
+    mode: Mode,
+    prefill_servers: int = 0,
+    symmetric_slos: dict[float, SLO] | None = None,
+) -> dict[str, Any]:
+    """Goodput at the headline k (bisection on the attainment pooled over the prober's seeds), then at every
+    other k, and the tightest k at start_rate. Every goodput is the fitted crossing (`fitted_from_runs`), over
+    all seeds and over each seed alone (`by_seed`), with the bracket it lies in.
+    With `prefill_servers` (a disaggregated system), every run is also scored against the ideal prefill pool
+    of that many instances (`bench.ideal`): the TTFT attainment queueing alone allows on the run's schedule.
+    With `symmetric_slos` (a workload whose TTFT scale is not 1), goodput is also found against SLOs that
+    scale both isolated latencies alike: a search of its own at the headline k (`mode.symmetric_probes` load
+    runs at most, cached runs included; 0: score the other runs only), every k scored on all runs."""
+    base = (slos[headline_k].ttft_s / headline_k, slos[headline_k].tpot_s / headline_k)  # the SLO at k = 1
+
+    def search(slo: SLO, max_probes: int) -> GoodputResult:
+        return find_goodput(
+            lambda r: prober.attainment(r, slo),
+            start_rate=start_rate,
+            target=TARGET,
+            rel_tol=mode.rel_tol,
+            growth=mode.growth,
+            max_probes=max_probes,
+            min_rate=start_rate / 4,
+        )
+
+    res = search(slos[headline_k], mode.max_probes)
+    for k, slo in slos.items():
+        if k != headline_k:
+            refine_goodput(prober, slo, mode.extra_probes, mode.rel_tol)
+    sym_search = None
+    if symmetric_slos and mode.symmetric_probes:
+        sym_search = search(symmetric_slos[headline_k], mode.symmetric_probes).to_dict()
+    all_runs = list(prober.runs.values())
+
+    def scored(slo: SLO, searched: GoodputResult | None) -> dict[str, Any]:
+        lo, hi = passing_bracket(attainment_by_rate(all_runs, slo), TARGET)
+        return {
+            "rate": fitted_from_runs(all_runs, slo),
+            "bracket": {"lo": lo, "hi": hi, "rel_width": bracket_rel_width(lo, hi)},
+            "by_seed": {str(seed): fitted_from_runs(all_runs, slo, seed) for seed in prober.seeds},
+            "search": searched.to_dict() if searched else None,
+        }
+
+    goodput = {f"{k:g}": scored(slo, res if k == headline_k else None) for k, slo in slos.items()}
+    fixed = prober.run(start_rate)
+    runs = [
+        score_run(run, slos, headline_k, prober.seeds, base, iso, prefill_servers)
+        for run in sorted(prober.runs.values(), key=lambda r: r.rate)
+    ]
+    ideal = None
+    if prefill_servers:  # the highest probed rate the ideal pool passes at each k, every lower run passing
+        ideal = {
+            "prefill_servers": prefill_servers,
+            "goodput_by_k": {
+                key: highest_passing_rate(
+                    [(e["rate"], e["ideal_prefill_ttft_attainment_by_k"][key]) for e in runs]
+                )
+                for key in (f"{k:g}" for k in slos)
+            },
+        }
+    return {
+        "ideal_prefill_pool": ideal,
+        "goodput": goodput,
+        "tightest_k_at_fixed_rate": tightest_k(fixed.records, *base),
+        "goodput_symmetric": (
+            {f"{k:g}": fitted_from_runs(all_runs, s) for k, s in symmetric_slos.items()}
+            if symmetric_slos
+            else None
+        ),
+        "symmetric_search": sym_search,
+        "runs": runs,
+    }

@@ -1,0 +1,175 @@
+"""The workload as every system sees it: bench model, prompts, isolated latencies measured in the run, the
+SLOs derived from them (k x isolated, with the application's TTFT scale), the start rate and the timeout."""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.compare.modes import Mode, WorkloadSpec
+from bench.metrics import SLO
+from bench.workload import LengthDist, Uniform, Workload
+
+log = logging.getLogger("bench.compare")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent.parent
+SHIPPED_MODEL = REPO_ROOT / "models" / "pdserve-tiny-py"
+
+
+def bench_model(kwargs: dict[str, int]) -> tuple[str, str | None]:
+    """(model dir, shipped tokenizer path or None): the random model gets the shipped tokenizer's vocab size."""
+    from engine.synth import cached_random_model
+
+    tok = SHIPPED_MODEL / "tokenizer.json"
+    if tok.exists():
+        import tokenizers
+
+        vocab = tokenizers.Tokenizer.from_file(str(tok)).get_vocab_size(with_added_tokens=True)
+        return cached_random_model(**kwargs, vocab_size=vocab), str(tok)
+    return cached_random_model(**kwargs), None
+
+
+def prompt_source(model_dir: str, shipped_tokenizer: str | None) -> tuple[list[int], str]:
+    """Token ids of held-out text to cut prompts from, and a description of where they came from."""
+    heldout = SHIPPED_MODEL / "heldout.txt"
+    if shipped_tokenizer and heldout.exists():
+        import tokenizers
+
+        ids = tokenizers.Tokenizer.from_file(shipped_tokenizer).encode(heldout.read_text("utf-8")).ids
+        return ids, f"{heldout.relative_to(REPO_ROOT)} with the shipped tokenizer"
+    from engine.synth import stdlib_texts
+    from engine.tokenizer import Tokenizer
+
+    ids = Tokenizer(model_dir).encode("\n".join(stdlib_texts(max_bytes=400_000)))
+    return ids, "Python stdlib sources with the bench model's tokenizer (shipped held-out text not found)"
+
+
+def mean_len(dist: LengthDist) -> int:
+    if isinstance(dist, Uniform):
+        return (dist.lo + dist.hi) // 2
+    return int(round(float(np.mean(dist.sample(np.random.default_rng(0), 4096)))))
+
+
+def measure_isolated(model_dir: str, cpu: int, source: list[int], prompt_len: int, context_len: int) -> dict:
+    """Prefill of `prompt_len` tokens and the batch-1 decode step at `context_len`, alone, on one core
+    (a thread pinned like an instance: affinity + 1 torch thread). Best of repeated runs: the machine is
+    shared, and the least disturbed run is the closest to "served alone on an idle device"."""
+    out: dict[str, Any] = {}
+
+    def work() -> None:
+        from engine.device import Device
+        from engine.params import SamplingParams
+        from engine.runner import ModelRunner
+        from engine.sequence import Sequence
+
+        runner = ModelRunner(model_dir, Device.cpu((cpu,)), num_kv_blocks=4 * (context_len // 16 + 64))
+        params = SamplingParams(max_tokens=64, ignore_eos=True)
+
+        def fresh(n: int) -> Sequence:
+            s = Sequence("iso", list(source[:n]), params)
+            s.blocks = list(range(-(-(n + 64) // runner.block_size)))
+            return s
+
+        prefill = []
+        for i in range(9):
+            s = fresh(prompt_len)
+            t = time.perf_counter()
+            runner.prefill([s])
+            if i:  # the first run warms up
+                prefill.append(time.perf_counter() - t)
+        s = fresh(context_len)
+        s.output_ids.append(runner.prefill([s])[0])  # type: ignore[arg-type]
+        steps = []
+        for _ in range(40):
+            t = time.perf_counter()
+            s.output_ids.append(runner.decode([s])[0])
+            steps.append(time.perf_counter() - t)
+        out.update(
+            prefill_s=min(prefill),
+            decode_step_s=min(steps[4:]),
+            prefill_median_s=statistics.median(prefill),
+            decode_step_median_s=statistics.median(steps[4:]),
+            prompt_len=prompt_len,
+            context_len=context_len,
+            cpu=cpu,
+        )
+
+    t = threading.Thread(target=work, name="isolated")  # pins only this thread
+    t.start()
+    t.join()
+    return out
+
+
+@dataclass
+class Plan:
+    """One workload as every system sees it: schedule, isolated latencies, SLOs, fixed rate, timeout."""
+
+    spec: WorkloadSpec
+    workload: Workload
+    isolated: dict[str, Any]
+    slos: dict[float, SLO]
+    ttft_scale: float  # TTFT SLO = k x ttft_scale x isolated prefill (1 unless the spec sets ttft_tpot_ratio)
+    symmetric_slos: dict[float, SLO] | None  # k x both isolated latencies, when ttft_scale != 1
+    start_rate: float  # the search starts here; also the fixed rate of the tightest-k comparison
+    timeout_s: float  # a request unanswered this long after its arrival is a failure (an SLO miss)
+    seeds: tuple[int, ...]  # the workload seeds every load run plays, one after another
+
+
+def iso_lens(spec: WorkloadSpec) -> tuple[int, int]:
+    """(prompt length, decode context) of the isolated measurement: the workload's means."""
+    p_len, o_len = mean_len(spec.prompt), mean_len(spec.output)
+    return p_len, p_len + o_len // 2
+
+
+def workload_slos(
+    spec: WorkloadSpec, prefill_s: float, decode_step_s: float, ks: list[float]
+) -> tuple[float, dict[float, SLO], dict[float, SLO] | None]:
+    """(TTFT scale s, the workload's SLO per k, the symmetric SLO per k or None when s == 1).
+
+    At scale k: TTFT <= k x s x prefill_s, TPOT <= k x decode_step_s; s = max(1, ratio x decode / prefill)
+    for a spec with a TTFT:TPOT ratio (never below 1: a TTFT SLO under the isolated prefill is unmeetable)."""
+    scale = 1.0
+    if spec.ttft_tpot_ratio is not None:
+        scale = max(1.0, spec.ttft_tpot_ratio * decode_step_s / prefill_s)
+    slos = {k: SLO(k * scale * prefill_s, k * decode_step_s) for k in ks}
+    symmetric = {k: SLO(k * prefill_s, k * decode_step_s) for k in ks} if scale != 1.0 else None
+    return scale, slos, symmetric
+
+
+def plan_workload(
+    spec: WorkloadSpec, mode: Mode, model_dir: str, cpu: int, source: list[int], seed: int
+) -> Plan:
+    p_len, o_len = mean_len(spec.prompt), mean_len(spec.output)
+    iso = measure_isolated(model_dir, cpu, source, *iso_lens(spec))
+    ks = sorted({*mode.ks, spec.headline_k})
+    scale, slos, symmetric = workload_slos(spec, iso["prefill_s"], iso["decode_step_s"], ks)
+    # a 1-core capacity estimate (prefill + decode at a batch of ~8); start at load_factor of it
+    per_request = iso["prefill_s"] + o_len * iso["decode_step_s"] / 8
+    start_rate = float(f"{mode.load_factor / per_request:.3g}")
+    timeout_s = max(ks) * (scale * iso["prefill_s"] + spec.output.hi * iso["decode_step_s"]) * 2 + 2.0  # type: ignore[union-attr]
+    workload = Workload(
+        spec.name,
+        n_requests=mode.n_requests,
+        rate=start_rate,
+        prompt=spec.prompt,
+        output=spec.output,
+        seed=seed,
+    )
+    log.info(
+        "%s: isolated prefill(%d) %.1f ms, decode step %.2f ms; TTFT scale %.2f; start rate %.3g req/s",
+        spec.name,
+        p_len,
+        1e3 * iso["prefill_s"],
+        1e3 * iso["decode_step_s"],
+        scale,
+        start_rate,
+    )
+    seeds = tuple(range(seed, seed + mode.seeds))
+    return Plan(spec, workload, iso, slos, scale, symmetric, start_rate, timeout_s, seeds)
