@@ -12,10 +12,10 @@ side) writes layers and returns a trailer when the test says so. All three and `
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import torch
@@ -25,6 +25,7 @@ from engine.sequence import Sequence
 from engine.tokenizer import Tokenizer
 from kv_transfer.client import PullStats, Trailer
 
+E = TypeVar("E")
 WAIT_S = 30.0  # every wait below is for a condition; this only bounds a broken test
 
 
@@ -113,13 +114,10 @@ class FakeRunner:
                 self._permits -= 1
 
     # ---- the ModelRunner interface the engines use -------------------------------------------
-    def prefill(
-        self,
-        seqs: list[Sequence],
-        on_layer: Callable[[int], None] | None = None,
-        num_new: list[int] | None = None,
-    ) -> list[int | None]:
-        num_new = num_new or [s.num_tokens - s.num_cached for s in seqs]
+    def prefill(self, seqs: list[Sequence], on_layer: Any = None, num_new: Any = None) -> list[int | None]:
+        """Like ModelRunner.prefill: `num_new` tokens per seq (default: all uncached), on_layer per layer."""
+        if num_new is None:
+            num_new = [s.num_tokens - s.num_cached for s in seqs]
         for s, n in zip(seqs, num_new, strict=True):
             assert 0 < n <= s.num_tokens - s.num_cached, f"{s.request_id}: chunk of {n}"
             assert len(s.blocks) * self.block_size >= s.num_cached + n, f"{s.request_id}: blocks too small"
@@ -264,6 +262,21 @@ class Events:
         """The first event of `rid` that `pred` accepts (waits for it)."""
         self.timeline.wait_for(lambda: any(pred(e) for e in self.of.get(rid, [])))
         return next(e for e in self.of[rid] if pred(e))
+
+
+@pytest.fixture
+def started() -> Iterator[Callable[[E], E]]:
+    """`started(engine)` starts an engine; every engine started so is stopped after the test."""
+    engines: list[Any] = []
+
+    def start(engine: E) -> E:
+        engine.start()  # type: ignore[attr-defined]
+        engines.append(engine)
+        return engine
+
+    yield start
+    for engine in engines:
+        engine.stop()
 
 
 @pytest.fixture

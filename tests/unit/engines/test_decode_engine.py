@@ -13,19 +13,14 @@ from pdserve.errors import Cancelled, CapacityExceeded, InvalidRequest, PDServeE
 
 
 @pytest.fixture
-def engine_for(make_runner, puller):
-    engines: list[DecodeEngine] = []
-
+def engine_for(make_runner, puller, started):
     def build(num_blocks: int, max_running: int = 8, max_batch_tokens: int = 16) -> DecodeEngine:
         runner = make_runner(num_blocks)
-        engine = DecodeEngine(runner, puller, max_running, max_queue=8, max_batch_tokens=max_batch_tokens)  # type: ignore[arg-type]
-        engine.start()
-        engines.append(engine)
-        return engine
+        return started(
+            DecodeEngine(runner, puller, max_running, max_queue=8, max_batch_tokens=max_batch_tokens)
+        )
 
-    yield build
-    for engine in engines:
-        engine.stop()
+    return build
 
 
 def _job(events, rid: str, prompt_len: int, max_tokens: int, local: bool = False) -> DecodeJob:

@@ -14,18 +14,11 @@ PARAMS = SamplingParams(max_tokens=8, ignore_eos=True)
 
 
 @pytest.fixture
-def engine_for(make_runner, kv_server):
-    engines: list[PrefillEngine] = []
-
+def engine_for(make_runner, kv_server, started):
     def build(num_blocks: int, max_batch_tokens: int = 16) -> PrefillEngine:
-        engine = PrefillEngine(make_runner(num_blocks), kv_server, max_batch_tokens, max_queue=8)  # type: ignore[arg-type]
-        engine.start()
-        engines.append(engine)
-        return engine
+        return started(PrefillEngine(make_runner(num_blocks), kv_server, max_batch_tokens, max_queue=8))
 
-    yield build
-    for engine in engines:
-        engine.stop()
+    return build
 
 
 def _job(events, rid: str, n: int) -> PrefillJob:
