@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 from engine.runner import ModelRunner
 from engine.step_loop import Batch, Job, StepEngine
-from engine.stream import StopChecker
 from pdserve.errors import PDServeError
 
 
@@ -54,12 +53,6 @@ class ColocatedEngine(StepEngine[ColocatedJob]):
         self.max_running = max_running
         self.max_batch_tokens = max_batch_tokens
         self.chunk_tokens = chunk_tokens
-
-    # ---- called from gRPC handlers (cancel, stats, check_integrity: StepEngine) --------------
-    def submit(self, job: ColocatedJob) -> None:
-        self.validate_request(job)
-        job.stop = StopChecker(self.runner.tokenizer, job.params)
-        self._enqueue(job)
 
     # ---- the policy (the step loop: StepEngine) ---------------------------------------------
     def _stats(self) -> dict[str, int]:

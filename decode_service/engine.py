@@ -26,7 +26,6 @@ from typing import Any
 from decode_service import tracing
 from engine.runner import ModelRunner
 from engine.step_loop import Batch, Job, Phase, StepEngine, prompt_pass
-from engine.stream import StopChecker
 from kv_transfer.client import KVPuller
 from pdserve.errors import InvalidRequest, PDServeError, Unavailable
 
@@ -82,12 +81,10 @@ class DecodeEngine(StepEngine[DecodeJob]):
 
     # ---- called from gRPC handlers (cancel, stats, check_integrity: StepEngine) --------------
     def submit(self, job: DecodeJob) -> None:
-        self.validate_request(job)
         vocab_size = self.runner.config.vocab_size
         if job.first_token_id is not None and not 0 <= job.first_token_id < vocab_size:
             raise InvalidRequest(f"first_token_id must be in [0, {vocab_size})")
-        job.stop = StopChecker(self.runner.tokenizer, job.params)
-        self._enqueue(job)
+        super().submit(job)
 
     # ---- lifecycle (start: StepEngine) ----------------------------------------------------
     def stop(self) -> None:
@@ -116,6 +113,7 @@ class DecodeEngine(StepEngine[DecodeJob]):
         return step
 
     def _take_local(self) -> list[DecodeJob]:
+        """Admitted local prefills for the next pass, FIFO, up to `max_batch_tokens` (the first always)."""
         batch: list[DecodeJob] = []
         tokens = 0
         for job in self._admitted:

@@ -13,7 +13,6 @@ from engine.params import SamplingParams
 from engine.runner import ModelRunner
 from engine.sequence import Sequence
 from engine.step_loop import Batch, Job, StepEngine, prompt_pass
-from engine.stream import StopChecker
 from pdserve.errors import PDServeError
 
 
@@ -52,11 +51,10 @@ class LocalEngine(StepEngine[Job]):
                 errors.append(event)
 
         jobs = [Job(s.request_id, list(s.prompt_ids), s.params, emit) for s in seqs]
-        for job in jobs:
+        for job in jobs:  # all of them before any runs
             self.validate_request(job)
         for job in jobs:
-            job.stop = StopChecker(self.tokenizer, job.params)
-            self._enqueue(job)
+            self.submit(job)
         while self._waiting or self._owners():
             with self._cond:
                 step = self._schedule()

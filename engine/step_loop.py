@@ -130,6 +130,13 @@ class StepEngine(Generic[J]):
         return None
 
     # ---- called from gRPC handlers -------------------------------------------------------
+    def submit(self, job: J) -> None:
+        """Validate and queue a job (InvalidRequest / CapacityExceeded / Unavailable: nothing is queued).
+        This default is for engines that sample tokens: it gives the job its StopChecker."""
+        self.validate_request(job)
+        job.stop = StopChecker(self.runner.tokenizer, job.params)
+        self._enqueue(job)
+
     def validate_request(self, job: J) -> None:
         """Raise InvalidRequest for a bad request, CapacityExceeded if its reserved tokens can never fit
         this instance's blocks."""

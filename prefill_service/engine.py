@@ -12,6 +12,7 @@ queued owns none.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import uuid
@@ -20,6 +21,7 @@ from typing import Any
 
 from torch import Tensor
 
+from engine.kv_cache import KVCache
 from engine.runner import ModelRunner
 from engine.step_loop import Batch, Job, Phase, StepEngine, prompt_pass
 from kv_transfer.server import KVServer
@@ -116,9 +118,7 @@ class PrefillEngine(StepEngine[PrefillJob]):
                 job.transfer_id,
                 num_layers,
                 seq.num_prompt_tokens,
-                read_layer=lambda layer, b=seq.blocks, n=seq.num_prompt_tokens: _host_kv(
-                    cache.read(layer, b, n)
-                ),
+                read_layer=functools.partial(_read_host_kv, cache, seq.blocks, seq.num_prompt_tokens),
                 on_release=self._on_release,
                 token_ids=job.prompt_ids,
             )
@@ -171,11 +171,12 @@ class PrefillEngine(StepEngine[PrefillJob]):
         log.debug("lease %s released (%s)", transfer_id, reason)
 
 
-def _host_kv(kv: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-    """The KV server hands codecs CPU tensors: a CUDA cache's gathered K/V [T, Hkv, D] come to the host.
+def _read_host_kv(cache: KVCache, blocks: list[int], num_tokens: int, layer: int) -> tuple[Tensor, Tensor]:
+    """A lease's `read_layer`: the layer's K/V [T, Hkv, D] as CPU tensors (the KV server hands codecs CPU
+    tensors, so a CUDA cache's gathered K/V come to the host).
 
     Runs on a KV connection thread. The gather was queued on the device's default stream after the
     layer's compute, so .cpu() (synchronous) returns the finished values.
     """
-    k, v = kv
+    k, v = cache.read(layer, blocks, num_tokens)
     return (k.cpu(), v.cpu()) if k.is_cuda else (k, v)
