@@ -5,6 +5,8 @@ can never fit are rejected at submit."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from decode_service.engine import DecodeEngine, DecodeJob, Tokens
@@ -193,3 +195,25 @@ def test_requests_that_can_never_fit_are_rejected_at_submit(engine_for, events):
     with pytest.raises(InvalidRequest, match="first_token_id"):
         engine.submit(bad)
     assert engine.stats() == {"queue_len": 0, "running": 0} and _all_free(engine)
+
+
+def test_stop_fails_queued_requests_and_returns_once_the_pulls_in_flight_do(
+    make_runner, puller, events, timeline
+):
+    engine = DecodeEngine(make_runner(8), puller, max_running=8, max_queue=8, max_batch_tokens=16)  # type: ignore[arg-type]
+    engine.start()
+    pulling, queued = _job(events, "p", 8, 12), _job(events, "q", 8, 12)  # 5 blocks each: q waits
+    engine.submit(pulling)
+    engine.submit(queued)
+    timeline.wait_for(lambda: ("pull", "p") in timeline.entries)
+    stopper = threading.Thread(target=engine.stop)
+    stopper.start()
+    assert isinstance(events.wait("q", lambda ev: isinstance(ev, PDServeError)), Cancelled)
+    with pytest.raises(Unavailable, match="shutting down"):
+        engine.submit(_job(events, "late", 4, 4))
+    assert stopper.is_alive()  # the step loop waits for p's pull, which writes into p's blocks
+    puller.finish("p", 9, 8)
+    stopper.join(30)
+    assert not stopper.is_alive()
+    assert isinstance(events.of["p"][-1], Cancelled) and _all_free(engine)
+    engine.check_integrity()
