@@ -9,8 +9,10 @@ A `local_prefill` request (the gateway's conditional disaggregation: a short pro
 pool is busy) has no KV to pull: the step loop prefills it here, between two decode steps (the running
 sequences stall for that pass, as in a colocated engine), and emits its first token itself.
 
-Invariant: every allocated block is freed exactly once, when its sequence finishes, fails, or is
-cancelled (whatever phase it is in), so `check_integrity()` holds whenever the engine is idle.
+Phases (`engine.step_loop.Phase`): WAITING -> PULLING -> PULLED -> RUNNING -> DONE, or, for a local
+prefill, WAITING -> PREFILL -> RUNNING -> DONE. Invariant: every allocated block is freed exactly once,
+when its sequence finishes, fails, or is cancelled (whatever phase it is in), so `check_integrity()`
+holds whenever the engine is idle.
 """
 
 from __future__ import annotations
@@ -23,10 +25,9 @@ from typing import Any
 
 from decode_service import tracing
 from engine.runner import ModelRunner
-from engine.step_loop import Job, StepEngine
-from engine.stream import StopChecker
+from engine.step_loop import Batch, Job, Phase, StepEngine, prompt_pass
 from kv_transfer.client import KVPuller
-from pdserve.errors import Cancelled, InvalidRequest, PDServeError, Unavailable
+from pdserve.errors import InvalidRequest, PDServeError, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +54,8 @@ class DecodeJob(Job):
     first_token_id: int | None
     kv_token: bytes = field(default=b"", repr=False)  # the lease's secret from the KV handle
     local_prefill: bool = False  # no KV handle: the step loop prefills the prompt here
-    admitted: float = 0.0
+    pulled: BaseException | int | None = None  # the pull's outcome (PULLED): the first token, or why not
     transfer_s: float = 0.0
-    stop: StopChecker | None = None  # set by submit
     trace: Any = None  # OpenTelemetry Context: the parent of this job's spans (None: not traced)
     steps_span: Any = None
     steps: int = 0  # decode steps this sequence took part in
@@ -77,76 +77,49 @@ class DecodeEngine(StepEngine[DecodeJob]):
         self.max_running = max_running
         # local prefill: prompt tokens per pass (the first always goes), the instance's --max-batch-tokens
         self.max_batch_tokens = max_batch_tokens
-        self._local: list[DecodeJob] = []  # admitted local_prefill jobs, prompt not computed yet (FIFO)
-        self._pulling: set[DecodeJob] = set()  # admitted, KV pull in flight on a pull thread
-        self._pulled: list[tuple[DecodeJob, BaseException | int]] = []  # (job, error or first token)
-        self._running: list[DecodeJob] = []  # decoding
         self.links: dict[str, float] = {}  # prefill KV address -> measured bytes/s (EWMA)
         self._pull_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kv-pull")
 
     # ---- called from gRPC handlers (cancel, stats, check_integrity: StepEngine) --------------
     def submit(self, job: DecodeJob) -> None:
-        self.validate_request(job.prompt_ids, job.params, len(job.prompt_ids) + job.params.max_tokens)
         vocab_size = self.runner.config.vocab_size
         if job.first_token_id is not None and not 0 <= job.first_token_id < vocab_size:
             raise InvalidRequest(f"first_token_id must be in [0, {vocab_size})")
-        job.stop = StopChecker(self.runner.tokenizer, job.params)
-        self._enqueue(job)
+        super().submit(job)
 
     # ---- lifecycle (start: StepEngine) ----------------------------------------------------
     def stop(self) -> None:
         super().stop()
         self._pull_pool.shutdown(wait=True, cancel_futures=True)
 
-    # ---- step loop ------------------------------------------------------------------------
-    def _owners(self) -> list[DecodeJob]:
-        return [*self._local, *self._pulling, *self._running, *(job for job, _ in self._pulled)]
-
+    # ---- the policy (the step loop: StepEngine) ---------------------------------------------
     def _stats(self) -> dict[str, int]:
-        queued = len(self._waiting) + len(self._pulling) + len(self._local)
-        return {"queue_len": queued, "running": len(self._running)}
+        return {"queue_len": len(self._waiting) + len(self._admitted), "running": len(self._running)}
 
-    def _loop(self) -> None:
-        while True:
-            with self._cond:
-                self._reap_cancelled()
-                self._admit()
-                self._join_pulled()
-                while not self._stop and not self._running and not self._pulled and not self._local:
-                    self._cond.wait(0.05)
-                    self._reap_cancelled()
-                    self._admit()
-                self._join_pulled()
-                if self._stop and not self._pulling:
-                    self._reap_cancelled()
-                    return
-                local = self._take_local()
-                batch = list(self._running)
-            if local:
-                self._prefill_local(local)
-            if batch:  # the sequences running before the pass (the new ones join the next step)
-                self._step(batch)
-
-    def _admit(self) -> None:
-        """FIFO admission: reserve prompt + max_tokens blocks, then pull the KV on a pull thread (or, for a
-        local_prefill job, queue it for the step loop's next prefill pass)."""
-        while self._waiting and len(self._running) + len(self._pulling) + len(self._local) < self.max_running:
-            job = self._waiting[0]
-            if not self._reserve(job, len(job.prompt_ids) + job.params.max_tokens):
-                return
-            job.admitted = time.monotonic()
-            if job.local_prefill:
-                self._local.append(job)
-                continue
-            self._pulling.add(job)
-            self._pull_pool.submit(self._pull, job)
+    def _schedule(self) -> list[Batch[DecodeJob]]:
+        """Admit while `max_running` allows (a KV pull starts for each, or it waits for a local prefill
+        pass); pulled sequences join the batch. The step: one prefill pass over local prompts (FIFO, up
+        to `max_batch_tokens`, the first always), then one decode step of the sequences running before."""
+        for job in self._admit(max_jobs=self.max_running - len(self._admitted) - len(self._running)):
+            if not job.local_prefill:
+                job.phase = Phase.PULLING
+                self._pull_pool.submit(self._pull, job)
+        self._join_pulled()
+        step: list[Batch[DecodeJob]] = []
+        local = self._take_local()
+        if local:
+            step.append(prompt_pass(local))
+        if self._running:
+            step.append(Batch(list(self._running)))
+        return step
 
     def _take_local(self) -> list[DecodeJob]:
-        """FIFO local prefills for the next pass, up to `max_batch_tokens` prompt tokens (the first always).
-        They stay in `_local` (owned, reaped on stop) until `_prefill_local` is done with them."""
+        """Admitted local prefills for the next pass, FIFO, up to `max_batch_tokens` (the first always)."""
         batch: list[DecodeJob] = []
         tokens = 0
-        for job in self._local:
+        for job in self._admitted:
+            if job.phase is not Phase.PREFILL:
+                continue
             n = len(job.prompt_ids)
             if batch and tokens + n > self.max_batch_tokens:
                 break
@@ -154,32 +127,48 @@ class DecodeEngine(StepEngine[DecodeJob]):
             tokens += n
         return batch
 
-    def _prefill_local(self, batch: list[DecodeJob]) -> None:
-        """One prefill pass over local_prefill prompts (the running sequences wait for it); each job's
-        first token is emitted and it joins the running batch."""
-        started = time.monotonic()
-        try:
-            tokens = self.runner.prefill([job.seq for job in batch])  # type: ignore[misc]
-        except Exception as exc:  # noqa: BLE001 - a failed pass fails its requests, not the instance
-            self._fail(batch, self._local, "local prefill", exc)
-            return
-        ended = time.monotonic()
-        batch_tokens = sum(len(job.prompt_ids) for job in batch)
-        for job in batch:
-            tracing.record_local_prefill(job, started, ended, batch_tokens)
-        with self._cond:
-            for job, token in zip(batch, tokens, strict=True):
-                assert token is not None  # whole prompts are prefilled here
-                self._local.remove(job)
-                if job.cancelled:
-                    self._free(job)
-                    job.emit(Cancelled("request cancelled"))
-                    continue
-                self._append(job, token, wait_s=job.admitted - job.arrived)
+    def _join_pulled(self) -> None:
+        """Sequences whose pull returned start decoding (in the order the pulls returned) or fail."""
+        for job in [j for j in self._admitted if j.phase is Phase.PULLED]:
+            if isinstance(job.pulled, BaseException):
+                err = job.pulled
+                self._retire(
+                    job, err if isinstance(err, PDServeError) else Unavailable(f"KV pull failed: {err}")
+                )
+            else:
+                assert job.pulled is not None
+                job.seq.num_cached = len(job.prompt_ids)
+                self._append(job, job.pulled)
 
+    def _forward(self, batch: Batch[DecodeJob], on_layer: Any = None) -> list[int | None]:
+        tokens = super()._forward(batch)
+        if batch.num_new is not None:  # a local prefill pass
+            batch_tokens = sum(batch.num_new)
+            for job in batch.jobs:
+                tracing.record_local_prefill(job, batch.started, batch.ended, batch_tokens)
+        return tokens
+
+    def _token_event(self, job: DecodeJob, token: int, first: bool) -> Tokens:
+        """Every token but a pulled job's first (the prefill instance sampled it, the gateway streamed it);
+        the first event carries the admission wait and the KV transfer time."""
+        reason = job.seq.finish_reason
+        if not first:
+            job.steps += 1
+            return Tokens([token], reason)
+        if reason is None:
+            tracing.start_steps(job)
+        new = [token] if job.local_prefill else []
+        return Tokens(new, reason, admission_wait_s=job.admitted - job.arrived, transfer_s=job.transfer_s)
+
+    def _retire(self, job: DecodeJob, event: Any = None) -> None:
+        tracing.end_steps(job, job.seq.finish_reason)  # no-op unless it was running
+        super()._retire(job, event)
+
+    # ---- the pull threads -------------------------------------------------------------------
     def _pull(self, job: DecodeJob) -> None:
+        """Import the prompt KV into the job's blocks (layer by layer, as the prefill instance publishes
+        them), then hand the outcome to the step loop (PULLED)."""
         seq = job.seq
-        assert seq is not None
         cache = self.runner.kv_cache
         result: BaseException | int
         trailer = None
@@ -209,84 +198,12 @@ class DecodeEngine(StepEngine[DecodeJob]):
         with self._cond:
             if trailer is not None and trailer.stats.server_send_s > 0:
                 self._observe_link(job.kv_address, trailer.stats.bytes_on_wire / trailer.stats.server_send_s)
-            self._pulling.discard(job)
-            self._pulled.append((job, result))
+            job.pulled, job.phase = result, Phase.PULLED
+            self._admitted.remove(job)  # to the end: pulled jobs join the batch in the order they returned
+            self._admitted.append(job)
             self._cond.notify()
 
     def _observe_link(self, kv_address: str, bytes_per_s: float) -> None:
         """EWMA of the wire bandwidth from each prefill KV server (published in the registry)."""
         old = self.links.get(kv_address)
         self.links[kv_address] = bytes_per_s if old is None else 0.8 * old + 0.2 * bytes_per_s
-
-    def _join_pulled(self) -> None:
-        for job, result in self._pulled:
-            seq = job.seq
-            assert seq is not None
-            if job.cancelled:
-                self._free(job)
-                job.emit(Cancelled("request cancelled"))
-                continue
-            if isinstance(result, BaseException):
-                self._free(job)
-                err = result if isinstance(result, PDServeError) else Unavailable(f"KV pull failed: {result}")
-                job.emit(err)
-                continue
-            seq.num_cached = len(seq.prompt_ids)
-            self._append(job, result, wait_s=job.admitted - job.arrived)
-        self._pulled.clear()
-
-    def _append(self, job: DecodeJob, token: int, wait_s: float = 0.0) -> None:
-        """Add one sampled token; emit it (the first token is not re-emitted); finish if a stop hits."""
-        seq = job.seq
-        assert seq is not None and job.stop is not None
-        first = not seq.output_ids
-        seq.output_ids.append(token)
-        reason = job.stop.push(token)
-        new = [] if first and not job.local_prefill else [token]
-        if not first:
-            job.steps += 1
-        if reason is not None:
-            tracing.end_steps(job, reason)
-            self._free(job)
-            if job in self._running:
-                self._running.remove(job)
-        elif first:
-            tracing.start_steps(job)
-            self._running.append(job)
-        if new or reason is not None or first:
-            job.emit(
-                Tokens(new, reason, admission_wait_s=wait_s, transfer_s=job.transfer_s if first else 0.0)
-            )
-
-    def _step(self, batch: list[DecodeJob]) -> None:
-        try:
-            tokens = self.runner.decode([job.seq for job in batch])  # type: ignore[misc]
-        except Exception as exc:  # noqa: BLE001 - a failed step fails its requests, not the instance
-            self._fail(batch, self._running, "decode step", exc)
-            return
-        with self._cond:
-            for job, token in zip(batch, tokens, strict=True):
-                if job in self._running:
-                    self._append(job, token)
-
-    def _fail(self, batch: list[DecodeJob], owner: list[DecodeJob], what: str, exc: Exception) -> None:
-        """A forward pass raised: its jobs leave `owner`, free their blocks and fail (the instance lives on)."""
-        log.exception("%s failed", what)
-        with self._cond:
-            for job in batch:
-                owner.remove(job)
-                self._free(job)
-                job.emit(PDServeError(f"{what} failed: {exc}"))
-
-    def _reap_cancelled(self) -> None:
-        self._reap_waiting()
-        for owner in (self._local, self._running):
-            for job in [j for j in owner if j.cancelled]:
-                owner.remove(job)
-                self._free(job)
-                job.emit(Cancelled("request cancelled"))
-        # pulling jobs are reaped in _join_pulled once their pull thread returns
-
-    def _free(self, job: DecodeJob) -> None:
-        tracing.end_steps(job, None)  # no-op unless it left the batch early (failed, cancelled)
-        super()._free(job)

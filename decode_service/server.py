@@ -12,7 +12,6 @@ from decode_service.engine import DecodeEngine, DecodeJob, Tokens
 from engine.runner import ModelRunner
 from kv_transfer.client import KVPuller
 from kv_transfer.codec import layer0
-from kv_transfer.codec.cachegen_tables import install_model
 from kv_transfer.transport import available_transports
 from pdserve import instance, telemetry
 from pdserve.errors import InvalidRequest, ModelMismatch
@@ -79,10 +78,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
 
 
 async def run(cfg: instance.InstanceConfig) -> None:
-    runner = instance.load_runner(cfg)
-    install_model(cfg.model_dir)  # codecs learn the model's depth and its shipped cachegen tables
-    # cachegen_l0: layer 0 from the ids
-    layer0.install_from_model(runner.model, runner.fingerprint)
+    runner = instance.load_kv_runner(cfg)
     puller = KVPuller(fingerprint=runner.fingerprint, timeout_s=cfg.pull_timeout_s)
     engine = DecodeEngine(runner, puller, cfg.max_running, cfg.max_queue, cfg.batch_tokens)
     engine.start()

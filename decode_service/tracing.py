@@ -125,13 +125,12 @@ def record_local_prefill(job: DecodeJob, started: float, ended: float, batch_tok
 
 def _admission_span(job: DecodeJob) -> None:
     """submitted -> KV blocks reserved (job.arrived -> job.admitted)."""
-    seq = job.seq
     admission = telemetry.start_span(
         telemetry.DECODE_ADMISSION,
         job.trace,
         start=job.arrived,
         attributes={
-            "pdserve.kv.blocks_reserved": len(seq.blocks) if seq is not None else 0,
+            "pdserve.kv.blocks_reserved": len(job.seq.blocks),
             "pdserve.tokens_reserved": len(job.prompt_ids) + job.params.max_tokens,
         },
     )
@@ -149,11 +148,10 @@ def end_steps(job: DecodeJob, reason: str | None) -> None:
     s, job.steps_span = job.steps_span, None
     if s is None:
         return
-    seq = job.seq
     s.set_attributes(
         {
             "pdserve.decode.steps": job.steps,
-            "pdserve.completion_tokens": len(seq.output_ids) if seq is not None else 0,
+            "pdserve.completion_tokens": len(job.seq.output_ids),
             "pdserve.finish_reason": reason or "none",
         }
     )

@@ -1,27 +1,25 @@
 """`LocalEngine`: single-process continuous batching over one `ModelRunner` -- the reference outputs.
 
-Each step either prefills newly admitted requests or decodes one token for every running request.
-A request is admitted when its whole budget (prompt + max_tokens) of KV blocks can be allocated, and
-its blocks are freed as soon as it finishes (EOS / stop string / length).
+The shared step skeleton (`engine.step_loop`), driven in the caller's thread. Each step either prefills
+newly admitted requests or decodes one token for every running request. A request is admitted when its
+whole budget (prompt + max_tokens) of KV blocks can be allocated and its prompt fits `max_batch_tokens`
+(the first always goes); its blocks are freed as soon as it finishes (EOS / stop string / length).
 """
 
 from __future__ import annotations
 
-from collections import deque
-
-from engine.block_manager import BlockManager
 from engine.device import Device
 from engine.params import SamplingParams
 from engine.runner import ModelRunner
 from engine.sequence import Sequence
-from engine.stream import StopChecker
-from pdserve.errors import CapacityExceeded
+from engine.step_loop import Batch, Job, StepEngine, prompt_pass
+from pdserve.errors import PDServeError
 
 
-class LocalEngine:
+class LocalEngine(StepEngine[Job]):
     def __init__(self, runner: ModelRunner, max_batch_tokens: int = 4096) -> None:
-        self.runner, self.tokenizer, self.max_batch_tokens = runner, runner.tokenizer, max_batch_tokens
-        self.block_manager = BlockManager(runner.kv_cache.num_blocks, runner.block_size)
+        super().__init__(runner, max_queue=1 << 62, thread_name="local-step")  # the thread is never started
+        self.tokenizer, self.max_batch_tokens = runner.tokenizer, max_batch_tokens
 
     @staticmethod
     def from_model_dir(
@@ -44,54 +42,33 @@ class LocalEngine:
 
     def run(self, seqs: list[Sequence]) -> list[str]:
         """Run fresh sequences to completion, setting their output_ids and finish_reason; returns their
-        texts as a client sees them (via `engine.stream.StopChecker`: cut before a matched stop string)."""
-        bm = self.block_manager
-        for s in seqs:
-            s.params.validate(len(s.prompt_ids), self.runner.max_model_len)
-            if bm.blocks_needed(self._budget(s)) > bm.num_blocks:
-                raise CapacityExceeded(
-                    f"request {s.request_id} needs more KV blocks than the cache has ({bm.num_blocks})"
-                )
-        waiting, running = deque(seqs), []
-        checkers = {id(s): StopChecker(self.tokenizer, s.params) for s in seqs}
-        while waiting or running:
-            admitted = self._admit(waiting)
-            if admitted:
-                self._postprocess(admitted, self.runner.prefill(admitted), checkers)
-                running += admitted
-            else:
-                self._postprocess(running, self.runner.decode(running), checkers)
-            for s in running:
-                if s.is_finished:
-                    bm.free(s.blocks)
-                    s.blocks = []
-            running = [s for s in running if not s.is_finished]
-        bm.check_integrity(owners=[])  # everything we allocated came back
-        return [checkers[id(s)].text for s in seqs]
+        texts as a client sees them (via `engine.stream.StopChecker`: cut before a matched stop string).
+        Raises InvalidRequest / CapacityExceeded before running anything if one can never run."""
+        errors: list[PDServeError] = []
 
-    def _budget(self, s: Sequence) -> int:
-        return len(s.prompt_ids) + s.params.max_tokens
+        def emit(event: object) -> None:
+            if isinstance(event, PDServeError):
+                errors.append(event)
 
-    def _admit(self, waiting: deque[Sequence]) -> list[Sequence]:
-        """FIFO: take waiting seqs while their blocks fit and the prompt tokens stay within the batch budget."""
-        admitted: list[Sequence] = []
-        tokens = 0
-        while waiting and self.block_manager.can_allocate(self._budget(waiting[0])):
-            if admitted and tokens + len(waiting[0].prompt_ids) > self.max_batch_tokens:
-                break
-            s = waiting.popleft()
-            s.blocks = self.block_manager.allocate(self._budget(s))
-            tokens += len(s.prompt_ids)
-            admitted.append(s)
-        return admitted
+        jobs = [Job(s.request_id, list(s.prompt_ids), s.params, emit) for s in seqs]
+        for job in jobs:  # all of them before any runs
+            self.validate_request(job)
+        for job in jobs:
+            self.submit(job)
+        while self._waiting or self._owners():
+            with self._cond:
+                step = self._schedule()
+            self._run_step(step)
+        if errors:
+            raise errors[0]
+        self.check_integrity()  # everything we allocated came back
+        for s, job in zip(seqs, jobs, strict=True):
+            s.output_ids, s.finish_reason = job.seq.output_ids, job.seq.finish_reason
+        return [job.stop.text for job in jobs if job.stop is not None]
 
-    def _postprocess(
-        self,
-        seqs: list[Sequence],
-        tokens: list[int] | list[int | None],
-        checkers: dict[int, StopChecker],
-    ) -> None:
-        for s, t in zip(seqs, tokens, strict=True):
-            assert t is not None, "LocalEngine prefills whole prompts"
-            s.output_ids.append(t)
-            s.finish_reason = checkers[id(s)].push(t)
+    def _schedule(self) -> list[Batch[Job]]:
+        admitted = self._admit(max_tokens=self.max_batch_tokens)
+        if admitted:
+            return [prompt_pass(admitted)]
+        assert self._running, "with every block free, the head of the queue is admitted"
+        return [Batch(list(self._running))]

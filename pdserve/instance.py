@@ -28,6 +28,8 @@ from coordinator.registry import Heartbeat, InstanceInfo, Registry
 from engine.device import Device, parse_cpus, pin_process
 from engine.runner import ModelRunner
 from engine.step_loop import Job, StepEngine
+from kv_transfer.codec import layer0
+from kv_transfer.codec.cachegen_tables import install_model
 from pdserve import telemetry
 from pdserve.errors import PDServeError
 from pdserve.tls import TLSConfigError, TLSFiles, add_port, add_tls_args
@@ -225,6 +227,15 @@ def check_registry(cfg: InstanceConfig) -> None:
 
 def load_runner(cfg: InstanceConfig) -> ModelRunner:
     return ModelRunner(cfg.model_dir, cfg.device, num_kv_blocks=cfg.num_kv_blocks, block_size=cfg.block_size)
+
+
+def load_kv_runner(cfg: InstanceConfig) -> ModelRunner:
+    """The runner of an instance that hands KV over (prefill, decode). The KV codecs learn its model too:
+    the depth and shipped cachegen tables, and layer 0 (cachegen_l0 sends ids and recomputes it)."""
+    runner = load_runner(cfg)
+    install_model(cfg.model_dir)
+    layer0.install_from_model(runner.model, runner.fingerprint)
+    return runner
 
 
 def device_label(device: Device) -> str:

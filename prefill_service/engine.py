@@ -4,12 +4,15 @@ under a lease until a decode instance has pulled them (or the lease expires or i
 
 Threads: the step loop owns the model; the KV server's threads read leased blocks (disjoint from
 the blocks being written) and call `_on_release`; gRPC handlers call `submit` / `cancel`.
-Invariant: a request's blocks are freed exactly once, by the lease's release callback, or at once
-if it is cancelled before it was scheduled.
+Phases (`engine.step_loop.Phase`): WAITING -> LEASED (blocks reserved at admission; the lease opens
+as its pass starts) -> DONE. Invariant: a request's blocks are freed exactly once, by the lease's
+release callback (or by `_fail` if its pass failed before the lease opened); a job cancelled while
+queued owns none.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import uuid
@@ -18,10 +21,11 @@ from typing import Any
 
 from torch import Tensor
 
+from engine.kv_cache import KVCache
 from engine.runner import ModelRunner
-from engine.step_loop import Job, StepEngine
+from engine.step_loop import Batch, Job, Phase, StepEngine, prompt_pass
 from kv_transfer.server import KVServer
-from pdserve.errors import Cancelled, PDServeError
+from pdserve.errors import PDServeError
 from prefill_service import tracing
 
 log = logging.getLogger(__name__)
@@ -66,23 +70,18 @@ class PrefillEngine(StepEngine[PrefillJob]):
         super().__init__(runner, max_queue, thread_name="prefill-step")
         self.kv_server = kv_server
         self.max_batch_tokens = max_batch_tokens
-        self._leased: dict[str, PrefillJob] = {}  # transfer_id -> job whose blocks are leased
 
     # ---- called from gRPC handlers (stats, check_integrity: StepEngine) ----------------------
     def submit(self, job: PrefillJob) -> None:
-        self.validate_request(job.prompt_ids, job.params, len(job.prompt_ids))
+        self.validate_request(job)
         job.transfer_id = f"{job.request_id}:{uuid.uuid4().hex[:8]}"
         self._enqueue(job)
 
     def cancel(self, job: PrefillJob) -> None:
-        """Drop a queued job, or release its lease if it already ran. Idempotent."""
-        with self._cond:
-            job.cancelled = True  # seen by _run if the lease is not open yet
-            if job in self._waiting:
-                self._waiting.remove(job)
-                return
-        if job.transfer_id:
-            self.kv_server.cancel(job.transfer_id)
+        """A queued job is dropped by the step loop; a leased one's lease is released (if it is not open
+        yet, `_postprocess` releases it after the pass). Idempotent."""
+        super().cancel(job)
+        self.kv_server.cancel(job.transfer_id)
 
     def release(self, transfer_id: str) -> bool:
         return self.kv_server.cancel(transfer_id)
@@ -90,92 +89,66 @@ class PrefillEngine(StepEngine[PrefillJob]):
     # ---- lifecycle (start: StepEngine) ----------------------------------------------------
     def stop(self) -> None:
         """Queued jobs fail at once; the leases still open are released once the step loop is done."""
-        with self._cond:
-            pending = list(self._waiting)
-            self._waiting.clear()
-        for job in pending:
-            job.emit(Cancelled("prefill instance shutting down"))
         super().stop()
-        for transfer_id in list(self._leased):
-            self.kv_server.cancel(transfer_id)
+        with self._cond:
+            leased = list(self._admitted)
+        for job in leased:
+            self.kv_server.cancel(job.transfer_id)
 
-    # ---- step loop ------------------------------------------------------------------------
-    def _owners(self) -> list[PrefillJob]:
-        return list(self._leased.values())
-
+    # ---- the policy (the step loop: StepEngine) ---------------------------------------------
     def _stats(self) -> dict[str, int]:
         return {
             "queue_len": len(self._waiting),
-            "leases": len(self._leased),
+            "leases": len(self._admitted),
             "kv_unauthorized_pulls": self.kv_server.counters().unauthorized_pulls,
         }
 
-    def _loop(self) -> None:
-        while True:
-            with self._cond:
-                while not self._stop and not (batch := self._schedule()):
-                    self._cond.wait(0.05)
-                if self._stop:
-                    return
-            try:
-                self._run(batch)
-            except Exception as exc:  # noqa: BLE001 - a failed batch fails its requests, not the instance
-                log.exception("prefill batch failed")
-                for job in batch:
-                    if job.transfer_id in self._leased:
-                        self.kv_server.cancel(job.transfer_id)
-                    job.emit(exc if isinstance(exc, PDServeError) else PDServeError(f"prefill failed: {exc}"))
+    def _reserve_tokens(self, job: PrefillJob) -> int:
+        return len(job.prompt_ids)  # the prompt's KV only: decoding happens elsewhere
 
-    def _schedule(self) -> list[PrefillJob]:
-        """FIFO: take queued jobs while their prompt tokens fit the budget and their blocks fit memory."""
-        batch: list[PrefillJob] = []
-        tokens = 0
-        while self._waiting:
-            job = self._waiting[0]
-            n = len(job.prompt_ids)
-            if batch and tokens + n > self.max_batch_tokens:
-                break
-            if not self._reserve(job, n):
-                break  # back-pressure: wait for leases to be pulled / expire
-            self._leased[job.transfer_id] = job
-            batch.append(job)
-            tokens += n
-        return batch
+    def _schedule(self) -> list[Batch[PrefillJob]]:
+        """FIFO: queued prompts up to `max_batch_tokens` (the first always), while their blocks fit (else
+        back-pressure: wait for leases to be pulled or to expire). Their blocks belong to a lease now."""
+        batch = self._admit(max_tokens=self.max_batch_tokens)
+        for job in batch:
+            job.phase = Phase.LEASED
+        return [prompt_pass(batch)] if batch else []
 
-    def _run(self, batch: list[PrefillJob]) -> None:
+    def _forward(self, batch: Batch[PrefillJob], on_layer: Any = None) -> list[int | None]:
+        """Open each job's lease (emit Scheduled), then prefill, publishing each layer as it is written."""
         cache = self.runner.kv_cache
         num_layers = self.runner.config.num_layers
-        for job in batch:
+        for job in batch.jobs:
             seq = job.seq
-            assert seq is not None
             tracing.open_lease(job, num_layers)
             job.kv_token = self.kv_server.open_lease(
                 job.transfer_id,
                 num_layers,
                 seq.num_prompt_tokens,
-                read_layer=lambda layer, b=seq.blocks, n=seq.num_prompt_tokens: _host_kv(
-                    cache.read(layer, b, n)
-                ),
+                read_layer=functools.partial(_read_host_kv, cache, seq.blocks, seq.num_prompt_tokens),
                 on_release=self._on_release,
                 token_ids=job.prompt_ids,
             )
             job.emit(Scheduled(job.transfer_id, seq.num_prompt_tokens, job.kv_token))
-        started = time.monotonic()
-        spans = tracing.BatchSpans(batch, started)
+        spans = tracing.BatchSpans(batch.jobs, time.monotonic())
 
-        def on_layer(layer: int) -> None:
-            for job in batch:
+        def publish(layer: int) -> None:
+            for job in batch.jobs:
                 self.kv_server.mark_ready(job.transfer_id, layer + 1)
             spans.layer_ready(layer)
 
         try:
-            first_tokens = self.runner.prefill([job.seq for job in batch], on_layer=on_layer)  # type: ignore[misc]
+            tokens = super()._forward(batch, on_layer=publish)
         except BaseException as exc:
             spans.end(exc)
             raise
-        compute_s = time.monotonic() - started
         spans.end()
-        for job, token in zip(batch, first_tokens, strict=True):
+        return tokens
+
+    def _postprocess(self, batch: Batch[PrefillJob], tokens: list[int | None]) -> None:
+        """Finish each lease with its first token (outside the lock: a release calls `_on_release`)."""
+        compute_s = batch.ended - batch.started
+        for job, token in zip(batch.jobs, tokens, strict=True):
             assert token is not None  # whole prompts, never a partial chunk, are prefilled here
             self.kv_server.finish(job.transfer_id, token)
             job.emit(
@@ -183,7 +156,7 @@ class PrefillEngine(StepEngine[PrefillJob]):
                     job.transfer_id,
                     token,
                     len(job.prompt_ids),
-                    started - job.arrived,
+                    batch.started - job.arrived,
                     compute_s,
                     job.kv_token,
                 )
@@ -191,21 +164,33 @@ class PrefillEngine(StepEngine[PrefillJob]):
             if job.cancelled:  # cancelled while computing: nobody will pull this KV
                 self.kv_server.cancel(job.transfer_id)
 
+    def _fail(self, batch: Batch[PrefillJob], exc: Exception) -> None:
+        """Release the batch's leases (which frees their blocks), and fail its jobs."""
+        err = exc if isinstance(exc, PDServeError) else PDServeError(f"prefill failed: {exc}")
+        for job in batch.jobs:
+            if not self.kv_server.cancel(job.transfer_id):  # its lease never opened
+                with self._cond:
+                    if job.phase is not Phase.DONE:
+                        self._retire(job)
+            job.emit(err)
+
     def _on_release(self, transfer_id: str, reason: str) -> None:
+        """The lease is released (pulled, expired or cancelled): its blocks are free (on a KV thread)."""
         with self._cond:
-            job = self._leased.pop(transfer_id, None)
+            job = next((j for j in self._admitted if j.transfer_id == transfer_id), None)
             if job is not None:
                 tracing.end_lease(job, reason)
-                self._free(job)
-            self._cond.notify()
+                self._retire(job)
+            self._cond.notify()  # the blocks may admit the head of the queue
         log.debug("lease %s released (%s)", transfer_id, reason)
 
 
-def _host_kv(kv: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-    """The KV server hands codecs CPU tensors: a CUDA cache's gathered K/V [T, Hkv, D] come to the host.
+def _read_host_kv(cache: KVCache, blocks: list[int], num_tokens: int, layer: int) -> tuple[Tensor, Tensor]:
+    """A lease's `read_layer`: the layer's K/V [T, Hkv, D] as CPU tensors (the KV server hands codecs CPU
+    tensors, so a CUDA cache's gathered K/V come to the host).
 
     Runs on a KV connection thread. The gather was queued on the device's default stream after the
     layer's compute, so .cpu() (synchronous) returns the finished values.
     """
-    k, v = kv
+    k, v = cache.read(layer, blocks, num_tokens)
     return (k.cpu(), v.cpu()) if k.is_cuda else (k, v)

@@ -72,7 +72,7 @@ def test_requests_that_can_never_run_are_rejected(engine_model_dir: str, engine:
     with pytest.raises(InvalidRequest, match="maximum length 512"):
         engine.generate([[1] * 500], [SamplingParams(max_tokens=13)])
     tiny = LocalEngine(ModelRunner(engine_model_dir, num_kv_blocks=4, block_size=8))
-    with pytest.raises(CapacityExceeded, match="more KV blocks"):
+    with pytest.raises(CapacityExceeded, match="KV blocks"):
         tiny.generate([[1] * 20], [SamplingParams(max_tokens=13)])  # 33 tokens > 4 blocks * 8
     assert tiny.block_manager.num_free == tiny.block_manager.num_blocks
 
