@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,10 @@ class CoordinatorConfig:
     suspect_s: float = 5.0  # an instance that refused a connection is skipped this long
     colocated: bool = False  # baseline mode: proxy Generate to colocated instances (no prefill/decode)
     expect_colocated: int = 1  # colocated mode: SERVING once this many colocated instances are registered
+    http_port: int | None = None  # OpenAI-compatible HTTP API port; None = no HTTP server, 0 = a free one
+    # API keys a client must send (gRPC metadata / HTTP header `authorization: Bearer KEY`); () = open.
+    # Never printed: repr=False keeps them out of any log of the config.
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
         if self.layerwise not in LAYERWISE_POLICIES:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 import grpc
@@ -42,6 +43,9 @@ def cmd_up(a: argparse.Namespace) -> int:
         local_prefill=a.local_prefill,
         local_prefill_max_tokens=a.local_prefill_max_tokens,
         layerwise=a.layerwise,
+        http_port=None if a.http_port < 0 else a.http_port,
+        api_keys=tuple(a.api_key),
+        api_key_file=a.api_key_file,
     )
     return run_forever(LocalCluster(cfg))
 
@@ -93,7 +97,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
     from pdserve.client import Client
 
-    with Client(a.addr) as client:
+    with Client(a.addr, api_key=a.api_key) as client:
         try:
             for msg in client.stream(
                 a.prompt,
@@ -173,6 +177,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="layer-wise KV streaming, decode pulling while prefill computes (auto: only from CUDA prefill "
         "instances)",
     )
+    up.add_argument(
+        "--http-port",
+        type=int,
+        default=8000,
+        help="OpenAI-compatible HTTP API port (0 = a free one, -1 = no HTTP server)",
+    )
+    up.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        help="API key clients must send (repeatable; also --api-key-file, PDSERVE_API_KEY); none = open",
+    )
+    up.add_argument("--api-key-file", default=None, help="file of API keys, one per line ('#' comments)")
     up.set_defaults(fn=cmd_up)
 
     g = sub.add_parser("generate", help="stream a completion (from a cluster, or --local in this process)")
@@ -204,6 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
     g.add_argument("--request-id", default=None, help="the request's id (for `pdserve trace ID`)")
+    g.add_argument(
+        "--api-key",
+        default=os.environ.get("PDSERVE_API_KEY") or None,
+        help="API key of the gateway (default: the PDSERVE_API_KEY variable)",
+    )
     g.set_defaults(fn=cmd_generate)
 
     b = sub.add_parser(

@@ -27,8 +27,10 @@ class Completion:
 
 
 class Client:
-    def __init__(self, address: str = "127.0.0.1:50051") -> None:
+    def __init__(self, address: str = "127.0.0.1:50051", api_key: str | None = None) -> None:
+        """`api_key`: sent as `authorization: Bearer KEY` metadata (a gateway started with API keys needs one)."""
         self.address = address
+        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
         self._channel = grpc.insecure_channel(address, options=[("grpc.enable_http_proxy", 0)])
         self._stub = generation_pb2_grpc.GenerationStub(self._channel)
 
@@ -73,7 +75,7 @@ class Client:
             req.max_kv_kl = max_kv_kl
         if request_id is not None:
             req.request_id = request_id
-        return self._stub.Generate(req, timeout=timeout)
+        return self._stub.Generate(req, timeout=timeout, metadata=self._metadata)
 
     def generate(self, prompt: str | list[int], **kwargs: object) -> Completion:
         out = Completion()

@@ -56,6 +56,9 @@ class ClusterConfig:
     local_prefill: str = "off"
     local_prefill_max_tokens: int = 128
     layerwise: str = "auto"  # coordinator --layerwise: auto (only from CUDA prefill instances) | on | off
+    http_port: int | None = None  # coordinator --http-port: None = no HTTP API, 0 = a free one
+    api_keys: tuple[str, ...] = field(default=(), repr=False)  # coordinator --api-key (never logged)
+    api_key_file: str | None = None  # coordinator --api-key-file
 
     @property
     def roles(self) -> list[str]:
@@ -110,6 +113,7 @@ class LocalCluster:
     redis: RedisServer | None = None
     redis_url: str = ""
     gateway_address: str = ""
+    http_address: str = ""  # host:port of the OpenAI-compatible HTTP API ("" without one)
     children: list[Child] = field(default_factory=list)
     _next_device: int = 0
 
@@ -154,6 +158,14 @@ class LocalCluster:
                 coord += ["--layerwise", cfg.layerwise]
             if cfg.coordinator_cpus:
                 coord += ["--cpus", ",".join(map(str, cfg.coordinator_cpus))]
+            if cfg.http_port is not None:
+                http_port = cfg.http_port or free_port(cfg.host)
+                self.http_address = f"{cfg.host}:{http_port}"
+                coord += ["--http-port", str(http_port)]
+            for key in cfg.api_keys:
+                coord += ["--api-key", key]
+            if cfg.api_key_file:
+                coord += ["--api-key-file", cfg.api_key_file]
             self._spawn("coordinator", coord)
             self.wait_serving(timeout_s)
         except BaseException:
@@ -297,6 +309,8 @@ def run_forever(cluster: LocalCluster) -> int:
     print(
         f"pdserve up: serving on {cluster.gateway_address} ({shape}, redis {cluster.redis_url})", flush=True
     )
+    if cluster.http_address:
+        print(f"pdserve up: OpenAI-compatible HTTP API on http://{cluster.http_address}/v1", flush=True)
     reported: set[int] = set()
     try:
         while not stop.wait(0.5):
