@@ -237,50 +237,30 @@ def create_app(gateway: Gateway, keys: ApiKeys, serving: Callable[[], bool]) -> 
             return Response(status_code=CLIENT_GONE)
         include_usage = body.stream_options is not None and body.stream_options.include_usage
 
-        def chunks(messages: Iterator[generation_pb2.GenerateResponse]) -> Iterator[str]:
-            for msg in messages:
-                if msg.finish_reason:
-                    ids = [] if body.return_token_ids else None
-                    yield _sse(
-                        oa.chunk(
-                            kind,
-                            rid,
-                            now,
-                            model_id,
-                            msg.text,
-                            msg.finish_reason,
-                            ids,
-                            include_usage=include_usage,
-                        )
+        def lines(msg: generation_pb2.GenerateResponse) -> list[str]:
+            """The SSE lines of one gateway message: a chunk; after the last also the usage and [DONE]."""
+            ids = list(msg.token_ids) if body.return_token_ids else None
+            c = oa.chunk(
+                kind, rid, now, model_id, msg.text, msg.finish_reason or None, ids, first=msg is first
+            )
+            if include_usage:
+                c["usage"] = None
+            out = [_sse(c)]
+            if msg.finish_reason:
+                if include_usage:
+                    u = msg.usage
+                    out.append(
+                        _sse(oa.usage_chunk(kind, rid, now, model_id, u.prompt_tokens, u.completion_tokens))
                     )
-                    if include_usage:
-                        u = msg.usage
-                        yield _sse(
-                            oa.usage_chunk(kind, rid, now, model_id, u.prompt_tokens, u.completion_tokens)
-                        )
-                    yield "data: [DONE]\n\n"
-                    return
-                ids = list(msg.token_ids) if body.return_token_ids else None
-                yield _sse(
-                    oa.chunk(
-                        kind,
-                        rid,
-                        now,
-                        model_id,
-                        msg.text,
-                        None,
-                        ids,
-                        first=msg is first,
-                        include_usage=include_usage,
-                    )
-                )
+                out.append("data: [DONE]\n\n")
+            return out
 
         async def events() -> AsyncIterator[str]:
             try:
-                for line in chunks(iter([first])):
+                for line in lines(first):
                     yield line
                 async for msg in stream:
-                    for line in chunks(iter([msg])):
+                    for line in lines(msg):
                         yield line
             except Exception as exc:  # noqa: BLE001 - the status line is sent: the error goes as an event
                 yield _sse(http_error(exc)[1])
@@ -293,12 +273,15 @@ def create_app(gateway: Gateway, keys: ApiKeys, serving: Callable[[], bool]) -> 
 
 
 async def _next(stream: AsyncIterator[generation_pb2.GenerateResponse]) -> generation_pb2.GenerateResponse:
-    return await anext(stream)
+    msg = await anext(stream, None)
+    if msg is None:
+        raise PDServeError("the gateway ended the request without a message")
+    return msg
 
 
 async def _collect(
     stream: AsyncIterator[generation_pb2.GenerateResponse],
-) -> tuple[str, list[int], generation_pb2.GenerateResponse] | None:
+) -> tuple[str, list[int], generation_pb2.GenerateResponse]:
     """The whole completion: (text, token ids, the final message with finish reason and usage)."""
     text: list[str] = []
     token_ids: list[int] = []
@@ -307,7 +290,7 @@ async def _collect(
         token_ids.extend(msg.token_ids)
         if msg.finish_reason:
             return "".join(text), token_ids, msg
-    return None
+    raise PDServeError("the gateway ended the request without a final message")
 
 
 class _Server(uvicorn.Server):

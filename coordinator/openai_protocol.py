@@ -247,19 +247,15 @@ def chunk(
     token_ids: list[int] | None = None,
     *,
     first: bool = False,
-    include_usage: bool = False,
 ) -> dict[str, Any]:
-    """One streamed chunk (with include_usage every chunk has "usage": null but the last, `usage_chunk`)."""
-    out: dict[str, Any] = {
+    """One streamed chunk (with include_usage the caller adds "usage": null; the last is `usage_chunk`)."""
+    return {
         "id": rid,
         "object": "text_completion" if kind == "completion" else "chat.completion.chunk",
         "created": created,
         "model": model,
         "choices": [_choice(kind, text, finish_reason, token_ids, stream=True, first=first)],
     }
-    if include_usage:
-        out["usage"] = None
-    return out
 
 
 def usage_chunk(

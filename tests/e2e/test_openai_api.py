@@ -5,6 +5,8 @@ keys on both front ends; a disconnecting client frees its KV; keys never reach t
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -394,6 +396,24 @@ def test_shipped_model_chat_and_completion_equal_the_reference(tmp_path: Path) -
             assert text == streamed == tok.decode(want)
             assert out.usage.prompt_tokens == len(tok.encode(prompt)) == chunks[-1].usage.prompt_tokens
             assert out.usage.completion_tokens == len(want) == chunks[-1].usage.completion_tokens
+            local = subprocess.run(  # the user's reference: `pdserve generate --local` on the rendered prompt
+                [
+                    sys.executable,
+                    "-m",
+                    "pdserve",
+                    "generate",
+                    "--local",
+                    "--max-tokens",
+                    "24",
+                    "--ignore-eos",
+                    prompt,
+                ],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert local.returncode == 0, local.stderr
+            assert local.stdout == text + "\n"
         _assert_no_leaks(api.cluster)
     finally:
         api.cluster.stop()

@@ -144,8 +144,8 @@ def test_response_and_chunk_shapes() -> None:
         "total_tokens": 5,
     }
     assert r["choices"][0]["message"] == {"role": "assistant", "content": "hi"}
-    first = oa.chunk("chat", "c", 1, "m", "a", first=True, include_usage=True)
-    assert first["choices"][0]["delta"] == {"role": "assistant", "content": "a"} and first["usage"] is None
+    first = oa.chunk("chat", "c", 1, "m", "a", first=True)
+    assert first["choices"][0]["delta"] == {"role": "assistant", "content": "a"}
     last = oa.chunk("chat", "c", 1, "m", "", "length")
     assert last["choices"][0]["delta"] == {} and "usage" not in last
     c = oa.chunk("completion", "cmpl-1", 1, "m", "x", None, [4, 5])
