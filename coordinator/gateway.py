@@ -139,8 +139,12 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
     async def Generate(
         self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[generation_pb2.GenerateResponse]:
-        async for msg in self.generate(request, context.invocation_metadata(), context.time_remaining):
-            yield msg
+        stream = self.generate(request, context.invocation_metadata(), context.time_remaining)
+        try:
+            async for msg in stream:
+                yield msg
+        finally:  # closed at a yield (the call went away): clean up now, not when the stream is collected
+            await stream.aclose()
 
     @telemetry.traced_request
     async def generate(

@@ -318,8 +318,14 @@ class HttpServer:
 
     def start(self) -> int:
         """Bind (listening at once: connections queue until uvicorn accepts) and serve; returns the port."""
-        family = socket.getaddrinfo(self._host, self._port, type=socket.SOCK_STREAM)[0][0]
-        sock = socket.create_server((self._host, self._port), family=family)
+        try:
+            family = socket.getaddrinfo(self._host, self._port, type=socket.SOCK_STREAM)[0][0]
+            sock = socket.create_server((self._host, self._port), family=family)
+        except OSError as exc:
+            raise RuntimeError(
+                f"cannot bind the HTTP API on {self._host}:{self._port} ({exc.strerror or exc}); "
+                "--http-port 0 picks a free port"
+            ) from exc
         port = sock.getsockname()[1]
         self._task = asyncio.get_running_loop().create_task(self._server.serve(sockets=[sock]))
         self._task.add_done_callback(self._ended)
