@@ -41,6 +41,10 @@ class CoordinatorConfig:
     # TLS (pdserve/tls.py): with a certificate the gateway's public port serves TLS (no client certificate
     # asked); with a CA too, the router's channels to instances and the registry are mutual TLS.
     tls: TLSFiles = field(default_factory=TLSFiles)
+    http_port: int | None = None  # OpenAI-compatible HTTP API port; None = no HTTP server, 0 = a free one
+    # API keys a client must send (gRPC metadata / HTTP header `authorization: Bearer KEY`); () = open.
+    # Never printed: repr=False keeps them out of any log of the config.
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
         self.tls.require_cluster_identity()

@@ -134,15 +134,26 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
             raise InvalidRequest(f"prompt_token_ids out of range [0, {self.model.vocab_size}): {bad[:5]}")
         return ids
 
-    # ---- the RPC --------------------------------------------------------------------------
+    # ---- the RPC, and the front-end-neutral request every front end runs -----------------
     @stream_errors
-    @telemetry.traced_request
     async def Generate(
-        self,
-        request: generation_pb2.GenerateRequest,
-        context: grpc.aio.ServicerContext,
-        rt: telemetry.RequestTrace,
+        self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[generation_pb2.GenerateResponse]:
+        stream = self.generate(request, context.invocation_metadata(), context.time_remaining)
+        try:
+            async for msg in stream:
+                yield msg
+        finally:  # closed at a yield (the call went away): clean up now, not when the stream is collected
+            await stream.aclose()
+
+    @telemetry.traced_request
+    async def generate(
+        self, request: generation_pb2.GenerateRequest, rt: telemetry.RequestTrace
+    ) -> AsyncIterator[generation_pb2.GenerateResponse]:
+        """One request, whichever front end received it (gRPC `Generate`, the HTTP API): validate, route,
+        stream its messages; raises typed `PDServeError`s. Called as `generate(request, metadata=None,
+        time_remaining=None)` (`telemetry.traced_request`: the caller's trace context, gRPC's deadline).
+        Closing or cancelling the iterator early cancels the instances' calls and frees the KV."""
         received = rt.received
         request_id = request.request_id or uuid.uuid4().hex
         prompt_ids = self._prompt_ids(request)

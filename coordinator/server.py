@@ -1,4 +1,5 @@
-"""The coordinator process: gateway + router + health + reflection on one gRPC port."""
+"""The coordinator process: gateway + router + health + reflection on one gRPC port, and (with --http-port)
+the OpenAI-compatible HTTP API on its own port, in the same event loop over the same Gateway."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import redis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from coordinator.auth import ApiKeys, AuthInterceptor, load_api_keys
 from coordinator.config import LAYERWISE_POLICIES, LOCAL_PREFILL_POLICIES, CoordinatorConfig
 from coordinator.gateway import Gateway
 from coordinator.registry import Registry
@@ -21,7 +23,7 @@ from engine.config import ModelConfig
 from engine.device import parse_cpus, pin_process
 from engine.tokenizer import Tokenizer
 from pdserve import telemetry
-from pdserve.tls import TLSConfigError, TLSFiles, add_port, add_tls_args
+from pdserve.tls import TLSConfigError, TLSFiles, add_port, add_tls_args, https_files
 from pdserve.v1 import generation_pb2, generation_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -29,15 +31,19 @@ log = logging.getLogger(__name__)
 GENERATION_SERVICE = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
 
 
+def _serving(router: Router, cfg: CoordinatorConfig) -> bool:
+    """At least the expected number of prefill and decode (or, in colocated mode, colocated) instances are
+    registered."""
+    if cfg.colocated:
+        return router.count("colocated") >= cfg.expect_colocated
+    return router.count("prefill") >= cfg.expect_prefill and router.count("decode") >= cfg.expect_decode
+
+
 async def _watch_health(router: Router, cfg: CoordinatorConfig, servicer: health.aio.HealthServicer) -> None:
-    """SERVING while at least the expected number of prefill and decode (or, in colocated mode, colocated)
-    instances are registered."""
+    """SERVING while `_serving`."""
     last = None
     while True:
-        if cfg.colocated:
-            ok = router.count("colocated") >= cfg.expect_colocated
-        else:
-            ok = router.count("prefill") >= cfg.expect_prefill and router.count("decode") >= cfg.expect_decode
+        ok = _serving(router, cfg)
         status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
         if status != last:
             for name in ("", GENERATION_SERVICE):
@@ -66,7 +72,10 @@ async def run(cfg: CoordinatorConfig) -> None:
     except (redis.RedisError, TLSConfigError) as exc:  # e.g. the registry refused our certificate
         raise SystemExit(f"coordinator: cannot read the registry {cfg.redis_url}: {exc}") from None
 
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    keys = ApiKeys(cfg.api_keys)
+    # the key guards Generation only: health (probes) and reflection (the public schema) stay open
+    interceptors = [AuthInterceptor(keys, [GENERATION_SERVICE])] if keys.enabled else []
+    server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
     gateway = Gateway(cfg, router, tokenizer, model)
     generation_pb2_grpc.add_GenerationServicer_to_server(gateway, server)
     health_servicer = health.aio.HealthServicer()
@@ -91,6 +100,20 @@ async def run(cfg: CoordinatorConfig) -> None:
         cfg.cluster,
         ", mutual TLS inside the cluster" if cfg.tls.mutual else "",
     )
+    http = None
+    if cfg.http_port is not None:
+        from coordinator.http_api import HttpServer, create_app
+
+        app = create_app(gateway, keys, lambda: _serving(router, cfg))
+        http = HttpServer(app, cfg.host, cfg.http_port, https_files(cfg.tls))
+        http_port = http.start()
+        print(f"HTTP {cfg.host}:{http_port}", flush=True)
+        scheme = "https" if cfg.tls.enabled else "http"
+        log.info("OpenAI-compatible HTTP API on %s://%s:%d/v1", scheme, cfg.host, http_port)
+    if keys.enabled:
+        log.info("API keys: %d configured; Generation and /v1/ require one", len(cfg.api_keys))
+    else:
+        log.warning("no API key configured: the gateway serves every client (unauthenticated)")
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -98,6 +121,8 @@ async def run(cfg: CoordinatorConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     watcher.cancel()
+    if http is not None:
+        await http.stop()
     await health_servicer.enter_graceful_shutdown()
     await server.stop(grace=2.0)
     await router.stop()
@@ -156,7 +181,25 @@ def main(argv: list[str] | None = None) -> None:
         help="--local-prefill busy: requests in flight on every prefill instance before a prompt goes local",
     )
     add_tls_args(p)
+    p.add_argument(
+        "--http-port",
+        type=int,
+        default=None,
+        help="serve the OpenAI-compatible HTTP API on this port (0 = a free one; default: no HTTP server)",
+    )
+    p.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        help="a key clients must send (authorization: Bearer KEY); repeatable. Also --api-key-file and the "
+        "PDSERVE_API_KEY variable. None at all: the gateway is open",
+    )
+    p.add_argument("--api-key-file", default=None, help="a file of API keys, one per line ('#' comments)")
     a = p.parse_args(argv)
+    try:
+        api_keys = load_api_keys(a.api_key, a.api_key_file)
+    except (OSError, ValueError) as exc:
+        p.error(str(exc))
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s coordinator %(name)s: %(message)s"
     )
@@ -184,6 +227,8 @@ def main(argv: list[str] | None = None) -> None:
         colocated=a.colocated,
         expect_colocated=a.expect_colocated,
         tls=tls,
+        http_port=a.http_port,
+        api_keys=api_keys,
     )
     telemetry.setup("coordinator", f"coordinator-{cfg.host}:{cfg.port}")
     try:

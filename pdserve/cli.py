@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 import grpc
@@ -66,6 +67,9 @@ def cmd_up(a: argparse.Namespace) -> int:
         local_prefill_max_tokens=a.local_prefill_max_tokens,
         layerwise=a.layerwise,
         tls=tls,
+        http_port=None if a.http_port < 0 else a.http_port,
+        api_keys=tuple(a.api_key),
+        api_key_file=a.api_key_file,
     )
     return run_forever(LocalCluster(cfg))
 
@@ -134,7 +138,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
     from pdserve.tls import TLSConfigError
 
     try:
-        client = Client(a.addr, tls_ca=a.tls_ca, tls_cert=a.tls_cert, tls_key=a.tls_key)
+        client = Client(a.addr, a.api_key, tls_ca=a.tls_ca, tls_cert=a.tls_cert, tls_key=a.tls_key)
     except TLSConfigError as exc:
         print(f"pdserve generate: {exc}", file=sys.stderr)
         return 2
@@ -228,6 +232,19 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--tls-dir", default="", help="DIR/cert.pem, DIR/key.pem, DIR/ca.pem (as `pdserve certs DIR` writes)"
     )
+    up.add_argument(
+        "--http-port",
+        type=int,
+        default=8000,
+        help="OpenAI-compatible HTTP API port (0 = a free one, -1 = no HTTP server)",
+    )
+    up.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        help="API key clients must send (repeatable; also --api-key-file, PDSERVE_API_KEY); none = open",
+    )
+    up.add_argument("--api-key-file", default=None, help="file of API keys, one per line ('#' comments)")
     up.set_defaults(fn=cmd_up)
 
     g = sub.add_parser("generate", help="stream a completion (from a cluster, or --local in this process)")
@@ -262,6 +279,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tls-ca", default=None, help="PEM CA that signed the gateway's certificate (TLS)")
     g.add_argument("--tls-cert", default=None, help="PEM client certificate, if the server asks for one")
     g.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    g.add_argument(
+        "--api-key",
+        default=os.environ.get("PDSERVE_API_KEY") or None,
+        help="API key of the gateway (default: the PDSERVE_API_KEY variable)",
+    )
     g.set_defaults(fn=cmd_generate)
 
     c = sub.add_parser("certs", help="write a development CA and a certificate + key for TLS (DIR/*.pem)")

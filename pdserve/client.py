@@ -33,13 +33,16 @@ class Client:
     def __init__(
         self,
         address: str = "127.0.0.1:50051",
+        api_key: str | None = None,
         *,
         tls_ca: str | None = None,
         tls_cert: str | None = None,
         tls_key: str | None = None,
     ) -> None:
-        """TLS when any of `tls_ca`, `tls_cert` is given (PEM paths; a bad one raises TLSConfigError)."""
+        """`api_key`: sent as `authorization: Bearer KEY` metadata (a gateway started with API keys needs one).
+        TLS when any of `tls_ca`, `tls_cert` is given (PEM paths; a bad one raises TLSConfigError)."""
         self.address = address
+        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
         tls = TLSFiles(cert=tls_cert or "", key=tls_key or "", ca=tls_ca or "")
         self._channel = client_channel(address, tls, [("grpc.enable_http_proxy", 0)])
         self._stub = generation_pb2_grpc.GenerationStub(self._channel)
@@ -85,7 +88,7 @@ class Client:
             req.max_kv_kl = max_kv_kl
         if request_id is not None:
             req.request_id = request_id
-        return self._stub.Generate(req, timeout=timeout)
+        return self._stub.Generate(req, timeout=timeout, metadata=self._metadata)
 
     def generate(self, prompt: str | list[int], **kwargs: object) -> Completion:
         out = Completion()

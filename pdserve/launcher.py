@@ -61,6 +61,9 @@ class ClusterConfig:
     # the cluster is mutual TLS (the private Redis is TLS-only and requires client certificates, instances
     # require them on gRPC). Every process presents the same certificate.
     tls: TLSFiles = field(default_factory=TLSFiles)
+    http_port: int | None = None  # coordinator --http-port: None = no HTTP API, 0 = a free one
+    api_keys: tuple[str, ...] = field(default=(), repr=False)  # coordinator --api-key (never logged)
+    api_key_file: str | None = None  # coordinator --api-key-file
 
     @property
     def roles(self) -> list[str]:
@@ -115,6 +118,7 @@ class LocalCluster:
     redis: RedisServer | None = None
     redis_url: str = ""
     gateway_address: str = ""
+    http_address: str = ""  # host:port of the OpenAI-compatible HTTP API ("" without one)
     children: list[Child] = field(default_factory=list)
     _next_device: int = 0
 
@@ -160,6 +164,14 @@ class LocalCluster:
             if cfg.coordinator_cpus:
                 coord += ["--cpus", ",".join(map(str, cfg.coordinator_cpus))]
             coord += cfg.tls.as_args()
+            if cfg.http_port is not None:
+                http_port = cfg.http_port or free_port(cfg.host)
+                self.http_address = f"{cfg.host}:{http_port}"
+                coord += ["--http-port", str(http_port)]
+            for key in cfg.api_keys:
+                coord += ["--api-key", key]
+            if cfg.api_key_file:
+                coord += ["--api-key-file", cfg.api_key_file]
             self._spawn("coordinator", coord)
             self.wait_serving(timeout_s)
         except BaseException:
@@ -325,6 +337,8 @@ def run_forever(cluster: LocalCluster) -> int:
         f"pdserve up: serving on {cluster.gateway_address} ({shape}, redis {cluster.redis_url}{security})",
         flush=True,
     )
+    if cluster.http_address:
+        print(f"pdserve up: OpenAI-compatible HTTP API on http://{cluster.http_address}/v1", flush=True)
     reported: set[int] = set()
     try:
         while not stop.wait(0.5):

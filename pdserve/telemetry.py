@@ -518,18 +518,26 @@ class RequestTrace:
 
 
 def traced_request(fn: Callable) -> Callable:
-    """Decorate the gateway's aio streaming handler `fn(self, request, context, rt)`, handing it the
-    request's `RequestTrace` and closing it (with the error, if any) when the stream ends."""
+    """Decorate the gateway's async generator `fn(self, request, rt)`, handing it the request's
+    `RequestTrace` and closing it (with the error, if any) when the stream ends. The decorated method is
+    `(self, request, metadata=None, time_remaining=None)`, callable from any front end: `metadata` is the
+    caller's (key, value) pairs carrying its W3C trace context (gRPC invocation metadata, HTTP headers);
+    `time_remaining()` (gRPC's) tells a deadline from a client cancel."""
 
     @functools.wraps(fn)
-    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext):
-        rt = RequestTrace(context.invocation_metadata())
+    async def wrapper(
+        self: Any,
+        request: Any,
+        metadata: Sequence[tuple[str, Any]] | None = None,
+        time_remaining: Callable[[], float | None] | None = None,
+    ):
+        rt = RequestTrace(metadata)
         error: BaseException | None = None
         try:
-            async for item in fn(self, request, context, rt):
+            async for item in fn(self, request, rt):
                 yield item
         except BaseException as exc:
-            error = _deadline_or(exc, context)
+            error = _deadline_or(exc, time_remaining)
             raise
         finally:
             rt.close(error)
@@ -537,10 +545,10 @@ def traced_request(fn: Callable) -> Callable:
     return wrapper
 
 
-def _deadline_or(exc: BaseException, context: grpc.aio.ServicerContext) -> BaseException:
+def _deadline_or(exc: BaseException, time_remaining: Callable[[], float | None] | None) -> BaseException:
     """A cancellation whose deadline has passed is a DEADLINE_EXCEEDED, not a client cancel."""
-    if isinstance(exc, asyncio.CancelledError | GeneratorExit):
-        remaining = context.time_remaining()
+    if isinstance(exc, asyncio.CancelledError | GeneratorExit) and time_remaining is not None:
+        remaining = time_remaining()
         if remaining is not None and remaining <= 0:
             from pdserve.errors import DeadlineExceeded
 

@@ -42,6 +42,23 @@ def add_bos(tok: Tokenizer) -> None:
     )
 
 
+# The shipped model's chat template (tokenizer_config.json "chat_template", Hugging Face convention): each
+# message as "<|role|>\ncontent\n" in plain text, then "<|assistant|>\n" for the reply. The model was trained on
+# code only, so a chat is just text it continues; the markers are ordinary tokens.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}\n"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}\n"
+    "{{ raise_exception('role must be system, user or assistant, got ' ~ message['role']) }}\n"
+    "{% endif %}\n"
+    "<|{{ message['role'] }}|>\n"
+    "{{ message['content'] }}\n"
+    "{% endfor %}\n"
+    "{% if add_generation_prompt %}\n"
+    "<|assistant|>\n"
+    "{% endif %}\n"
+)
+
+
 def save_hf_tokenizer(tok: Tokenizer, out_dir: Path, model_max_length: int) -> None:
     """Write tokenizer.json (+ tokenizer_config.json so ``AutoTokenizer`` loads it as a fast tokenizer)."""
     from transformers import PreTrainedTokenizerFast
@@ -59,6 +76,7 @@ def save_hf_tokenizer(tok: Tokenizer, out_dir: Path, model_max_length: int) -> N
     cfg_path = Path(out_dir) / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    cfg["chat_template"] = CHAT_TEMPLATE
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 

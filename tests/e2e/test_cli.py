@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
+
 PDSERVE = [sys.executable, "-m", "pdserve"]
 
 
@@ -30,8 +32,23 @@ def _procs_mentioning(fragment: str) -> list[int]:
 
 
 def test_up_generate_and_ctrl_c(tiny_model_dir: Path, tmp_path: Path) -> None:
+    key = "sk-cli-test-key"
     up = subprocess.Popen(
-        [*PDSERVE, "up", "--model", str(tiny_model_dir), "--port", "0", "--cpu", "--log-dir", str(tmp_path)],
+        [
+            *PDSERVE,
+            "up",
+            "--model",
+            str(tiny_model_dir),
+            "--port",
+            "0",
+            "--http-port",
+            "0",
+            "--api-key",
+            key,
+            "--cpu",
+            "--log-dir",
+            str(tmp_path),
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -47,13 +64,16 @@ def test_up_generate_and_ctrl_c(tiny_model_dir: Path, tmp_path: Path) -> None:
             m = re.search(r"serving on (\S+)", line)
             addr = m.group(1) if m else None
         assert addr, "pdserve up never reported serving"
+        http = re.search(r"HTTP API on http://(\S+)/v1", up.stdout.readline())  # type: ignore[union-attr]
+        assert http, "pdserve up did not report its HTTP API"
+        assert httpx.get(f"http://{http.group(1)}/health", timeout=10).json() == {"status": "SERVING"}
         redis_port = re.search(r"redis://127\.0\.0\.1:(\d+)", "".join(lines))
         assert redis_port
 
         prompt = "def fibonacci(n):"
         common = ["--model", str(tiny_model_dir), "--max-tokens", "12", "--ignore-eos"]
         cluster = subprocess.run(
-            [*PDSERVE, "generate", "--addr", addr, *common, prompt],
+            [*PDSERVE, "generate", "--addr", addr, "--api-key", key, *common, prompt],
             capture_output=True,
             text=True,
             timeout=120,
@@ -67,13 +87,23 @@ def test_up_generate_and_ctrl_c(tiny_model_dir: Path, tmp_path: Path) -> None:
         assert cluster.stdout.strip(), "empty completion"
 
         for args, fragment in ((["--max-tokens", "0"], "max_tokens"), (["--max-kv-kl", "-1"], "max_kv_kl")):
-            bad = subprocess.run(
+            bad = subprocess.run(  # the key from the environment
                 [*PDSERVE, "generate", "--addr", addr, *args, prompt],
                 capture_output=True,
                 text=True,
                 timeout=60,
+                env={**os.environ, "PDSERVE_API_KEY": key},
             )
             assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr and fragment in bad.stderr
+        env = {k: v for k, v in os.environ.items() if k != "PDSERVE_API_KEY"}
+        unauth = subprocess.run(
+            [*PDSERVE, "generate", "--addr", addr, prompt],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+        )
+        assert unauth.returncode == 1 and "UNAUTHENTICATED" in unauth.stderr
     finally:
         up.send_signal(signal.SIGINT)
         up.wait(60)
