@@ -6,11 +6,14 @@ gets PERMISSION_DENIED and no KV, the lease stays, and the handle with its token
 
 from __future__ import annotations
 
+import ssl
 import subprocess
 import sys
 from pathlib import Path
 
 import grpc
+import httpx
+import openai
 import pytest
 
 from coordinator.registry import Registry
@@ -65,6 +68,7 @@ def test_tls_gateway_and_mutual_tls_cluster_serve_the_reference(tiny_model_dir: 
         heartbeat_ttl_s=1.5,
         log_dir=str(tmp_path / "logs"),
         tls=tls,
+        http_port=0,
     )
     cluster = LocalCluster(cfg).start(timeout_s=180)
     try:
@@ -75,6 +79,25 @@ def test_tls_gateway_and_mutual_tls_cluster_serve_the_reference(tiny_model_dir: 
                 assert got.token_ids == want, (
                     f"prompt {prompt!r}: cluster {got.token_ids} != reference {want}"
                 )
+        # the OpenAI-compatible HTTP API serves HTTPS with the same certificate
+        prompt, max_tokens = reqs[0]
+        with httpx.Client(verify=ssl.create_default_context(cafile=tls.ca)) as http:
+            api = openai.OpenAI(
+                base_url=f"https://{cluster.http_address}/v1", api_key="none", http_client=http
+            )
+            done_http = api.completions.create(
+                model=Path(tiny_model_dir).name,
+                prompt=prompt,
+                max_tokens=max_tokens,
+                temperature=0,
+                extra_body={"ignore_eos": True, "return_token_ids": True},
+            )
+        assert done_http.choices[0].token_ids == expected[0]  # type: ignore[attr-defined]
+        with pytest.raises(httpx.ConnectError):  # a client trusting another CA: the handshake fails
+            httpx.get(
+                f"https://{cluster.http_address}/health",
+                verify=ssl.create_default_context(cafile=str(tmp_path / "other" / "ca.pem")),
+            )
         # the CLI's path, and clients that cannot complete the handshake
         cli = subprocess.run(
             [*PDSERVE, "generate", "--addr", cluster.gateway_address, "--tls-ca", tls.ca, "--max-tokens", "8"]
