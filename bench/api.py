@@ -7,9 +7,14 @@ Each front end is a way to send a `bench.workload.BenchRequest` and record its t
 chunks' `token_ids`). Both ask for the same greedy completions with `ignore_eos`, so the cluster does the
 same work; the runs alternate front ends (grpc http, http grpc, ...) so drift cancels. Reported per front
 end: TTFT p50 / p90, request and output-token throughput (each the median over rounds), failures; and each
-front end's ratios to the first. New front ends (e.g. TLS variants) are one more entry in `FRONT_ENDS`.
+front end's ratios to the first.
+
+`grpc+tls` and `http+tls` are the same two front ends against a second cluster with TLS everywhere
+(development certificates from `pdserve.certs`: a TLS gateway, gRPC and HTTPS, and mutual TLS inside, with
+a TLS-only Redis); it is started only when one of them is asked for, and idles while the other runs.
 
     python -m bench.api --quick      # ~1 minute on 2 cores; prints one JSON object
+    python -m bench.api --fronts grpc,http,grpc+tls,http+tls      # TLS on vs off too
 """
 
 from __future__ import annotations
@@ -20,11 +25,14 @@ import contextlib
 import json
 import logging
 import math
+import ssl
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -35,7 +43,9 @@ from bench.metrics import SLO, RequestRecord, summarize_records
 from bench.report import emit
 from bench.serving import Now, Send, grpc_sender, run_open_loop
 from bench.workload import BenchRequest, Uniform, Workload, make_requests
+from pdserve.certs import write_dev_certs
 from pdserve.launcher import ClusterConfig, LocalCluster
+from pdserve.tls import TLSFiles
 from pdserve.v1 import generation_pb2_grpc
 
 NO_SLO = SLO(ttft_s=math.inf, tpot_s=math.inf)  # only latencies and throughputs are compared here
@@ -45,7 +55,13 @@ _COMPARED = ("ttft_p50_s", "ttft_p90_s", "request_throughput", "output_token_thr
 @contextlib.asynccontextmanager
 async def grpc_front(cluster: LocalCluster) -> AsyncIterator[Send]:
     options = [("grpc.enable_http_proxy", 0), ("grpc.max_receive_message_length", 16 * 2**20)]
-    async with grpc.aio.insecure_channel(cluster.gateway_address, options=options) as channel:
+    tls = cluster.cfg.tls
+    if tls.enabled:  # the client trusts the cluster's CA and presents no certificate (API clients don't)
+        creds = grpc.ssl_channel_credentials(root_certificates=Path(tls.ca).read_bytes())
+        channel = grpc.aio.secure_channel(cluster.gateway_address, creds, options=options)
+    else:
+        channel = grpc.aio.insecure_channel(cluster.gateway_address, options=options)
+    async with channel:
         await asyncio.wait_for(channel.channel_ready(), timeout=30.0)
         yield grpc_sender(generation_pb2_grpc.GenerationStub(channel))
 
@@ -84,17 +100,26 @@ def http_sender(client: httpx.AsyncClient) -> Send:
 @contextlib.asynccontextmanager
 async def http_front(cluster: LocalCluster) -> AsyncIterator[Send]:
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
+    tls = cluster.cfg.tls
     async with httpx.AsyncClient(
-        base_url=f"http://{cluster.http_address}",
+        base_url=f"{'https' if tls.enabled else 'http'}://{cluster.http_address}",
         timeout=httpx.Timeout(120.0),
         limits=limits,
         trust_env=False,
+        verify=ssl.create_default_context(cafile=tls.ca) if tls.enabled else True,
     ) as client:
         yield http_sender(client)
 
 
 FrontEnd = Callable[[LocalCluster], AbstractAsyncContextManager[Send]]
-FRONT_ENDS: dict[str, FrontEnd] = {"grpc": grpc_front, "http": http_front}
+# name -> (how to send, whether it runs against the TLS cluster)
+FRONT_ENDS: dict[str, tuple[FrontEnd, bool]] = {
+    "grpc": (grpc_front, False),
+    "http": (http_front, False),
+    "grpc+tls": (grpc_front, True),
+    "http+tls": (http_front, True),
+}
+DEFAULT_FRONTS = ("grpc", "http")
 
 
 def run_front(
@@ -121,6 +146,30 @@ def _figures(records: list[RequestRecord]) -> dict[str, Any]:
     }
 
 
+def _run_rounds(
+    args: argparse.Namespace,
+    fronts: list[str],
+    clusters: dict[bool, LocalCluster],
+    requests: list[BenchRequest],
+    runs: dict[str, list[dict[str, Any]]],
+) -> None:
+    """A warm-up per front end, then `args.rounds` runs of each, alternating the order round by round."""
+    warm = [BenchRequest(r.index, 0.1 * i, r.prompt_ids, r.output_len) for i, r in enumerate(requests[:8])]
+    for f in fronts:
+        front, with_tls = FRONT_ENDS[f]
+        run_front(front, clusters[with_tls], warm, args.timeout)
+    for i in range(args.rounds):
+        for f in fronts if i % 2 == 0 else fronts[::-1]:
+            front, with_tls = FRONT_ENDS[f]
+            r = _figures(run_front(front, clusters[with_tls], requests, args.timeout))
+            runs[f].append(r)
+            print(
+                f"  round {i} {f}: ttft p50 {r['ttft_p50_s']} req/s {r['request_throughput']} "
+                f"failed {r['n_failed']}",
+                file=sys.stderr,
+            )
+
+
 def _median(runs: list[dict[str, Any]], key: str) -> float | None:
     """The median over rounds: a round hit by another process's burst on a shared host does not drag it."""
     vals = [float(r[key]) for r in runs if r.get(key) is not None]
@@ -132,7 +181,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="2 rounds of 40 requests per front end (~1 min)")
     p.add_argument("--model", default=None, help="HF model dir (default: the shipped model)")
     p.add_argument(
-        "--fronts", default=",".join(FRONT_ENDS), help="front ends to compare; ratios to the first"
+        "--fronts",
+        default=",".join(DEFAULT_FRONTS),
+        help=f"front ends to compare, of {', '.join(FRONT_ENDS)}; ratios to the first",
     )
     p.add_argument("--rate", type=float, default=5.0, help="offered requests/s (Poisson)")
     p.add_argument("--requests", type=int, default=None, help="requests per run (default 120, quick 40)")
@@ -176,29 +227,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     requests = make_requests(workload, source)
     t_start = time.monotonic()
-    cfg = ClusterConfig(model_dir=model, port=0, http_port=0, use_cuda=False, log_dir=args.log_dir)
-    cluster = LocalCluster(cfg).start(timeout_s=180)
+    clusters: dict[bool, LocalCluster] = {}
     runs: dict[str, list[dict[str, Any]]] = {f: [] for f in fronts}
-    try:
-        warm = requests[:8]
-        for f in fronts:
-            run_front(
-                FRONT_ENDS[f],
-                cluster,
-                [BenchRequest(r.index, 0.1 * i, r.prompt_ids, r.output_len) for i, r in enumerate(warm)],
-                args.timeout,
-            )
-        for i in range(args.rounds):
-            for f in fronts if i % 2 == 0 else fronts[::-1]:
-                r = _figures(run_front(FRONT_ENDS[f], cluster, requests, args.timeout))
-                runs[f].append(r)
-                print(
-                    f"  round {i} {f}: ttft p50 {r['ttft_p50_s']} req/s {r['request_throughput']} "
-                    f"failed {r['n_failed']}",
-                    file=sys.stderr,
+    with tempfile.TemporaryDirectory(prefix="pdserve-bench-api-") as tmp:
+        try:
+            for with_tls in sorted({FRONT_ENDS[f][1] for f in fronts}):
+                tls = TLSFiles()
+                if with_tls:
+                    made = write_dev_certs(Path(tmp) / "certs")
+                    tls = TLSFiles(made.cert, made.key, made.ca)
+                cfg = ClusterConfig(
+                    model_dir=model, port=0, http_port=0, use_cuda=False, log_dir=args.log_dir, tls=tls
                 )
-    finally:
-        cluster.stop()
+                clusters[with_tls] = LocalCluster(cfg).start(timeout_s=180)
+            _run_rounds(args, fronts, clusters, requests, runs)
+        finally:
+            for c in clusters.values():
+                c.stop()
     pooled = {f: {k: _median(runs[f], k) for k in (*_COMPARED, "tpot_p50_s")} for f in fronts}
     for f in fronts:
         pooled[f]["n_failed"] = sum(r["n_failed"] for r in runs[f])
