@@ -3,7 +3,6 @@ reference, and Ctrl-C leaving no process behind."""
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
@@ -11,22 +10,9 @@ import sys
 import time
 from pathlib import Path
 
+from tests.e2e.harness import assert_no_processes_left
+
 PDSERVE = [sys.executable, "-m", "pdserve"]
-
-
-def _procs_mentioning(fragment: str) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if fragment in cmd:
-            pids.append(int(entry))
-    return pids
 
 
 def test_up_generate_and_ctrl_c(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -78,6 +64,4 @@ def test_up_generate_and_ctrl_c(tiny_model_dir: Path, tmp_path: Path) -> None:
         up.send_signal(signal.SIGINT)
         up.wait(60)
     assert up.returncode == 0
-    time.sleep(0.5)
-    leftovers = _procs_mentioning(f"127.0.0.1:{redis_port.group(1)}")
-    assert leftovers == [], f"processes left behind after Ctrl-C: {leftovers}"
+    assert_no_processes_left(f"127.0.0.1:{redis_port.group(1)}")  # its redis-server, instances, gateway
