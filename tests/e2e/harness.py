@@ -19,7 +19,7 @@ from coordinator.registry import Registry
 from pdserve.launcher import ClusterConfig, LocalCluster
 from pdserve.v1 import common_pb2, decode_pb2_grpc, prefill_pb2_grpc
 
-START_TIMEOUT_S = 120.0
+START_TIMEOUT_S = 180.0  # a CUDA cluster's start (model load, CUDA init) on a loaded host
 
 
 def start_cluster(
