@@ -298,6 +298,7 @@ def test_ucx_moves_cuda_tensors() -> None:
             assert isinstance(got, torch.Tensor) and got.is_cuda
             assert torch.equal(got, want)
             assert bytes(ch.recv(timeout=30)) == b"after"
+            ch.send(b"done", timeout=30)
             assert proc.wait(timeout=30) == 0
             ch.close()
         finally:
