@@ -1,4 +1,4 @@
-"""Shared e2e fixtures (built on tests/e2e/harness.py, whose functions the tests import for the leak checks).
+"""Shared e2e fixtures (built on tests/cluster.py, whose functions the tests import for the leak checks).
 
 start_cluster(model_dir, *, env=None, **ClusterConfig overrides) -> LocalCluster   (function scope)
     starts a CPU cluster (1P1D by default) and stops it after the test, checking no process is left;
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from pdserve.launcher import LocalCluster
-from tests.e2e.harness import Clusters
+from tests.cluster import Clusters
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.e2e.harness import assert_no_processes_left
+from tests.cluster import assert_no_processes_left
 
 PDSERVE = [sys.executable, "-m", "pdserve"]
 

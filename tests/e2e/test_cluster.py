@@ -20,7 +20,7 @@ from pdserve import telemetry, trace_cli
 from pdserve.client import Client
 from pdserve.launcher import LocalCluster
 from pdserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc
-from tests.e2e.harness import assert_no_leaks
+from tests.cluster import assert_no_leaks
 
 PROMPTS = [
     "def fibonacci(n):",

@@ -21,7 +21,7 @@ from engine.params import SamplingParams
 from kv_transfer.transport.ucx import ucx_available
 from pdserve.client import Client
 from pdserve.launcher import LocalCluster
-from tests.e2e.harness import Clusters, assert_no_leaks
+from tests.cluster import Clusters, assert_no_leaks
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 

@@ -28,7 +28,7 @@ from kv_transfer.transport import available_transports
 from kv_transfer.transport.ucx import ucx_available
 from pdserve.client import Client
 from pdserve.launcher import LocalCluster
-from tests.e2e.harness import Clusters, assert_no_leaks
+from tests.cluster import Clusters, assert_no_leaks
 
 SHIPPED_MODEL = Path(__file__).resolve().parents[2] / "models" / "pdserve-tiny-py"
 PROMPTS = [

@@ -1,6 +1,7 @@
-"""End-to-end harness: LocalClusters on loopback started with the suite's defaults, and the one leak check
-every e2e test ends with (KV blocks, leases and block-manager integrity on every instance; no process left
-once a cluster stops). The fixtures in tests/e2e/conftest.py are built on it."""
+"""Cluster harness for e2e and integration tests: LocalClusters on loopback started with the suite's
+defaults, and the one leak check every cluster test ends with (on every instance: all KV blocks free, no
+leases, no request running or queued, block-manager integrity; no process left once a cluster stops).
+The fixtures in tests/e2e/conftest.py are built on it; tests import its functions as `tests.cluster`."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import pytest
 
 from coordinator.registry import Registry
 from pdserve.launcher import ClusterConfig, LocalCluster
-from pdserve.v1 import common_pb2, decode_pb2_grpc, prefill_pb2_grpc
+from pdserve.v1 import colocated_pb2_grpc, common_pb2, decode_pb2_grpc, prefill_pb2_grpc
 
 START_TIMEOUT_S = 180.0  # a CUDA cluster's start (model load, CUDA init) on a loaded host
 
@@ -93,35 +94,51 @@ def running_cluster(model_dir: Path, log_dir: Path, **kw: object) -> Iterator[Lo
         stop_cluster(cluster)
 
 
+STUBS = {
+    "prefill": prefill_pb2_grpc.PrefillStub,
+    "decode": decode_pb2_grpc.DecodeStub,
+    "colocated": colocated_pb2_grpc.ColocatedStub,
+}
+
+
 def instance_stats(cluster: LocalCluster) -> list[common_pb2.InstanceStats]:
-    """Every registered prefill/decode instance's Stats RPC."""
+    """Every registered instance's Stats RPC (prefill, decode or colocated)."""
     out = []
     for inst in Registry(cluster.redis_url).instances():
         with grpc.insecure_channel(inst.grpc_address) as ch:
-            stub = (
-                prefill_pb2_grpc.PrefillStub(ch) if inst.role == "prefill" else decode_pb2_grpc.DecodeStub(ch)
-            )
-            out.append(stub.Stats(common_pb2.InstanceStatsRequest(), timeout=5))
+            out.append(STUBS[inst.role](ch).Stats(common_pb2.InstanceStatsRequest(), timeout=5))
     return out
 
 
+def _idle(s: common_pb2.InstanceStats) -> bool:
+    return (
+        s.kv_blocks_free == s.kv_blocks_total
+        and s.leases == 0
+        and s.running == 0
+        and s.queue_len == 0
+        and s.integrity_ok
+    )
+
+
 def assert_no_leaks(cluster: LocalCluster, timeout_s: float = 10.0) -> None:
-    """Within timeout_s every instance is back to all KV blocks free and no leases, and its block manager's
-    integrity check holds (waits for it: a cancelled request's blocks come back asynchronously)."""
+    """Within timeout_s every instance is back to all KV blocks free, no leases, no request running or
+    queued, and its block manager's integrity check holds (waits for it: a cancelled request's blocks come
+    back asynchronously)."""
     deadline = time.monotonic() + timeout_s
     while True:
         stats = instance_stats(cluster)
-        clean = all(s.kv_blocks_free == s.kv_blocks_total and s.leases == 0 and s.integrity_ok for s in stats)
-        if (stats and clean) or time.monotonic() > deadline:
+        if (stats and all(_idle(s) for s in stats)) or time.monotonic() > deadline:
             break
         time.sleep(0.2)
     assert stats, "no instances registered"
     for s in stats:
-        assert s.integrity_ok, f"{s.role} {s.instance_id}: check_integrity failed"
-        assert s.leases == 0, f"{s.role} {s.instance_id}: {s.leases} KV leases still held"
+        who = f"{s.role} {s.instance_id}"
+        assert s.integrity_ok, f"{who}: check_integrity failed"
+        assert s.leases == 0, f"{who}: {s.leases} KV leases still held"
         assert s.kv_blocks_free == s.kv_blocks_total, (
-            f"{s.role} {s.instance_id}: {s.kv_blocks_total - s.kv_blocks_free} blocks leaked"
+            f"{who}: {s.kv_blocks_total - s.kv_blocks_free} blocks leaked"
         )
+        assert s.running == 0 and s.queue_len == 0, f"{who}: {s.running} running, {s.queue_len} queued"
 
 
 def redis_address(redis_url: str) -> str:
