@@ -45,11 +45,11 @@ def start_cluster(
 
 
 def stop_cluster(cluster: LocalCluster) -> None:
-    """Stop it, then check that every process it started (and anything else holding its Redis address on
-    its command line) has exited."""
+    """Stop it, then check that every process it started has exited (with a private redis-server: also
+    that no process at all still has that Redis address on its command line)."""
     cluster.stop()
     assert all(c.proc.poll() is not None for c in cluster.children), "a process outlived stop()"
-    if cluster.redis_url:
+    if cluster.cfg.redis_url is None and cluster.redis_url:
         assert_no_processes_left(redis_address(cluster.redis_url))
 
 
@@ -65,7 +65,8 @@ def start_many(
     specs: Mapping[str, tuple[Path, dict[str, object]]], tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, LocalCluster]:
     """{name: (model_dir, ClusterConfig overrides)} -> {name: started cluster}, started side by side. If any
-    fails to start, the others are stopped and one error names every cause."""
+    fails to start, the others are stopped and one error names every cause. (No `env` here: the
+    environment is the process's, and these start at the same time.)"""
     started: dict[str, LocalCluster] = {}
     errors: list[str] = []
     with ThreadPoolExecutor(max(1, len(specs))) as pool:
