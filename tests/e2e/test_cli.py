@@ -13,22 +13,9 @@ from pathlib import Path
 
 import httpx
 
+from tests.cluster import assert_no_processes_left
+
 PDSERVE = [sys.executable, "-m", "pdserve"]
-
-
-def _procs_mentioning(fragment: str) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if fragment in cmd:
-            pids.append(int(entry))
-    return pids
 
 
 def test_up_generate_and_ctrl_c(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -108,6 +95,4 @@ def test_up_generate_and_ctrl_c(tiny_model_dir: Path, tmp_path: Path) -> None:
         up.send_signal(signal.SIGINT)
         up.wait(60)
     assert up.returncode == 0
-    time.sleep(0.5)
-    leftovers = _procs_mentioning(f"127.0.0.1:{redis_port.group(1)}")
-    assert leftovers == [], f"processes left behind after Ctrl-C: {leftovers}"
+    assert_no_processes_left(f"127.0.0.1:{redis_port.group(1)}")  # its redis-server, instances, gateway

@@ -9,7 +9,6 @@ not batch-dependent rounding.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,8 @@ from engine.local import LocalEngine
 from engine.params import SamplingParams
 from kv_transfer.transport.ucx import ucx_available
 from pdserve.client import Client
-from pdserve.launcher import ClusterConfig, LocalCluster
+from pdserve.launcher import LocalCluster
+from tests.cluster import Clusters, assert_no_leaks
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 
@@ -30,23 +30,10 @@ PROMPTS = ["def fibonacci(n):", "The quick brown fox", "import os\nimport sys\n"
 
 
 @pytest.fixture(scope="module")
-def cuda_cluster(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    cfg = ClusterConfig(
-        model_dir=str(tiny_model_dir),
-        port=0,
-        use_cuda=True,
-        share_cuda=True,
-        transport=TRANSPORT,
-        codec="raw",
-        num_kv_blocks=256,
-        heartbeat_ttl_s=1.5,
-        log_dir=str(tmp_path_factory.mktemp("cuda-cluster")),
+def cuda_cluster(tiny_model_dir: Path, module_clusters: Clusters) -> LocalCluster:
+    return module_clusters.start(
+        tiny_model_dir, use_cuda=True, share_cuda=True, transport=TRANSPORT, codec="raw"
     )
-    cluster = LocalCluster(cfg).start(timeout_s=180)
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
 
 
 def test_cuda_cluster_greedy_equals_single_process_cuda_run(
@@ -66,3 +53,4 @@ def test_cuda_cluster_greedy_equals_single_process_cuda_run(
             got = client.generate(prompt, max_tokens=n, ignore_eos=True, repetition_penalty=1.0, timeout=120)
             assert got.finish_reason == "length" and len(got.token_ids) == n
             assert list(got.token_ids) == want, f"prompt {text!r}: cluster {list(got.token_ids)} != {want}"
+    assert_no_leaks(cuda_cluster)

@@ -16,12 +16,9 @@ loopback) against the single-process reference.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import grpc
 import pytest
 
 from coordinator.registry import Registry
@@ -30,8 +27,8 @@ from engine.params import SamplingParams
 from kv_transfer.transport import available_transports
 from kv_transfer.transport.ucx import ucx_available
 from pdserve.client import Client
-from pdserve.launcher import ClusterConfig, LocalCluster
-from pdserve.v1 import common_pb2, decode_pb2_grpc, prefill_pb2_grpc
+from pdserve.launcher import LocalCluster
+from tests.cluster import Clusters, assert_no_leaks
 
 SHIPPED_MODEL = Path(__file__).resolve().parents[2] / "models" / "pdserve-tiny-py"
 PROMPTS = [
@@ -52,32 +49,8 @@ TRANSPORTS = available_transports()  # ucx, tcp, shm (ucx only where ucxx import
 SHIPPED_READY = (SHIPPED_MODEL / "model.safetensors").exists()
 
 
-def _start(model_dir: Path, tmp_path: Path, **kw: object) -> LocalCluster:
-    cfg = ClusterConfig(
-        model_dir=str(model_dir),
-        port=0,
-        prefill=1,
-        decode=1,
-        use_cuda=False,
-        num_kv_blocks=256,
-        heartbeat_ttl_s=1.5,
-        log_dir=str(tmp_path / "logs"),
-        **kw,  # type: ignore[arg-type]
-    )
-    return LocalCluster(cfg).start(timeout_s=120)
-
-
-def _stop_all(clusters: list[LocalCluster]) -> None:
-    with ThreadPoolExecutor(max(1, len(clusters))) as pool:
-        list(pool.map(lambda c: c.stop(), clusters))
-    for c in clusters:
-        assert all(ch.proc.poll() is not None for ch in c.children), "a process outlived stop()"
-
-
 @pytest.fixture(scope="module")
-def clusters(
-    tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[dict[str, LocalCluster]]:
+def clusters(tiny_model_dir: Path, module_clusters: Clusters) -> dict[str, LocalCluster]:
     """Every cluster this module needs, started side by side (their start-up waits overlap): one per
     transport with codec raw on the tiny model (streaming layer-wise), and one with codec cachegen on the
     shipped model (the default: the KV is pulled once prefill is done)."""
@@ -86,25 +59,7 @@ def clusters(
     }  # layer-wise streaming on: decode pulls each layer while prefill computes (off by default on CPU)
     if SHIPPED_READY:
         specs["cachegen"] = (SHIPPED_MODEL, {"codec": "cachegen"})
-    started: dict[str, LocalCluster] = {}
-    errors: list[str] = []
-    with ThreadPoolExecutor(len(specs)) as pool:
-        futures = {
-            name: pool.submit(_start, model, tmp_path_factory.mktemp(f"cluster-{name}"), **kw)
-            for name, (model, kw) in specs.items()
-        }
-        for name, fut in futures.items():
-            try:
-                started[name] = fut.result()
-            except Exception as e:  # stop the others, then fail with every cause
-                errors.append(f"{name}: {type(e).__name__}: {e}")
-    if errors:
-        _stop_all(list(started.values()))
-        raise RuntimeError("cluster start failed: " + "; ".join(errors))
-    try:
-        yield started
-    finally:
-        _stop_all(list(started.values()))
+    return module_clusters.start_many(specs)
 
 
 def _generate_all(
@@ -128,24 +83,6 @@ def _generate_all(
     for r, m in zip(results, max_tokens, strict=True):
         assert r.finish_reason == "length" and len(r.token_ids) == m
     return [list(r.token_ids) for r in results]
-
-
-def _assert_no_leaks(cluster: LocalCluster, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        stats = []
-        for inst in Registry(cluster.redis_url).instances():
-            ch = grpc.insecure_channel(inst.grpc_address)
-            stub = (
-                prefill_pb2_grpc.PrefillStub(ch) if inst.role == "prefill" else decode_pb2_grpc.DecodeStub(ch)
-            )
-            stats.append(stub.Stats(common_pb2.InstanceStatsRequest(), timeout=5))
-            ch.close()
-        clean = all(s.kv_blocks_free == s.kv_blocks_total and s.leases == 0 and s.integrity_ok for s in stats)
-        if (stats and clean) or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    assert stats and clean, f"blocks or leases left behind: {stats}"
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +116,7 @@ def test_raw_over_every_transport_equals_reference(
     got = _generate_all(cluster, prompts, max_tokens)
     for (text, _), want, out in zip(reqs, expected, got, strict=True):
         assert out == want, f"{transport}: prompt {text!r}: cluster {out} != reference {want}"
-    _assert_no_leaks(cluster)
+    assert_no_leaks(cluster)
 
 
 def _heldout_prompts() -> list[list[int]]:
@@ -207,7 +144,7 @@ def test_cachegen_cluster_with_a_lossless_request_floor_equals_reference(
     prompts, expected = heldout_expected
     cluster = clusters["cachegen"]
     got = _generate_all(cluster, prompts, [MATCH_TOKENS] * len(prompts), max_kv_kl=0.0)
-    _assert_no_leaks(cluster)
+    assert_no_leaks(cluster)
     for i, (g, w) in enumerate(zip(got, expected, strict=True)):
         assert g == w, f"prompt {i}: with max_kv_kl=0 the cluster gave {g}, the reference {w}"
 
@@ -221,7 +158,7 @@ def test_cachegen_first_tokens_match_reference_on_heldout_prompts(
     prompts, expected = heldout_expected
     cluster = clusters["cachegen"]
     got = _generate_all(cluster, prompts, [MATCH_TOKENS] * len(prompts))
-    _assert_no_leaks(cluster)
+    assert_no_leaks(cluster)
     matches = [g == w for g, w in zip(got, expected, strict=True)]
     rate = sum(matches) / len(matches)
     first_diff = [

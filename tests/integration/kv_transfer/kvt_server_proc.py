@@ -4,7 +4,8 @@ Prints `address SCHEME ADDR` per server, then `ready`. Commands on stdin, one pe
     open TID SEED        open a lease on every server for deterministic KV (see make_kv)
     stream TID DELAY     mark layers ready one by one, DELAY seconds apart, then finish(TID, 1000 + L)
     ready TID N          mark layers [0, N) ready on every server
-Each release prints `released SCHEME TID REASON`. The process exits when stdin closes.
+Each release prints `released SCHEME TID REASON`, each message a server receives (a PULL, an ACK)
+`request SCHEME`. The process exits when stdin closes.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import threading
 import time
 
 import torch
+from kvt_tap import Tap  # this script's folder is on sys.path
 
 from kv_transfer.server import KVServer
 from kv_transfer.transport import available_transports, transport_for
@@ -34,7 +36,10 @@ def main() -> None:
         with out_lock:
             print(line, flush=True)
 
-    servers = {s: KVServer(transport_for(s), "127.0.0.1", fingerprint=FP) for s in available_transports()}
+    servers = {
+        s: KVServer(Tap(transport_for(s), lambda s=s: say(f"request {s}")), "127.0.0.1", fingerprint=FP)
+        for s in available_transports()
+    }
     for scheme, srv in servers.items():
         srv.start()
         say(f"address {scheme} {srv.address}")

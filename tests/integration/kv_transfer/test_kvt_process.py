@@ -94,8 +94,9 @@ def test_streaming_pulls_from_another_process(server_proc: ServerProcess) -> Non
             )
             for s, addr in server_proc.addresses.items()
         }
-        time.sleep(0.2)
-        assert all(h.poll() == PullState.WAITING for h in handles.values())  # pulls began before prefill
+        requests = {server_proc.expect(("request",)) for _ in handles}  # every server has its PULL ...
+        assert requests == {f"request {s}" for s in handles}
+        assert all(h.poll() == PullState.WAITING for h in handles.values())  # ... before prefill began
         server_proc.send("stream p0 0.05")
         for scheme, h in handles.items():
             trailer = h.result(30)

@@ -31,6 +31,7 @@ from kv_transfer.transport.base import Channel, Listener, Transport
 from kv_transfer.transport.ucx import ucx_available
 from kv_transfer.wire import ErrorCode, ErrorMsg, Pull, decode_control, encode_control
 from pdserve.errors import InvalidRequest
+from tests.integration.kv_transfer.kvt_tap import Tap
 
 FP = 0x5EED
 L, T, H, D = 4, 33, 2, 16
@@ -91,7 +92,8 @@ def scheme(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def server(scheme: str) -> Iterator[KVServer]:
-    srv = KVServer(transport_for(scheme), "127.0.0.1", fingerprint=FP, lease_ttl_s=10.0)
+    """A KVServer whose transport is a Tap: `tap(server).wait_received(n)` waits for its n-th request."""
+    srv = KVServer(Tap(transport_for(scheme)), "127.0.0.1", fingerprint=FP, lease_ttl_s=10.0)
     srv.start()
     yield srv
     srv.stop()
@@ -102,6 +104,11 @@ def puller() -> Iterator[KVPuller]:
     p = KVPuller(fingerprint=FP, timeout_s=10.0)
     yield p
     p.close()
+
+
+def tap(srv: KVServer) -> Tap:
+    assert isinstance(srv.transport, Tap)
+    return srv.transport
 
 
 def open_lease(
@@ -117,8 +124,8 @@ def test_streaming_pull_before_prefill_finishes(server: KVServer, puller: KVPull
     kv = open_lease(server, "r1", rel)
     sink = Sink()
     handle = puller.start_pull(server.address, "r1", "raw", sink, token=rel.tokens["r1"])
-    time.sleep(0.2)
-    assert handle.poll() == PullState.WAITING and sink.layers == []  # nothing is ready yet
+    tap(server).wait_received(1)  # the server has the PULL, and no layer is ready: it sends nothing
+    assert tap(server).sent == 0 and handle.poll() == PullState.WAITING and sink.layers == []
     for layer in range(L):  # the "prefill": layers become ready one by one
         assert server.mark_ready("r1", layer + 1)
         deadline = time.monotonic() + 10
@@ -126,7 +133,9 @@ def test_streaming_pull_before_prefill_finishes(server: KVServer, puller: KVPull
             time.sleep(0.005)
         assert sink.layers == list(range(layer + 1))  # streamed as soon as ready, in order
         assert handle.poll() == PullState.TRANSFERRING
-    assert not handle.wait(0.2)  # no trailer before finish()
+    with tap(server).cond:  # every layer's frame is out; the trailer waits for finish()
+        assert tap(server).cond.wait_for(lambda: tap(server).sent >= L, 10)
+    assert tap(server).sent == L and not handle.wait(0)
     server.finish("r1", first_token_id=777)
     trailer = handle.result(10)
     assert handle.poll() == PullState.DONE
@@ -135,9 +144,8 @@ def test_streaming_pull_before_prefill_finishes(server: KVServer, puller: KVPull
         assert torch.equal(sink.kv[layer][0], kv[layer][0]) and torch.equal(sink.kv[layer][1], kv[layer][1])
     s = trailer.stats
     assert s.raw_bytes == 2 * L * T * H * D * 4 and s.payload_bytes >= s.raw_bytes
-    assert s.bytes_on_wire > s.payload_bytes and s.transfer_s > 0 and s.server_wait_s > 0.1
+    assert s.bytes_on_wire > s.payload_bytes and s.transfer_s > 0 and s.server_wait_s > 0
     rel.wait("r1", "pulled")
-    time.sleep(0.1)
     assert rel.total("r1") == 1 and server.num_leases() == 0
     assert not server.cancel("r1")  # already released: no second on_release
     assert rel.total("r1") == 1
@@ -245,7 +253,6 @@ def test_expiry_releases_once(scheme: str, puller: KVPuller) -> None:
         with pytest.raises(LeaseExpired):
             handle.result(10)
         rel.wait("stuck", "expired")
-        time.sleep(0.4)
         assert rel.calls == Counter({("idle", "expired"): 1, ("stuck", "expired"): 1})
         assert srv.num_leases() == 0
         with pytest.raises(UnknownTransfer):
@@ -327,12 +334,11 @@ def test_corrupted_frame_is_caught_and_server_survives(scheme: str, puller: KVPu
         with pytest.raises(FrameCorrupted):
             puller.pull(srv.address, "c", "raw", sink, token=rel.tokens["c"])
         assert sink.layers == [0]  # layer 1's frame was the damaged one
-        time.sleep(0.1)
         assert rel.total("c") == 0 and srv.num_leases() == 1  # not acknowledged: the lease stays
         sink = Sink()
         assert (
             puller.pull(srv.address, "c", "raw", sink, token=rel.tokens["c"]).first_token_id == 9
-        )  # retry succeeds
+        )  # so a retry succeeds
         assert torch.equal(sink.kv[L - 1][1], kv[L - 1][1])
         rel.wait("c", "pulled")
         open_lease(srv, "next", rel, seed=1)
@@ -353,7 +359,6 @@ def test_puller_dying_mid_transfer_keeps_the_lease(server: KVServer, puller: KVP
 
     with pytest.raises(RuntimeError, match="crashed"):
         puller.pull(server.address, "d", "raw", dies_at_layer_2, token=rel.tokens["d"])
-    time.sleep(0.2)
     assert rel.total("d") == 0 and server.num_leases() == 1
     assert (
         puller.pull(server.address, "d", "raw", Sink(), token=rel.tokens["d"]).first_token_id == 4
@@ -392,13 +397,13 @@ def test_server_survives_garbage_clients(scheme: str, server: KVServer, puller: 
 
 
 def test_stop_releases_open_leases_as_cancelled(scheme: str) -> None:
-    srv = KVServer(transport_for(scheme), "127.0.0.1", fingerprint=FP)
+    srv = KVServer(Tap(transport_for(scheme)), "127.0.0.1", fingerprint=FP)
     srv.start()
     rel = Releases()
     open_lease(srv, "s1", rel)
     with KVPuller(fingerprint=FP, timeout_s=10.0) as p:
         handle = p.start_pull(srv.address, "s1", "raw", Sink(), token=rel.tokens["s1"])
-        time.sleep(0.2)
+        tap(srv).wait_received(1)  # the pull is waiting on the server when it stops
         srv.stop()
         with pytest.raises(PeerClosed):
             handle.result(10)
@@ -409,7 +414,7 @@ def test_abort_a_pull(server: KVServer, puller: KVPuller) -> None:
     rel = Releases()
     open_lease(server, "ab", rel)
     handle = puller.start_pull(server.address, "ab", "raw", Sink(), token=rel.tokens["ab"])
-    time.sleep(0.2)
+    tap(server).wait_received(1)  # aborted while the server streams it (waiting for layer 0)
     handle.abort()
     with pytest.raises(TransferCancelled):
         handle.result(10)

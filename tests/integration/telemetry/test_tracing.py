@@ -129,7 +129,10 @@ def traced(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         while not all(_complete(receiver, rid) for rid in [*OK_REQUESTS, LOSSLESS]):
             assert time.monotonic() < deadline, "spans did not arrive at the OTLP receiver within 20 s"
             time.sleep(0.2)
-        time.sleep(0.5)  # the one-token request's lease span ends after its Release
+        # the one-token request's lease span ends after its Release, later than the rest of its trace
+        while T.KV_LEASE not in {s.name for s in trace_cli.find_trace(receiver.snapshot(), ONE_TOKEN)}:
+            assert time.monotonic() < deadline, "the one-token request's lease span did not arrive"
+            time.sleep(0.2)
         yield Traced(receiver, cluster, tmp / "spans.jsonl", tmp / "logs", num_layers=2)
     finally:
         cluster.stop()

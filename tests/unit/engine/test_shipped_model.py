@@ -45,7 +45,10 @@ def test_engine_logits_match_transformers_on_heldout_text(runner: ModelRunner) -
     transformers = pytest.importorskip("transformers")
     from training.eval import load_heldout_ids
 
-    ids = torch.tensor([load_heldout_ids(MODEL)[1000:1384]])  # [1, 384]
+    heldout = load_heldout_ids(MODEL)
+    n, width = 4, 384  # 4 windows spread evenly over the whole held-out split
+    stride = (len(heldout) - width) // (n - 1)
+    ids = torch.tensor([heldout[i * stride : i * stride + width] for i in range(n)])  # [4, 384]
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(MODEL), torch_dtype=torch.float32).eval()
     with torch.inference_mode():
         want = hf(input_ids=ids, use_cache=False).logits

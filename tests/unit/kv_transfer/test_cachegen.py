@@ -169,11 +169,8 @@ def model_bits(codec: CacheGenCodec, t: int = 1024, seed: int = 0) -> tuple[int,
     return ours, int8, fp16
 
 
-def test_default_level_compression_on_structured_kv() -> None:
-    """>= 6x smaller than fp16 and >= 3x smaller than int8, every byte of params (scales, tables) counted."""
-    ours, int8, fp16 = model_bits(CacheGenCodec(table_mode="chunk", num_layers=NUM_LAYERS))
-    assert fp16 / ours >= 6.0, f"{fp16 / ours:.2f}x vs fp16"
-    assert int8 / ours >= 3.0, f"{int8 / ours:.2f}x vs int8"
+# No compression ratio is claimed on synthetic_kv (whose spread this file chooses): the size bound on real KV
+# is test_cachegen_klt.py's test_shipped_model_default_level_beats_cachegen_quantizers (the shipped model).
 
 
 def test_levels_order_size_and_shallow_layers_get_more_bins() -> None:

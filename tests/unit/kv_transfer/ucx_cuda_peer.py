@@ -1,10 +1,10 @@
 """Peer process for test_ucx_moves_cuda_tensors: connect to argv[1] over UCX, send a CUDA tensor holding a
-known byte pattern of argv[2] bytes, then b"after"; exit 0 once both are sent (the receiver checks them)."""
+known byte pattern of argv[2] bytes, then b"after"; exit 0 once the receiver, having checked both, answers
+b"done"."""
 
 from __future__ import annotations
 
 import sys
-import time
 
 import torch
 
@@ -21,7 +21,7 @@ def main() -> int:
     ch = transport_for("ucx").connect(address, timeout=20)
     ch.send(data, timeout=20)
     ch.send(b"after", timeout=20)
-    time.sleep(0.5)  # the receiver finishes before this endpoint goes
+    assert bytes(ch.recv(timeout=30)) == b"done"  # the receiver has both: this endpoint may go
     ch.close()
     return 0
 

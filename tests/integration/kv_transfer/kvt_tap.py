@@ -1,0 +1,77 @@
+"""A transport wrapper that counts what a KVServer's accepted channels receive and send: the server-side
+counter tests wait on ("the server has the PULL") instead of sleeping."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+from kv_transfer.frame import Buffer
+from kv_transfer.transport.base import Channel, Listener, Transport
+
+
+class Tap(Transport):
+    """Wraps `inner`; `received`/`sent` count messages over every channel its listeners accepted.
+    `on_receive` (if given) is called after each received message, in the receiving thread."""
+
+    def __init__(self, inner: Transport, on_receive: Callable[[], None] | None = None) -> None:
+        self.inner, self.scheme, self.on_receive = inner, inner.scheme, on_receive
+        self.received = 0
+        self.sent = 0
+        self.cond = threading.Condition()
+
+    def listen(self, host: str, port: int = 0) -> Listener:
+        return _TapListener(self.inner.listen(host, port), self)
+
+    def connect(self, address: str, timeout: float) -> Channel:
+        return self.inner.connect(address, timeout)
+
+    def wait_received(self, n: int, timeout: float = 10.0) -> None:
+        """Block until the server side has received at least n messages (e.g. n PULLs)."""
+        with self.cond:
+            assert self.cond.wait_for(lambda: self.received >= n, timeout), (
+                f"the server received {self.received} messages within {timeout} s, expected {n}"
+            )
+
+    def _count(self, received: int = 0, sent: int = 0) -> None:
+        with self.cond:
+            self.received += received
+            self.sent += sent
+            self.cond.notify_all()
+
+
+class _TapListener(Listener):
+    def __init__(self, inner: Listener, tap: Tap) -> None:
+        self.inner, self.tap, self.address = inner, tap, inner.address
+
+    def accept(self, timeout: float | None = None) -> Channel:
+        return _TapChannel(self.inner.accept(timeout), self.tap)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class _TapChannel(Channel):
+    def __init__(self, inner: Channel, tap: Tap) -> None:
+        self.inner, self.tap = inner, tap
+
+    def send(self, data: Buffer, timeout: float | None = None) -> None:
+        self.inner.send(data, timeout)
+        self.tap._count(sent=1)
+
+    def recv(self, timeout: float | None = None) -> memoryview:
+        msg = self.inner.recv(timeout)
+        self.tap._count(received=1)
+        if self.tap.on_receive is not None:
+            self.tap.on_receive()
+        return msg
+
+    def poll(self) -> bool:
+        return self.inner.poll()
+
+    def close(self) -> None:
+        self.inner.close()
+
+    @property
+    def closed(self) -> bool:
+        return self.inner.closed
