@@ -335,10 +335,10 @@ def evaluate(
         else:
             goodput[f"{k:g}"] = {"rate": goodput_from_runs(list(prober.runs.values()), slo), "search": None}
     fixed = prober.run(start_rate)
-    runs = []
+    runs: list[dict[str, Any]] = []
     for run in sorted(prober.runs.values(), key=lambda r: r.rate):
         summary = summarize_records(run.records, slos[headline_k])
-        entry = {
+        entry: dict[str, Any] = {
             "rate": run.rate,
             "attainment_by_k": {
                 f"{k:g}": attainment(compute_metrics(run.records), s) for k, s in slos.items()

@@ -52,7 +52,8 @@ class LocalEngine:
                 raise CapacityExceeded(
                     f"request {s.request_id} needs more KV blocks than the cache has ({bm.num_blocks})"
                 )
-        waiting, running = deque(seqs), []
+        waiting = deque(seqs)
+        running: list[Sequence] = []
         checkers = {id(s): StopChecker(self.tokenizer, s.params) for s in seqs}
         while waiting or running:
             admitted = self._admit(waiting)

@@ -57,6 +57,10 @@ class StepEngine(Generic[J]):
         self._thread = threading.Thread(target=self._loop, name=thread_name, daemon=True)
 
     # ---- what each engine defines ----------------------------------------------------------
+    def submit(self, job: J) -> None:
+        """Check `job` and queue it (`_enqueue`); called from gRPC handlers."""
+        raise NotImplementedError
+
     def _loop(self) -> None:
         raise NotImplementedError
 

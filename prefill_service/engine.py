@@ -146,7 +146,8 @@ class PrefillEngine(StepEngine[PrefillJob]):
                 job.transfer_id,
                 num_layers,
                 seq.num_prompt_tokens,
-                read_layer=lambda layer, b=seq.blocks, n=seq.num_prompt_tokens: _host_kv(
+                # mypy#15459: mypy cannot type a lambda whose default binds a loop variable
+                read_layer=lambda layer, b=seq.blocks, n=seq.num_prompt_tokens: _host_kv(  # type: ignore[misc]
                     cache.read(layer, b, n)
                 ),
                 on_release=self._on_release,

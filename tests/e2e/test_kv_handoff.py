@@ -17,7 +17,7 @@ loopback) against the single-process reference.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -216,7 +216,7 @@ def test_cachegen_cluster_with_a_lossless_request_floor_equals_reference(
 def test_cachegen_first_tokens_match_reference_on_heldout_prompts(
     clusters: dict[str, LocalCluster],
     heldout_expected: tuple[list[list[int]], list[list[int]]],
-    record_property: pytest.RecordProperty,
+    record_property: Callable[[str, object], None],
 ) -> None:
     prompts, expected = heldout_expected
     cluster = clusters["cachegen"]

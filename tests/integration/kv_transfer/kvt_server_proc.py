@@ -57,8 +57,9 @@ def main() -> None:
                     tid,
                     L,
                     T,
-                    lambda layer, kv=kv: kv[layer],
-                    lambda t, r, s=scheme: say(f"released {s} {t} {r}"),
+                    # mypy#15459: mypy cannot type a lambda whose default binds a loop variable
+                    lambda layer, kv=kv: kv[layer],  # type: ignore[misc]
+                    lambda t, r, s=scheme: say(f"released {s} {t} {r}"),  # type: ignore[misc]
                 )
             say(f"opened {tid}")
         elif cmd == "stream":

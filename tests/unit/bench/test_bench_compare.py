@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
@@ -193,7 +194,7 @@ def test_evaluate_searches_the_symmetric_slos_on_their_own() -> None:
 class ScriptedProber(Prober):
     """A prober whose load runs report scripted foreign CPU peaks (the run itself is not what is tested)."""
 
-    def __init__(self, peaks: list[float], **kw: object) -> None:
+    def __init__(self, peaks: list[float], **kw: Any) -> None:
         super().__init__(
             "sys",
             "127.0.0.1:1",
@@ -203,7 +204,7 @@ class ScriptedProber(Prober):
             max_span_s=10,
             min_requests=1,
             **kw,
-        )  # type: ignore[arg-type]
+        )
         self.peaks = peaks
         self.loads = 0
 
