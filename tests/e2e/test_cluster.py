@@ -7,6 +7,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -41,7 +42,7 @@ def _requests(n: int) -> list[tuple[str, int]]:
     return out
 
 
-def _start(model_dir: Path, tmp_path: Path, prefill: int, decode: int, **kw: object) -> LocalCluster:
+def _start(model_dir: Path, tmp_path: Path, prefill: int, decode: int, **kw: Any) -> LocalCluster:
     cfg = ClusterConfig(
         model_dir=str(model_dir),
         port=0,
@@ -51,7 +52,7 @@ def _start(model_dir: Path, tmp_path: Path, prefill: int, decode: int, **kw: obj
         num_kv_blocks=256,
         heartbeat_ttl_s=1.5,
         log_dir=str(tmp_path / "logs"),
-        **kw,  # type: ignore[arg-type]
+        **kw,
     )
     return LocalCluster(cfg).start(timeout_s=120)
 

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -52,7 +53,7 @@ TRANSPORTS = available_transports()  # ucx, tcp, shm (ucx only where ucxx import
 SHIPPED_READY = (SHIPPED_MODEL / "model.safetensors").exists()
 
 
-def _start(model_dir: Path, tmp_path: Path, **kw: object) -> LocalCluster:
+def _start(model_dir: Path, tmp_path: Path, **kw: Any) -> LocalCluster:
     cfg = ClusterConfig(
         model_dir=str(model_dir),
         port=0,
@@ -62,7 +63,7 @@ def _start(model_dir: Path, tmp_path: Path, **kw: object) -> LocalCluster:
         num_kv_blocks=256,
         heartbeat_ttl_s=1.5,
         log_dir=str(tmp_path / "logs"),
-        **kw,  # type: ignore[arg-type]
+        **kw,
     )
     return LocalCluster(cfg).start(timeout_s=120)
 
