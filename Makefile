@@ -19,6 +19,7 @@ protos:
 
 test:
 	$(VPY) -m ruff check .
+	$(VPY) -m mypy
 	$(VPY) -m pytest -q tests
 
 lint:

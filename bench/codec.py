@@ -346,7 +346,7 @@ def run(model_dir: str, s: Settings, save: bool = False) -> dict[str, Any]:
     speed_serving = measure_speed(speed_kv, speed_ids, cdx, s.repeats, serving_dtype)
 
     bits = {n: 8.0 * size16[n] / elements for n in cdx}
-    out_codecs: dict[str, dict[str, float]] = {}
+    out_codecs: dict[str, dict[str, Any]] = {}
     for n in cdx:
         q = quality[n].summary(ref_q)
         out_codecs[n] = {

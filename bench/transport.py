@@ -125,7 +125,7 @@ def _transport_server(scheme: str, conn: Any) -> None:
         if size == 0:
             break
         for _ in range(count):
-            ch.send(buf[:size], timeout=60)
+            ch.send(buf[:size].data, timeout=60)
     ch.close()
     lst.close()
 
@@ -291,17 +291,21 @@ def _prefill_proc(
                 tid,
                 num_layers,
                 n,
-                read_layer=lambda layer, n=n: cache.read(layer, blocks, n),
+                # mypy#15459: mypy cannot type a lambda whose default binds a loop variable
+                read_layer=lambda layer, n=n: cache.read(layer, blocks, n),  # type: ignore[misc]
                 on_release=lambda *_a, ev=released: ev.set(),
                 token_ids=prompt,
             )
             if mode == "streaming":
                 conn.send(("pull", tid, lease_token))  # the decode side learns of it when it is scheduled
             t0 = time.monotonic()
-            token = runner.prefill([seq], on_layer=lambda layer, tid=tid: server.mark_ready(tid, layer + 1))[
-                0
-            ]
+            # mypy#15459: mypy cannot type a lambda whose default binds a loop variable
+            token = runner.prefill(
+                [seq],
+                on_layer=lambda layer, tid=tid: server.mark_ready(tid, layer + 1),  # type: ignore[misc]
+            )[0]
             t1 = time.monotonic()
+            assert token is not None  # the whole prompt was prefilled
             server.finish(tid, int(token))
             if mode == "after":
                 conn.send(("pull", tid, lease_token))

@@ -161,7 +161,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
                 sys.stdout.write(msg.text)
                 sys.stdout.flush()
         except grpc.RpcError as exc:
-            print(f"\npdserve generate: {exc.code().name}: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+            print(f"\npdserve generate: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
     sys.stdout.write("\n")
     return 0

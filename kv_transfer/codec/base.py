@@ -17,7 +17,7 @@ from torch import Tensor
 from kv_transfer.errors import CodecError, FrameCorrupted
 from kv_transfer.frame import DTYPE_CODES, Buffer
 
-Shape = tuple[int, int, int]  # (T, Hkv, D)
+Shape = tuple[int, ...]  # (T, Hkv, D); as tuple(tensor.shape) gives it
 
 
 class Codec(ABC):
@@ -79,7 +79,7 @@ def expect_len(buf: Buffer, n: int, what: str) -> None:
 def tensor_bytes(t: Tensor) -> memoryview:
     """A flat byte view of a contiguous CPU tensor (no copy; works for bf16, which numpy lacks)."""
     t = t.contiguous()
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    return t.reshape(-1).view(torch.uint8).numpy().data
 
 
 def tensor_from(buf: Buffer, dtype: torch.dtype, shape: tuple[int, ...]) -> Tensor:
@@ -122,7 +122,7 @@ class ScaledCodec(Codec):
         check_kv(k, v)
         ks, kq = self.quantize(k)
         vs, vq = self.quantize(v)
-        parts = [tensor_bytes(ks), tensor_bytes(vs), tensor_bytes(kq), tensor_bytes(vq)]
+        parts: list[Buffer] = [tensor_bytes(ks), tensor_bytes(vs), tensor_bytes(kq), tensor_bytes(vq)]
         return _SCALED_PARAMS.pack(_SCALED_LAYOUT), parts
 
     def encode(self, k: Tensor, v: Tensor, layer: int) -> tuple[bytes, bytes]:

@@ -224,7 +224,7 @@ class CacheGenCodec(Codec):
         if tr is not None:
             chunks = chunk_bounds(t, self.chunk_size())
             params, words = klt.encode(tr, self.level_name, k, v, layer, chunks, steps=self._steps(tr, layer))
-            return params, [memoryview(w).cast("B") if _LITTLE else le_bytes(w) for w in words]
+            return params, [w.data.cast("B") if _LITTLE else le_bytes(w) for w in words]
         kf, vf = k.reshape(t, c).float(), v.reshape(t, c).float()
         k_lim, v_lim = torch.stack([*torch.aminmax(kf), *torch.aminmax(vf)]).abs().view(2, 2).amax(1).tolist()
         if not (np.isfinite(k_lim) and np.isfinite(v_lim)):
@@ -247,7 +247,7 @@ class CacheGenCodec(Codec):
             scales += [le_bytes(centre), le_bytes(half), le_bytes(vbase), le_bytes(ve)]
             table_parts += [ktab, vtab]
             words += [kw, vw]
-        parts: list[Buffer] = [memoryview(w).cast("B") if _LITTLE else le_bytes(w) for w in words]
+        parts: list[Buffer] = [w.data.cast("B") if _LITTLE else le_bytes(w) for w in words]
         payload_crc = 0
         for part in parts:
             payload_crc = zlib.crc32(part, payload_crc)
@@ -462,7 +462,7 @@ class Chunk:
     def __init__(self, start: int, tokens: int, k_words: int, v_words: int, k_mode: int, v_mode: int) -> None:
         self.start, self.tokens, self.k_words, self.v_words = start, tokens, k_words, v_words
         self.k_mode, self.v_mode = k_mode, v_mode
-        self.scales: tuple[Tensor, Tensor, Tensor] = ()  # type: ignore[assignment]
+        self.scales: tuple[Tensor, ...] = ()  # (centre, half, vscale), set by parse_params
         self.k_table = self.v_table = b""
 
 
@@ -568,11 +568,11 @@ def parse_params(params: Buffer, shape: Shape) -> Params:
     need += sum(_table_bytes(ch.k_mode, c, nk) + _table_bytes(ch.v_mode, c, nv) for ch in chunks)
     if need + _CRC.size != len(buf):
         raise FrameCorrupted(f"cachegen params: {len(buf)} bytes, the header implies {need + _CRC.size}")
-    raw_kv = np.frombuffer(buf, dtype=sdt, count=2 * raw * c, offset=off).astype(np.float32)
+    raw_np = np.frombuffer(buf, dtype=sdt, count=2 * raw * c, offset=off).astype(np.float32)
     off += 2 * raw * c * sdt.itemsize
-    if not np.isfinite(raw_kv).all():
+    if not np.isfinite(raw_np).all():
         raise FrameCorrupted("cachegen params: non-finite raw token")
-    raw_kv = torch.from_numpy(raw_kv).view(2, raw, c)
+    raw_kv = torch.from_numpy(raw_np).view(2, raw, c)
     for ch in chunks:
         kscales = np.frombuffer(buf, dtype=sdt, count=2 * c, offset=off).astype(np.float32)
         off += 2 * c * sdt.itemsize

@@ -205,10 +205,10 @@ class KLTransform:
     def _on(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
         t = self._dev.get(device)
         if t is None:
-            t = tuple(torch.from_numpy(a).to(device) for a in (self.fwd, self.inv, self.inv_freq))
+            fwd, inv, inv_freq = (torch.from_numpy(a).to(device) for a in (self.fwd, self.inv, self.inv_freq))
             with self._lock:
-                t = self._dev.setdefault(device, t)  # type: ignore[arg-type]
-        return t  # type: ignore[return-value]
+                t = self._dev.setdefault(device, (fwd, inv, inv_freq))
+        return t
 
     def _cos_sin(self, t: int, device: torch.device) -> tuple[Tensor, Tensor]:
         """cos, sin [P >= t, D] (contiguous) of positions 0..P-1 (cached per device, grown by doubling)."""
@@ -343,8 +343,8 @@ def _code_chunk(
             y = y.contiguous()
             mean, lo, hi = rans.col_stats(y.numpy())
         else:
-            mean, (lo, hi) = y.mean(0), torch.aminmax(y, dim=0)
-            mean, lo, hi = (a.cpu().numpy() for a in (mean, lo, hi))
+            mean_t, (lo_t, hi_t) = y.mean(0), torch.aminmax(y, dim=0)
+            mean, lo, hi = (a.cpu().numpy() for a in (mean_t, lo_t, hi_t))
         parts.append((y, *_centre_step(mean, lo, hi, step, wide)))
     cs = np.stack([c.astype(np.float32) for _, c, _ in parts])  # [2, C]
     ss = np.stack([s.astype(np.float32) for _, _, s in parts])
@@ -398,7 +398,7 @@ def encode(
         words += chunk_words
     crc = 0
     for w in words:
-        crc = zlib.crc32(memoryview(w).cast("B"), crc)
+        crc = zlib.crc32(w.data.cast("B"), crc)
     head = _HEADER2.pack(
         b"CG", VERSION, _LEVEL_IDS[level], FLAG_WIDE if wide else 0, len(chunks), transform.transform_id, crc
     )
@@ -414,7 +414,7 @@ class Parsed:
         self.transform, self.flags, self.payload_crc, self.chunks = transform, flags, payload_crc, chunks
 
 
-def parse(params: bytes, shape: tuple[int, int, int], layer: int) -> Parsed:
+def parse(params: bytes, shape: tuple[int, ...], layer: int) -> Parsed:
     """Check v2 params against the frame's shape and this process's transforms; FrameCorrupted /
     FrameForeign on anything wrong. Allocates nothing beyond the params' own size."""
     buf = params
@@ -464,7 +464,7 @@ def parse(params: bytes, shape: tuple[int, int, int], layer: int) -> Parsed:
 def decode(
     p: Parsed,
     words: np.ndarray,
-    shape: tuple[int, int, int],
+    shape: tuple[int, ...],
     dtype: torch.dtype,
     layer: int,
     device: torch.device,
@@ -495,7 +495,7 @@ def decode(
     return k.to(dtype), v.to(dtype)
 
 
-def error_bounds_klt(params: bytes, shape: tuple[int, int, int], layer: int) -> tuple[Tensor, Tensor]:
+def error_bounds_klt(params: bytes, shape: tuple[int, ...], layer: int) -> tuple[Tensor, Tensor]:
     """Per-token L2 bounds on ||x_t - x_hat_t|| (fp32 [T] for K, for V) implied by params, before fp32
     arithmetic and the output dtype's rounding: ||F^-1||_2 * ||step||_2 / 2 (see the module docstring)."""
     p = parse(params, shape, layer)

@@ -129,9 +129,14 @@ def _bits(
                 total += layer0.PARAMS_BYTES + 4 * k.shape[0]
                 continue
             chunks = chunk_bounds(k.shape[0], CHUNK_TOKENS)
-            params, words = encode(transform, "default", k, v, layer, chunks, tuple(map(float, steps[layer])))
+            params, words = encode(transform, "default", k, v, layer, chunks, _step_pair(steps, layer))
             total += len(params) + sum(w.nbytes for w in words)
     return 8.0 * total / elements
+
+
+def _step_pair(steps: np.ndarray, layer: int) -> tuple[float, float]:
+    """(K step, V step) of `layer` from steps [L, 2]."""
+    return float(steps[layer, 0]), float(steps[layer, 1])
 
 
 def _round_trip(
@@ -247,7 +252,7 @@ def profile(
                     [
                         (k, v)
                         if l0 and layer == 0
-                        else _round_trip(base, k, v, layer, tuple(map(float, steps[layer])))
+                        else _round_trip(base, k, v, layer, _step_pair(steps, layer))
                         for layer, (k, v) in enumerate(kv)
                     ]
                     for kv in prompt_kv

@@ -169,7 +169,7 @@ def choose(costs: dict[tuple[int, str, int], PartCost], num_layers: int, budget:
 
     def pick(lam: float) -> tuple[dict[tuple[int, str], int], float]:
         sel = {
-            p: min(candidates, key=lambda b, p=p: (costs[(*p, b)].kl + lam * costs[(*p, b)].bits, -b))
+            p: min(candidates, key=lambda b: (costs[(*p, b)].kl + lam * costs[(*p, b)].bits, -b))
             for p in parts
         }
         return sel, sum(costs[(*p, b)].bits for p, b in sel.items()) / len(parts)

@@ -97,7 +97,7 @@ def is_layer0_frame(params: bytes) -> bool:
 
 
 def decode(
-    params: bytes, payload: memoryview, shape: tuple[int, int, int], dtype: torch.dtype, device: torch.device
+    params: bytes, payload: memoryview, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
 ) -> tuple[Tensor, Tensor]:
     """params, payload of a layer-0-from-ids frame -> k, v [T, Hkv, D] in `dtype` on `device`."""
     if len(params) != PARAMS_BYTES:

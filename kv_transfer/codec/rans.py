@@ -789,7 +789,14 @@ def lap_tables(rho: np.ndarray, amax: np.ndarray, mid: int, wsym: np.ndarray, lu
     freq, cum = np.empty((c, n), np.uint32), np.empty((c, n), np.uint32)
     table = np.empty((c, PROB_SCALE), np.uint8) if lut else None
     rc = _lib_or_raise().cg_lap_tables(
-        _ptr(rho), _ptr(amax), c, mid, _ptr(wsym), _ptr(freq), _ptr(cum), _ptr(table) if lut else None
+        _ptr(rho),
+        _ptr(amax),
+        c,
+        mid,
+        _ptr(wsym),
+        _ptr(freq),
+        _ptr(cum),
+        _ptr(table) if table is not None else None,
     )
     if rc != 0:
         raise CodecError(f"Laplace support beyond |q| <= {mid}")

@@ -381,7 +381,7 @@ def test_local_prefill_is_traced_on_the_decode_instance(tiny_model_dir: Path, tm
         cluster.stop()
     by_id = {s.span_id: s for s in spans}
     (local,) = [s for s in spans if s.name == T.DECODE_LOCAL_PREFILL]
-    assert by_id[local.parent_span_id].name == T.DECODE_REQUEST
+    assert local.parent_span_id is not None and by_id[local.parent_span_id].name == T.DECODE_REQUEST
     assert local.service == "pdserve-decode" and local.attributes["pdserve.prompt_tokens"] > 0
     assert not names & {T.GATEWAY_PREFILL, T.PREFILL_REQUEST, T.PREFILL_COMPUTE, T.KV_LEASE, T.KV_TRANSFER}
     (steps,) = [s for s in spans if s.name == T.DECODE_STEPS]

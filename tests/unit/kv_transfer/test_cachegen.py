@@ -323,7 +323,7 @@ def test_anchor_delta_does_not_help() -> None:
 
 
 @pytest.fixture(scope="module")
-def encoded() -> tuple[bytes, bytes, tuple[int, int, int]]:
+def encoded() -> tuple[bytes, bytes, tuple[int, ...]]:
     k, v = synthetic_kv(300, 3)
     params, payload = CacheGenCodec(chunk_tokens=128, num_layers=NUM_LAYERS).encode(k, v, 3)
     return params, payload, tuple(k.shape)

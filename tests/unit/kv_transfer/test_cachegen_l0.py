@@ -99,7 +99,9 @@ def test_a_decoder_without_the_model_or_with_another_refuses_the_frame(installed
     k, v = _kv(installed)[0]
     params, parts = CacheGenL0Codec().encode_parts(k, v, 0, _ids())
     payload = b"".join(bytes(p) for p in parts)
-    fn, model_id, vocab = layer0.installed_layer0()  # type: ignore[misc]
+    installed_l0 = layer0.installed_layer0()
+    assert installed_l0 is not None
+    fn, model_id, vocab = installed_l0
     try:
         layer0.install_layer0(None)
         with pytest.raises(FrameForeign, match="no layer-0 function"):
@@ -135,9 +137,9 @@ def test_damaged_layer0_frames_are_frame_corrupted(installed: KVProbe) -> None:
     ids = _ids().clone()
     ids[3] = 10**6
     forged = ids.numpy().astype("<u4").tobytes()
-    head = layer0._HEADER.pack(
-        b"CG", layer0.VERSION, len(PROMPT), layer0.installed_layer0()[1], zlib.crc32(forged)
-    )  # type: ignore[index]
+    installed_l0 = layer0.installed_layer0()
+    assert installed_l0 is not None
+    head = layer0._HEADER.pack(b"CG", layer0.VERSION, len(PROMPT), installed_l0[1], zlib.crc32(forged))
     forged_params = head + layer0._CRC.pack(zlib.crc32(head))
     with pytest.raises(FrameCorrupted, match="vocabulary"):
         codec.decode(forged_params, forged, shape, k.dtype, 0)
