@@ -9,8 +9,7 @@ import grpc
 
 from coordinator.registry import InstanceInfo
 from engine.runner import ModelRunner
-from kv_transfer.codec import layer0
-from kv_transfer.codec.cachegen_tables import install_model
+from kv_transfer.codec import CodecContext
 from kv_transfer.server import KVServer
 from kv_transfer.transport import available_transports, default_scheme, transport_for
 from pdserve import instance, telemetry
@@ -88,11 +87,12 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
 
 async def run(cfg: instance.InstanceConfig) -> None:
     runner = instance.load_runner(cfg)
-    install_model(cfg.model_dir)  # codecs learn the model's depth and its shipped cachegen tables
-    # cachegen_l0 checks layer 0 against it
-    layer0.install_from_model(runner.model, runner.fingerprint)
+    # the model's depth, calibration files and layer-0 function (cachegen_l0 checks layer 0 against it)
+    codecs = CodecContext.from_model_dir(cfg.model_dir, runner.model, runner.fingerprint)
     transport = transport_for(default_scheme() if cfg.transport == "auto" else cfg.transport)
-    kv_server = KVServer(transport, cfg.host, fingerprint=runner.fingerprint, lease_ttl_s=cfg.lease_ttl_s)
+    kv_server = KVServer(
+        transport, cfg.host, fingerprint=runner.fingerprint, lease_ttl_s=cfg.lease_ttl_s, codecs=codecs
+    )
     kv_server.start()
     engine = PrefillEngine(runner, kv_server, cfg.batch_tokens, cfg.max_queue)
     engine.start()
