@@ -18,6 +18,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 from kv_transfer.choice import PROFILE_FILE, CodecProfile, save_profiles
 
 
@@ -33,9 +35,13 @@ def calibrate(
     model_dir = Path(model_dir)
     written = []
     t0 = time.perf_counter()
+    threads = torch.get_num_threads()
     plan_kw = {"chunks": (128, 256), "candidates": (4, 8, 16), "prompt": 256, "windows": 2} if quick else {}
-    written.append(calibrate_plan(model_dir, **plan_kw))
+    written.append(calibrate_plan(model_dir, **plan_kw))  # on one thread (plan_model sets it)
     log(f"calibrate: wrote {written[-1]} ({time.perf_counter() - t0:.0f} s)")
+    # the transform on the process's threads: fp32 sums depend on the thread count, and the shipped files were
+    # made this way (the plan on one thread, the transform on all of a 2-vCPU machine's)
+    torch.set_num_threads(threads)
     transform_kw = {"calib_tokens": 1024, "window": 512} if quick else {}
     written.append(calibrate_transform(model_dir, **transform_kw, log=log))
     log(f"calibrate: wrote {written[-1]} ({time.perf_counter() - t0:.0f} s)")

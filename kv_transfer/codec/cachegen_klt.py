@@ -57,7 +57,7 @@ import torch
 from torch import Tensor
 
 from kv_transfer.codec import rans
-from kv_transfer.codec.cachegen_core import FP16_SAFE, le_bytes, store_scale_np
+from kv_transfer.codec.cachegen_core import FP16_SAFE, le_bytes, le_view, store_scale_np
 from kv_transfer.errors import CodecError, FrameCorrupted, FrameForeign
 
 TRANSFORM_FILE = "cachegen_transform.safetensors"
@@ -363,7 +363,7 @@ def encode(
         words += chunk_words
     crc = 0
     for w in words:
-        crc = zlib.crc32(memoryview(w).cast("B"), crc)
+        crc = zlib.crc32(le_view(w), crc)
     head = _HEADER2.pack(
         b"CG", VERSION, _LEVEL_IDS[level], FLAG_WIDE if wide else 0, len(chunks), transform.transform_id, crc
     )
