@@ -1,6 +1,7 @@
 """The Codec contract: turn one layer's K and V ([T, Hkv, D] CPU tensors) into (params, payload) bytes and back.
 
-A codec is stateless and thread-safe: one instance may encode and decode for many threads at once.
+A codec holds no mutable state and is thread-safe: one instance may encode and decode for many threads at
+once (`cachegen` reads the model's calibration from its immutable `CodecContext`).
 `params` describes the payload (layout version, wire dtype, scales that belong to the header); the
 frame carries both plus shape and the source dtype, so `decode` needs nothing but what is on the wire.
 """
