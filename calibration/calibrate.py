@@ -7,9 +7,9 @@
    KL) for raw, int8, fp8 and cachegen.
 Calibration reads the model's `heldout.txt` (its first 4096 tokens; the benchmark scores after them);
 without one, steps 1-2 use seeded random token ids and step 3 is skipped. On the shipped model steps 1-2
-take about a minute; step 3 runs the full benchmark (minutes). Steps 1-2 are deterministic (the shipped
-files are reproduced bit for bit); step 3 measures speeds, which differ from run to run and machine to
-machine.
+take about a minute on an idle 2-core machine; step 3 runs the full benchmark (minutes). Steps 1-2 are
+deterministic for a given torch build and thread count (fp32 sums depend on both); step 3 measures speeds,
+which differ from run to run and machine to machine.
 """
 
 from __future__ import annotations
