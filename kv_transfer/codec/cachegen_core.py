@@ -101,7 +101,7 @@ def le_bytes(x: Tensor | np.ndarray) -> bytes:
 
 def le_view(words: np.ndarray) -> Buffer:
     """uint32 words as little-endian bytes: a view on little-endian hosts, a copy elsewhere."""
-    return memoryview(words).cast("B") if sys.byteorder == "little" else le_bytes(words)
+    return words.data.cast("B") if sys.byteorder == "little" else le_bytes(words)
 
 
 def quantize_keys(x: Tensor, m: int, scale_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
