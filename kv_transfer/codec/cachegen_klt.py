@@ -394,7 +394,7 @@ def parse(params: bytes, shape: tuple[int, int, int], layer: int, transform: KLT
     if flags & ~FLAG_WIDE or level_id not in _LEVEL_IDS.values() or not 1 <= n_chunks <= t:
         raise FrameCorrupted(f"cachegen params: flags {flags:#x}, level {level_id}, {n_chunks} chunks")
     if transform is None or transform.transform_id != tid:
-        raise FrameForeign(f"cachegen: transform {tid:#018x} is not loaded in this process")
+        raise FrameForeign(f"cachegen: transform {tid:#018x} is not loaded in this codec context")
     if not 0 <= layer < transform.num_layers or c != transform.channels or d != transform.head_dim:
         raise FrameForeign(f"cachegen: transform {tid:#018x} does not cover layer {layer} of shape {shape}")
     sdt = np.dtype("<f4") if flags & FLAG_WIDE else np.dtype("<f2")

@@ -231,7 +231,9 @@ class Params:
     def check_tables(self, tables: CacheGenTables | None, layer: int, channels: int) -> None:
         """FrameForeign unless `tables` are the ones named by table_id and cover every STATIC part."""
         if tables is None or tables.table_id != self.table_id:
-            raise FrameForeign(f"cachegen: static table {self.table_id:#018x} is not loaded in this process")
+            raise FrameForeign(
+                f"cachegen: static table {self.table_id:#018x} is not loaded in this codec context"
+            )
         for ch in self.chunks:
             for kind, mode, bins in (("k", ch.k_mode, self.k_bins), ("v", ch.v_mode, self.v_bins)):
                 if mode == MODE_STATIC and not tables.has(layer, kind, bins, channels):

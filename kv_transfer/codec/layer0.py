@@ -103,7 +103,7 @@ def decode(
         raise FrameCorrupted("layer-0 payload: CRC mismatch")
     if inst is None or inst.model_id != model_id:
         raise FrameForeign(
-            f"layer-0 frame of model {model_id:#x}: this process has "
+            f"layer-0 frame of model {model_id:#x}: this codec context has "
             + ("no layer-0 function" if inst is None else f"model {inst.model_id:#x}'s")
         )
     fn, vocab = inst.fn, inst.vocab_size
