@@ -261,21 +261,21 @@ def _prefill_proc(
     from engine.params import SamplingParams
     from engine.runner import ModelRunner
     from engine.sequence import Sequence
-    from kv_transfer.codec import layer0
-    from kv_transfer.codec.cachegen_tables import install_model
+    from kv_transfer.codec import CodecContext
     from kv_transfer.server import KVServer
     from kv_transfer.transport import transport_for
     from kv_transfer.transport.limited import LimitedTransport
 
-    install_model(model_dir)
     runner = ModelRunner(model_dir, num_kv_blocks=-(-max_tokens // 16) + 1, block_size=16)
-    layer0.install_from_model(runner.model, runner.fingerprint)  # as prefill_service does
+    codecs = CodecContext.from_model_dir(
+        model_dir, runner.model, runner.fingerprint
+    )  # as prefill_service does
     cache, num_layers = runner.kv_cache, runner.config.num_layers
     blocks = list(range(runner.kv_cache.num_blocks))
     transport = transport_for(scheme)
     if limit_bps:
         transport = LimitedTransport(transport, limit_bps)
-    server = KVServer(transport, "127.0.0.1", fingerprint=runner.fingerprint, lease_ttl_s=120)
+    server = KVServer(transport, "127.0.0.1", fingerprint=runner.fingerprint, lease_ttl_s=120, codecs=codecs)
     server.start()
     conn.send((server.address, runner.fingerprint))
     try:
@@ -328,19 +328,19 @@ def _decode_proc(
     torch.set_num_threads(1)
     from engine.runner import ModelRunner
     from kv_transfer.client import KVPuller
-    from kv_transfer.codec import layer0
-    from kv_transfer.codec.cachegen_tables import install_model
+    from kv_transfer.codec import CodecContext
 
     try:
-        install_model(model_dir)
         max_tokens = max(len(p) for _, _, p in plan)
         runner = ModelRunner(model_dir, num_kv_blocks=-(-max_tokens // 16) + 1, block_size=16)
-        layer0.install_from_model(runner.model, runner.fingerprint)  # as decode_service does
+        codecs = CodecContext.from_model_dir(
+            model_dir, runner.model, runner.fingerprint
+        )  # as decode_service does
         cache = runner.kv_cache
         blocks = list(range(cache.num_blocks))
         address, fingerprint = peer.recv()
         results = []
-        with KVPuller(fingerprint=fingerprint, timeout_s=120) as puller:
+        with KVPuller(fingerprint=fingerprint, timeout_s=120, codecs=codecs) as puller:
             for i, (mode, codec, prompt) in enumerate(plan):
                 tid = f"bench-{i}-{uuid.uuid4().hex[:8]}"
                 peer.send(("run", mode, tid, prompt))

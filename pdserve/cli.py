@@ -1,5 +1,6 @@
 """The `pdserve` command: `up` (local cluster), `generate` (stream a completion), `bench` (benchmarks),
-`trace` (one request's spans as a waterfall), `certs` (development TLS certificates)."""
+`calibrate` (a model's KV codec calibration), `trace` (one request's spans as a waterfall), `certs`
+(development TLS certificates)."""
 
 from __future__ import annotations
 
@@ -108,6 +109,14 @@ def cmd_bench(a: argparse.Namespace) -> int:
         print(f"pdserve bench: bench.{a.name} is not a benchmark (no main)", file=sys.stderr)
         return 2
     return int(module.main(a.args) or 0)
+
+
+def cmd_calibrate(a: argparse.Namespace) -> int:
+    """`pdserve calibrate MODEL_DIR`: the KV codecs' calibration files, written beside the model."""
+    from calibration.calibrate import calibrate
+
+    calibrate(a.model_dir, quick=a.quick, profiles=not a.no_profiles)
+    return 0
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
@@ -307,6 +316,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(fn=cmd_bench)
 
     from pdserve import trace_cli
+
+    c = sub.add_parser(
+        "calibrate",
+        help="calibrate a model's KV codecs (tables, transform, codec profiles), written beside it",
+    )
+    c.add_argument("model_dir", help="the model directory (config.json, model.safetensors, heldout.txt)")
+    c.add_argument("--quick", action="store_true", help="small calibration sets (smoke tests only)")
+    c.add_argument("--no-profiles", action="store_true", help="skip the codec profiles (codec_profiles.json)")
+    c.set_defaults(fn=cmd_calibrate)
 
     t = sub.add_parser("trace", help="print a request's trace as a waterfall (from a span file or Jaeger)")
     trace_cli.add_arguments(t)
