@@ -172,7 +172,10 @@ def cmd_operator(a: argparse.Namespace) -> int:
     try:
         from coordinator.operator.handlers import run_operator
     except ImportError as exc:
-        print(f"pdserve operator: {exc} (install the operator extra: pip install 'pdserve[operator]')", file=sys.stderr)
+        print(
+            f"pdserve operator: {exc} (install the operator extra: pip install 'pdserve[operator]')",
+            file=sys.stderr,
+        )
         return 2
     run_operator(namespaces=a.namespace or None)
     return 0
@@ -319,7 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     op = sub.add_parser("operator", help="run the Kubernetes operator of PDCluster resources (infra/k8s)")
     op.add_argument(
-        "--namespace", action="append", default=[], help="watch only this namespace (repeatable; default: all)"
+        "--namespace",
+        action="append",
+        default=[],
+        help="watch only this namespace (repeatable; default: all)",
     )
     op.set_defaults(fn=cmd_operator)
 

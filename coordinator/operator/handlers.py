@@ -37,18 +37,28 @@ def _now() -> str:
     return datetime.datetime.now(tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def set_conditions(current: list[dict[str, Any]], updates: dict[str, tuple[bool, str, str]]) -> list[dict[str, Any]]:
+def set_conditions(
+    current: list[dict[str, Any]], updates: dict[str, tuple[bool, str, str]]
+) -> list[dict[str, Any]]:
     """`updates`: type -> (status, reason, message). lastTransitionTime changes only when status does."""
     by_type = {c["type"]: c for c in current or []}
     for t, (ok, reason, message) in updates.items():
         status = "True" if ok else "False"
         old = by_type.get(t)
         since = old["lastTransitionTime"] if old and old.get("status") == status else _now()
-        by_type[t] = {"type": t, "status": status, "reason": reason, "message": message, "lastTransitionTime": since}
+        by_type[t] = {
+            "type": t,
+            "status": status,
+            "reason": reason,
+            "message": message,
+            "lastTransitionTime": since,
+        }
     return [by_type[t] for t in CONDITION_TYPES if t in by_type]
 
 
-def readiness(deployments: list[dict[str, Any]], plan: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+def readiness(
+    deployments: list[dict[str, Any]], plan: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """The cluster's Deployments + status.plan -> (status.phases, {Ready, Degraded} condition updates).
 
     Ready: Redis and the coordinator are available and every phase planned with instances has at least one
@@ -66,7 +76,9 @@ def readiness(deployments: list[dict[str, Any]], plan: dict[str, Any]) -> tuple[
         want, ready = counts(p)
         phases[p] = {"replicas": want, "readyReplicas": ready}
     missing = [c for c in ("redis", "coordinator") if counts(c)[1] < 1]
-    missing += [p for p in PHASES if plan.get(p, {}).get("replicas", 0) > 0 and phases[p]["readyReplicas"] < 1]
+    missing += [
+        p for p in PHASES if plan.get(p, {}).get("replicas", 0) > 0 and phases[p]["readyReplicas"] < 1
+    ]
     short = [f"{c} {r}/{w}" for c in ("redis", "coordinator", *PHASES) for w, r in [counts(c)] if r < w]
     ready = (
         (True, "AllPhasesServing", "a generation can be served")
@@ -92,7 +104,13 @@ def _plan(spec_dict: dict[str, Any], kube: Kube, planner: PlannerFn) -> Plan:
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
 def reconcile(
-    spec: kopf.Spec, status: kopf.Status, meta: kopf.Meta, name: str, namespace: str, memo: kopf.Memo, **_: Any
+    spec: kopf.Spec,
+    status: kopf.Status,
+    meta: kopf.Meta,
+    name: str,
+    namespace: str,
+    memo: kopf.Memo,
+    **_: Any,
 ) -> None:
     kube: Kube = memo.kube
     conds = list(status.get("conditions") or [])
@@ -100,12 +118,17 @@ def reconcile(
         parsed = parse_spec(dict(spec))
         plan = _plan(dict(spec), kube, memo.planner)
     except (SpecError, PlannerUnavailable, PlanError) as exc:
-        reason = {SpecError: "InvalidSpec", PlannerUnavailable: "PlannerUnavailable", PlanError: "NoPlan"}[type(exc)]
+        reason = {SpecError: "InvalidSpec", PlannerUnavailable: "PlannerUnavailable", PlanError: "NoPlan"}[
+            type(exc)
+        ]
         log.warning("PDCluster %s/%s: %s: %s", namespace, name, reason, exc)
         kube.patch_status(
             namespace,
             name,
-            {"observedGeneration": meta.get("generation"), "conditions": set_conditions(conds, {"Planned": (False, reason, str(exc))})},
+            {
+                "observedGeneration": meta.get("generation"),
+                "conditions": set_conditions(conds, {"Planned": (False, reason, str(exc))}),
+            },
         )
         raise kopf.PermanentError(f"{reason}: {exc}") from exc  # retried only when the spec changes
     owner = Owner(name=name, namespace=namespace, uid=meta["uid"])
@@ -113,7 +136,9 @@ def reconcile(
         kube.apply(obj)
     deployments = kube.list(path_of("Deployment", namespace), f"{CLUSTER_LABEL}={name}")
     phases, updates = readiness(deployments, plan.to_dict())
-    msg = ", ".join(f"{p} {plan.phase(p).replicas}x tp{plan.phase(p).tp} pp{plan.phase(p).pp}" for p in PHASES)
+    msg = ", ".join(
+        f"{p} {plan.phase(p).replicas}x tp{plan.phase(p).tp} pp{plan.phase(p).pp}" for p in PHASES
+    )
     updates["Planned"] = (True, "ManualPlan" if plan.source == "manual" else "AutoPlan", msg)
     kube.patch_status(
         namespace,

@@ -65,7 +65,9 @@ def _meta(owner: Owner, name: str, component: str) -> dict[str, Any]:
     }
 
 
-def _deployment(owner: Owner, name: str, component: str, replicas: int, pod: dict[str, Any]) -> dict[str, Any]:
+def _deployment(
+    owner: Owner, name: str, component: str, replicas: int, pod: dict[str, Any]
+) -> dict[str, Any]:
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -158,12 +160,18 @@ def _coordinator_pod(owner: Owner, spec: ClusterSpec) -> dict[str, Any]:
         "image": spec.image,
         "command": ["python", "-m", "coordinator"],
         "args": [
-            "--model", spec.model.path,
-            "--redis-url", redis_url(owner),
-            "--cluster", owner.name,
-            "--host", "0.0.0.0",
-            "--port", str(GATEWAY_PORT),
-            "--http-port", str(HTTP_PORT),
+            "--model",
+            spec.model.path,
+            "--redis-url",
+            redis_url(owner),
+            "--cluster",
+            owner.name,
+            "--host",
+            "0.0.0.0",
+            "--port",
+            str(GATEWAY_PORT),
+            "--http-port",
+            str(HTTP_PORT),
         ],  # fmt: skip
         "ports": [
             {"name": "grpc", "containerPort": GATEWAY_PORT},
@@ -202,5 +210,7 @@ def render(owner: Owner, spec: ClusterSpec, plan: Plan) -> list[dict[str, Any]]:
     ]
     for phase in PHASES:
         pp = plan.phase(phase)
-        out.append(_deployment(owner, f"{n}-{phase}", phase, pp.replicas, _instance_pod(owner, spec, phase, pp)))
+        out.append(
+            _deployment(owner, f"{n}-{phase}", phase, pp.replicas, _instance_pod(owner, spec, phase, pp))
+        )
     return out

@@ -50,7 +50,9 @@ class PhaseSpec:
 @dataclass(frozen=True)
 class ModelSpec:
     path: str  # model directory inside the container
-    claim_name: str | None = None  # a PersistentVolumeClaim holding the model, mounted read-only at mount_path
+    claim_name: str | None = (
+        None  # a PersistentVolumeClaim holding the model, mounted read-only at mount_path
+    )
     mount_path: str = "/models"
 
 
@@ -96,7 +98,9 @@ def _phase(d: dict[str, Any], name: str, device: str) -> PhaseSpec:
     if device == "cpu" and spec.devices != 1:
         raise SpecError(f"spec.{name}: tp*pp = {spec.devices} needs device: gpu (CPU instances are tp=pp=1)")
     if "nvidia.com/gpu" in spec.requests or "nvidia.com/gpu" in spec.limits:
-        raise SpecError(f"spec.{name}.resources: nvidia.com/gpu is set by the operator from tp*pp, leave it out")
+        raise SpecError(
+            f"spec.{name}.resources: nvidia.com/gpu is set by the operator from tp*pp, leave it out"
+        )
     return spec
 
 
@@ -121,7 +125,9 @@ def parse_spec(d: dict[str, Any]) -> ClusterSpec:
     slo = None
     if d.get("slo") is not None:
         s = d["slo"]
-        slo = SLO(ttft_ms=float(s["ttftMs"]), tpot_ms=float(s["tpotMs"]), attainment=float(s.get("attainment", 0.9)))
+        slo = SLO(
+            ttft_ms=float(s["ttftMs"]), tpot_ms=float(s["tpotMs"]), attainment=float(s.get("attainment", 0.9))
+        )
         if slo.ttft_ms <= 0 or slo.tpot_ms <= 0:
             raise SpecError("spec.slo.ttftMs and spec.slo.tpotMs must be > 0")
         if not 0 < slo.attainment <= 1:
@@ -136,7 +142,9 @@ def parse_spec(d: dict[str, Any]) -> ClusterSpec:
     if planner == "auto":
         if slo is None:
             raise SpecError("planner: auto needs spec.slo (ttftMs, tpotMs, attainment)")
-        if workload.bench is None and not (workload.rate and workload.prompt_tokens and workload.output_tokens):
+        if workload.bench is None and not (
+            workload.rate and workload.prompt_tokens and workload.output_tokens
+        ):
             raise SpecError(
                 "planner: auto needs spec.workload: a bench workload name, or rate with promptTokens and "
                 "outputTokens samples"

@@ -1,9 +1,13 @@
 """An in-memory Kubernetes API (kmock's KubernetesEmulator on a loopback port, in its own thread and event loop)
 and the real operator (`run_operator`, the function `pdserve operator` runs) talking to it over HTTP.
 
-What the emulator does: stores objects, serves get/list/watch/create/patch (as a deep merge)/delete, and
-honours finalizers and deletionTimestamp. What it does not: no controllers (no pods, no Deployment status
-unless a test writes it, no garbage collection by owner references), no schema validation, no admission."""
+What the emulator does: stores objects, serves discovery, get/list/watch/create/patch (merge patches and
+server-side apply as a deep merge, JSON patches)/delete, and honours finalizers and deletionTimestamp.
+What it does not: no controllers (no pods, no Deployment status unless a test writes it, no garbage collection
+by owner references: the operator's finalizer deletes the owned objects itself), no CRD schema validation
+(tests/unit/operator checks the schema), no uid or generation (tests set them), and it never changes
+metadata.resourceVersion, so kopf cannot tell its own patches from stale events and may run a handler twice
+for one change: the handlers are idempotent (apply), which these tests rely on."""
 
 from __future__ import annotations
 
@@ -27,7 +31,9 @@ RESOURCES = {
     "pdserve.io/v1alpha1/pdclusters": kmock.ResourceInfo(
         kind="PDCluster", singular="pdcluster", namespaced=True, verbs=VERBS, subresources={"status"}
     ),
-    "apps/v1/deployments": kmock.ResourceInfo(kind="Deployment", namespaced=True, verbs=VERBS, subresources={"status"}),
+    "apps/v1/deployments": kmock.ResourceInfo(
+        kind="Deployment", namespaced=True, verbs=VERBS, subresources={"status"}
+    ),
     "v1/services": kmock.ResourceInfo(kind="Service", namespaced=True, verbs=VERBS),
     "v1/nodes": kmock.ResourceInfo(kind="Node", namespaced=False, verbs=VERBS),
     "v1/events": kmock.ResourceInfo(kind="Event", namespaced=True, verbs=VERBS),

@@ -4,7 +4,7 @@ device requests, affinity, a spec change rolling into the Deployment, deletion, 
 from __future__ import annotations
 
 from coordinator.operator.kube import path_of
-from coordinator.operator.plan import Plan, PhasePlan, PlanRequest
+from coordinator.operator.plan import PhasePlan, Plan, PlanRequest
 
 from .conftest import start_operator, wait_for
 
@@ -19,7 +19,13 @@ def _create(api, name, spec):
             "apiVersion": "pdserve.io/v1alpha1",
             "kind": "PDCluster",
             # the emulator keeps no resourceVersion/uid/generation: the test gives them as the API server would
-            "metadata": {"name": name, "namespace": NS, "uid": f"uid-{name}", "generation": 1, "resourceVersion": "1"},
+            "metadata": {
+                "name": name,
+                "namespace": NS,
+                "uid": f"uid-{name}",
+                "generation": 1,
+                "resourceVersion": "1",
+            },
             "spec": spec,
         },
     )
@@ -61,7 +67,12 @@ def test_create_scale_delete_gpu_cluster(fake_api, tmp_path, monkeypatch):
         for kind, n in names:
             obj = wait_for(lambda k=kind, n=n: fake_api.kube.get(path_of(k, NS, n)), f"{kind} {n}")
             (ref,) = obj["metadata"]["ownerReferences"]
-            assert ref["kind"] == "PDCluster" and ref["name"] == "c1" and ref["uid"] == "uid-c1" and ref["controller"]
+            assert (
+                ref["kind"] == "PDCluster"
+                and ref["name"] == "c1"
+                and ref["uid"] == "uid-c1"
+                and ref["controller"]
+            )
         assert dec["spec"]["replicas"] == 2 and pre["spec"]["replicas"] == 1
         pc = pre["spec"]["template"]["spec"]["containers"][0]
         assert pc["resources"]["limits"]["nvidia.com/gpu"] == "2"
@@ -71,7 +82,11 @@ def test_create_scale_delete_gpu_cluster(fake_api, tmp_path, monkeypatch):
             "requiredDuringSchedulingIgnoredDuringExecution"
         ]["nodeSelectorTerms"]
         assert terms[0]["matchExpressions"][0]["values"] == ["gpu-a"]
-        assert c["status"] == "True" if (c := wait_for(lambda: _condition(fake_api, "c1", "Planned"), "Planned")) else False
+        assert (
+            c["status"] == "True"
+            if (c := wait_for(lambda: _condition(fake_api, "c1", "Planned"), "Planned"))
+            else False
+        )
         obj = fake_api.kube.get(path_of("PDCluster", NS, "c1"))
         assert obj["status"]["plan"]["decode"] == {"replicas": 2, "tp": 1, "pp": 1, "nodes": ["gpu-b"]}
 
@@ -103,6 +118,8 @@ def test_create_scale_delete_gpu_cluster(fake_api, tmp_path, monkeypatch):
 
 
 def test_bad_spec_and_auto_without_planner_are_conditions(fake_api, tmp_path, monkeypatch):
+    fake_api.kube._call("POST", "/api/v1/nodes", body={"apiVersion": "v1", "kind": "Node",
+                        "metadata": {"name": "cpu0"}, "status": {"allocatable": {"cpu": "8"}}})  # fmt: skip
     stop = start_operator(fake_api, tmp_path, monkeypatch)
     try:
         _create(fake_api, "bad", {"model": {"path": "/m"}, "device": "cpu", "prefill": {"tp": 2}})
@@ -152,12 +169,21 @@ def test_auto_plan_places_phases_on_the_planner_nodes(fake_api, tmp_path, monkey
         }
         _create(fake_api, "a", auto)
         pre = wait_for(lambda: _deployment(fake_api, "a-prefill"), "the prefill Deployment")
-        assert {n.name for n in seen[0].nodes} == {"n4", "n1"}  # the CPU node is not offered for a GPU cluster
+        assert {n.name for n in seen[0].nodes} == {
+            "n4",
+            "n1",
+        }  # the CPU node is not offered for a GPU cluster
         assert seen[0].nodes[0].gpu_memory_gib == 80.0
         pod = pre["spec"]["template"]["spec"]
         assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "4"
-        expr = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0]
-        assert expr["matchExpressions"][0] == {"key": "kubernetes.io/hostname", "operator": "In", "values": ["n4"]}
+        expr = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+            "nodeSelectorTerms"
+        ][0]
+        assert expr["matchExpressions"][0] == {
+            "key": "kubernetes.io/hostname",
+            "operator": "In",
+            "values": ["n4"],
+        }
         c = wait_for(lambda: _condition(fake_api, "a", "Planned"), "Planned")
         assert c["status"] == "True" and c["reason"] == "AutoPlan"
     finally:

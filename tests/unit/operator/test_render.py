@@ -56,7 +56,9 @@ def test_gpu_render_requests_tp_times_pp_devices_and_mounts_the_model_claim():
     pod = objs[("Deployment", "c-prefill")]["spec"]["template"]["spec"]
     res = pod["containers"][0]["resources"]
     assert res["requests"]["nvidia.com/gpu"] == "8" and res["limits"]["nvidia.com/gpu"] == "8"
-    expr = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    expr = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+        "nodeSelectorTerms"
+    ]
     assert expr[0]["matchExpressions"][0]["values"] == ["a", "b"]
     assert pod["volumes"][0]["persistentVolumeClaim"]["claimName"] == "pvc"
     assert pod["containers"][0]["volumeMounts"][0]["mountPath"] == "/models"
@@ -71,7 +73,14 @@ def test_gpu_render_requests_tp_times_pp_devices_and_mounts_the_model_claim():
         ({"model": {"path": "/m"}, "planner": "auto"}, "slo"),
         ({"model": {"path": "/m"}, "planner": "auto", "slo": {"ttftMs": 1, "tpotMs": 1}}, "workload"),
         ({"model": {"path": "/x", "claimName": "p"}}, "under spec.model.mountPath"),
-        ({"model": {"path": "/m"}, "device": "gpu", "prefill": {"resources": {"limits": {"nvidia.com/gpu": 1}}}}, "tp*pp"),
+        (
+            {
+                "model": {"path": "/m"},
+                "device": "gpu",
+                "prefill": {"resources": {"limits": {"nvidia.com/gpu": 1}}},
+            },
+            "tp*pp",
+        ),
     ],
 )
 def test_spec_errors_say_what_is_wrong(spec, needle):
@@ -84,7 +93,11 @@ def test_node_topology_reads_the_documented_labels_and_annotations():
     node = {
         "metadata": {
             "name": "n1",
-            "labels": {"kubernetes.io/hostname": "host-1", "nvidia.com/gpu.count": "8", "nvidia.com/gpu.memory": "81920"},
+            "labels": {
+                "kubernetes.io/hostname": "host-1",
+                "nvidia.com/gpu.count": "8",
+                "nvidia.com/gpu.memory": "81920",
+            },
             "annotations": {"pdserve.io/intra-gbytes-per-s": "450", "pdserve.io/inter-gbytes-per-s": "50"},
         },
         "status": {"allocatable": {"cpu": "15500m", "nvidia.com/gpu": "8"}},
@@ -101,7 +114,12 @@ def test_node_topology_reads_the_documented_labels_and_annotations():
 
 def test_auto_plan_without_the_planner_core_is_unavailable_not_manual():
     spec = parse_spec(
-        {"model": {"path": "/m"}, "planner": "auto", "slo": {"ttftMs": 1, "tpotMs": 1}, "workload": {"bench": "x"}}
+        {
+            "model": {"path": "/m"},
+            "planner": "auto",
+            "slo": {"ttftMs": 1, "tpotMs": 1},
+            "workload": {"bench": "x"},
+        }
     )
     nodes = [{"metadata": {"name": "n"}, "status": {"allocatable": {"cpu": "4"}}}]
     with pytest.raises(PlannerUnavailable):
