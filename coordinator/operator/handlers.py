@@ -71,10 +71,10 @@ def readiness(
             return 0, 0
         return int(d["spec"].get("replicas", 1)), int((d.get("status") or {}).get("readyReplicas") or 0)
 
-    phases = {}
+    phases: dict[str, dict[str, int]] = {}
     for p in PHASES:
-        want, ready = counts(p)
-        phases[p] = {"replicas": want, "readyReplicas": ready}
+        want, n_ready = counts(p)
+        phases[p] = {"replicas": want, "readyReplicas": n_ready}
     missing = [c for c in ("redis", "coordinator") if counts(c)[1] < 1]
     missing += [
         p for p in PHASES if plan.get(p, {}).get("replicas", 0) > 0 and phases[p]["readyReplicas"] < 1
@@ -104,14 +104,16 @@ def _plan(spec_dict: dict[str, Any], kube: Kube, planner: PlannerFn) -> Plan:
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
 def reconcile(
+    *,
     spec: kopf.Spec,
     status: kopf.Status,
     meta: kopf.Meta,
     name: str,
-    namespace: str,
-    memo: kopf.Memo,
+    namespace: str | None,
+    memo: Any,
     **_: Any,
 ) -> None:
+    assert namespace is not None  # PDClusters are namespaced
     kube: Kube = memo.kube
     conds = list(status.get("conditions") or [])
     try:
@@ -153,8 +155,9 @@ def reconcile(
 
 
 @kopf.on.event("apps", "v1", "deployments", labels={CLUSTER_LABEL: kopf.PRESENT})
-def deployment_changed(meta: kopf.Meta, namespace: str, memo: kopf.Memo, **_: Any) -> None:
+def deployment_changed(*, meta: kopf.Meta, namespace: str | None, memo: Any, **_: Any) -> None:
     """A Deployment of a cluster changed (ready pods, replicas): refresh the cluster's counts and conditions."""
+    assert namespace is not None  # Deployments are namespaced
     kube: Kube = memo.kube
     cluster = meta["labels"][CLUSTER_LABEL]
     obj = kube.get(path_of("PDCluster", namespace, cluster))
@@ -171,8 +174,9 @@ def deployment_changed(meta: kopf.Meta, namespace: str, memo: kopf.Memo, **_: An
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL)
-def cleanup(name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
+def cleanup(*, name: str, namespace: str | None, memo: Any, **_: Any) -> None:
     """Delete what the cluster owns (Kubernetes' garbage collector would, by the owner references)."""
+    assert namespace is not None  # PDClusters are namespaced
     kube: Kube = memo.kube
     for kind in ("Deployment", "Service"):
         for obj in kube.list(path_of(kind, namespace), f"{CLUSTER_LABEL}={name}"):
@@ -180,11 +184,11 @@ def cleanup(name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
 
 
 @kopf.on.login()
-def login(memo: kopf.Memo, **_: Any) -> kopf.ConnectionInfo:
+def login(*, memo: Any, **_: Any) -> kopf.ConnectionInfo:
     """kopf's connection = the operator's own API client (in-cluster service account or kubeconfig)."""
     c = memo.kube.api.configuration
     header = c.get_api_key_with_prefix("BearerToken") or c.get_api_key_with_prefix("authorization") or ""
-    scheme, _, token = header.rpartition(" ")
+    scheme, _sep, token = header.rpartition(" ")
     return kopf.ConnectionInfo(
         server=c.host,
         ca_path=c.ssl_ca_cert,

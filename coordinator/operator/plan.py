@@ -7,7 +7,7 @@ operator reports `Planned=False` (never a silent fallback to manual)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -137,7 +137,9 @@ def call_planner(request: PlanRequest) -> Plan:
     )
 
 
-def auto_plan(spec: ClusterSpec, nodes: list[Mapping[str, Any]], planner: PlannerFn = call_planner) -> Plan:
+def auto_plan(
+    spec: ClusterSpec, nodes: Sequence[Mapping[str, Any]], planner: PlannerFn = call_planner
+) -> Plan:
     """The nodes' topology + the spec's SLOs and workload -> the planner core's plan."""
     assert spec.slo is not None  # parse_spec requires it for planner: auto
     topo = tuple(node_topology(n) for n in nodes)
