@@ -176,6 +176,20 @@ def cmd_generate(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_operator(a: argparse.Namespace) -> int:
+    """Run the PDCluster Kubernetes operator (infra/k8s/README.md) until interrupted."""
+    try:
+        from coordinator.operator.handlers import run_operator
+    except ImportError as exc:
+        print(
+            f"pdserve operator: {exc} (install the operator extra: pip install 'pdserve[operator]')",
+            file=sys.stderr,
+        )
+        return 2
+    run_operator(namespaces=a.namespace or None)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pdserve", description="Disaggregated prefill/decode LLM serving")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -314,6 +328,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("name", help="benchmark module in bench/, e.g. compare")
     b.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
     b.set_defaults(fn=cmd_bench)
+
+    op = sub.add_parser("operator", help="run the Kubernetes operator of PDCluster resources (infra/k8s)")
+    op.add_argument(
+        "--namespace",
+        action="append",
+        default=[],
+        help="watch only this namespace (repeatable; default: all)",
+    )
+    op.set_defaults(fn=cmd_operator)
 
     from pdserve import trace_cli
 
