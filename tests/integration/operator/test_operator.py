@@ -65,7 +65,8 @@ def test_create_scale_delete_gpu_cluster(fake_api, tmp_path, monkeypatch):
             ("Service", "c1-gateway"), ("Deployment", "c1-prefill"), ("Deployment", "c1-decode"),
         }  # fmt: skip
         for kind, n in names:
-            obj = wait_for(lambda k=kind, n=n: fake_api.kube.get(path_of(k, NS, n)), f"{kind} {n}")
+            # mypy#15459: mypy cannot type a lambda whose default binds a loop variable
+            obj = wait_for(lambda k=kind, n=n: fake_api.kube.get(path_of(k, NS, n)), f"{kind} {n}")  # type: ignore[misc]
             (ref,) = obj["metadata"]["ownerReferences"]
             assert (
                 ref["kind"] == "PDCluster"

@@ -34,6 +34,7 @@ def _sample(name: str) -> dict:
 
 @pytest.mark.skipif(KUBECTL is None, reason="kubectl is not installed")
 def test_kustomize_output_validates_strict(tmp_path):
+    assert KUBECTL is not None
     out = subprocess.run([KUBECTL, "kustomize", str(K8S)], check=True, capture_output=True, text=True).stdout
     docs = [d for d in yaml.safe_load_all(out) if d]
     assert {d["kind"] for d in docs} == {

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from coordinator.operator.plan import (
@@ -90,7 +92,7 @@ def test_spec_errors_say_what_is_wrong(spec, needle):
 
 
 def test_node_topology_reads_the_documented_labels_and_annotations():
-    node = {
+    node: dict[str, Any] = {
         "metadata": {
             "name": "n1",
             "labels": {
