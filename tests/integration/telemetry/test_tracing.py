@@ -267,9 +267,7 @@ def test_errors_are_recorded_with_status(traced: Traced) -> None:
     assert ok.status != "ERROR" and ok.attributes["pdserve.status_code"] == "OK"
 
 
-def _points(
-    receiver: OTLPReceiver, name: str, timeout_s: float = 10.0, count: int | None = None
-) -> list:
+def _points(receiver: OTLPReceiver, name: str, timeout_s: float = 10.0, count: int | None = None) -> list:
     """The metric's points received so far, once there are any (and, with `count`, once a cumulative point
     has counted that many: exports come every OTEL_METRIC_EXPORT_INTERVAL, so the newest may lag)."""
 
