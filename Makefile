@@ -26,6 +26,7 @@ protos:
 
 test:
 	$(VPY) -m ruff check .
+	$(VPY) -m mypy
 	$(VPY) -m pytest -q tests
 
 lint:
@@ -40,7 +41,7 @@ format:
 # infra/device/gpu_check.sh (README, "GPU paths"). The image has CUDA 13, so ucxx comes as its -cu13 build; its
 # native wheels are trimmed of static archives, headers and duplicate .so copies (infra/device/trim_wheel.py:
 # 55 MB -> 14 MB) so that they and the working tree fit the device tool's 64 MiB transfer.
-GPU_WHEELS := constriction==0.5.0 grpcio==1.85.3 grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 \
+GPU_WHEELS := grpcio==1.85.3 grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 \
 	protobuf==7.36.2 redis==8.1.0 opentelemetry-api==1.45.2 opentelemetry-sdk==1.45.2 \
 	opentelemetry-semantic-conventions==0.66b2 \
 	ucxx-cu13==0.52.0 libucxx-cu13==0.52.0 libucx-cu13==1.21.0 librmm-cu13==26.10.0 rmm-cu13==26.10.0 \

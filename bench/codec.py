@@ -1,19 +1,19 @@
 """`python -m bench.codec`: KV codecs on the shipped model -- size, speed per core, quality, break-even link.
 
-    python -m bench.codec [--quick] [--json PATH] [--save-profiles] [--model DIR]
+    python -m bench.codec [--quick] [--json PATH] [--model DIR]
 
 What is measured (one process, `torch.set_num_threads(1)`, the model in fp32 on the CPU as pdserve runs it here):
 
 * KV: real held-out text (`heldout.txt` beside the model, tokenized as in training; the first 4096 tokens are
-  skipped because `kv_transfer.codec.cachegen_tables` profiles its static tables on them). `windows` windows
+  skipped because the calibration (`pdserve calibrate`) profiles the model on them). `windows` windows
   of `prompt + continuation + 1` consecutive tokens; `ModelRunner.prefill` of the prompt fills the paged KV
   cache, and each layer's K and V are read back from it ([T, Hkv, D]).
-* Codecs: `raw`, `int8`, `fp8` (the registry's instances) and CacheGen at its three levels, built directly as
-  `CacheGenCodec(level=...)`: keys `cachegen_low`, `cachegen` (= the default level, what the registry's
+* Codecs: made from the model's `CodecContext` (its depth, calibration files and layer-0 function, built
+  as the services build theirs): `raw`, `int8`, `fp8` and CacheGen at its three levels,
+  `CacheGenCodec(ctx, level)`: keys `cachegen_low`, `cachegen` (= the default level, what the registry's
   "cachegen" is) and `cachegen_high`; `cachegen_l0` is the default level with layer 0 sent as the token ids
-  (what a decode instance that holds the model asks for: every round trip gets the prompt's ids). As in the
-  services, `install_model(model)` runs first, so CacheGen knows the model's depth and uses the model's
-  static tables if it ships some, and the probe's model is installed as the layer-0 function.
+  (what a decode instance that holds the model asks for: every round trip gets the prompt's ids);
+  `cachegen_v1` is the default level in format v1 (the context without the transform).
 * Size: codec params + payload (frame header and CRC not counted) of every window's prompt KV given as fp16
   -> `bits_per_element` (per K or V element), `ratio_vs_fp16` = 16 / bits, `ratio_vs_int8` = int8's bits / bits.
 * Speed: one `speed_tokens`-long held-out prompt's KV, every layer, `encode_parts` and `decode` timed with the
@@ -39,8 +39,8 @@ What is measured (one process, `torch.set_num_threads(1)`, the model in fp32 on 
 * Break-even (`kv_transfer.choice.break_even_bps`): each codec's measured profile (ratio and speeds in the
   serving dtype, fp32 here, as the gateway's codec choice counts bytes) against raw's measured profile, for
   one `prompt`-token hand-off pipelined over the model's layers -> link Gbit/s below which the codec hands
-  off faster than raw. `--save-profiles` writes raw/int8/fp8/cachegen (default level) profiles beside the
-  model (`codec_profiles.json`), which `--codec auto` then uses.
+  off faster than raw. `pdserve calibrate` writes raw/int8/fp8/cachegen (default level) profiles measured
+  this way beside the model (`codec_profiles.json`), which the gateway's `--codec auto` then uses.
 """
 
 from __future__ import annotations
@@ -60,13 +60,13 @@ from torch import Tensor
 
 from bench.report import emit
 from engine.kv_probe import KVProbe, kl_per_token
-from kv_transfer.choice import CodecProfile, break_even_bps, save_profiles
-from kv_transfer.codec import Codec, get_codec, layer0
+from kv_transfer.choice import CodecProfile, break_even_bps
+from kv_transfer.codec import Codec, CodecContext
 from kv_transfer.codec.cachegen import CacheGenCodec, CacheGenL0Codec
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "pdserve-tiny-py"
 SKIP_TOKENS = 4096  # the static CacheGen tables are profiled on the first 4096 held-out tokens
-PROFILE_NAMES = {"raw": "raw", "int8": "int8", "fp8": "fp8", "cachegen": "cachegen"}  # bench key -> registry
+PROFILE_NAMES = ("raw", "int8", "fp8", "cachegen")  # the codecs whose profiles `pdserve calibrate` saves
 
 
 @dataclass(frozen=True)
@@ -93,22 +93,21 @@ class Settings:
 GREEDY_PROMPT_TOKENS = 128  # as in the end-to-end test (tests/e2e/test_kv_handoff.py)
 
 
-def codecs() -> dict[str, Codec]:
+def codecs(ctx: CodecContext) -> dict[str, Codec]:
+    """The measured codecs, made from the model's context `ctx` (as the services make theirs)."""
     return {
-        "raw": get_codec("raw"),
-        "int8": get_codec("int8"),
-        "fp8": get_codec("fp8"),
-        "cachegen_low": CacheGenCodec(level="low"),
-        "cachegen": CacheGenCodec(level="default"),
-        "cachegen_high": CacheGenCodec(level="high"),
+        "raw": ctx.codec("raw"),
+        "int8": ctx.codec("int8"),
+        "fp8": ctx.codec("fp8"),
+        "cachegen_low": CacheGenCodec(ctx, "low"),
+        "cachegen": CacheGenCodec(ctx, "default"),
+        "cachegen_high": CacheGenCodec(ctx, "high"),
         # the default level with layer 0 sent as the token ids and recomputed by the decoder (what a decode
         # instance that holds the model asks for), the other layers on the "default+l0" plan
-        "cachegen_l0": CacheGenL0Codec(level="default"),
-        # CacheGen's own quantizers (per-channel keys, per-token values) without the model's transform
-        "cachegen_v1": CacheGenCodec(level="default", transform="off"),
-        # the fallback where no C compiler builds the rANS coder: the default level without the transform
-        # (transform coding needs rANS), i.e. cachegen_v1's reconstruction, entropy-coded by constriction
-        "cachegen_constriction": CacheGenCodec(level="default", coder="constriction"),
+        "cachegen_l0": CacheGenL0Codec(ctx, "default"),
+        # CacheGen's own quantizers (per-channel keys, per-token values, format v1): the context without the
+        # model's transform (what an uncalibrated model gets, here with the calibrated bit plan and tables)
+        "cachegen_v1": CacheGenCodec(CodecContext(ctx.num_layers, ctx.tables, None, ctx.layer0), "default"),
     }
 
 
@@ -318,23 +317,27 @@ def measure_speed(
 # ---- run ------------------------------------------------------------------------------------------------
 
 
-def run(model_dir: str, s: Settings, save: bool = False) -> dict[str, Any]:
-    from kv_transfer.codec.cachegen_tables import install_model
+def run(model_dir: str, s: Settings) -> dict[str, Any]:
+    return measure(model_dir, s)[0]
 
+
+def measure(model_dir: str, s: Settings) -> tuple[dict[str, Any], dict[str, CodecProfile]]:
+    """-> (the benchmark's JSON object, each codec's profile in the serving dtype: what the gateway's codec
+    choice reads, `pdserve calibrate` saves the serving codecs' ones)."""
     if not (Path(model_dir) / "model.safetensors").exists() and not list(
         Path(model_dir).glob("*.safetensors")
     ):
         raise SystemExit(f"{model_dir}: no weights (model.safetensors) yet")
     torch.set_num_threads(1)
     t_start = time.perf_counter()
-    tables = install_model(model_dir)
-    cdx = codecs()
     ids = heldout_ids(model_dir)
     model = KVProbe(
         model_dir, max(s.prompt + s.continuation + 1, s.speed_tokens, GREEDY_PROMPT_TOKENS + s.greedy_tokens)
     )
     serving_dtype = model.runner.dtype
-    layer0.install_from_model(model.runner.model, model.runner.fingerprint)  # as the services do
+    # as the services do: the model's depth, calibration files and layer-0 function
+    ctx = CodecContext.from_model_dir(model_dir, model.runner.model, model.runner.fingerprint)
+    cdx = codecs(ctx)
     quality, floor_q, size16, size_serving, elements, n_windows = measure_quality(model, ids, s, cdx)
     ref_q = quality.pop("__ref")
     greedy, greedy_context = measure_greedy(model, ids, s, cdx)
@@ -346,7 +349,7 @@ def run(model_dir: str, s: Settings, save: bool = False) -> dict[str, Any]:
     speed_serving = measure_speed(speed_kv, speed_ids, cdx, s.repeats, serving_dtype)
 
     bits = {n: 8.0 * size16[n] / elements for n in cdx}
-    out_codecs: dict[str, dict[str, float]] = {}
+    out_codecs: dict[str, dict[str, Any]] = {}
     for n in cdx:
         q = quality[n].summary(ref_q)
         out_codecs[n] = {
@@ -380,20 +383,8 @@ def run(model_dir: str, s: Settings, save: bool = False) -> dict[str, Any]:
         for n in cdx
         if n != "raw"
     }
-    saved = None
-    if save:
-        saved = str(
-            save_profiles(
-                model_dir,
-                [
-                    CodecProfile(PROFILE_NAMES[n], p.ratio, p.encode_bps, p.decode_bps, p.kl_mean)
-                    for n, p in profiles.items()
-                    if n in PROFILE_NAMES
-                ],
-            )
-        )
     ref_ppl = math.exp(ref_q.nll / ref_q.n)
-    return {
+    result = {
         "model": str(model_dir),
         "codecs": out_codecs,
         "noise_floor": {"what": "KV rounded through fp16 (fp16 vs fp32)", **floor_q.summary(ref_q)},
@@ -417,16 +408,16 @@ def run(model_dir: str, s: Settings, save: bool = False) -> dict[str, Any]:
             "serving_dtype": str(serving_dtype).replace("torch.", ""),
             "kv_shape_per_layer": [cfg.num_kv_heads, cfg.head_dim],
             "num_layers": cfg.num_layers,
-            "cachegen_static_tables": tables is not None,
+            "cachegen_static_tables": ctx.tables is not None,
             "break_even_handoff_bytes": handoff_bytes,
             "profiles_serving_dtype": {
                 n: {"ratio": p.ratio, "encode_mb_s": p.encode_bps / 1e6, "decode_mb_s": p.decode_bps / 1e6}
                 for n, p in profiles.items()
             },
-            "profiles_saved_to": saved,
             "elapsed_s": time.perf_counter() - t_start,
         },
     }
+    return result, profiles
 
 
 def summary(r: dict[str, Any]) -> str:
@@ -463,12 +454,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.codec", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer and shorter windows (under a minute)")
     ap.add_argument("--json", default=None, help="write the JSON object here instead of stdout")
-    ap.add_argument("--save-profiles", action="store_true", help="write codec_profiles.json beside the model")
     ap.add_argument(
         "--model", default=str(DEFAULT_MODEL), help="model directory (default: the shipped model)"
     )
     a = ap.parse_args(argv)
-    result = run(a.model, Settings.make(a.quick), save=a.save_profiles)
+    result = run(a.model, Settings.make(a.quick))
     emit(result, a.json, summary=summary(result))
     return 0
 

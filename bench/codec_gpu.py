@@ -22,8 +22,10 @@ from torch import Tensor
 from bench.codec import DEFAULT_MODEL, SKIP_TOKENS, heldout_ids
 from bench.report import emit
 from engine.kv_probe import KVProbe
+from kv_transfer.codec import CodecContext
 from kv_transfer.codec import cachegen_klt as klt
-from kv_transfer.codec.cachegen import CacheGenCodec, error_allowance, error_bounds
+from kv_transfer.codec.cachegen import CacheGenCodec
+from kv_transfer.codec.cachegen_v1 import error_allowance, error_bounds
 
 
 def _sync(device: str) -> None:
@@ -62,7 +64,7 @@ def time_path(
             dec_s.append(t2 - t1)
     worst = 0.0  # max error / allowance (the frame's bound + the output's rounding)
     for layer, ((p, _), (k, v), (k2, v2)) in enumerate(zip(frames, on, outs, strict=True)):
-        worst = max(worst, error_over_bound(p, layer, k, v, k2, v2))
+        worst = max(worst, error_over_bound(codec, p, layer, k, v, k2, v2))
     return {
         "encode_mb_s": nbytes / statistics.median(enc_s) / 1e6,
         "decode_mb_s": nbytes / statistics.median(dec_s) / 1e6,
@@ -73,13 +75,16 @@ def time_path(
     }, outs
 
 
-def error_over_bound(params: bytes, layer: int, k: Tensor, v: Tensor, k2: Tensor, v2: Tensor) -> float:
+def error_over_bound(
+    codec: CacheGenCodec, params: bytes, layer: int, k: Tensor, v: Tensor, k2: Tensor, v2: Tensor
+) -> float:
     """The worst error / allowance of one layer's reconstruction: per element for CacheGen's own quantizers
     (format v1), per token in L2 for transform coding (v2, `cachegen_klt.error_bounds_klt`)."""
     shape = tuple(k.shape)
     worst = 0.0
     if params[2] == klt.VERSION:
-        bounds = klt.error_bounds_klt(params, shape, layer)
+        assert codec.ctx.transform is not None  # it coded this frame
+        bounds = klt.error_bounds_klt(params, shape, layer, codec.ctx.transform)
         for ref, got, bound in zip((k, v), (k2, v2), bounds, strict=True):
             x, x_hat = ref.cpu().float(), got.cpu().float()
             err = (x - x_hat).flatten(1).norm(dim=1)
@@ -98,11 +103,11 @@ def run(tokens: int, repeats: int) -> dict[str, Any]:
     ids = heldout_ids(model_dir)[SKIP_TOKENS : SKIP_TOKENS + tokens]
     probe = KVProbe(model_dir, tokens)
     kv = probe.prefill(ids)  # per layer (K, V) [T, Hkv, D] on the CPU
-    transform = klt.load_model_transform(model_dir)  # passed, not installed: no process-wide state changes
+    transform = klt.load_model_transform(model_dir)
     layers = probe.cfg.num_layers
-    codecs = {"cachegen_v1": CacheGenCodec(level="default", transform="off", num_layers=layers)}
+    codecs = {"cachegen_v1": CacheGenCodec(CodecContext(num_layers=layers), "default")}
     if transform is not None:
-        codecs["cachegen"] = CacheGenCodec(level="default", transform=transform, num_layers=layers)
+        codecs["cachegen"] = CacheGenCodec(CodecContext(num_layers=layers, transform=transform), "default")
     cuda = torch.cuda.is_available()
     paths = [("cpu", "cpu")] + ([("cuda", "cuda"), ("cuda", "cpu"), ("cpu", "cuda")] if cuda else [])
     results: dict[str, dict[str, Any]] = {}

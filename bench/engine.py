@@ -311,12 +311,15 @@ def _decode_case(
     clock: str,
     bar: Progress,
 ) -> dict[str, Any]:
-    pd_runs, hf_runs = [], []
+    pd_runs: list[Stamp] = []
+    hf_runs: list[Stamp] = []
     pd_out = hf_out = None
     for r in range(repeats):
-        order = [("pd", pd), ("hf", hf)] if r % 2 == 0 else [("hf", hf), ("pd", pd)]
-        for who, system in order:
-            step, out = system.run()
+        order: list[tuple[str, PdserveDecode | HFDecode]] = (
+            [("pd", pd), ("hf", hf)] if r % 2 == 0 else [("hf", hf), ("pd", pd)]
+        )
+        for who, decoder in order:
+            step, out = decoder.run()
             (pd_runs if who == "pd" else hf_runs).append(step)
             if who == "pd":
                 pd_out = out

@@ -233,6 +233,7 @@ def goodput_sweep(
     """
     results: list[tuple[float, SLO, GoodputResult]] = []
     for k, slo in slo_sweep(isolated_prefill_s, isolated_decode_step_s, ks, min_fluidity):
-        res = find_goodput(lambda rate, slo=slo: attainment_at(rate, slo), **search)
+        # mypy#15459: mypy cannot type a lambda whose default binds a loop variable
+        res = find_goodput(lambda rate, slo=slo: attainment_at(rate, slo), **search)  # type: ignore[misc]
         results.append((k, slo, res))
     return results

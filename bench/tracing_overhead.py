@@ -189,7 +189,8 @@ def _search(
 
     return {
         mode: find_goodput(
-            lambda rate, mode=mode: attainment(mode, rate),
+            # mypy#15459: mypy cannot type a lambda whose default binds a loop variable
+            lambda rate, mode=mode: attainment(mode, rate),  # type: ignore[misc]
             start_rate=args.rate,
             target=0.9,
             rel_tol=0.1,

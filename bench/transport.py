@@ -125,7 +125,7 @@ def _transport_server(scheme: str, conn: Any) -> None:
         if size == 0:
             break
         for _ in range(count):
-            ch.send(buf[:size], timeout=60)
+            ch.send(buf[:size].data, timeout=60)
     ch.close()
     lst.close()
 
@@ -261,21 +261,21 @@ def _prefill_proc(
     from engine.params import SamplingParams
     from engine.runner import ModelRunner
     from engine.sequence import Sequence
-    from kv_transfer.codec import layer0
-    from kv_transfer.codec.cachegen_tables import install_model
+    from kv_transfer.codec import CodecContext
     from kv_transfer.server import KVServer
     from kv_transfer.transport import transport_for
     from kv_transfer.transport.limited import LimitedTransport
 
-    install_model(model_dir)
     runner = ModelRunner(model_dir, num_kv_blocks=-(-max_tokens // 16) + 1, block_size=16)
-    layer0.install_from_model(runner.model, runner.fingerprint)  # as prefill_service does
+    codecs = CodecContext.from_model_dir(
+        model_dir, runner.model, runner.fingerprint
+    )  # as prefill_service does
     cache, num_layers = runner.kv_cache, runner.config.num_layers
     blocks = list(range(runner.kv_cache.num_blocks))
     transport = transport_for(scheme)
     if limit_bps:
         transport = LimitedTransport(transport, limit_bps)
-    server = KVServer(transport, "127.0.0.1", fingerprint=runner.fingerprint, lease_ttl_s=120)
+    server = KVServer(transport, "127.0.0.1", fingerprint=runner.fingerprint, lease_ttl_s=120, codecs=codecs)
     server.start()
     conn.send((server.address, runner.fingerprint))
     try:
@@ -291,17 +291,21 @@ def _prefill_proc(
                 tid,
                 num_layers,
                 n,
-                read_layer=lambda layer, n=n: cache.read(layer, blocks, n),
+                # mypy#15459: mypy cannot type a lambda whose default binds a loop variable
+                read_layer=lambda layer, n=n: cache.read(layer, blocks, n),  # type: ignore[misc]
                 on_release=lambda *_a, ev=released: ev.set(),
                 token_ids=prompt,
             )
             if mode == "streaming":
                 conn.send(("pull", tid, lease_token))  # the decode side learns of it when it is scheduled
             t0 = time.monotonic()
-            token = runner.prefill([seq], on_layer=lambda layer, tid=tid: server.mark_ready(tid, layer + 1))[
-                0
-            ]
+            # mypy#15459: mypy cannot type a lambda whose default binds a loop variable
+            token = runner.prefill(
+                [seq],
+                on_layer=lambda layer, tid=tid: server.mark_ready(tid, layer + 1),  # type: ignore[misc]
+            )[0]
             t1 = time.monotonic()
+            assert token is not None  # the whole prompt was prefilled
             server.finish(tid, int(token))
             if mode == "after":
                 conn.send(("pull", tid, lease_token))
@@ -324,19 +328,19 @@ def _decode_proc(
     torch.set_num_threads(1)
     from engine.runner import ModelRunner
     from kv_transfer.client import KVPuller
-    from kv_transfer.codec import layer0
-    from kv_transfer.codec.cachegen_tables import install_model
+    from kv_transfer.codec import CodecContext
 
     try:
-        install_model(model_dir)
         max_tokens = max(len(p) for _, _, p in plan)
         runner = ModelRunner(model_dir, num_kv_blocks=-(-max_tokens // 16) + 1, block_size=16)
-        layer0.install_from_model(runner.model, runner.fingerprint)  # as decode_service does
+        codecs = CodecContext.from_model_dir(
+            model_dir, runner.model, runner.fingerprint
+        )  # as decode_service does
         cache = runner.kv_cache
         blocks = list(range(cache.num_blocks))
         address, fingerprint = peer.recv()
         results = []
-        with KVPuller(fingerprint=fingerprint, timeout_s=120) as puller:
+        with KVPuller(fingerprint=fingerprint, timeout_s=120, codecs=codecs) as puller:
             for i, (mode, codec, prompt) in enumerate(plan):
                 tid = f"bench-{i}-{uuid.uuid4().hex[:8]}"
                 peer.send(("run", mode, tid, prompt))

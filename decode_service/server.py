@@ -11,7 +11,7 @@ from coordinator.registry import InstanceInfo
 from decode_service.engine import DecodeEngine, DecodeJob, Tokens
 from engine.runner import ModelRunner
 from kv_transfer.client import KVPuller
-from kv_transfer.codec import layer0
+from kv_transfer.codec import CodecContext
 from kv_transfer.transport import available_transports
 from pdserve import instance, telemetry
 from pdserve.errors import InvalidRequest, ModelMismatch
@@ -22,10 +22,13 @@ log = logging.getLogger(__name__)
 
 
 class DecodeServicer(decode_pb2_grpc.DecodeServicer):
-    def __init__(self, cfg: instance.InstanceConfig, engine: DecodeEngine, runner: ModelRunner) -> None:
+    def __init__(
+        self, cfg: instance.InstanceConfig, engine: DecodeEngine, runner: ModelRunner, codecs: CodecContext
+    ) -> None:
         self.cfg = cfg
         self.engine = engine
         self.runner = runner
+        self.codecs = codecs  # the puller's: which codec this instance asks for (`pull_codec`)
 
     @stream_errors
     @telemetry.server_stream(telemetry.DECODE_REQUEST)
@@ -55,7 +58,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             kv_address=request.kv.address,
             transfer_id=request.kv.transfer_id,
             kv_token=request.kv.token,
-            codec=layer0.pull_codec(request.kv.codec or self.cfg.codec),
+            codec=self.codecs.pull_codec(request.kv.codec or self.cfg.codec),
             first_token_id=request.first_token_id if request.HasField("first_token_id") else None,
             local_prefill=request.local_prefill,
             emit=stream.emit,
@@ -78,11 +81,11 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
 
 
 async def run(cfg: instance.InstanceConfig) -> None:
-    runner = instance.load_kv_runner(cfg)
-    puller = KVPuller(fingerprint=runner.fingerprint, timeout_s=cfg.pull_timeout_s)
+    runner, codecs = instance.load_kv_runner(cfg)
+    puller = KVPuller(fingerprint=runner.fingerprint, timeout_s=cfg.pull_timeout_s, codecs=codecs)
     engine = DecodeEngine(runner, puller, cfg.max_running, cfg.max_queue, cfg.batch_tokens)
     engine.start()
-    servicer = DecodeServicer(cfg, engine, runner)
+    servicer = DecodeServicer(cfg, engine, runner, codecs)
     instance.observe_load(cfg, engine)
 
     def info(address: str) -> InstanceInfo:

@@ -19,6 +19,7 @@ import logging
 import math
 import mmap
 import os
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -64,7 +65,7 @@ class Arena:
         self.offset = 0
 
     @staticmethod
-    def size_of(shapes: list[tuple[int, ...]], dtype: torch.dtype) -> int:
+    def size_of(shapes: Sequence[tuple[int, ...]], dtype: torch.dtype) -> int:
         """Elements to reserve for `take`s of these shapes, in order, alignment padding included."""
         align = _align(dtype)
         return sum(-(-math.prod(s) // align) * align for s in shapes)

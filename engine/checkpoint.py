@@ -20,10 +20,11 @@ def safetensors_files(model_dir: str) -> list[str]:
             names = sorted(set(json.load(f)["weight_map"].values()))
         return [os.path.join(model_dir, n) for n in names]
     single = os.path.join(model_dir, "model.safetensors")
-    if os.path.exists(single):  # other *.safetensors beside it (e.g. cachegen_tables) are not weights
+    if os.path.exists(single):  # other *.safetensors beside it (the codecs' cachegen_*) are not weights
         return [single]
     files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
-    files = [f for f in files if not os.path.basename(f).startswith("cachegen_tables")]
+    # `pdserve calibrate` writes cachegen_tables / cachegen_transform .safetensors beside the weights
+    files = [f for f in files if not os.path.basename(f).startswith("cachegen_")]
     if not files:
         raise FileNotFoundError(f"no *.safetensors files in {model_dir}")
     return files

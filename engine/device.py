@@ -39,7 +39,10 @@ class Device:
     def torch_device(self) -> torch.device:
         import torch
 
-        return torch.device("cpu") if self.kind == "cpu" else torch.device("cuda", self.cuda_index)
+        if self.kind == "cpu":
+            return torch.device("cpu")
+        assert self.cuda_index is not None  # __post_init__ sets it for cuda
+        return torch.device("cuda", self.cuda_index)
 
     def __str__(self) -> str:
         where = "cpu" if self.kind == "cpu" else f"cuda:{self.cuda_index}"

@@ -1,6 +1,6 @@
 """Prefill a prompt, swap its KV for another version (e.g. a codec's reconstruction), and read the logits of
 a teacher-forced continuation: how the KV codec benchmark (`bench.codec`) and the CacheGen bit planner
-(`kv_transfer.codec.cachegen_plan`) measure what a lossy KV cache does to the model's predictions.
+(`calibration.plan`) measure what a lossy KV cache does to the model's predictions.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -231,6 +232,12 @@ def linear_t(x: Tensor, w_t: Tensor | None, bias: Tensor | None) -> Tensor:
 class Attention(nn.Module):
     """GQA self-attention. `num_heads` / `num_kv_heads` are the local counts (a TP shard sets fewer)."""
 
+    # buffers set by pack() (None until then)
+    qkv_t: Tensor | None
+    qkv_bias: Tensor | None
+    o_t: Tensor | None
+    o_bias: Tensor | None
+
     def __init__(self, config: ModelConfig, num_heads: int, num_kv_heads: int) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, config.head_dim
@@ -301,6 +308,10 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """SwiGLU. `intermediate` is the local column count (a TP shard sets fewer)."""
 
+    # buffers set by pack() (None until then)
+    gate_up_t: Tensor | None
+    down_t: Tensor | None
+
     def __init__(self, hidden: int, intermediate: int) -> None:
         super().__init__()
         self.intermediate = intermediate
@@ -361,9 +372,16 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleDict({str(i): DecoderLayer(config) for i in range(layer_start, layer_end)})
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if self.is_last else None
 
+    def layer(self, i: int) -> DecoderLayer:
+        """Decoder layer `i` (global index). `self.layers` holds only DecoderLayers; ModuleDict types its
+        values as nn.Module."""
+        return cast(DecoderLayer, self.layers[str(i)])
+
 
 class CausalLM(nn.Module):
     """Layers [layer_start, layer_end) of a Llama-family model. The KV cache's layer 0 is `layer_start`."""
+
+    lm_head_t: Tensor | None  # buffer [hidden, V] set by pack_weights() when the head is untied
 
     def __init__(self, config: ModelConfig, layer_start: int = 0, layer_end: int | None = None) -> None:
         super().__init__()
@@ -382,11 +400,17 @@ class CausalLM(nn.Module):
         `pack_linears`). Parameter names and values are unchanged; they become views of the packed copies,
         which share one `Arena` (on CPU hosts that allow it, transparent huge pages: fewer TLB misses
         while a decode step streams them)."""
-        linears = [lin for m in self.modules() if isinstance(m, (Attention, MLP)) for lin in m.children()]
+        linears = [
+            cast(nn.Linear, lin)
+            for m in self.modules()
+            if isinstance(m, (Attention, MLP))
+            for lin in m.children()
+        ]  # Attention's and MLP's children are all nn.Linear
         linears += [self.lm_head] if self.lm_head is not None else []
         w = linears[0].weight
         arena = Arena(Arena.size_of([tuple(lin.weight.shape) for lin in linears], w.dtype), w.dtype, w.device)
-        for layer in self.model.layers.values():
+        for i in range(self.layer_start, self.layer_end):
+            layer = self.model.layer(i)
             layer.self_attn.pack(arena)
             layer.mlp.pack(arena)
         if self.lm_head is not None:
@@ -406,7 +430,7 @@ class CausalLM(nn.Module):
         """Whether `layer0_kv` can run here: this stage holds the embedding and layer 0 with all KV heads."""
         if self.layer_start != 0 or self.model.embed_tokens is None:
             return False
-        return self.model.layers["0"].self_attn.num_kv_heads == self.config.num_kv_heads
+        return self.model.layer(0).self_attn.num_kv_heads == self.config.num_kv_heads
 
     def layer0_kv(self, input_ids: Tensor) -> tuple[Tensor, Tensor]:
         """Layer 0's K and V of tokens at positions 0..T-1, computed from the ids alone (embedding ->
@@ -414,10 +438,10 @@ class CausalLM(nn.Module):
         input_ids: [T] int64 on the model's device -> k, v [T, Hkv, D] in the model's dtype."""
         if not self.computes_layer0_kv:
             raise RuntimeError("layer0_kv needs the first pipeline stage with all of layer 0's KV heads")
-        attn = self.model.layers["0"].self_attn
+        attn = self.model.layer(0).self_attn
         t, h, hkv, d = input_ids.shape[0], attn.num_heads, attn.num_kv_heads, attn.head_dim
         with torch.inference_mode():
-            x = self.model.layers["0"].input_layernorm(self.embed(input_ids))  # [T, hidden]
+            x = self.model.layer(0).input_layernorm(self.embed(input_ids))  # [T, hidden]
             assert attn.qkv_t is not None, "weights are not packed: load the model with engine.loader"
             w_kv = attn.qkv_t[:, h * d :]  # [hidden, 2 Hkv D]: K then V columns of the fused projection
             b_kv = attn.qkv_bias[h * d :] if attn.qkv_bias is not None else None
@@ -429,7 +453,7 @@ class CausalLM(nn.Module):
         return k, v
 
     def run_layers(
-        self, h: Tensor, meta: BatchMeta, kv_cache: KVCache, on_layer: Callable[[int], None] | None = None
+        self, h: Tensor, meta: BatchMeta, kv_cache: KVCache, on_layer: Callable[[int], object] | None = None
     ) -> Tensor:
         """h: [T, hidden] through this stage's layers. on_layer(i) fires once layer i's K/V is in the cache."""
         cos, sin = self.rotary(meta.positions, h.dtype)  # [T, D] each
@@ -456,7 +480,7 @@ class CausalLM(nn.Module):
         input_ids: Tensor,
         meta: BatchMeta,
         kv_cache: KVCache,
-        on_layer: Callable[[int], None] | None = None,
+        on_layer: Callable[[int], object] | None = None,
     ) -> Tensor:
         """input_ids: [T] (all sequences' new tokens, concatenated) -> logits [N, V]."""
         h = self.run_layers(self.embed(input_ids), meta, kv_cache, on_layer)

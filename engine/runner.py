@@ -63,7 +63,7 @@ class ModelRunner:
     def prefill(
         self,
         seqs: list[Sequence],
-        on_layer: Callable[[int], None] | None = None,
+        on_layer: Callable[[int], object] | None = None,
         num_new: list[int] | None = None,
     ) -> list[int | None]:
         """Write the KV of each seq's uncached tokens; sample its next token (step len(output_ids)).
@@ -112,7 +112,11 @@ class ModelRunner:
         )
 
     def _forward(
-        self, seqs: list[Sequence], ids: list[int], num_new: list[int], on_layer: Callable[[int], None] | None
+        self,
+        seqs: list[Sequence],
+        ids: list[int],
+        num_new: list[int],
+        on_layer: Callable[[int], object] | None,
     ) -> torch.Tensor:
         """Run the model on each seq's next `num_new` tokens (from position num_cached) -> fp32 logits [N, V]."""
         starts = [s.num_cached for s in seqs]

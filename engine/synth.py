@@ -16,6 +16,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TypedDict, Unpack
 
 import torch
 from safetensors.torch import save_file
@@ -26,6 +27,19 @@ from engine.model_dir import shipped_model_dir
 EOS_TOKEN = "<|endoftext|>"
 SYNTH_VERSION = 1  # bump when the generated checkpoint changes, so cached copies are regenerated
 _TRAIN_TEXT_BYTES = 3 * 2**20
+
+
+class ModelShape(TypedDict, total=False):
+    """`make_random_model`'s size and seed arguments: what `cached_random_model` keys its cache on."""
+
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab_size: int
+    max_pos: int
+    seed: int
 
 
 def make_random_model(
@@ -156,7 +170,7 @@ def default_model_dir() -> str:
     return shipped_model_dir()
 
 
-def cached_random_model(**kwargs: int) -> str:
+def cached_random_model(**kwargs: Unpack[ModelShape]) -> str:
     """`make_random_model(**kwargs)` generated once into ~/.cache/pdserve/models/random-llama-<hash>.
 
     Concurrent callers are safe: each writes a temp dir and renames it into place; the loser discards its copy.
@@ -168,7 +182,7 @@ def cached_random_model(**kwargs: int) -> str:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent)
     try:
-        make_random_model(tmp, **kwargs)  # type: ignore[arg-type]
+        make_random_model(tmp, **kwargs)
         os.rename(tmp, target)
     except OSError:
         if not (target / "config.json").exists():

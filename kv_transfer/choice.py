@@ -1,7 +1,7 @@
 """Choose the KV codec for one hand-off: the one that minimises hand-off time on this link,
 among the codecs whose measured quality loss is within the request's floor (CacheGen's adaptation).
 
-Units: bytes and seconds. A codec's profile is measured on the model (bench/codec.py writes one):
+Units: bytes and seconds. A codec's profile is measured on the model (`pdserve calibrate` writes them):
 `ratio` = wire bytes / raw bytes of the KV in its serving dtype, throughputs in raw bytes per second
 of one core, `kl_mean` = mean per-token KL(reference || codec) in nats (0 for lossless codecs).
 
@@ -86,7 +86,7 @@ def break_even_bps(
 
 
 def load_profiles(model_dir: str | Path) -> tuple[CodecProfile, ...]:
-    """Profiles measured for this model (bench/codec.py --save), else the lossless default."""
+    """Profiles measured for this model (`pdserve calibrate` wrote them beside it), else the lossless default."""
     path = Path(model_dir) / PROFILE_FILE
     if not path.exists():
         return DEFAULT_PROFILES

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from kv_transfer.codec import get_codec
+from kv_transfer.codec import CodecContext
 from kv_transfer.errors import (
     FingerprintMismatch,
     FrameForeign,
@@ -188,8 +188,11 @@ class KVPuller:
         out_dtype: torch.dtype | None = None,
         connect_timeout_s: float = 10.0,
         max_idle_per_address: int = 4,
+        codecs: CodecContext | None = None,
     ) -> None:
+        """`codecs`: the served model's codec context (default: none, so no calibration or layer 0)."""
         self.fingerprint = fingerprint & 0xFFFFFFFFFFFFFFFF
+        self.codecs = codecs if codecs is not None else CodecContext()
         self.timeout_s, self.max_elements, self.out_dtype = timeout_s, max_elements, out_dtype
         self.connect_timeout_s = connect_timeout_s
         self.max_idle_per_address = max_idle_per_address
@@ -267,7 +270,7 @@ class KVPuller:
         self, handle: PullHandle, address: str, codec_name: str, write_layer: WriteLayer, token: bytes
     ) -> None:
         try:
-            get_codec(codec_name)  # fail fast, before touching the network
+            self.codecs.codec(codec_name)  # fail fast, before touching the network
             for attempt in range(2):
                 t0 = time.perf_counter()
                 ch, pooled = self._checkout(address)
@@ -305,7 +308,7 @@ class KVPuller:
         token: bytes,
     ) -> Trailer:
         tid = handle.transfer_id
-        codec = get_codec(codec_name)
+        codec = self.codecs.codec(codec_name)
         t_start = time.perf_counter()
         ch.send(encode_control(Pull(self.fingerprint, tid, codec_name, token)), timeout=self.timeout_s)
         expect_layer = 0

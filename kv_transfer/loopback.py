@@ -63,11 +63,11 @@ def measure(scheme: str, mib: int, iters: int) -> dict[str, float]:
     out: dict[str, float] = {}
     for size in (1 << 20, mib << 20):
         data = np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8)
-        ch.send(data)
+        ch.send(data.data)
         ch.recv(timeout=60)  # warm-up: buffers allocated and touched on both sides
         t0 = time.perf_counter()
         for _ in range(iters):
-            ch.send(data)
+            ch.send(data.data)
             ch.recv(timeout=60)
         out[f"msg_{size >> 20}MiB_GBps"] = round(size * iters / (time.perf_counter() - t0) / 1e9, 3)
     with KVPuller(fingerprint=FP, timeout_s=60) as puller:

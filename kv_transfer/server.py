@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from kv_transfer.codec import Codec, get_codec
+from kv_transfer.codec import Codec, CodecContext
 from kv_transfer.errors import (
     FrameError,
     KVTransferError,
@@ -120,10 +120,12 @@ class KVServer:
         lease_ttl_s: float = 30.0,
         port: int = 0,
         send_timeout_s: float = 60.0,
+        codecs: CodecContext | None = None,
         advertise_host: str = "",
     ) -> None:
-        """`host`: the listen host; `advertise_host`: the host `address` names for pullers ("" = the
-        listener's own, with a wildcard host replaced by this machine's name)."""
+        """`codecs`: the served model's codec context (default: none, so no calibration or layer 0).
+        `host`: the listen host; `advertise_host`: the host `address` names for pullers ("" = the listener's
+        own, with a wildcard host replaced by this machine's name)."""
         if lease_ttl_s <= 0:
             raise ValueError("lease_ttl_s must be > 0")
         self.transport, self.host, self.port = transport, host, port
@@ -131,6 +133,7 @@ class KVServer:
         self.fingerprint = fingerprint & 0xFFFFFFFFFFFFFFFF
         self.lease_ttl_s = lease_ttl_s
         self.send_timeout_s = send_timeout_s
+        self.codecs = codecs if codecs is not None else CodecContext()
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)  # notified on any lease change and on stop
         # The reaper's own: notified when a lease opens and on stop only. Renewals (every layer marked
@@ -396,7 +399,7 @@ class KVServer:
             )
             return True
         try:
-            codec = get_codec(pull.codec)
+            codec = self.codecs.codec(pull.codec)
         except UnknownCodec as e:
             self._send_error(ch, ErrorCode.UNKNOWN_CODEC, tid, str(e))
             return True

@@ -1,6 +1,6 @@
 """The `pdserve` command: `up` (local cluster), `generate` (stream a completion), `bench` (benchmarks),
-`trace` (one request's spans as a waterfall), `certs` (development TLS certificates), `health` (a process's
-gRPC health status, for probes)."""
+`calibrate` (a model's KV codec calibration), `trace` (one request's spans as a waterfall), `certs`
+(development TLS certificates), `health` (a process's gRPC health status, for probes)."""
 
 from __future__ import annotations
 
@@ -113,6 +113,14 @@ def cmd_bench(a: argparse.Namespace) -> int:
     return int(module.main(a.args) or 0)
 
 
+def cmd_calibrate(a: argparse.Namespace) -> int:
+    """`pdserve calibrate MODEL_DIR`: the KV codecs' calibration files, written beside the model."""
+    from calibration.calibrate import calibrate
+
+    calibrate(a.model_dir, quick=a.quick, profiles=not a.no_profiles)
+    return 0
+
+
 def cmd_generate(a: argparse.Namespace) -> int:
     if a.local:
         from engine.local import LocalEngine
@@ -164,7 +172,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
                 sys.stdout.write(msg.text)
                 sys.stdout.flush()
         except grpc.RpcError as exc:
-            print(f"\npdserve generate: {exc.code().name}: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+            print(f"\npdserve generate: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
     sys.stdout.write("\n")
     return 0
@@ -184,11 +192,12 @@ def cmd_health(a: argparse.Namespace) -> int:
         return 2
     with client_channel(a.addr, tls, [("grpc.enable_http_proxy", 0)]) as channel:
         try:
-            resp = health_pb2_grpc.HealthStub(channel).Check(
+            # types-grpcio-health-checking's HealthStub lacks the Check callable its __init__ sets
+            resp = health_pb2_grpc.HealthStub(channel).Check(  # type: ignore[attr-defined]
                 health_pb2.HealthCheckRequest(service=a.service), timeout=a.timeout
             )
         except grpc.RpcError as exc:
-            print(f"pdserve health: {a.addr}: {exc.code().name}: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+            print(f"pdserve health: {a.addr}: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
     print(f"{a.addr} {status}")
@@ -346,6 +355,15 @@ def build_parser() -> argparse.ArgumentParser:
     h.set_defaults(fn=cmd_health)
 
     from pdserve import trace_cli
+
+    c = sub.add_parser(
+        "calibrate",
+        help="calibrate a model's KV codecs (tables, transform, codec profiles), written beside it",
+    )
+    c.add_argument("model_dir", help="the model directory (config.json, model.safetensors, heldout.txt)")
+    c.add_argument("--quick", action="store_true", help="small calibration sets (smoke tests only)")
+    c.add_argument("--no-profiles", action="store_true", help="skip the codec profiles (codec_profiles.json)")
+    c.set_defaults(fn=cmd_calibrate)
 
     t = sub.add_parser("trace", help="print a request's trace as a waterfall (from a span file or Jaeger)")
     trace_cli.add_arguments(t)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from pdserve.tls import TLSFiles, client_channel
 from pdserve.v1 import generation_pb2, generation_pb2_grpc
@@ -27,6 +28,16 @@ class Completion:
     finish_reason: str = ""
     prompt_tokens: int = 0
     ttft_s: float = 0.0
+
+
+class ResponseStream(Protocol):
+    """What `Client.stream` returns (a gRPC call): the responses as they arrive; `cancel()` ends the call."""
+
+    def __iter__(self) -> Iterator[generation_pb2.GenerateResponse]: ...
+
+    def __next__(self) -> generation_pb2.GenerateResponse: ...
+
+    def cancel(self) -> bool: ...
 
 
 class Client:
@@ -62,7 +73,7 @@ class Client:
         max_kv_kl: float | None = None,
         request_id: str | None = None,
         timeout: float | None = None,
-    ) -> Iterator[generation_pb2.GenerateResponse]:
+    ) -> ResponseStream:
         """Stream a completion. Sampling fields left None take the server's defaults (for
         `repetition_penalty`: the model's generation_config.json, else 1 = off). `max_kv_kl`: the quality
         floor of the prompt's KV hand-off, mean per-token KL in nats a lossy codec may add (0 = lossless;
@@ -90,9 +101,9 @@ class Client:
             req.request_id = request_id
         return self._stub.Generate(req, timeout=timeout, metadata=self._metadata)
 
-    def generate(self, prompt: str | list[int], **kwargs: object) -> Completion:
+    def generate(self, prompt: str | list[int], **kwargs: Any) -> Completion:
         out = Completion()
-        for msg in self.stream(prompt, **kwargs):  # type: ignore[arg-type]
+        for msg in self.stream(prompt, **kwargs):
             out.request_id = msg.request_id
             out.token_ids.extend(msg.token_ids)
             out.text += msg.text

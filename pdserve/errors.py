@@ -80,8 +80,8 @@ def grpc_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, PDServeError):
         return exc.code, str(exc) or type(exc).__name__
     if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
-        code = exc.code()  # type: ignore[attr-defined]
-        details = exc.details() if hasattr(exc, "details") else ""  # type: ignore[attr-defined]
+        code = exc.code()
+        details = exc.details() if hasattr(exc, "details") else ""
         return code, f"upstream: {details}"
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
 

@@ -30,8 +30,7 @@ from engine.device import Device, parse_cpus, pin_process
 from engine.model_dir import ModelNotFoundError, resolve_model_dir
 from engine.runner import ModelRunner
 from engine.step_loop import Job, StepEngine
-from kv_transfer.codec import layer0
-from kv_transfer.codec.cachegen_tables import install_model
+from kv_transfer.codec import CodecContext
 from pdserve import telemetry
 from pdserve.errors import PDServeError
 from pdserve.tls import TLSConfigError, TLSFiles, add_port, add_tls_args
@@ -260,13 +259,11 @@ def load_runner(cfg: InstanceConfig) -> ModelRunner:
     return ModelRunner(cfg.model_dir, cfg.device, num_kv_blocks=cfg.num_kv_blocks, block_size=cfg.block_size)
 
 
-def load_kv_runner(cfg: InstanceConfig) -> ModelRunner:
-    """The runner of an instance that hands KV over (prefill, decode). The KV codecs learn its model too:
-    the depth and shipped cachegen tables, and layer 0 (cachegen_l0 sends ids and recomputes it)."""
+def load_kv_runner(cfg: InstanceConfig) -> tuple[ModelRunner, CodecContext]:
+    """The runner of an instance that hands KV over (prefill, decode), and its KV codecs' context: the
+    model's depth, calibration files and layer-0 function (cachegen_l0 recomputes or checks layer 0)."""
     runner = load_runner(cfg)
-    install_model(cfg.model_dir)
-    layer0.install_from_model(runner.model, runner.fingerprint)
-    return runner
+    return runner, CodecContext.from_model_dir(cfg.model_dir, runner.model, runner.fingerprint)
 
 
 def device_label(device: Device) -> str:

@@ -257,7 +257,8 @@ class LocalCluster:
         """The gateway's overall health status name (SERVING, NOT_SERVING, ...), or UNREACHABLE."""
         with self.gateway_channel() as ch:
             try:
-                resp = health_pb2_grpc.HealthStub(ch).Check(
+                # types-grpcio-health-checking's HealthStub lacks the Check/Watch callables its __init__ sets
+                resp = health_pb2_grpc.HealthStub(ch).Check(  # type: ignore[attr-defined]
                     health_pb2.HealthCheckRequest(service=""), timeout=2.0
                 )
             except grpc.RpcError:
@@ -277,7 +278,8 @@ class LocalCluster:
                         f"{c.role} exited with code {c.proc.returncode} during start ({c.log_path or 'see output'})"
                     )
                 try:
-                    resp = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+                    # (the stubs' HealthStub lacks the Check callable its __init__ sets)
+                    resp = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)  # type: ignore[attr-defined]
                     if resp.status == health_pb2.HealthCheckResponse.SERVING:
                         return
                 except grpc.RpcError:

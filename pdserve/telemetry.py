@@ -28,7 +28,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +37,7 @@ from opentelemetry import metrics, propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.util.types import AttributeValue
 
 from pdserve.errors import grpc_status
 
@@ -340,7 +341,7 @@ def outgoing_metadata(parent: Span | Context | None) -> tuple[tuple[str, str], .
     return tuple(carrier.items()) or None
 
 
-def incoming_context(metadata: Sequence[tuple[str, Any]] | None) -> Context | None:
+def incoming_context(metadata: Collection[tuple[str, Any]] | None) -> Context | None:
     """The trace context a caller put in its gRPC invocation metadata (None if it sent none)."""
     if not metadata or not enabled():
         return None
@@ -440,7 +441,7 @@ class RequestTrace:
     """The gateway's telemetry of one request: the root span with its receive and stream children, and
     the request metrics (TTFT, TBT, TPOT, duration; requests by finish reason and status code)."""
 
-    def __init__(self, metadata: Sequence[tuple[str, Any]] | None, received: float | None = None) -> None:
+    def __init__(self, metadata: Collection[tuple[str, Any]] | None, received: float | None = None) -> None:
         self.received = time.monotonic() if received is None else received
         self.root = start_span(
             GATEWAY_GENERATE, incoming_context(metadata), kind=SpanKind.SERVER, start=self.received
@@ -456,7 +457,7 @@ class RequestTrace:
 
     def accepted(self, request_id: str, prompt_tokens: int, max_tokens: int) -> None:
         """Validation passed: the receive span ends."""
-        attrs = {
+        attrs: dict[str, AttributeValue] = {
             "pdserve.request_id": request_id,
             "pdserve.prompt_tokens": prompt_tokens,
             "pdserve.max_tokens": max_tokens,
@@ -492,7 +493,10 @@ class RequestTrace:
         """The request is over (`exc` is what ended it early, if anything): end spans, record metrics."""
         now = time.monotonic()
         code = grpc.StatusCode.OK if exc is None else status_of(exc)[0]
-        attrs = {"pdserve.completion_tokens": self._tokens, "pdserve.status_code": code.name}
+        attrs: dict[str, AttributeValue] = {
+            "pdserve.completion_tokens": self._tokens,
+            "pdserve.status_code": code.name,
+        }
         if self._reason:
             attrs["pdserve.finish_reason"] = self._reason
         for s in (self._receive, self._stream):

@@ -318,7 +318,7 @@ class OTLPReceiver:
 
     def metric_points(self, name: str) -> list[tuple[dict[str, Any], Any]]:
         """(resource attributes, data point) of every exported point of metric `name`."""
-        out = []
+        out: list[tuple[dict[str, Any], Any]] = []
         with self._lock:
             requests = list(self.metrics)
         for req in requests:

@@ -86,7 +86,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
 
 
 async def run(cfg: instance.InstanceConfig) -> None:
-    runner = instance.load_kv_runner(cfg)
+    runner, codecs = instance.load_kv_runner(cfg)
     scheme = default_scheme() if cfg.transport == "auto" else cfg.transport  # auto logs its choice
     transport = transport_for(scheme)
     kv_server = KVServer(
@@ -94,6 +94,7 @@ async def run(cfg: instance.InstanceConfig) -> None:
         cfg.host,
         fingerprint=runner.fingerprint,
         lease_ttl_s=cfg.lease_ttl_s,
+        codecs=codecs,
         advertise_host=cfg.advertised_host,
     )
     kv_server.start()

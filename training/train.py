@@ -145,7 +145,9 @@ def build_model(a: argparse.Namespace, vocab_size: int):
         num_key_value_heads=a.kv_heads,
         head_dim=a.hidden // a.heads,
         max_position_embeddings=a.max_positions,
-        rope_theta=a.rope_theta,
+        # transformers 5 types LlamaConfig by its dataclass fields; it still takes rope_theta (into
+        # rope_parameters) through **kwargs at run time
+        rope_theta=a.rope_theta,  # type: ignore[call-arg]
         rms_norm_eps=1e-6,
         tie_word_embeddings=True,
         bos_token_id=0,

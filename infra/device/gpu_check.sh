@@ -35,7 +35,7 @@ import shutil
 print("redis-server", shutil.which("redis-server"))
 print("torch", torch.__version__, "cuda", torch.cuda.is_available(),
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else "-")
-for name in ("grpc", "google.protobuf", "constriction", "ucxx", "numpy", "safetensors", "tokenizers"):
+for name in ("grpc", "google.protobuf", "ucxx", "numpy", "safetensors", "tokenizers"):
     try:
         m = importlib.import_module(name)
         print(name, getattr(m, "__version__", "?"))

@@ -1,6 +1,7 @@
 """The Codec contract: turn one layer's K and V ([T, Hkv, D] CPU tensors) into (params, payload) bytes and back.
 
-A codec is stateless and thread-safe: one instance may encode and decode for many threads at once.
+A codec holds no mutable state and is thread-safe: one instance may encode and decode for many threads at
+once (`cachegen` reads the model's calibration from its immutable `CodecContext`).
 `params` describes the payload (layout version, wire dtype, scales that belong to the header); the
 frame carries both plus shape and the source dtype, so `decode` needs nothing but what is on the wire.
 """
@@ -17,7 +18,7 @@ from torch import Tensor
 from kv_transfer.errors import CodecError, FrameCorrupted
 from kv_transfer.frame import DTYPE_CODES, Buffer
 
-Shape = tuple[int, int, int]  # (T, Hkv, D)
+Shape = tuple[int, ...]  # (T, Hkv, D); as tuple(tensor.shape) gives it
 
 
 class Codec(ABC):
@@ -28,8 +29,18 @@ class Codec(ABC):
     lossless: bool
 
     @abstractmethod
+    def encode_parts(
+        self, k: Tensor, v: Tensor, layer: int, token_ids: Tensor | None = None
+    ) -> tuple[Buffer, Sequence[Buffer]]:
+        """k, v: [T, Hkv, D] fp32/fp16/bf16 CPU -> (params, payload as several buffers that the frame
+        concatenates, so a codec can hand over views instead of building one bytes object). `token_ids` [T]
+        int64: the prompt's ids, where the caller has them (a codec may use them: `cachegen_l0` sends layer 0
+        as ids); others ignore them."""
+
     def encode(self, k: Tensor, v: Tensor, layer: int) -> tuple[bytes, bytes]:
-        """k, v: [T, Hkv, D] fp32/fp16/bf16 CPU -> (params, payload)."""
+        """k, v -> (params, payload), each one bytes object (`encode_parts`, joined)."""
+        params, parts = self.encode_parts(k, v, layer)
+        return bytes(params), b"".join(parts)
 
     @abstractmethod
     def decode(
@@ -39,16 +50,6 @@ class Codec(ABC):
 
         The returned tensors may alias `payload` (zero-copy codecs); copy them if they must outlive it.
         """
-
-    def encode_parts(
-        self, k: Tensor, v: Tensor, layer: int, token_ids: Tensor | None = None
-    ) -> tuple[Buffer, Sequence[Buffer]]:
-        """Like encode() but the payload may be several buffers that the frame concatenates (so a codec
-        can hand over views instead of building one bytes object). `token_ids` [T] int64: the prompt's
-        ids, where the caller has them (a codec may use them: `cachegen_l0` sends layer 0 as ids); others
-        ignore them. Default: `encode()` as one part."""
-        params, payload = self.encode(k, v, layer)
-        return params, [payload]
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, id={self.codec_id})"
@@ -79,7 +80,7 @@ def expect_len(buf: Buffer, n: int, what: str) -> None:
 def tensor_bytes(t: Tensor) -> memoryview:
     """A flat byte view of a contiguous CPU tensor (no copy; works for bf16, which numpy lacks)."""
     t = t.contiguous()
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    return t.reshape(-1).view(torch.uint8).numpy().data
 
 
 def tensor_from(buf: Buffer, dtype: torch.dtype, shape: tuple[int, ...]) -> Tensor:
@@ -122,12 +123,8 @@ class ScaledCodec(Codec):
         check_kv(k, v)
         ks, kq = self.quantize(k)
         vs, vq = self.quantize(v)
-        parts = [tensor_bytes(ks), tensor_bytes(vs), tensor_bytes(kq), tensor_bytes(vq)]
+        parts: list[Buffer] = [tensor_bytes(ks), tensor_bytes(vs), tensor_bytes(kq), tensor_bytes(vq)]
         return _SCALED_PARAMS.pack(_SCALED_LAYOUT), parts
-
-    def encode(self, k: Tensor, v: Tensor, layer: int) -> tuple[bytes, bytes]:
-        params, parts = self.encode_parts(k, v, layer)
-        return bytes(params), b"".join(parts)
 
     def decode(
         self, params: Buffer, payload: Buffer, shape: Shape, dtype: torch.dtype, layer: int

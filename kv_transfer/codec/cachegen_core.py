@@ -1,21 +1,20 @@
-"""CacheGen codec internals: quality levels, the per-channel/per-token quantizers (torch, any device), and the
-entropy stage (per-channel categorical models coded by `constriction`'s compiled ANS coder).
+"""CacheGen codec internals shared by its formats and the calibration: quality levels, the per-channel /
+per-token quantizers of format v1 (torch, any device), chunking, 4-bit table codes and little-endian bytes.
 
-See `kv_transfer.codec.cachegen` for the format and the error bound.
+See `kv_transfer.codec.cachegen_v1` for that format and its error bound.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import sys
 from dataclasses import dataclass
 
-import constriction
 import numpy as np
 import torch
 from torch import Tensor
 
-from kv_transfer.errors import FrameCorrupted
+from kv_transfer.frame import Buffer
 
 # ---- quality levels ---------------------------------------------------------------------------------
 
@@ -59,9 +58,6 @@ LEVELS: dict[str, Level] = {
 ALLOWED_BINS = tuple(range(4, 66, 2))  # even; M = bins // 2 - 1 levels each side of 0
 DEFAULT_NUM_LAYERS = 32  # depth assumed when neither tables nor the caller say (LMCache's 7-8B layout)
 DEFAULT_CHUNK_TOKENS = 1024
-# Leading tokens sent as fp16, keeping an attention sink out of the key ranges. Off: no gain measured (the
-# shipped model has no sink outlier; on synthetic KV with one, the bits it costs buy as much as finer steps).
-DEFAULT_RAW_TOKENS = 0
 
 _ABSENT = 15  # 4-bit code of a symbol that does not occur in the chunk
 
@@ -101,6 +97,11 @@ def le_bytes(x: Tensor | np.ndarray) -> bytes:
     """An array's bytes in little-endian order (the wire order of every cachegen field)."""
     a = x.detach().cpu().numpy() if isinstance(x, Tensor) else x
     return a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes()
+
+
+def le_view(words: np.ndarray) -> Buffer:
+    """uint32 words as little-endian bytes: a view on little-endian hosts, a copy elsewhere."""
+    return words.data.cast("B") if sys.byteorder == "little" else le_bytes(words)
 
 
 def quantize_keys(x: Tensor, m: int, scale_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
@@ -150,36 +151,6 @@ def dequantize_values(sym: Tensor, scale: Tensor, m: int) -> Tensor:
     return sym.sub_(m).mul_(step[:, None])
 
 
-def use_pairs(n: int) -> bool:
-    """Code two neighbouring tokens' symbols as one (alphabet n^2, product model) up to 31 levels:
-    constriction's decoder costs about the same per coded symbol for a few hundred symbols, so pairs cut
-    decode time (measured ~20 -> ~16.5 ns per element at 15 levels) at the same size."""
-    return n <= 31
-
-
-def to_streams(q: Tensor, n: int, pairs: bool) -> np.ndarray:
-    """Symbols fp32 [t, C] in [0, n) -> int32 [C, L] on the CPU (L = t, or ceil(t / 2) pairs a * n + b;
-    an odd last token is paired with a copy of itself). Symbols and pairs fit a byte: the transposition
-    and the device-to-host copy move bytes."""
-    if pairs:
-        if q.shape[0] % 2:
-            q = torch.cat([q, q[-1:]])
-        q = q[0::2].mul(n).add_(q[1::2])
-    small = torch.uint8 if (n * n if pairs else n) <= 256 else torch.int16
-    return q.to(small).T.contiguous().cpu().numpy().astype(np.int32)
-
-
-def from_streams(s: np.ndarray, n: int, pairs: bool, t: int, device: torch.device) -> Tensor:
-    """Inverse of to_streams: int32 [C, L] -> symbols fp32 [t, C] on `device`."""
-    small = np.uint8 if (n * n if pairs else n) <= 256 else np.int16
-    u = torch.from_numpy(s.astype(small)).to(device).T.contiguous().float()  # [L, C]
-    if not pairs:
-        return u
-    a = (u + 0.5).mul_(1.0 / n).floor_()
-    b = u.sub_(a * n)
-    return torch.stack([a, b], 1).view(-1, s.shape[0])[:t]
-
-
 def chunk_bounds(t: int, chunk_tokens: int) -> list[tuple[int, int]]:
     """Split [0, t) into ceil(t / chunk_tokens) near-equal chunks of even length (the last may be odd)."""
     if t <= 0:
@@ -193,29 +164,12 @@ def chunk_bounds(t: int, chunk_tokens: int) -> list[tuple[int, int]]:
 # ---- entropy models ----------------------------------------------------------------------------------
 
 
-def symbol_counts(streams: np.ndarray, n: int, pairs: bool = False) -> np.ndarray:
-    """streams int32 [C, L] -> per-channel counts of single symbols int64 [C, n] (pairs: both halves)."""
-    c = streams.shape[0]
-    a = n * n if pairs else n
-    counts = np.bincount((streams + (np.arange(c, dtype=np.int32) * a)[:, None]).ravel(), minlength=c * a)
-    counts = counts.reshape(c, a)
-    if pairs:
-        joint = counts.reshape(c, n, n)
-        counts = joint.sum(2) + joint.sum(1)
-    return counts
-
-
 def table_codes(counts: np.ndarray) -> np.ndarray:
     """counts [C, n] -> 4-bit code lengths uint8 [C, n]: round(-2 log2 p), 15 = absent."""
     total = np.maximum(counts.sum(1, keepdims=True), 1)
     with np.errstate(divide="ignore"):
         codes = np.rint(-2.0 * np.log2(counts / total))
     return np.where(counts > 0, np.clip(codes, 0, _ABSENT - 1), _ABSENT).astype(np.uint8)
-
-
-def pair_probs(p: np.ndarray) -> np.ndarray:
-    """Per-channel marginals [C, n] -> product distribution over pairs a * n + b, [C, n^2]."""
-    return (p[:, :, None] * p[:, None, :]).reshape(p.shape[0], -1)
 
 
 def code_bits(counts: np.ndarray, probs: np.ndarray) -> float:
@@ -227,18 +181,12 @@ def code_bits(counts: np.ndarray, probs: np.ndarray) -> float:
 
 
 def codes_to_probs(codes: np.ndarray) -> np.ndarray:
-    """4-bit code lengths [C, n] -> unnormalised probabilities float64 [C, n]. Absent -> 0 (constriction still
-    gives every symbol the smallest representable probability, so any symbol stays encodable); a row with no
-    symbol present (nothing coded with it) -> uniform."""
+    """4-bit code lengths [C, n] -> unnormalised probabilities float64 [C, n]. Absent -> 0 (the rANS tables
+    still give every symbol frequency >= 1, so any symbol stays encodable); a row with no symbol present
+    (nothing coded with it) -> uniform."""
     p = np.where(codes < _ABSENT, np.exp2(-0.5 * codes.astype(np.float64)), 0.0)
     p[p.sum(1) == 0] = 1.0
     return p
-
-
-def build_models(probs: np.ndarray) -> list[constriction.stream.model.Categorical]:
-    """One categorical model per row of probs [C, n]."""
-    cat = constriction.stream.model.Categorical
-    return [cat(row, perfect=False) for row in probs]
 
 
 def pack_nibbles(codes: np.ndarray) -> bytes:
@@ -253,27 +201,3 @@ def unpack_nibbles(buf: bytes, count: int) -> np.ndarray:
     out = np.empty(b.size * 2, dtype=np.uint8)
     out[0::2], out[1::2] = b & 0xF, b >> 4
     return out[:count]
-
-
-def ans_encode(streams: Sequence[np.ndarray], models: Sequence) -> np.ndarray:
-    """Code streams[i] with models[i], in order, into one ANS word array (uint32)."""
-    coder = constriction.stream.stack.AnsCoder()
-    for s, model in zip(reversed(streams), reversed(models), strict=True):
-        coder.encode_reverse(s, model)
-    return coder.get_compressed()
-
-
-def ans_decode(
-    words: np.ndarray, models: Sequence, lengths: Sequence[int], out: Sequence[np.ndarray]
-) -> None:
-    """Inverse of ans_encode: fill out[i] (length lengths[i]) in order; FrameCorrupted unless the words
-    are consumed exactly."""
-    try:
-        coder = constriction.stream.stack.AnsCoder(words)
-        for model, n, dst in zip(models, lengths, out, strict=True):
-            dst[:] = coder.decode(model, n)
-        ok = coder.is_empty()
-    except (ValueError, RuntimeError, AssertionError) as e:
-        raise FrameCorrupted(f"cachegen: entropy decoding failed: {e}") from None
-    if not ok:
-        raise FrameCorrupted("cachegen: entropy-coded data not consumed exactly (corrupted payload)")

@@ -24,7 +24,7 @@ and entropy codes q with one two-sided geometric (discrete Laplace) model per co
 one byte (rho: 1 - r = 2^(-rho/32)) and the component's largest |q| (its alphabet), both sent per chunk.
 Tables are built from integer weights computed with IEEE multiplications only, so encoder and decoder derive
 bit-identical rANS tables on every machine. The per-layer steps come from a calibration run
-(`cachegen_klt_profile`): each (layer, K/V) part's KL sensitivity is measured and steps are set so every
+(`pdserve calibrate`: `calibration.transform`): each (layer, K/V) part's KL sensitivity is measured and steps are set so every
 part contributes equal KL per step^2 (a_i step_i^2 = lambda), with lambda bisected to each level's budget.
 
 ERROR BOUND (per token, L2): |y_c - y_hat_c| <= step_c / 2 for every component, so
@@ -32,8 +32,8 @@ ERROR BOUND (per token, L2): |y_c - y_hat_c| <= step_c / 2 for every component, 
 plus fp32 arithmetic and output rounding; `error_bounds_klt` returns it per token.
 
 The transform, its inverse, RoPE's inverse frequencies and the plans travel in `cachegen_transform.safetensors`
-beside the model, identified by a u64 id in every frame; a decoder that has not loaded that transform raises
-FrameForeign. Keys' positions are the prompt's: token t of the layer sits at position t (prefill hands over
+beside the model (a `CodecContext` loads it), identified by a u64 id in every frame; a decoder whose context
+holds another transform, or none, raises FrameForeign. Keys' positions are the prompt's: token t of the layer sits at position t (prefill hands over
 whole prompts).
 
 params v2 (little-endian): `_HEADER2` | chunk directory n x `_CHUNK2` | per chunk and part (K, then V):
@@ -45,6 +45,7 @@ than token-major order.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import struct
 import threading
@@ -56,7 +57,7 @@ import torch
 from torch import Tensor
 
 from kv_transfer.codec import rans
-from kv_transfer.codec.cachegen_core import FP16_SAFE, le_bytes, store_scale_np
+from kv_transfer.codec.cachegen_core import FP16_SAFE, le_bytes, le_view, store_scale_np
 from kv_transfer.errors import CodecError, FrameCorrupted, FrameForeign
 
 TRANSFORM_FILE = "cachegen_transform.safetensors"
@@ -83,28 +84,22 @@ L0_SUFFIX = "+l0"
 # ---- discrete Laplace tables ----------------------------------------------------------------------------
 
 _RHO_BASE = 0.9785720620877001  # 2 ** (-1 / 32) as a literal: no libm call, identical everywhere
-_laplace_lock = threading.Lock()
-_laplace_w: np.ndarray | None = None  # int64 [256 rho, QMAX + 1 magnitude]
 
 
+@functools.cache
 def _laplace_weights() -> np.ndarray:
-    """Integer weights floor(2^20 r^m) per (rho, m), 1 - r = 2^(-rho/32), from IEEE products only
-    (bit-identical on every machine)."""
-    global _laplace_w
-    if _laplace_w is None:
-        with _laplace_lock:
-            if _laplace_w is None:
-                w = np.zeros((256, QMAX + 1), dtype=np.int64)
-                one_minus_r = 1.0
-                for rho in range(256):
-                    r = 1.0 - one_minus_r
-                    p = float(1 << rans.WEIGHT_BITS)
-                    for m in range(QMAX + 1):
-                        w[rho, m] = int(p)
-                        p *= r
-                    one_minus_r *= _RHO_BASE
-                _laplace_w = w
-    return _laplace_w
+    """Integer weights floor(2^20 r^m) int64 [256 rho, QMAX + 1 magnitude], 1 - r = 2^(-rho/32), from IEEE
+    products only (bit-identical on every machine)."""
+    w = np.zeros((256, QMAX + 1), dtype=np.int64)
+    one_minus_r = 1.0
+    for rho in range(256):
+        r = 1.0 - one_minus_r
+        p = float(1 << rans.WEIGHT_BITS)
+        for m in range(QMAX + 1):
+            w[rho, m] = int(p)
+            p *= r
+        one_minus_r *= _RHO_BASE
+    return w
 
 
 def laplace_tables(rho: np.ndarray, amax: np.ndarray, lut: bool = False) -> rans.Tables:
@@ -115,15 +110,10 @@ def laplace_tables(rho: np.ndarray, amax: np.ndarray, lut: bool = False) -> rans
     return rans.lap_tables(rho, amax, QMAX, _symbol_weights(), lut)
 
 
-_w_sym: np.ndarray | None = None
-
-
+@functools.cache
 def _symbol_weights() -> np.ndarray:
     """Weights int64 [256 rho, N_SYMBOLS] by symbol (q + QMAX)."""
-    global _w_sym
-    if _w_sym is None:
-        _w_sym = np.ascontiguousarray(_laplace_weights()[:, np.abs(np.arange(-QMAX, QMAX + 1))])
-    return _w_sym
+    return np.ascontiguousarray(_laplace_weights()[:, np.abs(np.arange(-QMAX, QMAX + 1))])
 
 
 # ---- the transform -------------------------------------------------------------------------------------
@@ -280,31 +270,6 @@ class KLTransform:
             raise CodecError(f"cannot read cachegen transform {path}: {e}") from None
 
 
-# ---- process-wide registry (like the static tables') ------------------------------------------------------
-
-_installed: KLTransform | None = None
-_by_id: dict[int, KLTransform] = {}
-_registry_lock = threading.Lock()
-
-
-def install_transform(transform: KLTransform | None) -> None:
-    """Make `transform` the default of encoders built with transform="auto" (None: none), decodable by id."""
-    global _installed
-    with _registry_lock:
-        _installed = transform
-        if transform is not None:
-            _by_id[transform.transform_id] = transform
-
-
-def register_transform(transform: KLTransform) -> None:
-    with _registry_lock:
-        _by_id[transform.transform_id] = transform
-
-
-def installed_transform() -> KLTransform | None:
-    return _installed
-
-
 def load_model_transform(model_dir: str | Path) -> KLTransform | None:
     path = Path(model_dir) / TRANSFORM_FILE
     return KLTransform.load(path) if path.exists() else None
@@ -398,7 +363,7 @@ def encode(
         words += chunk_words
     crc = 0
     for w in words:
-        crc = zlib.crc32(memoryview(w).cast("B"), crc)
+        crc = zlib.crc32(le_view(w), crc)
     head = _HEADER2.pack(
         b"CG", VERSION, _LEVEL_IDS[level], FLAG_WIDE if wide else 0, len(chunks), transform.transform_id, crc
     )
@@ -414,8 +379,8 @@ class Parsed:
         self.transform, self.flags, self.payload_crc, self.chunks = transform, flags, payload_crc, chunks
 
 
-def parse(params: bytes, shape: tuple[int, int, int], layer: int) -> Parsed:
-    """Check v2 params against the frame's shape and this process's transforms; FrameCorrupted /
+def parse(params: bytes, shape: tuple[int, int, int], layer: int, transform: KLTransform | None) -> Parsed:
+    """Check v2 params against the frame's shape and `transform` (the context's); FrameCorrupted /
     FrameForeign on anything wrong. Allocates nothing beyond the params' own size."""
     buf = params
     if len(buf) < _HEADER2.size + _CRC.size:
@@ -428,9 +393,8 @@ def parse(params: bytes, shape: tuple[int, int, int], layer: int) -> Parsed:
     c = h * d
     if flags & ~FLAG_WIDE or level_id not in _LEVEL_IDS.values() or not 1 <= n_chunks <= t:
         raise FrameCorrupted(f"cachegen params: flags {flags:#x}, level {level_id}, {n_chunks} chunks")
-    transform = _by_id.get(tid)
-    if transform is None:
-        raise FrameForeign(f"cachegen: transform {tid:#018x} is not loaded in this process")
+    if transform is None or transform.transform_id != tid:
+        raise FrameForeign(f"cachegen: transform {tid:#018x} is not loaded in this codec context")
     if not 0 <= layer < transform.num_layers or c != transform.channels or d != transform.head_dim:
         raise FrameForeign(f"cachegen: transform {tid:#018x} does not cover layer {layer} of shape {shape}")
     sdt = np.dtype("<f4") if flags & FLAG_WIDE else np.dtype("<f2")
@@ -495,10 +459,12 @@ def decode(
     return k.to(dtype), v.to(dtype)
 
 
-def error_bounds_klt(params: bytes, shape: tuple[int, int, int], layer: int) -> tuple[Tensor, Tensor]:
+def error_bounds_klt(
+    params: bytes, shape: tuple[int, int, int], layer: int, transform: KLTransform
+) -> tuple[Tensor, Tensor]:
     """Per-token L2 bounds on ||x_t - x_hat_t|| (fp32 [T] for K, for V) implied by params, before fp32
     arithmetic and the output dtype's rounding: ||F^-1||_2 * ||step||_2 / 2 (see the module docstring)."""
-    p = parse(params, shape, layer)
+    p = parse(params, shape, layer, transform)
     kb, vb = torch.empty(shape[0]), torch.empty(shape[0])
     for start, tokens, _, _, sides in p.chunks:
         for out, kind, (_, step, _, _) in zip((kb, vb), (0, 1), sides, strict=True):

@@ -19,22 +19,6 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
 
 
-def quantize(x: Tensor) -> tuple[Tensor, Tensor]:
-    """x: [T, Hkv, D] -> (scale fp32 [1], q uint8 view of fp8 [T, Hkv, D])."""
-    xf = x.float()
-    absmax = xf.abs().amax()
-    if not bool(torch.isfinite(absmax)):
-        raise CodecError("fp8 codec: K/V contains NaN or Inf")
-    scale = torch.where(absmax > 0, absmax / FP8_MAX, torch.ones_like(absmax)).reshape(1)
-    q = (xf / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
-    return scale, q.view(torch.uint8)
-
-
-def dequantize(scale: Tensor, q: Tensor, dtype: torch.dtype) -> Tensor:
-    """scale [1] fp32, q [T, Hkv, D] uint8 (fp8 bits) -> [T, Hkv, D] in dtype."""
-    return (q.view(FP8).float() * scale).to(dtype)
-
-
 class Fp8Codec(ScaledCodec):
     name = "fp8"
     codec_id = 3
@@ -42,10 +26,18 @@ class Fp8Codec(ScaledCodec):
     q_dtype = torch.uint8
 
     def quantize(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return quantize(x)
+        """x: [T, Hkv, D] -> (scale fp32 [1], q uint8 view of fp8 [T, Hkv, D])."""
+        xf = x.float()
+        absmax = xf.abs().amax()
+        if not bool(torch.isfinite(absmax)):
+            raise CodecError("fp8 codec: K/V contains NaN or Inf")
+        scale = torch.where(absmax > 0, absmax / FP8_MAX, torch.ones_like(absmax)).reshape(1)
+        q = (xf / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
+        return scale, q.view(torch.uint8)
 
     def dequantize(self, scale: Tensor, q: Tensor, dtype: torch.dtype) -> Tensor:
-        return dequantize(scale, q, dtype)
+        """scale [1] fp32, q [T, Hkv, D] uint8 (fp8 bits) -> [T, Hkv, D] in dtype."""
+        return (q.view(FP8).float() * scale).to(dtype)
 
     def num_scales(self, t: int) -> int:
         return 1

@@ -18,23 +18,6 @@ from kv_transfer.errors import CodecError
 QMAX = 127.0
 
 
-def quantize(x: Tensor) -> tuple[Tensor, Tensor]:
-    """x: [T, Hkv, D] -> (scale fp32 [T], q int8 [T, Hkv, D])."""
-    xf = x.float()
-    absmax = xf.abs().amax(dim=(1, 2))  # [T]
-    if not bool(torch.isfinite(absmax).all()):
-        raise CodecError("int8 codec: K/V contains NaN or Inf")
-    scale = absmax / QMAX
-    inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))  # all-zero token -> q = 0
-    q = torch.round(xf * inv.view(-1, 1, 1)).clamp_(-QMAX, QMAX).to(torch.int8)
-    return scale, q
-
-
-def dequantize(scale: Tensor, q: Tensor, dtype: torch.dtype) -> Tensor:
-    """scale [T] fp32, q [T, Hkv, D] int8 -> [T, Hkv, D] in dtype."""
-    return (q.float() * scale.view(-1, 1, 1)).to(dtype)
-
-
 class Int8Codec(ScaledCodec):
     name = "int8"
     codec_id = 2
@@ -42,10 +25,19 @@ class Int8Codec(ScaledCodec):
     q_dtype = torch.int8
 
     def quantize(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return quantize(x)
+        """x: [T, Hkv, D] -> (scale fp32 [T], q int8 [T, Hkv, D])."""
+        xf = x.float()
+        absmax = xf.abs().amax(dim=(1, 2))  # [T]
+        if not bool(torch.isfinite(absmax).all()):
+            raise CodecError("int8 codec: K/V contains NaN or Inf")
+        scale = absmax / QMAX
+        inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))  # all-zero token -> q = 0
+        q = torch.round(xf * inv.view(-1, 1, 1)).clamp_(-QMAX, QMAX).to(torch.int8)
+        return scale, q
 
     def dequantize(self, scale: Tensor, q: Tensor, dtype: torch.dtype) -> Tensor:
-        return dequantize(scale, q, dtype)
+        """scale [T] fp32, q [T, Hkv, D] int8 -> [T, Hkv, D] in dtype."""
+        return (q.float() * scale.view(-1, 1, 1)).to(dtype)
 
     def num_scales(self, t: int) -> int:
         return t

@@ -6,10 +6,10 @@ for a few MFLOPs per token instead of receiving them. The frame costs 4 bytes pe
 element of a 2 x 64-channel layer) and the layer is then exact. On the shipped model layer 0 is also the layer
 the CacheGen calibration gives the finest steps, about 30% of the default level's bits (docs/benchmarks.md).
 
-The function is installed per process (`install_layer0`, by the prefill and decode services from their model),
-identified by an id (the model's fingerprint) that every frame carries; a decoder without it, or with another
-model's, raises FrameForeign. An encoder codes layer 0 this way only if it can check the result: its own
-installed function must reproduce the K/V it was given (`matches`), else the caller codes the layer as usual.
+The function (`Layer0`) lives in the `CodecContext` a service builds from its model, identified by an id (the
+model's fingerprint) that every frame carries; a decoder without it, or with another model's, raises
+FrameForeign. An encoder codes layer 0 this way only if it can check the result: its own function must
+reproduce the K/V it was given (`Layer0.matches`), else the caller codes the layer as usual.
 
 params (little-endian): magic b"CG" | version u8 (= 3) | tokens u32 | model id u64 | payload crc32 u32 |
 crc32 of all before it. payload: the token ids, u32 each.
@@ -18,7 +18,6 @@ crc32 of all before it. payload: the token ids, u32 each.
 from __future__ import annotations
 
 import struct
-import threading
 import zlib
 from collections.abc import Callable
 
@@ -26,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from kv_transfer.errors import CodecError, FrameCorrupted, FrameForeign
+from kv_transfer.errors import FrameCorrupted, FrameForeign
 
 VERSION = 3  # the cachegen params version of a layer-0-from-ids frame
 _HEADER = struct.Struct("<2sBIQI")
@@ -38,58 +37,44 @@ TOL = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 1.6e-2}
 
 Layer0Fn = Callable[[Tensor], tuple[Tensor, Tensor]]  # ids int64 [T] (CPU) -> k, v [T, Hkv, D] (post-RoPE)
 
-_installed: tuple[Layer0Fn, int, int] | None = None  # (fn, model id, vocab size)
-_lock = threading.Lock()
 
+class Layer0:
+    """A model's layer-0 function, the model's id (fingerprint) and its vocabulary size. Immutable; held by a
+    `CodecContext`, which a service builds from the model it serves."""
 
-def install_layer0(fn: Layer0Fn | None, model_id: int = 0, vocab_size: int = 0) -> None:
-    """Make `fn` this process's layer-0 function for the model `model_id` (None: none)."""
-    global _installed
-    with _lock:
-        _installed = None if fn is None else (fn, model_id, vocab_size)
+    def __init__(self, fn: Layer0Fn, model_id: int, vocab_size: int = 0) -> None:
+        self.fn, self.model_id, self.vocab_size = fn, model_id, vocab_size
 
+    @classmethod
+    def from_model(cls, model, fingerprint: int) -> Layer0 | None:
+        """`model.layer0_kv` of an engine CausalLM, or None if it cannot compute layer 0 here."""
+        if not model.computes_layer0_kv:
+            return None
+        device = next(model.parameters()).device
+        return cls(lambda ids: model.layer0_kv(ids.to(device)), fingerprint, model.config.vocab_size)
 
-def installed_layer0() -> tuple[Layer0Fn, int, int] | None:
-    return _installed
-
-
-def install_from_model(model, fingerprint: int) -> bool:
-    """Install `model.layer0_kv` (an engine CausalLM) if it can compute layer 0 here; -> whether it did."""
-    if not model.computes_layer0_kv:
-        install_layer0(None)
-        return False
-    device = next(model.parameters()).device
-    install_layer0(lambda ids: model.layer0_kv(ids.to(device)), fingerprint, model.config.vocab_size)
-    return True
-
-
-def matches(k: Tensor, v: Tensor, token_ids: Tensor) -> bool:
-    """Whether this process's layer-0 function reproduces k, v [T, Hkv, D] from token_ids [T] within TOL."""
-    inst = _installed
-    if inst is None or token_ids.dim() != 1 or token_ids.shape[0] != k.shape[0]:
-        return False
-    fn, _, vocab = inst
-    if token_ids.numel() and (int(token_ids.min()) < 0 or (vocab and int(token_ids.max()) >= vocab)):
-        return False
-    k0, v0 = fn(token_ids)
-    if k0.shape != k.shape or v0.shape != v.shape:
-        return False
-    tol = TOL.get(k.dtype, 1e-4)
-    for x, x0 in ((k, k0), (v, v0)):
-        x, x0 = x.float(), x0.to(x.device).float()
-        if float((x - x0).abs().max()) > tol * max(float(x.abs().max()), 1e-30):
+    def matches(self, k: Tensor, v: Tensor, token_ids: Tensor) -> bool:
+        """Whether this function reproduces k, v [T, Hkv, D] from token_ids [T] within TOL."""
+        if token_ids.dim() != 1 or token_ids.shape[0] != k.shape[0]:
             return False
-    return True
+        vocab = self.vocab_size
+        if token_ids.numel() and (int(token_ids.min()) < 0 or (vocab and int(token_ids.max()) >= vocab)):
+            return False
+        k0, v0 = self.fn(token_ids)
+        if k0.shape != k.shape or v0.shape != v.shape:
+            return False
+        tol = TOL.get(k.dtype, 1e-4)
+        for x, x0 in ((k, k0), (v, v0)):
+            x, x0 = x.float(), x0.to(x.device).float()
+            if float((x - x0).abs().max()) > tol * max(float(x.abs().max()), 1e-30):
+                return False
+        return True
 
-
-def encode(token_ids: Tensor) -> tuple[bytes, bytes]:
-    """-> (params, payload) of a layer-0-from-ids frame. The caller has checked `matches`."""
-    inst = _installed
-    if inst is None:
-        raise CodecError("layer 0 from ids: no layer-0 function installed in this process")
-    payload = np.ascontiguousarray(token_ids.cpu().numpy().astype("<u4")).tobytes()
-    head = _HEADER.pack(b"CG", VERSION, token_ids.shape[0], inst[1], zlib.crc32(payload))
-    return head + _CRC.pack(zlib.crc32(head)), payload
+    def encode(self, token_ids: Tensor) -> tuple[bytes, bytes]:
+        """-> (params, payload) of a layer-0-from-ids frame. The caller has checked `matches`."""
+        payload = np.ascontiguousarray(token_ids.cpu().numpy().astype("<u4")).tobytes()
+        head = _HEADER.pack(b"CG", VERSION, token_ids.shape[0], self.model_id, zlib.crc32(payload))
+        return head + _CRC.pack(zlib.crc32(head)), payload
 
 
 def is_layer0_frame(params: bytes) -> bool:
@@ -97,9 +82,15 @@ def is_layer0_frame(params: bytes) -> bool:
 
 
 def decode(
-    params: bytes, payload: memoryview, shape: tuple[int, int, int], dtype: torch.dtype, device: torch.device
+    params: bytes,
+    payload: memoryview,
+    shape: tuple[int, int, int],
+    dtype: torch.dtype,
+    device: torch.device,
+    inst: Layer0 | None,
 ) -> tuple[Tensor, Tensor]:
-    """params, payload of a layer-0-from-ids frame -> k, v [T, Hkv, D] in `dtype` on `device`."""
+    """params, payload of a layer-0-from-ids frame -> k, v [T, Hkv, D] in `dtype` on `device`, computed by
+    `inst` (the context's layer-0 function; FrameForeign if None or another model's)."""
     if len(params) != PARAMS_BYTES:
         raise FrameCorrupted(f"layer-0 params: {len(params)} bytes, want {PARAMS_BYTES}")
     (crc,) = _CRC.unpack_from(params, _HEADER.size)
@@ -110,13 +101,12 @@ def decode(
         raise FrameCorrupted(f"layer-0 frame: {tokens} tokens, {len(payload)} payload bytes, shape {shape}")
     if zlib.crc32(payload) != payload_crc:
         raise FrameCorrupted("layer-0 payload: CRC mismatch")
-    inst = _installed
-    if inst is None or inst[1] != model_id:
+    if inst is None or inst.model_id != model_id:
         raise FrameForeign(
-            f"layer-0 frame of model {model_id:#x}: this process has "
-            + ("no layer-0 function" if inst is None else f"model {inst[1]:#x}'s")
+            f"layer-0 frame of model {model_id:#x}: this codec context has "
+            + ("no layer-0 function" if inst is None else f"model {inst.model_id:#x}'s")
         )
-    fn, _, vocab = inst
+    fn, vocab = inst.fn, inst.vocab_size
     ids = torch.from_numpy(np.frombuffer(payload, dtype="<u4").astype(np.int64))
     if ids.numel() and vocab and int(ids.max()) >= vocab:
         raise FrameCorrupted(f"layer-0 frame: token id {int(ids.max())} outside the vocabulary ({vocab})")
@@ -124,11 +114,3 @@ def decode(
     if tuple(k.shape) != tuple(shape) or tuple(v.shape) != tuple(shape):
         raise FrameCorrupted(f"layer-0 frame: the model computes {tuple(k.shape)}, the frame says {shape}")
     return k.to(device=device, dtype=dtype), v.to(device=device, dtype=dtype)
-
-
-def pull_codec(name: str) -> str:
-    """The codec a decoder asks for when told `name`: cachegen with layer 0 as ids where this process can
-    recompute it (its model's layer-0 function is installed), plain cachegen where it cannot."""
-    if name in ("cachegen", "cachegen_l0"):
-        return "cachegen_l0" if _installed is not None else "cachegen"
-    return name

@@ -30,10 +30,6 @@ class RawCodec(Codec):
         check_kv(k, v)
         return _PARAMS.pack(_LAYOUT, DTYPE_CODES[k.dtype]), [tensor_bytes(k), tensor_bytes(v)]
 
-    def encode(self, k: Tensor, v: Tensor, layer: int) -> tuple[bytes, bytes]:
-        params, parts = self.encode_parts(k, v, layer)
-        return bytes(params), b"".join(parts)
-
     def decode(
         self, params: Buffer, payload: Buffer, shape: Shape, dtype: torch.dtype, layer: int
     ) -> tuple[Tensor, Tensor]:

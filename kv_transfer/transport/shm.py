@@ -255,7 +255,7 @@ class ShmChannel(ChannelGuard, Channel):
                 self._handshake(deadline_of(HANDSHAKE_TIMEOUT_S) if deadline is None else deadline)
                 if self._ready:
                     return memoryview(self._ready.popleft())
-                if timeout is not None and not readable(self._sock, max(0.0, deadline - time.monotonic())):
+                if deadline is not None and not readable(self._sock, max(0.0, deadline - time.monotonic())):
                     raise TransferTimeout(f"no message within {timeout} s")  # nothing consumed: intact
             except TransferTimeout:
                 if not self._ready_hs:

@@ -167,10 +167,6 @@ def _cuda_capable(tls: str) -> bool:
     return torch.cuda.is_available() and cuda_tls_ok(tls) and bool(_context(tls).cuda_support)
 
 
-def _is_cuda_tensor(data: object) -> bool:
-    return isinstance(data, torch.Tensor) and data.is_cuda
-
-
 class UCXChannel(ChannelGuard, Channel):
     def __init__(
         self, sock: socket.socket, tls: str, max_message_bytes: int, connect_timeout: float | None = None
@@ -298,16 +294,19 @@ class UCXChannel(ChannelGuard, Channel):
     def send(self, data: Buffer | torch.Tensor, timeout: float | None = None) -> None:
         """Send bytes; on a CUDA host `data` may also be a contiguous CUDA tensor (moved by cuda_ipc/copy)."""
         deadline = deadline_of(timeout)
-        cuda = _is_cuda_tensor(data)
-        if cuda:
-            assert isinstance(data, torch.Tensor)
+        cuda_device: torch.device | None = None  # the device of a CUDA tensor `data`
+        if isinstance(data, torch.Tensor):
+            if not data.is_cuda:
+                raise TypeError("UCX send: a CPU tensor is not a buffer; send its bytes or a CUDA tensor")
             if not data.is_contiguous():
                 raise ValueError("CUDA tensors must be contiguous to send")
             payload: Any = data.reshape(-1).view(torch.uint8)  # bytes: CUDA array interface lacks bf16
             n = payload.numel()
+            cuda_device = data.device
         else:
-            payload = as_bytes_view(data)  # type: ignore[arg-type]
+            payload = as_bytes_view(data)
             n = len(payload)
+        cuda = cuda_device is not None
         with self._op():
             try:
                 self._handshake(deadline_of(HANDSHAKE_TIMEOUT_S) if deadline is None else deadline)
@@ -322,7 +321,7 @@ class UCXChannel(ChannelGuard, Channel):
                 if cuda and not self._peer_cuda:
                     raise ProtocolError("peer has no CUDA UCX: send host bytes instead")
                 if cuda:
-                    dev = self._cuda_ctx(data.device)  # type: ignore[union-attr]
+                    dev = self._cuda_ctx(cuda_device)
                     torch.cuda.current_stream(dev).synchronize()  # the producer's writes land first
                 tag = self._send_seq
                 self._send_seq += 1
@@ -368,6 +367,8 @@ class UCXChannel(ChannelGuard, Channel):
                     raise ProtocolError(f"UCX message tag {tag}, expected {self._recv_seq}")
                 self._recv_seq += 1
                 if kind == CUDA:
+                    # Channel.recv is typed for host bytes; a CUDA message comes as a CUDA uint8 tensor
+                    # (documented above), which only a peer that sent a CUDA tensor receives
                     return self._recv_cuda(n, tag, deadline)  # type: ignore[return-value]
                 out = self._host_view(n)
                 if n:

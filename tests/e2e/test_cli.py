@@ -43,9 +43,10 @@ def test_up_generate_and_ctrl_c(tiny_model_dir: Path, tmp_path: Path) -> None:
     try:
         addr = None
         deadline = time.monotonic() + 120
-        lines = []
+        lines: list[str] = []
+        assert up.stdout is not None  # stdout=PIPE
         while addr is None and time.monotonic() < deadline:
-            line = up.stdout.readline()  # type: ignore[union-attr]
+            line = up.stdout.readline()
             assert line, f"pdserve up exited early: {''.join(lines)}"
             lines.append(line)
             m = re.search(r"serving on (\S+)", line)

@@ -75,11 +75,15 @@ def test_wheel_from_a_clean_export_installs_and_generates_like_the_checkout(tmp_
     outside.mkdir()
     probe = (
         "import importlib.util as u, pdserve.client, pdserve.v1.generation_pb2 as g; "
-        "from engine.model_dir import shipped_model_dir; "
-        "print(shipped_model_dir()); print(g.__file__); "
+        "from engine.model_dir import shipped_model_dir; from engine.kernels import kernels_available; "
+        "from kv_transfer.codec import rans; "
+        "print(shipped_model_dir()); print(g.__file__); print(kernels_available(), rans.available()); "
         "print(*[m for m in ('grpc_tools', 'kubernetes', 'kopf', 'ucxx') if u.find_spec(m)])"
     )
-    model_dir, stubs, extra = _run([str(py), "-c", probe], outside, env).splitlines()
+    model_dir, stubs, compiled, extra = _run([str(py), "-c", probe], outside, env).splitlines()
+    assert compiled == "True True", (
+        "the C kernels and the rANS coder (rans.c: package data) build from the wheel"
+    )
     site = str(venv / "lib")
     assert model_dir.startswith(site) and model_dir.endswith("pdserve/models/pdserve-tiny-py"), model_dir
     assert stubs.startswith(site), stubs

@@ -62,8 +62,9 @@ def main() -> None:
                     tid,
                     L,
                     T,
-                    lambda layer, kv=kv: kv[layer],
-                    lambda t, r, s=scheme: say(f"released {s} {t} {r}"),
+                    # mypy#15459: mypy cannot type a lambda whose default binds a loop variable
+                    lambda layer, kv=kv: kv[layer],  # type: ignore[misc]
+                    lambda t, r, s=scheme: say(f"released {s} {t} {r}"),  # type: ignore[misc]
                 )
                 say(f"token {scheme} {tid} {token.hex()}")
             say(f"opened {tid}")

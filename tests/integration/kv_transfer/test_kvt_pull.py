@@ -421,30 +421,31 @@ def test_abort_a_pull(server: KVServer, puller: KVPuller) -> None:
     assert server.num_leases() == 1 and rel.total("ab") == 0  # the server keeps it for a retry
 
 
-def test_cachegen_l0_pull_sends_layer0_as_the_leases_token_ids(
-    server: KVServer, puller: KVPuller, tiny_model_dir
-) -> None:
-    """A real model's prompt KV behind a lease that knows the prompt's ids: pulled with cachegen_l0, layer 0
-    crosses as 4 bytes per token and arrives exactly as prefill computed it; the rest is cachegen's."""
+def test_cachegen_l0_pull_sends_layer0_as_the_leases_token_ids(scheme: str, tiny_model_dir) -> None:
+    """A real model's prompt KV behind a lease that knows the prompt's ids: pulled with cachegen_l0 between a
+    server and a puller that hold the model's codec context, layer 0 crosses as 4 bytes per token and
+    arrives exactly as prefill computed it; the rest is cachegen's."""
     from engine.kv_probe import KVProbe
-    from kv_transfer.codec import layer0
+    from kv_transfer.codec import CodecContext
 
     probe = KVProbe(str(tiny_model_dir), 64)
+    ctx = CodecContext.from_model_dir(tiny_model_dir, probe.runner.model, probe.runner.fingerprint)
+    assert ctx.layer0 is not None and ctx.pull_codec("cachegen") == "cachegen_l0"
     ids = [(13 * i + 7) % 2000 for i in range(48)]
     kv = probe.prefill(ids)
-    with pytest.raises(InvalidRequest, match="token ids"):
-        server.open_lease(
-            "l0-bad", len(kv), len(ids), lambda layer: kv[layer], Releases(), token_ids=ids[:-1]
-        )
-    assert layer0.install_from_model(probe.runner.model, probe.runner.fingerprint)
+    server = KVServer(transport_for(scheme), "127.0.0.1", fingerprint=FP, lease_ttl_s=10.0, codecs=ctx)
+    server.start()
     try:
-        rel = Releases()
-        rel.tokens["l0"] = server.open_lease(
-            "l0", len(kv), len(ids), lambda layer: kv[layer], rel, token_ids=ids
-        )
-        server.finish("l0", 5)
-        sink = Sink()
-        trailer = puller.pull(server.address, "l0", "cachegen_l0", sink, token=rel.tokens["l0"])
+        with pytest.raises(InvalidRequest, match="token ids"):
+            server.open_lease(
+                "l0-bad", len(kv), len(ids), lambda layer: kv[layer], Releases(), token_ids=ids[:-1]
+            )
+        with KVPuller(fingerprint=FP, timeout_s=10.0, codecs=ctx) as puller:
+            rel = Releases()
+            token = server.open_lease("l0", len(kv), len(ids), lambda layer: kv[layer], rel, token_ids=ids)
+            server.finish("l0", 5)
+            sink = Sink()
+            trailer = puller.pull(server.address, "l0", "cachegen_l0", sink, token=token)
         assert torch.equal(sink.kv[0][0], kv[0][0]) and torch.equal(sink.kv[0][1], kv[0][1])
         for layer in range(1, len(kv)):
             err = (sink.kv[layer][0] - kv[layer][0]).abs().max().item()
@@ -453,7 +454,7 @@ def test_cachegen_l0_pull_sends_layer0_as_the_leases_token_ids(
         assert trailer.stats.payload_bytes < (len(kv) - 1) * layer_bytes / 3  # layer 0 ~free, rest compressed
         rel.wait("l0", "pulled")
     finally:
-        layer0.install_layer0(None)
+        server.stop()
 
 
 def test_only_the_lease_token_pulls_and_a_wrong_one_gets_no_kv_byte(

@@ -267,20 +267,28 @@ def test_errors_are_recorded_with_status(traced: Traced) -> None:
     assert ok.status != "ERROR" and ok.attributes["pdserve.status_code"] == "OK"
 
 
-def _points(receiver: OTLPReceiver, name: str, timeout_s: float = 10.0) -> list:
+def _points(
+    receiver: OTLPReceiver, name: str, timeout_s: float = 10.0, count: int | None = None
+) -> list:
+    """The metric's points received so far, once there are any (and, with `count`, once a cumulative point
+    has counted that many: exports come every OTEL_METRIC_EXPORT_INTERVAL, so the newest may lag)."""
+
+    def ready(points: list) -> bool:
+        return bool(points) and (count is None or max(p.count for _, p in points) >= count)
+
     deadline = time.monotonic() + timeout_s
-    while not (points := receiver.metric_points(name)) and time.monotonic() < deadline:
+    while not ready(points := receiver.metric_points(name)) and time.monotonic() < deadline:
         time.sleep(0.2)
     return points
 
 
 def test_metrics_are_exported(traced: Traced) -> None:
     n_ok = len(OK_REQUESTS) + 2  # and the one-token and lossless-floor requests
-    ttft = _points(traced.receiver, "pdserve.request.ttft")
+    ttft = _points(traced.receiver, "pdserve.request.ttft", count=n_ok)
     assert ttft and max(p.count for _, p in ttft) == n_ok
     for name in ("pdserve.request.tbt", "pdserve.request.tpot"):
         assert _points(traced.receiver, name), name
-    handoff = _points(traced.receiver, "pdserve.kv.handoff.bytes")
+    handoff = _points(traced.receiver, "pdserve.kv.handoff.bytes", count=len(OK_REQUESTS))
     by_codec: dict[str, int] = {}  # hand-offs per codec (points are cumulative: the largest count)
     for _, p in handoff:
         attrs = {kv.key: kv.value.string_value for kv in p.attributes}
@@ -381,7 +389,7 @@ def test_local_prefill_is_traced_on_the_decode_instance(tiny_model_dir: Path, tm
         cluster.stop()
     by_id = {s.span_id: s for s in spans}
     (local,) = [s for s in spans if s.name == T.DECODE_LOCAL_PREFILL]
-    assert by_id[local.parent_span_id].name == T.DECODE_REQUEST
+    assert local.parent_span_id is not None and by_id[local.parent_span_id].name == T.DECODE_REQUEST
     assert local.service == "pdserve-decode" and local.attributes["pdserve.prompt_tokens"] > 0
     assert not names & {T.GATEWAY_PREFILL, T.PREFILL_REQUEST, T.PREFILL_COMPUTE, T.KV_LEASE, T.KV_TRANSFER}
     (steps,) = [s for s in spans if s.name == T.DECODE_STEPS]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from bench.codec import DEFAULT_MODEL, Settings, run
-from kv_transfer.codec import layer0
 
 pytestmark = pytest.mark.skipif(
     not (DEFAULT_MODEL / "model.safetensors").exists(), reason="the shipped model is not trained yet"
@@ -14,10 +13,7 @@ pytestmark = pytest.mark.skipif(
 
 def test_codec_bench_reports_every_figure() -> None:
     s = Settings(prompt=64, continuation=16, windows=1, speed_tokens=128, repeats=1, greedy_prompts=2)
-    try:
-        r = run(str(DEFAULT_MODEL), s)
-    finally:
-        layer0.install_layer0(None)  # run() installs the model's layer-0 function, as the services do
+    r = run(str(DEFAULT_MODEL), s)
     keys = {
         "ratio_vs_fp16",
         "ratio_vs_int8",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
@@ -66,7 +67,8 @@ def test_pdserve_bench_rejects_unknown_benchmarks(capsys: pytest.CaptureFixture[
 
 
 class FakeProber:
-    """Runs whose requests all meet a 0.5 s TTFT SLO up to `knee` req/s, and none above."""
+    """Stands in for bench.probe.Prober: runs whose requests all meet a 0.5 s TTFT SLO up to `knee` req/s,
+    and none above."""
 
     ttft_s = (0.1, 1.0)  # time to first token at rates up to the knee, and above it
     seeds = (0,)
@@ -100,7 +102,7 @@ def test_refine_goodput_continues_the_search_within_budget(
 ) -> None:
 
     prober = FakeProber(knee, rates)
-    refine_goodput(prober, SLO(0.5, 0.02), budget, rel_tol=0.25)  # type: ignore[arg-type]
+    refine_goodput(prober, SLO(0.5, 0.02), budget, rel_tol=0.25)  # type: ignore[arg-type]  # a fake Prober
     assert prober.new == expect_new
 
 
@@ -189,21 +191,21 @@ def test_evaluate_searches_the_symmetric_slos_on_their_own() -> None:
     iso = {"prefill_s": 0.1, "decode_step_s": 0.01, "prompt_len": 8}
     mode = replace(QUICK, max_probes=2, symmetric_probes=3)
     prober = SloProber(knee=0.5, rates=[])
-    out = evaluate(prober, iso, slos, 2.0, 1.0, mode, symmetric_slos=symmetric)  # type: ignore[arg-type]
+    out = evaluate(prober, iso, slos, 2.0, 1.0, mode, symmetric_slos=symmetric)  # type: ignore[arg-type]  # a fake Prober
     assert out["goodput"]["2"]["rate"] == 2.0  # 1.0 and 2.0 pass the loose TTFT
     assert [p["rate"] for p in out["symmetric_search"]["probes"]] == [1.0, 0.5, 0.25]
     assert out["goodput_symmetric"]["2"] == 0.0  # 0.3 s > 0.2 s at every rate
     assert out["tightest_k_at_fixed_rate"] == pytest.approx(1.0)  # TTFT 1.0 s over the k=1 TTFT 1.0 s
     # no symmetric probes: scored on the headline runs only
     prober = SloProber(knee=0.5, rates=[])
-    out = evaluate(prober, iso, slos, 2.0, 1.0, replace(mode, symmetric_probes=0), symmetric_slos=symmetric)  # type: ignore[arg-type]
+    out = evaluate(prober, iso, slos, 2.0, 1.0, replace(mode, symmetric_probes=0), symmetric_slos=symmetric)  # type: ignore[arg-type]  # a fake Prober
     assert out["symmetric_search"] is None and sorted(prober.runs) == [1.0, 2.0]
 
 
 class ScriptedProber(Prober):
     """A prober whose load runs report scripted foreign CPU peaks (the run itself is not what is tested)."""
 
-    def __init__(self, peaks: list[float], **kw: object) -> None:
+    def __init__(self, peaks: list[float], **kw: Any) -> None:
         super().__init__(
             "sys",
             "127.0.0.1:1",
@@ -213,7 +215,7 @@ class ScriptedProber(Prober):
             max_span_s=10,
             min_requests=1,
             **kw,
-        )  # type: ignore[arg-type]
+        )
         self.peaks = peaks
         self.loads = 0
 

@@ -65,7 +65,8 @@ def test_usage_splits_the_machine_and_finds_the_peak_window(monkeypatch: pytest.
     # a last sample 20 ms later, 2 ticks of outside load in it: 1.0 core over that sliver, noise of tick
     # accounting; windows shorter than min_window_s are not peaks of their own (the mean keeps the ticks)
     tail = [*samples, _sample(2.02, busy=322, steal=20, own=220, peers=10, bench=40)]
-    assert usage_between(tail).foreign_peak_cores == pytest.approx(1.0)  # type: ignore[union-attr]
+    tail_usage = usage_between(tail)
+    assert tail_usage is not None and tail_usage.foreign_peak_cores == pytest.approx(1.0)
     short = usage_between(tail, min_window_s=0.5)
     assert short is not None and short.foreign_peak_cores == pytest.approx(0.70)
     assert short.outside_cores == pytest.approx(0.52 / 2.02)  # (322 - 220 - 10 - 40) ticks in 2.02 s

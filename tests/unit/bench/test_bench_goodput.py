@@ -97,7 +97,8 @@ def test_derive_slos_and_sweep() -> None:
         derive_slos(0.2, 0.0, 5)
     sweep = slo_sweep(0.2, 0.03, [1, 2, 4], min_fluidity=0.9)
     assert [k for k, _ in sweep] == [1, 2, 4]
-    assert sweep[2][1] == SLO(pytest.approx(0.8), pytest.approx(0.12), 0.9)
+    slo = sweep[2][1]
+    assert (slo.ttft_s, slo.tpot_s, slo.min_fluidity) == (pytest.approx(0.8), pytest.approx(0.12), 0.9)
 
 
 def test_goodput_sweep_over_slo_scale() -> None:

@@ -150,7 +150,7 @@ def test_failed_and_timed_out_requests() -> None:
     partial = _record([0.1, 0.2], output_len=5)
     partial.fail("timeout: deadline exceeded")
     m = request_metrics(partial, ttft_deadline_s=1.0, tbt_deadline_s=0.5)
-    assert not m.ok and m.error.startswith("timeout")
+    assert not m.ok and m.error is not None and m.error.startswith("timeout")
     assert m.ttft_s == pytest.approx(0.1)  # what arrived is still reported
     assert m.fluidity == Fluidity(missed=3, total=5)  # 2 on time + 3 never delivered
 

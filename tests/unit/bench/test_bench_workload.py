@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -26,7 +27,7 @@ SOURCE = list(range(1000, 1997))  # 997 distinct "token ids" (prime length)
 
 
 def _wl(**kw) -> Workload:
-    base = {
+    base: dict[str, Any] = {
         "name": "t",
         "n_requests": 200,
         "rate": 2.0,

@@ -86,8 +86,12 @@ def test_outputs_equal_reference_and_decodes_never_pause(
 
     spy = SpyRunner(runner)
     engine = ColocatedEngine(
-        spy, max_running=64, max_queue=64, max_batch_tokens=64, chunk_tokens=chunk_tokens
-    )  # type: ignore[arg-type]
+        spy,  # type: ignore[arg-type]  # SpyRunner stands in for the ModelRunner it wraps (delegating by __getattr__)
+        max_running=64,
+        max_queue=64,
+        max_batch_tokens=64,
+        chunk_tokens=chunk_tokens,
+    )
     out = Collector(spy)
     engine.start()
     try:
@@ -119,7 +123,13 @@ def test_outputs_equal_reference_and_decodes_never_pause(
 
 def test_cancel_frees_blocks_in_every_phase(runner: ModelRunner) -> None:
     spy = SpyRunner(runner)
-    engine = ColocatedEngine(spy, max_running=2, max_queue=64, max_batch_tokens=64, chunk_tokens=4)  # type: ignore[arg-type]
+    engine = ColocatedEngine(
+        spy,  # type: ignore[arg-type]  # SpyRunner stands in for the ModelRunner it wraps (delegating by __getattr__)
+        max_running=2,
+        max_queue=64,
+        max_batch_tokens=64,
+        chunk_tokens=4,
+    )
     out = Collector(spy)
     prompt = runner.tokenizer.encode("import os\n" * 8)
     jobs = [

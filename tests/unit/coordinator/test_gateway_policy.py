@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from coordinator.config import CoordinatorConfig
 from coordinator.gateway import kv_floor_from_request, pick_codec
-from coordinator.registry import InstanceInfo
+from coordinator.registry import InstanceInfo, Registry
 from coordinator.router import Router
 from kv_transfer.choice import CodecProfile
 from pdserve.errors import InvalidRequest
@@ -22,7 +23,9 @@ FP = 7
 
 
 def _router(prefill: int = 1, decode: int = 1) -> Router:
-    router = Router(registry=None, fingerprint=FP)  # type: ignore[arg-type] - the snapshot is set by hand
+    router = Router(
+        registry=Registry("redis://x"), fingerprint=FP
+    )  # never queried: the snapshot is set by hand
     router.snapshot = [
         InstanceInfo(f"p{i}", "prefill", f"127.0.0.1:{1000 + i}", model_fingerprint=FP)
         for i in range(prefill)
@@ -71,8 +74,8 @@ def test_gateway_policy(tiny_model_dir: Path) -> None:
     from engine.config import ModelConfig
     from engine.tokenizer import Tokenizer
 
-    def gateway(**kw: object) -> Gateway:
-        cfg = CoordinatorConfig(model_dir=str(tiny_model_dir), redis_url="redis://x", **kw)  # type: ignore[arg-type]
+    def gateway(**kw: Any) -> Gateway:
+        cfg = CoordinatorConfig(model_dir=str(tiny_model_dir), redis_url="redis://x", **kw)
         model = ModelConfig.from_hf_dir(tiny_model_dir)
         return Gateway(cfg, router, Tokenizer(str(tiny_model_dir)), model)
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.synth import make_random_model
+from engine.synth import ModelShape, make_random_model
 
 torch.set_num_threads(1)
 
-TINY = {
+TINY: ModelShape = {
     "layers": 2,
     "hidden": 64,
     "heads": 4,

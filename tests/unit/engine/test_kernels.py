@@ -78,7 +78,12 @@ def test_small_matmul_uses_torch_outside_its_shapes(monkeypatch: pytest.MonkeyPa
     lib = kernels._load()
     if lib is not None:
         real = lib.small_matmul
-        monkeypatch.setattr(lib, "small_matmul", lambda *a: calls.append(a) or real(*a))
+
+        def spy(*a):
+            calls.append(a)
+            return real(*a)
+
+        monkeypatch.setattr(lib, "small_matmul", spy)
     gen = torch.Generator().manual_seed(0)
     w_t = torch.randn(24, 32, generator=gen)
     for x, w in [

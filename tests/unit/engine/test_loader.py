@@ -40,6 +40,7 @@ def test_sharded_checkpoint_with_index(engine_model_dir: str, tmp_path):
     weight_map = {k: file for file, keys in shards.items() for k in keys}
     (dst / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     model = load_model(str(dst))
+    assert model.lm_head is not None
     assert torch.equal(model.lm_head.weight.detach(), weights["lm_head.weight"])
 
 

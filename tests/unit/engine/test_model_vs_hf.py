@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from transformers import (
@@ -18,7 +20,7 @@ from engine.kv_cache import KVCache
 from engine.loader import load_model
 from engine.model import BatchMeta, CausalLM
 
-COMMON = {
+COMMON: dict[str, Any] = {
     "hidden_size": 64,
     "intermediate_size": 112,
     "num_hidden_layers": 2,
@@ -27,14 +29,19 @@ COMMON = {
     "vocab_size": 300,
     "max_position_embeddings": 256,
 }
+# transformers 5 types its configs by their dataclass fields; rope_theta and rope_scaling still work (through
+# **kwargs, into rope_parameters), and transformers 4 has no rope_parameters
 CASES = {
-    "llama": (LlamaForCausalLM, LlamaConfig(**COMMON, tie_word_embeddings=False, rope_theta=500.0)),
+    "llama": (
+        LlamaForCausalLM,
+        LlamaConfig(**COMMON, tie_word_embeddings=False, rope_theta=500.0),  # type: ignore[call-arg]
+    ),
     "qwen2-tied": (Qwen2ForCausalLM, Qwen2Config(**COMMON, tie_word_embeddings=True)),
     # window 6 < sequence length, and a head_dim that is not hidden / heads
     "mistral-window": (MistralForCausalLM, MistralConfig(**COMMON, sliding_window=6, head_dim=24)),
     "llama3-rope": (
         LlamaForCausalLM,
-        LlamaConfig(
+        LlamaConfig(  # type: ignore[call-arg]
             **COMMON,
             rope_scaling={
                 "rope_type": "llama3",
@@ -47,7 +54,7 @@ CASES = {
     ),
     "llama-linear-rope": (
         LlamaForCausalLM,
-        LlamaConfig(**COMMON, rope_scaling={"rope_type": "linear", "factor": 3.0}),
+        LlamaConfig(**COMMON, rope_scaling={"rope_type": "linear", "factor": 3.0}),  # type: ignore[call-arg]
     ),
 }
 BLOCK = 4
@@ -104,7 +111,8 @@ def test_prefill_and_paged_decode_match_transformers(name: str, tmp_path):
     for step in range(6):
         with torch.no_grad():
             ref = hf(torch.tensor([ids])).logits[0, -1]  # full recompute, no cache
-        torch.testing.assert_close(logits, ref, atol=1e-4, rtol=1e-4, msg=lambda m, s=step: f"step {s}: {m}")
+        # mypy#15459: mypy cannot type a lambda whose default binds a loop variable
+        torch.testing.assert_close(logits, ref, atol=1e-4, rtol=1e-4, msg=lambda m, s=step: f"step {s}: {m}")  # type: ignore[misc]
         ids.append(int(ref.argmax()))
         logits = paged.step(ids[-1:])  # decode one token through the paged cache
 

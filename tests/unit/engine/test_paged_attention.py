@@ -52,7 +52,8 @@ def test_paged_decode_equals_full_recompute(runner: ModelRunner):
     for step in range(10):
         scratch = blocks.take(len(ids))  # fresh blocks: recompute everything from nothing
         ref = logits(runner, [scratch], [0], [ids])[0]
-        torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4, msg=lambda m, s=step: f"step {s}: {m}")
+        # mypy#15459: mypy cannot type a lambda whose default binds a loop variable
+        torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4, msg=lambda m, s=step: f"step {s}: {m}")  # type: ignore[misc]
         assert int(out.argmax()) == int(ref.argmax())
         ids.append(int(ref.argmax()))
         out = logits(runner, [table], [len(ids) - 1], [ids[-1:]])[0]
@@ -99,8 +100,13 @@ def test_batched_decode_equals_per_sequence_decode(runner: ModelRunner):
         [logits(runner, [t], [0], [p])[0] for t, p in zip(solo_tables, solo_ids, strict=True)]
     )
     for step in range(steps):
+        # mypy#15459: mypy cannot type a lambda whose default binds a loop variable
         torch.testing.assert_close(
-            batch_out, solo_out, atol=1e-4, rtol=1e-4, msg=lambda m, s=step: f"step {s}: {m}"
+            batch_out,
+            solo_out,
+            atol=1e-4,
+            rtol=1e-4,
+            msg=lambda m, s=step: f"step {s}: {m}",  # type: ignore[misc]
         )
         for ids, row in zip(batch_ids, batch_out, strict=True):
             ids.append(int(row.argmax()))

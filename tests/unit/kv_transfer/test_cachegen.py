@@ -1,5 +1,6 @@
-"""CacheGen codec: error bound per element, compression on structured KV, both table modes, anchor/delta, typed
-errors on damaged input, the frame round trip, and the GPU quantization path (when CUDA is present)."""
+"""CacheGen format v1 (`cachegen_v1`: a context without a transform): error bound per element, compression on
+structured KV, static and chunk tables, typed errors on damaged input, the frame round trip, and the GPU
+quantization path (when CUDA is present)."""
 
 from __future__ import annotations
 
@@ -10,24 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from kv_transfer.codec import cachegen_tables, rans
-from kv_transfer.codec.cachegen import (
-    FLAG_RANS,
-    FLAG_WIDE,
-    LEVELS,
-    CacheGenCodec,
-    error_allowance,
-    error_bounds,
-    parse_params,
-)
-from kv_transfer.codec.cachegen_tables import (
-    TABLES_FILE,
-    CacheGenTables,
-    install_tables,
-    load_model_tables,
-    profile_tables,
-    register_tables,
-)
+from calibration.plan import profile_tables
+from kv_transfer.codec import CodecContext
+from kv_transfer.codec.cachegen import CacheGenCodec
+from kv_transfer.codec.cachegen_core import LEVELS
+from kv_transfer.codec.cachegen_tables import TABLES_FILE, CacheGenTables, load_model_tables
+from kv_transfer.codec.cachegen_v1 import FLAG_WIDE, error_allowance, error_bounds, parse_params
 from kv_transfer.codec.int8 import Int8Codec
 from kv_transfer.errors import CodecError, FrameForeign, KVTransferError
 from kv_transfer.frame import decode_frame, encode_frame
@@ -83,6 +72,13 @@ def synthetic_kv(
     return torch.from_numpy(k).float(), torch.from_numpy(v).float()
 
 
+def v1_codec(
+    level: str = "default", tables: CacheGenTables | None = None, num_layers: int | None = NUM_LAYERS, **kw
+) -> CacheGenCodec:
+    """A cachegen codec whose context holds the model's depth and `tables` but no transform: format v1."""
+    return CacheGenCodec(CodecContext(num_layers, tables), level, **kw)
+
+
 def assert_within_bound(x: torch.Tensor, x_hat: torch.Tensor, bound: torch.Tensor) -> None:
     """|x - x_hat| <= the quantizer's bound, plus fp32 arithmetic and the output dtype's rounding."""
     excess = (x.float() - x_hat.float()).abs() - error_allowance(x, x_hat, bound)
@@ -103,8 +99,8 @@ def roundtrip(codec: CacheGenCodec, k: torch.Tensor, v: torch.Tensor, layer: int
 def test_roundtrip_within_error_bound(dtype: torch.dtype, t: int) -> None:
     k, v = synthetic_kv(t, layer=1)
     k, v = k.to(dtype), v.to(dtype)
-    for level, raw in zip(LEVELS, (0, 1, 3), strict=True):
-        codec = CacheGenCodec(level, chunk_tokens=512, raw_tokens=raw, num_layers=NUM_LAYERS)
+    for level in LEVELS:
+        codec = v1_codec(level, chunk_tokens=512)
         params, _, k2, v2 = roundtrip(codec, k, v, 1)
         assert k2.dtype == dtype and k2.shape == k.shape and v2.shape == v.shape
         kb, vb = error_bounds(params, tuple(k.shape))
@@ -113,17 +109,15 @@ def test_roundtrip_within_error_bound(dtype: torch.dtype, t: int) -> None:
 
 
 def test_error_bound_is_the_quantizer_step() -> None:
-    """The bound is half a quantization step: h_c / (2M) for keys (per channel), s_t / (2M) for values; the
-    first (raw) token is only rounded to fp16."""
+    """The bound is half a quantization step: h_c / (2M) for keys (per channel), s_t / (2M) for values."""
     k, v = synthetic_kv(300, layer=5)
-    codec = CacheGenCodec("default", table_mode="chunk", raw_tokens=1, num_layers=NUM_LAYERS)
-    params, _ = codec.encode(k, v, 5)
+    params, _ = v1_codec().encode(k, v, 5)
     p = parse_params(params, tuple(k.shape))
     kb, vb = error_bounds(params, tuple(k.shape))
     (ch,) = p.chunks
-    assert p.raw_tokens == 1 and ch.start == 1 and ch.tokens == 299
+    assert ch.start == 0 and ch.tokens == 300
     mk, mv = p.k_bins // 2 - 1, p.v_bins // 2 - 1
-    kf, vf = k.reshape(300, -1)[1:], v.reshape(300, -1)[1:]
+    kf, vf = k.reshape(300, -1), v.reshape(300, -1)
     half_range = (kf.amax(0) - kf.amin(0)) / 2
     # stored scales are rounded up: never below the exact ones, and only slightly above
     assert torch.all(ch.scales[1] >= half_range * (1 - 1e-3))
@@ -131,12 +125,11 @@ def test_error_bound_is_the_quantizer_step() -> None:
     assert torch.all(ch.scales[2] >= vf.abs().amax(1))
     assert torch.all(ch.scales[2] <= vf.abs().amax(1) * 2 ** (1 / 16) * 1.0001)
     torch.testing.assert_close(kb.reshape(300, -1)[1], ch.scales[1] / (2 * mk))
-    torch.testing.assert_close(vb.reshape(300, -1)[1:, 0], ch.scales[2] / (2 * mv))
-    assert torch.all(kb.reshape(300, -1)[0] <= k.reshape(300, -1)[0].abs() * 2**-10 + 2**-24)
+    torch.testing.assert_close(vb.reshape(300, -1)[:, 0], ch.scales[2] / (2 * mv))
 
 
 def test_constant_and_zero_inputs() -> None:
-    codec = CacheGenCodec()
+    codec = v1_codec()
     for k in (torch.zeros(50, 2, 8), torch.full((50, 2, 8), 3.25)):
         _, _, k2, v2 = roundtrip(codec, k, torch.zeros_like(k), 0)
         torch.testing.assert_close(k2, k, atol=2e-3, rtol=0)
@@ -146,7 +139,7 @@ def test_constant_and_zero_inputs() -> None:
 def test_large_values_use_fp32_scales() -> None:
     k, v = synthetic_kv(64)
     k, v = (k * 1e6).to(torch.bfloat16), v.to(torch.bfloat16)  # beyond fp16's range
-    params, _, k2, v2 = roundtrip(CacheGenCodec(), k, v, 0)
+    params, _, k2, v2 = roundtrip(v1_codec(), k, v, 0)
     assert parse_params(params, tuple(k.shape)).flags & FLAG_WIDE
     kb, vb = error_bounds(params, tuple(k.shape))
     assert_within_bound(k, k2, kb)
@@ -174,13 +167,10 @@ def model_bits(codec: CacheGenCodec, t: int = 1024, seed: int = 0) -> tuple[int,
 
 
 def test_levels_order_size_and_shallow_layers_get_more_bins() -> None:
-    sizes = {
-        lv: model_bits(CacheGenCodec(lv, table_mode="chunk", num_layers=NUM_LAYERS), t=256)[0]
-        for lv in LEVELS
-    }
+    sizes = {lv: model_bits(v1_codec(lv), t=256)[0] for lv in LEVELS}
     assert sizes["high"] > sizes["default"] > sizes["low"]
     for lv in LEVELS:
-        codec = CacheGenCodec(lv, num_layers=NUM_LAYERS)
+        codec = v1_codec(lv)
         k0, v0 = codec.bins_for(0)
         kn, vn = codec.bins_for(NUM_LAYERS - 1)
         assert k0 >= kn and v0 >= vn and (k0 > kn or v0 > vn)
@@ -189,10 +179,10 @@ def test_levels_order_size_and_shallow_layers_get_more_bins() -> None:
 def test_short_chunks_fall_back_to_one_shared_table() -> None:
     """Per-channel tables would cost more than they save on a few tokens: the encoder picks a shared one."""
     k, v = synthetic_kv(4, layer=6)
-    p = parse_params(CacheGenCodec(num_layers=NUM_LAYERS).encode(k, v, 6)[0], tuple(k.shape))
+    p = parse_params(v1_codec().encode(k, v, 6)[0], tuple(k.shape))
     assert (p.chunks[0].k_mode, p.chunks[0].v_mode) == (1, 1)
     k, v = synthetic_kv(1024, layer=6)
-    p = parse_params(CacheGenCodec(num_layers=NUM_LAYERS).encode(k, v, 6)[0], tuple(k.shape))
+    p = parse_params(v1_codec().encode(k, v, 6)[0], tuple(k.shape))
     assert (p.chunks[0].k_mode, p.chunks[0].v_mode) == (0, 0)
 
 
@@ -207,14 +197,14 @@ def tables() -> CacheGenTables:
 
 def test_static_tables_roundtrip_and_save_load(tables: CacheGenTables, tmp_path) -> None:
     k, v = synthetic_kv(700, 7, seed=0)
-    static = CacheGenCodec(tables=tables)
+    static = v1_codec(tables=tables, num_layers=None)
     params, payload, k2, v2 = roundtrip(static, k, v, 7)
     p = parse_params(params, tuple(k.shape))
     assert p.table_id == tables.table_id and {p.chunks[0].k_mode, p.chunks[0].v_mode} == {2}
     kb, vb = error_bounds(params, tuple(k.shape))
     assert_within_bound(k, k2, kb)
     assert_within_bound(v, v2, vb)
-    chunk_params, chunk_payload = CacheGenCodec(table_mode="chunk", num_layers=NUM_LAYERS).encode(k, v, 7)
+    chunk_params, chunk_payload = v1_codec().encode(k, v, 7)
     assert len(params) < len(chunk_params)  # no tables shipped
     static_bytes, chunk_bytes = len(params) + len(payload), len(chunk_params) + len(chunk_payload)
     assert static_bytes < 1.05 * chunk_bytes, (static_bytes, chunk_bytes)
@@ -225,34 +215,26 @@ def test_static_tables_roundtrip_and_save_load(tables: CacheGenTables, tmp_path)
     tables.save(tmp_path / TABLES_FILE)
     loaded = load_model_tables(tmp_path)
     assert loaded is not None and loaded.table_id == tables.table_id
-    k3, v3 = CacheGenCodec(tables=loaded).decode(params, payload, tuple(k.shape), k.dtype, 7)
+    k3, v3 = v1_codec(tables=loaded).decode(params, payload, tuple(k.shape), k.dtype, 7)
     assert torch.equal(k3, k2) and torch.equal(v3, v2)
     assert load_model_tables(tmp_path / "nowhere") is None
 
 
-def test_static_table_unknown_to_the_decoder_is_a_typed_error() -> None:
+def test_static_table_unknown_to_the_decoder_is_a_typed_error(tables: CacheGenTables) -> None:
     k, v = synthetic_kv(64, 0)
     other = profile_tables([(0, *synthetic_kv(64, 0, model_seed=9))], NUM_LAYERS)
-    params, payload = CacheGenCodec(tables=other).encode(k, v, 0)
-    cachegen_tables._by_id.pop(other.table_id)  # as in a decode process that never loaded these tables
-    with pytest.raises(FrameForeign):
-        CacheGenCodec().decode(params, payload, tuple(k.shape), k.dtype, 0)
-    register_tables(other)  # e.g. loaded by the decode service for its model
-    CacheGenCodec().decode(params, payload, tuple(k.shape), k.dtype, 0)
+    params, payload = v1_codec(tables=other).encode(k, v, 0)
+    for ctx in (CodecContext(NUM_LAYERS), CodecContext(NUM_LAYERS, tables)):  # no tables, or another model's
+        with pytest.raises(FrameForeign):
+            CacheGenCodec(ctx).decode(params, payload, tuple(k.shape), k.dtype, 0)
+    v1_codec(tables=other).decode(params, payload, tuple(k.shape), k.dtype, 0)
 
 
-def test_installed_tables_are_the_default(tables: CacheGenTables) -> None:
+def test_the_contexts_tables_are_used_where_they_cover_the_layer(tables: CacheGenTables) -> None:
     k, v = synthetic_kv(64, 7)
-    install_tables(tables)
-    try:
-        params, payload, _, _ = roundtrip(CacheGenCodec(), k, v, 7)
-        assert parse_params(params, tuple(k.shape)).table_id == tables.table_id
-        assert (
-            parse_params(CacheGenCodec(table_mode="chunk").encode(k, v, 7)[0], tuple(k.shape)).table_id == 0
-        )
-    finally:
-        install_tables(None)
-    assert parse_params(CacheGenCodec().encode(k, v, 7)[0], tuple(k.shape)).table_id == 0
+    params, payload, _, _ = roundtrip(v1_codec(tables=tables), k, v, 7)
+    assert parse_params(params, tuple(k.shape)).table_id == tables.table_id
+    assert parse_params(v1_codec().encode(k, v, 7)[0], tuple(k.shape)).table_id == 0
 
 
 def test_bad_table_file_is_a_typed_error(tmp_path) -> None:
@@ -261,71 +243,41 @@ def test_bad_table_file_is_a_typed_error(tmp_path) -> None:
         load_model_tables(tmp_path)
 
 
-def test_profile_a_model_and_code_its_kv(tiny_model_dir, tmp_path) -> None:
-    """The CLI profiles a checkpoint with the engine; its tables then code that model's KV."""
+def test_a_models_tables_code_its_kv(tiny_model_dir, tmp_path) -> None:
+    """Tables profiled on a checkpoint's KV (as the calibration does) code that model's KV within the bound;
+    a context made from the model directory knows its depth, so the level rule picks its shallow layers."""
     from engine.runner import ModelRunner
     from engine.sequence import Sequence
 
-    out = tmp_path / TABLES_FILE
-    cachegen_tables.main([str(tiny_model_dir), "--tokens", "256", "--seq-tokens", "128", "--out", str(out)])
-    tables = CacheGenTables.load(out)
     runner = ModelRunner(str(tiny_model_dir), num_kv_blocks=16)
     ids = torch.randint(
         0, runner.config.vocab_size, (200,), generator=torch.Generator().manual_seed(3)
     ).tolist()
     seq = Sequence("kv", ids, blocks=list(range(13)))
     runner.prefill([seq])
-    codec = CacheGenCodec(tables=tables, transform="off")  # format v1, whatever transform is installed
-    for layer in range(runner.config.num_layers):
-        k, v = runner.kv_cache.read(layer, seq.blocks, len(ids))
+    kv = [runner.kv_cache.read(layer, seq.blocks, len(ids)) for layer in range(runner.config.num_layers)]
+    tables = profile_tables([(layer, k, v) for layer, (k, v) in enumerate(kv)], runner.config.num_layers)
+    tables.save(tmp_path / TABLES_FILE)
+    codec = v1_codec(tables=CacheGenTables.load(tmp_path / TABLES_FILE))
+    for layer, (k, v) in enumerate(kv):
         params, payload, k2, v2 = roundtrip(codec, k, v, layer)
         assert parse_params(params, tuple(k.shape)).table_id == tables.table_id
         kb, vb = error_bounds(params, tuple(k.shape))
         assert_within_bound(k, k2, kb)
         assert_within_bound(v, v2, vb)
-    # a service installs its model: the shared codec learns the depth (and the tables, when shipped)
-    try:
-        assert cachegen_tables.install_model(tiny_model_dir) is None
-        assert [CacheGenCodec().bins_for(layer) for layer in (0, 1)] == [(16, 16), (8, 8)]
-    finally:
-        cachegen_tables._installed_num_layers = None
-        install_tables(None)
+    ctx = CodecContext.from_model_dir(tiny_model_dir)  # no calibration files beside this model
+    assert ctx.num_layers == 2 and ctx.tables is None and ctx.transform is None and ctx.layer0 is None
+    assert [CacheGenCodec(ctx).bins_for(layer) for layer in (0, 1)] == [(16, 16), (8, 8)]
     assert CacheGenCodec().bins_for(1) == (16, 16)  # unknown depth: 32 layers assumed, 0-3 shallow
-
-
-# ---- anchor/delta ----------------------------------------------------------------------------------------
-
-
-def test_anchor_delta_roundtrips_identically() -> None:
-    k, v = synthetic_kv(1000, 2)
-    plain = CacheGenCodec(table_mode="chunk", num_layers=NUM_LAYERS)
-    _, _, k1, v1 = roundtrip(plain, k, v, 2)
-    _, _, k2, v2 = roundtrip(CacheGenCodec(anchor_group=10, num_layers=NUM_LAYERS), k, v, 2)
-    assert torch.equal(k1, k2) and torch.equal(v1, v2)  # only the entropy stage differs
-
-
-def test_anchor_delta_does_not_help() -> None:
-    """CacheGen's grouping (anchor + deltas in groups of 10 tokens), measured on per-channel-scaled symbols:
-    even with strongly correlated neighbours (rho = 0.95) it costs more bits than coding symbols directly
-    (as on the shipped model's KV: 6.2x -> 5.3x smaller than fp16 at the default level)."""
-    for rho in (0.8, 0.95):
-        k, v = synthetic_kv(1024, 6, rho=rho)
-        sizes = []
-        for group in (0, 10):
-            params, payload = CacheGenCodec(
-                anchor_group=group, table_mode="chunk", num_layers=NUM_LAYERS
-            ).encode(k, v, 6)
-            sizes.append(len(params) + len(payload))
-        assert sizes[1] > sizes[0], (rho, sizes)
 
 
 # ---- damaged input -------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def encoded() -> tuple[bytes, bytes, tuple[int, int, int]]:
+def encoded() -> tuple[bytes, bytes, tuple[int, ...]]:
     k, v = synthetic_kv(300, 3)
-    params, payload = CacheGenCodec(chunk_tokens=128, num_layers=NUM_LAYERS).encode(k, v, 3)
+    params, payload = v1_codec(chunk_tokens=128).encode(k, v, 3)
     return params, payload, tuple(k.shape)
 
 
@@ -370,18 +322,16 @@ def test_bad_input_to_encode_is_a_codec_error() -> None:
         with pytest.raises(CodecError):
             codec.encode(a, b, 0)
     with pytest.raises(CodecError):
-        CacheGenCodec("ultra")
+        CacheGenCodec(level="ultra")
     with pytest.raises(CodecError):
-        CacheGenCodec(anchor_group=1)
+        CacheGenCodec(chunk_tokens=1)
 
 
 # ---- integration -----------------------------------------------------------------------------------------
 
 
 def test_frame_roundtrip_and_registry() -> None:
-    from kv_transfer.codec.registry import get_codec
-
-    codec = get_codec("cachegen")
+    codec = CodecContext().codec("cachegen")
     assert isinstance(codec, CacheGenCodec) and codec.codec_id == 4 and not codec.lossless
     k, v = synthetic_kv(200, 2)
     k, v = k.half(), v.half()
@@ -406,7 +356,7 @@ def test_frame_roundtrip_and_registry() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_quantization_matches_cpu_bound() -> None:
     k, v = synthetic_kv(900, 1)
-    codec = CacheGenCodec(num_layers=NUM_LAYERS)
+    codec = v1_codec()
     params, payload = codec.encode(k.cuda().half(), v.cuda().half(), 1)
     for device in (None, "cuda"):
         k2, v2 = codec.decode(params, payload, tuple(k.shape), torch.float16, 1, device=device)
@@ -418,31 +368,16 @@ def test_cuda_quantization_matches_cpu_bound() -> None:
     assert abs(len(cpu_payload) - len(payload)) <= 0.01 * len(payload)
 
 
-# ---- entropy coders: compiled rANS (default) and constriction ----------------------------------------------
+# ---- frames of older builds --------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not rans.available(), reason="no C compiler for the rANS coder")
-@pytest.mark.parametrize("t", [4, 300, 1201])
-def test_rans_and_constriction_frames_decode_identically_either_way(tables: CacheGenTables, t: int) -> None:
-    """Both coders code the same quantized symbols: equal reconstructions, sizes within 2%, and a codec of
-    either kind decodes frames of both (the flag in params says which coder wrote them)."""
-    k, v = synthetic_kv(t, 7, seed=3)
-    for kw in ({"table_mode": "chunk", "num_layers": NUM_LAYERS}, {"tables": tables}):
-        fast = CacheGenCodec(chunk_tokens=512, **kw)
-        slow = CacheGenCodec(chunk_tokens=512, coder="constriction", **kw)
-        pf, wf = fast.encode(k, v, 7)
-        ps, ws = slow.encode(k, v, 7)
-        assert parse_params(pf, tuple(k.shape)).flags & FLAG_RANS
-        assert not parse_params(ps, tuple(k.shape)).flags & FLAG_RANS
-        outs = [
-            c.decode(p, w, tuple(k.shape), k.dtype, 7) for c in (fast, slow) for p, w in ((pf, wf), (ps, ws))
-        ]
-        for ko, vo in outs[1:]:
-            assert torch.equal(ko, outs[0][0]) and torch.equal(vo, outs[0][1])
-        size_f, size_s = len(pf) + len(wf), len(ps) + len(ws)
-        assert abs(size_f - size_s) <= 0.02 * size_s + 16, (size_f, size_s)
-
-
-def test_unknown_coder_is_a_codec_error() -> None:
-    with pytest.raises(CodecError):
-        CacheGenCodec(coder="zstd")
+def test_older_builds_v1_options_are_foreign(encoded) -> None:
+    """Raw tokens, anchor/delta grouping and constriction coding were removed: such frames (crc intact) are
+    FrameForeign, never misread."""
+    params, payload, shape = encoded
+    for offset, value in ((7, 1), (8, 10), (6, params[6] & ~2)):  # raw tokens, anchor group, FLAG_RANS off
+        bad = bytearray(params[:-4])
+        bad[offset] = value
+        bad += zlib.crc32(bytes(bad)).to_bytes(4, "little")
+        with pytest.raises(FrameForeign):
+            CacheGenCodec().decode(bytes(bad), payload, shape, torch.float32, 3)

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+from kv_transfer.codec import CodecContext, rans
 from kv_transfer.codec import cachegen_klt as klt
-from kv_transfer.codec import rans
 from kv_transfer.codec.cachegen import CacheGenCodec
 from kv_transfer.codec.cachegen_klt import KLTransform
 from kv_transfer.errors import CodecError, FrameCorrupted, FrameForeign, KVTransferError
@@ -51,6 +51,11 @@ def kv(t: int, seed: int = 0, scale: float = 1.0) -> tuple[torch.Tensor, torch.T
     k = base + torch.randn(t, HKV, D, generator=g) * torch.linspace(0.1, 2, D)
     v = torch.randn(t, HKV, D, generator=g) * torch.linspace(2, 0.1, D)
     return k * scale, v * scale
+
+
+def klt_codec(tr: KLTransform, level: str = "default", **kw) -> CacheGenCodec:
+    """A cachegen codec whose context holds the transform `tr`: format v2 where it covers the layer."""
+    return CacheGenCodec(CodecContext(LAYERS, transform=tr), level, **kw)
 
 
 def roundtrip(codec: CacheGenCodec, k, v, layer: int, **kw):
@@ -125,10 +130,9 @@ def test_fused_cpu_encoder_writes_the_generic_paths_bytes() -> None:
 def test_generic_decoder_matches_the_fused_one() -> None:
     """The path CUDA outputs take (host rANS to symbols, torch dequantization) equals the CPU's fused call."""
     tr = random_transform()
-    klt.register_transform(tr)
     k, v = kv(150, 1)
     params, words = klt.encode(tr, "default", k, v, 1, [(0, 64), (64, 128), (128, 150)])
-    p = klt.parse(params, tuple(k.shape), 1)
+    p = klt.parse(params, tuple(k.shape), 1, tr)
     allw = np.concatenate(words)
     fused = klt.decode(p, allw, tuple(k.shape), torch.float32, 1, torch.device("cpu"))
     generic = klt.decode(p, allw, tuple(k.shape), torch.float32, 1, torch.device("cpu"), fused=False)
@@ -153,13 +157,13 @@ def test_compiled_rope_matches_torch() -> None:
 @pytest.mark.parametrize("t", [1, 2, 37, 700])
 def test_roundtrip_within_token_bound(dtype: torch.dtype, t: int) -> None:
     tr = random_transform()
-    codec = CacheGenCodec(transform=tr, chunk_tokens=256)
+    codec = klt_codec(tr, chunk_tokens=256)
     for layer in range(LAYERS):
         k, v = (x.to(dtype) for x in kv(t, layer))
         params, _, k2, v2 = roundtrip(codec, k, v, layer)
         assert params[2] == klt.VERSION
         assert k2.dtype == dtype and k2.shape == k.shape
-        kb, vb = klt.error_bounds_klt(params, tuple(k.shape), layer)
+        kb, vb = klt.error_bounds_klt(params, tuple(k.shape), layer, tr)
         assert_token_bound(k, k2, kb)
         assert_token_bound(v, v2, vb)
 
@@ -169,7 +173,7 @@ def test_levels_trade_size_for_error() -> None:
     k, v = kv(500)
     sizes, errs = [], []
     for level in ("high", "default", "low"):
-        params, payload, k2, v2 = roundtrip(CacheGenCodec(level, transform=tr), k, v, 1)
+        params, payload, k2, v2 = roundtrip(klt_codec(tr, level), k, v, 1)
         sizes.append(len(params) + len(payload))
         errs.append(float((k - k2).pow(2).mean() + (v - v2).pow(2).mean()))
     assert sizes[0] > sizes[1] > sizes[2]
@@ -178,7 +182,7 @@ def test_levels_trade_size_for_error() -> None:
 
 def test_constant_zero_and_huge_inputs() -> None:
     tr = random_transform()
-    codec = CacheGenCodec(transform=tr)
+    codec = klt_codec(tr)
     for k, v in (
         (torch.zeros(9, HKV, D), torch.zeros(9, HKV, D)),
         (torch.full((9, HKV, D), 3.0), torch.full((9, HKV, D), -1.5)),
@@ -186,25 +190,22 @@ def test_constant_zero_and_huge_inputs() -> None:
     ):
         params, _, k2, v2 = roundtrip(codec, k, v, 0)
         assert (params[4] & klt.FLAG_WIDE) == (float(k.abs().max()) > 1e4)
-        kb, vb = klt.error_bounds_klt(params, tuple(k.shape), 0)
+        kb, vb = klt.error_bounds_klt(params, tuple(k.shape), 0, tr)
         assert_token_bound(k, k2, kb)
         assert_token_bound(v, v2, vb)
 
 
-def test_transform_off_raw_tokens_or_uncovered_layers_use_format_v1() -> None:
+def test_no_transform_or_uncovered_layers_use_format_v1() -> None:
     tr = random_transform()
     k, v = kv(40)
-    assert CacheGenCodec(transform=tr).encode(k, v, 0)[0][2] == klt.VERSION
-    assert CacheGenCodec(transform="off").encode(k, v, 0)[0][2] == 1
-    assert CacheGenCodec(transform=tr, raw_tokens=1).encode(k, v, 0)[0][2] == 1
-    assert CacheGenCodec(transform=tr).encode(k, v, LAYERS)[0][2] == 1  # layer beyond the transform
+    assert klt_codec(tr).encode(k, v, 0)[0][2] == klt.VERSION
+    assert CacheGenCodec().encode(k, v, 0)[0][2] == 1
+    assert klt_codec(tr).encode(k, v, LAYERS)[0][2] == 1  # layer beyond the transform
     k8, v8 = torch.randn(40, HKV, 8), torch.randn(40, HKV, 8)  # another head size
-    assert CacheGenCodec(transform=tr).encode(k8, v8, 0)[0][2] == 1
-    with pytest.raises(CodecError):
-        CacheGenCodec(transform="pca")
+    assert klt_codec(tr).encode(k8, v8, 0)[0][2] == 1
 
 
-def test_installed_transform_is_the_default_and_save_load_keeps_the_id(tmp_path) -> None:
+def test_a_saved_transform_keeps_its_id_and_decodes_what_the_original_coded(tmp_path) -> None:
     tr = random_transform(seed=5)
     path = tmp_path / klt.TRANSFORM_FILE
     tr.save(path)
@@ -213,14 +214,12 @@ def test_installed_transform_is_the_default_and_save_load_keeps_the_id(tmp_path)
     for a, b in ((tr.fwd, back.fwd), (tr.inv, back.inv), (tr.steps["default"], back.steps["default"])):
         assert np.array_equal(a, b)
     k, v = kv(30)
-    try:
-        klt.install_transform(back)
-        params, payload = CacheGenCodec().encode(k, v, 2)
-        assert params[2] == klt.VERSION
-        assert int.from_bytes(params[9:17], "little") == tr.transform_id
-    finally:
-        klt.install_transform(None)
-    assert CacheGenCodec().encode(k, v, 2)[0][2] == 1
+    params, payload = klt_codec(tr).encode(k, v, 2)
+    assert params[2] == klt.VERSION
+    assert int.from_bytes(params[9:17], "little") == tr.transform_id
+    k2, v2 = klt_codec(back).decode(params, payload, tuple(k.shape), torch.float32, 2)
+    k3, v3 = klt_codec(tr).decode(params, payload, tuple(k.shape), torch.float32, 2)
+    assert torch.equal(k2, k3) and torch.equal(v2, v3)
     with pytest.raises(CodecError):
         KLTransform.load(SHIPPED / "config.json")
 
@@ -246,13 +245,13 @@ def test_bad_transforms_are_codec_errors() -> None:
 def encoded():
     tr = random_transform(seed=1)
     k, v = kv(300, 3)
-    params, payload = CacheGenCodec(transform=tr, chunk_tokens=128).encode(k, v, 1)
+    params, payload = klt_codec(tr, chunk_tokens=128).encode(k, v, 1)
     return tr, params, payload, tuple(k.shape)
 
 
 def test_damaged_params_raise_typed_errors(encoded, damaged_params_rejected) -> None:
     tr, params, payload, shape = encoded
-    codec = CacheGenCodec(transform=tr)
+    codec = klt_codec(tr)
     damaged_params_rejected(codec, params, payload, shape, 1, cuts=(3, 5))
     with pytest.raises(FrameForeign):  # a layer the transform does not have
         codec.decode(params, payload, shape, torch.float32, LAYERS)
@@ -260,7 +259,7 @@ def test_damaged_params_raise_typed_errors(encoded, damaged_params_rejected) -> 
 
 def test_damaged_payload_raises_typed_errors(encoded, damaged_payload_rejected) -> None:
     tr, params, payload, shape = encoded
-    damaged_payload_rejected(CacheGenCodec(transform=tr), params, payload, shape, 1)
+    damaged_payload_rejected(klt_codec(tr), params, payload, shape, 1)
 
 
 def test_consistent_but_wrong_payload_is_caught_by_the_entropy_decoder(encoded) -> None:
@@ -273,7 +272,7 @@ def test_consistent_but_wrong_payload_is_caught_by_the_entropy_decoder(encoded) 
     bad_params[crc_at : crc_at + 4] = zlib.crc32(bad_payload).to_bytes(4, "little")
     bad_params += zlib.crc32(bytes(bad_params)).to_bytes(4, "little")
     with pytest.raises(PDServeError):
-        CacheGenCodec(transform=tr).decode(bytes(bad_params), bad_payload, shape, torch.float32, 1)
+        klt_codec(tr).decode(bytes(bad_params), bad_payload, shape, torch.float32, 1)
 
 
 def test_unknown_transform_is_foreign(encoded) -> None:
@@ -299,15 +298,15 @@ def test_random_v2_params_never_crash() -> None:
 
 
 def test_profile_a_checkpoint_and_code_its_kv(tiny_model_dir, tmp_path) -> None:
-    """The CLI profiles a checkpoint (random ids: it ships no held-out text) into a transform whose inverse
-    undoes it, with each level at its budget on the calibration prompts; the model's KV then round-trips
-    within the bound."""
+    """The calibration profiles a checkpoint (random ids: it ships no held-out text) into a transform whose
+    inverse undoes it, with each level at its budget on the calibration prompts; the model's KV then
+    round-trips within the bound."""
+    from calibration import transform as prof
     from engine.kv_probe import KVProbe
-    from kv_transfer.codec import cachegen_klt_profile as prof
 
-    out = tmp_path / klt.TRANSFORM_FILE
-    prof.main([str(tiny_model_dir), "--tokens", "512", "--window", "256", "--out", str(out)])
-    tr = KLTransform.load(out)
+    tr = prof.profile(tiny_model_dir, 512, window=256)
+    tr.save(tmp_path / klt.TRANSFORM_FILE)
+    tr = KLTransform.load(tmp_path / klt.TRANSFORM_FILE)
     eye = np.eye(tr.channels, dtype=np.float32)
     assert np.abs(tr.fwd @ tr.inv - eye).max() < 1e-3
     import json
@@ -322,11 +321,11 @@ def test_profile_a_checkpoint_and_code_its_kv(tiny_model_dir, tmp_path) -> None:
     )
     probe = KVProbe(str(tiny_model_dir), 200)
     ids = torch.randint(0, probe.cfg.vocab_size, (150,), generator=torch.Generator().manual_seed(3)).tolist()
-    codec = CacheGenCodec(transform=tr)
+    codec = klt_codec(tr)
     for layer, (k, v) in enumerate(probe.prefill(ids)):
         params, _, k2, v2 = roundtrip(codec, k, v, layer)
         assert params[2] == klt.VERSION
-        kb, vb = klt.error_bounds_klt(params, tuple(k.shape), layer)
+        kb, vb = klt.error_bounds_klt(params, tuple(k.shape), layer, tr)
         assert_token_bound(k, k2, kb)
         assert_token_bound(v, v2, vb)
 
@@ -339,33 +338,26 @@ def test_shipped_model_default_level_beats_cachegen_quantizers() -> None:
     CacheGen's own quantizers (v1) at the same level -- which are themselves coded no smaller."""
     from bench.codec import SKIP_TOKENS, heldout_ids
     from engine.kv_probe import KVProbe, kl_per_token
-    from kv_transfer.codec.cachegen_tables import install_model
 
-    install_model(SHIPPED)
-    try:
-        probe = KVProbe(str(SHIPPED), 1200)
-        ids = heldout_ids(str(SHIPPED))[SKIP_TOKENS + 3000 : SKIP_TOKENS + 3000 + 1152]
-        prompt, feed = ids[:1024], ids[1024:]
-        ref_kv = probe.prefill(prompt)
-        ref = torch.log_softmax(probe.continuation_logits(len(prompt), feed), -1)
-        result = {}
-        for name, codec in (("klt", CacheGenCodec()), ("v1", CacheGenCodec(transform="off"))):
-            coded, nbytes = [], 0
-            for layer, (k, v) in enumerate(ref_kv):
-                params, payload, k2, v2 = roundtrip(codec, k, v, layer)
-                assert params[2] == (klt.VERSION if name == "klt" else 1)
-                nbytes += len(params) + len(payload)
-                coded.append((k2, v2))
-            probe.set_prompt_kv(coded)
-            kl = float(kl_per_token(ref, probe.continuation_logits(len(prompt), feed)).mean())
-            elements = sum(2 * k.numel() for k, _ in ref_kv)
-            result[name] = (16 * elements / (8 * nbytes), kl)
-    finally:
-        from kv_transfer.codec import cachegen_tables
-
-        cachegen_tables._installed_num_layers = None
-        cachegen_tables.install_tables(None)
-        klt.install_transform(None)
+    ctx = CodecContext.from_model_dir(SHIPPED)
+    v1_ctx = CodecContext(ctx.num_layers, ctx.tables)  # the model's bit plan and tables, no transform
+    probe = KVProbe(str(SHIPPED), 1200)
+    ids = heldout_ids(str(SHIPPED))[SKIP_TOKENS + 3000 : SKIP_TOKENS + 3000 + 1152]
+    prompt, feed = ids[:1024], ids[1024:]
+    ref_kv = probe.prefill(prompt)
+    ref = torch.log_softmax(probe.continuation_logits(len(prompt), feed), -1)
+    result = {}
+    for name, codec in (("klt", CacheGenCodec(ctx)), ("v1", CacheGenCodec(v1_ctx))):
+        coded, nbytes = [], 0
+        for layer, (k, v) in enumerate(ref_kv):
+            params, payload, k2, v2 = roundtrip(codec, k, v, layer)
+            assert params[2] == (klt.VERSION if name == "klt" else 1)
+            nbytes += len(params) + len(payload)
+            coded.append((k2, v2))
+        probe.set_prompt_kv(coded)
+        kl = float(kl_per_token(ref, probe.continuation_logits(len(prompt), feed)).mean())
+        elements = sum(2 * k.numel() for k, _ in ref_kv)
+        result[name] = (16 * elements / (8 * nbytes), kl)
     ratio, kl = result["klt"]
     assert ratio >= 6.0, result
     assert kl <= 1e-3 and kl * 5 <= result["v1"][1], result
@@ -376,11 +368,11 @@ def test_shipped_model_default_level_beats_cachegen_quantizers() -> None:
 def test_cuda_tensors_transform_on_the_gpu() -> None:
     tr = random_transform()
     k, v = kv(600, 2)
-    codec = CacheGenCodec(transform=tr)
+    codec = klt_codec(tr)
     params, payload = codec.encode(k.cuda().half(), v.cuda().half(), 1)
     cpu_params, cpu_payload = codec.encode(k.half(), v.half(), 1)
     assert abs(len(cpu_payload) - len(payload)) <= 0.01 * len(payload)
-    kb, vb = klt.error_bounds_klt(params, tuple(k.shape), 1)
+    kb, vb = klt.error_bounds_klt(params, tuple(k.shape), 1, tr)
     for device in (None, "cuda"):
         k2, v2 = codec.decode(params, payload, tuple(k.shape), torch.float16, 1, device=device)
         assert k2.device.type == (device or "cpu")

@@ -4,15 +4,15 @@
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
 from engine.kv_probe import KVProbe
-from kv_transfer.codec import get_codec, layer0
+from kv_transfer.codec import CodecContext, layer0
 from kv_transfer.codec.cachegen import CacheGenL0Codec
+from kv_transfer.codec.layer0 import Layer0
 from kv_transfer.errors import FrameCorrupted, FrameForeign
 from kv_transfer.frame import FrameBuffer, decode_frame
 
@@ -24,11 +24,12 @@ def probe(tiny_model_dir: Path) -> KVProbe:
     return KVProbe(str(tiny_model_dir), 128)
 
 
-@pytest.fixture
-def installed(probe: KVProbe) -> Iterator[KVProbe]:
-    assert layer0.install_from_model(probe.runner.model, probe.runner.fingerprint)
-    yield probe
-    layer0.install_layer0(None)
+@pytest.fixture(scope="module")
+def ctx(probe: KVProbe, tiny_model_dir: Path) -> CodecContext:
+    """The model's codec context, as a service builds it: it holds the model's layer-0 function."""
+    ctx = CodecContext.from_model_dir(tiny_model_dir, probe.runner.model, probe.runner.fingerprint)
+    assert ctx.layer0 is not None
+    return ctx
 
 
 def _kv(probe: KVProbe) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -45,9 +46,9 @@ def test_the_model_computes_layer0_kv_exactly_as_prefill_writes_it(probe: KVProb
     assert torch.equal(k, k0) and torch.equal(v, v0)
 
 
-def test_layer0_travels_as_ids_and_comes_back_exact(installed: KVProbe) -> None:
-    kv = _kv(installed)
-    codec = get_codec("cachegen_l0")
+def test_layer0_travels_as_ids_and_comes_back_exact(probe: KVProbe, ctx: CodecContext) -> None:
+    kv = _kv(probe)
+    codec = ctx.codec("cachegen_l0")
     k, v = kv[0]
     params, parts = codec.encode_parts(k, v, 0, _ids())
     payload = b"".join(bytes(p) for p in parts)
@@ -66,7 +67,7 @@ def test_layer0_travels_as_ids_and_comes_back_exact(installed: KVProbe) -> None:
         payload=parts,
     )
     f = decode_frame(bytes(frame), expect_fingerprint=7)
-    ko, vo = get_codec("cachegen_l0").decode(f.params, f.payload, f.shape, f.dtype, 0)
+    ko, vo = CacheGenL0Codec(ctx).decode(f.params, f.payload, f.shape, f.dtype, 0)
     assert torch.equal(ko, k)
     # deeper layers are coded as cachegen codes them (lossy, bounded), not as ids
     k1, v1 = kv[1]
@@ -74,9 +75,9 @@ def test_layer0_travels_as_ids_and_comes_back_exact(installed: KVProbe) -> None:
     assert not layer0.is_layer0_frame(bytes(p1))
 
 
-def test_without_ids_or_a_match_layer0_is_coded_as_usual(installed: KVProbe) -> None:
-    k, v = _kv(installed)[0]
-    codec = CacheGenL0Codec()
+def test_without_ids_or_a_match_layer0_is_coded_as_usual(probe: KVProbe, ctx: CodecContext) -> None:
+    k, v = _kv(probe)[0]
+    codec = CacheGenL0Codec(ctx)
     params, _ = codec.encode_parts(k, v, 0)  # no ids given
     assert not layer0.is_layer0_frame(bytes(params))
     wrong = _ids().roll(1)  # the ids of other K/V: the encoder's check refuses them
@@ -89,31 +90,30 @@ def test_without_ids_or_a_match_layer0_is_coded_as_usual(installed: KVProbe) -> 
 
 
 def test_without_its_model_an_encoder_codes_layer0_as_usual(probe: KVProbe) -> None:
-    layer0.install_layer0(None)
     k, v = _kv(probe)[0]
     params, _ = CacheGenL0Codec().encode_parts(k, v, 0, _ids())
     assert not layer0.is_layer0_frame(bytes(params))
 
 
-def test_a_decoder_without_the_model_or_with_another_refuses_the_frame(installed: KVProbe) -> None:
-    k, v = _kv(installed)[0]
-    params, parts = CacheGenL0Codec().encode_parts(k, v, 0, _ids())
+def test_a_decoder_without_the_model_or_with_another_refuses_the_frame(
+    probe: KVProbe, ctx: CodecContext
+) -> None:
+    k, v = _kv(probe)[0]
+    params, parts = CacheGenL0Codec(ctx).encode_parts(k, v, 0, _ids())
     payload = b"".join(bytes(p) for p in parts)
-    fn, model_id, vocab = layer0.installed_layer0()  # type: ignore[misc]
-    try:
-        layer0.install_layer0(None)
-        with pytest.raises(FrameForeign, match="no layer-0 function"):
-            CacheGenL0Codec().decode(params, payload, tuple(k.shape), k.dtype, 0)
-        layer0.install_layer0(fn, model_id + 1, vocab)
-        with pytest.raises(FrameForeign, match="model"):
-            CacheGenL0Codec().decode(params, payload, tuple(k.shape), k.dtype, 0)
-    finally:
-        layer0.install_layer0(fn, model_id, vocab)
+    assert layer0.is_layer0_frame(bytes(params))
+    with pytest.raises(FrameForeign, match="no layer-0 function"):
+        CacheGenL0Codec().decode(params, payload, tuple(k.shape), k.dtype, 0)
+    l0 = ctx.layer0
+    assert l0 is not None
+    other = CodecContext(ctx.num_layers, layer0=Layer0(l0.fn, l0.model_id + 1, l0.vocab_size))
+    with pytest.raises(FrameForeign, match="model"):
+        CacheGenL0Codec(other).decode(params, payload, tuple(k.shape), k.dtype, 0)
 
 
-def test_damaged_layer0_frames_are_frame_corrupted(installed: KVProbe) -> None:
-    k, v = _kv(installed)[0]
-    codec = CacheGenL0Codec()
+def test_damaged_layer0_frames_are_frame_corrupted(probe: KVProbe, ctx: CodecContext) -> None:
+    k, v = _kv(probe)[0]
+    codec = CacheGenL0Codec(ctx)
     params, parts = codec.encode_parts(k, v, 0, _ids())
     params, payload = bytes(params), b"".join(bytes(p) for p in parts)
     shape = tuple(k.shape)
@@ -135,24 +135,19 @@ def test_damaged_layer0_frames_are_frame_corrupted(installed: KVProbe) -> None:
     ids = _ids().clone()
     ids[3] = 10**6
     forged = ids.numpy().astype("<u4").tobytes()
-    head = layer0._HEADER.pack(
-        b"CG", layer0.VERSION, len(PROMPT), layer0.installed_layer0()[1], zlib.crc32(forged)
-    )  # type: ignore[index]
+    assert ctx.layer0 is not None
+    head = layer0._HEADER.pack(b"CG", layer0.VERSION, len(PROMPT), ctx.layer0.model_id, zlib.crc32(forged))
     forged_params = head + layer0._CRC.pack(zlib.crc32(head))
     with pytest.raises(FrameCorrupted, match="vocabulary"):
         codec.decode(forged_params, forged, shape, k.dtype, 0)
 
 
-def test_a_decoder_asks_for_cachegen_l0_only_where_it_can_recompute(probe: KVProbe) -> None:
-    layer0.install_layer0(None)
-    assert layer0.pull_codec("cachegen") == "cachegen" and layer0.pull_codec("cachegen_l0") == "cachegen"
-    assert layer0.pull_codec("int8") == "int8"
-    layer0.install_from_model(probe.runner.model, probe.runner.fingerprint)
-    try:
-        assert layer0.pull_codec("cachegen") == "cachegen_l0"
-        assert layer0.pull_codec("raw") == "raw"
-    finally:
-        layer0.install_layer0(None)
+def test_a_decoder_asks_for_cachegen_l0_only_where_it_can_recompute(ctx: CodecContext) -> None:
+    bare = CodecContext()
+    assert bare.pull_codec("cachegen") == "cachegen" and bare.pull_codec("cachegen_l0") == "cachegen"
+    assert bare.pull_codec("int8") == "int8"
+    assert ctx.pull_codec("cachegen") == "cachegen_l0"
+    assert ctx.pull_codec("raw") == "raw"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -168,15 +163,11 @@ def test_cuda_bf16_prefill_layer0_travels_as_ids(tiny_model_dir: Path) -> None:
     blocks = list(range(runner.kv_cache.num_blocks))
     runner.prefill([Sequence("l0", list(PROMPT), SamplingParams(max_tokens=1), blocks=blocks)])
     k, v = (x.cpu() for x in runner.kv_cache.read(0, blocks, len(PROMPT)))
-    assert layer0.install_from_model(runner.model, runner.fingerprint)
-    try:
-        codec = CacheGenL0Codec()
-        params, parts = codec.encode_parts(k, v, 0, _ids())
-        assert layer0.is_layer0_frame(bytes(params))
-        ko, vo = codec.decode(params, b"".join(bytes(p) for p in parts), tuple(k.shape), k.dtype, 0)
-        for x, y in ((k, ko), (v, vo)):
-            assert float((x.float() - y.float()).abs().max()) <= layer0.TOL[torch.bfloat16] * float(
-                x.abs().max()
-            )
-    finally:
-        layer0.install_layer0(None)
+    ctx = CodecContext.from_model_dir(tiny_model_dir, runner.model, runner.fingerprint)
+    assert ctx.layer0 is not None
+    codec = CacheGenL0Codec(ctx)
+    params, parts = codec.encode_parts(k, v, 0, _ids())
+    assert layer0.is_layer0_frame(bytes(params))
+    ko, vo = codec.decode(params, b"".join(bytes(p) for p in parts), tuple(k.shape), k.dtype, 0)
+    for x, y in ((k, ko), (v, vo)):
+        assert float((x.float() - y.float()).abs().max()) <= layer0.TOL[torch.bfloat16] * float(x.abs().max())

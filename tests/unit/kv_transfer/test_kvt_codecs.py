@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kv_transfer.codec import CODEC_IDS, CODECS, available_codecs, get_codec, get_codec_by_id
+from kv_transfer.codec import CODEC_IDS, CODECS, CodecContext
 from kv_transfer.errors import CodecError, FrameCorrupted, UnknownCodec
 from kv_transfer.frame import decode_frame, encode_frame
 
@@ -22,11 +22,14 @@ def kv(dtype: torch.dtype, seed: int = 0, scale: float = 3.0) -> tuple[torch.Ten
     return k.to(dtype), v.to(dtype)
 
 
+CODECS_CTX = CodecContext()  # no model: raw, int8, fp8 need none
+
+
 def through_frame(
     name: str, k: torch.Tensor, v: torch.Tensor, out: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """encode -> frame -> decode_frame -> decode, as the server and puller do."""
-    codec = get_codec(name)
+    codec = CODECS_CTX.codec(name)
     params, parts = codec.encode_parts(k, v, layer=3)
     buf = encode_frame(
         codec_id=codec.codec_id,
@@ -59,7 +62,7 @@ def test_raw_is_bit_exact(dtype: torch.dtype) -> None:
 def test_raw_encode_bytes_matches_parts_and_noncontiguous_input() -> None:
     k, v = kv(torch.float32)
     kt = k.transpose(0, 1).contiguous().transpose(0, 1)  # same values, non-contiguous
-    codec = get_codec("raw")
+    codec = CODECS_CTX.codec("raw")
     params, payload = codec.encode(kt, v, 0)
     k2, v2 = codec.decode(params, payload, SHAPE, torch.float32, 0)
     assert torch.equal(k2, k) and torch.equal(v2, v)
@@ -87,7 +90,7 @@ def test_int8_per_token_error_bound(dtype: torch.dtype) -> None:
 
 def test_int8_payload_is_about_a_quarter_of_fp32() -> None:
     k, v = kv(torch.float32)
-    params, payload = get_codec("int8").encode(k, v, 0)
+    params, payload = CODECS_CTX.codec("int8").encode(k, v, 0)
     assert len(payload) == 2 * k.numel() + 2 * 4 * SHAPE[0]
 
 
@@ -115,12 +118,12 @@ def test_lossy_codecs_refuse_non_finite(name: str) -> None:
     k, v = kv(torch.float32)
     k[3, 1, 2] = float("nan")
     with pytest.raises(CodecError):
-        get_codec(name).encode(k, v, 0)
+        CODECS_CTX.codec(name).encode(k, v, 0)
 
 
 @pytest.mark.parametrize("name", ["raw", "int8", "fp8"])
 def test_bad_inputs_and_payloads_are_typed(name: str) -> None:
-    codec = get_codec(name)
+    codec = CODECS_CTX.codec(name)
     k, v = kv(torch.float32)
     with pytest.raises(CodecError):
         codec.encode(k, v[:-1], 0)
@@ -138,15 +141,18 @@ def test_bad_inputs_and_payloads_are_typed(name: str) -> None:
 def test_registry() -> None:
     assert CODECS[:3] == ("raw", "int8", "fp8") and "cachegen" in CODECS
     assert len(set(CODEC_IDS.values())) == len(CODEC_IDS)
-    assert available_codecs()[:3] == ["raw", "int8", "fp8"]
-    for name in available_codecs():
-        c = get_codec(name)
-        assert c.name == name and get_codec_by_id(c.codec_id) is c
-    assert get_codec("raw").lossless and not get_codec("int8").lossless
+    ctx = CodecContext()
+    assert ctx.available()[:3] == ["raw", "int8", "fp8"]
+    for name in ctx.available():
+        c = ctx.codec(name)
+        assert c.name == name and ctx.codec_by_id(c.codec_id) is c
+    assert ctx.codec("raw").lossless and not ctx.codec("int8").lossless
     with pytest.raises(UnknownCodec):
-        get_codec("zstd")
+        ctx.codec("zstd")
     with pytest.raises(UnknownCodec):
-        get_codec_by_id(999)
-    if "cachegen" not in available_codecs():
-        with pytest.raises(UnknownCodec, match="not installed"):
-            get_codec("cachegen")
+        ctx.codec_by_id(999)
+    if "cachegen" not in ctx.available():
+        with pytest.raises(UnknownCodec, match="rANS"):
+            ctx.codec("cachegen")
+    # a context without a model asks for plain cachegen: it cannot recompute layer 0
+    assert ctx.pull_codec("cachegen_l0") == "cachegen" and ctx.pull_codec("int8") == "int8"

@@ -9,6 +9,7 @@ import sys
 import torch
 
 from kv_transfer.transport import transport_for
+from kv_transfer.transport.ucx import UCXChannel
 
 
 def pattern(nbytes: int) -> torch.Tensor:
@@ -19,6 +20,7 @@ def main() -> int:
     address, nbytes = sys.argv[1], int(sys.argv[2])
     data = pattern(nbytes)
     ch = transport_for("ucx").connect(address, timeout=20)
+    assert isinstance(ch, UCXChannel)  # whose send also takes a CUDA tensor
     ch.send(data, timeout=20)
     ch.send(b"after", timeout=20)
     assert bytes(ch.recv(timeout=30)) == b"done"  # the receiver has both: this endpoint may go

@@ -9,8 +9,14 @@ from kv_transfer.transport._sockutil import advertised
 from pdserve.instance import InstanceConfig, own_address
 
 
-def _cfg(**kw: str) -> InstanceConfig:
-    return InstanceConfig(role="prefill", model_dir="m", redis_url="redis://127.0.0.1:1/0", **kw)
+def _cfg(host: str = "127.0.0.1", advertise_host: str = "") -> InstanceConfig:
+    return InstanceConfig(
+        role="prefill",
+        model_dir="m",
+        redis_url="redis://127.0.0.1:1/0",
+        host=host,
+        advertise_host=advertise_host,
+    )
 
 
 def test_advertised_host() -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import threading
 
+import pytest
+
 from pdserve import instance
 
 
@@ -31,18 +33,18 @@ def test_events_from_threads_arrive_in_order_per_stream() -> None:
     assert got_b == [-i for i in range(500)]
 
 
-def test_a_burst_posted_before_the_loop_runs_wakes_it_once() -> None:
+def test_a_burst_posted_before_the_loop_runs_wakes_it_once(monkeypatch: pytest.MonkeyPatch) -> None:
     async def main() -> tuple[int, list[int]]:
         loop = asyncio.get_running_loop()
         wakeups = 0
         real = loop.call_soon_threadsafe
 
-        def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+        def counting(*args, **kwargs):
             nonlocal wakeups
             wakeups += 1
             return real(*args, **kwargs)
 
-        loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
+        monkeypatch.setattr(loop, "call_soon_threadsafe", counting)
         streams = [instance.EngineStream() for _ in range(16)]
 
         def step() -> None:  # one decode step of a batch of 16: one token per request

@@ -1,6 +1,6 @@
-"""Profile a model's CacheGen transform (`cachegen_klt`) and calibrate each level's per-layer steps.
-
-    .venv/bin/python -m kv_transfer.codec.cachegen_klt_profile MODEL_DIR     # writes cachegen_transform.safetensors
+"""Profile a model's CacheGen transform (format v2, `kv_transfer.codec.cachegen_klt`) and calibrate each
+level's per-layer steps; saved beside the model as `cachegen_transform.safetensors`. Step 2 of
+`pdserve calibrate MODEL_DIR` (`calibration.calibrate`).
 
 Calibration text: the first `CALIB_TOKENS` held-out tokens (the same span the static tables are profiled on;
 `bench.codec` scores only after it), cut into windows of `WINDOW` tokens: the first WINDOW - CONTINUATION
@@ -23,7 +23,6 @@ held-out text is profiled on seeded random token ids.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -41,7 +40,6 @@ from kv_transfer.codec.cachegen_klt import (
     decode,
     encode,
     parse,
-    register_transform,
 )
 
 CALIB_TOKENS = 4096
@@ -129,17 +127,21 @@ def _bits(
                 total += layer0.PARAMS_BYTES + 4 * k.shape[0]
                 continue
             chunks = chunk_bounds(k.shape[0], CHUNK_TOKENS)
-            params, words = encode(transform, "default", k, v, layer, chunks, tuple(map(float, steps[layer])))
+            params, words = encode(transform, "default", k, v, layer, chunks, _step_pair(steps, layer))
             total += len(params) + sum(w.nbytes for w in words)
     return 8.0 * total / elements
+
+
+def _step_pair(steps: np.ndarray, layer: int) -> tuple[float, float]:
+    """(K step, V step) of `layer` from steps [L, 2]."""
+    return float(steps[layer, 0]), float(steps[layer, 1])
 
 
 def _round_trip(
     transform: KLTransform, k: Tensor, v: Tensor, layer: int, steps: tuple[float, float]
 ) -> tuple:
     params, words = encode(transform, "default", k, v, layer, chunk_bounds(k.shape[0], CHUNK_TOKENS), steps)
-    register_transform(transform)
-    p = parse(params, tuple(k.shape), layer)
+    p = parse(params, tuple(k.shape), layer, transform)
     ko, vo = decode(p, np.concatenate(words), tuple(k.shape), k.dtype, layer, torch.device("cpu"))
     return ko, vo
 
@@ -247,7 +249,7 @@ def profile(
                     [
                         (k, v)
                         if l0 and layer == 0
-                        else _round_trip(base, k, v, layer, tuple(map(float, steps[layer])))
+                        else _round_trip(base, k, v, layer, _step_pair(steps, layer))
                         for layer, (k, v) in enumerate(kv)
                     ]
                     for kv in prompt_kv
@@ -270,19 +272,9 @@ def profile(
     return KLTransform(fwd, inv, inv_freq.numpy(), cfg.num_kv_heads, plans, meta)
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("model_dir")
-    ap.add_argument("--tokens", type=int, default=CALIB_TOKENS, help="held-out tokens to calibrate on")
-    ap.add_argument("--window", type=int, default=WINDOW, help="tokens per calibration window")
-    ap.add_argument("--out", type=Path, default=None, help=f"default: MODEL_DIR/{TRANSFORM_FILE}")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    tr = profile(args.model_dir, args.tokens, window=args.window)
-    out = args.out or Path(args.model_dir) / TRANSFORM_FILE
+def calibrate_transform(model_dir: str | Path, **kw) -> Path:
+    """Profile the model (`profile`, keyword arguments passed on) and write its transform beside it. -> path."""
+    tr = profile(model_dir, **kw)
+    out = Path(model_dir) / TRANSFORM_FILE
     tr.save(out)
-    print(f"wrote {out}: id {tr.transform_id:#018x}, levels {sorted(tr.steps)}")
-
-
-if __name__ == "__main__":
-    main()
+    return out

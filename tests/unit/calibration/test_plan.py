@@ -3,12 +3,16 @@ cheapest; a planned model's tables carry the plan and the chunk size through sav
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
-from kv_transfer.codec.cachegen import CacheGenCodec, parse_params
-from kv_transfer.codec.cachegen_plan import BUDGETS, PartCost, choose, plan_model, predicted
-from kv_transfer.codec.cachegen_tables import TABLES_FILE, CacheGenTables, install_tables, load_model_tables
+from calibration.plan import BUDGETS, PartCost, choose, plan_model, predicted
+from kv_transfer.codec import CodecContext
+from kv_transfer.codec.cachegen import CacheGenCodec
+from kv_transfer.codec.cachegen_tables import TABLES_FILE, CacheGenTables, load_model_tables
+from kv_transfer.codec.cachegen_v1 import parse_params
 from kv_transfer.errors import CodecError
 
 
@@ -57,19 +61,18 @@ def test_plan_a_model_end_to_end(tiny_model_dir, tmp_path) -> None:
     tables.save(tmp_path / TABLES_FILE)
     loaded = load_model_tables(tmp_path)
     assert loaded is not None and loaded.plans == tables.plans and loaded.chunk_tokens == tables.chunk_tokens
-    # a codec given (or installed with) the tables uses the plan's bins, its chunk size and static tables
+    # a codec whose context holds the tables (and no transform) uses the plan's bins, its chunk size and
+    # static tables; so does the context made from the model directory
     k, v = torch.randn(150, 2, 32), torch.randn(150, 2, 32)
-    for codec in (CacheGenCodec("default", tables=loaded), None):
-        if codec is None:
-            install_tables(loaded)
-            codec = CacheGenCodec("default")
-        try:
-            for layer in range(2):
-                p = parse_params(codec.encode(k, v, layer)[0], tuple(k.shape))
-                assert (p.k_bins, p.v_bins) == loaded.plans["default"][layer]
-                assert p.chunks[0].tokens <= loaded.chunk_tokens and p.table_id == loaded.table_id
-        finally:
-            install_tables(None)
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    tables.save(model / TABLES_FILE)
+    for ctx in (CodecContext(tables=loaded), CodecContext.from_model_dir(model)):
+        codec = CacheGenCodec(ctx, "default")
+        for layer in range(2):
+            p = parse_params(codec.encode(k, v, layer)[0], tuple(k.shape))
+            assert (p.k_bins, p.v_bins) == loaded.plans["default"][layer]
+            assert p.chunks[0].tokens <= loaded.chunk_tokens and p.table_id == loaded.table_id
 
 
 def test_bad_plans_are_codec_errors() -> None:

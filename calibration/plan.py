@@ -1,7 +1,7 @@
-"""Per-model CacheGen bit plans: how many quantization bins each layer's K and V get, chosen from measured
-sensitivity instead of a generic shallow/deep rule, and written beside the model with its static tables.
-
-    .venv/bin/python -m kv_transfer.codec.cachegen_plan MODEL_DIR     # plan + profile, save beside the model
+"""Per-model CacheGen bit plans (format v1): how many quantization bins each layer's K and V get, chosen from
+measured sensitivity instead of a generic shallow/deep rule, and the static tables profiled for them; saved
+beside the model as `cachegen_tables.safetensors` (+ `cachegen_plan.json`, the record). Step 1 of
+`pdserve calibrate MODEL_DIR` (`calibration.calibrate`).
 
 Method (calibration on the first `CALIB_TOKENS` held-out tokens; `bench.codec` scores after them):
 1. For each chunk size in `CHUNK_CANDIDATES`, each (layer, K/V) and each bins in `CANDIDATE_BINS`, quantize
@@ -14,30 +14,38 @@ Method (calibration on the first `CALIB_TOKENS` held-out tokens; `bench.codec` s
    per (layer, K/V) minimising the summed KL within the budget (Lagrangian relaxation: minimise
    KL + lambda x bits per part, bisecting lambda; KLs of separate parts are treated as additive).
 3. Keep the largest chunk size whose default-level plan is within 5% of the lowest predicted KL, then profile the static tables
-   for every plan's bins at that chunk size (`cachegen_tables.profile_tables`).
+   for every plan's bins at that chunk size (`profile_tables`).
 The predicted and measured (all parts quantized together) KL of each plan are returned for the record.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from kv_transfer.codec import rans
 from kv_transfer.codec.cachegen_core import (
+    DEFAULT_CHUNK_TOKENS,
+    LEVELS,
+    Level,
     chunk_bounds,
     levels_of,
     quantize_keys,
     quantize_values,
     value_scales,
 )
-from kv_transfer.codec.cachegen_tables import TABLES_FILE, CacheGenTables, Plan, profile_tables
+from kv_transfer.codec.cachegen_tables import TABLES_FILE, CacheGenTables, Plan
+from kv_transfer.errors import CodecError
+
+PLAN_FILE = "cachegen_plan.json"  # what was measured and chosen (a record; the codec reads the tables)
 
 CALIB_TOKENS = 4096  # held-out tokens used here; bench.codec evaluates on the text after them
 CANDIDATE_BINS = (4, 6, 8, 10, 12, 16, 24, 32)
@@ -169,7 +177,7 @@ def choose(costs: dict[tuple[int, str, int], PartCost], num_layers: int, budget:
 
     def pick(lam: float) -> tuple[dict[tuple[int, str], int], float]:
         sel = {
-            p: min(candidates, key=lambda b, p=p: (costs[(*p, b)].kl + lam * costs[(*p, b)].bits, -b))
+            p: min(candidates, key=lambda b: (costs[(*p, b)].kl + lam * costs[(*p, b)].bits, -b))
             for p in parts
         }
         return sel, sum(costs[(*p, b)].bits for p, b in sel.items()) / len(parts)
@@ -250,19 +258,55 @@ def plan_model(
     return tables, report
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("model_dir")
-    ap.add_argument("--out", type=Path, default=None, help=f"default: MODEL_DIR/{TABLES_FILE}")
-    args = ap.parse_args(argv)
-    tables, report = plan_model(args.model_dir)
-    out = args.out or Path(args.model_dir) / TABLES_FILE
+def profile_tables(
+    samples: Iterable[tuple[int, Tensor, Tensor]],
+    num_layers: int,
+    levels: Iterable[Level] | None = None,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    prior: float = 0.5,
+    plans: dict[str, Plan] | None = None,
+    record_chunk_tokens: bool = False,
+) -> CacheGenTables:
+    """Histogram the symbols the codec would produce for each (layer, K/V, channel) at every bins setting
+    that one of `levels` (default: all) or of `plans` uses for that layer. samples: (layer, k [T,Hkv,D],
+    v [T,Hkv,D]). `prior` is added to every count, so symbols never seen in profiling stay cheap enough.
+    The tables carry `plans`, and `chunk_tokens` when `record_chunk_tokens` (encoders then default to it)."""
+    levels = list(levels or LEVELS.values())
+    plans = plans or {}
+    counts: dict[tuple[int, str, int], np.ndarray] = {}
+    for layer, k, v in samples:
+        t, h, d = k.shape
+        kf, vf = k.reshape(t, h * d).float(), v.reshape(t, h * d).float()
+        kbins = {lv.bins(layer, num_layers)[0] for lv in levels} | {p[layer][0] for p in plans.values()}
+        vbins = {lv.bins(layer, num_layers)[1] for lv in levels} | {p[layer][1] for p in plans.values()}
+        for kind, x, bins_set in (("k", kf, kbins), ("v", vf, vbins)):
+            for bins in sorted(bins_set):
+                m = levels_of(bins)
+                for a, b in chunk_bounds(t, chunk_tokens):
+                    if kind == "k":
+                        q = quantize_keys(x[a:b], m, torch.float32)[2]
+                    else:
+                        q = quantize_values(x[a:b], m)[2]
+                    c = rans.histogram(q.to(torch.uint8).numpy(), 2 * m + 1)
+                    acc = counts.setdefault((layer, kind, bins), np.zeros_like(c, dtype=np.float64))
+                    if acc.shape != c.shape:
+                        raise CodecError(
+                            f"profile: layer {layer} has {c.shape[0]} channels, earlier {acc.shape[0]}"
+                        )
+                    acc += c
+    return CacheGenTables(
+        {key: c + prior for key, c in counts.items()},
+        num_layers,
+        plans,
+        chunk_tokens if record_chunk_tokens else None,
+    )
+
+
+def calibrate_plan(model_dir: str | Path, **kw) -> Path:
+    """Plan and profile the model (`plan_model`, keyword arguments passed on); write the tables and the record
+    beside it. -> the tables' path."""
+    tables, report = plan_model(str(model_dir), **kw)
+    out = Path(model_dir) / TABLES_FILE
     tables.save(out)
-    report_path = out.with_name("cachegen_plan.json")
-    report_path.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2))
-    print(f"wrote {out} (table id {tables.table_id:#018x}) and {report_path}")
-
-
-if __name__ == "__main__":
-    main()
+    (Path(model_dir) / PLAN_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    return out
