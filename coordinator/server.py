@@ -24,6 +24,7 @@ from engine.device import parse_cpus, pin_process
 from engine.model_dir import ModelNotFoundError, resolve_model_dir
 from engine.tokenizer import Tokenizer
 from pdserve import telemetry
+from pdserve.rpc import LIVENESS
 from pdserve.tls import TLSConfigError, TLSFiles, add_port, add_tls_args, https_files
 from pdserve.v1 import generation_pb2, generation_pb2_grpc
 
@@ -86,6 +87,7 @@ async def run(cfg: CoordinatorConfig) -> None:
     generation_pb2_grpc.add_GenerationServicer_to_server(gateway, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    await health_servicer.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)  # "" waits for instances
     services = (GENERATION_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(services, server)
     port = add_port(server, f"{cfg.host}:{cfg.port}", cfg.tls, client_auth=False)  # clients: API keys

@@ -33,6 +33,7 @@ from engine.step_loop import Job, StepEngine
 from kv_transfer.codec import CodecContext
 from pdserve import telemetry
 from pdserve.errors import PDServeError
+from pdserve.rpc import LIVENESS
 from pdserve.tls import TLSConfigError, TLSFiles, add_port, add_tls_args
 from pdserve.v1 import common_pb2
 
@@ -282,13 +283,15 @@ async def serve(
 
     `info_fn(grpc_address)` builds the registry record (called at every heartbeat for fresh load) from the
     advertised address. The standard health service (grpc.health.v1, service "") says NOT_SERVING until
-    the first heartbeat has written the record, SERVING while registered, NOT_SERVING again once stopping.
+    the first heartbeat has written the record, SERVING while registered, NOT_SERVING again once stopping;
+    service LIVENESS is SERVING from the start until stopping.
     """
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     add_servicers(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    await health_servicer.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
     # under --tls-ca: mutual TLS, every caller presents a certificate signed by the cluster CA
     port = add_port(server, f"{cfg.host}:{cfg.port}", cfg.tls, client_auth=True)
     if port == 0:

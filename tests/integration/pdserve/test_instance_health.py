@@ -1,6 +1,6 @@
 """An instance process (real redis-server, real prefill_service, real gRPC): bound to every interface, it
 registers the address it was told to advertise (gRPC and KV), serves the standard gRPC health service
-(SERVING once registered), and `pdserve health` says so with its exit status. A model that does not exist
+(SERVING once registered; service "liveness" SERVING while it runs), and `pdserve health` says so with its exit status. A model that does not exist
 stops it at once with a message naming the path."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import grpc
 
 from coordinator.registry import Registry
 from pdserve.redis_server import RedisServer, free_port
+from pdserve.rpc import LIVENESS
 from pdserve.v1 import common_pb2, prefill_pb2_grpc
 
 ADVERTISED = "127.0.0.2"  # a loopback address other than the one clients use by default
@@ -50,6 +51,8 @@ def test_instance_advertises_the_given_host_and_reports_serving(
         with grpc.insecure_channel(info.grpc_address) as ch:
             stats = prefill_pb2_grpc.PrefillStub(ch).Stats(common_pb2.InstanceStatsRequest(), timeout=10)
         assert stats.instance_id == info.instance_id
+        alive = _pdserve("health", info.grpc_address, "--service", LIVENESS)
+        assert alive.returncode == 0 and alive.stdout.strip().endswith("SERVING"), alive.stderr
         unknown = _pdserve("health", info.grpc_address, "--service", "no.such.Service")
         assert unknown.returncode == 1 and "NOT_FOUND" in unknown.stderr
     finally:
