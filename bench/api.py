@@ -176,6 +176,10 @@ def _median(runs: list[dict[str, Any]], key: str) -> float | None:
     return statistics.median(vals) if vals else None
 
 
+def _ratio(num: float | None, den: float | None) -> float | None:
+    return num / den if num is not None and den else None
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.api", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="2 rounds of 40 requests per front end (~1 min)")
@@ -249,11 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         pooled[f]["n_failed"] = sum(r["n_failed"] for r in runs[f])
     base = fronts[0]
     ratios = {
-        f"ratio_{f}_{base}": {
-            k: (pooled[f][k] / pooled[base][k]) if pooled[f][k] is not None and pooled[base][k] else None
-            for k in _COMPARED
-        }
-        for f in fronts[1:]
+        f"ratio_{f}_{base}": {k: _ratio(pooled[f][k], pooled[base][k]) for k in _COMPARED} for f in fronts[1:]
     }
     result = {
         "benchmark": "api",

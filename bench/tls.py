@@ -76,10 +76,14 @@ def _channel(mode: str, port: int, tls: TLSFiles) -> grpc.Channel:
     return grpc.secure_channel(target, channel_credentials(client), options=options)
 
 
+def _echo(ch: grpc.Channel) -> grpc.UnaryUnaryMultiCallable[bytes, bytes]:
+    return ch.unary_unary(f"/{SERVICE}/Echo")  # bytes both ways: no (de)serializers
+
+
 def _grpc_round(mode: str, port: int, tls: TLSFiles, unary_n: int, stream_n: int) -> dict[str, float]:
     with _channel(mode, port, tls) as ch:
-        echo = ch.unary_unary(f"/{SERVICE}/Echo")
-        stream = ch.unary_stream(f"/{SERVICE}/Stream")
+        echo = _echo(ch)
+        stream: grpc.UnaryStreamMultiCallable[bytes, bytes] = ch.unary_stream(f"/{SERVICE}/Stream")
         echo(MSG, timeout=10)  # connected and warm
         times = []
         for _ in range(unary_n):
@@ -94,7 +98,7 @@ def _grpc_round(mode: str, port: int, tls: TLSFiles, unary_n: int, stream_n: int
     for _ in range(10):
         t0 = time.perf_counter()
         with _channel(mode, port, tls) as ch:
-            ch.unary_unary(f"/{SERVICE}/Echo")(MSG, timeout=10)
+            _echo(ch)(MSG, timeout=10)
         connects.append(time.perf_counter() - t0)
     return {
         "unary_us": statistics.median(times) * 1e6,
@@ -145,7 +149,7 @@ def measure_aes_gcm(mib: int = 1, seconds: float = 2.0) -> dict[str, float]:
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
     data = os.urandom(mib << 20)
-    ciphers = {
+    ciphers: dict[str, AESGCM | ChaCha20Poly1305] = {
         "aes256gcm": AESGCM(AESGCM.generate_key(256)),
         "chacha20poly1305": ChaCha20Poly1305(ChaCha20Poly1305.generate_key()),
     }
@@ -203,11 +207,11 @@ def measure_cluster(model_dir: str, n: int, max_tokens: int) -> dict[str, dict[s
                     if i >= 0 and ttft is not None:
                         samples[mode]["ttft_ms"].append(ttft * 1e3)
                         samples[mode]["latency_ms"].append((time.perf_counter() - t0) * 1e3)
-            for c in clients.values():
-                c.close()
+            for client in clients.values():
+                client.close()
         finally:
-            for c in clusters.values():
-                c.stop()
+            for cluster in clusters.values():
+                cluster.stop()
     out = {m: {k: round(statistics.median(v), 2) for k, v in s.items()} for m, s in samples.items()}
     for k in ("ttft_ms", "latency_ms"):
         out["mtls"][f"{k}_x_plaintext"] = round(out["mtls"][k] / out["plaintext"][k], 3)

@@ -204,6 +204,20 @@ def cmd_health(a: argparse.Namespace) -> int:
     return 0 if resp.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
+def cmd_operator(a: argparse.Namespace) -> int:
+    """Run the PDCluster Kubernetes operator (infra/k8s/README.md) until interrupted."""
+    try:
+        from coordinator.operator.handlers import run_operator
+    except ImportError as exc:
+        print(
+            f"pdserve operator: {exc} (install the operator extra: pip install 'pdserve[operator]')",
+            file=sys.stderr,
+        )
+        return 2
+    run_operator(namespaces=a.namespace or None)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pdserve", description="Disaggregated prefill/decode LLM serving")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -353,6 +367,15 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--tls-cert", default=None, help="PEM client certificate (instances under mutual TLS)")
     h.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
     h.set_defaults(fn=cmd_health)
+
+    op = sub.add_parser("operator", help="run the Kubernetes operator of PDCluster resources (infra/k8s)")
+    op.add_argument(
+        "--namespace",
+        action="append",
+        default=[],
+        help="watch only this namespace (repeatable; default: all)",
+    )
+    op.set_defaults(fn=cmd_operator)
 
     from pdserve import trace_cli
 

@@ -17,7 +17,7 @@ import socket
 import threading
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -397,7 +397,9 @@ class EngineStream:
         """The job's `emit`: called from engine threads, never blocks."""
         self._mailbox.post(self._queue, event)
 
-    async def events(self, engine: StepEngine, job: Job, last: Callable[[Any], bool]) -> AsyncIterator[Any]:
+    async def events(
+        self, engine: StepEngine, job: Job, last: Callable[[Any], bool]
+    ) -> AsyncGenerator[Any, None]:
         """Submit `job` and yield its events up to the one `last` accepts; an error event is raised.
 
         Closed before that (the client cancelled or its deadline passed: the handler stops iterating),

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import grpc
@@ -24,12 +25,12 @@ START_TIMEOUT_S = 180.0  # a CUDA cluster's start (model load, CUDA init) on a l
 
 
 def start_cluster(
-    model_dir: Path, log_dir: Path, *, env: Mapping[str, str] | None = None, **kw: object
+    model_dir: Path, log_dir: Path, *, env: Mapping[str, str] | None = None, **kw: Any
 ) -> LocalCluster:
     """A CPU cluster (1P1D unless `prefill`/`decode` say otherwise) on a free port with a private
     redis-server, 256 KV blocks per instance and a 1.5 s heartbeat TTL; `kw` overrides any ClusterConfig
     field. `env` is set for the children only (e.g. PDSERVE_TRACE_FILE); this process is left as it was."""
-    fields: dict[str, object] = {
+    fields: dict[str, Any] = {
         "port": 0,
         "use_cuda": False,
         "num_kv_blocks": 256,
@@ -37,7 +38,7 @@ def start_cluster(
         "log_dir": str(log_dir),
     }
     fields.update(kw)
-    cfg = ClusterConfig(model_dir=str(model_dir), **fields)  # type: ignore[arg-type]
+    cfg = ClusterConfig(model_dir=str(model_dir), **fields)
     with pytest.MonkeyPatch.context() as mp:  # the children inherit the environment at spawn time
         for k, v in (env or {}).items():
             mp.setenv(k, v)
@@ -62,7 +63,7 @@ def stop_all(clusters: list[LocalCluster]) -> None:
 
 
 def start_many(
-    specs: Mapping[str, tuple[Path, dict[str, object]]], tmp_path_factory: pytest.TempPathFactory
+    specs: Mapping[str, tuple[Path, dict[str, Any]]], tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, LocalCluster]:
     """{name: (model_dir, ClusterConfig overrides)} -> {name: started cluster}, started side by side. If any
     fails to start, the others are stopped and one error names every cause. (No `env` here: the
@@ -86,7 +87,7 @@ def start_many(
 
 
 @contextmanager
-def running_cluster(model_dir: Path, log_dir: Path, **kw: object) -> Iterator[LocalCluster]:
+def running_cluster(model_dir: Path, log_dir: Path, **kw: Any) -> Iterator[LocalCluster]:
     """start_cluster ... stop_cluster around a block."""
     cluster = start_cluster(model_dir, log_dir, **kw)
     try:
@@ -95,7 +96,8 @@ def running_cluster(model_dir: Path, log_dir: Path, **kw: object) -> Iterator[Lo
         stop_cluster(cluster)
 
 
-STUBS = {
+StatsStub = prefill_pb2_grpc.PrefillStub | decode_pb2_grpc.DecodeStub | colocated_pb2_grpc.ColocatedStub
+STUBS: dict[str, Callable[[grpc.Channel], StatsStub]] = {
     "prefill": prefill_pb2_grpc.PrefillStub,
     "decode": decode_pb2_grpc.DecodeStub,
     "colocated": colocated_pb2_grpc.ColocatedStub,

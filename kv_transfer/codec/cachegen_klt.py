@@ -195,10 +195,10 @@ class KLTransform:
     def _on(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
         t = self._dev.get(device)
         if t is None:
-            t = tuple(torch.from_numpy(a).to(device) for a in (self.fwd, self.inv, self.inv_freq))
+            fwd, inv, inv_freq = (torch.from_numpy(a).to(device) for a in (self.fwd, self.inv, self.inv_freq))
             with self._lock:
-                t = self._dev.setdefault(device, t)  # type: ignore[arg-type]
-        return t  # type: ignore[return-value]
+                t = self._dev.setdefault(device, (fwd, inv, inv_freq))
+        return t
 
     def _cos_sin(self, t: int, device: torch.device) -> tuple[Tensor, Tensor]:
         """cos, sin [P >= t, D] (contiguous) of positions 0..P-1 (cached per device, grown by doubling)."""
@@ -308,8 +308,8 @@ def _code_chunk(
             y = y.contiguous()
             mean, lo, hi = rans.col_stats(y.numpy())
         else:
-            mean, (lo, hi) = y.mean(0), torch.aminmax(y, dim=0)
-            mean, lo, hi = (a.cpu().numpy() for a in (mean, lo, hi))
+            mean_t, (lo_t, hi_t) = y.mean(0), torch.aminmax(y, dim=0)
+            mean, lo, hi = (a.cpu().numpy() for a in (mean_t, lo_t, hi_t))
         parts.append((y, *_centre_step(mean, lo, hi, step, wide)))
     cs = np.stack([c.astype(np.float32) for _, c, _ in parts])  # [2, C]
     ss = np.stack([s.astype(np.float32) for _, _, s in parts])
@@ -379,7 +379,7 @@ class Parsed:
         self.transform, self.flags, self.payload_crc, self.chunks = transform, flags, payload_crc, chunks
 
 
-def parse(params: bytes, shape: tuple[int, int, int], layer: int, transform: KLTransform | None) -> Parsed:
+def parse(params: bytes, shape: tuple[int, ...], layer: int, transform: KLTransform | None) -> Parsed:
     """Check v2 params against the frame's shape and `transform` (the context's); FrameCorrupted /
     FrameForeign on anything wrong. Allocates nothing beyond the params' own size."""
     buf = params
@@ -428,7 +428,7 @@ def parse(params: bytes, shape: tuple[int, int, int], layer: int, transform: KLT
 def decode(
     p: Parsed,
     words: np.ndarray,
-    shape: tuple[int, int, int],
+    shape: tuple[int, ...],
     dtype: torch.dtype,
     layer: int,
     device: torch.device,
@@ -460,7 +460,7 @@ def decode(
 
 
 def error_bounds_klt(
-    params: bytes, shape: tuple[int, int, int], layer: int, transform: KLTransform
+    params: bytes, shape: tuple[int, ...], layer: int, transform: KLTransform
 ) -> tuple[Tensor, Tensor]:
     """Per-token L2 bounds on ||x_t - x_hat_t|| (fp32 [T] for K, for V) implied by params, before fp32
     arithmetic and the output dtype's rounding: ||F^-1||_2 * ||step||_2 / 2 (see the module docstring)."""

@@ -319,7 +319,7 @@ def parse_params(params: bytes, shape: Shape) -> Params:
     return Params(fields, chunks, c)
 
 
-def error_bounds(params: bytes, shape: Shape) -> tuple[Tensor, Tensor]:
+def error_bounds(params: bytes | memoryview, shape: Shape) -> tuple[Tensor, Tensor]:
     """Per-element bounds on |x - x_hat| implied by params (fp32 [T, Hkv, D] each), before the output
     dtype's rounding: h_c / (2M) for keys, s_t / (2M) for values."""
     p = parse_params(bytes(params), shape)

@@ -84,7 +84,7 @@ def is_layer0_frame(params: bytes) -> bool:
 def decode(
     params: bytes,
     payload: memoryview,
-    shape: tuple[int, int, int],
+    shape: tuple[int, ...],
     dtype: torch.dtype,
     device: torch.device,
     inst: Layer0 | None,

@@ -52,7 +52,7 @@ def test_up_generate_and_ctrl_c(tiny_model_dir: Path, tmp_path: Path) -> None:
             m = re.search(r"serving on (\S+)", line)
             addr = m.group(1) if m else None
         assert addr, "pdserve up never reported serving"
-        http = re.search(r"HTTP API on http://(\S+)/v1", up.stdout.readline())  # type: ignore[union-attr]
+        http = re.search(r"HTTP API on http://(\S+)/v1", up.stdout.readline())
         assert http, "pdserve up did not report its HTTP API"
         assert httpx.get(f"http://{http.group(1)}/health", timeout=10).json() == {"status": "SERVING"}
         redis_port = re.search(r"redis://127\.0\.0\.1:(\d+)", "".join(lines))

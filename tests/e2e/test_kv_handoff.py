@@ -16,6 +16,7 @@ loopback) against the single-process reference.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -153,7 +154,7 @@ def test_cachegen_cluster_with_a_lossless_request_floor_equals_reference(
 def test_cachegen_first_tokens_match_reference_on_heldout_prompts(
     clusters: dict[str, LocalCluster],
     heldout_expected: tuple[list[list[int]], list[list[int]]],
-    record_property: pytest.RecordProperty,
+    record_property: Callable[[str, object], None],
 ) -> None:
     prompts, expected = heldout_expected
     cluster = clusters["cachegen"]

@@ -11,11 +11,14 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import httpx
 import openai
+import pydantic
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from coordinator.registry import Registry
 from engine.local import LocalEngine
@@ -28,6 +31,16 @@ from pdserve.v1 import common_pb2, decode_pb2_grpc, prefill_pb2_grpc
 
 KEY = "sk-pdserve-test-2c9f1e7b4d"  # grepped for in the span file and every log at the end
 PROMPTS = ["def fibonacci(n):", "import os\nimport sys\n", "class Stack:\n    def push(self, x):", "x"]
+
+
+def _token_ids(choice: pydantic.BaseModel) -> list[int]:
+    """A choice's (or a streamed chunk's choice's) `token_ids`: pdserve's field for `return_token_ids`, which
+    the openai types lack; their models keep unknown fields as pydantic extras."""
+    extra = choice.model_extra
+    assert extra is not None and "token_ids" in extra, f"no token_ids in {choice!r}"
+    ids = extra["token_ids"]
+    assert isinstance(ids, list) and all(isinstance(t, int) for t in ids), ids
+    return ids
 
 
 def _assert_no_leaks(cluster: LocalCluster, timeout_s: float = 10.0) -> None:
@@ -85,7 +98,7 @@ class Api:
             time.sleep(0.1)
 
 
-def _start(model_dir: Path | str, tmp: Path, **kw: object) -> Api:
+def _start(model_dir: Path | str, tmp: Path, **kw: Any) -> Api:
     span_file = tmp / "spans.jsonl"
     with pytest.MonkeyPatch.context() as mp:  # the children inherit it; this process stays untraced
         mp.setenv("PDSERVE_TRACE_FILE", str(span_file))
@@ -98,7 +111,7 @@ def _start(model_dir: Path | str, tmp: Path, **kw: object) -> Api:
             num_kv_blocks=256,
             heartbeat_ttl_s=1.5,
             log_dir=str(tmp / "logs"),
-            **kw,  # type: ignore[arg-type]
+            **kw,
         )
         cluster = LocalCluster(cfg).start(timeout_s=120)
     return Api(cluster, span_file, tmp / "logs", Path(model_dir).name)
@@ -130,13 +143,15 @@ def test_greedy_completions_equal_the_reference_with_usage(api: Api, reference: 
             model=api.model_id, prompt=prompt, max_tokens=max_tokens, temperature=0, extra_body=extra
         )
         (choice,) = out.choices
-        assert choice.token_ids == want, f"{prompt!r}: HTTP {choice.token_ids} != reference {want}"
+        assert _token_ids(choice) == want, f"{prompt!r}: HTTP {_token_ids(choice)} != reference {want}"
         assert choice.text == tok.decode(want)
         assert choice.finish_reason == "length"
         assert out.object == "text_completion" and out.model == api.model_id
-        assert out.usage.prompt_tokens == len(tok.encode(prompt))
-        assert out.usage.completion_tokens == max_tokens
-        assert out.usage.total_tokens == out.usage.prompt_tokens + max_tokens
+        usage = out.usage
+        assert usage is not None
+        assert usage.prompt_tokens == len(tok.encode(prompt))
+        assert usage.completion_tokens == max_tokens
+        assert usage.total_tokens == usage.prompt_tokens + max_tokens
 
         stream = client.completions.create(
             model=api.model_id,
@@ -150,10 +165,10 @@ def test_greedy_completions_equal_the_reference_with_usage(api: Api, reference: 
         chunks = list(stream)
         assert chunks[-1].choices == [] and chunks[-1].usage is not None
         assert chunks[-1].usage.completion_tokens == max_tokens
-        assert chunks[-1].usage.prompt_tokens == out.usage.prompt_tokens
+        assert chunks[-1].usage.prompt_tokens == usage.prompt_tokens
         body = chunks[:-1]
         assert all(c.usage is None for c in body)
-        assert [t for c in body for t in c.choices[0].token_ids] == want
+        assert [t for c in body for t in _token_ids(c.choices[0])] == want
         assert "".join(c.choices[0].text for c in body) == choice.text
         assert body[-1].choices[0].finish_reason == "length"
         assert all(c.choices[0].finish_reason is None for c in body[:-1])
@@ -170,7 +185,7 @@ def test_prompt_as_token_ids_and_stop_strings(api: Api, reference: LocalEngine) 
         model=api.model_id, prompt=ids, max_tokens=12, temperature=0, extra_body={"ignore_eos": True}
     )
     assert out.choices[0].text == tok.decode(want)
-    assert out.usage.prompt_tokens == len(ids)
+    assert out.usage is not None and out.usage.prompt_tokens == len(ids)
     stop = tok.decode(want)[3:6]  # a stop string inside the reference text: the text ends before it
     assert stop
     out = client.completions.create(
@@ -187,9 +202,16 @@ def test_prompt_as_token_ids_and_stop_strings(api: Api, reference: LocalEngine) 
 
 def test_seeded_sampling_is_reproducible(api: Api) -> None:
     client = api.client()
-    kw = {"model": api.model_id, "prompt": "import", "max_tokens": 10, "temperature": 0.9, "top_p": 0.9}
-    a = client.completions.create(seed=7, **kw).choices[0].text
-    b = client.completions.create(seed=7, **kw, stream=True)
+    a = (
+        client.completions.create(
+            model=api.model_id, prompt="import", max_tokens=10, temperature=0.9, top_p=0.9, seed=7
+        )
+        .choices[0]
+        .text
+    )
+    b = client.completions.create(
+        model=api.model_id, prompt="import", max_tokens=10, temperature=0.9, top_p=0.9, seed=7, stream=True
+    )
     assert "".join(c.choices[0].text for c in b) == a
 
 
@@ -344,7 +366,7 @@ def test_shipped_model_chat_and_completion_equal_the_reference(tmp_path: Path) -
     api = _start(model, tmp_path)  # no key: the gateway is open
     try:
         client = api.client(api_key="unused")
-        messages = [
+        messages: list[ChatCompletionMessageParam] = [
             {"role": "system", "content": "You write Python."},
             {"role": "user", "content": "def add(a, b):"},
         ]
@@ -355,11 +377,15 @@ def test_shipped_model_chat_and_completion_equal_the_reference(tmp_path: Path) -
             params = SamplingParams(max_tokens=24, repetition_penalty=rp, ignore_eos=True)
             (want,) = ref.generate([tok.encode(prompt)], [params])
             if chat:
-                out = client.chat.completions.create(
+                chat_out = client.chat.completions.create(
                     model=api.model_id, messages=messages, max_tokens=24, temperature=0, extra_body=extra
                 )
-                text = out.choices[0].message.content
-                assert out.object == "chat.completion" and out.choices[0].message.role == "assistant"
+                text = chat_out.choices[0].message.content
+                assert text is not None
+                assert (
+                    chat_out.object == "chat.completion" and chat_out.choices[0].message.role == "assistant"
+                )
+                ids, usage = _token_ids(chat_out.choices[0]), chat_out.usage
                 stream = client.chat.completions.create(
                     model=api.model_id,
                     messages=messages,
@@ -369,15 +395,17 @@ def test_shipped_model_chat_and_completion_equal_the_reference(tmp_path: Path) -
                     stream_options={"include_usage": True},
                     extra_body=extra,
                 )
-                chunks = list(stream)
-                assert chunks[0].choices[0].delta.role == "assistant"
-                streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-                streamed_ids = [t for c in chunks if c.choices for t in c.choices[0].token_ids]
+                chat_chunks = list(stream)
+                assert chat_chunks[0].choices[0].delta.role == "assistant"
+                streamed = "".join(c.choices[0].delta.content or "" for c in chat_chunks if c.choices)
+                streamed_ids = [t for c in chat_chunks if c.choices for t in _token_ids(c.choices[0])]
+                streamed_usage = chat_chunks[-1].usage
             else:
                 out = client.completions.create(
                     model=api.model_id, prompt=prompt, max_tokens=24, temperature=0, extra_body=extra
                 )
                 text = out.choices[0].text
+                ids, usage = _token_ids(out.choices[0]), out.usage
                 chunks = list(
                     client.completions.create(
                         model=api.model_id,
@@ -390,12 +418,14 @@ def test_shipped_model_chat_and_completion_equal_the_reference(tmp_path: Path) -
                     )
                 )
                 streamed = "".join(c.choices[0].text for c in chunks if c.choices)
-                streamed_ids = [t for c in chunks if c.choices for t in c.choices[0].token_ids]
-            assert out.choices[0].token_ids == want, f"chat={chat}: {out.choices[0].token_ids} != {want}"
+                streamed_ids = [t for c in chunks if c.choices for t in _token_ids(c.choices[0])]
+                streamed_usage = chunks[-1].usage
+            assert ids == want, f"chat={chat}: {ids} != {want}"
             assert streamed_ids == want
             assert text == streamed == tok.decode(want)
-            assert out.usage.prompt_tokens == len(tok.encode(prompt)) == chunks[-1].usage.prompt_tokens
-            assert out.usage.completion_tokens == len(want) == chunks[-1].usage.completion_tokens
+            assert usage is not None and streamed_usage is not None
+            assert usage.prompt_tokens == len(tok.encode(prompt)) == streamed_usage.prompt_tokens
+            assert usage.completion_tokens == len(want) == streamed_usage.completion_tokens
             local = subprocess.run(  # the user's reference: `pdserve generate --local` on the rendered prompt
                 [
                     sys.executable,

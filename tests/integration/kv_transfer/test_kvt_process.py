@@ -84,12 +84,13 @@ def test_streaming_pulls_from_another_process(server_proc: ServerProcess) -> Non
     expected = make_kv(7)
     with KVPuller(fingerprint=FP, timeout_s=20.0) as puller:
         got: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {s: {} for s in server_proc.addresses}
+        # mypy#15459: mypy cannot type a lambda whose default binds a loop variable
         handles = {
             s: puller.start_pull(
                 addr,
                 "p0",
                 "raw",
-                lambda i, k, v, s=s: got[s].__setitem__(i, (k.clone(), v.clone())),
+                lambda i, k, v, s=s: got[s].__setitem__(i, (k.clone(), v.clone())),  # type: ignore[misc]
                 token=tokens[s],
             )
             for s, addr in server_proc.addresses.items()

@@ -185,7 +185,7 @@ def test_several_pulls_reuse_one_connection(server: KVServer, puller: KVPuller) 
         assert (
             puller.pull(server.address, f"m{i}", "raw", Sink(), token=rel.tokens[f"m{i}"]).first_token_id == i
         )
-        assert puller.pull.__self__._idle[server.address]  # the channel went back to the pool
+        assert puller._idle[server.address]  # the channel went back to the pool
     for i in range(3):
         rel.wait(f"m{i}", "pulled")
 

@@ -71,7 +71,7 @@ class FakeProber:
     and none above."""
 
     ttft_s = (0.1, 1.0)  # time to first token at rates up to the knee, and above it
-    seeds = (0,)
+    seeds: tuple[int, ...] = (0,)
 
     def __init__(self, knee: float, rates: list[float]) -> None:
         self.knee = knee
@@ -257,7 +257,8 @@ class SeededProber(SloProber):
     def run(self, rate: float) -> Run:
         if rate not in self.runs:
             self.new.append(rate)
-            records, seed_of = [], []
+            records: list[RequestRecord] = []
+            seed_of: list[int] = []
             for seed in self.seeds:
                 ttft = self.ttft_s[0] if rate <= self.knees[seed] else self.ttft_s[1]
                 records += [_record(len(records) + i, ttft, 0.01) for i in range(10)]
@@ -269,7 +270,7 @@ class SeededProber(SloProber):
 def _evaluate_seeded(knees: dict[int, float]) -> dict:
     iso = {"prefill_s": 0.1, "decode_step_s": 0.01, "prompt_len": 8}
     mode = replace(QUICK, max_probes=4, rel_tol=0.25, growth=2.0)
-    return evaluate(SeededProber(knees), iso, {2.0: SLO(0.5, 0.02)}, 2.0, 1.0, mode)  # type: ignore[arg-type]
+    return evaluate(SeededProber(knees), iso, {2.0: SLO(0.5, 0.02)}, 2.0, 1.0, mode)  # type: ignore[arg-type]  # a fake Prober
 
 
 def test_evaluate_fits_goodput_pooled_and_per_seed() -> None:

@@ -24,6 +24,14 @@ from pdserve.errors import (
     Unavailable,
     http_error,
 )
+from pdserve.v1 import generation_pb2
+
+
+def _gateway_request(body: oa.CompletionRequest, request_id: str) -> generation_pb2.GenerateRequest:
+    """What /v1/completions asks the gateway for `body` (as coordinator/http_api.py builds it)."""
+    max_tokens = oa.requested_max_tokens(body)
+    assert max_tokens is not None  # completions default to COMPLETION_MAX_TOKENS
+    return oa.generate_request(body, request_id, oa.completion_prompt(body), max_tokens)
 
 
 # ---- requests -----------------------------------------------------------------------------------
@@ -39,7 +47,7 @@ def test_completion_body_maps_onto_the_gateway_request() -> None:
         max_kv_kl=0.0,
         top_k=5,
     )
-    req = oa.generate_request(body, "rid", oa.completion_prompt(body), oa.requested_max_tokens(body))
+    req = _gateway_request(body, "rid")
     assert req.request_id == "rid" and req.prompt == "def f(x):" and not req.prompt_token_ids
     assert req.max_tokens == 7 and req.top_k == 5 and req.ignore_eos
     assert req.temperature == pytest.approx(oa.DEFAULT_TEMPERATURE)  # unset: OpenAI's default, 1
@@ -50,7 +58,7 @@ def test_completion_body_maps_onto_the_gateway_request() -> None:
 
 def test_unset_fields_stay_unset_for_the_gateways_defaults() -> None:
     body = oa.CompletionRequest(prompt=[5, 6, 7], temperature=0)
-    req = oa.generate_request(body, "r", oa.completion_prompt(body), oa.requested_max_tokens(body))
+    req = _gateway_request(body, "r")
     assert list(req.prompt_token_ids) == [5, 6, 7] and req.prompt == ""
     assert req.max_tokens == oa.COMPLETION_MAX_TOKENS and req.temperature == 0
     for name in ("top_p", "seed", "repetition_penalty", "max_kv_kl"):
@@ -66,7 +74,7 @@ def test_a_list_of_one_prompt_is_that_prompt_and_more_are_refused() -> None:
 
 
 def test_chat_max_tokens_precedence() -> None:
-    msgs = [{"role": "user", "content": "hi"}]
+    msgs = [oa.ChatMessage(role="user", content="hi")]
     assert oa.requested_max_tokens(oa.ChatRequest(messages=msgs)) is None  # the context left, decided later
     assert oa.requested_max_tokens(oa.ChatRequest(messages=msgs, max_tokens=9)) == 9
     assert oa.requested_max_tokens(oa.ChatRequest(messages=msgs, max_completion_tokens=4)) == 4
@@ -97,14 +105,17 @@ def test_fields_the_engine_cannot_honour_are_refused(fields: dict, param: str) -
 
 def test_chat_logprobs_and_non_text_parts_are_refused() -> None:
     with pytest.raises(InvalidRequest):
-        oa.refuse_unsupported(oa.ChatRequest(messages=[{"role": "user", "content": "x"}], logprobs=True))
+        oa.refuse_unsupported(
+            oa.ChatRequest(messages=[oa.ChatMessage(role="user", content="x")], logprobs=True)
+        )
+    # content parts as a JSON body carries them (validated as the HTTP API validates its bodies)
     parts = [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]
-    assert oa.chat_messages(oa.ChatRequest(messages=[{"role": "user", "content": parts}])) == [
-        {"role": "user", "content": "ab"}
-    ]
+    assert oa.chat_messages(
+        oa.ChatRequest.model_validate({"messages": [{"role": "user", "content": parts}]})
+    ) == [{"role": "user", "content": "ab"}]
     image = [{"type": "image_url", "image_url": {"url": "http://x"}}]
     with pytest.raises(InvalidRequest) as err:
-        oa.chat_messages(oa.ChatRequest(messages=[{"role": "user", "content": image}]))
+        oa.chat_messages(oa.ChatRequest.model_validate({"messages": [{"role": "user", "content": image}]}))
     assert "image_url" in str(err.value)
 
 

@@ -200,7 +200,7 @@ def test_requests_that_can_never_fit_are_rejected_at_submit(engine_for, events):
 def test_stop_fails_queued_requests_and_returns_once_the_pulls_in_flight_do(
     make_runner, puller, events, timeline
 ):
-    engine = DecodeEngine(make_runner(8), puller, max_running=8, max_queue=8, max_batch_tokens=16)  # type: ignore[arg-type]
+    engine = DecodeEngine(make_runner(8), puller, max_running=8, max_queue=8, max_batch_tokens=16)
     engine.start()
     pulling, queued = _job(events, "p", 8, 12), _job(events, "q", 8, 12)  # 5 blocks each: q waits
     engine.submit(pulling)
