@@ -4,15 +4,22 @@ VENV ?= .venv
 VPY := $(VENV)/bin/python
 PROTO_SRC := $(wildcard protos/pdserve/v1/*.proto)
 
-.PHONY: setup protos test lint format bench clean gpu-wheels
+.PHONY: setup protos test lint format bench clean gpu-wheels wheel
 
 setup:
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q torch==2.13.0
-	$(VPY) -m pip install -q -e '.[test]'
+	$(VPY) -m pip install -q -e '.[test,ucx,operator]'
 	command -v redis-server >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server)
+	# Compose, for the test that validates docker-compose.yml (`docker compose` or `docker-compose`; no daemon needed)
+	docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null \
+		|| (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker-compose)
 	$(MAKE) protos
+
+# the wheel (gRPC stubs generated and the shipped model added by setup.py's build step) into dist/
+wheel:
+	$(VPY) -m pip wheel --no-deps -w dist .
 
 protos:
 	$(VPY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. $(PROTO_SRC)

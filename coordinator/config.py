@@ -13,6 +13,7 @@ class CoordinatorConfig:
     redis_url: str
     cluster: str = "default"
     host: str = "127.0.0.1"
+    advertise_host: str = ""  # the host clients reach the gateway at (its telemetry identity); "" = host
     port: int = 50051  # gateway gRPC port; 0 = a free one (printed on stdout)
     expect_prefill: int = 1  # health reports SERVING once this many of each role are registered
     expect_decode: int = 1

@@ -21,8 +21,10 @@ from coordinator.router import Router
 from engine.checkpoint import model_fingerprint
 from engine.config import ModelConfig
 from engine.device import parse_cpus, pin_process
+from engine.model_dir import ModelNotFoundError, resolve_model_dir
 from engine.tokenizer import Tokenizer
 from pdserve import telemetry
+from pdserve.rpc import LIVENESS
 from pdserve.tls import TLSConfigError, TLSFiles, add_port, add_tls_args, https_files
 from pdserve.v1 import generation_pb2, generation_pb2_grpc
 
@@ -62,6 +64,11 @@ async def _watch_health(router: Router, cfg: CoordinatorConfig, servicer: health
         await asyncio.sleep(cfg.refresh_s)
 
 
+def _instance_id(cfg: CoordinatorConfig, port: int) -> str:
+    """The gateway's identity in metrics and traces: the address clients reach it at."""
+    return f"coordinator-{cfg.advertise_host or cfg.host}:{port}"
+
+
 async def run(cfg: CoordinatorConfig) -> None:
     model = ModelConfig.from_hf_dir(cfg.model_dir)
     tokenizer = Tokenizer(cfg.model_dir)
@@ -80,6 +87,7 @@ async def run(cfg: CoordinatorConfig) -> None:
     generation_pb2_grpc.add_GenerationServicer_to_server(gateway, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    await health_servicer.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)  # "" waits for instances
     services = (GENERATION_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(services, server)
     port = add_port(server, f"{cfg.host}:{cfg.port}", cfg.tls, client_auth=False)  # clients: API keys
@@ -87,7 +95,7 @@ async def run(cfg: CoordinatorConfig) -> None:
         raise RuntimeError(f"cannot bind the gateway on {cfg.host}:{cfg.port} (port in use?)")
     await server.start()
     telemetry.instruments().observe_instance(
-        "coordinator", f"coordinator-{cfg.host}:{port}", lambda: {"inflight": gateway.inflight}
+        "coordinator", _instance_id(cfg, port), lambda: {"inflight": gateway.inflight}
     )
     watcher = asyncio.create_task(_watch_health(router, cfg, health_servicer))
     print(f"GATEWAY {cfg.host}:{port}", flush=True)
@@ -133,10 +141,15 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
         prog="python -m coordinator", description="pdserve coordinator (gateway + router)"
     )
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", default="", help="model directory (HF format; default: the shipped model)")
     p.add_argument("--redis-url", required=True)
     p.add_argument("--cluster", default="default")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1", help="listen host of the gateway (gRPC and HTTP)")
+    p.add_argument(
+        "--advertise-host",
+        default="",
+        help="host clients reach the gateway at, its identity in metrics and traces (default: --host)",
+    )
     p.add_argument("--port", type=int, default=50051)
     p.add_argument("--expect-prefill", type=int, default=1)
     p.add_argument("--expect-decode", type=int, default=1)
@@ -207,13 +220,15 @@ def main(argv: list[str] | None = None) -> None:
     try:
         tls = TLSFiles.from_args(a)
         tls.require_cluster_identity()
-    except TLSConfigError as exc:
+        model_dir = resolve_model_dir(a.model)
+    except (TLSConfigError, ModelNotFoundError) as exc:
         p.error(str(exc))
     cfg = CoordinatorConfig(
-        model_dir=a.model,
+        model_dir=model_dir,
         redis_url=a.redis_url,
         cluster=a.cluster,
         host=a.host,
+        advertise_host=a.advertise_host,
         port=a.port,
         expect_prefill=a.expect_prefill,
         expect_decode=a.expect_decode,
@@ -230,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
         http_port=a.http_port,
         api_keys=api_keys,
     )
-    telemetry.setup("coordinator", f"coordinator-{cfg.host}:{cfg.port}")
+    telemetry.setup("coordinator", _instance_id(cfg, cfg.port))
     try:
         asyncio.run(run(cfg))
     finally:

@@ -2,8 +2,13 @@
 
 Used by the engine's CPU kernels (`engine.kernels`) and the KV codec's rANS coder
 (`kv_transfer.codec.rans`). The library lands in `<pdserve cache>/kernels/<name>-<key>.so`, where the key
-hashes the source, the flags and the CPU's feature flags (sources are built with -march=native), written
-atomically (temp file renamed into place) so concurrent processes never load a half-written file.
+hashes the source and the flags, written atomically (temp file renamed into place) so concurrent processes
+never load a half-written file.
+
+Sources are built for this CPU (`-march=native`; the key then also hashes the CPU's feature flags, so a
+library is never loaded on a CPU it was not built for). `PDSERVE_MARCH=x86-64-v3` (any `-march` value)
+builds for a CPU level instead, without the CPU's flags in the key: what an image does at build time
+(infra/docker/Dockerfile), so that its libraries load on every host of that level.
 """
 
 from __future__ import annotations
@@ -16,7 +21,12 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-DEFAULT_CFLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-shared", "-fPIC")
+BASE_CFLAGS = ("-O3", "-fopenmp-simd", "-fno-math-errno", "-shared", "-fPIC")
+
+
+def default_cflags() -> tuple[str, ...]:
+    """BASE_CFLAGS and `-march=$PDSERVE_MARCH` (default native)."""
+    return (*BASE_CFLAGS, f"-march={os.environ.get('PDSERVE_MARCH') or 'native'}")
 
 
 def cpu_flags() -> str:
@@ -30,13 +40,15 @@ def cpu_flags() -> str:
     return platform.processor() or platform.machine()
 
 
-def build_library(name: str, source: str, cflags: tuple[str, ...] = DEFAULT_CFLAGS) -> Path:
+def build_library(name: str, source: str, cflags: tuple[str, ...] | None = None) -> Path:
     """-> path of the compiled library (built now unless cached). RuntimeError without a compiler or when
     the build fails (with the compiler's message)."""
     from engine.synth import cache_dir
 
+    cflags = cflags if cflags is not None else default_cflags()
     cache = cache_dir() / "kernels"
-    key = hashlib.sha256("\n".join([source, *cflags, cpu_flags()]).encode()).hexdigest()[:16]
+    cpu = cpu_flags() if "-march=native" in cflags else ""  # a -march=LEVEL library fits any such CPU
+    key = hashlib.sha256("\n".join([source, *cflags, cpu]).encode()).hexdigest()[:16]
     target = cache / f"{name}-{key}.so"
     if target.exists():
         return target

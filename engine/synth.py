@@ -1,7 +1,8 @@
-"""Write a small, deterministic, randomly initialised Llama checkpoint in HF format (for tests and demos).
+"""Write a small, deterministic, randomly initialised Llama checkpoint in HF format (for tests and benchmarks).
 
-`default_model_dir()` is what tests and `pdserve` use when no model is named: the trained
-`models/pdserve-tiny-py` if someone has built it, otherwise a random model generated once into the cache.
+A random model is made only where it is asked for by name (`make_random_model`, `cached_random_model`,
+`python -m engine.synth PATH`). `default_model_dir()` is the shipped model (`engine.model_dir`): when it
+cannot be found that is an error, never a silent random model.
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from engine.model_dir import shipped_model_dir
+
 EOS_TOKEN = "<|endoftext|>"
 SYNTH_VERSION = 1  # bump when the generated checkpoint changes, so cached copies are regenerated
-REPO_ROOT = Path(__file__).resolve().parent.parent
-TRAINED_MODEL_DIR = REPO_ROOT / "models" / "pdserve-tiny-py"
 _TRAIN_TEXT_BYTES = 3 * 2**20
 
 
@@ -165,10 +166,8 @@ def stdlib_texts(max_bytes: int = _TRAIN_TEXT_BYTES) -> list[str]:
 
 
 def default_model_dir() -> str:
-    """`models/pdserve-tiny-py` if it has been built, else the cached default random model (created once)."""
-    if all((TRAINED_MODEL_DIR / f).exists() for f in ("config.json", "tokenizer.json")):
-        return str(TRAINED_MODEL_DIR)
-    return cached_random_model()
+    """The shipped model (`engine.model_dir.shipped_model_dir`); ModelNotFoundError when it is missing."""
+    return shipped_model_dir()
 
 
 def cached_random_model(**kwargs: Unpack[ModelShape]) -> str:

@@ -52,6 +52,7 @@ from kv_transfer.errors import (
     UnknownCodec,
 )
 from kv_transfer.frame import MAX_TRANSFER_ID_BYTES, FrameBuffer
+from kv_transfer.transport._sockutil import advertised
 from kv_transfer.transport.base import Channel, Listener, Transport
 from kv_transfer.wire import Ack, ErrorCode, ErrorMsg, Pull, TrailerMsg, decode_control, encode_control
 from pdserve.errors import InvalidRequest
@@ -120,11 +121,15 @@ class KVServer:
         port: int = 0,
         send_timeout_s: float = 60.0,
         codecs: CodecContext | None = None,
+        advertise_host: str = "",
     ) -> None:
-        """`codecs`: the served model's codec context (default: none, so no calibration or layer 0)."""
+        """`codecs`: the served model's codec context (default: none, so no calibration or layer 0).
+        `host`: the listen host; `advertise_host`: the host `address` names for pullers ("" = the listener's
+        own, with a wildcard host replaced by this machine's name)."""
         if lease_ttl_s <= 0:
             raise ValueError("lease_ttl_s must be > 0")
         self.transport, self.host, self.port = transport, host, port
+        self.advertise_host = advertise_host
         self.fingerprint = fingerprint & 0xFFFFFFFFFFFFFFFF
         self.lease_ttl_s = lease_ttl_s
         self.send_timeout_s = send_timeout_s
@@ -155,7 +160,7 @@ class KVServer:
         if self._listener is not None:
             raise RuntimeError("KVServer already started")
         self._listener = self.transport.listen(self.host, self.port)
-        self._address = self._listener.address
+        self._address = advertised(self._listener.address, self.advertise_host)
         for target, name in ((self._accept_loop, "accept"), (self._reaper_loop, "reaper")):
             self._spawn(target, f"kvserver-{name}")
         log.info("KVServer listening on %s", self._address)

@@ -1,6 +1,6 @@
 """The `pdserve` command: `up` (local cluster), `generate` (stream a completion), `bench` (benchmarks),
 `calibrate` (a model's KV codec calibration), `trace` (one request's spans as a waterfall), `certs`
-(development TLS certificates)."""
+(development TLS certificates), `health` (a process's gRPC health status, for probes)."""
 
 from __future__ import annotations
 
@@ -14,10 +14,12 @@ import grpc
 from coordinator.config import LAYERWISE_POLICIES, LOCAL_PREFILL_POLICIES
 
 
-def _default_model() -> str:
-    from engine.synth import default_model_dir
+def _model(path: str | None) -> str:
+    """A --model flag: the named directory (checked) or the shipped model; ModelNotFoundError otherwise
+    (`main` prints it and exits 2)."""
+    from engine.model_dir import resolve_model_dir
 
-    return str(default_model_dir())
+    return resolve_model_dir(path)
 
 
 def _up_tls(a: argparse.Namespace):  # -> pdserve.tls.TLSFiles
@@ -48,7 +50,7 @@ def cmd_up(a: argparse.Namespace) -> int:
         return 2
 
     cfg = ClusterConfig(
-        model_dir=a.model or _default_model(),
+        model_dir=_model(a.model),
         host=a.host,
         port=a.port,
         prefill=a.prefill,
@@ -124,7 +126,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
         from engine.local import LocalEngine
         from engine.params import SamplingParams, generation_defaults
 
-        model_dir = a.model or _default_model()
+        model_dir = _model(a.model)
         engine = LocalEngine.from_model_dir(model_dir)
         rp = a.repetition_penalty
         if rp is None:  # as the cluster does: the model's generation_config default
@@ -174,6 +176,32 @@ def cmd_generate(a: argparse.Namespace) -> int:
             return 1
     sys.stdout.write("\n")
     return 0
+
+
+def cmd_health(a: argparse.Namespace) -> int:
+    """Ask ADDR's standard gRPC health service (grpc.health.v1) for `--service` ("" = the whole process);
+    print the status; exit 0 only for SERVING (1 otherwise, also when unreachable; 2 for bad TLS files)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from pdserve.tls import TLSConfigError, TLSFiles, client_channel
+
+    try:
+        tls = TLSFiles(cert=a.tls_cert or "", key=a.tls_key or "", ca=a.tls_ca or "")
+    except TLSConfigError as exc:
+        print(f"pdserve health: {exc}", file=sys.stderr)
+        return 2
+    with client_channel(a.addr, tls, [("grpc.enable_http_proxy", 0)]) as channel:
+        try:
+            # types-grpcio-health-checking's HealthStub lacks the Check callable its __init__ sets
+            resp = health_pb2_grpc.HealthStub(channel).Check(  # type: ignore[attr-defined]
+                health_pb2.HealthCheckRequest(service=a.service), timeout=a.timeout
+            )
+        except grpc.RpcError as exc:
+            print(f"pdserve health: {a.addr}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+    print(f"{a.addr} {status}")
+    return 0 if resp.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
 def cmd_operator(a: argparse.Namespace) -> int:
@@ -329,6 +357,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
     b.set_defaults(fn=cmd_bench)
 
+    h = sub.add_parser(
+        "health", help="exit 0 if ADDR's gRPC health service says SERVING (probes, HEALTHCHECK)"
+    )
+    h.add_argument("addr", help="host:port of a coordinator or an instance")
+    h.add_argument("--service", default="", help='service name to ask about ("" = the whole process)')
+    h.add_argument("--timeout", type=float, default=3.0, help="seconds")
+    h.add_argument("--tls-ca", default=None, help="PEM CA that signed the server's certificate (TLS)")
+    h.add_argument("--tls-cert", default=None, help="PEM client certificate (instances under mutual TLS)")
+    h.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    h.set_defaults(fn=cmd_health)
+
     op = sub.add_parser("operator", help="run the Kubernetes operator of PDCluster resources (infra/k8s)")
     op.add_argument(
         "--namespace",
@@ -358,4 +397,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    sys.exit(args.fn(args))
+    from engine.model_dir import ModelNotFoundError
+
+    try:
+        code = args.fn(args)
+    except ModelNotFoundError as exc:
+        print(f"pdserve {args.cmd}: {exc}", file=sys.stderr)
+        code = 2
+    sys.exit(code)

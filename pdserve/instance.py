@@ -23,14 +23,17 @@ from typing import Any
 
 import grpc
 import redis
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from coordinator.registry import Heartbeat, InstanceInfo, Registry
 from engine.device import Device, parse_cpus, pin_process
+from engine.model_dir import ModelNotFoundError, resolve_model_dir
 from engine.runner import ModelRunner
 from engine.step_loop import Job, StepEngine
 from kv_transfer.codec import CodecContext
 from pdserve import telemetry
 from pdserve.errors import PDServeError
+from pdserve.rpc import LIVENESS
 from pdserve.tls import TLSConfigError, TLSFiles, add_port, add_tls_args
 from pdserve.v1 import common_pb2
 
@@ -46,7 +49,10 @@ class InstanceConfig:
     redis_url: str
     cluster: str = "default"
     instance_id: str = ""
-    host: str = "127.0.0.1"  # gRPC and KV listen host (and the address advertised)
+    host: str = "127.0.0.1"  # gRPC and KV listen host
+    # The host peers reach this instance at: what its registry record (gRPC and KV addresses) names.
+    # "" = `host`. A pod binds 0.0.0.0 and advertises its pod IP; a compose service its container name.
+    advertise_host: str = ""
     port: int = 0  # gRPC port; 0 = a free one
     device: Device = Device(kind="cpu", cuda_index=None, cpus=())
     num_kv_blocks: int | None = None  # None = sized by the runner's default memory budget
@@ -72,6 +78,16 @@ class InstanceConfig:
             raise TLSConfigError("an instance serves TLS only as mutual TLS: give --tls-ca with --tls-cert")
 
     @property
+    def advertised_host(self) -> str:
+        """`advertise_host`; else `host`, unless that is a wildcard (0.0.0.0, ::), which no peer can
+        connect to: then this machine's address (its host name resolved: a container's or pod's own IP)."""
+        if self.advertise_host:
+            return self.advertise_host
+        if self.host in ("", "0.0.0.0", "::"):
+            return own_address()
+        return self.host
+
+    @property
     def batch_tokens(self) -> int:
         return self.max_batch_tokens or default_batch_tokens(self.device)
 
@@ -83,6 +99,15 @@ class InstanceConfig:
         return replace(
             self, instance_id=f"{self.role}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         )
+
+
+def own_address() -> str:
+    """This machine's address as its host name resolves (in a container or pod: its own IP), else the name."""
+    name = socket.gethostname()
+    try:
+        return socket.gethostbyname(name)
+    except OSError:
+        return name
 
 
 CPU_BATCH_TOKENS = 256
@@ -98,11 +123,17 @@ def default_batch_tokens(device: Device) -> int:
 
 
 def add_instance_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="model directory (HF format)")
+    p.add_argument("--model", default="", help="model directory (HF format; default: the shipped model)")
     p.add_argument("--redis-url", required=True)
     p.add_argument("--cluster", default="default")
     p.add_argument("--instance-id", default="")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1", help="listen host of gRPC and the KV server")
+    p.add_argument(
+        "--advertise-host",
+        default="",
+        help="host peers reach this instance at, written into the registry (default: --host; with a wildcard "
+        "--host such as 0.0.0.0, this machine's address, e.g. the container's IP)",
+    )
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--cpus", default="", help="CPU cores this instance owns, e.g. '0' or '2-3' (CPU device)")
     p.add_argument("--cuda", type=int, default=None, help="CUDA device index this instance owns")
@@ -132,11 +163,12 @@ def config_from_args(role: str, a: argparse.Namespace) -> InstanceConfig:
         device = Device(kind="cpu", cuda_index=None, cpus=cpus)
     return InstanceConfig(
         role=role,
-        model_dir=a.model,
+        model_dir=resolve_model_dir(a.model),
         redis_url=a.redis_url,
         cluster=a.cluster,
         instance_id=a.instance_id,
         host=a.host,
+        advertise_host=a.advertise_host,
         port=a.port,
         device=device,
         num_kv_blocks=a.num_kv_blocks,
@@ -170,7 +202,7 @@ def run_main(
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s {role} %(name)s: %(message)s")
     try:
         cfg = config_from_args(role, args)
-    except TLSConfigError as exc:
+    except (TLSConfigError, ModelNotFoundError) as exc:
         p.error(str(exc))
     try:
         check_registry(cfg)  # before loading the model: a refused registration fails in a second
@@ -249,15 +281,22 @@ async def serve(
 ) -> None:
     """Run the gRPC server until SIGINT/SIGTERM, registered in Redis the whole time it serves.
 
-    `info_fn(grpc_address)` builds the registry record (called at every heartbeat for fresh load).
+    `info_fn(grpc_address)` builds the registry record (called at every heartbeat for fresh load) from the
+    advertised address. The standard health service (grpc.health.v1, service "") says NOT_SERVING until
+    the first heartbeat has written the record, SERVING while registered, NOT_SERVING again once stopping;
+    service LIVENESS is SERVING from the start until stopping.
     """
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     add_servicers(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    await health_servicer.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
     # under --tls-ca: mutual TLS, every caller presents a certificate signed by the cluster CA
     port = add_port(server, f"{cfg.host}:{cfg.port}", cfg.tls, client_auth=True)
     if port == 0:
         raise RuntimeError(f"cannot bind gRPC on {cfg.host}:{cfg.port}")
-    address = f"{cfg.host}:{port}"
+    address = f"{cfg.advertised_host}:{port}"
     await server.start()
     registry = Registry(cfg.redis_url, cfg.cluster, tls=cfg.tls)
     heartbeat = Heartbeat(registry, lambda: info_fn(address), ttl_s=cfg.heartbeat_ttl_s)
@@ -270,10 +309,13 @@ async def serve(
             await result
         registry.close()
         raise _registration_error(cfg, exc) from None
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     log.info(
-        "%s %s serving on %s (%s, device %s)",
+        "%s %s serving on %s:%d, advertised as %s (%s, device %s)",
         cfg.role,
         cfg.instance_id,
+        cfg.host,
+        port,
         address,
         "mutual TLS" if cfg.tls.mutual else "plaintext",
         device_label(cfg.device),
@@ -287,6 +329,7 @@ async def serve(
     await stop.wait()
     log.info("%s %s stopping", cfg.role, cfg.instance_id)
     heartbeat.stop()  # withdraw first: the router stops sending new work here
+    await health_servicer.enter_graceful_shutdown()
     await server.stop(grace=2.0)
     result = on_stop()
     if asyncio.iscoroutine(result):

@@ -19,6 +19,12 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 20_000),
 ]
 
+# The standard health service (grpc.health.v1) on every process answers for two names: "" = ready (an
+# instance: registered; the coordinator: the expected instances are registered), LIVENESS = the process is
+# up and serving RPCs (SERVING from the moment its server starts until it shuts down). A liveness probe
+# asks LIVENESS, so that a coordinator waiting for instances is not restarted for it.
+LIVENESS = "liveness"
+
 T = TypeVar("T")
 
 

@@ -87,9 +87,15 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
 
 async def run(cfg: instance.InstanceConfig) -> None:
     runner, codecs = instance.load_kv_runner(cfg)
-    transport = transport_for(default_scheme() if cfg.transport == "auto" else cfg.transport)
+    scheme = default_scheme() if cfg.transport == "auto" else cfg.transport  # auto logs its choice
+    transport = transport_for(scheme)
     kv_server = KVServer(
-        transport, cfg.host, fingerprint=runner.fingerprint, lease_ttl_s=cfg.lease_ttl_s, codecs=codecs
+        transport,
+        cfg.host,
+        fingerprint=runner.fingerprint,
+        lease_ttl_s=cfg.lease_ttl_s,
+        codecs=codecs,
+        advertise_host=cfg.advertised_host,
     )
     kv_server.start()
     engine = PrefillEngine(runner, kv_server, cfg.batch_tokens, cfg.max_queue)

@@ -6,12 +6,16 @@
 
 from __future__ import annotations
 
+import logging
+
 from kv_transfer.errors import UnknownTransport
 from kv_transfer.transport._sockutil import split_scheme
 from kv_transfer.transport.base import Channel, Listener, Transport
 from kv_transfer.transport.shm import ShmTransport
 from kv_transfer.transport.tcp import TCPTransport
-from kv_transfer.transport.ucx import UCXTransport, ucx_available
+from kv_transfer.transport.ucx import UCXTransport, ucx_available, ucx_unavailable_reason
+
+log = logging.getLogger(__name__)
 
 SCHEMES = ("ucx", "tcp", "shm")  # preference order
 
@@ -22,7 +26,14 @@ def available_transports() -> list[str]:
 
 
 def default_scheme() -> str:
-    return "ucx" if ucx_available() else "tcp"
+    """ucx where ucxx imports (the `ucx` extra: `pip install 'pdserve[ucx]'`), else tcp. Logs the choice:
+    an operator must see which transport a service runs, and why UCX was not chosen."""
+    reason = ucx_unavailable_reason()
+    if reason is not None:
+        log.warning("KV transport: tcp (%s; `pip install 'pdserve[ucx]'` adds UCX)", reason)
+        return "tcp"
+    log.info("KV transport: ucx")
+    return "ucx"
 
 
 def transport_for(address_or_scheme: str) -> Transport:

@@ -56,6 +56,15 @@ def format_host_port(scheme: str, host: str, port: int) -> str:
     return f"{scheme}://{host}:{port}"
 
 
+def advertised(address: str, host: str) -> str:
+    """A listener's `scheme://h:port` address with `host` in place of h ("" keeps it); addresses without a
+    host (shm://name) are returned as they are."""
+    scheme, rest = split_scheme(address)
+    if not host or scheme == "shm" or not rest:
+        return address
+    return format_host_port(scheme, host, parse_host_port(address, scheme)[1])
+
+
 def deadline_of(timeout: float | None) -> float | None:
     return None if timeout is None else time.monotonic() + max(0.0, timeout)
 

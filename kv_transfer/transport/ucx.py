@@ -118,11 +118,16 @@ def _ucx() -> Any:
 
 
 def ucx_available() -> bool:
+    return ucx_unavailable_reason() is None
+
+
+def ucx_unavailable_reason() -> str | None:
+    """Why the UCX transport cannot be used (ucxx does not import), or None when it can."""
     try:
         _ucx()
-    except TransportUnavailable:
-        return False
-    return True
+    except TransportUnavailable as exc:
+        return str(exc)
+    return None
 
 
 def default_tls() -> str:

@@ -19,6 +19,7 @@ from engine.params import SamplingParams
 from pdserve import telemetry, trace_cli
 from pdserve.client import Client
 from pdserve.launcher import LocalCluster
+from pdserve.rpc import LIVENESS
 from pdserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 from tests.cluster import assert_no_leaks
 
@@ -249,6 +250,14 @@ def test_dead_decode_drops_out_and_replacement_serves(
     while cluster.health() != "NOT_SERVING":
         assert time.monotonic() - killed_at < 10, "gateway health still SERVING without a decode instance"
         time.sleep(0.1)
+    # not ready, but alive: a liveness probe must not restart a gateway that waits for instances
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(cluster.gateway_address) as ch:
+        alive = health_pb2_grpc.HealthStub(ch).Check(  # type: ignore[attr-defined]
+            health_pb2.HealthCheckRequest(service=LIVENESS), timeout=5
+        )
+    assert alive.status == health_pb2.HealthCheckResponse.SERVING
     cluster.add_instance("decode")
     cluster.wait_serving(60)
     with Client(cluster.gateway_address) as client:
@@ -263,7 +272,7 @@ def test_gateway_serves_health_and_reflection(cluster: LocalCluster) -> None:
 
     with grpc.insecure_channel(cluster.gateway_address) as ch:
         health = health_pb2_grpc.HealthStub(ch)
-        for service in ("", "pdserve.v1.Generation"):
+        for service in ("", "pdserve.v1.Generation", LIVENESS):
             # types-grpcio-health-checking's HealthStub lacks the Check callable its __init__ sets
             resp = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)  # type: ignore[attr-defined]
             assert resp.status == health_pb2.HealthCheckResponse.SERVING

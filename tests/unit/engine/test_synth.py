@@ -38,16 +38,18 @@ def test_random_model_is_deterministic_and_hf_shaped(tmp_path):
     )
 
 
-def test_default_model_dir_prefers_the_trained_model(tmp_path, monkeypatch: pytest.MonkeyPatch):
-    trained = tmp_path / "pdserve-tiny-py"
-    trained.mkdir()
-    monkeypatch.setattr(synth, "TRAINED_MODEL_DIR", trained)
-    monkeypatch.setenv("PDSERVE_CACHE_DIR", str(tmp_path / "cache"))
+def test_default_model_dir_is_the_shipped_model_never_a_random_one(tmp_path, monkeypatch: pytest.MonkeyPatch):
+    from engine import model_dir
+
     monkeypatch.setattr(synth, "make_random_model", _fake_make)
-    assert synth.default_model_dir().startswith(str(tmp_path / "cache"))  # trained dir is incomplete
-    (trained / "config.json").write_text("{}")
-    (trained / "tokenizer.json").write_text("{}")
-    assert synth.default_model_dir() == str(trained)
+    assert synth.default_model_dir() == str(model_dir.CHECKOUT_MODEL_DIR)
+    # neither a checkout nor an installed copy: an error naming both places, and no random model made
+    monkeypatch.setattr(model_dir, "CHECKOUT_MODEL_DIR", tmp_path / "nowhere")
+    monkeypatch.setattr(model_dir, "packaged_model_dir", lambda: tmp_path / "neither")
+    monkeypatch.setenv("PDSERVE_CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.raises(model_dir.ModelNotFoundError, match="nowhere.*neither"):
+        synth.default_model_dir()
+    assert not (tmp_path / "cache").exists()
 
 
 def test_cached_random_model_is_built_once(tmp_path, monkeypatch: pytest.MonkeyPatch):
