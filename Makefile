@@ -15,6 +15,8 @@ setup:
 	# Compose, for the test that validates docker-compose.yml (`docker compose` or `docker-compose`; no daemon needed)
 	docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null \
 		|| (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker-compose)
+	# kubectl, for the test that renders infra/k8s with `kubectl kustomize` (offline)
+	command -v kubectl >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends kubectl)
 	$(MAKE) protos
 
 # the wheel (gRPC stubs generated and the shipped model added by setup.py's build step) into dist/
