@@ -62,6 +62,7 @@ def cmd_up(a: argparse.Namespace) -> int:
         share_cuda=a.share_cuda,
         transport=a.transport,
         codec=a.codec,
+        max_kl=a.max_kl,
         num_kv_blocks=a.num_kv_blocks,
         log_dir=a.log_dir,
         colocated=a.replicas if a.colocated else 0,
@@ -239,6 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument("--transport", default="auto", help="KV transport: auto | ucx | tcp | shm")
     up.add_argument("--codec", default="auto", help="KV codec: auto (per link) | raw | int8 | fp8 | cachegen")
+    up.add_argument(
+        "--max-kl",
+        type=float,
+        default=0.01,
+        help="quality floor of --codec auto: mean per-token KL (nats) a lossy codec may add (default 0.01)",
+    )
     up.add_argument("--num-kv-blocks", type=int, default=None)
     up.add_argument("--log-dir", default=None, help="write each process's log here")
     up.add_argument(

@@ -41,6 +41,7 @@ class ClusterConfig:
     share_cuda: bool = False  # fewer CUDA devices than instances: share them round-robin (development)
     transport: str = "auto"
     codec: str = "auto"  # the gateway's KV codec choice: a name, or auto (per link)
+    max_kl: float = 0.01  # the gateway's quality floor for --codec auto (nats per token)
     num_kv_blocks: int | None = None
     heartbeat_ttl_s: float = 3.0
     lease_ttl_s: float = 30.0
@@ -153,6 +154,8 @@ class LocalCluster:
                 str(cfg.decode),
                 "--codec",
                 cfg.codec,
+                "--max-kl",
+                str(cfg.max_kl),
             ]
             if cfg.colocated:
                 coord += ["--colocated", "--expect-colocated", str(cfg.colocated)]
