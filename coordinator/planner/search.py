@@ -77,15 +77,37 @@ class _Unit:
 
 @dataclass
 class _Ctx:
+    """The probe workload: unit-mean Poisson gaps and length draws, extended on demand, shared by every rate
+    (common random numbers). A probe at rate r simulates enough requests that the steady state dominates:
+    a request meeting its SLOs lives at most TTFT + output x TPOT seconds, so at most r x that many are in the
+    system at once (Little); we simulate `warm_factor` times that many, at least `n_requests`."""
+
     inp: SearchInput
-    gaps: list[float]
-    lengths: list[tuple[int, int]]
+    rng: random.Random
+    gaps: list[float] = field(default_factory=list)
+    lengths: list[tuple[int, int]] = field(default_factory=list)
     sims: int = 0
-    cache: dict[tuple, float] = field(default_factory=dict)
+    warm_factor: float = 2.0
+    max_requests: int = 4_000
+
+    def __post_init__(self) -> None:
+        self._grow(self.inp.n_requests)
+        self.mean_output = sum(o for _, o in self.lengths) / len(self.lengths)
+
+    def _grow(self, n: int) -> None:
+        while len(self.gaps) < n:
+            self.gaps.append(self.rng.expovariate(1.0))
+            self.lengths.append(self.inp.samples[self.rng.randrange(len(self.inp.samples))])
+
+    def count(self, rate: float) -> int:
+        life = self.inp.slo_ttft_s + self.mean_output * self.inp.slo_tpot_s
+        return max(self.inp.n_requests, min(self.max_requests, math.ceil(self.warm_factor * rate * life)))
 
     def requests(self, rate: float, prefill_only: bool = False) -> list[Request]:
+        n = self.count(rate)
+        self._grow(n)
         out, t = [], 0.0
-        for g, (p, o) in zip(self.gaps, self.lengths, strict=True):
+        for g, (p, o) in zip(self.gaps[:n], self.lengths[:n], strict=True):
             out.append(Request(t, p, 1 if prefill_only else o))
             t += g / rate
         return out
@@ -149,7 +171,7 @@ def _phase_goodput(ctx: _Ctx, lat: LayoutLatency, decode: bool) -> float:
     inp = ctx.inp
     memory = min(n.device_memory_gib for n in inp.topology.nodes)
     mean_p = sum(p for p, _ in ctx.lengths) / len(ctx.lengths)
-    mean_o = sum(o for _, o in ctx.lengths) / len(ctx.lengths)
+    mean_o = ctx.mean_output
     free_link = [[Link(0.0)]]
     if decode:
         cap = kv_capacity_tokens(inp, lat.layout, memory)
@@ -251,12 +273,7 @@ def search(inp: SearchInput) -> Plan:
     t0 = time.perf_counter()
     if not inp.samples:
         raise PlanError("the workload has no length samples")
-    rng = random.Random(inp.seed)
-    ctx = _Ctx(
-        inp,
-        [rng.expovariate(1.0) for _ in range(inp.n_requests)],
-        [inp.samples[rng.randrange(len(inp.samples))] for _ in range(inp.n_requests)],
-    )
+    ctx = _Ctx(inp, random.Random(inp.seed))
     mean_prompt = sum(p for p, _ in ctx.lengths) / len(ctx.lengths)
     total = inp.topology.num_devices
     notes = []
@@ -334,16 +351,10 @@ def search(inp: SearchInput) -> Plan:
     sp, sd, links, kv = _sim_inputs(inp, unit, lay, mean_prompt)
     goodput = count * unit_goodput
     rate = inp.rate if inp.rate is not None else goodput
-    rng2 = random.Random(inp.seed + 1)
-    n_full = max(inp.n_requests, 100 * count)
-    full_ctx = _Ctx(
-        inp,
-        [rng2.expovariate(1.0) for _ in range(n_full)],
-        [inp.samples[rng2.randrange(len(inp.samples))] for _ in range(n_full)],
-    )
+    full_ctx = _Ctx(inp, random.Random(inp.seed + 1))  # an independent draw: not the one searched on
     att = simulate(full_ctx.requests(rate), sp, sd, links).attainment(inp.slo_ttft_s, inp.slo_tpot_s)
     used = count * unit.devices
-    notes.append(f"{ctx.sims + 1} simulations of {inp.n_requests} requests")
+    notes.append(f"{ctx.sims + 1} simulations of >= {inp.n_requests} requests")
     placement = tuple(
         Placement(f"{phase}-{i}", phase, node, tuple(devs))
         for phase, group in (("prefill", placed_p), ("decode", placed_d))
