@@ -1,5 +1,6 @@
 """The `pdserve` command: `up` (local cluster), `generate` (stream a completion), `bench` (benchmarks),
-`trace` (one request's spans as a waterfall), `certs` (development TLS certificates)."""
+`trace` (one request's spans as a waterfall), `certs` (development TLS certificates), `plan` / `topology` /
+`profile` (the planner, pdserve/plan_cli.py)."""
 
 from __future__ import annotations
 
@@ -311,6 +312,20 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("trace", help="print a request's trace as a waterfall (from a span file or Jaeger)")
     trace_cli.add_arguments(t)
     t.set_defaults(fn=trace_cli.run)
+
+    from pdserve import plan_cli
+
+    pl = sub.add_parser(
+        "plan", help="plan a deployment (layouts, counts, placement, codecs): one JSON object"
+    )
+    plan_cli.add_plan_arguments(pl)
+    pl.set_defaults(fn=plan_cli.cmd_plan)
+    to = sub.add_parser("topology", help="print this machine's topology JSON (for pdserve plan --topology)")
+    plan_cli.add_topology_arguments(to)
+    to.set_defaults(fn=plan_cli.cmd_topology)
+    pr = sub.add_parser("profile", help="time the engine and fit the planner's latency model (profile JSON)")
+    plan_cli.add_profile_arguments(pr)
+    pr.set_defaults(fn=plan_cli.cmd_profile)
     return p
 
 
