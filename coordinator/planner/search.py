@@ -60,6 +60,8 @@ class SearchInput:
     max_unit_instances: int = 8  # per phase in one unit
     pp_choices: tuple[int, ...] = PP_CHOICES
     rel_tol: float = 0.03  # goodput bisection stops at this relative bracket
+    # evaluate this unit only: (prefill layout, decode layout, prefill instances, decode instances)
+    fixed_unit: tuple[Layout, Layout, int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -164,6 +166,9 @@ def _layouts(inp: SearchInput, decode: bool) -> list[LayoutLatency]:
             if cap < (longest if decode else max(p for p, _ in inp.samples)):
                 continue
             out.append(inp.profile.latency(layout))
+    if inp.fixed_unit is not None:
+        want = inp.fixed_unit[1] if decode else inp.fixed_unit[0]
+        out = [lat for lat in out if lat.layout == want] or [inp.profile.latency(want)]
     return out
 
 
@@ -290,11 +295,17 @@ def search(inp: SearchInput) -> Plan:
     units = []
     for p, gp in pre:
         for d, gd in dec:
-            for m in range(1, inp.max_unit_instances + 1):
-                for n in range(1, inp.max_unit_instances + 1):
-                    u = _Unit(p, d, m, n, min(m * gp, n * gd))
-                    if u.devices <= total:
-                        units.append(u)
+            counts = [
+                (m, n)
+                for m in range(1, inp.max_unit_instances + 1)
+                for n in range(1, inp.max_unit_instances + 1)
+            ]
+            if inp.fixed_unit is not None:
+                counts = [(inp.fixed_unit[2], inp.fixed_unit[3])]
+            for m, n in counts:
+                u = _Unit(p, d, m, n, min(m * gp, n * gd))
+                if u.devices <= total:
+                    units.append(u)
     if not units:
         raise PlanError(f"no unit of one prefill and one decode instance fits {total} devices")
     units.sort(key=lambda u: (-u.estimate / u.devices, u.devices))
