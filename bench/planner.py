@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 from bench.report import emit
@@ -102,12 +103,119 @@ def run(quick: bool) -> dict[str, Any]:
     return out
 
 
+def fidelity(quick: bool, log_dir: str) -> dict[str, Any]:
+    """Predicted vs measured SLO attainment on this machine: profile the bench model here (TP1, one core),
+    plan for this machine's topology, start the plan's cluster, and run it at three rates around the
+    predicted goodput."""
+    import asyncio
+    import logging
+    import os
+    from dataclasses import replace
+
+    from bench.compare.modes import QUICK
+    from bench.compare.slos import bench_model, prompt_source
+    from bench.compare.systems import warm_up
+    from bench.metrics import SLO, attainment, compute_metrics
+    from bench.serving import run_load
+    from bench.workload import Workload, make_requests
+    from coordinator.planner.model import spec_from_config
+    from pdserve.launcher import ClusterConfig, LocalCluster
+    from pdserve.plan_cli import local_topology, profile_from_json, run_profile
+
+    logging.getLogger("bench.probe").setLevel(logging.WARNING)
+    model_dir, tok = bench_model(QUICK.model)
+    source, _ = prompt_source(model_dir, tok)
+    profile = profile_from_json(run_profile(model_dir, threads=1, new_tokens=10, tries=3))
+    lat = profile.latency(Layout(1, 1))
+    spec = next(w for w in QUICK.workloads if w.name == "balanced")
+    mean_p = (spec.prompt.lo + spec.prompt.hi) / 2  # type: ignore[union-attr]
+    mean_o = (spec.output.lo + spec.output.hi) / 2  # type: ignore[union-attr]
+    # SLOs at 4x the isolated prefill of a mean prompt and 4x the batch-1 decode step at mean context (the
+    # compare bench's balanced headline k = 4)
+    slo_ttft = 4 * lat.prefill_s(mean_p, mean_p * mean_p)
+    slo_tpot = 4 * lat.decode_s(1, mean_p + mean_o / 2)
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    samples = tuple(
+        (int(p), int(o))
+        for p, o in zip(spec.prompt.sample(rng, 500), spec.output.sample(rng, 500), strict=True)
+    )
+    topo = local_topology()
+    model = spec_from_config(json.loads((Path(model_dir) / "config.json").read_text()))
+    base = SearchInput(model, profile, topo, slo_ttft, slo_tpot, samples, n_requests=200, pp_choices=(1,))
+    plan = search(base)
+    goodput = plan.predicted.goodput_rps
+    rates = [round(goodput * f, 3) for f in (0.6, 1.0, 1.4)]
+    n = 40 if quick else 120
+    out: dict[str, Any] = {
+        "model": QUICK.model,
+        "profile_fit_error": lat.fit_error,
+        "slo_ms": {"ttft": slo_ttft * 1e3, "tpot": slo_tpot * 1e3},
+        "plan": _summary(plan),
+        "requests_per_rate": n,
+        "fidelity": [],
+        "measured": [],
+    }
+    unit = (plan.prefill, plan.decode, plan.unit[0], plan.unit[1])
+    cpus = tuple(sorted(os.sched_getaffinity(0)))[: plan.devices_used]
+    cfg = ClusterConfig(
+        model_dir=model_dir,
+        port=0,
+        prefill=plan.instances("prefill"),
+        decode=plan.instances("decode"),
+        cpus=cpus,
+        use_cuda=False,
+        heartbeat_ttl_s=1.5,
+        log_dir=log_dir,
+    )
+    cluster = LocalCluster(cfg).start(timeout_s=180)
+    try:
+        warm_up(cluster.gateway_address, source)
+        for rate in rates:
+            predicted = search(
+                replace(base, rate=rate, fixed_unit=unit, fixed_units=plan.units)
+            ).predicted.attainment
+            wl = Workload("balanced", n, rate, prompt=spec.prompt, output=spec.output, seed=1)
+            records = asyncio.run(
+                run_load(cluster.gateway_address, make_requests(wl, source), request_timeout_s=60, drain_s=60)
+            )
+            metrics = compute_metrics(records)
+            measured = attainment(metrics, SLO(slo_ttft, slo_tpot))
+            ttfts = sorted(m.ttft_s for m in metrics if m.ok and m.ttft_s is not None)
+            tpots = sorted(m.tpot_s for m in metrics if m.ok and m.tpot_s is not None)
+            out["fidelity"].append(
+                {"rate": rate, "predicted_attainment": predicted, "measured_attainment": measured}
+            )
+            out["measured"].append(
+                {
+                    "rate": rate,
+                    "ok": sum(m.ok for m in metrics),
+                    "requests": len(metrics),
+                    "ttft_p50_ms": 1e3 * ttfts[len(ttfts) // 2] if ttfts else None,
+                    "tpot_p50_ms": 1e3 * tpots[len(tpots) // 2] if tpots else None,
+                }
+            )
+    finally:
+        cluster.stop()
+    out["max_abs_error_points"] = max(
+        abs(f["predicted_attainment"] - f["measured_attainment"]) * 100 for f in out["fidelity"]
+    )
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="pdserve bench planner", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", default=None, help="write the JSON here instead of stdout")
+    p.add_argument("--no-fidelity", action="store_true", help="skip the cluster runs (search figures only)")
+    p.add_argument("--log-dir", default="/tmp/pdserve-bench-planner", help="the cluster's process logs")
     a = p.parse_args(argv)
-    emit(run(a.quick), a.json)
+    out = run(a.quick)
+    if not a.no_fidelity:
+        out["fidelity_run"] = fidelity(a.quick, a.log_dir)
+        out["fidelity"] = out["fidelity_run"]["fidelity"]
+    emit(out, a.json)
     return 0
 
 

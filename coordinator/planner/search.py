@@ -62,6 +62,7 @@ class SearchInput:
     rel_tol: float = 0.03  # goodput bisection stops at this relative bracket
     # evaluate this unit only: (prefill layout, decode layout, prefill instances, decode instances)
     fixed_unit: tuple[Layout, Layout, int, int] | None = None
+    fixed_units: int | None = None  # replicate the unit this many times (with `rate`: predict that load)
 
 
 @dataclass(frozen=True)
@@ -344,6 +345,8 @@ def search(inp: SearchInput) -> Plan:
     # replicate the unit
     free = {n.name: list(range(n.devices)) for n in inp.topology.nodes}
     want = math.inf if inp.rate is None else math.ceil(inp.rate / unit_goodput - 1e-9)
+    if inp.fixed_units is not None:
+        want = inp.fixed_units
     placed_p: list[tuple[str, list[int]]] = []
     placed_d: list[tuple[str, list[int]]] = []
     count = 0
@@ -354,7 +357,7 @@ def search(inp: SearchInput) -> Plan:
         placed_p += got[0]
         placed_d += got[1]
         count += 1
-    if inp.rate is not None and count < want:
+    if count < want and want != math.inf:
         raise PlanError(
             f"rate {inp.rate} req/s needs {want} units of {unit.devices} devices; the topology holds {count}"
         )
