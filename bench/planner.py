@@ -104,20 +104,27 @@ def run(quick: bool) -> dict[str, Any]:
 
 
 def fidelity(quick: bool, log_dir: str) -> dict[str, Any]:
-    """Predicted vs measured SLO attainment on this machine: profile the bench model here (TP1, one core),
-    plan for this machine's topology, start the plan's cluster, and run it at three rates around the
-    predicted goodput."""
+    """Predicted vs measured SLO attainment on this machine. Profile the quick bench model here (TP1, one
+    core: the engine's forward passes only), start a 1P1D cluster on this machine's two cores (the only plan
+    the local topology holds), and calibrate: isolated requests (one at a time) measure what the serving path
+    adds to TTFT and to each decode step (gateway, gRPC streams, KV hand-off, scheduling), which is added to
+    the profile per prompt token (prefill) and per sequence per step (decode). SLOs are 4x the isolated TTFT and TPOT (the compare bench's balanced k = 4).
+    Then plan with the calibrated profile and run the cluster at 0.6, 1.0 and 1.4 x its predicted goodput."""
     import asyncio
     import logging
     import os
+    import statistics
     from dataclasses import replace
+
+    import numpy as np
 
     from bench.compare.modes import QUICK
     from bench.compare.slos import bench_model, prompt_source
     from bench.compare.systems import warm_up
     from bench.metrics import SLO, attainment, compute_metrics
     from bench.serving import run_load
-    from bench.workload import Workload, make_requests
+    from bench.workload import Fixed, Workload, make_requests
+    from coordinator.planner.latency import Coeffs, Profile
     from coordinator.planner.model import spec_from_config
     from pdserve.launcher import ClusterConfig, LocalCluster
     from pdserve.plan_cli import local_topology, profile_from_json, run_profile
@@ -125,67 +132,97 @@ def fidelity(quick: bool, log_dir: str) -> dict[str, Any]:
     logging.getLogger("bench.probe").setLevel(logging.WARNING)
     model_dir, tok = bench_model(QUICK.model)
     source, _ = prompt_source(model_dir, tok)
-    profile = profile_from_json(run_profile(model_dir, threads=1, new_tokens=10, tries=3))
-    lat = profile.latency(Layout(1, 1))
+    engine_profile = profile_from_json(run_profile(model_dir, threads=1, new_tokens=10, tries=3))
+    lat = engine_profile.latency(Layout(1, 1))
     spec = next(w for w in QUICK.workloads if w.name == "balanced")
-    mean_p = (spec.prompt.lo + spec.prompt.hi) / 2  # type: ignore[union-attr]
-    mean_o = (spec.output.lo + spec.output.hi) / 2  # type: ignore[union-attr]
-    # SLOs at 4x the isolated prefill of a mean prompt and 4x the batch-1 decode step at mean context (the
-    # compare bench's balanced headline k = 4)
-    slo_ttft = 4 * lat.prefill_s(mean_p, mean_p * mean_p)
-    slo_tpot = 4 * lat.decode_s(1, mean_p + mean_o / 2)
-    import numpy as np
-
     rng = np.random.default_rng(0)
     samples = tuple(
         (int(p), int(o))
         for p, o in zip(spec.prompt.sample(rng, 500), spec.output.sample(rng, 500), strict=True)
     )
+    mean_p = round(sum(p for p, _ in samples) / len(samples))
+    mean_o = round(sum(o for _, o in samples) / len(samples))
     topo = local_topology()
     model = spec_from_config(json.loads((Path(model_dir) / "config.json").read_text()))
-    base = SearchInput(model, profile, topo, slo_ttft, slo_tpot, samples, n_requests=200, pp_choices=(1,))
-    plan = search(base)
-    goodput = plan.predicted.goodput_rps
-    rates = [round(goodput * f, 3) for f in (0.6, 1.0, 1.4)]
     n = 40 if quick else 120
-    out: dict[str, Any] = {
-        "model": QUICK.model,
-        "profile_fit_error": lat.fit_error,
-        "slo_ms": {"ttft": slo_ttft * 1e3, "tpot": slo_tpot * 1e3},
-        "plan": _summary(plan),
-        "requests_per_rate": n,
-        "fidelity": [],
-        "measured": [],
-    }
-    unit = (plan.prefill, plan.decode, plan.unit[0], plan.unit[1])
-    cpus = tuple(sorted(os.sched_getaffinity(0)))[: plan.devices_used]
+    out: dict[str, Any] = {"model": QUICK.model, "profile_fit_error": lat.fit_error, "requests_per_rate": n}
+    cpus = tuple(sorted(os.sched_getaffinity(0)))[:2]
     cfg = ClusterConfig(
         model_dir=model_dir,
         port=0,
-        prefill=plan.instances("prefill"),
-        decode=plan.instances("decode"),
+        prefill=1,
+        decode=1,
         cpus=cpus,
         use_cuda=False,
         heartbeat_ttl_s=1.5,
         log_dir=log_dir,
     )
     cluster = LocalCluster(cfg).start(timeout_s=180)
+
+    def load(wl: Workload) -> list[Any]:
+        reqs = make_requests(wl, source)
+        return compute_metrics(
+            asyncio.run(run_load(cluster.gateway_address, reqs, request_timeout_s=60, drain_s=60))
+        )
+
     try:
         warm_up(cluster.gateway_address, source)
-        for rate in rates:
+        # isolated: mean-length requests 1.5 s apart (each takes well under that alone)
+        iso = load(
+            Workload("isolated", 6, 1 / 1.5, "gamma", cv=1e-3, prompt=Fixed(mean_p), output=Fixed(mean_o))
+        )
+        iso_ttft = statistics.median(m.ttft_s for m in iso if m.ok)
+        iso_tpot = statistics.median(m.tpot_s for m in iso if m.ok)
+        add_ttft = max(0.0, iso_ttft - lat.prefill_s(mean_p, mean_p * mean_p))
+        add_step = max(0.0, iso_tpot - lat.decode_s(1, mean_p + mean_o / 2))
+
+        # The serving path's cost is per request and per token on these shared cores, not per batch: it is
+        # charged per prompt token (prefill b) and per sequence per step (decode c), so batching does not
+        # amortise it.
+        p0, ds, dl = lat.prefill, lat.decode_small, lat.decode_large
+        cal = replace(
+            lat,
+            prefill=Coeffs(p0.a, p0.b + add_ttft / mean_p, p0.c),
+            decode_small=Coeffs(ds.a, ds.b, ds.c + add_step),
+            decode_large=Coeffs(dl.a, dl.b, dl.c + add_step),
+        )
+        profile = Profile(
+            engine_profile.device, engine_profile.model, (cal,), "pdserve profile + calibration"
+        )
+        slo_ttft, slo_tpot = 4 * iso_ttft, 4 * iso_tpot
+        base = SearchInput(model, profile, topo, slo_ttft, slo_tpot, samples, n_requests=200, pp_choices=(1,))
+        plan = search(replace(base, fixed_unit=(Layout(1, 1), Layout(1, 1), 1, 1), fixed_units=1))
+        uncal = search(replace(base, profile=engine_profile, fixed_unit=(Layout(1, 1), Layout(1, 1), 1, 1)))
+        goodput = plan.predicted.goodput_rps
+        out.update(
+            {
+                "isolated_ms": {"ttft": iso_ttft * 1e3, "tpot": iso_tpot * 1e3},
+                "engine_only_ms": {
+                    "ttft": lat.prefill_s(mean_p, mean_p * mean_p) * 1e3,
+                    "tpot": lat.decode_s(1, mean_p + mean_o / 2) * 1e3,
+                },
+                "serving_path_added_ms": {"ttft": add_ttft * 1e3, "per_decode_step": add_step * 1e3},
+                "slo_ms": {"ttft": slo_ttft * 1e3, "tpot": slo_tpot * 1e3},
+                "plan": _summary(plan),
+                "goodput_engine_only_profile_rps": uncal.predicted.goodput_rps,
+                "fidelity": [],
+                "measured": [],
+            }
+        )
+        for rate in [round(goodput * f, 3) for f in (0.6, 1.0, 1.4)]:
             predicted = search(
-                replace(base, rate=rate, fixed_unit=unit, fixed_units=plan.units)
-            ).predicted.attainment
-            wl = Workload("balanced", n, rate, prompt=spec.prompt, output=spec.output, seed=1)
-            records = asyncio.run(
-                run_load(cluster.gateway_address, make_requests(wl, source), request_timeout_s=60, drain_s=60)
+                replace(base, rate=rate, fixed_unit=(Layout(1, 1), Layout(1, 1), 1, 1), fixed_units=1)
             )
-            metrics = compute_metrics(records)
+            metrics = load(Workload("balanced", n, rate, prompt=spec.prompt, output=spec.output, seed=1))
             measured = attainment(metrics, SLO(slo_ttft, slo_tpot))
             ttfts = sorted(m.ttft_s for m in metrics if m.ok and m.ttft_s is not None)
             tpots = sorted(m.tpot_s for m in metrics if m.ok and m.tpot_s is not None)
             out["fidelity"].append(
-                {"rate": rate, "predicted_attainment": predicted, "measured_attainment": measured}
+                {
+                    "rate": rate,
+                    "predicted_attainment": predicted.predicted.attainment,
+                    "measured_attainment": measured,
+                }
             )
             out["measured"].append(
                 {
