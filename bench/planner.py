@@ -71,7 +71,7 @@ def run(quick: bool) -> dict[str, Any]:
         return SearchInput(model, profile, topo, 0.2, 0.1, samples, n_requests=n, **kw)
 
     out: dict[str, Any] = {"quick": quick, "workload": "sharegpt-approx", "n_requests": n}
-    timings = {}
+    timings: dict[str, dict[str, Any]] = {}
     for inter in (3.1, 100.0):
         t0, c0 = time.perf_counter(), time.process_time()
         plan = search(inp(uniform(4, 8, 80, 300, inter, "a100-80g")))

@@ -326,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("profile", help="time the engine and fit the planner's latency model (profile JSON)")
     plan_cli.add_profile_arguments(pr)
     pr.set_defaults(fn=plan_cli.cmd_profile)
+    st = sub.add_parser("status", help="print the running cluster (instances, roles, devices, load) as JSON")
+    plan_cli.add_status_arguments(st)
+    st.set_defaults(fn=plan_cli.cmd_status)
     return p
 
 

@@ -312,3 +312,56 @@ def add_topology_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--local", action="store_true", help="this machine (the default)")
     p.add_argument("--probe", action="store_true", help="measure between hosts (not built yet)")
     p.add_argument("--out", default=None, help="also write the topology JSON here")
+
+
+# ---- status ----------------------------------------------------------------------------------------------
+def status_json(cluster: str, instances: list[Any]) -> dict[str, Any]:
+    """The running cluster as the plan describes one: per instance its role, layout, devices, node and load
+    (from the registry's `InstanceInfo`s). Every instance is TP1/PP1 today."""
+    rows = []
+    for i in sorted(instances, key=lambda i: (i.role, i.instance_id)):
+        rows.append(
+            {
+                "instance": i.instance_id,
+                "role": i.role,
+                "layout": {"tp": 1, "pp": 1},
+                "devices": i.devices,
+                "node": i.node,
+                "grpc_address": i.grpc_address,
+                "load": {
+                    "queue_len": i.queue_len,
+                    "running": i.running,
+                    "kv_blocks_free": i.kv_blocks_free,
+                    "kv_blocks_total": i.kv_blocks_total,
+                    "leases": i.leases,
+                },
+            }
+        )
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["role"]] = counts.get(r["role"], 0) + 1
+    return {"cluster": cluster, "instances": rows, "counts": counts}
+
+
+def cmd_status(a: argparse.Namespace) -> int:
+    from coordinator.registry import Registry
+
+    registry = Registry(a.redis_url, a.cluster)
+    try:
+        instances = registry.instances()
+    except Exception as exc:  # noqa: BLE001 - any Redis failure is one clear message
+        print(f"pdserve status: cannot read the registry at {a.redis_url}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        registry.close()
+    print(json.dumps(status_json(a.cluster, instances), indent=2))
+    return 0
+
+
+def add_status_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--redis-url",
+        default=os.environ.get("PDSERVE_REDIS_URL", "redis://127.0.0.1:6379"),
+        help="the cluster's Redis (pdserve up prints it; default: PDSERVE_REDIS_URL or the local default port)",
+    )
+    p.add_argument("--cluster", default="default", help="registry namespace")

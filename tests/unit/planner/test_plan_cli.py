@@ -104,3 +104,32 @@ def test_profile_fits_the_engine_here(tmp_path: Path, capsys: pytest.CaptureFixt
     from pdserve.plan_cli import load_profile
 
     assert load_profile(str(tmp_path / "p.json"), None).tps() == (1,)
+
+
+def test_status_reads_the_registry(redis_server: object, capsys: pytest.CaptureFixture[str]) -> None:
+    from coordinator.registry import InstanceInfo, Registry
+
+    url = redis_server.url  # type: ignore[attr-defined]
+    reg = Registry(url, "plan-status")
+    try:
+        reg.announce(InstanceInfo("p0", "prefill", "127.0.0.1:1", node="h", devices="cpu:0", queue_len=2), 30)
+        reg.announce(
+            InstanceInfo(
+                "d0", "decode", "127.0.0.1:2", node="h", devices="cpu:1", kv_blocks_free=7, kv_blocks_total=9
+            ),
+            30,
+        )
+        rc, out, _ = run(["status", "--redis-url", url, "--cluster", "plan-status"], capsys)
+        assert rc == 0
+        st = json.loads(out)
+        assert st["counts"] == {"decode": 1, "prefill": 1}
+        d0, p0 = st["instances"]
+        assert (p0["instance"], p0["role"], p0["devices"], p0["node"]) == ("p0", "prefill", "cpu:0", "h")
+        assert p0["load"]["queue_len"] == 2 and d0["load"]["kv_blocks_free"] == 7
+        assert p0["layout"] == {"tp": 1, "pp": 1}
+    finally:
+        for i in reg.instances():
+            reg.withdraw(i)
+        reg.close()
+    rc, _, err = run(["status", "--redis-url", "redis://127.0.0.1:1"], capsys)
+    assert rc == 1 and "cannot read the registry" in err
