@@ -47,6 +47,19 @@ def cmd_up(a: argparse.Namespace) -> int:
         print(f"pdserve up: {exc}", file=sys.stderr)
         return 2
 
+    if a.plan:
+        import json
+
+        from pdserve.plan_cli import up_overrides
+
+        try:
+            with open(a.plan) as f:
+                planned = up_overrides(json.load(f), cpu=a.cpu or not _cuda_visible())
+        except (OSError, ValueError) as exc:
+            print(f"pdserve up: --plan {a.plan}: {exc}", file=sys.stderr)
+            return 2
+        a = argparse.Namespace(**{**vars(a), **{k: v for k, v in planned.items() if k != "cpus"}})
+        a.cpus = ",".join(map(str, planned["cpus"]))
     cfg = ClusterConfig(
         model_dir=a.model or _default_model(),
         host=a.host,
@@ -73,6 +86,15 @@ def cmd_up(a: argparse.Namespace) -> int:
         api_key_file=a.api_key_file,
     )
     return run_forever(LocalCluster(cfg))
+
+
+def _cuda_visible() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available() and torch.cuda.device_count() > 0
+    except ImportError:
+        return False
 
 
 def cmd_certs(a: argparse.Namespace) -> int:
@@ -246,6 +268,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="API key clients must send (repeatable; also --api-key-file, PDSERVE_API_KEY); none = open",
     )
     up.add_argument("--api-key-file", default=None, help="file of API keys, one per line ('#' comments)")
+    up.add_argument(
+        "--plan",
+        default=None,
+        help="start what a `pdserve plan` JSON says (instance counts, devices, codec); overrides "
+        "--prefill/--decode/--cpus/--codec",
+    )
     up.set_defaults(fn=cmd_up)
 
     g = sub.add_parser("generate", help="stream a completion (from a cluster, or --local in this process)")

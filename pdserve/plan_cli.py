@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -181,7 +182,7 @@ def local_topology() -> Topology:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     mem_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     bw = round(measure_copy_gbytes_per_s(), 2)
-    node = Node(os.uname().nodename or "local", cores, round(mem_bytes / 2**30 / cores, 2), bw)
+    node = Node(socket.gethostname() or "local", cores, round(mem_bytes / 2**30 / cores, 2), bw)
     return Topology((node,), bw, (), device_kind="cpu-core")
 
 
@@ -365,3 +366,44 @@ def add_status_arguments(p: argparse.ArgumentParser) -> None:
         help="the cluster's Redis (pdserve up prints it; default: PDSERVE_REDIS_URL or the local default port)",
     )
     p.add_argument("--cluster", default="default", help="registry namespace")
+
+
+# ---- up --plan -------------------------------------------------------------------------------------------
+def up_overrides(plan: dict[str, Any], cpu: bool) -> dict[str, Any]:
+    """ClusterConfig fields that start exactly `plan` (pdserve plan's JSON) on this host: instance counts,
+    each instance's devices (placement order: prefill-0.., then decode-0..; `pdserve up` gives instance i
+    the i-th device set), and the KV codec. What pdserve cannot run yet is refused with a reason: TP or PP
+    above 1, more than one node, links asking for different codecs, and on CUDA a device order other than
+    0, 1, ... (pdserve up gives instance i CUDA device i)."""
+    try:
+        for phase in ("prefill", "decode"):
+            layout = plan[phase]
+            if (layout["tp"], layout["pp"]) != (1, 1):
+                raise ValueError(
+                    f"{phase} TP={layout['tp']} PP={layout['pp']}: only TP1/PP1 instances run today"
+                )
+        placement = plan["placement"]
+        order = sorted(
+            placement, key=lambda p: (p["phase"] != "prefill", int(p["instance"].rsplit("-", 1)[1]))
+        )
+        nodes = {p["node"] for p in placement}
+        codecs = {k["codec"] for k in plan.get("kv_links", [])}
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise ValueError(f"not a plan pdserve can start: {exc}") from exc
+    if len(nodes) != 1:
+        raise ValueError(f"the plan spans nodes {sorted(nodes)}; pdserve up starts one host")
+    if len(codecs) > 1:
+        raise ValueError(f"the plan's links ask for codecs {sorted(codecs)}; pdserve up sets one per cluster")
+    devices = tuple(d for p in order for d in p["devices"])
+    if len(set(devices)) != len(devices):
+        raise ValueError("the plan uses a device twice")
+    if not cpu and devices != tuple(range(len(devices))):
+        raise ValueError(
+            "on CUDA pdserve up gives instance i device i: plan devices 0, 1, ... in order, or --cpu"
+        )
+    return {
+        "prefill": sum(1 for p in placement if p["phase"] == "prefill"),
+        "decode": sum(1 for p in placement if p["phase"] == "decode"),
+        "cpus": devices,
+        "codec": codecs.pop() if codecs else "auto",
+    }
