@@ -188,7 +188,7 @@ def _phase_goodput(ctx: _Ctx, lat: LayoutLatency, decode: bool) -> float:
 
         def attain(rate: float) -> float:
             ctx.sims += 1
-            res = simulate(ctx.requests(rate), pre, dec, free_link)  # type: ignore[arg-type]
+            res = simulate(ctx.requests(rate), pre, dec, free_link)
             return sum(1 for t in res.tpot_s if t <= inp.slo_tpot_s) / len(res.tpot_s)
     else:
         pre = [PrefillInstance(lat, inp.prefill_max_batch_tokens)]
@@ -197,7 +197,7 @@ def _phase_goodput(ctx: _Ctx, lat: LayoutLatency, decode: bool) -> float:
 
         def attain(rate: float) -> float:
             ctx.sims += 1
-            res = simulate(ctx.requests(rate, prefill_only=True), pre, dec, free_link)  # type: ignore[arg-type]
+            res = simulate(ctx.requests(rate, prefill_only=True), pre, dec, free_link)
             return sum(1 for t in res.ttft_s if t <= inp.slo_ttft_s) / len(res.ttft_s)
 
     return max_rate(attain, inp.attainment, guess, 0.05)
@@ -351,7 +351,13 @@ def search(inp: SearchInput) -> Plan:
     placed_d: list[tuple[str, list[int]]] = []
     count = 0
     while count < want:
-        got = _place_unit(unit, free, intra) or _place_unit(unit, free, not intra)
+        got = _place_unit(unit, free, intra)
+        if got is None:
+            got = _place_unit(unit, free, not intra)
+            if got is not None:
+                notes.append(
+                    f"unit {count} placed {'across nodes' if intra else 'inside a node'}, unlike the unit searched"
+                )
         if got is None:
             break
         placed_p += got[0]

@@ -25,6 +25,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from coordinator.planner.latency import LayoutLatency
@@ -89,7 +90,7 @@ def simulate(
     requests: list[Request],
     prefill: list[PrefillInstance],
     decode: list[DecodeInstance],
-    links: list[list[Link | None]],  # [prefill index][decode index]; None: the plan has no such link
+    links: Sequence[Sequence[Link | None]],  # [prefill index][decode index]; None: the plan has no such link
 ) -> SimResult:
     n = len(requests)
     ttft = [math.inf] * n

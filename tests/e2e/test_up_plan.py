@@ -8,6 +8,7 @@ import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -62,7 +63,7 @@ def test_up_plan_runs_what_the_plan_says(
 
 
 def test_up_plan_refuses_what_it_cannot_run() -> None:
-    base = {
+    base: dict[str, Any] = {
         "prefill": {"tp": 1, "pp": 1, "instances": 1},
         "decode": {"tp": 1, "pp": 1, "instances": 1},
         "placement": [
