@@ -28,6 +28,9 @@ from coordinator.planner.search import PlanError, SearchInput, search
 from coordinator.planner.topology import Node, Topology
 
 N_SAMPLES = 1000  # length samples drawn from a named workload
+MAX_KL = (
+    0.01  # quality floor of lossy KV codecs (nats/token): the cluster's default --max-kl (coordinator.config)
+)
 
 
 # ---- inputs ----------------------------------------------------------------------------------------------
@@ -108,6 +111,8 @@ def cmd_plan(a: argparse.Namespace) -> int:
         topo = load_topology(a.topology)
         samples = workload_samples(a.workload)
         codecs = load_profiles(model_dir) if model_dir.exists() else DEFAULT_PROFILES
+        # a pdserve profile records the engine's prefill batch cap; DistServe batches whatever is queued
+        batch_tokens = int(json.loads(Path(a.profile).read_text()).get("prefill_max_batch_tokens", 1 << 30))
         inp = SearchInput(
             model,
             profile,
@@ -118,7 +123,8 @@ def cmd_plan(a: argparse.Namespace) -> int:
             attainment=a.attainment,
             rate=a.rate,
             codecs=codecs,
-            max_kl=a.max_kl,
+            max_kl=MAX_KL,
+            prefill_max_batch_tokens=batch_tokens,
         )
         plan = search(inp)
     except PlanError as exc:
@@ -159,9 +165,6 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
         '{"requests": [{"prompt_tokens": N, "output_tokens": M}, ...]}',
     )
     p.add_argument("--rate", type=float, default=None, help="plan instance counts for this rate (req/s)")
-    p.add_argument(
-        "--max-kl", type=float, default=0.01, help="quality floor for lossy KV codecs (nats/token)"
-    )
 
 
 # ---- topology --------------------------------------------------------------------------------------------
@@ -222,6 +225,7 @@ def run_profile(model_dir: str, threads: int, new_tokens: int, tries: int) -> di
     from engine.params import SamplingParams
     from engine.runner import ModelRunner
     from engine.sequence import Sequence
+    from pdserve.instance import CPU_BATCH_TOKENS
 
     torch.set_num_threads(threads)
     block = 16
@@ -270,6 +274,7 @@ def run_profile(model_dir: str, threads: int, new_tokens: int, tries: int) -> di
         "model": model_name,
         "clock": clock,
         "source": "pdserve profile",
+        "prefill_max_batch_tokens": CPU_BATCH_TOKENS,  # the prefill engine's batch cap on CPU (pdserve.instance)
         "layouts": [layout],
         "notes": ["TP1/PP1 only: the engine runs no other layout yet"],
     }
