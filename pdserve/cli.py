@@ -1,6 +1,7 @@
 """The `pdserve` command: `up` (local cluster), `generate` (stream a completion), `bench` (benchmarks),
 `calibrate` (a model's KV codec calibration), `trace` (one request's spans as a waterfall), `certs`
-(development TLS certificates), `health` (a process's gRPC health status, for probes)."""
+(development TLS certificates), `health` (a process's gRPC health status, for probes), `plan` / `topology` /
+`profile` / `status` (the planner and the running cluster, pdserve/plan_cli.py)."""
 
 from __future__ import annotations
 
@@ -49,6 +50,19 @@ def cmd_up(a: argparse.Namespace) -> int:
         print(f"pdserve up: {exc}", file=sys.stderr)
         return 2
 
+    if a.plan:
+        import json
+
+        from pdserve.plan_cli import up_overrides
+
+        try:
+            with open(a.plan) as f:
+                planned = up_overrides(json.load(f), cpu=a.cpu or not _cuda_visible())
+        except (OSError, ValueError) as exc:
+            print(f"pdserve up: --plan {a.plan}: {exc}", file=sys.stderr)
+            return 2
+        a = argparse.Namespace(**{**vars(a), **{k: v for k, v in planned.items() if k != "cpus"}})
+        a.cpus = ",".join(map(str, planned["cpus"]))
     cfg = ClusterConfig(
         model_dir=_model(a.model),
         host=a.host,
@@ -76,6 +90,15 @@ def cmd_up(a: argparse.Namespace) -> int:
         api_key_file=a.api_key_file,
     )
     return run_forever(LocalCluster(cfg))
+
+
+def _cuda_visible() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available() and torch.cuda.device_count() > 0
+    except ImportError:
+        return False
 
 
 def cmd_certs(a: argparse.Namespace) -> int:
@@ -303,6 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="API key clients must send (repeatable; also --api-key-file, PDSERVE_API_KEY); none = open",
     )
     up.add_argument("--api-key-file", default=None, help="file of API keys, one per line ('#' comments)")
+    up.add_argument(
+        "--plan",
+        default=None,
+        help="start what a `pdserve plan` JSON says (instance counts, devices, codec); overrides "
+        "--prefill/--decode/--cpus/--codec",
+    )
     up.set_defaults(fn=cmd_up)
 
     g = sub.add_parser("generate", help="stream a completion (from a cluster, or --local in this process)")
@@ -398,6 +427,23 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("trace", help="print a request's trace as a waterfall (from a span file or Jaeger)")
     trace_cli.add_arguments(t)
     t.set_defaults(fn=trace_cli.run)
+
+    from pdserve import plan_cli
+
+    pl = sub.add_parser(
+        "plan", help="plan a deployment (layouts, counts, placement, codecs): one JSON object"
+    )
+    plan_cli.add_plan_arguments(pl)
+    pl.set_defaults(fn=plan_cli.cmd_plan)
+    to = sub.add_parser("topology", help="print this machine's topology JSON (for pdserve plan --topology)")
+    plan_cli.add_topology_arguments(to)
+    to.set_defaults(fn=plan_cli.cmd_topology)
+    pr = sub.add_parser("profile", help="time the engine and fit the planner's latency model (profile JSON)")
+    plan_cli.add_profile_arguments(pr)
+    pr.set_defaults(fn=plan_cli.cmd_profile)
+    st = sub.add_parser("status", help="print the running cluster (instances, roles, devices, load) as JSON")
+    plan_cli.add_status_arguments(st)
+    st.set_defaults(fn=plan_cli.cmd_status)
     return p
 
 

@@ -1,0 +1,250 @@
+"""A discrete-event simulation of one plan: prefill instances, KV links, decode instances. Seconds throughout.
+
+What it models (as pdserve runs, see coordinator/router.py):
+* Arrivals: given times (Poisson or a trace, made by the caller).
+* Prefill routing: the instance with the fewest requests queued or running (ties rotate). Each instance
+  batches its FIFO queue up to `max_batch_tokens` prompt tokens (the first prompt always), runs the batch in
+  `latency.prefill_s`; a PP instance starts the next batch once the first stage is free (t / pp later).
+  The first token comes out of prefill: TTFT = prefill end - arrival.
+* Decode routing at prefill end: among the decode instances the plan links to this prefill instance, the one
+  with the most KV tokens free after what it has reserved (each request reserves prompt + output tokens,
+  rounded up to blocks, until it finishes). pdserve's router today links every pair.
+* KV transfer: prompt tokens x the link's seconds per token (the codec's pipelined hand-off time on the
+  bandwidth between the two instances' devices: `Link`), FIFO per (prefill, decode) pair.
+* Decode: continuous batching; a request joins at a step boundary when its whole reservation fits the
+  instance's KV capacity (never preempted). A PP instance runs `pp` micro-batches (lanes) in flight, each a
+  step of latency.decode_s. TPOT = (finish - first token) / (output - 1), so it includes the transfer and
+  the wait for admission.
+* SLO attainment: the share of requests meeting BOTH the TTFT and the TPOT SLO (DistServe's simulator
+  counts the two percentiles separately); a request that can never fit a decode instance misses.
+Not modelled: prefill-side KV memory, link sharing between pairs on one NIC, preemption, stragglers.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from coordinator.planner.latency import LayoutLatency
+
+
+@dataclass(frozen=True)
+class Request:
+    arrival_s: float
+    prompt: int  # tokens
+    output: int  # tokens, >= 1 (the first comes from prefill)
+
+
+@dataclass(frozen=True)
+class PrefillInstance:
+    latency: LayoutLatency
+    max_batch_tokens: int = 1 << 30
+
+
+@dataclass(frozen=True)
+class DecodeInstance:
+    latency: LayoutLatency
+    kv_capacity_tokens: int
+    block_tokens: int = 16
+
+
+@dataclass(frozen=True)
+class Link:
+    s_per_token: float  # hand-off seconds per prompt token (codec and bandwidth folded in)
+    codec: str = "raw"
+
+
+@dataclass(frozen=True)
+class SimResult:
+    ttft_s: tuple[float, ...]  # per request, in request order (inf: never served)
+    tpot_s: tuple[float, ...]
+    decode_batch_max: int  # the largest decode batch any lane ran
+
+    def attainment(self, ttft_slo_s: float, tpot_slo_s: float) -> float:
+        ok = sum(
+            1 for a, b in zip(self.ttft_s, self.tpot_s, strict=True) if a <= ttft_slo_s and b <= tpot_slo_s
+        )
+        return ok / len(self.ttft_s)
+
+
+_ARRIVE, _PREFILL_FREE, _PREFILL_DONE, _KV_READY, _LANE = range(5)
+
+
+class _Lane:
+    """One decode micro-batch: running requests, their context sum, finish steps."""
+
+    __slots__ = ("step", "batch", "sum_ctx", "finish", "busy")
+
+    def __init__(self) -> None:
+        self.step = 0  # steps completed
+        self.batch = 0
+        self.sum_ctx = 0  # tokens attended over by the next step, all running requests
+        self.finish: list[tuple[int, int]] = []  # heap of (step at which it finishes, request index)
+        self.busy = False
+
+
+def simulate(
+    requests: list[Request],
+    prefill: list[PrefillInstance],
+    decode: list[DecodeInstance],
+    links: Sequence[Sequence[Link | None]],  # [prefill index][decode index]; None: the plan has no such link
+) -> SimResult:
+    n = len(requests)
+    ttft = [math.inf] * n
+    tpot = [math.inf] * n
+    first_token = [0.0] * n
+    events: list[tuple[float, int, int, int, int]] = []  # (time, seq, kind, a, b)
+    seq = 0
+
+    def push(t: float, kind: int, a: int, b: int = 0) -> None:
+        nonlocal seq
+        seq += 1
+        heapq.heappush(events, (t, seq, kind, a, b))
+
+    for i, r in enumerate(requests):
+        push(r.arrival_s, _ARRIVE, i)
+
+    # prefill state
+    p_queue: list[deque[int]] = [deque() for _ in prefill]
+    p_inflight = [0] * len(prefill)
+    p_free = [True] * len(prefill)
+    p_batches: dict[int, list[int]] = {}
+    p_of = [0] * n
+    turn = 0
+    # decode state
+    d_reserved = [0] * len(decode)  # tokens reserved by requests routed there, not finished
+    d_used = [0] * len(decode)  # tokens of admitted requests
+    d_wait: list[deque[int]] = [deque() for _ in decode]
+    lanes = [[_Lane() for _ in range(d.latency.layout.pp)] for d in decode]
+    link_free = [[0.0] * len(decode) for _ in prefill]
+    need = [0] * n
+    batch_max = 0
+
+    def reservation(i: int, d: DecodeInstance) -> int:
+        r = requests[i]
+        return -(-(r.prompt + r.output) // d.block_tokens) * d.block_tokens
+
+    def start_prefill(p: int, now: float) -> None:
+        q, inst = p_queue[p], prefill[p]
+        batch = [q.popleft()]
+        tokens = requests[batch[0]].prompt
+        while q and tokens + requests[q[0]].prompt <= inst.max_batch_tokens:
+            tokens += requests[q[0]].prompt
+            batch.append(q.popleft())
+        lens = [requests[i].prompt for i in batch]
+        t = inst.latency.prefill_s(sum(lens), sum(x * x for x in lens))
+        p_free[p] = False
+        p_batches[batch[0]] = batch
+        push(now + t / inst.latency.layout.pp, _PREFILL_FREE, p)
+        push(now + t, _PREFILL_DONE, p, batch[0])
+
+    def admit(d: int, lane: _Lane) -> None:
+        """Waiting requests of instance d join `lane` while their reservations fit (FIFO, no overtaking)."""
+        w, cap = d_wait[d], decode[d].kv_capacity_tokens
+        while w and d_used[d] + need[w[0]] <= cap:
+            i = w.popleft()
+            d_used[d] += need[i]
+            r = requests[i]
+            lane.batch += 1
+            lane.sum_ctx += r.prompt + 1
+            heapq.heappush(lane.finish, (lane.step + r.output - 1, i))
+
+    def run_lane(d: int, li: int, now: float) -> None:
+        """Run lane li of instance d from `now` until its batch empties or the next global event is due;
+        then (if it still has work) schedule its next step end as an event."""
+        nonlocal batch_max
+        lane, lat = lanes[d][li], decode[d].latency
+        horizon = events[0][0] if events else math.inf
+        t = now
+        while True:
+            if lane.batch == 0:
+                admit(d, lane)
+                if lane.batch == 0:
+                    lane.busy = False
+                    return
+            batch_max = max(batch_max, lane.batch)
+            t_end = t + lat.decode_s(lane.batch, lane.sum_ctx)
+            if t_end > horizon:
+                lane.busy = True
+                push(t_end, _LANE, d, li)
+                return
+            _finish_step(d, lane, t_end)
+            t = t_end
+            admit(d, lane)
+
+    def _finish_step(d: int, lane: _Lane, t_end: float) -> None:
+        lane.step += 1
+        lane.sum_ctx += lane.batch
+        while lane.finish and lane.finish[0][0] <= lane.step:
+            _, i = heapq.heappop(lane.finish)
+            r = requests[i]
+            lane.batch -= 1
+            lane.sum_ctx -= r.prompt + r.output  # its context at its last step was prompt + output - 1, +1
+            d_used[d] -= need[i]
+            d_reserved[d] -= need[i]
+            tpot[i] = (t_end - first_token[i]) / (r.output - 1)
+
+    def wake_decode(d: int, now: float) -> None:
+        for li, lane in enumerate(lanes[d]):
+            if not d_wait[d]:
+                return
+            if not lane.busy:
+                run_lane(d, li, now)
+
+    while events:
+        now, _, kind, a, b = heapq.heappop(events)
+        if kind == _ARRIVE:
+            k = len(prefill)
+            p = min(range(k), key=lambda j: (p_inflight[j], (j - turn) % k))
+            turn += 1
+            p_of[a] = p
+            p_inflight[p] += 1
+            p_queue[p].append(a)
+            if p_free[p]:
+                start_prefill(p, now)
+        elif kind == _PREFILL_FREE:
+            p_free[a] = True
+            if p_queue[a]:
+                start_prefill(a, now)
+        elif kind == _PREFILL_DONE:
+            for i in p_batches.pop(b):
+                p_inflight[a] -= 1
+                first_token[i] = now
+                ttft[i] = now - requests[i].arrival_s
+                r = requests[i]
+                if r.output <= 1:
+                    tpot[i] = 0.0
+                    continue
+                linked = [j for j in range(len(decode)) if links[a][j] is not None]
+                d = max(linked, key=lambda j: (decode[j].kv_capacity_tokens - d_reserved[j], -j))
+                need[i] = reservation(i, decode[d])
+                if need[i] > decode[d].kv_capacity_tokens:
+                    continue  # can never run: misses its SLO (tpot stays inf)
+                d_reserved[d] += need[i]
+                link = links[a][d]
+                assert link is not None
+                start = max(now, link_free[a][d])
+                link_free[a][d] = start + r.prompt * link.s_per_token
+                push(link_free[a][d], _KV_READY, i, d)
+        elif kind == _KV_READY:
+            d_wait[b].append(a)
+            wake_decode(b, now)
+        else:  # _LANE: a step of lane b of instance a ended
+            lane = lanes[a][b]
+            _finish_step(a, lane, now)
+            admit(a, lane)
+            lane.busy = False
+            run_lane(a, b, now)
+    return SimResult(tuple(ttft), tuple(tpot), batch_max)
+
+
+def poisson_arrivals(n: int, rate: float, gaps: list[float]) -> list[float]:
+    """Arrival times from unit-mean gaps scaled to `rate` (first at 0): common random numbers across rates."""
+    out, t = [], 0.0
+    for g in gaps[:n]:
+        out.append(t)
+        t += g / rate
+    return out

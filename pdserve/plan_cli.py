@@ -1,0 +1,414 @@
+"""Adapters around the planner core (coordinator/planner): `pdserve plan`, `pdserve topology`, `pdserve profile`.
+
+All file reading, engine timing and printing is here; coordinator.planner only computes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from coordinator.planner.distserve import is_distserve, profile_from_distserve
+from coordinator.planner.latency import (
+    NO_THRESHOLD,
+    Layout,
+    LayoutLatency,
+    Profile,
+    fit_decode,
+    fit_prefill,
+)
+from coordinator.planner.model import ModelSpec, spec_from_config
+from coordinator.planner.search import PlanError, SearchInput, search
+from coordinator.planner.topology import Node, Topology
+
+N_SAMPLES = 1000  # length samples drawn from a named workload
+MAX_KL = (
+    0.01  # quality floor of lossy KV codecs (nats/token): the cluster's default --max-kl (coordinator.config)
+)
+
+
+# ---- inputs ----------------------------------------------------------------------------------------------
+def load_model(path: str) -> tuple[ModelSpec, Path]:
+    """A config.json, or the directory holding it -> (spec, directory)."""
+    p = Path(path)
+    cfg_path = p / "config.json" if p.is_dir() else p
+    if not cfg_path.exists():
+        raise ValueError(f"no config.json at {path}")
+    return spec_from_config(json.loads(cfg_path.read_text()), name=cfg_path.parent.name), cfg_path.parent
+
+
+def load_profile(path: str, key: str | None, model_name: str = "") -> Profile:
+    """A profile JSON of `pdserve profile`, or a DistServe `profiler-*.json` (`key` picks its model entry)."""
+    data = json.loads(Path(path).read_text())
+    if is_distserve(data):
+        if key is None:
+            if len(data) != 1:
+                raise ValueError(
+                    f"{path} holds several models; pick one with --profile-key (one of {sorted(data)})"
+                )
+            key = next(iter(data))
+        return profile_from_distserve(data, key)
+    return profile_from_json(data)
+
+
+def profile_from_json(data: dict[str, Any]) -> Profile:
+    try:
+        return Profile(
+            str(data["device"]),
+            str(data["model"]),
+            tuple(LayoutLatency.from_dict(d) for d in data["layouts"]),
+            source=str(data.get("source", "pdserve profile")),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(
+            f"not a profile file (pdserve profile or DistServe profiler-*.json): {exc!r}"
+        ) from exc
+
+
+def workload_samples(spec: str) -> tuple[tuple[int, int], ...]:
+    """`--workload`: a JSON file {"requests": [{"prompt_tokens": N, "output_tokens": M}, ...]}, or a bench
+    workload name (bench.compare.modes: prefill_heavy, balanced (quick sizes); full-prefill_heavy,
+    full-balanced), or sharegpt-approx (log-normal lengths standing in for ShareGPT, see docs)."""
+    path = Path(spec)
+    if path.suffix == ".json" or path.exists():
+        reqs = json.loads(path.read_text())["requests"]
+        out = tuple((int(r["prompt_tokens"]), int(r["output_tokens"])) for r in reqs)
+        if not out or min(min(x) for x in out) < 1:
+            raise ValueError(f"{spec}: need requests with prompt_tokens and output_tokens >= 1")
+        return out
+    import numpy as np
+
+    from bench.compare.modes import FULL, QUICK
+    from bench.workload import LogNormal
+
+    dists = {w.name: (w.prompt, w.output) for w in QUICK.workloads}
+    dists.update({f"full-{w.name}": (w.prompt, w.output) for w in FULL.workloads})
+    dists["sharegpt-approx"] = (LogNormal(400, 1.0, 4, 1800), LogNormal(150, 1.0, 4, 1000))
+    if spec not in dists:
+        raise ValueError(f"unknown workload {spec!r}: a JSON file or one of {sorted(dists)}")
+    prompt, output = dists[spec]
+    rng = np.random.default_rng(0)
+    ps, os_ = prompt.sample(rng, N_SAMPLES), output.sample(rng, N_SAMPLES)
+    return tuple((int(p), int(o)) for p, o in zip(ps, os_, strict=True))
+
+
+def load_topology(path: str) -> Topology:
+    return Topology.from_dict(json.loads(Path(path).read_text()))
+
+
+def cmd_plan(a: argparse.Namespace) -> int:
+    from kv_transfer.choice import DEFAULT_PROFILES, load_profiles
+
+    try:
+        model, model_dir = load_model(a.model)
+        profile = load_profile(a.profile, a.profile_key, model.name)
+        topo = load_topology(a.topology)
+        samples = workload_samples(a.workload)
+        codecs = load_profiles(model_dir) if model_dir.exists() else DEFAULT_PROFILES
+        # a pdserve profile records the engine's prefill batch cap; DistServe batches whatever is queued
+        batch_tokens = int(json.loads(Path(a.profile).read_text()).get("prefill_max_batch_tokens", 1 << 30))
+        inp = SearchInput(
+            model,
+            profile,
+            topo,
+            a.slo_ttft_ms / 1e3,
+            a.slo_tpot_ms / 1e3,
+            samples,
+            attainment=a.attainment,
+            rate=a.rate,
+            codecs=codecs,
+            max_kl=MAX_KL,
+            prefill_max_batch_tokens=batch_tokens,
+        )
+        plan = search(inp)
+    except PlanError as exc:
+        print(f"pdserve plan: no plan: {exc}", file=sys.stderr)
+        return 1
+    except (ValueError, KeyError, OSError) as exc:
+        print(f"pdserve plan: {exc}", file=sys.stderr)
+        return 2
+    d = plan.to_dict()
+    d["inputs"] = {
+        "model": model.to_dict(),
+        "profile": {"device": profile.device, "model": profile.model, "source": profile.source},
+        "slo_ttft_ms": a.slo_ttft_ms,
+        "slo_tpot_ms": a.slo_tpot_ms,
+        "attainment": a.attainment,
+        "workload": a.workload,
+        "rate": a.rate,
+        "codecs": [c.name for c in codecs],
+    }
+    print(json.dumps(d, indent=2))
+    return 0
+
+
+def add_plan_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="a Hugging Face config.json or the directory holding it")
+    p.add_argument(
+        "--profile", required=True, help="profile JSON (pdserve profile, or DistServe profiler-*.json)"
+    )
+    p.add_argument("--profile-key", default=None, help="the model's entry in a DistServe profile file")
+    p.add_argument("--topology", required=True, help="topology JSON (pdserve topology --local writes one)")
+    p.add_argument("--slo-ttft-ms", type=float, required=True)
+    p.add_argument("--slo-tpot-ms", type=float, required=True)
+    p.add_argument("--attainment", type=float, default=0.9, help="share of requests meeting both SLOs")
+    p.add_argument(
+        "--workload",
+        default="balanced",
+        help="a bench workload name (balanced, prefill_heavy, full-..., sharegpt-approx) or a JSON file "
+        '{"requests": [{"prompt_tokens": N, "output_tokens": M}, ...]}',
+    )
+    p.add_argument("--rate", type=float, default=None, help="plan instance counts for this rate (req/s)")
+
+
+# ---- topology --------------------------------------------------------------------------------------------
+def measure_copy_gbytes_per_s(nbytes: int = 256 * 2**20, tries: int = 3) -> float:
+    """One core's memcpy bandwidth (GB/s, best of `tries`): the ceiling of the shared-memory KV transport
+    between two instances on this host (which also pays framing and a second copy)."""
+    src = bytearray(os.urandom(1 << 20)) * (nbytes >> 20)
+    dst = bytearray(len(src))
+    best = float("inf")
+    for _ in range(tries):
+        t0 = time.perf_counter()
+        dst[:] = src
+        best = min(best, time.perf_counter() - t0)
+    return len(src) / best / 1e9
+
+
+def local_topology() -> Topology:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    mem_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    bw = round(measure_copy_gbytes_per_s(), 2)
+    node = Node(socket.gethostname() or "local", cores, round(mem_bytes / 2**30 / cores, 2), bw)
+    return Topology((node,), bw, (), device_kind="cpu-core")
+
+
+def cmd_topology(a: argparse.Namespace) -> int:
+    if a.probe:
+        print(
+            "pdserve topology: --probe (measuring between hosts with the KV transport) is not built yet",
+            file=sys.stderr,
+        )
+        return 2
+    topo = local_topology()
+    d = topo.to_dict()
+    d["notes"] = [
+        "devices are CPU cores (one instance per core, as `pdserve up --cpus` divides them)",
+        "device_memory_gib is the host's memory divided by its cores",
+        "intra_gbytes_per_s is one core's measured memcpy bandwidth: an upper bound on the shm KV transport",
+    ]
+    text = json.dumps(d, indent=2)
+    if a.out:
+        Path(a.out).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+# ---- profile ---------------------------------------------------------------------------------------------
+PREFILL_BATCHES = ((16,), (64,), (128,), (256,), (64, 64), (128, 128), (32, 32, 32, 32), (200, 56))
+DECODE_CASES = ((1, 32), (1, 256), (4, 64), (8, 128), (16, 32), (16, 128), (4, 384))  # (batch, prompt)
+
+
+def run_profile(model_dir: str, threads: int, new_tokens: int, tries: int) -> dict[str, Any]:
+    """Time this engine (one TP1/PP1 instance on `threads` CPU threads) on a grid of prefill batches and
+    decode batches, fit the latency model, and return the profile JSON (coefficients in seconds)."""
+    import torch
+
+    from bench.engine import PdserveDecode, best_time, random_prompts
+    from engine.block_manager import BlockManager
+    from engine.params import SamplingParams
+    from engine.runner import ModelRunner
+    from engine.sequence import Sequence
+    from pdserve.instance import CPU_BATCH_TOKENS
+
+    torch.set_num_threads(threads)
+    block = 16
+    need = sum(-(-(p + 1) // block) for b in PREFILL_BATCHES for p in b)
+    need += sum(b * -(-(p + new_tokens) // block) for b, p in DECODE_CASES)
+    runner = ModelRunner(model_dir, num_kv_blocks=need, block_size=block)
+    bm = BlockManager(runner.kv_cache.num_blocks, block)
+    vocab = runner.config.vocab_size
+    clock = "cpu" if threads == 1 else "wall"
+
+    prefill_pts: list[tuple[list[int], float]] = []
+    for i, lens in enumerate(PREFILL_BATCHES):
+        prompts = [random_prompts(1, n, vocab, 100 * i + j)[0] for j, n in enumerate(lens)]
+        seqs = [
+            Sequence(f"p{i}-{j}", p, SamplingParams(max_tokens=1, ignore_eos=True))
+            for j, p in enumerate(prompts)
+        ]
+        for s in seqs:
+            s.blocks = bm.allocate(len(s.prompt_ids) + 1)
+
+        def prefill(seqs: list[Sequence] = seqs) -> None:
+            for s in seqs:
+                s.num_cached, s.output_ids = 0, []
+            runner.prefill(seqs)
+
+        prefill_pts.append((list(lens), getattr(best_time(prefill, tries, clock), clock)))
+
+    decode_pts: list[tuple[int, int, float]] = []
+    for b, p in DECODE_CASES:
+        pd = PdserveDecode(runner, bm, random_prompts(b, p, vocab, 7 * b + p), new_tokens)
+        steps = [getattr(pd.run()[0], clock) for _ in range(tries)]
+        mean_ctx = p + 1 + (new_tokens - 2) / 2  # context of the mean timed step
+        decode_pts.append((b, round(b * mean_ctx), min(steps)))
+
+    pc, perr = fit_prefill(prefill_pts)
+    dc, derr = fit_decode(decode_pts)
+    lat = LayoutLatency(Layout(1, 1), pc, dc, dc, NO_THRESHOLD, fit_error={"prefill": perr, "decode": derr})
+    layout = lat.to_dict()
+    layout["points"] = {
+        "prefill": [{"prompt_lens": ls, "s": t} for ls, t in prefill_pts],
+        "decode": [{"batch": b, "sum_ctx": c, "s": t} for b, c, t in decode_pts],
+    }
+    model_name = Path(model_dir).name
+    return {
+        "device": f"cpu-core ({os.uname().machine}, {threads} thread{'s' if threads > 1 else ''})",
+        "model": model_name,
+        "clock": clock,
+        "source": "pdserve profile",
+        "prefill_max_batch_tokens": CPU_BATCH_TOKENS,  # the prefill engine's batch cap on CPU (pdserve.instance)
+        "layouts": [layout],
+        "notes": ["TP1/PP1 only: the engine runs no other layout yet"],
+    }
+
+
+def cmd_profile(a: argparse.Namespace) -> int:
+    if a.model is None:
+        from engine.synth import default_model_dir
+
+        a.model = str(default_model_dir())
+    if a.from_distserve:
+        data = json.loads(Path(a.from_distserve).read_text())
+        key = a.profile_key or next(iter(data))
+        prof = profile_from_distserve(data, key)
+        out: dict[str, Any] = {
+            "device": prof.device,
+            "model": prof.model,
+            "source": "distserve",
+            "layouts": [lat.to_dict() for lat in prof.layouts],
+        }
+    else:
+        out = run_profile(a.model, a.threads, a.new_tokens, a.tries)
+    text = json.dumps(out, indent=2)
+    if a.out:
+        Path(a.out).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+def add_profile_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="HF model dir (default: the shipped model)")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads of the instance profiled")
+    p.add_argument("--new-tokens", type=int, default=10, help="decode steps per decode case (+1)")
+    p.add_argument("--tries", type=int, default=3)
+    p.add_argument("--out", default=None, help="also write the profile JSON here")
+    p.add_argument("--from-distserve", default=None, help="convert this DistServe profiler-*.json instead")
+    p.add_argument("--profile-key", default=None, help="with --from-distserve: the model entry")
+
+
+def add_topology_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--local", action="store_true", help="this machine (the default)")
+    p.add_argument("--probe", action="store_true", help="measure between hosts (not built yet)")
+    p.add_argument("--out", default=None, help="also write the topology JSON here")
+
+
+# ---- status ----------------------------------------------------------------------------------------------
+def status_json(cluster: str, instances: list[Any]) -> dict[str, Any]:
+    """The running cluster as the plan describes one: per instance its role, layout, devices, node and load
+    (from the registry's `InstanceInfo`s). Every instance is TP1/PP1 today."""
+    rows = []
+    for i in sorted(instances, key=lambda i: (i.role, i.instance_id)):
+        rows.append(
+            {
+                "instance": i.instance_id,
+                "role": i.role,
+                "layout": {"tp": 1, "pp": 1},
+                "devices": i.devices,
+                "node": i.node,
+                "grpc_address": i.grpc_address,
+                "load": {
+                    "queue_len": i.queue_len,
+                    "running": i.running,
+                    "kv_blocks_free": i.kv_blocks_free,
+                    "kv_blocks_total": i.kv_blocks_total,
+                    "leases": i.leases,
+                },
+            }
+        )
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["role"]] = counts.get(r["role"], 0) + 1
+    return {"cluster": cluster, "instances": rows, "counts": counts}
+
+
+def cmd_status(a: argparse.Namespace) -> int:
+    from coordinator.registry import Registry
+
+    registry = Registry(a.redis_url, a.cluster)
+    try:
+        instances = registry.instances()
+    except Exception as exc:  # noqa: BLE001 - any Redis failure is one clear message
+        print(f"pdserve status: cannot read the registry at {a.redis_url}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        registry.close()
+    print(json.dumps(status_json(a.cluster, instances), indent=2))
+    return 0
+
+
+def add_status_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--redis-url",
+        default=os.environ.get("PDSERVE_REDIS_URL", "redis://127.0.0.1:6379"),
+        help="the cluster's Redis (pdserve up prints it; default: PDSERVE_REDIS_URL or the local default port)",
+    )
+    p.add_argument("--cluster", default="default", help="registry namespace")
+
+
+# ---- up --plan -------------------------------------------------------------------------------------------
+def up_overrides(plan: dict[str, Any], cpu: bool) -> dict[str, Any]:
+    """ClusterConfig fields that start exactly `plan` (pdserve plan's JSON) on this host: instance counts,
+    each instance's devices (placement order: prefill-0.., then decode-0..; `pdserve up` gives instance i
+    the i-th device set), and the KV codec. What pdserve cannot run yet is refused with a reason: TP or PP
+    above 1, more than one node, links asking for different codecs, and on CUDA a device order other than
+    0, 1, ... (pdserve up gives instance i CUDA device i)."""
+    try:
+        for phase in ("prefill", "decode"):
+            layout = plan[phase]
+            if (layout["tp"], layout["pp"]) != (1, 1):
+                raise ValueError(
+                    f"{phase} TP={layout['tp']} PP={layout['pp']}: only TP1/PP1 instances run today"
+                )
+        placement = plan["placement"]
+        order = sorted(
+            placement, key=lambda p: (p["phase"] != "prefill", int(p["instance"].rsplit("-", 1)[1]))
+        )
+        nodes = {p["node"] for p in placement}
+        codecs = {k["codec"] for k in plan.get("kv_links", [])}
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise ValueError(f"not a plan pdserve can start: {exc}") from exc
+    if len(nodes) != 1:
+        raise ValueError(f"the plan spans nodes {sorted(nodes)}; pdserve up starts one host")
+    if len(codecs) > 1:
+        raise ValueError(f"the plan's links ask for codecs {sorted(codecs)}; pdserve up sets one per cluster")
+    devices = tuple(d for p in order for d in p["devices"])
+    if len(set(devices)) != len(devices):
+        raise ValueError("the plan uses a device twice")
+    if not cpu and devices != tuple(range(len(devices))):
+        raise ValueError(
+            "on CUDA pdserve up gives instance i device i: plan devices 0, 1, ... in order, or --cpu"
+        )
+    return {
+        "prefill": sum(1 for p in placement if p["phase"] == "prefill"),
+        "decode": sum(1 for p in placement if p["phase"] == "decode"),
+        "cpus": devices,
+        "codec": codecs.pop() if codecs else "auto",
+    }

@@ -1,0 +1,85 @@
+"""`pdserve up --plan`: a plan from the planner, started on this host, is what `pdserve status` shows."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from coordinator.planner.latency import Coeffs, Layout, LayoutLatency, Profile
+from coordinator.planner.model import spec_from_config
+from coordinator.planner.search import SearchInput, search
+from coordinator.planner.topology import Node, Topology
+from coordinator.registry import Registry
+from pdserve.launcher import LocalCluster
+from pdserve.plan_cli import status_json, up_overrides
+
+
+def test_up_plan_runs_what_the_plan_says(
+    tiny_model_dir: Path, start_cluster: Callable[..., LocalCluster]
+) -> None:
+    cores = sorted(os.sched_getaffinity(0))[:2]
+    if len(cores) < 2:
+        pytest.skip("needs two CPU cores (one per instance)")
+    host = socket.gethostname()  # the node instances report
+    topo = Topology((Node(host, 2, 4.0, 5.0),), 5.0)
+    lat = LayoutLatency(
+        Layout(1, 1), Coeffs(0.01, 1e-4, 0), Coeffs(0.004, 1e-6, 1e-4), Coeffs(0.004, 1e-6, 1e-4)
+    )
+    model = spec_from_config(json.loads((tiny_model_dir / "config.json").read_text()))
+    plan = search(
+        SearchInput(model, Profile("cpu", "tiny", (lat,)), topo, 0.5, 0.05, ((64, 16),), pp_choices=(1,))
+    )
+    d = plan.to_dict()
+    # the planner's devices are indexes on the node; this host's usable cores may be numbered otherwise
+    for p in d["placement"]:
+        p["devices"] = [cores[i] for i in p["devices"]]
+    over = up_overrides(d, cpu=True)
+    assert (over["prefill"], over["decode"]) == (d["prefill"]["instances"], d["decode"]["instances"])
+    cluster = start_cluster(tiny_model_dir, **over)
+    reg = Registry(cluster.redis_url, cluster.cfg.cluster)
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # instances register on their first heartbeat: wait for all of them
+            st = status_json(cluster.cfg.cluster, reg.instances())
+            if len(st["instances"]) == len(d["placement"]) or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+    finally:
+        reg.close()
+    assert st["counts"] == {"prefill": d["prefill"]["instances"], "decode": d["decode"]["instances"]}
+    planned = sorted((p["phase"], tuple(p["devices"])) for p in d["placement"])
+    running = sorted(
+        (i["role"], tuple(int(c) for c in i["devices"].split(":")[1].split(","))) for i in st["instances"]
+    )
+    assert running == planned
+    assert {i["node"] for i in st["instances"]} == {p["node"] for p in d["placement"]} == {host}
+
+
+def test_up_plan_refuses_what_it_cannot_run() -> None:
+    base: dict[str, Any] = {
+        "prefill": {"tp": 1, "pp": 1, "instances": 1},
+        "decode": {"tp": 1, "pp": 1, "instances": 1},
+        "placement": [
+            {"instance": "prefill-0", "phase": "prefill", "node": "n0", "devices": [0]},
+            {"instance": "decode-0", "phase": "decode", "node": "n0", "devices": [1]},
+        ],
+        "kv_links": [{"prefill": "prefill-0", "decode": "decode-0", "gbytes_per_s": 5, "codec": "int8"}],
+    }
+    assert up_overrides(base, cpu=True) == {"prefill": 1, "decode": 1, "cpus": (0, 1), "codec": "int8"}
+    with pytest.raises(ValueError, match="only TP1/PP1"):
+        up_overrides({**base, "decode": {"tp": 2, "pp": 1, "instances": 1}}, cpu=True)
+    two_nodes = [{**base["placement"][0]}, {**base["placement"][1], "node": "n1"}]
+    with pytest.raises(ValueError, match="spans nodes"):
+        up_overrides({**base, "placement": two_nodes}, cpu=True)
+    swapped = [{**base["placement"][0], "devices": [1]}, {**base["placement"][1], "devices": [0]}]
+    with pytest.raises(ValueError, match="device i"):
+        up_overrides({**base, "placement": swapped}, cpu=False)
+    with pytest.raises(ValueError, match="not a plan"):
+        up_overrides({"prefill": {}}, cpu=True)
