@@ -24,6 +24,7 @@ from coordinator.planner.latency import (
     fit_prefill,
 )
 from coordinator.planner.model import ModelSpec, spec_from_config
+from coordinator.planner.plan import Plan
 from coordinator.planner.search import PlanError, SearchInput, search
 from coordinator.planner.topology import Node, Topology
 
@@ -102,29 +103,79 @@ def load_topology(path: str) -> Topology:
     return Topology.from_dict(json.loads(Path(path).read_text()))
 
 
-def cmd_plan(a: argparse.Namespace) -> int:
+def prefill_batch_cap(profile_path: str) -> int:
+    """A pdserve profile records the engine's prefill batch cap (tokens); DistServe batches whatever is
+    queued (no cap)."""
+    return int(json.loads(Path(profile_path).read_text()).get("prefill_max_batch_tokens", 1 << 30))
+
+
+def search_input(
+    model: ModelSpec,
+    model_dir: Path,
+    profile: Profile,
+    profile_path: str,
+    topology: Topology,
+    samples: tuple[tuple[int, int], ...],
+    slo_ttft_ms: float,
+    slo_tpot_ms: float,
+    attainment: float,
+    rate: float | None,
+) -> SearchInput:
+    """The planner's input from loaded parts: what `pdserve plan` and the Kubernetes operator's
+    `planner: auto` both search. KV codecs: the model directory's codec profiles, else the defaults."""
     from kv_transfer.choice import DEFAULT_PROFILES, load_profiles
 
+    codecs = load_profiles(model_dir) if model_dir.exists() else DEFAULT_PROFILES
+    return SearchInput(
+        model,
+        profile,
+        topology,
+        slo_ttft_ms / 1e3,
+        slo_tpot_ms / 1e3,
+        samples,
+        attainment=attainment,
+        rate=rate,
+        codecs=codecs,
+        max_kl=MAX_KL,
+        prefill_max_batch_tokens=prefill_batch_cap(profile_path),
+    )
+
+
+def plan_json(
+    plan: Plan, inp: SearchInput, slo_ttft_ms: float, slo_tpot_ms: float, workload: str
+) -> dict[str, Any]:
+    """`pdserve plan`'s JSON: the plan and the inputs it was searched for (the operator's status.plan.planner)."""
+    d = plan.to_dict()
+    d["inputs"] = {
+        "model": inp.model.to_dict(),
+        "profile": {"device": inp.profile.device, "model": inp.profile.model, "source": inp.profile.source},
+        "slo_ttft_ms": slo_ttft_ms,
+        "slo_tpot_ms": slo_tpot_ms,
+        "attainment": inp.attainment,
+        "workload": workload,
+        "rate": inp.rate,
+        "codecs": [c.name for c in inp.codecs],
+    }
+    return d
+
+
+def cmd_plan(a: argparse.Namespace) -> int:
     try:
         model, model_dir = load_model(a.model)
         profile = load_profile(a.profile, a.profile_key, model.name)
         topo = load_topology(a.topology)
         samples = workload_samples(a.workload)
-        codecs = load_profiles(model_dir) if model_dir.exists() else DEFAULT_PROFILES
-        # a pdserve profile records the engine's prefill batch cap; DistServe batches whatever is queued
-        batch_tokens = int(json.loads(Path(a.profile).read_text()).get("prefill_max_batch_tokens", 1 << 30))
-        inp = SearchInput(
+        inp = search_input(
             model,
+            model_dir,
             profile,
+            a.profile,
             topo,
-            a.slo_ttft_ms / 1e3,
-            a.slo_tpot_ms / 1e3,
             samples,
-            attainment=a.attainment,
-            rate=a.rate,
-            codecs=codecs,
-            max_kl=MAX_KL,
-            prefill_max_batch_tokens=batch_tokens,
+            a.slo_ttft_ms,
+            a.slo_tpot_ms,
+            a.attainment,
+            a.rate,
         )
         plan = search(inp)
     except PlanError as exc:
@@ -133,18 +184,7 @@ def cmd_plan(a: argparse.Namespace) -> int:
     except (ValueError, KeyError, OSError) as exc:
         print(f"pdserve plan: {exc}", file=sys.stderr)
         return 2
-    d = plan.to_dict()
-    d["inputs"] = {
-        "model": model.to_dict(),
-        "profile": {"device": profile.device, "model": profile.model, "source": profile.source},
-        "slo_ttft_ms": a.slo_ttft_ms,
-        "slo_tpot_ms": a.slo_tpot_ms,
-        "attainment": a.attainment,
-        "workload": a.workload,
-        "rate": a.rate,
-        "codecs": [c.name for c in codecs],
-    }
-    print(json.dumps(d, indent=2))
+    print(json.dumps(plan_json(plan, inp, a.slo_ttft_ms, a.slo_tpot_ms, a.workload), indent=2))
     return 0
 
 

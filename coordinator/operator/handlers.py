@@ -20,8 +20,8 @@ from coordinator.operator.kube import Kube, load_api_client, path_of
 from coordinator.operator.plan import (
     Plan,
     PlanError,
+    PlanInputError,
     PlannerFn,
-    PlannerUnavailable,
     auto_plan,
     call_planner,
     manual_plan,
@@ -119,10 +119,12 @@ def reconcile(
     try:
         parsed = parse_spec(dict(spec))
         plan = _plan(dict(spec), kube, memo.planner)
-    except (SpecError, PlannerUnavailable, PlanError) as exc:
-        reason = {SpecError: "InvalidSpec", PlannerUnavailable: "PlannerUnavailable", PlanError: "NoPlan"}[
-            type(exc)
-        ]
+    except (SpecError, PlanInputError, PlanError) as exc:
+        reason = (
+            exc.reason
+            if isinstance(exc, PlanInputError)
+            else {SpecError: "InvalidSpec", PlanError: "NoPlan"}[type(exc)]
+        )
         log.warning("PDCluster %s/%s: %s: %s", namespace, name, reason, exc)
         kube.patch_status(
             namespace,

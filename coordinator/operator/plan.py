@@ -2,16 +2,24 @@
 
 `manual_plan` takes the spec as given. `auto_plan` reads the nodes' topology (`node_topology`, from the
 labels and annotations documented in infra/k8s/README.md) and calls the planner core through the one
-adapter `call_planner`; until the planner core is wired in, that raises `PlannerUnavailable` and the
-operator reports `Planned=False` (never a silent fallback to manual)."""
+adapter `call_planner`: the model's config.json, the spec's latency profile, SLOs and workload and the GPU
+nodes become the planner's SearchInput (built as `pdserve plan` builds it, pdserve.plan_cli.search_input),
+and its plan becomes per-phase replicas, tp, pp and hostnames. Any failure is a `Planned=False` condition
+(never a silent fallback to manual)."""
 
 from __future__ import annotations
 
+import itertools
+import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from coordinator.operator.spec import PHASES, SLO, ClusterSpec, Workload
+from coordinator.planner.distserve import SHIPPED
+from coordinator.planner.plan import Plan as CorePlan
+from coordinator.planner.topology import Node, Topology
 
 # Node labels / annotations the auto planner reads (labels win over annotations of the same key).
 GPU_COUNT_KEYS = ("nvidia.com/gpu.count",)  # GPU feature discovery's label; else status.allocatable
@@ -22,12 +30,21 @@ INTER_GBPS = "pdserve.io/inter-gbytes-per-s"  # network bandwidth of the node, G
 HOSTNAME_LABEL = "kubernetes.io/hostname"
 
 
-class PlannerUnavailable(RuntimeError):
-    """The planner core cannot be called (not installed in this build, or not wired into the operator)."""
+SHIPPED_PROFILES = SHIPPED.parent  # a relative spec.profile.path names a file here
+N_SAMPLES = 1000  # (prompt, output) pairs drawn when the spec's length samples' cross product is larger
 
 
 class PlanError(ValueError):
-    """The planner found no layout that meets the spec on these nodes."""
+    """The planner found no layout that meets the spec on these nodes (condition reason NoPlan)."""
+
+
+class PlanInputError(ValueError):
+    """An input of `planner: auto` is missing or unreadable; `reason` is the Planned=False condition's reason
+    (NoProfile, BadProfile, NoModelConfig, NodeTopology, InvalidSpec)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -57,13 +74,17 @@ class Plan:
     source: str  # "manual" or "auto"
     prefill: PhasePlan
     decode: PhasePlan
+    planner: Mapping[str, Any] | None = None  # auto: the planner's plan, as `pdserve plan` prints it
 
     def phase(self, name: str) -> PhasePlan:
         return {"prefill": self.prefill, "decode": self.decode}[name]
 
     def to_dict(self) -> dict[str, Any]:
         """What the operator writes into status.plan."""
-        return {"source": self.source, **{p: self.phase(p).to_dict() for p in PHASES}}
+        d: dict[str, Any] = {"source": self.source, **{p: self.phase(p).to_dict() for p in PHASES}}
+        if self.planner is not None:
+            d["planner"] = dict(self.planner)
+        return d
 
 
 @dataclass(frozen=True)
@@ -75,6 +96,8 @@ class PlanRequest:
     slo: SLO
     workload: Workload
     nodes: tuple[NodeTopology, ...]
+    profile_path: str | None = None  # spec.profile.path (relative: shipped with pdserve)
+    profile_key: str | None = None  # spec.profile.key
 
 
 # The interface the operator expects of the planner core: PlanRequest -> Plan (source="auto"), raising
@@ -127,14 +150,122 @@ def manual_plan(spec: ClusterSpec) -> Plan:
     return Plan(source="manual", prefill=one("prefill"), decode=one("decode"))
 
 
-def call_planner(request: PlanRequest) -> Plan:
-    """THE adapter to the planner core (coordinator/planner). Not wired yet: the integrator replaces this
-    body with a call of the planner's entry point that turns `request` into a Plan (and its failures into
-    PlanError). Until then every `planner: auto` cluster gets Planned=False, reason PlannerUnavailable."""
-    raise PlannerUnavailable(
-        "the planner core (coordinator.planner) is not wired into this operator build; "
-        "use planner: manual, or an operator image with the planner"
+def profile_file(path: str) -> Path:
+    """spec.profile.path -> the file: absolute as given, relative in the profiles shipped with pdserve."""
+    p = Path(path)
+    return p if p.is_absolute() else SHIPPED_PROFILES / p
+
+
+def planner_topology(nodes: Sequence[NodeTopology]) -> Topology:
+    """GPU nodes -> the planner's topology: node names are hostnames (what the plan's placement, hence node
+    affinity, names); the bandwidth between two nodes is the lower of their inter-node figures."""
+    missing = []
+    for n in nodes:
+        if n.gpu_memory_gib is None:
+            missing.append(f"{n.name}: {GPU_MEMORY_GIB} (or {GPU_MEMORY_MIB_NVIDIA})")
+        if n.gpus > 1 and n.intra_gbytes_per_s is None:
+            missing.append(f"{n.name}: {INTRA_GBPS}")
+        if len(nodes) > 1 and n.inter_gbytes_per_s is None:
+            missing.append(f"{n.name}: {INTER_GBPS}")
+    if missing:
+        raise PlanInputError("NodeTopology", "node labels/annotations missing: " + "; ".join(missing))
+    inter = {n.hostname: n.inter_gbytes_per_s or 0.0 for n in nodes}
+    floor = min(inter.values()) if len(nodes) > 1 else 1.0  # one node: no inter-node link to use
+    pnodes = tuple(
+        # a one-GPU node has no intra-node link: its figure is never used (the Topology wants one > 0)
+        Node(n.hostname, n.gpus, float(n.gpu_memory_gib or 0), n.intra_gbytes_per_s or floor)
+        for n in nodes
     )
+    overrides = tuple(
+        (a, b, min(inter[a], inter[b]))
+        for a, b in itertools.combinations(sorted(inter), 2)
+        if min(inter[a], inter[b]) != floor
+    )
+    try:
+        return Topology(pnodes, floor, overrides, device_kind="gpu")
+    except ValueError as exc:
+        raise PlanInputError("NodeTopology", str(exc)) from exc
+
+
+def workload_samples(w: Workload) -> tuple[str, tuple[tuple[int, int], ...]]:
+    """The spec's workload hints -> (what `pdserve plan`'s JSON records as the workload, (prompt, output)
+    length pairs). Length samples win over a bench name; prompt and output lengths are independent: their
+    cross product, or N_SAMPLES pairs drawn from it (seed 0) when larger."""
+    from pdserve.plan_cli import workload_samples as named_samples
+
+    if w.prompt_tokens and w.output_tokens:
+        pairs = list(itertools.product(w.prompt_tokens, w.output_tokens))
+        if len(pairs) > N_SAMPLES:
+            rng = random.Random(0)
+            pairs = [(rng.choice(w.prompt_tokens), rng.choice(w.output_tokens)) for _ in range(N_SAMPLES)]
+        return "spec.workload length samples", tuple(pairs)
+    assert w.bench is not None  # parse_spec requires samples or a bench name for planner: auto
+    try:
+        return w.bench, named_samples(w.bench)
+    except (ValueError, KeyError, OSError) as exc:
+        raise PlanInputError("InvalidSpec", f"spec.workload.bench: {exc}") from exc
+
+
+def to_operator_plan(core: CorePlan, planner_json: Mapping[str, Any]) -> Plan:
+    """The planner's plan -> per phase: instances, tp, pp and the hostnames its instances are placed on."""
+
+    def phase(name: str) -> PhasePlan:
+        layout = core.prefill if name == "prefill" else core.decode
+        nodes = tuple(sorted({p.node for p in core.placement if p.phase == name}))
+        return PhasePlan(replicas=core.instances(name), tp=layout.tp, pp=layout.pp, nodes=nodes)
+
+    return Plan("auto", phase("prefill"), phase("decode"), planner=planner_json)
+
+
+def call_planner(request: PlanRequest) -> Plan:
+    """THE adapter to the planner core (coordinator/planner): request -> SearchInput (as `pdserve plan`
+    builds it) -> search -> Plan. Missing inputs raise PlanInputError, no plan raises PlanError."""
+    from coordinator.planner.search import PlanError as CorePlanError
+    from coordinator.planner.search import search
+    from pdserve.plan_cli import load_model, load_profile, plan_json, search_input
+
+    if not request.profile_path:
+        raise PlanInputError(
+            "NoProfile",
+            "planner: auto needs spec.profile.path: a latency profile of the model on these GPUs "
+            "(a pdserve profile JSON, or a DistServe profiler-*.json with spec.profile.key)",
+        )
+    if request.device != "gpu":
+        raise PlanError("planner: auto plans GPU clusters (device: gpu); use planner: manual on CPUs")
+    config = Path(request.model_path) / "config.json"
+    if not config.is_file():
+        raise PlanInputError(
+            "NoModelConfig",
+            f"no {config} in the operator's container: planner: auto reads the model's sizes from it "
+            "(mount the model's claim into the operator at the same path, or bake the model into its image)",
+        )
+    try:
+        model, model_dir = load_model(str(config))
+    except (ValueError, KeyError, TypeError, OSError) as exc:
+        raise PlanInputError("NoModelConfig", f"{config}: {exc}") from exc
+    path = profile_file(request.profile_path)
+    try:
+        profile = load_profile(str(path), request.profile_key, model.name)
+    except (ValueError, KeyError, TypeError, OSError) as exc:
+        raise PlanInputError("BadProfile", f"spec.profile ({path}): {exc!r}") from exc
+    workload, samples = workload_samples(request.workload)
+    inp = search_input(
+        model,
+        model_dir,
+        profile,
+        str(path),
+        planner_topology(request.nodes),
+        samples,
+        request.slo.ttft_ms,
+        request.slo.tpot_ms,
+        request.slo.attainment,
+        request.workload.rate,
+    )
+    try:
+        core = search(inp)
+    except CorePlanError as exc:
+        raise PlanError(str(exc)) from exc
+    return to_operator_plan(core, plan_json(core, inp, request.slo.ttft_ms, request.slo.tpot_ms, workload))
 
 
 def auto_plan(
@@ -148,7 +279,13 @@ def auto_plan(
     if not topo:
         raise PlanError(f"no {spec.device.upper()} nodes to plan on")
     request = PlanRequest(
-        model_path=spec.model.path, device=spec.device, slo=spec.slo, workload=spec.workload, nodes=topo
+        model_path=spec.model.path,
+        device=spec.device,
+        slo=spec.slo,
+        workload=spec.workload,
+        nodes=topo,
+        profile_path=spec.profile.path,
+        profile_key=spec.profile.key,
     )
     plan = planner(request)
     if plan.source != "auto":

@@ -57,6 +57,14 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
+class ProfileSpec:
+    """The latency profile `planner: auto` plans with (pdserve profile's JSON or a DistServe profiler-*.json)."""
+
+    path: str | None = None  # inside the operator's container; relative: a profile shipped with pdserve
+    key: str | None = None  # the model's entry in a DistServe profile file (e.g. facebook/opt-13b)
+
+
+@dataclass(frozen=True)
 class ClusterSpec:
     model: ModelSpec
     image: str
@@ -66,6 +74,7 @@ class ClusterSpec:
     workload: Workload
     prefill: PhaseSpec
     decode: PhaseSpec
+    profile: ProfileSpec = ProfileSpec()
 
     def phase(self, name: str) -> PhaseSpec:
         return {"prefill": self.prefill, "decode": self.decode}[name]
@@ -139,6 +148,10 @@ def parse_spec(d: dict[str, Any]) -> ClusterSpec:
         output_tokens=tuple(int(x) for x in w.get("outputTokens") or ()),
         bench=w.get("bench") or None,
     )
+    prof = d.get("profile") or {}
+    if not isinstance(prof, dict):
+        raise SpecError("spec.profile must be a map: path (and key for a DistServe profile file)")
+    profile = ProfileSpec(path=prof.get("path") or None, key=prof.get("key") or None)
     if planner == "auto":
         if slo is None:
             raise SpecError("planner: auto needs spec.slo (ttftMs, tpotMs, attainment)")
@@ -158,4 +171,5 @@ def parse_spec(d: dict[str, Any]) -> ClusterSpec:
         workload=workload,
         prefill=_phase(d, "prefill", device),
         decode=_phase(d, "decode", device),
+        profile=profile,
     )

@@ -8,7 +8,7 @@ import pytest
 
 from coordinator.operator.plan import (
     PlanError,
-    PlannerUnavailable,
+    PlanInputError,
     auto_plan,
     manual_plan,
     node_topology,
@@ -114,7 +114,7 @@ def test_node_topology_reads_the_documented_labels_and_annotations():
     assert (t.gpus, t.gpu_memory_gib) == (8, 141.0)
 
 
-def test_auto_plan_without_the_planner_core_is_unavailable_not_manual():
+def test_auto_plan_without_a_profile_is_a_clear_error_not_manual():
     spec = parse_spec(
         {
             "model": {"path": "/m"},
@@ -124,8 +124,9 @@ def test_auto_plan_without_the_planner_core_is_unavailable_not_manual():
         }
     )
     nodes = [{"metadata": {"name": "n"}, "status": {"allocatable": {"cpu": "4"}}}]
-    with pytest.raises(PlannerUnavailable):
+    with pytest.raises(PlanInputError, match="spec.profile.path") as exc:
         auto_plan(spec, nodes)
+    assert exc.value.reason == "NoProfile"
     gpu = parse_spec({**{"model": {"path": "/m"}, "planner": "auto", "device": "gpu"},
                       "slo": {"ttftMs": 1, "tpotMs": 1}, "workload": {"bench": "x"}})  # fmt: skip
     with pytest.raises(PlanError, match="no GPU nodes"):
