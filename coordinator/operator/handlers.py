@@ -143,6 +143,10 @@ def reconcile(
     msg = ", ".join(
         f"{p} {plan.phase(p).replicas}x tp{plan.phase(p).tp} pp{plan.phase(p).pp}" for p in PHASES
     )
+    if plan.planner is not None:
+        msg += (
+            f"; predicted goodput {plan.planner['predicted']['goodput_rps']:.2f} req/s (status.plan.planner)"
+        )
     updates["Planned"] = (True, "ManualPlan" if plan.source == "manual" else "AutoPlan", msg)
     kube.patch_status(
         namespace,

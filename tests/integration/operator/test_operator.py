@@ -3,8 +3,11 @@ device requests, affinity, a spec change rolling into the Deployment, deletion, 
 
 from __future__ import annotations
 
+import json
+
 from coordinator.operator.kube import path_of
 from coordinator.operator.plan import PhasePlan, Plan, PlanRequest
+from coordinator.planner.distserve import SHIPPED
 
 from .conftest import start_operator, wait_for
 
@@ -118,7 +121,7 @@ def test_create_scale_delete_gpu_cluster(fake_api, tmp_path, monkeypatch):
         stop()
 
 
-def test_bad_spec_and_auto_without_planner_are_conditions(fake_api, tmp_path, monkeypatch):
+def test_bad_spec_and_auto_without_profile_are_conditions(fake_api, tmp_path, monkeypatch):
     fake_api.kube._call("POST", "/api/v1/nodes", body={"apiVersion": "v1", "kind": "Node",
                         "metadata": {"name": "cpu0"}, "status": {"allocatable": {"cpu": "8"}}})  # fmt: skip
     stop = start_operator(fake_api, tmp_path, monkeypatch)
@@ -134,7 +137,7 @@ def test_bad_spec_and_auto_without_planner_are_conditions(fake_api, tmp_path, mo
         }
         _create(fake_api, "auto", auto)
         c = wait_for(lambda: _condition(fake_api, "auto", "Planned"), "Planned on the auto spec")
-        assert c["status"] == "False" and c["reason"] == "PlannerUnavailable"
+        assert c["status"] == "False" and c["reason"] == "NoProfile" and "spec.profile.path" in c["message"]
         # neither got objects, and the operator is still serving: a good cluster next to them is created
         _create(fake_api, "good", {"model": {"path": "/m"}})
         wait_for(lambda: _deployment(fake_api, "good-decode"), "the good cluster's decode Deployment")
@@ -187,5 +190,67 @@ def test_auto_plan_places_phases_on_the_planner_nodes(fake_api, tmp_path, monkey
         }
         c = wait_for(lambda: _condition(fake_api, "a", "Planned"), "Planned")
         assert c["status"] == "True" and c["reason"] == "AutoPlan"
+    finally:
+        stop()
+
+
+OPT_13B = {  # facebook/opt-13b's config.json (the fields the planner reads)
+    "_name_or_path": "facebook/opt-13b", "model_type": "opt", "num_hidden_layers": 40, "hidden_size": 5120,
+    "num_attention_heads": 40, "ffn_dim": 20480, "vocab_size": 50272, "max_position_embeddings": 2048,
+    "torch_dtype": "float16",
+}  # fmt: skip
+
+
+def test_auto_plan_with_the_planner_core(fake_api, tmp_path, monkeypatch):
+    """planner: auto with the shipped DistServe OPT-13B profile on two labelled 4-GPU nodes: the planner core
+    plans, status.plan carries its JSON, and the Deployments request tp x pp GPUs on the planned nodes."""
+    (tmp_path / "opt-13b").mkdir()
+    (tmp_path / "opt-13b" / "config.json").write_text(json.dumps(OPT_13B))
+    for name in ("gpu-a", "gpu-b"):
+        labels = {"kubernetes.io/hostname": name, "nvidia.com/gpu.count": "4", "pdserve.io/gpu-memory-gib": "80",
+                  "pdserve.io/intra-gbytes-per-s": "300", "pdserve.io/inter-gbytes-per-s": "25"}  # fmt: skip
+        fake_api.kube._call("POST", "/api/v1/nodes", body={"apiVersion": "v1", "kind": "Node",
+                            "metadata": {"name": name, "labels": labels}, "status": {"allocatable": {"cpu": "16"}}})  # fmt: skip
+    stop = start_operator(fake_api, tmp_path, monkeypatch)
+    try:
+        spec = {
+            "model": {"path": str(tmp_path / "opt-13b")},
+            "device": "gpu",
+            "planner": "auto",
+            "profile": {"path": SHIPPED.name, "key": "facebook/opt-13b"},
+            "slo": {"ttftMs": 250, "tpotMs": 30, "attainment": 0.9},
+            "workload": {"rate": 2.0, "promptTokens": [500, 1000, 1500], "outputTokens": [20, 50, 80, 110]},
+        }
+        _create(fake_api, "opt", spec)
+        c = wait_for(lambda: _condition(fake_api, "opt", "Planned"), "Planned", timeout=120)
+        assert c["status"] == "True" and c["reason"] == "AutoPlan" and "predicted goodput" in c["message"], c
+        plan = fake_api.kube.get(path_of("PDCluster", NS, "opt"))["status"]["plan"]
+        assert plan["source"] == "auto"
+        core = plan["planner"]  # pdserve plan's JSON
+        assert core["predicted"]["goodput_rps"] > 0 and core["inputs"]["profile"]["source"] == "distserve"
+        for phase in ("prefill", "decode"):
+            want = plan[phase]
+            assert want["replicas"] == core[phase]["instances"] >= 1
+            assert (want["tp"], want["pp"]) == (core[phase]["tp"], core[phase]["pp"])
+            placed = sorted({p["node"] for p in core["placement"] if p["phase"] == phase})
+            assert want["nodes"] == placed and set(placed) <= {"gpu-a", "gpu-b"}
+            dep = wait_for(lambda p=phase: _deployment(fake_api, f"opt-{p}"), f"the {phase} Deployment")  # type: ignore[misc]
+            assert dep["spec"]["replicas"] == want["replicas"]
+            pod = dep["spec"]["template"]["spec"]
+            assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == str(
+                want["tp"] * want["pp"]
+            )
+            expr = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+                "nodeSelectorTerms"
+            ][0]["matchExpressions"][0]
+            assert expr == {"key": "kubernetes.io/hostname", "operator": "In", "values": placed}
+        # this profile and these SLOs need more than one GPU per prefill instance
+        assert plan["prefill"]["tp"] * plan["prefill"]["pp"] > 1
+
+        # an SLO no layout meets: Planned=False, reason NoPlan, with the planner's message
+        _create(fake_api, "tight", {**spec, "slo": {"ttftMs": 5, "tpotMs": 5}})
+        c = wait_for(lambda: _condition(fake_api, "tight", "Planned"), "Planned on tight", timeout=120)
+        assert c["status"] == "False" and c["reason"] == "NoPlan" and "SLO" in c["message"]
+        assert _deployment(fake_api, "tight-prefill") is None
     finally:
         stop()
