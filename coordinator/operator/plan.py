@@ -247,7 +247,8 @@ def call_planner(request: PlanRequest) -> Plan:
     try:
         profile = load_profile(str(path), request.profile_key, model.name)
     except (ValueError, KeyError, TypeError, OSError) as exc:
-        raise PlanInputError("BadProfile", f"spec.profile ({path}): {exc!r}") from exc
+        where = f"spec.profile ({path}, key {request.profile_key!r})"
+        raise PlanInputError("BadProfile", f"{where}: {exc}") from exc
     workload, samples = workload_samples(request.workload)
     inp = search_input(
         model,

@@ -110,7 +110,7 @@ def test_auto_plan_inputs_missing_are_clear_conditions(opt13b: Path, tmp_path: P
         (_spec(opt13b, profile={}), nodes, "NoProfile", "spec.profile.path"),
         (_spec(tmp_path / "nowhere"), nodes, "NoModelConfig", "config.json"),
         (_spec(opt13b, profile={"path": "no-such.json"}), nodes, "BadProfile", "no-such.json"),
-        (_spec(opt13b, profile={"path": SHIPPED.name}), nodes, "BadProfile", "--profile-key"),
+        (_spec(opt13b, profile={"path": SHIPPED.name}), nodes, "BadProfile", "several models"),
         (_spec(opt13b, profile={"path": SHIPPED.name, "key": "no/such"}), nodes, "BadProfile", "no/such"),
         (_spec(opt13b, workload={"bench": "nope"}), nodes, "InvalidSpec", "nope"),
     ]

@@ -75,6 +75,8 @@ BAD = [
     ("attainment above 1", lambda s: s.update(slo={"ttftMs": 1, "tpotMs": 1, "attainment": 1.5})),
     ("unknown field", lambda s: s.update(replicas=3)),
     ("unknown device", lambda s: s.update(device="tpu")),
+    ("unknown profile field", lambda s: s.update(profile={"path": "p.json", "model": "x"})),
+    ("empty profile path", lambda s: s.update(profile={"path": ""})),
 ]
 
 
@@ -90,6 +92,16 @@ def test_crd_schema_accepts_attainment_one():
     obj = copy.deepcopy(_sample("gpu.yaml"))
     obj["spec"]["slo"]["attainment"] = 1
     jsonschema.Draft4Validator(_schema()).validate(obj)
+
+
+def test_crd_schema_and_the_operator_accept_an_auto_spec_with_a_profile():
+    obj = copy.deepcopy(_sample("gpu.yaml"))
+    obj["spec"].update(
+        planner="auto", profile={"path": "profiler-a100-80g.distserve.json", "key": "facebook/opt-13b"}
+    )
+    jsonschema.Draft4Validator(_schema()).validate(obj)
+    profile = parse_spec(obj["spec"]).profile
+    assert (profile.path, profile.key) == ("profiler-a100-80g.distserve.json", "facebook/opt-13b")
 
 
 @pytest.mark.parametrize("sample", ["cpu.yaml", "gpu.yaml"])
