@@ -100,8 +100,9 @@ class PlanRequest:
     profile_key: str | None = None  # spec.profile.key
 
 
-# The interface the operator expects of the planner core: PlanRequest -> Plan (source="auto"), raising
-# PlanError when no layout meets the SLOs on these nodes. Pure: no Kubernetes, no I/O.
+# The interface the operator expects of a planner: PlanRequest -> Plan (source="auto"), raising PlanInputError
+# when an input is missing or unreadable and PlanError when no layout meets the SLOs on these nodes. No
+# Kubernetes calls (call_planner reads the model's config.json and the profile file, nothing else).
 PlannerFn = Callable[[PlanRequest], Plan]
 
 
