@@ -1,6 +1,7 @@
 """End to end with TLS everywhere: certificates from `pdserve certs`, a 1P1D cluster whose gateway serves
 TLS and whose inside is mutual TLS (TLS-only Redis, instances requiring client certificates), serving
-greedy output equal to the single-process reference through `pdserve.client` and `pdserve generate`.
+greedy output equal to the single-process reference through `pdserve.client`, `pdserve generate` and the
+HTTPS API, with an API key (UNAUTHENTICATED without it).
 And the KV hand-off's lease token at cluster level: a decode instance given the handle without its token
 gets PERMISSION_DENIED and no KV, the lease stays, and the handle with its token then serves."""
 
@@ -25,6 +26,7 @@ from pdserve.tls import TLSFiles
 from pdserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 
 PDSERVE = [sys.executable, "-m", "pdserve"]
+KEY = "sk-tls-test-key"  # the gateway's API key: TLS and authentication together
 PROMPTS = ["def fibonacci(n):", "import os\nimport sys\n", "class Stack:\n", "x", "The quick brown fox"]
 
 
@@ -69,23 +71,30 @@ def test_tls_gateway_and_mutual_tls_cluster_serve_the_reference(tiny_model_dir: 
         log_dir=str(tmp_path / "logs"),
         tls=tls,
         http_port=0,
+        api_keys=(KEY,),
     )
     cluster = LocalCluster(cfg).start(timeout_s=180)
     try:
         assert cluster.redis_url.startswith("rediss://")
-        with Client(cluster.gateway_address, tls_ca=tls.ca) as client:
+        with Client(cluster.gateway_address, KEY, tls_ca=tls.ca) as client:
             for (prompt, max_tokens), want in zip(reqs, expected, strict=True):
                 got = client.generate(prompt, max_tokens=max_tokens, ignore_eos=True, timeout=120)
                 assert got.token_ids == want, (
                     f"prompt {prompt!r}: cluster {got.token_ids} != reference {want}"
                 )
-        # the OpenAI-compatible HTTP API serves HTTPS with the same certificate
+        # TLS with a wrong key or none: UNAUTHENTICATED, and nothing ran
+        for key in (None, "sk-wrong"):
+            with (
+                Client(cluster.gateway_address, key, tls_ca=tls.ca) as client,
+                pytest.raises(grpc.RpcError) as err,
+            ):
+                client.generate("x", max_tokens=2, timeout=20)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        # the OpenAI-compatible HTTP API serves HTTPS with the same certificate (and the same key)
         prompt, max_tokens = reqs[0]
         # the openai client's own httpx2 client (openai.DefaultHttpxClient), trusting the cluster's CA
         with openai.DefaultHttpxClient(verify=ssl.create_default_context(cafile=tls.ca)) as http:
-            api = openai.OpenAI(
-                base_url=f"https://{cluster.http_address}/v1", api_key="none", http_client=http
-            )
+            api = openai.OpenAI(base_url=f"https://{cluster.http_address}/v1", api_key=KEY, http_client=http)
             done_http = api.completions.create(
                 model=Path(tiny_model_dir).name,
                 prompt=prompt,
@@ -102,7 +111,8 @@ def test_tls_gateway_and_mutual_tls_cluster_serve_the_reference(tiny_model_dir: 
             )
         # the CLI's path, and clients that cannot complete the handshake
         cli = subprocess.run(
-            [*PDSERVE, "generate", "--addr", cluster.gateway_address, "--tls-ca", tls.ca, "--max-tokens", "8"]
+            [*PDSERVE, "generate", "--addr", cluster.gateway_address, "--tls-ca", tls.ca, "--api-key", KEY]
+            + ["--max-tokens", "8"]
             + ["--ignore-eos", PROMPTS[0]],
             capture_output=True,
             text=True,
@@ -114,8 +124,8 @@ def test_tls_gateway_and_mutual_tls_cluster_serve_the_reference(tiny_model_dir: 
         ]
         assert cli.stdout == tok.decode(want8) + "\n"
         for client in (
-            Client(cluster.gateway_address),  # plaintext to a TLS port
-            Client(cluster.gateway_address, tls_ca=str(tmp_path / "other" / "ca.pem")),  # another CA
+            Client(cluster.gateway_address, KEY),  # plaintext to a TLS port
+            Client(cluster.gateway_address, KEY, tls_ca=str(tmp_path / "other" / "ca.pem")),  # another CA
         ):
             with client, pytest.raises(grpc.RpcError) as err:
                 client.generate("x", max_tokens=2, timeout=20)
