@@ -31,6 +31,7 @@ def params_to_proto(p: SamplingParams) -> common_pb2.SamplingParams:
         stop=list(p.stop),
         ignore_eos=p.ignore_eos,
         repetition_penalty=p.repetition_penalty,
+        step_offset=p.step_offset,
     )
     if p.seed is not None:
         msg.seed = p.seed
@@ -47,6 +48,7 @@ def params_from_proto(msg: common_pb2.SamplingParams) -> SamplingParams:
         stop=tuple(msg.stop),
         ignore_eos=msg.ignore_eos,
         repetition_penalty=msg.repetition_penalty if msg.repetition_penalty != 0 else 1.0,
+        step_offset=msg.step_offset,
     )
 
 
