@@ -64,6 +64,9 @@ class ClusterConfig:
     http_port: int | None = None  # coordinator --http-port: None = no HTTP API, 0 = a free one
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # coordinator --api-key (never logged)
     api_key_file: str | None = None  # coordinator --api-key-file
+    # coordinator failover and overload flags (coordinator/config.py): --failover-wait, --max-queue
+    failover_wait_s: float = 10.0
+    max_queue: int = 0
 
     @property
     def roles(self) -> list[str]:
@@ -172,6 +175,7 @@ class LocalCluster:
                 coord += ["--api-key", key]
             if cfg.api_key_file:
                 coord += ["--api-key-file", cfg.api_key_file]
+            coord += ["--failover-wait", str(cfg.failover_wait_s), "--max-queue", str(cfg.max_queue)]
             self._spawn("coordinator", coord)
             self.wait_serving(timeout_s)
         except BaseException:

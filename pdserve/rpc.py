@@ -52,9 +52,22 @@ def params_from_proto(msg: common_pb2.SamplingParams) -> SamplingParams:
     )
 
 
+ERROR_CLASS_KEY = "pdserve-error"  # trailing metadata: the typed error's class name (a server's own verdict)
+
+
 async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
     code, message = grpc_status(exc)
-    await context.abort(code, message)
+    # The class name tells a caller that the server itself answered (it is alive), e.g. a decode instance
+    # whose KV pull failed, from a transport failure (the server died): the gateway's failover needs that.
+    await context.abort(code, message, trailing_metadata=((ERROR_CLASS_KEY, type(exc).__name__),))
+
+
+def server_error_class(exc: grpc.aio.AioRpcError) -> str | None:
+    """The typed error class a pdserve server answered with (`abort`), None for a transport failure."""
+    for key, value in exc.trailing_metadata() or ():
+        if key == ERROR_CLASS_KEY:
+            return str(value)
+    return None
 
 
 def unary_errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
