@@ -123,7 +123,9 @@ class Heartbeat:
     def stop(self, timeout_s: float = 0.5) -> None:
         """Stop beating and withdraw the record, giving up after about `timeout_s` (an unreachable Redis
         must not hold a stopping instance: its key then expires by TTL)."""
-        self._stop.set()  # a beat in flight may still land after the withdraw: that record expires by TTL
+        self._stop.set()
+        if self._thread.is_alive():  # a beat in flight (not hung) lands before the withdraw
+            self._thread.join(timeout_s / 2)
 
         def withdraw() -> None:
             try:
@@ -133,4 +135,4 @@ class Heartbeat:
 
         t = threading.Thread(target=withdraw, name="registry-withdraw", daemon=True)
         t.start()
-        t.join(timeout_s)
+        t.join(timeout_s / 2)  # a hung Redis: the record expires by TTL
