@@ -177,3 +177,24 @@ def test_prefill_killed_mid_prompt_is_retried_on_the_other_prefill_exactly(
     assert any("prefill instance" in line for line in _failovers(cluster))
     _wait_gone(cluster, killed)
     assert_no_leaks(cluster)
+
+
+def test_no_decode_back_in_time_is_a_clear_unavailable(
+    tiny_model_dir: Path, reference: LocalEngine, start_cluster: Callable[..., LocalCluster]
+) -> None:
+    """1P1D, nothing restarts the decode instance: after --failover-wait the client gets UNAVAILABLE naming
+    the failure, after the tokens it already had (a status, not a reset)."""
+    cluster = start_cluster(tiny_model_dir, prefill=1, decode=1, failover_wait_s=1.0)
+    decode = next(c for c in cluster.children if c.role == "decode")
+    prompt_ids = reference.tokenizer.encode(PROMPT)
+    received: list[int] = []
+    with Client(cluster.gateway_address) as client, pytest.raises(grpc.RpcError) as err:
+        for msg in client.stream(prompt_ids, max_tokens=300, ignore_eos=True, timeout=60):
+            received.extend(msg.token_ids)
+            if len(received) >= 20 and decode.proc.poll() is None:
+                decode.proc.send_signal(signal.SIGKILL)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    details = err.value.details() or ""
+    assert "no decode instance" in details and "waited 1s" in details and "decode instance" in details
+    expected = _expected(reference, prompt_ids, {"max_tokens": 300})
+    assert 20 <= len(received) < 300 and received == expected[: len(received)]
