@@ -128,7 +128,7 @@ def leaks(cluster: LocalCluster, timeout_s: float) -> tuple[int, int, bool]:
 
 
 def _first_diff(a: list[int], b: list[int]) -> int:
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -165,7 +165,6 @@ def main(argv: list[str] | None = None) -> None:
         log_dir=logs,
         failover_wait_s=60.0,
         codec="raw",  # lossless hand-offs: "exact" compares with the reference (a lossy codec shifts draws)
-        die_with_launcher=True,  # this process spawns (and restarts) from its main thread only
     )
     cluster = LocalCluster(cfg).start()
     supervisor = Supervisor(cluster, RestartPolicy(max_restarts=10_000, backoff_s=0.2), log.warning)
@@ -180,8 +179,13 @@ def main(argv: list[str] | None = None) -> None:
         except Exception:  # noqa: BLE001 - Redis down (killed): not up
             return False
 
+    first_done = threading.Event()
+
     def chaos() -> None:
-        while not stop.wait(rng.expovariate(1.0 / a.kill_every)):
+        first_done.wait()  # the first kill lands mid-load (once a request finished), the rest at random
+        delay = 0.0
+        while not stop.wait(delay):
+            delay = rng.expovariate(1.0 / a.kill_every)
             while not all_up() and not stop.wait(0.2):
                 pass
             target = rng.choice(["prefill", "decode", "decode", "redis"])
@@ -202,12 +206,15 @@ def main(argv: list[str] | None = None) -> None:
         killer.start()
         with ThreadPoolExecutor(a.concurrency) as pool:
             futures = [pool.submit(run_one, cluster.gateway_address, j, a.timeout) for j in jobs]
+            for f in futures:
+                f.add_done_callback(lambda _: first_done.set())
             while wait(futures, timeout=0.1).not_done:
                 with lock:
-                    supervisor.check()  # restarts spawn from this (the main) thread: see die_with_launcher
+                    supervisor.check()
             results = [f.result() for f in futures]
         elapsed = time.monotonic() - started
         stop.set()
+        first_done.set()
         killer.join()
         while any(c.proc.poll() is not None for c in cluster.children):  # the last restarts (backoff)
             supervisor.check()
@@ -215,6 +222,7 @@ def main(argv: list[str] | None = None) -> None:
         leaked_blocks, leaked_leases, back = leaks(cluster, timeout_s=60)
     finally:
         stop.set()
+        first_done.set()
         cluster.stop()
     exact = sum(
         1 for (kind, toks, _), want in zip(results, expected, strict=True) if kind == "done" and toks == want

@@ -77,7 +77,9 @@ class ClusterConfig:
     failover_wait_s: float = 10.0
     max_queue: int = 0
     # Children get SIGTERM when the launcher dies, however it dies (`pdserve up` sets it). Off by default:
-    # the signal follows the *thread* that spawned a child, and tests start clusters from pool threads.
+    # the signal follows the *thread* that spawned a child, and tests start clusters from pool threads; and
+    # it runs Python (prctl) in the forked child, which a process with busy gRPC client threads (tests,
+    # benchmarks) must not do (gRPC's fork handlers broke such children).
     die_with_launcher: bool = False
 
     @property
@@ -400,8 +402,11 @@ class Supervisor:
         redis = self.cluster.redis
         if redis is not None and not redis.alive():
             self.report("redis-server exited; restarting it on the same port (instances re-register)")
-            redis.restart()
-            self._count("redis")
+            try:
+                redis.restart()
+                self._count("redis")
+            except RuntimeError as exc:  # e.g. the port was taken meanwhile (an outgoing connection): retry
+                self.report(f"redis-server restart failed ({exc}); retrying")
         for c in list(self.cluster.children):
             if c.proc.poll() is None or id(c) in self._given_up:
                 continue
