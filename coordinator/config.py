@@ -36,7 +36,18 @@ class CoordinatorConfig:
     local_prefill_depth: int = 2
     refresh_s: float = 0.25  # registry snapshot period
     max_inflight: int = 4096  # requests in flight before RESOURCE_EXHAUSTED
-    suspect_s: float = 5.0  # an instance that refused a connection is skipped this long
+    # Requests waiting for their first token (queued for prefill) before a new one gets RESOURCE_EXHAUSTED at
+    # once; 0 = no limit but max_inflight.
+    max_queue: int = 0
+    suspect_s: float = (
+        5.0  # an instance that failed a call (died, refused the connection) is skipped this long
+    )
+    # Failover (gateway._Failover): a request's calls that fail because an instance died or went away are
+    # retried (decode resumes from the tokens already sent) up to `max_failovers` times per request; a
+    # request finding no instance of a role waits up to `failover_wait_s` (and never past its deadline) for
+    # the registry to show one (a restarted instance) before it fails with UNAVAILABLE.
+    max_failovers: int = 5
+    failover_wait_s: float = 10.0
     colocated: bool = False  # baseline mode: proxy Generate to colocated instances (no prefill/decode)
     expect_colocated: int = 1  # colocated mode: SERVING once this many colocated instances are registered
     # TLS (pdserve/tls.py): with a certificate the gateway's public port serves TLS (no client certificate
@@ -55,6 +66,8 @@ class CoordinatorConfig:
             raise ValueError(
                 f"local_prefill must be one of {LOCAL_PREFILL_POLICIES}, got {self.local_prefill!r}"
             )
+        if self.max_failovers < 0 or self.failover_wait_s < 0 or self.max_queue < 0:
+            raise ValueError("max_failovers, failover_wait_s and max_queue must be >= 0")
         if self.local_prefill_depth < 1:
             raise ValueError(f"local_prefill_depth must be >= 1, got {self.local_prefill_depth}")
         if self.local_prefill_max_tokens < 1:

@@ -6,8 +6,14 @@ with the KV handle, relaying tokens (conditional disaggregation, `local_prefill`
 skip (3), its decode instance prefills it and sends the first token itself); (5) whatever happens
 (finish, error, client cancel, deadline), make sure the prefill lease is released and the decode
 request is cancelled, so no KV block leaks.
-A prefill or decode instance that refuses the connection before it produced anything is skipped
-and the step is retried on another instance: the KV lease keeps the prompt's cache meanwhile.
+Failover (`_Failover`, the one retry policy of every call a request makes): a call that fails because
+its instance died or went away (UNAVAILABLE, a reset, a stream ending early) is retried. A prefill is
+re-run on another prefill instance (or the restarted one; the dead one's lease is dropped with it). A
+decode that dies mid-stream is resumed on another decode instance (or the restarted one): that instance
+prefills prompt + the tokens already sent itself (`local_prefill`) and continues with max_tokens reduced
+by them and `step_offset` = their count, so greedy and seeded sampling give exactly the undisturbed
+output and the client sees one stream, no token lost or repeated. While no instance of a role is usable
+the request waits for the registry to show one, up to `failover_wait_s` and never past its deadline.
 In colocated mode (the baseline pdserve is benchmarked against) steps (2)-(4) are one relayed call to a
 colocated instance, which runs prefill and decode in one engine.
 """
@@ -15,6 +21,7 @@ colocated instance, which runs prefill and decode in one engine.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import time
@@ -32,8 +39,8 @@ from engine.stream import StopChecker
 from engine.tokenizer import Tokenizer
 from kv_transfer.choice import CodecProfile, choose_codec, load_profiles
 from pdserve import telemetry
-from pdserve.errors import CapacityExceeded, InvalidRequest, PDServeError, Unavailable
-from pdserve.rpc import params_to_proto, stream_errors
+from pdserve.errors import CapacityExceeded, DeadlineExceeded, InvalidRequest, PDServeError, Unavailable
+from pdserve.rpc import params_to_proto, server_error_class, stream_errors
 from pdserve.v1 import (
     common_pb2,
     decode_pb2,
@@ -46,11 +53,29 @@ from pdserve.v1 import (
 
 log = logging.getLogger(__name__)
 
-MAX_ATTEMPTS = 3  # instances tried per phase when one refuses the connection
+# Status codes of a call that another instance (or the same one restarted) may answer: the instance died,
+# refused the connection, or shut down under the call. Any other status is the request's answer.
+RETRIABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
 
 
-def _refused(exc: grpc.RpcError) -> bool:
-    return isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.UNAVAILABLE
+class _CallFailed(Exception):
+    """A call to `inst` (a `role` instance) failed in a way a retry elsewhere may not. `at_fault`: the
+    instance itself is gone (transport failure), not an answer it gave (e.g. a decode whose KV pull failed
+    because the prefill instance died): only then is it skipped for a while."""
+
+    def __init__(self, role: str, inst: InstanceInfo, why: str, at_fault: bool = True) -> None:
+        super().__init__(f"{role} instance {inst.instance_id} ({inst.grpc_address}): {why}")
+        self.role = role
+        self.inst = inst
+        self.at_fault = at_fault
+
+
+def _call_failed(role: str, inst: InstanceInfo, exc: grpc.aio.AioRpcError) -> _CallFailed | None:
+    """The retriable failure `exc` is, or None when it is the request's answer (re-raise it)."""
+    if exc.code() not in RETRIABLE:
+        return None
+    typed = server_error_class(exc)
+    return _CallFailed(role, inst, f"{exc.code().name}: {exc.details()}", at_fault=typed is None)
 
 
 def sampling_from_request(
@@ -120,6 +145,9 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
         self.codec_profiles = load_profiles(cfg.model_dir)
         self.generation_defaults = generation_defaults(cfg.model_dir)
         self._background: set[asyncio.Task] = set()
+        self.queued = (
+            0  # requests accepted whose first token has not come back (`CoordinatorConfig.max_queue`)
+        )
         self.local_pending = 0  # local prefills sent to decode instances whose first token has not come back
 
     # ---- validation -----------------------------------------------------------------------
@@ -164,25 +192,32 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
             raise CapacityExceeded(
                 f"gateway has {self.inflight} requests in flight (limit {self.cfg.max_inflight})"
             )
+        if self.cfg.max_queue and self.queued >= self.cfg.max_queue:
+            raise CapacityExceeded(
+                f"gateway has {self.queued} requests waiting for their first token (limit {self.cfg.max_queue})"
+            )
         rt.accepted(request_id, len(prompt_ids), params.max_tokens)
         self.inflight += 1
+        failover = _Failover(self.cfg, self.router, rt)
         if self.cfg.colocated:  # baseline mode: one colocated instance does the whole request
             try:
-                async for msg in self._colocated(request, request_id, prompt_ids, received):
+                async for msg in self._colocated(request, request_id, prompt_ids, received, failover):
                     yield msg
             finally:
                 self.inflight -= 1
             return
         stop = StopChecker(self.tokenizer, params)
-        state = _RequestState(rt, kv_floor)
+        state = _RequestState(rt, failover, kv_floor)
+        self.queued += 1
+        state.queued = True
         try:
             async for msg in self._run(request_id, prompt_ids, params, stop, state, received):
                 yield msg
         finally:
             self.inflight -= 1
+            self._dequeue(state)
             state.cancel_calls()
-            if state.handle is not None and not state.kv_consumed:
-                self._release_later(state.prefill_address, state.handle.transfer_id)
+            self._drop_lease(state)
 
     async def _run(
         self,
@@ -193,50 +228,44 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
         state: _RequestState,
         received: float,
     ) -> AsyncIterator[generation_pb2.GenerateResponse]:
-        # Layer-wise streaming (where `_layerwise` says it pays): decode is asked to pull as soon as prefill
-        # has scheduled the request, so the KV moves layer by layer while later layers still compute.
-        pump = state.pump
-        stream_kv = params.max_tokens > 1
-
-        def on_scheduled(handle: common_pb2.KVHandle) -> None:
-            pump.start(self._decode(request_id, prompt_ids, params, None, handle, state))
-
-        if self._prefill_locally(len(prompt_ids)):
-            self.local_pending += 1
-            try:
-                pump.start(self._decode(request_id, prompt_ids, params, None, None, state))
-                first_token = await pump.first_token()
-            finally:
-                self.local_pending -= 1
-        else:
-            first_token = await self._prefill(
-                request_id, prompt_ids, params, state, on_scheduled if stream_kv else None
-            )
+        first_token = await self._first_token(request_id, prompt_ids, params, state)
+        self._dequeue(state)
         ttft = time.monotonic() - received
         state.trace.first_token()
-        completion = [first_token]
+        completion = [first_token]  # every token sent to the client, in order
         reason = stop.push(first_token)
-        if reason is None and not pump.started:  # decode starts pulling before the first token is written
+        if (
+            reason is None and not state.pump.started
+        ):  # decode starts pulling before the first token is written
             assert state.handle is not None
-            pump.start(self._decode(request_id, prompt_ids, params, first_token, state.handle, state))
+            state.pump.start(self._decode(request_id, prompt_ids, params, first_token, state.handle, state))
         yield generation_pb2.GenerateResponse(
             request_id=request_id, token_ids=[first_token], text=stop.take_text()
         )
-        if reason is None:
-            async for tokens, decode_reason in pump:
-                checked = None
-                for t in tokens:
-                    completion.append(t)
-                    checked = stop.push(t) or checked
-                if tokens:
-                    state.trace.tokens(len(tokens))
-                    yield generation_pb2.GenerateResponse(
-                        request_id=request_id, token_ids=tokens, text=stop.take_text()
-                    )
-                if decode_reason is not None or checked is not None:
-                    reason = decode_reason or checked
+        while reason is None:
+            try:
+                async for tokens, decode_reason in state.pump:
+                    checked = None
+                    for t in tokens:
+                        completion.append(t)
+                        checked = stop.push(t) or checked
+                    if tokens:
+                        state.trace.tokens(len(tokens))
+                        yield generation_pb2.GenerateResponse(
+                            request_id=request_id, token_ids=tokens, text=stop.take_text()
+                        )
+                    if decode_reason is not None or checked is not None:
+                        reason = decode_reason or checked
+                        break
+                else:  # the pump ends with a finish reason or an error; never without either
+                    raise Unavailable("decode stream ended without a finish reason")
+            except _CallFailed as exc:
+                await state.failover.failed(exc)  # raises the client's error when out of retries or time
+                if len(completion) >= params.max_tokens:  # died after the last token, before its finish
+                    reason = "length"
                     break
-        pump.cancel()
+                self._resume(request_id, prompt_ids, params, completion, state)
+        state.pump.cancel()
         state.trace.finished(reason or "length")
         usage = common_pb2.Usage(
             prompt_tokens=len(prompt_ids), completion_tokens=len(completion), ttft_s=ttft
@@ -247,6 +276,67 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
             finish_reason=reason or "length",
             usage=usage,
         )
+
+    async def _first_token(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, state: _RequestState
+    ) -> int:
+        """Prefill the prompt (on a prefill instance, or locally on a decode instance) until some instance
+        returns the first token; a failed attempt is retried (`_Failover`) with the dead lease dropped."""
+        # Layer-wise streaming (where `_layerwise` says it pays): decode is asked to pull as soon as prefill
+        # has scheduled the request, so the KV moves layer by layer while later layers still compute.
+        stream_kv = params.max_tokens > 1
+
+        def on_scheduled(handle: common_pb2.KVHandle) -> None:
+            state.pump.start(self._decode(request_id, prompt_ids, params, None, handle, state))
+
+        while True:
+            try:
+                if not self._prefill_locally(len(prompt_ids)):
+                    return await self._prefill(
+                        request_id, prompt_ids, params, state, on_scheduled if stream_kv else None
+                    )
+                self.local_pending += 1
+                try:
+                    state.pump.start(self._decode(request_id, prompt_ids, params, None, None, state))
+                    return await state.pump.first_token()
+                finally:
+                    self.local_pending -= 1
+            except _CallFailed as exc:
+                await state.failover.failed(exc)
+                state.restart_pump()
+                if exc.role == "prefill":  # its instance is gone, and its lease with it: nothing to release
+                    state.handle = None
+                else:
+                    self._drop_lease(state)
+
+    def _resume(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        sent: list[int],
+        state: _RequestState,
+    ) -> None:
+        """Continue a request whose decode call failed after `sent` tokens reached the client: a decode
+        instance prefills prompt + sent itself and samples from step len(sent) on, for the tokens left."""
+        self._drop_lease(state)  # a lease the failed decode did not consume (it may never have pulled)
+        state.restart_pump()
+        rest = dataclasses.replace(
+            params, max_tokens=params.max_tokens - len(sent), step_offset=params.step_offset + len(sent)
+        )
+        state.pump.start(self._decode(request_id, prompt_ids + sent, rest, None, None, state))
+
+    def _dequeue(self, state: _RequestState) -> None:
+        if state.queued:
+            state.queued = False
+            self.queued -= 1
+
+    def _drop_lease(self, state: _RequestState) -> None:
+        """Release the request's prefill lease unless decode consumed it (or there is none)."""
+        if state.handle is not None and not state.kv_consumed:
+            self._release_later(state.prefill_address, state.handle.transfer_id)
+        state.handle = None
+        state.kv_consumed = False
 
     def _prefill_locally(self, prompt_len: int) -> bool:
         """Conditional disaggregation (`CoordinatorConfig.local_prefill`): prefill on the decode instance?"""
@@ -281,42 +371,34 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
             sampling=params_to_proto(params),
             codec=self.cfg.codec,
         )
-        last_exc: BaseException | None = None
-        for attempt in range(MAX_ATTEMPTS):
-            with telemetry.span(telemetry.ROUTE, state.trace.ctx) as route:
-                inst = self.router.pick_prefill()
-                route.set_attributes(telemetry.route_attributes("prefill", inst, attempt, self.router))
-            stub = prefill_pb2_grpc.PrefillStub(self.router.channel(inst.grpc_address))
-            scheduled = on_scheduled if on_scheduled is not None and self._layerwise(inst) else None
-            got_event = False
-            with (
-                self.router.track(inst),
-                telemetry.rpc_span(telemetry.GATEWAY_PREFILL, state.trace.ctx, inst) as span,
-            ):
-                call = stub.Prefill(req, metadata=telemetry.outgoing_metadata(span))
-                state.prefill_call = call
-                state.prefill_address = inst.grpc_address
-                try:
-                    async for ev in call:
-                        got_event = True
-                        if ev.HasField("scheduled"):
-                            span.add_event("scheduled", {"pdserve.kv.transfer_id": ev.scheduled.transfer_id})
-                            state.handle = ev.scheduled
-                            if scheduled is not None:
-                                scheduled(ev.scheduled)
-                        elif ev.HasField("done"):
-                            telemetry.prefill_done(span, ev.done)
-                            state.handle = ev.done.kv
-                            return ev.done.first_token_id
-                except grpc.aio.AioRpcError as exc:
-                    if _refused(exc) and not got_event:
-                        telemetry.record_error(span, exc)
-                        self.router.mark_suspect(inst)
-                        last_exc = exc
-                        continue
+        inst = await state.failover.pick("prefill", self.router.pick_prefill)
+        stub = prefill_pb2_grpc.PrefillStub(self.router.channel(inst.grpc_address))
+        scheduled = on_scheduled if on_scheduled is not None and self._layerwise(inst) else None
+        with (
+            self.router.track(inst),
+            telemetry.rpc_span(telemetry.GATEWAY_PREFILL, state.trace.ctx, inst) as span,
+        ):
+            call = stub.Prefill(req, metadata=telemetry.outgoing_metadata(span))
+            state.prefill_call = call
+            state.prefill_address = inst.grpc_address
+            try:
+                async for ev in call:
+                    if ev.HasField("scheduled"):
+                        span.add_event("scheduled", {"pdserve.kv.transfer_id": ev.scheduled.transfer_id})
+                        state.handle = ev.scheduled
+                        if scheduled is not None:
+                            scheduled(ev.scheduled)
+                    elif ev.HasField("done"):
+                        telemetry.prefill_done(span, ev.done)
+                        state.handle = ev.done.kv
+                        return ev.done.first_token_id
+            except grpc.aio.AioRpcError as exc:
+                failed = _call_failed("prefill", inst, exc)
+                if failed is None:
                     raise
-            raise Unavailable(f"prefill instance {inst.instance_id} ended the stream without a result")
-        raise Unavailable(f"no prefill instance reachable after {MAX_ATTEMPTS} attempts: {last_exc}")
+                telemetry.record_error(span, exc)
+                raise failed from None
+        raise _CallFailed("prefill", inst, "ended the stream without a result")
 
     async def _decode(
         self,
@@ -340,44 +422,38 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
         if first_token is not None:
             req.first_token_id = first_token
         num_tokens = len(prompt_ids) + params.max_tokens
-        last_exc: BaseException | None = None
-        for attempt in range(MAX_ATTEMPTS):
-            with telemetry.span(telemetry.ROUTE, state.trace.ctx) as route:
-                inst = self.router.pick_decode(num_tokens)
-                route.set_attributes(telemetry.route_attributes("decode", inst, attempt, self.router))
-            if handle is not None:
-                req.kv.codec = self._codec_for(len(prompt_ids), handle.address, inst, state.kv_floor)
-            stub = decode_pb2_grpc.DecodeStub(self.router.channel(inst.grpc_address))
-            got_event = False
-            with (
-                self.router.track(inst, num_tokens),
-                telemetry.rpc_span(telemetry.GATEWAY_DECODE, state.trace.ctx, inst) as span,
-            ):
-                call = stub.Decode(req, metadata=telemetry.outgoing_metadata(span))
-                state.decode_call = call
-                try:
-                    if handle is None:
-                        span.set_attribute("pdserve.prefill.local", True)
-                    else:  # why this codec: the request's floor, when it set one
-                        span.set_attribute("pdserve.kv.codec", req.kv.codec)
-                        if state.kv_floor is not None:
-                            span.set_attribute("pdserve.kv.max_kl", state.kv_floor)
-                    async for ev in call:
-                        if not got_event:
-                            state.kv_consumed = True  # decode pulled the KV: the lease is gone
-                        got_event = True
-                        yield list(ev.token_ids), (ev.finish_reason or None)
-                        if ev.finish_reason:
-                            return
-                except grpc.aio.AioRpcError as exc:
-                    if _refused(exc) and not got_event:
-                        telemetry.record_error(span, exc)
-                        self.router.mark_suspect(inst)
-                        last_exc = exc
-                        continue
+        inst = await state.failover.pick("decode", lambda: self.router.pick_decode(num_tokens))
+        if handle is not None:
+            req.kv.codec = self._codec_for(len(prompt_ids), handle.address, inst, state.kv_floor)
+        stub = decode_pb2_grpc.DecodeStub(self.router.channel(inst.grpc_address))
+        got_event = False
+        with (
+            self.router.track(inst, num_tokens),
+            telemetry.rpc_span(telemetry.GATEWAY_DECODE, state.trace.ctx, inst) as span,
+        ):
+            call = stub.Decode(req, metadata=telemetry.outgoing_metadata(span))
+            state.decode_call = call
+            try:
+                if handle is None:
+                    span.set_attribute("pdserve.prefill.local", True)
+                else:  # why this codec: the request's floor, when it set one
+                    span.set_attribute("pdserve.kv.codec", req.kv.codec)
+                    if state.kv_floor is not None:
+                        span.set_attribute("pdserve.kv.max_kl", state.kv_floor)
+                async for ev in call:
+                    if not got_event and handle is not None:
+                        state.kv_consumed = True  # decode pulled the KV: the lease is gone
+                    got_event = True
+                    yield list(ev.token_ids), (ev.finish_reason or None)
+                    if ev.finish_reason:
+                        return
+            except grpc.aio.AioRpcError as exc:
+                failed = _call_failed("decode", inst, exc)
+                if failed is None:
                     raise
-            raise Unavailable(f"decode instance {inst.instance_id} ended the stream without finishing")
-        raise Unavailable(f"no decode instance reachable after {MAX_ATTEMPTS} attempts: {last_exc}")
+                telemetry.record_error(span, exc)
+                raise failed from None
+        raise _CallFailed("decode", inst, "ended the stream without finishing")
 
     async def _colocated(
         self,
@@ -385,17 +461,18 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
         request_id: str,
         prompt_ids: list[int],
         received: float,
+        failover: _Failover,
     ) -> AsyncIterator[generation_pb2.GenerateResponse]:
-        """Relay Generate to the colocated instance with the fewest requests in flight (retrying one
-        that refuses the connection before answering); the usage's TTFT is the gateway's."""
+        """Relay Generate to the colocated instance with the fewest requests in flight (retrying, per
+        `failover`, a call that failed before anything was relayed); the usage's TTFT is the gateway's."""
         req = generation_pb2.GenerateRequest()
         req.CopyFrom(request)
         req.request_id = request_id
         req.ClearField("prompt")
         req.prompt_token_ids[:] = prompt_ids
-        last_exc: BaseException | None = None
-        for _ in range(MAX_ATTEMPTS):
-            inst = self.router.pick_colocated(len(prompt_ids) + request.max_tokens)
+        num_tokens = len(prompt_ids) + request.max_tokens
+        while True:
+            inst = await failover.pick("colocated", lambda: self.router.pick_colocated(num_tokens))
             stub = generation_pb2_grpc.GenerationStub(self.router.channel(inst.grpc_address))
             ttft: float | None = None
             with self.router.track(inst):
@@ -409,15 +486,13 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
                         yield msg
                     return
                 except grpc.aio.AioRpcError as exc:
-                    if _refused(exc) and ttft is None:
-                        self.router.mark_suspect(inst)
-                        last_exc = exc
-                        continue
-                    raise
+                    failed = _call_failed("colocated", inst, exc)
+                    if failed is None or ttft is not None:  # no resume once tokens were relayed
+                        raise
                 finally:
                     if not call.done():  # the client went away: cancelling frees the instance's blocks
                         call.cancel()
-        raise Unavailable(f"no colocated instance reachable after {MAX_ATTEMPTS} attempts: {last_exc}")
+            await failover.failed(failed)
 
     def _codec_for(
         self, prompt_len: int, kv_address: str, decode: InstanceInfo, floor: float | None = None
@@ -451,8 +526,12 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
 class _RequestState:
     """What must be cleaned up if a request ends early (and the request's telemetry)."""
 
-    def __init__(self, trace: telemetry.RequestTrace, kv_floor: float | None = None) -> None:
+    def __init__(
+        self, trace: telemetry.RequestTrace, failover: _Failover, kv_floor: float | None = None
+    ) -> None:
         self.trace = trace
+        self.failover = failover
+        self.queued = False  # counted in Gateway.queued (accepted, no first token yet)
         self.kv_floor = kv_floor  # the request's max_kv_kl (None: unset)
         self.handle: common_pb2.KVHandle | None = None
         self.prefill_address = ""
@@ -466,6 +545,60 @@ class _RequestState:
             if call is not None and not call.done():
                 call.cancel()
         self.pump.cancel()
+
+    def restart_pump(self) -> None:
+        """A fresh decode pump after a failed one (cancelled, with its call: nothing of it is read again)."""
+        self.cancel_calls()
+        self.pump = _DecodePump()
+
+
+class _Failover:
+    """The one retry policy of a request's calls to instances (prefill, decode, colocated alike).
+
+    `pick(role, choose)`: the instance for the next call; while `choose()` finds none usable (none
+    registered yet, all dead or suspect), the registry snapshot is polled every `refresh_s` up to
+    `failover_wait_s`, never past the request's deadline. `failed(exc)`: a call failed retriably; the
+    instance is skipped for `suspect_s` when it is at fault, and the caller may retry, unless the request
+    has used its `max_failovers` or its deadline: then the client's error (UNAVAILABLE / DEADLINE_EXCEEDED,
+    naming the last failure) is raised."""
+
+    def __init__(self, cfg: CoordinatorConfig, router: Router, trace: telemetry.RequestTrace) -> None:
+        self.cfg = cfg
+        self.router = router
+        self.trace = trace
+        self.failures = 0
+        self.last: _CallFailed | None = None
+
+    async def pick(self, role: str, choose: Callable[[], InstanceInfo]) -> InstanceInfo:
+        give_up = time.monotonic() + self.cfg.failover_wait_s
+        deadline = self.trace.deadline
+        while True:
+            try:
+                with telemetry.span(telemetry.ROUTE, self.trace.ctx) as route:
+                    inst = choose()
+                    route.set_attributes(telemetry.route_attributes(role, inst, self.failures, self.router))
+                return inst
+            except Unavailable as exc:
+                now = time.monotonic()
+                after = f"; after {self.last}" if self.last is not None else ""
+                if deadline is not None and now + self.router.refresh_s >= deadline:
+                    raise DeadlineExceeded(f"{exc} before the request's deadline{after}") from None
+                if now >= give_up:
+                    raise Unavailable(f"{exc} (waited {self.cfg.failover_wait_s:g}s){after}") from None
+                await asyncio.sleep(self.router.refresh_s)  # the registry refreshes at this period
+
+    async def failed(self, exc: _CallFailed) -> None:
+        self.failures += 1
+        self.last = exc
+        if exc.at_fault:
+            self.router.mark_suspect(exc.inst)
+        if self.failures > self.cfg.max_failovers:
+            raise Unavailable(f"{self.failures} calls of this request failed; the last: {exc}")
+        deadline = self.trace.deadline
+        if deadline is not None and time.monotonic() >= deadline:
+            raise DeadlineExceeded(f"deadline passed after {exc}")
+        log.warning("%s; retrying (failover %d of %d)", exc, self.failures, self.cfg.max_failovers)
+        telemetry.instruments().failover(exc.role)
 
 
 _END = object()

@@ -111,17 +111,28 @@ class Heartbeat:
         self._thread.start()
 
     def _run(self) -> None:
+        # Every beat writes the whole record with a fresh TTL (SET, not EXPIRE), so a Redis restarted or
+        # flushed has this instance back within one beat (ttl/3). No error ends the thread: a beat that
+        # fails is logged and the next one tries again.
         while not self._stop.wait(self.ttl_s / 3):
             try:
                 self.registry.announce(self.info_fn(), self.ttl_s)
-            except redis.RedisError as exc:
+            except Exception as exc:  # noqa: BLE001 - Redis down, or info_fn failing while stopping
                 log.warning("heartbeat to %s failed: %s", self.registry.url, exc)
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 0.5) -> None:
+        """Stop beating and withdraw the record, giving up after about `timeout_s` (an unreachable Redis
+        must not hold a stopping instance: its key then expires by TTL)."""
         self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(2.0)
-        try:
-            self.registry.withdraw(self.info_fn())
-        except redis.RedisError as exc:
-            log.warning("withdraw from registry failed: %s", exc)
+        if self._thread.is_alive():  # a beat in flight (not hung) lands before the withdraw
+            self._thread.join(timeout_s / 2)
+
+        def withdraw() -> None:
+            try:
+                self.registry.withdraw(self.info_fn())
+            except Exception as exc:  # noqa: BLE001
+                log.warning("withdraw from registry failed: %s (the record expires by TTL)", exc)
+
+        t = threading.Thread(target=withdraw, name="registry-withdraw", daemon=True)
+        t.start()
+        t.join(timeout_s / 2)  # a hung Redis: the record expires by TTL

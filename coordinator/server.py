@@ -157,6 +157,25 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-kl", type=float, default=0.01, help="quality floor for --codec auto (nats/token)")
     p.add_argument("--max-inflight", type=int, default=4096)
     p.add_argument(
+        "--max-queue",
+        type=int,
+        default=0,
+        help="requests waiting for their first token beyond which a new one gets RESOURCE_EXHAUSTED at once "
+        "(default 0: no limit but --max-inflight)",
+    )
+    p.add_argument(
+        "--max-failovers",
+        type=int,
+        default=5,
+        help="calls of one request that may fail (an instance died) and be retried elsewhere (default 5)",
+    )
+    p.add_argument(
+        "--failover-wait",
+        type=float,
+        default=10.0,
+        help="seconds a request waits for an instance of a role to (re)appear in the registry (default 10)",
+    )
+    p.add_argument(
         "--colocated",
         action="store_true",
         help="baseline mode: proxy every request to a colocated instance (no prefill/decode split)",
@@ -235,6 +254,9 @@ def main(argv: list[str] | None = None) -> None:
         codec=a.codec,
         max_kl=a.max_kl,
         max_inflight=a.max_inflight,
+        max_queue=a.max_queue,
+        max_failovers=a.max_failovers,
+        failover_wait_s=a.failover_wait,
         layerwise=a.layerwise,
         local_prefill=a.local_prefill,
         local_prefill_max_tokens=a.local_prefill_max_tokens,

@@ -25,6 +25,10 @@ class SamplingParams:
     # > 0; 1 = off. Logits of tokens already in the sequence (prompt and output) are divided by it where
     # positive and multiplied where negative (the CTRL / Hugging Face / vLLM repetition penalty).
     repetition_penalty: float = 1.0
+    # The output index of this request's first token: 0, except for a request the gateway resumes on another
+    # instance after `step_offset` tokens were already sent (failover). Its i-th token is sampled as step
+    # step_offset + i, so a seeded resumed request draws exactly what the undisturbed one would have.
+    step_offset: int = 0
 
     def validate(self, prompt_len: int, max_model_len: int) -> None:
         """Raise InvalidRequest with a message naming the first bad field."""
@@ -45,6 +49,8 @@ class SamplingParams:
             raise InvalidRequest(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
         if any(not s for s in self.stop):
             raise InvalidRequest("stop strings must be non-empty")
+        if self.step_offset < 0:
+            raise InvalidRequest(f"step_offset must be >= 0, got {self.step_offset}")
         if not (self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty)):
             raise InvalidRequest(
                 f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}"

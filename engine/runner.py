@@ -88,7 +88,7 @@ class ModelRunner:
         sampled = sample(
             logits[done],
             [seqs[i].params for i in done],
-            [len(seqs[i].output_ids) for i in done],
+            [len(seqs[i].output_ids) + seqs[i].params.step_offset for i in done],
             [seqs[i].all_ids for i in done],
         )
         for i, t in zip(done, sampled, strict=True):
@@ -108,7 +108,10 @@ class ModelRunner:
         for s in seqs:
             s.num_cached += 1
         return sample(
-            logits, [s.params for s in seqs], [len(s.output_ids) for s in seqs], [s.all_ids for s in seqs]
+            logits,
+            [s.params for s in seqs],
+            [len(s.output_ids) + s.params.step_offset for s in seqs],
+            [s.all_ids for s in seqs],
         )
 
     def _forward(

@@ -40,7 +40,7 @@ def _up_tls(a: argparse.Namespace):  # -> pdserve.tls.TLSFiles
 
 def cmd_up(a: argparse.Namespace) -> int:
     from engine.device import parse_cpus
-    from pdserve.launcher import ClusterConfig, LocalCluster, run_forever
+    from pdserve.launcher import ClusterConfig, LocalCluster, RestartPolicy, run_forever
     from pdserve.tls import TLSConfigError
 
     try:
@@ -88,8 +88,12 @@ def cmd_up(a: argparse.Namespace) -> int:
         http_port=None if a.http_port < 0 else a.http_port,
         api_keys=tuple(a.api_key),
         api_key_file=a.api_key_file,
+        max_queue=a.max_queue,
+        failover_wait_s=a.failover_wait,
+        die_with_launcher=True,
     )
-    return run_forever(LocalCluster(cfg))
+    policy = RestartPolicy(max_restarts=a.max_restarts, backoff_s=a.restart_backoff)
+    return run_forever(LocalCluster(cfg), policy)
 
 
 def _cuda_visible() -> bool:
@@ -271,6 +275,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument("--num-kv-blocks", type=int, default=None)
     up.add_argument("--log-dir", default=None, help="write each process's log here")
+    up.add_argument(
+        "--max-restarts",
+        type=int,
+        default=5,
+        help="restarts of each process that exits (and of the private Redis) before it stays down (0: never)",
+    )
+    up.add_argument(
+        "--restart-backoff",
+        type=float,
+        default=0.5,
+        help="seconds before a process's first restart; doubles with each of its restarts (capped at 8)",
+    )
+    up.add_argument(
+        "--max-queue",
+        type=int,
+        default=0,
+        help="gateway: requests waiting for their first token beyond which a new one gets RESOURCE_EXHAUSTED "
+        "at once (default 0: no limit)",
+    )
+    up.add_argument(
+        "--failover-wait",
+        type=float,
+        default=10.0,
+        help="gateway: seconds a request waits for a restarted instance of a role to register (default 10)",
+    )
     up.add_argument(
         "--colocated",
         action="store_true",

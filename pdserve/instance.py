@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import uuid
 import weakref
@@ -68,6 +69,7 @@ class InstanceConfig:
     lease_ttl_s: float = 30.0  # prefill: KV held this long for decode to pull
     pull_timeout_s: float = 30.0  # decode: give up a KV pull after this long
     heartbeat_ttl_s: float = 3.0  # registry key TTL; heartbeat every ttl/3
+    drain_s: float = 1.0  # SIGTERM: calls in flight may finish this long before they are cancelled (< 2 s)
     # Mutual TLS (pdserve/tls.py): all three files or none. The gRPC server then requires a client
     # certificate signed by the CA, and the registry (a rediss:// URL) gets this process's certificate.
     tls: TLSFiles = field(default_factory=TLSFiles)
@@ -152,6 +154,13 @@ def add_instance_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lease-ttl", type=float, default=30.0)
     p.add_argument("--pull-timeout", type=float, default=30.0)
     p.add_argument("--heartbeat-ttl", type=float, default=3.0)
+    p.add_argument(
+        "--drain",
+        type=float,
+        default=1.0,
+        help="on SIGTERM, seconds the calls in flight may finish after the instance withdrew (default 1; the "
+        f"whole stop is bounded by {STOP_BOUND_S:g}s)",
+    )
     add_tls_args(p)
 
 
@@ -181,6 +190,7 @@ def config_from_args(role: str, a: argparse.Namespace) -> InstanceConfig:
         lease_ttl_s=a.lease_ttl,
         pull_timeout_s=a.pull_timeout,
         heartbeat_ttl_s=a.heartbeat_ttl,
+        drain_s=a.drain,
         tls=TLSFiles.from_args(a),
     ).with_defaults()
 
@@ -220,6 +230,13 @@ def run_main(
     finally:
         if traced:
             telemetry.shutdown()
+    # Stopped cleanly: withdrawn, calls drained, engine and telemetry shut down. The interpreter's own
+    # teardown (torch, the KV transports, gRPC core) took 1.5 s more and adds nothing, so skip it: SIGTERM
+    # -> exit stays within STOP_BOUND_S.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 REGISTRATION_FAILED = 3  # exit status of an instance the registry refused
@@ -327,14 +344,29 @@ async def serve(
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("%s %s stopping", cfg.role, cfg.instance_id)
-    heartbeat.stop()  # withdraw first: the router stops sending new work here
+    # Drain: withdraw first (the router stops sending new work here), let the calls in flight finish for
+    # up to `drain_s`, then cancel the rest (the gateway resumes them on another instance). The whole stop
+    # is bounded by STOP_BOUND_S whatever hangs (an unreachable Redis, a KV pull): then the process exits.
+    log.info("%s %s stopping (draining up to %.1fs)", cfg.role, cfg.instance_id, cfg.drain_s)
+    exit_after(STOP_BOUND_S)
+    heartbeat.stop()
     await health_servicer.enter_graceful_shutdown()
-    await server.stop(grace=2.0)
+    await server.stop(grace=cfg.drain_s)
     result = on_stop()
     if asyncio.iscoroutine(result):
         await result
     registry.close()
+
+
+STOP_BOUND_S = 1.8  # SIGTERM -> process gone, at most (drain included): under the promised 2 s
+
+
+def exit_after(seconds: float) -> None:
+    """End this process if it is still running `seconds` from now, whatever it is doing: a real-time timer
+    whose SIGALRM keeps its default action (terminate), so the kernel ends the process even while a
+    thread holds the GIL in a call that does not return (a transport's shutdown, a hung socket)."""
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
 
 
 # ---- the servicers' plumbing around an engine -------------------------------------------------------

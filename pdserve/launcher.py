@@ -5,10 +5,17 @@ instances (or, for the colocated baseline, N colocated instances) on disjoint de
 disjoint CPU core sets (when there are fewer cores than instances, cores are shared round-robin and
 a warning says so). Every child runs in its own session so that Ctrl-C reaches the launcher only,
 which then stops the coordinator first, the instances next, Redis last: nothing is left behind.
+
+Supervision (`pdserve up`, `Supervisor`): a child that exits is restarted with the same arguments after a
+backoff (doubling per restart of that process, capped), up to a restart budget; each restart is a log line
+and a `pdserve.launcher.restarts` metric. With `die_with_launcher` every child gets the parent-death
+signal (SIGTERM; prctl PR_SET_PDEATHSIG), so even a launcher killed with SIGKILL leaves no process behind:
+instances stop within 2 s of a SIGTERM (pdserve.instance.STOP_BOUND_S).
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -16,11 +23,13 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from pdserve import telemetry
 from pdserve.redis_server import RedisServer, free_port
 from pdserve.tls import TLSFiles, channel_credentials
 
@@ -65,6 +74,14 @@ class ClusterConfig:
     http_port: int | None = None  # coordinator --http-port: None = no HTTP API, 0 = a free one
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # coordinator --api-key (never logged)
     api_key_file: str | None = None  # coordinator --api-key-file
+    # coordinator failover and overload flags (coordinator/config.py): --failover-wait, --max-queue
+    failover_wait_s: float = 10.0
+    max_queue: int = 0
+    # Children get SIGTERM when the launcher dies, however it dies (`pdserve up` sets it). Off by default:
+    # the signal follows the *thread* that spawned a child, and tests start clusters from pool threads; and
+    # it runs Python (prctl) in the forked child, which a process with busy gRPC client threads (tests,
+    # benchmarks) must not do (gRPC's fork handlers broke such children).
+    die_with_launcher: bool = False
 
     @property
     def roles(self) -> list[str]:
@@ -105,12 +122,31 @@ def assign_devices(
     return [["--cpus", str(cores[i % len(cores)])] for i in range(n)]
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def parent_death_signal(sig: int = signal.SIGTERM) -> Callable[[], None]:
+    """A Popen `preexec_fn`: the child gets `sig` when the process (thread) that spawned it dies. If the
+    parent is already gone by then (it died between fork and prctl), the child exits at once."""
+    parent = os.getpid()
+
+    def preexec() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+            os._exit(127)
+        if os.getppid() != parent:
+            os._exit(0)
+
+    return preexec
+
+
 @dataclass
 class Child:
     role: str
     proc: subprocess.Popen
     args: list[str]
     log_path: str | None = None
+    restarts: int = 0  # times the supervisor restarted this process (the same slot)
 
 
 @dataclass
@@ -129,7 +165,7 @@ class LocalCluster:
         if cfg.redis_url:
             self.redis_url = cfg.redis_url
         else:
-            self.redis = RedisServer(cfg.host, tls=cfg.tls)
+            self.redis = RedisServer(cfg.host, tls=cfg.tls, preexec_fn=self._preexec())
             self.redis_url = self.redis.url
         port = cfg.port or free_port(cfg.host)
         self.gateway_address = f"{cfg.host}:{port}"
@@ -175,6 +211,7 @@ class LocalCluster:
                 coord += ["--api-key", key]
             if cfg.api_key_file:
                 coord += ["--api-key-file", cfg.api_key_file]
+            coord += ["--failover-wait", str(cfg.failover_wait_s), "--max-queue", str(cfg.max_queue)]
             self._spawn("coordinator", coord)
             self.wait_serving(timeout_s)
         except BaseException:
@@ -221,24 +258,42 @@ class LocalCluster:
         args += list(cfg.extra_instance_args)
         return self._spawn(role, args)
 
-    def _spawn(self, role: str, args: list[str]) -> Child:
+    def _preexec(self) -> Callable[[], None] | None:
+        return parent_death_signal() if self.cfg.die_with_launcher else None
+
+    def _popen(self, args: list[str], log_path: str | None) -> subprocess.Popen:
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
-        out = None
+        out = open(log_path, "ab") if log_path else None  # noqa: SIM115 - owned by the child process
+        try:
+            return subprocess.Popen(
+                args,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT if out else None,
+                start_new_session=True,
+                preexec_fn=self._preexec(),
+            )
+        finally:
+            if out is not None:
+                out.close()
+
+    def _spawn(self, role: str, args: list[str]) -> Child:
         log_path = None
         if self.cfg.log_dir:
             os.makedirs(self.cfg.log_dir, exist_ok=True)
             log_path = os.path.join(self.cfg.log_dir, f"{role}-{len(self.children)}.log")
-            out = open(log_path, "ab")  # noqa: SIM115 - owned by the child process
-        proc = subprocess.Popen(
-            args, env=env, stdout=out, stderr=subprocess.STDOUT if out else None, start_new_session=True
-        )
-        if out is not None:
-            out.close()
-        child = Child(role, proc, args, log_path)
+        child = Child(role, self._popen(args, log_path), args, log_path)
         self.children.append(child)
-        log.info("started %s pid %d", role, proc.pid)
+        log.info("started %s pid %d", role, child.proc.pid)
         return child
+
+    def restart(self, child: Child) -> None:
+        """Start an exited child again with the same arguments (and log file), in the same slot."""
+        assert child.proc.poll() is not None, "restart of a running process"
+        child.proc = self._popen(child.args, child.log_path)
+        child.restarts += 1
+        log.info("restarted %s as pid %d (restart %d)", child.role, child.proc.pid, child.restarts)
 
     def gateway_channel(self) -> grpc.Channel:
         """A channel to the gateway as a client makes it: TLS (verified against the CA, or the system's roots
@@ -327,8 +382,67 @@ class LocalCluster:
         self.stop()
 
 
-def run_forever(cluster: LocalCluster) -> int:
-    """`pdserve up`: serve until Ctrl-C / SIGTERM, reporting children that die meanwhile."""
+@dataclass(frozen=True)
+class RestartPolicy:
+    max_restarts: int = 5  # restarts per process over the cluster's life; 0 = never restart
+    backoff_s: float = 0.5  # wait before a process's first restart; doubles with each of its restarts
+    max_backoff_s: float = 8.0
+
+
+class Supervisor:
+    """Restarts the cluster's children (and its private Redis) that exit, per `RestartPolicy`. Call
+    `check()` periodically from the thread that started the cluster (with `die_with_launcher`, the parent-
+    death signal follows that thread); it never blocks."""
+
+    def __init__(self, cluster: LocalCluster, policy: RestartPolicy, report: Callable[[str], None]) -> None:
+        self.cluster = cluster
+        self.policy = policy
+        self.report = report  # a line for the user per event (pdserve up prints it)
+        self._due: dict[int, float] = {}  # id(child) -> when to restart it
+        self._given_up: set[int] = set()
+        self.restarts = 0
+
+    def check(self) -> None:
+        now = time.monotonic()
+        redis = self.cluster.redis
+        if redis is not None and not redis.alive():
+            self.report("redis-server exited; restarting it on the same port (instances re-register)")
+            try:
+                redis.restart()
+                self._count("redis")
+            except RuntimeError as exc:  # e.g. the port was taken meanwhile (an outgoing connection): retry
+                self.report(f"redis-server restart failed ({exc}); retrying")
+        for c in list(self.cluster.children):
+            if c.proc.poll() is None or id(c) in self._given_up:
+                continue
+            due = self._due.get(id(c))
+            if due is None:
+                if c.restarts >= self.policy.max_restarts:
+                    self._given_up.add(id(c))
+                    self.report(
+                        f"{c.role} pid {c.proc.pid} exited with code {c.proc.returncode}; restart budget "
+                        f"({self.policy.max_restarts}) used up, not restarting it"
+                    )
+                    continue
+                delay = min(self.policy.max_backoff_s, self.policy.backoff_s * 2**c.restarts)
+                self._due[id(c)] = now + delay
+                self.report(
+                    f"{c.role} pid {c.proc.pid} exited with code {c.proc.returncode}; restarting in {delay:.1f}s "
+                    f"(restart {c.restarts + 1} of {self.policy.max_restarts})"
+                )
+            elif now >= due:
+                del self._due[id(c)]
+                self.cluster.restart(c)
+                self._count(c.role)
+                self.report(f"{c.role} restarted as pid {c.proc.pid}")
+
+    def _count(self, role: str) -> None:
+        self.restarts += 1
+        telemetry.instruments().restart(role)
+
+
+def run_forever(cluster: LocalCluster, policy: RestartPolicy | None = None) -> int:
+    """`pdserve up`: serve until Ctrl-C / SIGTERM, restarting children that exit (per `policy`)."""
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -344,16 +458,12 @@ def run_forever(cluster: LocalCluster) -> int:
     )
     if cluster.http_address:
         print(f"pdserve up: OpenAI-compatible HTTP API on http://{cluster.http_address}/v1", flush=True)
-    reported: set[int] = set()
+    supervisor = Supervisor(
+        cluster, policy or RestartPolicy(), lambda line: print(f"pdserve up: {line}", flush=True)
+    )
     try:
-        while not stop.wait(0.5):
-            for c in cluster.children:
-                if c.proc.poll() is not None and c.proc.pid not in reported:
-                    reported.add(c.proc.pid)
-                    print(
-                        f"pdserve up: {c.role} pid {c.proc.pid} exited with code {c.proc.returncode}",
-                        flush=True,
-                    )
+        while not stop.wait(0.2):
+            supervisor.check()
     finally:
         print("pdserve up: stopping", flush=True)
         cluster.stop()

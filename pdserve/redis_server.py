@@ -7,6 +7,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 
 import redis
 
@@ -25,7 +26,13 @@ class RedisServer:
     With `tls` naming a CA (mutual TLS) it listens with TLS only and requires every client to present a
     certificate signed by that CA (`--tls-auth-clients yes`): its URL is then rediss://."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int | None = None, tls: TLSFiles | None = None) -> None:
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        tls: TLSFiles | None = None,
+        preexec_fn: Callable[[], None] | None = None,
+    ) -> None:
         exe = shutil.which("redis-server")
         if exe is None:
             raise RuntimeError(
@@ -43,7 +50,26 @@ class RedisServer:
             args += ["--tls-ca-cert-file", self.tls.ca, "--tls-auth-clients", "yes"]
         args += ["--save", "", "--appendonly", "no"]
         args += ["--dir", self._dir.name, "--protected-mode", "no", "--loglevel", "warning"]
-        self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self._args = args
+        self._preexec_fn = preexec_fn  # e.g. the launcher's parent-death signal
+        self._proc = self._spawn()
+        self._wait_ready()
+
+    def _spawn(self) -> subprocess.Popen:
+        return subprocess.Popen(
+            self._args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=self._preexec_fn
+        )
+
+    def alive(self) -> bool:
+        return self._proc.poll() is None
+
+    def restart(self) -> None:
+        """Start it again, on the same port, empty (kill -9 first if it still runs): a Redis that lost
+        everything, as after a crash. Instances re-register at their next heartbeat."""
+        if self._proc.poll() is None:
+            self._proc.kill()
+        self._proc.wait()
+        self._proc = self._spawn()
         self._wait_ready()
 
     @property

@@ -37,6 +37,7 @@ def params_to_proto(p: SamplingParams) -> common_pb2.SamplingParams:
         stop=list(p.stop),
         ignore_eos=p.ignore_eos,
         repetition_penalty=p.repetition_penalty,
+        step_offset=p.step_offset,
     )
     if p.seed is not None:
         msg.seed = p.seed
@@ -53,12 +54,26 @@ def params_from_proto(msg: common_pb2.SamplingParams) -> SamplingParams:
         stop=tuple(msg.stop),
         ignore_eos=msg.ignore_eos,
         repetition_penalty=msg.repetition_penalty if msg.repetition_penalty != 0 else 1.0,
+        step_offset=msg.step_offset,
     )
+
+
+ERROR_CLASS_KEY = "pdserve-error"  # trailing metadata: the typed error's class name (a server's own verdict)
 
 
 async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
     code, message = grpc_status(exc)
-    await context.abort(code, message)
+    # The class name tells a caller that the server itself answered (it is alive), e.g. a decode instance
+    # whose KV pull failed, from a transport failure (the server died): the gateway's failover needs that.
+    await context.abort(code, message, trailing_metadata=((ERROR_CLASS_KEY, type(exc).__name__),))
+
+
+def server_error_class(exc: grpc.aio.AioRpcError) -> str | None:
+    """The typed error class a pdserve server answered with (`abort`), None for a transport failure."""
+    for key, value in exc.trailing_metadata() or ():
+        if key == ERROR_CLASS_KEY:
+            return str(value)
+    return None
 
 
 def unary_errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:

@@ -400,8 +400,24 @@ class Instruments:
         self.handoff_seconds = seconds(
             "pdserve.kv.handoff.duration", "KV pull wall time per hand-off, by codec and transport"
         )
+        self.failovers = meter.create_counter(
+            "pdserve.gateway.failovers",
+            unit="{call}",
+            description="calls to instances that failed (instance died or went away) and were retried, by role",
+        )
+        self.restarts = meter.create_counter(
+            "pdserve.launcher.restarts",
+            unit="{process}",
+            description="instances `pdserve up` restarted, by role",
+        )
         self._meter = meter
         self._observed = False
+
+    def failover(self, role: str) -> None:
+        self.failovers.add(1, {"pdserve.role": role})
+
+    def restart(self, role: str) -> None:
+        self.restarts.add(1, {"pdserve.role": role})
 
     def observe_instance(self, role: str, instance_id: str, stats: Callable[[], Mapping[str, int]]) -> None:
         """Observable gauges fed by `stats()` (keys: queue_len, running, inflight, kv_blocks_free,
@@ -447,6 +463,7 @@ class RequestTrace:
             GATEWAY_GENERATE, incoming_context(metadata), kind=SpanKind.SERVER, start=self.received
         )
         self.ctx = context_of(self.root)
+        self.deadline: float | None = None  # time.monotonic() by which the caller gives up (None: none)
         self._receive: Span | None = start_span(GATEWAY_RECEIVE, self.ctx, start=self.received)
         self._stream: Span | None = None
         self._first: float | None = None
@@ -536,6 +553,8 @@ def traced_request(fn: Callable) -> Callable:
         time_remaining: Callable[[], float | None] | None = None,
     ):
         rt = RequestTrace(metadata)
+        remaining = time_remaining() if time_remaining is not None else None
+        rt.deadline = None if remaining is None else rt.received + remaining
         error: BaseException | None = None
         try:
             async for item in fn(self, request, rt):
@@ -642,7 +661,7 @@ def route_attributes(role: str, inst: Any, attempt: int, router: Any) -> dict[st
     else:
         reason = f"registry queue {inst.queue_len}"
     if attempt:
-        reason += f"; attempt {attempt + 1} after a refused connection"
+        reason += f"; attempt {attempt + 1} after a failed call"
     return {
         "pdserve.role": role,
         "pdserve.route.policy": _POLICY.get(role, ""),

@@ -234,7 +234,7 @@ def test_decode_rejects_inconsistent_local_prefill_requests(
 def test_dead_decode_drops_out_and_replacement_serves(
     tiny_model_dir: Path, start_cluster: Callable[..., LocalCluster]
 ) -> None:
-    cluster = start_cluster(tiny_model_dir)
+    cluster = start_cluster(tiny_model_dir, failover_wait_s=1.0)
     registry = Registry(cluster.redis_url)
     decode = next(c for c in cluster.children if c.role == "decode")
     cluster.kill(decode)  # SIGKILL: no withdraw, only the TTL removes it
@@ -247,6 +247,7 @@ def test_dead_decode_drops_out_and_replacement_serves(
     with Client(cluster.gateway_address) as client, pytest.raises(grpc.RpcError) as err:
         client.generate("hello", max_tokens=4, timeout=30)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "waited 1s" in (err.value.details() or ""), err.value.details()
     while cluster.health() != "NOT_SERVING":
         assert time.monotonic() - killed_at < 10, "gateway health still SERVING without a decode instance"
         time.sleep(0.1)

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -94,3 +96,29 @@ def test_cuda_runner_matches_cpu(engine_model_dir: str, engine: LocalEngine):
     bf16 = LocalEngine(ModelRunner(engine_model_dir, Device.cuda(0), num_kv_blocks=64, block_size=8))
     assert bf16.runner.kv_cache.dtype == torch.bfloat16
     assert [len(o) for o in bf16.generate(prompts, params)] == [10] * len(prompts)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(max_tokens=20, ignore_eos=True),
+        SamplingParams(max_tokens=20, temperature=1.0, seed=7, ignore_eos=True),
+        SamplingParams(
+            max_tokens=20, temperature=0.8, top_p=0.9, seed=3, repetition_penalty=1.3, ignore_eos=True
+        ),
+    ],
+    ids=["greedy", "seeded", "seeded-top-p-penalty"],
+)
+@pytest.mark.parametrize("sent", [1, 7, 19])
+def test_resumed_request_continues_exactly(engine: LocalEngine, params: SamplingParams, sent: int):
+    """What the gateway does on failover: prompt + the `sent` tokens already streamed, max_tokens reduced
+    and step_offset = sent, gives exactly the rest of the undisturbed output (seeded draws included)."""
+    prompt = engine.tokenizer.encode(PROMPTS[2])
+    whole = engine.generate([prompt], [params])[0]
+    assert len(whole) == params.max_tokens
+    resumed = replace(params, max_tokens=params.max_tokens - sent, step_offset=sent)
+    rest = engine.generate([prompt + whole[:sent]], [resumed])[0]
+    assert whole[:sent] + rest == whole
+    if params.seed is not None:  # the offset matters: without it the draws restart at step 0
+        restarted = engine.generate([prompt + whole[:sent]], [replace(resumed, step_offset=0)])[0]
+        assert whole[:sent] + restarted != whole

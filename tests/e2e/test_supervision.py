@@ -1,0 +1,149 @@
+"""End to end supervision: `pdserve up`'s supervisor restarts a killed decode instance and the stream that
+ran on it continues there exactly; a killed launcher leaves no process; SIGTERM stops an instance within
+2 s with its Redis hung; a Redis restarted empty gets every instance back within one TTL and serving
+goes on."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from coordinator.registry import Registry
+from engine.local import LocalEngine
+from engine.params import SamplingParams
+from pdserve.client import Client
+from pdserve.launcher import LocalCluster, RestartPolicy, Supervisor
+from tests.cluster import assert_no_leaks, assert_no_processes_left, redis_address
+
+PROMPT = "def fibonacci(n):\n    if n < 2:\n        return n\n"
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir: Path) -> LocalEngine:
+    return LocalEngine.from_model_dir(str(tiny_model_dir))
+
+
+@pytest.fixture
+def supervise() -> Iterator[Callable[[LocalCluster], Supervisor]]:
+    """Runs a Supervisor over a cluster in a thread (as `pdserve up` does in its main loop)."""
+    stop = threading.Event()
+    threads: list[threading.Thread] = []
+    lines: list[str] = []
+
+    def start(cluster: LocalCluster) -> Supervisor:
+        sup = Supervisor(cluster, RestartPolicy(max_restarts=2, backoff_s=0.1), lines.append)
+
+        def loop() -> None:
+            while not stop.wait(0.1):  # the supervisor's own period, as in run_forever
+                sup.check()
+
+        t = threading.Thread(target=loop, name="supervisor")
+        t.start()
+        threads.append(t)
+        return sup
+
+    try:
+        yield start
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
+
+
+def _expected(reference: LocalEngine, prompt_ids: list[int], kw: dict) -> list[int]:
+    return reference.generate([prompt_ids], [SamplingParams(ignore_eos=True, **kw)])[0]
+
+
+def test_decode_killed_mid_stream_is_restarted_and_the_stream_resumes_exactly(
+    tiny_model_dir: Path,
+    reference: LocalEngine,
+    start_cluster: Callable[..., LocalCluster],
+    supervise: Callable[[LocalCluster], Supervisor],
+) -> None:
+    cluster = start_cluster(tiny_model_dir, prefill=1, decode=1, failover_wait_s=90.0)
+    sup = supervise(cluster)
+    decode = next(c for c in cluster.children if c.role == "decode")
+    first_pid = decode.proc.pid
+    prompt_ids = reference.tokenizer.encode(PROMPT)
+    kw: dict[str, Any] = {"max_tokens": 300, "temperature": 0.9, "top_p": 0.95, "seed": 5}
+    out: list[int] = []
+    with Client(cluster.gateway_address) as client:
+        for msg in client.stream(prompt_ids, ignore_eos=True, timeout=180, **kw):
+            out.extend(msg.token_ids)
+            if len(out) >= 20 and decode.proc.pid == first_pid and decode.proc.poll() is None:
+                decode.proc.send_signal(signal.SIGKILL)
+    assert out == _expected(reference, prompt_ids, kw)
+    assert decode.proc.pid != first_pid and decode.restarts == 1 and sup.restarts == 1
+    while any(str(first_pid) in i.instance_id for i in Registry(cluster.redis_url).instances()):
+        time.sleep(0.1)  # the dead one's key expires (TTL)
+    assert_no_leaks(cluster)
+
+
+def test_a_killed_launcher_leaves_no_process(tiny_model_dir: Path, tmp_path: Path) -> None:
+    args = [sys.executable, "-m", "pdserve", "up", "--model", str(tiny_model_dir), "--port", "0", "--cpu"]
+    args += ["--num-kv-blocks", "64", "--log-dir", str(tmp_path / "logs")]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    up = subprocess.Popen(args, stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert up.stdout is not None
+        line = ""
+        while "serving on" not in line:
+            line = up.stdout.readline()
+            assert line, f"pdserve up exited with {up.wait()} before serving"
+        redis_url = line.split("redis ")[1].split(")")[0].split(",")[0]
+        address = redis_address(redis_url)
+        assert len(Registry(redis_url).instances()) == 2
+    finally:
+        up.kill()
+        up.wait()
+    assert_no_processes_left(address, timeout_s=5.0)
+
+
+def test_sigterm_stops_an_instance_within_2s_with_redis_hung(
+    tiny_model_dir: Path, start_cluster: Callable[..., LocalCluster]
+) -> None:
+    cluster = start_cluster(tiny_model_dir, prefill=1, decode=1)
+    assert cluster.redis is not None
+    redis_pid = cluster.redis.pid
+    os.kill(redis_pid, signal.SIGSTOP)  # connections hang: no error, no answer
+    try:
+        for role in ("decode", "prefill"):
+            child = next(c for c in cluster.children if c.role == role)
+            start = time.monotonic()
+            child.proc.send_signal(signal.SIGTERM)
+            child.proc.wait(2.0)
+            assert time.monotonic() - start < 2.0
+    finally:
+        os.kill(redis_pid, signal.SIGCONT)
+
+
+def test_redis_restarted_empty_instances_reregister_within_one_ttl_and_serving_continues(
+    tiny_model_dir: Path, reference: LocalEngine, start_cluster: Callable[..., LocalCluster]
+) -> None:
+    ttl = 3.0
+    cluster = start_cluster(tiny_model_dir, prefill=1, decode=1, heartbeat_ttl_s=ttl)
+    assert cluster.redis is not None
+    prompt_ids = reference.tokenizer.encode(PROMPT)
+    kw: dict[str, Any] = {"max_tokens": 16}
+    with Client(cluster.gateway_address) as client:
+        assert client.generate(prompt_ids, ignore_eos=True, timeout=60, **kw).token_ids == _expected(
+            reference, prompt_ids, kw
+        )
+        cluster.redis.restart()
+        back_from = time.monotonic()
+        registry = Registry(cluster.redis_url)
+        while len(registry.instances()) < 2:
+            assert time.monotonic() - back_from < ttl, "instances not re-registered within one TTL"
+            time.sleep(0.05)
+        out = client.generate(prompt_ids, ignore_eos=True, timeout=60, **kw)
+    assert out.token_ids == _expected(reference, prompt_ids, kw)
+    assert_no_leaks(cluster)
