@@ -29,7 +29,7 @@ protos:
 test:
 	$(VPY) -m ruff check .
 	$(VPY) -m mypy
-	$(VPY) -m pytest -q tests
+	$(VPY) -m pytest -q -m 'not flaky' tests
 
 lint:
 	$(VPY) -m ruff check .

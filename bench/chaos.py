@@ -216,7 +216,10 @@ def main(argv: list[str] | None = None) -> None:
         stop.set()
         first_done.set()
         killer.join()
-        while any(c.proc.poll() is not None for c in cluster.children):  # the last restarts (backoff)
+        # the last restarts (backoff), Redis's too: a Redis killed just before the load ended is restarted here
+        while any(c.proc.poll() is not None for c in cluster.children) or (
+            cluster.redis is not None and not cluster.redis.alive()
+        ):
             supervisor.check()
             time.sleep(0.1)
         leaked_blocks, leaked_leases, back = leaks(cluster, timeout_s=60)

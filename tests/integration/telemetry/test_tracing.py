@@ -286,13 +286,21 @@ def test_metrics_are_exported(traced: Traced) -> None:
     assert ttft and max(p.count for _, p in ttft) == n_ok
     for name in ("pdserve.request.tbt", "pdserve.request.tpot"):
         assert _points(traced.receiver, name), name
-    handoff = _points(traced.receiver, "pdserve.kv.handoff.bytes", count=len(OK_REQUESTS))
-    by_codec: dict[str, int] = {}  # hand-offs per codec (points are cumulative: the largest count)
-    for _, p in handoff:
-        attrs = {kv.key: kv.value.string_value for kv in p.attributes}
-        assert attrs["pdserve.kv.transport"]
-        by_codec[attrs["pdserve.kv.codec"]] = max(by_codec.get(attrs["pdserve.kv.codec"], 0), p.count)
-    assert by_codec == {CODEC: len(OK_REQUESTS), "raw": 1}  # raw: the lossless-floor request
+    want = {CODEC: len(OK_REQUESTS), "raw": 1}  # raw: the lossless-floor request
+
+    def by_codec() -> dict[str, int]:
+        """Hand-offs per codec so far (points are cumulative: the largest count of each)."""
+        out: dict[str, int] = {}
+        for _, p in traced.receiver.metric_points("pdserve.kv.handoff.bytes"):
+            attrs = {kv.key: kv.value.string_value for kv in p.attributes}
+            assert attrs["pdserve.kv.transport"]
+            out[attrs["pdserve.kv.codec"]] = max(out.get(attrs["pdserve.kv.codec"], 0), p.count)
+        return out
+
+    deadline = time.monotonic() + 10.0  # exports come every OTEL_METRIC_EXPORT_INTERVAL: the newest may lag
+    while by_codec() != want and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert by_codec() == want
     assert _points(traced.receiver, "pdserve.kv.handoff.duration")
     requests = _points(traced.receiver, "pdserve.requests")
     by_status = {
