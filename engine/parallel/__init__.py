@@ -1,0 +1,1 @@
+"""Tensor and pipeline parallelism: an instance is a group of tp x pp rank processes."""
