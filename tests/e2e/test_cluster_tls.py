@@ -21,9 +21,10 @@ from coordinator.registry import Registry
 from engine.local import LocalEngine
 from engine.params import SamplingParams
 from pdserve.client import Client
-from pdserve.launcher import ClusterConfig, LocalCluster
+from pdserve.launcher import LocalCluster
 from pdserve.tls import TLSFiles
 from pdserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from tests.cluster import start_cluster, stop_cluster
 
 PDSERVE = [sys.executable, "-m", "pdserve"]
 KEY = "sk-tls-test-key"  # the gateway's API key: TLS and authentication together
@@ -62,18 +63,9 @@ def test_tls_gateway_and_mutual_tls_cluster_serve_the_reference(tiny_model_dir: 
         [tok.encode(p) for p, _ in reqs], [SamplingParams(max_tokens=m, ignore_eos=True) for _, m in reqs]
     )
 
-    cfg = ClusterConfig(
-        model_dir=str(tiny_model_dir),
-        port=0,
-        use_cuda=False,
-        num_kv_blocks=128,
-        heartbeat_ttl_s=1.5,
-        log_dir=str(tmp_path / "logs"),
-        tls=tls,
-        http_port=0,
-        api_keys=(KEY,),
+    cluster = start_cluster(
+        tiny_model_dir, tmp_path / "logs", num_kv_blocks=128, tls=tls, http_port=0, api_keys=(KEY,)
     )
-    cluster = LocalCluster(cfg).start(timeout_s=180)
     try:
         assert cluster.redis_url.startswith("rediss://")
         with Client(cluster.gateway_address, KEY, tls_ca=tls.ca) as client:
@@ -183,5 +175,4 @@ def test_tls_gateway_and_mutual_tls_cluster_serve_the_reference(tiny_model_dir: 
         )
         assert all(s.integrity_ok for s in final.values())
     finally:
-        cluster.stop()
-    assert all(c.proc.poll() is not None for c in cluster.children), "a process outlived stop()"
+        stop_cluster(cluster)

@@ -20,14 +20,13 @@ import pydantic
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
-from coordinator.registry import Registry
 from engine.local import LocalEngine
 from engine.params import SamplingParams, generation_defaults
 from engine.synth import default_model_dir
 from pdserve import trace_cli
 from pdserve.client import Client
-from pdserve.launcher import ClusterConfig, LocalCluster
-from pdserve.v1 import common_pb2, decode_pb2_grpc, prefill_pb2_grpc
+from pdserve.launcher import LocalCluster
+from tests.cluster import assert_no_leaks, start_cluster, stop_cluster
 
 KEY = "sk-pdserve-test-2c9f1e7b4d"  # grepped for in the span file and every log at the end
 PROMPTS = ["def fibonacci(n):", "import os\nimport sys\n", "class Stack:\n    def push(self, x):", "x"]
@@ -41,34 +40,6 @@ def _token_ids(choice: pydantic.BaseModel) -> list[int]:
     ids = extra["token_ids"]
     assert isinstance(ids, list) and all(isinstance(t, int) for t in ids), ids
     return ids
-
-
-def _assert_no_leaks(cluster: LocalCluster, timeout_s: float = 10.0) -> None:
-    """Every instance gets back to all KV blocks free, no leases, its block manager's integrity holding
-    (as tests/e2e/test_cluster.py checks)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        stats = []
-        for inst in Registry(cluster.redis_url).instances():
-            with grpc.insecure_channel(inst.grpc_address) as ch:
-                stub = (
-                    prefill_pb2_grpc.PrefillStub(ch)
-                    if inst.role == "prefill"
-                    else decode_pb2_grpc.DecodeStub(ch)
-                )
-                stats.append(stub.Stats(common_pb2.InstanceStatsRequest(), timeout=5))
-        clean = all(s.kv_blocks_free == s.kv_blocks_total and s.leases == 0 and s.integrity_ok for s in stats)
-        if (clean and stats) or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    assert stats, "no instances registered"
-    for s in stats:
-        assert s.integrity_ok and s.leases == 0, (
-            f"{s.role} {s.instance_id}: {s.leases} leases, integrity {s.integrity_ok}"
-        )
-        assert s.kv_blocks_free == s.kv_blocks_total, (
-            f"{s.role}: {s.kv_blocks_total - s.kv_blocks_free} blocks leaked"
-        )
 
 
 @dataclass
@@ -100,20 +71,13 @@ class Api:
 
 def _start(model_dir: Path | str, tmp: Path, **kw: Any) -> Api:
     span_file = tmp / "spans.jsonl"
-    with pytest.MonkeyPatch.context() as mp:  # the children inherit it; this process stays untraced
-        mp.setenv("PDSERVE_TRACE_FILE", str(span_file))
-        mp.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
-        cfg = ClusterConfig(
-            model_dir=str(model_dir),
-            port=0,
-            http_port=0,
-            use_cuda=False,
-            num_kv_blocks=256,
-            heartbeat_ttl_s=1.5,
-            log_dir=str(tmp / "logs"),
-            **kw,
-        )
-        cluster = LocalCluster(cfg).start(timeout_s=120)
+    cluster = start_cluster(
+        Path(model_dir),
+        tmp / "logs",
+        env={"PDSERVE_TRACE_FILE": str(span_file), "OTEL_BSP_SCHEDULE_DELAY": "100"},
+        http_port=0,
+        **kw,
+    )
     return Api(cluster, span_file, tmp / "logs", Path(model_dir).name)
 
 
@@ -121,7 +85,7 @@ def _start(model_dir: Path | str, tmp: Path, **kw: Any) -> Api:
 def api(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
     a = _start(tiny_model_dir, tmp_path_factory.mktemp("openai"), api_keys=(KEY,))
     yield a
-    a.cluster.stop()
+    stop_cluster(a.cluster)
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +137,7 @@ def test_greedy_completions_equal_the_reference_with_usage(api: Api, reference: 
         assert body[-1].choices[0].finish_reason == "length"
         assert all(c.choices[0].finish_reason is None for c in body[:-1])
         assert len({c.id for c in chunks}) == 1
-    _assert_no_leaks(api.cluster)
+    assert_no_leaks(api.cluster)
 
 
 def test_prompt_as_token_ids_and_stop_strings(api: Api, reference: LocalEngine) -> None:
@@ -247,7 +211,7 @@ def test_bad_input_is_400_with_openai_error_object(
     assert error["type"] == "invalid_request_error"
     assert error["param"] == param
     assert fragment in error["message"].lower()
-    _assert_no_leaks(api.cluster)
+    assert_no_leaks(api.cluster)
 
 
 def test_chat_without_a_template_is_400(api: Api) -> None:
@@ -334,7 +298,7 @@ def test_client_disconnect_cancels_the_request_and_frees_the_kv(api: Api) -> Non
         root = api.root_span(rid)
         assert root.attributes["pdserve.status_code"] == "CANCELLED", f"{rid} was not cancelled"
         assert root.attributes["pdserve.completion_tokens"] < 1500
-    _assert_no_leaks(api.cluster)
+    assert_no_leaks(api.cluster)
 
 
 def test_http_requests_join_the_callers_trace(api: Api) -> None:
@@ -444,6 +408,6 @@ def test_shipped_model_chat_and_completion_equal_the_reference(tmp_path: Path) -
             )
             assert local.returncode == 0, local.stderr
             assert local.stdout == text + "\n"
-        _assert_no_leaks(api.cluster)
+        assert_no_leaks(api.cluster)
     finally:
-        api.cluster.stop()
+        stop_cluster(api.cluster)
