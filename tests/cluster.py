@@ -21,6 +21,18 @@ from coordinator.registry import Registry
 from pdserve.launcher import ClusterConfig, LocalCluster
 from pdserve.v1 import colocated_pb2_grpc, common_pb2, decode_pb2_grpc, prefill_pb2_grpc
 
+# Code-like prompts of varied lengths that the e2e and integration tests serve (the tiny and shipped models
+# are trained on Python source).
+PROMPTS = [
+    "def fibonacci(n):",
+    "import os\nimport sys\n",
+    "class Stack:\n    def __init__(self):\n        self.items = []\n",
+    "The quick brown fox",
+    "for i in range(10):\n    print(i)",
+    "# Licensed under the Apache License",
+    "return",
+    "x",
+]
 START_TIMEOUT_S = 180.0  # a CUDA cluster's start (model load, CUDA init) on a loaded host
 
 

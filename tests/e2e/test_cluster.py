@@ -21,18 +21,7 @@ from pdserve.client import Client
 from pdserve.launcher import LocalCluster
 from pdserve.rpc import LIVENESS
 from pdserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc
-from tests.cluster import assert_no_leaks
-
-PROMPTS = [
-    "def fibonacci(n):",
-    "import os\nimport sys\n",
-    "class Stack:\n    def __init__(self):\n        self.items = []\n",
-    "The quick brown fox",
-    "for i in range(10):\n    print(i)",
-    "# Licensed under the Apache License",
-    "return",
-    "x",
-]
+from tests.cluster import PROMPTS, assert_no_leaks
 
 
 def _requests(n: int) -> list[tuple[str, int]]:

@@ -29,19 +29,9 @@ from kv_transfer.transport import available_transports
 from kv_transfer.transport.ucx import ucx_available
 from pdserve.client import Client
 from pdserve.launcher import LocalCluster
-from tests.cluster import Clusters, assert_no_leaks
+from tests.cluster import PROMPTS, Clusters, assert_no_leaks
 
 SHIPPED_MODEL = Path(__file__).resolve().parents[2] / "models" / "pdserve-tiny-py"
-PROMPTS = [
-    "def fibonacci(n):",
-    "import os\nimport sys\n",
-    "class Stack:\n    def __init__(self):\n        self.items = []\n",
-    "The quick brown fox",
-    "for i in range(10):\n    print(i)",
-    "# Licensed under the Apache License",
-    "return",
-    "x",
-]
 MATCH_TOKENS = 32
 MATCH_PROMPTS = 20
 MATCH_PROMPT_TOKENS = 128

@@ -14,18 +14,7 @@ from engine.local import LocalEngine
 from engine.params import SamplingParams
 from pdserve.client import Client
 from pdserve.launcher import LocalCluster
-from tests.cluster import assert_no_leaks, running_cluster
-
-PROMPTS = [
-    "def fibonacci(n):",
-    "import os\nimport sys\n",
-    "class Stack:\n    def __init__(self):\n        self.items = []\n",
-    "The quick brown fox",
-    "for i in range(10):\n    print(i)",
-    "# Licensed under the Apache License",
-    "return",
-    "x",
-]
+from tests.cluster import PROMPTS, assert_no_leaks, running_cluster
 
 
 def _requests() -> list[tuple[str, int]]:

@@ -13,20 +13,10 @@ import pytest
 from coordinator.operator.plan import PlanError, PlanInputError, auto_plan
 from coordinator.operator.spec import parse_spec
 from coordinator.planner.distserve import SHIPPED
+from coordinator.planner.model import OPT_13B_CONFIG
 from pdserve.cli import main
 
-# facebook/opt-13b's config.json (the fields the planner reads)
-OPT_13B = {
-    "_name_or_path": "facebook/opt-13b",
-    "model_type": "opt",
-    "num_hidden_layers": 40,
-    "hidden_size": 5120,
-    "num_attention_heads": 40,
-    "ffn_dim": 20480,
-    "vocab_size": 50272,
-    "max_position_embeddings": 2048,
-    "torch_dtype": "float16",
-}
+OPT_13B = OPT_13B_CONFIG  # facebook/opt-13b's config.json (the fields the planner reads)
 PROMPTS, OUTPUTS = [100, 200, 300, 400, 550], [20, 50, 80, 110]
 
 
