@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 
-from kv_transfer.errors import PeerClosed, TransferTimeout, UnknownTransport
+from kv_transfer.errors import FrameError, PeerClosed, TransferTimeout, UnknownTransport
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +128,29 @@ def peer_gone(sock: socket.socket) -> bool:
         return True
 
 
+def listen_tcp(host: str, port: int) -> socket.socket:
+    """A listening TCP socket (IPv4 or IPv6 by the host's form) bound to host:port (0: any free port)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(128)
+    return sock
+
+
+def accept_conn(sock: socket.socket, timeout: float | None) -> socket.socket:
+    """The next connection on a listening socket, in blocking mode. TransferTimeout when none came within
+    `timeout` seconds; PeerClosed when the listener was closed (by close_listening, from another thread)."""
+    sock.settimeout(timeout)
+    try:
+        conn, _ = sock.accept()
+    except TimeoutError:
+        raise TransferTimeout("no connection") from None
+    except OSError as e:
+        raise PeerClosed(f"listener closed: {e}") from None
+    conn.settimeout(None)
+    return conn
+
+
 def close_listening(sock: socket.socket) -> None:
     """Close a listening socket so that a thread blocked in accept() on it wakes up now."""
     with contextlib.suppress(OSError):
@@ -157,6 +180,19 @@ class ChannelGuard:
             if self._closed:
                 raise PeerClosed("channel is closed")
             yield
+
+    def _handshake(self, deadline: float | None) -> None:
+        """Subclasses with a connection handshake do it here (called under the op lock)."""
+
+    def _handshake_now(self, connect_timeout: float) -> None:
+        """Run the handshake within connect_timeout seconds; on failure the channel is closed and the typed
+        error raised."""
+        with self._op():
+            try:
+                self._handshake(deadline_of(connect_timeout))
+            except (FrameError, PeerClosed, TransferTimeout):
+                self.close()
+                raise
 
     def _release_resources(self) -> None:
         """Subclasses free their own resources here (called once, under the op lock)."""

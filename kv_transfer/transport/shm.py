@@ -36,6 +36,7 @@ from kv_transfer.errors import (
 from kv_transfer.frame import Buffer, as_bytes_view, copy_bytes
 from kv_transfer.transport._sockutil import (
     ChannelGuard,
+    accept_conn,
     close_listening,
     deadline_of,
     readable,
@@ -88,12 +89,7 @@ class ShmChannel(ChannelGuard, Channel):
         self._ready_hs = False
         self._peer_gone = False  # a credit could not be sent: the peer closed (its data may still be read)
         if connect_timeout is not None:
-            with self._op():
-                try:
-                    self._handshake(deadline_of(connect_timeout))
-                except (FrameError, PeerClosed, TransferTimeout):
-                    self.close()
-                    raise
+            self._handshake_now(connect_timeout)
 
     # --- setup -------------------------------------------------------------------------------------
     def _handshake(self, deadline: float | None) -> None:
@@ -308,14 +304,7 @@ class ShmListener(Listener):
         self.address = f"shm://{name}"
 
     def accept(self, timeout: float | None = None) -> Channel:
-        self._sock.settimeout(timeout)
-        try:
-            conn, _ = self._sock.accept()
-        except TimeoutError:
-            raise TransferTimeout("no connection") from None
-        except OSError as e:
-            raise PeerClosed(f"listener closed: {e}") from None
-        conn.settimeout(None)
+        conn = accept_conn(self._sock, timeout)
         return ShmChannel(
             conn, self._ring, self._max
         )  # handshake happens on first use, in the caller's thread

@@ -14,9 +14,11 @@ from kv_transfer.errors import FrameForeign, FrameTooLarge, PeerClosed, Transfer
 from kv_transfer.frame import Buffer, as_bytes_view
 from kv_transfer.transport._sockutil import (
     ChannelGuard,
+    accept_conn,
     close_listening,
     deadline_of,
     format_host_port,
+    listen_tcp,
     parse_host_port,
     readable,
     recv_exact_into,
@@ -82,23 +84,12 @@ class TCPChannel(ChannelGuard, Channel):
 
 class TCPListener(Listener):
     def __init__(self, host: str, port: int, max_message_bytes: int) -> None:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self._sock = socket.socket(family, socket.SOCK_STREAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind((host, port))
-        self._sock.listen(128)
+        self._sock = listen_tcp(host, port)
         self._max = max_message_bytes
         self.address = format_host_port("tcp", host, self._sock.getsockname()[1])
 
     def accept(self, timeout: float | None = None) -> Channel:
-        self._sock.settimeout(timeout)
-        try:
-            conn, _ = self._sock.accept()
-        except TimeoutError:
-            raise TransferTimeout("no connection") from None
-        except OSError as e:
-            raise PeerClosed(f"listener closed: {e}") from None
-        conn.settimeout(None)
+        conn = accept_conn(self._sock, timeout)
         return TCPChannel(conn, self._max)
 
     def close(self) -> None:

@@ -62,9 +62,11 @@ from kv_transfer.errors import (
 from kv_transfer.frame import Buffer, as_bytes_view
 from kv_transfer.transport._sockutil import (
     ChannelGuard,
+    accept_conn,
     close_listening,
     deadline_of,
     format_host_port,
+    listen_tcp,
     parse_host_port,
     peer_gone,
     readable,
@@ -184,12 +186,7 @@ class UCXChannel(ChannelGuard, Channel):
         self._dev_buf: torch.Tensor | None = None  # CUDA receive buffer, reused
         self._cuda_dev: int | None = None  # the CUDA device of this channel's transfers, once known
         if connect_timeout is not None:
-            with self._op():
-                try:
-                    self._handshake(deadline_of(connect_timeout))
-                except (FrameError, PeerClosed, TransferTimeout):
-                    self.close()
-                    raise
+            self._handshake_now(connect_timeout)
 
     # --- setup / teardown --------------------------------------------------------------------------
     def _handshake(self, deadline: float | None) -> None:
@@ -403,23 +400,12 @@ class UCXChannel(ChannelGuard, Channel):
 
 class UCXListener(Listener):
     def __init__(self, host: str, port: int, tls: str, max_message_bytes: int) -> None:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self._sock = socket.socket(family, socket.SOCK_STREAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind((host, port))
-        self._sock.listen(128)
+        self._sock = listen_tcp(host, port)
         self._tls, self._max = tls, max_message_bytes
         self.address = format_host_port("ucx", host, self._sock.getsockname()[1])
 
     def accept(self, timeout: float | None = None) -> Channel:
-        self._sock.settimeout(timeout)
-        try:
-            conn, _ = self._sock.accept()
-        except TimeoutError:
-            raise TransferTimeout("no connection") from None
-        except OSError as e:
-            raise PeerClosed(f"listener closed: {e}") from None
-        conn.settimeout(None)
+        conn = accept_conn(self._sock, timeout)
         return UCXChannel(conn, self._tls, self._max)  # handshake on first use, in the caller's thread
 
     def close(self) -> None:
