@@ -1,0 +1,290 @@
+"""Where a disaggregated request's TTFT and TPOT go, span by span (`pdserve bench breakdown`).
+
+Two uses:
+
+- `pdserve bench breakdown --spans FILE`: read a span file (what the services write with PDSERVE_TRACE_FILE)
+  and print the per-component table of every traced request in it.
+- `pdserve bench breakdown [--quick] [--systems ...] [--workload W] [--rate R]`: start each system of
+  `bench compare` with tracing on, drive the workload's first seed at a fixed rate (by default the compare plan's
+  start rate, the same for every system), and report the table per system, side by side, in one JSON.
+
+The decomposition (milliseconds, one row per request; a component whose spans are missing is None):
+
+    TTFT (gateway receive -> first token known at the gateway = end of the gateway's prefill call)
+      gateway_receive   pdserve.gateway.receive
+      route_prefill     the first pdserve.route span (the prefill pick)
+      prefill_rpc       gateway.prefill minus prefill.request: gRPC both ways, serialization
+      prefill_queue     pdserve.prefill.queue
+      prefill_compute   pdserve.prefill.compute
+      prefill_other     prefill.request minus queue and compute: lease, export, reply
+      ttft_other        the TTFT not covered above (gaps between the spans)
+    decode (after the first token)
+      decode_dispatch   gateway.decode start -> decode.request start (route + gRPC)
+      admission         pdserve.decode.admission (waiting for KV blocks)
+      kv_transfer       pdserve.kv.transfer (connect, server wait, wire, decode, write)
+      kv_connect        its connect_s attribute (part of kv_transfer)
+      join_wait         kv.transfer end -> decode.steps start (waiting for the step loop to take it in)
+      step              decode.steps duration / its step count (the steady per-token time)
+      tpot              (root end - first token) / (tokens - 1): what the SLO checks
+
+Pure functions (`request_breakdown`, `summarize`) over `pdserve.trace_cli.SpanRecord`s; I/O in `main`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import statistics
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any
+
+from pdserve.trace_cli import SpanRecord, load_file
+
+log = logging.getLogger("bench.breakdown")
+
+TTFT_PARTS = (
+    "gateway_receive",
+    "route_prefill",
+    "prefill_rpc",
+    "prefill_queue",
+    "prefill_compute",
+    "prefill_other",
+    "ttft_other",
+)
+DECODE_PARTS = ("decode_dispatch", "admission", "kv_transfer", "kv_connect", "join_wait", "step")
+COMPONENTS = ("ttft", *TTFT_PARTS, *DECODE_PARTS, "tpot")
+ROOT = "pdserve.gateway.generate"
+
+
+def _ms(ns: int) -> float:
+    return ns / 1e6
+
+
+def request_breakdown(spans: list[SpanRecord]) -> dict[str, float | None] | None:
+    """The components (ms) of one request's trace, or None when the trace has no gateway root span."""
+    by_name: dict[str, list[SpanRecord]] = defaultdict(list)
+    for s in sorted(spans, key=lambda s: s.start_ns):
+        by_name[s.name].append(s)
+
+    def first(name: str) -> SpanRecord | None:
+        return by_name[name][0] if by_name[name] else None
+
+    def last(name: str) -> SpanRecord | None:  # a failed-over request retries: the attempt that served it
+        return by_name[name][-1] if by_name[name] else None
+
+    def dur(s: SpanRecord | None) -> float | None:
+        return s.duration_ms if s is not None else None
+
+    root = first(ROOT)
+    if root is None:
+        return None
+    out: dict[str, float | None] = dict.fromkeys(COMPONENTS)
+    g_prefill, p_req = last("pdserve.gateway.prefill"), last("pdserve.prefill.request")
+    p_queue, p_compute = last("pdserve.prefill.queue"), last("pdserve.prefill.compute")
+    out["gateway_receive"] = dur(first("pdserve.gateway.receive"))
+    out["route_prefill"] = dur(first("pdserve.route"))
+    if g_prefill is not None and p_req is not None:
+        out["prefill_rpc"] = g_prefill.duration_ms - p_req.duration_ms
+    out["prefill_queue"], out["prefill_compute"] = dur(p_queue), dur(p_compute)
+    if p_req is not None and p_queue is not None and p_compute is not None:
+        out["prefill_other"] = p_req.duration_ms - p_queue.duration_ms - p_compute.duration_ms
+    first_token_ns = g_prefill.end_ns if g_prefill is not None else None
+    if first_token_ns is not None:
+        ttft = out["ttft"] = _ms(first_token_ns - root.start_ns)
+        known = [v for k in TTFT_PARTS[:-1] if (v := out[k]) is not None]
+        if len(known) == len(TTFT_PARTS) - 1:
+            out["ttft_other"] = ttft - sum(known)
+
+    g_decode, d_req = last("pdserve.gateway.decode"), last("pdserve.decode.request")
+    transfer, steps = last("pdserve.kv.transfer"), last("pdserve.decode.steps")
+    if g_decode is not None and d_req is not None:
+        out["decode_dispatch"] = _ms(d_req.start_ns - g_decode.start_ns)
+    out["admission"] = dur(last("pdserve.decode.admission"))
+    if transfer is not None:
+        out["kv_transfer"] = transfer.duration_ms
+        connect = transfer.attributes.get("pdserve.kv.connect_s")
+        out["kv_connect"] = 1e3 * float(connect) if connect is not None else None
+        if steps is not None:
+            out["join_wait"] = _ms(steps.start_ns - transfer.end_ns)
+    if steps is not None:
+        n = int(steps.attributes.get("pdserve.decode.steps", 0))
+        out["step"] = steps.duration_ms / n if n > 0 else None
+    tokens = int(root.attributes.get("pdserve.completion_tokens", 0) or 0)
+    if first_token_ns is not None and tokens > 1:
+        out["tpot"] = _ms(root.end_ns - first_token_ns) / (tokens - 1)
+    return out
+
+
+def breakdowns(spans: Iterable[SpanRecord]) -> list[dict[str, float | None]]:
+    """One row per traced request (traces without a gateway root, e.g. health checks, are skipped)."""
+    traces: dict[str, list[SpanRecord]] = defaultdict(list)
+    for s in spans:
+        traces[s.trace_id].append(s)
+    rows = [request_breakdown(t) for t in traces.values()]
+    return [r for r in rows if r is not None]
+
+
+def _quantile(values: list[float], q: float) -> float:
+    xs = sorted(values)
+    if len(xs) == 1:
+        return xs[0]
+    pos = q * (len(xs) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def summarize(rows: list[dict[str, float | None]]) -> dict[str, Any]:
+    """{"requests": n, "components": {name: {"n", "mean_ms", "p50_ms", "p90_ms"} or None}}."""
+    comps: dict[str, dict[str, float] | None] = {}
+    for name in COMPONENTS:
+        vals = [v for r in rows if (v := r.get(name)) is not None]
+        comps[name] = (
+            {
+                "n": len(vals),
+                "mean_ms": statistics.fmean(vals),
+                "p50_ms": _quantile(vals, 0.5),
+                "p90_ms": _quantile(vals, 0.9),
+            }
+            if vals
+            else None
+        )
+    return {"requests": len(rows), "components": comps}
+
+
+def table(per_system: dict[str, dict[str, Any]]) -> str:
+    """Side-by-side p50 / p90 (ms) per component, one column pair per system."""
+    names = list(per_system)
+    head = f"{'component':<16}" + "".join(f"{n[:22]:>24}" for n in names)
+    lines = [head, f"{'':<16}" + "".join(f"{'p50 / p90 ms':>24}" for _ in names)]
+    for comp in COMPONENTS:
+        cells = []
+        for n in names:
+            c = per_system[n]["components"].get(comp)
+            cells.append(f"{c['p50_ms']:>11.2f} / {c['p90_ms']:<10.2f}" if c else f"{'-':>24}")
+        lines.append(f"{comp:<16}" + "".join(cells))
+    lines.append(f"{'requests':<16}" + "".join(f"{per_system[n]['requests']:>24}" for n in names))
+    return "\n".join(lines)
+
+
+def _trace_system(
+    system: Any,
+    model_dir: str,
+    cpus: tuple[int, ...],
+    workload: Any,
+    source: list[int],
+    tmp: str,
+    timeout_s: float,
+) -> dict[str, Any]:
+    """Start one system with tracing to a file, warm it, run the workload once, stop it; its summary."""
+    from bench.compare.systems import start_system, warm_up
+    from bench.serving import run_load
+    from bench.workload import make_requests
+
+    span_file = os.path.join(tmp, f"{system.name}.jsonl")
+    saved = {k: os.environ.get(k) for k in ("PDSERVE_TRACE_FILE", "OTEL_BSP_SCHEDULE_DELAY")}
+    os.environ["PDSERVE_TRACE_FILE"], os.environ["OTEL_BSP_SCHEDULE_DELAY"] = span_file, "200"
+    try:  # the children inherit the environment at spawn time; this process stays untraced
+        cluster = start_system(system, model_dir, cpus, tmp)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    try:
+        warm_up(cluster.gateway_address, source)
+        began = time.time_ns()
+        records = asyncio.run(
+            run_load(
+                cluster.gateway_address,
+                make_requests(workload, source),
+                request_timeout_s=timeout_s,
+                drain_s=timeout_s,
+            )
+        )
+    finally:
+        cluster.stop()  # flushes every service's span exporter
+    spans = [s for s in load_file(span_file) if s.start_ns >= began]  # not the warm-up's
+    out = summarize(breakdowns(spans))
+    out["served"] = sum(1 for r in records if r.ok)
+    out["sent"] = len(records)
+    return out
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="pdserve bench breakdown", description=__doc__.split("\n\n")[0])
+    p.add_argument("--spans", help="only analyse this span file (JSON lines from PDSERVE_TRACE_FILE)")
+    p.add_argument("--quick", action="store_true", help="bench compare's quick model and request count")
+    p.add_argument(
+        "--systems", default="disagg-1P1D,disagg-1P1D-cond", help="comma-separated compare systems"
+    )
+    p.add_argument("--workload", default="prefill_heavy", help="a compare workload name")
+    p.add_argument("--rate", type=float, help="req/s (default: the compare plan's start rate)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cpus", help="two cores, e.g. 0,1 (default: the first two usable)")
+    p.add_argument("--json", help="also write the JSON object to this file")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bench.report import emit, machine_info
+
+    a = parse_args(argv)
+    if a.spans:
+        result: dict[str, Any] = {"benchmark": "breakdown", "spans": a.spans}
+        result["systems"] = {"file": summarize(breakdowns(load_file(a.spans)))}
+        emit(result, a.json, summary=table(result["systems"]))
+        return 0
+
+    import dataclasses
+
+    from bench.compare import FULL, QUICK, systems
+    from bench.compare.slos import bench_model, plan_workload, prompt_source
+    from engine.device import parse_cpus
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    mode = QUICK if a.quick else FULL
+    cpus = parse_cpus(a.cpus) if a.cpus else tuple(sorted(os.sched_getaffinity(0)))[:2]
+    wanted = a.systems.split(",")
+    chosen = [s for s in systems(mode.budgets) if s.name in wanted]
+    missing = set(wanted) - {s.name for s in chosen}
+    if missing:
+        raise SystemExit(
+            f"unknown system(s) {sorted(missing)}; known: {[s.name for s in systems(mode.budgets)]}"
+        )
+    specs = [w for w in mode.workloads if w.name == a.workload]
+    if not specs:
+        raise SystemExit(f"unknown workload {a.workload!r}; known: {[w.name for w in mode.workloads]}")
+    model_dir, shipped_tok = bench_model(mode.model)
+    source, _ = prompt_source(model_dir, shipped_tok)
+    plan = plan_workload(specs[0], mode, model_dir, cpus[0], source, a.seed)
+    rate = a.rate or plan.start_rate
+    workload = dataclasses.replace(plan.workload, rate=rate)
+    per_system: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="pdserve-breakdown-") as tmp:
+        for system in chosen:  # one at a time: no system's load disturbs another's
+            per_system[system.name] = _trace_system(
+                system, model_dir, cpus, workload, source, tmp, plan.timeout_s
+            )
+    result = {
+        "benchmark": "breakdown",
+        "mode": mode.name,
+        "machine": machine_info(),
+        "workload": a.workload,
+        "rate": rate,
+        "requests": workload.n_requests,
+        "isolated": plan.isolated,
+        "systems": per_system,
+    }
+    emit(result, a.json, summary=table(per_system))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
