@@ -31,7 +31,9 @@ class CoordinatorConfig:
     # are pending than there are decode instances (decodes stall for one short pass at a time).
     # "always": on a decode instance. A local prefill stalls that instance's decodes for one pass, so the
     # limit is kept to about one saturating CPU pass (128 tokens; measured in docs/benchmarks.md).
-    local_prefill: str = "off"
+    # "busy" is the default: in every recorded bench compare run it served at least the pure split's goodput
+    # within the run's spread (docs/benchmarks.md, "Headline ratios by host").
+    local_prefill: str = "busy"
     local_prefill_max_tokens: int = 128
     local_prefill_depth: int = 2
     refresh_s: float = 0.25  # registry snapshot period

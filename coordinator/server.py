@@ -196,9 +196,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--local-prefill",
         choices=LOCAL_PREFILL_POLICIES,
-        default="off",
+        default="busy",
         help="conditional disaggregation: prefill short prompts on the decode instance: off, busy (when "
-        "every prefill instance is busy), always",
+        "every prefill instance is busy; the default), always",
     )
     p.add_argument(
         "--local-prefill-max-tokens",

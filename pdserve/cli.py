@@ -315,9 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--local-prefill",
         choices=LOCAL_PREFILL_POLICIES,
-        default="off",
-        help="conditional disaggregation: let decode instances prefill short prompts (busy: only while every "
-        "prefill instance is busy)",
+        default="busy",
+        help="conditional disaggregation: let decode instances prefill short prompts (busy, the default: only "
+        "while every prefill instance is busy; off: always on a prefill instance)",
     )
     up.add_argument(
         "--local-prefill-max-tokens",

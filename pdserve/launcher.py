@@ -64,7 +64,7 @@ class ClusterConfig:
     coordinator_cpus: tuple[int, ...] = ()
     # Conditional disaggregation (coordinator `--local-prefill`): off | busy | always, and the longest prompt
     # a decode instance may prefill itself.
-    local_prefill: str = "off"
+    local_prefill: str = "busy"
     local_prefill_max_tokens: int = 128
     layerwise: str = "auto"  # coordinator --layerwise: auto (only from CUDA prefill instances) | on | off
     # TLS (pdserve/tls.py): a certificate alone = the gateway serves TLS; with the CA too, everything inside
@@ -195,9 +195,8 @@ class LocalCluster:
             ]
             if cfg.colocated:
                 coord += ["--colocated", "--expect-colocated", str(cfg.colocated)]
-            if cfg.local_prefill != "off":
-                coord += ["--local-prefill", cfg.local_prefill]
-                coord += ["--local-prefill-max-tokens", str(cfg.local_prefill_max_tokens)]
+            coord += ["--local-prefill", cfg.local_prefill]
+            coord += ["--local-prefill-max-tokens", str(cfg.local_prefill_max_tokens)]
             if cfg.layerwise != "auto":
                 coord += ["--layerwise", cfg.layerwise]
             if cfg.coordinator_cpus:

@@ -18,7 +18,7 @@ from engine.local import LocalEngine
 from engine.params import SamplingParams
 from pdserve import telemetry, trace_cli
 from pdserve.client import Client
-from pdserve.launcher import LocalCluster
+from pdserve.launcher import ClusterConfig, LocalCluster
 from pdserve.rpc import LIVENESS
 from pdserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 from tests.cluster import PROMPTS, assert_no_leaks
@@ -41,12 +41,14 @@ def reference(tiny_model_dir: Path) -> LocalEngine:
 @pytest.mark.parametrize(
     "shape, kw",
     [
-        ((1, 1), {}),
-        ((2, 2), {}),
+        # the pure split: every prompt prefilled on a prefill instance
+        ((1, 1), {"local_prefill": "off"}),
+        ((2, 2), {"local_prefill": "off"}),
         # conditional disaggregation: every prompt prefilled by the decode instance ...
         ((1, 1), {"local_prefill": "always", "local_prefill_max_tokens": 4096}),
-        # ... or, with 16 requests at once, whichever prompts find the prefill instance busy
-        ((1, 1), {"local_prefill": "busy", "local_prefill_max_tokens": 4096}),
+        # ... or, with 16 requests at once, whichever prompts find the prefill instance busy (the default
+        # policy, with a higher prompt limit so that every prompt qualifies)
+        ((1, 1), {"local_prefill_max_tokens": 4096}),
     ],
     ids=["1P1D", "2P2D", "1P1D-local-always", "1P1D-local-busy"],
 )
@@ -64,7 +66,7 @@ def test_greedy_output_equals_single_process_reference(
     params = [SamplingParams(max_tokens=m, ignore_eos=True) for _, m in reqs]
     expected = reference.generate(prompts, params)
 
-    policy = kw.get("local_prefill", "off")
+    policy = kw.get("local_prefill", ClusterConfig.local_prefill)
     span_file = tmp_path / "spans.jsonl"  # local-prefill runs are traced: where each prompt was prefilled
     env = {"PDSERVE_TRACE_FILE": str(span_file), "OTEL_BSP_SCHEDULE_DELAY": "100"} if policy != "off" else {}
     cluster = start_cluster(tiny_model_dir, prefill=shape[0], decode=shape[1], env=env, **kw)
