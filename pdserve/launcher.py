@@ -264,8 +264,11 @@ class LocalCluster:
             raise
         return self
 
-    def add_instance(self, role: str, device_args: list[str] | None = None) -> Child:
-        """Start one more prefill/decode/colocated instance (also used to replace a dead one)."""
+    def add_instance(
+        self, role: str, device_args: list[str] | None = None, layout: tuple[int, int] | None = None
+    ) -> Child:
+        """Start one more prefill/decode/colocated instance (also used to replace a dead one). `layout`:
+        its (tp, pp), default the role's (ClusterConfig.prefill_tp, ...)."""
         cfg = self.cfg
         if device_args is None:
             device_args = self._devices[self._next_device % len(self._devices)]
@@ -294,7 +297,10 @@ class LocalCluster:
             str(cfg.lease_ttl_s),
             *device_args,
         ]
-        args += cfg.layout_args(role)
+        if layout is None:
+            args += cfg.layout_args(role)
+        elif layout[0] * layout[1] > 1:
+            args += ["--tp", str(layout[0]), "--pp", str(layout[1])]
         if cfg.num_kv_blocks is not None:
             args += ["--num-kv-blocks", str(cfg.num_kv_blocks)]
         if role == "colocated" and cfg.chunk_tokens is not None:
