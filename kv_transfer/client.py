@@ -228,8 +228,9 @@ class KVPuller:
         """Pull every layer in order, calling write_layer(layer, k, v) as each arrives; returns the Trailer.
 
         `token` is the lease's secret from the KV handle (what `KVServer.open_lease` returned).
-        `layers`, `heads`: the rectangle to pull (global layers and KV heads; None = all the lease holds);
-        write_layer then gets layers l0..l1-1 with k, v [T, h1-h0, D].
+        `layers`, `heads`: the rectangle to pull (global layers and KV heads); write_layer then gets layers
+        l0..l1-1 with k, v [T, h1-h0, D]. heads None = every head the lease holds; layers None = every layer
+        of a lease holding the model's layers from 0 (a one-rank instance's; a PP stage's lease needs them).
         k, v may alias a receive buffer that the next layer overwrites: write_layer must copy them
         (KVCache.write does). Raises typed errors (UnknownTransfer, PullUnauthorized, LeaseExpired,
         FrameCorrupted, ...).
@@ -301,7 +302,7 @@ class KVPuller:
                 self._run(handles[i], p.address, codec, write_layer, token, p.layers, p.heads, barrier.arrive)
             finally:
                 if handles[i].error is not None:
-                    barrier.fail()
+                    barrier.fail(i)
                 done.put(i)
 
         threads = [
@@ -310,16 +311,18 @@ class KVPuller:
         ]
         for th in threads:
             th.start()
-        error: BaseException | None = None
+        aborted = False
         for _ in threads:
             h = handles[done.get()]
-            if h.error is not None and error is None:
-                error = h.error
+            if h.error is not None and not aborted:
+                aborted = True
                 for other in handles:
                     other.abort()
         for th in threads:
             th.join()
-        if error is not None:
+        if barrier.first_failed is not None:  # the cause, not the pieces it stopped
+            error = handles[barrier.first_failed].error
+            assert error is not None
             raise error
         trailers = [h.result(0) for h in handles]
         first = reshard.agreed([t.first_token_id for t in trailers], "the first token")
