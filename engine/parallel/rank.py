@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -163,6 +164,8 @@ class RankModel:
         self.is_first, self.is_last = self.pp_rank == 0, self.pp_rank == self.layout.pp - 1
         self.tp_group: dist.ProcessGroup | None = None
         self.control: dist.ProcessGroup | None = None  # gloo: the Step broadcasts (CPU tensors)
+        # wall seconds this rank spent in TP all-reduces (waiting for the slowest rank of the stage included)
+        self.reduce_s, self.reduce_calls = 0.0, 0
 
     def join(self) -> None:
         """Rendezvous with the other ranks (blocks until all have joined) and make the groups."""
@@ -190,7 +193,10 @@ class RankModel:
             group = self.tp_group
 
             def all_reduce(t: Tensor) -> Tensor:
+                start = time.perf_counter()
                 dist.all_reduce(t, group=group)
+                self.reduce_s += time.perf_counter() - start
+                self.reduce_calls += 1
                 return t
 
             self.model.set_all_reduce(all_reduce)

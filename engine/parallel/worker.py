@@ -36,6 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format=f"rank {spec.rank}: %(levelname)s %(name)s %(message)s")
     if os.getppid() != parent:  # the parent died before the death signal was armed
         return 1
+    if spec.device.cpus and hasattr(os, "sched_setaffinity"):
+        # the spawning thread's pinning (rank 0's core) is inherited: widen to this rank's own cores first
+        try:
+            os.sched_setaffinity(0, spec.device.cpus)
+        except OSError as exc:
+            log.warning("cannot use cpus %s: %s", list(spec.device.cpus), exc)
     try:
         model = RankModel(spec)
     except Exception as exc:  # noqa: BLE001 - reported to rank 0, which raises it
