@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -52,6 +53,8 @@ class RankSpec:
     dtype: torch.dtype
     store_port: int  # rank 0's TCPStore on 127.0.0.1 (the rendezvous)
     timeout_s: float  # a collective waiting longer than this fails (a peer is gone)
+    # the instance's KV hand-off settings (kv_transfer.ranks.RankKVConfig.to_dict); None: no KV hand-off
+    kv: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         d = self.device
@@ -67,6 +70,7 @@ class RankSpec:
                 "dtype": str(self.dtype).removeprefix("torch."),
                 "store_port": self.store_port,
                 "timeout_s": self.timeout_s,
+                "kv": self.kv,
             }
         )
 
@@ -87,6 +91,7 @@ class RankSpec:
             dtype,
             v["store_port"],
             v["timeout_s"],
+            v.get("kv"),
         )
 
 

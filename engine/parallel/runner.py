@@ -12,6 +12,7 @@ Unavailable, and `on_rank_lost` (set by the instance) fires once, from the monit
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import select
@@ -21,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -82,7 +84,10 @@ class ParallelRunner(ModelRunner):
         dtype: torch.dtype | None = None,
         kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        kv: dict[str, Any] | None = None,
     ) -> None:
+        """`kv`: the instance's KV hand-off settings for the other ranks (kv_transfer.ranks.RankKVConfig
+        .to_dict()); None: the ranks hand no KV over (a colocated instance, a benchmark)."""
         self.model_dir, self.device, self.block_size, self.layout = (
             model_dir,
             device or Device(),
@@ -122,6 +127,7 @@ class ParallelRunner(ModelRunner):
                 self.dtype,
                 store.port,
                 timeout_s,
+                kv,
             )
             for r in range(layout.world_size)
         ]
@@ -135,11 +141,13 @@ class ParallelRunner(ModelRunner):
                 self.workers.append(
                     subprocess.Popen(
                         [sys.executable, "-m", "engine.parallel.worker", spec.to_json()],
+                        stdin=subprocess.PIPE,
                         stdout=subprocess.PIPE,
                     )
                 )
             self.rank0 = RankModel(specs[0])
-            _wait_loaded(self.workers, timeout_s)
+            # the KV server address of each rank (rank 0's: the instance's own server, set by the service)
+            self.kv_addresses = ["", *_wait_loaded(self.workers, timeout_s)]
             self.rank0.join_as_master(store)
         except BaseException:
             self._kill_workers()
@@ -148,8 +156,12 @@ class ParallelRunner(ModelRunner):
         self.torch_device = self.rank0.torch_device
         self.model, self.kv_cache = self.rank0.model, self.rank0.kv_cache
         self._channel = StepChannel(self.rank0.control)
-        for proc in self.workers:
+        # messages from the ranks' KV hand-off (kv_transfer.ranks): (rank, message), on a reader thread
+        self.on_message: Callable[[int, dict[str, Any]], None] | None = None
+        self._send_lock = threading.Lock()
+        for rank, proc in enumerate(self.workers, start=1):
             threading.Thread(target=self._watch, args=(proc,), name="rank-monitor", daemon=True).start()
+            threading.Thread(target=self._read, args=(rank, proc), name="rank-control", daemon=True).start()
 
     # ---- ModelRunner's one model call ---------------------------------------------------------
     def _forward(
@@ -170,6 +182,30 @@ class ParallelRunner(ModelRunner):
             raise Unavailable(f"tensor/pipeline-parallel step failed: {exc}") from exc
         assert logits is not None
         return logits
+
+    # ---- the control pipes (JSON lines; kv_transfer.ranks lists the messages) --------------------------
+    def send(self, rank: int, msg: dict[str, Any]) -> None:
+        """One message to rank `rank` (> 0). Raises Unavailable if the rank is gone."""
+        proc = self.workers[rank - 1]
+        assert proc.stdin is not None
+        try:
+            with self._send_lock:
+                proc.stdin.write(json.dumps(msg).encode() + b"\n")
+                proc.stdin.flush()
+        except OSError as exc:
+            raise Unavailable(f"rank {rank} is gone: {exc}") from exc
+
+    def _read(self, rank: int, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                log.warning("rank %d wrote a line that is not a message: %r", rank, line[:200])
+                continue
+            if self.on_message is not None:
+                self.on_message(rank, msg)
+        proc.stdout.close()  # EOF: the rank exited
 
     # ---- failure and shutdown -----------------------------------------------------------------
     def _watch(self, proc: subprocess.Popen[bytes]) -> None:
@@ -196,6 +232,12 @@ class ParallelRunner(ModelRunner):
         if self._closing:
             return
         self._closing = True
+        for proc in self.workers:
+            if proc.stdin is not None:
+                try:
+                    proc.stdin.close()  # ends the rank's control loop
+                except OSError:
+                    pass
         if self._lost is None:
             try:
                 self._channel.send(None)
@@ -216,22 +258,29 @@ class ParallelRunner(ModelRunner):
             if proc.poll() is None:
                 proc.kill()
             proc.wait()
-            if proc.stdout is not None:
-                proc.stdout.close()
 
 
-def _wait_loaded(workers: list[subprocess.Popen[bytes]], timeout_s: float) -> None:
-    """Wait until every worker wrote its "ok" line (its shard is loaded); raise its error, or that it died."""
-    pending = {proc.stdout.fileno(): proc for proc in workers if proc.stdout is not None}
+def _wait_loaded(workers: list[subprocess.Popen[bytes]], timeout_s: float) -> list[str]:
+    """Wait until every worker wrote its ready line (its shard is loaded); raise its error, or that it died.
+    -> each worker's KV server address ("" without one)."""
+    pending = {proc.stdout.fileno(): i for i, proc in enumerate(workers) if proc.stdout is not None}
+    addresses = [""] * len(workers)
     deadline = time.monotonic() + timeout_s
     while pending:
         ready, _, _ = select.select(list(pending), [], [], max(0.0, deadline - time.monotonic()))
         if not ready:
             raise RuntimeError(f"rank processes did not load their shards within {timeout_s:.0f} s")
         for fd in ready:
-            proc = pending.pop(fd)
+            i = pending.pop(fd)
+            proc = workers[i]
             assert proc.stdout is not None
             line = proc.stdout.readline().decode(errors="replace").strip()
-            if line != "ok":
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                msg = {"ok": False, "error": line or "no output"}
+            if not msg.get("ok"):
                 status = proc.wait()
-                raise RuntimeError(f"a rank failed to start (status {status}): {line or 'no output'}")
+                raise RuntimeError(f"a rank failed to start (status {status}): {msg.get('error')}")
+            addresses[i] = msg.get("kv_address", "")
+    return addresses

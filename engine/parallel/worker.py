@@ -1,7 +1,9 @@
 """A rank process other than 0: `python -m engine.parallel.worker SPEC_JSON` (started by `ParallelRunner`).
 
-It loads its shard, writes one line to stdout ("ok", or "error: ..." and exits 1), joins the other ranks,
-then runs every Step rank 0 broadcasts until SHUTDOWN. A failed collective (a rank died, the instance is
+It loads its shard (and, in a prefill or decode instance, starts its KV hand-off: kv_transfer.ranks), writes
+one JSON line to stdout ({"ok": true, "kv_address": ...}, or {"ok": false, "error": ...} and exits 1), joins
+the other ranks, then runs every Step rank 0 broadcasts until SHUTDOWN. stdin / stdout stay open as the
+control pipe: JSON lines between rank 0 and this rank's KV hand-off (kv_transfer.ranks). A failed collective (a rank died, the instance is
 gone) ends it with status 1; on Linux it is also killed when its parent (rank 0's process) dies, so no rank
 outlives its instance.
 """
@@ -9,10 +11,13 @@ outlives its instance.
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import os
 import signal
 import sys
+import threading
+from typing import Any
 
 log = logging.getLogger("engine.parallel.worker")
 
@@ -44,10 +49,26 @@ def main(argv: list[str] | None = None) -> int:
             log.warning("cannot use cpus %s: %s", list(spec.device.cpus), exc)
     try:
         model = RankModel(spec)
+        kv = None
+        if spec.kv is not None:
+            from engine.checkpoint import model_fingerprint
+            from kv_transfer.ranks import RankKVConfig, make_rank_kv
+
+            kv = make_rank_kv(
+                RankKVConfig.from_dict(spec.kv),
+                spec.layout,
+                spec.rank,
+                spec.model_dir,
+                model.kv_cache,
+                model_fingerprint(spec.model_dir),
+            )
     except Exception as exc:  # noqa: BLE001 - reported to rank 0, which raises it
-        print(f"error: rank {spec.rank}: {type(exc).__name__}: {exc}", flush=True)
+        _send({"ok": False, "error": f"rank {spec.rank}: {type(exc).__name__}: {exc}"})
         return 1
-    print("ok", flush=True)
+    _send({"ok": True, "kv_address": kv.address if kv is not None else ""})
+    if kv is not None:
+        kv.send = _send
+        threading.Thread(target=_control_loop, args=(kv,), name="rank-control", daemon=True).start()
     try:
         model.join()
         channel = StepChannel(model.control)
@@ -56,8 +77,31 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - a peer died or the instance is gone: this rank ends too
         log.exception("rank %d stops: %s", spec.rank, exc)
         return 1
+    finally:
+        if kv is not None:
+            kv.close()
     dist.destroy_process_group()
     return 0
+
+
+_send_lock = threading.Lock()
+
+
+def _send(msg: dict[str, Any]) -> None:
+    """One JSON line to rank 0 (stdout is the control pipe: nothing else may write to it)."""
+    line = json.dumps(msg) + "\n"
+    with _send_lock:
+        sys.stdout.write(line)
+        sys.stdout.flush()
+
+
+def _control_loop(kv: Any) -> None:
+    """Rank 0's messages (stdin, JSON lines) to this rank's KV hand-off, in order, until the pipe closes."""
+    for line in sys.stdin:
+        try:
+            kv.handle(json.loads(line))
+        except Exception:  # noqa: BLE001 - one bad message must not stop the rank's hand-off
+            log.exception("control message failed: %s", line.strip()[:200])
 
 
 if __name__ == "__main__":
