@@ -151,7 +151,7 @@ def _point(key: dict[str, Any], times: list[float], reduces: list[float]) -> dic
 def run(tps: list[int], pps: list[int], quick: bool, model_dir: str | None = None) -> dict[str, Any]:
     from engine.synth import cached_random_model, default_model_dir
 
-    model_dir = model_dir or (str(default_model_dir()) if quick else cached_random_model(**BENCH_MODEL))  # type: ignore[arg-type]
+    model_dir = model_dir or (str(default_model_dir()) if quick else cached_random_model(**BENCH_MODEL))
     layouts = [Layout(1, 1)] + [Layout(t, p) for t in tps for p in pps if (t, p) != (1, 1)]
     cores = usable_cores()
     g = grid(quick)

@@ -32,6 +32,7 @@ from engine.model_dir import ModelNotFoundError, resolve_model_dir
 from engine.runner import ModelRunner
 from engine.step_loop import Job, StepEngine
 from kv_transfer.codec import CodecContext
+from kv_transfer.ranks import RankKVConfig
 from pdserve import telemetry
 from pdserve.errors import PDServeError
 from pdserve.rpc import LIVENESS
@@ -285,6 +286,11 @@ def check_layout(cfg: InstanceConfig) -> None:
         raise ValueError(
             f"--tp {cfg.tp} does not divide the model's intermediate size {mc.intermediate_size}"
         )
+    if cfg.role == "decode" and mc.num_kv_heads < cfg.tp:
+        raise ValueError(
+            f"decode --tp {cfg.tp} would replicate the model's {mc.num_kv_heads} KV heads: not supported yet "
+            f"(use --tp <= {mc.num_kv_heads})"
+        )
 
 
 def check_registry(cfg: InstanceConfig) -> None:
@@ -303,9 +309,10 @@ def check_registry(cfg: InstanceConfig) -> None:
         registry.close()
 
 
-def load_runner(cfg: InstanceConfig) -> ModelRunner:
+def load_runner(cfg: InstanceConfig, kv: RankKVConfig | None = None) -> ModelRunner:
     """One device's ModelRunner, or with tp * pp > 1 rank 0 of a ParallelRunner: if a rank dies, the instance
-    stops (SIGTERM to itself: it leaves the registry, fails what it runs, and its other ranks end with it)."""
+    stops (SIGTERM to itself: it leaves the registry, fails what it runs, and its other ranks end with it).
+    `kv`: the KV hand-off each other rank runs on its own shard (prefill, decode)."""
     if cfg.tp * cfg.pp == 1:
         return ModelRunner(
             cfg.model_dir, cfg.device, num_kv_blocks=cfg.num_kv_blocks, block_size=cfg.block_size
@@ -314,7 +321,12 @@ def load_runner(cfg: InstanceConfig) -> ModelRunner:
     from engine.parallel.runner import ParallelRunner
 
     runner = ParallelRunner(
-        cfg.model_dir, Layout(cfg.tp, cfg.pp), cfg.device, cfg.num_kv_blocks, cfg.block_size
+        cfg.model_dir,
+        Layout(cfg.tp, cfg.pp),
+        cfg.device,
+        cfg.num_kv_blocks,
+        cfg.block_size,
+        kv=kv.to_dict() if kv is not None else None,
     )
     runner.on_rank_lost = lambda why: os.kill(os.getpid(), signal.SIGTERM)
     return runner
@@ -328,10 +340,10 @@ def close_runner(runner: ModelRunner) -> None:
         runner.close()
 
 
-def load_kv_runner(cfg: InstanceConfig) -> tuple[ModelRunner, CodecContext]:
+def load_kv_runner(cfg: InstanceConfig, kv: RankKVConfig) -> tuple[ModelRunner, CodecContext]:
     """The runner of an instance that hands KV over (prefill, decode), and its KV codecs' context: the
     model's depth, calibration files and layer-0 function (cachegen_l0 recomputes or checks layer 0)."""
-    runner = load_runner(cfg)
+    runner = load_runner(cfg, kv)
     return runner, CodecContext.from_model_dir(cfg.model_dir, runner.model, runner.fingerprint)
 
 

@@ -209,7 +209,7 @@ class RankModel:
     def forward(self, step: Step, on_layer: Callable[[int], object] | None = None) -> Tensor | None:
         """This rank's part of `step` (module doc). -> fp32 logits [N, V] on rank 0, None on the others."""
         cfg = self.config
-        pending: list[dist.Work] = []
+        pending: list[dist.Work | None] = []
         logits: list[Tensor] = []
         offsets = [0]
         for n in step.num_new:
@@ -247,7 +247,8 @@ class RankModel:
                     dist.recv(out, src=src)
                     logits.append(out)
             for work in pending:
-                work.wait()
+                if work is not None:
+                    work.wait()
         return torch.cat(logits) if self.spec.rank == 0 else None
 
 
