@@ -1,8 +1,10 @@
 """End to end KV reshard: every pair of prefill and decode layouts in {TP1, TP2, PP2} x {TP1, TP2, PP2}.
 
 One cluster (the tiny random model: 2 layers, 4 heads, 2 KV heads) holds one prefill and one decode instance
-of each layout; the test drives each pair directly (Prefill on that prefill instance, then Decode on that decode
-instance with the KV handle and the first token, as the gateway does), so nine pairs cost one cluster.
+of each layout: started as `pdserve up --prefill-tp 2 --decode-pp 2` starts it (ClusterConfig), the other
+layouts added. The test drives each pair directly (Prefill on that prefill instance, then Decode on that decode
+instance with the KV handle and the first token, as the gateway does), so nine pairs cost one cluster; the
+gateway's own concurrent requests, which the router spreads over the instances, must agree too.
 
 Raw KV: each pair's greedy output equals the single-process reference (`pdserve generate --local`'s engine) on
 every prompt whose reference top-1/top-2 logit margin stays above NEAR_TIE at every generated step (TP sums
@@ -18,6 +20,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +32,7 @@ from coordinator.registry import InstanceInfo, Registry
 from engine.kv_probe import KVProbe
 from engine.local import LocalEngine
 from engine.params import SamplingParams
+from pdserve.client import Client
 from pdserve.launcher import LocalCluster
 from pdserve.rpc import params_to_proto
 from pdserve.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
@@ -49,12 +53,12 @@ class LayoutCluster:
 
 @pytest.fixture(scope="module")
 def layout_cluster(tiny_model_dir: Path, module_clusters: Clusters) -> LayoutCluster:
-    """A 1P1D TP1 cluster plus a TP2 and a PP2 instance of each role (every rank process sharing the host's
-    cores: oversubscribed on a small machine)."""
-    cluster = module_clusters.start(tiny_model_dir, codec="raw", num_kv_blocks=64)
+    """A TP2 prefill + PP2 decode cluster (the launcher's --prefill-tp/--decode-pp) plus an instance of each
+    other layout per role (every rank process sharing the host's cores: oversubscribed on a small machine)."""
+    cluster = module_clusters.start(tiny_model_dir, codec="raw", num_kv_blocks=64, prefill_tp=2, decode_pp=2)
     cores = ",".join(map(str, sorted(os.sched_getaffinity(0))))
-    for role in ("prefill", "decode"):
-        for name in ("tp2", "pp2"):
+    for role, names in (("prefill", ("tp1", "pp2")), ("decode", ("tp1", "tp2"))):
+        for name in names:
             cluster.add_instance(role, ["--cpus", cores], layout=LAYOUTS[name])
     registry = Registry(cluster.redis_url)
     deadline = time.monotonic() + 180
@@ -152,4 +156,30 @@ def test_every_layout_pair_equals_the_reference_with_raw_kv_and_keeps_cachegens_
     record_property("cachegen_agreement", {f"{s}->{d}": n for (s, d), n in agree.items()})
     for pair, n in agree.items():
         assert n >= base - 1, f"cachegen {pair[0]} -> {pair[1]} agreed on {n} prompts, TP1 -> TP1 on {base}"
+    assert_no_leaks(layout_cluster.cluster)
+
+
+@pytest.mark.slow
+def test_the_gateway_routes_over_every_layout_and_equals_the_reference(
+    layout_cluster: LayoutCluster, prompts: list[list[int]], reference: tuple[list[list[int]], list[bool]]
+) -> None:
+    """Concurrent requests through the gateway (the router spreads in-flight requests over the instances, so
+    over several layout pairs) equal the reference too."""
+    want, clear = reference
+    with Client(layout_cluster.cluster.gateway_address) as client, ThreadPoolExecutor(len(prompts)) as pool:
+        futures = [
+            pool.submit(
+                client.generate,
+                p,
+                max_tokens=MAX_TOKENS,
+                ignore_eos=True,
+                repetition_penalty=1.0,
+                timeout=120,
+            )
+            for p in prompts * 2
+        ]
+        got = [list(f.result().token_ids) for f in futures]
+    for i, out in enumerate(got):
+        if clear[i % len(prompts)]:
+            assert out == want[i % len(prompts)], f"request {i}: {out} != reference {want[i % len(prompts)]}"
     assert_no_leaks(layout_cluster.cluster)
