@@ -6,8 +6,9 @@ PullHandle whose `poll()` reports WAITING -> TRANSFERRING -> DONE | FAILED (SGLa
 Checks on every frame: CRC and format (decode_frame), model fingerprint, transfer id, codec, layer
 order (0, 1, 2, ... with no gaps; from the first layer asked when a rectangle is asked), and that T, Hkv,
 D, dtype and the head range never change; a frame outside the rectangle asked (layers, KV heads) is
-LayoutMismatch. The trailer must agree with what arrived (num_layers, num_tokens). Any failure raises a typed error, closes the connection
-(no ACK: the server keeps the lease, so the pull can be retried) and leaves nothing half-acknowledged.
+LayoutMismatch. The trailer must agree with what arrived (num_layers, num_tokens). Any failure raises a
+typed error, closes the connection (no ACK: the server keeps the lease, so the pull can be retried) and
+leaves nothing half-acknowledged.
 
 Connections are pooled per address: after an ACK the channel is kept for the next pull to that server.
 
@@ -283,8 +284,8 @@ class KVPuller:
         source rank's trailer agrees on, num_layers = l1 - l0, stats summed over the pieces (transfer_s is
         the wall clock of the whole). No piece is ACKed before every piece's trailer has arrived: if any
         piece fails, none is ACKed (every source lease is kept, so the whole pull can be retried), the
-        others are aborted and waited for (no write_piece runs after this returns or raises), and the first
-        failure is raised. Raises LayoutMismatch for a rectangle the source
+        others are aborted and waited for (no write_piece runs after this returns or raises), and the error of
+        the piece that failed first (the cause) is raised. Raises LayoutMismatch for a rectangle the source
         layout cannot serve, before any connection."""
         planned = reshard.plan(src, rank_addresses, layers, heads, num_layers, num_kv_heads)
         t0 = time.perf_counter()
