@@ -524,7 +524,27 @@ def main(argv: list[str] | None = None) -> int:
         help="auto: main-thread CPU time with one thread, wall time otherwise",
     )
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    ap.add_argument(
+        "--tp",
+        default=None,
+        help="tensor-parallel sizes, e.g. 2 or 1,2: time TP x PP layouts (bench.engine_layouts) instead",
+    )
+    ap.add_argument("--pp", default=None, help="pipeline-parallel sizes, e.g. 2 (with --tp: every pair)")
+    ap.add_argument(
+        "--model", default=None, help="with --tp/--pp: the model directory (default: see --quick)"
+    )
     a = ap.parse_args(argv)
+    if a.tp is not None or a.pp is not None:
+        from bench import engine_layouts
+
+        try:
+            tps = [int(x) for x in (a.tp or "1").split(",")]
+            pps = [int(x) for x in (a.pp or "1").split(",")]
+        except ValueError:
+            ap.error("--tp / --pp take comma-separated integers, e.g. --tp 1,2")
+        layouts = engine_layouts.run(tps, pps, a.quick, a.model)
+        emit(layouts, a.json, summary=engine_layouts.summary(layouts))
+        return 0
     if a.clock == "cpu" and a.threads != 1:
         ap.error("--clock cpu measures one thread; use --threads 1 or --clock wall")
     result = run(Settings.make(a.quick, a.threads, a.clock), quiet=a.quiet)

@@ -90,7 +90,12 @@ async def run(cfg: instance.InstanceConfig, chunk_tokens: int | None) -> None:
 
     mode = f"chunked prefill, {chunk_tokens} tokens per step" if chunk_tokens else "whole-prompt prefill"
     log.info("colocated engine: %s, max_running %d", mode, cfg.max_running)
-    await instance.serve(cfg, add, lambda address: instance.registry_info(cfg, engine, address), engine.stop)
+
+    def stop() -> None:
+        engine.stop()
+        instance.close_runner(runner)
+
+    await instance.serve(cfg, add, lambda address: instance.registry_info(cfg, engine, address), stop)
 
 
 def _positive_int(value: str) -> int:

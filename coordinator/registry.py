@@ -32,7 +32,12 @@ class InstanceInfo:
     kv_address: str = ""  # prefill: where decode pulls KV (transport URL)
     transports: tuple[str, ...] = ()
     node: str = ""  # host name: same node -> shared memory / NVLink possible
-    devices: str = ""  # e.g. "cpu:0" or "cuda:1"
+    devices: str = ""  # e.g. "cpu:0" or "cuda:1" (rank 0's under TP/PP)
+    tp: int = (
+        1  # the instance's layout: tensor- and pipeline-parallel ranks (rank 0 is what the registry sees)
+    )
+    pp: int = 1
+    rank_devices: tuple[str, ...] = ()  # device of each global rank (pp_rank * tp + tp_rank); () = (devices,)
     model_fingerprint: int = 0
     max_model_len: int = 0
     kv_blocks_total: int = 0
@@ -52,6 +57,7 @@ class InstanceInfo:
     def from_json(raw: str | bytes) -> InstanceInfo:
         data = json.loads(raw)
         data["transports"] = tuple(data.get("transports", ()))
+        data["rank_devices"] = tuple(data.get("rank_devices", ()))
         known = {f.name for f in dataclasses.fields(InstanceInfo)}
         return InstanceInfo(**{k: v for k, v in data.items() if k in known})
 

@@ -26,7 +26,8 @@ from typing import Any
 from decode_service import tracing
 from engine.runner import ModelRunner
 from engine.step_loop import Batch, Job, Phase, StepEngine, prompt_pass
-from kv_transfer.client import KVPuller
+from kv_transfer.client import KVPuller, Trailer
+from kv_transfer.ranks import pull_shard
 from pdserve.errors import InvalidRequest, PDServeError, Unavailable
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,9 @@ class DecodeJob(Job):
     first_token_id: int | None
     kv_token: bytes = field(default=b"", repr=False)  # the lease's secret from the KV handle
     local_prefill: bool = False  # no KV handle: the step loop prefills the prompt here
+    # the prefill side's layout from the KV handle ({tp, pp, num_layers, num_kv_heads, rank_addresses}) when
+    # the KV is sharded there or here (kv_transfer.ranks.pull_shard); None: one rank at `kv_address` holds it all
+    kv_layout: dict[str, Any] | None = None
     pulled: BaseException | int | None = None  # the pull's outcome (PULLED): the first token, or why not
     transfer_s: float = 0.0
     trace: Any = None  # OpenTelemetry Context: the parent of this job's spans (None: not traced)
@@ -168,19 +172,11 @@ class DecodeEngine(StepEngine[DecodeJob]):
     def _pull(self, job: DecodeJob) -> None:
         """Import the prompt KV into the job's blocks (layer by layer, as the prefill instance publishes
         them), then hand the outcome to the step loop (PULLED)."""
-        seq = job.seq
-        cache = self.runner.kv_cache
         result: BaseException | int
         trailer = None
         started = time.monotonic()
         try:
-            trailer = self.puller.pull(
-                job.kv_address,
-                job.transfer_id,
-                job.codec,
-                write_layer=lambda layer, k, v: cache.write(layer, seq.blocks, 0, k, v),
-                token=job.kv_token,
-            )
+            trailer = self._pull_kv(job)
             if trailer.num_tokens != len(job.prompt_ids):
                 raise Unavailable(
                     f"KV stream has {trailer.num_tokens} tokens, prompt has {len(job.prompt_ids)}"
@@ -202,6 +198,30 @@ class DecodeEngine(StepEngine[DecodeJob]):
             self._admitted.remove(job)  # to the end: pulled jobs join the batch in the order they returned
             self._admitted.append(job)
             self._cond.notify()
+
+    def _pull_kv(self, job: DecodeJob) -> Trailer:
+        """Import the job's prompt KV into its blocks (ParallelDecodeEngine: every rank its own shard)."""
+        seq, cache = job.seq, self.runner.kv_cache
+        if job.kv_layout is not None:  # a sharded prefill instance: one piece from each of its ranks
+            cfg = self.runner.config
+            return pull_shard(
+                self.puller,
+                cache,
+                (0, cfg.num_layers),
+                (0, cfg.num_kv_heads),
+                job.kv_layout,
+                job.transfer_id,
+                job.codec,
+                job.kv_token,
+                seq.blocks,
+            )
+        return self.puller.pull(
+            job.kv_address,
+            job.transfer_id,
+            job.codec,
+            write_layer=lambda layer, k, v: cache.write(layer, seq.blocks, 0, k, v),
+            token=job.kv_token,
+        )
 
     def _observe_link(self, kv_address: str, bytes_per_s: float) -> None:
         """EWMA of the wire bandwidth from each prefill KV server (published in the registry)."""

@@ -9,9 +9,13 @@ import grpc
 
 from coordinator.registry import InstanceInfo
 from decode_service.engine import DecodeEngine, DecodeJob, Tokens
+from decode_service.parallel import ParallelDecodeEngine
+from engine.parallel.runner import ParallelRunner
 from engine.runner import ModelRunner
 from kv_transfer.client import KVPuller
 from kv_transfer.codec import CodecContext
+from kv_transfer.ranks import RankKVConfig
+from kv_transfer.reshard import handle_layout
 from kv_transfer.transport import available_transports
 from pdserve import instance, telemetry
 from pdserve.errors import InvalidRequest, ModelMismatch
@@ -50,6 +54,17 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             raise InvalidRequest("a KV handle (kv.transfer_id) is required unless local_prefill is set")
         if request.kv.model_fingerprint and request.kv.model_fingerprint != self.runner.fingerprint:
             raise ModelMismatch("KV handle comes from a different model than this decode instance serves")
+        kv_layout = None
+        if not request.local_prefill:
+            hl = handle_layout(request.kv)  # LayoutMismatch if the handle contradicts itself
+            if hl.layout.world_size > 1 or isinstance(self.runner, ParallelRunner):
+                kv_layout = {
+                    "tp": hl.layout.tp,
+                    "pp": hl.layout.pp,
+                    "num_layers": hl.num_layers or self.runner.config.num_layers,
+                    "num_kv_heads": hl.num_kv_heads or self.runner.config.num_kv_heads,
+                    "rank_addresses": list(hl.rank_addresses),
+                }
         stream = instance.EngineStream()
         job = DecodeJob(
             request_id=request.request_id,
@@ -61,6 +76,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             codec=self.codecs.pull_codec(request.kv.codec or self.cfg.codec),
             first_token_id=request.first_token_id if request.HasField("first_token_id") else None,
             local_prefill=request.local_prefill,
+            kv_layout=kv_layout,
             emit=stream.emit,
             trace=telemetry.parent_of(span),
         )
@@ -81,9 +97,19 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
 
 
 async def run(cfg: instance.InstanceConfig) -> None:
-    runner, codecs = instance.load_kv_runner(cfg)
+    runner, codecs = instance.load_kv_runner(
+        cfg,
+        RankKVConfig(
+            "decode", cfg.transport, cfg.host, cfg.advertise_host, pull_timeout_s=cfg.pull_timeout_s
+        ),
+    )
     puller = KVPuller(fingerprint=runner.fingerprint, timeout_s=cfg.pull_timeout_s, codecs=codecs)
-    engine = DecodeEngine(runner, puller, cfg.max_running, cfg.max_queue, cfg.batch_tokens)
+    args = (puller, cfg.max_running, cfg.max_queue, cfg.batch_tokens)
+    engine = (
+        ParallelDecodeEngine(runner, *args)
+        if isinstance(runner, ParallelRunner)
+        else DecodeEngine(runner, *args)
+    )
     engine.start()
     servicer = DecodeServicer(cfg, engine, runner, codecs)
     instance.observe_load(cfg, engine)
@@ -92,8 +118,12 @@ async def run(cfg: instance.InstanceConfig) -> None:
         transports = tuple(available_transports())
         return instance.registry_info(cfg, engine, address, transports=transports, links=dict(engine.links))
 
+    def stop() -> None:
+        engine.stop()
+        instance.close_runner(runner)
+
     await instance.serve(
-        cfg, lambda srv: decode_pb2_grpc.add_DecodeServicer_to_server(servicer, srv), info, engine.stop
+        cfg, lambda srv: decode_pb2_grpc.add_DecodeServicer_to_server(servicer, srv), info, stop
     )
 
 

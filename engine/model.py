@@ -9,8 +9,10 @@ sequence: one kernel call per layer reads each context in place through the bloc
 Parameter names equal Hugging Face's (`model.layers.3.self_attn.q_proj.weight`, ...), so a safetensors
 checkpoint loads by name. After loading, `CausalLM.pack_weights` fuses q/k/v and gate/up and stores every
 projection as one contiguous [in, out] matrix; the named parameters become views of those (same values).
-Layers are built for a range `[layer_start, layer_end)` and attention / MLP take their local head / column
-counts, which is where pipeline and tensor parallel variants slot in.
+Layers are built for a range `[layer_start, layer_end)` (a pipeline stage) and, for tensor parallel rank
+`tp_rank` of `tp`, with that rank's query heads, KV heads and MLP columns (`engine.parallel.layout`): q/k/v
+and gate/up are column-parallel, o_proj and down_proj row-parallel, each followed by `all_reduce` (one
+after attention, one after the MLP). With tp == 1 there is no reduction and nothing else changes.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from engine.arena import Arena
 from engine.config import ModelConfig
 from engine.kernels import paged_decode_attention, rms_norm, small_matmul
 from engine.kv_cache import KVCache, slots_for
+from engine.parallel.layout import Layout
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -334,27 +337,55 @@ class MLP(nn.Module):
         return linear_t(act, self.down_t, None)
 
 
+@dataclass(frozen=True)
+class Shard:
+    """What TP rank `tp_rank` of `tp` holds of every layer: query heads, KV heads, MLP columns (local counts)."""
+
+    tp: int = 1
+    tp_rank: int = 0
+
+    def heads(self, config: ModelConfig) -> tuple[int, int]:
+        return Layout(self.tp).head_range(config.num_heads, self.tp_rank)
+
+    def kv_heads(self, config: ModelConfig) -> tuple[int, int]:
+        return Layout(self.tp).kv_head_range(config.num_kv_heads, self.tp_rank)
+
+    def columns(self, config: ModelConfig) -> tuple[int, int]:
+        """MLP intermediate columns [start, end) of this rank."""
+        if config.intermediate_size % self.tp:
+            raise ValueError(f"tp={self.tp} does not divide intermediate_size {config.intermediate_size}")
+        n = config.intermediate_size // self.tp
+        return self.tp_rank * n, (self.tp_rank + 1) * n
+
+
+Reduce = Callable[[Tensor], Tensor]  # sums a [T, hidden] partial result over the TP group (in place)
+
+
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, shard: Shard = Shard()) -> None:
         super().__init__()
-        self.self_attn = Attention(config, config.num_heads, config.num_kv_heads)
-        self.mlp = MLP(config.hidden_size, config.intermediate_size)
+        (h0, h1), (k0, k1), (c0, c1) = shard.heads(config), shard.kv_heads(config), shard.columns(config)
+        self.self_attn = Attention(config, h1 - h0, k1 - k0)
+        self.mlp = MLP(config.hidden_size, c1 - c0)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.all_reduce: Reduce | None = None  # set by CausalLM.set_all_reduce when tp > 1
 
     def forward(
         self, h: Tensor, cos: Tensor, sin: Tensor, meta: BatchMeta, kv_cache: KVCache, cache_layer: int
     ) -> Tensor:
-        # h: [T, hidden]
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, meta, kv_cache, cache_layer)
-        return h.add_(self.mlp(self.post_attention_layernorm(h)))
+        # h: [T, hidden]; under TP each branch yields this rank's partial sum, reduced before the residual add
+        a = self.self_attn(self.input_layernorm(h), cos, sin, meta, kv_cache, cache_layer)
+        h = h + (a if self.all_reduce is None else self.all_reduce(a))
+        m = self.mlp(self.post_attention_layernorm(h))
+        return h.add_(m if self.all_reduce is None else self.all_reduce(m))
 
 
 # --------------------------------------------------------------------------------------------------------
 # The model: `model.*` is the decoder stack, `lm_head` the output projection (absent when tied).
 # --------------------------------------------------------------------------------------------------------
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig, layer_start: int, layer_end: int) -> None:
+    def __init__(self, config: ModelConfig, layer_start: int, layer_end: int, shard: Shard = Shard()) -> None:
         super().__init__()
         self.is_first, self.is_last = layer_start == 0, layer_end == config.num_layers
         # `_weight` skips the random init, which loads nothing under meta but imported torch._dynamo (~1 s
@@ -369,7 +400,9 @@ class LlamaModel(nn.Module):
             else None
         )
         # ModuleDict keyed by the *global* layer index keeps HF names under a pipeline layer range
-        self.layers = nn.ModuleDict({str(i): DecoderLayer(config) for i in range(layer_start, layer_end)})
+        self.layers = nn.ModuleDict(
+            {str(i): DecoderLayer(config, shard) for i in range(layer_start, layer_end)}
+        )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if self.is_last else None
 
     def layer(self, i: int) -> DecoderLayer:
@@ -379,18 +412,23 @@ class LlamaModel(nn.Module):
 
 
 class CausalLM(nn.Module):
-    """Layers [layer_start, layer_end) of a Llama-family model. The KV cache's layer 0 is `layer_start`."""
+    """Layers [layer_start, layer_end) of a Llama-family model, TP shard `shard` of each (the embedding,
+    norms and LM head are replicated). The KV cache's layer 0 is `layer_start`; it holds the shard's KV heads."""
 
     lm_head_t: Tensor | None  # buffer [hidden, V] set by pack_weights() when the head is untied
 
-    def __init__(self, config: ModelConfig, layer_start: int = 0, layer_end: int | None = None) -> None:
+    def __init__(
+        self, config: ModelConfig, layer_start: int = 0, layer_end: int | None = None, shard: Shard = Shard()
+    ) -> None:
         super().__init__()
         layer_end = config.num_layers if layer_end is None else layer_end
         if not 0 <= layer_start < layer_end <= config.num_layers:
             raise ValueError(f"bad layer range [{layer_start}, {layer_end}) for {config.num_layers} layers")
-        self.config, self.layer_start, self.layer_end = config, layer_start, layer_end
-        self.model = LlamaModel(config, layer_start, layer_end)
-        untied_head = self.model.is_last and not config.tie_word_embeddings
+        Layout(shard.tp).check(config.num_layers, config.num_heads, config.num_kv_heads)
+        self.config, self.layer_start, self.layer_end, self.shard = config, layer_start, layer_end, shard
+        self.model = LlamaModel(config, layer_start, layer_end, shard)
+        # a last stage without the embedding holds its own copy of a tied head (loaded from the embedding)
+        untied_head = self.model.is_last and (not config.tie_word_embeddings or not self.model.is_first)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False) if untied_head else None
         self.register_buffer("lm_head_t", None, persistent=False)  # [hidden, V], set by pack_weights()
         self.rotary = RotaryEmbedding(config)
@@ -415,6 +453,11 @@ class CausalLM(nn.Module):
             layer.mlp.pack(arena)
         if self.lm_head is not None:
             self.lm_head_t, _ = pack_linears(self.lm_head, arena=arena)
+
+    def set_all_reduce(self, reduce: Reduce) -> None:
+        """The TP group's in-place sum, called after each layer's attention and MLP (tp > 1 only)."""
+        for i in range(self.layer_start, self.layer_end):
+            self.model.layer(i).all_reduce = reduce
 
     @property
     def num_local_layers(self) -> int:

@@ -4,30 +4,40 @@
 PullHandle whose `poll()` reports WAITING -> TRANSFERRING -> DONE | FAILED (SGLang-style status).
 
 Checks on every frame: CRC and format (decode_frame), model fingerprint, transfer id, codec, layer
-order (0, 1, 2, ... with no gaps), and that T, Hkv, D and dtype never change; the trailer must agree
-with what arrived (num_layers, num_tokens). Any failure raises a typed error, closes the connection
-(no ACK: the server keeps the lease, so the pull can be retried) and leaves nothing half-acknowledged.
+order (0, 1, 2, ... with no gaps; from the first layer asked when a rectangle is asked), and that T, Hkv,
+D, dtype and the head range never change; a frame outside the rectangle asked (layers, KV heads) is
+LayoutMismatch. The trailer must agree with what arrived (num_layers, num_tokens). Any failure raises a
+typed error, closes the connection (no ACK: the server keeps the lease, so the pull can be retried) and
+leaves nothing half-acknowledged.
 
 Connections are pooled per address: after an ACK the channel is kept for the next pull to that server.
+
+`pull_pieces()` pulls one destination rank's rectangle from a TP x PP prefill instance: one piece per source
+rank (engine.parallel.layout.pieces), all in parallel (kv_transfer/reshard.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
+import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from engine.parallel.layout import Layout
+from kv_transfer import reshard
 from kv_transfer.codec import CodecContext
 from kv_transfer.errors import (
     FingerprintMismatch,
     FrameForeign,
     KVTransferError,
+    LayoutMismatch,
     LeaseExpired,
     PeerClosed,
     ProtocolError,
@@ -37,7 +47,8 @@ from kv_transfer.errors import (
     UnknownCodec,
     UnknownTransfer,
 )
-from kv_transfer.frame import DEFAULT_MAX_ELEMENTS, decode_frame, is_frame
+from kv_transfer.frame import DEFAULT_MAX_ELEMENTS, Frame, decode_frame, is_frame
+from kv_transfer.reshard import WritePiece
 from kv_transfer.transport import transport_for
 from kv_transfer.transport.base import Channel, Transport
 from kv_transfer.wire import (
@@ -54,6 +65,7 @@ from kv_transfer.wire import (
 log = logging.getLogger(__name__)
 
 WriteLayer = Callable[[int, Tensor, Tensor], None]  # (layer, k [T, Hkv, D], v [T, Hkv, D])
+Range = tuple[int, int]  # half-open [start, end)
 
 
 @dataclass(frozen=True)
@@ -170,6 +182,7 @@ _ERRORS: dict[ErrorCode, type[KVTransferError]] = {
     ErrorCode.SUPERSEDED: TransferCancelled,
     ErrorCode.SHUTTING_DOWN: PeerClosed,
     ErrorCode.UNAUTHORIZED: PullUnauthorized,
+    ErrorCode.LAYOUT_MISMATCH: LayoutMismatch,
 }
 
 
@@ -203,31 +216,128 @@ class KVPuller:
 
     # --- public ------------------------------------------------------------------------------------
     def pull(
-        self, handle_address: str, transfer_id: str, codec: str, write_layer: WriteLayer, *, token: bytes
+        self,
+        handle_address: str,
+        transfer_id: str,
+        codec: str,
+        write_layer: WriteLayer,
+        *,
+        token: bytes,
+        layers: Range | None = None,
+        heads: Range | None = None,
     ) -> Trailer:
         """Pull every layer in order, calling write_layer(layer, k, v) as each arrives; returns the Trailer.
 
         `token` is the lease's secret from the KV handle (what `KVServer.open_lease` returned).
+        `layers`, `heads`: the rectangle to pull (global layers and KV heads); write_layer then gets layers
+        l0..l1-1 with k, v [T, h1-h0, D]. heads None = every head the lease holds; layers None = every layer
+        of a lease holding the model's layers from 0 (a one-rank instance's; a PP stage's lease needs them).
         k, v may alias a receive buffer that the next layer overwrites: write_layer must copy them
         (KVCache.write does). Raises typed errors (UnknownTransfer, PullUnauthorized, LeaseExpired,
         FrameCorrupted, ...).
         """
         handle = PullHandle(transfer_id)
-        self._run(handle, handle_address, codec, write_layer, token)
+        self._run(handle, handle_address, codec, write_layer, token, layers, heads)
         return handle.result(0)
 
     def start_pull(
-        self, handle_address: str, transfer_id: str, codec: str, write_layer: WriteLayer, *, token: bytes
+        self,
+        handle_address: str,
+        transfer_id: str,
+        codec: str,
+        write_layer: WriteLayer,
+        *,
+        token: bytes,
+        layers: Range | None = None,
+        heads: Range | None = None,
     ) -> PullHandle:
         """Run pull() in a background thread; watch it with handle.poll() / wait() / result()."""
         handle = PullHandle(transfer_id)
         threading.Thread(
             target=self._run,
-            args=(handle, handle_address, codec, write_layer, token),
+            args=(handle, handle_address, codec, write_layer, token, layers, heads),
             name="kvpull",
             daemon=True,
         ).start()
         return handle
+
+    def pull_pieces(
+        self,
+        src: Layout,
+        rank_addresses: Sequence[str],
+        transfer_id: str,
+        codec: str,
+        layers: Range,
+        heads: Range | None,
+        write_piece: WritePiece,
+        *,
+        token: bytes,
+        num_layers: int,
+        num_kv_heads: int,
+    ) -> Trailer:
+        """Pull the rectangle `layers` x `heads` (global numbering; heads None = all) of a transfer held by a
+        prefill instance laid out as `src`, whose global rank r serves KV at rank_addresses[r].
+
+        One piece per source rank (reshard.plan: each cell from its canonical owner), all pulled in parallel;
+        write_piece(layer, head_start, k, v) is called from the pull threads as each piece's layers arrive
+        (several threads at once, disjoint rectangles; copy k, v). Returns one Trailer: the first token every
+        source rank's trailer agrees on, num_layers = l1 - l0, stats summed over the pieces (transfer_s is
+        the wall clock of the whole). No piece is ACKed before every piece's trailer has arrived: if any
+        piece fails, none is ACKed (every source lease is kept, so the whole pull can be retried), the
+        others are aborted and waited for (no write_piece runs after this returns or raises), and the error of
+        the piece that failed first (the cause) is raised. Raises LayoutMismatch for a rectangle the source
+        layout cannot serve, before any connection."""
+        planned = reshard.plan(src, rank_addresses, layers, heads, num_layers, num_kv_heads)
+        t0 = time.perf_counter()
+        done: queue.SimpleQueue[int] = queue.SimpleQueue()
+        handles = [PullHandle(transfer_id) for _ in planned]
+        barrier = reshard.AckBarrier(len(planned))
+
+        def run(i: int, p: reshard.PlannedPull) -> None:
+            h0 = p.heads[0] if p.heads is not None else 0
+
+            def write_layer(layer: int, k: Tensor, v: Tensor) -> None:
+                write_piece(layer, h0, k, v)
+
+            try:
+                self._run(handles[i], p.address, codec, write_layer, token, p.layers, p.heads, barrier.arrive)
+            finally:
+                if handles[i].error is not None:
+                    barrier.fail(i)
+                done.put(i)
+
+        threads = [
+            threading.Thread(target=run, args=(i, p), name=f"kvpull-piece{p.src_rank}", daemon=True)
+            for i, p in enumerate(planned)
+        ]
+        for th in threads:
+            th.start()
+        aborted = False
+        for _ in threads:
+            h = handles[done.get()]
+            if h.error is not None and not aborted:
+                aborted = True
+                for other in handles:
+                    other.abort()
+        for th in threads:
+            th.join()
+        if barrier.first_failed is not None:  # the cause, not the pieces it stopped
+            error = handles[barrier.first_failed].error
+            assert error is not None
+            raise error
+        trailers = [h.result(0) for h in handles]
+        first = reshard.agreed([t.first_token_id for t in trailers], "the first token")
+        num_tokens = reshard.agreed([t.num_tokens for t in trailers], "the number of tokens")
+        stats = [t.stats for t in trailers]
+        total = PullStats(
+            **{
+                f.name: sum(getattr(st, f.name) for st in stats)
+                for f in dataclasses.fields(PullStats)
+                if f.name != "transfer_s"
+            },
+            transfer_s=time.perf_counter() - t0,
+        )
+        return Trailer(first, num_tokens, layers[1] - layers[0], total)
 
     def close(self) -> None:
         with self._lock:
@@ -267,7 +377,15 @@ class KVPuller:
 
     # --- one pull ----------------------------------------------------------------------------------
     def _run(
-        self, handle: PullHandle, address: str, codec_name: str, write_layer: WriteLayer, token: bytes
+        self,
+        handle: PullHandle,
+        address: str,
+        codec_name: str,
+        write_layer: WriteLayer,
+        token: bytes,
+        layers: Range | None = None,
+        heads: Range | None = None,
+        before_ack: Callable[[], bool] | None = None,
     ) -> None:
         try:
             self.codecs.codec(codec_name)  # fail fast, before touching the network
@@ -277,7 +395,9 @@ class KVPuller:
                 connect_s = time.perf_counter() - t0
                 handle._set_channel(ch)
                 try:
-                    trailer = self._pull_on(ch, handle, codec_name, write_layer, connect_s, token)
+                    trailer = self._pull_on(
+                        ch, handle, codec_name, write_layer, connect_s, token, layers, heads, before_ack
+                    )
                 except PeerClosed:
                     ch.close()
                     # a pooled connection may have died while idle: retry once on a fresh one, but only
@@ -306,12 +426,19 @@ class KVPuller:
         write_layer: WriteLayer,
         connect_s: float,
         token: bytes,
+        layers: Range | None = None,
+        heads: Range | None = None,
+        before_ack: Callable[[], bool] | None = None,
     ) -> Trailer:
+        """One pull on `ch`. before_ack(), if given, runs once the trailer checked out; False means do not
+        ACK (TransferCancelled: the server keeps the lease)."""
         tid = handle.transfer_id
         codec = self.codecs.codec(codec_name)
         t_start = time.perf_counter()
-        ch.send(encode_control(Pull(self.fingerprint, tid, codec_name, token)), timeout=self.timeout_s)
-        expect_layer = 0
+        pull = Pull(self.fingerprint, tid, codec_name, token, layers or (0, 0), heads or (0, 0))
+        ch.send(encode_control(pull), timeout=self.timeout_s)
+        first_layer = expect_layer = layers[0] if layers is not None else 0
+        frame_heads: Range | None = heads
         shape: tuple[int, int, int] | None = None
         dtype: torch.dtype | None = None
         wire_bytes = 0
@@ -327,6 +454,7 @@ class KVPuller:
                     raise ProtocolError(
                         f"frame codec id {f.codec_id}, requested {codec.name} ({codec.codec_id})"
                     )
+                frame_heads = _check_rect(f, layers, frame_heads)
                 if f.layer != expect_layer:
                     raise ProtocolError(f"frame for layer {f.layer}, expected layer {expect_layer}")
                 if shape is None:
@@ -342,7 +470,7 @@ class KVPuller:
                 decode_s += t1 - t0
                 wire_bytes += f.nbytes
                 expect_layer += 1
-                handle._layer_done(expect_layer)
+                handle._layer_done(expect_layer - first_layer)
                 continue
             if not is_control(msg):
                 raise FrameForeign(f"unexpected message starting {bytes(msg[:4])!r}")
@@ -352,12 +480,19 @@ class KVPuller:
             if not isinstance(ctl, TrailerMsg):
                 raise ProtocolError(f"unexpected {type(ctl).__name__} during a pull")
             transfer_s = time.perf_counter() - t_start
-            if ctl.transfer_id != tid or ctl.num_layers != expect_layer or expect_layer == 0:
+            received = expect_layer - first_layer
+            if ctl.transfer_id != tid or ctl.num_layers != received or received == 0:
                 raise ProtocolError(
-                    f"trailer says {ctl.num_layers} layers of {ctl.transfer_id!r}, got {expect_layer} of {tid!r}"
+                    f"trailer says {ctl.num_layers} layers of {ctl.transfer_id!r}, got {received} of {tid!r}"
+                )
+            if layers is not None and expect_layer != layers[1]:
+                raise LayoutMismatch(
+                    f"layers {layers} asked, the server sent [{first_layer}, {expect_layer})"
                 )
             if shape is not None and ctl.num_tokens != shape[0]:
                 raise ProtocolError(f"trailer says {ctl.num_tokens} tokens, frames carried {shape[0]}")
+            if before_ack is not None and not before_ack():
+                raise TransferCancelled(f"pull of {tid!r} not acknowledged: another piece failed")
             ch.send(encode_control(Ack(tid)), timeout=self.timeout_s)
             stats = PullStats(
                 bytes_on_wire=wire_bytes,
@@ -373,3 +508,13 @@ class KVPuller:
                 connect_s=connect_s,
             )
             return Trailer(ctl.first_token_id, ctl.num_tokens, ctl.num_layers, stats)
+
+
+def _check_rect(f: Frame, layers: Range | None, heads: Range | None) -> Range:
+    """A frame must hold a layer of the rectangle asked and exactly its KV heads (the first frame's heads when
+    all were asked): LayoutMismatch otherwise. Returns the heads every later frame must hold."""
+    if layers is not None and not layers[0] <= f.layer < layers[1]:
+        raise LayoutMismatch(f"frame for layer {f.layer}, asked layers {layers}")
+    if heads is not None and f.heads != heads:
+        raise LayoutMismatch(f"frame of layer {f.layer} holds KV heads {f.heads}, expected {heads}")
+    return f.heads

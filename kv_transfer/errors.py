@@ -143,3 +143,10 @@ class PullUnauthorized(KVTransferError):
     token to may pull it. The server sent no KV and keeps the lease for the right puller."""
 
     code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class LayoutMismatch(KVTransferError, InvalidRequest):
+    """A pull asked for KV (layers x KV heads) outside what the lease holds, or a frame held other layers or
+    heads than were asked for: the two sides disagree on the prefill layout. Never a silently wrong cache."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION

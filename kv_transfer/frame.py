@@ -1,12 +1,12 @@
 """The KV frame: one layer's encoded K and V in a versioned, self-describing binary container (no pickle).
 
-Layout (little-endian), version 1:
+Layout (little-endian), version 2:
 
     offset size field
     0      4    magic            b"PDKV"
-    4      2    version          u16 = 1
+    4      2    version          u16 = 2
     6      2    codec_id         u16 (see codec/registry.py)
-    8      2    flags            u16, must be 0 in version 1
+    8      2    flags            u16, must be 0
     10     1    dtype            u8 dtype code of the source K/V (see DTYPE_CODES)
     11     1    reserved         u8, must be 0
     12     8    fingerprint      u64 model fingerprint
@@ -17,8 +17,11 @@ Layout (little-endian), version 1:
     36     2    tid_len          u16 transfer id length (bytes, utf-8)
     38     4    params_len       u32 codec params length (bytes)
     42     8    payload_len      u64 codec payload length (bytes)
-    50     .    transfer id, codec params, zero padding, payload
+    50     4    head_start       u32 first KV head the frame holds: heads [head_start, head_start + Hkv)
+    54     .    transfer id, codec params, zero padding, payload
     end-4  4    crc32            zlib.crc32 over every byte before it
+
+Version 1 is version 2 without head_start (a 50-byte header, heads [0, Hkv)); it is still read.
 
 The zero padding (not stored, derived from the lengths) puts the payload at a multiple of
 PAYLOAD_ALIGN bytes from the frame start, so tensors viewed over it are aligned.
@@ -43,8 +46,9 @@ import torch
 from kv_transfer.errors import FingerprintMismatch, FrameCorrupted, FrameForeign, FrameTooLarge
 
 MAGIC = b"PDKV"
-VERSION = 1
-KNOWN_FLAGS = 0  # no flag bits are defined in version 1
+VERSION = 2
+READ_VERSIONS = (1, 2)
+KNOWN_FLAGS = 0  # no flag bits are defined
 
 # dtype codes on the wire <-> torch dtypes. Codes are forever: never renumber, only append.
 DTYPE_CODES: dict[torch.dtype, int] = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
@@ -54,9 +58,12 @@ MAX_TRANSFER_ID_BYTES = 256
 DEFAULT_MAX_ELEMENTS = 1 << 28  # per K (and per V) of one layer: T*Hkv*D; 1 GiB of fp32
 DEFAULT_MAX_PARAMS_BYTES = 16 << 20
 
-_HEADER = struct.Struct("<4sHHHBBQIIIIHIQ")
-HEADER_SIZE = _HEADER.size  # 50
+_HEADER_V1 = struct.Struct("<4sHHHBBQIIIIHIQ")
+_HEADER = struct.Struct("<4sHHHBBQIIIIHIQI")  # version 2: version 1's fields, then head_start
+HEADER_SIZE = _HEADER.size  # 54
+_HEADER_SIZES = {1: _HEADER_V1.size, 2: _HEADER.size}
 _CRC = struct.Struct("<I")
+_U32 = struct.Struct("<I")
 CRC_SIZE = _CRC.size
 PAYLOAD_ALIGN = 64
 _NUMPY_COPY_MIN = 64 << 10
@@ -80,6 +87,12 @@ class Frame:
     params: memoryview
     payload: memoryview
     nbytes: int  # whole frame, header and CRC included
+    head_start: int = 0  # the frame holds KV heads [head_start, head_start + Hkv) of its layer
+
+    @property
+    def heads(self) -> tuple[int, int]:
+        """The half-open KV-head range the frame holds."""
+        return self.head_start, self.head_start + self.shape[1]
 
     @property
     def num_elements(self) -> int:
@@ -110,7 +123,9 @@ def _payload_parts(payload: Payload) -> list[memoryview]:
     return [as_bytes_view(p) for p in payload]
 
 
-def _check_fields(transfer_id: str, layer: int, shape: Sequence[int], dtype: torch.dtype) -> bytes:
+def _check_fields(
+    transfer_id: str, layer: int, shape: Sequence[int], dtype: torch.dtype, head_start: int = 0
+) -> bytes:
     tid = transfer_id.encode("utf-8")
     if not tid or len(tid) > MAX_TRANSFER_ID_BYTES:
         raise ValueError(f"transfer id must be 1..{MAX_TRANSFER_ID_BYTES} utf-8 bytes, got {len(tid)}")
@@ -120,17 +135,21 @@ def _check_fields(transfer_id: str, layer: int, shape: Sequence[int], dtype: tor
         raise ValueError(f"shape must be (T, Hkv, D) with 1 <= each < 2**32, got {tuple(shape)}")
     if not 0 <= layer < 1 << 32:
         raise ValueError(f"layer {layer} out of range")
+    if not 0 <= head_start < (1 << 32) - shape[1]:
+        raise ValueError(f"head_start {head_start} out of range")
     return tid
 
 
-def payload_offset(transfer_id_bytes: int, params_len: int) -> int:
+def payload_offset(transfer_id_bytes: int, params_len: int, header_size: int = HEADER_SIZE) -> int:
     """Where the payload starts: after header, transfer id and params, rounded up to PAYLOAD_ALIGN."""
-    off = HEADER_SIZE + transfer_id_bytes + params_len
+    off = header_size + transfer_id_bytes + params_len
     return off + (-off) % PAYLOAD_ALIGN
 
 
-def frame_size(transfer_id_bytes: int, params_len: int, payload_len: int) -> int:
-    return payload_offset(transfer_id_bytes, params_len) + payload_len + CRC_SIZE
+def frame_size(
+    transfer_id_bytes: int, params_len: int, payload_len: int, header_size: int = HEADER_SIZE
+) -> int:
+    return payload_offset(transfer_id_bytes, params_len, header_size) + payload_len + CRC_SIZE
 
 
 class FrameBuffer:
@@ -155,8 +174,10 @@ class FrameBuffer:
         params: Buffer,
         payload: Payload,
         flags: int = 0,
+        head_start: int = 0,
     ) -> memoryview:
-        tid = _check_fields(transfer_id, layer, shape, dtype)
+        """head_start: the first KV head of the layer that k/v hold (shape[1] heads from there)."""
+        tid = _check_fields(transfer_id, layer, shape, dtype, head_start)
         pv = as_bytes_view(params)
         parts = _payload_parts(payload)
         payload_len = sum(len(p) for p in parts)
@@ -183,6 +204,7 @@ class FrameBuffer:
             len(tid),
             len(pv),
             payload_len,
+            head_start,
         )
         off = HEADER_SIZE
         for part in (tid, pv):
@@ -210,6 +232,7 @@ def encode_frame(
     params: Buffer,
     payload: Payload,
     flags: int = 0,
+    head_start: int = 0,
 ) -> bytes:
     """One frame as a new bytes object (convenience; senders on the hot path reuse a FrameBuffer)."""
     view = FrameBuffer().encode(
@@ -222,6 +245,7 @@ def encode_frame(
         params=params,
         payload=payload,
         flags=flags,
+        head_start=head_start,
     )
     return bytes(view)
 
@@ -243,11 +267,19 @@ def decode_frame(
     head = bytes(mv[:4])
     if head != MAGIC[: len(head)]:
         raise FrameForeign(f"not a KV frame: magic {head!r}")
-    if n < HEADER_SIZE + CRC_SIZE:
-        raise FrameCorrupted(f"truncated frame: {n} bytes, the header alone needs {HEADER_SIZE + CRC_SIZE}")
+    if n < 6:
+        raise FrameCorrupted(f"truncated frame: {n} bytes")
+    (version,) = struct.unpack_from("<H", mv, 4)
+    if version not in READ_VERSIONS:
+        raise FrameForeign(f"frame format version {version}, this build reads {READ_VERSIONS}")
+    header_size = _HEADER_SIZES[version]
+    if n < header_size + CRC_SIZE:
+        raise FrameCorrupted(f"truncated frame: {n} bytes, the header alone needs {header_size + CRC_SIZE}")
+    fields = _HEADER_V1.unpack_from(mv, 0)  # version 2 adds head_start after version 1's fields
+    head_start = _U32.unpack_from(mv, _HEADER_V1.size)[0] if version == 2 else 0
     (
         _,
-        version,
+        _,
         codec_id,
         flags,
         dtype_code,
@@ -260,14 +292,12 @@ def decode_frame(
         tid_len,
         params_len,
         payload_len,
-    ) = _HEADER.unpack_from(mv, 0)
-    if version != VERSION:
-        raise FrameForeign(f"frame format version {version}, this build reads {VERSION}")
+    ) = fields
     if tid_len > MAX_TRANSFER_ID_BYTES:
         raise FrameTooLarge(f"transfer id claims {tid_len} bytes > {MAX_TRANSFER_ID_BYTES}")
     if params_len > max_params_bytes:
         raise FrameTooLarge(f"codec params claim {params_len} bytes > cap {max_params_bytes}")
-    total = frame_size(tid_len, params_len, payload_len)
+    total = frame_size(tid_len, params_len, payload_len, header_size)
     if total != n:
         what = "truncated" if total > n else "trailing bytes after"
         raise FrameCorrupted(f"{what} frame: header says {total} bytes, got {n}")
@@ -287,14 +317,16 @@ def decode_frame(
         raise FingerprintMismatch(
             f"frame fingerprint {fingerprint:#018x} != expected {expect_fingerprint:#018x}"
         )
-    off = HEADER_SIZE
+    if head_start + h >= 1 << 32:
+        raise FrameCorrupted(f"head range [{head_start}, {head_start} + {h}) overflows")
+    off = header_size
     try:
         transfer_id = bytes(mv[off : off + tid_len]).decode("utf-8")
     except UnicodeDecodeError as e:
         raise FrameForeign(f"transfer id is not utf-8: {e}") from None
     off += tid_len
     params = mv[off : off + params_len]
-    off = payload_offset(tid_len, params_len)
+    off = payload_offset(tid_len, params_len, header_size)
     payload = mv[off : off + payload_len]
     return Frame(
         version=version,
@@ -308,4 +340,5 @@ def decode_frame(
         params=params,
         payload=payload,
         nbytes=n,
+        head_start=head_start,
     )

@@ -4,10 +4,13 @@ Threads: one acceptor, one handler per connection, one reaper that expires lease
 carry several pulls one after another (the puller pools connections).
 
 Lease life:
-- open_lease() -> deadline = now + ttl. The deadline is renewed on every frame sent, and also on
-  mark_ready()/finish()/PULL (progress on either side means the KV is still wanted).
+- open_lease() -> deadline = now + ttl. A lease holds a rectangle of the model's KV: layers [l0, l1) x KV
+  heads [h0, h1) (default: every layer and every head), what one rank of a TP x PP prefill instance holds
+  (engine/parallel/layout.py). Every rank opens its own lease under the same transfer id with the same
+  token. The deadline is renewed on every frame sent, and also on mark_ready()/finish()/PULL (progress on
+  either side means the KV is still wanted).
 - Released exactly once, with on_release(transfer_id, reason), by the first of:
-    "pulled"    the puller ACKed the trailer;
+    "pulled"    the pullers' ACKed rectangles together cover everything the lease holds;
     "expired"   the reaper found the deadline passed;
     "cancelled" cancel(), or stop() with the lease still open.
   on_release runs on whichever thread released (a connection handler, the reaper, or the caller of
@@ -18,9 +21,13 @@ Lease life:
   sent, counted (`counters().unauthorized_pulls`), and leaves the lease exactly as it was: not released,
   its deadline not renewed, a stream in progress not superseded. After a completed pull the lease is gone,
   so replaying the token gets UNKNOWN_TRANSFER.
+- A PULL names the rectangle it wants (wire.Pull.layers/heads, global numbering; (0, 0) = all the lease
+  holds). One outside the lease is refused with ERROR LAYOUT_MISMATCH before any KV byte, and leaves the
+  lease as it was. Several pullers (the ranks of a decode instance) may stream different rectangles of
+  one lease at the same time.
 - If the puller's connection drops mid-transfer (or it rejects a frame) the lease is NOT released: it
-  stays until a retried PULL completes it or it expires. A retried PULL restarts from layer 0 and
-  supersedes a still-running stream for the same transfer id.
+  stays until a retried PULL completes it or it expires. A retried PULL restarts from the rectangle's
+  first layer and supersedes a still-running stream of the same rectangle for the same transfer id.
 
 Invariant: read_layer is never called after a lease's release began. Reads and releases both hold the
 lease's `io_lock`, and `released` is set under it, so on_release (which frees the KV blocks) cannot run
@@ -54,33 +61,49 @@ from kv_transfer.errors import (
 from kv_transfer.frame import MAX_TRANSFER_ID_BYTES, FrameBuffer
 from kv_transfer.transport._sockutil import advertised
 from kv_transfer.transport.base import Channel, Listener, Transport
-from kv_transfer.wire import Ack, ErrorCode, ErrorMsg, Pull, TrailerMsg, decode_control, encode_control
+from kv_transfer.wire import (
+    MAX_TOKEN_BYTES,
+    Ack,
+    ErrorCode,
+    ErrorMsg,
+    Pull,
+    TrailerMsg,
+    decode_control,
+    encode_control,
+)
 from pdserve.errors import InvalidRequest
 
 log = logging.getLogger(__name__)
 
-ReadLayer = Callable[[int], tuple[Tensor, Tensor]]  # layer -> (k, v), each [T, Hkv, D] CPU
+ReadLayer = Callable[[int], tuple[Tensor, Tensor]]  # global layer -> (k, v), each [T, h1-h0, D] CPU
 OnRelease = Callable[[str, str], None]  # (transfer_id, reason)
 
 IDLE_CONNECTION_TIMEOUT_S = 600.0  # a pooled connection with no PULL for this long is closed
 LEASE_TOKEN_BYTES = 16
 
+Range = tuple[int, int]  # half-open [start, end)
+
 
 @dataclass(eq=False)
 class _Lease:
     transfer_id: str
-    num_layers: int
+    num_layers: int  # the model's layers (global numbering)
     num_tokens: int
     read_layer: ReadLayer
     on_release: OnRelease
     deadline: float  # time.monotonic() seconds
     io_lock: threading.Lock = field(default_factory=threading.Lock)
-    ready: int = 0  # layers [0, ready) may be sent
+    ready: int = 0  # global layers [0, ready) may be sent
     first_token_id: int | None = None  # set by finish(): the trailer may follow the last layer
     released: str | None = None  # release reason once released
-    session: int = 0  # incremented by every PULL; a stream whose session is stale stops
+    session: int = 0  # incremented by every PULL: each stream's id
+    # rectangle (layers, heads; None = all held) -> id of its live stream
+    streams: dict[tuple[Range, Range | None], int] = field(default_factory=dict)
     token_ids: Tensor | None = None  # the prompt's ids [T] int64, for codecs that use them (cachegen_l0)
     token: bytes = field(default=b"", repr=False)  # the lease's secret; a PULL must carry it
+    layers: Range = (0, 0)  # global layers held; read_layer is called only for these
+    heads: Range | None = None  # global KV heads held; None = [0, Hkv of read_layer) (learned at first read)
+    pulled: set[tuple[int, int]] = field(default_factory=set)  # (layer, head) cells ACKed by some puller
 
 
 @dataclass
@@ -218,21 +241,39 @@ class KVServer:
         read_layer: ReadLayer,
         on_release: OnRelease,
         token_ids: Sequence[int] | None = None,
+        *,
+        layers: Range | None = None,
+        heads: Range | None = None,
+        token: bytes | None = None,
     ) -> bytes:
         """Hold `transfer_id`'s KV for pulling; returns the lease's secret token, which a PULL must carry
-        (hand it only to the puller that should get this KV). read_layer(l) -> (k, v) [num_tokens, Hkv, D]
-        CPU tensors is called from server threads, only for ready layers and never after release;
-        on_release is called exactly once. `token_ids`: the prompt's ids, which a codec may send instead of
-        a layer it can be recomputed from (cachegen_l0's layer 0). Raises InvalidRequest (bad arguments),
-        LeaseExists, ServerStopped."""
+        (hand it only to the puller that should get this KV). read_layer(l) -> (k, v) [num_tokens, h1-h0, D]
+        CPU tensors is called from server threads, only for ready layers in `layers` and never after
+        release; on_release is called exactly once. `token_ids`: the prompt's ids, which a codec may send
+        instead of a layer it can be recomputed from (cachegen_l0's layer 0).
+
+        The rectangle this server holds (one rank's shard; global numbering): `layers` = (l0, l1) within
+        [0, num_layers) (default: all), `heads` = (h0, h1) KV heads (default: every head read_layer returns,
+        counted from 0). `token`: reuse a token issued for the same transfer by another rank's server (rank
+        0's), so one KV handle's token pulls every rank's shard; default: a fresh random one.
+        Raises InvalidRequest (bad arguments), LeaseExists, ServerStopped."""
         if not transfer_id or len(transfer_id.encode("utf-8")) > MAX_TRANSFER_ID_BYTES:
             raise InvalidRequest(f"transfer id must be 1..{MAX_TRANSFER_ID_BYTES} utf-8 bytes")
         if num_layers < 1 or num_tokens < 1:
             raise InvalidRequest("num_layers and num_tokens must be >= 1")
         if token_ids is not None and len(token_ids) != num_tokens:
             raise InvalidRequest(f"{len(token_ids)} token ids for {num_tokens} tokens")
+        layers = (0, num_layers) if layers is None else (int(layers[0]), int(layers[1]))
+        if not 0 <= layers[0] < layers[1] <= num_layers:
+            raise InvalidRequest(f"layers {layers} not a non-empty range within [0, {num_layers})")
+        if heads is not None:
+            heads = (int(heads[0]), int(heads[1]))
+            if not 0 <= heads[0] < heads[1]:
+                raise InvalidRequest(f"heads {heads} not a non-empty range of KV heads")
+        if token is not None and not 1 <= len(token) <= MAX_TOKEN_BYTES:
+            raise InvalidRequest(f"a lease token must be 1..{MAX_TOKEN_BYTES} bytes")
         ids = torch.tensor(list(token_ids), dtype=torch.int64) if token_ids is not None else None
-        token = secrets.token_bytes(LEASE_TOKEN_BYTES)
+        token = bytes(token) if token is not None else secrets.token_bytes(LEASE_TOKEN_BYTES)
         with self._lock:
             if self._stopping:
                 raise ServerStopped("KVServer is stopped")
@@ -247,18 +288,21 @@ class KVServer:
                 deadline=time.monotonic() + self.lease_ttl_s,
                 token_ids=ids,
                 token=token,
+                layers=layers,
+                heads=heads,
             )
             self._cond.notify_all()
             self._reaper_cond.notify()
         return token
 
     def mark_ready(self, transfer_id: str, num_layers_ready: int) -> bool:
-        """Layers [0, n) may be sent. Monotonic. False if the lease is gone (released or never opened)."""
+        """Global layers [0, n) are computed (those the lease holds may be sent). Monotonic. False if the lease
+        is gone (released or never opened)."""
         with self._lock:
             lease = self._leases.get(transfer_id)
             if lease is None:
                 return False
-            n = min(max(num_layers_ready, lease.ready), lease.num_layers)
+            n = min(max(num_layers_ready, lease.ready), lease.layers[1])
             if n != lease.ready:
                 lease.ready = n
                 lease.deadline = time.monotonic() + self.lease_ttl_s
@@ -271,7 +315,7 @@ class KVServer:
             lease = self._leases.get(transfer_id)
             if lease is None:
                 return False
-            lease.ready = lease.num_layers
+            lease.ready = lease.layers[1]
             lease.first_token_id = int(first_token_id)
             lease.deadline = time.monotonic() + self.lease_ttl_s
             self._cond.notify_all()
@@ -404,13 +448,17 @@ class KVServer:
             self._send_error(ch, ErrorCode.UNKNOWN_CODEC, tid, str(e))
             return True
         authorized = False
+        mismatch: str | None = None
         with self._lock:
             lease = self._leases.get(tid)
             if lease is not None and hmac.compare_digest(lease.token, pull.token):
-                authorized = True  # only now may the pull touch the lease (supersede, renew, stream)
-                lease.session += 1
-                session = lease.session
-                lease.deadline = time.monotonic() + self.lease_ttl_s
+                authorized = True  # only now may the pull look at the lease's layout
+                rect, mismatch = _pull_rect(lease, pull)
+                if mismatch is None:  # only now may it touch the lease (supersede, renew, stream)
+                    lease.session += 1
+                    session = lease.session
+                    lease.streams[rect] = session
+                    lease.deadline = time.monotonic() + self.lease_ttl_s
             elif lease is not None:
                 self._unauthorized_pulls += 1
         if lease is None:
@@ -420,11 +468,16 @@ class KVServer:
             log.warning("PULL for %s refused: %s lease token", tid, "wrong" if pull.token else "no")
             self._send_error(ch, ErrorCode.UNAUTHORIZED, tid, f"wrong or missing lease token for {tid!r}")
             return True
+        if mismatch is not None:
+            log.warning("PULL for %s refused: %s", tid, mismatch)
+            self._send_error(ch, ErrorCode.LAYOUT_MISMATCH, tid, mismatch)
+            return True
+        layers, heads = rect
         stats = _PullStats()
         try:
-            for layer in range(lease.num_layers):
+            for layer in range(*layers):
                 self._wait_for(lease, session, layer + 1, stats)
-                frame = self._encode_layer(lease, codec, layer, buf, stats)
+                frame = self._encode_layer(lease, codec, layer, buf, stats, heads)
                 t0 = time.perf_counter()
                 self._send(ch, frame, self.send_timeout_s, frame=True)
                 stats.send_s += time.perf_counter() - t0
@@ -439,7 +492,7 @@ class KVServer:
             transfer_id=tid,
             first_token_id=first_token_id,
             num_tokens=lease.num_tokens,
-            num_layers=lease.num_layers,
+            num_layers=layers[1] - layers[0],
             bytes_on_wire=stats.bytes_on_wire,
             raw_bytes=stats.raw_bytes,
             payload_bytes=stats.payload_bytes,
@@ -455,8 +508,24 @@ class KVServer:
         if not isinstance(reply, Ack) or reply.transfer_id != tid:
             log.warning("pull %s: expected ACK, got %r; lease kept", tid, reply)
             return False
-        self._release(lease, "pulled")
+        self._pulled(lease, rect, session)
         return True
+
+    def _pulled(self, lease: _Lease, rect: tuple[Range, Range | None], session: int) -> None:
+        """A puller ACKed `rect`: release the lease once the rectangles ACKed so far cover all it holds."""
+        layers, heads = rect
+        with self._lock:
+            if lease.streams.get(rect) == session:
+                del lease.streams[rect]
+            held = lease.heads
+            assert held is not None  # learned at the stream's first read_layer
+            h0, h1 = heads if heads is not None else held
+            lease.pulled.update((la, h) for la in range(*layers) for h in range(h0, h1))
+            done = len(lease.pulled) == (lease.layers[1] - lease.layers[0]) * (held[1] - held[0])
+            if not done:
+                lease.deadline = time.monotonic() + self.lease_ttl_s
+        if done:
+            self._release(lease, "pulled")
 
     def _wait_for(self, lease: _Lease, session: int, layers: int | None, stats: _PullStats) -> int:
         """Block until `layers` layers are ready (or, with None, until finish()); returns first_token_id."""
@@ -470,7 +539,7 @@ class KVServer:
                         lease.released, ErrorCode.UNKNOWN_TRANSFER
                     )
                     raise _StreamEnded(code, f"lease {lease.transfer_id!r} was released ({lease.released})")
-                if lease.session != session:
+                if session not in lease.streams.values():
                     raise _StreamEnded(ErrorCode.SUPERSEDED, "a newer PULL for this transfer took over")
                 if layers is not None and lease.ready >= layers:
                     break
@@ -482,8 +551,15 @@ class KVServer:
         return lease.first_token_id if lease.first_token_id is not None else -1
 
     def _encode_layer(
-        self, lease: _Lease, codec: Codec, layer: int, buf: FrameBuffer, stats: _PullStats
+        self,
+        lease: _Lease,
+        codec: Codec,
+        layer: int,
+        buf: FrameBuffer,
+        stats: _PullStats,
+        heads: Range | None = None,
     ) -> memoryview:
+        """Read `layer` and encode the KV heads `heads` of it (None: all the lease holds) as one frame."""
         with lease.io_lock:  # no release while we read (see module doc)
             if lease.released is not None:
                 raise _StreamEnded(ErrorCode.UNKNOWN_TRANSFER, f"lease released ({lease.released})")
@@ -501,6 +577,7 @@ class KVServer:
                     ErrorCode.INTERNAL,
                     f"read_layer({layer}) gave {tuple(k.shape)}/{tuple(v.shape)}, want [{lease.num_tokens}, Hkv, D]",
                 )
+            k, v, head_start = self._select_heads(lease, layer, k, v, heads)
             try:
                 params, parts = codec.encode_parts(k, v, layer, lease.token_ids)
             except KVTransferError as e:
@@ -514,6 +591,7 @@ class KVServer:
                 dtype=k.dtype,
                 params=params,
                 payload=parts,
+                head_start=head_start,
             )
             t2 = time.perf_counter()
         stats.read_s += t1 - t0
@@ -521,3 +599,43 @@ class KVServer:
         stats.raw_bytes += k.numel() * k.element_size() * 2
         stats.payload_bytes += len(params) + sum(len(memoryview(p)) for p in parts)
         return frame
+
+    def _select_heads(
+        self, lease: _Lease, layer: int, k: Tensor, v: Tensor, heads: Range | None
+    ) -> tuple[Tensor, Tensor, int]:
+        """k, v [T, heads held, D] of `layer` -> (k, v [T, h1-h0, D], h0) for the requested heads (None: all
+        held). Called under lease.io_lock. A lease opened without `heads` learns them here: [0, Hkv)."""
+        with self._lock:
+            if lease.heads is None:
+                lease.heads = (0, k.shape[1])
+            held = lease.heads
+        if k.shape[1] != held[1] - held[0]:
+            raise _StreamEnded(
+                ErrorCode.INTERNAL, f"read_layer({layer}) gave {k.shape[1]} KV heads, the lease holds {held}"
+            )
+        if heads is None or heads == held:
+            return k, v, held[0]
+        if not held[0] <= heads[0] < heads[1] <= held[1]:
+            raise _StreamEnded(ErrorCode.LAYOUT_MISMATCH, f"KV heads {heads} asked, the lease holds {held}")
+        a, b = heads[0] - held[0], heads[1] - held[0]
+        return k[:, a:b].contiguous(), v[:, a:b].contiguous(), heads[0]
+
+
+def _pull_rect(lease: _Lease, pull: Pull) -> tuple[tuple[Range, Range | None], str | None]:
+    """The rectangle (layers, heads) a PULL asks of `lease` (heads None = every head the lease holds), and why
+    it cannot be served (None if it can). Called under the server's lock. The rectangle keys the lease's live
+    streams, so it is normalized: the same KV asked twice gives the same key."""
+    layers = lease.layers if pull.layers == (0, 0) else pull.layers
+    heads = None if pull.heads in ((0, 0), lease.heads) else pull.heads
+    rect = (layers, heads)
+    if not lease.layers[0] <= layers[0] < layers[1] <= lease.layers[1]:
+        return rect, f"layers {pull.layers} asked, the lease holds layers {lease.layers}"
+    if heads is not None and not heads[0] < heads[1]:
+        return rect, f"empty KV-head range {heads} asked"
+    if (
+        heads is not None
+        and lease.heads is not None
+        and not lease.heads[0] <= heads[0] <= heads[1] <= lease.heads[1]
+    ):
+        return rect, f"KV heads {heads} asked, the lease holds KV heads {lease.heads}"
+    return rect, None

@@ -1,24 +1,30 @@
 """Control messages of the pull protocol (PULL, TRAILER, ACK, ERROR): struct-packed, versioned, CRC'd.
 
-Envelope (little-endian), version 2:
+Envelope (little-endian), version 3:
 
     magic b"PDKC" | version u16 | type u8 | flags u8 (= 0) | body_len u32 | body | crc32 u32 (over all before)
 
 Bodies (strings are length-prefixed utf-8; every body must be consumed exactly):
 
-    PULL     fingerprint u64 | tid (u16 len) | codec name (u8 len) | lease token (u8 len, raw bytes)
+    PULL     fingerprint u64 | tid (u16 len) | codec name (u8 len) | lease token (u8 len, raw bytes) |
+             layer_start u32 | layer_end u32 | head_start u32 | head_end u32
     TRAILER  first_token_id i64 | num_tokens u32 | num_layers u32 | bytes_on_wire u64 | raw_bytes u64 |
              payload_bytes u64 | read_s f64 | encode_s f64 | wait_s f64 | send_s f64 | tid (u16 len)
     ACK      tid (u16 len)
     ERROR    code u16 | tid (u16 len) | message (u16 len)
 
 Conversation on one channel (several pulls may follow each other on the same channel):
-    puller -> PULL; server -> one KV frame per layer, in layer order; server -> TRAILER; puller -> ACK.
+    puller -> PULL; server -> one KV frame per layer of the PULL's rectangle, in layer order, each holding
+    exactly the rectangle's KV heads; server -> TRAILER (num_layers = layers sent); puller -> ACK.
+    The rectangle [layer_start, layer_end) x [head_start, head_end) is in the model's global numbering;
+    (0, 0) for a range means "all the lease holds". A rectangle outside the lease gets ERROR
+    LAYOUT_MISMATCH before any frame, and the lease is left as it was.
     Instead of any frame or the trailer the server may send ERROR, which ends that pull.
     The lease token is the secret the server issued with the lease (KVHandle.token); a PULL whose token
     differs gets ERROR UNAUTHORIZED before any frame, and the lease is left as it was.
 
-Version 2 added the PULL's lease token (version 1 had none); the two do not interoperate.
+Version 2 added the PULL's lease token (version 1 had none); version 3 the PULL's rectangle. Versions do not
+interoperate.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from kv_transfer.errors import FrameCorrupted, FrameForeign, FrameTooLarge
 from kv_transfer.frame import MAX_TRANSFER_ID_BYTES, Buffer, as_bytes_view
 
 MAGIC = b"PDKC"
-VERSION = 2
+VERSION = 3
 MAX_BODY_BYTES = 64 << 10
 MAX_CODEC_NAME_BYTES = 64
 MAX_ERROR_MESSAGE_BYTES = 4096
@@ -43,6 +49,7 @@ _CRC = struct.Struct("<I")
 _U16 = struct.Struct("<H")
 _U8 = struct.Struct("<B")
 _PULL = struct.Struct("<Q")
+_RECT = struct.Struct("<IIII")
 _TRAILER = struct.Struct("<qIIQQQdddd")
 _ERROR = struct.Struct("<H")
 
@@ -67,6 +74,7 @@ class ErrorCode(enum.IntEnum):
     SUPERSEDED = 8  # a newer PULL for the same transfer took over
     SHUTTING_DOWN = 9
     UNAUTHORIZED = 10  # the PULL's lease token is wrong or missing
+    LAYOUT_MISMATCH = 11  # the PULL's rectangle is not inside what the lease holds
 
 
 @dataclass(frozen=True)
@@ -75,10 +83,13 @@ class Pull:
     transfer_id: str
     codec: str
     token: bytes = b""  # the lease's secret (KVHandle.token); b"" = none given
+    layers: tuple[int, int] = (0, 0)  # global layers [start, end) wanted; (0, 0) = all the lease holds
+    heads: tuple[int, int] = (0, 0)  # global KV heads [start, end) wanted; (0, 0) = all the lease holds
 
     def __repr__(self) -> str:  # never print the secret
         return (
-            f"Pull(fingerprint={self.fingerprint:#x}, transfer_id={self.transfer_id!r}, codec={self.codec!r})"
+            f"Pull(fingerprint={self.fingerprint:#x}, transfer_id={self.transfer_id!r}, codec={self.codec!r}, "
+            f"layers={self.layers}, heads={self.heads})"
         )
 
 
@@ -142,6 +153,7 @@ def encode_control(msg: ControlMsg) -> bytes:
             + _str(msg.transfer_id, MAX_TRANSFER_ID_BYTES, _U16, "transfer id")
             + _str(msg.codec, MAX_CODEC_NAME_BYTES, _U8, "codec name")
             + _blob(msg.token, MAX_TOKEN_BYTES, "lease token")
+            + _RECT.pack(*msg.layers, *msg.heads)
         )
         return _envelope(MsgType.PULL, body)
     if isinstance(msg, TrailerMsg):
@@ -241,7 +253,8 @@ def decode_control(buf: Buffer) -> ControlMsg:
         tid = r.string(_U16, MAX_TRANSFER_ID_BYTES)
         codec = r.string(_U8, MAX_CODEC_NAME_BYTES)
         token = r.blob(MAX_TOKEN_BYTES)
-        msg = Pull(fingerprint=fp, transfer_id=tid, codec=codec, token=token)
+        l0, l1, h0, h1 = r.unpack(_RECT)
+        msg = Pull(fingerprint=fp, transfer_id=tid, codec=codec, token=token, layers=(l0, l1), heads=(h0, h1))
     elif kind == MsgType.TRAILER:
         vals = r.unpack(_TRAILER)
         tid = r.string(_U16, MAX_TRANSFER_ID_BYTES)

@@ -32,6 +32,7 @@ from engine.model_dir import ModelNotFoundError, resolve_model_dir
 from engine.runner import ModelRunner
 from engine.step_loop import Job, StepEngine
 from kv_transfer.codec import CodecContext
+from kv_transfer.ranks import RankKVConfig
 from pdserve import telemetry
 from pdserve.errors import PDServeError
 from pdserve.rpc import LIVENESS
@@ -56,6 +57,10 @@ class InstanceConfig:
     advertise_host: str = ""
     port: int = 0  # gRPC port; 0 = a free one
     device: Device = Device(kind="cpu", cuda_index=None, cpus=())
+    # tensor x pipeline parallel: tp * pp rank processes (engine.parallel); `device` is split among them
+    # (CPU cores into disjoint sets, CUDA: one device per rank from cuda_index on)
+    tp: int = 1
+    pp: int = 1
     num_kv_blocks: int | None = None  # None = sized by the runner's default memory budget
     block_size: int = 16  # tokens per KV block
     # Prompt tokens per prefill forward pass (the first prompt always goes, whatever its length); None =
@@ -139,6 +144,14 @@ def add_instance_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--cpus", default="", help="CPU cores this instance owns, e.g. '0' or '2-3' (CPU device)")
     p.add_argument("--cuda", type=int, default=None, help="CUDA device index this instance owns")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (default 1)")
+    p.add_argument(
+        "--pp",
+        type=int,
+        default=1,
+        help="pipeline-parallel stages (default 1); tp*pp rank processes split --cpus (or use CUDA devices "
+        "--cuda .. --cuda + tp*pp - 1)",
+    )
     p.add_argument("--num-kv-blocks", type=int, default=None)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument(
@@ -180,6 +193,8 @@ def config_from_args(role: str, a: argparse.Namespace) -> InstanceConfig:
         advertise_host=a.advertise_host,
         port=a.port,
         device=device,
+        tp=a.tp,
+        pp=a.pp,
         num_kv_blocks=a.num_kv_blocks,
         block_size=a.block_size,
         max_batch_tokens=a.max_batch_tokens,
@@ -212,7 +227,8 @@ def run_main(
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s {role} %(name)s: %(message)s")
     try:
         cfg = config_from_args(role, args)
-    except (TLSConfigError, ModelNotFoundError) as exc:
+        check_layout(cfg)
+    except (TLSConfigError, ModelNotFoundError, ValueError) as exc:
         p.error(str(exc))
     try:
         check_registry(cfg)  # before loading the model: a refused registration fails in a second
@@ -257,6 +273,26 @@ def _registration_error(cfg: InstanceConfig, exc: Exception) -> RegistrationErro
     return RegistrationError(f"cannot register in the registry {cfg.redis_url}: {exc}{hint}")
 
 
+def check_layout(cfg: InstanceConfig) -> None:
+    """Raise ValueError (LayoutError) unless --tp/--pp can shard this model."""
+    if cfg.tp * cfg.pp == 1:
+        return
+    from engine.config import ModelConfig
+    from engine.parallel.layout import Layout
+
+    mc = ModelConfig.from_hf_dir(cfg.model_dir)
+    Layout(cfg.tp, cfg.pp).check(mc.num_layers, mc.num_heads, mc.num_kv_heads)
+    if mc.intermediate_size % cfg.tp:
+        raise ValueError(
+            f"--tp {cfg.tp} does not divide the model's intermediate size {mc.intermediate_size}"
+        )
+    if cfg.role == "decode" and mc.num_kv_heads < cfg.tp:
+        raise ValueError(
+            f"decode --tp {cfg.tp} would replicate the model's {mc.num_kv_heads} KV heads: not supported yet "
+            f"(use --tp <= {mc.num_kv_heads})"
+        )
+
+
 def check_registry(cfg: InstanceConfig) -> None:
     """Reach the registry as the heartbeat will (TLS and certificate included); raises RegistrationError. A
     TLS server that refuses our certificate may let the handshake finish and close the connection only
@@ -273,15 +309,48 @@ def check_registry(cfg: InstanceConfig) -> None:
         registry.close()
 
 
-def load_runner(cfg: InstanceConfig) -> ModelRunner:
-    return ModelRunner(cfg.model_dir, cfg.device, num_kv_blocks=cfg.num_kv_blocks, block_size=cfg.block_size)
+def load_runner(cfg: InstanceConfig, kv: RankKVConfig | None = None) -> ModelRunner:
+    """One device's ModelRunner, or with tp * pp > 1 rank 0 of a ParallelRunner: if a rank dies, the instance
+    stops (SIGTERM to itself: it leaves the registry, fails what it runs, and its other ranks end with it).
+    `kv`: the KV hand-off each other rank runs on its own shard (prefill, decode)."""
+    if cfg.tp * cfg.pp == 1:
+        return ModelRunner(
+            cfg.model_dir, cfg.device, num_kv_blocks=cfg.num_kv_blocks, block_size=cfg.block_size
+        )
+    from engine.parallel.layout import Layout
+    from engine.parallel.runner import ParallelRunner
+
+    runner = ParallelRunner(
+        cfg.model_dir,
+        Layout(cfg.tp, cfg.pp),
+        cfg.device,
+        cfg.num_kv_blocks,
+        cfg.block_size,
+        kv=kv.to_dict() if kv is not None else None,
+    )
+    runner.on_rank_lost = lambda why: os.kill(os.getpid(), signal.SIGTERM)
+    return runner
 
 
-def load_kv_runner(cfg: InstanceConfig) -> tuple[ModelRunner, CodecContext]:
+def close_runner(runner: ModelRunner) -> None:
+    """Stop a ParallelRunner's rank processes (after the engine's step loop is done); nothing for one device."""
+    from engine.parallel.runner import ParallelRunner
+
+    if isinstance(runner, ParallelRunner):
+        runner.close()
+
+
+def load_kv_runner(cfg: InstanceConfig, kv: RankKVConfig) -> tuple[ModelRunner, CodecContext]:
     """The runner of an instance that hands KV over (prefill, decode), and its KV codecs' context: the
     model's depth, calibration files and layer-0 function (cachegen_l0 recomputes or checks layer 0)."""
-    runner = load_runner(cfg)
+    runner = load_runner(cfg, kv)
     return runner, CodecContext.from_model_dir(cfg.model_dir, runner.model, runner.fingerprint)
+
+
+def rank_device_labels(runner: ModelRunner) -> tuple[str, ...]:
+    """Each rank's device (a ParallelRunner's), () for one device."""
+    devices = getattr(runner, "devices", None)
+    return tuple(device_label(d) for d in devices) if devices is not None else ()
 
 
 def device_label(device: Device) -> str:
@@ -484,6 +553,9 @@ def registry_info(cfg: InstanceConfig, engine: StepEngine, grpc_address: str, **
         grpc_address=grpc_address,
         node=socket.gethostname(),
         devices=device_label(cfg.device),
+        tp=cfg.tp,
+        pp=cfg.pp,
+        rank_devices=rank_device_labels(engine.runner),
         model_fingerprint=engine.runner.fingerprint,
         max_model_len=engine.runner.config.max_position_embeddings,
         kv_blocks_total=bm.num_blocks,

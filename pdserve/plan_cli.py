@@ -363,15 +363,16 @@ def add_topology_arguments(p: argparse.ArgumentParser) -> None:
 # ---- status ----------------------------------------------------------------------------------------------
 def status_json(cluster: str, instances: list[Any]) -> dict[str, Any]:
     """The running cluster as the plan describes one: per instance its role, layout, devices, node and load
-    (from the registry's `InstanceInfo`s). Every instance is TP1/PP1 today."""
+    (from the registry's `InstanceInfo`s; `rank_devices`: each rank's device under TP/PP)."""
     rows = []
     for i in sorted(instances, key=lambda i: (i.role, i.instance_id)):
         rows.append(
             {
                 "instance": i.instance_id,
                 "role": i.role,
-                "layout": {"tp": 1, "pp": 1},
+                "layout": {"tp": i.tp, "pp": i.pp},
                 "devices": i.devices,
+                "rank_devices": list(i.rank_devices) or [i.devices],
                 "node": i.node,
                 "grpc_address": i.grpc_address,
                 "load": {

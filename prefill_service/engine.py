@@ -81,10 +81,10 @@ class PrefillEngine(StepEngine[PrefillJob]):
         """A queued job is dropped by the step loop; a leased one's lease is released (if it is not open
         yet, `_postprocess` releases it after the pass). Idempotent."""
         super().cancel(job)
-        self.kv_server.cancel(job.transfer_id)
+        self._cancel_lease(job.transfer_id)
 
     def release(self, transfer_id: str) -> bool:
-        return self.kv_server.cancel(transfer_id)
+        return self._cancel_lease(transfer_id)
 
     # ---- lifecycle (start: StepEngine) ----------------------------------------------------
     def stop(self) -> None:
@@ -93,7 +93,7 @@ class PrefillEngine(StepEngine[PrefillJob]):
         with self._cond:
             leased = list(self._admitted)
         for job in leased:
-            self.kv_server.cancel(job.transfer_id)
+            self._cancel_lease(job.transfer_id)
 
     # ---- the policy (the step loop: StepEngine) ---------------------------------------------
     def _stats(self) -> dict[str, int]:
@@ -116,20 +116,12 @@ class PrefillEngine(StepEngine[PrefillJob]):
 
     def _forward(self, batch: Batch[PrefillJob], on_layer: Any = None) -> list[int | None]:
         """Open each job's lease (emit Scheduled), then prefill, publishing each layer as it is written."""
-        cache = self.runner.kv_cache
         num_layers = self.runner.config.num_layers
         for job in batch.jobs:
-            seq = job.seq
             tracing.open_lease(job, num_layers)
-            job.kv_token = self.kv_server.open_lease(
-                job.transfer_id,
-                num_layers,
-                seq.num_prompt_tokens,
-                read_layer=functools.partial(_read_host_kv, cache, seq.blocks, seq.num_prompt_tokens),
-                on_release=self._on_release,
-                token_ids=job.prompt_ids,
-            )
-            job.emit(Scheduled(job.transfer_id, seq.num_prompt_tokens, job.kv_token))
+        self._open_leases(batch.jobs)
+        for job in batch.jobs:
+            job.emit(Scheduled(job.transfer_id, job.seq.num_prompt_tokens, job.kv_token))
         spans = tracing.BatchSpans(batch.jobs, time.monotonic())
 
         def publish(layer: int) -> None:
@@ -145,12 +137,34 @@ class PrefillEngine(StepEngine[PrefillJob]):
         spans.end()
         return tokens
 
+    # ---- the KV leases (ParallelPrefillEngine: one per rank) --------------------------------------
+    def _open_leases(self, jobs: list[PrefillJob]) -> None:
+        """Open each job's lease (sets `job.kv_token`)."""
+        cache = self.runner.kv_cache
+        for job in jobs:
+            seq = job.seq
+            job.kv_token = self.kv_server.open_lease(
+                job.transfer_id,
+                self.runner.config.num_layers,
+                seq.num_prompt_tokens,
+                read_layer=functools.partial(_read_host_kv, cache, seq.blocks, seq.num_prompt_tokens),
+                on_release=self._on_release,
+                token_ids=job.prompt_ids,
+            )
+
+    def _finish_lease(self, transfer_id: str, first_token: int) -> None:
+        self.kv_server.finish(transfer_id, first_token)
+
+    def _cancel_lease(self, transfer_id: str) -> bool:
+        """Release a lease (its blocks are freed by `_on_release`); False if it is not open."""
+        return self.kv_server.cancel(transfer_id)
+
     def _postprocess(self, batch: Batch[PrefillJob], tokens: list[int | None]) -> None:
         """Finish each lease with its first token (outside the lock: a release calls `_on_release`)."""
         compute_s = batch.ended - batch.started
         for job, token in zip(batch.jobs, tokens, strict=True):
             assert token is not None  # whole prompts, never a partial chunk, are prefilled here
-            self.kv_server.finish(job.transfer_id, token)
+            self._finish_lease(job.transfer_id, token)
             job.emit(
                 Done(
                     job.transfer_id,
@@ -162,13 +176,13 @@ class PrefillEngine(StepEngine[PrefillJob]):
                 )
             )
             if job.cancelled:  # cancelled while computing: nobody will pull this KV
-                self.kv_server.cancel(job.transfer_id)
+                self._cancel_lease(job.transfer_id)
 
     def _fail(self, batch: Batch[PrefillJob], exc: Exception) -> None:
         """Release the batch's leases (which frees their blocks), and fail its jobs."""
         err = exc if isinstance(exc, PDServeError) else PDServeError(f"prefill failed: {exc}")
         for job in batch.jobs:
-            if not self.kv_server.cancel(job.transfer_id):  # its lease never opened
+            if not self._cancel_lease(job.transfer_id):  # its lease never opened
                 with self._cond:
                     if job.phase is not Phase.DONE:
                         self._retire(job)

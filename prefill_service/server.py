@@ -8,13 +8,17 @@ from contextlib import aclosing
 import grpc
 
 from coordinator.registry import InstanceInfo
+from engine.parallel.layout import Layout
+from engine.parallel.runner import ParallelRunner
 from engine.runner import ModelRunner
+from kv_transfer.ranks import RankKVConfig
 from kv_transfer.server import KVServer
 from kv_transfer.transport import available_transports, default_scheme, transport_for
 from pdserve import instance, telemetry
 from pdserve.rpc import params_from_proto, stream_errors, unary_errors
 from pdserve.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
 from prefill_service.engine import Done, PrefillEngine, PrefillJob, Scheduled
+from prefill_service.parallel import ParallelPrefillEngine
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +33,10 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         self.kv_address = kv_address
 
     def _handle(self, transfer_id: str, num_tokens: int, codec: str, token: bytes) -> common_pb2.KVHandle:
+        """The KV handle: rank 0's KV address, and the layout with every rank's address (TP x PP)."""
+        runner = self.runner
+        layout = runner.layout if isinstance(runner, ParallelRunner) else Layout()
+        ranks = runner.kv_addresses if isinstance(runner, ParallelRunner) else []
         return common_pb2.KVHandle(
             token=token,
             transfer_id=transfer_id,
@@ -37,6 +45,10 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             num_layers=self.runner.config.num_layers,
             num_tokens=num_tokens,
             model_fingerprint=self.runner.fingerprint,
+            tp=layout.tp,
+            pp=layout.pp,
+            num_kv_heads=self.runner.config.num_kv_heads,
+            rank_addresses=ranks,
         )
 
     @stream_errors
@@ -86,7 +98,9 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
 
 
 async def run(cfg: instance.InstanceConfig) -> None:
-    runner, codecs = instance.load_kv_runner(cfg)
+    runner, codecs = instance.load_kv_runner(
+        cfg, RankKVConfig("prefill", cfg.transport, cfg.host, cfg.advertise_host, cfg.lease_ttl_s)
+    )
     scheme = default_scheme() if cfg.transport == "auto" else cfg.transport  # auto logs its choice
     transport = transport_for(scheme)
     kv_server = KVServer(
@@ -98,7 +112,11 @@ async def run(cfg: instance.InstanceConfig) -> None:
         advertise_host=cfg.advertised_host,
     )
     kv_server.start()
-    engine = PrefillEngine(runner, kv_server, cfg.batch_tokens, cfg.max_queue)
+    engine = (
+        ParallelPrefillEngine(runner, kv_server, cfg.batch_tokens, cfg.max_queue)
+        if isinstance(runner, ParallelRunner)
+        else PrefillEngine(runner, kv_server, cfg.batch_tokens, cfg.max_queue)
+    )
     engine.start()
     servicer = PrefillServicer(cfg, engine, runner, kv_server.address)
     instance.observe_load(cfg, engine)
@@ -111,6 +129,7 @@ async def run(cfg: instance.InstanceConfig) -> None:
 
     def stop() -> None:
         engine.stop()
+        instance.close_runner(runner)
         kv_server.stop()
 
     await instance.serve(

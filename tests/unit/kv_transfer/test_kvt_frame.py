@@ -144,7 +144,7 @@ def test_foreign_frames() -> None:
     with pytest.raises(FrameForeign):
         decode_frame(b"GET / HTTP/1.1\r\n\r\n" + bytes(100))
     other_version = bytearray(buf)
-    other_version[4:6] = struct.pack("<H", 2)
+    other_version[4:6] = struct.pack("<H", 3)
     with pytest.raises(FrameForeign):
         decode_frame(other_version)
     with pytest.raises(FingerprintMismatch):
@@ -253,3 +253,33 @@ def test_pull_token_is_bounded_and_never_printed() -> None:
 def test_error_message_is_truncated_not_refused() -> None:
     msg = decode_control(encode_control(ErrorMsg(ErrorCode.INTERNAL, "t", "é" * 5000)))
     assert isinstance(msg, ErrorMsg) and 0 < len(msg.message.encode()) <= 4096
+
+
+def test_frame_carries_its_head_range_and_version_1_frames_still_read() -> None:
+    f = decode_frame(make_frame(h=2, head_start=3), expect_fingerprint=FP)
+    assert f.head_start == 3 and f.heads == (3, 5) and f.version == 2
+    v2 = bytearray(make_frame(h=2))
+    # a version-1 frame: the same fields without head_start (4 bytes fewer header, payload realigned)
+    tid_len, params_len, payload_len = struct.unpack_from("<HIQ", v2, 36)
+    body = bytes(v2[HEADER_SIZE : HEADER_SIZE + tid_len + params_len])
+    head = bytearray(v2[:50])
+    head[4:6] = struct.pack("<H", 1)
+    off = 50 + len(body)
+    pad = bytes(-off % PAYLOAD_ALIGN)
+    payload = bytes(decode_frame(bytes(v2)).payload)
+    v1 = bytearray(bytes(head) + body + pad + payload + bytes(4))
+    f1 = decode_frame(_recrc(v1), expect_fingerprint=FP)
+    assert (
+        f1.version == 1
+        and f1.heads == (0, 2)
+        and bytes(f1.payload) == payload
+        and payload_len == len(payload)
+    )
+
+
+def test_pull_carries_its_rectangle() -> None:
+    msg = decode_control(encode_control(Pull(FP, "t", "raw", token=b"k", layers=(2, 5), heads=(1, 3))))
+    assert isinstance(msg, Pull) and (msg.layers, msg.heads) == ((2, 5), (1, 3))
+    whole = decode_control(encode_control(Pull(FP, "t", "raw", token=b"k")))
+    assert isinstance(whole, Pull) and (whole.layers, whole.heads) == ((0, 0), (0, 0))
+    assert "layers=(0, 0)" in repr(whole)

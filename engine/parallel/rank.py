@@ -1,0 +1,281 @@
+"""One rank of a TP x PP instance: its shard of the model and of the KV cache, and its part of each forward pass.
+
+Every rank runs the same `Step`s in the same order (rank 0 broadcasts them: `StepChannel`). Within a step the
+sequences are split into `micro_batches` (min(pp, N) of them, contiguous, as even as possible), which flow
+through the stages one after the other, so stage s works on micro-batch j while stage s+1 works on j-1:
+
+    stage s, micro-batch j:  h = embed(ids_j) (s == 0) | recv from (s-1, same TP rank)
+                             h = this stage's layers (one all-reduce over the stage's TP group after each
+                                 attention and each MLP)
+                             send h to (s+1, same TP rank)  |  last stage, TP rank 0: logits_j -> rank 0
+
+Rank 0 (stage 0, TP rank 0) gathers the logits [N, V] (fp32) and samples; the others return nothing. Each rank
+holds the KV of its layers x its KV heads only; the block tables (rank 0's `BlockManager`) are shared, so every
+rank's cache has the same number of blocks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from engine.config import ModelConfig
+from engine.device import Device, bind
+from engine.kv_cache import KVCache
+from engine.loader import load_model
+from engine.model import BatchMeta, Shard
+from engine.parallel.layout import Layout
+
+log = logging.getLogger(__name__)
+
+FORWARD, SHUTDOWN = 1, 0  # Step header ops
+
+
+@dataclass(frozen=True)
+class RankSpec:
+    """What a rank process needs to join its instance (`to_json` / `from_json`: its command-line argument)."""
+
+    model_dir: str
+    layout: Layout
+    rank: int
+    device: Device
+    num_blocks: int
+    block_size: int
+    dtype: torch.dtype
+    store_port: int  # rank 0's TCPStore on 127.0.0.1 (the rendezvous)
+    timeout_s: float  # a collective waiting longer than this fails (a peer is gone)
+    # the instance's KV hand-off settings (kv_transfer.ranks.RankKVConfig.to_dict); None: no KV hand-off
+    kv: dict[str, Any] | None = None
+
+    def to_json(self) -> str:
+        d = self.device
+        return json.dumps(
+            {
+                "model_dir": self.model_dir,
+                "tp": self.layout.tp,
+                "pp": self.layout.pp,
+                "rank": self.rank,
+                "device": {"kind": d.kind, "cuda_index": d.cuda_index, "cpus": list(d.cpus)},
+                "num_blocks": self.num_blocks,
+                "block_size": self.block_size,
+                "dtype": str(self.dtype).removeprefix("torch."),
+                "store_port": self.store_port,
+                "timeout_s": self.timeout_s,
+                "kv": self.kv,
+            }
+        )
+
+    @staticmethod
+    def from_json(text: str) -> RankSpec:
+        v = json.loads(text)
+        d = v["device"]
+        dtype = getattr(torch, v["dtype"])
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"bad dtype {v['dtype']!r}")
+        return RankSpec(
+            v["model_dir"],
+            Layout(v["tp"], v["pp"]),
+            v["rank"],
+            Device(d["kind"], d["cuda_index"], tuple(d["cpus"])),
+            v["num_blocks"],
+            v["block_size"],
+            dtype,
+            v["store_port"],
+            v["timeout_s"],
+            v.get("kv"),
+        )
+
+
+@dataclass(frozen=True)
+class Step:
+    """One forward pass: sequence i has `num_new[i]` new tokens from position `starts[i]`, KV blocks `blocks[i]`;
+    `ids` are all sequences' new tokens, concatenated."""
+
+    starts: list[int]
+    num_new: list[int]
+    blocks: list[list[int]]
+    ids: list[int]
+
+    def encode(self) -> Tensor:
+        # int64 [1 + 3N + sum(blocks) + T]: N, starts, num_new, block counts, blocks, ids
+        flat = [len(self.starts), *self.starts, *self.num_new, *(len(b) for b in self.blocks)]
+        flat += [x for b in self.blocks for x in b] + self.ids
+        return torch.tensor(flat, dtype=torch.long)
+
+    @staticmethod
+    def decode(t: Tensor) -> Step:
+        v = t.tolist()
+        n = v[0]
+        starts, num_new, counts = v[1 : 1 + n], v[1 + n : 1 + 2 * n], v[1 + 2 * n : 1 + 3 * n]
+        blocks, at = [], 1 + 3 * n
+        for c in counts:
+            blocks.append(v[at : at + c])
+            at += c
+        return Step(starts, num_new, blocks, v[at:])
+
+
+def micro_batches(n: int, pp: int) -> list[tuple[int, int]]:
+    """Sequences [start, end) of each micro-batch: min(pp, n) contiguous runs, earlier ones take the remainder."""
+    m = min(pp, n)
+    base, extra = divmod(n, m)
+    out, start = [], 0
+    for j in range(m):
+        end = start + base + (1 if j < extra else 0)
+        out.append((start, end))
+        start = end
+    return out
+
+
+class RankModel:
+    """This rank's shard of the model and KV cache (`join` connects it to the other ranks)."""
+
+    def __init__(self, spec: RankSpec) -> None:
+        self.spec = spec
+        self.layout = spec.layout
+        self.tp_rank, self.pp_rank = spec.layout.coords(spec.rank)
+        self.torch_device = bind(spec.device)
+        self.config = ModelConfig.from_hf_dir(spec.model_dir)
+        cfg = self.config
+        self.layout.check(cfg.num_layers, cfg.num_heads, cfg.num_kv_heads)
+        self.layers = self.layout.layer_range(cfg.num_layers, self.pp_rank)
+        self.kv_heads = self.layout.kv_head_range(cfg.num_kv_heads, self.tp_rank)
+        self.model = load_model(
+            spec.model_dir,
+            cfg,
+            self.torch_device,
+            spec.dtype,
+            self.layers[0],
+            self.layers[1],
+            Shard(self.layout.tp, self.tp_rank),
+        )
+        self.kv_cache = KVCache(
+            self.layers[1] - self.layers[0],
+            spec.num_blocks,
+            spec.block_size,
+            self.kv_heads[1] - self.kv_heads[0],
+            cfg.head_dim,
+            spec.dtype,
+            self.torch_device,
+        )
+        self.is_first, self.is_last = self.pp_rank == 0, self.pp_rank == self.layout.pp - 1
+        self.tp_group: dist.ProcessGroup | None = None
+        self.control: dist.ProcessGroup | None = None  # gloo: the Step broadcasts (CPU tensors)
+        # wall seconds this rank spent in TP all-reduces (waiting for the slowest rank of the stage included)
+        self.reduce_s, self.reduce_calls = 0.0, 0
+
+    def join(self) -> None:
+        """Rendezvous with the other ranks (blocks until all have joined) and make the groups."""
+        spec = self.spec
+        timeout = timedelta(seconds=spec.timeout_s)
+        store = dist.TCPStore(
+            "127.0.0.1", spec.store_port, self.layout.world_size, is_master=False, timeout=timeout
+        )
+        init_group(store, spec.rank, self.layout.world_size, spec.device, timeout)
+        self._make_groups()
+
+    def join_as_master(self, store: dist.TCPStore) -> None:
+        init_group(store, 0, self.layout.world_size, self.spec.device, timedelta(seconds=self.spec.timeout_s))
+        self._make_groups()
+
+    def _make_groups(self) -> None:
+        tp, pp = self.layout.tp, self.layout.pp
+        # every rank creates every group, in the same order (a torch.distributed rule)
+        for stage in range(pp):
+            group = dist.new_group(list(range(stage * tp, (stage + 1) * tp)))
+            if stage == self.pp_rank:
+                self.tp_group = group
+        self.control = dist.new_group(backend="gloo") if self.spec.device.kind == "cuda" else None
+        if tp > 1:
+            group = self.tp_group
+
+            def all_reduce(t: Tensor) -> Tensor:
+                start = time.perf_counter()
+                dist.all_reduce(t, group=group)
+                self.reduce_s += time.perf_counter() - start
+                self.reduce_calls += 1
+                return t
+
+            self.model.set_all_reduce(all_reduce)
+
+    def forward(self, step: Step, on_layer: Callable[[int], object] | None = None) -> Tensor | None:
+        """This rank's part of `step` (module doc). -> fp32 logits [N, V] on rank 0, None on the others."""
+        cfg = self.config
+        pending: list[dist.Work | None] = []
+        logits: list[Tensor] = []
+        offsets = [0]
+        for n in step.num_new:
+            offsets.append(offsets[-1] + n)
+        with torch.inference_mode():
+            for lo, hi in micro_batches(len(step.starts), self.layout.pp):
+                meta = BatchMeta.build(
+                    step.blocks[lo:hi],
+                    step.starts[lo:hi],
+                    step.num_new[lo:hi],
+                    self.spec.block_size,
+                    self.torch_device,
+                    cfg.sliding_window,
+                )
+                t = offsets[hi] - offsets[lo]
+                if self.is_first:
+                    ids = torch.tensor(step.ids[offsets[lo] : offsets[hi]], dtype=torch.long)
+                    h = self.model.embed(ids.to(self.torch_device))  # [T_j, hidden]
+                else:
+                    h = torch.empty(t, cfg.hidden_size, dtype=self.spec.dtype, device=self.torch_device)
+                    dist.recv(h, src=self.layout.rank(self.tp_rank, self.pp_rank - 1))
+                h = self.model.run_layers(h, meta, self.kv_cache, on_layer)
+                if not self.is_last:
+                    pending.append(dist.isend(h, dst=self.layout.rank(self.tp_rank, self.pp_rank + 1)))
+                elif self.tp_rank == 0:
+                    out = self.model.compute_logits(h, meta.last_index).float()  # [N_j, V]
+                    if self.spec.rank == 0:
+                        logits.append(out)
+                    else:
+                        pending.append(dist.isend(out.contiguous(), dst=0))
+            if self.spec.rank == 0 and not self.is_last:  # pp > 1: the last stage's TP rank 0 sends them
+                src = self.layout.rank(0, self.layout.pp - 1)
+                for lo, hi in micro_batches(len(step.starts), self.layout.pp):
+                    out = torch.empty(hi - lo, cfg.vocab_size, dtype=torch.float32, device=self.torch_device)
+                    dist.recv(out, src=src)
+                    logits.append(out)
+            for work in pending:
+                if work is not None:
+                    work.wait()
+        return torch.cat(logits) if self.spec.rank == 0 else None
+
+
+def init_group(store: dist.Store, rank: int, world: int, device: Device, timeout: timedelta) -> None:
+    backend = "nccl" if device.kind == "cuda" else "gloo"
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+
+
+class StepChannel:
+    """Rank 0 broadcasts each Step (or SHUTDOWN) to every rank: a 2-int header [op, payload length], then the
+    payload (`Step.encode`). CPU tensors over gloo (the control group under nccl)."""
+
+    def __init__(self, group: dist.ProcessGroup | None) -> None:
+        self.group = group
+
+    def send(self, step: Step | None) -> None:
+        payload = step.encode() if step is not None else torch.empty(0, dtype=torch.long)
+        header = torch.tensor([FORWARD if step is not None else SHUTDOWN, payload.numel()], dtype=torch.long)
+        dist.broadcast(header, src=0, group=self.group)
+        if step is not None:
+            dist.broadcast(payload, src=0, group=self.group)
+
+    def recv(self) -> Step | None:
+        header = torch.empty(2, dtype=torch.long)
+        dist.broadcast(header, src=0, group=self.group)
+        if int(header[0]) == SHUTDOWN:
+            return None
+        payload = torch.empty(int(header[1]), dtype=torch.long)
+        dist.broadcast(payload, src=0, group=self.group)
+        return Step.decode(payload)

@@ -1,0 +1,218 @@
+"""The KV reshard between a TP x PP prefill instance and a decode rank: what to pull from whom, and how the
+pieces' trailers combine. Pure functions; `KVPuller.pull_pieces` does the pulling.
+
+A destination rank owns `layers` x `heads` (engine.parallel.layout). Each (layer, KV head) it needs is pulled
+once, from its canonical source rank (`layout.pieces`): one rectangle per source rank, all pulled in parallel,
+nothing gathered on one rank and forwarded. Each source rank's KVServer holds its own shard under the same
+transfer id and token; a lease is released when the rectangles pulled from it cover all it holds.
+
+Handles from one-rank instances (or from builds before layouts: tp = pp = 0 on the wire) mean Layout(1, 1) with
+every address equal to `handle.address`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from engine.parallel.layout import Layout, LayoutError, pieces
+from kv_transfer.errors import LayoutMismatch, ProtocolError
+
+Range = tuple[int, int]  # half-open [start, end)
+# (global layer, first KV head, k [T, h, D], v [T, h, D]); called from several pull threads at once, each for
+# its own disjoint rectangle; k and v may alias a receive buffer: copy them.
+WritePiece = Callable[[int, int, Tensor, Tensor], None]
+WriteLayer = Callable[[int, Tensor, Tensor], None]  # (global layer, k [T, h, D], v [T, h, D])
+
+
+class _HandleFields(Protocol):  # what this module reads of a pdserve.v1.KVHandle
+    @property
+    def address(self) -> str: ...
+    @property
+    def tp(self) -> int: ...
+    @property
+    def pp(self) -> int: ...
+    @property
+    def num_kv_heads(self) -> int: ...
+    @property
+    def num_layers(self) -> int: ...
+    @property
+    def rank_addresses(self) -> Iterable[str]: ...
+
+
+@dataclass(frozen=True)
+class HandleLayout:
+    """The prefill side of a KV handle: its layout and the KV server address of each global rank."""
+
+    layout: Layout
+    num_layers: int
+    num_kv_heads: int  # 0 = unknown (a handle without a layout): only whole-head pulls
+    rank_addresses: tuple[str, ...] = field(default=())
+
+
+def handle_layout(handle: _HandleFields) -> HandleLayout:
+    """Read a KVHandle's layout (0 means 1; no rank addresses means [address]). LayoutMismatch if the handle
+    contradicts itself (rank addresses for another world size)."""
+    try:
+        layout = Layout(max(int(handle.tp), 1), max(int(handle.pp), 1))
+    except LayoutError as e:
+        raise LayoutMismatch(f"KV handle layout: {e}") from None
+    addrs = tuple(handle.rank_addresses) or (handle.address,) * layout.world_size
+    if len(addrs) != layout.world_size:
+        raise LayoutMismatch(f"KV handle names {len(addrs)} rank addresses for tp={layout.tp} pp={layout.pp}")
+    return HandleLayout(layout, int(handle.num_layers), int(handle.num_kv_heads), addrs)
+
+
+@dataclass(frozen=True)
+class PlannedPull:
+    """One piece: pull `layers` x `heads` (None = every head the source holds) from `address`."""
+
+    src_rank: int
+    address: str
+    layers: Range
+    heads: Range | None
+
+
+def plan(
+    src: Layout,
+    rank_addresses: Sequence[str],
+    layers: Range,
+    heads: Range | None,
+    num_layers: int,
+    num_kv_heads: int,
+) -> list[PlannedPull]:
+    """The pulls that fetch `layers` x `heads` from `src`, sorted by (layer start, head start).
+
+    heads None = every KV head (allowed with num_kv_heads unknown (0) only when src.tp == 1: each stage's rank
+    holds all heads). Raises LayoutMismatch for a request the source layout cannot serve."""
+    if len(rank_addresses) != src.world_size:
+        raise LayoutMismatch(f"{len(rank_addresses)} rank addresses for tp={src.tp} pp={src.pp}")
+    try:
+        if num_kv_heads < 1:
+            if heads is not None or src.tp != 1:
+                raise LayoutMismatch(
+                    f"the source's KV-head count is unknown: cannot pull heads {heads} from tp={src.tp}"
+                )
+            out = []
+            for stage in range(src.pp):
+                lo, hi = src.layer_range(num_layers, stage)
+                lo, hi = max(lo, layers[0]), min(hi, layers[1])
+                if lo < hi:
+                    rank = src.rank(0, stage)
+                    out.append(PlannedPull(rank, rank_addresses[rank], (lo, hi), None))
+            if not out or layers[0] < 0 or layers[1] > num_layers:
+                raise LayoutMismatch(f"layers {layers} outside the model's {num_layers}")
+            return out
+        want = heads if heads is not None else (0, num_kv_heads)
+        return [
+            PlannedPull(p.src_rank, rank_addresses[p.src_rank], p.layers, p.heads)
+            for p in pieces(src, layers, want, num_layers, num_kv_heads)
+        ]
+    except LayoutError as e:
+        raise LayoutMismatch(str(e)) from None
+
+
+def agreed(values: Sequence[int], what: str) -> int:
+    """The one value every piece's trailer reports (ProtocolError if the source ranks disagree)."""
+    if len(set(values)) != 1:
+        raise ProtocolError(f"the prefill ranks disagree on {what}: {sorted(set(values))}")
+    return values[0]
+
+
+class AckBarrier:
+    """All-or-nothing ACKs for the pieces of one pull: each piece, once its trailer checked out, calls
+    `arrive()`, which blocks until every piece arrived (True: ACK) or one failed (False: do not ACK, so every
+    source rank keeps its lease for a retry). A failed piece calls `fail(i)`; `first_failed` is the piece that
+    failed first: the cause (the others fail because of it: not ACKed, or aborted)."""
+
+    def __init__(self, n: int) -> None:
+        self._n, self._arrived, self._failed = n, 0, False
+        self.first_failed: int | None = None
+        self._cond = threading.Condition()
+
+    def arrive(self) -> bool:
+        with self._cond:
+            self._arrived += 1
+            self._cond.notify_all()
+            self._cond.wait_for(lambda: self._failed or self._arrived >= self._n)
+            return not self._failed
+
+    def fail(self, piece: int) -> None:
+        with self._cond:
+            if self.first_failed is None:
+                self.first_failed = piece
+            self._failed = True
+            self._cond.notify_all()
+
+
+def is_canonical(layout: Layout, rank: int, num_kv_heads: int) -> bool:
+    """Whether global rank `rank` is the canonical holder of its KV heads (the lowest TP rank holding them).
+
+    Prefill: only canonical ranks open a lease (a replica's KV is never pulled, so its lease would only wait
+    for expiry). Decode (num_kv_heads < tp): only canonical ranks pull; a replica gets its heads from the
+    canonical rank of its group, since a lease is released once its cells were pulled once."""
+    tp_rank, _ = layout.coords(rank)
+    head = layout.kv_head_range(num_kv_heads, tp_rank)[0]
+    return layout.canonical_tp_rank(num_kv_heads, head) == tp_rank
+
+
+class LayerAssembler:
+    """A WritePiece that hands each layer of the rectangle's heads `heads` to write_layer(layer, k, v) (k, v
+    [T, h1-h0, D]) once: a piece holding all of a layer's heads passes straight through; pieces holding part
+    of them are copied into a staging pair for that layer, written when its last heads arrive, then reused.
+    One write per layer instead of one per piece: writing a few heads of every token into a paged cache costs
+    about what writing all of them does. write_layer must copy k, v (KVCache.write does). Staging holds only layers whose heads are partly in (at most the
+    rank's own KV shard, when one source rank lags far behind the others). Thread-safe, as pull_pieces needs."""
+
+    def __init__(self, heads: Range, write_layer: WriteLayer) -> None:
+        self.heads, self.write_layer = heads, write_layer
+        self._lock = threading.Lock()
+        self._staged: dict[int, tuple[Tensor, Tensor, list[int]]] = {}  # layer -> k, v, [heads filled]
+        # staging pairs already written out, reused (fresh memory is slow to fill)
+        self._free: list[tuple[Tensor, Tensor]] = []
+
+    def __call__(self, layer: int, head_start: int, k: Tensor, v: Tensor) -> None:
+        n = self.heads[1] - self.heads[0]
+        a, h = head_start - self.heads[0], k.shape[1]
+        if a < 0 or a + h > n:
+            raise LayoutMismatch(
+                f"heads [{head_start}, {head_start + h}) outside the rectangle's {self.heads}"
+            )
+        if h == n:
+            self.write_layer(layer, k, v)
+            return
+        with self._lock:
+            staged = self._staged.get(layer)
+            if staged is None:
+                shape = (k.shape[0], n, k.shape[2])
+                while self._free and (self._free[-1][0].shape != shape or self._free[-1][0].dtype != k.dtype):
+                    self._free.pop()
+                if self._free:
+                    pair = self._free.pop()
+                else:
+                    pair = (torch.empty(shape, dtype=k.dtype), torch.empty(shape, dtype=v.dtype))
+                staged = (pair[0], pair[1], [0])
+                self._staged[layer] = staged
+        ks, vs, filled = staged
+        ks[:, a : a + h].copy_(k)  # disjoint heads per piece: no lock needed for the copies
+        vs[:, a : a + h].copy_(v)
+        with self._lock:
+            filled[0] += h
+            complete = filled[0] == n
+            if complete:
+                del self._staged[layer]
+        if complete:
+            self.write_layer(layer, ks, vs)  # copies them (the WriteLayer contract)
+            with self._lock:
+                self._free.append((ks, vs))
+
+    @property
+    def pending_layers(self) -> int:
+        """Layers with some but not all of their heads in (0 once every piece arrived)."""
+        with self._lock:
+            return len(self._staged)
