@@ -1,7 +1,8 @@
 """End to end supervision: `pdserve up`'s supervisor restarts a killed decode instance and the stream that
 ran on it continues there exactly; a killed launcher leaves no process; SIGTERM stops an instance within
 2 s with its Redis hung; a Redis restarted empty gets every instance back within one TTL and serving
-goes on."""
+goes on; a coordinator killed under load is restarted on its port, its streams fail with UNAVAILABLE and a
+message, the same client is served again, and no KV block or lease is left behind."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from coordinator.registry import Registry
@@ -147,3 +150,52 @@ def test_redis_restarted_empty_instances_reregister_within_one_ttl_and_serving_c
         out = client.generate(prompt_ids, ignore_eos=True, timeout=60, **kw)
     assert out.token_ids == _expected(reference, prompt_ids, kw)
     assert_no_leaks(cluster)
+
+
+def test_coordinator_killed_under_load_is_restarted_in_flight_requests_fail_clearly_and_nothing_leaks(
+    tiny_model_dir: Path,
+    reference: LocalEngine,
+    start_cluster: Callable[..., LocalCluster],
+    supervise: Callable[[LocalCluster], Supervisor],
+) -> None:
+    lease_ttl = 3.0  # a lease the dead gateway's request left unpulled expires this soon
+    cluster = start_cluster(tiny_model_dir, prefill=1, decode=1, lease_ttl_s=lease_ttl)
+    supervise(cluster)
+    coordinator = next(c for c in cluster.children if c.role == "coordinator")
+    first_pid = coordinator.proc.pid
+    prompt_ids = reference.tokenizer.encode(PROMPT)
+    streaming = [threading.Event() for _ in range(4)]  # set at each stream's first token
+
+    def stream(client: Client, i: int) -> tuple[str, str, int]:
+        got = 0
+        kw: dict[str, Any] = {"max_tokens": 1500, "temperature": 0.8, "seed": i}
+        try:
+            for msg in client.stream(prompt_ids, ignore_eos=True, timeout=120, **kw):
+                got += len(msg.token_ids)
+                streaming[i].set()
+            return "OK", "", got
+        except grpc.RpcError as exc:
+            return exc.code().name, exc.details() or "", got
+        finally:
+            streaming[i].set()  # (a stream that failed before its first token must not hang the test)
+
+    with Client(cluster.gateway_address) as client, ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(stream, client, i) for i in range(4)]
+        for started in streaming:  # every stream has its first token: all four are mid-stream
+            assert started.wait(60)
+        coordinator.proc.kill()
+        in_flight = [f.result() for f in futures]
+        killed_at = time.monotonic()
+        while coordinator.restarts < 1:  # the supervisor restarts it (same arguments: the same port)
+            assert time.monotonic() - killed_at < 30, "the coordinator was not restarted"
+            time.sleep(0.1)
+        cluster.wait_serving(120)
+        kw: dict[str, Any] = {"max_tokens": 24}
+        out = client.generate(prompt_ids, ignore_eos=True, timeout=60, **kw)  # the same client, reconnected
+    assert coordinator.proc.pid != first_pid
+    for code, details, got in in_flight:  # the gateway died under them: a status with a message, no hang
+        assert code == "UNAVAILABLE" and details and got >= 1, (code, details, got)
+    assert out.token_ids == _expected(reference, prompt_ids, kw)
+    # the dead gateway's calls were cancelled with its connections: decode freed their blocks, and prefill
+    # leases nobody will pull expire
+    assert_no_leaks(cluster, timeout_s=lease_ttl + 10)
