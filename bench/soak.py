@@ -8,7 +8,7 @@ this workload, with no latency SLO. Then a Poisson load at `--fraction` (default
 `--minutes`, while every process the cluster started (coordinator, instances, Redis) has its resident set
 size (RSS, /proc/PID/status VmRSS) sampled every `--sample-s`.
 
-Reported (one JSON object): requests, errors (by kind) and the error rate; per window of `--window-s` (by
+Reported (one JSON object on stdout, or `--json PATH`; a summary on stderr): requests, errors (by kind) and the error rate; per window of `--window-s` (by
 arrival time) the requests, errors and TTFT / TPOT / end-to-end percentiles; per process the RSS samples
 (seconds since the load started, KiB) and its growth after the warm-up (`--warmup-s`, default the first
 window): median of the last three samples over median of the first three after the warm-up, in percent; the
@@ -23,12 +23,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import math
 import os
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -39,6 +37,7 @@ import grpc
 import numpy as np
 
 from bench.metrics import RequestRecord, compute_metrics, stats
+from bench.report import emit
 from bench.serving import grpc_sender, run_load
 from bench.workload import BenchRequest, Fixed, Workload, make_requests
 from engine.config import ModelConfig
@@ -183,6 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--timeout", type=float, default=60.0, help="each request's timeout (s)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--note", default="", help="a line about the host recorded in the JSON")
+    ap.add_argument("--json", default=None, help="write the JSON here instead of stdout")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if a.quick:
@@ -261,8 +261,7 @@ def main(argv: list[str] | None = None) -> None:
             "note": a.note,
         },
     }
-    json.dump(report, sys.stdout, indent=1)
-    print()
+    emit(report, a.json)  # + `machine`: CPU, cores, torch, git commit
 
 
 if __name__ == "__main__":
