@@ -1,6 +1,6 @@
 """Chaos: a supervised 1P2D cluster under load while prefill instances, decode instances and Redis are killed
-(SIGKILL) at random, seeded (a kill only while every instance is registered, so the cluster makes progress
-between kills); the supervisor (`pdserve.launcher.Supervisor`, as under `pdserve up`) restarts
+(SIGKILL) at random, seeded (a kill only while every instance is registered and answers, so the cluster
+makes progress between kills); the supervisor (`pdserve.launcher.Supervisor`, as under `pdserve up`) restarts
 them. Every request is streamed to its end and compared with the single-process reference
 (`engine.local.LocalEngine`, what `pdserve generate --local` prints); half are greedy, half seeded sampling.
 
@@ -19,9 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import random
-import signal
 import sys
 import tempfile
 import threading
@@ -31,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import grpc
+import redis
 
 from coordinator.registry import Registry
 from engine.local import LocalEngine
@@ -104,21 +103,39 @@ def run_one(address: str, job: Job, timeout_s: float) -> tuple[str, list[int], s
     return "done", tokens, finish
 
 
-def leaks(cluster: LocalCluster, timeout_s: float) -> tuple[int, int, bool]:
-    """(leaked blocks, leaked leases, every expected instance back) once all instances are idle, or at the
-    timeout."""
+def answering(cluster: LocalCluster) -> dict[str, common_pb2.InstanceStats]:
+    """Instance id -> Stats of every registered instance that answers. A killed instance stays registered
+    until its TTL runs out but answers nothing; a new instance that reuses a dead one's address answers for
+    both records, once per id. Raises redis.RedisError while Redis is down."""
+    registry = Registry(cluster.redis_url)
+    try:
+        records = registry.instances()
+    finally:
+        registry.close()
+    stats: dict[str, common_pb2.InstanceStats] = {}
+    for inst in records:
+        stub = prefill_pb2_grpc.PrefillStub if inst.role == "prefill" else decode_pb2_grpc.DecodeStub
+        with grpc.insecure_channel(inst.grpc_address) as ch:
+            try:
+                s = stub(ch).Stats(common_pb2.InstanceStatsRequest(), timeout=2)
+            except grpc.RpcError:
+                continue
+        stats[s.instance_id] = s
+    return stats
+
+
+def settle(cluster: LocalCluster, supervisor: Supervisor, timeout_s: float) -> tuple[int, int, bool]:
+    """After the last kill: keep supervising (the last kills' restarts, Redis's too, are still due) until
+    every instance is back and idle, or the timeout; returns (leaked blocks, leaked leases, every
+    expected instance back)."""
     want = len(cluster.cfg.roles)
     deadline = time.monotonic() + timeout_s
-    blocks = leases = 0
     while True:
-        stats = []
-        for inst in Registry(cluster.redis_url).instances():
-            stub = prefill_pb2_grpc.PrefillStub if inst.role == "prefill" else decode_pb2_grpc.DecodeStub
-            with grpc.insecure_channel(inst.grpc_address) as ch:
-                try:
-                    stats.append(stub(ch).Stats(common_pb2.InstanceStatsRequest(), timeout=2))
-                except grpc.RpcError:
-                    continue  # a killed instance still registered until its TTL runs out
+        supervisor.check()
+        try:
+            stats = list(answering(cluster).values())
+        except redis.RedisError:
+            stats = []
         blocks = sum(s.kv_blocks_total - s.kv_blocks_free for s in stats)
         leases = sum(s.leases for s in stats)
         back = len(stats) == want
@@ -174,9 +191,10 @@ def main(argv: list[str] | None = None) -> None:
     want = len(cfg.roles)
 
     def all_up() -> bool:
+        """Every instance registered and answering (a registry record alone may be a dead one's)."""
         try:
-            return len(Registry(cluster.redis_url).instances()) == want
-        except Exception:  # noqa: BLE001 - Redis down (killed): not up
+            return len(answering(cluster)) == want
+        except redis.RedisError:  # Redis down (killed): not up
             return False
 
     first_done = threading.Event()
@@ -186,18 +204,25 @@ def main(argv: list[str] | None = None) -> None:
         delay = 0.0
         while not stop.wait(delay):
             delay = rng.expovariate(1.0 / a.kill_every)
-            while not all_up() and not stop.wait(0.2):
-                pass
+            while not all_up():
+                if stop.wait(0.2):
+                    return
             target = rng.choice(["prefill", "decode", "decode", "redis"])
             with lock:
+                if stop.is_set():  # the load ended while we waited: no kill the final check misses
+                    return
+                # Each kill waits until the process is gone (reaped): the supervisor, which takes the lock
+                # next, then sees it dead. A kill only signalled could still look alive to a last check.
                 if target == "redis":
                     if cluster.redis is not None and cluster.redis.alive():
-                        os.kill(cluster.redis.pid, signal.SIGKILL)
+                        cluster.redis.kill()
                         kills[target] += 1
                     continue
                 live = [c for c in cluster.children if c.role == target and c.proc.poll() is None]
                 if live:
-                    rng.choice(live).proc.send_signal(signal.SIGKILL)
+                    victim = rng.choice(live).proc
+                    victim.kill()
+                    victim.wait()
                     kills[target] += 1
 
     killer = threading.Thread(target=chaos, name="chaos")
@@ -216,13 +241,7 @@ def main(argv: list[str] | None = None) -> None:
         stop.set()
         first_done.set()
         killer.join()
-        # the last restarts (backoff), Redis's too: a Redis killed just before the load ended is restarted here
-        while any(c.proc.poll() is not None for c in cluster.children) or (
-            cluster.redis is not None and not cluster.redis.alive()
-        ):
-            supervisor.check()
-            time.sleep(0.1)
-        leaked_blocks, leaked_leases, back = leaks(cluster, timeout_s=60)
+        leaked_blocks, leaked_leases, back = settle(cluster, supervisor, timeout_s=90)
     finally:
         stop.set()
         first_done.set()

@@ -41,6 +41,11 @@ class CoordinatorConfig:
     # Requests waiting for their first token (queued for prefill) before a new one gets RESOURCE_EXHAUSTED at
     # once; 0 = no limit but max_inflight.
     max_queue: int = 0
+    # KV budget, as a multiple of the KV capacity (tokens) of the registered decode (colocated) instances;
+    # 0 = off. A new request gets RESOURCE_EXHAUSTED at once when the KV tokens the gateway's requests in
+    # flight reserve (prompt + max_tokens each, what a decode instance reserves), its own included, would
+    # exceed it: 1.0 admits what the decode instances can hold at once, 2.0 lets as much again wait.
+    kv_budget: float = 0.0
     suspect_s: float = (
         5.0  # an instance that failed a call (died, refused the connection) is skipped this long
     )
@@ -70,6 +75,8 @@ class CoordinatorConfig:
             )
         if self.max_failovers < 0 or self.failover_wait_s < 0 or self.max_queue < 0:
             raise ValueError("max_failovers, failover_wait_s and max_queue must be >= 0")
+        if not self.kv_budget >= 0 or self.kv_budget == float("inf"):
+            raise ValueError(f"kv_budget must be a finite multiple >= 0 (0 = off), got {self.kv_budget}")
         if self.local_prefill_depth < 1:
             raise ValueError(f"local_prefill_depth must be >= 1, got {self.local_prefill_depth}")
         if self.local_prefill_max_tokens < 1:

@@ -149,6 +149,7 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
             0  # requests accepted whose first token has not come back (`CoordinatorConfig.max_queue`)
         )
         self.local_pending = 0  # local prefills sent to decode instances whose first token has not come back
+        self.kv_reserved = 0  # KV tokens (prompt + max_tokens) of the requests in flight (`cfg.kv_budget`)
 
     # ---- validation -----------------------------------------------------------------------
     def _prompt_ids(self, req: generation_pb2.GenerateRequest) -> list[int]:
@@ -196,8 +197,11 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
             raise CapacityExceeded(
                 f"gateway has {self.queued} requests waiting for their first token (limit {self.cfg.max_queue})"
             )
+        kv_tokens = len(prompt_ids) + params.max_tokens
+        self._check_kv_budget(kv_tokens)
         rt.accepted(request_id, len(prompt_ids), params.max_tokens)
         self.inflight += 1
+        self.kv_reserved += kv_tokens
         failover = _Failover(self.cfg, self.router, rt)
         if self.cfg.colocated:  # baseline mode: one colocated instance does the whole request
             try:
@@ -205,6 +209,7 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
                     yield msg
             finally:
                 self.inflight -= 1
+                self.kv_reserved -= kv_tokens
             return
         stop = StopChecker(self.tokenizer, params)
         state = _RequestState(rt, failover, kv_floor)
@@ -215,9 +220,25 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
                 yield msg
         finally:
             self.inflight -= 1
+            self.kv_reserved -= kv_tokens
             self._dequeue(state)
             state.cancel_calls()
             self._drop_lease(state)
+
+    def _check_kv_budget(self, kv_tokens: int) -> None:
+        """RESOURCE_EXHAUSTED when admitting `kv_tokens` more would pass `cfg.kv_budget` x the KV capacity of
+        the registered decode (colocated) instances. With none registered there is no capacity to measure
+        against: the request goes on and waits for one (`_Failover.pick`)."""
+        if not self.cfg.kv_budget:
+            return
+        capacity = self.router.kv_capacity("colocated" if self.cfg.colocated else "decode")
+        budget = int(self.cfg.kv_budget * capacity)
+        if capacity and self.kv_reserved + kv_tokens > budget:
+            raise CapacityExceeded(
+                f"KV budget: the gateway's {self.inflight} requests in flight reserve {self.kv_reserved} KV "
+                f"tokens; {kv_tokens} more would pass the budget of {budget} ({self.cfg.kv_budget:g} x "
+                f"{capacity} tokens of the registered instances)"
+            )
 
     async def _run(
         self,

@@ -77,6 +77,14 @@ class Router:
     def count(self, role: str) -> int:
         return sum(1 for i in self.snapshot if i.role == role and i.model_fingerprint == self.fingerprint)
 
+    def kv_capacity(self, role: str) -> int:
+        """KV tokens the registered `role` instances of this model hold in all (blocks x block size)."""
+        return sum(
+            i.kv_blocks_total * i.block_size
+            for i in self.snapshot
+            if i.role == role and i.model_fingerprint == self.fingerprint
+        )
+
     # ---- choice ---------------------------------------------------------------------------
     def _candidates(self, role: str) -> list[InstanceInfo]:
         now = time.monotonic()

@@ -164,6 +164,14 @@ def main(argv: list[str] | None = None) -> None:
         "(default 0: no limit but --max-inflight)",
     )
     p.add_argument(
+        "--kv-budget",
+        type=float,
+        default=0.0,
+        help="KV budget as a multiple of the registered decode instances' KV capacity: a new request whose "
+        "prompt + max_tokens would take the gateway's reserved KV tokens past it gets RESOURCE_EXHAUSTED at "
+        "once (default 0: off)",
+    )
+    p.add_argument(
         "--max-failovers",
         type=int,
         default=5,
@@ -255,6 +263,7 @@ def main(argv: list[str] | None = None) -> None:
         max_kl=a.max_kl,
         max_inflight=a.max_inflight,
         max_queue=a.max_queue,
+        kv_budget=a.kv_budget,
         max_failovers=a.max_failovers,
         failover_wait_s=a.failover_wait,
         layerwise=a.layerwise,

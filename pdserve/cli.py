@@ -98,6 +98,7 @@ def cmd_up(a: argparse.Namespace) -> int:
         api_keys=tuple(a.api_key),
         api_key_file=a.api_key_file,
         max_queue=a.max_queue,
+        kv_budget=a.kv_budget,
         failover_wait_s=a.failover_wait,
         die_with_launcher=True,
     )
@@ -340,6 +341,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="gateway: requests waiting for their first token beyond which a new one gets RESOURCE_EXHAUSTED "
         "at once (default 0: no limit)",
+    )
+    up.add_argument(
+        "--kv-budget",
+        type=float,
+        default=0.0,
+        help="gateway: KV budget, a multiple of the decode instances' KV capacity; a request that would pass "
+        "it (its prompt + max_tokens added to those in flight) gets RESOURCE_EXHAUSTED at once (default 0: off)",
     )
     up.add_argument(
         "--failover-wait",

@@ -55,7 +55,10 @@ class Client:
         self.address = address
         self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
         tls = TLSFiles(cert=tls_cert or "", key=tls_key or "", ca=tls_ca or "")
-        self._channel = client_channel(address, tls, [("grpc.enable_http_proxy", 0)])
+        # Reconnect attempts back off to at most 2 s (gRPC's default cap is 120 s): a client that saw its
+        # gateway go away (a restart) is served again within 2 s of the gateway coming back.
+        options = [("grpc.enable_http_proxy", 0), ("grpc.max_reconnect_backoff_ms", 2000)]
+        self._channel = client_channel(address, tls, options)
         self._stub = generation_pb2_grpc.GenerationStub(self._channel)
 
     def stream(

@@ -82,9 +82,10 @@ class ClusterConfig:
     http_port: int | None = None  # coordinator --http-port: None = no HTTP API, 0 = a free one
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # coordinator --api-key (never logged)
     api_key_file: str | None = None  # coordinator --api-key-file
-    # coordinator failover and overload flags (coordinator/config.py): --failover-wait, --max-queue
+    # coordinator failover and overload flags (coordinator/config.py): --failover-wait, --max-queue, --kv-budget
     failover_wait_s: float = 10.0
     max_queue: int = 0
+    kv_budget: float = 0.0
     # Children get SIGTERM when the launcher dies, however it dies (`pdserve up` sets it). Off by default:
     # the signal follows the *thread* that spawned a child, and tests start clusters from pool threads; and
     # it runs Python (prctl) in the forked child, which a process with busy gRPC client threads (tests,
@@ -256,6 +257,7 @@ class LocalCluster:
             if cfg.api_key_file:
                 coord += ["--api-key-file", cfg.api_key_file]
             coord += ["--failover-wait", str(cfg.failover_wait_s), "--max-queue", str(cfg.max_queue)]
+            coord += ["--kv-budget", str(cfg.kv_budget)]
             self._spawn("coordinator", coord)
             self.wait_serving(timeout_s)
         except BaseException:

@@ -72,6 +72,12 @@ class RedisServer:
         self._proc = self._spawn()
         self._wait_ready()
 
+    def kill(self) -> None:
+        """SIGKILL it (a crash, for chaos tests) and wait until it is gone, so that `alive()` is False at once
+        after this returns (a signal only sent leaves a window in which the process still runs)."""
+        self._proc.kill()
+        self._proc.wait()
+
     @property
     def pid(self) -> int:
         return self._proc.pid

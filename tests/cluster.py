@@ -116,10 +116,12 @@ STUBS: dict[str, Callable[[grpc.Channel], StatsStub]] = {
 }
 
 
-def instance_stats(cluster: LocalCluster) -> list[common_pb2.InstanceStats]:
-    """Every registered instance's Stats RPC (prefill, decode or colocated)."""
+def instance_stats(cluster: LocalCluster | str) -> list[common_pb2.InstanceStats]:
+    """Every registered instance's Stats RPC (prefill, decode or colocated); `cluster` or its Redis URL (a
+    cluster `pdserve up` started in a subprocess)."""
     out = []
-    for inst in Registry(cluster.redis_url).instances():
+    redis_url = cluster if isinstance(cluster, str) else cluster.redis_url
+    for inst in Registry(redis_url).instances():
         with grpc.insecure_channel(inst.grpc_address) as ch:
             out.append(STUBS[inst.role](ch).Stats(common_pb2.InstanceStatsRequest(), timeout=5))
     return out
@@ -135,10 +137,10 @@ def _idle(s: common_pb2.InstanceStats) -> bool:
     )
 
 
-def assert_no_leaks(cluster: LocalCluster, timeout_s: float = 10.0) -> None:
-    """Within timeout_s every instance is back to all KV blocks free, no leases, no request running or
-    queued, and its block manager's integrity check holds (waits for it: a cancelled request's blocks come
-    back asynchronously)."""
+def assert_no_leaks(cluster: LocalCluster | str, timeout_s: float = 10.0) -> None:
+    """Within timeout_s every instance (of `cluster`, or of the cluster registered at this Redis URL) is back
+    to all KV blocks free, no leases, no request running or queued, and its block manager's integrity check
+    holds (waits for it: a cancelled request's blocks come back asynchronously)."""
     deadline = time.monotonic() + timeout_s
     while True:
         stats = instance_stats(cluster)

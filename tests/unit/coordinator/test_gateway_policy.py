@@ -174,3 +174,41 @@ def test_an_unset_floor_is_none_and_zero_is_zero() -> None:
     assert kv_floor_from_request(generation_pb2.GenerateRequest(prompt="x", max_tokens=1)) is None
     req = generation_pb2.GenerateRequest(prompt="x", max_tokens=1, max_kv_kl=0.0)
     assert kv_floor_from_request(req) == 0.0
+
+
+@pytest.mark.parametrize("budget", [-1.0, math.inf, math.nan])
+def test_config_rejects_a_bad_kv_budget(budget: float) -> None:
+    with pytest.raises(ValueError, match="kv_budget"):
+        CoordinatorConfig(model_dir="m", redis_url="redis://x", kv_budget=budget)
+
+
+def test_kv_budget_counts_reserved_tokens_against_the_decode_instances_capacity(tiny_model_dir: Path) -> None:
+    from dataclasses import replace
+
+    from coordinator.gateway import Gateway
+    from engine.config import ModelConfig
+    from engine.tokenizer import Tokenizer
+    from pdserve.errors import CapacityExceeded
+
+    router = _router(prefill=1, decode=2)
+    # two decode instances of 8 blocks x 16 tokens: 256 tokens of KV in all
+    router.snapshot = [
+        replace(i, kv_blocks_total=8, block_size=16) if i.role == "decode" else i for i in router.snapshot
+    ]
+    assert router.kv_capacity("decode") == 256 and router.kv_capacity("prefill") == 0
+
+    def gateway(**kw: Any) -> Gateway:
+        cfg = CoordinatorConfig(model_dir=str(tiny_model_dir), redis_url="redis://x", **kw)
+        return Gateway(cfg, router, Tokenizer(str(tiny_model_dir)), ModelConfig.from_hf_dir(tiny_model_dir))
+
+    off = gateway()
+    off.kv_reserved = 10**9
+    off._check_kv_budget(1)  # 0 = off: nothing is refused for KV
+    half = gateway(kv_budget=0.5)  # 128 tokens
+    half._check_kv_budget(128)
+    half.kv_reserved = 100
+    half._check_kv_budget(28)
+    with pytest.raises(CapacityExceeded, match="KV budget"):
+        half._check_kv_budget(29)
+    router.snapshot = [i for i in router.snapshot if i.role != "decode"]
+    half._check_kv_budget(10**6)  # no decode instance registered: no capacity to refuse by (failover waits)
