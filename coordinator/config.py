@@ -48,6 +48,10 @@ class CoordinatorConfig:
     # the registry to show one (a restarted instance) before it fails with UNAVAILABLE.
     max_failovers: int = 5
     failover_wait_s: float = 10.0
+    # The applied plan's KV links (`pdserve plan` JSON, coordinator --plan): (prefill instance id, decode
+    # instance id, codec); the router pairs each prefill instance with its linked decode instances only and
+    # the hand-off uses the link's codec. () = every pair, codec per `codec`.
+    kv_links: tuple[tuple[str, str, str], ...] = ()
     colocated: bool = False  # baseline mode: proxy Generate to colocated instances (no prefill/decode)
     expect_colocated: int = 1  # colocated mode: SERVING once this many colocated instances are registered
     # TLS (pdserve/tls.py): with a certificate the gateway's public port serves TLS (no client certificate

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import signal
+from pathlib import Path
 
 import grpc
 import redis
@@ -16,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from coordinator.auth import ApiKeys, AuthInterceptor, load_api_keys
 from coordinator.config import LAYERWISE_POLICIES, LOCAL_PREFILL_POLICIES, CoordinatorConfig
 from coordinator.gateway import Gateway
+from coordinator.planner.plan import kv_links_of
 from coordinator.registry import Registry
 from coordinator.router import Router
 from engine.checkpoint import model_fingerprint
@@ -74,7 +77,14 @@ async def run(cfg: CoordinatorConfig) -> None:
     tokenizer = Tokenizer(cfg.model_dir)
     try:
         registry = Registry(cfg.redis_url, cfg.cluster, tls=cfg.tls)
-        router = Router(registry, model_fingerprint(cfg.model_dir), cfg.refresh_s, cfg.suspect_s, tls=cfg.tls)
+        router = Router(
+            registry,
+            model_fingerprint(cfg.model_dir),
+            cfg.refresh_s,
+            cfg.suspect_s,
+            tls=cfg.tls,
+            kv_links=cfg.kv_links,
+        )
         await router.start()
     except (redis.RedisError, TLSConfigError) as exc:  # e.g. the registry refused our certificate
         raise SystemExit(f"coordinator: cannot read the registry {cfg.redis_url}: {exc}") from None
@@ -227,11 +237,21 @@ def main(argv: list[str] | None = None) -> None:
         "PDSERVE_API_KEY variable. None at all: the gateway is open",
     )
     p.add_argument("--api-key-file", default=None, help="a file of API keys, one per line ('#' comments)")
+    p.add_argument(
+        "--plan",
+        default=None,
+        help="a `pdserve plan` JSON: route each prefill instance's KV to the decode instances its kv_links "
+        "name, with their codecs (instance ids as the plan names them: pdserve up --plan starts them so)",
+    )
     a = p.parse_args(argv)
     try:
         api_keys = load_api_keys(a.api_key, a.api_key_file)
     except (OSError, ValueError) as exc:
         p.error(str(exc))
+    try:
+        kv_links = kv_links_of(json.loads(Path(a.plan).read_text())) if a.plan else ()
+    except (OSError, ValueError) as exc:
+        p.error(f"--plan {a.plan}: {exc}")
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s coordinator %(name)s: %(message)s"
     )
@@ -266,6 +286,7 @@ def main(argv: list[str] | None = None) -> None:
         tls=tls,
         http_port=a.http_port,
         api_keys=api_keys,
+        kv_links=kv_links,
     )
     telemetry.setup("coordinator", _instance_id(cfg, cfg.port))
     try:

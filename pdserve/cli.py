@@ -53,16 +53,21 @@ def cmd_up(a: argparse.Namespace) -> int:
     if a.plan:
         import json
 
-        from pdserve.plan_cli import up_overrides
+        from pdserve.plan_cli import LAYOUT_FLAGS, apply_layouts, up_overrides
 
         try:
             with open(a.plan) as f:
                 planned = up_overrides(json.load(f), cpu=a.cpu or not _cuda_visible())
+            apply_layouts(a, planned)
         except (OSError, ValueError) as exc:
             print(f"pdserve up: --plan {a.plan}: {exc}", file=sys.stderr)
             return 2
-        a = argparse.Namespace(**{**vars(a), **{k: v for k, v in planned.items() if k != "cpus"}})
+        skip = {"cpus", "instance_ids", *LAYOUT_FLAGS}
+        a = argparse.Namespace(**{**vars(a), **{k: v for k, v in planned.items() if k not in skip}})
         a.cpus = ",".join(map(str, planned["cpus"]))
+        plan_args = {"instance_ids": planned["instance_ids"], "plan_path": os.path.abspath(a.plan)}
+    else:
+        plan_args = {}
     cfg = ClusterConfig(
         model_dir=_model(a.model),
         host=a.host,
@@ -91,6 +96,7 @@ def cmd_up(a: argparse.Namespace) -> int:
         max_queue=a.max_queue,
         failover_wait_s=a.failover_wait,
         die_with_launcher=True,
+        **plan_args,
     )
     policy = RestartPolicy(max_restarts=a.max_restarts, backoff_s=a.restart_backoff)
     return run_forever(LocalCluster(cfg), policy)

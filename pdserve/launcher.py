@@ -82,6 +82,10 @@ class ClusterConfig:
     # it runs Python (prctl) in the forked child, which a process with busy gRPC client threads (tests,
     # benchmarks) must not do (gRPC's fork handlers broke such children).
     die_with_launcher: bool = False
+    # `pdserve up --plan`: instance i (start order: prefill..., decode...) registers as instance_ids[i] (the
+    # plan's names), and the coordinator routes by the plan's kv_links (coordinator --plan plan_path)
+    instance_ids: tuple[str, ...] = ()
+    plan_path: str | None = None
 
     @property
     def roles(self) -> list[str]:
@@ -212,6 +216,8 @@ class LocalCluster:
             if cfg.api_key_file:
                 coord += ["--api-key-file", cfg.api_key_file]
             coord += ["--failover-wait", str(cfg.failover_wait_s), "--max-queue", str(cfg.max_queue)]
+            if cfg.plan_path:
+                coord += ["--plan", cfg.plan_path]
             self._spawn("coordinator", coord)
             self.wait_serving(timeout_s)
         except BaseException:
@@ -222,7 +228,10 @@ class LocalCluster:
     def add_instance(self, role: str, device_args: list[str] | None = None) -> Child:
         """Start one more prefill/decode/colocated instance (also used to replace a dead one)."""
         cfg = self.cfg
+        name: list[str] = []
         if device_args is None:
+            if self._next_device < len(cfg.instance_ids):
+                name = ["--instance-id", cfg.instance_ids[self._next_device]]
             device_args = self._devices[self._next_device % len(self._devices)]
             self._next_device += 1
         args = [
@@ -248,6 +257,7 @@ class LocalCluster:
             "--lease-ttl",
             str(cfg.lease_ttl_s),
             *device_args,
+            *name,
         ]
         if cfg.num_kv_blocks is not None:
             args += ["--num-kv-blocks", str(cfg.num_kv_blocks)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import socket
@@ -18,7 +19,7 @@ from coordinator.planner.search import SearchInput, search
 from coordinator.planner.topology import Node, Topology
 from coordinator.registry import Registry
 from pdserve.launcher import LocalCluster
-from pdserve.plan_cli import status_json, up_overrides
+from pdserve.plan_cli import LAYOUT_FLAGS, apply_layouts, status_json, up_overrides
 
 
 def test_up_plan_runs_what_the_plan_says(
@@ -42,7 +43,8 @@ def test_up_plan_runs_what_the_plan_says(
         p["devices"] = [cores[i] for i in p["devices"]]
     over = up_overrides(d, cpu=True)
     assert (over["prefill"], over["decode"]) == (d["prefill"]["instances"], d["decode"]["instances"])
-    cluster = start_cluster(tiny_model_dir, **over)
+    assert sorted(over["instance_ids"]) == sorted(p["instance"] for p in d["placement"])
+    cluster = start_cluster(tiny_model_dir, **{k: v for k, v in over.items() if k not in LAYOUT_FLAGS})
     reg = Registry(cluster.redis_url, cluster.cfg.cluster)
     try:
         deadline = time.monotonic() + 30
@@ -59,6 +61,7 @@ def test_up_plan_runs_what_the_plan_says(
         (i["role"], tuple(int(c) for c in i["devices"].split(":")[1].split(","))) for i in st["instances"]
     )
     assert running == planned
+    assert sorted(i["instance"] for i in st["instances"]) == sorted(p["instance"] for p in d["placement"])
     assert {i["node"] for i in st["instances"]} == {p["node"] for p in d["placement"]} == {host}
 
 
@@ -72,9 +75,25 @@ def test_up_plan_refuses_what_it_cannot_run() -> None:
         ],
         "kv_links": [{"prefill": "prefill-0", "decode": "decode-0", "gbytes_per_s": 5, "codec": "int8"}],
     }
-    assert up_overrides(base, cpu=True) == {"prefill": 1, "decode": 1, "cpus": (0, 1), "codec": "int8"}
-    with pytest.raises(ValueError, match="only TP1/PP1"):
-        up_overrides({**base, "decode": {"tp": 2, "pp": 1, "instances": 1}}, cpu=True)
+    assert up_overrides(base, cpu=True) == {
+        "prefill": 1,
+        "decode": 1,
+        "cpus": (0, 1),
+        "codec": "int8",
+        "instance_ids": ("prefill-0", "decode-0"),
+        "prefill_tp": 1,
+        "prefill_pp": 1,
+        "decode_tp": 1,
+        "decode_pp": 1,
+    }
+    tp2 = up_overrides({**base, "decode": {"tp": 2, "pp": 1, "instances": 1}}, cpu=True)
+    assert tp2["decode_tp"] == 2
+    args = argparse.Namespace(prefill=1)  # a pdserve up without --decode-tp: refused, not run as TP1
+    with pytest.raises(ValueError, match="DECODE TP=2 .* no --decode-tp"):
+        apply_layouts(args, tp2)
+    args = argparse.Namespace(prefill_tp=1, prefill_pp=1, decode_tp=1, decode_pp=1)  # one with the flags
+    apply_layouts(args, tp2)
+    assert (args.prefill_tp, args.decode_tp, args.decode_pp) == (1, 2, 1)
     two_nodes = [{**base["placement"][0]}, {**base["placement"][1], "node": "n1"}]
     with pytest.raises(ValueError, match="spans nodes"):
         up_overrides({**base, "placement": two_nodes}, cpu=True)
@@ -83,3 +102,50 @@ def test_up_plan_refuses_what_it_cannot_run() -> None:
         up_overrides({**base, "placement": swapped}, cpu=False)
     with pytest.raises(ValueError, match="not a plan"):
         up_overrides({"prefill": {}}, cpu=True)
+
+
+def test_up_plan_routes_kv_only_over_the_plans_links(
+    tiny_model_dir: Path, start_cluster: Callable[..., LocalCluster], tmp_path: Path
+) -> None:
+    """1 prefill + 2 decode instances (on this host's cores, shared), a plan linking prefill-0 to decode-1
+    only: every request's KV goes to decode-1 (the decode instances' measured links, in the registry, show
+    who pulled from whom), with the link's codec."""
+    from pdserve.client import Client
+
+    plan = {
+        "prefill": {"tp": 1, "pp": 1, "instances": 1},
+        "decode": {"tp": 1, "pp": 1, "instances": 2},
+        "placement": [
+            {"instance": "prefill-0", "phase": "prefill", "node": "n0", "devices": [0]},
+            {"instance": "decode-0", "phase": "decode", "node": "n0", "devices": [1]},
+            {"instance": "decode-1", "phase": "decode", "node": "n0", "devices": [2]},
+        ],
+        "kv_links": [{"prefill": "prefill-0", "decode": "decode-1", "gbytes_per_s": 5, "codec": "int8"}],
+    }
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(plan))
+    over = up_overrides(plan, cpu=True)
+    cluster = start_cluster(
+        tiny_model_dir,
+        prefill=over["prefill"],
+        decode=over["decode"],
+        instance_ids=over["instance_ids"],
+        plan_path=str(path),
+        cpus=tuple(sorted(os.sched_getaffinity(0))[:2]),  # three instances share this host's cores
+    )
+    reg = Registry(cluster.redis_url, cluster.cfg.cluster)
+    try:
+        with Client(cluster.gateway_address) as client:
+            for i in range(4):
+                client.generate(f"def f{i}(x):", max_tokens=4, ignore_eos=True, timeout=60)
+        deadline = time.monotonic() + 20
+        while True:  # a decode instance publishes its measured links with its next heartbeat
+            by_id = {i.instance_id: i for i in reg.instances()}
+            if by_id.get("decode-1") and by_id["decode-1"].links or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+    finally:
+        reg.close()
+    assert sorted(by_id) == ["decode-0", "decode-1", "prefill-0"]
+    assert list(by_id["decode-1"].links) == [by_id["prefill-0"].kv_address]
+    assert by_id["decode-0"].links == {}
