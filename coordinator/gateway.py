@@ -152,6 +152,9 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
             0  # requests accepted whose first token has not come back (`CoordinatorConfig.max_queue`)
         )
         self.local_pending = 0  # local prefills sent to decode instances whose first token has not come back
+        # Called with each request served to its end (the replanner's live window): (received, prompt
+        # tokens, tokens sent, TTFT s, TPOT s or None), times on time.monotonic(). None: nobody listens.
+        self.on_finished: Callable[[float, int, int, float, float | None], None] | None = None
 
     # ---- validation -----------------------------------------------------------------------
     def _prompt_ids(self, req: generation_pb2.GenerateRequest) -> list[int]:
@@ -270,6 +273,10 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
                 self._resume(request_id, prompt_ids, params, completion, state)
         state.pump.cancel()
         state.trace.finished(reason or "length")
+        if self.on_finished is not None:
+            n = len(completion)
+            tpot = (time.monotonic() - received - ttft) / (n - 1) if n > 1 else None
+            self.on_finished(received, len(prompt_ids), n, ttft, tpot)
         usage = common_pb2.Usage(
             prompt_tokens=len(prompt_ids), completion_tokens=len(completion), ttft_s=ttft
         )

@@ -41,9 +41,8 @@ class Router:
     ) -> None:
         self.registry = registry
         # prefill instance id -> {decode instance id: the plan's codec for that link}
-        self.kv_links: dict[str, dict[str, str]] = defaultdict(dict)
-        for prefill_id, decode_id, codec in kv_links:
-            self.kv_links[prefill_id][decode_id] = codec
+        self.kv_links: dict[str, dict[str, str]] = {}
+        self.set_kv_links(kv_links)
         self.tls = tls or TLSFiles()  # with a CA, channels to instances are mutual TLS
         self.fingerprint = fingerprint
         self.refresh_s = refresh_s
@@ -55,6 +54,13 @@ class Router:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._rr = itertools.count()
         self._task: asyncio.Task | None = None
+
+    def set_kv_links(self, kv_links: Sequence[tuple[str, str, str]]) -> None:
+        """Route by these (prefill id, decode id, codec) links from now on (() = every pair)."""
+        links: dict[str, dict[str, str]] = {}
+        for prefill_id, decode_id, codec in kv_links:
+            links.setdefault(prefill_id, {})[decode_id] = codec
+        self.kv_links = links
 
     # ---- registry snapshot ----------------------------------------------------------------
     async def refresh(self) -> None:

@@ -9,6 +9,7 @@ import argparse
 import logging
 import os
 import sys
+from typing import Any
 
 import grpc
 
@@ -65,7 +66,14 @@ def cmd_up(a: argparse.Namespace) -> int:
         skip = {"cpus", "instance_ids", *LAYOUT_FLAGS}
         a = argparse.Namespace(**{**vars(a), **{k: v for k, v in planned.items() if k not in skip}})
         a.cpus = ",".join(map(str, planned["cpus"]))
-        plan_args = {"instance_ids": planned["instance_ids"], "plan_path": os.path.abspath(a.plan)}
+        plan_args: dict[str, Any] = {
+            "instance_ids": planned["instance_ids"],
+            "plan_path": os.path.abspath(a.plan),
+            "autoplan": a.autoplan,
+        }
+    elif a.autoplan:
+        print("pdserve up: --autoplan needs --plan (the plan to start from)", file=sys.stderr)
+        return 2
     else:
         plan_args = {}
     cfg = ClusterConfig(
@@ -366,6 +374,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="start what a `pdserve plan` JSON says (instance counts, devices, codec); overrides "
         "--prefill/--decode/--cpus/--codec",
+    )
+    up.add_argument(
+        "--autoplan",
+        action="store_true",
+        help="with --plan: the coordinator replans on the live workload and pdserve up starts and drains "
+        "instances to the counts it recommends (layouts and placement are not changed)",
     )
     up.set_defaults(fn=cmd_up)
 

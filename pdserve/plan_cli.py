@@ -150,7 +150,14 @@ def plan_json(
     d = plan.to_dict()
     d["inputs"] = {
         "model": inp.model.to_dict(),
-        "profile": {"device": inp.profile.device, "model": inp.profile.model, "source": inp.profile.source},
+        "profile": {
+            "device": inp.profile.device,
+            "model": inp.profile.model,
+            "source": inp.profile.source,
+            "layouts": [lat.to_dict() for lat in inp.profile.layouts],  # what a replan searches on
+        },
+        "topology": inp.topology.to_dict(),
+        "prefill_max_batch_tokens": inp.prefill_max_batch_tokens,
         "slo_ttft_ms": slo_ttft_ms,
         "slo_tpot_ms": slo_tpot_ms,
         "attainment": inp.attainment,
@@ -416,9 +423,10 @@ def add_topology_arguments(p: argparse.ArgumentParser) -> None:
 
 
 # ---- status ----------------------------------------------------------------------------------------------
-def status_json(cluster: str, instances: list[Any]) -> dict[str, Any]:
+def status_json(cluster: str, instances: list[Any], planner: dict[str, Any] | None = None) -> dict[str, Any]:
     """The running cluster as the plan describes one: per instance its role, layout, devices, node and load
-    (from the registry's `InstanceInfo`s). Every instance is TP1/PP1 today."""
+    (from the registry's `InstanceInfo`s; every instance is TP1/PP1 today), and the coordinator's latest
+    replan record (`planner`: null without a plan or before its first report)."""
     rows = []
     for i in sorted(instances, key=lambda i: (i.role, i.instance_id)):
         rows.append(
@@ -441,7 +449,7 @@ def status_json(cluster: str, instances: list[Any]) -> dict[str, Any]:
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["role"]] = counts.get(r["role"], 0) + 1
-    return {"cluster": cluster, "instances": rows, "counts": counts}
+    return {"cluster": cluster, "instances": rows, "counts": counts, "planner": planner}
 
 
 def cmd_status(a: argparse.Namespace) -> int:
@@ -450,12 +458,13 @@ def cmd_status(a: argparse.Namespace) -> int:
     registry = Registry(a.redis_url, a.cluster)
     try:
         instances = registry.instances()
+        planner = registry.planner()
     except Exception as exc:  # noqa: BLE001 - any Redis failure is one clear message
         print(f"pdserve status: cannot read the registry at {a.redis_url}: {exc}", file=sys.stderr)
         return 1
     finally:
         registry.close()
-    print(json.dumps(status_json(a.cluster, instances), indent=2))
+    print(json.dumps(status_json(a.cluster, instances, planner), indent=2))
     return 0
 
 

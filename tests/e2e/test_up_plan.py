@@ -19,11 +19,11 @@ from coordinator.planner.search import SearchInput, search
 from coordinator.planner.topology import Node, Topology
 from coordinator.registry import Registry
 from pdserve.launcher import LocalCluster
-from pdserve.plan_cli import LAYOUT_FLAGS, apply_layouts, status_json, up_overrides
+from pdserve.plan_cli import LAYOUT_FLAGS, apply_layouts, plan_json, status_json, up_overrides
 
 
 def test_up_plan_runs_what_the_plan_says(
-    tiny_model_dir: Path, start_cluster: Callable[..., LocalCluster]
+    tiny_model_dir: Path, start_cluster: Callable[..., LocalCluster], tmp_path: Path
 ) -> None:
     cores = sorted(os.sched_getaffinity(0))[:2]
     if len(cores) < 2:
@@ -34,9 +34,8 @@ def test_up_plan_runs_what_the_plan_says(
         Layout(1, 1), Coeffs(0.01, 1e-4, 0), Coeffs(0.004, 1e-6, 1e-4), Coeffs(0.004, 1e-6, 1e-4)
     )
     model = spec_from_config(json.loads((tiny_model_dir / "config.json").read_text()))
-    plan = search(
-        SearchInput(model, Profile("cpu", "tiny", (lat,)), topo, 0.5, 0.05, ((64, 16),), pp_choices=(1,))
-    )
+    inp = SearchInput(model, Profile("cpu", "tiny", (lat,)), topo, 0.5, 0.05, ((64, 16),), pp_choices=(1,))
+    plan = search(inp)
     d = plan.to_dict()
     # the planner's devices are indexes on the node; this host's usable cores may be numbered otherwise
     for p in d["placement"]:
@@ -44,13 +43,21 @@ def test_up_plan_runs_what_the_plan_says(
     over = up_overrides(d, cpu=True)
     assert (over["prefill"], over["decode"]) == (d["prefill"]["instances"], d["decode"]["instances"])
     assert sorted(over["instance_ids"]) == sorted(p["instance"] for p in d["placement"])
-    cluster = start_cluster(tiny_model_dir, **{k: v for k, v in over.items() if k not in LAYOUT_FLAGS})
+    path = tmp_path / "plan.json"  # as pdserve plan writes it: with the inputs a replan searches on
+    path.write_text(json.dumps(plan_json(plan, inp, 500.0, 50.0, "test")))
+    cluster = start_cluster(
+        tiny_model_dir,
+        **{k: v for k, v in over.items() if k not in LAYOUT_FLAGS},
+        plan_path=str(path),
+        replan_interval_s=0.5,
+    )
     reg = Registry(cluster.redis_url, cluster.cfg.cluster)
     try:
         deadline = time.monotonic() + 30
         while True:  # instances register on their first heartbeat: wait for all of them
-            st = status_json(cluster.cfg.cluster, reg.instances())
-            if len(st["instances"]) == len(d["placement"]) or time.monotonic() > deadline:
+            st = status_json(cluster.cfg.cluster, reg.instances(), reg.planner())
+            done = len(st["instances"]) == len(d["placement"]) and st["planner"] is not None
+            if done or time.monotonic() > deadline:
                 break
             time.sleep(0.1)
     finally:
@@ -63,6 +70,9 @@ def test_up_plan_runs_what_the_plan_says(
     assert running == planned
     assert sorted(i["instance"] for i in st["instances"]) == sorted(p["instance"] for p in d["placement"])
     assert {i["node"] for i in st["instances"]} == {p["node"] for p in d["placement"]} == {host}
+    # the coordinator replans on the plan's inputs: no traffic yet, so it waits, with the plan in force
+    assert st["planner"]["state"] == "waiting" and st["planner"]["autoplan"] is False
+    assert st["planner"]["in_force"] == st["counts"]
 
 
 def test_up_plan_refuses_what_it_cannot_run() -> None:
@@ -149,3 +159,41 @@ def test_up_plan_routes_kv_only_over_the_plans_links(
     assert sorted(by_id) == ["decode-0", "decode-1", "prefill-0"]
     assert list(by_id["decode-1"].links) == [by_id["prefill-0"].kv_address]
     assert by_id["decode-0"].links == {}
+
+
+def test_autoplan_starts_and_drains_instances_to_the_plan_in_force(
+    tiny_model_dir: Path, start_cluster: Callable[..., LocalCluster]
+) -> None:
+    """The launcher side of `pdserve up --autoplan`: the coordinator's planner record (published here as
+    the replanner publishes it) says 1 prefill + 2 decode, then 1 + 1; the launcher follows."""
+    from pdserve.launcher import Autoplanner
+
+    cluster = start_cluster(
+        tiny_model_dir,
+        instance_ids=("prefill-0", "decode-0"),
+        cpus=tuple(sorted(os.sched_getaffinity(0))[:2]),
+    )
+    reg = Registry(cluster.redis_url, cluster.cfg.cluster)
+    lines: list[str] = []
+    auto = Autoplanner(cluster, lines.append, period_s=0.0)
+
+    def converge(want: dict[str, int]) -> set[str]:
+        reg.publish_planner({"state": "assessed", "in_force": want, "reason": "test"}, ttl_s=60)
+        names = {f"{role}-{k}" for role, n in want.items() for k in range(n)}
+        deadline = time.monotonic() + 60
+        while True:  # wait for the registry (new instances register on start, drained ones withdraw)
+            auto.check()
+            ids = {i.instance_id for i in reg.instances()}
+            if (ids == names and not cluster.retiring) or time.monotonic() > deadline:
+                return ids
+            time.sleep(0.1)
+
+    try:
+        assert converge({"prefill": 1, "decode": 2}) == {"prefill-0", "decode-0", "decode-1"}
+        assert any("started decode decode-1" in line for line in lines)
+        assert converge({"prefill": 1, "decode": 1}) == {"prefill-0", "decode-0"}
+        assert any("draining decode decode-1" in line for line in lines)
+        assert cluster.counts() == {"coordinator": 1, "prefill": 1, "decode": 1}
+    finally:
+        auto.close()
+        reg.close()
