@@ -484,7 +484,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plan_cli.add_plan_arguments(pl)
     pl.set_defaults(fn=plan_cli.cmd_plan)
-    to = sub.add_parser("topology", help="print this machine's topology JSON (for pdserve plan --topology)")
+    to = sub.add_parser(
+        "topology",
+        help="this machine's topology JSON, or several hosts' measured with --probe (for pdserve plan)",
+    )
     plan_cli.add_topology_arguments(to)
     to.set_defaults(fn=plan_cli.cmd_topology)
     pr = sub.add_parser("profile", help="time the engine and fit the planner's latency model (profile JSON)")

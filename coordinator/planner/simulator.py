@@ -9,7 +9,7 @@ What it models (as pdserve runs, see coordinator/router.py):
   path's latency outside the instance: gateway, gRPC).
 * Decode routing at prefill end: among the decode instances the plan links to this prefill instance, the one
   with the most KV tokens free after what it has reserved (each request reserves prompt + output tokens,
-  rounded up to blocks, until it finishes). pdserve's router today links every pair.
+  rounded up to blocks, until it finishes), as pdserve's router does under coordinator --plan.
 * KV transfer: prompt tokens x the link's seconds per token (the codec's pipelined hand-off time on the
   bandwidth between the two instances' devices: `Link`), FIFO per (prefill, decode) pair.
 * Decode: continuous batching; a request joins at a step boundary when its whole reservation fits the
