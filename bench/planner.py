@@ -2,7 +2,6 @@
 
 Prints one JSON object:
 * `search_s_4x8`: wall seconds of one search (the slower of the two; `search_cpu_s_4x8` its CPU seconds, which
-  on this shared machine is what an idle core would take) (the slower of the two; `search_cpu_s_4x8` its CPU seconds, which
   on this shared machine is what an idle core would take) over 4 nodes x 8 A100-80GB (DistServe's OPT-13B A100 profile,
   300 GB/s in a node; two runs: 3.1 GB/s between nodes (DistServe's 25 Gbps low-affinity cluster) and
   100 GB/s), with the plans found.
@@ -11,6 +10,8 @@ Prints one JSON object:
   configuration and per-GPU rate beside it, and our simulator's per-GPU goodput for DistServe's configuration.
   Their workload is ShareGPT; with no dataset here we use `sharegpt-approx` (log-normal lengths), so the
   numbers differ by the workload as well as by the model (see docs/benchmarks.md).
+* `fidelity` (unless --no-fidelity): predicted vs measured SLO attainment of this machine's 1P1D cluster at
+  three rates around the predicted goodput, with the details in `fidelity_run` (see `fidelity`).
 """
 
 from __future__ import annotations
