@@ -110,7 +110,8 @@ def fidelity(quick: bool, log_dir: str) -> dict[str, Any]:
     the local topology holds), and calibrate the profile to the serving path from two runs through it (an
     isolated one and a burst: coordinator/planner/calibrate.py splits what the path adds into latency and
     instance capacity). SLOs are 4x the isolated TTFT and TPOT (the compare bench's balanced k = 4).
-    Then plan with the calibrated profile and run the cluster at 0.6, 1.0 and 1.4 x its predicted goodput:
+    Then plan with the calibrated profile and run the cluster at 0.6, 1.0 and 1.4 x its predicted goodput on
+    this host as the calibration runs found it (other tenants' share of the cores stretching the model):
     `predicted_attainment` is the simulator on the very arrivals and lengths each run sent, with the share
     of the cores other tenants took during that run (`foreign_core_share`, measured) stretching every time;
     `predicted_idle_host_attainment` the same without that stretch, `predicted_steady_attainment` the
@@ -126,11 +127,11 @@ def fidelity(quick: bool, log_dir: str) -> dict[str, Any]:
     from bench.compare.modes import QUICK
     from bench.compare.slos import bench_model, prompt_source
     from bench.compare.systems import warm_up
-    from bench.cpu import CpuMeter
+    from bench.cpu import CpuMeter, schedstat_ns, stretch
     from bench.metrics import SLO, attainment, compute_metrics
     from bench.serving import run_load
     from bench.workload import Fixed, Workload, make_requests
-    from coordinator.planner.calibrate import apply, calibrate, observed, stretch
+    from coordinator.planner.calibrate import apply, calibrate, observed, stretched
     from coordinator.planner.latency import Profile
     from coordinator.planner.model import spec_from_config
     from coordinator.planner.search import kv_capacity_tokens
@@ -175,23 +176,25 @@ def fidelity(quick: bool, log_dir: str) -> dict[str, Any]:
     )
     cluster = LocalCluster(cfg).start(timeout_s=180)
 
-    def load(wl: Workload) -> tuple[list[Request], list[Any], dict[str, Any] | None]:
-        """Run `wl`: (what was sent, as simulator requests; per-request metrics; CPU use of the run)."""
+    def pid(role: str) -> int:
+        return next(c.proc.pid for c in cluster.children if c.role == role)
+
+    def load(wl: Workload) -> tuple[list[Request], list[Any], dict[str, Any]]:
+        """Run `wl`: (what was sent, as simulator requests; per-request metrics; the run's CPU: machine-wide
+        use by whom (bench.cpu), and each instance's stretch, its run-queue wait over its time on a CPU)."""
         reqs = make_requests(wl, source)
+        before = {role: schedstat_ns(pid(role)) for role in ("prefill", "decode")}
         with CpuMeter(cluster.pids) as meter:
             metrics = compute_metrics(
                 asyncio.run(run_load(cluster.gateway_address, reqs, request_timeout_s=60, drain_s=60))
             )
+        cpu: dict[str, Any] = meter.usage.to_dict() if meter.usage else {}
+        for role in ("prefill", "decode"):
+            cpu[f"{role}_stretch"] = stretch(before[role], schedstat_ns(pid(role)))
         sim = [Request(r.scheduled_s, r.prompt_len, r.output_len) for r in reqs]
-        return sim, metrics, meter.usage.to_dict() if meter.usage else None
+        return sim, metrics, cpu
 
-    ncores = len(os.sched_getaffinity(0))
-
-    def foreign_share(cpu: dict[str, Any] | None) -> float:
-        """The share of this host's cores that work outside the cluster and the load generator took."""
-        return cpu["foreign_cores"] / ncores if cpu else 0.0
-
-    def observe(wl: Workload) -> tuple[Any, dict[str, Any] | None]:
+    def observe(wl: Workload) -> tuple[Any, dict[str, Any]]:
         sim, metrics, cpu = load(wl)
         by_index = {m.index: m for m in metrics}
         served = [(r, by_index[i]) for i, r in enumerate(sim) if i in by_index and by_index[i].ok]
@@ -199,6 +202,8 @@ def fidelity(quick: bool, log_dir: str) -> dict[str, Any]:
             [r for r, _ in served],
             [m.ttft_s for _, m in served if m.ttft_s is not None],
             [m.tpot_s for _, m in served if m.tpot_s is not None],
+            cpu["prefill_stretch"],
+            cpu["decode_stretch"],
         ), cpu
 
     try:
@@ -224,15 +229,8 @@ def fidelity(quick: bool, log_dir: str) -> dict[str, Any]:
             prefill_max_batch_tokens=CPU_BATCH_TOKENS,
         )
         cap = kv_capacity_tokens(base, Layout(1, 1), memory)
-        # the engine profile is CPU-clock time: calibrate against the runs' means with other tenants' share
-        # of the cores taken out (coordinator/planner/calibrate.py)
-        terms = calibrate(
-            lat,
-            iso.unshared(foreign_share(iso_cpu)),
-            burst.unshared(foreign_share(burst_cpu)),
-            cap,
-            CPU_BATCH_TOKENS,
-        )
+        # the engine profile is CPU-clock time: calibrated with each run's measured stretches taken out
+        terms = calibrate(lat, iso, burst, cap, CPU_BATCH_TOKENS)
         cal = apply(lat, terms, mean_p)
         profile = Profile(
             engine_profile.device, engine_profile.model, (cal,), "pdserve profile + calibration"
@@ -242,7 +240,13 @@ def fidelity(quick: bool, log_dir: str) -> dict[str, Any]:
         unit = (Layout(1, 1), Layout(1, 1), 1, 1)
         plan = search(replace(base, fixed_unit=unit, fixed_units=1))
         uncal = search(replace(base, profile=engine_profile, fixed_unit=unit))
-        goodput = plan.predicted.goodput_rps
+        # The rates: around the goodput predicted for this host as it is now (the burst's stretches), not for
+        # an idle host: on a shared host the idle-host goodput can be far beyond what the cluster gets
+        now_lat = stretched(cal, burst.prefill_stretch, burst.decode_stretch)
+        now_profile = Profile(profile.device, profile.model, (now_lat,), profile.source)
+        goodput = search(
+            replace(base, profile=now_profile, fixed_unit=unit, fixed_units=1)
+        ).predicted.goodput_rps
         out.update(
             {
                 "isolated_ms": {"ttft": iso.ttft_s * 1e3, "tpot": iso.tpot_s * 1e3},
@@ -256,6 +260,12 @@ def fidelity(quick: bool, log_dir: str) -> dict[str, Any]:
                 "slo_ms": {"ttft": slo_ttft * 1e3, "tpot": slo_tpot * 1e3},
                 "plan": _summary(plan),
                 "goodput_engine_only_profile_rps": uncal.predicted.goodput_rps,
+                "goodput_idle_host_rps": plan.predicted.goodput_rps,
+                "calibration_stretch": {
+                    "isolated": [iso.prefill_stretch, iso.decode_stretch],
+                    "burst": [burst.prefill_stretch, burst.decode_stretch],
+                },
+                "goodput_at_calibration_contention_rps": goodput,
                 "fidelity": [],
                 "measured": [],
             }
@@ -265,11 +275,10 @@ def fidelity(quick: bool, log_dir: str) -> dict[str, Any]:
             sent, metrics, cpu = load(
                 Workload("balanced", n, rate, prompt=spec.prompt, output=spec.output, seed=1)
             )
-            share = foreign_share(cpu)
 
-            def on_schedule(k: float, sent: list[Request] = sent) -> float:
-                """The simulator on the run's own arrivals and lengths, every time k x longer."""
-                c = cal.scaled(k)
+            def on_schedule(k_prefill: float, k_decode: float, sent: list[Request] = sent) -> float:
+                """The simulator on the run's own arrivals and lengths, the instances' times stretched."""
+                c = stretched(cal, k_prefill, k_decode)
                 return simulate(
                     sent, [PrefillInstance(c, CPU_BATCH_TOKENS)], [DecodeInstance(c, cap)], [[Link(0.0)]]
                 ).attainment(slo_ttft, slo_tpot)
@@ -280,10 +289,11 @@ def fidelity(quick: bool, log_dir: str) -> dict[str, Any]:
             out["fidelity"].append(
                 {
                     "rate": rate,
-                    "predicted_attainment": on_schedule(stretch(share)),
+                    "predicted_attainment": on_schedule(cpu["prefill_stretch"], cpu["decode_stretch"]),
                     "measured_attainment": measured,
-                    "foreign_core_share": share,
-                    "predicted_idle_host_attainment": on_schedule(1.0),
+                    "stretch": [cpu["prefill_stretch"], cpu["decode_stretch"]],
+                    "foreign_cores": cpu.get("foreign_cores"),
+                    "predicted_idle_host_attainment": on_schedule(1.0, 1.0),
                     "predicted_steady_attainment": steady.predicted.attainment,
                 }
             )

@@ -19,11 +19,12 @@ split: bisect the capacity share until the simulator, run on the burst's own arr
 reproduces its mean TTFT (prefill) and then its mean TPOT (decode). No term is fitted to the runs it is
 later judged on.
 
-Other work on the same cores (this host is shared) stretches every time of a run by 1 / (1 - share), where
-`share` is the fraction of the cores that work took during the run (measured from /proc/stat, bench.cpu).
-`pdserve profile` times with the process's CPU clock, which that work does not stretch; so the runs'
-means are divided by that factor before calibrating (`Observed.unshared`), and a prediction for a run
-multiplies the calibrated model by the run's factor (`LayoutLatency.scaled`).
+Other work on the same cores (this host is shared) makes a run's instances wait for a core: a run's
+`prefill_stretch` / `decode_stretch` is (time on a CPU + time runnable but waiting for one) / time on a
+CPU of that instance's threads over the run (Linux schedstat, measured by the caller), so the instance's
+work took that many times longer than on a core of its own. `pdserve profile` times with the process's CPU
+clock, which the waiting does not stretch; so the model is calibrated contention-free, each calibration
+run simulated with its own stretches, and a prediction for a run uses that run's (`stretched`).
 """
 
 from __future__ import annotations
@@ -43,21 +44,15 @@ class Observed:
     requests: tuple[Request, ...]  # arrival_s from the first request's, prompt and output tokens
     ttft_s: float  # mean over the run's requests
     tpot_s: float  # mean over requests with more than one output token
-
-    def unshared(self, foreign_share: float) -> Observed:
-        """The means as if the cores had been this run's alone (`foreign_share` of them was taken)."""
-        k = 1.0 - contention_share(foreign_share)
-        return replace(self, ttft_s=self.ttft_s * k, tpot_s=self.tpot_s * k)
+    prefill_stretch: float = 1.0  # (run + run-queue wait) / run time of the prefill instance, >= 1
+    decode_stretch: float = 1.0
 
 
-def contention_share(foreign_share: float) -> float:
-    """The share of the cores other work took, clipped to [0, 0.9] (a measurement, not a model input)."""
-    return min(0.9, max(0.0, foreign_share))
-
-
-def stretch(foreign_share: float) -> float:
-    """How much longer CPU work takes when other work takes `foreign_share` of the cores."""
-    return 1.0 / (1.0 - contention_share(foreign_share))
+def stretched(lat: LayoutLatency, prefill: float, decode: float) -> LayoutLatency:
+    """`lat` with its prefill times (and path latency) `prefill` times longer and its decode times `decode`
+    times longer: the model of a run whose instances waited that much for a core."""
+    p = lat.scaled(prefill)
+    return replace(lat.scaled(decode), prefill=p.prefill, pp_hop_s=p.pp_hop_s, path_s=p.path_s)
 
 
 @dataclass(frozen=True)
@@ -93,11 +88,15 @@ def apply(lat: LayoutLatency, terms: ServingTerms, mean_prompt: float) -> Layout
 
 
 def _engine_excess(lat: LayoutLatency, iso: Observed) -> tuple[float, float]:
-    """What the isolated run measured beyond the engine's forward passes: (TTFT, TPOT) seconds, >= 0."""
+    """What the isolated run measured beyond the engine's forward passes, contention taken out: (TTFT,
+    TPOT) seconds, >= 0."""
     reqs = iso.requests
     prefill = statistics.fmean(lat.prefill_s(r.prompt, r.prompt * r.prompt) for r in reqs)
     step = statistics.fmean(lat.decode_s(1, r.prompt + r.output / 2) for r in reqs)
-    return max(0.0, iso.ttft_s - prefill), max(0.0, iso.tpot_s - step)
+    return (
+        max(0.0, iso.ttft_s / iso.prefill_stretch - prefill),
+        max(0.0, iso.tpot_s / iso.decode_stretch - step),
+    )
 
 
 def _bisect(f: Callable[[float], float], target: float, hi: float, iters: int = 30) -> float:
@@ -128,7 +127,7 @@ def calibrate(
     link = [[Link(link_s_per_token)]]
 
     def run(terms: ServingTerms) -> tuple[float, float]:
-        cal = apply(lat, terms, mean_prompt)
+        cal = stretched(apply(lat, terms, mean_prompt), burst.prefill_stretch, burst.decode_stretch)
         res = simulate(
             reqs, [PrefillInstance(cal, max_batch_tokens)], [DecodeInstance(cal, kv_capacity_tokens)], link
         )
@@ -151,10 +150,22 @@ def calibrate(
     return replace(terms, residual={"ttft": ttft - burst.ttft_s, "tpot": tpot - burst.tpot_s})
 
 
-def observed(requests: Sequence[Request], ttfts: Sequence[float], tpots: Sequence[float]) -> Observed:
+def observed(
+    requests: Sequence[Request],
+    ttfts: Sequence[float],
+    tpots: Sequence[float],
+    prefill_stretch: float = 1.0,
+    decode_stretch: float = 1.0,
+) -> Observed:
     """An Observed from per-request measurements (requests that failed left out by the caller)."""
     if not requests or not ttfts:
         raise ValueError("a calibration run needs at least one served request")
     t0 = min(r.arrival_s for r in requests)
     reqs = tuple(Request(r.arrival_s - t0, r.prompt, r.output) for r in requests)
-    return Observed(reqs, statistics.fmean(ttfts), statistics.fmean(tpots) if tpots else 0.0)
+    return Observed(
+        reqs,
+        statistics.fmean(ttfts),
+        statistics.fmean(tpots) if tpots else 0.0,
+        max(1.0, prefill_stretch),
+        max(1.0, decode_stretch),
+    )

@@ -6,7 +6,7 @@ import statistics
 
 import pytest
 
-from coordinator.planner.calibrate import ServingTerms, apply, calibrate, observed
+from coordinator.planner.calibrate import Observed, ServingTerms, apply, calibrate, observed, stretched
 from coordinator.planner.latency import Coeffs, Layout, LayoutLatency
 from coordinator.planner.simulator import DecodeInstance, Link, PrefillInstance, Request, simulate
 
@@ -18,11 +18,14 @@ BATCH_TOKENS = 256
 PROMPT, OUTPUT = 64, 32
 
 
-def measure(true: ServingTerms, reqs: list[Request]):
-    """What a cluster whose serving path costs `true` would measure (the simulator stands in for it)."""
-    lat = apply(ENGINE, true, PROMPT)
+def measure(
+    true: ServingTerms, reqs: list[Request], k_prefill: float = 1.0, k_decode: float = 1.0
+) -> Observed:
+    """What a cluster whose serving path costs `true` would measure (the simulator stands in for it), its
+    instances waiting for a core so that their work takes k times longer (and saying so)."""
+    lat = stretched(apply(ENGINE, true, PROMPT), k_prefill, k_decode)
     res = simulate(reqs, [PrefillInstance(lat, BATCH_TOKENS)], [DecodeInstance(lat, CAP)], [[Link(0.0)]])
-    return observed(reqs, res.ttft_s, res.tpot_s)
+    return observed(reqs, res.ttft_s, res.tpot_s, k_prefill, k_decode)
 
 
 def isolated() -> list[Request]:
@@ -72,3 +75,16 @@ def test_apply_charges_latency_on_ttft_only() -> None:
     assert shifted.ttft_s[0] == pytest.approx(base.ttft_s[0] + 0.05)
     assert shifted.tpot_s == base.tpot_s
     assert statistics.fmean(shifted.tpot_s) > 0
+
+
+def test_contention_measured_per_run_is_taken_out_of_the_terms() -> None:
+    """Calibration runs whose instances waited for a core (isolated 1.5 x / 1.2 x, burst 3 x / 2 x) give
+    the same contention-free terms as runs on cores of their own."""
+    true = ServingTerms(0.020, 0.010, 0.001, 0.0005, {})
+    iso, bur = measure(true, isolated(), 1.5, 1.2), measure(true, burst(), 3.0, 2.0)
+    assert bur.ttft_s > measure(true, burst()).ttft_s  # the stretch is visible in what was measured
+    got = calibrate(ENGINE, iso, bur, CAP, BATCH_TOKENS)
+    assert got.path_s == pytest.approx(true.path_s, abs=3e-4)
+    assert got.prefill_per_request_s == pytest.approx(true.prefill_per_request_s, abs=3e-4)
+    assert got.step_per_seq_s == pytest.approx(true.step_per_seq_s, abs=3e-5)
+    assert observed(isolated(), [0.1], [0.01], 0.5, 0.9).prefill_stretch == 1.0  # never below 1
