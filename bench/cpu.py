@@ -189,3 +189,33 @@ def usage_between(samples: list[_Sample], min_window_s: float = 0.0) -> CpuUsage
     if start is samples[0]:  # no window long enough: the whole run is the only one
         peak = (peers + outside + steal) / wall
     return CpuUsage(wall, own / wall, bench / wall, peers / wall, outside / wall, steal / wall, peak)
+
+
+def schedstat_ns(pid: int) -> dict[int, tuple[int, int]]:
+    """Per thread of `pid`: (ns on a CPU, ns runnable but waiting for a CPU) (Linux schedstat; {} where
+    unavailable)."""
+    out: dict[int, tuple[int, int]] = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat", encoding="ascii") as f:
+                on_cpu, waiting, _ = f.read().split()
+        except (OSError, ValueError):
+            continue
+        out[int(tid)] = (int(on_cpu), int(waiting))
+    return out
+
+
+def stretch(before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]]) -> float:
+    """(run + wait) / run, between two schedstat readings, of the thread that ran most in between (an
+    instance's step loop: its forward passes): how many times longer its work took than on a CPU of its
+    own (1.0 when nothing ran). Idle helper threads are left out: their wake-up waits are not the work."""
+    best_run, best_wait = 0, 0
+    for tid, (run1, wait1) in after.items():
+        run0, wait0 = before.get(tid, (0, 0))
+        if run1 - run0 > best_run:
+            best_run, best_wait = run1 - run0, wait1 - wait0
+    return 1.0 + max(0, best_wait) / best_run if best_run > 0 else 1.0

@@ -55,6 +55,18 @@ class CoordinatorConfig:
     # the registry to show one (a restarted instance) before it fails with UNAVAILABLE.
     max_failovers: int = 5
     failover_wait_s: float = 10.0
+    # The applied plan's KV links (`pdserve plan` JSON, coordinator --plan): (prefill instance id, decode
+    # instance id, codec); the router pairs each prefill instance with its linked decode instances only and
+    # the hand-off uses the link's codec. () = every pair, codec per `codec`.
+    kv_links: tuple[tuple[str, str, str], ...] = ()
+    # Replanning (coordinator/replanner.py; with a plan that records its search inputs): every
+    # `replan_interval_s` (0 = never) the window of the last `replan_window_s` seconds of finished requests
+    # is searched once at least `replan_min_requests` are in it. `autoplan`: the recommended plan is taken
+    # as the one in force (pdserve up --autoplan starts and stops the instances).
+    replan_interval_s: float = 10.0
+    replan_window_s: float = 60.0
+    replan_min_requests: int = 20
+    autoplan: bool = False
     colocated: bool = False  # baseline mode: proxy Generate to colocated instances (no prefill/decode)
     expect_colocated: int = 1  # colocated mode: SERVING once this many colocated instances are registered
     # TLS (pdserve/tls.py): with a certificate the gateway's public port serves TLS (no client certificate

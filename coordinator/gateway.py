@@ -116,15 +116,18 @@ def pick_codec(
     link_bps: float | None,
     num_layers: int,
     floor: float | None,
+    codec: str | None = None,
 ) -> str:
     """The codec of one hand-off. A fixed --codec is used as configured unless the request set a floor its
     measured profile does not meet (or it has none): then raw. With "auto", the fastest codec within the
-    floor (the request's, else cfg.max_kl) on the link's measured bandwidth; raw while it is unmeasured."""
-    if cfg.codec != "auto":
-        if floor is None or cfg.codec == "raw":
-            return cfg.codec
-        kl = next((p.kl_mean for p in profiles if p.name == cfg.codec), None)
-        return cfg.codec if kl is not None and kl <= floor else "raw"
+    floor (the request's, else cfg.max_kl) on the link's measured bandwidth; raw while it is unmeasured.
+    `codec` (the plan's codec for this link) stands in for cfg.codec."""
+    codec = codec or cfg.codec
+    if codec != "auto":
+        if floor is None or codec == "raw":
+            return codec
+        kl = next((p.kl_mean for p in profiles if p.name == codec), None)
+        return codec if kl is not None and kl <= floor else "raw"
     if not link_bps:
         return "raw"
     max_kl = cfg.max_kl if floor is None else floor
@@ -150,6 +153,9 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
         )
         self.local_pending = 0  # local prefills sent to decode instances whose first token has not come back
         self.kv_reserved = 0  # KV tokens (prompt + max_tokens) of the requests in flight (`cfg.kv_budget`)
+        # Called with each request served to its end (the replanner's live window): (received, prompt
+        # tokens, tokens sent, TTFT s, TPOT s or None), times on time.monotonic(). None: nobody listens.
+        self.on_finished: Callable[[float, int, int, float, float | None], None] | None = None
 
     # ---- validation -----------------------------------------------------------------------
     def _prompt_ids(self, req: generation_pb2.GenerateRequest) -> list[int]:
@@ -288,6 +294,10 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
                 self._resume(request_id, prompt_ids, params, completion, state)
         state.pump.cancel()
         state.trace.finished(reason or "length")
+        if self.on_finished is not None:
+            n = len(completion)
+            tpot = (time.monotonic() - received - ttft) / (n - 1) if n > 1 else None
+            self.on_finished(received, len(prompt_ids), n, ttft, tpot)
         usage = common_pb2.Usage(
             prompt_tokens=len(prompt_ids), completion_tokens=len(completion), ttft_s=ttft
         )
@@ -443,7 +453,8 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
         if first_token is not None:
             req.first_token_id = first_token
         num_tokens = len(prompt_ids) + params.max_tokens
-        inst = await state.failover.pick("decode", lambda: self.router.pick_decode(num_tokens))
+        kv_address = handle.address if handle is not None else ""
+        inst = await state.failover.pick("decode", lambda: self.router.pick_decode(num_tokens, kv_address))
         if handle is not None:
             req.kv.codec = self._codec_for(len(prompt_ids), handle.address, inst, state.kv_floor)
         stub = decode_pb2_grpc.DecodeStub(self.router.channel(inst.grpc_address))
@@ -522,7 +533,8 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
         m = self.model
         raw_bytes = prompt_len * m.num_layers * 2 * m.num_kv_heads * m.head_dim * 4  # K and V, fp32
         link_bps = decode.links.get(kv_address)
-        return pick_codec(self.cfg, self.codec_profiles, raw_bytes, link_bps, m.num_layers, floor)
+        planned = self.router.link_codec(kv_address, decode.instance_id)
+        return pick_codec(self.cfg, self.codec_profiles, raw_bytes, link_bps, m.num_layers, floor, planned)
 
     def _release_later(self, address: str, transfer_id: str) -> None:
         """Release a prefill lease without blocking the (possibly cancelled) request task."""

@@ -2,7 +2,8 @@
 coordinator reads a snapshot. A dead instance stops heartbeating and its key expires (TTL), so it
 drops out of every snapshot taken after `ttl_s` at the latest.
 
-Keys: `pdserve:{cluster}:inst:{role}:{instance_id}` -> JSON of `InstanceInfo`, with `EX ttl_s`.
+Keys: `pdserve:{cluster}:inst:{role}:{instance_id}` -> JSON of `InstanceInfo`, with `EX ttl_s`;
+`pdserve:{cluster}:planner` -> JSON of the coordinator's latest replan assessment, with a TTL.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import redis
 
@@ -94,6 +96,15 @@ class Registry:
             if raw is not None:  # expired between SCAN and MGET
                 out.append(InstanceInfo.from_json(raw))
         return out
+
+    def publish_planner(self, status: dict[str, Any], ttl_s: float) -> None:
+        """The coordinator's latest replan assessment (coordinator/replanner.py), for `pdserve status` and
+        `pdserve up --autoplan`; it expires when the coordinator stops refreshing it."""
+        self._r.set(f"pdserve:{self.cluster}:planner", json.dumps(status), px=max(1, int(ttl_s * 1000)))
+
+    def planner(self) -> dict[str, Any] | None:
+        raw = self._r.get(f"pdserve:{self.cluster}:planner")
+        return json.loads(raw) if raw else None
 
     def ping(self) -> bool:
         return bool(self._r.ping())

@@ -1,7 +1,9 @@
 """Pick a prefill and a decode instance for each request.
 
 Prefill: fewest requests in flight from this gateway (shortest queue), registry queue length breaking
-ties. Decode: most free KV blocks after subtracting what this gateway's in-flight requests reserved.
+ties. Decode: most free KV blocks after subtracting what this gateway's in-flight requests reserved,
+among the decode instances the plan links to the prefill instance holding the KV (`kv_links`, from
+`pdserve plan`'s JSON; none given, or none of them usable: every decode instance).
 Colocated (baseline mode): fewest requests in flight. Instances serving another model (fingerprint) are
 never chosen; an instance that failed a call is skipped for `suspect_s`. The snapshot is refreshed from
 Redis every `refresh_s`.
@@ -15,7 +17,7 @@ import itertools
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import grpc
 
@@ -35,8 +37,12 @@ class Router:
         refresh_s: float = 0.25,
         suspect_s: float = 5.0,
         tls: TLSFiles | None = None,
+        kv_links: Sequence[tuple[str, str, str]] = (),
     ) -> None:
         self.registry = registry
+        # prefill instance id -> {decode instance id: the plan's codec for that link}
+        self.kv_links: dict[str, dict[str, str]] = {}
+        self.set_kv_links(kv_links)
         self.tls = tls or TLSFiles()  # with a CA, channels to instances are mutual TLS
         self.fingerprint = fingerprint
         self.refresh_s = refresh_s
@@ -48,6 +54,13 @@ class Router:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._rr = itertools.count()
         self._task: asyncio.Task | None = None
+
+    def set_kv_links(self, kv_links: Sequence[tuple[str, str, str]]) -> None:
+        """Route by these (prefill id, decode id, codec) links from now on (() = every pair)."""
+        links: dict[str, dict[str, str]] = {}
+        for prefill_id, decode_id, codec in kv_links:
+            links.setdefault(prefill_id, {})[decode_id] = codec
+        self.kv_links = links
 
     # ---- registry snapshot ----------------------------------------------------------------
     async def refresh(self) -> None:
@@ -128,9 +141,24 @@ class Router:
             return True
         return all(self._inflight[i.instance_id] >= depth for i in cands)
 
-    def pick_decode(self, num_tokens: int) -> InstanceInfo:
-        """The decode instance with the most KV blocks not reserved by this gateway's requests."""
+    def prefill_id(self, kv_address: str) -> str | None:
+        """The prefill instance whose KV server is at `kv_address` (None: not in the snapshot)."""
+        return next((i.instance_id for i in self.snapshot if i.kv_address == kv_address), None)
+
+    def link_codec(self, kv_address: str, decode_id: str) -> str | None:
+        """The plan's codec for the hand-off from the prefill instance at `kv_address` to `decode_id`
+        (None: the plan names no such link, or there is no plan)."""
+        prefill_id = self.prefill_id(kv_address) if self.kv_links else None
+        return self.kv_links.get(prefill_id, {}).get(decode_id) if prefill_id else None
+
+    def pick_decode(self, num_tokens: int, kv_address: str = "") -> InstanceInfo:
+        """The decode instance with the most KV blocks not reserved by this gateway's requests, among
+        those the plan links to the prefill instance at `kv_address` ("": a local prefill, no KV to move)
+        while any of them is usable."""
         cands = self._candidates("decode")
+        if kv_address and self.kv_links:
+            linked = self.kv_links.get(self.prefill_id(kv_address) or "", {})
+            cands = [i for i in cands if i.instance_id in linked] or cands
         fits = [i for i in cands if blocks_for(num_tokens, i.block_size) <= i.kv_blocks_total] or cands
         return max(
             fits,

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import signal
+from pathlib import Path
+from typing import Any
 
 import grpc
 import redis
@@ -16,7 +19,9 @@ from grpc_reflection.v1alpha import reflection
 from coordinator.auth import ApiKeys, AuthInterceptor, load_api_keys
 from coordinator.config import LAYERWISE_POLICIES, LOCAL_PREFILL_POLICIES, CoordinatorConfig
 from coordinator.gateway import Gateway
+from coordinator.planner.plan import kv_links_of
 from coordinator.registry import Registry
+from coordinator.replanner import Replanner
 from coordinator.router import Router
 from engine.checkpoint import model_fingerprint
 from engine.config import ModelConfig
@@ -64,17 +69,45 @@ async def _watch_health(router: Router, cfg: CoordinatorConfig, servicer: health
         await asyncio.sleep(cfg.refresh_s)
 
 
+def _replanner(
+    cfg: CoordinatorConfig, plan: dict[str, Any] | None, router: Router, registry: Registry
+) -> Replanner | None:
+    """The replanner of `plan` (None: no plan, replanning off, or a plan without its search inputs)."""
+    if plan is None or cfg.replan_interval_s <= 0:
+        return None
+    try:
+        return Replanner(
+            plan,
+            router,
+            registry,
+            cfg.replan_interval_s,
+            cfg.replan_window_s,
+            cfg.replan_min_requests,
+            cfg.autoplan,
+        )
+    except ValueError as exc:
+        log.warning("not replanning: %s", exc)
+        return None
+
+
 def _instance_id(cfg: CoordinatorConfig, port: int) -> str:
     """The gateway's identity in metrics and traces: the address clients reach it at."""
     return f"coordinator-{cfg.advertise_host or cfg.host}:{port}"
 
 
-async def run(cfg: CoordinatorConfig) -> None:
+async def run(cfg: CoordinatorConfig, plan: dict[str, Any] | None = None) -> None:
     model = ModelConfig.from_hf_dir(cfg.model_dir)
     tokenizer = Tokenizer(cfg.model_dir)
     try:
         registry = Registry(cfg.redis_url, cfg.cluster, tls=cfg.tls)
-        router = Router(registry, model_fingerprint(cfg.model_dir), cfg.refresh_s, cfg.suspect_s, tls=cfg.tls)
+        router = Router(
+            registry,
+            model_fingerprint(cfg.model_dir),
+            cfg.refresh_s,
+            cfg.suspect_s,
+            tls=cfg.tls,
+            kv_links=cfg.kv_links,
+        )
         await router.start()
     except (redis.RedisError, TLSConfigError) as exc:  # e.g. the registry refused our certificate
         raise SystemExit(f"coordinator: cannot read the registry {cfg.redis_url}: {exc}") from None
@@ -84,6 +117,10 @@ async def run(cfg: CoordinatorConfig) -> None:
     interceptors = [AuthInterceptor(keys, [GENERATION_SERVICE])] if keys.enabled else []
     server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
     gateway = Gateway(cfg, router, tokenizer, model)
+    replanner = _replanner(cfg, plan, router, registry)
+    if replanner is not None:
+        gateway.on_finished = replanner.record
+        replanner.start()
     generation_pb2_grpc.add_GenerationServicer_to_server(gateway, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -133,6 +170,8 @@ async def run(cfg: CoordinatorConfig) -> None:
         await http.stop()
     await health_servicer.enter_graceful_shutdown()
     await server.stop(grace=2.0)
+    if replanner is not None:
+        await replanner.stop()
     await router.stop()
     registry.close()
 
@@ -235,11 +274,39 @@ def main(argv: list[str] | None = None) -> None:
         "PDSERVE_API_KEY variable. None at all: the gateway is open",
     )
     p.add_argument("--api-key-file", default=None, help="a file of API keys, one per line ('#' comments)")
+    p.add_argument(
+        "--plan",
+        default=None,
+        help="a `pdserve plan` JSON: route each prefill instance's KV to the decode instances its kv_links "
+        "name, with their codecs (instance ids as the plan names them: pdserve up --plan starts them so)",
+    )
+    p.add_argument(
+        "--replan-interval",
+        type=float,
+        default=10.0,
+        help="with --plan: re-run the search on the live window every this many seconds (0 = never)",
+    )
+    p.add_argument(
+        "--replan-window", type=float, default=60.0, help="seconds of finished requests replanned on"
+    )
+    p.add_argument(
+        "--autoplan",
+        action="store_true",
+        help="take each recommended plan as the one in force (route by its kv_links); pdserve up --autoplan "
+        "starts and stops the instances",
+    )
     a = p.parse_args(argv)
     try:
         api_keys = load_api_keys(a.api_key, a.api_key_file)
     except (OSError, ValueError) as exc:
         p.error(str(exc))
+    try:
+        plan = json.loads(Path(a.plan).read_text()) if a.plan else None
+        kv_links = kv_links_of(plan) if plan is not None else ()
+    except (OSError, ValueError) as exc:
+        p.error(f"--plan {a.plan}: {exc}")
+    if a.autoplan and plan is None:
+        p.error("--autoplan needs --plan (the plan in force, with its search inputs)")
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s coordinator %(name)s: %(message)s"
     )
@@ -275,9 +342,13 @@ def main(argv: list[str] | None = None) -> None:
         tls=tls,
         http_port=a.http_port,
         api_keys=api_keys,
+        kv_links=kv_links,
+        replan_interval_s=a.replan_interval,
+        replan_window_s=a.replan_window,
+        autoplan=a.autoplan,
     )
     telemetry.setup("coordinator", _instance_id(cfg, cfg.port))
     try:
-        asyncio.run(run(cfg))
+        asyncio.run(run(cfg, plan))
     finally:
         telemetry.shutdown()

@@ -9,6 +9,7 @@ import argparse
 import logging
 import os
 import sys
+from typing import Any
 
 import grpc
 
@@ -53,16 +54,28 @@ def cmd_up(a: argparse.Namespace) -> int:
     if a.plan:
         import json
 
-        from pdserve.plan_cli import up_overrides
+        from pdserve.plan_cli import LAYOUT_FLAGS, apply_layouts, up_overrides
 
         try:
             with open(a.plan) as f:
                 planned = up_overrides(json.load(f), cpu=a.cpu or not _cuda_visible())
+            apply_layouts(a, planned)
         except (OSError, ValueError) as exc:
             print(f"pdserve up: --plan {a.plan}: {exc}", file=sys.stderr)
             return 2
-        a = argparse.Namespace(**{**vars(a), **{k: v for k, v in planned.items() if k != "cpus"}})
+        skip = {"cpus", "instance_ids", *LAYOUT_FLAGS}
+        a = argparse.Namespace(**{**vars(a), **{k: v for k, v in planned.items() if k not in skip}})
         a.cpus = ",".join(map(str, planned["cpus"]))
+        plan_args: dict[str, Any] = {
+            "instance_ids": planned["instance_ids"],
+            "plan_path": os.path.abspath(a.plan),
+            "autoplan": a.autoplan,
+        }
+    elif a.autoplan:
+        print("pdserve up: --autoplan needs --plan (the plan to start from)", file=sys.stderr)
+        return 2
+    else:
+        plan_args = {}
     model_dir = _model(a.model)
     layout_error = _check_layouts(a, model_dir)
     if layout_error:
@@ -101,6 +114,7 @@ def cmd_up(a: argparse.Namespace) -> int:
         kv_budget=a.kv_budget,
         failover_wait_s=a.failover_wait,
         die_with_launcher=True,
+        **plan_args,
     )
     policy = RestartPolicy(max_restarts=a.max_restarts, backoff_s=a.restart_backoff)
     return run_forever(LocalCluster(cfg), policy)
@@ -416,6 +430,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="start what a `pdserve plan` JSON says (instance counts, devices, codec); overrides "
         "--prefill/--decode/--cpus/--codec",
     )
+    up.add_argument(
+        "--autoplan",
+        action="store_true",
+        help="with --plan: the coordinator replans on the live workload and pdserve up starts and drains "
+        "instances to the counts it recommends (layouts and placement are not changed)",
+    )
     up.set_defaults(fn=cmd_up)
 
     g = sub.add_parser("generate", help="stream a completion (from a cluster, or --local in this process)")
@@ -519,7 +539,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plan_cli.add_plan_arguments(pl)
     pl.set_defaults(fn=plan_cli.cmd_plan)
-    to = sub.add_parser("topology", help="print this machine's topology JSON (for pdserve plan --topology)")
+    to = sub.add_parser(
+        "topology",
+        help="this machine's topology JSON, or several hosts' measured with --probe (for pdserve plan)",
+    )
     plan_cli.add_topology_arguments(to)
     to.set_defaults(fn=plan_cli.cmd_topology)
     pr = sub.add_parser("profile", help="time the engine and fit the planner's latency model (profile JSON)")

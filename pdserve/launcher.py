@@ -28,6 +28,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -91,6 +92,14 @@ class ClusterConfig:
     # it runs Python (prctl) in the forked child, which a process with busy gRPC client threads (tests,
     # benchmarks) must not do (gRPC's fork handlers broke such children).
     die_with_launcher: bool = False
+    # `pdserve up --plan`: instance i (start order: prefill..., decode...) registers as instance_ids[i] (the
+    # plan's names), and the coordinator routes by the plan's kv_links (coordinator --plan plan_path)
+    instance_ids: tuple[str, ...] = ()
+    plan_path: str | None = None
+    # `pdserve up --autoplan` (with plan_path): the coordinator replans on the live workload and this
+    # launcher starts and drains instances until the counts match the plan in force (run_forever)
+    autoplan: bool = False
+    replan_interval_s: float = 10.0  # coordinator --replan-interval (with plan_path)
 
     @property
     def roles(self) -> list[str]:
@@ -193,6 +202,11 @@ class Child:
     log_path: str | None = None
     restarts: int = 0  # times the supervisor restarted this process (the same slot)
 
+    @property
+    def instance_id(self) -> str:
+        """The --instance-id it was started with ("" = the instance made its own)."""
+        return self.args[self.args.index("--instance-id") + 1] if "--instance-id" in self.args else ""
+
 
 @dataclass
 class LocalCluster:
@@ -202,6 +216,7 @@ class LocalCluster:
     gateway_address: str = ""
     http_address: str = ""  # host:port of the OpenAI-compatible HTTP API ("" without one)
     children: list[Child] = field(default_factory=list)
+    retiring: list[Child] = field(default_factory=list)  # drained on purpose, not yet exited
     _next_device: int = 0
 
     # ---- start ----------------------------------------------------------------------------
@@ -231,9 +246,9 @@ class LocalCluster:
             coord += ["--cluster", cfg.cluster, "--host", cfg.host, "--port", str(port)]
             coord += [
                 "--expect-prefill",
-                str(cfg.prefill),
+                str(1 if cfg.autoplan else cfg.prefill),  # autoplan may drain down to one of each
                 "--expect-decode",
-                str(cfg.decode),
+                str(1 if cfg.autoplan else cfg.decode),
                 "--codec",
                 cfg.codec,
                 "--max-kl",
@@ -258,6 +273,11 @@ class LocalCluster:
                 coord += ["--api-key-file", cfg.api_key_file]
             coord += ["--failover-wait", str(cfg.failover_wait_s), "--max-queue", str(cfg.max_queue)]
             coord += ["--kv-budget", str(cfg.kv_budget)]
+            if cfg.plan_path:
+                coord += ["--plan", cfg.plan_path]
+                coord += ["--replan-interval", str(cfg.replan_interval_s)]
+            if cfg.autoplan:
+                coord += ["--autoplan"]
             self._spawn("coordinator", coord)
             self.wait_serving(timeout_s)
         except BaseException:
@@ -266,12 +286,20 @@ class LocalCluster:
         return self
 
     def add_instance(
-        self, role: str, device_args: list[str] | None = None, layout: tuple[int, int] | None = None
+        self,
+        role: str,
+        device_args: list[str] | None = None,
+        layout: tuple[int, int] | None = None,
+        instance_id: str | None = None,
     ) -> Child:
         """Start one more prefill/decode/colocated instance (also used to replace a dead one). `layout`:
-        its (tp, pp), default the role's (ClusterConfig.prefill_tp, ...)."""
+        its (tp, pp), default the role's (ClusterConfig.prefill_tp, ...); `instance_id`: its registry name
+        (default: the plan's next name, or one the instance makes up)."""
         cfg = self.cfg
+        name: list[str] = ["--instance-id", instance_id] if instance_id else []
         if device_args is None:
+            if self._next_device < len(cfg.instance_ids) and not name:
+                name = ["--instance-id", cfg.instance_ids[self._next_device]]
             device_args = self._devices[self._next_device % len(self._devices)]
             self._next_device += 1
         args = [
@@ -297,6 +325,7 @@ class LocalCluster:
             "--lease-ttl",
             str(cfg.lease_ttl_s),
             *device_args,
+            *name,
         ]
         if layout is None:
             args += cfg.layout_args(role)
@@ -398,9 +427,47 @@ class LocalCluster:
                 time.sleep(0.2)
         raise TimeoutError(f"cluster not SERVING on {self.gateway_address} within {timeout_s:.0f}s")
 
+    # ---- scale (pdserve up --autoplan) -------------------------------------------------------
+    def scale(self, prefill: int, decode: int) -> list[str]:
+        """Run `prefill` prefill and `decode` decode instances named as a plan names them (prefill-0, ...):
+        start the missing names (each on the next device set, round-robin), drain the others (SIGTERM: an
+        instance finishes what it has, up to its drain bound, and leaves the registry). Returns one line
+        per change."""
+        changes = []
+        for role, want in (("prefill", prefill), ("decode", decode)):
+            names = {f"{role}-{k}" for k in range(max(1, want))}
+            mine = [c for c in self.children if c.role == role]
+            have = {c.instance_id for c in mine}
+            for c in mine:
+                if c.instance_id not in names:
+                    self.retire(c)
+                    changes.append(f"draining {role} {c.instance_id or c.proc.pid}")
+            for name in sorted(names - have, key=lambda n: int(n.rsplit("-", 1)[1])):
+                self.add_instance(role, instance_id=name)
+                changes.append(f"started {role} {name}")
+        return changes
+
+    def retire(self, child: Child) -> None:
+        """Stop `child` for good (not a failure: the supervisor does not restart it): SIGTERM, and reap it
+        once it has drained (`reap`; `stop` waits for it)."""
+        self.children.remove(child)
+        self.retiring.append(child)
+        if child.proc.poll() is None:
+            child.proc.send_signal(signal.SIGTERM)
+
+    def reap(self) -> None:
+        """Forget retired children that have exited."""
+        self.retiring = [c for c in self.retiring if c.proc.poll() is None]
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for c in self.children:
+            out[c.role] = out.get(c.role, 0) + 1
+        return out
+
     def pids(self) -> list[int]:
         """Process ids of the running processes this cluster started: its children and its private Redis."""
-        pids = [c.proc.pid for c in self.children if c.proc.poll() is None]
+        pids = [c.proc.pid for c in [*self.children, *self.retiring] if c.proc.poll() is None]
         return pids + ([self.redis.pid] if self.redis is not None else [])
 
     # ---- stop -----------------------------------------------------------------------------
@@ -413,8 +480,9 @@ class LocalCluster:
 
     def stop(self, timeout_s: float = 15.0) -> None:
         order = {"coordinator": 0, "prefill": 1, "decode": 1}
+        everyone = [*self.children, *self.retiring]
         for rank in (0, 1):
-            group = [c for c in self.children if order.get(c.role, 1) == rank and c.proc.poll() is None]
+            group = [c for c in everyone if order.get(c.role, 1) == rank and c.proc.poll() is None]
             for c in group:
                 c.proc.send_signal(signal.SIGTERM)
             for c in group:
@@ -424,6 +492,7 @@ class LocalCluster:
                     log.warning("%s pid %d ignored SIGTERM; killing it", c.role, c.proc.pid)
                     c.proc.kill()
                     c.proc.wait()
+        self.retiring = []
         if self.redis is not None:
             self.redis.stop()
             self.redis = None
@@ -494,6 +563,54 @@ class Supervisor:
         telemetry.instruments().restart(role)
 
 
+class Autoplanner:
+    """`pdserve up --autoplan`: every `period_s`, read the coordinator's planner record (the registry) and
+    start or drain instances until the running counts are its `in_force` counts (LocalCluster.scale).
+    Layouts (TP/PP) and placement of a new plan are not applied: instances keep this cluster's layout and
+    new ones take the next device set. Call `check()` from the thread that started the cluster."""
+
+    def __init__(self, cluster: LocalCluster, report: Callable[[str], None], period_s: float = 2.0) -> None:
+        self.cluster = cluster
+        self.report = report
+        self.period_s = period_s
+        self._next = 0.0
+        self._registry: Any = None
+
+    def check(self) -> None:
+        now = time.monotonic()
+        self.cluster.reap()
+        if now < self._next:
+            return
+        self._next = now + self.period_s
+        from coordinator.registry import Registry
+
+        if self._registry is None:
+            self._registry = Registry(
+                self.cluster.redis_url, self.cluster.cfg.cluster, tls=self.cluster.cfg.tls
+            )
+        try:
+            status = self._registry.planner()
+        except Exception as exc:  # noqa: BLE001 - Redis restarting: try again next period
+            log.warning("autoplan: cannot read the planner record: %s", exc)
+            return
+        want = (status or {}).get("in_force")
+        if not want:
+            return
+        have = self.cluster.counts()
+        if (have.get("prefill", 0), have.get("decode", 0)) == (want["prefill"], want["decode"]):
+            return
+        self.report(
+            f"plan in force: {want['prefill']} prefill + {want['decode']} decode instances "
+            f"({status.get('reason', '')}); running {have.get('prefill', 0)} + {have.get('decode', 0)}"
+        )
+        for line in self.cluster.scale(int(want["prefill"]), int(want["decode"])):
+            self.report(line)
+
+    def close(self) -> None:
+        if self._registry is not None:
+            self._registry.close()
+
+
 def run_forever(cluster: LocalCluster, policy: RestartPolicy | None = None) -> int:
     """`pdserve up`: serve until Ctrl-C / SIGTERM, restarting children that exit (per `policy`)."""
     stop = threading.Event()
@@ -514,10 +631,14 @@ def run_forever(cluster: LocalCluster, policy: RestartPolicy | None = None) -> i
     supervisor = Supervisor(
         cluster, policy or RestartPolicy(), lambda line: print(f"pdserve up: {line}", flush=True)
     )
+    autoplan = Autoplanner(cluster, lambda line: print(f"pdserve up: autoplan: {line}", flush=True))
     try:
         while not stop.wait(0.2):
             supervisor.check()
+            if cfg.autoplan:
+                autoplan.check()
     finally:
+        autoplan.close()
         print("pdserve up: stopping", flush=True)
         cluster.stop()
     return 0

@@ -11,6 +11,7 @@ import os
 import socket
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from coordinator.planner.model import ModelSpec, spec_from_config
 from coordinator.planner.plan import Plan
 from coordinator.planner.search import PlanError, SearchInput, search
 from coordinator.planner.topology import Node, Topology
+from pdserve.errors import PDServeError
 
 N_SAMPLES = 1000  # length samples drawn from a named workload
 MAX_KL = (
@@ -148,7 +150,14 @@ def plan_json(
     d = plan.to_dict()
     d["inputs"] = {
         "model": inp.model.to_dict(),
-        "profile": {"device": inp.profile.device, "model": inp.profile.model, "source": inp.profile.source},
+        "profile": {
+            "device": inp.profile.device,
+            "model": inp.profile.model,
+            "source": inp.profile.source,
+            "layouts": [lat.to_dict() for lat in inp.profile.layouts],  # what a replan searches on
+        },
+        "topology": inp.topology.to_dict(),
+        "prefill_max_batch_tokens": inp.prefill_max_batch_tokens,
         "slo_ttft_ms": slo_ttft_ms,
         "slo_tpot_ms": slo_tpot_ms,
         "attainment": inp.attainment,
@@ -229,20 +238,57 @@ def local_topology() -> Topology:
     return Topology((node,), bw, (), device_kind="cpu-core")
 
 
+def local_node(name: str | None = None) -> Node:
+    """This host as one topology node (its devices: CPU cores)."""
+    node = local_topology().nodes[0]
+    return replace(node, name=name) if name else node
+
+
 def cmd_topology(a: argparse.Namespace) -> int:
+    from pdserve import topology_probe
+
+    if a.serve_probe:
+        try:
+            lst = topology_probe.listen(a.serve_probe)
+        except (OSError, ValueError) as exc:
+            print(f"pdserve topology: cannot listen at {a.serve_probe}: {exc}", file=sys.stderr)
+            return 2
+        with lst:
+            # the first stdout line: where to point `pdserve topology --probe` (a wildcard host: use this
+            # host's address instead)
+            print(json.dumps({"probe_address": lst.address}), flush=True)
+            topology_probe.serve(lst, local_node(a.name), once=a.once)
+        return 0
     if a.probe:
-        print(
-            "pdserve topology: --probe (measuring between hosts with the KV transport) is not built yet",
-            file=sys.stderr,
-        )
-        return 2
-    topo = local_topology()
-    d = topo.to_dict()
-    d["notes"] = [
-        "devices are CPU cores (one instance per core, as `pdserve up --cpus` divides them)",
-        "device_memory_gib is the host's memory divided by its cores",
-        "intra_gbytes_per_s is one core's measured memcpy bandwidth: an upper bound on the shm KV transport",
-    ]
+        try:
+            results = [topology_probe.probe(addr, min_round_s=a.probe_seconds) for addr in a.probe]
+            topo = topology_probe.topology_from_probes(local_node(a.name), results, "cpu-core")
+        except (OSError, ValueError, PDServeError) as exc:
+            print(f"pdserve topology: probe failed: {exc}", file=sys.stderr)
+            return 1
+        d = topo.to_dict()
+        d["probes"] = [
+            {
+                "address": r.address,
+                "node": r.node.name,
+                "gbytes_per_s": r.gbytes_per_s,
+                "bytes": r.bytes,
+                "seconds": r.seconds,
+            }
+            for r in results
+        ]
+        d["notes"] = [
+            "links: measured from each probed node to this one over the KV transport (the direction KV moves "
+            "when the probed node prefills); inter_node_gbytes_per_s: the slowest measured",
+            "pairs of probed nodes were not measured: they get inter_node_gbytes_per_s",
+        ]
+    else:
+        d = local_topology().to_dict()
+        d["notes"] = [
+            "devices are CPU cores (one instance per core, as `pdserve up --cpus` divides them)",
+            "device_memory_gib is the host's memory divided by its cores",
+            "intra_gbytes_per_s is one core's measured memcpy bandwidth: an upper bound on the shm KV transport",
+        ]
     text = json.dumps(d, indent=2)
     if a.out:
         Path(a.out).write_text(text + "\n")
@@ -356,12 +402,28 @@ def add_profile_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_topology_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--local", action="store_true", help="this machine (the default)")
-    p.add_argument("--probe", action="store_true", help="measure between hosts (not built yet)")
+    p.add_argument(
+        "--probe",
+        nargs="+",
+        metavar="ADDRESS",
+        default=None,
+        help="measure the bandwidth from each probe server (tcp://HOST:PORT, started with --serve-probe on "
+        "the other hosts) to this host over the KV transport, and write the topology of all of them",
+    )
+    p.add_argument(
+        "--serve-probe",
+        default=None,
+        metavar="ADDRESS",
+        help="answer probes at this address (tcp://HOST:PORT; port 0: a free one, printed on the first line)",
+    )
+    p.add_argument("--once", action="store_true", help="with --serve-probe: exit after the first probe")
+    p.add_argument("--probe-seconds", type=float, default=0.5, help="the shortest timed round of a probe")
+    p.add_argument("--name", default=None, help="this node's name in the topology (default: the hostname)")
     p.add_argument("--out", default=None, help="also write the topology JSON here")
 
 
 # ---- status ----------------------------------------------------------------------------------------------
-def status_json(cluster: str, instances: list[Any]) -> dict[str, Any]:
+def status_json(cluster: str, instances: list[Any], planner: dict[str, Any] | None = None) -> dict[str, Any]:
     """The running cluster as the plan describes one: per instance its role, layout, devices, node and load
     (from the registry's `InstanceInfo`s; `rank_devices`: each rank's device under TP/PP)."""
     rows = []
@@ -387,7 +449,7 @@ def status_json(cluster: str, instances: list[Any]) -> dict[str, Any]:
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["role"]] = counts.get(r["role"], 0) + 1
-    return {"cluster": cluster, "instances": rows, "counts": counts}
+    return {"cluster": cluster, "instances": rows, "counts": counts, "planner": planner}
 
 
 def cmd_status(a: argparse.Namespace) -> int:
@@ -396,12 +458,13 @@ def cmd_status(a: argparse.Namespace) -> int:
     registry = Registry(a.redis_url, a.cluster)
     try:
         instances = registry.instances()
+        planner = registry.planner()
     except Exception as exc:  # noqa: BLE001 - any Redis failure is one clear message
         print(f"pdserve status: cannot read the registry at {a.redis_url}: {exc}", file=sys.stderr)
         return 1
     finally:
         registry.close()
-    print(json.dumps(status_json(a.cluster, instances), indent=2))
+    print(json.dumps(status_json(a.cluster, instances, planner), indent=2))
     return 0
 
 
@@ -417,17 +480,16 @@ def add_status_arguments(p: argparse.ArgumentParser) -> None:
 # ---- up --plan -------------------------------------------------------------------------------------------
 def up_overrides(plan: dict[str, Any], cpu: bool) -> dict[str, Any]:
     """ClusterConfig fields that start exactly `plan` (pdserve plan's JSON) on this host: instance counts,
-    each instance's devices (placement order: prefill-0.., then decode-0..; `pdserve up` gives instance i
-    the i-th device set), and the KV codec. What pdserve cannot run yet is refused with a reason: TP or PP
-    above 1, more than one node, links asking for different codecs, and on CUDA a device order other than
-    0, 1, ... (pdserve up gives instance i CUDA device i)."""
+    each instance's devices and name (placement order: prefill-0.., then decode-0..; `pdserve up` gives
+    instance i the i-th device set), each phase's layout (`prefill_tp` ... `decode_pp`: cmd_up refuses
+    layouts above 1 where `pdserve up` has no such flags), and the KV codec of a plan whose links all use one
+    (the links themselves: the coordinator's --plan). What pdserve up cannot run is refused with a reason:
+    more than one node, and on CUDA a device order other than 0, 1, ... (pdserve up gives instance i CUDA
+    device i)."""
     try:
-        for phase in ("prefill", "decode"):
-            layout = plan[phase]
-            if (layout["tp"], layout["pp"]) != (1, 1):
-                raise ValueError(
-                    f"{phase} TP={layout['tp']} PP={layout['pp']}: only TP1/PP1 instances run today"
-                )
+        layouts = {
+            f"{phase}_{k}": int(plan[phase][k]) for phase in ("prefill", "decode") for k in ("tp", "pp")
+        }
         placement = plan["placement"]
         order = sorted(
             placement, key=lambda p: (p["phase"] != "prefill", int(p["instance"].rsplit("-", 1)[1]))
@@ -438,8 +500,6 @@ def up_overrides(plan: dict[str, Any], cpu: bool) -> dict[str, Any]:
         raise ValueError(f"not a plan pdserve can start: {exc}") from exc
     if len(nodes) != 1:
         raise ValueError(f"the plan spans nodes {sorted(nodes)}; pdserve up starts one host")
-    if len(codecs) > 1:
-        raise ValueError(f"the plan's links ask for codecs {sorted(codecs)}; pdserve up sets one per cluster")
     devices = tuple(d for p in order for d in p["devices"])
     if len(set(devices)) != len(devices):
         raise ValueError("the plan uses a device twice")
@@ -451,5 +511,25 @@ def up_overrides(plan: dict[str, Any], cpu: bool) -> dict[str, Any]:
         "prefill": sum(1 for p in placement if p["phase"] == "prefill"),
         "decode": sum(1 for p in placement if p["phase"] == "decode"),
         "cpus": devices,
-        "codec": codecs.pop() if codecs else "auto",
+        "codec": codecs.pop() if len(codecs) == 1 else "auto",
+        "instance_ids": tuple(str(p["instance"]) for p in order),
+        **layouts,
     }
+
+
+LAYOUT_FLAGS = ("prefill_tp", "prefill_pp", "decode_tp", "decode_pp")  # pdserve up --prefill-tp ...
+
+
+def apply_layouts(args: argparse.Namespace, planned: dict[str, Any]) -> None:
+    """Set `pdserve up`'s --prefill-tp/--prefill-pp/--decode-tp/--decode-pp from the plan. A layout above 1
+    on a `pdserve up` without those flags is an error, never a silent TP1/PP1."""
+    for flag in LAYOUT_FLAGS:
+        want = planned[flag]
+        if hasattr(args, flag):
+            setattr(args, flag, want)
+        elif want != 1:
+            option = "--" + flag.replace("_", "-")
+            raise ValueError(
+                f"the plan asks for {flag.replace('_', ' ').upper()}={want} but this pdserve up has no "
+                f"{option}: it runs TP1/PP1 instances only"
+            )

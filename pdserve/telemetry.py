@@ -413,6 +413,35 @@ class Instruments:
         self._meter = meter
         self._observed = False
 
+    def observe_planner(self, status: Callable[[], Mapping[str, float]]) -> None:
+        """Gauges of the coordinator's replanner, fed by `status()` (keys: predicted_attainment,
+        measured_attainment, meets_slo (1/0), rate_rps; missing keys are not reported)."""
+        from opentelemetry.metrics import CallbackOptions, Observation
+
+        def gauge(key: str, name: str, unit: str, description: str) -> None:
+            def callback(options: CallbackOptions) -> list[Observation]:
+                s = status()
+                return [Observation(s[key])] if key in s else []
+
+            self._meter.create_observable_gauge(name, [callback], unit=unit, description=description)
+
+        gauge(
+            "predicted_attainment",
+            "pdserve.planner.predicted_attainment",
+            "1",
+            "the running plan's SLO attainment the simulator predicts on the live window",
+        )
+        gauge(
+            "measured_attainment", "pdserve.planner.measured_attainment", "1", "SLO attainment of the window"
+        )
+        gauge(
+            "meets_slo",
+            "pdserve.planner.meets_slo",
+            "1",
+            "1 while the running plan is predicted to meet the SLOs",
+        )
+        gauge("rate_rps", "pdserve.planner.rate", "{request}/s", "the live window's request rate")
+
     def failover(self, role: str) -> None:
         self.failovers.add(1, {"pdserve.role": role})
 

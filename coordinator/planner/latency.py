@@ -50,6 +50,9 @@ class LayoutLatency:
     threshold: int = NO_THRESHOLD  # decode batches of >= threshold sequences use decode_large
     pp_hop_s: float = 0.001  # per pipeline stage, prefill only (DistServe's simulator: 1 ms)
     fit_error: dict[str, float] = field(default_factory=dict)
+    # Seconds the serving path adds to every TTFT outside the instance (gateway, gRPC, the first token's
+    # return): latency, not capacity; 0 for an engine-only profile (coordinator/planner/calibrate.py).
+    path_s: float = 0.0
 
     def prefill_s(self, sum_len: float, sum_sq: float) -> float:
         """Seconds from start to finish of one prefill batch (all pp stages)."""
@@ -76,6 +79,21 @@ class LayoutLatency:
             fit_error={**self.fit_error, "extrapolated_pp": float(pp)},
         )
 
+    def scaled(self, k: float) -> LayoutLatency:
+        """Every time `k` times longer (a core shared with other work: k = 1 / the share this instance gets)."""
+
+        def mul(c: Coeffs) -> Coeffs:
+            return Coeffs(c.a * k, c.b * k, c.c * k)
+
+        return replace(
+            self,
+            prefill=mul(self.prefill),
+            decode_small=mul(self.decode_small),
+            decode_large=mul(self.decode_large),
+            pp_hop_s=self.pp_hop_s * k,
+            path_s=self.path_s * k,
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "tp": self.layout.tp,
@@ -86,6 +104,7 @@ class LayoutLatency:
             "threshold": self.threshold,
             "pp_hop_s": self.pp_hop_s,
             "fit_error": dict(self.fit_error),
+            "path_s": self.path_s,
         }
 
     @staticmethod
@@ -98,6 +117,7 @@ class LayoutLatency:
             int(d.get("threshold", NO_THRESHOLD)),
             float(d.get("pp_hop_s", 0.001)),
             {k: float(v) for k, v in d.get("fit_error", {}).items()},
+            float(d.get("path_s", 0.0)),
         )
 
 

@@ -48,6 +48,23 @@ class ModelSpec:
             "kv_bytes_per_token": self.kv_bytes_per_token,
         }
 
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> ModelSpec:
+        """The inverse of `to_dict` (derived fields ignored)."""
+        try:
+            return ModelSpec(
+                str(d["name"]),
+                layers=int(d["layers"]),
+                hidden=int(d["hidden"]),
+                heads=int(d["heads"]),
+                kv_heads=int(d["kv_heads"]),
+                head_dim=int(d["head_dim"]),
+                params=int(d["params"]),
+                dtype_bytes=int(d.get("dtype_bytes", 2)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"not a model spec: {exc!r}") from exc
+
 
 def _dtype_bytes(cfg: dict[str, Any]) -> int:
     dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "float16").replace("torch.", "")

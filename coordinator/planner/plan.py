@@ -74,3 +74,11 @@ class Plan:
             "devices_used": self.devices_used,
             "notes": list(self.notes),
         }
+
+
+def kv_links_of(plan: dict[str, Any]) -> tuple[tuple[str, str, str], ...]:
+    """(prefill instance, decode instance, codec) of each link in a plan's JSON (`Plan.to_dict`)."""
+    try:
+        return tuple((str(k["prefill"]), str(k["decode"]), str(k["codec"])) for k in plan["kv_links"])
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"not a plan (kv_links: prefill, decode, codec): {exc!r}") from exc

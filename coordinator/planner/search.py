@@ -344,7 +344,7 @@ def search(inp: SearchInput) -> Plan:
 
     # replicate the unit
     free = {n.name: list(range(n.devices)) for n in inp.topology.nodes}
-    want = math.inf if inp.rate is None else math.ceil(inp.rate / unit_goodput - 1e-9)
+    want = math.inf if inp.rate is None else max(1, math.ceil(inp.rate / unit_goodput - 1e-9))
     if inp.fixed_units is not None:
         want = inp.fixed_units
     placed_p: list[tuple[str, list[int]]] = []

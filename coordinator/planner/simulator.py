@@ -5,10 +5,11 @@ What it models (as pdserve runs, see coordinator/router.py):
 * Prefill routing: the instance with the fewest requests queued or running (ties rotate). Each instance
   batches its FIFO queue up to `max_batch_tokens` prompt tokens (the first prompt always), runs the batch in
   `latency.prefill_s`; a PP instance starts the next batch once the first stage is free (t / pp later).
-  The first token comes out of prefill: TTFT = prefill end - arrival.
+  The first token comes out of prefill: TTFT = prefill end - arrival + the layout's `path_s` (the serving
+  path's latency outside the instance: gateway, gRPC).
 * Decode routing at prefill end: among the decode instances the plan links to this prefill instance, the one
   with the most KV tokens free after what it has reserved (each request reserves prompt + output tokens,
-  rounded up to blocks, until it finishes). pdserve's router today links every pair.
+  rounded up to blocks, until it finishes), as pdserve's router does under coordinator --plan.
 * KV transfer: prompt tokens x the link's seconds per token (the codec's pipelined hand-off time on the
   bandwidth between the two instances' devices: `Link`), FIFO per (prefill, decode) pair.
 * Decode: continuous batching; a request joins at a step boundary when its whole reservation fits the
@@ -213,7 +214,7 @@ def simulate(
             for i in p_batches.pop(b):
                 p_inflight[a] -= 1
                 first_token[i] = now
-                ttft[i] = now - requests[i].arrival_s
+                ttft[i] = now - requests[i].arrival_s + prefill[a].latency.path_s
                 r = requests[i]
                 if r.output <= 1:
                     tpot[i] = 0.0

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -128,3 +129,14 @@ def test_descendants_and_a_busy_peer_are_seen() -> None:
             os.kill(child, signal.SIGKILL)
         parent.kill()
         parent.wait()
+
+
+def test_stretch_is_the_busiest_threads_wait_over_its_run() -> None:
+    from bench.cpu import schedstat_ns, stretch
+
+    before = {1: (1_000, 500), 2: (10, 0)}
+    after = {1: (3_000, 1_500), 2: (20, 9_000), 3: (5, 5)}  # thread 2 woke once and waited: not the work
+    assert stretch(before, after) == 1.5  # thread 1: ran 2000 ns, waited 1000 ns
+    assert stretch(after, after) == 1.0  # nothing ran
+    own = schedstat_ns(os.getpid())
+    assert threading.get_native_id() in own and all(run >= 0 and wait >= 0 for run, wait in own.values())

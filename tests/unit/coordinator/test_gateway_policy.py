@@ -212,3 +212,60 @@ def test_kv_budget_counts_reserved_tokens_against_the_decode_instances_capacity(
         half._check_kv_budget(29)
     router.snapshot = [i for i in router.snapshot if i.role != "decode"]
     half._check_kv_budget(10**6)  # no decode instance registered: no capacity to refuse by (failover waits)
+
+
+def _planned_router(links: list[tuple[str, str, str]]) -> Router:
+    """Two prefill instances (KV servers tcp://p0, tcp://p1) and three decode instances, with `links`."""
+    router = Router(registry=Registry("redis://x"), fingerprint=FP, kv_links=links)
+    router.snapshot = [
+        InstanceInfo(
+            f"p{i}", "prefill", f"127.0.0.1:{1000 + i}", kv_address=f"tcp://p{i}", model_fingerprint=FP
+        )
+        for i in range(2)
+    ] + [
+        InstanceInfo(
+            f"d{i}",
+            "decode",
+            f"127.0.0.1:{2000 + i}",
+            model_fingerprint=FP,
+            kv_blocks_total=100,
+            block_size=16,
+        )
+        for i in range(3)
+    ]
+    return router
+
+
+def test_router_pairs_each_prefill_instance_with_the_decode_instances_the_plan_links() -> None:
+    router = _planned_router([("p0", "d0", "raw"), ("p0", "d1", "int8"), ("p1", "d2", "fp8")])
+    picks = []
+    for _ in range(4):  # d0 and d1 share p0's KV by free blocks; d2 (the most free) is never p0's
+        inst = router.pick_decode(64, "tcp://p0")
+        picks.append(inst.instance_id)
+        router._reserved_blocks[inst.instance_id] += 10
+    assert sorted(set(picks)) == ["d0", "d1"] and picks.count("d0") == picks.count("d1") == 2
+    assert router.pick_decode(64, "tcp://p1").instance_id == "d2"
+    assert router.link_codec("tcp://p0", "d1") == "int8" and router.link_codec("tcp://p1", "d2") == "fp8"
+    assert router.link_codec("tcp://p1", "d0") is None  # not a planned link
+    assert router.link_codec("tcp://gone", "d0") is None  # a prefill instance the snapshot lacks
+    # a local prefill (no KV to move) may go anywhere: the most free decode instance
+    router._reserved_blocks["d2"] = 50
+    assert router.pick_decode(64, "").instance_id in {"d0", "d1"}
+
+
+def test_router_falls_back_to_any_decode_instance_when_the_linked_ones_are_gone() -> None:
+    router = _planned_router([("p0", "d0", "raw")])
+    assert router.pick_decode(64, "tcp://p0").instance_id == "d0"
+    router.snapshot = [i for i in router.snapshot if i.instance_id != "d0"]  # d0 died
+    assert router.pick_decode(64, "tcp://p0").instance_id in {"d1", "d2"}
+    unplanned = _planned_router([])
+    assert unplanned.link_codec("tcp://p0", "d0") is None
+    assert unplanned.pick_decode(64, "tcp://p0").instance_id == "d0"  # most free, lowest in-flight: first
+
+
+def test_a_planned_link_codec_stands_in_for_the_configured_one() -> None:
+    cfg = CoordinatorConfig(model_dir="m", redis_url="redis://x", codec="auto")
+    profiles = (CodecProfile("raw", 1.0, math.inf, math.inf), CodecProfile("int8", 0.25, 1e9, 1e9, 0.001))
+    assert pick_codec(cfg, profiles, 8 * MiB, None, 5, None, codec="int8") == "int8"
+    assert pick_codec(cfg, profiles, 8 * MiB, None, 5, 0.0, codec="int8") == "raw"  # the request's floor wins
+    assert pick_codec(cfg, profiles, 8 * MiB, None, 5, None) == "raw"  # auto, link unmeasured

@@ -1,0 +1,171 @@
+"""Calibrate an engine-only latency model to the serving path, from two runs through a 1P1D cluster.
+
+`pdserve profile` times the engine's forward passes alone. A request through the cluster also pays the
+gateway, two gRPC streams, the KV hand-off and the step loop's bookkeeping, on cores shared with the
+gateway, Redis and the load generator. Some of that is latency (it delays a request but does not occupy an
+instance), some is capacity (it occupies the instance's core, so it queues the requests behind it). One
+isolated run cannot tell the two apart; a burst can: latency adds the same to every request, capacity adds
+up along the queue. So four terms, all in seconds:
+
+* `path_s`: TTFT latency outside the prefill instance (LayoutLatency.path_s).
+* `prefill_per_request_s`: prefill-instance time per request beyond its forward pass (receiving it, keeping
+  and serving its KV); charged per prompt token at the workload's mean prompt (`apply`).
+* `step_s`, `step_per_seq_s`: decode-instance time per step, and per running sequence per step, beyond the
+  forward pass (streaming each token, joining pulled sequences).
+
+The isolated run fixes each pair's sum (at batch 1 both are paid once): path_s + prefill_per_request_s =
+isolated TTFT - engine prefill, step_s + step_per_seq_s = isolated TPOT - engine step. The burst fixes the
+split: bisect the capacity share until the simulator, run on the burst's own arrivals and lengths,
+reproduces its mean TTFT (prefill) and then its mean TPOT (decode). No term is fitted to the runs it is
+later judged on.
+
+Other work on the same cores (this host is shared) makes a run's instances wait for a core: a run's
+`prefill_stretch` / `decode_stretch` is (time on a CPU + time runnable but waiting for one) / time on a
+CPU of that instance's threads over the run (Linux schedstat, measured by the caller), so the instance's
+work took that many times longer than on a core of its own. `pdserve profile` times with the process's CPU
+clock, which the waiting does not stretch; so the model is calibrated contention-free, each calibration
+run simulated with its own stretches, and a prediction for a run uses that run's (`stretched`).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+from coordinator.planner.latency import Coeffs, LayoutLatency
+from coordinator.planner.simulator import DecodeInstance, Link, PrefillInstance, Request, simulate
+
+
+@dataclass(frozen=True)
+class Observed:
+    """One run through the serving path: what was sent, and the means measured at the client."""
+
+    requests: tuple[Request, ...]  # arrival_s from the first request's, prompt and output tokens
+    ttft_s: float  # mean over the run's requests
+    tpot_s: float  # mean over requests with more than one output token
+    prefill_stretch: float = 1.0  # (run + run-queue wait) / run time of the prefill instance, >= 1
+    decode_stretch: float = 1.0
+
+
+def stretched(lat: LayoutLatency, prefill: float, decode: float) -> LayoutLatency:
+    """`lat` with its prefill times (and path latency) `prefill` times longer and its decode times `decode`
+    times longer: the model of a run whose instances waited that much for a core."""
+    p = lat.scaled(prefill)
+    return replace(lat.scaled(decode), prefill=p.prefill, pp_hop_s=p.pp_hop_s, path_s=p.path_s)
+
+
+@dataclass(frozen=True)
+class ServingTerms:
+    path_s: float
+    prefill_per_request_s: float
+    step_s: float
+    step_per_seq_s: float
+    residual: dict[str, float]  # simulated - measured on the burst, seconds (ttft, tpot): what is left
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "path_ms": self.path_s * 1e3,
+            "prefill_per_request_ms": self.prefill_per_request_s * 1e3,
+            "decode_per_step_ms": self.step_s * 1e3,
+            "decode_per_seq_per_step_ms": self.step_per_seq_s * 1e3,
+            "burst_residual_ms": {k: v * 1e3 for k, v in self.residual.items()},
+        }
+
+
+def apply(lat: LayoutLatency, terms: ServingTerms, mean_prompt: float) -> LayoutLatency:
+    """`lat` with the serving path's terms: path latency on TTFT, the per-request prefill cost per prompt
+    token (at `mean_prompt` tokens a request), the per-step and per-sequence decode costs."""
+    p, ds, dl = lat.prefill, lat.decode_small, lat.decode_large
+    per_token = terms.prefill_per_request_s / max(1.0, mean_prompt)
+    return replace(
+        lat,
+        prefill=Coeffs(p.a, p.b + per_token, p.c),
+        decode_small=Coeffs(ds.a + terms.step_s, ds.b, ds.c + terms.step_per_seq_s),
+        decode_large=Coeffs(dl.a + terms.step_s, dl.b, dl.c + terms.step_per_seq_s),
+        path_s=lat.path_s + terms.path_s,
+    )
+
+
+def _engine_excess(lat: LayoutLatency, iso: Observed) -> tuple[float, float]:
+    """What the isolated run measured beyond the engine's forward passes, contention taken out: (TTFT,
+    TPOT) seconds, >= 0."""
+    reqs = iso.requests
+    prefill = statistics.fmean(lat.prefill_s(r.prompt, r.prompt * r.prompt) for r in reqs)
+    step = statistics.fmean(lat.decode_s(1, r.prompt + r.output / 2) for r in reqs)
+    return (
+        max(0.0, iso.ttft_s / iso.prefill_stretch - prefill),
+        max(0.0, iso.tpot_s / iso.decode_stretch - step),
+    )
+
+
+def _bisect(f: Callable[[float], float], target: float, hi: float, iters: int = 30) -> float:
+    """The x in [0, hi] with f(x) = target for f non-decreasing (an end of the range if none)."""
+    lo = 0.0
+    if f(lo) >= target:
+        return lo
+    if f(hi) <= target:
+        return hi
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if f(mid) < target else (lo, mid)
+    return (lo + hi) / 2
+
+
+def calibrate(
+    lat: LayoutLatency,
+    isolated: Observed,
+    burst: Observed,
+    kv_capacity_tokens: int,
+    max_batch_tokens: int,
+    link_s_per_token: float = 0.0,
+) -> ServingTerms:
+    """The serving terms (module docstring) of a 1P1D cluster whose engines `lat` describes."""
+    ex_ttft, ex_tpot = _engine_excess(lat, isolated)
+    reqs = list(burst.requests)
+    mean_prompt = statistics.fmean(r.prompt for r in reqs)
+    link = [[Link(link_s_per_token)]]
+
+    def run(terms: ServingTerms) -> tuple[float, float]:
+        cal = stretched(apply(lat, terms, mean_prompt), burst.prefill_stretch, burst.decode_stretch)
+        res = simulate(
+            reqs, [PrefillInstance(cal, max_batch_tokens)], [DecodeInstance(cal, kv_capacity_tokens)], link
+        )
+        tpots = [t for t, r in zip(res.tpot_s, reqs, strict=True) if r.output > 1]
+        return statistics.fmean(res.ttft_s), statistics.fmean(tpots) if tpots else 0.0
+
+    def prefill_terms(q: float) -> ServingTerms:
+        return ServingTerms(max(0.0, ex_ttft - q), q, ex_tpot, 0.0, {})
+
+    # capacity beyond the isolated excess is allowed (the burst may show contention the idle path does not)
+    q = _bisect(lambda x: run(prefill_terms(x))[0], burst.ttft_s, hi=4 * ex_ttft + 0.05)
+    base = prefill_terms(q)
+
+    def decode_terms(u: float) -> ServingTerms:
+        return replace(base, step_s=max(0.0, ex_tpot - u), step_per_seq_s=u)
+
+    u = _bisect(lambda x: run(decode_terms(x))[1], burst.tpot_s, hi=4 * ex_tpot + 0.01)
+    terms = decode_terms(u)
+    ttft, tpot = run(terms)
+    return replace(terms, residual={"ttft": ttft - burst.ttft_s, "tpot": tpot - burst.tpot_s})
+
+
+def observed(
+    requests: Sequence[Request],
+    ttfts: Sequence[float],
+    tpots: Sequence[float],
+    prefill_stretch: float = 1.0,
+    decode_stretch: float = 1.0,
+) -> Observed:
+    """An Observed from per-request measurements (requests that failed left out by the caller)."""
+    if not requests or not ttfts:
+        raise ValueError("a calibration run needs at least one served request")
+    t0 = min(r.arrival_s for r in requests)
+    reqs = tuple(Request(r.arrival_s - t0, r.prompt, r.output) for r in requests)
+    return Observed(
+        reqs,
+        statistics.fmean(ttfts),
+        statistics.fmean(tpots) if tpots else 0.0,
+        max(1.0, prefill_stretch),
+        max(1.0, decode_stretch),
+    )
