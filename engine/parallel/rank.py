@@ -215,7 +215,8 @@ class RankModel:
         for n in step.num_new:
             offsets.append(offsets[-1] + n)
         with torch.inference_mode():
-            for lo, hi in micro_batches(len(step.starts), self.layout.pp):
+            batches = micro_batches(len(step.starts), self.layout.pp)
+            for j, (lo, hi) in enumerate(batches):
                 meta = BatchMeta.build(
                     step.blocks[lo:hi],
                     step.starts[lo:hi],
@@ -231,7 +232,10 @@ class RankModel:
                 else:
                     h = torch.empty(t, cfg.hidden_size, dtype=self.spec.dtype, device=self.torch_device)
                     dist.recv(h, src=self.layout.rank(self.tp_rank, self.pp_rank - 1))
-                h = self.model.run_layers(h, meta, self.kv_cache, on_layer)
+                # on_layer(i) means "layer i's KV of EVERY sequence of the step is written": fire it with the
+                # last micro-batch only (the earlier ones went through all of this rank's layers before it)
+                last = j == len(batches) - 1
+                h = self.model.run_layers(h, meta, self.kv_cache, on_layer if last else None)
                 if not self.is_last:
                     pending.append(dist.isend(h, dst=self.layout.rank(self.tp_rank, self.pp_rank + 1)))
                 elif self.tp_rank == 0:
@@ -242,7 +246,7 @@ class RankModel:
                         pending.append(dist.isend(out.contiguous(), dst=0))
             if self.spec.rank == 0 and not self.is_last:  # pp > 1: the last stage's TP rank 0 sends them
                 src = self.layout.rank(0, self.layout.pp - 1)
-                for lo, hi in micro_batches(len(step.starts), self.layout.pp):
+                for lo, hi in batches:
                     out = torch.empty(hi - lo, cfg.vocab_size, dtype=torch.float32, device=self.torch_device)
                     dist.recv(out, src=src)
                     logits.append(out)

@@ -7,6 +7,7 @@ tied head) and a random model with ONE KV head, so that under TP the KV head is 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -47,9 +48,10 @@ def one_kv_head_model(tmp_path_factory: pytest.TempPathFactory) -> str:
     )
 
 
-def run_batch(runner: ModelRunner) -> tuple[list[torch.Tensor], list[list[int]]]:
+def run_batch(runner: ModelRunner) -> tuple[list[torch.Tensor], list[list[int]], list[int]]:
     """Prefill PROMPT_LENS prompts (the middle one in two chunks: the second reads its KV back from the
-    cache), then DECODE_STEPS greedy decode steps. -> the logits [N, V] of each pass, the tokens."""
+    cache), then DECODE_STEPS greedy decode steps. -> the logits [N, V] of each pass, the tokens, and the
+    layers the whole-batch prefill reported done (on_layer) on rank 0."""
     bm = BlockManager(runner.kv_cache.num_blocks, runner.block_size)
     vocab = runner.config.vocab_size
     seqs = [
@@ -60,25 +62,29 @@ def run_batch(runner: ModelRunner) -> tuple[list[torch.Tensor], list[list[int]]]
         s.blocks = bm.allocate(s.num_tokens + DECODE_STEPS + 1)
     passes: list[torch.Tensor] = []
 
-    def forward(batch: list[Sequence], num_new: list[int]) -> torch.Tensor:
+    layers_done: list[int] = []
+
+    def forward(
+        batch: list[Sequence], num_new: list[int], on_layer: Callable[[int], None] | None = None
+    ) -> torch.Tensor:
         ids = [
             t for s, n in zip(batch, num_new, strict=True) for t in s.all_ids[s.num_cached : s.num_cached + n]
         ]
-        logits = runner._forward(batch, ids, num_new, None)  # the runner's one model call: [N, V] fp32
+        logits = runner._forward(batch, ids, num_new, on_layer)  # the runner's one model call: [N, V] fp32
         for s, n in zip(batch, num_new, strict=True):
             s.num_cached += n
         passes.append(logits)
         return logits
 
     forward([seqs[1]], [10])  # the first chunk of the middle prompt
-    logits = forward(seqs, [s.num_tokens - s.num_cached for s in seqs])
+    logits = forward(seqs, [s.num_tokens - s.num_cached for s in seqs], layers_done.append)
     for s, row in zip(seqs, logits, strict=True):
         s.output_ids.append(int(row.argmax()))
     for _ in range(DECODE_STEPS):
         logits = forward(seqs, [1] * len(seqs))
         for s, row in zip(seqs, logits, strict=True):
             s.output_ids.append(int(row.argmax()))
-    return passes, [s.output_ids for s in seqs]
+    return passes, [s.output_ids for s in seqs], layers_done
 
 
 @pytest.fixture(scope="module")
@@ -89,10 +95,10 @@ def reference() -> dict[str, tuple[list[torch.Tensor], list[list[int]]]]:
 def check_layout(model_dir: str, layout: Layout, cache: dict) -> None:
     if model_dir not in cache:
         cache[model_dir] = run_batch(ModelRunner(model_dir, num_kv_blocks=32))
-    ref_logits, ref_tokens = cache[model_dir]
+    ref_logits, ref_tokens, _ = cache[model_dir]
     runner = ParallelRunner(model_dir, layout, num_kv_blocks=32)
     try:
-        logits, tokens = run_batch(runner)
+        logits, tokens, layers_done = run_batch(runner)
         assert runner.kv_cache.num_layers == len(range(*layout.layer_range(runner.config.num_layers, 0)))
     finally:
         runner.close()
@@ -101,6 +107,8 @@ def check_layout(model_dir: str, layout: Layout, cache: dict) -> None:
     for got, want in zip(logits, ref_logits, strict=True):
         torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
     assert tokens == ref_tokens
+    # each of rank 0's layers is reported once, when every micro-batch has written its KV
+    assert layers_done == list(range(*layout.layer_range(runner.config.num_layers, 0)))
 
 
 @pytest.mark.skipif(not (SHIPPED / "model.safetensors").exists(), reason="shipped model not built")
