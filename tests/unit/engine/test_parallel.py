@@ -174,3 +174,39 @@ def test_bad_rank_start_is_a_clear_error(tmp_path: Path, one_kv_head_model: str)
     """tp=3 cannot split 4 query heads: refused before any rank process starts."""
     with pytest.raises(ValueError, match="does not divide"):
         ParallelRunner(one_kv_head_model, Layout(3, 1), num_kv_blocks=8)
+
+
+def test_a_rank_that_cannot_load_is_a_clear_error_and_leaves_no_process(
+    tmp_path: Path, one_kv_head_model: str
+) -> None:
+    """The checkpoint lacks layer 2 (pipeline stage 1's): rank 1 reports why, rank 0 raises it, no rank is left."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(one_kv_head_model, broken)
+    with safe_open(str(broken / "model.safetensors"), framework="pt") as f:
+        kept = {k: f.get_tensor(k) for k in f.keys() if not k.startswith("model.layers.2.")}  # noqa: SIM118
+    save_file(kept, str(broken / "model.safetensors"))
+    before = set(_children())
+    with pytest.raises(RuntimeError, match=r"rank 1: ValueError: .*lacks"):
+        ParallelRunner(str(broken), Layout(1, 2), num_kv_blocks=8)
+    assert set(_children()) <= before
+
+
+def _children() -> list[int]:
+    """Pids of this process's live (not zombie) children."""
+    import os
+
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == os.getpid() and fields[0] != "Z":
+                out.append(int(entry))
+    return out
