@@ -209,7 +209,7 @@ class RankModel:
     def forward(self, step: Step, on_layer: Callable[[int], object] | None = None) -> Tensor | None:
         """This rank's part of `step` (module doc). -> fp32 logits [N, V] on rank 0, None on the others."""
         cfg = self.config
-        pending: list[dist.Work | None] = []
+        pending: list[tuple[dist.Work | None, Tensor]] = []  # sends in flight, with the tensors they read
         logits: list[Tensor] = []
         offsets = [0]
         for n in step.num_new:
@@ -237,20 +237,21 @@ class RankModel:
                 last = j == len(batches) - 1
                 h = self.model.run_layers(h, meta, self.kv_cache, on_layer if last else None)
                 if not self.is_last:
-                    pending.append(dist.isend(h, dst=self.layout.rank(self.tp_rank, self.pp_rank + 1)))
+                    pending.append((dist.isend(h, dst=self.layout.rank(self.tp_rank, self.pp_rank + 1)), h))
                 elif self.tp_rank == 0:
                     out = self.model.compute_logits(h, meta.last_index).float()  # [N_j, V]
                     if self.spec.rank == 0:
                         logits.append(out)
                     else:
-                        pending.append(dist.isend(out.contiguous(), dst=0))
+                        out = out.contiguous()
+                        pending.append((dist.isend(out, dst=0), out))
             if self.spec.rank == 0 and not self.is_last:  # pp > 1: the last stage's TP rank 0 sends them
                 src = self.layout.rank(0, self.layout.pp - 1)
                 for lo, hi in batches:
                     out = torch.empty(hi - lo, cfg.vocab_size, dtype=torch.float32, device=self.torch_device)
                     dist.recv(out, src=src)
                     logits.append(out)
-            for work in pending:
+            for work, _ in pending:
                 if work is not None:
                     work.wait()
         return torch.cat(logits) if self.spec.rank == 0 else None
