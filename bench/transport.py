@@ -1,6 +1,6 @@
 """`python -m bench.transport`: KV transports against a raw socket, and the TTFT the KV hand-off adds.
 
-    python -m bench.transport [--quick] [--json PATH] [--link auto|netns|limiter]
+    python -m bench.transport [--quick] [--json PATH] [--link auto|netns|limiter] [--reshard]
 
 Part 1, message throughput. Per transport (every one `available_transports()` lists: ucx, tcp, shm) a server
 process listens (`transport_for(scheme)`) and, on request, sends N messages of one size from a reused
@@ -610,9 +610,20 @@ def main(argv: list[str] | None = None) -> int:
         help="how to make the 1 Gbit/s link: netns + tc (needs root and iproute2), the in-process limiter, "
         "or auto (netns if it works)",
     )
+    ap.add_argument(
+        "--reshard",
+        action="store_true",
+        help="also time a TP2 -> TP1 resharded hand-off vs TP1 -> TP1 (bench.reshard; JSON key `reshard`)",
+    )
     a = ap.parse_args(argv)
     result = run(a.model, Settings.make(a.quick), a.link)
-    emit(result, a.json, summary=summary(result))
+    text = summary(result)
+    if a.reshard:
+        from bench import reshard
+
+        result["reshard"] = reshard.measure_reshard(a.model, reshard.Settings.make(a.quick))
+        text += "\n" + reshard.summary(result["reshard"])
+    emit(result, a.json, summary=text)
     return 0
 
 

@@ -6,8 +6,9 @@ PullHandle whose `poll()` reports WAITING -> TRANSFERRING -> DONE | FAILED (SGLa
 Checks on every frame: CRC and format (decode_frame), model fingerprint, transfer id, codec, layer
 order (0, 1, 2, ... with no gaps; from the first layer asked when a rectangle is asked), and that T, Hkv,
 D, dtype and the head range never change; a frame outside the rectangle asked (layers, KV heads) is
-LayoutMismatch. The trailer must agree with what arrived (num_layers, num_tokens). Any failure raises a typed error, closes the connection
-(no ACK: the server keeps the lease, so the pull can be retried) and leaves nothing half-acknowledged.
+LayoutMismatch. The trailer must agree with what arrived (num_layers, num_tokens). Any failure raises a
+typed error, closes the connection (no ACK: the server keeps the lease, so the pull can be retried) and
+leaves nothing half-acknowledged.
 
 Connections are pooled per address: after an ACK the channel is kept for the next pull to that server.
 
@@ -228,8 +229,9 @@ class KVPuller:
         """Pull every layer in order, calling write_layer(layer, k, v) as each arrives; returns the Trailer.
 
         `token` is the lease's secret from the KV handle (what `KVServer.open_lease` returned).
-        `layers`, `heads`: the rectangle to pull (global layers and KV heads; None = all the lease holds);
-        write_layer then gets layers l0..l1-1 with k, v [T, h1-h0, D].
+        `layers`, `heads`: the rectangle to pull (global layers and KV heads); write_layer then gets layers
+        l0..l1-1 with k, v [T, h1-h0, D]. heads None = every head the lease holds; layers None = every layer
+        of a lease holding the model's layers from 0 (a one-rank instance's; a PP stage's lease needs them).
         k, v may alias a receive buffer that the next layer overwrites: write_layer must copy them
         (KVCache.write does). Raises typed errors (UnknownTransfer, PullUnauthorized, LeaseExpired,
         FrameCorrupted, ...).
@@ -282,8 +284,8 @@ class KVPuller:
         source rank's trailer agrees on, num_layers = l1 - l0, stats summed over the pieces (transfer_s is
         the wall clock of the whole). No piece is ACKed before every piece's trailer has arrived: if any
         piece fails, none is ACKed (every source lease is kept, so the whole pull can be retried), the
-        others are aborted and waited for (no write_piece runs after this returns or raises), and the first
-        failure is raised. Raises LayoutMismatch for a rectangle the source
+        others are aborted and waited for (no write_piece runs after this returns or raises), and the error of
+        the piece that failed first (the cause) is raised. Raises LayoutMismatch for a rectangle the source
         layout cannot serve, before any connection."""
         planned = reshard.plan(src, rank_addresses, layers, heads, num_layers, num_kv_heads)
         t0 = time.perf_counter()
@@ -301,7 +303,7 @@ class KVPuller:
                 self._run(handles[i], p.address, codec, write_layer, token, p.layers, p.heads, barrier.arrive)
             finally:
                 if handles[i].error is not None:
-                    barrier.fail()
+                    barrier.fail(i)
                 done.put(i)
 
         threads = [
@@ -310,16 +312,18 @@ class KVPuller:
         ]
         for th in threads:
             th.start()
-        error: BaseException | None = None
+        aborted = False
         for _ in threads:
             h = handles[done.get()]
-            if h.error is not None and error is None:
-                error = h.error
+            if h.error is not None and not aborted:
+                aborted = True
                 for other in handles:
                     other.abort()
         for th in threads:
             th.join()
-        if error is not None:
+        if barrier.first_failed is not None:  # the cause, not the pieces it stopped
+            error = handles[barrier.first_failed].error
+            assert error is not None
             raise error
         trailers = [h.result(0) for h in handles]
         first = reshard.agreed([t.first_token_id for t in trailers], "the first token")

@@ -63,12 +63,21 @@ def cmd_up(a: argparse.Namespace) -> int:
             return 2
         a = argparse.Namespace(**{**vars(a), **{k: v for k, v in planned.items() if k != "cpus"}})
         a.cpus = ",".join(map(str, planned["cpus"]))
+    model_dir = _model(a.model)
+    layout_error = _check_layouts(a, model_dir)
+    if layout_error:
+        print(f"pdserve up: {layout_error}", file=sys.stderr)
+        return 2
     cfg = ClusterConfig(
-        model_dir=_model(a.model),
+        model_dir=model_dir,
         host=a.host,
         port=a.port,
         prefill=a.prefill,
         decode=a.decode,
+        prefill_tp=a.prefill_tp,
+        prefill_pp=a.prefill_pp,
+        decode_tp=a.decode_tp,
+        decode_pp=a.decode_pp,
         redis_url=a.redis_url,
         cluster=a.cluster,
         cpus=parse_cpus(a.cpus) if a.cpus else (),
@@ -94,6 +103,30 @@ def cmd_up(a: argparse.Namespace) -> int:
     )
     policy = RestartPolicy(max_restarts=a.max_restarts, backoff_s=a.restart_backoff)
     return run_forever(LocalCluster(cfg), policy)
+
+
+def _check_layouts(a: argparse.Namespace, model_dir: str) -> str:
+    """Why --prefill-tp/-pp or --decode-tp/-pp cannot shard the model ("" if they can)."""
+    from engine.config import ModelConfig
+    from engine.parallel.layout import Layout, LayoutError
+
+    layouts = {"prefill": (a.prefill_tp, a.prefill_pp), "decode": (a.decode_tp, a.decode_pp)}
+    if all(tp * pp == 1 for tp, pp in layouts.values()):
+        return ""
+    if a.colocated:
+        return "--prefill-tp/--prefill-pp/--decode-tp/--decode-pp do not apply to --colocated"
+    try:
+        mc = ModelConfig.from_hf_dir(model_dir)
+    except (OSError, ValueError) as exc:
+        return f"cannot read the model's config: {exc}"
+    for role, (tp, pp) in layouts.items():
+        try:
+            Layout(tp, pp).check(mc.num_layers, mc.num_heads, mc.num_kv_heads)
+        except LayoutError as exc:
+            return f"--{role}-tp {tp} --{role}-pp {pp}: {exc}"
+        if mc.intermediate_size % tp:
+            return f"--{role}-tp {tp} does not divide the model's intermediate size {mc.intermediate_size}"
+    return ""
 
 
 def _cuda_visible() -> bool:
@@ -256,6 +289,20 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=50051, help="gateway gRPC port (0 = a free one)")
     up.add_argument("--prefill", type=int, default=1, help="prefill instances")
     up.add_argument("--decode", type=int, default=1, help="decode instances")
+    for role in ("prefill", "decode"):
+        up.add_argument(
+            f"--{role}-tp",
+            type=int,
+            default=1,
+            help=f"tensor-parallel ranks of each {role} instance (default 1; each rank gets its own core set "
+            "or CUDA device)",
+        )
+        up.add_argument(
+            f"--{role}-pp",
+            type=int,
+            default=1,
+            help=f"pipeline-parallel stages of each {role} instance (default 1)",
+        )
     up.add_argument("--redis-url", default=None, help="use this Redis instead of starting a private one")
     up.add_argument("--cluster", default="default", help="registry namespace")
     up.add_argument("--cpus", default="", help="CPU cores to divide among instances (default: all)")

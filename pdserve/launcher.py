@@ -1,9 +1,12 @@
 """Local mode: run a whole cluster as processes on this machine (`pdserve up`, and the tests).
 
 Starts a private redis-server (unless given a Redis URL), the coordinator, and N prefill + M decode
-instances (or, for the colocated baseline, N colocated instances) on disjoint device sets: one CUDA device each when there are enough GPUs, otherwise
-disjoint CPU core sets (when there are fewer cores than instances, cores are shared round-robin and
-a warning says so). Every child runs in its own session so that Ctrl-C reaches the launcher only,
+instances (or, for the colocated baseline, N colocated instances) on disjoint device sets. A TP x PP instance
+(`prefill_tp`/`prefill_pp`, `decode_tp`/`decode_pp`: passed as `--tp/--pp`) has tp * pp rank processes, and
+every rank gets its own device: one CUDA device per rank when there are enough GPUs (an instance gets
+`--cuda k`, its ranks use k .. k + tp*pp - 1), otherwise a disjoint CPU core set per rank (an instance gets the
+union of its ranks' sets as `--cpus`; the service splits it the same way, engine.parallel.runner.rank_devices).
+With fewer cores than ranks, cores are shared round-robin and a warning says so. Every child runs in its own session so that Ctrl-C reaches the launcher only,
 which then stops the coordinator first, the instances next, Redis last: nothing is left behind.
 
 Supervision (`pdserve up`, `Supervisor`): a child that exits is restarted with the same arguments after a
@@ -23,7 +26,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -43,6 +46,11 @@ class ClusterConfig:
     port: int = 50051  # gateway port; 0 = a free one
     prefill: int = 1
     decode: int = 1
+    # tensor x pipeline parallel layout of each prefill / decode instance (engine/parallel/layout.py)
+    prefill_tp: int = 1
+    prefill_pp: int = 1
+    decode_tp: int = 1
+    decode_pp: int = 1
     redis_url: str | None = None  # None = start a private redis-server
     cluster: str = "default"
     cpus: tuple[int, ...] = ()  # cores to divide among instances; () = all this process may use
@@ -90,15 +98,40 @@ class ClusterConfig:
             return ["colocated"] * self.colocated
         return ["prefill"] * self.prefill + ["decode"] * self.decode
 
+    def layout(self, role: str) -> tuple[int, int]:
+        """(tp, pp) of an instance of `role`."""
+        if role == "prefill":
+            return self.prefill_tp, self.prefill_pp
+        if role == "decode":
+            return self.decode_tp, self.decode_pp
+        return 1, 1
+
+    def layout_args(self, role: str) -> list[str]:
+        """The service flags of `role`'s layout: [] for one rank."""
+        tp, pp = self.layout(role)
+        return [] if tp * pp == 1 else ["--tp", str(tp), "--pp", str(pp)]
+
 
 def assign_devices(
-    n: int, cpus: tuple[int, ...], use_cuda: bool, share_cuda: bool = False
+    n: int,
+    cpus: tuple[int, ...],
+    use_cuda: bool,
+    share_cuda: bool = False,
+    ranks: Sequence[int] | None = None,
 ) -> list[list[str]]:
     """Instance i's device flags: ['--cuda', 'k'] or ['--cpus', 'a,b']; disjoint where possible.
 
-    CUDA needs one device per instance; with fewer, instances go to CPU cores, unless share_cuda puts
-    them round-robin on the devices there are (a one-GPU development box: the phases then interfere).
+    `ranks[i]`: instance i's rank processes (tp * pp; default 1 each); every rank is given its own device.
+    CUDA needs one device per rank (instance i gets the first of its ranks' consecutive devices); with fewer,
+    instances go to CPU cores, unless share_cuda puts them round-robin on the devices there are (a one-GPU
+    development box: the phases then interfere). CPU: the cores are split into one set per rank, as even as
+    possible (earlier sets take the remainder), and an instance gets its ranks' consecutive sets.
     """
+    ranks = list(ranks) if ranks is not None else [1] * n
+    if len(ranks) != n or min(ranks, default=1) < 1:
+        raise ValueError(f"ranks {ranks} for {n} instances")
+    total = sum(ranks)
+    firsts = [sum(ranks[:i]) for i in range(n)]  # global index of each instance's first rank
     cuda_count = 0
     if use_cuda:
         try:
@@ -107,19 +140,30 @@ def assign_devices(
             cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         except ImportError:
             cuda_count = 0
-    if cuda_count >= n or (share_cuda and cuda_count > 0):
-        return [["--cuda", str(i % cuda_count)] for i in range(n)]
+    if cuda_count >= total:
+        return [["--cuda", str(first)] for first in firsts]
+    if share_cuda and cuda_count >= max(ranks):
+        # round-robin, each instance's ranks on consecutive devices that exist
+        return [["--cuda", str(first % (cuda_count - r + 1))] for first, r in zip(firsts, ranks, strict=True)]
     cores = list(cpus) or sorted(os.sched_getaffinity(0))
-    if len(cores) >= n:
-        per, extra = divmod(len(cores), n)
-        out, start = [], 0
-        for i in range(n):
-            size = per + (1 if i < extra else 0)
-            out.append(["--cpus", ",".join(str(c) for c in cores[start : start + size])])
+    if len(cores) >= total:
+        per, extra = divmod(len(cores), total)
+        sets, start = [], 0
+        for r in range(total):
+            size = per + (1 if r < extra else 0)
+            sets.append(cores[start : start + size])
             start += size
-        return out
-    log.warning("%d instances on %d cores: cores are shared round-robin, not disjoint", n, len(cores))
-    return [["--cpus", str(cores[i % len(cores)])] for i in range(n)]
+        return [
+            ["--cpus", ",".join(str(c) for s in sets[first : first + r] for c in s)]
+            for first, r in zip(firsts, ranks, strict=True)
+        ]
+    what = "instances" if total == n else "ranks"
+    log.warning("%d %s on %d cores: cores are shared round-robin, not disjoint", total, what, len(cores))
+    out = []
+    for first, r in zip(firsts, ranks, strict=True):
+        own = sorted({cores[(first + j) % len(cores)] for j in range(r)})
+        out.append(["--cpus", ",".join(str(c) for c in own)])
+    return out
 
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -169,7 +213,8 @@ class LocalCluster:
             self.redis_url = self.redis.url
         port = cfg.port or free_port(cfg.host)
         self.gateway_address = f"{cfg.host}:{port}"
-        self._devices = assign_devices(len(cfg.roles), cfg.cpus, cfg.use_cuda, cfg.share_cuda)
+        ranks = [cfg.layout(role)[0] * cfg.layout(role)[1] for role in cfg.roles]
+        self._devices = assign_devices(len(cfg.roles), cfg.cpus, cfg.use_cuda, cfg.share_cuda, ranks)
         try:
             for role in cfg.roles:
                 self.add_instance(role)
@@ -219,8 +264,11 @@ class LocalCluster:
             raise
         return self
 
-    def add_instance(self, role: str, device_args: list[str] | None = None) -> Child:
-        """Start one more prefill/decode/colocated instance (also used to replace a dead one)."""
+    def add_instance(
+        self, role: str, device_args: list[str] | None = None, layout: tuple[int, int] | None = None
+    ) -> Child:
+        """Start one more prefill/decode/colocated instance (also used to replace a dead one). `layout`:
+        its (tp, pp), default the role's (ClusterConfig.prefill_tp, ...)."""
         cfg = self.cfg
         if device_args is None:
             device_args = self._devices[self._next_device % len(self._devices)]
@@ -249,6 +297,10 @@ class LocalCluster:
             str(cfg.lease_ttl_s),
             *device_args,
         ]
+        if layout is None:
+            args += cfg.layout_args(role)
+        elif layout[0] * layout[1] > 1:
+            args += ["--tp", str(layout[0]), "--pp", str(layout[1])]
         if cfg.num_kv_blocks is not None:
             args += ["--num-kv-blocks", str(cfg.num_kv_blocks)]
         if role == "colocated" and cfg.chunk_tokens is not None:

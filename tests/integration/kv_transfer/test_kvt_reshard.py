@@ -17,7 +17,7 @@ from engine.parallel.layout import Layout
 from kv_transfer.client import KVPuller
 from kv_transfer.errors import LayoutMismatch, PeerClosed, UnknownTransfer
 from kv_transfer.frame import decode_frame, encode_frame
-from kv_transfer.reshard import handle_layout, is_canonical, plan
+from kv_transfer.reshard import LayerAssembler, handle_layout, is_canonical, plan
 from kv_transfer.server import KVServer
 from kv_transfer.transport import transport_for
 from pdserve.v1 import common_pb2
@@ -405,3 +405,34 @@ def test_a_handle_without_a_layout_is_one_rank_and_still_pulls(
             plan(Layout(2, 1), ["a", "b"], (0, 2), None, 2, 0)
     finally:
         srv.stop()
+
+
+def test_layer_assembler_writes_each_layer_once_with_all_its_heads(
+    real_kv: tuple[KV, int], puller: KVPuller
+) -> None:
+    """TP2 x PP2 prefill -> TP1 decode through a LayerAssembler: write_layer sees every layer exactly once,
+    with both heads, equal to the prefill's KV; nothing stays staged."""
+    kv, num_tokens = real_kv
+    pre = Prefill(Layout(2, 2), "tcp", kv, num_tokens, "rs-assemble")
+    try:
+        written: dict[int, tuple[Tensor, Tensor]] = {}
+        lock = threading.Lock()
+
+        def write_layer(layer: int, k: Tensor, v: Tensor) -> None:
+            with lock:
+                assert layer not in written
+                written[layer] = (k.clone(), v.clone())
+
+        assembler = LayerAssembler((0, 2), write_layer)
+        puller.pull_pieces(
+            pre.layout, pre.addresses, pre.tid, "raw", (0, 2), (0, 2), assembler,
+            token=pre.token or b"", num_layers=2, num_kv_heads=2,
+        )  # fmt: skip
+        assert sorted(written) == [0, 1] and assembler.pending_layers == 0
+        for layer, (k, v) in written.items():
+            assert torch.equal(k, kv[layer][0]) and torch.equal(v, kv[layer][1])
+        with pytest.raises(LayoutMismatch, match="outside"):
+            assembler(0, 2, kv[0][0][:, :1], kv[0][1][:, :1])
+        pre.wait_pulled(4)
+    finally:
+        pre.stop()

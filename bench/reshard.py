@@ -1,0 +1,292 @@
+"""`python -m bench.reshard`: KV hand-off time of a resharded pull (TP2 prefill -> TP1 decode) vs today's TP1 -> TP1.
+
+    python -m bench.reshard [--quick] [--json PATH] [--transport tcp|shm] [--codec raw|cachegen]
+
+Also `python -m bench.transport --reshard`, which adds the same object to its JSON as `reshard`.
+
+Method. The shipped model prefills one held-out prompt (`prompt_tokens`) once, in this process; its real KV is
+split into each prefill rank's shard (`Layout.owned`). Each prefill rank is its own process with its own
+`KVServer` holding only its shard, pinned to its own core (ranks 0.. on cores 0..); the decode side is one
+process pinned to the last core, pulling into a `KVCache`. Per trial every rank of the source instance opens a
+lease for a new transfer (rank 0's token shared), marks all layers ready and finishes (the pull starts after
+prefill: the whole hand-off is on the critical path), then the decode process pulls:
+  * tp1_to_tp1: `KVPuller.pull` from the one-rank instance (today's hand-off);
+  * tp1_to_tp1_pieces: `KVPuller.pull_pieces` from the same instance (one piece: the reshard machinery's cost);
+  * tp2_to_tp1: `KVPuller.pull_pieces` from the two-rank instance (two pieces, one KV head each, in parallel).
+Hand-off time = pull call -> every layer written into the decode cache (wall clock); medians over trials, modes
+interleaved. `ratio` = tp2_to_tp1 / tp1_to_tp1 (target <= 1.2). With fewer cores than busy processes (3) the
+JSON says `oversubscribed`: the decode process keeps a core of its own (the last) and the prefill ranks share
+the others (on 2 cores: both TP2 ranks on core 0), so the comparison still gives each side the same cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from bench.report import emit
+
+MODES = ("tp1_to_tp1", "tp1_to_tp1_pieces", "tp2_to_tp1")
+TARGET_RATIO = 1.2
+
+
+@dataclass(frozen=True)
+class Settings:
+    prompt_tokens: int
+    trials: int  # per mode
+
+    @staticmethod
+    def make(quick: bool) -> Settings:
+        return Settings(prompt_tokens=1024, trials=7) if quick else Settings(prompt_tokens=1536, trials=25)
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _pin(core: int) -> None:
+    cores = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {cores[core % len(cores)]})
+
+
+def _rank_proc(model_dir: str, scheme: str, tp: int, rank: int, kv: list[Any], core: int, conn: Any) -> None:
+    """One prefill rank: a KVServer holding this rank's shard of `kv` under each trial's transfer id."""
+    _pin(core)
+    import threading
+
+    import torch
+
+    torch.set_num_threads(1)
+    from engine.parallel.layout import Layout
+    from kv_transfer.codec import CodecContext
+    from kv_transfer.server import KVServer
+    from kv_transfer.transport import transport_for
+
+    layout = Layout(tp, 1)
+    num_layers, num_kv_heads = len(kv), kv[0][0].shape[1]
+    layers, heads = layout.owned(rank, num_layers, num_kv_heads)
+    shard = [(k[:, heads[0] : heads[1]].contiguous(), v[:, heads[0] : heads[1]].contiguous()) for k, v in kv]
+    fingerprint, token_ids = conn.recv()
+    codecs = CodecContext.from_model_dir(
+        model_dir
+    )  # calibration files; no layer-0 function (not cachegen_l0)
+    server = KVServer(
+        transport_for(scheme), "127.0.0.1", fingerprint=fingerprint, lease_ttl_s=120, codecs=codecs
+    )
+    server.start()
+    pulled = threading.Semaphore(0)
+    conn.send(server.address)
+    try:
+        while True:
+            msg = conn.recv()
+            if msg[0] == "quit":
+                break
+            _, tid, token = msg
+            tok = server.open_lease(
+                tid,
+                num_layers,
+                shard[0][0].shape[0],
+                lambda layer: shard[layer],
+                lambda _tid, reason: pulled.release() if reason == "pulled" else None,
+                token_ids=token_ids,
+                layers=layers,
+                heads=heads,
+                token=token,
+            )
+            server.mark_ready(tid, num_layers)
+            server.finish(tid, 1)
+            conn.send(tok)
+            if not pulled.acquire(timeout=120):  # the decode side ACKed this rank's whole shard
+                raise RuntimeError(f"rank {rank}: lease {tid} was not pulled")
+            conn.send("pulled")
+    finally:
+        server.stop()
+
+
+def _decode_proc(
+    model_dir: str,
+    num_layers: int,
+    num_kv_heads: int,
+    head_dim: int,
+    num_tokens: int,
+    fingerprint: int,
+    core: int,
+    conn: Any,
+) -> None:
+    """The decode side: pulls each trial's KV into a KVCache and reports the hand-off time."""
+    _pin(core)
+    import torch
+
+    torch.set_num_threads(1)
+    from engine.kv_cache import KVCache, slots_for
+    from engine.parallel.layout import Layout
+    from kv_transfer.client import KVPuller
+    from kv_transfer.codec import CodecContext
+    from kv_transfer.reshard import LayerAssembler
+
+    cache = KVCache(num_layers, -(-num_tokens // 16), 16, num_kv_heads, head_dim)
+    blocks = list(range(cache.num_blocks))
+    slots = slots_for(blocks, 0, num_tokens, 16)
+
+    def write_layer(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        cache.write_slots(layer, slots, k, v)
+
+    write_piece = LayerAssembler((0, num_kv_heads), write_layer)  # one cache write per layer
+
+    codecs = CodecContext.from_model_dir(model_dir)
+    with KVPuller(fingerprint=fingerprint, timeout_s=120, codecs=codecs) as puller:
+        while True:
+            msg = conn.recv()
+            if msg[0] == "quit":
+                break
+            _, mode, tid, codec, token, addresses = msg
+            t0 = time.monotonic()
+            if mode == "tp1_to_tp1":
+                trailer = puller.pull(addresses[0], tid, codec, write_layer, token=token)
+            else:
+                trailer = puller.pull_pieces(
+                    Layout(len(addresses), 1),
+                    addresses,
+                    tid,
+                    codec,
+                    (0, num_layers),
+                    (0, num_kv_heads),
+                    write_piece,
+                    token=token,
+                    num_layers=num_layers,
+                    num_kv_heads=num_kv_heads,
+                )
+            st = trailer.stats  # summed over the pieces
+            parts = {"server_send_s": st.server_send_s, "decode_s": st.decode_s, "write_s": st.write_s}
+            conn.send((time.monotonic() - t0, parts))
+
+
+def measure_reshard(model_dir: str, s: Settings, scheme: str = "tcp", codec: str = "raw") -> dict[str, Any]:
+    from bench.transport import DEFAULT_MODEL, _prompts
+    from engine.kv_probe import KVProbe
+
+    model_dir = model_dir or str(DEFAULT_MODEL)
+    prompt = _prompts(model_dir, s.prompt_tokens, 1)[0]
+    probe = KVProbe(model_dir, s.prompt_tokens)
+    kv = probe.prefill(prompt)
+    fingerprint = probe.runner.fingerprint
+    num_layers, (num_tokens, num_kv_heads, head_dim) = len(kv), tuple(kv[0][0].shape)
+    del probe
+    ncores = len(os.sched_getaffinity(0))
+    ctx = mp.get_context("spawn")
+    procs: list[Any] = []
+    conns: dict[int, list[Any]] = {}  # tp -> the rank processes' pipes
+    addresses: dict[int, list[str]] = {}
+    times: dict[str, list[float]] = {m: [] for m in MODES}
+    breakdown: dict[str, dict[str, list[float]]] = {m: {} for m in MODES}
+    try:
+        for tp in (1, 2):
+            conns[tp] = []
+            for rank in range(tp):
+                parent, child = ctx.Pipe()
+                p = ctx.Process(
+                    target=_rank_proc,
+                    args=(model_dir, scheme, tp, rank, kv, rank % max(1, ncores - 1), child),
+                    daemon=True,
+                )
+                p.start()
+                procs.append(p)
+                parent.send((fingerprint, prompt))
+                conns[tp].append(parent)
+            addresses[tp] = [c.recv() for c in conns[tp]]
+        dparent, dchild = ctx.Pipe()
+        dec = ctx.Process(
+            target=_decode_proc,
+            args=(model_dir, num_layers, num_kv_heads, head_dim, num_tokens, fingerprint, ncores - 1, dchild),
+            daemon=True,
+        )
+        dec.start()
+        procs.append(dec)
+        for trial in range(s.trials + 1):  # trial 0 warms connections and caches up; not reported
+            for mode in MODES:
+                tp = 2 if mode.startswith("tp2") else 1
+                tid = f"reshard-{mode}-{trial}-{uuid.uuid4().hex[:6]}"
+                conns[tp][0].send(("lease", tid, None))
+                token = conns[tp][0].recv()
+                for c in conns[tp][1:]:
+                    c.send(("lease", tid, token))
+                    assert c.recv() == token
+                dparent.send(("pull", mode, tid, codec, token, addresses[tp]))
+                if not dparent.poll(300):
+                    raise RuntimeError(f"{mode}: the pull did not finish in 300 s")
+                t, parts = dparent.recv()
+                for c in conns[tp]:
+                    if not c.poll(120) or c.recv() != "pulled":
+                        raise RuntimeError(f"{mode}: a prefill rank's lease was not released as pulled")
+                if trial:
+                    times[mode].append(t)
+                    for k, x in parts.items():
+                        breakdown[mode].setdefault(k, []).append(x)
+        dparent.send(("quit",))
+        for tp in conns:
+            for c in conns[tp]:
+                c.send(("quit",))
+    finally:
+        for p in procs:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+    med = {m: statistics.median(v) for m, v in times.items()}
+    ratio = med["tp2_to_tp1"] / med["tp1_to_tp1"]
+    return {
+        "src": "tp2",
+        "dst": "tp1",
+        "handoff_s": med,
+        "handoff_s_all": times,
+        # medians of the pull's parts, summed over its pieces (pieces overlap, so these may add up to more
+        # than the hand-off): the prefill ranks' send calls, the puller's frame checks + decode, its writes
+        "breakdown_s": {m: {k: statistics.median(v) for k, v in b.items()} for m, b in breakdown.items()},
+        "ratio": ratio,
+        "pieces_overhead_ratio": med["tp1_to_tp1_pieces"] / med["tp1_to_tp1"],
+        "target_ratio": TARGET_RATIO,
+        "meets_target": ratio <= TARGET_RATIO,
+        "transport": scheme,
+        "codec": codec,
+        "prompt_tokens": num_tokens,
+        "kv_bytes": 2 * num_layers * num_tokens * num_kv_heads * head_dim * kv[0][0].element_size(),
+        "trials": s.trials,
+        "cores": ncores,
+        "busy_processes": 3,  # at most: the TP2 instance's two ranks and the decode process
+        "oversubscribed": ncores < 3,  # then the TP2 ranks share a core; the decode process has its own
+        "method": "real prompt KV split into per-rank shards; one KVServer process per prefill rank, one decode "
+        "process pulling into a KVCache; pull after prefill; medians, modes interleaved",
+    }
+
+
+def summary(r: dict[str, Any]) -> str:
+    h = r["handoff_s"]
+    return (
+        f"hand-off ({r['transport']}, {r['codec']}, {r['prompt_tokens']} tokens): TP1->TP1 "
+        f"{h['tp1_to_tp1'] * 1e3:.2f} ms, TP1->TP1 via pull_pieces {h['tp1_to_tp1_pieces'] * 1e3:.2f} ms, "
+        f"TP2->TP1 {h['tp2_to_tp1'] * 1e3:.2f} ms -> {r['ratio']:.2f}x (target <= {r['target_ratio']})"
+        + (f"; {r['cores']} cores: the TP2 ranks share one (oversubscribed)" if r["oversubscribed"] else "")
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.reshard", description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer trials, a shorter prompt (under a minute)")
+    ap.add_argument("--json", default=None, help="write the JSON object here instead of stdout")
+    ap.add_argument("--model", default="", help="model directory (default: the shipped model)")
+    ap.add_argument("--transport", default="tcp", choices=("tcp", "shm"), help="KV transport (default tcp)")
+    ap.add_argument("--codec", default="raw", help="KV codec (default raw)")
+    a = ap.parse_args(argv)
+    r = measure_reshard(a.model, Settings.make(a.quick), a.transport, a.codec)
+    emit({"reshard": r}, a.json, summary=summary(r))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
