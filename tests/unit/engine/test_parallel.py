@@ -146,10 +146,28 @@ def test_step_encoding_round_trips() -> None:
     assert Step.decode(step.encode()) == step
 
 
-def test_micro_batches_split_sequences_evenly() -> None:
-    assert micro_batches(5, 2) == [(0, 3), (3, 5)]
-    assert micro_batches(1, 4) == [(0, 1)]
-    assert micro_batches(4, 1) == [(0, 4)]
+def test_micro_batches_split_sequences_or_cut_a_long_prompt() -> None:
+    # as many sequences as stages or more: runs of whole sequences
+    assert [(mb.seqs, mb.counts) for mb in micro_batches([3, 1, 4, 1, 5], 2)] == [
+        ([0, 1, 2], [3, 1, 4]),
+        ([3, 4], [1, 5]),
+    ]
+    assert [mb.seqs for mb in micro_batches([1, 1, 1, 1], 1)] == [[0, 1, 2, 3]]
+    # one long prompt over 2 stages: two chunks, the second holds its last token
+    (a, b) = micro_batches([10], 2)
+    assert (a.offsets, a.counts, a.ends) == ([0], [5], [False])
+    assert (b.offsets, b.counts, b.ends) == ([5], [5], [True])
+    # 2 sequences over 4 stages: 4 chunks of the flat token stream, each token once, one logits row each
+    mbs = micro_batches([6, 2], 4)
+    assert [(mb.seqs, mb.offsets, mb.counts) for mb in mbs] == [
+        ([0], [0], [2]),
+        ([0], [2], [2]),
+        ([0], [4], [2]),
+        ([1], [0], [2]),
+    ]
+    assert sum(mb.num_logits for mb in mbs) == 2
+    # one decode token per sequence, fewer sequences than stages: one micro-batch each
+    assert [mb.seqs for mb in micro_batches([1, 1], 4)] == [[0], [1]]
 
 
 def test_rank_spec_round_trips_json() -> None:
