@@ -76,24 +76,9 @@ class KVCache:
         slots = slots.to(self.device)
         return k_flat[slots], v_flat[slots]
 
-    def write(
-        self, layer: int, blocks: list[int], start: int, k: Tensor, v: Tensor, head_start: int = 0
-    ) -> None:
-        """Store k, v: [T, h, D] as positions [start, start + T) of the sequence owning `blocks`, heads
-        [head_start, head_start + h) (default: all Hkv heads)."""
-        slots = slots_for(blocks, start, k.shape[0], self.block_size)
-        h = k.shape[1]
-        if head_start == 0 and h == self.num_kv_heads:
-            self.write_slots(layer, slots, k, v)
-            return
-        if not 0 <= head_start < head_start + h <= self.num_kv_heads:
-            raise ValueError(
-                f"heads [{head_start}, {head_start + h}) outside this cache's {self.num_kv_heads}"
-            )
-        k_flat, v_flat = self._flat(layer)
-        slots = slots.to(self.device)
-        k_flat[slots, head_start : head_start + h] = k.to(device=self.device, dtype=self.dtype)
-        v_flat[slots, head_start : head_start + h] = v.to(device=self.device, dtype=self.dtype)
+    def write(self, layer: int, blocks: list[int], start: int, k: Tensor, v: Tensor) -> None:
+        """Store k, v: [T, Hkv, D] as positions [start, start + T) of the sequence owning `blocks`."""
+        self.write_slots(layer, slots_for(blocks, start, k.shape[0], self.block_size), k, v)
 
     def read(self, layer: int, blocks: list[int], num_tokens: int) -> tuple[Tensor, Tensor]:
         """Positions [0, num_tokens) of the sequence owning `blocks` -> k, v: [T, Hkv, D]."""

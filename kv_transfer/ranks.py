@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from engine.kv_cache import KVCache
 from engine.parallel.layout import Layout
 from kv_transfer.client import KVPuller
 from kv_transfer.codec import CodecContext
-from kv_transfer.reshard import is_canonical
+from kv_transfer.reshard import LayerAssembler, is_canonical
 from kv_transfer.server import KVServer
 from kv_transfer.transport import default_scheme, transport_for
 
@@ -144,7 +143,6 @@ class DecodeRankKV:
         self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="rank-pull")
         self.address = ""
         self.send: Send = lambda msg: None
-        self._lock = threading.Lock()
 
     def handle(self, msg: dict[str, Any]) -> None:
         if msg["op"] != "pull":
@@ -190,9 +188,11 @@ def pull_shard(
     """Pull this rank's rectangle `layers` x `heads` of transfer `tid` into `cache` (its local layers and heads)
     at `blocks`. handle: the prefill side's {tp, pp, num_layers, num_kv_heads, rank_addresses}. -> Trailer."""
 
-    def write_piece(layer: int, head_start: int, k: Tensor, v: Tensor) -> None:
-        cache.write(layer - layers[0], blocks, 0, k, v, head_start=head_start - heads[0])
+    def write_layer(layer: int, k: Tensor, v: Tensor) -> None:  # k, v [T, h1-h0, D]: all of this rank's heads
+        cache.write(layer - layers[0], blocks, 0, k, v)
 
+    # pieces holding part of this rank's heads are staged, so each layer is one cache write
+    assemble = LayerAssembler(heads, write_layer)
     return puller.pull_pieces(
         Layout(handle["tp"], handle["pp"]),
         handle["rank_addresses"],
@@ -200,7 +200,7 @@ def pull_shard(
         codec,
         layers,
         heads,
-        write_piece,
+        assemble,
         token=token,
         num_layers=handle["num_layers"],
         num_kv_heads=handle["num_kv_heads"],

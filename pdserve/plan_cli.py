@@ -362,7 +362,9 @@ def run_profile(model_dir: str, threads: int, new_tokens: int, tries: int) -> di
         "source": "pdserve profile",
         "prefill_max_batch_tokens": CPU_BATCH_TOKENS,  # the prefill engine's batch cap on CPU (pdserve.instance)
         "layouts": [layout],
-        "notes": ["TP1/PP1 only: the engine runs no other layout yet"],
+        "notes": [
+            "TP1/PP1 only: `pdserve bench engine --tp/--pp` times the other layouts (latency_model per layout)"
+        ],
     }
 
 

@@ -1,8 +1,11 @@
 """One rank of a TP x PP instance: its shard of the model and of the KV cache, and its part of each forward pass.
 
 Every rank runs the same `Step`s in the same order (rank 0 broadcasts them: `StepChannel`). Within a step the
-sequences are split into `micro_batches` (min(pp, N) of them, contiguous, as even as possible), which flow
-through the stages one after the other, so stage s works on micro-batch j while stage s+1 works on j-1:
+work is split into `micro_batches` that flow through the stages one after the other, so stage s works on
+micro-batch j while stage s+1 works on j-1: with N >= pp sequences, min(pp, N) runs of whole sequences; with
+fewer sequences than stages (a long prompt alone), the step's tokens are cut into pp chunks of about equal size,
+a sequence's later chunk attending to its earlier ones through the cache (chunked prefill; each stage wrote
+those chunks' KV itself, one micro-batch before):
 
     stage s, micro-batch j:  h = embed(ids_j) (s == 0) | recv from (s-1, same TP rank)
                              h = this stage's layers (one all-reduce over the stage's TP group after each
@@ -123,15 +126,50 @@ class Step:
         return Step(starts, num_new, blocks, v[at:])
 
 
-def micro_batches(n: int, pp: int) -> list[tuple[int, int]]:
-    """Sequences [start, end) of each micro-batch: min(pp, n) contiguous runs, earlier ones take the remainder."""
-    m = min(pp, n)
-    base, extra = divmod(n, m)
-    out, start = [], 0
+@dataclass(frozen=True)
+class MicroBatch:
+    """Part of a step: sequence seqs[k]'s new tokens [offsets[k], offsets[k] + counts[k]) (relative to its
+    first new token); `ends[k]`: the part holds that sequence's last new token (so it yields a logits row)."""
+
+    seqs: list[int]
+    offsets: list[int]
+    counts: list[int]
+    ends: list[bool]
+
+    @property
+    def num_logits(self) -> int:
+        return sum(self.ends)
+
+
+def micro_batches(num_new: list[int], pp: int) -> list[MicroBatch]:
+    """The micro-batches of a step (module doc), in order. Every new token is in exactly one."""
+    n = len(num_new)
+    if n >= pp:  # runs of whole sequences, earlier ones take the remainder
+        base, extra = divmod(n, pp)
+        out, start = [], 0
+        for j in range(pp):
+            end = start + base + (1 if j < extra else 0)
+            seqs = list(range(start, end))
+            out.append(MicroBatch(seqs, [0] * len(seqs), [num_new[i] for i in seqs], [True] * len(seqs)))
+            start = end
+        return out
+    total = sum(num_new)
+    m = min(pp, total)
+    bounds = [total * j // m for j in range(m + 1)]  # flat token ranges [bounds[j], bounds[j+1])
+    out = []
     for j in range(m):
-        end = start + base + (1 if j < extra else 0)
-        out.append((start, end))
-        start = end
+        lo, hi = bounds[j], bounds[j + 1]
+        seqs, offsets, counts, ends = [], [], [], []
+        first = 0  # flat index of sequence i's first new token
+        for i, k in enumerate(num_new):
+            a, b = max(lo, first), min(hi, first + k)
+            if a < b:
+                seqs.append(i)
+                offsets.append(a - first)
+                counts.append(b - a)
+                ends.append(b == first + k)
+            first += k
+        out.append(MicroBatch(seqs, offsets, counts, ends))
     return out
 
 
@@ -209,44 +247,60 @@ class RankModel:
     def forward(self, step: Step, on_layer: Callable[[int], object] | None = None) -> Tensor | None:
         """This rank's part of `step` (module doc). -> fp32 logits [N, V] on rank 0, None on the others."""
         cfg = self.config
-        pending: list[dist.Work | None] = []
+        pending: list[tuple[dist.Work | None, Tensor]] = []  # sends in flight, with the tensors they read
         logits: list[Tensor] = []
-        offsets = [0]
+        first = [0]  # flat index of each sequence's first new token in step.ids
         for n in step.num_new:
-            offsets.append(offsets[-1] + n)
+            first.append(first[-1] + n)
         with torch.inference_mode():
-            for lo, hi in micro_batches(len(step.starts), self.layout.pp):
+            batches = micro_batches(step.num_new, self.layout.pp)
+            for j, mb in enumerate(batches):
                 meta = BatchMeta.build(
-                    step.blocks[lo:hi],
-                    step.starts[lo:hi],
-                    step.num_new[lo:hi],
+                    [step.blocks[i] for i in mb.seqs],
+                    [step.starts[i] + o for i, o in zip(mb.seqs, mb.offsets, strict=True)],
+                    mb.counts,
                     self.spec.block_size,
                     self.torch_device,
                     cfg.sliding_window,
                 )
-                t = offsets[hi] - offsets[lo]
                 if self.is_first:
-                    ids = torch.tensor(step.ids[offsets[lo] : offsets[hi]], dtype=torch.long)
-                    h = self.model.embed(ids.to(self.torch_device))  # [T_j, hidden]
+                    ids = [
+                        t
+                        for i, o, c in zip(mb.seqs, mb.offsets, mb.counts, strict=True)
+                        for t in step.ids[first[i] + o : first[i] + o + c]
+                    ]
+                    h = self.model.embed(
+                        torch.tensor(ids, dtype=torch.long).to(self.torch_device)
+                    )  # [T_j, hidden]
                 else:
-                    h = torch.empty(t, cfg.hidden_size, dtype=self.spec.dtype, device=self.torch_device)
+                    h = torch.empty(
+                        sum(mb.counts), cfg.hidden_size, dtype=self.spec.dtype, device=self.torch_device
+                    )
                     dist.recv(h, src=self.layout.rank(self.tp_rank, self.pp_rank - 1))
-                h = self.model.run_layers(h, meta, self.kv_cache, on_layer)
+                # on_layer(i) means "layer i's KV of EVERY sequence of the step is written": fire it with the
+                # last micro-batch only (the earlier ones went through all of this rank's layers before it)
+                last = j == len(batches) - 1
+                h = self.model.run_layers(h, meta, self.kv_cache, on_layer if last else None)
                 if not self.is_last:
-                    pending.append(dist.isend(h, dst=self.layout.rank(self.tp_rank, self.pp_rank + 1)))
-                elif self.tp_rank == 0:
-                    out = self.model.compute_logits(h, meta.last_index).float()  # [N_j, V]
+                    pending.append((dist.isend(h, dst=self.layout.rank(self.tp_rank, self.pp_rank + 1)), h))
+                elif self.tp_rank == 0 and mb.num_logits:
+                    ending = torch.tensor([k for k, e in enumerate(mb.ends) if e], device=self.torch_device)
+                    out = self.model.compute_logits(h, meta.last_index[ending]).float()  # [N_j, V]
                     if self.spec.rank == 0:
                         logits.append(out)
                     else:
-                        pending.append(dist.isend(out.contiguous(), dst=0))
+                        out = out.contiguous()
+                        pending.append((dist.isend(out, dst=0), out))
             if self.spec.rank == 0 and not self.is_last:  # pp > 1: the last stage's TP rank 0 sends them
                 src = self.layout.rank(0, self.layout.pp - 1)
-                for lo, hi in micro_batches(len(step.starts), self.layout.pp):
-                    out = torch.empty(hi - lo, cfg.vocab_size, dtype=torch.float32, device=self.torch_device)
-                    dist.recv(out, src=src)
-                    logits.append(out)
-            for work in pending:
+                for mb in batches:
+                    if mb.num_logits:
+                        out = torch.empty(
+                            mb.num_logits, cfg.vocab_size, dtype=torch.float32, device=self.torch_device
+                        )
+                        dist.recv(out, src=src)
+                        logits.append(out)
+            for work, _ in pending:
                 if work is not None:
                     work.wait()
         return torch.cat(logits) if self.spec.rank == 0 else None

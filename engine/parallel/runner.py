@@ -272,15 +272,24 @@ def _wait_loaded(workers: list[subprocess.Popen[bytes]], timeout_s: float) -> li
             raise RuntimeError(f"rank processes did not load their shards within {timeout_s:.0f} s")
         for fd in ready:
             i = pending.pop(fd)
-            proc = workers[i]
-            assert proc.stdout is not None
-            line = proc.stdout.readline().decode(errors="replace").strip()
-            try:
-                msg = json.loads(line)
-            except ValueError:
-                msg = {"ok": False, "error": line or "no output"}
+            msg = _ready_message(i + 1, workers[i])
             if not msg.get("ok"):
-                status = proc.wait()
+                status = workers[i].wait()
                 raise RuntimeError(f"a rank failed to start (status {status}): {msg.get('error')}")
             addresses[i] = msg.get("kv_address", "")
     return addresses
+
+
+def _ready_message(rank: int, proc: subprocess.Popen[bytes]) -> dict[str, Any]:
+    """The rank's ready line ({"ok": ...}); lines something else in it printed to stdout are logged and skipped."""
+    assert proc.stdout is not None
+    while raw := proc.stdout.readline():
+        line = raw.decode(errors="replace").strip()
+        try:
+            msg = json.loads(line)
+        except ValueError:
+            msg = None
+        if isinstance(msg, dict) and "ok" in msg:
+            return msg
+        log.warning("rank %d: %s", rank, line[:200])
+    return {"ok": False, "error": "exited before it was ready"}
