@@ -109,6 +109,7 @@ def traced(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
             use_cuda=False,
             num_kv_blocks=256,
             codec=CODEC,
+            local_prefill="off",  # every request's trace crosses the KV hand-off (none prefilled locally)
             log_dir=str(tmp / "logs"),
         )
         cluster = LocalCluster(cfg).start(timeout_s=120)
