@@ -2,8 +2,9 @@
 
 For each job, rank 0 (this process) asks every other rank to pull its rectangle (its layers x its KV heads)
 into its own cache (kv_transfer.ranks, over the control pipes), pulls its own, and waits for all: the pull
-succeeds when every rank's did and all agree on the first token. Nothing is gathered on rank 0. KV heads
-replicated across decode ranks (num_kv_heads < tp) are refused at start (only canonical ranks may pull).
+succeeds when every rank's did and all agree on the first token. Nothing is gathered on rank 0. A KV head
+replicated on several decode ranks (num_kv_heads < tp) is pulled by each of them, every PULL declaring its
+replica index and the copies (reshard.decode_replica); the prefill lease waits for all copies.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from decode_service.engine import DecodeEngine, DecodeJob
 from engine.parallel.runner import ParallelRunner
 from kv_transfer.client import KVPuller, Trailer
 from kv_transfer.ranks import pull_shard
+from kv_transfer.reshard import decode_replica
 from pdserve.errors import Unavailable
 
 
@@ -29,14 +31,10 @@ class ParallelDecodeEngine(DecodeEngine):
         max_batch_tokens: int,
     ) -> None:
         cfg, layout = runner.config, runner.layout
-        if cfg.num_kv_heads < layout.tp:
-            raise ValueError(
-                f"decode --tp {layout.tp} would replicate the model's {cfg.num_kv_heads} KV heads: not supported "
-                f"(use --tp <= {cfg.num_kv_heads})"
-            )
         super().__init__(runner, puller, max_running, max_queue, max_batch_tokens)
         self.prunner = runner
         self.rect = layout.owned(0, cfg.num_layers, cfg.num_kv_heads)  # rank 0's (layers, heads)
+        self.replica = decode_replica(layout, 0, cfg.num_kv_heads)
         self._replies: dict[str, dict[int, dict[str, Any]]] = {}  # transfer id -> rank -> its "pulled"
         self._replies_cond = threading.Condition()
         runner.on_message = self._on_rank_message
@@ -74,6 +72,7 @@ class ParallelDecodeEngine(DecodeEngine):
                 job.codec,
                 job.kv_token,
                 job.seq.blocks,
+                replica=self.replica,
             )
             # every rank answers (its own pull has the same timeout); the margin covers the control pipes
             deadline = time.monotonic() + self.puller.timeout_s + 5.0

@@ -56,6 +56,7 @@ from kv_transfer.wire import (
     ErrorCode,
     ErrorMsg,
     Pull,
+    Replica,
     TrailerMsg,
     decode_control,
     encode_control,
@@ -107,8 +108,9 @@ class PullState(enum.Enum):
 class PullHandle:
     """Status of one pull. Thread-safe; `poll()` never blocks."""
 
-    def __init__(self, transfer_id: str) -> None:
+    def __init__(self, transfer_id: str, replica: Replica = Replica()) -> None:
         self.transfer_id = transfer_id
+        self.replica = replica  # declared in the PULL: which of the ranks pulling these cells this one is
         self._state = PullState.WAITING
         self._layers = 0
         self._trailer: Trailer | None = None
@@ -225,6 +227,7 @@ class KVPuller:
         token: bytes,
         layers: Range | None = None,
         heads: Range | None = None,
+        replica: Replica = Replica(),
     ) -> Trailer:
         """Pull every layer in order, calling write_layer(layer, k, v) as each arrives; returns the Trailer.
 
@@ -233,10 +236,11 @@ class KVPuller:
         l0..l1-1 with k, v [T, h1-h0, D]. heads None = every head the lease holds; layers None = every layer
         of a lease holding the model's layers from 0 (a one-rank instance's; a PP stage's lease needs them).
         k, v may alias a receive buffer that the next layer overwrites: write_layer must copy them
-        (KVCache.write does). Raises typed errors (UnknownTransfer, PullUnauthorized, LeaseExpired,
-        FrameCorrupted, ...).
+        (KVCache.write does). `replica`: which of the decode ranks pulling this same rectangle this one is
+        (wire.Replica; a decode instance replicating KV heads); the lease waits for all of them. Raises typed
+        errors (UnknownTransfer, PullUnauthorized, LeaseExpired, FrameCorrupted, ...).
         """
-        handle = PullHandle(transfer_id)
+        handle = PullHandle(transfer_id, replica)
         self._run(handle, handle_address, codec, write_layer, token, layers, heads)
         return handle.result(0)
 
@@ -250,9 +254,10 @@ class KVPuller:
         token: bytes,
         layers: Range | None = None,
         heads: Range | None = None,
+        replica: Replica = Replica(),
     ) -> PullHandle:
         """Run pull() in a background thread; watch it with handle.poll() / wait() / result()."""
-        handle = PullHandle(transfer_id)
+        handle = PullHandle(transfer_id, replica)
         threading.Thread(
             target=self._run,
             args=(handle, handle_address, codec, write_layer, token, layers, heads),
@@ -274,6 +279,7 @@ class KVPuller:
         token: bytes,
         num_layers: int,
         num_kv_heads: int,
+        replica: Replica = Replica(),
     ) -> Trailer:
         """Pull the rectangle `layers` x `heads` (global numbering; heads None = all) of a transfer held by a
         prefill instance laid out as `src`, whose global rank r serves KV at rank_addresses[r].
@@ -286,11 +292,12 @@ class KVPuller:
         piece fails, none is ACKed (every source lease is kept, so the whole pull can be retried), the
         others are aborted and waited for (no write_piece runs after this returns or raises), and the error of
         the piece that failed first (the cause) is raised. Raises LayoutMismatch for a rectangle the source
-        layout cannot serve, before any connection."""
+        layout cannot serve, before any connection. `replica`: this decode rank's place among the ranks
+        holding the same KV heads (reshard.decode_replica), declared in every piece's PULL."""
         planned = reshard.plan(src, rank_addresses, layers, heads, num_layers, num_kv_heads)
         t0 = time.perf_counter()
         done: queue.SimpleQueue[int] = queue.SimpleQueue()
-        handles = [PullHandle(transfer_id) for _ in planned]
+        handles = [PullHandle(transfer_id, replica) for _ in planned]
         barrier = reshard.AckBarrier(len(planned))
 
         def run(i: int, p: reshard.PlannedPull) -> None:
@@ -436,6 +443,7 @@ class KVPuller:
         codec = self.codecs.codec(codec_name)
         t_start = time.perf_counter()
         pull = Pull(self.fingerprint, tid, codec_name, token, layers or (0, 0), heads or (0, 0))
+        pull = dataclasses.replace(pull, copies=handle.replica.copies, replica=handle.replica.index)
         ch.send(encode_control(pull), timeout=self.timeout_s)
         first_layer = expect_layer = layers[0] if layers is not None else 0
         frame_heads: Range | None = heads

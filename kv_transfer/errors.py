@@ -150,3 +150,10 @@ class LayoutMismatch(KVTransferError, InvalidRequest):
     heads than were asked for: the two sides disagree on the prefill layout. Never a silently wrong cache."""
 
     code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class InvalidCopies(ProtocolError, InvalidRequest):
+    """A PULL declares a nonsense replica count: `copies` outside [1, wire.MAX_COPIES] or `replica` outside
+    [0, copies). Raised before anything is sent (puller) or answered BAD_REQUEST (server); no lease changes."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT

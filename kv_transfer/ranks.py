@@ -31,9 +31,10 @@ from engine.kv_cache import KVCache
 from engine.parallel.layout import Layout
 from kv_transfer.client import KVPuller
 from kv_transfer.codec import CodecContext
-from kv_transfer.reshard import LayerAssembler, is_canonical
+from kv_transfer.reshard import LayerAssembler, decode_replica, is_canonical
 from kv_transfer.server import KVServer
 from kv_transfer.transport import default_scheme, transport_for
+from kv_transfer.wire import Replica
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +139,7 @@ class DecodeRankKV:
 
         mc = ModelConfig.from_hf_dir(model_dir)
         self.layers, self.heads = layout.owned(rank, mc.num_layers, mc.num_kv_heads)
+        self.replica = decode_replica(layout, rank, mc.num_kv_heads)  # replicated KV heads: all copies pull
         self.cache = cache
         self.puller = KVPuller(fingerprint=fingerprint, timeout_s=cfg.pull_timeout_s)
         self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="rank-pull")
@@ -162,6 +164,7 @@ class DecodeRankKV:
                 msg["codec"],
                 bytes.fromhex(msg["token"]),
                 msg["blocks"],
+                replica=self.replica,
             )
             if trailer.num_tokens != msg["num_tokens"]:
                 raise ValueError(f"KV stream has {trailer.num_tokens} tokens, prompt has {msg['num_tokens']}")
@@ -184,9 +187,12 @@ def pull_shard(
     codec: str,
     token: bytes,
     blocks: list[int],
+    *,
+    replica: Replica = Replica(),
 ) -> Any:
     """Pull this rank's rectangle `layers` x `heads` of transfer `tid` into `cache` (its local layers and heads)
-    at `blocks`. handle: the prefill side's {tp, pp, num_layers, num_kv_heads, rank_addresses}. -> Trailer."""
+    at `blocks`. handle: the prefill side's {tp, pp, num_layers, num_kv_heads, rank_addresses}. replica: this
+    rank's place among the decode ranks holding the same KV heads (reshard.decode_replica). -> Trailer."""
 
     def write_layer(layer: int, k: Tensor, v: Tensor) -> None:  # k, v [T, h1-h0, D]: all of this rank's heads
         cache.write(layer - layers[0], blocks, 0, k, v)
@@ -204,6 +210,7 @@ def pull_shard(
         token=token,
         num_layers=handle["num_layers"],
         num_kv_heads=handle["num_kv_heads"],
+        replica=replica,
     )
 
 

@@ -4,7 +4,9 @@ pieces' trailers combine. Pure functions; `KVPuller.pull_pieces` does the pullin
 A destination rank owns `layers` x `heads` (engine.parallel.layout). Each (layer, KV head) it needs is pulled
 once, from its canonical source rank (`layout.pieces`): one rectangle per source rank, all pulled in parallel,
 nothing gathered on one rank and forwarded. Each source rank's KVServer holds its own shard under the same
-transfer id and token; a lease is released when the rectangles pulled from it cover all it holds.
+transfer id and token; a lease is released when the rectangles pulled from it cover all it holds. A decode
+instance with more TP ranks than KV heads holds each head on several ranks; each of them pulls it, declaring
+its `decode_replica` (replica i of copies), and the lease waits for every copy of each cell.
 
 Handles from one-rank instances (or from builds before layouts: tp = pp = 0 on the wire) mean Layout(1, 1) with
 every address equal to `handle.address`.
@@ -22,6 +24,7 @@ from torch import Tensor
 
 from engine.parallel.layout import Layout, LayoutError, pieces
 from kv_transfer.errors import LayoutMismatch, ProtocolError
+from kv_transfer.wire import Replica
 
 Range = tuple[int, int]  # half-open [start, end)
 # (global layer, first KV head, k [T, h, D], v [T, h, D]); called from several pull threads at once, each for
@@ -154,11 +157,20 @@ def is_canonical(layout: Layout, rank: int, num_kv_heads: int) -> bool:
     """Whether global rank `rank` is the canonical holder of its KV heads (the lowest TP rank holding them).
 
     Prefill: only canonical ranks open a lease (a replica's KV is never pulled, so its lease would only wait
-    for expiry). Decode (num_kv_heads < tp): only canonical ranks pull; a replica gets its heads from the
-    canonical rank of its group, since a lease is released once its cells were pulled once."""
+    for expiry). Decode ranks all pull their own heads, replicas included (see decode_replica)."""
     tp_rank, _ = layout.coords(rank)
     head = layout.kv_head_range(num_kv_heads, tp_rank)[0]
     return layout.canonical_tp_rank(num_kv_heads, head) == tp_rank
+
+
+def decode_replica(layout: Layout, rank: int, num_kv_heads: int) -> Replica:
+    """What decode rank `rank` declares in its PULLs: with num_kv_heads < tp each KV head lives on
+    copies = tp // num_kv_heads adjacent TP ranks, which all pull it, and this rank is replica
+    tp_rank - canonical tp_rank of them; otherwise it is the only puller of its cells (Replica())."""
+    tp_rank, _ = layout.coords(rank)
+    head = layout.kv_head_range(num_kv_heads, tp_rank)[0]
+    copies = layout.tp // num_kv_heads if num_kv_heads < layout.tp else 1
+    return Replica(tp_rank - layout.canonical_tp_rank(num_kv_heads, head), copies)
 
 
 class LayerAssembler:

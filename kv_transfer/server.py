@@ -10,7 +10,9 @@ Lease life:
   token. The deadline is renewed on every frame sent, and also on mark_ready()/finish()/PULL (progress on
   either side means the KV is still wanted).
 - Released exactly once, with on_release(transfer_id, reason), by the first of:
-    "pulled"    the pullers' ACKed rectangles together cover everything the lease holds;
+    "pulled"    the pullers' ACKed rectangles together cover everything the lease holds, each cell by as many
+                distinct replicas as the PULLs covering it declared (wire.Pull.copies: several ranks of a
+                decode instance that replicates KV heads pull the same cells; kv_transfer.coverage);
     "expired"   the reaper found the deadline passed;
     "cancelled" cancel(), or stop() with the lease still open.
   on_release runs on whichever thread released (a connection handler, the reaper, or the caller of
@@ -24,10 +26,11 @@ Lease life:
 - A PULL names the rectangle it wants (wire.Pull.layers/heads, global numbering; (0, 0) = all the lease
   holds). One outside the lease is refused with ERROR LAYOUT_MISMATCH before any KV byte, and leaves the
   lease as it was. Several pullers (the ranks of a decode instance) may stream different rectangles of
-  one lease at the same time.
+  one lease at the same time, or the same rectangle as different replicas (Pull.replica).
 - If the puller's connection drops mid-transfer (or it rejects a frame) the lease is NOT released: it
   stays until a retried PULL completes it or it expires. A retried PULL restarts from the rectangle's
-  first layer and supersedes a still-running stream of the same rectangle for the same transfer id.
+  first layer and supersedes a still-running stream of the same rectangle and replica for the same transfer
+  id.
 
 Invariant: read_layer is never called after a lease's release began. Reads and releases both hold the
 lease's `io_lock`, and `released` is set under it, so on_release (which frees the KV blocks) cannot run
@@ -49,6 +52,7 @@ import torch
 from torch import Tensor
 
 from kv_transfer.codec import Codec, CodecContext
+from kv_transfer.coverage import Coverage
 from kv_transfer.errors import (
     FrameError,
     KVTransferError,
@@ -97,13 +101,13 @@ class _Lease:
     first_token_id: int | None = None  # set by finish(): the trailer may follow the last layer
     released: str | None = None  # release reason once released
     session: int = 0  # incremented by every PULL: each stream's id
-    # rectangle (layers, heads; None = all held) -> id of its live stream
-    streams: dict[tuple[Range, Range | None], int] = field(default_factory=dict)
+    # (rectangle (layers, heads; None = all held), replica) -> id of its live stream
+    streams: dict[tuple[tuple[Range, Range | None], int], int] = field(default_factory=dict)
     token_ids: Tensor | None = None  # the prompt's ids [T] int64, for codecs that use them (cachegen_l0)
     token: bytes = field(default=b"", repr=False)  # the lease's secret; a PULL must carry it
     layers: Range = (0, 0)  # global layers held; read_layer is called only for these
     heads: Range | None = None  # global KV heads held; None = [0, Hkv of read_layer) (learned at first read)
-    pulled: set[tuple[int, int]] = field(default_factory=set)  # (layer, head) cells ACKed by some puller
+    pulled: Coverage | None = None  # the cells ACKed so far, by which replicas (made at the first ACK)
 
 
 @dataclass
@@ -457,7 +461,7 @@ class KVServer:
                 if mismatch is None:  # only now may it touch the lease (supersede, renew, stream)
                     lease.session += 1
                     session = lease.session
-                    lease.streams[rect] = session
+                    lease.streams[(rect, pull.replica)] = session
                     lease.deadline = time.monotonic() + self.lease_ttl_s
             elif lease is not None:
                 self._unauthorized_pulls += 1
@@ -508,20 +512,22 @@ class KVServer:
         if not isinstance(reply, Ack) or reply.transfer_id != tid:
             log.warning("pull %s: expected ACK, got %r; lease kept", tid, reply)
             return False
-        self._pulled(lease, rect, session)
+        self._pulled(lease, rect, session, pull)
         return True
 
-    def _pulled(self, lease: _Lease, rect: tuple[Range, Range | None], session: int) -> None:
-        """A puller ACKed `rect`: release the lease once the rectangles ACKed so far cover all it holds."""
+    def _pulled(self, lease: _Lease, rect: tuple[Range, Range | None], session: int, pull: Pull) -> None:
+        """A puller ACKed `rect` as replica `pull.replica` of `pull.copies`: release the lease once every cell
+        it holds was ACKed by as many replicas as declared (kv_transfer.coverage)."""
         layers, heads = rect
         with self._lock:
-            if lease.streams.get(rect) == session:
-                del lease.streams[rect]
+            key = (rect, pull.replica)
+            if lease.streams.get(key) == session:
+                del lease.streams[key]
             held = lease.heads
             assert held is not None  # learned at the stream's first read_layer
-            h0, h1 = heads if heads is not None else held
-            lease.pulled.update((la, h) for la in range(*layers) for h in range(h0, h1))
-            done = len(lease.pulled) == (lease.layers[1] - lease.layers[0]) * (held[1] - held[0])
+            if lease.pulled is None:
+                lease.pulled = Coverage(lease.layers, held)
+            done = lease.pulled.add(layers, heads or held, pull.copies, pull.replica)
             if not done:
                 lease.deadline = time.monotonic() + self.lease_ttl_s
         if done:

@@ -1,13 +1,13 @@
 """Control messages of the pull protocol (PULL, TRAILER, ACK, ERROR): struct-packed, versioned, CRC'd.
 
-Envelope (little-endian), version 3:
+Envelope (little-endian), version 4:
 
     magic b"PDKC" | version u16 | type u8 | flags u8 (= 0) | body_len u32 | body | crc32 u32 (over all before)
 
 Bodies (strings are length-prefixed utf-8; every body must be consumed exactly):
 
     PULL     fingerprint u64 | tid (u16 len) | codec name (u8 len) | lease token (u8 len, raw bytes) |
-             layer_start u32 | layer_end u32 | head_start u32 | head_end u32
+             layer_start u32 | layer_end u32 | head_start u32 | head_end u32 | copies u8 | replica u8
     TRAILER  first_token_id i64 | num_tokens u32 | num_layers u32 | bytes_on_wire u64 | raw_bytes u64 |
              payload_bytes u64 | read_s f64 | encode_s f64 | wait_s f64 | send_s f64 | tid (u16 len)
     ACK      tid (u16 len)
@@ -20,11 +20,15 @@ Conversation on one channel (several pulls may follow each other on the same cha
     (0, 0) for a range means "all the lease holds". A rectangle outside the lease gets ERROR
     LAYOUT_MISMATCH before any frame, and the lease is left as it was.
     Instead of any frame or the trailer the server may send ERROR, which ends that pull.
+    copies = how many decode ranks pull this rectangle (> 1 when the decode instance replicates KV heads,
+    tp > num_kv_heads), replica = which of them this puller is, in [0, copies); the lease is released once
+    every cell it holds was ACKed by that many distinct replicas (kv_transfer.coverage). 1 and 0 for one
+    puller per cell; copies 0 or > MAX_COPIES, or replica >= copies, is InvalidCopies (BAD_REQUEST).
     The lease token is the secret the server issued with the lease (KVHandle.token); a PULL whose token
     differs gets ERROR UNAUTHORIZED before any frame, and the lease is left as it was.
 
-Version 2 added the PULL's lease token (version 1 had none); version 3 the PULL's rectangle. Versions do not
-interoperate.
+Version 2 added the PULL's lease token (version 1 had none); version 3 the PULL's rectangle; version 4 its
+copies and replica. Versions do not interoperate.
 """
 
 from __future__ import annotations
@@ -34,15 +38,16 @@ import struct
 import zlib
 from dataclasses import dataclass
 
-from kv_transfer.errors import FrameCorrupted, FrameForeign, FrameTooLarge
+from kv_transfer.errors import FrameCorrupted, FrameForeign, FrameTooLarge, InvalidCopies
 from kv_transfer.frame import MAX_TRANSFER_ID_BYTES, Buffer, as_bytes_view
 
 MAGIC = b"PDKC"
-VERSION = 3
+VERSION = 4
 MAX_BODY_BYTES = 64 << 10
 MAX_CODEC_NAME_BYTES = 64
 MAX_ERROR_MESSAGE_BYTES = 4096
 MAX_TOKEN_BYTES = 64
+MAX_COPIES = 64  # decode ranks pulling one cell (a decode TP degree over the model's KV heads)
 
 _ENVELOPE = struct.Struct("<4sHBBI")
 _CRC = struct.Struct("<I")
@@ -50,6 +55,7 @@ _U16 = struct.Struct("<H")
 _U8 = struct.Struct("<B")
 _PULL = struct.Struct("<Q")
 _RECT = struct.Struct("<IIII")
+_COPIES = struct.Struct("<BB")
 _TRAILER = struct.Struct("<qIIQQQdddd")
 _ERROR = struct.Struct("<H")
 
@@ -85,12 +91,35 @@ class Pull:
     token: bytes = b""  # the lease's secret (KVHandle.token); b"" = none given
     layers: tuple[int, int] = (0, 0)  # global layers [start, end) wanted; (0, 0) = all the lease holds
     heads: tuple[int, int] = (0, 0)  # global KV heads [start, end) wanted; (0, 0) = all the lease holds
+    copies: int = 1  # decode ranks pulling this rectangle (replicated KV heads); 1 = only this one
+    replica: int = 0  # which of them this puller is, in [0, copies)
 
     def __repr__(self) -> str:  # never print the secret
         return (
             f"Pull(fingerprint={self.fingerprint:#x}, transfer_id={self.transfer_id!r}, codec={self.codec!r}, "
-            f"layers={self.layers}, heads={self.heads})"
+            f"layers={self.layers}, heads={self.heads}, copies={self.copies}, replica={self.replica})"
         )
+
+
+@dataclass(frozen=True)
+class Replica:
+    """Which of `copies` decode ranks pulling the same rectangle a puller is (`index` in [0, copies)): a
+    decode instance with more TP ranks than the model has KV heads holds each head on copies ranks, and each
+    pulls it. Replica() = the only puller of its cells."""
+
+    index: int = 0
+    copies: int = 1
+
+    def __post_init__(self) -> None:
+        check_copies(self.copies, self.index)
+
+
+def check_copies(copies: int, replica: int) -> None:
+    """InvalidCopies unless 1 <= copies <= MAX_COPIES and 0 <= replica < copies."""
+    if not 1 <= copies <= MAX_COPIES:
+        raise InvalidCopies(f"copies must be 1..{MAX_COPIES}, got {copies}")
+    if not 0 <= replica < copies:
+        raise InvalidCopies(f"replica must be 0..{copies - 1} for {copies} copies, got {replica}")
 
 
 @dataclass(frozen=True)
@@ -148,12 +177,14 @@ def _envelope(kind: MsgType, body: bytes) -> bytes:
 
 def encode_control(msg: ControlMsg) -> bytes:
     if isinstance(msg, Pull):
+        check_copies(msg.copies, msg.replica)
         body = (
             _PULL.pack(msg.fingerprint & 0xFFFFFFFFFFFFFFFF)
             + _str(msg.transfer_id, MAX_TRANSFER_ID_BYTES, _U16, "transfer id")
             + _str(msg.codec, MAX_CODEC_NAME_BYTES, _U8, "codec name")
             + _blob(msg.token, MAX_TOKEN_BYTES, "lease token")
             + _RECT.pack(*msg.layers, *msg.heads)
+            + _COPIES.pack(msg.copies, msg.replica)
         )
         return _envelope(MsgType.PULL, body)
     if isinstance(msg, TrailerMsg):
@@ -254,7 +285,9 @@ def decode_control(buf: Buffer) -> ControlMsg:
         codec = r.string(_U8, MAX_CODEC_NAME_BYTES)
         token = r.blob(MAX_TOKEN_BYTES)
         l0, l1, h0, h1 = r.unpack(_RECT)
-        msg = Pull(fingerprint=fp, transfer_id=tid, codec=codec, token=token, layers=(l0, l1), heads=(h0, h1))
+        copies, replica = r.unpack(_COPIES)
+        check_copies(copies, replica)
+        msg = Pull(fp, tid, codec, token, (l0, l1), (h0, h1), copies, replica)
     elif kind == MsgType.TRAILER:
         vals = r.unpack(_TRAILER)
         tid = r.string(_U16, MAX_TRANSFER_ID_BYTES)

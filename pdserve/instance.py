@@ -286,11 +286,6 @@ def check_layout(cfg: InstanceConfig) -> None:
         raise ValueError(
             f"--tp {cfg.tp} does not divide the model's intermediate size {mc.intermediate_size}"
         )
-    if cfg.role == "decode" and mc.num_kv_heads < cfg.tp:
-        raise ValueError(
-            f"decode --tp {cfg.tp} would replicate the model's {mc.num_kv_heads} KV heads: not supported yet "
-            f"(use --tp <= {mc.num_kv_heads})"
-        )
 
 
 def check_registry(cfg: InstanceConfig) -> None:

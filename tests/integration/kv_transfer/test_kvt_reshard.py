@@ -1,11 +1,13 @@
 """KV reshard between layouts: a real model's prompt KV, split into the shards of a TP x PP prefill instance (one
 real KVServer per rank, tcp/shm on loopback, one process), pulled by every rank of a decode layout with
 `KVPuller.pull_pieces`: every cell arrives exactly once from its owner, leases are released only once every cell
-they hold was pulled, and a missing piece or a layout disagreement is a typed error that loses nothing."""
+they hold was pulled (by every decode rank holding it, when the decode instance replicates KV heads), and a
+missing piece or a layout disagreement is a typed error that loses nothing."""
 
 from __future__ import annotations
 
 import threading
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 
@@ -15,11 +17,12 @@ from torch import Tensor
 
 from engine.parallel.layout import Layout
 from kv_transfer.client import KVPuller
-from kv_transfer.errors import LayoutMismatch, PeerClosed, UnknownTransfer
+from kv_transfer.errors import LayoutMismatch, PeerClosed, ProtocolError, UnknownTransfer
 from kv_transfer.frame import decode_frame, encode_frame
-from kv_transfer.reshard import LayerAssembler, handle_layout, is_canonical, plan
+from kv_transfer.reshard import LayerAssembler, decode_replica, handle_layout, is_canonical, plan
 from kv_transfer.server import KVServer
 from kv_transfer.transport import transport_for
+from kv_transfer.wire import ErrorCode, ErrorMsg, Pull, Replica, decode_control, encode_control
 from pdserve.v1 import common_pb2
 from tests.integration.kv_transfer.test_kvt_pull import Releases
 
@@ -43,12 +46,14 @@ class Prefill:
     """A prefill instance's KV side: one KVServer per global rank; each canonical rank holds its shard of the
     prompt's KV under one transfer id and rank 0's token (replica ranks open no lease)."""
 
-    def __init__(self, layout: Layout, scheme: str, kv: KV, num_tokens: int, tid: str) -> None:
+    def __init__(
+        self, layout: Layout, scheme: str, kv: KV, num_tokens: int, tid: str, lease_ttl_s: float = 30.0
+    ) -> None:
         self.layout, self.kv, self.tid = layout, kv, tid
         self.num_layers, self.num_kv_heads = len(kv), kv[0][0].shape[1]
         self.releases = Releases()
         self.servers = [
-            KVServer(transport_for(scheme), "127.0.0.1", fingerprint=FP, lease_ttl_s=30.0)
+            KVServer(transport_for(scheme), "127.0.0.1", fingerprint=FP, lease_ttl_s=lease_ttl_s)
             for _ in range(layout.world_size)
         ]
         self.reads: list[tuple[int, int]] = []  # (rank, layer) of every read_layer call
@@ -151,18 +156,18 @@ def puller() -> Iterator[KVPuller]:
 
 
 def pull_all_ranks(pre: Prefill, dst: Layout, puller: KVPuller) -> list[Shard]:
-    """Every canonical decode rank pulls its shard, all at the same time (as a decode instance's ranks do)."""
+    """Every decode rank pulls its shard, all at the same time (as a decode instance's ranks do); ranks holding
+    the same replicated KV heads each pull them, declaring their replica."""
     hl = handle_layout(pre.handle())
     shards: dict[int, Shard] = {}
     errors: list[BaseException] = []
     threads = []
     for rank in range(dst.world_size):
-        if not is_canonical(dst, rank, hl.num_kv_heads):
-            continue
         layers, heads = dst.owned(rank, hl.num_layers, hl.num_kv_heads)
         shard = shards[rank] = Shard(pre.kv, layers, heads)
+        replica = decode_replica(dst, rank, hl.num_kv_heads)
 
-        def run(shard: Shard = shard) -> None:
+        def run(shard: Shard = shard, replica: Replica = replica) -> None:
             try:
                 tr = puller.pull_pieces(
                     hl.layout,
@@ -175,6 +180,7 @@ def pull_all_ranks(pre: Prefill, dst: Layout, puller: KVPuller) -> list[Shard]:
                     token=pre.token or b"",
                     num_layers=hl.num_layers,
                     num_kv_heads=hl.num_kv_heads,
+                    replica=replica,
                 )
                 assert tr.first_token_id == FIRST_TOKEN and tr.num_layers == shard.layers[1] - shard.layers[0]
             except BaseException as e:  # reported by the main thread
@@ -195,6 +201,7 @@ LAYOUTS = {
     "pp2": Layout(1, 2),
     "tp2pp2": Layout(2, 2),
     "tp4": Layout(4, 1),
+    "tp4pp2": Layout(4, 2),
 }
 PAIRS = [
     ("tp1", "tp1"),
@@ -204,6 +211,7 @@ PAIRS = [
     ("tp2", "pp2"),
     ("tp2pp2", "tp1"),
     ("tp4", "tp2pp2"),  # the source replicates each KV head on two ranks: only the canonical one is pulled
+    ("tp2", "tp4pp2"),  # the destination replicates each KV head on two ranks: both pull it (copies = 2)
 ]
 
 
@@ -269,6 +277,83 @@ def test_a_lease_is_released_only_when_every_cell_it_holds_was_pulled(
         )  # fmt: skip
         pre.releases.wait(pre.tid, "pulled")
         assert pre.open_leases() == 0 and pre.releases.total(pre.tid) == 1
+    finally:
+        pre.stop()
+
+
+def pull_copy(pre: Prefill, puller: KVPuller, heads: tuple[int, int], replica: Replica) -> Shard:
+    """One decode rank of a TP1 prefill's KV: layers (0, 2) x `heads`, declaring `replica`; checks the bytes."""
+    hl = handle_layout(pre.handle())
+    shard = Shard(pre.kv, (0, 2), heads)
+    puller.pull_pieces(
+        hl.layout, hl.rank_addresses, pre.tid, "raw", (0, 2), heads, shard,
+        token=pre.token or b"", num_layers=2, num_kv_heads=2, replica=replica,
+    )  # fmt: skip
+    k, v = shard.expected(pre.kv)
+    assert torch.equal(shard.k, k) and torch.equal(shard.v, v)
+    return shard
+
+
+def test_a_replicated_head_keeps_the_lease_until_every_copy_was_pulled(
+    real_kv: tuple[KV, int], puller: KVPuller
+) -> None:
+    """TP1 prefill (2 KV heads), decode TP4: each head lives on two decode ranks (copies = 2), which each pull
+    it. The lease stays after the first copy of every cell (a retry of the same replica adds nothing) and is
+    released as pulled once the second copies are in; after that the token gets UnknownTransfer."""
+    kv, num_tokens = real_kv
+    pre = Prefill(Layout(1, 1), "tcp", kv, num_tokens, "rs-copies")
+    try:
+        for heads in ((0, 1), (1, 2)):  # replica 0 of each head (decode ranks 0 and 2)
+            pull_copy(pre, puller, heads, Replica(0, 2))
+        pull_copy(pre, puller, (0, 1), Replica(0, 2))  # rank 0 retries: still one copy of two
+        assert pre.open_leases() == 1 and pre.releases.total(pre.tid) == 0
+        pull_copy(pre, puller, (0, 1), Replica(1, 2))  # head 0 complete, head 1 still one copy
+        assert pre.open_leases() == 1 and pre.releases.total(pre.tid) == 0
+        pull_copy(pre, puller, (1, 2), Replica(1, 2))
+        pre.wait_pulled(1)
+        assert pre.open_leases() == 0 and pre.releases.total(pre.tid) == 1
+        with pytest.raises(UnknownTransfer):
+            pull_copy(pre, puller, (1, 2), Replica(1, 2))
+    finally:
+        pre.stop()
+
+
+def test_a_lease_waiting_for_a_copy_still_expires(real_kv: tuple[KV, int], puller: KVPuller) -> None:
+    """Only one copy of a replicated head arrives (the other decode rank died): the lease is not released as
+    pulled, and the reaper still releases it ("expired") once its TTL passes with no progress."""
+    kv, num_tokens = real_kv
+    pre = Prefill(Layout(1, 1), "tcp", kv, num_tokens, "rs-expire", lease_ttl_s=2.0)
+    try:
+        pull_copy(pre, puller, (0, 2), Replica(0, 2))
+        pre.releases.wait(pre.tid, "expired")
+        assert pre.releases.calls == {(pre.tid, "expired"): 1} and pre.open_leases() == 0
+    finally:
+        pre.stop()
+
+
+def test_a_pull_declaring_nonsense_copies_is_refused_and_leaves_the_lease(
+    real_kv: tuple[KV, int], puller: KVPuller
+) -> None:
+    """A PULL with copies 0 (what a broken peer could send: the puller's own encoder refuses it) gets ERROR
+    BAD_REQUEST and no KV; the lease is untouched and the right pulls still complete it."""
+    kv, num_tokens = real_kv
+    pre = Prefill(Layout(1, 1), "tcp", kv, num_tokens, "rs-bad-copies")
+    try:
+        good = encode_control(Pull(FP, pre.tid, "raw", pre.token or b""))
+        body = bytearray(good[:-4])
+        body[-2:] = bytes([0, 0])  # copies 0, replica 0
+        ch = transport_for("tcp").connect(pre.addresses[0], timeout=5)
+        try:
+            ch.send(bytes(body) + zlib.crc32(bytes(body)).to_bytes(4, "little"))
+            msg = decode_control(ch.recv(timeout=5))
+        finally:
+            ch.close()
+        assert isinstance(msg, ErrorMsg) and msg.code == ErrorCode.BAD_REQUEST and "copies" in msg.message
+        assert pre.reads == [] and pre.open_leases() == 1 and pre.releases.total(pre.tid) == 0
+        with pytest.raises(ProtocolError):  # the typed error an API caller gets, before any connection
+            pull_copy(pre, puller, (0, 2), Replica(0, 0))
+        pull_copy(pre, puller, (0, 2), Replica())
+        pre.wait_pulled(1)
     finally:
         pre.stop()
 

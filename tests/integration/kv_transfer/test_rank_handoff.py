@@ -1,7 +1,8 @@
 """The services' engines across layouts, in one process with real rank processes: a TP2 prefill engine (each
 rank leases its own KV shard from its own KVServer) hands the prompt to a TP1 decode engine, and a TP1 prefill
-engine to a TP2 decode engine (each rank pulls its own shard); the greedy output equals the single-process
-reference, and every rank's lease and every block is released afterwards."""
+engine to a TP2 decode engine (each rank pulls its own shard), also with a model of ONE KV head, which both
+decode ranks hold and pull (a replicated head: the prefill lease waits for both copies); the greedy output
+equals the single-process reference, and every rank's lease and every block is released afterwards."""
 
 from __future__ import annotations
 
@@ -85,17 +86,34 @@ def hand_off(prefill: PrefillEngine, decode: DecodeEngine) -> list[int]:
             return tokens
 
 
-@pytest.fixture(scope="module")
-def expected(tiny_model_dir: Path) -> list[int]:
-    ref = LocalEngine.from_model_dir(str(tiny_model_dir))
+def reference(model_dir: Path) -> list[int]:
+    ref = LocalEngine.from_model_dir(str(model_dir))
     return ref.generate([PROMPT], [SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True)])[0]
 
 
-@pytest.mark.parametrize("sharded", ["prefill", "decode"], ids=["tp2-to-tp1", "tp1-to-tp2"])
+@pytest.fixture(scope="module")
+def one_kv_head_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model's shape with ONE KV head: under decode TP2 both ranks hold (and pull) it."""
+    from engine.synth import make_random_model
+
+    path = tmp_path_factory.mktemp("models") / "tiny-llama-1kv"
+    make_random_model(
+        path, layers=2, hidden=128, heads=4, kv_heads=1, intermediate=344, vocab_size=2048, seed=2
+    )
+    return path
+
+
+@pytest.mark.parametrize(
+    "sharded,kv_heads",
+    [("prefill", 2), ("decode", 2), ("decode", 1)],
+    ids=["tp2-to-tp1", "tp1-to-tp2", "tp1-to-tp2-replicated-kv-head"],
+)
 def test_sharded_hand_off_equals_the_reference(
-    sharded: str, tiny_model_dir: Path, expected: list[int]
+    sharded: str, kv_heads: int, request: pytest.FixtureRequest
 ) -> None:
-    model = str(tiny_model_dir)
+    model_dir: Path = request.getfixturevalue("tiny_model_dir" if kv_heads == 2 else "one_kv_head_model_dir")
+    expected = reference(model_dir)
+    model = str(model_dir)
     single = ModelRunner(model, num_kv_blocks=64)
     parallel = ParallelRunner(
         model, Layout(2, 1), num_kv_blocks=64, kv=RankKVConfig(sharded, "tcp").to_dict()
