@@ -9,6 +9,12 @@ with what arrived (num_layers, num_tokens). Any failure raises a typed error, cl
 (no ACK: the server keeps the lease, so the pull can be retried) and leaves nothing half-acknowledged.
 
 Connections are pooled per address: after an ACK the channel is kept for the next pull to that server.
+
+Pipeline (kv_transfer/pipeline.py): for a codec that computes (every one but raw), frames are checked and
+decoded on the puller's decode pool while the pull thread receives the next ones, at most `pipeline_depth`
+frames waiting (each a copy of the received bytes: the channel's receive buffer is reused). write_layer runs on
+the pull thread, in layer order. raw is decoded in place instead: its k, v are views of the receive buffer
+(zero-copy), so it is written before the next receive.
 """
 
 from __future__ import annotations
@@ -18,14 +24,17 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from kv_transfer.codec import CodecContext
+from kv_transfer.codec import Codec, CodecContext
+from kv_transfer.codec.raw import RawCodec
 from kv_transfer.errors import (
     FingerprintMismatch,
+    FrameCorrupted,
     FrameForeign,
     KVTransferError,
     LeaseExpired,
@@ -37,7 +46,8 @@ from kv_transfer.errors import (
     UnknownCodec,
     UnknownTransfer,
 )
-from kv_transfer.frame import DEFAULT_MAX_ELEMENTS, decode_frame, is_frame
+from kv_transfer.frame import DEFAULT_MAX_ELEMENTS, Buffer, Frame, decode_frame, is_frame
+from kv_transfer.pipeline import OrderedWindow, auto_workers, codec_pool
 from kv_transfer.transport import transport_for
 from kv_transfer.transport.base import Channel, Transport
 from kv_transfer.wire import (
@@ -178,6 +188,9 @@ class KVPuller:
 
     timeout_s bounds the wait for each next message (not the whole pull: a streaming pull may wait
     for a long prefill as long as layers keep coming). out_dtype=None keeps the sender's dtype.
+    decode_workers: threads that decode layers, shared by all pulls (0 = the cores this process may use,
+    at most 4; started on the first pull that needs them); pipeline_depth: per pull, frames received and
+    not yet decoded (0 = decode_workers + 1).
     """
 
     def __init__(
@@ -189,8 +202,15 @@ class KVPuller:
         connect_timeout_s: float = 10.0,
         max_idle_per_address: int = 4,
         codecs: CodecContext | None = None,
+        decode_workers: int = 0,
+        pipeline_depth: int = 0,
     ) -> None:
         """`codecs`: the served model's codec context (default: none, so no calibration or layer 0)."""
+        if decode_workers < 0 or pipeline_depth < 0:
+            raise ValueError("decode_workers and pipeline_depth must be >= 0")
+        self.decode_workers = decode_workers or auto_workers()
+        self.pipeline_depth = pipeline_depth or self.decode_workers + 1
+        self._decode_pool: ThreadPoolExecutor | None = None  # made by the first pull that decodes on it
         self.fingerprint = fingerprint & 0xFFFFFFFFFFFFFFFF
         self.codecs = codecs if codecs is not None else CodecContext()
         self.timeout_s, self.max_elements, self.out_dtype = timeout_s, max_elements, out_dtype
@@ -230,12 +250,16 @@ class KVPuller:
         return handle
 
     def close(self) -> None:
+        """Close pooled connections and stop the decode pool (after the pulls in progress end)."""
         with self._lock:
             self._closed = True
             idle, self._idle = self._idle, {}
+            pool, self._decode_pool = self._decode_pool, None
         for chans in idle.values():
             for ch in chans:
                 ch.close()
+        if pool is not None:
+            pool.shutdown(wait=True)
 
     def __enter__(self) -> KVPuller:
         return self
@@ -311,65 +335,123 @@ class KVPuller:
         codec = self.codecs.codec(codec_name)
         t_start = time.perf_counter()
         ch.send(encode_control(Pull(self.fingerprint, tid, codec_name, token)), timeout=self.timeout_s)
-        expect_layer = 0
-        shape: tuple[int, int, int] | None = None
-        dtype: torch.dtype | None = None
-        wire_bytes = 0
-        decode_s = write_s = 0.0
-        while True:
-            msg = ch.recv(timeout=self.timeout_s)
-            if is_frame(msg):
-                t0 = time.perf_counter()
-                f = decode_frame(msg, expect_fingerprint=self.fingerprint, max_elements=self.max_elements)
-                if f.transfer_id != tid:
-                    raise ProtocolError(f"frame for transfer {f.transfer_id!r} while pulling {tid!r}")
-                if f.codec_id != codec.codec_id:
-                    raise ProtocolError(
-                        f"frame codec id {f.codec_id}, requested {codec.name} ({codec.codec_id})"
-                    )
-                if f.layer != expect_layer:
-                    raise ProtocolError(f"frame for layer {f.layer}, expected layer {expect_layer}")
-                if shape is None:
-                    shape, dtype = f.shape, f.dtype
-                elif f.shape != shape or f.dtype != dtype:
-                    raise ProtocolError(
-                        f"layer {f.layer} is {f.shape} {f.dtype}, earlier layers {shape} {dtype}"
-                    )
-                k, v = codec.decode(f.params, f.payload, f.shape, self.out_dtype or f.dtype, f.layer)
-                t1 = time.perf_counter()
-                write_layer(f.layer, k, v)
-                write_s += time.perf_counter() - t1
-                decode_s += t1 - t0
-                wire_bytes += f.nbytes
-                expect_layer += 1
-                handle._layer_done(expect_layer)
-                continue
-            if not is_control(msg):
-                raise FrameForeign(f"unexpected message starting {bytes(msg[:4])!r}")
-            ctl = decode_control(msg)
-            if isinstance(ctl, ErrorMsg):
-                raise _ERRORS.get(ctl.code, RemoteError)(f"server: {ctl.message}")
-            if not isinstance(ctl, TrailerMsg):
-                raise ProtocolError(f"unexpected {type(ctl).__name__} during a pull")
-            transfer_s = time.perf_counter() - t_start
-            if ctl.transfer_id != tid or ctl.num_layers != expect_layer or expect_layer == 0:
-                raise ProtocolError(
-                    f"trailer says {ctl.num_layers} layers of {ctl.transfer_id!r}, got {expect_layer} of {tid!r}"
-                )
-            if shape is not None and ctl.num_tokens != shape[0]:
-                raise ProtocolError(f"trailer says {ctl.num_tokens} tokens, frames carried {shape[0]}")
-            ch.send(encode_control(Ack(tid)), timeout=self.timeout_s)
-            stats = PullStats(
-                bytes_on_wire=wire_bytes,
-                raw_bytes=ctl.raw_bytes,
-                payload_bytes=ctl.payload_bytes,
-                server_read_s=ctl.read_s,
-                encode_s=ctl.encode_s,
-                server_wait_s=ctl.wait_s,
-                server_send_s=ctl.send_s,
-                transfer_s=transfer_s,
-                decode_s=decode_s,
-                write_s=write_s,
-                connect_s=connect_s,
+        got = _Received()
+        expect_layer = 0  # frames received so far; got.layers of them are written
+        window = self._decode_window(codec)
+        try:
+            while True:
+                msg = ch.recv(timeout=self.timeout_s)
+                if is_frame(msg):
+                    if (
+                        window is None
+                    ):  # zero-copy: k, v view the receive buffer, written before the next recv
+                        self._write(self._decode(msg, tid, codec, expect_layer), got, write_layer, handle)
+                    else:
+                        if window.full():
+                            self._write(window.take(), got, write_layer, handle)
+                        window.submit(self._decode, bytes(msg), tid, codec, expect_layer)
+                        while window.head_done():
+                            self._write(window.take(), got, write_layer, handle)
+                    expect_layer += 1
+                    continue
+                while window is not None and len(window):  # every frame before a control message is written
+                    self._write(window.take(), got, write_layer, handle)
+                break
+        finally:
+            if window is not None:
+                window.close()
+        if not is_control(msg):
+            raise FrameForeign(f"unexpected message starting {bytes(msg[:4])!r}")
+        ctl = decode_control(msg)
+        if isinstance(ctl, ErrorMsg):
+            raise _ERRORS.get(ctl.code, RemoteError)(f"server: {ctl.message}")
+        if not isinstance(ctl, TrailerMsg):
+            raise ProtocolError(f"unexpected {type(ctl).__name__} during a pull")
+        transfer_s = time.perf_counter() - t_start
+        if ctl.transfer_id != tid or ctl.num_layers != expect_layer or expect_layer == 0:
+            raise ProtocolError(
+                f"trailer says {ctl.num_layers} layers of {ctl.transfer_id!r}, got {expect_layer} of {tid!r}"
             )
-            return Trailer(ctl.first_token_id, ctl.num_tokens, ctl.num_layers, stats)
+        if got.shape is not None and ctl.num_tokens != got.shape[0]:
+            raise ProtocolError(f"trailer says {ctl.num_tokens} tokens, frames carried {got.shape[0]}")
+        ch.send(encode_control(Ack(tid)), timeout=self.timeout_s)
+        stats = PullStats(
+            bytes_on_wire=got.wire_bytes,
+            raw_bytes=ctl.raw_bytes,
+            payload_bytes=ctl.payload_bytes,
+            server_read_s=ctl.read_s,
+            encode_s=ctl.encode_s,
+            server_wait_s=ctl.wait_s,
+            server_send_s=ctl.send_s,
+            transfer_s=transfer_s,
+            decode_s=got.decode_s,
+            write_s=got.write_s,
+            connect_s=connect_s,
+        )
+        return Trailer(ctl.first_token_id, ctl.num_tokens, ctl.num_layers, stats)
+
+    def _decode_window(self, codec: Codec) -> OrderedWindow[_Decoded] | None:
+        """The pull's window on the decode pool; None for raw, which decodes in place (module doc)."""
+        if isinstance(codec, RawCodec):
+            return None
+        with self._lock:
+            if self._decode_pool is None:
+                self._decode_pool = codec_pool(self.decode_workers, "kvpull-decode")
+            return OrderedWindow(self._decode_pool, self.pipeline_depth)
+
+    def _decode(self, msg: Buffer, tid: str, codec: Codec, layer: int) -> _Decoded:
+        """Check one frame (CRC, fingerprint, transfer, codec, that it is `layer`) and decode it. Runs on the
+        pull thread (raw) or the decode pool; any failure is a typed error (KVTransferError)."""
+        t0 = time.perf_counter()
+        f = decode_frame(msg, expect_fingerprint=self.fingerprint, max_elements=self.max_elements)
+        if f.transfer_id != tid:
+            raise ProtocolError(f"frame for transfer {f.transfer_id!r} while pulling {tid!r}")
+        if f.codec_id != codec.codec_id:
+            raise ProtocolError(f"frame codec id {f.codec_id}, requested {codec.name} ({codec.codec_id})")
+        if f.layer != layer:
+            raise ProtocolError(f"frame for layer {f.layer}, expected layer {layer}")
+        try:
+            k, v = codec.decode(f.params, f.payload, f.shape, self.out_dtype or f.dtype, f.layer)
+        except KVTransferError:
+            raise
+        except Exception as e:  # a codec bug must fail this pull with a typed error
+            log.exception("decoding layer %d of %s failed", layer, tid)
+            raise FrameCorrupted(f"decode layer {layer}: {type(e).__name__}: {e}") from e
+        return _Decoded(f, k, v, time.perf_counter() - t0)
+
+    def _write(self, d: _Decoded, got: _Received, write_layer: WriteLayer, handle: PullHandle) -> None:
+        """Hand one decoded layer to write_layer (layers arrive here in order); checks T, Hkv, D and dtype."""
+        f = d.frame
+        if got.shape is None:
+            got.shape, got.dtype = f.shape, f.dtype
+        elif f.shape != got.shape or f.dtype != got.dtype:
+            raise ProtocolError(
+                f"layer {f.layer} is {f.shape} {f.dtype}, earlier layers {got.shape} {got.dtype}"
+            )
+        t0 = time.perf_counter()
+        write_layer(f.layer, d.k, d.v)
+        got.write_s += time.perf_counter() - t0
+        got.decode_s += d.decode_s
+        got.wire_bytes += f.nbytes
+        got.layers += 1
+        handle._layer_done(got.layers)
+
+
+@dataclass(frozen=True)
+class _Decoded:
+    frame: Frame  # its payload views the received bytes
+    k: Tensor
+    v: Tensor
+    decode_s: float  # frame checks + codec decode
+
+
+@dataclass
+class _Received:
+    """One pull's progress on its pull thread."""
+
+    layers: int = 0  # written, in order
+    shape: tuple[int, int, int] | None = None
+    dtype: torch.dtype | None = None
+    wire_bytes: int = 0
+    decode_s: float = 0.0
+    write_s: float = 0.0
