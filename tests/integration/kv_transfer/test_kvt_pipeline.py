@@ -11,13 +11,13 @@ import torch
 
 from kv_transfer.client import KVPuller
 from kv_transfer.codec import CodecContext
-from kv_transfer.errors import RemoteError
+from kv_transfer.errors import FrameCorrupted, RemoteError
 from kv_transfer.frame import Buffer, is_frame
 from kv_transfer.pipeline import OrderedWindow, codec_pool
 from kv_transfer.server import KVServer
 from kv_transfer.transport import transport_for
 from kv_transfer.transport.base import Channel, Listener, Transport
-from tests.integration.kv_transfer.test_kvt_pull import Releases, Sink
+from tests.integration.kv_transfer.test_kvt_pull import Releases, Sink, _CorruptOnce
 
 FP = 0x5EED
 T, H, D = 40, 2, 32
@@ -248,6 +248,31 @@ def test_encode_error_mid_pipeline_fails_the_pull_and_keeps_the_lease(codec: str
             assert sink.layers == list(range(n))
         rel.wait("e", "pulled")
         assert rel.total("e") == 1
+    finally:
+        srv.stop()
+
+
+@pytest.mark.parametrize("codec", ["int8", "cachegen"])
+def test_corrupt_frame_mid_pipeline_fails_the_pull_on_the_decode_side(ctx: CodecContext, codec: str) -> None:
+    """Layer 2's frame is damaged on the wire: the decode pool's check raises FrameCorrupted, the pull fails
+    after layers 0-1 were written, the lease stays, and a retry delivers every layer."""
+    n = 6
+    kv = make_kv(n)
+    rel = Releases()
+    srv = serve(_CorruptOnce(transport_for("tcp"), nth=3), codecs=ctx, encode_workers=2)
+    try:
+        token = srv.open_lease("d", n, T, lambda layer: kv[layer], rel)
+        srv.finish("d", 4)
+        with KVPuller(fingerprint=FP, timeout_s=10.0, codecs=ctx, decode_workers=2, pipeline_depth=3) as p:
+            sink = Sink()
+            with pytest.raises(FrameCorrupted):
+                p.pull(srv.address, "d", codec, sink, token=token)
+            assert sink.layers == [0, 1]
+            assert srv.num_leases() == 1 and rel.total("d") == 0
+            sink = Sink()
+            assert p.pull(srv.address, "d", codec, sink, token=token).first_token_id == 4
+            assert sink.layers == list(range(n))
+        rel.wait("d", "pulled")
     finally:
         srv.stop()
 
