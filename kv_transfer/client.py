@@ -190,7 +190,8 @@ class KVPuller:
     for a long prefill as long as layers keep coming). out_dtype=None keeps the sender's dtype.
     decode_workers: threads that decode layers, shared by all pulls (0 = the cores this process may use,
     at most 4; started on the first pull that needs them); pipeline_depth: per pull, frames received and
-    not yet decoded (0 = decode_workers + 1).
+    not yet decoded (0 = decode_workers + 1). pipelined=False decodes every codec on the pull thread, one
+    frame at a time (the baseline bench.transport compares).
     """
 
     def __init__(
@@ -204,12 +205,14 @@ class KVPuller:
         codecs: CodecContext | None = None,
         decode_workers: int = 0,
         pipeline_depth: int = 0,
+        pipelined: bool = True,
     ) -> None:
         """`codecs`: the served model's codec context (default: none, so no calibration or layer 0)."""
         if decode_workers < 0 or pipeline_depth < 0:
             raise ValueError("decode_workers and pipeline_depth must be >= 0")
         self.decode_workers = decode_workers or auto_workers()
         self.pipeline_depth = pipeline_depth or self.decode_workers + 1
+        self.pipelined = pipelined
         self._decode_pool: ThreadPoolExecutor | None = None  # made by the first pull that decodes on it
         self.fingerprint = fingerprint & 0xFFFFFFFFFFFFFFFF
         self.codecs = codecs if codecs is not None else CodecContext()
@@ -391,8 +394,9 @@ class KVPuller:
         return Trailer(ctl.first_token_id, ctl.num_tokens, ctl.num_layers, stats)
 
     def _decode_window(self, codec: Codec) -> OrderedWindow[_Decoded] | None:
-        """The pull's window on the decode pool; None for raw, which decodes in place (module doc)."""
-        if isinstance(codec, RawCodec):
+        """The pull's window on the decode pool; None (decode on the pull thread) for raw, which decodes in
+        place (module doc), or when the puller is not pipelined."""
+        if isinstance(codec, RawCodec) or not self.pipelined:
             return None
         with self._lock:
             if self._decode_pool is None:

@@ -142,12 +142,14 @@ class KVServer:
         advertise_host: str = "",
         encode_workers: int = 0,
         pipeline_depth: int = 0,
+        pipelined: bool = True,
     ) -> None:
         """`codecs`: the served model's codec context (default: none, so no calibration or layer 0).
         `host`: the listen host; `advertise_host`: the host `address` names for pullers ("" = the listener's
         own, with a wildcard host replaced by this machine's name). `encode_workers`: threads that encode
         layers, shared by all pulls (0 = the cores this process may use, at most 4); `pipeline_depth`: per
-        pull, layers encoded ahead of the one being sent (0 = encode_workers + 1)."""
+        pull, layers encoded ahead of the one being sent (0 = encode_workers + 1); `pipelined=False`: read,
+        encode and send one layer at a time on the connection's thread (the baseline bench.transport compares)."""
         if lease_ttl_s <= 0:
             raise ValueError("lease_ttl_s must be > 0")
         if encode_workers < 0 or pipeline_depth < 0:
@@ -160,6 +162,7 @@ class KVServer:
         self.codecs = codecs if codecs is not None else CodecContext()
         self.encode_workers = encode_workers or auto_workers()
         self.pipeline_depth = pipeline_depth or self.encode_workers + 1
+        self.pipelined = pipelined
         self._encode_pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)  # notified on any lease change and on stop
@@ -496,6 +499,13 @@ class KVServer:
 
         Layer l is encoded into bufs[l % len(bufs)]: at most len(bufs) - 1 layers are in the window, and the
         one taken from it is sent before the window can reach its buffer again. Raises _StreamEnded."""
+        if not self.pipelined:
+            for layer in range(lease.num_layers):
+                self._wait_for(lease, session, layer + 1, stats)
+                frame, layer_stats = self._encode_task(lease, codec, layer, bufs[0])
+                stats.add_layer(layer_stats)
+                self._send_frame(ch, lease, frame, stats)
+            return
         assert self._encode_pool is not None  # start() made it
         window: OrderedWindow[tuple[memoryview, _PullStats]] = OrderedWindow(self._encode_pool, len(bufs) - 1)
         nxt = 0  # the next layer to submit
@@ -507,14 +517,17 @@ class KVServer:
                 frame, layer_stats = window.take()
                 nxt = self._submit_ready(window, lease, session, codec, bufs, nxt)
                 stats.add_layer(layer_stats)
-                t0 = time.perf_counter()
-                self._send(ch, frame, self.send_timeout_s, frame=True)
-                stats.send_s += time.perf_counter() - t0
-                stats.bytes_on_wire += len(frame)
-                with self._lock:
-                    lease.deadline = time.monotonic() + self.lease_ttl_s
+                self._send_frame(ch, lease, frame, stats)
         finally:
             window.close()  # nothing may still write into bufs when the next pull reuses them
+
+    def _send_frame(self, ch: Channel, lease: _Lease, frame: memoryview, stats: _PullStats) -> None:
+        t0 = time.perf_counter()
+        self._send(ch, frame, self.send_timeout_s, frame=True)
+        stats.send_s += time.perf_counter() - t0
+        stats.bytes_on_wire += len(frame)
+        with self._lock:
+            lease.deadline = time.monotonic() + self.lease_ttl_s
 
     def _submit_ready(
         self,

@@ -60,36 +60,64 @@ def serve(
     return srv
 
 
-@pytest.mark.parametrize("codec", ["raw", "cachegen", "int8"])
-@pytest.mark.parametrize("workers", [1, 3])
-def test_pipeline_delivers_what_the_codec_gives_in_process(
-    ctx: CodecContext, codec: str, workers: int
-) -> None:
-    """raw bit-exact; a lossy codec exactly what encoding and decoding the layer in this process gives."""
-    n = 7
-    kv = make_kv(n, seed=workers)
-    rel = Releases()
-    srv = serve(codecs=ctx, encode_workers=workers, pipeline_depth=2)
+def pull_all(
+    ctx: CodecContext,
+    kv: list[tuple[torch.Tensor, torch.Tensor]],
+    codec: str,
+    workers: int,
+    depth: int = 0,
+    pipelined: bool = True,
+) -> Sink:
+    """One lease of `kv` pulled with `codec` through a server and puller configured alike."""
+    n, rel, sink = len(kv), Releases(), Sink()
+    srv = KVServer(
+        transport_for("tcp"),
+        "127.0.0.1",
+        fingerprint=FP,
+        codecs=ctx,
+        encode_workers=workers,
+        pipeline_depth=depth,
+        pipelined=pipelined,
+    )
+    srv.start()
     try:
         token = srv.open_lease("p", n, T, lambda layer: kv[layer], rel)
         srv.finish("p", 3)
-        sink = Sink()
-        with KVPuller(fingerprint=FP, timeout_s=10.0, codecs=ctx, decode_workers=workers) as p:
+        with KVPuller(
+            fingerprint=FP,
+            timeout_s=10.0,
+            codecs=ctx,
+            decode_workers=workers,
+            pipeline_depth=depth,
+            pipelined=pipelined,
+        ) as p:
             trailer = p.pull(srv.address, "p", codec, sink, token=token)
         rel.wait("p", "pulled")
+        assert rel.total("p") == 1
     finally:
         srv.stop()
     assert sink.layers == list(range(n)) and trailer.num_layers == n
+    return sink
+
+
+@pytest.mark.parametrize("codec", ["raw", "cachegen", "int8"])
+def test_pipeline_delivers_what_the_sequential_path_does(ctx: CodecContext, codec: str) -> None:
+    """raw bit-exact; a lossy codec exactly what the sequential path gives, which is what encoding and decoding
+    the layer in this process gives."""
+    n = 7
+    kv = make_kv(n, seed=1)
+    sequential = pull_all(ctx, kv, codec, workers=1, pipelined=False)
+    pipes = [pull_all(ctx, kv, codec, workers=1, depth=1), pull_all(ctx, kv, codec, workers=3, depth=2)]
     c = ctx.codec(codec)
     for layer, (k, v) in enumerate(kv):
         params, parts = c.encode_parts(k, v, layer, None)
         payload = b"".join(bytes(memoryview(x).cast("B")) for x in parts)
         want_k, want_v = c.decode(params, payload, (T, H, D), torch.float32, layer)
-        got_k, got_v = sink.kv[layer]
-        assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v), (codec, layer)
-        if codec == "raw":
-            assert torch.equal(got_k, k) and torch.equal(got_v, v)
-    assert rel.total("p") == 1
+        for sink in (sequential, *pipes):
+            got_k, got_v = sink.kv[layer]
+            assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v), (codec, layer)
+            if codec == "raw":
+                assert torch.equal(got_k, k) and torch.equal(got_v, v)
 
 
 def test_layers_of_one_pull_are_encoded_in_parallel() -> None:
