@@ -27,7 +27,10 @@ relative to the prefill compute time (`ttft_added_frac_*`, medians over trials, 
     cachegen pulled after prefill (the whole hand-off on the critical path): `handoff.shaped` = [{gbit_s,
     raw_s, cachegen_s, speedup = raw_s / cachegen_s, ...}], medians; `handoff.break_even_gbit_s` = where
     speedup crosses 1 (`break_even_gbit`: log-log interpolation between the two rates around the crossing;
-    `break_even_method` says how it was found, or which side of the range it lies on).
+    `break_even_method` says how it was found, or which side of the range it lies on). Per rate cachegen is
+    also served and pulled without the pipeline (`KVServer`/`KVPuller(pipelined=False)`: read, encode, send,
+    receive, decode one layer at a time; a second server and puller in the same processes):
+    `cachegen_sequential_s`, `pipeline_speedup` = that / `cachegen_s`.
   * limited_1gbit: the 1 Gbit/s rate of that sweep in more detail: codecs raw, cachegen and cachegen_l0
     (layer 0 as the token ids, what a decode instance holding the model pulls when told cachegen; both
     processes hold the model, as the services do), after prefill and streaming: `cachegen_speedup_vs_raw`
@@ -312,9 +315,21 @@ def _prefill_proc(
     rated = _RatedTransport(transport, limit_bps) if limit_bps else None
     if rated is not None:
         transport = rated.limited
-    server = KVServer(transport, host, fingerprint=runner.fingerprint, lease_ttl_s=120, codecs=codecs)
-    server.start()
-    conn.send((server.address, runner.fingerprint))
+    # "after_seq" trials go to a server that reads, encodes and sends one layer at a time (the baseline)
+    servers = {
+        pipelined: KVServer(
+            transport,
+            host,
+            fingerprint=runner.fingerprint,
+            lease_ttl_s=120,
+            codecs=codecs,
+            pipelined=pipelined,
+        )
+        for pipelined in (True, False)
+    }
+    for srv in servers.values():
+        srv.start()
+    conn.send(({p: srv.address for p, srv in servers.items()}, runner.fingerprint))
     try:
         while True:
             msg = conn.recv()
@@ -326,6 +341,8 @@ def _prefill_proc(
                 conn.send(("shaped",))
                 continue
             _, mode, tid, prompt = msg
+            server = servers[not mode.endswith(SEQUENTIAL)]
+            mode = mode.removesuffix(SEQUENTIAL)
             n = len(prompt)
             released = threading.Event()
             seq = Sequence(tid, list(prompt), SamplingParams(max_tokens=1), blocks=blocks)
@@ -344,7 +361,7 @@ def _prefill_proc(
             # mypy#15459: mypy cannot type a lambda whose default binds a loop variable
             token = runner.prefill(
                 [seq],
-                on_layer=lambda layer, tid=tid: server.mark_ready(tid, layer + 1),  # type: ignore[misc]
+                on_layer=lambda layer, tid=tid, srv=server: srv.mark_ready(tid, layer + 1),  # type: ignore[misc]
             )[0]
             t1 = time.monotonic()
             assert token is not None  # the whole prompt was prefilled
@@ -355,7 +372,8 @@ def _prefill_proc(
                 raise RuntimeError(f"lease {tid} was not pulled")
             conn.send(("times", t0, t1))
     finally:
-        server.stop()
+        for srv in servers.values():
+            srv.stop()
 
 
 def _decode_proc(
@@ -381,10 +399,14 @@ def _decode_proc(
         )  # as decode_service does
         cache = runner.kv_cache
         blocks = list(range(cache.num_blocks))
-        address, fingerprint = peer.recv()
+        addresses, fingerprint = peer.recv()
         results = []
         gbit: float | None = None  # the link's rate while shaped
-        with KVPuller(fingerprint=fingerprint, timeout_s=120, codecs=codecs) as puller:
+        pullers = {
+            p: KVPuller(fingerprint=fingerprint, timeout_s=120, codecs=codecs, pipelined=p)
+            for p in (True, False)
+        }
+        with pullers[True], pullers[False]:
             for i, (mode, codec, prompt) in enumerate(plan):
                 if mode == "shape":
                     gbit = float(codec)
@@ -398,8 +420,9 @@ def _decode_proc(
                 tag, got, lease_token = peer.recv()
                 assert tag == "pull" and got == tid, (tag, got)
                 t_pull, cpu0 = time.monotonic(), time.process_time()
-                trailer = puller.pull(
-                    address,
+                pipelined = not mode.endswith(SEQUENTIAL)
+                trailer = pullers[pipelined].pull(
+                    addresses[pipelined],
                     tid,
                     codec,
                     lambda layer, k, v: cache.write(layer, blocks, 0, k, v),
@@ -480,6 +503,7 @@ def run_handoff(
 
 
 RATES_GBIT = (1.0, 2.5, 5.0, 10.0)  # the shaped links of the sweep
+SEQUENTIAL = "_seq"  # a trial mode's suffix: served and pulled one layer at a time (pipelined=False)
 # tbf burst: 200 us of the rate, at least 256 KiB (2 ms at 1 Gbit/s). Smaller bursts left the link well under
 # its rate on a loaded 2-core host (tbf dequeues on a timer, and the timer's softirq waits for a CPU).
 BURST_S = 200e-6
@@ -624,12 +648,14 @@ def measure_handoff(model_dir: str, s: Settings, link: str) -> dict[str, Any]:
     # at the other rates raw and cachegen pulled after prefill. The first prompt's trials at the first rate
     # (connection set-up, first allocations) are dropped; later rates reuse the warm processes and skip it.
     full = (("raw", "cachegen", "cachegen_l0"), ("after", "streaming"))
+    # At every rate cachegen is also served and pulled without the pipeline ("after_seq"): the baseline.
     sweep = (("raw", "cachegen"), ("after",))
     sweep_plan: list[tuple[str, str, list[int]]] = []
     for i, gbit in enumerate(RATES_GBIT):
         codecs, modes = full if gbit == 1.0 else sweep
         sweep_plan.append(("shape", f"{gbit}", []))
-        sweep_plan += [(m, c, p) for p in (prompts if i == 0 else prompts[1:]) for c in codecs for m in modes]
+        for p in prompts if i == 0 else prompts[1:]:
+            sweep_plan += [(m, c, p) for c in codecs for m in modes] + [("after" + SEQUENTIAL, "cachegen", p)]
     n_trials = len(sweep_plan) - len(RATES_GBIT)
     _log(f"  hand-off over shaped links {list(RATES_GBIT)} Gbit/s ({how}): {n_trials} trials")
     load0 = _loadavg()
@@ -655,17 +681,20 @@ def measure_handoff(model_dir: str, s: Settings, link: str) -> dict[str, Any]:
     by_rate: dict[float, list[dict[str, Any]]] = {}
     for i, gbit in enumerate(RATES_GBIT):
         codecs, modes = full if gbit == 1.0 else sweep
-        by_rate[gbit] = [r for r in all_rows if r["gbit"] == gbit][0 if i else len(codecs) * len(modes) :]
+        by_rate[gbit] = [r for r in all_rows if r["gbit"] == gbit][0 if i else len(codecs) * len(modes) + 1 :]
     shaped = []
     for gbit, rr in by_rate.items():
         t_raw = _med(rr, "handoff_s", mode="after", codec="raw")
         t_cg = _med(rr, "handoff_s", mode="after", codec="cachegen")
+        t_seq = _med(rr, "handoff_s", mode="after" + SEQUENTIAL, codec="cachegen")
         shaped.append(
             {
                 "gbit_s": gbit,
                 "raw_s": t_raw,
                 "cachegen_s": t_cg,
                 "speedup": t_raw / t_cg,
+                "cachegen_sequential_s": t_seq,
+                "pipeline_speedup": t_seq / t_cg,
                 "raw_effective_gbit_s": _med(rr, "wire_bytes", codec="raw") * 8 / t_raw / 1e9,
                 "encode_s_cachegen": _med(rr, "encode_s", mode="after", codec="cachegen"),
                 "decode_s_cachegen": _med(rr, "decode_s", mode="after", codec="cachegen"),
@@ -763,7 +792,8 @@ def summary(r: dict[str, Any]) -> str:
     for p in h["shaped"]:
         lines.append(
             f"{p['gbit_s']:4g} Gbit/s ({h['link']}): raw {p['raw_s'] * 1e3:6.1f} ms, cachegen "
-            f"{p['cachegen_s'] * 1e3:6.1f} ms -> {p['speedup']:.2f}x (raw moved {p['raw_effective_gbit_s']:.2f} Gbit/s)"
+            f"{p['cachegen_s'] * 1e3:6.1f} ms -> {p['speedup']:.2f}x (raw moved {p['raw_effective_gbit_s']:.2f} "
+            f"Gbit/s; cachegen unpipelined {p['cachegen_sequential_s'] * 1e3:.1f} ms)"
         )
     be = h["break_even_gbit_s"]
     lines.append(f"break-even: {'-' if be is None else f'{be:.2f} Gbit/s'} ({h['break_even_method']})")
