@@ -352,7 +352,10 @@ class KVPuller:
                     else:
                         if window.full():
                             self._write(window.take(), got, write_layer, handle)
-                        window.submit(self._decode, bytes(msg), tid, codec, expect_layer)
+                        try:
+                            window.submit(self._decode, bytes(msg), tid, codec, expect_layer)
+                        except RuntimeError as e:  # close() shut the decode pool down during this pull
+                            raise TransferCancelled(f"puller closed while pulling {tid!r}") from e
                         while window.head_done():
                             self._write(window.take(), got, write_layer, handle)
                     expect_layer += 1
@@ -399,6 +402,8 @@ class KVPuller:
         if isinstance(codec, RawCodec) or not self.pipelined:
             return None
         with self._lock:
+            if self._closed:  # a pull after close(): no new pool (nothing would stop it)
+                return None
             if self._decode_pool is None:
                 self._decode_pool = codec_pool(self.decode_workers, "kvpull-decode")
             return OrderedWindow(self._decode_pool, self.pipeline_depth)
