@@ -1,4 +1,5 @@
-"""`python -m bench.transport`: KV transports against a raw socket, and the TTFT the KV hand-off adds.
+"""`python -m bench.transport`: KV transports against a raw socket, the TTFT the KV hand-off adds, and the
+hand-off over shaped links (raw vs cachegen, break-even).
 
     python -m bench.transport [--quick] [--json PATH] [--link auto|netns|limiter]
 
@@ -807,7 +808,7 @@ def summary(r: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.transport", description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="fewer rounds and trials (under a minute)")
+    ap.add_argument("--quick", action="store_true", help="fewer rounds and trials (under two minutes)")
     ap.add_argument("--json", default=None, help="write the JSON object here instead of stdout")
     ap.add_argument(
         "--model", default=str(DEFAULT_MODEL), help="model directory (default: the shipped model)"
