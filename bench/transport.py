@@ -1,5 +1,4 @@
-"""`python -m bench.transport`: KV transports against a raw socket, the TTFT the KV hand-off adds, and the
-hand-off over shaped links (raw vs cachegen, break-even).
+"""`python -m bench.transport`: KV transports vs a raw socket, hand-off TTFT, hand-off over shaped links.
 
     python -m bench.transport [--quick] [--json PATH] [--link auto|netns|limiter]
 
