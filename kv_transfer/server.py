@@ -6,7 +6,7 @@ threads (`encode_workers`) that all connections share. A connection may carry se
 
 Pipeline (kv_transfer/pipeline.py): a connection's handler sends layer l while the pool reads and encodes
 the next ready layers, at most `pipeline_depth` ahead (so at most that many encoded layers wait; each has its
-own FrameBuffer on the connection, `pipeline_depth + 1` in all). A layer is submitted only once prefill marked
+own FrameBuffer on the connection, `pipeline_depth + 1` in all; raw: one layer ahead, 2 buffers). A layer is submitted only once prefill marked
 it ready, frames leave in layer order, and a failed read or encode fails the pull with ERROR INTERNAL (the
 lease is kept) after the layers before it were sent.
 
@@ -51,6 +51,7 @@ import torch
 from torch import Tensor
 
 from kv_transfer.codec import Codec, CodecContext
+from kv_transfer.codec.raw import RawCodec
 from kv_transfer.errors import (
     FrameError,
     KVTransferError,
@@ -497,8 +498,10 @@ class KVServer:
     ) -> None:
         """Send layers 0..num_layers-1 in order while the encode pool works ahead (module doc, Pipeline).
 
-        Layer l is encoded into bufs[l % len(bufs)]: at most len(bufs) - 1 layers are in the window, and the
-        one taken from it is sent before the window can reach its buffer again. Raises _StreamEnded."""
+        Layer l is encoded into ring[l % len(ring)]: at most len(ring) - 1 layers are in the window, and the
+        one taken from it is sent before the window can reach its buffer again. raw's "encoding" is a copy:
+        one layer copied ahead of the send is all the overlap it needs, so it uses 2 buffers, not all of
+        them (a raw layer is 16x a cachegen one). Raises _StreamEnded."""
         if not self.pipelined:
             for layer in range(lease.num_layers):
                 self._wait_for(lease, session, layer + 1, stats)
@@ -507,15 +510,16 @@ class KVServer:
                 self._send_frame(ch, lease, frame, stats)
             return
         assert self._encode_pool is not None  # start() made it
-        window: OrderedWindow[tuple[memoryview, _PullStats]] = OrderedWindow(self._encode_pool, len(bufs) - 1)
+        ring = bufs[:2] if isinstance(codec, RawCodec) else bufs
+        window: OrderedWindow[tuple[memoryview, _PullStats]] = OrderedWindow(self._encode_pool, len(ring) - 1)
         nxt = 0  # the next layer to submit
         try:
             for layer in range(lease.num_layers):
                 # waits for prefill (and checks the lease and session) when nothing is ahead; else returns at once
                 self._wait_for(lease, session, layer + 1, stats)
-                nxt = self._submit_ready(window, lease, session, codec, bufs, nxt)
+                nxt = self._submit_ready(window, lease, session, codec, ring, nxt)
                 frame, layer_stats = window.take()
-                nxt = self._submit_ready(window, lease, session, codec, bufs, nxt)
+                nxt = self._submit_ready(window, lease, session, codec, ring, nxt)
                 stats.add_layer(layer_stats)
                 self._send_frame(ch, lease, frame, stats)
         finally:

@@ -121,7 +121,8 @@ def test_pipeline_delivers_what_the_sequential_path_does(ctx: CodecContext, code
 
 
 def test_layers_of_one_pull_are_encoded_in_parallel() -> None:
-    """Two encode workers read two layers of the same lease at once (a barrier both must reach)."""
+    """Two encode workers read two layers of the same lease at once (a barrier both must reach; int8: raw
+    copies only one layer ahead)."""
     kv = make_kv(4)
     both = threading.Barrier(2, timeout=10)
 
@@ -136,7 +137,7 @@ def test_layers_of_one_pull_are_encoded_in_parallel() -> None:
         token = srv.open_lease("par", 4, T, read, rel)
         srv.finish("par", 1)
         with KVPuller(fingerprint=FP, timeout_s=10.0) as p:
-            p.pull(srv.address, "par", "raw", Sink(), token=token)
+            p.pull(srv.address, "par", "int8", Sink(), token=token)
         rel.wait("par", "pulled")
     finally:
         srv.stop()
@@ -205,9 +206,12 @@ class _GatedChannel(Channel):
         return self.inner.closed
 
 
-def test_back_pressure_bounds_encoded_layers_waiting() -> None:
-    """While the link is stalled, exactly `pipeline_depth` layers are encoded ahead of the one being sent."""
-    n, depth = 9, 2
+@pytest.mark.parametrize("codec", ["int8", "raw"])
+def test_back_pressure_bounds_encoded_layers_waiting(codec: str) -> None:
+    """While the link is stalled, exactly `pipeline_depth` layers are encoded ahead of the one being sent
+    (raw: one, whatever the depth: its encoding is a copy, and its frames are large)."""
+    n = 9
+    depth = 1 if codec == "raw" else 3
     kv = make_kv(n)
     reads: list[int] = []
     cond = threading.Condition()
@@ -222,12 +226,12 @@ def test_back_pressure_bounds_encoded_layers_waiting() -> None:
         return kv[layer]
 
     rel = Releases()
-    srv = serve(gate, encode_workers=2, pipeline_depth=depth)
+    srv = serve(gate, encode_workers=2, pipeline_depth=3)
     try:
         token = srv.open_lease("bp", n, T, read, rel)
         srv.finish("bp", 1)
         with KVPuller(fingerprint=FP, timeout_s=10.0) as p:
-            handle = p.start_pull(srv.address, "bp", "raw", Sink(), token=token)
+            handle = p.start_pull(srv.address, "bp", codec, Sink(), token=token)
             for sent in range(n):
                 want = min(n, sent + 1 + depth)  # the layer on the link and depth more
                 with cond:
