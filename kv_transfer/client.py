@@ -345,9 +345,8 @@ class KVPuller:
             while True:
                 msg = ch.recv(timeout=self.timeout_s)
                 if is_frame(msg):
-                    if (
-                        window is None
-                    ):  # zero-copy: k, v view the receive buffer, written before the next recv
+                    # raw (no window): k, v view the receive buffer, so they are written before the next recv
+                    if window is None:
                         self._write(self._decode(msg, tid, codec, expect_layer), got, write_layer, handle)
                     else:
                         if window.full():
