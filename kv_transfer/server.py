@@ -556,7 +556,8 @@ class KVServer:
     def _encode_task(
         self, lease: _Lease, codec: Codec, layer: int, buf: FrameBuffer
     ) -> tuple[memoryview, _PullStats]:
-        """On the encode pool: one layer's frame and its figures. Any failure is a _StreamEnded."""
+        """One layer's frame and its figures (on the encode pool, or inline when not pipelined). Any failure is
+        a _StreamEnded."""
         stats = _PullStats()
         try:
             return self._encode_layer(lease, codec, layer, buf, stats), stats
