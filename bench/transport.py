@@ -1,4 +1,4 @@
-"""`python -m bench.transport`: KV transports against a raw socket, and the TTFT the KV hand-off adds.
+"""`python -m bench.transport`: KV transports vs a raw socket, hand-off TTFT, hand-off over shaped links.
 
     python -m bench.transport [--quick] [--json PATH] [--link auto|netns|limiter] [--reshard]
 
@@ -20,13 +20,22 @@ trial, one held-out prompt (`prompt_tokens`) is prefilled with `on_layer` -> `ma
 TTFT added = decode-ready (every layer written into the decode cache) - end of prefill compute; reported
 relative to the prefill compute time (`ttft_added_frac_*`, medians over trials, modes interleaved).
   * unshaped: loopback, the default transport, codec raw;
-  * limited_1gbit: a 1 Gbit/s link -- a network namespace whose loopback is shaped by `tc` tbf (both
-    processes enter it), or, where that cannot be set up, `kv_transfer.transport.limited.LimitedTransport`
-    (a token bucket on the prefill side's sends over tcp); `link` says which. Codecs raw, cachegen and
-    cachegen_l0 (layer 0 as the token ids, what a decode instance holding the model pulls when told
-    cachegen; both processes hold the model, as the services do), pull after prefill (the whole hand-off
-    on the critical path): `cachegen_speedup_vs_raw` = hand-off time (pull start -> decode-ready) with raw
-    / with cachegen, `cachegen_l0_speedup_vs_raw` likewise. Streaming figures are reported too.
+  * shaped: links of 1, 2.5, 5 and 10 Gbit/s -- the prefill and decode processes each in its own network
+    namespace, joined by a veth pair whose ends are shaped by `tc` tbf (re-shaped between rates, same
+    processes), or, where that cannot be set up, `kv_transfer.transport.limited.LimitedTransport` (a token
+    bucket on the prefill side's sends over tcp); `link` and `shaping` say which. Per rate, raw and
+    cachegen pulled after prefill (the whole hand-off on the critical path): `handoff.shaped` = [{gbit_s,
+    raw_s, cachegen_s, speedup = raw_s / cachegen_s, ...}], medians; `handoff.break_even_gbit_s` = where
+    speedup crosses 1 (`break_even_gbit`: log-log interpolation between the two rates around the crossing;
+    `break_even_method` says how it was found, or which side of the range it lies on). Per rate cachegen is
+    also served and pulled without the pipeline (`KVServer`/`KVPuller(pipelined=False)`: read, encode, send,
+    receive, decode one layer at a time; a second server and puller in the same processes):
+    `cachegen_sequential_s`, `pipeline_speedup` = that / `cachegen_s`.
+  * limited_1gbit: the 1 Gbit/s rate of that sweep in more detail: codecs raw, cachegen and cachegen_l0
+    (layer 0 as the token ids, what a decode instance holding the model pulls when told cachegen; both
+    processes hold the model, as the services do), after prefill and streaming: `cachegen_speedup_vs_raw`
+    = hand-off time (pull start -> decode-ready) with raw / with cachegen, `cachegen_l0_speedup_vs_raw`
+    likewise.
 All clocks here are wall clocks (time.monotonic, shared by the processes).
 """
 
@@ -35,6 +44,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import math
 import multiprocessing as mp
 import os
 import socket
@@ -45,7 +55,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -249,10 +259,40 @@ def _enter_netns(name: str | None) -> None:
         os.close(fd)
 
 
+class _RatedTransport:
+    """The prefill side's LimitedTransport whose rate `set_rate` changes, for its open channels too."""
+
+    def __init__(self, inner: Any, bytes_per_s: float) -> None:
+        from kv_transfer.transport.limited import LimitedTransport
+
+        self.limited = LimitedTransport(inner, bytes_per_s)
+        self.channels: list[Any] = []
+        wrap = self.limited.wrap
+
+        def wrap_and_keep(ch: Any) -> Any:
+            out = wrap(ch)
+            self.channels.append(out)
+            return out
+
+        self.limited.wrap = wrap_and_keep  # type: ignore[method-assign]
+
+    def set_rate(self, bytes_per_s: float) -> None:
+        self.limited.bytes_per_s = bytes_per_s
+        for ch in self.channels:
+            ch.bucket.rate = bytes_per_s
+
+
 def _prefill_proc(
-    model_dir: str, scheme: str, limit_bps: float | None, netns: str | None, max_tokens: int, conn: Any
+    model_dir: str,
+    scheme: str,
+    limit_bps: float | None,
+    netns: str | None,
+    max_tokens: int,
+    conn: Any,
+    host: str = "127.0.0.1",
 ) -> None:
-    """The prefill side: ModelRunner + KVServer; runs one trial per ("run", mode, tid, prompt)."""
+    """The prefill side: ModelRunner + KVServer; runs one trial per ("run", mode, tid, prompt); ("shape",
+    gbit) sets its rate limiter (if it has one) to that rate."""
     _enter_netns(netns)
     _pin(0)
     import torch
@@ -264,7 +304,6 @@ def _prefill_proc(
     from kv_transfer.codec import CodecContext
     from kv_transfer.server import KVServer
     from kv_transfer.transport import transport_for
-    from kv_transfer.transport.limited import LimitedTransport
 
     runner = ModelRunner(model_dir, num_kv_blocks=-(-max_tokens // 16) + 1, block_size=16)
     codecs = CodecContext.from_model_dir(
@@ -273,17 +312,37 @@ def _prefill_proc(
     cache, num_layers = runner.kv_cache, runner.config.num_layers
     blocks = list(range(runner.kv_cache.num_blocks))
     transport = transport_for(scheme)
-    if limit_bps:
-        transport = LimitedTransport(transport, limit_bps)
-    server = KVServer(transport, "127.0.0.1", fingerprint=runner.fingerprint, lease_ttl_s=120, codecs=codecs)
-    server.start()
-    conn.send((server.address, runner.fingerprint))
+    rated = _RatedTransport(transport, limit_bps) if limit_bps else None
+    if rated is not None:
+        transport = rated.limited
+    # "after_seq" trials go to a server that reads, encodes and sends one layer at a time (the baseline)
+    servers = {
+        pipelined: KVServer(
+            transport,
+            host,
+            fingerprint=runner.fingerprint,
+            lease_ttl_s=120,
+            codecs=codecs,
+            pipelined=pipelined,
+        )
+        for pipelined in (True, False)
+    }
+    for srv in servers.values():
+        srv.start()
+    conn.send(({p: srv.address for p, srv in servers.items()}, runner.fingerprint))
     try:
         while True:
             msg = conn.recv()
             if msg[0] == "quit":
                 break
+            if msg[0] == "shape":
+                if rated is not None:
+                    rated.set_rate(msg[1] * 1e9 / 8)
+                conn.send(("shaped",))
+                continue
             _, mode, tid, prompt = msg
+            server = servers[not mode.endswith(SEQUENTIAL)]
+            mode = mode.removesuffix(SEQUENTIAL)
             n = len(prompt)
             released = threading.Event()
             seq = Sequence(tid, list(prompt), SamplingParams(max_tokens=1), blocks=blocks)
@@ -302,7 +361,7 @@ def _prefill_proc(
             # mypy#15459: mypy cannot type a lambda whose default binds a loop variable
             token = runner.prefill(
                 [seq],
-                on_layer=lambda layer, tid=tid: server.mark_ready(tid, layer + 1),  # type: ignore[misc]
+                on_layer=lambda layer, tid=tid, srv=server: srv.mark_ready(tid, layer + 1),  # type: ignore[misc]
             )[0]
             t1 = time.monotonic()
             assert token is not None  # the whole prompt was prefilled
@@ -313,14 +372,16 @@ def _prefill_proc(
                 raise RuntimeError(f"lease {tid} was not pulled")
             conn.send(("times", t0, t1))
     finally:
-        server.stop()
+        for srv in servers.values():
+            srv.stop()
 
 
 def _decode_proc(
     model_dir: str, netns: str | None, plan: list[tuple[str, str, list[int]]], peer: Any, out: Any
 ) -> None:
     """The decode side: pulls each trial's KV into its own KV cache (a ModelRunner's: it holds the model, as a
-    decode instance does, so cachegen_l0 can recompute layer 0); reports the timings to `out`."""
+    decode instance does, so cachegen_l0 can recompute layer 0); reports the timings to `out`. A plan entry
+    ("shape", "<gbit>", []) re-shapes the link (the prefill side's limiter, then the parent's tc) first."""
     _enter_netns(netns)
     _pin(1)
     import torch
@@ -331,24 +392,37 @@ def _decode_proc(
     from kv_transfer.codec import CodecContext
 
     try:
-        max_tokens = max(len(p) for _, _, p in plan)
+        max_tokens = max(len(p) for m, _, p in plan if m != "shape")
         runner = ModelRunner(model_dir, num_kv_blocks=-(-max_tokens // 16) + 1, block_size=16)
         codecs = CodecContext.from_model_dir(
             model_dir, runner.model, runner.fingerprint
         )  # as decode_service does
         cache = runner.kv_cache
         blocks = list(range(cache.num_blocks))
-        address, fingerprint = peer.recv()
+        addresses, fingerprint = peer.recv()
         results = []
-        with KVPuller(fingerprint=fingerprint, timeout_s=120, codecs=codecs) as puller:
+        gbit: float | None = None  # the link's rate while shaped
+        pullers = {
+            p: KVPuller(fingerprint=fingerprint, timeout_s=120, codecs=codecs, pipelined=p)
+            for p in (True, False)
+        }
+        with pullers[True], pullers[False]:
             for i, (mode, codec, prompt) in enumerate(plan):
+                if mode == "shape":
+                    gbit = float(codec)
+                    peer.send(("shape", gbit))
+                    assert peer.recv() == ("shaped",)
+                    out.send(("shape", gbit))
+                    assert out.recv() == "shaped"
+                    continue
                 tid = f"bench-{i}-{uuid.uuid4().hex[:8]}"
                 peer.send(("run", mode, tid, prompt))
                 tag, got, lease_token = peer.recv()
                 assert tag == "pull" and got == tid, (tag, got)
                 t_pull, cpu0 = time.monotonic(), time.process_time()
-                trailer = puller.pull(
-                    address,
+                pipelined = not mode.endswith(SEQUENTIAL)
+                trailer = pullers[pipelined].pull(
+                    addresses[pipelined],
                     tid,
                     codec,
                     lambda layer, k, v: cache.write(layer, blocks, 0, k, v),
@@ -361,6 +435,7 @@ def _decode_proc(
                     {
                         "mode": mode,
                         "codec": codec,
+                        "gbit": gbit,
                         "prefill_s": t1 - t0,
                         "added_s": t_ready - t1,
                         "handoff_s": t_ready - t_pull,
@@ -386,21 +461,37 @@ def run_handoff(
     plan: list[tuple[str, str, list[int]]],
     limit_bps: float | None = None,
     netns: str | None = None,
+    decode_netns: str | None = None,
+    host: str = "127.0.0.1",
+    reshape: Callable[[float], None] | None = None,
 ) -> list[dict[str, Any]]:
+    """Run `plan` between a prefill and a decode process; one row per trial. `netns`: the namespace both
+    enter, unless `decode_netns` names the decode side's own; `host`: where the prefill side listens;
+    `reshape(gbit)` runs here for each ("shape", gbit) entry."""
     ctx = mp.get_context("spawn")
     p_conn, d_conn = ctx.Pipe()
     res_parent, res_child = ctx.Pipe()
-    max_tokens = max(len(p) for _, _, p in plan)
+    max_tokens = max(len(p) for m, _, p in plan if m != "shape")
     pre = ctx.Process(
-        target=_prefill_proc, args=(model_dir, scheme, limit_bps, netns, max_tokens, p_conn), daemon=True
+        target=_prefill_proc,
+        args=(model_dir, scheme, limit_bps, netns, max_tokens, p_conn, host),
+        daemon=True,
     )
-    dec = ctx.Process(target=_decode_proc, args=(model_dir, netns, plan, d_conn, res_child), daemon=True)
+    dec = ctx.Process(
+        target=_decode_proc, args=(model_dir, decode_netns or netns, plan, d_conn, res_child), daemon=True
+    )
     pre.start()
     dec.start()
     try:
-        if not res_parent.poll(600):
-            raise RuntimeError("hand-off trials did not finish in 600 s")
-        status, payload = res_parent.recv()
+        while True:
+            if not res_parent.poll(600):
+                raise RuntimeError("hand-off trials did not finish in 600 s")
+            status, payload = res_parent.recv()
+            if status != "shape":
+                break
+            if reshape is not None:
+                reshape(payload)
+            res_parent.send("shaped")
         if status != "ok":
             raise RuntimeError(f"hand-off trials failed: {payload}")
         return payload
@@ -411,49 +502,104 @@ def run_handoff(
                 p.kill()
 
 
+RATES_GBIT = (1.0, 2.5, 5.0, 10.0)  # the shaped links of the sweep
+SEQUENTIAL = "_seq"  # a trial mode's suffix: served and pulled one layer at a time (pipelined=False)
+# tbf burst: 200 us of the rate, at least 256 KiB (2 ms at 1 Gbit/s). Smaller bursts left the link well under
+# its rate on a loaded 2-core host (tbf dequeues on a timer, and the timer's softirq waits for a CPU).
+BURST_S = 200e-6
+MIN_BURST_BYTES = 256 << 10
+VETH_NET = "10.211.0"  # prefill side .1, decode side .2, /24
+
+
+def tbf_args(gbit: float) -> list[str]:
+    """tc tbf shaping to `gbit` Gbit/s: burst = BURST_S of the rate (>= MIN_BURST_BYTES), 50 ms queue."""
+    burst = max(MIN_BURST_BYTES, int(gbit * 1e9 / 8 * BURST_S))
+    return ["tbf", "rate", f"{gbit * 1000:g}mbit", "burst", str(burst), "latency", "50ms"]
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
+
+
+@dataclass(frozen=True)
+class VethLink:
+    """Two network namespaces joined by a veth pair; each end's egress is shaped by tc tbf (`shape`)."""
+
+    prefill_ns: str
+    decode_ns: str
+    prefill_host: str = f"{VETH_NET}.1"
+    dev: str = "pdb0"  # the veth end's name in each namespace
+
+    def shape(self, gbit: float) -> None:
+        for ns in (self.prefill_ns, self.decode_ns):
+            _ip("netns", "exec", ns, "tc", "qdisc", "replace", "dev", self.dev, "root", *tbf_args(gbit))
+
+
 @contextlib.contextmanager
-def shaped_netns(rate: str = "1gbit") -> Iterator[str]:
-    """A fresh network namespace whose loopback is up and shaped by tc tbf to `rate`."""
-    name = f"pdbench-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True, timeout=30)
+def veth_link(gbit: float = RATES_GBIT[0]) -> Iterator[VethLink]:
+    """A fresh pair of namespaces (prefill, decode) joined by a veth pair shaped to `gbit` both ways."""
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    link = VethLink(f"pdbench-p-{tag}", f"pdbench-d-{tag}")
+    made: list[str] = []
     try:
-        for cmd in (
-            ["ip", "link", "set", "lo", "up"],
-            [
-                "tc",
-                "qdisc",
-                "add",
-                "dev",
-                "lo",
-                "root",
-                "tbf",
-                "rate",
-                rate,
-                "burst",
-                "256kb",
-                "latency",
-                "50ms",
-            ],
-        ):
-            subprocess.run(["ip", "netns", "exec", name, *cmd], check=True, capture_output=True, timeout=30)
-        yield name
+        for ns in (link.prefill_ns, link.decode_ns):
+            _ip("netns", "add", ns)
+            made.append(ns)
+        _ip("-n", link.prefill_ns, "link", "add", link.dev, "type", "veth", "peer", "name", link.dev, "netns",
+            link.decode_ns)  # fmt: skip
+        for ns, host in ((link.prefill_ns, 1), (link.decode_ns, 2)):
+            # a hand-off follows an idle connection (the prompt's prefill): keep the congestion window, as a
+            # tuned serving host does, so the link runs at its rate from the first byte
+            _ip("netns", "exec", ns, "sysctl", "-q", "-w", "net.ipv4.tcp_slow_start_after_idle=0")
+            _ip("-n", ns, "addr", "add", f"{VETH_NET}.{host}/24", "dev", link.dev)
+            _ip("-n", ns, "link", "set", link.dev, "up")
+            _ip("-n", ns, "link", "set", "lo", "up")
+        link.shape(gbit)
+        yield link
     finally:
-        subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
+        for ns in made:  # deleting a namespace deletes its veth end (and so the pair)
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
 
 
 def netns_works() -> tuple[bool, str]:
+    """Whether veth_link() can be made and entered here (root, iproute2, tc, setns)."""
     try:
-        with shaped_netns() as name:
+        with veth_link() as link:
             ctx = mp.get_context("spawn")
-            p = ctx.Process(target=_enter_netns, args=(name,))
+            p = ctx.Process(target=_enter_netns, args=(link.decode_ns,))
             p.start()
             p.join(30)
             if p.exitcode != 0:
-                return False, f"setns into {name} failed (exit {p.exitcode})"
+                return False, f"setns into {link.decode_ns} failed (exit {p.exitcode})"
         return True, "ok"
     except (OSError, subprocess.SubprocessError) as e:
         msg = getattr(e, "stderr", b"") or b""
         return False, f"{type(e).__name__}: {e} {msg.decode(errors='replace').strip()}"
+
+
+def break_even_gbit(points: list[tuple[float, float]]) -> tuple[float | None, str]:
+    """Where speedup (raw time / cachegen time) crosses 1, from (gbit, speedup) points sorted by gbit.
+
+    Between the first pair of neighbouring rates with speedup >= 1 then < 1, interpolated linearly in
+    log(rate) against log(speedup) (hand-off times are close to power laws of the rate there). None when
+    speedup stays on one side of 1 over the measured range (the method string says which side)."""
+    for (b0, s0), (b1, s1) in zip(points, points[1:], strict=False):
+        if s0 >= 1 > s1:
+            if s0 == 1:
+                return b0, f"measured: speedup 1.00 at {b0:g} Gbit/s"
+            f = math.log(s0) / (math.log(s0) - math.log(s1))
+            at = math.exp(math.log(b0) + f * (math.log(b1) - math.log(b0)))
+            return at, (
+                f"interpolated in log(rate) vs log(speedup) between {b0:g} Gbit/s ({s0:.2f}x) and "
+                f"{b1:g} Gbit/s ({s1:.2f}x)"
+            )
+    if points and all(sp >= 1 for _, sp in points):
+        return None, f"cachegen faster at every measured rate: break-even above {points[-1][0]:g} Gbit/s"
+    return None, f"cachegen slower at every measured rate: break-even below {points[0][0]:g} Gbit/s"
+
+
+def _loadavg() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
 
 
 def _prompts(model_dir: str, n_tokens: int, count: int) -> list[list[int]]:
@@ -496,19 +642,67 @@ def measure_handoff(model_dir: str, s: Settings, link: str) -> dict[str, Any]:
             raise SystemExit(f"--link netns: {why}")
         how = "netns" if ok else "limiter"
         if not ok:
-            _log(f"  netns + tc not usable ({why}); using the in-process rate limiter")
-    # cachegen_l0: what a decode instance that holds the model pulls when told cachegen (layer 0 as ids)
-    codecs = ("raw", "cachegen", "cachegen_l0")
-    plan = [(m, c, p) for p in prompts for c in codecs for m in ("after", "streaming")]
-    warm = 2 * len(codecs)  # the first prompt's trials (connection set-up, first allocations) are dropped
-    _log(f"  hand-off, 1 Gbit/s link ({how}): {len(plan)} trials")
+            _log(f"  netns + veth + tc not usable ({why}); using the in-process rate limiter")
+    # One prefill/decode pair for the whole sweep; the link is re-shaped between rates. At 1 Gbit/s every
+    # codec and mode (cachegen_l0: what a decode instance that holds the model pulls when told cachegen);
+    # at the other rates raw and cachegen pulled after prefill. The first prompt's trials at the first rate
+    # (connection set-up, first allocations) are dropped; later rates reuse the warm processes and skip it.
+    full = (("raw", "cachegen", "cachegen_l0"), ("after", "streaming"))
+    # At every rate cachegen is also served and pulled without the pipeline ("after_seq"): the baseline.
+    sweep = (("raw", "cachegen"), ("after",))
+    sweep_plan: list[tuple[str, str, list[int]]] = []
+    for i, gbit in enumerate(RATES_GBIT):
+        codecs, modes = full if gbit == 1.0 else sweep
+        sweep_plan.append(("shape", f"{gbit}", []))
+        for p in prompts if i == 0 else prompts[1:]:
+            sweep_plan += [(m, c, p) for c in codecs for m in modes] + [("after" + SEQUENTIAL, "cachegen", p)]
+    n_trials = len(sweep_plan) - len(RATES_GBIT)
+    _log(f"  hand-off over shaped links {list(RATES_GBIT)} Gbit/s ({how}): {n_trials} trials")
+    load0 = _loadavg()
     if how == "netns":
-        with shaped_netns("1gbit") as ns:
-            rows = run_handoff(model_dir, "tcp", plan, netns=ns)[warm:]
-        link_desc = "network namespace, loopback shaped by tc tbf rate 1gbit burst 256kb; tcp transport"
+        with veth_link(RATES_GBIT[0]) as vl:
+            all_rows = run_handoff(
+                model_dir,
+                "tcp",
+                sweep_plan,
+                netns=vl.prefill_ns,
+                decode_netns=vl.decode_ns,
+                host=vl.prefill_host,
+                reshape=vl.shape,
+            )
+        shaping = (
+            "two network namespaces joined by a veth pair, each end's egress shaped by tc tbf (burst "
+            f"{BURST_S * 1e6:.0f} us of the rate, >= {MIN_BURST_BYTES >> 10} KiB; latency 50ms), "
+            "tcp_slow_start_after_idle=0 in both; tcp transport"
+        )
     else:
-        rows = run_handoff(model_dir, "tcp", plan, limit_bps=LINK_BPS)[warm:]
-        link_desc = "LimitedTransport token bucket (125e6 bytes/s) on the prefill side's tcp sends"
+        all_rows = run_handoff(model_dir, "tcp", sweep_plan, limit_bps=RATES_GBIT[0] * 1e9 / 8)
+        shaping = "LimitedTransport token bucket on the prefill side's tcp sends (re-rated between rates)"
+    by_rate: dict[float, list[dict[str, Any]]] = {}
+    for i, gbit in enumerate(RATES_GBIT):
+        codecs, modes = full if gbit == 1.0 else sweep
+        by_rate[gbit] = [r for r in all_rows if r["gbit"] == gbit][0 if i else len(codecs) * len(modes) + 1 :]
+    shaped = []
+    for gbit, rr in by_rate.items():
+        t_raw = _med(rr, "handoff_s", mode="after", codec="raw")
+        t_cg = _med(rr, "handoff_s", mode="after", codec="cachegen")
+        t_seq = _med(rr, "handoff_s", mode="after" + SEQUENTIAL, codec="cachegen")
+        shaped.append(
+            {
+                "gbit_s": gbit,
+                "raw_s": t_raw,
+                "cachegen_s": t_cg,
+                "speedup": t_raw / t_cg,
+                "cachegen_sequential_s": t_seq,
+                "pipeline_speedup": t_seq / t_cg,
+                "raw_effective_gbit_s": _med(rr, "wire_bytes", codec="raw") * 8 / t_raw / 1e9,
+                "encode_s_cachegen": _med(rr, "encode_s", mode="after", codec="cachegen"),
+                "decode_s_cachegen": _med(rr, "decode_s", mode="after", codec="cachegen"),
+            }
+        )
+    be, be_how = break_even_gbit([(p["gbit_s"], p["speedup"]) for p in shaped])
+    rows = by_rate[1.0]
+    link_desc = shaping + " at 1 Gbit/s"
     h_raw = _med(rows, "handoff_s", mode="after", codec="raw")
     h_cg = _med(rows, "handoff_s", mode="after", codec="cachegen")
     h_l0 = _med(rows, "handoff_s", mode="after", codec="cachegen_l0")
@@ -538,6 +732,12 @@ def measure_handoff(model_dir: str, s: Settings, link: str) -> dict[str, Any]:
     return {
         "unshaped": unshaped,
         "limited_1gbit": limited,
+        "shaped": shaped,
+        "break_even_gbit_s": be,
+        "break_even_method": be_how,
+        "shaping": shaping,
+        "link": how,
+        "host_load_avg": {"before_sweep": load0, "after_sweep": _loadavg()},
         "method": "ModelRunner + KVServer (prefill process) and KVPuller -> KVCache (decode process), "
         "one core each; no gateway or gRPC",
         "prompt_tokens": s.prompt_tokens,
@@ -588,6 +788,15 @@ def summary(r: dict[str, Any]) -> str:
         f"hand-off unshaped ({u['transport']}, prefill {u['prefill_s'] * 1e3:.1f} ms): TTFT +"
         f"{u['ttft_added_frac_streaming']:.1%} streaming, +{u['ttft_added_frac_after']:.1%} after prefill"
     )
+    h = r["handoff"]
+    for p in h["shaped"]:
+        lines.append(
+            f"{p['gbit_s']:4g} Gbit/s ({h['link']}): raw {p['raw_s'] * 1e3:6.1f} ms, cachegen "
+            f"{p['cachegen_s'] * 1e3:6.1f} ms -> {p['speedup']:.2f}x (raw moved {p['raw_effective_gbit_s']:.2f} "
+            f"Gbit/s; cachegen unpipelined {p['cachegen_sequential_s'] * 1e3:.1f} ms)"
+        )
+    be = h["break_even_gbit_s"]
+    lines.append(f"break-even: {'-' if be is None else f'{be:.2f} Gbit/s'} ({h['break_even_method']})")
     lines.append(
         f"1 Gbit/s ({lim['link']}): hand-off raw {lim['handoff_s_raw'] * 1e3:.1f} ms, cachegen "
         f"{lim['handoff_s_cachegen'] * 1e3:.1f} ms -> {lim['cachegen_speedup_vs_raw']:.2f}x, cachegen_l0 "
@@ -598,7 +807,7 @@ def summary(r: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.transport", description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="fewer rounds and trials (under a minute)")
+    ap.add_argument("--quick", action="store_true", help="fewer rounds and trials (under two minutes)")
     ap.add_argument("--json", default=None, help="write the JSON object here instead of stdout")
     ap.add_argument(
         "--model", default=str(DEFAULT_MODEL), help="model directory (default: the shipped model)"
@@ -607,8 +816,8 @@ def main(argv: list[str] | None = None) -> int:
         "--link",
         choices=("auto", "netns", "limiter"),
         default="auto",
-        help="how to make the 1 Gbit/s link: netns + tc (needs root and iproute2), the in-process limiter, "
-        "or auto (netns if it works)",
+        help="how to shape the links: netns (two network namespaces joined by veth, tc tbf on each end; needs "
+        "root and iproute2), the in-process limiter, or auto (netns if it works)",
     )
     ap.add_argument(
         "--reshard",

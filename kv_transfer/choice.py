@@ -5,9 +5,14 @@ Units: bytes and seconds. A codec's profile is measured on the model (`pdserve c
 `ratio` = wire bytes / raw bytes of the KV in its serving dtype, throughputs in raw bytes per second
 of one core, `kl_mean` = mean per-token KL(reference || codec) in nats (0 for lossless codecs).
 
-With layer-wise pipelining the three stages overlap, so a hand-off of `raw` bytes costs about
-    max(raw / encode_bps, raw * ratio / link_bps, raw / decode_bps) + one layer's worth of fill,
-and without pipelining their sum. Compression pays only when the link is slower than the codec.
+The hand-off is pipelined layer by layer (kv_transfer/pipeline.py): the prefill side encodes, the link
+carries, the decode side decodes, all three at once on different layers, with `encode_workers` /
+`decode_workers` threads coding layers in parallel. So a hand-off of `raw` bytes in L layers costs the first
+layer's trip through every stage (fill and drain) plus L - 1 layers at the bottleneck's pace:
+    e, s, d = raw/L / encode_bps,  raw/L * ratio / link_bps,  raw/L / decode_bps     (one layer, one core)
+    time    = (e + s + d) + (L - 1) * max(e / encode_workers, s, d / decode_workers)
+(`pipelined_handoff_s`), about the slowest stage rather than their sum; without pipelining, L * (e + s + d).
+Compression pays only when the link is slower than the codec.
 """
 
 from __future__ import annotations
@@ -31,14 +36,38 @@ class CodecProfile:
     kl_mean: float = 0.0  # nats per token vs the reference; 0 = lossless
 
     def handoff_s(
-        self, raw_bytes: float, link_bps: float, num_layers: int = 1, pipelined: bool = True
+        self,
+        raw_bytes: float,
+        link_bps: float,
+        num_layers: int = 1,
+        pipelined: bool = True,
+        encode_workers: int = 1,
+        decode_workers: int = 1,
     ) -> float:
         """Seconds to move `raw_bytes` of KV over a link of `link_bps` bytes/s with this codec."""
-        stages = (raw_bytes / self.encode_bps, raw_bytes * self.ratio / link_bps, raw_bytes / self.decode_bps)
         if not pipelined:
-            return sum(stages)
-        fill = sum(stages) / max(1, num_layers)  # the first layer passes every stage before overlap starts
-        return max(stages) + fill - max(stages) / max(1, num_layers)
+            return (
+                raw_bytes / self.encode_bps + raw_bytes * self.ratio / link_bps + raw_bytes / self.decode_bps
+            )
+        return pipelined_handoff_s(self, raw_bytes, link_bps, num_layers, encode_workers, decode_workers)
+
+
+def pipelined_handoff_s(
+    codec: CodecProfile,
+    raw_bytes: float,
+    link_bps: float,
+    num_layers: int,
+    encode_workers: int = 1,
+    decode_workers: int = 1,
+) -> float:
+    """Seconds for a layer-pipelined hand-off (module doc): fill and drain + (L - 1) layers at the bottleneck.
+
+    Bytes, bytes/s, seconds. `num_layers` < 1 counts as 1 (no overlap); workers < 1 count as 1."""
+    n = max(1, num_layers)
+    layer = raw_bytes / n
+    e, s, d = layer / codec.encode_bps, layer * codec.ratio / link_bps, layer / codec.decode_bps
+    bottleneck = max(e / max(1, encode_workers), s, d / max(1, decode_workers))
+    return (e + s + d) + (n - 1) * bottleneck
 
 
 # Conservative built-ins for when nothing was measured on this model: raw is free and exact.
@@ -51,8 +80,12 @@ def choose_codec(
     profiles: tuple[CodecProfile, ...] | list[CodecProfile],
     max_kl: float = 0.0,
     num_layers: int = 1,
+    encode_workers: int = 1,
+    decode_workers: int = 1,
 ) -> CodecProfile:
-    """The fastest admissible codec for this hand-off. `max_kl` = 0 admits lossless codecs only."""
+    """The fastest admissible codec for this hand-off (pipelined model, module doc; `*_workers`: the codec
+    threads each side runs, KVServer.encode_workers / KVPuller.decode_workers). `max_kl` = 0 admits lossless
+    codecs only."""
     if link_bps <= 0:
         raise InvalidRequest(f"link bandwidth must be > 0 bytes/s, got {link_bps}")
     admissible = [p for p in profiles if p.kl_mean <= max_kl]
@@ -60,7 +93,13 @@ def choose_codec(
         raise InvalidRequest(
             f"no codec meets the quality floor max_kl={max_kl} (have {[p.name for p in profiles]})"
         )
-    return min(admissible, key=lambda p: (p.handoff_s(raw_bytes, link_bps, num_layers), p.kl_mean))
+    return min(
+        admissible,
+        key=lambda p: (
+            p.handoff_s(raw_bytes, link_bps, num_layers, True, encode_workers, decode_workers),
+            p.kl_mean,
+        ),
+    )
 
 
 def break_even_bps(

@@ -14,6 +14,11 @@ Connections are pooled per address: after an ACK the channel is kept for the nex
 
 `pull_pieces()` pulls one destination rank's rectangle from a TP x PP prefill instance: one piece per source
 rank (engine.parallel.layout.pieces), all in parallel (kv_transfer/reshard.py).
+Pipeline (kv_transfer/pipeline.py): for a codec that computes (every one but raw), frames are checked and
+decoded on the puller's decode pool while the pull thread receives the next ones, at most `pipeline_depth`
+frames waiting (each a copy of the received bytes: the channel's receive buffer is reused). write_layer runs on
+the pull thread, in layer order. raw is decoded in place instead: its k, v are views of the receive buffer
+(zero-copy), so it is written before the next receive.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -32,9 +38,11 @@ from torch import Tensor
 
 from engine.parallel.layout import Layout
 from kv_transfer import reshard
-from kv_transfer.codec import CodecContext
+from kv_transfer.codec import Codec, CodecContext
+from kv_transfer.codec.raw import RawCodec
 from kv_transfer.errors import (
     FingerprintMismatch,
+    FrameCorrupted,
     FrameForeign,
     KVTransferError,
     LayoutMismatch,
@@ -47,7 +55,8 @@ from kv_transfer.errors import (
     UnknownCodec,
     UnknownTransfer,
 )
-from kv_transfer.frame import DEFAULT_MAX_ELEMENTS, Frame, decode_frame, is_frame
+from kv_transfer.frame import DEFAULT_MAX_ELEMENTS, Buffer, Frame, decode_frame, is_frame
+from kv_transfer.pipeline import OrderedWindow, auto_workers, codec_pool
 from kv_transfer.reshard import WritePiece
 from kv_transfer.transport import transport_for
 from kv_transfer.transport.base import Channel, Transport
@@ -193,6 +202,10 @@ class KVPuller:
 
     timeout_s bounds the wait for each next message (not the whole pull: a streaming pull may wait
     for a long prefill as long as layers keep coming). out_dtype=None keeps the sender's dtype.
+    decode_workers: threads that decode layers, shared by all pulls (0 = the cores this process may use,
+    at most 4; started on the first pull that needs them); pipeline_depth: per pull, frames received and
+    not yet decoded (0 = decode_workers + 1). pipelined=False decodes every codec on the pull thread, one
+    frame at a time (the baseline bench.transport compares).
     """
 
     def __init__(
@@ -204,8 +217,17 @@ class KVPuller:
         connect_timeout_s: float = 10.0,
         max_idle_per_address: int = 4,
         codecs: CodecContext | None = None,
+        decode_workers: int = 0,
+        pipeline_depth: int = 0,
+        pipelined: bool = True,
     ) -> None:
         """`codecs`: the served model's codec context (default: none, so no calibration or layer 0)."""
+        if decode_workers < 0 or pipeline_depth < 0:
+            raise ValueError("decode_workers and pipeline_depth must be >= 0")
+        self.decode_workers = decode_workers or auto_workers()
+        self.pipeline_depth = pipeline_depth or self.decode_workers + 1
+        self.pipelined = pipelined
+        self._decode_pool: ThreadPoolExecutor | None = None  # made by the first pull that decodes on it
         self.fingerprint = fingerprint & 0xFFFFFFFFFFFFFFFF
         self.codecs = codecs if codecs is not None else CodecContext()
         self.timeout_s, self.max_elements, self.out_dtype = timeout_s, max_elements, out_dtype
@@ -347,12 +369,16 @@ class KVPuller:
         return Trailer(first, num_tokens, layers[1] - layers[0], total)
 
     def close(self) -> None:
+        """Close pooled connections and stop the decode pool (after the pulls in progress end)."""
         with self._lock:
             self._closed = True
             idle, self._idle = self._idle, {}
+            pool, self._decode_pool = self._decode_pool, None
         for chans in idle.values():
             for ch in chans:
                 ch.close()
+        if pool is not None:
+            pool.shutdown(wait=True)
 
     def __enter__(self) -> KVPuller:
         return self
@@ -445,77 +471,144 @@ class KVPuller:
         pull = Pull(self.fingerprint, tid, codec_name, token, layers or (0, 0), heads or (0, 0))
         pull = dataclasses.replace(pull, copies=handle.replica.copies, replica=handle.replica.index)
         ch.send(encode_control(pull), timeout=self.timeout_s)
-        first_layer = expect_layer = layers[0] if layers is not None else 0
-        frame_heads: Range | None = heads
-        shape: tuple[int, int, int] | None = None
-        dtype: torch.dtype | None = None
-        wire_bytes = 0
-        decode_s = write_s = 0.0
-        while True:
-            msg = ch.recv(timeout=self.timeout_s)
-            if is_frame(msg):
-                t0 = time.perf_counter()
-                f = decode_frame(msg, expect_fingerprint=self.fingerprint, max_elements=self.max_elements)
-                if f.transfer_id != tid:
-                    raise ProtocolError(f"frame for transfer {f.transfer_id!r} while pulling {tid!r}")
-                if f.codec_id != codec.codec_id:
-                    raise ProtocolError(
-                        f"frame codec id {f.codec_id}, requested {codec.name} ({codec.codec_id})"
-                    )
-                frame_heads = _check_rect(f, layers, frame_heads)
-                if f.layer != expect_layer:
-                    raise ProtocolError(f"frame for layer {f.layer}, expected layer {expect_layer}")
-                if shape is None:
-                    shape, dtype = f.shape, f.dtype
-                elif f.shape != shape or f.dtype != dtype:
-                    raise ProtocolError(
-                        f"layer {f.layer} is {f.shape} {f.dtype}, earlier layers {shape} {dtype}"
-                    )
-                k, v = codec.decode(f.params, f.payload, f.shape, self.out_dtype or f.dtype, f.layer)
-                t1 = time.perf_counter()
-                write_layer(f.layer, k, v)
-                write_s += time.perf_counter() - t1
-                decode_s += t1 - t0
-                wire_bytes += f.nbytes
-                expect_layer += 1
-                handle._layer_done(expect_layer - first_layer)
-                continue
-            if not is_control(msg):
-                raise FrameForeign(f"unexpected message starting {bytes(msg[:4])!r}")
-            ctl = decode_control(msg)
-            if isinstance(ctl, ErrorMsg):
-                raise _ERRORS.get(ctl.code, RemoteError)(f"server: {ctl.message}")
-            if not isinstance(ctl, TrailerMsg):
-                raise ProtocolError(f"unexpected {type(ctl).__name__} during a pull")
-            transfer_s = time.perf_counter() - t_start
-            received = expect_layer - first_layer
-            if ctl.transfer_id != tid or ctl.num_layers != received or received == 0:
-                raise ProtocolError(
-                    f"trailer says {ctl.num_layers} layers of {ctl.transfer_id!r}, got {received} of {tid!r}"
-                )
-            if layers is not None and expect_layer != layers[1]:
-                raise LayoutMismatch(
-                    f"layers {layers} asked, the server sent [{first_layer}, {expect_layer})"
-                )
-            if shape is not None and ctl.num_tokens != shape[0]:
-                raise ProtocolError(f"trailer says {ctl.num_tokens} tokens, frames carried {shape[0]}")
-            if before_ack is not None and not before_ack():
-                raise TransferCancelled(f"pull of {tid!r} not acknowledged: another piece failed")
-            ch.send(encode_control(Ack(tid)), timeout=self.timeout_s)
-            stats = PullStats(
-                bytes_on_wire=wire_bytes,
-                raw_bytes=ctl.raw_bytes,
-                payload_bytes=ctl.payload_bytes,
-                server_read_s=ctl.read_s,
-                encode_s=ctl.encode_s,
-                server_wait_s=ctl.wait_s,
-                server_send_s=ctl.send_s,
-                transfer_s=transfer_s,
-                decode_s=decode_s,
-                write_s=write_s,
-                connect_s=connect_s,
+        first_layer = expect_layer = layers[0] if layers is not None else 0  # the next frame's layer
+        got = _Received(heads=heads)  # got.layers of the frames received are written
+        window = self._decode_window(codec)
+        try:
+            while True:
+                msg = ch.recv(timeout=self.timeout_s)
+                if is_frame(msg):
+                    # raw (no window): k, v view the receive buffer, so they are written before the next recv
+                    if window is None:
+                        d = self._decode(msg, tid, codec, expect_layer)
+                        self._write(d, got, write_layer, handle, layers)
+                    else:
+                        if window.full():
+                            self._write(window.take(), got, write_layer, handle, layers)
+                        try:
+                            window.submit(self._decode, bytes(msg), tid, codec, expect_layer)
+                        except RuntimeError as e:  # close() shut the decode pool down during this pull
+                            raise TransferCancelled(f"puller closed while pulling {tid!r}") from e
+                        while window.head_done():
+                            self._write(window.take(), got, write_layer, handle, layers)
+                    expect_layer += 1
+                    continue
+                while window is not None and len(window):  # every frame before a control message is written
+                    self._write(window.take(), got, write_layer, handle, layers)
+                break
+        finally:
+            if window is not None:
+                window.close()
+        if not is_control(msg):
+            raise FrameForeign(f"unexpected message starting {bytes(msg[:4])!r}")
+        ctl = decode_control(msg)
+        if isinstance(ctl, ErrorMsg):
+            raise _ERRORS.get(ctl.code, RemoteError)(f"server: {ctl.message}")
+        if not isinstance(ctl, TrailerMsg):
+            raise ProtocolError(f"unexpected {type(ctl).__name__} during a pull")
+        transfer_s = time.perf_counter() - t_start
+        received = expect_layer - first_layer
+        if ctl.transfer_id != tid or ctl.num_layers != received or received == 0:
+            raise ProtocolError(
+                f"trailer says {ctl.num_layers} layers of {ctl.transfer_id!r}, got {received} of {tid!r}"
             )
-            return Trailer(ctl.first_token_id, ctl.num_tokens, ctl.num_layers, stats)
+        if layers is not None and expect_layer != layers[1]:
+            raise LayoutMismatch(f"layers {layers} asked, the server sent [{first_layer}, {expect_layer})")
+        if got.shape is not None and ctl.num_tokens != got.shape[0]:
+            raise ProtocolError(f"trailer says {ctl.num_tokens} tokens, frames carried {got.shape[0]}")
+        if before_ack is not None and not before_ack():
+            raise TransferCancelled(f"pull of {tid!r} not acknowledged: another piece failed")
+        ch.send(encode_control(Ack(tid)), timeout=self.timeout_s)
+        stats = PullStats(
+            bytes_on_wire=got.wire_bytes,
+            raw_bytes=ctl.raw_bytes,
+            payload_bytes=ctl.payload_bytes,
+            server_read_s=ctl.read_s,
+            encode_s=ctl.encode_s,
+            server_wait_s=ctl.wait_s,
+            server_send_s=ctl.send_s,
+            transfer_s=transfer_s,
+            decode_s=got.decode_s,
+            write_s=got.write_s,
+            connect_s=connect_s,
+        )
+        return Trailer(ctl.first_token_id, ctl.num_tokens, ctl.num_layers, stats)
+
+    def _decode_window(self, codec: Codec) -> OrderedWindow[_Decoded] | None:
+        """The pull's window on the decode pool; None (decode on the pull thread) for raw, which decodes in
+        place (module doc), or when the puller is not pipelined."""
+        if isinstance(codec, RawCodec) or not self.pipelined:
+            return None
+        with self._lock:
+            if self._closed:  # a pull after close(): no new pool (nothing would stop it)
+                return None
+            if self._decode_pool is None:
+                self._decode_pool = codec_pool(self.decode_workers, "kvpull-decode")
+            return OrderedWindow(self._decode_pool, self.pipeline_depth)
+
+    def _decode(self, msg: Buffer, tid: str, codec: Codec, layer: int) -> _Decoded:
+        """Check one frame (CRC, fingerprint, transfer, codec, that it is `layer`) and decode it. Runs on the
+        pull thread (raw) or the decode pool; any failure is a typed error (KVTransferError)."""
+        t0 = time.perf_counter()
+        f = decode_frame(msg, expect_fingerprint=self.fingerprint, max_elements=self.max_elements)
+        if f.transfer_id != tid:
+            raise ProtocolError(f"frame for transfer {f.transfer_id!r} while pulling {tid!r}")
+        if f.codec_id != codec.codec_id:
+            raise ProtocolError(f"frame codec id {f.codec_id}, requested {codec.name} ({codec.codec_id})")
+        if f.layer != layer:
+            raise ProtocolError(f"frame for layer {f.layer}, expected layer {layer}")
+        try:
+            k, v = codec.decode(f.params, f.payload, f.shape, self.out_dtype or f.dtype, f.layer)
+        except KVTransferError:
+            raise
+        except Exception as e:  # a codec bug must fail this pull with a typed error
+            log.exception("decoding layer %d of %s failed", layer, tid)
+            raise FrameCorrupted(f"decode layer {layer}: {type(e).__name__}: {e}") from e
+        return _Decoded(f, k, v, time.perf_counter() - t0)
+
+    def _write(
+        self, d: _Decoded, got: _Received, write_layer: WriteLayer, handle: PullHandle, layers: Range | None
+    ) -> None:
+        """Hand one decoded layer to write_layer (layers arrive here in order); checks that it is in the
+        rectangle asked (_check_rect), and T, Hkv, D and dtype against the earlier layers."""
+        f = d.frame
+        got.heads = _check_rect(f, layers, got.heads)
+        if got.shape is None:
+            got.shape, got.dtype = f.shape, f.dtype
+        elif f.shape != got.shape or f.dtype != got.dtype:
+            raise ProtocolError(
+                f"layer {f.layer} is {f.shape} {f.dtype}, earlier layers {got.shape} {got.dtype}"
+            )
+        t0 = time.perf_counter()
+        write_layer(f.layer, d.k, d.v)
+        got.write_s += time.perf_counter() - t0
+        got.decode_s += d.decode_s
+        got.wire_bytes += f.nbytes
+        got.layers += 1
+        handle._layer_done(got.layers)
+
+
+@dataclass(frozen=True)
+class _Decoded:
+    frame: Frame  # its payload views the received bytes
+    k: Tensor
+    v: Tensor
+    decode_s: float  # frame checks + codec decode
+
+
+@dataclass
+class _Received:
+    """One pull's progress on its pull thread."""
+
+    heads: Range | None = (
+        None  # the KV heads every frame must hold (None until the first when all were asked)
+    )
+    layers: int = 0  # written, in order
+    shape: tuple[int, int, int] | None = None
+    dtype: torch.dtype | None = None
+    wire_bytes: int = 0
+    decode_s: float = 0.0
+    write_s: float = 0.0
 
 
 def _check_rect(f: Frame, layers: Range | None, heads: Range | None) -> Range:

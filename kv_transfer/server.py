@@ -1,7 +1,14 @@
 """KVServer (prefill side): the lease table plus the pull server that streams each layer's KV frames.
 
-Threads: one acceptor, one handler per connection, one reaper that expires leases. A connection may
-carry several pulls one after another (the puller pools connections).
+Threads: one acceptor, one handler per connection, one reaper that expires leases, and a small pool of encode
+threads (`encode_workers`) that all connections share. A connection may carry several pulls one after another
+(the puller pools connections).
+
+Pipeline (kv_transfer/pipeline.py): a connection's handler sends layer l while the pool reads and encodes
+the next ready layers, at most `pipeline_depth` ahead (so at most that many encoded layers wait; each has its
+own FrameBuffer on the connection, `pipeline_depth + 1` in all; raw: one layer ahead, 2 buffers). A layer is submitted only once prefill marked
+it ready, frames leave in layer order, and a failed read or encode fails the pull with ERROR INTERNAL (the
+lease is kept) after the layers before it were sent.
 
 Lease life:
 - open_lease() -> deadline = now + ttl. A lease holds a rectangle of the model's KV: layers [l0, l1) x KV
@@ -32,9 +39,10 @@ Lease life:
   first layer and supersedes a still-running stream of the same rectangle and replica for the same transfer
   id.
 
-Invariant: read_layer is never called after a lease's release began. Reads and releases both hold the
-lease's `io_lock`, and `released` is set under it, so on_release (which frees the KV blocks) cannot run
-while a layer is being read and encoded, and no read starts after it.
+Invariant: read_layer is never called after a lease's release began, and on_release (which frees the KV
+blocks) never runs while a layer is being read and encoded. A read registers itself as one of the lease's
+`readers` under `io_lock` (refused once `released` is set); the release sets `released` under `io_lock`, then
+waits on it until `readers` is 0, then calls on_release. Layers of one lease are read and encoded in parallel.
 Lock order: lease.io_lock before server._lock; on_release and read_layer run without server._lock.
 """
 
@@ -46,12 +54,14 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from kv_transfer.codec import Codec, CodecContext
+from kv_transfer.codec.raw import RawCodec
 from kv_transfer.coverage import Coverage
 from kv_transfer.errors import (
     FrameError,
@@ -63,6 +73,7 @@ from kv_transfer.errors import (
     UnknownCodec,
 )
 from kv_transfer.frame import MAX_TRANSFER_ID_BYTES, FrameBuffer
+from kv_transfer.pipeline import OrderedWindow, auto_workers, codec_pool
 from kv_transfer.transport._sockutil import advertised
 from kv_transfer.transport.base import Channel, Listener, Transport
 from kv_transfer.wire import (
@@ -96,7 +107,8 @@ class _Lease:
     read_layer: ReadLayer
     on_release: OnRelease
     deadline: float  # time.monotonic() seconds
-    io_lock: threading.Lock = field(default_factory=threading.Lock)
+    io_lock: threading.Condition = field(default_factory=threading.Condition)  # notified when readers -> 0
+    readers: int = 0  # reads (read_layer + encode) in progress, under io_lock
     ready: int = 0  # global layers [0, ready) may be sent
     first_token_id: int | None = None  # set by finish(): the trailer may follow the last layer
     released: str | None = None  # release reason once released
@@ -119,6 +131,13 @@ class _PullStats:
     encode_s: float = 0.0
     wait_s: float = 0.0
     send_s: float = 0.0
+
+    def add_layer(self, layer: _PullStats) -> None:
+        """Add one layer's read/encode figures (measured on a pool thread)."""
+        self.raw_bytes += layer.raw_bytes
+        self.payload_bytes += layer.payload_bytes
+        self.read_s += layer.read_s
+        self.encode_s += layer.encode_s
 
 
 @dataclass(frozen=True)
@@ -149,18 +168,30 @@ class KVServer:
         send_timeout_s: float = 60.0,
         codecs: CodecContext | None = None,
         advertise_host: str = "",
+        encode_workers: int = 0,
+        pipeline_depth: int = 0,
+        pipelined: bool = True,
     ) -> None:
         """`codecs`: the served model's codec context (default: none, so no calibration or layer 0).
         `host`: the listen host; `advertise_host`: the host `address` names for pullers ("" = the listener's
-        own, with a wildcard host replaced by this machine's name)."""
+        own, with a wildcard host replaced by this machine's name). `encode_workers`: threads that encode
+        layers, shared by all pulls (0 = the cores this process may use, at most 4); `pipeline_depth`: per
+        pull, layers encoded ahead of the one being sent (0 = encode_workers + 1); `pipelined=False`: read,
+        encode and send one layer at a time on the connection's thread (the baseline bench.transport compares)."""
         if lease_ttl_s <= 0:
             raise ValueError("lease_ttl_s must be > 0")
+        if encode_workers < 0 or pipeline_depth < 0:
+            raise ValueError("encode_workers and pipeline_depth must be >= 0")
         self.transport, self.host, self.port = transport, host, port
         self.advertise_host = advertise_host
         self.fingerprint = fingerprint & 0xFFFFFFFFFFFFFFFF
         self.lease_ttl_s = lease_ttl_s
         self.send_timeout_s = send_timeout_s
         self.codecs = codecs if codecs is not None else CodecContext()
+        self.encode_workers = encode_workers or auto_workers()
+        self.pipeline_depth = pipeline_depth or self.encode_workers + 1
+        self.pipelined = pipelined
+        self._encode_pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)  # notified on any lease change and on stop
         # The reaper's own: notified when a lease opens and on stop only. Renewals (every layer marked
@@ -187,6 +218,7 @@ class KVServer:
         if self._listener is not None:
             raise RuntimeError("KVServer already started")
         self._listener = self.transport.listen(self.host, self.port)
+        self._encode_pool = codec_pool(self.encode_workers, "kvserver-encode")
         self._address = advertised(self._listener.address, self.advertise_host)
         for target, name in ((self._accept_loop, "accept"), (self._reaper_loop, "reaper")):
             self._spawn(target, f"kvserver-{name}")
@@ -209,6 +241,8 @@ class KVServer:
         for th in list(self._threads):
             if th is not me:
                 th.join(timeout=10.0)
+        if self._encode_pool is not None:  # the handlers closed their windows: nothing runs on it now
+            self._encode_pool.shutdown(wait=True, cancel_futures=True)
         with self._lock:
             leases = list(self._leases.values())
         for lease in leases:
@@ -341,14 +375,16 @@ class KVServer:
             )
 
     def _release(self, lease: _Lease, reason: str) -> bool:
-        """Release once; True if this call released it. Waits for an in-flight read of the lease."""
-        with lease.io_lock, self._lock:
-            if lease.released is not None:
-                return False
-            lease.released = reason
-            if self._leases.get(lease.transfer_id) is lease:
-                del self._leases[lease.transfer_id]
-            self._cond.notify_all()
+        """Release once; True if this call released it. Waits for the lease's reads in flight to end."""
+        with lease.io_lock:
+            with self._lock:
+                if lease.released is not None:
+                    return False
+                lease.released = reason
+                if self._leases.get(lease.transfer_id) is lease:
+                    del self._leases[lease.transfer_id]
+                self._cond.notify_all()
+            lease.io_lock.wait_for(lambda: lease.readers == 0)  # no new read starts: released is set
         try:
             lease.on_release(lease.transfer_id, reason)
         except Exception:  # the callback is the caller's code: report, keep serving
@@ -394,7 +430,8 @@ class KVServer:
             self._spawn(self._serve_connection, "kvserver-conn", ch)
 
     def _serve_connection(self, ch: Channel) -> None:
-        buf = FrameBuffer()  # reused for every frame on this connection
+        # reused for every pull on this connection: layer l of a pull is encoded into bufs[l % len(bufs)]
+        bufs = [FrameBuffer() for _ in range(self.pipeline_depth + 1)]
         try:
             while not self._stopping:
                 try:
@@ -410,7 +447,7 @@ class KVServer:
                         ch, ErrorCode.BAD_REQUEST, "", f"expected PULL, got {type(msg).__name__}"
                     )
                     return
-                if not self._serve_pull(ch, msg, buf):
+                if not self._serve_pull(ch, msg, bufs):
                     return
         except KVTransferError as e:  # peer died or misbehaved mid-pull: only this connection ends
             log.info("connection ended: %s: %s", type(e).__name__, e)
@@ -435,7 +472,7 @@ class KVServer:
         except (PeerClosed, TransferTimeout):
             pass  # the peer is gone; nothing more to tell it
 
-    def _serve_pull(self, ch: Channel, pull: Pull, buf: FrameBuffer) -> bool:
+    def _serve_pull(self, ch: Channel, pull: Pull, bufs: list[FrameBuffer]) -> bool:
         """Stream one pull. Returns whether the connection can carry another pull."""
         tid = pull.transfer_id
         if pull.fingerprint != self.fingerprint:
@@ -479,15 +516,7 @@ class KVServer:
         layers, heads = rect
         stats = _PullStats()
         try:
-            for layer in range(*layers):
-                self._wait_for(lease, session, layer + 1, stats)
-                frame = self._encode_layer(lease, codec, layer, buf, stats, heads)
-                t0 = time.perf_counter()
-                self._send(ch, frame, self.send_timeout_s, frame=True)
-                stats.send_s += time.perf_counter() - t0
-                stats.bytes_on_wire += len(frame)
-                with self._lock:
-                    lease.deadline = time.monotonic() + self.lease_ttl_s
+            self._stream_layers(ch, lease, session, codec, bufs, stats, layers, heads)
             first_token_id = self._wait_for(lease, session, None, stats)
         except _StreamEnded as e:
             self._send_error(ch, e.code, tid, e.message)
@@ -533,6 +562,96 @@ class KVServer:
         if done:
             self._release(lease, "pulled")
 
+    def _stream_layers(
+        self,
+        ch: Channel,
+        lease: _Lease,
+        session: int,
+        codec: Codec,
+        bufs: list[FrameBuffer],
+        stats: _PullStats,
+        layers: Range,
+        heads: Range | None,
+    ) -> None:
+        """Send layers [layers) (global numbering), each frame with KV heads `heads` (None: all the lease holds),
+        in order, while the encode pool works ahead (module doc, Pipeline).
+
+        Layer l is encoded into ring[l % len(ring)]: at most len(ring) - 1 layers are in the window, and the
+        one taken from it is sent before the window can reach its buffer again. raw's "encoding" is a copy:
+        one layer copied ahead of the send is all the overlap it needs, so it uses 2 buffers, not all of
+        them (a raw layer is 16x a cachegen one). Raises _StreamEnded."""
+        if not self.pipelined:
+            for layer in range(*layers):
+                self._wait_for(lease, session, layer + 1, stats)
+                frame, layer_stats = self._encode_task(lease, codec, layer, bufs[0], heads)
+                stats.add_layer(layer_stats)
+                self._send_frame(ch, lease, frame, stats)
+            return
+        assert self._encode_pool is not None  # start() made it
+        ring = bufs[:2] if isinstance(codec, RawCodec) else bufs
+        window: OrderedWindow[tuple[memoryview, _PullStats]] = OrderedWindow(self._encode_pool, len(ring) - 1)
+        nxt = layers[0]  # the next layer to submit
+        try:
+            for layer in range(*layers):
+                # waits for prefill (and checks the lease and session) when nothing is ahead; else returns at once
+                self._wait_for(lease, session, layer + 1, stats)
+                nxt = self._submit_ready(window, lease, session, codec, ring, nxt, layers[1], heads)
+                if nxt <= layer:  # not submitted: released, superseded or stopping since _wait_for returned
+                    self._wait_for(
+                        lease, session, layer + 1, stats
+                    )  # raises the _StreamEnded that says which
+                    raise _StreamEnded(ErrorCode.INTERNAL, f"layer {layer} could not be submitted")
+                frame, layer_stats = window.take()
+                nxt = self._submit_ready(window, lease, session, codec, ring, nxt, layers[1], heads)
+                stats.add_layer(layer_stats)
+                self._send_frame(ch, lease, frame, stats)
+        finally:
+            window.close()  # nothing may still write into bufs when the next pull reuses them
+
+    def _send_frame(self, ch: Channel, lease: _Lease, frame: memoryview, stats: _PullStats) -> None:
+        t0 = time.perf_counter()
+        self._send(ch, frame, self.send_timeout_s, frame=True)
+        stats.send_s += time.perf_counter() - t0
+        stats.bytes_on_wire += len(frame)
+        with self._lock:
+            lease.deadline = time.monotonic() + self.lease_ttl_s
+
+    def _submit_ready(
+        self,
+        window: OrderedWindow[tuple[memoryview, _PullStats]],
+        lease: _Lease,
+        session: int,
+        codec: Codec,
+        bufs: list[FrameBuffer],
+        nxt: int,
+        end: int,
+        heads: Range | None,
+    ) -> int:
+        """Submit layers nxt, nxt+1, ... < end that prefill has made ready, while the window has room; returns
+        the next layer to submit. Submits nothing once the lease is released or the pull superseded."""
+        while nxt < end and not window.full():
+            with self._lock:
+                go = not self._stopping and lease.released is None and session in lease.streams.values()
+                if not (go and lease.ready > nxt):
+                    return nxt
+            window.submit(self._encode_task, lease, codec, nxt, bufs[nxt % len(bufs)], heads)
+            nxt += 1
+        return nxt
+
+    def _encode_task(
+        self, lease: _Lease, codec: Codec, layer: int, buf: FrameBuffer, heads: Range | None
+    ) -> tuple[memoryview, _PullStats]:
+        """One layer's frame and its figures (on the encode pool, or inline when not pipelined). Any failure is
+        a _StreamEnded."""
+        stats = _PullStats()
+        try:
+            return self._encode_layer(lease, codec, layer, buf, stats, heads), stats
+        except _StreamEnded:
+            raise
+        except Exception as e:  # a codec bug must fail this pull with a typed error, not the connection
+            log.exception("encoding layer %d of %s failed", layer, lease.transfer_id)
+            raise _StreamEnded(ErrorCode.INTERNAL, f"encode layer {layer}: {type(e).__name__}: {e}") from e
+
     def _wait_for(self, lease: _Lease, session: int, layers: int | None, stats: _PullStats) -> int:
         """Block until `layers` layers are ready (or, with None, until finish()); returns first_token_id."""
         t0 = time.perf_counter()
@@ -569,6 +688,8 @@ class KVServer:
         with lease.io_lock:  # no release while we read (see module doc)
             if lease.released is not None:
                 raise _StreamEnded(ErrorCode.UNKNOWN_TRANSFER, f"lease released ({lease.released})")
+            lease.readers += 1
+        try:
             t0 = time.perf_counter()
             try:
                 k, v = lease.read_layer(layer)
@@ -600,6 +721,11 @@ class KVServer:
                 head_start=head_start,
             )
             t2 = time.perf_counter()
+        finally:
+            with lease.io_lock:
+                lease.readers -= 1
+                if lease.readers == 0:
+                    lease.io_lock.notify_all()
         stats.read_s += t1 - t0
         stats.encode_s += t2 - t1
         stats.raw_bytes += k.numel() * k.element_size() * 2

@@ -6,7 +6,14 @@ import math
 
 import pytest
 
-from kv_transfer.choice import CodecProfile, break_even_bps, choose_codec, load_profiles, save_profiles
+from kv_transfer.choice import (
+    CodecProfile,
+    break_even_bps,
+    choose_codec,
+    load_profiles,
+    pipelined_handoff_s,
+    save_profiles,
+)
 from pdserve.errors import InvalidRequest
 
 RAW = CodecProfile("raw", 1.0, math.inf, math.inf, 0.0)
@@ -22,6 +29,38 @@ def test_handoff_time_model_by_hand() -> None:
     assert INT8.handoff_s(100e6, 1e9, pipelined=False) == pytest.approx(0.125)
     # pipelined over 4 layers: sum/4 + 3/4 * max = 0.125/4 + 0.75 * 0.05
     assert INT8.handoff_s(100e6, 1e9, num_layers=4) == pytest.approx(0.125 / 4 + 0.75 * 0.05)
+
+
+def test_pipelined_model_with_parallel_coders_by_hand() -> None:
+    # 80 MB in 8 layers of 10 MB over 1 Gbit/s (125e6 B/s). One cachegen layer: encode 10e6 / 2e8 = 0.05 s,
+    # send 10e6 * 0.08 / 125e6 = 0.0064 s, decode 0.05 s. Fill + drain = 0.1064 s, then 7 layers at the
+    # bottleneck: with one coder per side 0.05 s each.
+    assert pipelined_handoff_s(CG, 80e6, 125e6, 8) == pytest.approx(0.1064 + 7 * 0.05)
+    # two coders per side: the bottleneck halves to 0.025 s; four: 0.0125 s
+    assert pipelined_handoff_s(CG, 80e6, 125e6, 8, 2, 2) == pytest.approx(0.1064 + 7 * 0.025)
+    assert pipelined_handoff_s(CG, 80e6, 125e6, 8, 4, 4) == pytest.approx(0.1064 + 7 * 0.0125)
+    # sixteen: the link (0.0064 s a layer) is the bottleneck now
+    assert pipelined_handoff_s(CG, 80e6, 125e6, 8, 16, 16) == pytest.approx(0.1064 + 7 * 0.0064)
+    # only the slower side's workers matter: 4 encoders but 1 decoder is still decode-bound
+    assert pipelined_handoff_s(CG, 80e6, 125e6, 8, 4, 1) == pytest.approx(0.1064 + 7 * 0.05)
+    # raw: 8 layers of 0.08 s on the link = 0.64 s, the same as one piece; one layer = the sequential sum
+    assert pipelined_handoff_s(RAW, 80e6, 125e6, 8) == pytest.approx(0.64)
+    assert CG.handoff_s(80e6, 125e6, 1) == pytest.approx(CG.handoff_s(80e6, 125e6, 8, pipelined=False))
+    assert CG.handoff_s(80e6, 125e6, 8, pipelined=False) == pytest.approx(0.4 + 0.0512 + 0.4)
+    assert CG.handoff_s(80e6, 125e6, 8, True, 4, 4) == pipelined_handoff_s(CG, 80e6, 125e6, 8, 4, 4)
+
+
+def test_parallel_coders_move_the_choice() -> None:
+    # 10 Gbit/s (1.25e9 B/s), 80 MB in 80 layers of 1 MB: raw takes 0.064 s. cachegen, one layer: encode and
+    # decode 0.005 s each, send 0.000064 s. One coder a side: 0.010064 + 79 * 0.005 = 0.405 s -> raw.
+    # Sixteen: 0.010064 + 79 * 0.0003125 = 0.0348 s -> cachegen.
+    profiles = [RAW, CG]
+    assert choose_codec(80e6, 1.25e9, profiles, max_kl=1.0, num_layers=80).name == "raw"
+    got = choose_codec(
+        80e6, 1.25e9, profiles, max_kl=1.0, num_layers=80, encode_workers=16, decode_workers=16
+    )
+    assert got.name == "cachegen"
+    assert CG.handoff_s(80e6, 1.25e9, 80, True, 16, 16) == pytest.approx(0.010064 + 79 * 0.0003125)
 
 
 def test_fast_link_prefers_raw_slow_link_prefers_compression() -> None:
