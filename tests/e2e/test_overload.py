@@ -60,7 +60,8 @@ def test_a_flood_past_the_kv_budget_is_refused_at_once_and_memory_stays_bounded(
 ) -> None:
     # 1P1D, 16 blocks of 16 tokens on the decode instance: a KV budget of 1.0 is 256 tokens, and each
     # request reserves 8 prompt + 24 output = 32 of them, so exactly 8 are admitted at a time.
-    cluster = start_cluster(tiny_model_dir, num_kv_blocks=16, kv_budget=1.0)
+    # The pure split: with the prefill instance stopped, no prompt may be prefilled on the decode instance.
+    cluster = start_cluster(tiny_model_dir, num_kv_blocks=16, kv_budget=1.0, local_prefill="off")
     admitted, flood = 8, 300
     coordinator = next(c for c in cluster.children if c.role == "coordinator")
     prefill = next(c for c in cluster.children if c.role == "prefill")
