@@ -2,7 +2,7 @@
 symbols with the compiled rANS coder (`rans`). Lossy, at a quality level (`LEVELS`: high / default / low, each
 a bit budget). Per layer the codec writes one of three formats, each in its own module:
 
-  * v2, `cachegen_klt` (what serves a calibrated model): a model-profiled decorrelating transform, one step
+  * v4, `cachegen_klt` (what serves a calibrated model): a model-profiled decorrelating transform, one step
     per (layer, K/V) from the level's calibrated plan, discrete Laplace models -- where the context holds
     the model's transform and it covers the layer;
   * v1, `cachegen_v1`: CacheGen's own quantizers (per-channel keys, per-token values) and per-channel tables
@@ -10,7 +10,8 @@ a bit budget). Per layer the codec writes one of three formats, each in its own 
   * v3, `layer0` (`cachegen_l0` only): layer 0 as the prompt's token ids, recomputed exactly by a decoder
     that holds the model.
 
-Decoders read all three: params start with b"CG" and the format version. Measured sizes, quality and speed
+Decoders read all three: params start with b"CG" and the format version (v2, the transform format's retired
+coder, and any version this build does not know raise FrameForeign). Measured sizes, quality and speed
 per format and level: docs/benchmarks.md ("KV codec"). CUDA inputs are quantized on the GPU (torch) and
 `decode(..., device="cuda")` dequantizes there; the entropy stage is on the CPU. Without a C compiler (no
 rANS coder) neither codec is installed: the registry reports UnknownCodec and raw, int8 and fp8 remain.
@@ -40,13 +41,14 @@ from kv_transfer.codec.cachegen_core import (
     chunk_bounds,
     le_view,
 )
-from kv_transfer.errors import CodecError, FrameCorrupted, UnknownCodec
+from kv_transfer.errors import CodecError, FrameCorrupted, FrameForeign, UnknownCodec
 from kv_transfer.frame import DTYPE_CODES, Buffer
 
 if TYPE_CHECKING:
     from kv_transfer.codec.context import CodecContext
 
 _LITTLE = sys.byteorder == "little"
+KNOWN_VERSIONS = frozenset({v1.VERSION, layer0.VERSION, klt.VERSION})  # params versions this build decodes
 
 
 class CacheGenCodec(Codec):
@@ -76,7 +78,7 @@ class CacheGenCodec(Codec):
     # ---- what this encoder does at a layer -----------------------------------------------------------
 
     def transform_for(self, layer: int, channels: int, head_dim: int) -> klt.KLTransform | None:
-        """The transform this encoder codes `layer` with (format v2), or None (format v1)."""
+        """The transform this encoder codes `layer` with (format v4), or None (format v1)."""
         tr = self.ctx.transform
         return tr if tr is not None and tr.covers(layer, channels, head_dim, self.level_name) else None
 
@@ -142,12 +144,19 @@ class CacheGenCodec(Codec):
         raw_params = bytes(params)
         if layer0.is_layer0_frame(raw_params):
             return layer0.decode(raw_params, pay, shape, dtype, dev, self.ctx.layer0)
-        if raw_params[:2] == v1.MAGIC and len(raw_params) > 2 and raw_params[2] == klt.VERSION:
+        version = raw_params[2] if len(raw_params) > 2 and raw_params[:2] == v1.MAGIC else None
+        if version == klt.VERSION:
             pk = klt.parse(raw_params, shape, layer, self.ctx.transform)
-            words = _payload_words(pay, pk.payload_crc, sum(ch[2] + ch[3] for ch in pk.chunks))
+            words = _payload_words(pay, pk.payload_crc, pk.words, np.dtype("<u2"))
             return klt.decode(pk, words, shape, dtype, layer, dev)
+        if version is not None and version not in KNOWN_VERSIONS:
+            raise FrameForeign(
+                f"cachegen params version {version}: this build reads versions {sorted(KNOWN_VERSIONS)}"
+            )
         p = v1.parse_params(raw_params, shape)
-        words = _payload_words(pay, p.payload_crc, sum(ch.k_words + ch.v_words for ch in p.chunks))
+        words = _payload_words(
+            pay, p.payload_crc, sum(ch.k_words + ch.v_words for ch in p.chunks), np.dtype("<u4")
+        )
         return v1.decode(p, words, shape, dtype, layer, dev, self.ctx.tables)
 
 
@@ -176,14 +185,14 @@ class CacheGenL0Codec(CacheGenCodec):
         return super().encode_parts(k, v, layer, token_ids)
 
 
-def _payload_words(pay: memoryview, crc: int, words: int) -> np.ndarray:
-    """Payload bytes, checked against the params' crc32 and word count -> uint32 words (little-endian;
-    copied only when unaligned or on big-endian hosts)."""
+def _payload_words(pay: memoryview, crc: int, words: int, wdt: np.dtype) -> np.ndarray:
+    """Payload bytes, checked against the params' crc32 and word count -> words of little-endian dtype `wdt`
+    (<u4 for v1, <u2 for v4) in native order (copied only when unaligned or on big-endian hosts)."""
     if zlib.crc32(pay) != crc:
         raise FrameCorrupted("cachegen payload crc32 mismatch")
-    if 4 * words != len(pay):
+    if wdt.itemsize * words != len(pay):
         raise FrameCorrupted(f"cachegen payload: {len(pay)} bytes, the chunk directory says otherwise")
-    out = np.frombuffer(pay, dtype="<u4")
-    if not _LITTLE or out.ctypes.data % 4:
-        out = out.astype(np.uint32)
+    out = np.frombuffer(pay, dtype=wdt)
+    if not _LITTLE or out.ctypes.data % wdt.itemsize:
+        out = out.astype(wdt.newbyteorder("="))
     return out

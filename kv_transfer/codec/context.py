@@ -4,7 +4,7 @@ A service builds one from its model directory and its loaded model (`CodecContex
 hands it to its `KVServer` and `KVPuller`, which get their codecs from it (`ctx.codec(name)`). It holds:
   * `num_layers`: the model's depth (CacheGen gives shallow layers more bins);
   * `tables`: `cachegen_tables.safetensors` (format v1's static tables and bit plans), or None;
-  * `transform`: `cachegen_transform.safetensors` (format v2's transform and step plans), or None;
+  * `transform`: `cachegen_transform.safetensors` (format v4's transform and step plans), or None;
   * `layer0`: the model's layer-0 function (`cachegen_l0` sends layer 0 as the token ids), or None.
 `pdserve calibrate MODEL_DIR` writes the two files. `CodecContext()` (no model) serves raw, int8, fp8 and
 cachegen's format v1 with the generic level rules. Immutable after construction; thread-safe.
