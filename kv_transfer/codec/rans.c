@@ -5,6 +5,14 @@
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
+
+/* setup.py compiles this file with CG_SOURCE_ID = the first 16 hex digits of its sha256; rans.py loads such a
+   library only if the id matches the rans.c beside it (a stale in-place build is not used). */
+#ifndef CG_SOURCE_ID
+#define CG_SOURCE_ID ""
+#endif
+const char *cg_source_id(void) { return CG_SOURCE_ID; }
+
 #define PROB_BITS 11
 #define PROB_SCALE (1u << PROB_BITS)
 #define RANS_L (1ull << 31)

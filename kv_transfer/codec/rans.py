@@ -30,6 +30,8 @@ registry reports it as not installed); raw, int8 and fp8 remain.
 from __future__ import annotations
 
 import ctypes
+import hashlib
+import importlib.machinery
 import logging
 import os
 import subprocess
@@ -47,25 +49,61 @@ PROB_SCALE = 1 << PROB_BITS
 MAX_ALPHABET = 256  # symbols are bytes; CacheGen uses at most 63
 WEIGHT_BITS = 20  # integer weights are in [0, 2^20]
 
-_C_SOURCE = Path(__file__).with_name("rans.c")  # shipped as package data, compiled on first use
+_C_SOURCE = Path(__file__).with_name("rans.c")  # shipped as package data beside the built library
+BUILT_NAME = (
+    "_rans"  # setup.py's extension: kv_transfer/codec/_rans<EXTENSION_SUFFIX>, built with the package
+)
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
+_origin: str | None = None
 _tried = False
 
 
+def source_id(text: str) -> str:
+    """The id setup.py compiles into the library (CG_SOURCE_ID): the first 16 hex digits of sha256(rans.c)."""
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def built_library(directory: Path | None = None) -> Path | None:
+    """The library setup.py built beside this module (a wheel or an in-place build), if there is one."""
+    here = directory or _C_SOURCE.parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = here / f"{BUILT_NAME}{suffix}"
+        if path.exists():
+            return path
+    return None
+
+
+def _open() -> tuple[ctypes.CDLL, str]:
+    """-> (library, origin): setup.py's build when it matches rans.c ("built"); in a source checkout without
+    one (or with a stale in-place build), compiled now by engine.cbuild ("first use": the development
+    fallback). RuntimeError / OSError when neither is possible."""
+    source = _C_SOURCE.read_text() if _C_SOURCE.exists() else None
+    built = built_library()
+    if built is not None:
+        lib = ctypes.CDLL(str(built))
+        lib.cg_source_id.restype = ctypes.c_char_p
+        if source is None or lib.cg_source_id().decode() == source_id(source):
+            return lib, "built"
+        log.info("%s was built from another rans.c (a stale in-place build): compiling the checkout's", built)
+    if source is None:
+        raise RuntimeError(f"{_C_SOURCE.parent}: neither the built {BUILT_NAME} library nor rans.c")
+    from engine.cbuild import build_library
+
+    return ctypes.CDLL(str(build_library("pdserve_rans", source))), "first use"
+
+
 def _load() -> ctypes.CDLL | None:
-    global _lib, _tried
+    global _lib, _origin, _tried
     if _tried:
         return _lib
     with _lock:
         if _tried:
             return _lib
         if os.environ.get("PDSERVE_RANS", "1") != "0":
-            from engine.cbuild import build_library
-
             try:
-                lib = ctypes.CDLL(str(build_library("pdserve_rans", _C_SOURCE.read_text())))
+                lib, origin = _open()
                 p, i64 = ctypes.c_void_p, ctypes.c_int64
                 lib.cg_rans_encode.restype = i64
                 lib.cg_rans_encode.argtypes = [p, i64, i64, p, p, i64, p, i64]
@@ -89,16 +127,28 @@ def _load() -> ctypes.CDLL | None:
                 lib.cg_rope.argtypes = [p, i64, i64, i64, p, p, i64, ctypes.c_float, p]
                 lib.cg_lap_tables.restype = i64
                 lib.cg_lap_tables.argtypes = [p, p, i64, i64, p, p, p, p]
-                _lib = lib
+                _lib, _origin = lib, origin
             except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-                log.warning("compiled rANS coder unavailable, so is the cachegen codec: %s", e)
+                log.warning(
+                    "compiled rANS coder unavailable, so is the cachegen codec: the package was installed without "
+                    "its built %s library (setup.py build_ext) and rans.c could not be compiled here: %s",
+                    BUILT_NAME,
+                    e,
+                )
         _tried = True
         return _lib
 
 
 def available() -> bool:
-    """True when the compiled coder is loaded (builds it on first call; PDSERVE_RANS=0 disables it)."""
+    """True when the compiled coder is loaded (PDSERVE_RANS=0 disables it)."""
     return _load() is not None
+
+
+def library_origin() -> str | None:
+    """ "built" (setup.py's library, what an installed package uses), "first use" (compiled from rans.c by
+    engine.cbuild: a development checkout without that build), or None (not available)."""
+    _load()
+    return _origin
 
 
 def _lib_or_raise() -> ctypes.CDLL:
