@@ -28,6 +28,7 @@ SHIPPED_RUNTIME_FILES = (
     "cachegen_plan.json",
     "cachegen_tables.safetensors",
     "cachegen_transform.safetensors",
+    "cachegen_rate.json",
     "codec_profiles.json",
 )
 

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from kv_transfer.codec import cachegen_klt as klt
 from kv_transfer.codec import cachegen_v1 as v1
-from kv_transfer.codec import layer0, rans
+from kv_transfer.codec import layer0, rans, rate
 from kv_transfer.codec.base import Codec, Shape
 from kv_transfer.codec.cachegen_core import (
     DEFAULT_CHUNK_TOKENS,
@@ -108,11 +108,32 @@ class CacheGenCodec(Codec):
 
     # ---- encode / decode -----------------------------------------------------------------------------
 
+    rate_mode = "plain"  # which of the calibration's rate points describe this codec (rate.RatePoint.mode)
+
+    def rate_choice(self, tokens: int, max_kl: float | None = None) -> rate.RateChoice | None:
+        """Rate control for a `tokens`-token frame: the calibrated setting the quality floor admits (`max_kl`,
+        else the context's, else rate.DEFAULT_MAX_KL) -- for the default level of a context with a rate table;
+        None (the level's plan as is) otherwise."""
+        table = self.ctx.rate
+        if table is None or self.level_name != "default":
+            return None
+        floor = max_kl if max_kl is not None else self.ctx.max_kl
+        floor = rate.DEFAULT_MAX_KL if floor is None else floor
+        guard = table.kl_guard.get(self.rate_mode, float("inf"))
+        return rate.choose_rate(tokens, floor, table.for_mode(self.rate_mode), guard)
+
     def encode_parts(
-        self, k: Tensor, v: Tensor, layer: int, token_ids: Tensor | None = None
+        self,
+        k: Tensor,
+        v: Tensor,
+        layer: int,
+        token_ids: Tensor | None = None,
+        *,
+        max_kl: float | None = None,
     ) -> tuple[bytes, list[Buffer]]:
         """k, v: [T, Hkv, D] fp32/fp16/bf16 on CPU or CUDA (quantized there; entropy coded on the CPU)
-        -> (params, payload parts: the rANS word arrays of each chunk's K and V)."""
+        -> (params, payload parts: the rANS words). `max_kl`: this hand-off's quality floor (the request's
+        max_kv_kl) for rate control; None: the context's."""
         if k.dim() != 3 or k.shape != v.shape or min(k.shape) < 1:
             raise CodecError(
                 f"k and v must both be non-empty [T, Hkv, D]; got {tuple(k.shape)}, {tuple(v.shape)}"
@@ -123,7 +144,19 @@ class CacheGenCodec(Codec):
         chunks = chunk_bounds(t, self.chunk_size())
         tr = self.transform_for(layer, h * d, d)
         if tr is not None:
-            params, words = klt.encode(tr, self.level_name, k, v, layer, chunks, steps=self._steps(tr, layer))
+            choice = self.rate_choice(t, max_kl)
+            scale, recent = (choice.scale, (klt.RECENT[0], choice.recent)) if choice else (1.0, None)
+            params, words = klt.encode(
+                tr,
+                self.level_name,
+                k,
+                v,
+                layer,
+                chunks,
+                steps=self._steps(tr, layer),
+                recent=recent,
+                scale=scale,
+            )
         else:
             params, words = v1.encode(k, v, layer, self.level, self.bins_for(layer), chunks, self.ctx.tables)
         return params, [le_view(w) for w in words]
@@ -170,19 +203,26 @@ class CacheGenL0Codec(CacheGenCodec):
 
     name = "cachegen_l0"
     codec_id = 5
+    rate_mode = "l0"
 
     def _steps(self, tr: klt.KLTransform, layer: int) -> tuple[float, float] | None:
         plan = tr.steps.get(self.level_name + klt.L0_SUFFIX)
         return (float(plan[layer][0]), float(plan[layer][1])) if plan is not None else None
 
     def encode_parts(
-        self, k: Tensor, v: Tensor, layer: int, token_ids: Tensor | None = None
+        self,
+        k: Tensor,
+        v: Tensor,
+        layer: int,
+        token_ids: Tensor | None = None,
+        *,
+        max_kl: float | None = None,
     ) -> tuple[bytes, list[Buffer]]:
         l0 = self.ctx.layer0
         if layer == 0 and token_ids is not None and l0 is not None and l0.matches(k, v, token_ids):
             params, payload = l0.encode(token_ids)
             return params, [payload]
-        return super().encode_parts(k, v, layer, token_ids)
+        return super().encode_parts(k, v, layer, token_ids, max_kl=max_kl)
 
 
 def _payload_words(pay: memoryview, crc: int, words: int, wdt: np.dtype) -> np.ndarray:

@@ -342,13 +342,15 @@ def encode(
     fused: bool = True,
 ) -> tuple[bytes, list[np.ndarray]]:
     """k, v [T, Hkv, D] (checked by the caller) -> (params v4, [payload words uint16]). The level's steps for
-    `layer` times `scale` (rate control), unless `steps` (K, V) overrides them (calibration). recent = (R, f):
+    `layer`, or `steps` (K, V) where given, times `scale` (rate control). recent = (R, f):
     the last R tokens form a chunk of their own, coded with steps / f (the prompt's last tokens are read
     most). CPU (`fused`): statistics, then quantize + fit + code of every chunk, two compiled calls; other
     devices (or fused=False) compute the statistics and the symbols with torch where k lives (only they cross
     to the host) and fit and code on the host -- the same bytes for the same statistics."""
     yk, yv = transform.forward(k, v, layer)  # [C, T] each
-    ks, vs = steps if steps is not None else (float(s) * scale for s in transform.steps[level][layer])
+    ks, vs = (
+        s * scale for s in (steps if steps is not None else (float(x) for x in transform.steps[level][layer]))
+    )
     t = k.shape[0]
     recent = RECENT if recent is None else recent
     n_recent = min(recent[0], t - 1) if recent[0] > 0 and recent[1] != 1.0 else 0
