@@ -109,6 +109,9 @@ class CacheGenCodec(Codec):
     # ---- encode / decode -----------------------------------------------------------------------------
 
     rate_mode = "plain"  # which of the calibration's rate points describe this codec (rate.RatePoint.mode)
+    # True: CPU tensors take the path CUDA tensors take (torch statistics, quantizer and dequantization where
+    # the tensors live, only symbols crossing to the host coder) -- how that path is tested without a GPU
+    device_path = False
 
     def rate_choice(self, tokens: int, max_kl: float | None = None) -> rate.RateChoice | None:
         """Rate control for a `tokens`-token frame: the calibrated setting the quality floor admits (`max_kl`,
@@ -147,16 +150,9 @@ class CacheGenCodec(Codec):
             choice = self.rate_choice(t, max_kl)
             scale, recent = (choice.scale, (klt.RECENT[0], choice.recent)) if choice else (1.0, None)
             params, words = klt.encode(
-                tr,
-                self.level_name,
-                k,
-                v,
-                layer,
-                chunks,
-                steps=self._steps(tr, layer),
-                recent=recent,
-                scale=scale,
-            )
+                tr, self.level_name, k, v, layer, chunks, steps=self._steps(tr, layer), recent=recent, scale=scale,
+                fused=not self.device_path,
+            )  # fmt: skip
         else:
             params, words = v1.encode(k, v, layer, self.level, self.bins_for(layer), chunks, self.ctx.tables)
         return params, [le_view(w) for w in words]
@@ -181,7 +177,7 @@ class CacheGenCodec(Codec):
         if version == klt.VERSION:
             pk = klt.parse(raw_params, shape, layer, self.ctx.transform)
             words = _payload_words(pay, pk.payload_crc, pk.words, np.dtype("<u2"))
-            return klt.decode(pk, words, shape, dtype, layer, dev)
+            return klt.decode(pk, words, shape, dtype, layer, dev, fused=not self.device_path)
         if version is not None and version not in KNOWN_VERSIONS:
             raise FrameForeign(
                 f"cachegen params version {version}: this build reads versions {sorted(KNOWN_VERSIONS)}"
