@@ -461,3 +461,55 @@ def test_cuda_tensors_transform_on_the_gpu() -> None:
         assert_token_bound(k.half(), k2.cpu(), kb)
         assert_token_bound(v.half(), v2.cpu(), vb)
     assert math.isfinite(float(k2.float().sum()))
+
+
+@pytest.mark.skipif(not (SHIPPED / klt.TRANSFORM_FILE).exists(), reason="the shipped model has no transform")
+def test_shipped_model_kv_round_trips_within_the_bound_at_odd_lengths() -> None:
+    """The shipped model's real KV (held-out text), with its rate table in force (steps scaled per length),
+    through both the compiled path and the device path: every token within the frame's stated bound, at odd
+    and even lengths around the chunk and RECENT boundaries."""
+    from bench.codec import SKIP_TOKENS, heldout_ids
+    from engine.kv_probe import KVProbe
+
+    ctx = CodecContext.from_model_dir(SHIPPED)
+    assert ctx.rate is not None and ctx.transform is not None
+    probe = KVProbe(str(SHIPPED), 1100)
+    ids = heldout_ids(str(SHIPPED))[SKIP_TOKENS + 5000 :]
+    for t in (1, 3, 65, 257, 1027):
+        kv = probe.prefill(ids[:t])
+        for device_path in (False, True):
+            codec = CacheGenCodec(ctx)
+            codec.device_path = device_path
+            for layer, (k, v) in enumerate(kv):
+                params, _, k2, v2 = roundtrip(codec, k.half(), v.half(), layer)
+                assert params[2] == klt.VERSION
+                kb, vb = klt.error_bounds_klt(params, tuple(k.shape), layer, ctx.transform)
+                assert_token_bound(k.half(), k2, kb)
+                assert_token_bound(v.half(), v2, vb)
+
+
+def test_rate_control_scales_the_steps_within_the_floor() -> None:
+    """With a rate table in the context, the encoder takes the chosen setting (coarser steps: smaller frames,
+    still within the bound); a zero floor (or a frame's max_kl of 0) takes the finest point; the decoder needs
+    nothing."""
+    from kv_transfer.codec.rate import RatePoint, RateTable
+
+    tr = random_transform()
+    points = tuple(RatePoint("plain", 256, s, 8.0, 4.0 / s, 1e-6 * s, 1.0) for s in (1.0, 3.0))
+    rated = CacheGenCodec(CodecContext(LAYERS, transform=tr, rate=RateTable(points, {"plain": 1.0})))
+    plain = klt_codec(tr)
+    k, v = kv(300, 4)
+    sizes = {}
+    for name, codec, max_kl in (("plan", plain, None), ("rated", rated, None), ("zero", rated, 0.0)):
+        params, parts = codec.encode_parts(k, v, 1, max_kl=max_kl)
+        payload = b"".join(bytes(p) for p in parts)
+        sizes[name] = len(params) + len(payload)
+        k2, v2 = plain.decode(params, payload, tuple(k.shape), torch.float32, 1)  # any context decodes it
+        kb, vb = klt.error_bounds_klt(params, tuple(k.shape), 1, tr)
+        assert_token_bound(k, k2, kb)
+        assert_token_bound(v, v2, vb)
+    assert sizes["rated"] < 0.9 * sizes["plan"] and sizes["zero"] == sizes["plan"]
+    assert (
+        rated.rate_choice(300) is not None
+        and CacheGenCodec(CodecContext(LAYERS, transform=tr)).rate_choice(300) is None
+    )
