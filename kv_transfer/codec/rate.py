@@ -96,10 +96,15 @@ def choose_rate(
     """The setting for a `tokens`-token prompt: at the calibrated length nearest to it (in log tokens; ties
     to the shorter, whose side costs weigh more), the admissible point (kl <= min(max_kl, kl_guard), top1 >=
     min_top1) with the fewest bits; if none is admissible, the point with the least KL there (the floor
-    cannot be promised by calibration, so spend the most bits). None without points: the plan as is."""
+    cannot be promised by calibration, so spend the most bits). None -- the plan as is -- without points, and
+    below the shortest calibrated length: measured on the shipped model, 128-token prompts coded with the
+    256-token setting lost greedy agreement (280 prompts: 93.6% against the plan's 95.7%) that neither KL nor
+    top-1 showed, so rate control does not extrapolate to shorter prompts."""
     if not points:
         return None
     lengths = sorted({p.tokens for p in points})
+    if tokens < lengths[0]:
+        return None
     at = min(lengths, key=lambda n: (abs(math.log(n) - math.log(max(tokens, 1))), n))
     here = [p for p in points if p.tokens == at]
     limit = min(max_kl, kl_guard)

@@ -42,9 +42,10 @@ def test_nothing_admissible_spends_the_most_bits_and_no_points_keep_the_plan() -
     assert choose_rate(256, 0.01, ()) is None
 
 
-def test_nearest_calibrated_length_in_log_tokens() -> None:
+def test_nearest_calibrated_length_in_log_tokens_and_no_extrapolation_below() -> None:
     guard = 7e-6
-    assert choose_rate(100, 0.01, POINTS, guard) == choose_rate(256, 0.01, POINTS, guard)
+    assert choose_rate(255, 0.01, POINTS, guard) is None  # shorter than any calibrated prompt: the plan
+    assert choose_rate(1, 0.01, POINTS, guard) is None
     assert choose_rate(511, 0.01, POINTS, guard) == RateChoice(2.0, 8.0)  # nearer 256 than 1024 in log
     assert choose_rate(513, 0.01, POINTS, guard) == RateChoice(1.0, 8.0)
     assert choose_rate(5000, 0.01, POINTS, guard) == RateChoice(1.0, 8.0)
@@ -71,7 +72,8 @@ def test_shipped_table_spends_the_floor_and_reaches_6x_where_served() -> None:
     assert table is not None
     for mode in ("plain", "l0"):
         points = table.for_mode(mode)
-        for tokens in (128, 256, 1024):
+        assert choose_rate(128, 0.01, points, table.kl_guard[mode]) is None  # greedy prompts keep the plan
+        for tokens in (256, 1024):
             choice = choose_rate(tokens, 0.01, points, table.kl_guard[mode])
             assert choice is not None
             (p,) = [
