@@ -1,15 +1,18 @@
 """Build steps pyproject.toml cannot declare: the wheel gets the gRPC stubs generated from protos/ (so
-`grpcio-tools` is a build dependency, never a runtime one) and the shipped model's runtime files as package
-data (`pdserve/models/pdserve-tiny-py`, found by engine/model_dir.py). Development keeps `make protos`, which
-writes the same stubs into the source tree."""
+`grpcio-tools` is a build dependency, never a runtime one), the shipped model's runtime files as package
+data (`pdserve/models/pdserve-tiny-py`, found by engine/model_dir.py), and the KV codec's compiled rANS coder
+(`kv_transfer/codec/rans.c` -> `kv_transfer/codec/_rans*.so`, loaded with ctypes by rans.py). Development
+keeps `make protos`, which writes the same stubs into the source tree; a source checkout without the built
+coder compiles rans.c on first use (engine/cbuild.py)."""
 
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 import shutil
 
-from setuptools import setup
+from setuptools import Extension, setup
 from setuptools.command.build_py import build_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -25,6 +28,7 @@ SHIPPED_RUNTIME_FILES = (
     "cachegen_plan.json",
     "cachegen_tables.safetensors",
     "cachegen_transform.safetensors",
+    "cachegen_rate.json",
     "codec_profiles.json",
 )
 
@@ -56,4 +60,20 @@ class BuildPyWithStubsAndModel(build_py):
             shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
 
 
-setup(cmdclass={"build_py": BuildPyWithStubsAndModel})
+def rans_extension() -> Extension:
+    """rans.c as a plain shared library (no Python API: rans.py opens it with ctypes). Portable flags, no
+    -march: the hot loops carry target_clones (x86-64 and x86-64-v3, chosen when the library loads). The
+    source id lets rans.py refuse a library built from another rans.c (kv_transfer/codec/rans.py)."""
+    rel = "kv_transfer/codec/rans.c"
+    with open(os.path.join(HERE, rel), "rb") as f:
+        sid = hashlib.sha256(f.read()).hexdigest()[:16]
+    return Extension(
+        "kv_transfer.codec._rans",
+        sources=[rel],
+        define_macros=[("CG_SOURCE_ID", f'"{sid}"')],
+        extra_compile_args=["-O3", "-fopenmp-simd", "-fno-math-errno"],
+        libraries=["m"],
+    )
+
+
+setup(cmdclass={"build_py": BuildPyWithStubsAndModel}, ext_modules=[rans_extension()])

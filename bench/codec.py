@@ -14,6 +14,9 @@ What is measured (one process, `torch.set_num_threads(1)`, the model in fp32 on 
   "cachegen" is) and `cachegen_high`; `cachegen_l0` is the default level with layer 0 sent as the token ids
   (what a decode instance that holds the model asks for: every round trip gets the prompt's ids);
   `cachegen_v1` is the default level in format v1 (the context without the transform).
+* Rate control: the CacheGen codecs at the default level spend the context's quality floor per prompt length
+  (`kv_transfer.codec.rate`, the model's `cachegen_rate.json`); `settings.cachegen_rate` lists the setting
+  each took at each length measured here.
 * Size: codec params + payload (frame header and CRC not counted) of every window's prompt KV given as fp16
   -> `bits_per_element` (per K or V element), `ratio_vs_fp16` = 16 / bits, `ratio_vs_int8` = int8's bits / bits.
 * Speed: one `speed_tokens`-long held-out prompt's KV, every layer, `encode_parts` and `decode` timed with the
@@ -51,7 +54,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -409,6 +412,16 @@ def measure(model_dir: str, s: Settings) -> tuple[dict[str, Any], dict[str, Code
             "kv_shape_per_layer": [cfg.num_kv_heads, cfg.head_dim],
             "num_layers": cfg.num_layers,
             "cachegen_static_tables": ctx.tables is not None,
+            # rate control's setting (step scale, recent refinement) per cachegen codec and length coded here
+            # (None: the level's plan as is); the floor is the context's (rate.DEFAULT_MAX_KL unless set)
+            "cachegen_rate": {
+                n: {
+                    str(t): (asdict(ch) if (ch := c.rate_choice(t)) is not None else None)
+                    for t in (s.prompt, GREEDY_PROMPT_TOKENS, len(speed_prompt))
+                }
+                for n, c in cdx.items()
+                if isinstance(c, CacheGenCodec)
+            },
             "break_even_handoff_bytes": handoff_bytes,
             "profiles_serving_dtype": {
                 n: {"ratio": p.ratio, "encode_mb_s": p.encode_bps / 1e6, "decode_mb_s": p.decode_bps / 1e6}

@@ -3,8 +3,12 @@
 Encodes the prefill KV of held-out text from fp16 tensors on the CPU and on the GPU, decodes each frame on the
 CPU and with ``device="cuda"``, and reports, per path: encode and decode MB/s of fp16 K+V (wall clock, the GPU
 synchronised), the frame size, and whether every reconstruction stays within the frame's stated error bound and
-agrees with the CPU path's. Without CUDA it reports ``"cuda": false`` and the CPU path only, so it runs (and is
-tested) anywhere; on a GPU host it is what `infra/device/gpu_check.sh` runs.
+agrees with the CPU path's. Path "cpu(torch)->cpu(torch)" runs the CUDA path's code (torch statistics, quantizer and
+dequantization, only uint8 symbols crossing to the host's rANS coder: `CacheGenCodec.device_path`) on CPU
+tensors: its frames are compared byte for byte with the compiled CPU encoder's (`frames_identical_to_cpu`: they
+differ only where torch's and the C pass's fp32 means round to different fp16 centres). Without CUDA it reports
+``"cuda": false`` and the CPU paths only, so it runs (and is tested) anywhere; on a GPU host it is what
+`infra/device/gpu_check.sh` runs. The entropy coder itself runs on the host CPU in every path.
 
 One JSON object on stdout (or ``--json``), a human summary on stderr.
 """
@@ -35,10 +39,10 @@ def _sync(device: str) -> None:
 
 def time_path(
     codec: CacheGenCodec, kv: list[tuple[Tensor, Tensor]], enc_dev: str, dec_dev: str, repeats: int
-) -> tuple[dict[str, Any], list[tuple[Tensor, Tensor]]]:
+) -> tuple[dict[str, Any], list[tuple[Tensor, Tensor]], list[tuple[bytes, bytes]]]:
     """Encode the layers' fp16 K/V placed on `enc_dev`, decode onto `dec_dev`: (medians over `repeats` rounds
     (one warm-up round dropped), the frame bytes and the worst |error| / bound over every element; the last
-    round's reconstructions per layer)."""
+    round's reconstructions and frames per layer)."""
     on = [(k.to(enc_dev, torch.float16), v.to(enc_dev, torch.float16)) for k, v in kv]
     nbytes = sum(2 * k.numel() * 2 for k, _ in on)
     enc_s: list[float] = []
@@ -65,21 +69,25 @@ def time_path(
     worst = 0.0  # max error / allowance (the frame's bound + the output's rounding)
     for layer, ((p, _), (k, v), (k2, v2)) in enumerate(zip(frames, on, outs, strict=True)):
         worst = max(worst, error_over_bound(codec, p, layer, k, v, k2, v2))
-    return {
-        "encode_mb_s": nbytes / statistics.median(enc_s) / 1e6,
-        "decode_mb_s": nbytes / statistics.median(dec_s) / 1e6,
-        "fp16_bytes": nbytes,
-        "frame_bytes": sum(len(p) + len(w) for p, w in frames),
-        "worst_error_over_bound": worst,
-        "within_bound": worst <= 1.0,
-    }, outs
+    return (
+        {
+            "encode_mb_s": nbytes / statistics.median(enc_s) / 1e6,
+            "decode_mb_s": nbytes / statistics.median(dec_s) / 1e6,
+            "fp16_bytes": nbytes,
+            "frame_bytes": sum(len(p) + len(w) for p, w in frames),
+            "worst_error_over_bound": worst,
+            "within_bound": worst <= 1.0,
+        },
+        outs,
+        frames,
+    )
 
 
 def error_over_bound(
     codec: CacheGenCodec, params: bytes, layer: int, k: Tensor, v: Tensor, k2: Tensor, v2: Tensor
 ) -> float:
     """The worst error / allowance of one layer's reconstruction: per element for CacheGen's own quantizers
-    (format v1), per token in L2 for transform coding (v2, `cachegen_klt.error_bounds_klt`)."""
+    (format v1), per token in L2 for transform coding (v4, `cachegen_klt.error_bounds_klt`)."""
     shape = tuple(k.shape)
     worst = 0.0
     if params[2] == klt.VERSION:
@@ -109,28 +117,40 @@ def run(tokens: int, repeats: int) -> dict[str, Any]:
     if transform is not None:
         codecs["cachegen"] = CacheGenCodec(CodecContext(num_layers=layers, transform=transform), "default")
     cuda = torch.cuda.is_available()
-    paths = [("cpu", "cpu")] + ([("cuda", "cuda"), ("cuda", "cpu"), ("cpu", "cuda")] if cuda else [])
+    paths = [("cpu", "cpu", False), ("cpu", "cpu", True)]
+    paths += [("cuda", "cuda", False), ("cuda", "cpu", False), ("cpu", "cuda", False)] if cuda else []
     results: dict[str, dict[str, Any]] = {}
     for name, codec in codecs.items():
         ref: list[tuple[Tensor, Tensor]] = []
-        for e, d in paths:
-            r, outs = time_path(codec, kv, e, d, repeats)
-            results[f"{name}:{e}->{d}"] = r
-            if (e, d) == ("cpu", "cpu"):
-                ref = outs
-            else:  # another device quantized or dequantized: the same symbols up to rounding
-                r["max_abs_diff_vs_cpu"] = max(
-                    float((got.float().cpu() - want.float()).abs().max())
-                    for layer_got, layer_want in zip(outs, ref, strict=True)
-                    for got, want in zip(layer_got, layer_want, strict=True)
-                )
+        ref_frames: list[tuple[bytes, bytes]] = []
+        for e, d, device_path in paths:
+            if device_path and name != "cachegen":
+                continue  # format v1 has no separate device path
+            codec.device_path = device_path
+            r, outs, frames = time_path(codec, kv, e, d, repeats)
+            codec.device_path = False
+            key = f"{name}:{e}(torch)->{d}(torch)" if device_path else f"{name}:{e}->{d}"
+            results[key] = r
+            if (e, d, device_path) == ("cpu", "cpu", False):
+                ref, ref_frames = outs, frames
+                continue
+            # another device (or the device path's code) quantized or dequantized: the same symbols up to rounding
+            r["max_abs_diff_vs_cpu"] = max(
+                float((got.float().cpu() - want.float()).abs().max())
+                for layer_got, layer_want in zip(outs, ref, strict=True)
+                for got, want in zip(layer_got, layer_want, strict=True)
+            )
+            if device_path:
+                same = sum(a == b for a, b in zip(frames, ref_frames, strict=True))
+                r["frames_identical_to_cpu"] = same / len(frames)
     return {
         "benchmark": "codec_gpu",
         "cuda": cuda,
         "device_name": torch.cuda.get_device_name(0) if cuda else None,
         "tokens": tokens,
         "layers": len(kv),
-        "codec": "cachegen (default level): with the model's transform (format v2) and without (v1)",
+        "codec": "cachegen (default level): with the model's transform (format v4) and without (v1)",
+        "entropy_coding": "host CPU (the compiled rANS coder) in every path: only uint8 symbols leave a GPU",
         "paths": results,
         "all_within_bound": all(r["within_bound"] for r in results.values()),
     }

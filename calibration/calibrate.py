@@ -1,7 +1,8 @@
 """`pdserve calibrate MODEL_DIR`: everything a model's KV codecs need, written beside the model.
 
 1. bit plans + static tables (format v1): `cachegen_tables.safetensors`, `cachegen_plan.json` (`plan`);
-2. the transform and its per-level steps (format v2): `cachegen_transform.safetensors` (`transform`);
+2. the transform and its per-level steps (format v4): `cachegen_transform.safetensors` (`transform`), and
+   the rate control's measurements of size and quality by prompt length: `cachegen_rate.json` (`rate`);
 3. the codec profiles the gateway's codec choice reads (`--codec auto`): `codec_profiles.json`, measured
    with the files of steps 1-2 by the codec benchmark (`bench.codec.measure`: size, speed on this machine,
    KL) for raw, int8, fp8 and cachegen.
@@ -30,6 +31,7 @@ def calibrate(
     benchmark (for smoke tests; not what a shipped model gets); `profiles=False` skips step 3. -> the files
     written."""
     from calibration.plan import calibrate_plan
+    from calibration.rate import calibrate_rate
     from calibration.transform import calibrate_transform
 
     model_dir = Path(model_dir)
@@ -45,6 +47,12 @@ def calibrate(
     transform_kw = {"calib_tokens": 1024, "window": 512} if quick else {}
     written.append(calibrate_transform(model_dir, **transform_kw, log=log))
     log(f"calibrate: wrote {written[-1]} ({time.perf_counter() - t0:.0f} s)")
+    torch.set_num_threads(1)
+    rate_file = calibrate_rate(model_dir, quick, log=log)
+    torch.set_num_threads(threads)
+    if rate_file is not None:
+        written.append(rate_file)
+        log(f"calibrate: wrote {rate_file} ({time.perf_counter() - t0:.0f} s)")
     if not profiles:
         return written
     if not (model_dir / "heldout.txt").exists():

@@ -27,6 +27,7 @@ SHIPPED_RUNTIME_FILES = (
     "cachegen_plan.json",
     "cachegen_tables.safetensors",
     "cachegen_transform.safetensors",
+    "cachegen_rate.json",
     "codec_profiles.json",
 )
 # models/pdserve-tiny-py of a source checkout (engine/ sits in the repository root)

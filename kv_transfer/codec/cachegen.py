@@ -2,7 +2,7 @@
 symbols with the compiled rANS coder (`rans`). Lossy, at a quality level (`LEVELS`: high / default / low, each
 a bit budget). Per layer the codec writes one of three formats, each in its own module:
 
-  * v2, `cachegen_klt` (what serves a calibrated model): a model-profiled decorrelating transform, one step
+  * v4, `cachegen_klt` (what serves a calibrated model): a model-profiled decorrelating transform, one step
     per (layer, K/V) from the level's calibrated plan, discrete Laplace models -- where the context holds
     the model's transform and it covers the layer;
   * v1, `cachegen_v1`: CacheGen's own quantizers (per-channel keys, per-token values) and per-channel tables
@@ -10,7 +10,8 @@ a bit budget). Per layer the codec writes one of three formats, each in its own 
   * v3, `layer0` (`cachegen_l0` only): layer 0 as the prompt's token ids, recomputed exactly by a decoder
     that holds the model.
 
-Decoders read all three: params start with b"CG" and the format version. Measured sizes, quality and speed
+Decoders read all three: params start with b"CG" and the format version (v2, the transform format's retired
+coder, and any version this build does not know raise FrameForeign). Measured sizes, quality and speed
 per format and level: docs/benchmarks.md ("KV codec"). CUDA inputs are quantized on the GPU (torch) and
 `decode(..., device="cuda")` dequantizes there; the entropy stage is on the CPU. Without a C compiler (no
 rANS coder) neither codec is installed: the registry reports UnknownCodec and raw, int8 and fp8 remain.
@@ -31,7 +32,7 @@ from torch import Tensor
 
 from kv_transfer.codec import cachegen_klt as klt
 from kv_transfer.codec import cachegen_v1 as v1
-from kv_transfer.codec import layer0, rans
+from kv_transfer.codec import layer0, rans, rate
 from kv_transfer.codec.base import Codec, Shape
 from kv_transfer.codec.cachegen_core import (
     DEFAULT_CHUNK_TOKENS,
@@ -40,13 +41,14 @@ from kv_transfer.codec.cachegen_core import (
     chunk_bounds,
     le_view,
 )
-from kv_transfer.errors import CodecError, FrameCorrupted, UnknownCodec
+from kv_transfer.errors import CodecError, FrameCorrupted, FrameForeign, UnknownCodec
 from kv_transfer.frame import DTYPE_CODES, Buffer
 
 if TYPE_CHECKING:
     from kv_transfer.codec.context import CodecContext
 
 _LITTLE = sys.byteorder == "little"
+KNOWN_VERSIONS = frozenset({v1.VERSION, layer0.VERSION, klt.VERSION})  # params versions this build decodes
 
 
 class CacheGenCodec(Codec):
@@ -76,7 +78,7 @@ class CacheGenCodec(Codec):
     # ---- what this encoder does at a layer -----------------------------------------------------------
 
     def transform_for(self, layer: int, channels: int, head_dim: int) -> klt.KLTransform | None:
-        """The transform this encoder codes `layer` with (format v2), or None (format v1)."""
+        """The transform this encoder codes `layer` with (format v4), or None (format v1)."""
         tr = self.ctx.transform
         return tr if tr is not None and tr.covers(layer, channels, head_dim, self.level_name) else None
 
@@ -106,11 +108,35 @@ class CacheGenCodec(Codec):
 
     # ---- encode / decode -----------------------------------------------------------------------------
 
+    rate_mode = "plain"  # which of the calibration's rate points describe this codec (rate.RatePoint.mode)
+    # True: CPU tensors take the path CUDA tensors take (torch statistics, quantizer and dequantization where
+    # the tensors live, only symbols crossing to the host coder) -- how that path is tested without a GPU
+    device_path = False
+
+    def rate_choice(self, tokens: int, max_kl: float | None = None) -> rate.RateChoice | None:
+        """Rate control for a `tokens`-token frame: the calibrated setting the quality floor admits (`max_kl`,
+        else the context's, else rate.DEFAULT_MAX_KL) -- for the default level of a context with a rate table;
+        None (the level's plan as is) otherwise."""
+        table = self.ctx.rate
+        if table is None or self.level_name != "default":
+            return None
+        floor = max_kl if max_kl is not None else self.ctx.max_kl
+        floor = rate.DEFAULT_MAX_KL if floor is None else floor
+        guard = table.kl_guard.get(self.rate_mode, float("inf"))
+        return rate.choose_rate(tokens, floor, table.for_mode(self.rate_mode), guard)
+
     def encode_parts(
-        self, k: Tensor, v: Tensor, layer: int, token_ids: Tensor | None = None
+        self,
+        k: Tensor,
+        v: Tensor,
+        layer: int,
+        token_ids: Tensor | None = None,
+        *,
+        max_kl: float | None = None,
     ) -> tuple[bytes, list[Buffer]]:
         """k, v: [T, Hkv, D] fp32/fp16/bf16 on CPU or CUDA (quantized there; entropy coded on the CPU)
-        -> (params, payload parts: the rANS word arrays of each chunk's K and V)."""
+        -> (params, payload parts: the rANS words). `max_kl`: this hand-off's quality floor (the request's
+        max_kv_kl) for rate control; None: the context's."""
         if k.dim() != 3 or k.shape != v.shape or min(k.shape) < 1:
             raise CodecError(
                 f"k and v must both be non-empty [T, Hkv, D]; got {tuple(k.shape)}, {tuple(v.shape)}"
@@ -121,7 +147,12 @@ class CacheGenCodec(Codec):
         chunks = chunk_bounds(t, self.chunk_size())
         tr = self.transform_for(layer, h * d, d)
         if tr is not None:
-            params, words = klt.encode(tr, self.level_name, k, v, layer, chunks, steps=self._steps(tr, layer))
+            choice = self.rate_choice(t, max_kl)
+            scale, recent = (choice.scale, (klt.RECENT[0], choice.recent)) if choice else (1.0, None)
+            params, words = klt.encode(
+                tr, self.level_name, k, v, layer, chunks, steps=self._steps(tr, layer), recent=recent, scale=scale,
+                fused=not self.device_path,
+            )  # fmt: skip
         else:
             params, words = v1.encode(k, v, layer, self.level, self.bins_for(layer), chunks, self.ctx.tables)
         return params, [le_view(w) for w in words]
@@ -142,12 +173,19 @@ class CacheGenCodec(Codec):
         raw_params = bytes(params)
         if layer0.is_layer0_frame(raw_params):
             return layer0.decode(raw_params, pay, shape, dtype, dev, self.ctx.layer0)
-        if raw_params[:2] == v1.MAGIC and len(raw_params) > 2 and raw_params[2] == klt.VERSION:
+        version = raw_params[2] if len(raw_params) > 2 and raw_params[:2] == v1.MAGIC else None
+        if version == klt.VERSION:
             pk = klt.parse(raw_params, shape, layer, self.ctx.transform)
-            words = _payload_words(pay, pk.payload_crc, sum(ch[2] + ch[3] for ch in pk.chunks))
-            return klt.decode(pk, words, shape, dtype, layer, dev)
+            words = _payload_words(pay, pk.payload_crc, pk.words, np.dtype("<u2"))
+            return klt.decode(pk, words, shape, dtype, layer, dev, fused=not self.device_path)
+        if version is not None and version not in KNOWN_VERSIONS:
+            raise FrameForeign(
+                f"cachegen params version {version}: this build reads versions {sorted(KNOWN_VERSIONS)}"
+            )
         p = v1.parse_params(raw_params, shape)
-        words = _payload_words(pay, p.payload_crc, sum(ch.k_words + ch.v_words for ch in p.chunks))
+        words = _payload_words(
+            pay, p.payload_crc, sum(ch.k_words + ch.v_words for ch in p.chunks), np.dtype("<u4")
+        )
         return v1.decode(p, words, shape, dtype, layer, dev, self.ctx.tables)
 
 
@@ -161,29 +199,36 @@ class CacheGenL0Codec(CacheGenCodec):
 
     name = "cachegen_l0"
     codec_id = 5
+    rate_mode = "l0"
 
     def _steps(self, tr: klt.KLTransform, layer: int) -> tuple[float, float] | None:
         plan = tr.steps.get(self.level_name + klt.L0_SUFFIX)
         return (float(plan[layer][0]), float(plan[layer][1])) if plan is not None else None
 
     def encode_parts(
-        self, k: Tensor, v: Tensor, layer: int, token_ids: Tensor | None = None
+        self,
+        k: Tensor,
+        v: Tensor,
+        layer: int,
+        token_ids: Tensor | None = None,
+        *,
+        max_kl: float | None = None,
     ) -> tuple[bytes, list[Buffer]]:
         l0 = self.ctx.layer0
         if layer == 0 and token_ids is not None and l0 is not None and l0.matches(k, v, token_ids):
             params, payload = l0.encode(token_ids)
             return params, [payload]
-        return super().encode_parts(k, v, layer, token_ids)
+        return super().encode_parts(k, v, layer, token_ids, max_kl=max_kl)
 
 
-def _payload_words(pay: memoryview, crc: int, words: int) -> np.ndarray:
-    """Payload bytes, checked against the params' crc32 and word count -> uint32 words (little-endian;
-    copied only when unaligned or on big-endian hosts)."""
+def _payload_words(pay: memoryview, crc: int, words: int, wdt: np.dtype) -> np.ndarray:
+    """Payload bytes, checked against the params' crc32 and word count -> words of little-endian dtype `wdt`
+    (<u4 for v1, <u2 for v4) in native order (copied only when unaligned or on big-endian hosts)."""
     if zlib.crc32(pay) != crc:
         raise FrameCorrupted("cachegen payload crc32 mismatch")
-    if 4 * words != len(pay):
+    if wdt.itemsize * words != len(pay):
         raise FrameCorrupted(f"cachegen payload: {len(pay)} bytes, the chunk directory says otherwise")
-    out = np.frombuffer(pay, dtype="<u4")
-    if not _LITTLE or out.ctypes.data % 4:
-        out = out.astype(np.uint32)
+    out = np.frombuffer(pay, dtype=wdt)
+    if not _LITTLE or out.ctypes.data % wdt.itemsize:
+        out = out.astype(wdt.newbyteorder("="))
     return out

@@ -36,11 +36,12 @@ beside the model (a `CodecContext` loads it), identified by a u64 id in every fr
 holds another transform, or none, raises FrameForeign. Keys' positions are the prompt's: token t of the layer sits at position t (prefill hands over
 whole prompts).
 
-params v2 (little-endian): `_HEADER2` | chunk directory n x `_CHUNK2` | per chunk and part (K, then V):
-centre [C], step [C] (fp16, or fp32 when FLAG_WIDE), rho [C] u8, amax [C] u8 | crc32 of all before it.
-payload: per chunk, K's rANS words then V's; its crc32 is in the header. Each part's symbols are coded
-component-major (component c's tokens in order, then c + 1's; `rans.lap_code2`), which decodes ~1.5x faster
-than token-major order.
+params v4 (little-endian): `_HEADER4` | chunk directory n x (tokens, K words, V words) u32 | centre [n, 2, C],
+step [n, 2, C] (fp16, or fp32 when FLAG_WIDE) | rho [n, 2, C] u8 | amax [n, 2, C] u8 | crc32 of all before it.
+payload: per chunk, K's rANS words then V's (uint16); its crc32 is in the header. Each part's symbols are coded
+component-major (component c's tokens in order, then c + 1's; `rans.encode4`). The transform writes its
+output component-major ([C, T]: y^T = F^T x^T), so quantization and statistics read contiguous rows.
+Version 2 (the same models under a 64-bit, two-state coder) is retired: a v2 frame is FrameForeign.
 """
 
 from __future__ import annotations
@@ -63,10 +64,9 @@ from kv_transfer.errors import CodecError, FrameCorrupted, FrameForeign
 TRANSFORM_FILE = "cachegen_transform.safetensors"
 _FORMAT = "pdserve-cachegen-transform"
 _FORMAT_VERSION = "1"
-VERSION = 2  # the cachegen params version this module reads and writes
+VERSION = 4  # the cachegen params version this module reads and writes (v2, its 64-bit coder, is retired)
 # magic, version, level id, flags, n chunks, transform id, payload crc
-_HEADER2 = struct.Struct("<2sBBBIQI")
-_CHUNK2 = struct.Struct("<III")  # tokens, k words, v words
+_HEADER4 = struct.Struct("<2sBBBIQI")
 _CRC = struct.Struct("<I")
 FLAG_WIDE = 1  # centres and steps in fp32 (a component beyond fp16's range), else fp16
 QMAX = 127  # |q| <= QMAX: symbols q + QMAX fit a byte, alphabet 255
@@ -179,6 +179,7 @@ class KLTransform:
         h.update(repr(sorted(self.steps)).encode())
         self.transform_id = int.from_bytes(h.digest(), "little") or 1
         self._dev: dict[torch.device, tuple[Tensor, Tensor, Tensor]] = {}
+        self._dev_t: dict[torch.device, tuple[Tensor, Tensor]] = {}
         self._rope: dict[torch.device, tuple[Tensor, Tensor]] = {}  # cos, sin [P, D] for positions 0..P-1
         self._lock = threading.Lock()
         # the inverse's spectral norm per part, for the error bound
@@ -210,9 +211,20 @@ class KLTransform:
                 self._rope[device] = got
         return got
 
+    def _on_t(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """fwd^T [L, 2, C, C] (contiguous) and inv on `device`."""
+        got = self._dev_t.get(device)
+        if got is None:
+            fwd, inv, _ = self._on(device)
+            got = (fwd.transpose(2, 3).contiguous(), inv)
+            with self._lock:
+                got = self._dev_t.setdefault(device, got)
+        return got
+
     def forward(self, k: Tensor, v: Tensor, layer: int) -> tuple[Tensor, Tensor]:
-        """k, v [T, Hkv, D] (positions 0..T-1) -> y_k, y_v fp32 [T, C] on their device."""
-        fwd = self._on(k.device)[0]
+        """k, v [T, Hkv, D] (positions 0..T-1) -> y_k, y_v fp32 [C, T] (component-major, contiguous) on their
+        device: y^T = F^T x^T, one matrix product per part (BLAS reads x^T as a view)."""
+        fwd_t = self._on_t(k.device)[0]
         t = k.shape[0]
         cos, sin = self._cos_sin(t, k.device)
         if k.device.type == "cpu":  # one compiled pass (torch's takes five, with temporaries)
@@ -221,19 +233,19 @@ class KLTransform:
             rans.rope(kf.numpy(), cos.numpy(), sin.numpy(), -1.0, kp.numpy())
         else:
             kp = _rotate(k.float(), cos[:t], -sin[:t])
-        return kp.reshape(t, -1) @ fwd[layer, 0], v.float().reshape(t, -1) @ fwd[layer, 1]
+        return fwd_t[layer, 0] @ kp.reshape(t, -1).T, fwd_t[layer, 1] @ v.float().reshape(t, -1).T
 
     def inverse(self, yk: Tensor, yv: Tensor, layer: int) -> tuple[Tensor, Tensor]:
-        """Inverse of forward: y_k, y_v fp32 [T, C] -> k, v fp32 [T, Hkv, D]."""
-        inv = self._on(yk.device)[1]
-        t = yk.shape[0]
+        """Inverse of forward: y_k, y_v fp32 [C, T] -> k, v fp32 [T, Hkv, D]."""
+        inv = self._on_t(yk.device)[1]
+        t = yk.shape[1]
         cos, sin = self._cos_sin(t, yk.device)
-        k = (yk @ inv[layer, 0]).view(t, self.num_kv_heads, self.head_dim)
+        k = (yk.T @ inv[layer, 0]).view(t, self.num_kv_heads, self.head_dim)
         if k.device.type == "cpu":
             rans.rope(k.numpy(), cos.numpy(), sin.numpy(), 1.0, k.numpy())  # in place
         else:
             k = _rotate(k, cos[:t], sin[:t])
-        return k, (yv @ inv[layer, 1]).view(t, self.num_kv_heads, self.head_dim)
+        return k, (yv.T @ inv[layer, 1]).view(t, self.num_kv_heads, self.head_dim)
 
     # ---- files ----
 
@@ -278,56 +290,43 @@ def load_model_transform(model_dir: str | Path) -> KLTransform | None:
 # ---- encode / decode ---------------------------------------------------------------------------------------
 
 
-def _centre_step(
-    mean: np.ndarray, lo: np.ndarray, hi: np.ndarray, step: float, wide: bool
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per-component mean, min, max fp32 [C] -> (centre, step) [C] in the stored dtype (fp32 when `wide`,
-    else fp16): the mean, and the plan's step widened where max_t |y - centre| would need |q| > QMAX
-    (max(hi - c, c - lo) equals it: fp32 rounding is monotone)."""
-    centre = store_scale_np(mean, wide, up=False)
+def _centre_step(stats: np.ndarray, plan: np.ndarray, wide: bool) -> tuple[np.ndarray, np.ndarray]:
+    """stats fp32 [nch, 2, 3, C] (mean, min, max per component), plan steps [nch, 2] -> (centre, step)
+    [nch, 2, C] in the stored dtype (fp32 when `wide`, else fp16): the mean, and the plan's step widened where
+    max_t |y - centre| would need |q| > QMAX (max(hi - c, c - lo) equals it: fp32 rounding is monotone)."""
+    centre = store_scale_np(stats[:, :, 0], wide, up=False)
     c = centre.astype(np.float32)
-    spread = np.maximum(hi - c, c - lo)
-    return centre, store_scale_np(
-        np.maximum(spread / np.float32(QMAX - 0.5), np.float32(step)), wide, up=True
-    )
+    spread = np.maximum(stats[:, :, 2] - c, c - stats[:, :, 1])
+    step = np.maximum(spread / np.float32(QMAX - 0.5), plan.astype(np.float32)[:, :, None])
+    return centre, store_scale_np(step, wide, up=True)
 
 
-def _code_chunk(
-    ys: tuple[Tensor, Tensor], steps: tuple[float, float], wide: bool, fused: bool = True
-) -> tuple[list[np.ndarray], list[bytes]]:
-    """A chunk's K and V parts y fp32 [t, C] (rows of contiguous [T, C]) -> (rANS words of each part, side
-    fields per part: centre and step in the stored dtype, rho, amax). Symbols are clamp(round((y - centre)
-    / step), +-QMAX) + QMAX, each component's discrete Laplace fitted to them (rans.lap_code2). CPU:
-    statistics in one compiled pass per part, then quantize + fit + code both parts in one call (`fused`);
-    other devices (or fused=False) quantize with torch where y lives and fit and code on the host -- the same
-    bytes for the same statistics."""
-    cpu = ys[0].device.type == "cpu"
-    parts = []
-    for y, step in zip(ys, steps, strict=True):
-        if cpu:
-            y = y.contiguous()
-            mean, lo, hi = rans.col_stats(y.numpy())
-        else:
-            mean_t, (lo_t, hi_t) = y.mean(0), torch.aminmax(y, dim=0)
-            mean, lo, hi = (a.cpu().numpy() for a in (mean_t, lo_t, hi_t))
-        parts.append((y, *_centre_step(mean, lo, hi, step, wide)))
-    cs = np.stack([c.astype(np.float32) for _, c, _ in parts])  # [2, C]
-    ss = np.stack([s.astype(np.float32) for _, _, s in parts])
-    if cpu and fused:
-        w0, w1, rho, amax = rans.lap_encode2(
-            parts[0][0].numpy(), parts[1][0].numpy(), cs, ss, QMAX, _symbol_weights()
-        )
-    else:
-        dev = ys[0].device
-        y2 = torch.stack([parts[0][0], parts[1][0]])  # [2, t, C]
-        ct, sc = (torch.from_numpy(a).to(dev)[:, None, :] for a in (cs, ss))
-        q = (y2 - ct).div_(sc).round_().clamp_(-QMAX, QMAX).add_(QMAX)
-        sym = q.to(torch.uint8).transpose(1, 2).contiguous().cpu().numpy()  # [2, C, t]
-        w0, w1, rho, amax = rans.lap_code2(sym, QMAX, _symbol_weights())
-    side = []
-    for i, (_, centre, st) in enumerate(parts):
-        side += [le_bytes(centre), le_bytes(st), rho[i].tobytes(), amax[i].tobytes()]
-    return [w0, w1], side
+def _stats_torch(yk: Tensor, yv: Tensor, bounds: list[int]) -> np.ndarray:
+    """stats4 computed with torch where y lives (a CUDA encoder reads back only these [nch, 2, 3, C])."""
+    rows = []
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        for y in (yk, yv):
+            part = y[:, a:b]
+            rows.append(torch.stack([part.mean(1), *torch.aminmax(part, dim=1)]))
+    st = torch.stack(rows).view(len(bounds) - 1, 2, 3, -1).cpu().numpy()
+    if not np.isfinite(st).all():
+        raise CodecError("cachegen: K/V contains NaN or Inf")
+    return st
+
+
+def quantize_torch(yk: Tensor, yv: Tensor, bounds: list[int], centre: np.ndarray, step: np.ndarray) -> Tensor:
+    """The C encoder's quantizer in torch, where y lives: y [C, T] fp32 -> symbols uint8, chunk j's [2, C, len_j]
+    back to back (the layout `rans.code4` reads): clamp(round((y - centre) * (1 / step)), -QMAX, QMAX) + QMAX,
+    the same IEEE fp32 operations as the C loop, so the same symbols."""
+    dev = yk.device
+    ct = torch.from_numpy(np.ascontiguousarray(centre, np.float32)).to(dev)
+    inv = torch.from_numpy(np.float32(1.0) / np.ascontiguousarray(step, np.float32)).to(dev)
+    out = []
+    for j, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        y2 = torch.stack([yk[:, a:b], yv[:, a:b]])  # [2, C, len]
+        q = (y2 - ct[j][:, :, None]).mul_(inv[j][:, :, None]).round_().clamp_(-QMAX, QMAX).add_(QMAX)
+        out.append(q.to(torch.uint8).reshape(-1))
+    return torch.cat(out)
 
 
 def encode(
@@ -339,90 +338,118 @@ def encode(
     chunks: list[tuple[int, int]],
     steps: tuple[float, float] | None = None,
     recent: tuple[int, float] | None = None,
+    scale: float = 1.0,
+    fused: bool = True,
 ) -> tuple[bytes, list[np.ndarray]]:
-    """k, v [T, Hkv, D] (checked by the caller) -> (params v2, rANS word arrays per chunk: K, V). The
-    level's steps for `layer`, unless `steps` (K, V) overrides them (calibration). recent = (R, f): the last
-    R tokens form a chunk of their own, coded with steps / f (the prompt's last tokens are read most)."""
-    yk, yv = transform.forward(k, v, layer)
-    lim = float(torch.stack([*torch.aminmax(yk), *torch.aminmax(yv)]).abs().max())
-    if not np.isfinite(lim):
-        raise CodecError("cachegen: K/V contains NaN or Inf")
-    wide = lim > FP16_SAFE
-    ks, vs = steps if steps is not None else (float(s) for s in transform.steps[level][layer])
+    """k, v [T, Hkv, D] (checked by the caller) -> (params v4, [payload words uint16]). The level's steps for
+    `layer`, or `steps` (K, V) where given, times `scale` (rate control). recent = (R, f):
+    the last R tokens form a chunk of their own, coded with steps / f (the prompt's last tokens are read
+    most). CPU (`fused`): statistics, then quantize + fit + code of every chunk, two compiled calls; other
+    devices (or fused=False) compute the statistics and the symbols with torch where k lives (only they cross
+    to the host) and fit and code on the host -- the same bytes for the same statistics."""
+    yk, yv = transform.forward(k, v, layer)  # [C, T] each
+    ks, vs = (
+        s * scale for s in (steps if steps is not None else (float(x) for x in transform.steps[level][layer]))
+    )
     t = k.shape[0]
     recent = RECENT if recent is None else recent
     n_recent = min(recent[0], t - 1) if recent[0] > 0 and recent[1] != 1.0 else 0
     if n_recent:
         chunks = [(a, min(b, t - n_recent)) for a, b in chunks if a < t - n_recent] + [(t - n_recent, t)]
-    directory, side, words = [], [], []
-    for a, b in chunks:
-        f = recent[1] if n_recent and a == t - n_recent else 1.0
-        chunk_words, chunk_side = _code_chunk((yk[a:b], yv[a:b]), (ks / f, vs / f), wide)
-        side += chunk_side
-        directory.append(_CHUNK2.pack(b - a, chunk_words[0].size, chunk_words[1].size))
-        words += chunk_words
-    crc = 0
-    for w in words:
-        crc = zlib.crc32(le_view(w), crc)
-    head = _HEADER2.pack(
-        b"CG", VERSION, _LEVEL_IDS[level], FLAG_WIDE if wide else 0, len(chunks), transform.transform_id, crc
+    bounds = [a for a, _ in chunks] + [t]
+    plan = np.array(
+        [[ks / recent[1], vs / recent[1]] if n_recent and a == t - n_recent else [ks, vs] for a, _ in chunks],
+        np.float32,
     )
-    body = b"".join([head, *directory, *side])
-    return body + _CRC.pack(zlib.crc32(body)), words
+    cpu = yk.device.type == "cpu" and fused
+    stats = rans.stats4(yk.numpy(), yv.numpy(), np.array(bounds)) if cpu else _stats_torch(yk, yv, bounds)
+    lim = float(np.abs(stats[:, :, 1:]).max())
+    wide = lim > FP16_SAFE or float(plan.max()) > FP16_SAFE / QMAX
+    centre, step = _centre_step(stats, plan, wide)
+    c32, s32 = centre.astype(np.float32), step.astype(np.float32)
+    if cpu:
+        words, nw, rho, amax = rans.encode4(
+            yk.numpy(), yv.numpy(), np.array(bounds), c32, s32, QMAX, _symbol_weights()
+        )
+    else:
+        sym = quantize_torch(yk, yv, bounds, c32, s32).cpu().numpy()
+        words, nw, rho, amax = rans.code4(sym, transform.channels, np.array(bounds), QMAX, _symbol_weights())
+    head = _HEADER4.pack(
+        b"CG", VERSION, _LEVEL_IDS[level], FLAG_WIDE if wide else 0, len(chunks), transform.transform_id,
+        zlib.crc32(le_view(words)),
+    )  # fmt: skip
+    directory = np.empty((len(chunks), 3), "<u4")
+    directory[:, 0] = np.diff(bounds)
+    directory[:, 1:] = nw
+    body = b"".join(
+        [head, directory.tobytes(), le_bytes(centre), le_bytes(step), rho.tobytes(), amax.tobytes()]
+    )
+    return body + _CRC.pack(zlib.crc32(body)), [words]
 
 
 class Parsed:
-    """Validated v2 params: the transform, and per chunk (start, tokens, k words, v words, [K side, V side])
-    with side = (centre fp32 [C], step fp32 [C], rho u8 [C], amax u8 [C]) as numpy arrays."""
+    """Validated v4 params: the transform, chunk bounds int64 [nch + 1], word counts nw int64 [nch, 2], and
+    centre, step fp32 / rho, amax uint8 [nch, 2, C]."""
 
-    def __init__(self, transform: KLTransform, flags: int, payload_crc: int, chunks: list) -> None:
-        self.transform, self.flags, self.payload_crc, self.chunks = transform, flags, payload_crc, chunks
+    def __init__(
+        self,
+        transform: KLTransform,
+        flags: int,
+        payload_crc: int,
+        bounds: np.ndarray,
+        nw: np.ndarray,
+        side: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    ) -> None:
+        self.transform, self.flags, self.payload_crc, self.bounds, self.nw = (
+            transform,
+            flags,
+            payload_crc,
+            bounds,
+            nw,
+        )
+        self.centre, self.step, self.rho, self.amax = side
+
+    @property
+    def words(self) -> int:
+        return int(self.nw.sum())
 
 
 def parse(params: bytes, shape: tuple[int, ...], layer: int, transform: KLTransform | None) -> Parsed:
-    """Check v2 params against the frame's shape and `transform` (the context's); FrameCorrupted /
+    """Check v4 params against the frame's shape and `transform` (the context's); FrameCorrupted /
     FrameForeign on anything wrong. Allocates nothing beyond the params' own size."""
     buf = params
-    if len(buf) < _HEADER2.size + _CRC.size:
+    if len(buf) < _HEADER4.size + _CRC.size:
         raise FrameCorrupted(f"cachegen params: {len(buf)} bytes, too short")
     (crc,) = _CRC.unpack_from(buf, len(buf) - _CRC.size)
     if zlib.crc32(buf[: -_CRC.size]) != crc:
         raise FrameCorrupted("cachegen params crc32 mismatch")
-    _, _, level_id, flags, n_chunks, tid, payload_crc = _HEADER2.unpack_from(buf, 0)
+    _, _, level_id, flags, n, tid, payload_crc = _HEADER4.unpack_from(buf, 0)
     t, h, d = shape
     c = h * d
-    if flags & ~FLAG_WIDE or level_id not in _LEVEL_IDS.values() or not 1 <= n_chunks <= t:
-        raise FrameCorrupted(f"cachegen params: flags {flags:#x}, level {level_id}, {n_chunks} chunks")
+    if flags & ~FLAG_WIDE or level_id not in _LEVEL_IDS.values() or not 1 <= n <= t:
+        raise FrameCorrupted(f"cachegen params: flags {flags:#x}, level {level_id}, {n} chunks")
     if transform is None or transform.transform_id != tid:
         raise FrameForeign(f"cachegen: transform {tid:#018x} is not loaded in this codec context")
     if not 0 <= layer < transform.num_layers or c != transform.channels or d != transform.head_dim:
         raise FrameForeign(f"cachegen: transform {tid:#018x} does not cover layer {layer} of shape {shape}")
     sdt = np.dtype("<f4") if flags & FLAG_WIDE else np.dtype("<f2")
-    part = c * (2 * sdt.itemsize + 2)
-    need = _HEADER2.size + n_chunks * (_CHUNK2.size + 2 * part) + _CRC.size
+    need = _HEADER4.size + n * 12 + n * 2 * c * (2 * sdt.itemsize + 2) + _CRC.size
     if need != len(buf):
         raise FrameCorrupted(f"cachegen params: {len(buf)} bytes, the header implies {need}")
-    off, start, chunks = _HEADER2.size, 0, []
-    dirs = [_CHUNK2.unpack_from(buf, off + i * _CHUNK2.size) for i in range(n_chunks)]
-    off += n_chunks * _CHUNK2.size
-    for tokens, kw, vw in dirs:
-        if tokens < 1 or start + tokens > t:
-            raise FrameCorrupted(f"cachegen params: chunk of {tokens} tokens at {start} (T = {t})")
-        sides = []
-        for _ in range(2):
-            cs = np.frombuffer(buf, dtype=sdt, count=2 * c, offset=off).astype(np.float32)
-            off += 2 * c * sdt.itemsize
-            rho = np.frombuffer(buf, dtype=np.uint8, count=c, offset=off)
-            amax = np.frombuffer(buf, dtype=np.uint8, count=c, offset=off + c)
-            off += 2 * c
-            if not np.isfinite(cs).all() or (cs[c:] <= 0).any() or (amax > QMAX).any():
-                raise FrameCorrupted("cachegen params: non-finite or non-positive step, or |q| > 127")
-            sides.append((cs[:c], cs[c:], rho, amax))
-        chunks.append((start, tokens, kw, vw, sides))
-        start += tokens
-    if start != t:
-        raise FrameCorrupted(f"cachegen params: chunks cover {start} tokens, the frame has {t}")
-    return Parsed(transform, flags, payload_crc, chunks)
+    off = _HEADER4.size
+    directory = np.frombuffer(buf, "<u4", 3 * n, off).reshape(n, 3).astype(np.int64)
+    off += 12 * n
+    tokens, nw = directory[:, 0], np.ascontiguousarray(directory[:, 1:])
+    if (tokens < 1).any() or int(tokens.sum()) != t or (nw < 8).any() or (nw > tokens[:, None] * c + 8).any():
+        raise FrameCorrupted(f"cachegen params: chunk directory {directory.tolist()} does not fit T = {t}")
+    cs = np.frombuffer(buf, sdt, 2 * n * 2 * c, off).astype(np.float32).reshape(2, n, 2, c)
+    off += 2 * n * 2 * c * sdt.itemsize
+    rho = np.frombuffer(buf, np.uint8, n * 2 * c, off).reshape(n, 2, c)
+    amax = np.frombuffer(buf, np.uint8, n * 2 * c, off + n * 2 * c).reshape(n, 2, c)
+    if not np.isfinite(cs).all() or (cs[1] <= 0).any() or (amax > QMAX).any():
+        raise FrameCorrupted("cachegen params: non-finite or non-positive step, or |q| > 127")
+    bounds = np.concatenate([[0], np.cumsum(tokens)])
+    return Parsed(transform, flags, payload_crc, bounds, nw, (cs[0], cs[1], rho, amax))
 
 
 def decode(
@@ -434,28 +461,37 @@ def decode(
     device: torch.device,
     fused: bool = True,
 ) -> tuple[Tensor, Tensor]:
-    """Parsed params + all payload words (uint32, sizes checked by the caller) -> k, v [T, Hkv, D]. CPU:
-    tables, rANS and dequantization of a chunk in one compiled call (`fused`); other devices (or
+    """Parsed params + all payload words (uint16, count checked by the caller) -> k, v [T, Hkv, D]. CPU:
+    tables, rANS and dequantization of every chunk in one compiled call (`fused`); other devices (or
     fused=False) decode the symbols on the host and dequantize with torch where the output lives."""
     t, h, d = shape
-    ys = [torch.empty((t, h * d), dtype=torch.float32, device=device) for _ in range(2)]
-    w = 0
-    for start, tokens, kw, vw, sides in p.chunks:
-        wk, wv = words[w : w + kw], words[w + kw : w + kw + vw]
-        w += kw + vw
-        rho, amax, centre, step = (np.stack([sd[i] for sd in sides]) for i in (2, 3, 0, 1))  # [2, C] each
-        if device.type == "cpu" and fused:
-            out = [y[start : start + tokens].numpy() for y in ys]
-            rans.lap_decode2(wk, wv, rho, amax, centre, step, QMAX, _symbol_weights(), *out)
-            continue
-        sym = rans.lap_uncode2(wk, wv, rho, amax, tokens, QMAX, _symbol_weights())  # [2, C, t]
-        q = torch.from_numpy(sym).to(device).transpose(1, 2).float().sub_(QMAX)
-        c, st = (torch.from_numpy(a).to(device)[:, None, :] for a in (centre, step))
-        y2 = torch.addcmul(c, q, st)  # [2, t, C]
-        for y, part in zip(ys, y2, strict=True):
-            y[start : start + tokens] = part
-
-    k, v = p.transform.inverse(ys[0], ys[1], layer)
+    c = h * d
+    if device.type == "cpu" and fused:
+        yk, yv = torch.empty((c, t)), torch.empty((c, t))
+        rans.decode4(
+            words,
+            p.nw,
+            p.rho,
+            p.amax,
+            p.centre,
+            p.step,
+            p.bounds,
+            QMAX,
+            _symbol_weights(),
+            yk.numpy(),
+            yv.numpy(),
+        )
+    else:
+        sym = torch.from_numpy(rans.uncode4(words, p.nw, p.rho, p.amax, p.bounds, QMAX, _symbol_weights()))
+        sym = sym.to(device)
+        ct, st = (torch.from_numpy(a).to(device) for a in (p.centre, p.step))
+        ys = torch.empty((2, c, t), device=device)
+        for j in range(len(p.bounds) - 1):
+            a, b = int(p.bounds[j]), int(p.bounds[j + 1])
+            q = sym[2 * c * a : 2 * c * b].view(2, c, b - a).float().sub_(QMAX)
+            ys[:, :, a:b] = torch.addcmul(ct[j][:, :, None], q, st[j][:, :, None])
+        yk, yv = ys[0], ys[1]
+    k, v = p.transform.inverse(yk, yv, layer)
     return k.to(dtype), v.to(dtype)
 
 
@@ -466,10 +502,9 @@ def error_bounds_klt(
     arithmetic and the output dtype's rounding: ||F^-1||_2 * ||step||_2 / 2 (see the module docstring)."""
     p = parse(params, shape, layer, transform)
     kb, vb = torch.empty(shape[0]), torch.empty(shape[0])
-    for start, tokens, _, _, sides in p.chunks:
-        for out, kind, (_, step, _, _) in zip((kb, vb), (0, 1), sides, strict=True):
-            bound = (
-                float(p.transform.inv_norm[layer, kind]) * float(np.linalg.norm(step.astype(np.float64))) / 2
-            )
-            out[start : start + tokens] = bound
+    norms = np.linalg.norm(p.step.astype(np.float64), axis=2)  # [nch, 2]
+    for j in range(len(p.bounds) - 1):
+        a, b = int(p.bounds[j]), int(p.bounds[j + 1])
+        for out, kind in ((kb, 0), (vb, 1)):
+            out[a:b] = float(p.transform.inv_norm[layer, kind]) * float(norms[j, kind]) / 2
     return kb, vb

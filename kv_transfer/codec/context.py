@@ -4,9 +4,12 @@ A service builds one from its model directory and its loaded model (`CodecContex
 hands it to its `KVServer` and `KVPuller`, which get their codecs from it (`ctx.codec(name)`). It holds:
   * `num_layers`: the model's depth (CacheGen gives shallow layers more bins);
   * `tables`: `cachegen_tables.safetensors` (format v1's static tables and bit plans), or None;
-  * `transform`: `cachegen_transform.safetensors` (format v2's transform and step plans), or None;
-  * `layer0`: the model's layer-0 function (`cachegen_l0` sends layer 0 as the token ids), or None.
-`pdserve calibrate MODEL_DIR` writes the two files. `CodecContext()` (no model) serves raw, int8, fp8 and
+  * `transform`: `cachegen_transform.safetensors` (format v4's transform and step plans), or None;
+  * `layer0`: the model's layer-0 function (`cachegen_l0` sends layer 0 as the token ids), or None;
+  * `rate`: `cachegen_rate.json` (format v4's rate control: size and quality by prompt length), or None;
+  * `max_kl`: the quality floor the encoder spends when a frame's caller gives none (nats per token; None:
+    `rate.DEFAULT_MAX_KL`, the cluster's default `--max-kl`).
+`pdserve calibrate MODEL_DIR` writes the files. `CodecContext()` (no model) serves raw, int8, fp8 and
 cachegen's format v1 with the generic level rules. Immutable after construction; thread-safe.
 """
 
@@ -20,6 +23,7 @@ from kv_transfer.codec.base import Codec
 from kv_transfer.codec.cachegen_klt import KLTransform, load_model_transform
 from kv_transfer.codec.cachegen_tables import CacheGenTables, load_model_tables
 from kv_transfer.codec.layer0 import Layer0
+from kv_transfer.codec.rate import RateTable, load_model_rate
 from kv_transfer.errors import CodecError, UnknownCodec
 
 
@@ -30,13 +34,20 @@ class CodecContext:
         tables: CacheGenTables | None = None,
         transform: KLTransform | None = None,
         layer0: Layer0 | None = None,
+        rate: RateTable | None = None,
+        max_kl: float | None = None,
     ) -> None:
+        if max_kl is not None and not max_kl >= 0:
+            raise CodecError(f"codec context max_kl must be a KL >= 0 (nats per token), got {max_kl}")
         self.num_layers, self.tables, self.transform, self.layer0 = num_layers, tables, transform, layer0
+        self.rate, self.max_kl = rate, max_kl
         self._codecs: dict[str, Codec] = {}  # one instance per name, made on first use
         self._lock = threading.Lock()
 
     @classmethod
-    def from_model_dir(cls, model_dir: str | Path, model=None, fingerprint: int = 0) -> CodecContext:
+    def from_model_dir(
+        cls, model_dir: str | Path, model=None, fingerprint: int = 0, max_kl: float | None = None
+    ) -> CodecContext:
         """The context of the model in `model_dir`: its depth (config.json), the calibration files beside it
         (CodecError if they do not fit the model), and, given the loaded engine model (`CausalLM`) and its
         fingerprint, its layer-0 function where it can compute layer 0 here."""
@@ -56,7 +67,8 @@ class CodecContext:
                 f"{model_dir}: cachegen transform does not fit the model ({transform.fwd.shape})"
             )
         layer0 = Layer0.from_model(model, fingerprint) if model is not None else None
-        return cls(cfg.num_layers, tables, transform, layer0)
+        rate = load_model_rate(model_dir) if transform is not None else None
+        return cls(cfg.num_layers, tables, transform, layer0, rate, max_kl)
 
     def codec(self, name: str) -> Codec:
         """This context's instance of codec `name`; UnknownCodec if unknown or not installed here."""

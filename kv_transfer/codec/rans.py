@@ -1,5 +1,5 @@
-"""The CacheGen codec's compiled kernels: a rANS entropy coder with per-channel tables, and format v2's
-discrete Laplace models, quantizer and RoPE step.
+"""The CacheGen codec's compiled kernels: a rANS entropy coder with per-channel tables (format v1), and format
+v4's discrete Laplace models, quantizer, coder and RoPE step.
 
 Format v1 (`encode`/`decode`): symbols are uint8 [T, C] (token-major, exactly as quantization lays them
 out); symbol [t, c] is coded with channel c's table, so neither side transposes or loops over channels in
@@ -9,26 +9,29 @@ lookup per channel). Tables are integer frequencies [C, n] summing to 2048 per r
 any symbol in [0, n) stays encodable), built deterministically from integer weights (`freqs_from_weights`),
 so encoder and decoder derive bit-identical tables on any machine.
 
-Format v2 (`lap_*`, used by cachegen_klt): each component's symbols get a two-sided geometric model from two
-bytes (rho, amax), fitted and built in C; a chunk's K and V parts are quantized, fitted and coded in one
-call (`lap_encode2` / `lap_decode2`), component-major, two streams side by side. `rope` and `col_stats` are
-that format's transform and statistics passes (one pass each, no temporaries).
+Format v4 (`*4`, used by cachegen_klt): each component's symbols get a two-sided geometric model from two
+bytes (rho, amax), fitted and built in C; a layer's chunks are quantized, fitted and coded in one call
+(`encode4` / `decode4`; `stats4` is the statistics pass before it), component-major. Its coder differs from
+v1's: 32-bit states with 16-bit renormalisation (uint16 words), four states per part interleaved by token,
+K and V coded side by side, renormalisation branch-free, the hot loops compiled for x86-64 and x86-64-v3 in
+one library (chosen when it loads). `rope` is the transform's RoPE step.
 
-Wire: uint32 words in decode order; the first two are the final encoder state (low, high). The decoder
-checks that it consumed every word and ended in the encoder's initial state, so truncated or altered
-words are detected (a wrong symbol count or table also fails these checks with high probability; the
-frame CRCs catch the rest).
+Wire (v1): uint32 words in decode order; the first two are the final encoder state (low, high). v4: uint16
+words per part, the first eight the four final states (low, high each). Either decoder checks that it consumed
+every word and ended in the encoder's initial states, so truncated or altered words are detected (a wrong
+symbol count or table also fails these checks with high probability; the frame CRCs catch the rest).
 
-Two rANS states interleave over one word stream (the decoder's dependency chain halves) and the encoder
-divides by multiplying with the frequency's reciprocal. Speed: see docs/benchmarks.md (bench.codec reports
-both formats side by side). The C source, `rans.c` beside this file, is compiled on first use
-(`engine.cbuild`); `available()` says whether it loaded. Without a C compiler there is no `cachegen` codec
-(the registry reports it as not installed); raw, int8 and fp8 remain.
+Speed: see docs/benchmarks.md (bench.codec). The C source, `rans.c` beside this file, is compiled when the
+package is built (setup.py); in a source checkout without that build it is compiled on first use
+(`engine.cbuild`); `available()` says whether it loaded. Without either there is no `cachegen` codec (the
+registry reports it as not installed); raw, int8 and fp8 remain.
 """
 
 from __future__ import annotations
 
 import ctypes
+import hashlib
+import importlib.machinery
 import logging
 import os
 import subprocess
@@ -46,25 +49,61 @@ PROB_SCALE = 1 << PROB_BITS
 MAX_ALPHABET = 256  # symbols are bytes; CacheGen uses at most 63
 WEIGHT_BITS = 20  # integer weights are in [0, 2^20]
 
-_C_SOURCE = Path(__file__).with_name("rans.c")  # shipped as package data, compiled on first use
+_C_SOURCE = Path(__file__).with_name("rans.c")  # shipped as package data beside the built library
+BUILT_NAME = (
+    "_rans"  # setup.py's extension: kv_transfer/codec/_rans<EXTENSION_SUFFIX>, built with the package
+)
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
+_origin: str | None = None
 _tried = False
 
 
+def source_id(text: str) -> str:
+    """The id setup.py compiles into the library (CG_SOURCE_ID): the first 16 hex digits of sha256(rans.c)."""
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def built_library(directory: Path | None = None) -> Path | None:
+    """The library setup.py built beside this module (a wheel or an in-place build), if there is one."""
+    here = directory or _C_SOURCE.parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = here / f"{BUILT_NAME}{suffix}"
+        if path.exists():
+            return path
+    return None
+
+
+def _open() -> tuple[ctypes.CDLL, str]:
+    """-> (library, origin): setup.py's build when it matches rans.c ("built"); in a source checkout without
+    one (or with a stale in-place build), compiled now by engine.cbuild ("first use": the development
+    fallback). RuntimeError / OSError when neither is possible."""
+    source = _C_SOURCE.read_text() if _C_SOURCE.exists() else None
+    built = built_library()
+    if built is not None:
+        lib = ctypes.CDLL(str(built))
+        lib.cg_source_id.restype = ctypes.c_char_p
+        if source is None or lib.cg_source_id().decode() == source_id(source):
+            return lib, "built"
+        log.info("%s was built from another rans.c (a stale in-place build): compiling the checkout's", built)
+    if source is None:
+        raise RuntimeError(f"{_C_SOURCE.parent}: neither the built {BUILT_NAME} library nor rans.c")
+    from engine.cbuild import build_library
+
+    return ctypes.CDLL(str(build_library("pdserve_rans", source))), "first use"
+
+
 def _load() -> ctypes.CDLL | None:
-    global _lib, _tried
+    global _lib, _origin, _tried
     if _tried:
         return _lib
     with _lock:
         if _tried:
             return _lib
         if os.environ.get("PDSERVE_RANS", "1") != "0":
-            from engine.cbuild import build_library
-
             try:
-                lib = ctypes.CDLL(str(build_library("pdserve_rans", _C_SOURCE.read_text())))
+                lib, origin = _open()
                 p, i64 = ctypes.c_void_p, ctypes.c_int64
                 lib.cg_rans_encode.restype = i64
                 lib.cg_rans_encode.argtypes = [p, i64, i64, p, p, i64, p, i64]
@@ -74,30 +113,42 @@ def _load() -> ctypes.CDLL | None:
                 lib.cg_rans_lut.argtypes = [p, p, i64, i64, p]
                 lib.cg_hist.restype = i64
                 lib.cg_hist.argtypes = [p, i64, i64, i64, p]
-                lib.cg_col_stats.restype = i64
-                lib.cg_col_stats.argtypes = [p, i64, i64, p, p, p]
-                lib.cg_lap_code2.restype = i64
-                lib.cg_lap_code2.argtypes = [p, i64, i64, i64, p, p, p, p, p, i64, p]
-                lib.cg_lap_encode2.restype = i64
-                lib.cg_lap_encode2.argtypes = [p, p, i64, i64, p, p, i64, p, p, p, p, p, i64, p]
-                lib.cg_lap_uncode2.restype = i64
-                lib.cg_lap_uncode2.argtypes = [p, i64, p, i64, i64, i64, p, p, i64, p, p]
-                lib.cg_lap_decode2.restype = i64
-                lib.cg_lap_decode2.argtypes = [p, i64, p, i64, i64, i64, p, p, i64, p, p, p, p, p]
+                lib.cg4_stats.restype = i64
+                lib.cg4_stats.argtypes = [p, p, i64, i64, i64, p, p]
+                lib.cg4_encode.restype = i64
+                lib.cg4_encode.argtypes = [p, p, i64, i64, i64, p, p, p, i64, p, p, p, p, p]
+                lib.cg4_code.restype = i64
+                lib.cg4_code.argtypes = [p, i64, i64, p, i64, p, p, p, p, p]
+                lib.cg4_uncode.restype = i64
+                lib.cg4_uncode.argtypes = [p, i64, i64, i64, p, p, p, p, i64, p, p]
+                lib.cg4_decode.restype = i64
+                lib.cg4_decode.argtypes = [p, i64, i64, i64, i64, p, p, p, p, p, p, i64, p, p, p]
                 lib.cg_rope.restype = None
                 lib.cg_rope.argtypes = [p, i64, i64, i64, p, p, i64, ctypes.c_float, p]
                 lib.cg_lap_tables.restype = i64
                 lib.cg_lap_tables.argtypes = [p, p, i64, i64, p, p, p, p]
-                _lib = lib
+                _lib, _origin = lib, origin
             except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-                log.warning("compiled rANS coder unavailable, so is the cachegen codec: %s", e)
+                log.warning(
+                    "compiled rANS coder unavailable, so is the cachegen codec: the package was installed without "
+                    "its built %s library (setup.py build_ext) and rans.c could not be compiled here: %s",
+                    BUILT_NAME,
+                    e,
+                )
         _tried = True
         return _lib
 
 
 def available() -> bool:
-    """True when the compiled coder is loaded (builds it on first call; PDSERVE_RANS=0 disables it)."""
+    """True when the compiled coder is loaded (PDSERVE_RANS=0 disables it)."""
     return _load() is not None
+
+
+def library_origin() -> str | None:
+    """ "built" (setup.py's library, what an installed package uses), "first use" (compiled from rans.c by
+    engine.cbuild: a development checkout without that build), or None (not available)."""
+    _load()
+    return _origin
 
 
 def _lib_or_raise() -> ctypes.CDLL:
@@ -220,75 +271,109 @@ def decode(words: np.ndarray, t: int, tables: Tables) -> np.ndarray:
     return out
 
 
-# ---- discrete Laplace models (cachegen format v2; see cachegen_klt) -----------------------------------------
-# Symbols are q + mid for q in [-mid, mid] (n = 2 mid + 1), channel-major per part: [2 (K, V), C, T]; a
-# component's model is (rho, amax) (see the C source). rho/amax/centre/step are [2, C].
+# ---- discrete Laplace models (cachegen format v4; see cachegen_klt) -----------------------------------------
+# Per layer: y0, y1 fp32 [C, T] (K's and V's transformed rows, component-major), chunk j = tokens
+# [bounds[j], bounds[j + 1]); per chunk, part and component: centre, step fp32 and the model (rho, amax) uint8,
+# all [nch, 2, C]. Symbols q + mid (q in [-mid, mid]) per chunk as [2, C, len_j], chunks back to back. Words are
+# uint16: per chunk, K's then V's, counts nw int64 [nch, 2].
 
 
-def col_stats(y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """y fp32 [T, C] (C-contiguous, T >= 1) -> per-column (mean, min, max), fp32 [C] each, in one pass."""
-    t, c = y.shape
-    assert y.dtype == np.float32 and y.flags.c_contiguous and t >= 1
-    mean, lo, hi = np.empty(c, np.float32), np.empty(c, np.float32), np.empty(c, np.float32)
-    if _lib_or_raise().cg_col_stats(_ptr(y), t, c, _ptr(mean), _ptr(lo), _ptr(hi)) != 0:
-        raise MemoryError("cg_col_stats")
-    return mean, lo, hi
+def _rows(y: np.ndarray, c: int, t: int) -> None:
+    assert y.dtype == np.float32 and y.flags.c_contiguous and y.shape == (c, t)
 
 
-def _check_wsym(wsym: np.ndarray, mid: int) -> None:
-    assert wsym.dtype == np.int64 and wsym.shape == (256, 2 * mid + 1) and wsym.flags.c_contiguous
+def _bounds(bounds: np.ndarray, t: int) -> np.ndarray:
+    b = np.ascontiguousarray(bounds, np.int64)
+    assert b.ndim == 1 and b.size >= 2 and b[0] == 0 and b[-1] == t and (np.diff(b) >= 1).all()
+    return b
 
 
-def _coded(
-    rc: int, what: str, out: np.ndarray, nw: np.ndarray, rho: np.ndarray, amax: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def stats4(y0: np.ndarray, y1: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+    """Per chunk, part and component: (mean, min, max) -> fp32 [nch, 2, 3, C], one pass over y0, y1 [C, T].
+    CodecError if some value is NaN or infinite."""
+    c, t = y0.shape
+    _rows(y0, c, t)
+    _rows(y1, c, t)
+    b = _bounds(bounds, t)
+    out = np.empty((b.size - 1, 2, 3, c), np.float32)
+    if _lib_or_raise().cg4_stats(_ptr(y0), _ptr(y1), c, t, b.size - 1, _ptr(b), _ptr(out)) != 0:
+        raise CodecError("cachegen: K/V contains NaN or Inf")
+    return out
+
+
+def _coded4(rc: int, what: str, out: np.ndarray, nw: np.ndarray) -> np.ndarray:
     if rc == -3:
         raise MemoryError(what)
     if rc == -2:
         raise CodecError("symbol out of range")
-    if rc < 0:
-        raise CodecError("rANS output buffer too small")  # cannot happen: cap bounds the output
-    return out[0, : nw[0]], out[1, : nw[1]], rho, amax
+    assert rc == 0, rc
+    return out[: int(nw.sum())]
 
 
-def lap_code2(
-    sym: np.ndarray, mid: int, wsym: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Symbols uint8 [2, C, T] -> (words of part 0, words of part 1, rho uint8 [2, C], amax uint8 [2, C]):
-    each component's discrete Laplace model fitted to its symbols, then both parts rANS-coded side by side."""
-    sym = np.ascontiguousarray(sym, dtype=np.uint8)
-    _, c, t = sym.shape
-    assert sym.shape[0] == 2
-    _check_wsym(wsym, mid)
-    rho, amax, nw = np.empty((2, c), np.uint8), np.empty((2, c), np.uint8), np.empty(2, np.int64)
-    cap = t * c + 8
-    out = np.empty((2, cap), np.uint32)
-    rc = _lib_or_raise().cg_lap_code2(
-        _ptr(sym), t, c, mid, _ptr(wsym), _ptr(rho), _ptr(amax), _ptr(out), _ptr(out[1]), cap, _ptr(nw)
+def _side_out(nch: int, c: int, t: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """rho, amax [nch, 2, C], words (room for one per symbol + 8 per part), nw [nch, 2]."""
+    return (
+        np.empty((nch, 2, c), np.uint8),
+        np.empty((nch, 2, c), np.uint8),
+        np.empty(2 * (t * c + 8 * nch), np.uint16),
+        np.empty((nch, 2), np.int64),
     )
-    return _coded(rc, "cg_lap_code2", out, nw, rho, amax)
 
 
-def lap_encode2(
-    y0: np.ndarray, y1: np.ndarray, centre: np.ndarray, step: np.ndarray, mid: int, wsym: np.ndarray
+def encode4(
+    y0: np.ndarray,
+    y1: np.ndarray,
+    bounds: np.ndarray,
+    centre: np.ndarray,
+    step: np.ndarray,
+    mid: int,
+    wsym: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The CPU encoder of a chunk's two parts (K, V), in one compiled call: y0, y1 fp32 [T, C] (C-contiguous),
-    centre/step fp32 [2, C] (step > 0) -> as lap_code2 of the symbols clamp(round((y - centre) / step),
-    -mid, mid) + mid (the same words)."""
-    t, c = y0.shape
-    for y in (y0, y1):
-        assert y.dtype == np.float32 and y.flags.c_contiguous and y.shape == (t, c)
-    assert centre.shape == step.shape == (2, c)
-    _check_wsym(wsym, mid)
+    """The CPU encoder of a layer, one compiled call: quantize y0, y1 [C, T] to clamp(rint((y - centre) *
+    (1 / step)), -mid, mid) + mid, fit each component's model and code -> (words uint16, nw [nch, 2],
+    rho, amax [nch, 2, C])."""
+    c, t = y0.shape
+    _rows(y0, c, t)
+    _rows(y1, c, t)
+    b = _bounds(bounds, t)
+    nch = b.size - 1
     centre, step = np.ascontiguousarray(centre, np.float32), np.ascontiguousarray(step, np.float32)
-    rho, amax, nw = np.empty((2, c), np.uint8), np.empty((2, c), np.uint8), np.empty(2, np.int64)
-    cap = t * c + 8
-    out = np.empty((2, cap), np.uint32)
-    rc = _lib_or_raise().cg_lap_encode2(
-        _ptr(y0), _ptr(y1), t, c, _ptr(centre), _ptr(step), mid, _ptr(wsym), _ptr(rho), _ptr(amax),
-        _ptr(out), _ptr(out[1]), cap, _ptr(nw),
+    assert centre.shape == step.shape == (nch, 2, c)
+    _check_wsym(wsym, mid)
+    rho, amax, out, nw = _side_out(nch, c, t)
+    rc = _lib_or_raise().cg4_encode(
+        _ptr(y0), _ptr(y1), c, t, nch, _ptr(b), _ptr(centre), _ptr(step), mid, _ptr(wsym), _ptr(rho),
+        _ptr(amax), _ptr(out), _ptr(nw),
     )  # fmt: skip
-    return _coded(rc, "cg_lap_encode2", out, nw, rho, amax)
+    return _coded4(rc, "cg4_encode", out, nw), nw, rho, amax
+
+
+def code4(
+    sym: np.ndarray, c: int, bounds: np.ndarray, mid: int, wsym: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Symbols already quantized (e.g. on a GPU): uint8, chunk j's [2, C, len_j] back to back -> as encode4."""
+    b = _bounds(bounds, int(bounds[-1]))
+    t, nch = int(b[-1]), b.size - 1
+    sym = np.ascontiguousarray(sym, np.uint8).reshape(-1)
+    assert sym.size == 2 * c * t
+    _check_wsym(wsym, mid)
+    rho, amax, out, nw = _side_out(nch, c, t)
+    rc = _lib_or_raise().cg4_code(
+        _ptr(sym), c, nch, _ptr(b), mid, _ptr(wsym), _ptr(rho), _ptr(amax), _ptr(out), _ptr(nw)
+    )
+    return _coded4(rc, "cg4_code", out, nw), nw, rho, amax
+
+
+def _uncode_args(
+    words: np.ndarray, nw: np.ndarray, rho: np.ndarray, amax: np.ndarray, bounds: np.ndarray, mid: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    b = np.ascontiguousarray(bounds, np.int64)
+    nch = b.size - 1
+    c = rho.shape[-1]
+    assert rho.shape == amax.shape == (nch, 2, c) and nw.shape == (nch, 2)
+    words = np.ascontiguousarray(words, np.uint16)
+    rho, amax = np.ascontiguousarray(rho, np.uint8), np.ascontiguousarray(amax, np.uint8)
+    return words, np.ascontiguousarray(nw, np.int64), rho, amax, b
 
 
 def _decoded(rc: int, what: str) -> None:
@@ -298,51 +383,54 @@ def _decoded(rc: int, what: str) -> None:
         raise FrameCorrupted("cachegen: rANS data did not decode exactly (corrupted payload)")
 
 
-def lap_uncode2(
-    w0: np.ndarray, w1: np.ndarray, rho: np.ndarray, amax: np.ndarray, t: int, mid: int, wsym: np.ndarray
-) -> np.ndarray:
-    """Inverse of lap_code2 -> symbols uint8 [2, C, t]. FrameCorrupted unless both parts' words decode
-    exactly (or some amax > mid)."""
-    c = rho.shape[1]
-    assert rho.shape == amax.shape == (2, c)
+def uncode4(
+    words: np.ndarray, nw: np.ndarray, rho: np.ndarray, amax: np.ndarray, bounds: np.ndarray, mid: int,
+    wsym: np.ndarray,
+) -> np.ndarray:  # fmt: skip
+    """Inverse of code4 -> symbols uint8 (chunk j's [2, C, len_j] back to back). FrameCorrupted unless every
+    chunk's words decode exactly and are all used."""
+    words, nw, rho, amax, b = _uncode_args(words, nw, rho, amax, bounds, mid)
     _check_wsym(wsym, mid)
-    w0, w1 = (np.ascontiguousarray(w, dtype=np.uint32) for w in (w0, w1))
-    rho, amax = np.ascontiguousarray(rho, np.uint8), np.ascontiguousarray(amax, np.uint8)
-    sym = np.empty((2, c, t), np.uint8)
-    rc = _lib_or_raise().cg_lap_uncode2(
-        _ptr(w0), w0.size, _ptr(w1), w1.size, t, c, _ptr(rho), _ptr(amax), mid, _ptr(wsym), _ptr(sym)
-    )
-    _decoded(rc, "cg_lap_uncode2")
+    c = rho.shape[-1]
+    sym = np.empty(2 * c * int(b[-1]), np.uint8)
+    rc = _lib_or_raise().cg4_uncode(
+        _ptr(words), words.size, c, b.size - 1, _ptr(b), _ptr(nw), _ptr(rho), _ptr(amax), mid, _ptr(wsym),
+        _ptr(sym),
+    )  # fmt: skip
+    _decoded(rc, "cg4_uncode")
     return sym
 
 
-def lap_decode2(
-    w0: np.ndarray,
-    w1: np.ndarray,
+def decode4(
+    words: np.ndarray,
+    nw: np.ndarray,
     rho: np.ndarray,
     amax: np.ndarray,
     centre: np.ndarray,
     step: np.ndarray,
+    bounds: np.ndarray,
     mid: int,
     wsym: np.ndarray,
     y0: np.ndarray,
     y1: np.ndarray,
 ) -> None:
-    """Inverse of lap_encode2 into y0, y1 fp32 [T, C] (C-contiguous): centre + (symbol - mid) * step, with
-    rho/amax/centre/step [2, C]. FrameCorrupted as lap_uncode2."""
-    t, c = y0.shape
-    for y in (y0, y1):
-        assert y.dtype == np.float32 and y.flags.c_contiguous and y.shape == (t, c)
-    assert rho.shape == amax.shape == centre.shape == step.shape == (2, c)
+    """Inverse of encode4 into y0, y1 fp32 [C, T]: centre + (symbol - mid) * step. FrameCorrupted as uncode4."""
+    words, nw, rho, amax, b = _uncode_args(words, nw, rho, amax, bounds, mid)
     _check_wsym(wsym, mid)
-    w0, w1 = (np.ascontiguousarray(w, dtype=np.uint32) for w in (w0, w1))
-    rho, amax = np.ascontiguousarray(rho, np.uint8), np.ascontiguousarray(amax, np.uint8)
+    c, t = y0.shape
+    _rows(y0, c, t)
+    _rows(y1, c, t)
     centre, step = np.ascontiguousarray(centre, np.float32), np.ascontiguousarray(step, np.float32)
-    rc = _lib_or_raise().cg_lap_decode2(
-        _ptr(w0), w0.size, _ptr(w1), w1.size, t, c, _ptr(rho), _ptr(amax), mid, _ptr(wsym),
-        _ptr(centre), _ptr(step), _ptr(y0), _ptr(y1),
+    assert centre.shape == step.shape == rho.shape and t == b[-1]
+    rc = _lib_or_raise().cg4_decode(
+        _ptr(words), words.size, c, t, b.size - 1, _ptr(b), _ptr(nw), _ptr(rho), _ptr(amax), _ptr(centre),
+        _ptr(step), mid, _ptr(wsym), _ptr(y0), _ptr(y1),
     )  # fmt: skip
-    _decoded(rc, "cg_lap_decode2")
+    _decoded(rc, "cg4_decode")
+
+
+def _check_wsym(wsym: np.ndarray, mid: int) -> None:
+    assert wsym.dtype == np.int64 and wsym.shape == (256, 2 * mid + 1) and wsym.flags.c_contiguous
 
 
 def lap_tables(rho: np.ndarray, amax: np.ndarray, mid: int, wsym: np.ndarray, lut: bool) -> Tables:

@@ -39,6 +39,11 @@ def test_codec_bench_reports_every_figure() -> None:
     l0, cg = r["codecs"]["cachegen_l0"], r["codecs"]["cachegen"]
     assert 0.0 < l0["kl_mean"] < cg["kl_mean"] and l0["bits_per_element"] < 1.2 * cg["bits_per_element"]
     assert set(r["break_even_gbit_s"]) == set(r["codecs"]) - {"raw"}
+    rate = r["settings"][
+        "cachegen_rate"
+    ]  # per cachegen codec and length: shorter than the table's -> the plan
+    assert set(rate) == {n for n in r["codecs"] if n.startswith("cachegen")}
+    assert rate["cachegen"]["64"] is None and rate["cachegen_high"]["64"] is None
     assert r["noise_floor"]["kl_mean"] < 1e-5
     g = r["settings"]["greedy"]
     assert g["prompts"] == 2

@@ -15,6 +15,7 @@ from kv_transfer.choice import PROFILE_FILE, load_profiles
 from kv_transfer.codec import CodecContext
 from kv_transfer.codec.cachegen_klt import TRANSFORM_FILE
 from kv_transfer.codec.cachegen_tables import TABLES_FILE
+from kv_transfer.codec.rate import RATE_FILE
 from pdserve import cli
 
 
@@ -34,10 +35,12 @@ def test_calibrate_writes_what_the_codecs_and_the_gateway_read(model_dir: Path) 
     with pytest.raises(SystemExit) as done:
         cli.main(["calibrate", str(model_dir), "--quick"])
     assert done.value.code == 0
-    for name in (TABLES_FILE, "cachegen_plan.json", TRANSFORM_FILE, PROFILE_FILE):
+    for name in (TABLES_FILE, "cachegen_plan.json", TRANSFORM_FILE, RATE_FILE, PROFILE_FILE):
         assert (model_dir / name).exists(), name
     ctx = CodecContext.from_model_dir(model_dir)
     assert ctx.tables is not None and ctx.transform is not None and ctx.num_layers == 2
+    assert ctx.rate is not None and {p.mode for p in ctx.rate.points} == {"plain", "l0"}
+    assert set(ctx.rate.kl_guard) == {"plain", "l0"}
     assert set(ctx.tables.plans) == {"high", "default", "low"}
     assert {"default", "default+l0"} <= set(ctx.transform.steps)
     profiles = {p.name: p for p in load_profiles(model_dir)}  # what the gateway reads

@@ -1,4 +1,4 @@
-"""CacheGen transform coding (params v2): deterministic Laplace tables, the per-token error bound, profiling a
+"""CacheGen transform coding (params v4): deterministic Laplace tables, the per-token error bound, profiling a
 checkpoint, the shipped model's quality at its default level against CacheGen's own quantizers, and typed
 errors on damaged, foreign or random input."""
 
@@ -54,7 +54,7 @@ def kv(t: int, seed: int = 0, scale: float = 1.0) -> tuple[torch.Tensor, torch.T
 
 
 def klt_codec(tr: KLTransform, level: str = "default", **kw) -> CacheGenCodec:
-    """A cachegen codec whose context holds the transform `tr`: format v2 where it covers the layer."""
+    """A cachegen codec whose context holds the transform `tr`: format v4 where it covers the layer."""
     return CacheGenCodec(CodecContext(LAYERS, transform=tr), level, **kw)
 
 
@@ -99,45 +99,117 @@ def test_laplace_tables_cover_exactly_the_support() -> None:
         assert (tab.freq[c][inside] >= 1).all() and (tab.freq[c][~inside] == 0).all()
 
 
+def _w() -> np.ndarray:
+    return klt._symbol_weights()
+
+
 def test_fitted_models_prefer_the_matching_spread_and_round_trip() -> None:
     g = np.random.default_rng(0)
     narrow = np.clip(np.round(g.laplace(0, 0.5, (1, 4000))), -127, 127)
     wide = np.clip(np.round(g.laplace(0, 20, (1, 4000))), -127, 127)
-    sym = (np.stack([narrow, wide]) + klt.QMAX).astype(np.uint8)  # [2 parts, 1 component, 4000 tokens]
-    w0, w1, rho, amax = rans.lap_code2(sym, klt.QMAX, klt._symbol_weights())
-    assert rho[0, 0] < rho[1, 0]  # wider spread: r closer to 1, a larger rho
-    assert amax[:, 0].tolist() == np.abs(sym.astype(int) - klt.QMAX).max((1, 2)).tolist()
-    assert w0.size < w1.size  # the narrow part costs fewer bits
-    back = rans.lap_uncode2(w0, w1, rho, amax, 4000, klt.QMAX, klt._symbol_weights())
-    assert np.array_equal(back, sym)
+    sym = (np.stack([narrow, wide]) + klt.QMAX).astype(np.uint8)  # one chunk: [2 parts, 1 component, 4000]
+    bounds = np.array([0, 4000])
+    words, nw, rho, amax = rans.code4(sym, 1, bounds, klt.QMAX, _w())
+    assert rho[0, 0, 0] < rho[0, 1, 0]  # wider spread: r closer to 1, a larger rho
+    assert amax[0, :, 0].tolist() == np.abs(sym.astype(int) - klt.QMAX).max((1, 2)).tolist()
+    assert nw[0, 0] < nw[0, 1]  # the narrow part costs fewer words
+    back = rans.uncode4(words, nw, rho, amax, bounds, klt.QMAX, _w())
+    assert np.array_equal(back, sym.reshape(-1))
     with pytest.raises(FrameCorrupted):  # each part's words only decode with their own models
-        rans.lap_uncode2(w1, w0, rho, amax, 4000, klt.QMAX, klt._symbol_weights())
+        rans.uncode4(words, nw, rho[:, ::-1], amax[:, ::-1], bounds, klt.QMAX, _w())
 
 
-def test_fused_cpu_encoder_writes_the_generic_paths_bytes() -> None:
-    """The CPU encoder (quantize + fit + code in one compiled call) and the path other devices take (torch
-    quantization, then lap_code2 on the host) must produce identical frames from the same statistics."""
-    g = torch.Generator().manual_seed(3)
+@pytest.mark.parametrize("t", [1, 2, 3, 4, 5, 7, 8, 9, 63, 513, 1030])
+def test_coder_round_trips_every_row_length_and_both_decode_tables(t: int) -> None:
+    """Rows of every length mod 4 (the tail states), below and above LONG_ROW (the two decode tables), several
+    chunks, odd channel counts, and rows of a single symbol (amax 0: coded as nothing)."""
+    g = np.random.default_rng(t)
+    c = 5
+    spread = np.array([0.0, 0.3, 2.0, 9.0, 60.0])[:, None]
+    bounds = np.array([0, t] if t < 4 else [0, t // 3, t])
+    blocks = []
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        q = np.clip(np.round(g.laplace(0, 1, (2, c, b - a)) * spread), -127, 127)
+        blocks.append((q + klt.QMAX).astype(np.uint8).reshape(-1))
+    sym = np.concatenate(blocks)
+    words, nw, rho, amax = rans.code4(sym, c, bounds, klt.QMAX, _w())
+    assert words.size == nw.sum() and (nw >= 8).all()
+    assert np.array_equal(rans.uncode4(words, nw, rho, amax, bounds, klt.QMAX, _w()), sym)
+
+
+def test_coder_rejects_damaged_words_and_counts() -> None:
+    g = np.random.default_rng(1)
+    c, t = 3, 600
+    sym = (np.clip(np.round(g.laplace(0, 3, 2 * c * t)), -127, 127) + klt.QMAX).astype(np.uint8)
+    bounds = np.array([0, t])
+    words, nw, rho, amax = rans.code4(sym, c, bounds, klt.QMAX, _w())
+    for i in (0, 3, 8, words.size // 2, words.size - 1):
+        bad = words.copy()
+        bad[i] ^= 0x1234
+        try:
+            got = rans.uncode4(bad, nw, rho, amax, bounds, klt.QMAX, _w())
+        except FrameCorrupted:
+            continue
+        assert not np.array_equal(got, sym)  # an altered word never passes as the original
+    for cut in (1, 9):
+        short = nw.copy()
+        short[0, 1] -= cut
+        with pytest.raises(FrameCorrupted):
+            rans.uncode4(words[:-cut], short, rho, amax, bounds, klt.QMAX, _w())
+    with pytest.raises(FrameCorrupted):  # words left over
+        rans.uncode4(np.append(words, np.uint16(7)), nw, rho, amax, bounds, klt.QMAX, _w())
+
+
+def _layer_input(t: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray, np.ndarray]:
+    g = torch.Generator().manual_seed(seed)
+    yk, yv = torch.randn(64, t, generator=g) * 3, torch.randn(64, t, generator=g) * 0.2
+    bounds = [0, t] if t < 4 else [0, t // 2, t]
+    stats = rans.stats4(yk.numpy(), yv.numpy(), np.array(bounds))
+    plan = np.tile(np.array([[0.3, 0.05]], np.float32), (len(bounds) - 1, 1))
+    return yk, yv, np.array(bounds), stats, plan
+
+
+def test_torch_quantizer_makes_the_compiled_encoders_stream() -> None:
+    """The path CUDA tensors take (torch quantization where y lives, fit and code on the host) run on CPU
+    tensors produces the compiled encoder's exact words from the same statistics."""
     for t in (1, 2, 7, 300):
-        yk, yv = torch.randn(t, 64, generator=g) * 3, torch.randn(t, 64, generator=g) * 0.2
+        yk, yv, bounds, stats, plan = _layer_input(t, t)
         for wide in (False, True):
-            fused = klt._code_chunk((yk, yv), (0.3, 0.05), wide, fused=True)
-            generic = klt._code_chunk((yk, yv), (0.3, 0.05), wide, fused=False)
-            assert [w.tobytes() for w in fused[0]] == [w.tobytes() for w in generic[0]]
-            assert fused[1] == generic[1]
+            centre, step = (a.astype(np.float32) for a in klt._centre_step(stats, plan, wide))
+            fused = rans.encode4(yk.numpy(), yv.numpy(), bounds, centre, step, klt.QMAX, _w())
+            sym = klt.quantize_torch(yk, yv, bounds.tolist(), centre, step).numpy()
+            generic = rans.code4(sym, 64, bounds, klt.QMAX, _w())
+            for a, b in zip(fused, generic, strict=True):
+                assert np.array_equal(a, b)
 
 
-def test_generic_decoder_matches_the_fused_one() -> None:
-    """The path CUDA outputs take (host rANS to symbols, torch dequantization) equals the CPU's fused call."""
+def test_torch_statistics_match_the_compiled_ones() -> None:
+    yk, yv, bounds, stats, _ = _layer_input(300, 4)
+    np.testing.assert_allclose(klt._stats_torch(yk, yv, bounds.tolist()), stats, rtol=1e-5, atol=1e-6)
+    bad = yk.clone()
+    bad[3, 7] = float("nan")
+    with pytest.raises(CodecError):
+        rans.stats4(bad.numpy(), yv.numpy(), bounds)
+    with pytest.raises(CodecError):
+        klt._stats_torch(bad, yv, bounds.tolist())
+
+
+def test_generic_paths_match_the_fused_ones() -> None:
+    """Encode with torch statistics and quantizer (what CUDA inputs take) and decode with host rANS + torch
+    dequantization (what CUDA outputs take): within the bound, and the generic decoder equals the fused one."""
     tr = random_transform()
     k, v = kv(150, 1)
-    params, words = klt.encode(tr, "default", k, v, 1, [(0, 64), (64, 128), (128, 150)])
-    p = klt.parse(params, tuple(k.shape), 1, tr)
-    allw = np.concatenate(words)
-    fused = klt.decode(p, allw, tuple(k.shape), torch.float32, 1, torch.device("cpu"))
-    generic = klt.decode(p, allw, tuple(k.shape), torch.float32, 1, torch.device("cpu"), fused=False)
-    for a, b in zip(fused, generic, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    for fused_enc in (True, False):
+        params, words = klt.encode(tr, "default", k, v, 1, [(0, 64), (64, 128), (128, 150)], fused=fused_enc)
+        p = klt.parse(params, tuple(k.shape), 1, tr)
+        allw = np.concatenate(words)
+        fused = klt.decode(p, allw, tuple(k.shape), torch.float32, 1, torch.device("cpu"))
+        generic = klt.decode(p, allw, tuple(k.shape), torch.float32, 1, torch.device("cpu"), fused=False)
+        for a, b in zip(fused, generic, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        kb, vb = klt.error_bounds_klt(params, tuple(k.shape), 1, tr)
+        assert_token_bound(k, fused[0], kb)
+        assert_token_bound(v, fused[1], vb)
 
 
 def test_compiled_rope_matches_torch() -> None:
@@ -264,10 +336,10 @@ def test_damaged_payload_raises_typed_errors(encoded, damaged_payload_rejected) 
 
 def test_consistent_but_wrong_payload_is_caught_by_the_entropy_decoder(encoded) -> None:
     tr, params, payload, shape = encoded
-    words = np.frombuffer(payload, dtype="<u4").copy()
-    words[len(words) // 3] ^= 0x00FF00FF
+    words = np.frombuffer(payload, dtype="<u2").copy()
+    words[len(words) // 3] ^= 0x0FF0
     bad_payload = words.tobytes()
-    crc_at = klt._HEADER2.size - 4
+    crc_at = klt._HEADER4.size - 4
     bad_params = bytearray(params[:-4])
     bad_params[crc_at : crc_at + 4] = zlib.crc32(bad_payload).to_bytes(4, "little")
     bad_params += zlib.crc32(bytes(bad_params)).to_bytes(4, "little")
@@ -285,13 +357,23 @@ def test_unknown_transform_is_foreign(encoded) -> None:
         CacheGenCodec().decode(bytes(bad), payload, shape, torch.float32, 1)
 
 
-def test_random_v2_params_never_crash() -> None:
+def test_random_v4_params_never_crash() -> None:
     rng = np.random.default_rng(2)
     for n in (0, 1, 30, 200):
         for _ in range(20):
             junk = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
             with pytest.raises(KVTransferError):
-                CacheGenCodec().decode(b"CG\x02" + junk, junk, (16, HKV, D), torch.float32, 0)
+                CacheGenCodec().decode(b"CG\x04" + junk, junk, (16, HKV, D), torch.float32, 0)
+
+
+@pytest.mark.parametrize("version", [0, 2, 5, 255])
+def test_unknown_format_versions_are_foreign(encoded, version: int) -> None:
+    """v2 (the retired 64-bit coder) and versions this build does not know: FrameForeign, before any parsing."""
+    tr, params, payload, shape = encoded
+    bad = bytearray(params)
+    bad[2] = version
+    with pytest.raises(FrameForeign, match="version"):
+        klt_codec(tr).decode(bytes(bad), payload, shape, torch.float32, 1)
 
 
 # ---- a real checkpoint ---------------------------------------------------------------------------------------
@@ -379,3 +461,55 @@ def test_cuda_tensors_transform_on_the_gpu() -> None:
         assert_token_bound(k.half(), k2.cpu(), kb)
         assert_token_bound(v.half(), v2.cpu(), vb)
     assert math.isfinite(float(k2.float().sum()))
+
+
+@pytest.mark.skipif(not (SHIPPED / klt.TRANSFORM_FILE).exists(), reason="the shipped model has no transform")
+def test_shipped_model_kv_round_trips_within_the_bound_at_odd_lengths() -> None:
+    """The shipped model's real KV (held-out text), with its rate table in force (steps scaled per length),
+    through both the compiled path and the device path: every token within the frame's stated bound, at odd
+    and even lengths around the chunk and RECENT boundaries."""
+    from bench.codec import SKIP_TOKENS, heldout_ids
+    from engine.kv_probe import KVProbe
+
+    ctx = CodecContext.from_model_dir(SHIPPED)
+    assert ctx.rate is not None and ctx.transform is not None
+    probe = KVProbe(str(SHIPPED), 1100)
+    ids = heldout_ids(str(SHIPPED))[SKIP_TOKENS + 5000 :]
+    for t in (1, 3, 65, 257, 1027):
+        kv = probe.prefill(ids[:t])
+        for device_path in (False, True):
+            codec = CacheGenCodec(ctx)
+            codec.device_path = device_path
+            for layer, (k, v) in enumerate(kv):
+                params, _, k2, v2 = roundtrip(codec, k.half(), v.half(), layer)
+                assert params[2] == klt.VERSION
+                kb, vb = klt.error_bounds_klt(params, tuple(k.shape), layer, ctx.transform)
+                assert_token_bound(k.half(), k2, kb)
+                assert_token_bound(v.half(), v2, vb)
+
+
+def test_rate_control_scales_the_steps_within_the_floor() -> None:
+    """With a rate table in the context, the encoder takes the chosen setting (coarser steps: smaller frames,
+    still within the bound); a zero floor (or a frame's max_kl of 0) takes the finest point; the decoder needs
+    nothing."""
+    from kv_transfer.codec.rate import RatePoint, RateTable
+
+    tr = random_transform()
+    points = tuple(RatePoint("plain", 256, s, 8.0, 4.0 / s, 1e-6 * s, 1.0) for s in (1.0, 3.0))
+    rated = CacheGenCodec(CodecContext(LAYERS, transform=tr, rate=RateTable(points, {"plain": 1.0})))
+    plain = klt_codec(tr)
+    k, v = kv(300, 4)
+    sizes = {}
+    for name, codec, max_kl in (("plan", plain, None), ("rated", rated, None), ("zero", rated, 0.0)):
+        params, parts = codec.encode_parts(k, v, 1, max_kl=max_kl)
+        payload = b"".join(bytes(p) for p in parts)
+        sizes[name] = len(params) + len(payload)
+        k2, v2 = plain.decode(params, payload, tuple(k.shape), torch.float32, 1)  # any context decodes it
+        kb, vb = klt.error_bounds_klt(params, tuple(k.shape), 1, tr)
+        assert_token_bound(k, k2, kb)
+        assert_token_bound(v, v2, vb)
+    assert sizes["rated"] < 0.9 * sizes["plan"] and sizes["zero"] == sizes["plan"]
+    assert (
+        rated.rate_choice(300) is not None
+        and CacheGenCodec(CodecContext(LAYERS, transform=tr)).rate_choice(300) is None
+    )
