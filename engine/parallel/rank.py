@@ -37,6 +37,7 @@ from engine.kv_cache import KVCache
 from engine.loader import load_model
 from engine.model import BatchMeta, Shard
 from engine.parallel.layout import Layout
+from engine.parallel.shm_reduce import ShmAllReduce, make_shm_all_reduce
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +210,7 @@ class RankModel:
         self.control: dist.ProcessGroup | None = None  # gloo: the Step broadcasts (CPU tensors)
         # wall seconds this rank spent in TP all-reduces (waiting for the slowest rank of the stage included)
         self.reduce_s, self.reduce_calls = 0.0, 0
+        self.shm_reduce: ShmAllReduce | None = None  # the TP all-reduce over shared memory (CPU ranks)
 
     def join(self) -> None:
         """Rendezvous with the other ranks (blocks until all have joined) and make the groups."""
@@ -218,13 +220,13 @@ class RankModel:
             "127.0.0.1", spec.store_port, self.layout.world_size, is_master=False, timeout=timeout
         )
         init_group(store, spec.rank, self.layout.world_size, spec.device, timeout)
-        self._make_groups()
+        self._make_groups(store)
 
     def join_as_master(self, store: dist.TCPStore) -> None:
         init_group(store, 0, self.layout.world_size, self.spec.device, timedelta(seconds=self.spec.timeout_s))
-        self._make_groups()
+        self._make_groups(store)
 
-    def _make_groups(self) -> None:
+    def _make_groups(self, store: dist.Store) -> None:
         tp, pp = self.layout.tp, self.layout.pp
         # every rank creates every group, in the same order (a torch.distributed rule)
         for stage in range(pp):
@@ -234,10 +236,29 @@ class RankModel:
         self.control = dist.new_group(backend="gloo") if self.spec.device.kind == "cuda" else None
         if tp > 1:
             group = self.tp_group
+            # CPU ranks share the host: all-reduce through shared memory (engine/parallel/shm_reduce.py), not
+            # gloo's loopback TCP (1.5-3 ms a call); every rank of the stage takes part in making it.
+            self.shm_reduce = (
+                make_shm_all_reduce(
+                    store.get,
+                    store.set,
+                    lambda: dist.barrier(group=group),
+                    f"pdserve/shm-all-reduce/{self.pp_rank}",
+                    self.tp_rank,
+                    tp,
+                    self.spec.timeout_s,
+                )
+                if self.spec.device.kind != "cuda"
+                else None
+            )
+            shm = self.shm_reduce
 
             def all_reduce(t: Tensor) -> Tensor:
                 start = time.perf_counter()
-                dist.all_reduce(t, group=group)
+                if shm is not None and t.is_contiguous():
+                    shm(t)
+                else:
+                    dist.all_reduce(t, group=group)
                 self.reduce_s += time.perf_counter() - start
                 self.reduce_calls += 1
                 return t
