@@ -333,24 +333,36 @@ def init_group(store: dist.Store, rank: int, world: int, device: Device, timeout
 
 
 class StepChannel:
-    """Rank 0 broadcasts each Step (or SHUTDOWN) to every rank: a 2-int header [op, payload length], then the
-    payload (`Step.encode`). CPU tensors over gloo (the control group under nccl)."""
+    """Rank 0 broadcasts each Step (or SHUTDOWN) to every rank: one fixed-size message [op, payload length,
+    payload...] of INLINE int64s, and a second broadcast for the rest of a payload that does not fit (each gloo
+    broadcast costs about a millisecond on loopback, so a decode step's small Step takes one). CPU tensors
+    over gloo (the control group under nccl)."""
+
+    INLINE = 1024  # int64s in the first message: a decode step of a few dozen sequences fits
 
     def __init__(self, group: dist.ProcessGroup | None) -> None:
         self.group = group
 
     def send(self, step: Step | None) -> None:
         payload = step.encode() if step is not None else torch.empty(0, dtype=torch.long)
-        header = torch.tensor([FORWARD if step is not None else SHUTDOWN, payload.numel()], dtype=torch.long)
-        dist.broadcast(header, src=0, group=self.group)
-        if step is not None:
-            dist.broadcast(payload, src=0, group=self.group)
+        n = payload.numel()
+        first = torch.zeros(self.INLINE, dtype=torch.long)
+        first[0], first[1] = (FORWARD if step is not None else SHUTDOWN), n
+        inline = min(n, self.INLINE - 2)
+        first[2 : 2 + inline] = payload[:inline]
+        dist.broadcast(first, src=0, group=self.group)
+        if n > inline:
+            dist.broadcast(payload[inline:].contiguous(), src=0, group=self.group)
 
     def recv(self) -> Step | None:
-        header = torch.empty(2, dtype=torch.long)
-        dist.broadcast(header, src=0, group=self.group)
-        if int(header[0]) == SHUTDOWN:
+        first = torch.empty(self.INLINE, dtype=torch.long)
+        dist.broadcast(first, src=0, group=self.group)
+        if int(first[0]) == SHUTDOWN:
             return None
-        payload = torch.empty(int(header[1]), dtype=torch.long)
-        dist.broadcast(payload, src=0, group=self.group)
-        return Step.decode(payload)
+        n = int(first[1])
+        inline = min(n, self.INLINE - 2)
+        if n == inline:
+            return Step.decode(first[2 : 2 + n].clone())
+        rest = torch.empty(n - inline, dtype=torch.long)
+        dist.broadcast(rest, src=0, group=self.group)
+        return Step.decode(torch.cat([first[2 : 2 + inline], rest]))
