@@ -36,13 +36,16 @@ def replanner(redis_server: RedisServer, cluster: str, autoplan: bool) -> tuple[
     assert (plan["prefill"]["instances"], plan["decode"]["instances"]) == (1, 1)
     reg = Registry(redis_server.url, cluster)
     router = Router(reg, fingerprint=1, kv_links=[("prefill-0", "decode-0", "raw")])
-    # a 4 s window: each feed() below replaces the last (assessments take seconds on a busy host)
+    # a 4 s window; each feed() below replaces what it holds
     return Replanner(plan, router, reg, 1.0, 4.0, min_requests=10, autoplan=autoplan), reg, router
 
 
 def feed(rp: Replanner, rate: float, seconds: float) -> None:
-    """Requests that finished well, arriving at `rate` over the last `seconds` (monotonic clock)."""
+    """Requests that finished well, arriving at `rate` over the last `seconds` (monotonic clock), in place of
+    whatever the window held (as if the window had moved on: the result does not depend on how long the
+    assessment before took)."""
     now = time.monotonic()
+    rp.window.prune(now + rp.window.span_s + 1.0)  # drops every sample
     n = int(rate * seconds)
     for i in range(n):
         rp.record(now - seconds + i / rate, 32, 8, 0.15, 0.004)
