@@ -36,13 +36,13 @@ import argparse
 import asyncio
 import logging
 import os
-import statistics
 import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
+from bench.metrics import stats
 from pdserve.trace_cli import SpanRecord, load_file
 
 log = logging.getLogger("bench.breakdown")
@@ -129,29 +129,14 @@ def breakdowns(spans: Iterable[SpanRecord]) -> list[dict[str, float | None]]:
     return [r for r in rows if r is not None]
 
 
-def _quantile(values: list[float], q: float) -> float:
-    xs = sorted(values)
-    if len(xs) == 1:
-        return xs[0]
-    pos = q * (len(xs) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
 def summarize(rows: list[dict[str, float | None]]) -> dict[str, Any]:
     """{"requests": n, "components": {name: {"n", "mean_ms", "p50_ms", "p90_ms"} or None}}."""
-    comps: dict[str, dict[str, float] | None] = {}
+    comps: dict[str, dict[str, Any] | None] = {}
     for name in COMPONENTS:
-        vals = [v for r in rows if (v := r.get(name)) is not None]
+        st = stats((v for r in rows if (v := r.get(name)) is not None), (50, 90))
         comps[name] = (
-            {
-                "n": len(vals),
-                "mean_ms": statistics.fmean(vals),
-                "p50_ms": _quantile(vals, 0.5),
-                "p90_ms": _quantile(vals, 0.9),
-            }
-            if vals
+            {"n": st["n"], "mean_ms": st["mean"], "p50_ms": st["p50"], "p90_ms": st["p90"]}
+            if st["n"]
             else None
         )
     return {"requests": len(rows), "components": comps}
