@@ -255,7 +255,7 @@ class RankModel:
 
             def all_reduce(t: Tensor) -> Tensor:
                 start = time.perf_counter()
-                if shm is not None and t.is_contiguous():
+                if shm is not None:  # every rank of the stage takes the same path (no mixing with gloo)
                     shm(t)
                 else:
                     dist.all_reduce(t, group=group)

@@ -149,9 +149,12 @@ class ShmAllReduce:
         self._lib = _lib()
 
     def __call__(self, t: Tensor) -> Tensor:
-        flat = t.view(-1).view(torch.uint8)  # t is contiguous (a matmul's output)
+        dense = t.contiguous()  # t itself when it is (a matmul's output is)
+        flat = dense.view(-1).view(torch.uint8)
         for start in range(0, flat.numel(), SLOT_BYTES):
             self._reduce_chunk(flat[start : start + SLOT_BYTES], t.dtype)
+        if dense is not t:
+            t.copy_(dense)
         return t
 
     def _reduce_chunk(self, chunk: Tensor, dtype: torch.dtype) -> None:

@@ -120,3 +120,12 @@ def test_the_group_maker_leaves_no_file_behind() -> None:
     tensors = [torch.ones(5), torch.full((5,), 2.0)]
     _run(reducers, tensors)
     assert torch.equal(tensors[1], torch.full((5,), 3.0))
+
+
+def test_a_non_contiguous_tensor_is_reduced_in_place(tmp_path: Path) -> None:
+    reducers = _pair(tmp_path)
+    bases = [torch.arange(12.0).view(3, 4), torch.ones(3, 4)]
+    tensors = [b.t() for b in bases]  # transposed views: not contiguous
+    _run(reducers, tensors)
+    want = (torch.arange(12.0).view(3, 4) + 1).t()
+    assert all(torch.equal(t, want) for t in tensors) and torch.equal(bases[1], want.t())
