@@ -6,8 +6,9 @@ Threads: the step loop owns the model; the KV server's threads read leased block
 the blocks being written) and call `_on_release`; gRPC handlers call `submit` / `cancel`.
 Phases (`engine.step_loop.Phase`): WAITING -> LEASED (blocks reserved at admission; the lease opens
 as its pass starts) -> DONE. Invariant: a request's blocks are freed exactly once, by the lease's
-release callback (or by `_fail` if its pass failed before the lease opened); a job cancelled while
-queued owns none.
+release callback (or by `_fail` if its pass failed before the lease opened), and never while its pass
+runs: a lease released mid-pass (cancelled, expired) only marks the job, and `_end_pass` frees its
+blocks once the model is done with them. A job cancelled while queued owns none.
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ class PrefillJob(Job):
     kv_token: bytes = field(default=b"", repr=False)  # the lease's secret, set when the lease opens
     trace: Any = None  # OpenTelemetry Context: the parent of this job's spans (None: not traced)
     lease_span: Any = None
+    computing: bool = False  # its pass is running: the model writes its blocks (under the engine lock)
+    released: bool = False  # its lease was released while `computing`: `_end_pass` frees its blocks
 
 
 class PrefillEngine(StepEngine[PrefillJob]):
@@ -112,6 +115,7 @@ class PrefillEngine(StepEngine[PrefillJob]):
         batch = self._admit(max_tokens=self.max_batch_tokens)
         for job in batch:
             job.phase = Phase.LEASED
+            job.computing = True
         return [prompt_pass(batch)] if batch else []
 
     def _forward(self, batch: Batch[PrefillJob], on_layer: Any = None) -> list[int | None]:
@@ -177,24 +181,37 @@ class PrefillEngine(StepEngine[PrefillJob]):
             )
             if job.cancelled:  # cancelled while computing: nobody will pull this KV
                 self._cancel_lease(job.transfer_id)
+        self._end_pass(batch.jobs, never_leased=[])
 
     def _fail(self, batch: Batch[PrefillJob], exc: Exception) -> None:
         """Release the batch's leases (which frees their blocks), and fail its jobs."""
         err = exc if isinstance(exc, PDServeError) else PDServeError(f"prefill failed: {exc}")
+        never_leased = [job for job in batch.jobs if not self._cancel_lease(job.transfer_id)]
+        self._end_pass(batch.jobs, never_leased)
         for job in batch.jobs:
-            if not self._cancel_lease(job.transfer_id):  # its lease never opened
-                with self._cond:
-                    if job.phase is not Phase.DONE:
-                        self._retire(job)
             job.emit(err)
 
+    def _end_pass(self, jobs: list[PrefillJob], never_leased: list[PrefillJob]) -> None:
+        """The model is done with `jobs`' blocks: free those whose lease was released during the pass, and
+        those of `never_leased` (a failed pass before their lease opened)."""
+        with self._cond:
+            for job in jobs:
+                job.computing = False
+                if job.phase is not Phase.DONE and (job.released or job in never_leased):
+                    self._retire(job)
+            self._cond.notify()  # the blocks may admit the head of the queue
+
     def _on_release(self, transfer_id: str, reason: str) -> None:
-        """The lease is released (pulled, expired or cancelled): its blocks are free (on a KV thread)."""
+        """The lease is released (pulled, expired or cancelled): its blocks are free (on a KV thread), or,
+        if its pass is still running, once the pass ends (`_end_pass`)."""
         with self._cond:
             job = next((j for j in self._admitted if j.transfer_id == transfer_id), None)
             if job is not None:
                 tracing.end_lease(job, reason)
-                self._retire(job)
+                if job.computing:
+                    job.released = True
+                else:
+                    self._retire(job)
             self._cond.notify()  # the blocks may admit the head of the queue
         log.debug("lease %s released (%s)", transfer_id, reason)
 

@@ -126,6 +126,8 @@ class FakeRunner:
         for layer in range(self.config.num_layers):
             if on_layer is not None:
                 on_layer(layer)
+            for s, n in zip(seqs, num_new, strict=True):  # the real runner writes them layer by layer
+                assert len(s.blocks) * self.block_size >= s.num_cached + n, f"{s.request_id}: blocks freed"
         for s, n in zip(seqs, num_new, strict=True):
             s.num_cached += n
         return [self.next_token(s.all_ids) if s.num_cached == s.num_tokens else None for s in seqs]

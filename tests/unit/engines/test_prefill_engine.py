@@ -124,6 +124,38 @@ def test_cancel_frees_blocks_queued_computing_and_leased(engine_for, events, kv_
     engine.check_integrity()
 
 
+def test_a_lease_released_mid_pass_keeps_its_blocks_until_the_pass_ends(
+    engine_for, events, kv_server, timeline
+):
+    # Found under load (10 clients with 50-450 ms deadlines): a cancel freed a computing job's blocks under
+    # the model, whose pass then failed every request batched with it ("sequence owns 0" -> INTERNAL).
+    engine = engine_for(num_blocks=32, max_batch_tokens=16)
+    engine.runner.hold()
+    head, a, b = _job(events, "head", 4), _job(events, "a", 6), _job(events, "b", 6)
+    engine.submit(head)
+    timeline.wait_for(lambda: len(timeline.passes()) == 1)
+    engine.submit(a)
+    engine.submit(b)
+    engine.runner.allow(1)  # head's pass ends; a and b go in one pass, held
+    timeline.wait_for(lambda: len(timeline.passes()) == 2)
+    engine.cancel(a)  # its lease is released now, its blocks only once the pass is done with them
+    kv_server.release(head.transfer_id, "expired")  # not computing: freed at once
+    assert a.transfer_id not in kv_server.leases and len(a.seq.blocks) == 2
+    assert engine.block_manager.num_free == 32 - 4
+    engine.runner.release()
+    done = events.wait("b", _done)  # the request batched with the cancelled one is served
+    assert done.first_token_id == b.prompt_ids[-1] + 1
+    c = _job(events, "c", 4)
+    engine.submit(c)
+    events.wait("c", _done)  # the step loop ended a and b's pass before it ran c's
+    assert engine.block_manager.num_free == 32 - 2 - 1  # only b's and c's leases hold blocks
+    assert not any(isinstance(ev, PDServeError) for ev in events.of["b"])
+    kv_server.release(b.transfer_id, "pulled")
+    kv_server.release(c.transfer_id, "pulled")
+    assert _all_free(engine)
+    engine.check_integrity()
+
+
 def test_a_failed_pass_fails_its_requests_and_releases_their_leases(engine_for, events, kv_server):
     engine = engine_for(num_blocks=32)
     engine.runner.fail_next = RuntimeError("device lost")
