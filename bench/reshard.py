@@ -51,6 +51,11 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def _cpu_s() -> float:
+    """CPU time (user + system, s) of this process, all threads: the decode side's cost, whatever else runs."""
+    return time.process_time()
+
+
 def _pin(core: int) -> None:
     cores = sorted(os.sched_getaffinity(0))
     os.sched_setaffinity(0, {cores[core % len(cores)]})
@@ -125,20 +130,21 @@ def _decode_proc(
     import torch
 
     torch.set_num_threads(1)
-    from engine.kv_cache import KVCache, slots_for
+    from engine.kv_cache import KVCache
     from engine.parallel.layout import Layout
     from kv_transfer.client import KVPuller
     from kv_transfer.codec import CodecContext
-    from kv_transfer.reshard import LayerAssembler
 
     cache = KVCache(num_layers, -(-num_tokens // 16), 16, num_kv_heads, head_dim)
-    blocks = list(range(cache.num_blocks))
-    slots = slots_for(blocks, 0, num_tokens, 16)
+    blocks = list(
+        range(cache.num_blocks)
+    )  # as a fresh sequence's: one run (decode_service writes the same way)
 
     def write_layer(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        cache.write_slots(layer, slots, k, v)
+        cache.write(layer, blocks, 0, k, v)
 
-    write_piece = LayerAssembler((0, num_kv_heads), write_layer)  # one cache write per layer
+    def write_piece(layer: int, head_start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        cache.write(layer, blocks, 0, k, v, heads=(head_start, head_start + k.shape[1]))
 
     codecs = CodecContext.from_model_dir(model_dir)
     with KVPuller(fingerprint=fingerprint, timeout_s=120, codecs=codecs) as puller:
@@ -147,7 +153,7 @@ def _decode_proc(
             if msg[0] == "quit":
                 break
             _, mode, tid, codec, token, addresses = msg
-            t0 = time.monotonic()
+            t0, cpu0 = time.monotonic(), _cpu_s()
             if mode == "tp1_to_tp1":
                 trailer = puller.pull(addresses[0], tid, codec, write_layer, token=token)
             else:
@@ -164,8 +170,14 @@ def _decode_proc(
                     num_kv_heads=num_kv_heads,
                 )
             st = trailer.stats  # summed over the pieces
-            parts = {"server_send_s": st.server_send_s, "decode_s": st.decode_s, "write_s": st.write_s}
-            conn.send((time.monotonic() - t0, parts))
+            wall, cpu = time.monotonic() - t0, _cpu_s() - cpu0
+            parts = {
+                "server_send_s": st.server_send_s,
+                "decode_s": st.decode_s,
+                "write_s": st.write_s,
+                "decode_process_cpu_s": cpu,
+            }
+            conn.send((wall, parts))
 
 
 def measure_reshard(model_dir: str, s: Settings, scheme: str = "tcp", codec: str = "raw") -> dict[str, Any]:
@@ -246,7 +258,8 @@ def measure_reshard(model_dir: str, s: Settings, scheme: str = "tcp", codec: str
         "handoff_s": med,
         "handoff_s_all": times,
         # medians of the pull's parts, summed over its pieces (pieces overlap, so these may add up to more
-        # than the hand-off): the prefill ranks' send calls, the puller's frame checks + decode, its writes
+        # than the hand-off): the prefill ranks' send calls, the puller's frame checks + decode, its writes;
+        # decode_process_cpu_s: the decode process's CPU time (all threads) per pull, robust to foreign load
         "breakdown_s": {m: {k: statistics.median(v) for k, v in b.items()} for m, b in breakdown.items()},
         "ratio": ratio,
         "pieces_overhead_ratio": med["tp1_to_tp1_pieces"] / med["tp1_to_tp1"],

@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import enum
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -318,7 +317,6 @@ class KVPuller:
         holding the same KV heads (reshard.decode_replica), declared in every piece's PULL."""
         planned = reshard.plan(src, rank_addresses, layers, heads, num_layers, num_kv_heads)
         t0 = time.perf_counter()
-        done: queue.SimpleQueue[int] = queue.SimpleQueue()
         handles = [PullHandle(transfer_id, replica) for _ in planned]
         barrier = reshard.AckBarrier(len(planned))
 
@@ -328,28 +326,24 @@ class KVPuller:
             def write_layer(layer: int, k: Tensor, v: Tensor) -> None:
                 write_piece(layer, h0, k, v)
 
-            try:
-                self._run(handles[i], p.address, codec, write_layer, token, p.layers, p.heads, barrier.arrive)
-            finally:
-                if handles[i].error is not None:
-                    barrier.fail(i)
-                done.put(i)
+            self._run(handles[i], p.address, codec, write_layer, token, p.layers, p.heads, barrier.arrive)
+            # the first failure aborts every other piece at once
+            if handles[i].error is not None and barrier.fail(i):
+                for other in handles:
+                    other.abort()
 
+        # piece 0 runs on this thread (a one-piece pull starts no thread), the others on their own
         threads = [
             threading.Thread(target=run, args=(i, p), name=f"kvpull-piece{p.src_rank}", daemon=True)
-            for i, p in enumerate(planned)
+            for i, p in enumerate(planned[1:], start=1)
         ]
         for th in threads:
             th.start()
-        aborted = False
-        for _ in threads:
-            h = handles[done.get()]
-            if h.error is not None and not aborted:
-                aborted = True
-                for other in handles:
-                    other.abort()
-        for th in threads:
-            th.join()
+        try:
+            run(0, planned[0])
+        finally:
+            for th in threads:
+                th.join()
         if barrier.first_failed is not None:  # the cause, not the pieces it stopped
             error = handles[barrier.first_failed].error
             assert error is not None

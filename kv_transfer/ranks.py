@@ -31,7 +31,7 @@ from engine.kv_cache import KVCache
 from engine.parallel.layout import Layout
 from kv_transfer.client import KVPuller
 from kv_transfer.codec import CodecContext
-from kv_transfer.reshard import LayerAssembler, decode_replica, is_canonical
+from kv_transfer.reshard import decode_replica, is_canonical
 from kv_transfer.server import KVServer
 from kv_transfer.transport import default_scheme, transport_for
 from kv_transfer.wire import Replica
@@ -194,11 +194,10 @@ def pull_shard(
     at `blocks`. handle: the prefill side's {tp, pp, num_layers, num_kv_heads, rank_addresses}. replica: this
     rank's place among the decode ranks holding the same KV heads (reshard.decode_replica). -> Trailer."""
 
-    def write_layer(layer: int, k: Tensor, v: Tensor) -> None:  # k, v [T, h1-h0, D]: all of this rank's heads
-        cache.write(layer - layers[0], blocks, 0, k, v)
+    def write_piece(layer: int, head_start: int, k: Tensor, v: Tensor) -> None:  # k, v [T, h, D]
+        a = head_start - heads[0]  # the piece's heads in this rank's cache
+        cache.write(layer - layers[0], blocks, 0, k, v, heads=(a, a + k.shape[1]))
 
-    # pieces holding part of this rank's heads are staged, so each layer is one cache write
-    assemble = LayerAssembler(heads, write_layer)
     return puller.pull_pieces(
         Layout(handle["tp"], handle["pp"]),
         handle["rank_addresses"],
@@ -206,7 +205,7 @@ def pull_shard(
         codec,
         layers,
         heads,
-        assemble,
+        write_piece,
         token=token,
         num_layers=handle["num_layers"],
         num_kv_heads=handle["num_kv_heads"],

@@ -19,7 +19,6 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import torch
 from torch import Tensor
 
 from engine.parallel.layout import Layout, LayoutError, pieces
@@ -145,12 +144,15 @@ class AckBarrier:
             self._cond.wait_for(lambda: self._failed or self._arrived >= self._n)
             return not self._failed
 
-    def fail(self, piece: int) -> None:
+    def fail(self, piece: int) -> bool:
+        """Record that `piece` failed; True if it is the first to (the cause)."""
         with self._cond:
-            if self.first_failed is None:
+            first = self.first_failed is None
+            if first:
                 self.first_failed = piece
             self._failed = True
             self._cond.notify_all()
+            return first
 
 
 def is_canonical(layout: Layout, rank: int, num_kv_heads: int) -> bool:
@@ -171,60 +173,3 @@ def decode_replica(layout: Layout, rank: int, num_kv_heads: int) -> Replica:
     head = layout.kv_head_range(num_kv_heads, tp_rank)[0]
     copies = layout.tp // num_kv_heads if num_kv_heads < layout.tp else 1
     return Replica(tp_rank - layout.canonical_tp_rank(num_kv_heads, head), copies)
-
-
-class LayerAssembler:
-    """A WritePiece that hands each layer of the rectangle's heads `heads` to write_layer(layer, k, v) (k, v
-    [T, h1-h0, D]) once: a piece holding all of a layer's heads passes straight through; pieces holding part
-    of them are copied into a staging pair for that layer, written when its last heads arrive, then reused.
-    One write per layer instead of one per piece: writing a few heads of every token into a paged cache costs
-    about what writing all of them does. write_layer must copy k, v (KVCache.write does). Staging holds only layers whose heads are partly in (at most the
-    rank's own KV shard, when one source rank lags far behind the others). Thread-safe, as pull_pieces needs."""
-
-    def __init__(self, heads: Range, write_layer: WriteLayer) -> None:
-        self.heads, self.write_layer = heads, write_layer
-        self._lock = threading.Lock()
-        self._staged: dict[int, tuple[Tensor, Tensor, list[int]]] = {}  # layer -> k, v, [heads filled]
-        # staging pairs already written out, reused (fresh memory is slow to fill)
-        self._free: list[tuple[Tensor, Tensor]] = []
-
-    def __call__(self, layer: int, head_start: int, k: Tensor, v: Tensor) -> None:
-        n = self.heads[1] - self.heads[0]
-        a, h = head_start - self.heads[0], k.shape[1]
-        if a < 0 or a + h > n:
-            raise LayoutMismatch(
-                f"heads [{head_start}, {head_start + h}) outside the rectangle's {self.heads}"
-            )
-        if h == n:
-            self.write_layer(layer, k, v)
-            return
-        with self._lock:
-            staged = self._staged.get(layer)
-            if staged is None:
-                shape = (k.shape[0], n, k.shape[2])
-                while self._free and (self._free[-1][0].shape != shape or self._free[-1][0].dtype != k.dtype):
-                    self._free.pop()
-                if self._free:
-                    pair = self._free.pop()
-                else:
-                    pair = (torch.empty(shape, dtype=k.dtype), torch.empty(shape, dtype=v.dtype))
-                staged = (pair[0], pair[1], [0])
-                self._staged[layer] = staged
-        ks, vs, filled = staged
-        ks[:, a : a + h].copy_(k)  # disjoint heads per piece: no lock needed for the copies
-        vs[:, a : a + h].copy_(v)
-        with self._lock:
-            filled[0] += h
-            complete = filled[0] == n
-            if complete:
-                del self._staged[layer]
-        if complete:
-            self.write_layer(layer, ks, vs)  # copies them (the WriteLayer contract)
-            with self._lock:
-                self._free.append((ks, vs))
-
-    @property
-    def pending_layers(self) -> int:
-        """Layers with some but not all of their heads in (0 once every piece arrived)."""
-        with self._lock:
-            return len(self._staged)

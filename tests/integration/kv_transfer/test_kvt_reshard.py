@@ -19,7 +19,7 @@ from engine.parallel.layout import Layout
 from kv_transfer.client import KVPuller
 from kv_transfer.errors import LayoutMismatch, PeerClosed, ProtocolError, UnknownTransfer
 from kv_transfer.frame import decode_frame, encode_frame
-from kv_transfer.reshard import LayerAssembler, decode_replica, handle_layout, is_canonical, plan
+from kv_transfer.reshard import decode_replica, handle_layout, is_canonical, plan
 from kv_transfer.server import KVServer
 from kv_transfer.transport import transport_for
 from kv_transfer.wire import ErrorCode, ErrorMsg, Pull, Replica, decode_control, encode_control
@@ -492,32 +492,32 @@ def test_a_handle_without_a_layout_is_one_rank_and_still_pulls(
         srv.stop()
 
 
-def test_layer_assembler_writes_each_layer_once_with_all_its_heads(
-    real_kv: tuple[KV, int], puller: KVPuller
+@pytest.mark.parametrize(
+    "blocks", [list(range(10)), [9, 2, 7, 0, 5, 3, 8, 1, 6, 4]], ids=["one-run", "scattered"]
+)
+def test_pieces_written_into_their_heads_of_a_paged_cache(
+    real_kv: tuple[KV, int], puller: KVPuller, blocks: list[int]
 ) -> None:
-    """TP2 x PP2 prefill -> TP1 decode through a LayerAssembler: write_layer sees every layer exactly once,
-    with both heads, equal to the prefill's KV; nothing stays staged."""
+    """TP2 x PP2 prefill -> TP1 decode, each piece written straight into its KV heads of a KVCache (as the
+    decode service does), at consecutive blocks (slice copies) and scattered ones (an indexed copy): the cache
+    then reads back exactly the prefill's KV."""
+    from engine.kv_cache import KVCache
+
     kv, num_tokens = real_kv
-    pre = Prefill(Layout(2, 2), "tcp", kv, num_tokens, "rs-assemble")
+    pre = Prefill(Layout(2, 2), "tcp", kv, num_tokens, f"rs-heads-{blocks[0]}")
     try:
-        written: dict[int, tuple[Tensor, Tensor]] = {}
-        lock = threading.Lock()
+        cache = KVCache(2, 10, 4, 2, kv[0][0].shape[2])  # 40 slots >= the prompt's tokens
 
-        def write_layer(layer: int, k: Tensor, v: Tensor) -> None:
-            with lock:
-                assert layer not in written
-                written[layer] = (k.clone(), v.clone())
+        def write_piece(layer: int, head_start: int, k: Tensor, v: Tensor) -> None:
+            cache.write(layer, blocks, 0, k, v, heads=(head_start, head_start + k.shape[1]))
 
-        assembler = LayerAssembler((0, 2), write_layer)
         puller.pull_pieces(
-            pre.layout, pre.addresses, pre.tid, "raw", (0, 2), (0, 2), assembler,
+            pre.layout, pre.addresses, pre.tid, "raw", (0, 2), (0, 2), write_piece,
             token=pre.token or b"", num_layers=2, num_kv_heads=2,
         )  # fmt: skip
-        assert sorted(written) == [0, 1] and assembler.pending_layers == 0
-        for layer, (k, v) in written.items():
+        for layer in range(2):
+            k, v = cache.read(layer, blocks, num_tokens)
             assert torch.equal(k, kv[layer][0]) and torch.equal(v, kv[layer][1])
-        with pytest.raises(LayoutMismatch, match="outside"):
-            assembler(0, 2, kv[0][0][:, :1], kv[0][1][:, :1])
         pre.wait_pulled(4)
     finally:
         pre.stop()

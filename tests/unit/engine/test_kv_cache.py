@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.kv_cache import KVCache, slots_for
+from engine.kv_cache import MAX_SLICE_RUNS, KVCache, slot_runs, slots_for
 
 
 def test_slots_follow_the_block_table():
@@ -28,6 +28,33 @@ def test_write_then_read_roundtrip_across_scattered_blocks():
     assert cache.k[0].abs().sum() == 0, "layer 0 must be untouched"
     assert cache.k[1, [0, 2, 3, 4, 7]].abs().sum() == 0, "blocks the sequence does not own must be untouched"
     torch.testing.assert_close(cache.k[1, 6, :2], k[8:10], rtol=0, atol=0)
+
+
+def test_slot_runs_merge_consecutive_blocks():
+    # block size 4, blocks [3, 4, 9, 10, 11, 0]; positions 2..21 -> slots 14..19 | 36..47 | 0..1
+    assert slot_runs([3, 4, 9, 10, 11, 0], 2, 20, block_size=4) == [(14, 0, 6), (36, 6, 12), (0, 18, 2)]
+    flat = [s + i for s, _, n in slot_runs([3, 4, 9, 10, 11, 0], 2, 20, 4) for i in range(n)]
+    assert flat == slots_for([3, 4, 9, 10, 11, 0], 2, 20, 4).tolist()
+    with pytest.raises(ValueError, match="need 3 blocks"):
+        slot_runs([0, 1], 0, 9, block_size=4)
+
+
+@pytest.mark.parametrize("scattered", [False, True], ids=["slices", "indexed"])
+def test_writes_of_disjoint_heads_fill_the_same_positions(scattered: bool):
+    # more runs than MAX_SLICE_RUNS take the indexed copy; fewer, one slice copy per run
+    n_blocks = MAX_SLICE_RUNS + 2
+    blocks = list(range(0, 2 * n_blocks, 2)) if scattered else list(range(3, 3 + n_blocks))
+    assert (len(slot_runs(blocks, 0, 4 * n_blocks, 4)) > MAX_SLICE_RUNS) == scattered
+    cache = KVCache(num_layers=1, num_blocks=2 * n_blocks + 3, block_size=4, num_kv_heads=4, head_dim=3)
+    k, v = torch.randn(4 * n_blocks - 1, 4, 3), torch.randn(4 * n_blocks - 1, 4, 3)
+    cache.write(0, blocks, 1, k[1:, 1:3], v[1:, 1:3], heads=(1, 3))
+    cache.write(0, blocks, 1, k[1:, :1], v[1:, :1], heads=(0, 1))
+    cache.write(0, blocks, 1, k[1:, 3:], v[1:, 3:], heads=(3, 4))
+    cache.write(0, blocks, 0, k[:1], v[:1])
+    rk, rv = cache.read(0, blocks, k.shape[0])
+    assert torch.equal(rk, k) and torch.equal(rv, v)
+    with pytest.raises(ValueError, match="KV heads"):
+        cache.write(0, blocks, 0, k[:, :2], v[:, :2], heads=(3, 5))
 
 
 def test_bytes_per_block():
