@@ -228,13 +228,22 @@ def response(
 ) -> dict[str, Any]:
     """The whole (non-streamed) completion object."""
     return {
-        "id": rid,
-        "object": "text_completion" if kind == "completion" else "chat.completion",
-        "created": created,
-        "model": model,
+        **_header(kind, rid, created, model, stream=False),
         "choices": [_choice(kind, text, finish_reason, token_ids, stream=False, first=True)],
         "usage": usage(prompt_tokens, completion_tokens),
     }
+
+
+def _header(kind: Kind, rid: str, created: int, model: str, *, stream: bool) -> dict[str, Any]:
+    """The fields every completion object and chunk starts with."""
+    obj = (
+        "text_completion"
+        if kind == "completion"
+        else "chat.completion.chunk"
+        if stream
+        else "chat.completion"
+    )
+    return {"id": rid, "object": obj, "created": created, "model": model}
 
 
 def chunk(
@@ -250,10 +259,7 @@ def chunk(
 ) -> dict[str, Any]:
     """One streamed chunk (with include_usage the caller adds "usage": null; the last is `usage_chunk`)."""
     return {
-        "id": rid,
-        "object": "text_completion" if kind == "completion" else "chat.completion.chunk",
-        "created": created,
-        "model": model,
+        **_header(kind, rid, created, model, stream=True),
         "choices": [_choice(kind, text, finish_reason, token_ids, stream=True, first=first)],
     }
 
@@ -263,10 +269,7 @@ def usage_chunk(
 ) -> dict[str, Any]:
     """The final chunk of a stream with include_usage: no choices, the usage."""
     return {
-        "id": rid,
-        "object": "text_completion" if kind == "completion" else "chat.completion.chunk",
-        "created": created,
-        "model": model,
+        **_header(kind, rid, created, model, stream=True),
         "choices": [],
         "usage": usage(prompt_tokens, completion_tokens),
     }

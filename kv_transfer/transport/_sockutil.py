@@ -137,6 +137,20 @@ def listen_tcp(host: str, port: int) -> socket.socket:
     return sock
 
 
+def connect_tcp(address: str, scheme: str, timeout: float) -> socket.socket:
+    """A blocking TCP connection to `scheme://host:port`. TransferTimeout when it is not made within
+    `timeout` seconds; PeerClosed when it is refused (or fails otherwise)."""
+    host, port = parse_host_port(address, scheme)
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except TimeoutError:
+        raise TransferTimeout(f"connect to {address} timed out") from None
+    except OSError as e:
+        raise PeerClosed(f"cannot connect to {address}: {e}") from None
+    sock.settimeout(None)
+    return sock
+
+
 def accept_conn(sock: socket.socket, timeout: float | None) -> socket.socket:
     """The next connection on a listening socket, in blocking mode. TransferTimeout when none came within
     `timeout` seconds; PeerClosed when the listener was closed (by close_listening, from another thread)."""

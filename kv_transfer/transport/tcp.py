@@ -16,10 +16,10 @@ from kv_transfer.transport._sockutil import (
     ChannelGuard,
     accept_conn,
     close_listening,
+    connect_tcp,
     deadline_of,
     format_host_port,
     listen_tcp,
-    parse_host_port,
     readable,
     recv_exact_into,
     sendall,
@@ -106,12 +106,5 @@ class TCPTransport(Transport):
         return TCPListener(host, port, self.max_message_bytes)
 
     def connect(self, address: str, timeout: float) -> Channel:
-        host, port = parse_host_port(address, "tcp")
-        try:
-            sock = socket.create_connection((host, port), timeout=timeout)
-        except TimeoutError:
-            raise TransferTimeout(f"connect to {address} timed out") from None
-        except OSError as e:
-            raise PeerClosed(f"cannot connect to {address}: {e}") from None
-        sock.settimeout(None)
+        sock = connect_tcp(address, "tcp", timeout)
         return TCPChannel(sock, self.max_message_bytes)

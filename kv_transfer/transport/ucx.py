@@ -64,10 +64,10 @@ from kv_transfer.transport._sockutil import (
     ChannelGuard,
     accept_conn,
     close_listening,
+    connect_tcp,
     deadline_of,
     format_host_port,
     listen_tcp,
-    parse_host_port,
     peer_gone,
     readable,
     recv_exact_into,
@@ -424,12 +424,5 @@ class UCXTransport(Transport):
         return UCXListener(host, port, self.tls, self.max_message_bytes)
 
     def connect(self, address: str, timeout: float) -> Channel:
-        host, port = parse_host_port(address, "ucx")
-        try:
-            sock = socket.create_connection((host, port), timeout=timeout)
-        except TimeoutError:
-            raise TransferTimeout(f"connect to {address} timed out") from None
-        except OSError as e:
-            raise PeerClosed(f"cannot connect to {address}: {e}") from None
-        sock.settimeout(None)
+        sock = connect_tcp(address, "ucx", timeout)
         return UCXChannel(sock, self.tls, self.max_message_bytes, connect_timeout=timeout)
