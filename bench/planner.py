@@ -56,6 +56,24 @@ def _summary(plan: Any) -> dict[str, Any]:
     }
 
 
+def _latency_quantiles(ttft_s: Any, tpot_s: Any) -> dict[str, float | None]:
+    """p50 / p90 of TTFT and TPOT in ms (unserved requests, inf in the simulator, count as the slowest)."""
+    import math
+
+    from bench.metrics import stats
+
+    out: dict[str, float | None] = {}
+    for name, xs in (("ttft", ttft_s), ("tpot", tpot_s)):
+        xs = list(xs)
+        finite = [x for x in xs if math.isfinite(x)]
+        cap = max(finite, default=0.0)
+        st = stats([x if math.isfinite(x) else cap for x in xs], (50, 90))
+        for q in (50, 90):
+            v = st[f"p{q}"]
+            out[f"{name}_p{q}"] = None if v is None else 1e3 * float(v)
+    return out
+
+
 def _node(d: dict[str, Any], name: str) -> str:
     return next(p["node"] for p in d["placement"] if p["instance"] == name)
 
@@ -135,7 +153,14 @@ def fidelity(quick: bool, log_dir: str) -> dict[str, Any]:
     from coordinator.planner.latency import Profile
     from coordinator.planner.model import spec_from_config
     from coordinator.planner.search import kv_capacity_tokens
-    from coordinator.planner.simulator import DecodeInstance, Link, PrefillInstance, Request, simulate
+    from coordinator.planner.simulator import (
+        DecodeInstance,
+        Link,
+        PrefillInstance,
+        Request,
+        SimResult,
+        simulate,
+    )
     from pdserve.instance import CPU_BATCH_TOKENS
     from pdserve.launcher import ClusterConfig, LocalCluster
     from pdserve.plan_cli import local_topology, profile_from_json, run_profile
@@ -268,6 +293,9 @@ def fidelity(quick: bool, log_dir: str) -> dict[str, Any]:
                 "goodput_at_calibration_contention_rps": goodput,
                 "fidelity": [],
                 "measured": [],
+                # per rate: p50 / p90 of TTFT and TPOT (ms), the simulator's (on the run's own schedule and
+                # stretches) beside the client's; the attainment counts both SLOs, these show which one moved
+                "distributions_ms": [],
             }
         )
         for rate in [round(goodput * f, 3) for f in (0.6, 1.0, 1.4)]:
@@ -276,25 +304,37 @@ def fidelity(quick: bool, log_dir: str) -> dict[str, Any]:
                 Workload("balanced", n, rate, prompt=spec.prompt, output=spec.output, seed=1)
             )
 
-            def on_schedule(k_prefill: float, k_decode: float, sent: list[Request] = sent) -> float:
+            def on_schedule(k_prefill: float, k_decode: float, sent: list[Request] = sent) -> SimResult:
                 """The simulator on the run's own arrivals and lengths, the instances' times stretched."""
                 c = stretched(cal, k_prefill, k_decode)
                 return simulate(
                     sent, [PrefillInstance(c, CPU_BATCH_TOKENS)], [DecodeInstance(c, cap)], [[Link(0.0)]]
-                ).attainment(slo_ttft, slo_tpot)
+                )
 
             measured = attainment(metrics, SLO(slo_ttft, slo_tpot))
             ttfts = sorted(m.ttft_s for m in metrics if m.ok and m.ttft_s is not None)
             tpots = sorted(m.tpot_s for m in metrics if m.ok and m.tpot_s is not None)
+            pred = on_schedule(cpu["prefill_stretch"], cpu["decode_stretch"])
             out["fidelity"].append(
                 {
                     "rate": rate,
-                    "predicted_attainment": on_schedule(cpu["prefill_stretch"], cpu["decode_stretch"]),
+                    "predicted_attainment": pred.attainment(slo_ttft, slo_tpot),
                     "measured_attainment": measured,
                     "stretch": [cpu["prefill_stretch"], cpu["decode_stretch"]],
                     "foreign_cores": cpu.get("foreign_cores"),
-                    "predicted_idle_host_attainment": on_schedule(1.0, 1.0),
+                    "predicted_idle_host_attainment": on_schedule(1.0, 1.0).attainment(slo_ttft, slo_tpot),
                     "predicted_steady_attainment": steady.predicted.attainment,
+                }
+            )
+            out["distributions_ms"].append(
+                {
+                    "rate": rate,
+                    "predicted": _latency_quantiles(
+                        pred.ttft_s, [t for t, r in zip(pred.tpot_s, sent, strict=True) if r.output > 1]
+                    ),
+                    "measured": _latency_quantiles(ttfts, tpots),
+                    "predicted_decode_batch_max": pred.decode_batch_max,
+                    "predicted_local_prefills": pred.local_prefills,
                 }
             )
             out["measured"].append(
