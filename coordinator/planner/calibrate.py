@@ -63,15 +63,20 @@ def stretched(lat: LayoutLatency, prefill: float, decode: float) -> LayoutLatenc
 
 
 def one_by_one(
-    lat: LayoutLatency, k_prefill: float, k_decode: float, kv_capacity_tokens: int, max_batch_tokens: int
+    lat: LayoutLatency,
+    k_prefill: float,
+    k_decode: float,
+    kv_capacity_tokens: int,
+    max_batch_tokens: int,
+    max_running: int = 1 << 30,
 ) -> tuple[list[PrefillInstance], list[DecodeInstance]]:
     """A 1P1D cluster of `lat` instances whose runs waited `k_prefill` / `k_decode` times their CPU time for a
     core. The decode instance's local prefill passes (simulator.LocalPrefill) run on the decode instance's
-    core, so they stretch by `k_decode`, as its steps do."""
-    return (
-        [PrefillInstance(stretched(lat, k_prefill, k_decode), max_batch_tokens)],
-        [DecodeInstance(lat.scaled(k_decode), kv_capacity_tokens, max_batch_tokens=max_batch_tokens)],
+    core, so they stretch by `k_decode`, as its steps do; it admits at most `max_running` requests."""
+    dec = DecodeInstance(
+        lat.scaled(k_decode), kv_capacity_tokens, max_batch_tokens=max_batch_tokens, max_running=max_running
     )
+    return [PrefillInstance(stretched(lat, k_prefill, k_decode), max_batch_tokens)], [dec]
 
 
 @dataclass(frozen=True)
@@ -139,6 +144,7 @@ def calibrate(
     max_batch_tokens: int,
     link_s_per_token: float = 0.0,
     local_prefill: LocalPrefill | None = None,
+    max_running: int = 1 << 30,
 ) -> ServingTerms:
     """The serving terms (module docstring) of a 1P1D cluster whose engines `lat` describes, its gateway
     prefilling short prompts on the decode instance as `local_prefill` says (None: never)."""
@@ -154,6 +160,7 @@ def calibrate(
             burst.decode_stretch,
             kv_capacity_tokens,
             max_batch_tokens,
+            max_running,
         )
         res = simulate(reqs, pre, dec, link, local_prefill)
         tpots = [t for t, r in zip(res.tpot_s, reqs, strict=True) if r.output > 1]

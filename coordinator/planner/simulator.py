@@ -13,8 +13,8 @@ What it models (as pdserve runs, see coordinator/router.py):
 * KV transfer: prompt tokens x the link's seconds per token (the codec's pipelined hand-off time on the
   bandwidth between the two instances' devices: `Link`), FIFO per (prefill, decode) pair.
 * Decode: continuous batching; a request joins at a step boundary when its whole reservation fits the
-  instance's KV capacity (never preempted). A PP instance runs `pp` micro-batches (lanes) in flight, each a
-  step of latency.decode_s. TPOT = (finish - first token) / (output - 1), so it includes the transfer and
+  instance's KV capacity and fewer than `max_running` requests are admitted there (never preempted). A PP
+  instance runs `pp` micro-batches (lanes) in flight, each a step of latency.decode_s. TPOT = (finish - first token) / (output - 1), so it includes the transfer and
   the wait for admission.
 * Local prefill (the gateway's conditional disaggregation, `LocalPrefill`, coordinator/config.py): a prompt of
   at most `max_tokens` tokens that arrives while every prefill instance has `depth` or more requests in
@@ -59,6 +59,7 @@ class DecodeInstance:
     kv_capacity_tokens: int
     block_tokens: int = 16
     max_batch_tokens: int = 1 << 30  # prompt tokens per local prefill pass (the first always goes)
+    max_running: int = 1 << 30  # requests admitted and not finished (the instance's --max-running)
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,7 @@ def simulate(
     # decode state
     d_reserved = [0] * len(decode)  # tokens reserved by requests routed there, not finished
     d_used = [0] * len(decode)  # tokens of admitted requests
+    d_count = [0] * len(decode)  # admitted requests, not finished (max_running)
     d_wait: list[deque[int]] = [deque() for _ in decode]
     lanes = [[_Lane() for _ in range(d.latency.layout.pp)] for d in decode]
     link_free = [[0.0] * len(decode) for _ in prefill]
@@ -171,9 +173,10 @@ def simulate(
     def admit(d: int, lane: _Lane) -> None:
         """Waiting requests of instance d join `lane` while their reservations fit (FIFO, no overtaking)."""
         w, cap = d_wait[d], decode[d].kv_capacity_tokens
-        while w and d_used[d] + need[w[0]] <= cap:
+        while w and d_used[d] + need[w[0]] <= cap and d_count[d] < decode[d].max_running:
             i = w.popleft()
             d_used[d] += need[i]
+            d_count[d] += 1
             if is_local[i]:
                 lane.local.append(i)
                 continue
@@ -236,6 +239,7 @@ def simulate(
             lane.batch -= 1
             lane.sum_ctx -= r.prompt + r.output  # its context at its last step was prompt + output - 1, +1
             d_used[d] -= need[i]
+            d_count[d] -= 1
             d_reserved[d] -= need[i]
             tpot[i] = (t_end - first_token[i]) / (r.output - 1)
 
@@ -248,6 +252,7 @@ def simulate(
             if r.output <= 1:
                 tpot[i] = 0.0
                 d_used[d] -= need[i]
+                d_count[d] -= 1
                 d_reserved[d] -= need[i]
                 continue
             lane.batch += 1

@@ -74,3 +74,19 @@ def test_local_prefill_waits_for_kv_like_any_request() -> None:
     assert res.local_prefills == 1
     assert res.decode_batch_max == 1
     assert res.ttft_s[3] == pytest.approx(3.6 - 1.25)
+
+
+def test_max_running_caps_the_decode_batch() -> None:
+    """Six requests, prefilled at once (0 s), 16 steps of 0.1 s each; at most two admitted at a time (KV for
+    all): the schedule of test_kv_memory_limits_decode_batch's two reservations' worth of capacity: r0 runs
+    steps 1-16 (ends 1.6 s), r1 joins at step 1 (1.7 s), r2 takes r0's place (3.2 s), r3 r1's (3.3 s), r4
+    4.8 s, r5 4.9 s."""
+    reqs = [Request(0.0, 15, 17) for _ in range(6)]
+    res = simulate(
+        reqs,
+        [PrefillInstance(const_latency(0, 0))],
+        [DecodeInstance(const_latency(0, 0.1), 10_000, max_running=2)],
+        LINK,
+    )
+    assert res.decode_batch_max == 2
+    assert res.tpot_s == pytest.approx(tuple(f / 16 for f in (1.6, 1.7, 3.2, 3.3, 4.8, 4.9)))
