@@ -56,6 +56,31 @@ def _summary(plan: Any) -> dict[str, Any]:
     }
 
 
+def _latency_quantiles(ttft_s: Any, tpot_s: Any) -> dict[str, float | None]:
+    """p50 / p90 of TTFT and TPOT in ms (unserved requests, inf in the simulator, count as the slowest)."""
+    import math
+
+    from bench.metrics import stats
+
+    out: dict[str, float | None] = {}
+    for name, xs in (("ttft", ttft_s), ("tpot", tpot_s)):
+        xs = list(xs)
+        finite = [x for x in xs if math.isfinite(x)]
+        cap = max(finite, default=0.0)
+        st = stats([x if math.isfinite(x) else cap for x in xs], (50, 90))
+        for q in (50, 90):
+            v = st[f"p{q}"]
+            out[f"{name}_p{q}"] = None if v is None else 1e3 * float(v)
+    return out
+
+
+def _field_default(cls: Any, name: str) -> Any:
+    """A dataclass field's default (the coordinator's flags the launcher leaves at their defaults)."""
+    import dataclasses
+
+    return next(f.default for f in dataclasses.fields(cls) if f.name == name)
+
+
 def _node(d: dict[str, Any], name: str) -> str:
     return next(p["node"] for p in d["placement"] if p["instance"] == name)
 
@@ -110,12 +135,19 @@ def fidelity(quick: bool, log_dir: str) -> dict[str, Any]:
     the local topology holds), and calibrate the profile to the serving path from two runs through it (an
     isolated one and a burst: coordinator/planner/calibrate.py splits what the path adds into latency and
     instance capacity). SLOs are 4x the isolated TTFT and TPOT (the compare bench's balanced k = 4).
-    Then plan with the calibrated profile and run the cluster at 0.6, 1.0 and 1.4 x its predicted goodput on
-    this host as the calibration runs found it (other tenants' share of the cores stretching the model):
+    The simulator models the cluster as launched: the gateway's local prefill (`--local-prefill busy`), the
+    decode instance's `max_running` and its KV cache. Then plan with the calibrated profile and run the
+    cluster at 0.6, 1.0 and 1.4 x its predicted goodput on this host as the calibration runs found it (other
+    tenants' share of the cores stretching the model; `--quick`: 0.6, 1.0 and the first factor from 1.4 up
+    at which the model predicts its own 60-request run to fall to 0.7 attainment, so one rate is past the
+    knee; should the host's contention have eased so that it measures >= 0.9, it is raised 1.5 x, twice at
+    most, the runs it replaced kept in `below_knee`):
     `predicted_attainment` is the simulator on the very arrivals and lengths each run sent, with the share
     of the cores other tenants took during that run (`foreign_core_share`, measured) stretching every time;
     `predicted_idle_host_attainment` the same without that stretch, `predicted_steady_attainment` the
-    search's steady-state figure at that rate (many more requests than a run sends, idle host)."""
+    search's steady-state figure at that rate (many more requests than a run sends, idle host),
+    `predicted_no_local_prefill_attainment` the first without the local prefill; `distributions_ms` the p50 /
+    p90 of TTFT and TPOT, predicted beside measured, per rate."""
     import asyncio
     import logging
     import os
@@ -131,12 +163,20 @@ def fidelity(quick: bool, log_dir: str) -> dict[str, Any]:
     from bench.metrics import SLO, attainment, compute_metrics
     from bench.serving import run_load
     from bench.workload import Fixed, Workload, make_requests
-    from coordinator.planner.calibrate import apply, calibrate, observed, stretched
+    from coordinator.config import CoordinatorConfig
+    from coordinator.planner.calibrate import apply, calibrate, observed, one_by_one, stretched
     from coordinator.planner.latency import Profile
     from coordinator.planner.model import spec_from_config
     from coordinator.planner.search import kv_capacity_tokens
-    from coordinator.planner.simulator import DecodeInstance, Link, PrefillInstance, Request, simulate
-    from pdserve.instance import CPU_BATCH_TOKENS
+    from coordinator.planner.simulator import (
+        Link,
+        LocalPrefill,
+        Request,
+        SimResult,
+        simulate,
+    )
+    from engine.runner import DEFAULT_KV_CACHE_BYTES
+    from pdserve.instance import CPU_BATCH_TOKENS, InstanceConfig
     from pdserve.launcher import ClusterConfig, LocalCluster
     from pdserve.plan_cli import local_topology, profile_from_json, run_profile
 
@@ -156,7 +196,7 @@ def fidelity(quick: bool, log_dir: str) -> dict[str, Any]:
     mean_o = round(sum(o for _, o in samples) / len(samples))
     topo = local_topology()
     model = spec_from_config(json.loads((Path(model_dir) / "config.json").read_text()))
-    n = 40 if quick else 120
+    n = 60 if quick else 120
     out: dict[str, Any] = {
         "model": QUICK.model,
         "profile_fit_error": lat.fit_error,
@@ -174,6 +214,16 @@ def fidelity(quick: bool, log_dir: str) -> dict[str, Any]:
         heartbeat_ttl_s=1.5,
         log_dir=log_dir,
     )
+    # the gateway's conditional disaggregation as this cluster runs it (pdserve up's default, busy): short
+    # prompts go to the decode instance while the prefill instance has `depth` requests in flight
+    local = (
+        LocalPrefill(cfg.local_prefill_max_tokens, _field_default(CoordinatorConfig, "local_prefill_depth"))
+        if cfg.local_prefill == "busy"
+        else None
+    )
+    if cfg.local_prefill not in ("busy", "off"):
+        raise ValueError(f"the fidelity run models --local-prefill busy or off, not {cfg.local_prefill}")
+    max_running = _field_default(InstanceConfig, "max_running")  # the decode instance's, as launched
     cluster = LocalCluster(cfg).start(timeout_s=180)
 
     def pid(role: str) -> int:
@@ -227,10 +277,16 @@ def fidelity(quick: bool, log_dir: str) -> dict[str, Any]:
             n_requests=200,
             pp_choices=(1,),
             prefill_max_batch_tokens=CPU_BATCH_TOKENS,
+            local_prefill=local,
         )
-        cap = kv_capacity_tokens(base, Layout(1, 1), memory)
+        # the decode instance's KV cache as it runs here (the runner's default budget, float32 on CPU), not
+        # the topology's memory per core: what back-pressures admission in the cluster measured
+        cpu_kv_tokens = DEFAULT_KV_CACHE_BYTES // replace(model, dtype_bytes=4).kv_bytes_per_token
+        cap = min(kv_capacity_tokens(base, Layout(1, 1), memory), cpu_kv_tokens)
         # the engine profile is CPU-clock time: calibrated with each run's measured stretches taken out
-        terms = calibrate(lat, iso, burst, cap, CPU_BATCH_TOKENS)
+        terms = calibrate(
+            lat, iso, burst, cap, CPU_BATCH_TOKENS, local_prefill=local, max_running=max_running
+        )
         cal = apply(lat, terms, mean_p)
         profile = Profile(
             engine_profile.device, engine_profile.model, (cal,), "pdserve profile + calibration"
@@ -257,6 +313,8 @@ def fidelity(quick: bool, log_dir: str) -> dict[str, Any]:
                     "tpot": lat.decode_s(1, mean_p + mean_o / 2) * 1e3,
                 },
                 "serving_terms": terms.to_dict(),
+                "decode_kv_capacity_tokens": cap,
+                "decode_max_running": max_running,
                 "slo_ms": {"ttft": slo_ttft * 1e3, "tpot": slo_tpot * 1e3},
                 "plan": _summary(plan),
                 "goodput_engine_only_profile_rps": uncal.predicted.goodput_rps,
@@ -268,33 +326,77 @@ def fidelity(quick: bool, log_dir: str) -> dict[str, Any]:
                 "goodput_at_calibration_contention_rps": goodput,
                 "fidelity": [],
                 "measured": [],
+                # per rate: p50 / p90 of TTFT and TPOT (ms), the simulator's (on the run's own schedule and
+                # stretches) beside the client's; the attainment counts both SLOs, these show which one moved
+                "distributions_ms": [],
             }
         )
-        for rate in [round(goodput * f, 3) for f in (0.6, 1.0, 1.4)]:
-            steady = search(replace(base, rate=rate, fixed_unit=unit, fixed_units=1))
-            sent, metrics, cpu = load(
-                Workload("balanced", n, rate, prompt=spec.prompt, output=spec.output, seed=1)
+
+        def run_wl(rate: float) -> Workload:
+            return Workload("balanced", n, rate, prompt=spec.prompt, output=spec.output, seed=1)
+
+        def on_schedule(
+            sent: list[Request], k_prefill: float, k_decode: float, policy: LocalPrefill | None = local
+        ) -> SimResult:
+            """The simulator on a run's own arrivals and lengths, the instances' times stretched."""
+            pre, dec = one_by_one(cal, k_prefill, k_decode, cap, CPU_BATCH_TOKENS, max_running)
+            return simulate(sent, pre, dec, [[Link(0.0)]], policy)
+
+        def predicted_on(rate: float) -> float:
+            """Attainment the model predicts for the run `--quick` would send at `rate`, on this host as the
+            burst found it (the schedule is known before it is sent: seeded arrivals and lengths)."""
+            sent = [
+                Request(r.scheduled_s, r.prompt_len, r.output_len)
+                for r in make_requests(run_wl(rate), source)
+            ]
+            return on_schedule(sent, burst.prefill_stretch, burst.decode_stretch).attainment(
+                slo_ttft, slo_tpot
             )
 
-            def on_schedule(k_prefill: float, k_decode: float, sent: list[Request] = sent) -> float:
-                """The simulator on the run's own arrivals and lengths, the instances' times stretched."""
-                c = stretched(cal, k_prefill, k_decode)
-                return simulate(
-                    sent, [PrefillInstance(c, CPU_BATCH_TOKENS)], [DecodeInstance(c, cap)], [[Link(0.0)]]
-                ).attainment(slo_ttft, slo_tpot)
+        factors: tuple[float, ...] = (0.6, 1.0, 1.4)
+        if quick:
+            # A short run fills its queue less than a long one, so 1.4x the steady goodput can stay below the
+            # knee for 60 requests: the third rate is the first factor at which the model predicts this very
+            # run to fall to 0.7 or below (past the knee), the first two 0.6x and 1.0x.
+            grid = (1.4, 1.7, 2.0, 2.4, 2.8, 3.4)
+            knee = next((f for f in grid if predicted_on(goodput * f) <= 0.7), grid[-1])
+            factors = (0.6, 1.0, knee)
+
+        def run_rate(rate: float) -> float:
+            """Run the cluster at `rate`, record predicted beside measured; -> measured attainment."""
+            steady = search(replace(base, rate=rate, fixed_unit=unit, fixed_units=1))
+            sent, metrics, cpu = load(run_wl(rate))
 
             measured = attainment(metrics, SLO(slo_ttft, slo_tpot))
             ttfts = sorted(m.ttft_s for m in metrics if m.ok and m.ttft_s is not None)
             tpots = sorted(m.tpot_s for m in metrics if m.ok and m.tpot_s is not None)
+            pred = on_schedule(sent, cpu["prefill_stretch"], cpu["decode_stretch"])
             out["fidelity"].append(
                 {
                     "rate": rate,
-                    "predicted_attainment": on_schedule(cpu["prefill_stretch"], cpu["decode_stretch"]),
+                    "predicted_attainment": pred.attainment(slo_ttft, slo_tpot),
                     "measured_attainment": measured,
                     "stretch": [cpu["prefill_stretch"], cpu["decode_stretch"]],
                     "foreign_cores": cpu.get("foreign_cores"),
-                    "predicted_idle_host_attainment": on_schedule(1.0, 1.0),
+                    "predicted_idle_host_attainment": on_schedule(sent, 1.0, 1.0).attainment(
+                        slo_ttft, slo_tpot
+                    ),
+                    # the same model without the gateway's local prefill (the simulator before it modelled it)
+                    "predicted_no_local_prefill_attainment": on_schedule(
+                        sent, cpu["prefill_stretch"], cpu["decode_stretch"], None
+                    ).attainment(slo_ttft, slo_tpot),
                     "predicted_steady_attainment": steady.predicted.attainment,
+                }
+            )
+            out["distributions_ms"].append(
+                {
+                    "rate": rate,
+                    "predicted": _latency_quantiles(
+                        pred.ttft_s, [t for t, r in zip(pred.tpot_s, sent, strict=True) if r.output > 1]
+                    ),
+                    "measured": _latency_quantiles(ttfts, tpots),
+                    "predicted_decode_batch_max": pred.decode_batch_max,
+                    "predicted_local_prefills": pred.local_prefills,
                 }
             )
             out["measured"].append(
@@ -307,13 +409,28 @@ def fidelity(quick: bool, log_dir: str) -> dict[str, Any]:
                     "cpu": cpu,
                 }
             )
+            return measured
+
+        for f in factors:
+            last = run_rate(round(goodput * f, 3))
+        # --quick on a shared host: the rates come from the calibration's contention, which a later run may not
+        # see; while the last rate is not past the knee (measured >= 0.9), it is replaced by one 1.5 x higher
+        # (twice at most), the runs below the knee kept in `below_knee`
+        out["below_knee"] = []
+        for _ in range(2 if quick else 0):
+            if last < 0.9:
+                break
+            out["below_knee"].append({k: out[k].pop() for k in ("fidelity", "distributions_ms", "measured")})
+            factors = (*factors[:-1], factors[-1] * 1.5)
+            last = run_rate(round(goodput * factors[-1], 3))
+        out["rate_factors"] = list(factors)
     finally:
         cluster.stop()
     out["loadavg_after"] = list(os.getloadavg())
     out["max_abs_error_points"] = max(
         abs(f["predicted_attainment"] - f["measured_attainment"]) * 100 for f in out["fidelity"]
     )
-    for key in ("idle_host", "steady"):
+    for key in ("idle_host", "steady", "no_local_prefill"):
         out[f"max_abs_error_points_{key}"] = max(
             abs(f[f"predicted_{key}_attainment"] - f["measured_attainment"]) * 100 for f in out["fidelity"]
         )

@@ -17,11 +17,10 @@ from typing import Any
 
 from coordinator.planner.distserve import is_distserve, profile_from_distserve
 from coordinator.planner.latency import (
-    NO_THRESHOLD,
     Layout,
     LayoutLatency,
     Profile,
-    fit_decode,
+    fit_decode_split,
     fit_prefill,
 )
 from coordinator.planner.model import ModelSpec, spec_from_config
@@ -298,7 +297,22 @@ def cmd_topology(a: argparse.Namespace) -> int:
 
 # ---- profile ---------------------------------------------------------------------------------------------
 PREFILL_BATCHES = ((16,), (64,), (128,), (256,), (64, 64), (128, 128), (32, 32, 32, 32), (200, 56))
-DECODE_CASES = ((1, 32), (1, 256), (4, 64), (8, 128), (16, 32), (16, 128), (4, 384))  # (batch, prompt)
+# (batch, prompt). Batches up to 64: past a cluster's knee the decode batch grows beyond 16 (the simulated
+# batch reached 60 in the planner's fidelity run), and the step time per sequence falls with the batch, so
+# the large batches get their own piece of the model (DECODE_SPLIT, latency.fit_decode_split).
+DECODE_CASES = (
+    (1, 32),
+    (1, 256),
+    (4, 64),
+    (8, 128),
+    (16, 32),
+    (16, 128),
+    (4, 384),
+    (32, 64),
+    (64, 64),
+    (64, 128),
+)
+DECODE_SPLIT = 16  # decode_large from this batch size on
 
 
 def run_profile(model_dir: str, threads: int, new_tokens: int, tries: int) -> dict[str, Any]:
@@ -347,8 +361,8 @@ def run_profile(model_dir: str, threads: int, new_tokens: int, tries: int) -> di
         decode_pts.append((b, round(b * mean_ctx), min(steps)))
 
     pc, perr = fit_prefill(prefill_pts)
-    dc, derr = fit_decode(decode_pts)
-    lat = LayoutLatency(Layout(1, 1), pc, dc, dc, NO_THRESHOLD, fit_error={"prefill": perr, "decode": derr})
+    ds, dl, derr = fit_decode_split(decode_pts, DECODE_SPLIT)
+    lat = LayoutLatency(Layout(1, 1), pc, ds, dl, DECODE_SPLIT, fit_error={"prefill": perr, "decode": derr})
     layout = lat.to_dict()
     layout["points"] = {
         "prefill": [{"prompt_lens": ls, "s": t} for ls, t in prefill_pts],

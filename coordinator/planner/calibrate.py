@@ -34,7 +34,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from coordinator.planner.latency import Coeffs, LayoutLatency
-from coordinator.planner.simulator import DecodeInstance, Link, PrefillInstance, Request, simulate
+from coordinator.planner.simulator import (
+    DecodeInstance,
+    Link,
+    LocalPrefill,
+    PrefillInstance,
+    Request,
+    simulate,
+)
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,23 @@ def stretched(lat: LayoutLatency, prefill: float, decode: float) -> LayoutLatenc
     times longer: the model of a run whose instances waited that much for a core."""
     p = lat.scaled(prefill)
     return replace(lat.scaled(decode), prefill=p.prefill, pp_hop_s=p.pp_hop_s, path_s=p.path_s)
+
+
+def one_by_one(
+    lat: LayoutLatency,
+    k_prefill: float,
+    k_decode: float,
+    kv_capacity_tokens: int,
+    max_batch_tokens: int,
+    max_running: int = 1 << 30,
+) -> tuple[list[PrefillInstance], list[DecodeInstance]]:
+    """A 1P1D cluster of `lat` instances whose runs waited `k_prefill` / `k_decode` times their CPU time for a
+    core. The decode instance's local prefill passes (simulator.LocalPrefill) run on the decode instance's
+    core, so they stretch by `k_decode`, as its steps do; it admits at most `max_running` requests."""
+    dec = DecodeInstance(
+        lat.scaled(k_decode), kv_capacity_tokens, max_batch_tokens=max_batch_tokens, max_running=max_running
+    )
+    return [PrefillInstance(stretched(lat, k_prefill, k_decode), max_batch_tokens)], [dec]
 
 
 @dataclass(frozen=True)
@@ -119,18 +143,26 @@ def calibrate(
     kv_capacity_tokens: int,
     max_batch_tokens: int,
     link_s_per_token: float = 0.0,
+    local_prefill: LocalPrefill | None = None,
+    max_running: int = 1 << 30,
 ) -> ServingTerms:
-    """The serving terms (module docstring) of a 1P1D cluster whose engines `lat` describes."""
+    """The serving terms (module docstring) of a 1P1D cluster whose engines `lat` describes, its gateway
+    prefilling short prompts on the decode instance as `local_prefill` says (None: never)."""
     ex_ttft, ex_tpot = _engine_excess(lat, isolated)
     reqs = list(burst.requests)
     mean_prompt = statistics.fmean(r.prompt for r in reqs)
     link = [[Link(link_s_per_token)]]
 
     def run(terms: ServingTerms) -> tuple[float, float]:
-        cal = stretched(apply(lat, terms, mean_prompt), burst.prefill_stretch, burst.decode_stretch)
-        res = simulate(
-            reqs, [PrefillInstance(cal, max_batch_tokens)], [DecodeInstance(cal, kv_capacity_tokens)], link
+        pre, dec = one_by_one(
+            apply(lat, terms, mean_prompt),
+            burst.prefill_stretch,
+            burst.decode_stretch,
+            kv_capacity_tokens,
+            max_batch_tokens,
+            max_running,
         )
+        res = simulate(reqs, pre, dec, link, local_prefill)
         tpots = [t for t, r in zip(res.tpot_s, reqs, strict=True) if r.output > 1]
         return statistics.fmean(res.ttft_s), statistics.fmean(tpots) if tpots else 0.0
 

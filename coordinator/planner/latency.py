@@ -4,8 +4,9 @@ Prefill of a batch of prompts of lengths l_i (DistServe, Appendix A):
     t = a + b * sum(l_i) + c * sum(l_i ** 2)
 Decode step of a batch of B sequences whose contexts sum to C tokens:
     t = a + b * C + c * B
-with a second set of coefficients from `threshold` sequences on (DistServe's small/large batch split; a fit
-of our own uses one piece: threshold = a huge number).
+with a second set of coefficients from `threshold` sequences on (DistServe's small/large batch split;
+`fit_decode_split` fits the two pieces from our own points: on a CPU core the step's cost per sequence falls
+as the batch grows, so one line fitted on small batches over-predicts large ones, and the reverse).
 
 Pipeline parallelism from a TP profile (DistServe's simulator rule, for layouts not measured): each of the
 `pp` stages takes t / pp, plus `pp_hop_s` per stage for the activation hand-off on prefill; a PP instance
@@ -197,3 +198,25 @@ def fit_decode(points: Sequence[tuple[int, int, float]]) -> tuple[Coeffs, float]
     y = [t for *_, t in points]
     a, b, c = lstsq3(rows, y)
     return Coeffs(a, b, c), rel_rms([a + b * r[1] + c * r[2] for r in rows], y)
+
+
+def fit_decode_split(
+    points: Sequence[tuple[int, int, float]], threshold: int
+) -> tuple[Coeffs, Coeffs, float]:
+    """Decode points fitted in two pieces: batches of at most `threshold` sequences (decode_small) and of at
+    least `threshold` (decode_large; LayoutLatency uses it from `threshold` on, so both pieces share the
+    points at `threshold`). -> (small, large, relative RMS error of the piecewise model on every point).
+    Each piece needs three points of which not all share a batch size; with fewer large-batch points the
+    large piece is the small one (one line)."""
+    small_pts = [p for p in points if p[0] <= threshold]
+    large_pts = [p for p in points if p[0] >= threshold]
+    small, _ = fit_decode(small_pts)
+    large = small
+    if len(large_pts) >= 3 and len({p[0] for p in large_pts}) >= 2:
+        large, _ = fit_decode(large_pts)
+    pred = [(small if bs < threshold else large) for bs, _, _ in points]
+    err = rel_rms(
+        [c.a + c.b * ctx + c.c * bs for c, (bs, ctx, _) in zip(pred, points, strict=True)],
+        [t for *_, t in points],
+    )
+    return small, large, err

@@ -27,7 +27,14 @@ from dataclasses import dataclass, field
 from coordinator.planner.latency import Coeffs, Layout, LayoutLatency, Profile
 from coordinator.planner.model import ModelSpec
 from coordinator.planner.plan import KVLink, Placement, Plan, Predicted
-from coordinator.planner.simulator import DecodeInstance, Link, PrefillInstance, Request, simulate
+from coordinator.planner.simulator import (
+    DecodeInstance,
+    Link,
+    LocalPrefill,
+    PrefillInstance,
+    Request,
+    simulate,
+)
 from coordinator.planner.topology import GB, GIB, Device, Topology
 from kv_transfer.choice import DEFAULT_PROFILES, CodecProfile
 
@@ -55,7 +62,9 @@ class SearchInput:
     seed: int = 0
     memory_fraction: float = 0.9  # of device memory usable for weights + KV
     block_tokens: int = 16
-    prefill_max_batch_tokens: int = 1 << 30
+    prefill_max_batch_tokens: int = 1 << 30  # also a decode instance's local prefill pass
+    # the gateway's local prefill (--local-prefill busy) in whole-unit simulations; None: off
+    local_prefill: LocalPrefill | None = None
     top_units: int = 4
     max_unit_instances: int = 8  # per phase in one unit
     pp_choices: tuple[int, ...] = PP_CHOICES
@@ -260,7 +269,7 @@ def _sim_inputs(
     memory = min(n.device_memory_gib for n in inp.topology.nodes)
     pre = [PrefillInstance(unit.p, inp.prefill_max_batch_tokens) for _ in lay.prefill]
     cap = kv_capacity_tokens(inp, unit.d.layout, memory)
-    dec = [DecodeInstance(unit.d, cap, inp.block_tokens) for _ in lay.decode]
+    dec = [DecodeInstance(unit.d, cap, inp.block_tokens, inp.prefill_max_batch_tokens) for _ in lay.decode]
     links: list[list[Link | None]] = [[None] * len(dec) for _ in pre]
     kv: list[KVLink] = []
     for i, j in lay.pairs:
@@ -332,7 +341,9 @@ def search(inp: SearchInput) -> Plan:
 
             def attain(rate: float, sp=sp, sd=sd, links=links) -> float:
                 ctx.sims += 1
-                return simulate(ctx.requests(rate), sp, sd, links).attainment(inp.slo_ttft_s, inp.slo_tpot_s)
+                return simulate(ctx.requests(rate), sp, sd, links, inp.local_prefill).attainment(
+                    inp.slo_ttft_s, inp.slo_tpot_s
+                )
 
             g = max_rate(attain, inp.attainment, u.estimate, inp.rel_tol)
             score = g / u.devices
@@ -372,7 +383,9 @@ def search(inp: SearchInput) -> Plan:
     goodput = count * unit_goodput
     rate = inp.rate if inp.rate is not None else goodput
     full_ctx = _Ctx(inp, random.Random(inp.seed + 1))  # an independent draw: not the one searched on
-    att = simulate(full_ctx.requests(rate), sp, sd, links).attainment(inp.slo_ttft_s, inp.slo_tpot_s)
+    att = simulate(full_ctx.requests(rate), sp, sd, links, inp.local_prefill).attainment(
+        inp.slo_ttft_s, inp.slo_tpot_s
+    )
     used = count * unit.devices
     notes.append(f"{ctx.sims + 1} simulations of >= {inp.n_requests} requests")
     placement = tuple(

@@ -13,9 +13,17 @@ What it models (as pdserve runs, see coordinator/router.py):
 * KV transfer: prompt tokens x the link's seconds per token (the codec's pipelined hand-off time on the
   bandwidth between the two instances' devices: `Link`), FIFO per (prefill, decode) pair.
 * Decode: continuous batching; a request joins at a step boundary when its whole reservation fits the
-  instance's KV capacity (never preempted). A PP instance runs `pp` micro-batches (lanes) in flight, each a
-  step of latency.decode_s. TPOT = (finish - first token) / (output - 1), so it includes the transfer and
+  instance's KV capacity and fewer than `max_running` requests are admitted there (never preempted). A PP
+  instance runs `pp` micro-batches (lanes) in flight, each a step of latency.decode_s. TPOT = (finish - first token) / (output - 1), so it includes the transfer and
   the wait for admission.
+* Local prefill (the gateway's conditional disaggregation, `LocalPrefill`, coordinator/config.py): a prompt of
+  at most `max_tokens` tokens that arrives while every prefill instance has `depth` or more requests in
+  flight, and fewer local prefills are pending than there are decode instances, goes to the decode instance
+  with the most KV tokens free (reserving as above) and is prefilled there: once admitted, each step of its
+  lane is one prefill pass over the admitted local prompts (FIFO up to the instance's `max_batch_tokens`,
+  the first always) and then the decode step of the sequences already running, so the running sequences
+  stall for the pass (decode_service/engine.py). Its first token comes at the end of the pass (TTFT adds
+  the decode instance's `path_s`); it decodes from the next step on.
 * SLO attainment: the share of requests meeting BOTH the TTFT and the TPOT SLO (DistServe's simulator
   counts the two percentiles separately); a request that can never fit a decode instance misses.
 Not modelled: prefill-side KV memory, link sharing between pairs on one NIC, preemption, stragglers.
@@ -50,6 +58,16 @@ class DecodeInstance:
     latency: LayoutLatency
     kv_capacity_tokens: int
     block_tokens: int = 16
+    max_batch_tokens: int = 1 << 30  # prompt tokens per local prefill pass (the first always goes)
+    max_running: int = 1 << 30  # requests admitted and not finished (the instance's --max-running)
+
+
+@dataclass(frozen=True)
+class LocalPrefill:
+    """The gateway's `--local-prefill busy` policy (coordinator/config.py's defaults)."""
+
+    max_tokens: int = 128  # longest prompt prefilled on a decode instance
+    depth: int = 2  # requests in flight on every prefill instance before a prompt goes local
 
 
 @dataclass(frozen=True)
@@ -63,6 +81,7 @@ class SimResult:
     ttft_s: tuple[float, ...]  # per request, in request order (inf: never served)
     tpot_s: tuple[float, ...]
     decode_batch_max: int  # the largest decode batch any lane ran
+    local_prefills: int = 0  # requests prefilled on a decode instance (LocalPrefill)
 
     def attainment(self, ttft_slo_s: float, tpot_slo_s: float) -> float:
         ok = sum(
@@ -71,13 +90,14 @@ class SimResult:
         return ok / len(self.ttft_s)
 
 
-_ARRIVE, _PREFILL_FREE, _PREFILL_DONE, _KV_READY, _LANE = range(5)
+_ARRIVE, _PREFILL_FREE, _PREFILL_DONE, _KV_READY, _LANE, _FIRST = range(6)
 
 
 class _Lane:
-    """One decode micro-batch: running requests, their context sum, finish steps."""
+    """One decode micro-batch: running requests, their context sum, finish steps, and the local prefills
+    admitted to it (`local`) and in the pass of its current step (`in_pass`, first tokens at `pass_end`)."""
 
-    __slots__ = ("step", "batch", "sum_ctx", "finish", "busy")
+    __slots__ = ("step", "batch", "sum_ctx", "finish", "busy", "local", "in_pass", "pass_end")
 
     def __init__(self) -> None:
         self.step = 0  # steps completed
@@ -85,6 +105,9 @@ class _Lane:
         self.sum_ctx = 0  # tokens attended over by the next step, all running requests
         self.finish: list[tuple[int, int]] = []  # heap of (step at which it finishes, request index)
         self.busy = False
+        self.local: deque[int] = deque()
+        self.in_pass: list[int] = []
+        self.pass_end = 0.0
 
 
 def simulate(
@@ -92,6 +115,7 @@ def simulate(
     prefill: list[PrefillInstance],
     decode: list[DecodeInstance],
     links: Sequence[Sequence[Link | None]],  # [prefill index][decode index]; None: the plan has no such link
+    local_prefill: LocalPrefill | None = None,  # None: every prompt goes to a prefill instance
 ) -> SimResult:
     n = len(requests)
     ttft = [math.inf] * n
@@ -118,11 +142,15 @@ def simulate(
     # decode state
     d_reserved = [0] * len(decode)  # tokens reserved by requests routed there, not finished
     d_used = [0] * len(decode)  # tokens of admitted requests
+    d_count = [0] * len(decode)  # admitted requests, not finished (max_running)
     d_wait: list[deque[int]] = [deque() for _ in decode]
     lanes = [[_Lane() for _ in range(d.latency.layout.pp)] for d in decode]
     link_free = [[0.0] * len(decode) for _ in prefill]
     need = [0] * n
     batch_max = 0
+    is_local = [False] * n
+    local_pending = 0  # local prefills routed whose first token has not come
+    local_count = 0
 
     def reservation(i: int, d: DecodeInstance) -> int:
         r = requests[i]
@@ -145,36 +173,62 @@ def simulate(
     def admit(d: int, lane: _Lane) -> None:
         """Waiting requests of instance d join `lane` while their reservations fit (FIFO, no overtaking)."""
         w, cap = d_wait[d], decode[d].kv_capacity_tokens
-        while w and d_used[d] + need[w[0]] <= cap:
+        while w and d_used[d] + need[w[0]] <= cap and d_count[d] < decode[d].max_running:
             i = w.popleft()
             d_used[d] += need[i]
+            d_count[d] += 1
+            if is_local[i]:
+                lane.local.append(i)
+                continue
             r = requests[i]
             lane.batch += 1
             lane.sum_ctx += r.prompt + 1
             heapq.heappush(lane.finish, (lane.step + r.output - 1, i))
 
     def run_lane(d: int, li: int, now: float) -> None:
-        """Run lane li of instance d from `now` until its batch empties or the next global event is due;
-        then (if it still has work) schedule its next step end as an event."""
+        """Run lane li of instance d from `now` until it has nothing to do or the next global event is due;
+        then (if it still has work) schedule its next step end (and a pass's first tokens) as events."""
         nonlocal batch_max
-        lane, lat = lanes[d][li], decode[d].latency
+        lane, inst = lanes[d][li], decode[d]
+        lat = inst.latency
         horizon = events[0][0] if events else math.inf
         t = now
         while True:
-            if lane.batch == 0:
+            if lane.batch == 0 and not lane.local:
                 admit(d, lane)
-                if lane.batch == 0:
+                if lane.batch == 0 and not lane.local:
                     lane.busy = False
                     return
             batch_max = max(batch_max, lane.batch)
-            t_end = t + lat.decode_s(lane.batch, lane.sum_ctx)
+            lane.in_pass = []
+            tokens = 0
+            while lane.local and (
+                not lane.in_pass or tokens + requests[lane.local[0]].prompt <= inst.max_batch_tokens
+            ):
+                i = lane.local.popleft()
+                lane.in_pass.append(i)
+                tokens += requests[i].prompt
+            lens = [requests[i].prompt for i in lane.in_pass]
+            lane.pass_end = t + (lat.prefill_s(sum(lens), sum(x * x for x in lens)) if lens else 0.0)
+            t_end = lane.pass_end + (lat.decode_s(lane.batch, lane.sum_ctx) if lane.batch else 0.0)
             if t_end > horizon:
                 lane.busy = True
+                if lane.in_pass:
+                    push(lane.pass_end, _FIRST, d, li)
                 push(t_end, _LANE, d, li)
                 return
-            _finish_step(d, lane, t_end)
+            _first_tokens(d, lane)
+            _end_step(d, lane, t_end)
             t = t_end
             admit(d, lane)
+
+    def _first_tokens(d: int, lane: _Lane) -> None:
+        """The local prefills of the lane's current pass emit their first token (at `pass_end`)."""
+        nonlocal local_pending
+        for i in lane.in_pass:
+            first_token[i] = lane.pass_end
+            ttft[i] = lane.pass_end - requests[i].arrival_s + decode[d].latency.path_s
+            local_pending -= 1
 
     def _finish_step(d: int, lane: _Lane, t_end: float) -> None:
         lane.step += 1
@@ -185,8 +239,39 @@ def simulate(
             lane.batch -= 1
             lane.sum_ctx -= r.prompt + r.output  # its context at its last step was prompt + output - 1, +1
             d_used[d] -= need[i]
+            d_count[d] -= 1
             d_reserved[d] -= need[i]
             tpot[i] = (t_end - first_token[i]) / (r.output - 1)
+
+    def _end_step(d: int, lane: _Lane, t_end: float) -> None:
+        """A step ended: the running sequences' bookkeeping, then the pass's local prefills join the batch
+        (a one-token request is done)."""
+        _finish_step(d, lane, t_end)
+        for i in lane.in_pass:
+            r = requests[i]
+            if r.output <= 1:
+                tpot[i] = 0.0
+                d_used[d] -= need[i]
+                d_count[d] -= 1
+                d_reserved[d] -= need[i]
+                continue
+            lane.batch += 1
+            lane.sum_ctx += r.prompt + 1
+            heapq.heappush(lane.finish, (lane.step + r.output - 1, i))
+        lane.in_pass = []
+
+    def most_free(cands: list[int]) -> int:
+        return max(cands, key=lambda j: (decode[j].kv_capacity_tokens - d_reserved[j], -j))
+
+    def goes_local(r: Request) -> bool:
+        lp = local_prefill
+        return (
+            lp is not None
+            and bool(decode)
+            and r.prompt <= lp.max_tokens
+            and all(x >= lp.depth for x in p_inflight)
+            and local_pending < len(decode)
+        )
 
     def wake_decode(d: int, now: float) -> None:
         for li, lane in enumerate(lanes[d]):
@@ -198,6 +283,18 @@ def simulate(
     while events:
         now, _, kind, a, b = heapq.heappop(events)
         if kind == _ARRIVE:
+            if goes_local(requests[a]):
+                d = most_free(list(range(len(decode))))
+                need[a] = reservation(a, decode[d])
+                if need[a] > decode[d].kv_capacity_tokens:
+                    continue  # can never run: misses its SLO
+                is_local[a] = True
+                local_pending += 1
+                local_count += 1
+                d_reserved[d] += need[a]
+                d_wait[d].append(a)
+                wake_decode(d, now)
+                continue
             k = len(prefill)
             p = min(range(k), key=lambda j: (p_inflight[j], (j - turn) % k))
             turn += 1
@@ -220,7 +317,7 @@ def simulate(
                     tpot[i] = 0.0
                     continue
                 linked = [j for j in range(len(decode)) if links[a][j] is not None]
-                d = max(linked, key=lambda j: (decode[j].kv_capacity_tokens - d_reserved[j], -j))
+                d = most_free(linked)
                 need[i] = reservation(i, decode[d])
                 if need[i] > decode[d].kv_capacity_tokens:
                     continue  # can never run: misses its SLO (tpot stays inf)
@@ -233,13 +330,15 @@ def simulate(
         elif kind == _KV_READY:
             d_wait[b].append(a)
             wake_decode(b, now)
+        elif kind == _FIRST:  # the local prefill pass of lane b of instance a ended
+            _first_tokens(a, lanes[a][b])
         else:  # _LANE: a step of lane b of instance a ended
             lane = lanes[a][b]
-            _finish_step(a, lane, now)
+            _end_step(a, lane, now)
             admit(a, lane)
             lane.busy = False
             run_lane(a, b, now)
-    return SimResult(tuple(ttft), tuple(tpot), batch_max)
+    return SimResult(tuple(ttft), tuple(tpot), batch_max, local_count)
 
 
 def poisson_arrivals(n: int, rate: float, gaps: list[float]) -> list[float]:

@@ -6,9 +6,24 @@ import statistics
 
 import pytest
 
-from coordinator.planner.calibrate import Observed, ServingTerms, apply, calibrate, observed, stretched
+from coordinator.planner.calibrate import (
+    Observed,
+    ServingTerms,
+    apply,
+    calibrate,
+    observed,
+    one_by_one,
+    stretched,
+)
 from coordinator.planner.latency import Coeffs, Layout, LayoutLatency
-from coordinator.planner.simulator import DecodeInstance, Link, PrefillInstance, Request, simulate
+from coordinator.planner.simulator import (
+    DecodeInstance,
+    Link,
+    LocalPrefill,
+    PrefillInstance,
+    Request,
+    simulate,
+)
 
 ENGINE = LayoutLatency(
     Layout(1, 1), Coeffs(0.005, 1e-4, 0.0), Coeffs(0.003, 0.0, 2e-4), Coeffs(0.003, 0.0, 2e-4)
@@ -88,3 +103,29 @@ def test_contention_measured_per_run_is_taken_out_of_the_terms() -> None:
     assert got.prefill_per_request_s == pytest.approx(true.prefill_per_request_s, abs=3e-4)
     assert got.step_per_seq_s == pytest.approx(true.step_per_seq_s, abs=3e-5)
     assert observed(isolated(), [0.1], [0.01], 0.5, 0.9).prefill_stretch == 1.0  # never below 1
+
+
+def test_a_cluster_prefilling_locally_is_calibrated_with_the_same_policy() -> None:
+    """A burst through a gateway that prefills short prompts on the decode instance (LocalPrefill): given the
+    policy, calibration recovers the terms the cluster ran with; modelled as if every prompt went to the
+    prefill instance, the terms come out wrong (the local passes' stalls land in the per-sequence cost)."""
+    true = ServingTerms(0.020, 0.010, 0.001, 0.0005, {})
+    policy = LocalPrefill(max_tokens=PROMPT, depth=2)
+    lat = apply(ENGINE, true, PROMPT)
+
+    def run(reqs: list[Request]) -> tuple[Observed, int]:
+        pre, dec = one_by_one(lat, 1.0, 1.0, CAP, BATCH_TOKENS)
+        res = simulate(reqs, pre, dec, [[Link(0.0)]], policy)
+        return observed(reqs, res.ttft_s, res.tpot_s), res.local_prefills
+
+    (iso, iso_local), (bur, bur_local) = run(isolated()), run(burst())
+    assert iso_local == 0 and bur_local > 0  # isolated requests never find the prefill instance busy
+    got = calibrate(ENGINE, iso, bur, CAP, BATCH_TOKENS, local_prefill=policy)
+    assert got.path_s == pytest.approx(true.path_s, abs=3e-4)
+    assert got.prefill_per_request_s == pytest.approx(true.prefill_per_request_s, abs=3e-4)
+    assert got.step_per_seq_s == pytest.approx(true.step_per_seq_s, abs=3e-5)
+    blind = calibrate(ENGINE, iso, bur, CAP, BATCH_TOKENS)
+    assert (
+        abs(blind.step_per_seq_s - true.step_per_seq_s) > 1e-4
+        or abs(blind.prefill_per_request_s - true.prefill_per_request_s) > 1e-3
+    )

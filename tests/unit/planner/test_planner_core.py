@@ -10,7 +10,15 @@ import sys
 import pytest
 
 from coordinator.planner.distserve import SHIPPED, is_distserve, profile_from_distserve
-from coordinator.planner.latency import Coeffs, Layout, LayoutLatency, Profile, fit_decode, fit_prefill
+from coordinator.planner.latency import (
+    Coeffs,
+    Layout,
+    LayoutLatency,
+    Profile,
+    fit_decode,
+    fit_decode_split,
+    fit_prefill,
+)
 from coordinator.planner.model import OPT_13B_CONFIG, ModelSpec, spec_from_config
 from coordinator.planner.search import PlanError, SearchInput, kv_capacity_tokens, search
 from coordinator.planner.simulator import DecodeInstance, Link, PrefillInstance, Request, simulate
@@ -236,3 +244,31 @@ def test_plan_json_fields_and_a_4x8_search_is_consistent() -> None:
     assert d["prefill"]["instances"] == sum(1 for p in d["placement"] if p["phase"] == "prefill")
     assert 0 < d["predicted"]["per_device_goodput_rps"] <= d["predicted"]["goodput_rps"]
     json.dumps(d)  # serialisable
+
+
+def test_decode_fit_in_two_pieces() -> None:
+    """Small batches: 4 ms + 0.5 ms a sequence; large: 6 ms + 0.375 ms a sequence (the two agree at 16, where
+    both pieces take the points); 1e-7 s per context token in both. Each piece is recovered exactly, and the
+    model picks the piece by batch size; with no batch above 16 the large piece is the small one."""
+    small = (0.004, 1e-7, 0.0005)
+    large = (0.006, 1e-7, 0.000375)
+
+    def t(c: tuple[float, float, float], bs: int, ctx: int) -> float:
+        return c[0] + c[1] * ctx + c[2] * bs
+
+    cases_small = [(1, 100), (4, 400), (8, 1000), (16, 2000), (16, 500)]
+    cases_large = [(32, 3000), (64, 6000), (64, 9000)]
+    pts = [(bs, ctx, t(small, bs, ctx)) for bs, ctx in cases_small]
+    pts += [(bs, ctx, t(large, bs, ctx)) for bs, ctx in cases_large]
+    got_s, got_l, err = fit_decode_split(pts, 16)
+    assert (got_s.a, got_s.b, got_s.c) == pytest.approx(small, rel=1e-6)
+    assert (got_l.a, got_l.b, got_l.c) == pytest.approx(large, rel=1e-6)
+    assert err < 1e-9
+    lat = LayoutLatency(Layout(1, 1), Coeffs(0, 0, 0), got_s, got_l, threshold=16)
+    assert lat.decode_s(8, 1000) == pytest.approx(t(small, 8, 1000))
+    assert lat.decode_s(64, 6000) == pytest.approx(0.006 + 0.0006 + 0.024)
+    # one line fitted on the small batches alone over-predicts batch 64 (the cost per sequence falls)
+    one, _ = fit_decode(pts[:5])
+    assert one.a + one.b * 6000 + one.c * 64 > lat.decode_s(64, 6000)
+    only_small_s, only_small_l, _ = fit_decode_split(pts[:5], 16)
+    assert only_small_l == only_small_s
