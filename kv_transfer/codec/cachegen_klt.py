@@ -64,7 +64,9 @@ from kv_transfer.errors import CodecError, FrameCorrupted, FrameForeign
 TRANSFORM_FILE = "cachegen_transform.safetensors"
 _FORMAT = "pdserve-cachegen-transform"
 _FORMAT_VERSION = "1"
-VERSION = 4  # the cachegen params version this module reads and writes (v2, its 64-bit coder, is retired)
+VERSION = (
+    5  # the cachegen params version this module reads and writes (v2 and v4, earlier coders, are retired)
+)
 # magic, version, level id, flags, n chunks, transform id, payload crc
 _HEADER4 = struct.Struct("<2sBBBIQI")
 _CRC = struct.Struct("<I")
@@ -316,7 +318,7 @@ def _stats_torch(yk: Tensor, yv: Tensor, bounds: list[int]) -> np.ndarray:
 
 def quantize_torch(yk: Tensor, yv: Tensor, bounds: list[int], centre: np.ndarray, step: np.ndarray) -> Tensor:
     """The C encoder's quantizer in torch, where y lives: y [C, T] fp32 -> symbols uint8, chunk j's [2, C, len_j]
-    back to back (the layout `rans.code4` reads): clamp(round((y - centre) * (1 / step)), -QMAX, QMAX) + QMAX,
+    back to back (the layout `rans.code5` reads): clamp(round((y - centre) * (1 / step)), -QMAX, QMAX) + QMAX,
     the same IEEE fp32 operations as the C loop, so the same symbols."""
     dev = yk.device
     ct = torch.from_numpy(np.ascontiguousarray(centre, np.float32)).to(dev)
@@ -368,12 +370,12 @@ def encode(
     centre, step = _centre_step(stats, plan, wide)
     c32, s32 = centre.astype(np.float32), step.astype(np.float32)
     if cpu:
-        words, nw, rho, amax = rans.encode4(
+        words, nw, rho, amax = rans.encode5(
             yk.numpy(), yv.numpy(), np.array(bounds), c32, s32, QMAX, _symbol_weights()
         )
     else:
         sym = quantize_torch(yk, yv, bounds, c32, s32).cpu().numpy()
-        words, nw, rho, amax = rans.code4(sym, transform.channels, np.array(bounds), QMAX, _symbol_weights())
+        words, nw, rho, amax = rans.code5(sym, transform.channels, np.array(bounds), QMAX, _symbol_weights())
     head = _HEADER4.pack(
         b"CG", VERSION, _LEVEL_IDS[level], FLAG_WIDE if wide else 0, len(chunks), transform.transform_id,
         zlib.crc32(le_view(words)),
@@ -440,7 +442,13 @@ def parse(params: bytes, shape: tuple[int, ...], layer: int, transform: KLTransf
     directory = np.frombuffer(buf, "<u4", 3 * n, off).reshape(n, 3).astype(np.int64)
     off += 12 * n
     tokens, nw = directory[:, 0], np.ascontiguousarray(directory[:, 1:])
-    if (tokens < 1).any() or int(tokens.sum()) != t or (nw < 8).any() or (nw > tokens[:, None] * c + 8).any():
+    lo, extra = 2 * rans.STATES, 2 * rans.STATES  # a part: its final states, then at most a word per symbol
+    if (
+        (tokens < 1).any()
+        or int(tokens.sum()) != t
+        or (nw < lo).any()
+        or (nw > tokens[:, None] * c + extra).any()
+    ):
         raise FrameCorrupted(f"cachegen params: chunk directory {directory.tolist()} does not fit T = {t}")
     cs = np.frombuffer(buf, sdt, 2 * n * 2 * c, off).astype(np.float32).reshape(2, n, 2, c)
     off += 2 * n * 2 * c * sdt.itemsize
@@ -468,7 +476,7 @@ def decode(
     c = h * d
     if device.type == "cpu" and fused:
         yk, yv = torch.empty((c, t)), torch.empty((c, t))
-        rans.decode4(
+        rans.decode5(
             words,
             p.nw,
             p.rho,
@@ -482,7 +490,7 @@ def decode(
             yv.numpy(),
         )
     else:
-        sym = torch.from_numpy(rans.uncode4(words, p.nw, p.rho, p.amax, p.bounds, QMAX, _symbol_weights()))
+        sym = torch.from_numpy(rans.uncode5(words, p.nw, p.rho, p.amax, p.bounds, QMAX, _symbol_weights()))
         sym = sym.to(device)
         ct, st = (torch.from_numpy(a).to(device) for a in (p.centre, p.step))
         ys = torch.empty((2, c, t), device=device)

@@ -48,6 +48,8 @@ PROB_BITS = 11
 PROB_SCALE = 1 << PROB_BITS
 MAX_ALPHABET = 256  # symbols are bytes; CacheGen uses at most 63
 WEIGHT_BITS = 20  # integer weights are in [0, 2^20]
+STATES = 16  # format v5: rANS states per part (rans.c NS)
+STREAM_SLACK = 2 * STATES + 8  # words a v5 part may take beyond one per symbol (rans.c code5's "+ 40")
 
 _C_SOURCE = Path(__file__).with_name("rans.c")  # shipped as package data beside the built library
 BUILT_NAME = (
@@ -115,14 +117,16 @@ def _load() -> ctypes.CDLL | None:
                 lib.cg_hist.argtypes = [p, i64, i64, i64, p]
                 lib.cg4_stats.restype = i64
                 lib.cg4_stats.argtypes = [p, p, i64, i64, i64, p, p]
-                lib.cg4_encode.restype = i64
-                lib.cg4_encode.argtypes = [p, p, i64, i64, i64, p, p, p, i64, p, p, p, p, p]
-                lib.cg4_code.restype = i64
-                lib.cg4_code.argtypes = [p, i64, i64, p, i64, p, p, p, p, p]
-                lib.cg4_uncode.restype = i64
-                lib.cg4_uncode.argtypes = [p, i64, i64, i64, p, p, p, p, i64, p, p]
-                lib.cg4_decode.restype = i64
-                lib.cg4_decode.argtypes = [p, i64, i64, i64, i64, p, p, p, p, p, p, i64, p, p, p]
+                lib.cg5_encode.restype = i64
+                lib.cg5_encode.argtypes = [p, p, i64, i64, i64, p, p, p, i64, p, p, p, p, p, i64]
+                lib.cg5_code.restype = i64
+                lib.cg5_code.argtypes = [p, i64, i64, p, i64, p, p, p, p, p, i64]
+                lib.cg5_uncode.restype = i64
+                lib.cg5_uncode.argtypes = [p, i64, i64, i64, p, p, p, p, i64, p, p, i64]
+                lib.cg5_decode.restype = i64
+                lib.cg5_decode.argtypes = [p, i64, i64, i64, i64, p, p, p, p, p, p, i64, p, p, p, i64]
+                lib.cg5_simd_available.restype = i64
+                lib.cg5_simd_available.argtypes = []
                 lib.cg_rope.restype = None
                 lib.cg_rope.argtypes = [p, i64, i64, i64, p, p, i64, ctypes.c_float, p]
                 lib.cg_lap_tables.restype = i64
@@ -149,6 +153,20 @@ def library_origin() -> str | None:
     engine.cbuild: a development checkout without that build), or None (not available)."""
     _load()
     return _origin
+
+
+def simd_available() -> bool:
+    """True when the format-v5 coder's AVX2 path can run here (x86-64 with AVX2; the library was loaded)."""
+    lib = _load()
+    return lib is not None and bool(lib.cg5_simd_available())
+
+
+def use_simd(simd: bool | None = None) -> int:
+    """The `simd` argument of the v5 kernels: `simd` where given, else not PDSERVE_RANS_SIMD=0. The C side
+    still runs the portable coder on a CPU without AVX2; both write and read the same bitstream."""
+    if simd is None:
+        simd = os.environ.get("PDSERVE_RANS_SIMD", "1") != "0"
+    return int(simd)
 
 
 def _lib_or_raise() -> ctypes.CDLL:
@@ -301,7 +319,7 @@ def stats4(y0: np.ndarray, y1: np.ndarray, bounds: np.ndarray) -> np.ndarray:
     return out
 
 
-def _coded4(rc: int, what: str, out: np.ndarray, nw: np.ndarray) -> np.ndarray:
+def _coded(rc: int, what: str, out: np.ndarray, nw: np.ndarray) -> np.ndarray:
     if rc == -3:
         raise MemoryError(what)
     if rc == -2:
@@ -311,16 +329,16 @@ def _coded4(rc: int, what: str, out: np.ndarray, nw: np.ndarray) -> np.ndarray:
 
 
 def _side_out(nch: int, c: int, t: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """rho, amax [nch, 2, C], words (room for one per symbol + 8 per part), nw [nch, 2]."""
+    """rho, amax [nch, 2, C], words (room for one per symbol + STREAM_SLACK per part), nw [nch, 2]."""
     return (
         np.empty((nch, 2, c), np.uint8),
         np.empty((nch, 2, c), np.uint8),
-        np.empty(2 * (t * c + 8 * nch), np.uint16),
+        np.empty(2 * (t * c + STREAM_SLACK * nch), np.uint16),
         np.empty((nch, 2), np.int64),
     )
 
 
-def encode4(
+def encode5(
     y0: np.ndarray,
     y1: np.ndarray,
     bounds: np.ndarray,
@@ -328,6 +346,7 @@ def encode4(
     step: np.ndarray,
     mid: int,
     wsym: np.ndarray,
+    simd: bool | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The CPU encoder of a layer, one compiled call: quantize y0, y1 [C, T] to clamp(rint((y - centre) *
     (1 / step)), -mid, mid) + mid, fit each component's model and code -> (words uint16, nw [nch, 2],
@@ -341,27 +360,37 @@ def encode4(
     assert centre.shape == step.shape == (nch, 2, c)
     _check_wsym(wsym, mid)
     rho, amax, out, nw = _side_out(nch, c, t)
-    rc = _lib_or_raise().cg4_encode(
+    rc = _lib_or_raise().cg5_encode(
         _ptr(y0), _ptr(y1), c, t, nch, _ptr(b), _ptr(centre), _ptr(step), mid, _ptr(wsym), _ptr(rho),
-        _ptr(amax), _ptr(out), _ptr(nw),
+        _ptr(amax), _ptr(out), _ptr(nw), use_simd(simd),
     )  # fmt: skip
-    return _coded4(rc, "cg4_encode", out, nw), nw, rho, amax
+    return _coded(rc, "cg5_encode", out, nw), nw, rho, amax
 
 
-def code4(
-    sym: np.ndarray, c: int, bounds: np.ndarray, mid: int, wsym: np.ndarray
+def code5(
+    sym: np.ndarray, c: int, bounds: np.ndarray, mid: int, wsym: np.ndarray, simd: bool | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Symbols already quantized (e.g. on a GPU): uint8, chunk j's [2, C, len_j] back to back -> as encode4."""
+    """Symbols already quantized (e.g. on a GPU): uint8, chunk j's [2, C, len_j] back to back -> as encode5."""
     b = _bounds(bounds, int(bounds[-1]))
     t, nch = int(b[-1]), b.size - 1
     sym = np.ascontiguousarray(sym, np.uint8).reshape(-1)
     assert sym.size == 2 * c * t
     _check_wsym(wsym, mid)
     rho, amax, out, nw = _side_out(nch, c, t)
-    rc = _lib_or_raise().cg4_code(
-        _ptr(sym), c, nch, _ptr(b), mid, _ptr(wsym), _ptr(rho), _ptr(amax), _ptr(out), _ptr(nw)
+    rc = _lib_or_raise().cg5_code(
+        _ptr(sym),
+        c,
+        nch,
+        _ptr(b),
+        mid,
+        _ptr(wsym),
+        _ptr(rho),
+        _ptr(amax),
+        _ptr(out),
+        _ptr(nw),
+        use_simd(simd),
     )
-    return _coded4(rc, "cg4_code", out, nw), nw, rho, amax
+    return _coded(rc, "cg5_code", out, nw), nw, rho, amax
 
 
 def _uncode_args(
@@ -383,25 +412,25 @@ def _decoded(rc: int, what: str) -> None:
         raise FrameCorrupted("cachegen: rANS data did not decode exactly (corrupted payload)")
 
 
-def uncode4(
+def uncode5(
     words: np.ndarray, nw: np.ndarray, rho: np.ndarray, amax: np.ndarray, bounds: np.ndarray, mid: int,
-    wsym: np.ndarray,
+    wsym: np.ndarray, simd: bool | None = None,
 ) -> np.ndarray:  # fmt: skip
-    """Inverse of code4 -> symbols uint8 (chunk j's [2, C, len_j] back to back). FrameCorrupted unless every
+    """Inverse of code5 -> symbols uint8 (chunk j's [2, C, len_j] back to back). FrameCorrupted unless every
     chunk's words decode exactly and are all used."""
     words, nw, rho, amax, b = _uncode_args(words, nw, rho, amax, bounds, mid)
     _check_wsym(wsym, mid)
     c = rho.shape[-1]
     sym = np.empty(2 * c * int(b[-1]), np.uint8)
-    rc = _lib_or_raise().cg4_uncode(
+    rc = _lib_or_raise().cg5_uncode(
         _ptr(words), words.size, c, b.size - 1, _ptr(b), _ptr(nw), _ptr(rho), _ptr(amax), mid, _ptr(wsym),
-        _ptr(sym),
+        _ptr(sym), use_simd(simd),
     )  # fmt: skip
-    _decoded(rc, "cg4_uncode")
+    _decoded(rc, "cg5_uncode")
     return sym
 
 
-def decode4(
+def decode5(
     words: np.ndarray,
     nw: np.ndarray,
     rho: np.ndarray,
@@ -413,8 +442,9 @@ def decode4(
     wsym: np.ndarray,
     y0: np.ndarray,
     y1: np.ndarray,
+    simd: bool | None = None,
 ) -> None:
-    """Inverse of encode4 into y0, y1 fp32 [C, T]: centre + (symbol - mid) * step. FrameCorrupted as uncode4."""
+    """Inverse of encode5 into y0, y1 fp32 [C, T]: centre + (symbol - mid) * step. FrameCorrupted as uncode5."""
     words, nw, rho, amax, b = _uncode_args(words, nw, rho, amax, bounds, mid)
     _check_wsym(wsym, mid)
     c, t = y0.shape
@@ -422,11 +452,11 @@ def decode4(
     _rows(y1, c, t)
     centre, step = np.ascontiguousarray(centre, np.float32), np.ascontiguousarray(step, np.float32)
     assert centre.shape == step.shape == rho.shape and t == b[-1]
-    rc = _lib_or_raise().cg4_decode(
+    rc = _lib_or_raise().cg5_decode(
         _ptr(words), words.size, c, t, b.size - 1, _ptr(b), _ptr(nw), _ptr(rho), _ptr(amax), _ptr(centre),
-        _ptr(step), mid, _ptr(wsym), _ptr(y0), _ptr(y1),
+        _ptr(step), mid, _ptr(wsym), _ptr(y0), _ptr(y1), use_simd(simd),
     )  # fmt: skip
-    _decoded(rc, "cg4_decode")
+    _decoded(rc, "cg5_decode")
 
 
 def _check_wsym(wsym: np.ndarray, mid: int) -> None:
