@@ -22,6 +22,7 @@ made with calibration files this context does not hold, FrameForeign; bad input 
 
 from __future__ import annotations
 
+import copy
 import sys
 import zlib
 from typing import TYPE_CHECKING
@@ -74,6 +75,15 @@ class CacheGenCodec(Codec):
 
             ctx = CodecContext()
         self.ctx, self.level_name, self.level, self.chunk_tokens = ctx, level, LEVELS[level], chunk_tokens
+        self.max_kl: float | None = None  # the floor `at_floor` bound (None: the context's)
+
+    def at_floor(self, max_kl: float) -> CacheGenCodec:
+        """A copy whose encoder spends `max_kl` where encode_parts is given no floor (see rate_choice)."""
+        if not max_kl >= 0:
+            raise CodecError(f"max_kl must be a KL >= 0 (nats per token), got {max_kl}")
+        bound = copy.copy(self)
+        bound.max_kl = max_kl
+        return bound
 
     # ---- what this encoder does at a layer -----------------------------------------------------------
 
@@ -115,12 +125,12 @@ class CacheGenCodec(Codec):
 
     def rate_choice(self, tokens: int, max_kl: float | None = None) -> rate.RateChoice | None:
         """Rate control for a `tokens`-token frame: the calibrated setting the quality floor admits (`max_kl`,
-        else the context's, else rate.DEFAULT_MAX_KL) -- for the default level of a context with a rate table;
+        else the one `at_floor` bound, else the context's, else rate.DEFAULT_MAX_KL) -- for the default level of a context with a rate table;
         None (the level's plan as is) otherwise."""
         table = self.ctx.rate
         if table is None or self.level_name != "default":
             return None
-        floor = max_kl if max_kl is not None else self.ctx.max_kl
+        floor = next((f for f in (max_kl, self.max_kl, self.ctx.max_kl) if f is not None), None)
         floor = rate.DEFAULT_MAX_KL if floor is None else floor
         guard = table.kl_guard.get(self.rate_mode, float("inf"))
         return rate.choose_rate(tokens, floor, table.for_mode(self.rate_mode), guard)
