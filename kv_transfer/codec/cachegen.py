@@ -2,7 +2,7 @@
 symbols with the compiled rANS coder (`rans`). Lossy, at a quality level (`LEVELS`: high / default / low, each
 a bit budget). Per layer the codec writes one of three formats, each in its own module:
 
-  * v4, `cachegen_klt` (what serves a calibrated model): a model-profiled decorrelating transform, one step
+  * v5, `cachegen_klt` (what serves a calibrated model): a model-profiled decorrelating transform, one step
     per (layer, K/V) from the level's calibrated plan, discrete Laplace models -- where the context holds
     the model's transform and it covers the layer;
   * v1, `cachegen_v1`: CacheGen's own quantizers (per-channel keys, per-token values) and per-channel tables
@@ -10,8 +10,8 @@ a bit budget). Per layer the codec writes one of three formats, each in its own 
   * v3, `layer0` (`cachegen_l0` only): layer 0 as the prompt's token ids, recomputed exactly by a decoder
     that holds the model.
 
-Decoders read all three: params start with b"CG" and the format version (v2, the transform format's retired
-coder, and any version this build does not know raise FrameForeign). Measured sizes, quality and speed
+Decoders read all three: params start with b"CG" and the format version (v2 and v4, the transform format's
+retired coders, and any version this build does not know raise FrameForeign). Measured sizes, quality and speed
 per format and level: docs/benchmarks.md ("KV codec"). CUDA inputs are quantized on the GPU (torch) and
 `decode(..., device="cuda")` dequantizes there; the entropy stage is on the CPU. Without a C compiler (no
 rANS coder) neither codec is installed: the registry reports UnknownCodec and raw, int8 and fp8 remain.
@@ -88,7 +88,7 @@ class CacheGenCodec(Codec):
     # ---- what this encoder does at a layer -----------------------------------------------------------
 
     def transform_for(self, layer: int, channels: int, head_dim: int) -> klt.KLTransform | None:
-        """The transform this encoder codes `layer` with (format v4), or None (format v1)."""
+        """The transform this encoder codes `layer` with (format v5), or None (format v1)."""
         tr = self.ctx.transform
         return tr if tr is not None and tr.covers(layer, channels, head_dim, self.level_name) else None
 
@@ -233,7 +233,7 @@ class CacheGenL0Codec(CacheGenCodec):
 
 def _payload_words(pay: memoryview, crc: int, words: int, wdt: np.dtype) -> np.ndarray:
     """Payload bytes, checked against the params' crc32 and word count -> words of little-endian dtype `wdt`
-    (<u4 for v1, <u2 for v4) in native order (copied only when unaligned or on big-endian hosts)."""
+    (<u4 for v1, <u2 for v5) in native order (copied only when unaligned or on big-endian hosts)."""
     if zlib.crc32(pay) != crc:
         raise FrameCorrupted("cachegen payload crc32 mismatch")
     if wdt.itemsize * words != len(pay):

@@ -36,12 +36,14 @@ beside the model (a `CodecContext` loads it), identified by a u64 id in every fr
 holds another transform, or none, raises FrameForeign. Keys' positions are the prompt's: token t of the layer sits at position t (prefill hands over
 whole prompts).
 
-params v4 (little-endian): `_HEADER4` | chunk directory n x (tokens, K words, V words) u32 | centre [n, 2, C],
+params v5 (little-endian): `_HEADER4` | chunk directory n x (tokens, K words, V words) u32 | centre [n, 2, C],
 step [n, 2, C] (fp16, or fp32 when FLAG_WIDE) | rho [n, 2, C] u8 | amax [n, 2, C] u8 | crc32 of all before it.
 payload: per chunk, K's rANS words then V's (uint16); its crc32 is in the header. Each part's symbols are coded
-component-major (component c's tokens in order, then c + 1's; `rans.encode4`). The transform writes its
-output component-major ([C, T]: y^T = F^T x^T), so quantization and statistics read contiguous rows.
-Version 2 (the same models under a 64-bit, two-state coder) is retired: a v2 frame is FrameForeign.
+component-major (component c's tokens in order, then c + 1's; `rans.encode5`: 16 interleaved states per
+part, token t by state t % 16). The transform writes its output component-major ([C, T]: y^T = F^T x^T), so
+quantization and statistics read contiguous rows, and the decoder writes values straight into them.
+Versions 2 and 4 (the same models under a 64-bit two-state coder, and a 32-bit four-state one) are retired:
+such a frame is FrameForeign.
 """
 
 from __future__ import annotations
@@ -343,7 +345,7 @@ def encode(
     scale: float = 1.0,
     fused: bool = True,
 ) -> tuple[bytes, list[np.ndarray]]:
-    """k, v [T, Hkv, D] (checked by the caller) -> (params v4, [payload words uint16]). The level's steps for
+    """k, v [T, Hkv, D] (checked by the caller) -> (params v5, [payload words uint16]). The level's steps for
     `layer`, or `steps` (K, V) where given, times `scale` (rate control). recent = (R, f):
     the last R tokens form a chunk of their own, coded with steps / f (the prompt's last tokens are read
     most). CPU (`fused`): statistics, then quantize + fit + code of every chunk, two compiled calls; other
@@ -390,7 +392,7 @@ def encode(
 
 
 class Parsed:
-    """Validated v4 params: the transform, chunk bounds int64 [nch + 1], word counts nw int64 [nch, 2], and
+    """Validated v5 params: the transform, chunk bounds int64 [nch + 1], word counts nw int64 [nch, 2], and
     centre, step fp32 / rho, amax uint8 [nch, 2, C]."""
 
     def __init__(
@@ -417,7 +419,7 @@ class Parsed:
 
 
 def parse(params: bytes, shape: tuple[int, ...], layer: int, transform: KLTransform | None) -> Parsed:
-    """Check v4 params against the frame's shape and `transform` (the context's); FrameCorrupted /
+    """Check v5 params against the frame's shape and `transform` (the context's); FrameCorrupted /
     FrameForeign on anything wrong. Allocates nothing beyond the params' own size."""
     buf = params
     if len(buf) < _HEADER4.size + _CRC.size:

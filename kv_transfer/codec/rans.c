@@ -168,23 +168,18 @@ int64_t cg_hist(const uint8_t *sym, int64_t T, int64_t C, int64_t n, int64_t *co
     return 0;
 }
 
-/* ---- discrete Laplace models (cachegen format v4) ----
+/* ---- discrete Laplace models (cachegen format v5) ----
    Symbols are q + mid, q in [-mid, mid] (n = 2 mid + 1), laid out component-major per part: [C, T],
-   component c's T tokens contiguous (its 2 KiB decode row stays hot in L1 for T symbols). Each part (K, V)
-   of a chunk is one rANS stream of uint16 words: 32-bit states in [L4, 2^31) with 16-bit renormalisation
-   (at most one word per symbol, no 128-bit arithmetic), four states per part interleaved by token (symbol
-   (c, t) is coded by state t & 3, each component's row starting at state 0), the chunk's two parts coded
-   side by side: eight independent dependency chains in flight. Renormalisation is branch-free on both
-   sides (the symbol-dependent branch mispredicted every few symbols). The hot loops are compiled twice
-   (x86-64 baseline and x86-64-v3, chosen when the library loads), so one portable build runs AVX2 code
-   where the CPU has it. */
+   component c's T tokens contiguous (its decode table stays hot in L1 for T symbols). The coder is below
+   ("format v5's coder"). Statistics, quantizer and encoder entry points carry target_clones (x86-64 baseline
+   and x86-64-v3, chosen when the library loads); the rANS loops have an explicit AVX2 version (target
+   attribute, chosen per call where the CPU has AVX2) and a portable scalar one. */
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && __GNUC__ >= 12
 #define CG_HOT __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define CG_HOT
 #endif
-#define L4 (1u << 15)
 
 /* rho, amax of one component from its T symbols' sum and max of |q|: amax = max |q|; rho = round(-32 log2(1
    - r)), clipped to [0, 255], r = (sqrt(1 + m^2) - 1) / m the maximum-likelihood ratio p(|q| + 1) / p(|q|)

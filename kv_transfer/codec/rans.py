@@ -1,5 +1,5 @@
 """The CacheGen codec's compiled kernels: a rANS entropy coder with per-channel tables (format v1), and format
-v4's discrete Laplace models, quantizer, coder and RoPE step.
+v5's discrete Laplace models, quantizer, coder and RoPE step.
 
 Format v1 (`encode`/`decode`): symbols are uint8 [T, C] (token-major, exactly as quantization lays them
 out); symbol [t, c] is coded with channel c's table, so neither side transposes or loops over channels in
@@ -9,15 +9,19 @@ lookup per channel). Tables are integer frequencies [C, n] summing to 2048 per r
 any symbol in [0, n) stays encodable), built deterministically from integer weights (`freqs_from_weights`),
 so encoder and decoder derive bit-identical tables on any machine.
 
-Format v4 (`*4`, used by cachegen_klt): each component's symbols get a two-sided geometric model from two
+Format v5 (`*5`, used by cachegen_klt): each component's symbols get a two-sided geometric model from two
 bytes (rho, amax), fitted and built in C; a layer's chunks are quantized, fitted and coded in one call
-(`encode4` / `decode4`; `stats4` is the statistics pass before it), component-major. Its coder differs from
-v1's: 32-bit states with 16-bit renormalisation (uint16 words), four states per part interleaved by token,
-K and V coded side by side, renormalisation branch-free, the hot loops compiled for x86-64 and x86-64-v3 in
-one library (chosen when it loads). `rope` is the transform's RoPE step.
+(`encode5` / `decode5`; `stats4` is the statistics pass before it), component-major. Its coder: 32-bit
+states with 16-bit renormalisation (uint16 words), STATES = 16 states per part (K, V), token t of a component
+coded by state t % 16, so a group of 16 tokens is two 8-lane vectors. Two implementations write and read the
+same bitstream: an AVX2 one (per-row tables of one uint32 per slot / symbol read with gathers; one shuffle
+renormalises 8 lanes; K and V side by side) and a portable scalar one. The AVX2 one runs where the CPU has
+AVX2 (checked when called; the library is built without -march, the AVX2 functions carry their own target);
+`simd=False` or PDSERVE_RANS_SIMD=0 selects the portable one. The decoder writes values straight into the
+caller's rows (no symbol buffer).
 
-Wire (v1): uint32 words in decode order; the first two are the final encoder state (low, high). v4: uint16
-words per part, the first eight the four final states (low, high each). Either decoder checks that it consumed
+Wire (v1): uint32 words in decode order; the first two are the final encoder state (low, high). v5: uint16
+words per part, the first 32 the 16 final states (low, high each). Either decoder checks that it consumed
 every word and ended in the encoder's initial states, so truncated or altered words are detected (a wrong
 symbol count or table also fails these checks with high probability; the frame CRCs catch the rest).
 
@@ -289,7 +293,7 @@ def decode(words: np.ndarray, t: int, tables: Tables) -> np.ndarray:
     return out
 
 
-# ---- discrete Laplace models (cachegen format v4; see cachegen_klt) -----------------------------------------
+# ---- discrete Laplace models (cachegen format v5; see cachegen_klt) -----------------------------------------
 # Per layer: y0, y1 fp32 [C, T] (K's and V's transformed rows, component-major), chunk j = tokens
 # [bounds[j], bounds[j + 1]); per chunk, part and component: centre, step fp32 and the model (rho, amax) uint8,
 # all [nch, 2, C]. Symbols q + mid (q in [-mid, mid]) per chunk as [2, C, len_j], chunks back to back. Words are
