@@ -198,20 +198,23 @@ static void lap_fit(int64_t sum, int64_t top, int64_t T, uint8_t *rho, uint8_t *
    read nothing else), and lut [PROB_SCALE] when not NULL (as cg_rans_lut). */
 static void lap_row(int64_t rho, int64_t a, int64_t mid, const int64_t *wsym, uint32_t *f, uint32_t *cu,
                     uint8_t *lut) {
-    int64_t n = 2 * mid + 1, k = 2 * a + 1, lo = mid - a, hi = mid + a, total = 0, best = -1, bs = lo, sum = 0;
-    const int64_t *w = wsym + rho * n;
-    for (int64_t s = lo; s <= hi; s++) total += w[s];
+    /* wsym's rows are symmetric about mid and largest there only (weights floor(2^20 r^|q|), r < 1: see
+       cachegen_klt._symbol_weights), so each |q| is computed once and the remainder goes to s = mid -- the
+       same rows as a pass over every symbol of the support taking the first largest weight. */
+    int64_t n = 2 * mid + 1, k = 2 * a + 1, lo = mid - a, hi = mid + a, total = 0, sum = 0;
+    const int64_t *w = wsym + rho * n + mid; /* w[q], q >= 0 */
+    for (int64_t q = 1; q <= a; q++) total += w[q];
+    total = 2 * total + w[0];
     if (total < 1) total = 1;
     const double rcp = 1.0 / (double)total; /* floor(w K / total) by a reciprocal, corrected to exact */
-    for (int64_t s = lo; s <= hi; s++) {
-        int64_t num = w[s] * ((int64_t)PROB_SCALE - k), q = (int64_t)((double)num * rcp);
-        q += (q + 1) * total <= num;
-        q -= q * total > num;
-        f[s] = (uint32_t)(1 + q);
-        sum += f[s];
-        if (w[s] > best) { best = w[s]; bs = s; }
+    for (int64_t q = 0; q <= a; q++) {
+        int64_t num = w[q] * ((int64_t)PROB_SCALE - k), fq = (int64_t)((double)num * rcp);
+        fq += (fq + 1) * total <= num;
+        fq -= fq * total > num;
+        f[mid + q] = f[mid - q] = (uint32_t)(1 + fq);
+        sum += (q ? 2 : 1) * (1 + fq);
     }
-    f[bs] += (uint32_t)((int64_t)PROB_SCALE - sum);
+    f[mid] += (uint32_t)((int64_t)PROB_SCALE - sum);
     uint32_t run = 0;
     for (int64_t s = lo; s <= hi; s++) {
         cu[s] = run;
@@ -283,8 +286,9 @@ static void dec5_row(int64_t rho, int64_t a, int64_t mid, const int64_t *wsym, u
     uint32_t *f = scratch, *cu = scratch + n;
     lap_row(rho, a, mid, wsym, f, cu, NULL);
     for (int64_t s = mid - a; s <= mid + a; s++) {
-        uint32_t e = (uint32_t)s << 22 | cu[s] << 11 | f[s], *p = tab + cu[s];
-        for (uint32_t i = 0; i < f[s]; i++) p[i] = e;
+        const uint32_t fs = f[s], c = cu[s], e = (uint32_t)s << 22 | c << 11 | fs; /* locals: see dec5_row_avx2 */
+        uint32_t *p = tab + c;
+        for (uint32_t i = 0; i < fs; i++) p[i] = e;
     }
 }
 
@@ -488,9 +492,10 @@ CG_AVX2 static void dec5_row_avx2(int64_t rho, int64_t a, int64_t mid, const int
     uint32_t *f = scratch, *cu = scratch + n;
     lap_row(rho, a, mid, wsym, f, cu, NULL);
     for (int64_t s = mid - a; s <= mid + a; s++) {
-        __m256i e = _mm256_set1_epi32((int)((uint32_t)s << 22 | cu[s] << 11 | f[s]));
-        uint32_t *p = tab + cu[s];
-        for (uint32_t i = 0; i < f[s]; i += 8) _mm256_storeu_si256((__m256i *)(p + i), e);
+        const uint32_t fs = f[s], c = cu[s]; /* locals: tab shares the caller's buffer with f and cu */
+        __m256i e = _mm256_set1_epi32((int)((uint32_t)s << 22 | c << 11 | fs));
+        uint32_t *p = tab + c;
+        for (uint32_t i = 0; i < fs; i += 8) _mm256_storeu_si256((__m256i *)(p + i), e);
     }
 }
 
