@@ -184,7 +184,7 @@ def _ptr(a: np.ndarray) -> int:
     """The address of a C-contiguous array's data. ctypes' own buffer view first (a third of `a.ctypes.data`'s
     cost, which a layer pays some 20 times); read-only or empty arrays take `a.ctypes.data`."""
     try:
-        return ctypes.addressof(ctypes.c_char.from_buffer(a))
+        return ctypes.addressof(ctypes.c_char.from_buffer(a))  # type: ignore[arg-type]
     except (TypeError, ValueError, BufferError):
         return a.ctypes.data
 
