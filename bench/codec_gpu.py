@@ -87,7 +87,7 @@ def error_over_bound(
     codec: CacheGenCodec, params: bytes, layer: int, k: Tensor, v: Tensor, k2: Tensor, v2: Tensor
 ) -> float:
     """The worst error / allowance of one layer's reconstruction: per element for CacheGen's own quantizers
-    (format v1), per token in L2 for transform coding (v4, `cachegen_klt.error_bounds_klt`)."""
+    (format v1), per token in L2 for transform coding (v5, `cachegen_klt.error_bounds_klt`)."""
     shape = tuple(k.shape)
     worst = 0.0
     if params[2] == klt.VERSION:
@@ -149,7 +149,7 @@ def run(tokens: int, repeats: int) -> dict[str, Any]:
         "device_name": torch.cuda.get_device_name(0) if cuda else None,
         "tokens": tokens,
         "layers": len(kv),
-        "codec": "cachegen (default level): with the model's transform (format v4) and without (v1)",
+        "codec": "cachegen (default level): with the model's transform (format v5) and without (v1)",
         "entropy_coding": "host CPU (the compiled rANS coder) in every path: only uint8 symbols leave a GPU",
         "paths": results,
         "all_within_bound": all(r["within_bound"] for r in results.values()),

@@ -1,7 +1,7 @@
 """`pdserve calibrate MODEL_DIR`: everything a model's KV codecs need, written beside the model.
 
 1. bit plans + static tables (format v1): `cachegen_tables.safetensors`, `cachegen_plan.json` (`plan`);
-2. the transform and its per-level steps (format v4): `cachegen_transform.safetensors` (`transform`), and
+2. the transform and its per-level steps (format v5): `cachegen_transform.safetensors` (`transform`), and
    the rate control's measurements of size and quality by prompt length: `cachegen_rate.json` (`rate`);
 3. the codec profiles the gateway's codec choice reads (`--codec auto`): `codec_profiles.json`, measured
    with the files of steps 1-2 by the codec benchmark (`bench.codec.measure`: size, speed on this machine,

@@ -2,7 +2,7 @@
 
 For each prompt length in `lengths` and each setting (step scale, recent refinement: `SETTINGS`), windows of the model's
 calibration text (the held-out file's first 4096 tokens, as the other calibration steps; bench.codec scores
-after them) are prefilled, their KV coded in format v4 with that setting and decoded, and the model reads the
+after them) are prefilled, their KV coded in format v5 with that setting and decoded, and the model reads the
 next `continuation` tokens through it: bits per element on the wire (fp16 input), mean per-token KL against
 the exact KV, teacher-forced top-1 agreement. Two modes: "plain" (every layer coded: `cachegen`) and "l0"
 (layer 0 sent as the token ids, the others on the "<level>+l0" plan: `cachegen_l0`). The guard per mode is the

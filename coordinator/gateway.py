@@ -457,6 +457,8 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
         inst = await state.failover.pick("decode", lambda: self.router.pick_decode(num_tokens, kv_address))
         if handle is not None:
             req.kv.codec = self._codec_for(len(prompt_ids), handle.address, inst, state.kv_floor)
+            if state.kv_floor is not None:  # the prefill side's encoder spends it (sent in the KV PULL)
+                req.kv.max_kv_kl = state.kv_floor
         stub = decode_pb2_grpc.DecodeStub(self.router.channel(inst.grpc_address))
         got_event = False
         with (

@@ -58,6 +58,7 @@ class DecodeJob(Job):
     # the prefill side's layout from the KV handle ({tp, pp, num_layers, num_kv_heads, rank_addresses}) when
     # the KV is sharded there or here (kv_transfer.ranks.pull_shard); None: one rank at `kv_address` holds it all
     kv_layout: dict[str, Any] | None = None
+    max_kl: float | None = None  # the request's max_kv_kl from the KV handle, sent in the PULL (None: unset)
     pulled: BaseException | int | None = None  # the pull's outcome (PULLED): the first token, or why not
     transfer_s: float = 0.0
     trace: Any = None  # OpenTelemetry Context: the parent of this job's spans (None: not traced)
@@ -214,6 +215,7 @@ class DecodeEngine(StepEngine[DecodeJob]):
                 job.codec,
                 job.kv_token,
                 seq.blocks,
+                max_kl=job.max_kl,
             )
         return self.puller.pull(
             job.kv_address,
@@ -221,6 +223,7 @@ class DecodeEngine(StepEngine[DecodeJob]):
             job.codec,
             write_layer=lambda layer, k, v: cache.write(layer, seq.blocks, 0, k, v),
             token=job.kv_token,
+            max_kl=job.max_kl,
         )
 
     def _observe_link(self, kv_address: str, bytes_per_s: float) -> None:

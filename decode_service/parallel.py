@@ -59,6 +59,7 @@ class ParallelDecodeEngine(DecodeEngine):
             "token": job.kv_token.hex(),
             "blocks": list(job.seq.blocks),
             "num_tokens": len(job.prompt_ids),
+            "max_kl": job.max_kl,
         }
         try:
             for rank in others:
@@ -73,6 +74,7 @@ class ParallelDecodeEngine(DecodeEngine):
                 job.kv_token,
                 job.seq.blocks,
                 replica=self.replica,
+                max_kl=job.max_kl,
             )
             # every rank answers (its own pull has the same timeout); the margin covers the control pipes
             deadline = time.monotonic() + self.puller.timeout_s + 5.0

@@ -77,6 +77,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             first_token_id=request.first_token_id if request.HasField("first_token_id") else None,
             local_prefill=request.local_prefill,
             kv_layout=kv_layout,
+            max_kl=request.kv.max_kv_kl if request.kv.HasField("max_kv_kl") else None,
             emit=stream.emit,
             trace=telemetry.parent_of(span),
         )

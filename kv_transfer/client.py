@@ -116,9 +116,12 @@ class PullState(enum.Enum):
 class PullHandle:
     """Status of one pull. Thread-safe; `poll()` never blocks."""
 
-    def __init__(self, transfer_id: str, replica: Replica = Replica()) -> None:
+    def __init__(self, transfer_id: str, replica: Replica = Replica(), max_kl: float | None = None) -> None:
         self.transfer_id = transfer_id
         self.replica = replica  # declared in the PULL: which of the ranks pulling these cells this one is
+        self.max_kl = (
+            max_kl  # declared in the PULL: the request's quality floor for the encoder (None: unset)
+        )
         self._state = PullState.WAITING
         self._layers = 0
         self._trailer: Trailer | None = None
@@ -249,6 +252,7 @@ class KVPuller:
         layers: Range | None = None,
         heads: Range | None = None,
         replica: Replica = Replica(),
+        max_kl: float | None = None,
     ) -> Trailer:
         """Pull every layer in order, calling write_layer(layer, k, v) as each arrives; returns the Trailer.
 
@@ -259,9 +263,11 @@ class KVPuller:
         k, v may alias a receive buffer that the next layer overwrites: write_layer must copy them
         (KVCache.write does). `replica`: which of the decode ranks pulling this same rectangle this one is
         (wire.Replica; a decode instance replicating KV heads); the lease waits for all of them. Raises typed
-        errors (UnknownTransfer, PullUnauthorized, LeaseExpired, FrameCorrupted, ...).
+        errors (UnknownTransfer, PullUnauthorized, LeaseExpired, FrameCorrupted, ...). `max_kl`: the request's
+        quality floor (max_kv_kl, nats per token), sent in the PULL: a rate-controlled codec (cachegen) encodes
+        to it instead of the prefill side's default; None = not given.
         """
-        handle = PullHandle(transfer_id, replica)
+        handle = PullHandle(transfer_id, replica, max_kl)
         self._run(handle, handle_address, codec, write_layer, token, layers, heads)
         return handle.result(0)
 
@@ -276,9 +282,10 @@ class KVPuller:
         layers: Range | None = None,
         heads: Range | None = None,
         replica: Replica = Replica(),
+        max_kl: float | None = None,
     ) -> PullHandle:
         """Run pull() in a background thread; watch it with handle.poll() / wait() / result()."""
-        handle = PullHandle(transfer_id, replica)
+        handle = PullHandle(transfer_id, replica, max_kl)
         threading.Thread(
             target=self._run,
             args=(handle, handle_address, codec, write_layer, token, layers, heads),
@@ -301,6 +308,7 @@ class KVPuller:
         num_layers: int,
         num_kv_heads: int,
         replica: Replica = Replica(),
+        max_kl: float | None = None,
     ) -> Trailer:
         """Pull the rectangle `layers` x `heads` (global numbering; heads None = all) of a transfer held by a
         prefill instance laid out as `src`, whose global rank r serves KV at rank_addresses[r].
@@ -314,10 +322,11 @@ class KVPuller:
         others are aborted and waited for (no write_piece runs after this returns or raises), and the error of
         the piece that failed first (the cause) is raised. Raises LayoutMismatch for a rectangle the source
         layout cannot serve, before any connection. `replica`: this decode rank's place among the ranks
-        holding the same KV heads (reshard.decode_replica), declared in every piece's PULL."""
+        holding the same KV heads (reshard.decode_replica), declared in every piece's PULL, as is `max_kl`
+        (see pull())."""
         planned = reshard.plan(src, rank_addresses, layers, heads, num_layers, num_kv_heads)
         t0 = time.perf_counter()
-        handles = [PullHandle(transfer_id, replica) for _ in planned]
+        handles = [PullHandle(transfer_id, replica, max_kl) for _ in planned]
         barrier = reshard.AckBarrier(len(planned))
 
         def run(i: int, p: reshard.PlannedPull) -> None:
@@ -463,7 +472,9 @@ class KVPuller:
         codec = self.codecs.codec(codec_name)
         t_start = time.perf_counter()
         pull = Pull(self.fingerprint, tid, codec_name, token, layers or (0, 0), heads or (0, 0))
-        pull = dataclasses.replace(pull, copies=handle.replica.copies, replica=handle.replica.index)
+        pull = dataclasses.replace(
+            pull, copies=handle.replica.copies, replica=handle.replica.index, max_kl=handle.max_kl
+        )
         ch.send(encode_control(pull), timeout=self.timeout_s)
         first_layer = expect_layer = layers[0] if layers is not None else 0  # the next frame's layer
         got = _Received(heads=heads)  # got.layers of the frames received are written

@@ -10,7 +10,7 @@ prefill rank (a KVServer of its own, serving its layers x KV heads):
     a lease released here (pulled, expired, cancelled) -> {"op": "released", "tid", "reason"}
 decode rank (a KVPuller of its own, pulling its rectangle into its cache):
     {"op": "pull", "tid", "handle": {tp, pp, num_layers, num_kv_heads, rank_addresses}, "codec", "token"
-     (hex), "blocks", "num_tokens"} -> {"op": "pulled", "tid", "first_token"} or {"op": "pulled", "tid",
+     (hex), "blocks", "num_tokens", "max_kl" (optional: the request's quality floor)} -> {"op": "pulled", "tid", "first_token"} or {"op": "pulled", "tid",
      "error", "kind"} (kind: the error's class name, so rank 0 raises the same typed error)
 
 Nothing is gathered on rank 0: each rank's KV leaves or enters its own cache.
@@ -165,6 +165,7 @@ class DecodeRankKV:
                 bytes.fromhex(msg["token"]),
                 msg["blocks"],
                 replica=self.replica,
+                max_kl=msg.get("max_kl"),
             )
             if trailer.num_tokens != msg["num_tokens"]:
                 raise ValueError(f"KV stream has {trailer.num_tokens} tokens, prompt has {msg['num_tokens']}")
@@ -189,10 +190,12 @@ def pull_shard(
     blocks: list[int],
     *,
     replica: Replica = Replica(),
+    max_kl: float | None = None,
 ) -> Any:
     """Pull this rank's rectangle `layers` x `heads` of transfer `tid` into `cache` (its local layers and heads)
     at `blocks`. handle: the prefill side's {tp, pp, num_layers, num_kv_heads, rank_addresses}. replica: this
-    rank's place among the decode ranks holding the same KV heads (reshard.decode_replica). -> Trailer."""
+    rank's place among the decode ranks holding the same KV heads (reshard.decode_replica). max_kl: the
+    request's quality floor, sent in every PULL (KVPuller.pull). -> Trailer."""
 
     def write_piece(layer: int, head_start: int, k: Tensor, v: Tensor) -> None:  # k, v [T, h, D]
         a = head_start - heads[0]  # the piece's heads in this rank's cache
@@ -210,6 +213,7 @@ def pull_shard(
         num_layers=handle["num_layers"],
         num_kv_heads=handle["num_kv_heads"],
         replica=replica,
+        max_kl=max_kl,
     )
 
 

@@ -485,6 +485,8 @@ class KVServer:
             return True
         try:
             codec = self.codecs.codec(pull.codec)
+            if pull.max_kl is not None:  # the request's floor: what a rate-controlled encoder spends
+                codec = codec.at_floor(pull.max_kl)
         except UnknownCodec as e:
             self._send_error(ch, ErrorCode.UNKNOWN_CODEC, tid, str(e))
             return True

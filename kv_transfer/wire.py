@@ -1,13 +1,14 @@
 """Control messages of the pull protocol (PULL, TRAILER, ACK, ERROR): struct-packed, versioned, CRC'd.
 
-Envelope (little-endian), version 4:
+Envelope (little-endian), version 5:
 
     magic b"PDKC" | version u16 | type u8 | flags u8 (= 0) | body_len u32 | body | crc32 u32 (over all before)
 
 Bodies (strings are length-prefixed utf-8; every body must be consumed exactly):
 
     PULL     fingerprint u64 | tid (u16 len) | codec name (u8 len) | lease token (u8 len, raw bytes) |
-             layer_start u32 | layer_end u32 | head_start u32 | head_end u32 | copies u8 | replica u8
+             layer_start u32 | layer_end u32 | head_start u32 | head_end u32 | copies u8 | replica u8 |
+             max_kl f64
     TRAILER  first_token_id i64 | num_tokens u32 | num_layers u32 | bytes_on_wire u64 | raw_bytes u64 |
              payload_bytes u64 | read_s f64 | encode_s f64 | wait_s f64 | send_s f64 | tid (u16 len)
     ACK      tid (u16 len)
@@ -26,14 +27,19 @@ Conversation on one channel (several pulls may follow each other on the same cha
     puller per cell; copies 0 or > MAX_COPIES, or replica >= copies, is InvalidCopies (BAD_REQUEST).
     The lease token is the secret the server issued with the lease (KVHandle.token); a PULL whose token
     differs gets ERROR UNAUTHORIZED before any frame, and the lease is left as it was.
+    max_kl is the request's quality floor (max_kv_kl, mean per-token KL in nats) that a rate-controlled
+    codec's encoder spends (Codec.at_floor); -1 = none given (the server's codec context decides). Any other
+    value must be a finite KL >= 0 (else the message is FrameCorrupted).
 
 Version 2 added the PULL's lease token (version 1 had none); version 3 the PULL's rectangle; version 4 its
-copies and replica. Versions do not interoperate.
+copies and replica; version 5 its max_kl. Versions do not interoperate: a peer of another version gets
+FrameForeign ("control message version N, this build reads 5").
 """
 
 from __future__ import annotations
 
 import enum
+import math
 import struct
 import zlib
 from dataclasses import dataclass
@@ -42,7 +48,7 @@ from kv_transfer.errors import FrameCorrupted, FrameForeign, FrameTooLarge, Inva
 from kv_transfer.frame import MAX_TRANSFER_ID_BYTES, Buffer, as_bytes_view
 
 MAGIC = b"PDKC"
-VERSION = 4
+VERSION = 5
 MAX_BODY_BYTES = 64 << 10
 MAX_CODEC_NAME_BYTES = 64
 MAX_ERROR_MESSAGE_BYTES = 4096
@@ -56,6 +62,8 @@ _U8 = struct.Struct("<B")
 _PULL = struct.Struct("<Q")
 _RECT = struct.Struct("<IIII")
 _COPIES = struct.Struct("<BB")
+_F64 = struct.Struct("<d")
+_NO_FLOOR = -1.0  # PULL max_kl on the wire when none is given
 _TRAILER = struct.Struct("<qIIQQQdddd")
 _ERROR = struct.Struct("<H")
 
@@ -93,11 +101,13 @@ class Pull:
     heads: tuple[int, int] = (0, 0)  # global KV heads [start, end) wanted; (0, 0) = all the lease holds
     copies: int = 1  # decode ranks pulling this rectangle (replicated KV heads); 1 = only this one
     replica: int = 0  # which of them this puller is, in [0, copies)
+    max_kl: float | None = None  # the request's quality floor for the encoder (nats/token); None = not given
 
     def __repr__(self) -> str:  # never print the secret
         return (
             f"Pull(fingerprint={self.fingerprint:#x}, transfer_id={self.transfer_id!r}, codec={self.codec!r}, "
-            f"layers={self.layers}, heads={self.heads}, copies={self.copies}, replica={self.replica})"
+            f"layers={self.layers}, heads={self.heads}, copies={self.copies}, replica={self.replica}, "
+            f"max_kl={self.max_kl})"
         )
 
 
@@ -178,6 +188,8 @@ def _envelope(kind: MsgType, body: bytes) -> bytes:
 def encode_control(msg: ControlMsg) -> bytes:
     if isinstance(msg, Pull):
         check_copies(msg.copies, msg.replica)
+        if msg.max_kl is not None and not (math.isfinite(msg.max_kl) and msg.max_kl >= 0):
+            raise ValueError(f"PULL max_kl must be a finite KL >= 0, got {msg.max_kl}")
         body = (
             _PULL.pack(msg.fingerprint & 0xFFFFFFFFFFFFFFFF)
             + _str(msg.transfer_id, MAX_TRANSFER_ID_BYTES, _U16, "transfer id")
@@ -185,6 +197,7 @@ def encode_control(msg: ControlMsg) -> bytes:
             + _blob(msg.token, MAX_TOKEN_BYTES, "lease token")
             + _RECT.pack(*msg.layers, *msg.heads)
             + _COPIES.pack(msg.copies, msg.replica)
+            + _F64.pack(_NO_FLOOR if msg.max_kl is None else msg.max_kl)
         )
         return _envelope(MsgType.PULL, body)
     if isinstance(msg, TrailerMsg):
@@ -287,7 +300,11 @@ def decode_control(buf: Buffer) -> ControlMsg:
         l0, l1, h0, h1 = r.unpack(_RECT)
         copies, replica = r.unpack(_COPIES)
         check_copies(copies, replica)
-        msg = Pull(fp, tid, codec, token, (l0, l1), (h0, h1), copies, replica)
+        (floor,) = r.unpack(_F64)
+        if floor != _NO_FLOOR and not (math.isfinite(floor) and floor >= 0):
+            raise FrameCorrupted(f"PULL max_kl {floor} is not a KL >= 0")
+        max_kl = None if floor == _NO_FLOOR else floor
+        msg = Pull(fp, tid, codec, token, (l0, l1), (h0, h1), copies, replica, max_kl)
     elif kind == MsgType.TRAILER:
         vals = r.unpack(_TRAILER)
         tid = r.string(_U16, MAX_TRANSFER_ID_BYTES)

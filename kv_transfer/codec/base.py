@@ -37,6 +37,11 @@ class Codec(ABC):
         int64: the prompt's ids, where the caller has them (a codec may use them: `cachegen_l0` sends layer 0
         as ids); others ignore them."""
 
+    def at_floor(self, max_kl: float) -> Codec:
+        """This codec with its encoder spending the quality floor `max_kl` (a hand-off's max_kv_kl, mean
+        per-token KL in nats): a rate-controlled codec returns a copy bound to it; others ignore it."""
+        return self
+
     def encode(self, k: Tensor, v: Tensor, layer: int) -> tuple[bytes, bytes]:
         """k, v -> (params, payload), each one bytes object (`encode_parts`, joined)."""
         params, parts = self.encode_parts(k, v, layer)

@@ -2,7 +2,7 @@
 symbols with the compiled rANS coder (`rans`). Lossy, at a quality level (`LEVELS`: high / default / low, each
 a bit budget). Per layer the codec writes one of three formats, each in its own module:
 
-  * v4, `cachegen_klt` (what serves a calibrated model): a model-profiled decorrelating transform, one step
+  * v5, `cachegen_klt` (what serves a calibrated model): a model-profiled decorrelating transform, one step
     per (layer, K/V) from the level's calibrated plan, discrete Laplace models -- where the context holds
     the model's transform and it covers the layer;
   * v1, `cachegen_v1`: CacheGen's own quantizers (per-channel keys, per-token values) and per-channel tables
@@ -10,8 +10,8 @@ a bit budget). Per layer the codec writes one of three formats, each in its own 
   * v3, `layer0` (`cachegen_l0` only): layer 0 as the prompt's token ids, recomputed exactly by a decoder
     that holds the model.
 
-Decoders read all three: params start with b"CG" and the format version (v2, the transform format's retired
-coder, and any version this build does not know raise FrameForeign). Measured sizes, quality and speed
+Decoders read all three: params start with b"CG" and the format version (v2 and v4, the transform format's
+retired coders, and any version this build does not know raise FrameForeign). Measured sizes, quality and speed
 per format and level: docs/benchmarks.md ("KV codec"). CUDA inputs are quantized on the GPU (torch) and
 `decode(..., device="cuda")` dequantizes there; the entropy stage is on the CPU. Without a C compiler (no
 rANS coder) neither codec is installed: the registry reports UnknownCodec and raw, int8 and fp8 remain.
@@ -22,6 +22,7 @@ made with calibration files this context does not hold, FrameForeign; bad input 
 
 from __future__ import annotations
 
+import copy
 import sys
 import zlib
 from typing import TYPE_CHECKING
@@ -74,11 +75,20 @@ class CacheGenCodec(Codec):
 
             ctx = CodecContext()
         self.ctx, self.level_name, self.level, self.chunk_tokens = ctx, level, LEVELS[level], chunk_tokens
+        self.max_kl: float | None = None  # the floor `at_floor` bound (None: the context's)
+
+    def at_floor(self, max_kl: float) -> CacheGenCodec:
+        """A copy whose encoder spends `max_kl` where encode_parts is given no floor (see rate_choice)."""
+        if not max_kl >= 0:
+            raise CodecError(f"max_kl must be a KL >= 0 (nats per token), got {max_kl}")
+        bound = copy.copy(self)
+        bound.max_kl = max_kl
+        return bound
 
     # ---- what this encoder does at a layer -----------------------------------------------------------
 
     def transform_for(self, layer: int, channels: int, head_dim: int) -> klt.KLTransform | None:
-        """The transform this encoder codes `layer` with (format v4), or None (format v1)."""
+        """The transform this encoder codes `layer` with (format v5), or None (format v1)."""
         tr = self.ctx.transform
         return tr if tr is not None and tr.covers(layer, channels, head_dim, self.level_name) else None
 
@@ -115,12 +125,12 @@ class CacheGenCodec(Codec):
 
     def rate_choice(self, tokens: int, max_kl: float | None = None) -> rate.RateChoice | None:
         """Rate control for a `tokens`-token frame: the calibrated setting the quality floor admits (`max_kl`,
-        else the context's, else rate.DEFAULT_MAX_KL) -- for the default level of a context with a rate table;
+        else the one `at_floor` bound, else the context's, else rate.DEFAULT_MAX_KL) -- for the default level of a context with a rate table;
         None (the level's plan as is) otherwise."""
         table = self.ctx.rate
         if table is None or self.level_name != "default":
             return None
-        floor = max_kl if max_kl is not None else self.ctx.max_kl
+        floor = next((f for f in (max_kl, self.max_kl, self.ctx.max_kl) if f is not None), None)
         floor = rate.DEFAULT_MAX_KL if floor is None else floor
         guard = table.kl_guard.get(self.rate_mode, float("inf"))
         return rate.choose_rate(tokens, floor, table.for_mode(self.rate_mode), guard)
@@ -223,7 +233,7 @@ class CacheGenL0Codec(CacheGenCodec):
 
 def _payload_words(pay: memoryview, crc: int, words: int, wdt: np.dtype) -> np.ndarray:
     """Payload bytes, checked against the params' crc32 and word count -> words of little-endian dtype `wdt`
-    (<u4 for v1, <u2 for v4) in native order (copied only when unaligned or on big-endian hosts)."""
+    (<u4 for v1, <u2 for v5) in native order (copied only when unaligned or on big-endian hosts)."""
     if zlib.crc32(pay) != crc:
         raise FrameCorrupted("cachegen payload crc32 mismatch")
     if wdt.itemsize * words != len(pay):

@@ -36,12 +36,14 @@ beside the model (a `CodecContext` loads it), identified by a u64 id in every fr
 holds another transform, or none, raises FrameForeign. Keys' positions are the prompt's: token t of the layer sits at position t (prefill hands over
 whole prompts).
 
-params v4 (little-endian): `_HEADER4` | chunk directory n x (tokens, K words, V words) u32 | centre [n, 2, C],
+params v5 (little-endian): `_HEADER4` | chunk directory n x (tokens, K words, V words) u32 | centre [n, 2, C],
 step [n, 2, C] (fp16, or fp32 when FLAG_WIDE) | rho [n, 2, C] u8 | amax [n, 2, C] u8 | crc32 of all before it.
 payload: per chunk, K's rANS words then V's (uint16); its crc32 is in the header. Each part's symbols are coded
-component-major (component c's tokens in order, then c + 1's; `rans.encode4`). The transform writes its
-output component-major ([C, T]: y^T = F^T x^T), so quantization and statistics read contiguous rows.
-Version 2 (the same models under a 64-bit, two-state coder) is retired: a v2 frame is FrameForeign.
+component-major (component c's tokens in order, then c + 1's; `rans.encode5`: 16 interleaved states per
+part, token t by state t % 16). The transform writes its output component-major ([C, T]: y^T = F^T x^T), so
+quantization and statistics read contiguous rows, and the decoder writes values straight into them.
+Versions 2 and 4 (the same models under a 64-bit two-state coder, and a 32-bit four-state one) are retired:
+such a frame is FrameForeign.
 """
 
 from __future__ import annotations
@@ -64,7 +66,9 @@ from kv_transfer.errors import CodecError, FrameCorrupted, FrameForeign
 TRANSFORM_FILE = "cachegen_transform.safetensors"
 _FORMAT = "pdserve-cachegen-transform"
 _FORMAT_VERSION = "1"
-VERSION = 4  # the cachegen params version this module reads and writes (v2, its 64-bit coder, is retired)
+VERSION = (
+    5  # the cachegen params version this module reads and writes (v2 and v4, earlier coders, are retired)
+)
 # magic, version, level id, flags, n chunks, transform id, payload crc
 _HEADER4 = struct.Struct("<2sBBBIQI")
 _CRC = struct.Struct("<I")
@@ -316,7 +320,7 @@ def _stats_torch(yk: Tensor, yv: Tensor, bounds: list[int]) -> np.ndarray:
 
 def quantize_torch(yk: Tensor, yv: Tensor, bounds: list[int], centre: np.ndarray, step: np.ndarray) -> Tensor:
     """The C encoder's quantizer in torch, where y lives: y [C, T] fp32 -> symbols uint8, chunk j's [2, C, len_j]
-    back to back (the layout `rans.code4` reads): clamp(round((y - centre) * (1 / step)), -QMAX, QMAX) + QMAX,
+    back to back (the layout `rans.code5` reads): clamp(round((y - centre) * (1 / step)), -QMAX, QMAX) + QMAX,
     the same IEEE fp32 operations as the C loop, so the same symbols."""
     dev = yk.device
     ct = torch.from_numpy(np.ascontiguousarray(centre, np.float32)).to(dev)
@@ -341,7 +345,7 @@ def encode(
     scale: float = 1.0,
     fused: bool = True,
 ) -> tuple[bytes, list[np.ndarray]]:
-    """k, v [T, Hkv, D] (checked by the caller) -> (params v4, [payload words uint16]). The level's steps for
+    """k, v [T, Hkv, D] (checked by the caller) -> (params v5, [payload words uint16]). The level's steps for
     `layer`, or `steps` (K, V) where given, times `scale` (rate control). recent = (R, f):
     the last R tokens form a chunk of their own, coded with steps / f (the prompt's last tokens are read
     most). CPU (`fused`): statistics, then quantize + fit + code of every chunk, two compiled calls; other
@@ -368,12 +372,12 @@ def encode(
     centre, step = _centre_step(stats, plan, wide)
     c32, s32 = centre.astype(np.float32), step.astype(np.float32)
     if cpu:
-        words, nw, rho, amax = rans.encode4(
+        words, nw, rho, amax = rans.encode5(
             yk.numpy(), yv.numpy(), np.array(bounds), c32, s32, QMAX, _symbol_weights()
         )
     else:
         sym = quantize_torch(yk, yv, bounds, c32, s32).cpu().numpy()
-        words, nw, rho, amax = rans.code4(sym, transform.channels, np.array(bounds), QMAX, _symbol_weights())
+        words, nw, rho, amax = rans.code5(sym, transform.channels, np.array(bounds), QMAX, _symbol_weights())
     head = _HEADER4.pack(
         b"CG", VERSION, _LEVEL_IDS[level], FLAG_WIDE if wide else 0, len(chunks), transform.transform_id,
         zlib.crc32(le_view(words)),
@@ -388,7 +392,7 @@ def encode(
 
 
 class Parsed:
-    """Validated v4 params: the transform, chunk bounds int64 [nch + 1], word counts nw int64 [nch, 2], and
+    """Validated v5 params: the transform, chunk bounds int64 [nch + 1], word counts nw int64 [nch, 2], and
     centre, step fp32 / rho, amax uint8 [nch, 2, C]."""
 
     def __init__(
@@ -415,7 +419,7 @@ class Parsed:
 
 
 def parse(params: bytes, shape: tuple[int, ...], layer: int, transform: KLTransform | None) -> Parsed:
-    """Check v4 params against the frame's shape and `transform` (the context's); FrameCorrupted /
+    """Check v5 params against the frame's shape and `transform` (the context's); FrameCorrupted /
     FrameForeign on anything wrong. Allocates nothing beyond the params' own size."""
     buf = params
     if len(buf) < _HEADER4.size + _CRC.size:
@@ -440,7 +444,13 @@ def parse(params: bytes, shape: tuple[int, ...], layer: int, transform: KLTransf
     directory = np.frombuffer(buf, "<u4", 3 * n, off).reshape(n, 3).astype(np.int64)
     off += 12 * n
     tokens, nw = directory[:, 0], np.ascontiguousarray(directory[:, 1:])
-    if (tokens < 1).any() or int(tokens.sum()) != t or (nw < 8).any() or (nw > tokens[:, None] * c + 8).any():
+    lo, extra = 2 * rans.STATES, 2 * rans.STATES  # a part: its final states, then at most a word per symbol
+    if (
+        (tokens < 1).any()
+        or int(tokens.sum()) != t
+        or (nw < lo).any()
+        or (nw > tokens[:, None] * c + extra).any()
+    ):
         raise FrameCorrupted(f"cachegen params: chunk directory {directory.tolist()} does not fit T = {t}")
     cs = np.frombuffer(buf, sdt, 2 * n * 2 * c, off).astype(np.float32).reshape(2, n, 2, c)
     off += 2 * n * 2 * c * sdt.itemsize
@@ -468,7 +478,7 @@ def decode(
     c = h * d
     if device.type == "cpu" and fused:
         yk, yv = torch.empty((c, t)), torch.empty((c, t))
-        rans.decode4(
+        rans.decode5(
             words,
             p.nw,
             p.rho,
@@ -482,7 +492,7 @@ def decode(
             yv.numpy(),
         )
     else:
-        sym = torch.from_numpy(rans.uncode4(words, p.nw, p.rho, p.amax, p.bounds, QMAX, _symbol_weights()))
+        sym = torch.from_numpy(rans.uncode5(words, p.nw, p.rho, p.amax, p.bounds, QMAX, _symbol_weights()))
         sym = sym.to(device)
         ct, st = (torch.from_numpy(a).to(device) for a in (p.centre, p.step))
         ys = torch.empty((2, c, t), device=device)

@@ -4,9 +4,9 @@ A service builds one from its model directory and its loaded model (`CodecContex
 hands it to its `KVServer` and `KVPuller`, which get their codecs from it (`ctx.codec(name)`). It holds:
   * `num_layers`: the model's depth (CacheGen gives shallow layers more bins);
   * `tables`: `cachegen_tables.safetensors` (format v1's static tables and bit plans), or None;
-  * `transform`: `cachegen_transform.safetensors` (format v4's transform and step plans), or None;
+  * `transform`: `cachegen_transform.safetensors` (format v5's transform and step plans), or None;
   * `layer0`: the model's layer-0 function (`cachegen_l0` sends layer 0 as the token ids), or None;
-  * `rate`: `cachegen_rate.json` (format v4's rate control: size and quality by prompt length), or None;
+  * `rate`: `cachegen_rate.json` (format v5's rate control: size and quality by prompt length), or None;
   * `max_kl`: the quality floor the encoder spends when a frame's caller gives none (nats per token; None:
     `rate.DEFAULT_MAX_KL`, the cluster's default `--max-kl`).
 `pdserve calibrate MODEL_DIR` writes the files. `CodecContext()` (no model) serves raw, int8, fp8 and

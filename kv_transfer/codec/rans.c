@@ -168,23 +168,18 @@ int64_t cg_hist(const uint8_t *sym, int64_t T, int64_t C, int64_t n, int64_t *co
     return 0;
 }
 
-/* ---- discrete Laplace models (cachegen format v4) ----
+/* ---- discrete Laplace models (cachegen format v5) ----
    Symbols are q + mid, q in [-mid, mid] (n = 2 mid + 1), laid out component-major per part: [C, T],
-   component c's T tokens contiguous (its 2 KiB decode row stays hot in L1 for T symbols). Each part (K, V)
-   of a chunk is one rANS stream of uint16 words: 32-bit states in [L4, 2^31) with 16-bit renormalisation
-   (at most one word per symbol, no 128-bit arithmetic), four states per part interleaved by token (symbol
-   (c, t) is coded by state t & 3, each component's row starting at state 0), the chunk's two parts coded
-   side by side: eight independent dependency chains in flight. Renormalisation is branch-free on both
-   sides (the symbol-dependent branch mispredicted every few symbols). The hot loops are compiled twice
-   (x86-64 baseline and x86-64-v3, chosen when the library loads), so one portable build runs AVX2 code
-   where the CPU has it. */
+   component c's T tokens contiguous (its decode table stays hot in L1 for T symbols). The coder is below
+   ("format v5's coder"). Statistics, quantizer and encoder entry points carry target_clones (x86-64 baseline
+   and x86-64-v3, chosen when the library loads); the rANS loops have an explicit AVX2 version (target
+   attribute, chosen per call where the CPU has AVX2) and a portable scalar one. */
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && __GNUC__ >= 12
 #define CG_HOT __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define CG_HOT
 #endif
-#define L4 (1u << 15)
 
 /* rho, amax of one component from its T symbols' sum and max of |q|: amax = max |q|; rho = round(-32 log2(1
    - r)), clipped to [0, 255], r = (sqrt(1 + m^2) - 1) / m the maximum-likelihood ratio p(|q| + 1) / p(|q|)
@@ -203,20 +198,23 @@ static void lap_fit(int64_t sum, int64_t top, int64_t T, uint8_t *rho, uint8_t *
    read nothing else), and lut [PROB_SCALE] when not NULL (as cg_rans_lut). */
 static void lap_row(int64_t rho, int64_t a, int64_t mid, const int64_t *wsym, uint32_t *f, uint32_t *cu,
                     uint8_t *lut) {
-    int64_t n = 2 * mid + 1, k = 2 * a + 1, lo = mid - a, hi = mid + a, total = 0, best = -1, bs = lo, sum = 0;
-    const int64_t *w = wsym + rho * n;
-    for (int64_t s = lo; s <= hi; s++) total += w[s];
+    /* wsym's rows are symmetric about mid and largest there only (weights floor(2^20 r^|q|), r < 1: see
+       cachegen_klt._symbol_weights), so each |q| is computed once and the remainder goes to s = mid -- the
+       same rows as a pass over every symbol of the support taking the first largest weight. */
+    int64_t n = 2 * mid + 1, k = 2 * a + 1, lo = mid - a, hi = mid + a, total = 0, sum = 0;
+    const int64_t *w = wsym + rho * n + mid; /* w[q], q >= 0 */
+    for (int64_t q = 1; q <= a; q++) total += w[q];
+    total = 2 * total + w[0];
     if (total < 1) total = 1;
     const double rcp = 1.0 / (double)total; /* floor(w K / total) by a reciprocal, corrected to exact */
-    for (int64_t s = lo; s <= hi; s++) {
-        int64_t num = w[s] * ((int64_t)PROB_SCALE - k), q = (int64_t)((double)num * rcp);
-        q += (q + 1) * total <= num;
-        q -= q * total > num;
-        f[s] = (uint32_t)(1 + q);
-        sum += f[s];
-        if (w[s] > best) { best = w[s]; bs = s; }
+    for (int64_t q = 0; q <= a; q++) {
+        int64_t num = w[q] * ((int64_t)PROB_SCALE - k), fq = (int64_t)((double)num * rcp);
+        fq += (fq + 1) * total <= num;
+        fq -= fq * total > num;
+        f[mid + q] = f[mid - q] = (uint32_t)(1 + fq);
+        sum += (q ? 2 : 1) * (1 + fq);
     }
-    f[bs] += (uint32_t)((int64_t)PROB_SCALE - sum);
+    f[mid] += (uint32_t)((int64_t)PROB_SCALE - sum);
     uint32_t run = 0;
     for (int64_t s = lo; s <= hi; s++) {
         cu[s] = run;
@@ -241,171 +239,394 @@ int64_t cg_lap_tables(const uint8_t *rho, const uint8_t *amax, int64_t C, int64_
     return 0;
 }
 
-/* ---- format v4's coder ---- */
+/* ---- format v5's coder ----
+   Each part (K, V) of a chunk is one rANS stream of uint16 words: 32-bit states in [L5, 2^31) with 16-bit
+   renormalisation (at most one word per symbol), NS = 16 states per part. Component c's row of T symbols is
+   coded token by token, token t by state t % 16 (every row starts at state 0); a row whose amax is 0 (one
+   symbol of frequency PROB_SCALE) is not coded. Decode order, which defines the stream: rows ascending, tokens
+   ascending; each decoder step reads its renormalisation word (if any) right after the previous step's. So a
+   group of 16 tokens is two 8-lane vectors whose lanes read words in lane order: the AVX2 coder (gathers from a
+   per-row table, one shuffle to renormalise 8 lanes) and the portable scalar coder produce and read the same
+   words. Stream = the 16 final encoder states (low, high words; state 0 first), then the words in decode order.
+   Decoders check that every word is used and the states end at L5. */
 
-/* Encoder constants of one symbol (frequency f, cumulative start): x_max = f 2^20 (emit 16 bits first when
-   x >= x_max), and Alverson's reciprocal: q = floor(x / f) = (x rcp) >> 32 >> shift, exact for x < 2^31
-   (f = 1: q = x - 1, folded into bias). */
-typedef struct { uint32_t x_max, rcp, bias; uint16_t cmpl, shift; } esym4;
+#define L5 (1u << 15)
+#define NS 16
 
-static uint32_t g4_rcp[PROB_SCALE + 1];
-static uint16_t g4_shift[PROB_SCALE + 1];
+/* Encoder constants of one symbol: e1 = f | bias << 11 | shift << 23 (bias = cum, or cum + PROB_SCALE - 1
+   when f = 1), rcp: q = floor(x / f) = (x rcp) >> 32 >> shift, exact for x < 2^31 (Alverson; f = 1: q = x - 1,
+   folded into bias); emit 16 bits first when x >= f 2^20. */
+static uint32_t g5_rcp[PROB_SCALE + 1], g5_shift[PROB_SCALE + 1];
 
-__attribute__((constructor)) static void init_reciprocals4(void) {
+__attribute__((constructor)) static void init_reciprocals5(void) {
     for (uint32_t f = 2; f <= PROB_SCALE; f++) {
         uint32_t s = 0;
         while (f > (1u << s)) s++;
-        g4_rcp[f] = (uint32_t)(((1ull << (s + 31)) + f - 1) / f), g4_shift[f] = (uint16_t)(s - 1);
+        g5_rcp[f] = (uint32_t)(((1ull << (s + 31)) + f - 1) / f), g5_shift[f] = s - 1;
     }
-    g4_rcp[1] = ~0u, g4_shift[1] = 0;
+    g5_rcp[1] = ~0u, g5_shift[1] = 0;
 }
 
-static inline void esym4_set(esym4 *e, uint32_t start, uint32_t f) {
-    e->x_max = ((L4 >> PROB_BITS) << 16) * f;
-    e->cmpl = (uint16_t)(PROB_SCALE - f);
-    e->rcp = g4_rcp[f], e->shift = (uint16_t)(32 + g4_shift[f]), e->bias = f < 2 ? start + PROB_SCALE - 1 : start;
-}
-
-/* One encoder step; the word is stored unconditionally at out[w - 1] and kept only when emitted (w > 0 is
-   guaranteed: room for one word per symbol plus the final states). */
-#define ENC4(x, e, out, w)                                                              \
-    do {                                                                               \
-        uint32_t x_ = (x), emit_ = x_ >= (e)->x_max;                                    \
-        (out)[(w) - 1] = (uint16_t)x_;                                                  \
-        (w) -= emit_;                                                                   \
-        x_ >>= emit_ << 4;                                                              \
-        uint32_t q_ = (uint32_t)(((uint64_t)x_ * (e)->rcp) >> (e)->shift);              \
-        (x) = x_ + (e)->bias + q_ * (e)->cmpl;                                          \
-    } while (0)
-
-/* One decoder step with a row's byte lookup lut [PROB_SCALE] (slot -> symbol) and fc [n] = freq | cum << 12;
-   reads in[r] when the state falls below L4. CHECKED: a read at or past nwords sets bad and reads
-   in[nwords - 1] instead; unchecked where the caller knows the row cannot run out. Branch-free: the word is
-   loaded always and selected by arithmetic (a branch here mispredicts every few symbols). */
-#define DEC4(lut, fc, x, in, r, out, CHECKED, nwords, bad)                                \
-    do {                                                                                \
-        uint32_t slot_ = (x) & (PROB_SCALE - 1), s_ = (lut)[slot_], e_ = (fc)[s_];        \
-        uint32_t y_ = (e_ & 0xFFF) * ((x) >> PROB_BITS) + slot_ - (e_ >> 12), need_ = y_ < L4; \
-        int64_t at_ = (r);                                                              \
-        if (CHECKED) {                                                                  \
-            (bad) |= need_ & (at_ >= (nwords));                                         \
-            at_ = at_ < (nwords) ? at_ : (nwords) - 1;                                  \
-        }                                                                               \
-        uint32_t w_ = (in)[at_];                                                        \
-        (x) = (y_ << (need_ << 4)) | (w_ & (0u - need_));                               \
-        (r) += need_;                                                                   \
-        (out) = (uint8_t)s_;                                                            \
-    } while (0)
-
-static void enc4_row(int64_t rho, int64_t a, int64_t mid, const int64_t *wsym, uint32_t *scratch, esym4 *es) {
+/* A row's encoder tables over symbols [mid - a, mid + a] (others unset: never read). */
+static void enc5_row(int64_t rho, int64_t a, int64_t mid, const int64_t *wsym, uint32_t *scratch, uint32_t *e1,
+                     uint32_t *rcp) {
     int64_t n = 2 * mid + 1;
     uint32_t *f = scratch, *cu = scratch + n;
     lap_row(rho, a, mid, wsym, f, cu, NULL);
-    for (int64_t s = mid - a; s <= mid + a; s++) esym4_set(es + s, cu[s], f[s]);
+    for (int64_t s = mid - a; s <= mid + a; s++) {
+        uint32_t fs = f[s], bias = fs < 2 ? cu[s] + PROB_SCALE - 1 : cu[s];
+        e1[s] = fs | bias << 11 | g5_shift[fs] << 23;
+        rcp[s] = g5_rcp[fs];
+    }
 }
 
-/* One Laplace row's decode tables (rho, amax): lut [PROB_SCALE] and fc [n] for DEC4. (A one-load table of
-   PROB_SCALE uint32 entries per row decoded no faster: building it cost more than the load it saves.) */
-static void dec4_row(int64_t rho, int64_t a, int64_t mid, const int64_t *wsym, uint32_t *scratch, uint8_t *lut,
-                     uint32_t *fc) {
+/* A row's decode table: slot -> sym << 22 | cum << 11 | f (f, cum < 2^11: amax >= 1 means >= 3 symbols). */
+static void dec5_row(int64_t rho, int64_t a, int64_t mid, const int64_t *wsym, uint32_t *scratch, uint32_t *tab) {
     int64_t n = 2 * mid + 1;
     uint32_t *f = scratch, *cu = scratch + n;
-    lap_row(rho, a, mid, wsym, f, cu, lut);
-    for (int64_t s = mid - a; s <= mid + a; s++) fc[s] = f[s] | cu[s] << 12;
+    lap_row(rho, a, mid, wsym, f, cu, NULL);
+    for (int64_t s = mid - a; s <= mid + a; s++) {
+        const uint32_t fs = f[s], c = cu[s], e = (uint32_t)s << 22 | c << 11 | fs; /* locals: see dec5_row_avx2 */
+        uint32_t *p = tab + c;
+        for (uint32_t i = 0; i < fs; i++) p[i] = e;
+    }
 }
 
-/* Decode row c of both parts (T symbols each, token t: state t & 3 of its part), the parts' steps alternating:
-   eight chains in flight (a stream's word index r links its four states, so two streams side by side). */
-#define DEC4_ROWS(CHECKED)                                                                   \
-    do {                                                                                     \
-        int64_t t = 0;                                                                       \
-        for (; t < full; t += 4) {                                                           \
-            DEC4(la, fa, a0, in0, ra, sa[t], CHECKED, nw0, bad);                                 \
-            DEC4(lb, fb, b0, in1, rb, sb[t], CHECKED, nw1, bad);                                 \
-            DEC4(la, fa, a1, in0, ra, sa[t + 1], CHECKED, nw0, bad);                             \
-            DEC4(lb, fb, b1, in1, rb, sb[t + 1], CHECKED, nw1, bad);                             \
-            DEC4(la, fa, a2, in0, ra, sa[t + 2], CHECKED, nw0, bad);                             \
-            DEC4(lb, fb, b2, in1, rb, sb[t + 2], CHECKED, nw1, bad);                             \
-            DEC4(la, fa, a3, in0, ra, sa[t + 3], CHECKED, nw0, bad);                             \
-            DEC4(lb, fb, b3, in1, rb, sb[t + 3], CHECKED, nw1, bad);                             \
-        }                                                                                    \
-        for (; t < T; t++) {                                                                 \
-            if ((t & 3) == 0) {                                                              \
-                DEC4(la, fa, a0, in0, ra, sa[t], CHECKED, nw0, bad);                             \
-                DEC4(lb, fb, b0, in1, rb, sb[t], CHECKED, nw1, bad);                             \
-            } else if ((t & 3) == 1) {                                                       \
-                DEC4(la, fa, a1, in0, ra, sa[t], CHECKED, nw0, bad);                             \
-                DEC4(lb, fb, b1, in1, rb, sb[t], CHECKED, nw1, bad);                             \
-            } else {                                                                         \
-                DEC4(la, fa, a2, in0, ra, sa[t], CHECKED, nw0, bad);                             \
-                DEC4(lb, fb, b2, in1, rb, sb[t], CHECKED, nw1, bad);                             \
-            }                                                                                \
-        }                                                                                    \
+/* One scalar encoder step: words go down from out[w]. */
+static inline void enc5_step(uint32_t *x, uint32_t e1, uint32_t rcp, uint16_t *out, int64_t *w) {
+    uint32_t f = e1 & 0x7FF, xx = *x, emit = xx >= (f << 20);
+    out[*w - 1] = (uint16_t)xx;
+    *w -= emit;
+    xx >>= emit << 4;
+    uint32_t q = (uint32_t)(((uint64_t)xx * rcp) >> 32) >> (e1 >> 23);
+    *x = xx + ((e1 >> 11) & 0xFFF) + q * (PROB_SCALE - f);
+}
+
+/* Scalar encode of row tokens [t0, t1) of a part, descending (the decoder's order reversed). */
+static void enc5_scalar(const uint32_t *e1, const uint32_t *rcp, const uint8_t *s, int64_t t0, int64_t t1,
+                        uint32_t *x, uint16_t *out, int64_t *w) {
+    for (int64_t t = t1 - 1; t >= t0; t--) enc5_step(&x[t & (NS - 1)], e1[s[t]], rcp[s[t]], out, w);
+}
+
+/* One scalar decoder step of state *x; CHECKED reads stay inside [0, nw) and flag bad. */
+static inline uint32_t dec5_step(const uint32_t *tab, uint32_t *x, const uint16_t *in, int64_t *r, int64_t nw,
+                                 int64_t *bad) {
+    uint32_t xx = *x, slot = xx & (PROB_SCALE - 1), e = tab[slot];
+    uint32_t y = (e & 0x7FF) * (xx >> PROB_BITS) + slot - ((e >> 11) & 0x7FF), need = y < L5;
+    int64_t at = *r;
+    *bad |= need & (at >= nw);
+    at = at < nw ? at : nw - 1;
+    uint32_t wd = in[at];
+    *x = (y << (need << 4)) | (wd & (0u - need));
+    *r += need;
+    return e >> 22;
+}
+
+/* Scalar decode of row tokens [t0, t1) -> symbols (sym) or values centre + (s - mid) step (y). */
+static void dec5_scalar(const uint32_t *tab, uint32_t *x, const uint16_t *in, int64_t *r, int64_t nw, int64_t *bad,
+                        int64_t t0, int64_t t1, uint8_t *sym, float *y, float ce, float st, float m) {
+    for (int64_t t = t0; t < t1; t++) {
+        uint32_t s = dec5_step(tab, &x[t & (NS - 1)], in, r, nw, bad);
+        if (y) y[t] = ce + ((float)s - m) * st;
+        else sym[t] = (uint8_t)s;
+    }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define CG_AVX2 __attribute__((target("avx2,popcnt")))
+#define HAVE_AVX2_PATH 1
+
+/* Shuffle tables (built once): g_cmp[m] (16 bytes): pshufb control moving the 16-bit words of lanes set in m
+   to the top of 8 words, in lane order; g_exp[m] (8 bytes): for each lane, the rank of its word among the
+   lanes set in m (vpermd indices). */
+static uint8_t g_cmp[256][16], g_exp[256][8];
+
+__attribute__((constructor)) static void init_shuffles(void) {
+    for (int m = 0; m < 256; m++) {
+        int cnt = __builtin_popcount((unsigned)m), k = 0;
+        memset(g_cmp[m], 0x80, 16);
+        for (int l = 0; l < 8; l++)
+            if (m >> l & 1) {
+                int j = 8 - cnt + k;
+                g_cmp[m][2 * j] = (uint8_t)(2 * l), g_cmp[m][2 * j + 1] = (uint8_t)(2 * l + 1);
+                g_exp[m][l] = (uint8_t)k++;
+            } else {
+                g_exp[m][l] = 0;
+            }
+    }
+}
+
+/* 8 lanes' encoder step (lanes of the vector in x, symbol indices idx). */
+#define ENC5V(x, idx, E1, RCP, out, w)                                                                    \
+    do {                                                                                                  \
+        __m256i e1_ = _mm256_i32gather_epi32((const int *)(E1), (idx), 4);                                \
+        __m256i rc_ = _mm256_i32gather_epi32((const int *)(RCP), (idx), 4);                               \
+        __m256i f_ = _mm256_and_si256(e1_, _mm256_set1_epi32(0x7FF));                                     \
+        __m256i em_ = _mm256_cmpgt_epi32((x), _mm256_sub_epi32(_mm256_slli_epi32(f_, 20), one));          \
+        unsigned m_ = (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(em_));                             \
+        __m256i lo_ = _mm256_shuffle_epi8((x), pack16);                                                   \
+        __m128i wd_ = _mm256_castsi256_si128(_mm256_permute4x64_epi64(lo_, 0x08));                        \
+        wd_ = _mm_shuffle_epi8(wd_, _mm_loadu_si128((const __m128i *)g_cmp[m_]));                         \
+        _mm_storeu_si128((__m128i *)((out) + (w) - 8), wd_);                                              \
+        (w) -= __builtin_popcount(m_);                                                                    \
+        (x) = _mm256_srlv_epi32((x), _mm256_and_si256(em_, sixteen));                                     \
+        __m256i ev_ = _mm256_mul_epu32((x), rc_);                                                         \
+        __m256i od_ = _mm256_mul_epu32(_mm256_srli_epi64((x), 32), _mm256_srli_epi64(rc_, 32));          \
+        __m256i q_ = _mm256_blend_epi32(_mm256_srli_epi64(ev_, 32), od_, 0xAA);                           \
+        q_ = _mm256_srlv_epi32(q_, _mm256_srli_epi32(e1_, 23));                                           \
+        __m256i b_ = _mm256_and_si256(_mm256_srli_epi32(e1_, 11), _mm256_set1_epi32(0xFFF));              \
+        (x) = _mm256_add_epi32(_mm256_add_epi32((x), b_),                                                 \
+                               _mm256_mullo_epi32(q_, _mm256_sub_epi32(_mm256_set1_epi32(PROB_SCALE), f_))); \
     } while (0)
 
-static inline __attribute__((always_inline)) void enc4_part(const esym4 *restrict e, const uint8_t *restrict s, int64_t T, int64_t full,
-    uint32_t *p0, uint32_t *p1, uint32_t *p2, uint32_t *p3, uint16_t *restrict o, int64_t *pw) {
-    uint32_t x0 = *p0, x1 = *p1, x2 = *p2, x3 = *p3; int64_t w = *pw;
-    for (int64_t t = T - 1; t >= full; t--) {
-        switch (t & 3) {
-        case 0: ENC4(x0, e + s[t], o, w); break;
-        case 1: ENC4(x1, e + s[t], o, w); break;
-        default: ENC4(x2, e + s[t], o, w); break;
+#define IDX8(s) _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(s)))
+
+/* Encode rows of two parts side by side (np = 2) or one (np = 1): part p's symbols s[p] [T], tables E1[p],
+   RCP[p], states x[p] [NS], words down from out[p][w[p]]. */
+CG_AVX2 static void enc5_avx2(int np, const uint8_t *const *s, const uint32_t *const *E1, const uint32_t *const *RCP,
+                              int64_t T, uint32_t **x, uint16_t **out, int64_t *w) {
+    const __m256i one = _mm256_set1_epi32(1), sixteen = _mm256_set1_epi32(16);
+    const __m256i pack16 = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1, 0, 1, 4, 5,
+                                            8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1);
+    int64_t full = T & ~(int64_t)(NS - 1);
+    for (int p = 0; p < np; p++) enc5_scalar(E1[p], RCP[p], s[p], full, T, x[p], out[p], &w[p]);
+    if (full == 0) return;
+    __m256i a0 = _mm256_loadu_si256((const __m256i *)x[0]), a1 = _mm256_loadu_si256((const __m256i *)(x[0] + 8));
+    int64_t wa = w[0];
+    if (np == 2) {
+        __m256i b0 = _mm256_loadu_si256((const __m256i *)x[1]), b1 = _mm256_loadu_si256((const __m256i *)(x[1] + 8));
+        int64_t wb = w[1];
+        for (int64_t t = full - NS; t >= 0; t -= NS) {
+            ENC5V(a1, IDX8(s[0] + t + 8), E1[0], RCP[0], out[0], wa);
+            ENC5V(b1, IDX8(s[1] + t + 8), E1[1], RCP[1], out[1], wb);
+            ENC5V(a0, IDX8(s[0] + t), E1[0], RCP[0], out[0], wa);
+            ENC5V(b0, IDX8(s[1] + t), E1[1], RCP[1], out[1], wb);
+        }
+        _mm256_storeu_si256((__m256i *)x[1], b0), _mm256_storeu_si256((__m256i *)(x[1] + 8), b1);
+        w[1] = wb;
+    } else {
+        for (int64_t t = full - NS; t >= 0; t -= NS) {
+            ENC5V(a1, IDX8(s[0] + t + 8), E1[0], RCP[0], out[0], wa);
+            ENC5V(a0, IDX8(s[0] + t), E1[0], RCP[0], out[0], wa);
         }
     }
-    for (int64_t t = full - 4; t >= 0; t -= 4) {
-        const esym4 *e3 = e + s[t + 3], *e2 = e + s[t + 2], *e1 = e + s[t + 1], *e0 = e + s[t];
-        ENC4(x3, e3, o, w);
-        ENC4(x2, e2, o, w);
-        ENC4(x1, e1, o, w);
-        ENC4(x0, e0, o, w);
-    }
-    *p0 = x0, *p1 = x1, *p2 = x2, *p3 = x3, *pw = w;
+    _mm256_storeu_si256((__m256i *)x[0], a0), _mm256_storeu_si256((__m256i *)(x[0] + 8), a1);
+    w[0] = wa;
 }
 
-/* Flush four states below out[w] (state 0 ends first: the decoder reads it first) and move the words to
-   dst; returns the word count. */
-static int64_t enc4_finish(const uint32_t *x, uint16_t *out, int64_t w, int64_t cap, uint16_t *dst) {
-    for (int j = 3; j >= 0; j--) {
-        out[--w] = (uint16_t)(x[j] >> 16);
-        out[--w] = (uint16_t)x[j];
+/* 8 lanes' decoder step: x (state vector), table TAB; reads words from in + r (8 readable words there). */
+#define DEC5V(x, TAB, in, r, dst_f, dst_s, ce, st)                                                       \
+    do {                                                                                                 \
+        __m256i sl_ = _mm256_and_si256((x), slotm);                                                      \
+        __m256i e_ = _mm256_i32gather_epi32((const int *)(TAB), sl_, 4);                                 \
+        __m256i f_ = _mm256_and_si256(e_, m11);                                                          \
+        __m256i c_ = _mm256_and_si256(_mm256_srli_epi32(e_, 11), m11);                                   \
+        __m256i y_ = _mm256_add_epi32(_mm256_mullo_epi32(f_, _mm256_srli_epi32((x), PROB_BITS)),          \
+                                      _mm256_sub_epi32(sl_, c_));                                        \
+        __m256i nd_ = _mm256_cmpgt_epi32(lim, y_);                                                       \
+        unsigned m_ = (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(nd_));                            \
+        __m256i wd_ = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((in) + (r))));              \
+        wd_ = _mm256_permutevar8x32_epi32(wd_, _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)g_exp[m_]))); \
+        (x) = _mm256_blendv_epi8(y_, _mm256_or_si256(_mm256_slli_epi32(y_, 16), wd_), nd_);               \
+        (r) += __builtin_popcount(m_);                                                                   \
+        __m256i sy_ = _mm256_srli_epi32(e_, 22);                                                         \
+        if (dst_f)                                                                                       \
+            _mm256_storeu_ps((dst_f), _mm256_add_ps((ce), _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(sy_, midv)), (st)))); \
+        else                                                                                             \
+            { /* lane half 0's symbols in bytes 0-3, half 1's in bytes 4-7 */                        \
+                __m256i p_ = _mm256_shuffle_epi8(sy_, pack8);                                            \
+                _mm_storel_epi64((__m128i *)(dst_s), _mm_or_si128(_mm256_castsi256_si128(p_),            \
+                                                                  _mm256_extracti128_si256(p_, 1)));     \
+            }                                                                                            \
+    } while (0)
+
+/* Decode one row of up to two parts side by side: part p reads in[p] from r[p] (< nw[p]), state x[p], table
+   tab[p] -> y[p] (values, centre ce[p], step st[p]) or sym[p]. Vector steps only while 16 words remain readable
+   in every stream; the rest of the row scalar (checked). */
+CG_AVX2 static void dec5_avx2(int np, const uint32_t *const *tab, uint32_t **x, const uint16_t *const *in, int64_t *r,
+                              const int64_t *nw, int64_t *bad, int64_t T, uint8_t **sym, float **y, const float *ce,
+                              const float *st, int64_t mid) {
+    const __m256i slotm = _mm256_set1_epi32(PROB_SCALE - 1), m11 = _mm256_set1_epi32(0x7FF);
+    const __m256i lim = _mm256_set1_epi32(L5), midv = _mm256_set1_epi32((int)mid);
+    const __m256i pack8 = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                           -1, 0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1);
+    int64_t full = T & ~(int64_t)(NS - 1), t = 0;
+    __m256i a0 = _mm256_loadu_si256((const __m256i *)x[0]), a1 = _mm256_loadu_si256((const __m256i *)(x[0] + 8));
+    __m256 cea = _mm256_set1_ps(ce[0]), sta = _mm256_set1_ps(st[0]);
+    float *ya = y ? y[0] : NULL;
+    uint8_t *sa = y ? NULL : sym[0];
+    int64_t ra = r[0];
+    if (np == 2) {
+        __m256i b0 = _mm256_loadu_si256((const __m256i *)x[1]), b1 = _mm256_loadu_si256((const __m256i *)(x[1] + 8));
+        __m256 ceb = _mm256_set1_ps(ce[1]), stb = _mm256_set1_ps(st[1]);
+        float *yb = y ? y[1] : NULL;
+        uint8_t *sb = y ? NULL : sym[1];
+        int64_t rb = r[1];
+        for (; t < full && ra + NS <= nw[0] && rb + NS <= nw[1]; t += NS) {
+            DEC5V(a0, tab[0], in[0], ra, ya ? ya + t : NULL, sa + t, cea, sta);
+            DEC5V(b0, tab[1], in[1], rb, yb ? yb + t : NULL, sb + t, ceb, stb);
+            DEC5V(a1, tab[0], in[0], ra, ya ? ya + t + 8 : NULL, sa + t + 8, cea, sta);
+            DEC5V(b1, tab[1], in[1], rb, yb ? yb + t + 8 : NULL, sb + t + 8, ceb, stb);
+        }
+        _mm256_storeu_si256((__m256i *)x[1], b0), _mm256_storeu_si256((__m256i *)(x[1] + 8), b1);
+        r[1] = rb;
+    } else {
+        for (; t < full && ra + NS <= nw[0]; t += NS) {
+            DEC5V(a0, tab[0], in[0], ra, ya ? ya + t : NULL, sa + t, cea, sta);
+            DEC5V(a1, tab[0], in[0], ra, ya ? ya + t + 8 : NULL, sa + t + 8, cea, sta);
+        }
     }
-    memcpy(dst, out + w, (size_t)(cap - w) * 2);
-    return cap - w;
+    _mm256_storeu_si256((__m256i *)x[0], a0), _mm256_storeu_si256((__m256i *)(x[0] + 8), a1);
+    r[0] = ra;
+    for (int p = 0; p < np; p++)
+        dec5_scalar(tab[p], x[p], in[p], &r[p], nw[p], bad, t, T, sym ? sym[p] : NULL, y ? y[p] : NULL, ce[p], st[p],
+                    (float)mid);
 }
 
-/* Code a chunk's two parts' symbols sym [2, C, T] (every |q| <= amax of its component; rho, amax [2C]) into
-   dst0 and dst1 (room for T * C + 8 words each; dst1 may follow dst0's words: it is written after).
-   tmp: scratch of 2 (T * C + 8) words. nw[2] gets the word counts. Returns 0, or -3 out of memory. */
-CG_HOT static int64_t code4(const uint8_t *sym, int64_t T, int64_t C, const uint8_t *rho, const uint8_t *amax,
-                            int64_t mid, const int64_t *wsym, uint16_t *tmp, uint16_t *dst0, int64_t *nw) {
-    int64_t n = 2 * mid + 1, cap = T * C + 8;
-    esym4 *ea = malloc(sizeof(esym4) * (size_t)(2 * n)), *eb = ea ? ea + n : NULL;
-    uint32_t *scratch = malloc(sizeof(uint32_t) * (size_t)(2 * n));
-    if (!ea || !scratch) {
-        free(ea);
-        free(scratch);
-        return -3;
+/* dec5_row with 8-entry stores: each symbol's run [cum, cum + f) written from its start in whole vectors, the
+   overshoot overwritten by the next run (tab has 8 entries of padding past PROB_SCALE). */
+CG_AVX2 static void dec5_row_avx2(int64_t rho, int64_t a, int64_t mid, const int64_t *wsym, uint32_t *scratch,
+                                  uint32_t *tab) {
+    int64_t n = 2 * mid + 1;
+    uint32_t *f = scratch, *cu = scratch + n;
+    lap_row(rho, a, mid, wsym, f, cu, NULL);
+    for (int64_t s = mid - a; s <= mid + a; s++) {
+        const uint32_t fs = f[s], c = cu[s]; /* locals: tab shares the caller's buffer with f and cu */
+        __m256i e = _mm256_set1_epi32((int)((uint32_t)s << 22 | c << 11 | fs));
+        uint32_t *p = tab + c;
+        for (uint32_t i = 0; i < fs; i += 8) _mm256_storeu_si256((__m256i *)(p + i), e);
     }
-    uint16_t *restrict oa = tmp, *restrict ob = tmp + cap;
-    uint32_t a0 = L4, a1 = L4, a2 = L4, a3 = L4, b0 = L4, b1 = L4, b2 = L4, b3 = L4;
-    int64_t wa = cap, wb = cap, full = T & ~(int64_t)3;
-    for (int64_t c = C - 1; c >= 0; c--) { /* the decoder's order reversed: V's rows, then K's, descending */
-        if (amax[C + c] == 0) continue; /* frequency PROB_SCALE: coding it leaves the states as they are */
-        enc4_row(rho[C + c], amax[C + c], mid, wsym, scratch, eb);
-        enc4_part(eb, sym + (C + c) * T, T, full, &b0, &b1, &b2, &b3, ob, &wb);
+}
+
+static int cpu_avx2(void) {
+    static int v = -1;
+    if (v < 0) {
+        __builtin_cpu_init();
+        v = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt");
     }
-    for (int64_t c = C - 1; c >= 0; c--) {
-        if (amax[c] == 0) continue;
-        enc4_row(rho[c], amax[c], mid, wsym, scratch, ea);
-        enc4_part(ea, sym + c * T, T, full, &a0, &a1, &a2, &a3, oa, &wa);
+    return v;
+}
+#else
+#define HAVE_AVX2_PATH 0
+static int cpu_avx2(void) { return 0; }
+#endif
+
+/* 1 when the AVX2 coder can run on this CPU (the `simd` arguments below then select it). */
+int64_t cg5_simd_available(void) { return cpu_avx2(); }
+
+/* Code a chunk's parts' symbols sym [2, C, T] (every |q| <= amax of its component; rho, amax [2C]) into dst
+   (room for 2 (T C + 40) words: K's words, then V's right after). tmp: scratch of 2 (T C + 40) words. nw[2]
+   gets the word counts. Returns 0, or -3 out of memory. */
+static int64_t code5(const uint8_t *sym, int64_t T, int64_t C, const uint8_t *rho, const uint8_t *amax, int64_t mid,
+                     const int64_t *wsym, uint16_t *tmp, uint16_t *dst, int64_t *nw, int simd) {
+    int64_t n = 2 * mid + 1, cap = T * C + 40;
+    uint32_t *buf = malloc(sizeof(uint32_t) * (size_t)(6 * n));
+    if (!buf) return -3;
+    uint32_t *scratch = buf, *e1[2] = {buf + 2 * n, buf + 3 * n}, *rc[2] = {buf + 4 * n, buf + 5 * n};
+    uint32_t st[2][NS];
+    for (int i = 0; i < NS; i++) st[0][i] = st[1][i] = L5;
+    uint16_t *out[2] = {tmp, tmp + cap};
+    int64_t w[2] = {cap, cap};
+    (void)simd;
+    for (int64_t c = C - 1; c >= 0; c--) { /* the decoder's order reversed */
+        int parts[2], np = 0;
+        for (int p = 1; p >= 0; p--) /* V's rows are the last K/V pair read by nothing in between: any order */
+            if (amax[p * C + c]) parts[np++] = p;
+        const uint8_t *s[2];
+        const uint32_t *E1[2], *RC[2];
+        uint32_t *xs[2];
+        uint16_t *os[2];
+        int64_t ws[2];
+        for (int i = 0; i < np; i++) {
+            int p = parts[i];
+            enc5_row(rho[p * C + c], amax[p * C + c], mid, wsym, scratch, e1[i], rc[i]);
+            s[i] = sym + (p * C + c) * T, E1[i] = e1[i], RC[i] = rc[i], xs[i] = st[p], os[i] = out[p], ws[i] = w[p];
+        }
+#if HAVE_AVX2_PATH
+        if (simd && np) enc5_avx2(np, s, E1, RC, T, xs, os, ws);
+        else
+#endif
+            for (int i = 0; i < np; i++) enc5_scalar(E1[i], RC[i], s[i], 0, T, xs[i], os[i], &ws[i]);
+        for (int i = 0; i < np; i++) w[parts[i]] = ws[i];
     }
-    free(ea);
-    free(scratch);
-    uint32_t fa[4] = {a0, a1, a2, a3}, fb[4] = {b0, b1, b2, b3};
-    nw[0] = enc4_finish(fa, oa, wa, cap, dst0);
-    nw[1] = enc4_finish(fb, ob, wb, cap, dst0 + nw[0]);
+    free(buf);
+    int64_t pos = 0;
+    for (int p = 0; p < 2; p++) {
+        for (int j = NS - 1; j >= 0; j--) {
+            out[p][--w[p]] = (uint16_t)(st[p][j] >> 16);
+            out[p][--w[p]] = (uint16_t)st[p][j];
+        }
+        nw[p] = cap - w[p];
+        memcpy(dst + pos, out[p] + w[p], (size_t)nw[p] * 2);
+        pos += nw[p];
+    }
     return 0;
+}
+
+/* Inverse of code5 for one chunk: words in0[nw0], in1[nw1] -> sym [2, C, T] (y == NULL) or values
+   y0/y1 rows + t0 (row c of part p at yp + c * ld + t0) = centre + (sym - mid) step. Returns 0, -1 corrupted,
+   -3 out of memory. */
+static int64_t uncode5(const uint16_t *in0, int64_t nw0, const uint16_t *in1, int64_t nw1, int64_t T, int64_t C,
+                       const uint8_t *rho, const uint8_t *amax, int64_t mid, const int64_t *wsym, uint8_t *sym,
+                       float *y0, float *y1, int64_t ld, const float *centre, const float *step, int simd) {
+    int64_t n = 2 * mid + 1;
+    if (nw0 < 2 * NS || nw1 < 2 * NS) return -1;
+    for (int64_t c = 0; c < 2 * C; c++)
+        if (amax[c] > mid) return -1;
+    uint32_t *buf = malloc(sizeof(uint32_t) * (size_t)(2 * n + 2 * (PROB_SCALE + 8)));
+    if (!buf) return -3;
+    uint32_t *scratch = buf, *tb[2] = {buf + 2 * n, buf + 2 * n + PROB_SCALE + 8};
+    const uint16_t *ins[2] = {in0, in1};
+    int64_t nws[2] = {nw0, nw1}, rr[2] = {2 * NS, 2 * NS}, bad = 0;
+    uint32_t st[2][NS];
+    for (int p = 0; p < 2; p++)
+        for (int j = 0; j < NS; j++) {
+            st[p][j] = (uint32_t)ins[p][2 * j] | (uint32_t)ins[p][2 * j + 1] << 16;
+            bad |= st[p][j] < L5 || st[p][j] >> 31; /* not a state the encoder ends in */
+        }
+    for (int64_t c = 0; c < C && !bad; c++) {
+        int parts[2], np = 0;
+        for (int p = 0; p < 2; p++)
+            if (amax[p * C + c]) parts[np++] = p;
+        const uint32_t *tab[2];
+        uint32_t *xs[2];
+        const uint16_t *is[2];
+        int64_t rs[2], ns[2];
+        uint8_t *ss[2];
+        float *ys[2], ce[2], sp[2];
+        for (int i = 0; i < np; i++) {
+            int p = parts[i];
+#if HAVE_AVX2_PATH
+            if (simd) dec5_row_avx2(rho[p * C + c], amax[p * C + c], mid, wsym, scratch, tb[i]);
+            else
+#endif
+                dec5_row(rho[p * C + c], amax[p * C + c], mid, wsym, scratch, tb[i]);
+            tab[i] = tb[i], xs[i] = st[p], is[i] = ins[p], rs[i] = rr[p], ns[i] = nws[p];
+            ss[i] = sym ? sym + (p * C + c) * T : NULL;
+            ys[i] = y0 ? (p ? y1 : y0) + c * ld : NULL;
+            ce[i] = centre ? centre[p * C + c] : 0, sp[i] = step ? step[p * C + c] : 0;
+        }
+#if HAVE_AVX2_PATH
+        if (simd && np) dec5_avx2(np, tab, xs, is, rs, ns, &bad, T, y0 ? NULL : ss, y0 ? ys : NULL, ce, sp, mid);
+        else
+#endif
+            for (int i = 0; i < np; i++)
+                dec5_scalar(tab[i], xs[i], is[i], &rs[i], ns[i], &bad, 0, T, ss[i], ys[i], ce[i], sp[i], (float)mid);
+        for (int i = 0; i < np; i++) rr[parts[i]] = rs[i];
+        if (y0) /* rows not coded (amax 0): every value is the centre */
+            for (int p = 0; p < 2; p++)
+                if (!amax[p * C + c])
+                    for (int64_t t = 0; t < T; t++) (p ? y1 : y0)[c * ld + t] = centre[p * C + c];
+        if (sym)
+            for (int p = 0; p < 2; p++)
+                if (!amax[p * C + c]) memset(sym + (p * C + c) * T, (int)mid, (size_t)T);
+    }
+    free(buf);
+    int ok = !bad && rr[0] == nw0 && rr[1] == nw1;
+    for (int p = 0; p < 2; p++)
+        for (int j = 0; j < NS; j++) ok &= st[p][j] == L5;
+    return ok ? 0 : -1;
 }
 
 /* Per-component mean, min and max of each chunk's rows: y0, y1 [C, T] fp32 (K's and V's transformed rows),
@@ -452,16 +673,19 @@ CG_HOT static void quant4_row(const float *y, int64_t len, float centre, float s
 
 /* The CPU encoder of one layer: y0, y1 [C, T] fp32 (K's and V's rows), chunk j = tokens [bounds[j],
    bounds[j + 1]) quantized with centre, step [nch, 2, C] (step > 0), each component's Laplace model fitted
-   (rho, amax [nch, 2, C] written) and both parts coded. out: room for sum_j 2 (len_j C + 8) words; chunk j's
-   K words then V words, nw [nch, 2] their counts. Returns 0, or -3 out of memory. */
-CG_HOT int64_t cg4_encode(const float *y0, const float *y1, int64_t C, int64_t T, int64_t nch,
+   (rho, amax [nch, 2, C] written) and both parts coded (code5; simd: the AVX2 coder where the CPU has it). out:
+   room for sum_j 2 (len_j C + 40) words; chunk j's K words then V words, nw [nch, 2] their counts. Returns 0, or
+   -3 out of memory. */
+CG_HOT int64_t cg5_encode(const float *y0, const float *y1, int64_t C, int64_t T, int64_t nch,
                           const int64_t *bounds, const float *centre, const float *step, int64_t mid,
-                          const int64_t *wsym, uint8_t *rho, uint8_t *amax, uint16_t *out, int64_t *nw) {
+                          const int64_t *wsym, uint8_t *rho, uint8_t *amax, uint16_t *out, int64_t *nw,
+                          int64_t simd) {
     int64_t most = 0;
     for (int64_t j = 0; j < nch; j++) most = bounds[j + 1] - bounds[j] > most ? bounds[j + 1] - bounds[j] : most;
-    uint8_t *sym = malloc((size_t)(2 * C * most));
-    uint16_t *tmp = malloc(sizeof(uint16_t) * (size_t)(2 * (most * C + 8)));
+    uint8_t *sym = malloc((size_t)(2 * C * most + 16));
+    uint16_t *tmp = malloc(sizeof(uint16_t) * (size_t)(2 * (most * C + 40)));
     int64_t rc = sym && tmp ? 0 : -3, pos = 0;
+    int use = simd && cpu_avx2();
     for (int64_t j = 0; j < nch && rc == 0; j++) {
         int64_t a = bounds[j], len = bounds[j + 1] - a;
         for (int64_t p = 0; p < 2; p++)
@@ -471,7 +695,7 @@ CG_HOT int64_t cg4_encode(const float *y0, const float *y1, int64_t C, int64_t T
                            &top);
                 lap_fit(sum, top, len, rho + i, amax + i);
             }
-        rc = code4(sym, len, C, rho + j * 2 * C, amax + j * 2 * C, mid, wsym, tmp, out + pos, nw + 2 * j);
+        rc = code5(sym, len, C, rho + j * 2 * C, amax + j * 2 * C, mid, wsym, tmp, out + pos, nw + 2 * j, use);
         pos += nw[2 * j] + nw[2 * j + 1];
     }
     free(sym);
@@ -480,12 +704,13 @@ CG_HOT int64_t cg4_encode(const float *y0, const float *y1, int64_t C, int64_t T
 }
 
 /* Fit and code symbols already quantized (e.g. on a GPU): sym [nch] blocks of [2, C, len_j] back to back ->
-   rho, amax, out, nw as cg4_encode. Returns 0, -2 a symbol > 2 mid, -3 out of memory. */
-int64_t cg4_code(const uint8_t *sym, int64_t C, int64_t nch, const int64_t *bounds, int64_t mid,
-                 const int64_t *wsym, uint8_t *rho, uint8_t *amax, uint16_t *out, int64_t *nw) {
+   rho, amax, out, nw as cg5_encode. Returns 0, -2 a symbol > 2 mid, -3 out of memory. */
+int64_t cg5_code(const uint8_t *sym, int64_t C, int64_t nch, const int64_t *bounds, int64_t mid,
+                 const int64_t *wsym, uint8_t *rho, uint8_t *amax, uint16_t *out, int64_t *nw, int64_t simd) {
     int64_t most = 0, pos = 0, rc = 0;
+    int use = simd && cpu_avx2();
     for (int64_t j = 0; j < nch; j++) most = bounds[j + 1] - bounds[j] > most ? bounds[j + 1] - bounds[j] : most;
-    uint16_t *tmp = malloc(sizeof(uint16_t) * (size_t)(2 * (most * C + 8)));
+    uint16_t *tmp = malloc(sizeof(uint16_t) * (size_t)(2 * (most * C + 40)));
     if (!tmp) return -3;
     for (int64_t j = 0; j < nch && rc == 0; j++) {
         int64_t len = bounds[j + 1] - bounds[j];
@@ -500,100 +725,46 @@ int64_t cg4_code(const uint8_t *sym, int64_t C, int64_t nch, const int64_t *boun
             if (top > mid) rc = -2;
             else lap_fit(sum, top, len, rho + j * 2 * C + i, amax + j * 2 * C + i);
         }
-        if (rc == 0) rc = code4(s, len, C, rho + j * 2 * C, amax + j * 2 * C, mid, wsym, tmp, out + pos, nw + 2 * j);
+        if (rc == 0)
+            rc = code5(s, len, C, rho + j * 2 * C, amax + j * 2 * C, mid, wsym, tmp, out + pos, nw + 2 * j, use);
         pos += nw[2 * j] + nw[2 * j + 1];
     }
     free(tmp);
     return rc;
 }
 
-/* Inverse of code4 for one chunk: words in0[nw0], in1[nw1] -> sym [2, C, T]. Returns 0, -1 corrupted, -3 OOM. */
-CG_HOT static int64_t uncode4(const uint16_t *restrict in0, int64_t nw0, const uint16_t *restrict in1, int64_t nw1,
-                              int64_t T, int64_t C, const uint8_t *rho, const uint8_t *amax, int64_t mid,
-                              const int64_t *wsym, uint8_t *restrict sym) {
-    int64_t n = 2 * mid + 1;
-    if (nw0 < 8 || nw1 < 8) return -1;
-    for (int64_t c = 0; c < 2 * C; c++)
-        if (amax[c] > mid) return -1;
-    uint32_t *buf = malloc(sizeof(uint32_t) * (size_t)(4 * n));
-    uint8_t *lut = malloc(2 * PROB_SCALE);
-    if (!buf || !lut) {
-        free(buf);
-        free(lut);
-        return -3;
-    }
-    uint32_t *restrict fa = buf + 2 * n, *restrict fb = fa + n;
-    uint8_t *restrict la = lut, *restrict lb = lut + PROB_SCALE;
-#define ST(in, k) ((uint32_t)(in)[2 * (k)] | (uint32_t)(in)[2 * (k) + 1] << 16)
-    uint32_t a0 = ST(in0, 0), a1 = ST(in0, 1), a2 = ST(in0, 2), a3 = ST(in0, 3);
-    uint32_t b0 = ST(in1, 0), b1 = ST(in1, 1), b2 = ST(in1, 2), b3 = ST(in1, 3);
-#undef ST
-    int64_t ra = 8, rb = 8, bad = 0, full = T & ~(int64_t)3;
-    /* a state outside [L4, 2^31) cannot come from the encoder */
-    bad |= (a0 | a1 | a2 | a3 | b0 | b1 | b2 | b3) >> 31;
-    bad |= a0 < L4 || a1 < L4 || a2 < L4 || a3 < L4 || b0 < L4 || b1 < L4 || b2 < L4 || b3 < L4;
-    for (int64_t c = 0; c < C && !bad; c++) {
-        /* a row of amax 0 is one symbol of frequency PROB_SCALE: its table leaves the states as they are */
-        dec4_row(rho[c], amax[c], mid, wsym, buf, la, fa);
-        dec4_row(rho[C + c], amax[C + c], mid, wsym, buf, lb, fb);
-        uint8_t *restrict sa = sym + c * T, *restrict sb = sym + (C + c) * T;
-        if (ra + T <= nw0 && rb + T <= nw1) /* at most one word per symbol: neither stream runs out */
-            DEC4_ROWS(0);
-        else
-            DEC4_ROWS(1);
-    }
-    free(buf);
-    free(lut);
-    int ok = !bad && ra == nw0 && rb == nw1 && a0 == L4 && a1 == L4 && a2 == L4 && a3 == L4 && b0 == L4 &&
-             b1 == L4 && b2 == L4 && b3 == L4;
-    return ok ? 0 : -1;
-}
-
-/* Inverse of cg4_code: words in [sum nw] (chunk j's K words then V words, nw [nch, 2]) with rho, amax
+/* Inverse of cg5_code: words in [sum nw] (chunk j's K words then V words, nw [nch, 2]) with rho, amax
    [nch, 2, C] -> sym [nch] blocks of [2, C, len_j]. Returns 0, -1 corrupted (or the counts do not add up to
    nwords), -3 out of memory. */
-int64_t cg4_uncode(const uint16_t *in, int64_t nwords, int64_t C, int64_t nch, const int64_t *bounds,
+int64_t cg5_uncode(const uint16_t *in, int64_t nwords, int64_t C, int64_t nch, const int64_t *bounds,
                    const int64_t *nw, const uint8_t *rho, const uint8_t *amax, int64_t mid, const int64_t *wsym,
-                   uint8_t *sym) {
+                   uint8_t *sym, int64_t simd) {
     int64_t pos = 0, rc = 0;
+    int use = simd && cpu_avx2();
     for (int64_t j = 0; j < nch && rc == 0; j++) {
         int64_t len = bounds[j + 1] - bounds[j], n0 = nw[2 * j], n1 = nw[2 * j + 1];
         if (n0 < 0 || n1 < 0 || pos + n0 + n1 > nwords) return -1;
-        rc = uncode4(in + pos, n0, in + pos + n0, n1, len, C, rho + j * 2 * C, amax + j * 2 * C, mid, wsym,
-                     sym + 2 * C * bounds[j]);
+        rc = uncode5(in + pos, n0, in + pos + n0, n1, len, C, rho + j * 2 * C, amax + j * 2 * C, mid, wsym,
+                     sym + 2 * C * bounds[j], NULL, NULL, 0, NULL, NULL, use);
         pos += n0 + n1;
     }
     return rc == 0 && pos != nwords ? -1 : rc;
 }
 
-/* The CPU decoder of one layer: as cg4_uncode, then y0, y1 [C, T] fp32 = centre + (sym - mid) step with
-   centre, step [nch, 2, C]. Returns as cg4_uncode. */
-CG_HOT int64_t cg4_decode(const uint16_t *in, int64_t nwords, int64_t C, int64_t T, int64_t nch,
-                          const int64_t *bounds, const int64_t *nw, const uint8_t *rho, const uint8_t *amax,
-                          const float *centre, const float *step, int64_t mid, const int64_t *wsym, float *y0,
-                          float *y1) {
-    int64_t most = 0, pos = 0, rc = 0;
-    for (int64_t j = 0; j < nch; j++) most = bounds[j + 1] - bounds[j] > most ? bounds[j + 1] - bounds[j] : most;
-    uint8_t *sym = malloc((size_t)(2 * C * most));
-    if (!sym) return -3;
+/* The CPU decoder of one layer: as cg5_uncode, the values written straight into y0, y1 [C, T] fp32 =
+   centre + (sym - mid) step with centre, step [nch, 2, C]. Returns as cg5_uncode. */
+int64_t cg5_decode(const uint16_t *in, int64_t nwords, int64_t C, int64_t T, int64_t nch, const int64_t *bounds,
+                   const int64_t *nw, const uint8_t *rho, const uint8_t *amax, const float *centre,
+                   const float *step, int64_t mid, const int64_t *wsym, float *y0, float *y1, int64_t simd) {
+    int64_t pos = 0, rc = 0;
+    int use = simd && cpu_avx2();
     for (int64_t j = 0; j < nch && rc == 0; j++) {
         int64_t a = bounds[j], len = bounds[j + 1] - a, n0 = nw[2 * j], n1 = nw[2 * j + 1];
-        if (n0 < 0 || n1 < 0 || pos + n0 + n1 > nwords) {
-            rc = -1;
-            break;
-        }
-        rc = uncode4(in + pos, n0, in + pos + n0, n1, len, C, rho + j * 2 * C, amax + j * 2 * C, mid, wsym, sym);
+        if (n0 < 0 || n1 < 0 || pos + n0 + n1 > nwords) return -1;
+        rc = uncode5(in + pos, n0, in + pos + n0, n1, len, C, rho + j * 2 * C, amax + j * 2 * C, mid, wsym, NULL,
+                     y0 + a, y1 + a, T, centre + j * 2 * C, step + j * 2 * C, use);
         pos += n0 + n1;
-        for (int64_t p = 0; p < 2 && rc == 0; p++)
-            for (int64_t c = 0; c < C; c++) {
-                const uint8_t *s = sym + (p * C + c) * len;
-                float *y = (p ? y1 : y0) + c * T + a;
-                const float ce = centre[(j * 2 + p) * C + c], st = step[(j * 2 + p) * C + c], m = (float)mid;
-#pragma omp simd
-                for (int64_t t = 0; t < len; t++) y[t] = ce + ((float)s[t] - m) * st;
-            }
     }
-    free(sym);
     return rc == 0 && pos != nwords ? -1 : rc;
 }
 

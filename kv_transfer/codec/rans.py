@@ -1,5 +1,5 @@
 """The CacheGen codec's compiled kernels: a rANS entropy coder with per-channel tables (format v1), and format
-v4's discrete Laplace models, quantizer, coder and RoPE step.
+v5's discrete Laplace models, quantizer, coder and RoPE step.
 
 Format v1 (`encode`/`decode`): symbols are uint8 [T, C] (token-major, exactly as quantization lays them
 out); symbol [t, c] is coded with channel c's table, so neither side transposes or loops over channels in
@@ -9,15 +9,19 @@ lookup per channel). Tables are integer frequencies [C, n] summing to 2048 per r
 any symbol in [0, n) stays encodable), built deterministically from integer weights (`freqs_from_weights`),
 so encoder and decoder derive bit-identical tables on any machine.
 
-Format v4 (`*4`, used by cachegen_klt): each component's symbols get a two-sided geometric model from two
+Format v5 (`*5`, used by cachegen_klt): each component's symbols get a two-sided geometric model from two
 bytes (rho, amax), fitted and built in C; a layer's chunks are quantized, fitted and coded in one call
-(`encode4` / `decode4`; `stats4` is the statistics pass before it), component-major. Its coder differs from
-v1's: 32-bit states with 16-bit renormalisation (uint16 words), four states per part interleaved by token,
-K and V coded side by side, renormalisation branch-free, the hot loops compiled for x86-64 and x86-64-v3 in
-one library (chosen when it loads). `rope` is the transform's RoPE step.
+(`encode5` / `decode5`; `stats4` is the statistics pass before it), component-major. Its coder: 32-bit
+states with 16-bit renormalisation (uint16 words), STATES = 16 states per part (K, V), token t of a component
+coded by state t % 16, so a group of 16 tokens is two 8-lane vectors. Two implementations write and read the
+same bitstream: an AVX2 one (per-row tables of one uint32 per slot / symbol read with gathers; one shuffle
+renormalises 8 lanes; K and V side by side) and a portable scalar one. The AVX2 one runs where the CPU has
+AVX2 (checked when called; the library is built without -march, the AVX2 functions carry their own target);
+`simd=False` or PDSERVE_RANS_SIMD=0 selects the portable one. The decoder writes values straight into the
+caller's rows (no symbol buffer).
 
-Wire (v1): uint32 words in decode order; the first two are the final encoder state (low, high). v4: uint16
-words per part, the first eight the four final states (low, high each). Either decoder checks that it consumed
+Wire (v1): uint32 words in decode order; the first two are the final encoder state (low, high). v5: uint16
+words per part, the first 32 the 16 final states (low, high each). Either decoder checks that it consumed
 every word and ended in the encoder's initial states, so truncated or altered words are detected (a wrong
 symbol count or table also fails these checks with high probability; the frame CRCs catch the rest).
 
@@ -48,6 +52,8 @@ PROB_BITS = 11
 PROB_SCALE = 1 << PROB_BITS
 MAX_ALPHABET = 256  # symbols are bytes; CacheGen uses at most 63
 WEIGHT_BITS = 20  # integer weights are in [0, 2^20]
+STATES = 16  # format v5: rANS states per part (rans.c NS)
+STREAM_SLACK = 2 * STATES + 8  # words a v5 part may take beyond one per symbol (rans.c code5's "+ 40")
 
 _C_SOURCE = Path(__file__).with_name("rans.c")  # shipped as package data beside the built library
 BUILT_NAME = (
@@ -115,14 +121,16 @@ def _load() -> ctypes.CDLL | None:
                 lib.cg_hist.argtypes = [p, i64, i64, i64, p]
                 lib.cg4_stats.restype = i64
                 lib.cg4_stats.argtypes = [p, p, i64, i64, i64, p, p]
-                lib.cg4_encode.restype = i64
-                lib.cg4_encode.argtypes = [p, p, i64, i64, i64, p, p, p, i64, p, p, p, p, p]
-                lib.cg4_code.restype = i64
-                lib.cg4_code.argtypes = [p, i64, i64, p, i64, p, p, p, p, p]
-                lib.cg4_uncode.restype = i64
-                lib.cg4_uncode.argtypes = [p, i64, i64, i64, p, p, p, p, i64, p, p]
-                lib.cg4_decode.restype = i64
-                lib.cg4_decode.argtypes = [p, i64, i64, i64, i64, p, p, p, p, p, p, i64, p, p, p]
+                lib.cg5_encode.restype = i64
+                lib.cg5_encode.argtypes = [p, p, i64, i64, i64, p, p, p, i64, p, p, p, p, p, i64]
+                lib.cg5_code.restype = i64
+                lib.cg5_code.argtypes = [p, i64, i64, p, i64, p, p, p, p, p, i64]
+                lib.cg5_uncode.restype = i64
+                lib.cg5_uncode.argtypes = [p, i64, i64, i64, p, p, p, p, i64, p, p, i64]
+                lib.cg5_decode.restype = i64
+                lib.cg5_decode.argtypes = [p, i64, i64, i64, i64, p, p, p, p, p, p, i64, p, p, p, i64]
+                lib.cg5_simd_available.restype = i64
+                lib.cg5_simd_available.argtypes = []
                 lib.cg_rope.restype = None
                 lib.cg_rope.argtypes = [p, i64, i64, i64, p, p, i64, ctypes.c_float, p]
                 lib.cg_lap_tables.restype = i64
@@ -151,6 +159,20 @@ def library_origin() -> str | None:
     return _origin
 
 
+def simd_available() -> bool:
+    """True when the format-v5 coder's AVX2 path can run here (x86-64 with AVX2; the library was loaded)."""
+    lib = _load()
+    return lib is not None and bool(lib.cg5_simd_available())
+
+
+def use_simd(simd: bool | None = None) -> int:
+    """The `simd` argument of the v5 kernels: `simd` where given, else not PDSERVE_RANS_SIMD=0. The C side
+    still runs the portable coder on a CPU without AVX2; both write and read the same bitstream."""
+    if simd is None:
+        simd = os.environ.get("PDSERVE_RANS_SIMD", "1") != "0"
+    return int(simd)
+
+
 def _lib_or_raise() -> ctypes.CDLL:
     lib = _load()
     if lib is None:
@@ -159,7 +181,12 @@ def _lib_or_raise() -> ctypes.CDLL:
 
 
 def _ptr(a: np.ndarray) -> int:
-    return a.ctypes.data
+    """The address of a C-contiguous array's data. ctypes' own buffer view first (a third of `a.ctypes.data`'s
+    cost, which a layer pays some 20 times); read-only or empty arrays take `a.ctypes.data`."""
+    try:
+        return ctypes.addressof(ctypes.c_char.from_buffer(a))  # type: ignore[arg-type]
+    except (TypeError, ValueError, BufferError):
+        return a.ctypes.data
 
 
 class Tables:
@@ -271,7 +298,7 @@ def decode(words: np.ndarray, t: int, tables: Tables) -> np.ndarray:
     return out
 
 
-# ---- discrete Laplace models (cachegen format v4; see cachegen_klt) -----------------------------------------
+# ---- discrete Laplace models (cachegen format v5; see cachegen_klt) -----------------------------------------
 # Per layer: y0, y1 fp32 [C, T] (K's and V's transformed rows, component-major), chunk j = tokens
 # [bounds[j], bounds[j + 1]); per chunk, part and component: centre, step fp32 and the model (rho, amax) uint8,
 # all [nch, 2, C]. Symbols q + mid (q in [-mid, mid]) per chunk as [2, C, len_j], chunks back to back. Words are
@@ -283,8 +310,10 @@ def _rows(y: np.ndarray, c: int, t: int) -> None:
 
 
 def _bounds(bounds: np.ndarray, t: int) -> np.ndarray:
+    """Chunk bounds as int64 (callers make them increasing: cachegen_klt's chunking, or parse's checked
+    directory; only the ends are checked here, per call)."""
     b = np.ascontiguousarray(bounds, np.int64)
-    assert b.ndim == 1 and b.size >= 2 and b[0] == 0 and b[-1] == t and (np.diff(b) >= 1).all()
+    assert b.ndim == 1 and b.size >= 2 and b[0] == 0 and b[-1] == t
     return b
 
 
@@ -301,7 +330,7 @@ def stats4(y0: np.ndarray, y1: np.ndarray, bounds: np.ndarray) -> np.ndarray:
     return out
 
 
-def _coded4(rc: int, what: str, out: np.ndarray, nw: np.ndarray) -> np.ndarray:
+def _coded(rc: int, what: str, out: np.ndarray, nw: np.ndarray) -> np.ndarray:
     if rc == -3:
         raise MemoryError(what)
     if rc == -2:
@@ -311,16 +340,16 @@ def _coded4(rc: int, what: str, out: np.ndarray, nw: np.ndarray) -> np.ndarray:
 
 
 def _side_out(nch: int, c: int, t: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """rho, amax [nch, 2, C], words (room for one per symbol + 8 per part), nw [nch, 2]."""
+    """rho, amax [nch, 2, C], words (room for one per symbol + STREAM_SLACK per part), nw [nch, 2]."""
     return (
         np.empty((nch, 2, c), np.uint8),
         np.empty((nch, 2, c), np.uint8),
-        np.empty(2 * (t * c + 8 * nch), np.uint16),
+        np.empty(2 * (t * c + STREAM_SLACK * nch), np.uint16),
         np.empty((nch, 2), np.int64),
     )
 
 
-def encode4(
+def encode5(
     y0: np.ndarray,
     y1: np.ndarray,
     bounds: np.ndarray,
@@ -328,6 +357,7 @@ def encode4(
     step: np.ndarray,
     mid: int,
     wsym: np.ndarray,
+    simd: bool | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The CPU encoder of a layer, one compiled call: quantize y0, y1 [C, T] to clamp(rint((y - centre) *
     (1 / step)), -mid, mid) + mid, fit each component's model and code -> (words uint16, nw [nch, 2],
@@ -341,27 +371,37 @@ def encode4(
     assert centre.shape == step.shape == (nch, 2, c)
     _check_wsym(wsym, mid)
     rho, amax, out, nw = _side_out(nch, c, t)
-    rc = _lib_or_raise().cg4_encode(
+    rc = _lib_or_raise().cg5_encode(
         _ptr(y0), _ptr(y1), c, t, nch, _ptr(b), _ptr(centre), _ptr(step), mid, _ptr(wsym), _ptr(rho),
-        _ptr(amax), _ptr(out), _ptr(nw),
+        _ptr(amax), _ptr(out), _ptr(nw), use_simd(simd),
     )  # fmt: skip
-    return _coded4(rc, "cg4_encode", out, nw), nw, rho, amax
+    return _coded(rc, "cg5_encode", out, nw), nw, rho, amax
 
 
-def code4(
-    sym: np.ndarray, c: int, bounds: np.ndarray, mid: int, wsym: np.ndarray
+def code5(
+    sym: np.ndarray, c: int, bounds: np.ndarray, mid: int, wsym: np.ndarray, simd: bool | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Symbols already quantized (e.g. on a GPU): uint8, chunk j's [2, C, len_j] back to back -> as encode4."""
+    """Symbols already quantized (e.g. on a GPU): uint8, chunk j's [2, C, len_j] back to back -> as encode5."""
     b = _bounds(bounds, int(bounds[-1]))
     t, nch = int(b[-1]), b.size - 1
     sym = np.ascontiguousarray(sym, np.uint8).reshape(-1)
     assert sym.size == 2 * c * t
     _check_wsym(wsym, mid)
     rho, amax, out, nw = _side_out(nch, c, t)
-    rc = _lib_or_raise().cg4_code(
-        _ptr(sym), c, nch, _ptr(b), mid, _ptr(wsym), _ptr(rho), _ptr(amax), _ptr(out), _ptr(nw)
+    rc = _lib_or_raise().cg5_code(
+        _ptr(sym),
+        c,
+        nch,
+        _ptr(b),
+        mid,
+        _ptr(wsym),
+        _ptr(rho),
+        _ptr(amax),
+        _ptr(out),
+        _ptr(nw),
+        use_simd(simd),
     )
-    return _coded4(rc, "cg4_code", out, nw), nw, rho, amax
+    return _coded(rc, "cg5_code", out, nw), nw, rho, amax
 
 
 def _uncode_args(
@@ -383,25 +423,25 @@ def _decoded(rc: int, what: str) -> None:
         raise FrameCorrupted("cachegen: rANS data did not decode exactly (corrupted payload)")
 
 
-def uncode4(
+def uncode5(
     words: np.ndarray, nw: np.ndarray, rho: np.ndarray, amax: np.ndarray, bounds: np.ndarray, mid: int,
-    wsym: np.ndarray,
+    wsym: np.ndarray, simd: bool | None = None,
 ) -> np.ndarray:  # fmt: skip
-    """Inverse of code4 -> symbols uint8 (chunk j's [2, C, len_j] back to back). FrameCorrupted unless every
+    """Inverse of code5 -> symbols uint8 (chunk j's [2, C, len_j] back to back). FrameCorrupted unless every
     chunk's words decode exactly and are all used."""
     words, nw, rho, amax, b = _uncode_args(words, nw, rho, amax, bounds, mid)
     _check_wsym(wsym, mid)
     c = rho.shape[-1]
     sym = np.empty(2 * c * int(b[-1]), np.uint8)
-    rc = _lib_or_raise().cg4_uncode(
+    rc = _lib_or_raise().cg5_uncode(
         _ptr(words), words.size, c, b.size - 1, _ptr(b), _ptr(nw), _ptr(rho), _ptr(amax), mid, _ptr(wsym),
-        _ptr(sym),
+        _ptr(sym), use_simd(simd),
     )  # fmt: skip
-    _decoded(rc, "cg4_uncode")
+    _decoded(rc, "cg5_uncode")
     return sym
 
 
-def decode4(
+def decode5(
     words: np.ndarray,
     nw: np.ndarray,
     rho: np.ndarray,
@@ -413,8 +453,9 @@ def decode4(
     wsym: np.ndarray,
     y0: np.ndarray,
     y1: np.ndarray,
+    simd: bool | None = None,
 ) -> None:
-    """Inverse of encode4 into y0, y1 fp32 [C, T]: centre + (symbol - mid) * step. FrameCorrupted as uncode4."""
+    """Inverse of encode5 into y0, y1 fp32 [C, T]: centre + (symbol - mid) * step. FrameCorrupted as uncode5."""
     words, nw, rho, amax, b = _uncode_args(words, nw, rho, amax, bounds, mid)
     _check_wsym(wsym, mid)
     c, t = y0.shape
@@ -422,11 +463,11 @@ def decode4(
     _rows(y1, c, t)
     centre, step = np.ascontiguousarray(centre, np.float32), np.ascontiguousarray(step, np.float32)
     assert centre.shape == step.shape == rho.shape and t == b[-1]
-    rc = _lib_or_raise().cg4_decode(
+    rc = _lib_or_raise().cg5_decode(
         _ptr(words), words.size, c, t, b.size - 1, _ptr(b), _ptr(nw), _ptr(rho), _ptr(amax), _ptr(centre),
-        _ptr(step), mid, _ptr(wsym), _ptr(y0), _ptr(y1),
+        _ptr(step), mid, _ptr(wsym), _ptr(y0), _ptr(y1), use_simd(simd),
     )  # fmt: skip
-    _decoded(rc, "cg4_decode")
+    _decoded(rc, "cg5_decode")
 
 
 def _check_wsym(wsym: np.ndarray, mid: int) -> None:

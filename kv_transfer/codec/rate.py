@@ -1,4 +1,4 @@
-"""Rate control for transform coding (format v4): spend the quality floor, not a fixed level.
+"""Rate control for transform coding (format v5): spend the quality floor, not a fixed level.
 
 A level's calibrated steps are a bit budget at one prompt length; the share of a layer that goes to the
 prompt's last tokens (coded `RECENT` times finer) and to side information grows as prompts get shorter, so a

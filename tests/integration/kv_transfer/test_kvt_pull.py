@@ -506,3 +506,45 @@ def test_only_the_lease_token_pulls_and_a_wrong_one_gets_no_kv_byte(
     with pytest.raises(UnknownTransfer):  # replaying the token: the lease is gone
         puller.pull(server.address, "auth", "raw", Sink(), token=right)
     assert server.counters().unauthorized_pulls == len(wrong_tokens) + 1
+
+
+def test_a_tighter_max_kl_in_the_pull_gets_a_higher_fidelity_stream() -> None:
+    """The request's floor crosses in the PULL and the prefill side's cachegen encoder spends it: with the
+    shipped model's calibration (transform + rate table), the same 256-token KV pulled at a tight floor costs
+    more bytes and arrives closer than pulled with none (the server's default floor)."""
+    from pathlib import Path
+
+    from kv_transfer.codec import CodecContext
+    from kv_transfer.codec.cachegen import CacheGenCodec
+
+    shipped = Path(__file__).resolve().parents[3] / "models" / "pdserve-tiny-py"
+    ctx = CodecContext.from_model_dir(shipped)
+    if ctx.transform is None or ctx.rate is None or "cachegen" not in ctx.available():
+        pytest.skip("needs the shipped model's calibration and the compiled coder")
+    tight = min(p.kl for p in ctx.rate.for_mode("plain") if p.tokens == 256)
+    codec = ctx.codec("cachegen")
+    assert isinstance(codec, CacheGenCodec)
+    loose_choice, tight_choice = codec.rate_choice(256), codec.rate_choice(256, tight)
+    assert loose_choice is not None and tight_choice is not None and tight_choice.scale < loose_choice.scale
+    g = torch.Generator().manual_seed(3)
+    kv = [(torch.randn(256, 2, 32, generator=g), torch.randn(256, 2, 32, generator=g)) for _ in range(5)]
+    server = KVServer(transport_for("tcp"), "127.0.0.1", fingerprint=FP, lease_ttl_s=10.0, codecs=ctx)
+    server.start()
+    try:
+        got = {}
+        with KVPuller(fingerprint=FP, timeout_s=10.0, codecs=ctx) as puller:
+            for name, floor in (("loose", None), ("tight", tight)):
+                rel = Releases()
+                token = server.open_lease(name, len(kv), 256, lambda layer: kv[layer], rel)
+                server.finish(name, 1)
+                sink = Sink()
+                trailer = puller.pull(server.address, name, "cachegen", sink, token=token, max_kl=floor)
+                rel.wait(name, "pulled")
+                err = max(
+                    (sink.kv[i][j] - kv[i][j]).abs().max().item() for i in range(len(kv)) for j in (0, 1)
+                )
+                got[name] = (trailer.stats.payload_bytes, err)
+    finally:
+        server.stop()
+    assert got["tight"][0] > got["loose"][0]  # more bits spent ...
+    assert got["tight"][1] < got["loose"][1]  # ... for a closer copy

@@ -341,7 +341,7 @@ def test_a_pull_declaring_nonsense_copies_is_refused_and_leaves_the_lease(
     try:
         good = encode_control(Pull(FP, pre.tid, "raw", pre.token or b""))
         body = bytearray(good[:-4])
-        body[-2:] = bytes([0, 0])  # copies 0, replica 0
+        body[-10:-8] = bytes([0, 0])  # copies 0, replica 0 (before the max_kl f64)
         ch = transport_for("tcp").connect(pre.addresses[0], timeout=5)
         try:
             ch.send(bytes(body) + zlib.crc32(bytes(body)).to_bytes(4, "little"))

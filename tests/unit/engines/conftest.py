@@ -216,6 +216,7 @@ class FakeKVPuller:
         self._script: dict[str, list[tuple[Any, ...]]] = {}
         self._cond = threading.Condition()
         self.tokens: list[bytes] = []  # the lease token of each pull, in order
+        self.floors: list[float | None] = []  # the quality floor (max_kl) each pull declared, in order
 
     def send_layers(self, transfer_id: str, num_layers: int, num_tokens: int) -> None:
         self._add(transfer_id, ("layers", num_layers, num_tokens))
@@ -239,9 +240,11 @@ class FakeKVPuller:
         write_layer: Callable[..., None],
         *,
         token: bytes,
+        max_kl: float | None = None,
     ) -> Trailer:
         self.timeline.add("pull", transfer_id)
         self.tokens.append(token)
+        self.floors.append(max_kl)
         sent = 0
         while True:
             with self._cond:

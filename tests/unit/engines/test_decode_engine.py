@@ -25,7 +25,9 @@ def engine_for(make_runner, puller, started):
     return build
 
 
-def _job(events, rid: str, prompt_len: int, max_tokens: int, local: bool = False) -> DecodeJob:
+def _job(
+    events, rid: str, prompt_len: int, max_tokens: int, local: bool = False, max_kl: float | None = None
+) -> DecodeJob:
     return DecodeJob(
         rid,
         [100 + i for i in range(prompt_len)],
@@ -36,6 +38,7 @@ def _job(events, rid: str, prompt_len: int, max_tokens: int, local: bool = False
         codec="raw",
         first_token_id=None,
         local_prefill=local,
+        max_kl=max_kl,
     )
 
 
@@ -53,9 +56,10 @@ def _all_free(engine: DecodeEngine) -> bool:
 
 def test_decodes_only_after_the_whole_prompt_kv_arrived(engine_for, events, puller, timeline):
     engine = engine_for(num_blocks=16)
-    job = _job(events, "a", prompt_len=6, max_tokens=4)
+    job = _job(events, "a", prompt_len=6, max_tokens=4, max_kl=0.002)
     engine.submit(job)
     timeline.wait_for(lambda: ("pull", "a") in timeline.entries)
+    assert puller.floors == [0.002]  # the request's max_kv_kl goes into the PULL
     puller.send_layers("a", 1, 6)  # layer 0 arrives; the sequence must not decode yet
     timeline.wait_for(lambda: ("layer", "a", 0) in timeline.entries)
     puller.send_layers("a", 1, 6)

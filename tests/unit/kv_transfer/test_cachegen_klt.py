@@ -1,4 +1,4 @@
-"""CacheGen transform coding (params v4): deterministic Laplace tables, the per-token error bound, profiling a
+"""CacheGen transform coding (params v5): deterministic Laplace tables, the per-token error bound, profiling a
 checkpoint, the shipped model's quality at its default level against CacheGen's own quantizers, and typed
 errors on damaged, foreign or random input."""
 
@@ -109,20 +109,21 @@ def test_fitted_models_prefer_the_matching_spread_and_round_trip() -> None:
     wide = np.clip(np.round(g.laplace(0, 20, (1, 4000))), -127, 127)
     sym = (np.stack([narrow, wide]) + klt.QMAX).astype(np.uint8)  # one chunk: [2 parts, 1 component, 4000]
     bounds = np.array([0, 4000])
-    words, nw, rho, amax = rans.code4(sym, 1, bounds, klt.QMAX, _w())
+    words, nw, rho, amax = rans.code5(sym, 1, bounds, klt.QMAX, _w())
     assert rho[0, 0, 0] < rho[0, 1, 0]  # wider spread: r closer to 1, a larger rho
     assert amax[0, :, 0].tolist() == np.abs(sym.astype(int) - klt.QMAX).max((1, 2)).tolist()
     assert nw[0, 0] < nw[0, 1]  # the narrow part costs fewer words
-    back = rans.uncode4(words, nw, rho, amax, bounds, klt.QMAX, _w())
+    back = rans.uncode5(words, nw, rho, amax, bounds, klt.QMAX, _w())
     assert np.array_equal(back, sym.reshape(-1))
     with pytest.raises(FrameCorrupted):  # each part's words only decode with their own models
-        rans.uncode4(words, nw, rho[:, ::-1], amax[:, ::-1], bounds, klt.QMAX, _w())
+        rans.uncode5(words, nw, rho[:, ::-1], amax[:, ::-1], bounds, klt.QMAX, _w())
 
 
-@pytest.mark.parametrize("t", [1, 2, 3, 4, 5, 7, 8, 9, 63, 513, 1030])
-def test_coder_round_trips_every_row_length_and_both_decode_tables(t: int) -> None:
-    """Rows of every length mod 4 (the tail states), below and above LONG_ROW (the two decode tables), several
-    chunks, odd channel counts, and rows of a single symbol (amax 0: coded as nothing)."""
+@pytest.mark.parametrize("t", [1, 2, 3, 5, 8, 15, 16, 17, 31, 33, 63, 513, 1030])
+def test_coder_round_trips_every_row_length_on_both_paths(t: int) -> None:
+    """Rows of lengths around the 16 states and the 8-lane vectors (the scalar tails), several chunks, odd
+    channel counts, and rows of a single symbol (amax 0: coded as nothing); the AVX2 coder (where the CPU has
+    it) and the portable one write the same words and each decodes the other's."""
     g = np.random.default_rng(t)
     c = 5
     spread = np.array([0.0, 0.3, 2.0, 9.0, 60.0])[:, None]
@@ -132,22 +133,26 @@ def test_coder_round_trips_every_row_length_and_both_decode_tables(t: int) -> No
         q = np.clip(np.round(g.laplace(0, 1, (2, c, b - a)) * spread), -127, 127)
         blocks.append((q + klt.QMAX).astype(np.uint8).reshape(-1))
     sym = np.concatenate(blocks)
-    words, nw, rho, amax = rans.code4(sym, c, bounds, klt.QMAX, _w())
-    assert words.size == nw.sum() and (nw >= 8).all()
-    assert np.array_equal(rans.uncode4(words, nw, rho, amax, bounds, klt.QMAX, _w()), sym)
+    words, nw, rho, amax = rans.code5(sym, c, bounds, klt.QMAX, _w(), simd=False)
+    assert words.size == nw.sum() and (nw >= 2 * rans.STATES).all()
+    w_simd, nw_simd, _, _ = rans.code5(sym, c, bounds, klt.QMAX, _w(), simd=True)
+    assert np.array_equal(w_simd, words) and np.array_equal(nw_simd, nw)
+    for simd in (False, True):
+        assert np.array_equal(rans.uncode5(words, nw, rho, amax, bounds, klt.QMAX, _w(), simd=simd), sym)
 
 
-def test_coder_rejects_damaged_words_and_counts() -> None:
+@pytest.mark.parametrize("simd", [False, True])
+def test_coder_rejects_damaged_words_and_counts(simd: bool) -> None:
     g = np.random.default_rng(1)
     c, t = 3, 600
     sym = (np.clip(np.round(g.laplace(0, 3, 2 * c * t)), -127, 127) + klt.QMAX).astype(np.uint8)
     bounds = np.array([0, t])
-    words, nw, rho, amax = rans.code4(sym, c, bounds, klt.QMAX, _w())
+    words, nw, rho, amax = rans.code5(sym, c, bounds, klt.QMAX, _w(), simd=simd)
     for i in (0, 3, 8, words.size // 2, words.size - 1):
         bad = words.copy()
         bad[i] ^= 0x1234
         try:
-            got = rans.uncode4(bad, nw, rho, amax, bounds, klt.QMAX, _w())
+            got = rans.uncode5(bad, nw, rho, amax, bounds, klt.QMAX, _w(), simd=simd)
         except FrameCorrupted:
             continue
         assert not np.array_equal(got, sym)  # an altered word never passes as the original
@@ -155,9 +160,9 @@ def test_coder_rejects_damaged_words_and_counts() -> None:
         short = nw.copy()
         short[0, 1] -= cut
         with pytest.raises(FrameCorrupted):
-            rans.uncode4(words[:-cut], short, rho, amax, bounds, klt.QMAX, _w())
+            rans.uncode5(words[:-cut], short, rho, amax, bounds, klt.QMAX, _w(), simd=simd)
     with pytest.raises(FrameCorrupted):  # words left over
-        rans.uncode4(np.append(words, np.uint16(7)), nw, rho, amax, bounds, klt.QMAX, _w())
+        rans.uncode5(np.append(words, np.uint16(7)), nw, rho, amax, bounds, klt.QMAX, _w(), simd=simd)
 
 
 def _layer_input(t: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray, np.ndarray]:
@@ -176,9 +181,9 @@ def test_torch_quantizer_makes_the_compiled_encoders_stream() -> None:
         yk, yv, bounds, stats, plan = _layer_input(t, t)
         for wide in (False, True):
             centre, step = (a.astype(np.float32) for a in klt._centre_step(stats, plan, wide))
-            fused = rans.encode4(yk.numpy(), yv.numpy(), bounds, centre, step, klt.QMAX, _w())
+            fused = rans.encode5(yk.numpy(), yv.numpy(), bounds, centre, step, klt.QMAX, _w())
             sym = klt.quantize_torch(yk, yv, bounds.tolist(), centre, step).numpy()
-            generic = rans.code4(sym, 64, bounds, klt.QMAX, _w())
+            generic = rans.code5(sym, 64, bounds, klt.QMAX, _w())
             for a, b in zip(fused, generic, strict=True):
                 assert np.array_equal(a, b)
 
@@ -357,7 +362,7 @@ def test_unknown_transform_is_foreign(encoded) -> None:
         CacheGenCodec().decode(bytes(bad), payload, shape, torch.float32, 1)
 
 
-def test_random_v4_params_never_crash() -> None:
+def test_random_v5_params_never_crash() -> None:
     rng = np.random.default_rng(2)
     for n in (0, 1, 30, 200):
         for _ in range(20):
@@ -366,9 +371,9 @@ def test_random_v4_params_never_crash() -> None:
                 CacheGenCodec().decode(b"CG\x04" + junk, junk, (16, HKV, D), torch.float32, 0)
 
 
-@pytest.mark.parametrize("version", [0, 2, 5, 255])
+@pytest.mark.parametrize("version", [0, 2, 4, 6, 255])
 def test_unknown_format_versions_are_foreign(encoded, version: int) -> None:
-    """v2 (the retired 64-bit coder) and versions this build does not know: FrameForeign, before any parsing."""
+    """v2 and v4 (retired coders) and versions this build does not know: FrameForeign, before any parsing."""
     tr, params, payload, shape = encoded
     bad = bytearray(params)
     bad[2] = version
@@ -464,10 +469,13 @@ def test_cuda_tensors_transform_on_the_gpu() -> None:
 
 
 @pytest.mark.skipif(not (SHIPPED / klt.TRANSFORM_FILE).exists(), reason="the shipped model has no transform")
-def test_shipped_model_kv_round_trips_within_the_bound_at_odd_lengths() -> None:
+@pytest.mark.parametrize("simd", ["1", "0"])
+def test_shipped_model_kv_round_trips_within_the_bound_at_odd_lengths(simd: str, monkeypatch) -> None:
     """The shipped model's real KV (held-out text), with its rate table in force (steps scaled per length),
-    through both the compiled path and the device path: every token within the frame's stated bound, at odd
-    and even lengths around the chunk and RECENT boundaries."""
+    through both the compiled path and the device path, with the AVX2 coder (where the CPU has it) and the
+    portable one (PDSERVE_RANS_SIMD=0): every token within the frame's stated bound, at odd and even lengths
+    around the chunk and RECENT boundaries."""
+    monkeypatch.setenv("PDSERVE_RANS_SIMD", simd)
     from bench.codec import SKIP_TOKENS, heldout_ids
     from engine.kv_probe import KVProbe
 

@@ -78,14 +78,14 @@ def test_pull_carries_copies_and_replica_and_defaults_to_one() -> None:
     assert "copies=4, replica=3" in repr(msg)
     one = decode_control(encode_control(Pull(FP, "t", "raw", b"k")))
     assert isinstance(one, Pull) and (one.copies, one.replica) == (1, 0)
-    assert VERSION == 4
+    assert VERSION == 5
 
 
 def _pull_bytes(copies: int, replica: int) -> bytes:
-    """A well-formed v4 PULL envelope with any copies/replica bytes (what a broken peer could send)."""
+    """A well-formed v5 PULL envelope with any copies/replica bytes (what a broken peer could send)."""
     good = encode_control(Pull(FP, "t", "raw", b"k"))
     body = bytearray(good[:-4])
-    body[-2:] = struct.pack("<BB", copies, replica)
+    body[-10:-8] = struct.pack("<BB", copies, replica)  # before max_kl f64
     return bytes(body) + struct.pack("<I", zlib.crc32(bytes(body)))
 
 

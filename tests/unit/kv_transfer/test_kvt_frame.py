@@ -277,6 +277,25 @@ def test_frame_carries_its_head_range_and_version_1_frames_still_read() -> None:
     )
 
 
+def test_pull_carries_the_requests_quality_floor() -> None:
+    """max_kl (the request's max_kv_kl) crosses in the PULL; none given stays None; a negative or non-finite
+    floor is refused on both ends; a version-4 peer (PULL without it) is refused, not misread."""
+    for floor in (None, 0.0, 1.5e-5, 0.25):
+        msg = decode_control(encode_control(Pull(FP, "t", "cachegen", token=b"k", max_kl=floor)))
+        assert isinstance(msg, Pull) and msg.max_kl == floor
+    for bad in (-0.5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="max_kl"):
+            encode_control(Pull(FP, "t", "cachegen", token=b"k", max_kl=bad))
+        raw = bytearray(encode_control(Pull(FP, "t", "cachegen", token=b"k")))
+        raw[-12:-4] = struct.pack("<d", bad)
+        with pytest.raises(FrameCorrupted, match="max_kl"):
+            decode_control(_recrc(raw))
+    v4 = bytearray(encode_control(Pull(FP, "t", "cachegen", token=b"k", max_kl=0.01)))
+    v4[4:6] = struct.pack("<H", 4)
+    with pytest.raises(FrameForeign, match="version 4, this build reads 5"):
+        decode_control(_recrc(v4))
+
+
 def test_pull_carries_its_rectangle() -> None:
     msg = decode_control(encode_control(Pull(FP, "t", "raw", token=b"k", layers=(2, 5), heads=(1, 3))))
     assert isinstance(msg, Pull) and (msg.layers, msg.heads) == ((2, 5), (1, 3))
