@@ -27,6 +27,8 @@ The decomposition (milliseconds, one row per request; a component whose spans ar
       kv_encode         its encode_s (server: read the blocks, codec encode, frame assembly)
       kv_decode         the puller's frame checks and codec decode
       kv_write          the puller's writes into the decode instance's KV blocks
+      kv_other          kv_transfer minus the five above: the wire, and the KV threads' waits for a core and
+                        the GIL (the server's encode overlaps its sends, so this is a lower bound)
       join_wait         kv.transfer end -> decode.steps start (waiting for the step loop to take it in)
       step              decode.steps duration / its step count (the steady per-token time)
       tpot              (root end - first token) / (tokens - 1): what the SLO checks
@@ -71,6 +73,7 @@ DECODE_PARTS = (
     "kv_encode",
     "kv_decode",
     "kv_write",
+    "kv_other",
     "join_wait",
     "step",
 )
@@ -137,6 +140,9 @@ def request_breakdown(spans: list[SpanRecord]) -> dict[str, float | None] | None
             holder = transfer if name == KV_TRANSFER else last(name)
             value = holder.attributes.get(attr) if holder is not None else None
             out[comp] = 1e3 * float(value) if value is not None else None
+        parts = [out[comp] for comp, _, _ in KV_PARTS]
+        if all(v is not None for v in parts):
+            out["kv_other"] = transfer.duration_ms - sum(v for v in parts if v is not None)
         if steps is not None:
             out["join_wait"] = _ms(steps.start_ns - transfer.end_ns)
     if steps is not None:

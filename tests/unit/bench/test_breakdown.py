@@ -69,6 +69,7 @@ def test_components_of_a_hand_built_trace() -> None:
         "kv_encode": 1.5,
         "kv_decode": 0.5,
         "kv_write": 1,
+        "kv_other": 2,  # 10 - 2 - 3 - 1.5 - 0.5 - 1
         "join_wait": 1,
         "step": 5,
         "tpot": 7,
