@@ -22,7 +22,13 @@ The decomposition (milliseconds, one row per request; a component whose spans ar
       decode_dispatch   gateway.decode start -> decode.request start (route + gRPC)
       admission         pdserve.decode.admission (waiting for KV blocks)
       kv_transfer       pdserve.kv.transfer (connect, server wait, wire, decode, write)
-      kv_connect        its connect_s attribute (part of kv_transfer)
+      kv_connect        its connect_s attribute (part of kv_transfer; so are the four below)
+      kv_server_wait    its server_wait_s: the KV server waiting for the prefill pass to publish layers
+      kv_encode         its encode_s (server: read the blocks, codec encode, frame assembly)
+      kv_decode         the puller's frame checks and codec decode
+      kv_write          the puller's writes into the decode instance's KV blocks
+      kv_other          kv_transfer minus the five above: the wire, and the KV threads' waits for a core and
+                        the GIL (the server's encode overlaps its sends, so this is a lower bound)
       join_wait         kv.transfer end -> decode.steps start (waiting for the step loop to take it in)
       step              decode.steps duration / its step count (the steady per-token time)
       tpot              (root end - first token) / (tokens - 1): what the SLO checks
@@ -34,6 +40,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import json
 import logging
 import os
 import tempfile
@@ -56,7 +64,28 @@ TTFT_PARTS = (
     "prefill_other",
     "ttft_other",
 )
-DECODE_PARTS = ("decode_dispatch", "admission", "kv_transfer", "kv_connect", "join_wait", "step")
+DECODE_PARTS = (
+    "decode_dispatch",
+    "admission",
+    "kv_transfer",
+    "kv_connect",
+    "kv_server_wait",
+    "kv_encode",
+    "kv_decode",
+    "kv_write",
+    "kv_other",
+    "join_wait",
+    "step",
+)
+KV_TRANSFER = "pdserve.kv.transfer"
+# kv_transfer's parts: (component, span attribute in seconds, on pdserve.kv.transfer or a child span)
+KV_PARTS = (
+    ("kv_connect", "pdserve.kv.connect_s", KV_TRANSFER),
+    ("kv_server_wait", "pdserve.kv.server_wait_s", KV_TRANSFER),
+    ("kv_encode", "pdserve.kv.seconds", "pdserve.kv.encode"),
+    ("kv_decode", "pdserve.kv.seconds", "pdserve.kv.decode"),
+    ("kv_write", "pdserve.kv.write_s", KV_TRANSFER),
+)
 COMPONENTS = ("ttft", *TTFT_PARTS, *DECODE_PARTS, "tpot")
 ROOT = "pdserve.gateway.generate"
 
@@ -101,14 +130,19 @@ def request_breakdown(spans: list[SpanRecord]) -> dict[str, float | None] | None
             out["ttft_other"] = ttft - sum(known)
 
     g_decode, d_req = last("pdserve.gateway.decode"), last("pdserve.decode.request")
-    transfer, steps = last("pdserve.kv.transfer"), last("pdserve.decode.steps")
+    transfer, steps = last(KV_TRANSFER), last("pdserve.decode.steps")
     if g_decode is not None and d_req is not None:
         out["decode_dispatch"] = _ms(d_req.start_ns - g_decode.start_ns)
     out["admission"] = dur(last("pdserve.decode.admission"))
     if transfer is not None:
         out["kv_transfer"] = transfer.duration_ms
-        connect = transfer.attributes.get("pdserve.kv.connect_s")
-        out["kv_connect"] = 1e3 * float(connect) if connect is not None else None
+        for comp, attr, name in KV_PARTS:
+            holder = transfer if name == KV_TRANSFER else last(name)
+            value = holder.attributes.get(attr) if holder is not None else None
+            out[comp] = 1e3 * float(value) if value is not None else None
+        parts = [out[comp] for comp, _, _ in KV_PARTS]
+        if all(v is not None for v in parts):
+            out["kv_other"] = transfer.duration_ms - sum(v for v in parts if v is not None)
         if steps is not None:
             out["join_wait"] = _ms(steps.start_ns - transfer.end_ns)
     if steps is not None:
@@ -165,8 +199,10 @@ def _trace_system(
     source: list[int],
     tmp: str,
     timeout_s: float,
+    keep_dir: str | None = None,
 ) -> dict[str, Any]:
-    """Start one system with tracing to a file, warm it, run the workload once, stop it; its summary."""
+    """Start one system with tracing to a file, warm it, run the workload once, stop it; its summary.
+    `keep_dir`: also write the run's spans (not the warm-up's) to keep_dir/SYSTEM.jsonl."""
     from bench.compare.systems import start_system, warm_up
     from bench.serving import run_load
     from bench.workload import make_requests
@@ -196,6 +232,10 @@ def _trace_system(
     finally:
         cluster.stop()  # flushes every service's span exporter
     spans = [s for s in load_file(span_file) if s.start_ns >= began]  # not the warm-up's
+    if keep_dir:
+        os.makedirs(keep_dir, exist_ok=True)
+        with open(os.path.join(keep_dir, f"{system.name}.jsonl"), "w", encoding="utf-8") as dst:
+            dst.writelines(json.dumps(dataclasses.asdict(s)) + "\n" for s in spans)
     out = summarize(breakdowns(spans))
     out["served"] = sum(1 for r in records if r.ok)
     out["sent"] = len(records)
@@ -214,6 +254,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cpus", help="two cores, e.g. 0,1 (default: the first two usable)")
     p.add_argument("--json", help="also write the JSON object to this file")
+    p.add_argument("--keep-spans", metavar="DIR", help="keep each system's span file (SYSTEM.jsonl) in DIR")
     return p.parse_args(argv)
 
 
@@ -226,8 +267,6 @@ def main(argv: list[str] | None = None) -> int:
         result["systems"] = {"file": summarize(breakdowns(load_file(a.spans)))}
         emit(result, a.json, summary=table(result["systems"]))
         return 0
-
-    import dataclasses
 
     from bench.compare import FULL, QUICK, systems
     from bench.compare.slos import bench_model, plan_workload, prompt_source
@@ -255,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="pdserve-breakdown-") as tmp:
         for system in chosen:  # one at a time: no system's load disturbs another's
             per_system[system.name] = _trace_system(
-                system, model_dir, cpus, workload, source, tmp, plan.timeout_s
+                system, model_dir, cpus, workload, source, tmp, plan.timeout_s, a.keep_spans
             )
     result = {
         "benchmark": "breakdown",

@@ -2,7 +2,8 @@
 
 A request waits in FIFO order until `prompt + max_tokens` KV blocks are free (admission by free
 blocks = back-pressure: KV is pulled only into memory that is already reserved), then a pull thread
-imports its prompt KV from the prefill instance, and from the next step on it decodes with every
+imports its prompt KV from the prefill instance (a request with nothing queued ahead is admitted by `submit`
+itself, so its pull does not wait for the decode step in progress to end), and from the next step on it decodes with every
 other running sequence. Requests join and leave between steps; tokens are emitted every step.
 
 A `local_prefill` request (the gateway's conditional disaggregation: a short prompt while the prefill
@@ -91,6 +92,9 @@ class DecodeEngine(StepEngine[DecodeJob]):
         if job.first_token_id is not None and not 0 <= job.first_token_id < vocab_size:
             raise InvalidRequest(f"first_token_id must be in [0, {vocab_size})")
         super().submit(job)
+        with self._cond:  # nothing queued ahead of it: admit now, so its pull overlaps the step in progress
+            if not self._stop and len(self._waiting) == 1 and self._waiting[0] is job:
+                self._admit_and_pull()
 
     # ---- lifecycle (start: StepEngine) ----------------------------------------------------
     def stop(self) -> None:
@@ -105,10 +109,7 @@ class DecodeEngine(StepEngine[DecodeJob]):
         """Admit while `max_running` allows (a KV pull starts for each, or it waits for a local prefill
         pass); pulled sequences join the batch. The step: one prefill pass over local prompts (FIFO, up
         to `max_batch_tokens`, the first always), then one decode step of the sequences running before."""
-        for job in self._admit(max_jobs=self.max_running - len(self._admitted) - len(self._running)):
-            if not job.local_prefill:
-                job.phase = Phase.PULLING
-                self._pull_pool.submit(self._pull, job)
+        self._admit_and_pull()
         self._join_pulled()
         step: list[Batch[DecodeJob]] = []
         local = self._take_local()
@@ -117,6 +118,16 @@ class DecodeEngine(StepEngine[DecodeJob]):
         if self._running:
             step.append(Batch(list(self._running)))
         return step
+
+    def _admit_and_pull(self) -> None:
+        """Admit while `max_running` allows; a KV pull starts at once for each admitted job that has KV to
+        pull (a local prefill waits for the step loop's next pass). Under the lock: called by the step loop
+        and by `submit` (for a job with nothing queued ahead of it, so the pull need not wait for the step
+        that is running to end)."""
+        for job in self._admit(max_jobs=self.max_running - len(self._admitted) - len(self._running)):
+            if not job.local_prefill:
+                job.phase = Phase.PULLING
+                self._pull_pool.submit(self._pull, job)
 
     def _take_local(self) -> list[DecodeJob]:
         """Admitted local prefills for the next pass, FIFO, up to `max_batch_tokens` (the first always)."""

@@ -42,7 +42,8 @@ log = logging.getLogger(__name__)
 
 class Phase(enum.Enum):
     """Where a job is. The list that holds it is named; only the step loop moves jobs, under the lock
-    (except: a pull thread moves PULLING -> PULLED, a lease release moves LEASED -> DONE)."""
+    (except: a pull thread moves PULLING -> PULLED, a lease release moves LEASED -> DONE, and the decode
+    engine's `submit` admits a job that has nothing queued ahead of it, starting its KV pull)."""
 
     WAITING = enum.auto()  # queued (`_waiting`), owns no KV blocks
     PREFILL = enum.auto()  # admitted (`_admitted`): owns its blocks, its prompt is computed here

@@ -98,10 +98,11 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
 
 
 async def run(cfg: instance.InstanceConfig) -> None:
+    cuda = cfg.device.kind == "cuda"
+    scheme = default_scheme(cuda) if cfg.transport == "auto" else cfg.transport  # auto logs its choice
     runner, codecs = instance.load_kv_runner(
-        cfg, RankKVConfig("prefill", cfg.transport, cfg.host, cfg.advertise_host, cfg.lease_ttl_s)
+        cfg, RankKVConfig("prefill", scheme, cfg.host, cfg.advertise_host, cfg.lease_ttl_s)
     )
-    scheme = default_scheme() if cfg.transport == "auto" else cfg.transport  # auto logs its choice
     transport = transport_for(scheme)
     kv_server = KVServer(
         transport,

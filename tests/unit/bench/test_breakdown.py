@@ -36,7 +36,15 @@ def _trace(trace: str = "t1") -> list[SpanRecord]:
         _span("pdserve.gateway.decode", 31, 100, trace),
         _span("pdserve.decode.request", 33, 99, trace),
         _span("pdserve.decode.admission", 33, 34, trace),
-        _span("pdserve.kv.transfer", 34, 44, trace, **{"pdserve.kv.connect_s": 0.002}),
+        _span(
+            "pdserve.kv.transfer",
+            34,
+            44,
+            trace,
+            **{"pdserve.kv.connect_s": 0.002, "pdserve.kv.server_wait_s": 0.003, "pdserve.kv.write_s": 0.001},
+        ),
+        _span("pdserve.kv.encode", 34, 36, trace, **{"pdserve.kv.seconds": 0.0015}),
+        _span("pdserve.kv.decode", 42, 44, trace, **{"pdserve.kv.seconds": 0.0005}),
         _span("pdserve.decode.steps", 45, 95, trace, **{"pdserve.decode.steps": 10}),
     ]
 
@@ -57,6 +65,11 @@ def test_components_of_a_hand_built_trace() -> None:
         "admission": 1,
         "kv_transfer": 10,
         "kv_connect": 2,
+        "kv_server_wait": 3,
+        "kv_encode": 1.5,
+        "kv_decode": 0.5,
+        "kv_write": 1,
+        "kv_other": 2,  # 10 - 2 - 3 - 1.5 - 0.5 - 1
         "join_wait": 1,
         "step": 5,
         "tpot": 7,

@@ -221,3 +221,28 @@ def test_stop_fails_queued_requests_and_returns_once_the_pulls_in_flight_do(
     assert not stopper.is_alive()
     assert isinstance(events.of["p"][-1], Cancelled) and _all_free(engine)
     engine.check_integrity()
+
+
+def test_a_job_with_nothing_queued_ahead_starts_its_pull_during_the_running_step(
+    engine_for, events, puller, timeline
+):
+    engine = engine_for(num_blocks=16)
+    engine.runner.hold()
+    a = _job(events, "a", prompt_len=4, max_tokens=4)
+    engine.submit(a)
+    timeline.wait_for(lambda: ("pull", "a") in timeline.entries)
+    puller.send_layers("a", 2, 4)
+    puller.finish("a", first_token_id=500, num_tokens=4)
+    timeline.wait_for(lambda: ("pass", "decode", ["a"], [1]) in timeline.entries)  # a's first step is held
+    engine.submit(_job(events, "b", prompt_len=4, max_tokens=2))
+    # b is admitted and pulling while a's step still waits for its permit: not one step later
+    timeline.wait_for(lambda: ("pull", "b") in timeline.entries)
+    assert timeline.passes() == [("decode", ["a"], [1])]
+    engine.runner.release()
+    puller.send_layers("b", 2, 4)
+    puller.finish("b", first_token_id=700, num_tokens=4)
+    events.wait("a", _finished)
+    events.wait("b", _finished)
+    assert _tokens(events, "a") == [501, 502, 503] and _tokens(events, "b") == [701]
+    assert _all_free(engine)
+    engine.check_integrity()

@@ -267,9 +267,16 @@ def test_ucx_reports_unavailable_clearly_when_ucxx_does_not_import(monkeypatch: 
     monkeypatch.setattr(ucx_mod, "_api", None)
     monkeypatch.setattr(ucx_mod, "_import_error", "ImportError: simulated")
     assert not ucx_mod.ucx_available()
-    assert available_transports() == ["tcp", "shm"] and default_scheme() == "tcp"
+    assert available_transports() == ["tcp", "shm"] and default_scheme(cuda=True) == "tcp"
     with pytest.raises(TransportUnavailable, match="import ucxx failed.*simulated"):
         transport_for("ucx://127.0.0.1:5")
+
+
+def test_auto_picks_tcp_for_a_cpu_instance_and_ucx_for_a_cuda_one_where_it_imports() -> None:
+    from kv_transfer.transport import default_scheme
+
+    assert default_scheme(cuda=False) == "tcp"  # whether or not ucxx imports
+    assert default_scheme(cuda=True) == ("ucx" if ucx_available() else "tcp")
 
 
 def test_cuda_tls_ok_only_for_settings_that_moved_cuda_tensors() -> None:
