@@ -28,9 +28,10 @@ relative to the prefill compute time (`ttft_added_frac_*`, medians over trials, 
     raw_s, cachegen_s, speedup = raw_s / cachegen_s, ...}], medians; `handoff.break_even_gbit_s` = where
     speedup crosses 1 (`break_even_gbit`: log-log interpolation between the two rates around the crossing;
     `break_even_method` says how it was found, or which side of the range it lies on). Per rate cachegen is
-    also served and pulled without the pipeline (`KVServer`/`KVPuller(pipelined=False)`: read, encode, send,
-    receive, decode one layer at a time; a second server and puller in the same processes):
-    `cachegen_sequential_s`, `pipeline_speedup` = that / `cachegen_s`.
+    served and pulled as the services do (`KVServer`/`KVPuller` defaults: pipelined only with more than one
+    codec thread, `pipeline.pipelined_by_default`; `pipelined_by_default` in the JSON) and also the other way
+    (a second server and puller in the same processes): `cachegen_sequential_s` (read, encode, send, receive,
+    decode one layer at a time), `cachegen_pipelined_s`, `pipeline_speedup` = sequential / pipelined.
   * limited_1gbit: the 1 Gbit/s rate of that sweep in more detail: codecs raw, cachegen and cachegen_l0
     (layer 0 as the token ids, what a decode instance holding the model pulls when told cachegen; both
     processes hold the model, as the services do), after prefill and streaming: `cachegen_speedup_vs_raw`
@@ -315,7 +316,7 @@ def _prefill_proc(
     rated = _RatedTransport(transport, limit_bps) if limit_bps else None
     if rated is not None:
         transport = rated.limited
-    # "after_seq" trials go to a server that reads, encodes and sends one layer at a time (the baseline)
+    # "_alt" trials go to the server that does not do what the services do (pipelined or not: ALT)
     servers = {
         pipelined: KVServer(
             transport,
@@ -341,8 +342,8 @@ def _prefill_proc(
                 conn.send(("shaped",))
                 continue
             _, mode, tid, prompt = msg
-            server = servers[not mode.endswith(SEQUENTIAL)]
-            mode = mode.removesuffix(SEQUENTIAL)
+            server = servers[_pipelined(mode)]
+            mode = mode.removesuffix(ALT)
             n = len(prompt)
             released = threading.Event()
             seq = Sequence(tid, list(prompt), SamplingParams(max_tokens=1), blocks=blocks)
@@ -420,7 +421,7 @@ def _decode_proc(
                 tag, got, lease_token = peer.recv()
                 assert tag == "pull" and got == tid, (tag, got)
                 t_pull, cpu0 = time.monotonic(), time.process_time()
-                pipelined = not mode.endswith(SEQUENTIAL)
+                pipelined = _pipelined(mode)
                 trailer = pullers[pipelined].pull(
                     addresses[pipelined],
                     tid,
@@ -444,6 +445,7 @@ def _decode_proc(
                         "encode_s": st.encode_s,
                         "decode_s": st.decode_s,
                         "decode_side_cpu_s": cpu1 - cpu0,
+                        "pipelined": pipelined,  # as this (one-core) process resolves it: see _pipelined
                     }
                 )
         peer.send(("quit",))
@@ -503,7 +505,18 @@ def run_handoff(
 
 
 RATES_GBIT = (1.0, 2.5, 5.0, 10.0)  # the shaped links of the sweep
-SEQUENTIAL = "_seq"  # a trial mode's suffix: served and pulled one layer at a time (pipelined=False)
+ALT = "_alt"  # a trial mode's suffix: served and pulled the other way than the services' default
+
+
+def _pipelined(mode: str) -> bool:
+    """Whether a trial `mode` is served and pulled pipelined: as the services are (their codec threads:
+    one per core of this process, `pipelined_by_default`), or the other way for an ALT mode."""
+    from kv_transfer.pipeline import auto_workers, pipelined_by_default
+
+    default = pipelined_by_default(auto_workers())
+    return default != mode.endswith(ALT)
+
+
 # tbf burst: 200 us of the rate, at least 256 KiB (2 ms at 1 Gbit/s). Smaller bursts left the link well under
 # its rate on a loaded 2-core host (tbf dequeues on a timer, and the timer's softirq waits for a CPU).
 BURST_S = 200e-6
@@ -648,14 +661,14 @@ def measure_handoff(model_dir: str, s: Settings, link: str) -> dict[str, Any]:
     # at the other rates raw and cachegen pulled after prefill. The first prompt's trials at the first rate
     # (connection set-up, first allocations) are dropped; later rates reuse the warm processes and skip it.
     full = (("raw", "cachegen", "cachegen_l0"), ("after", "streaming"))
-    # At every rate cachegen is also served and pulled without the pipeline ("after_seq"): the baseline.
+    # At every rate cachegen is also served and pulled the other way ("after_alt": pipelined or not).
     sweep = (("raw", "cachegen"), ("after",))
     sweep_plan: list[tuple[str, str, list[int]]] = []
     for i, gbit in enumerate(RATES_GBIT):
         codecs, modes = full if gbit == 1.0 else sweep
         sweep_plan.append(("shape", f"{gbit}", []))
         for p in prompts if i == 0 else prompts[1:]:
-            sweep_plan += [(m, c, p) for c in codecs for m in modes] + [("after" + SEQUENTIAL, "cachegen", p)]
+            sweep_plan += [(m, c, p) for c in codecs for m in modes] + [("after" + ALT, "cachegen", p)]
     n_trials = len(sweep_plan) - len(RATES_GBIT)
     _log(f"  hand-off over shaped links {list(RATES_GBIT)} Gbit/s ({how}): {n_trials} trials")
     load0 = _loadavg()
@@ -686,7 +699,11 @@ def measure_handoff(model_dir: str, s: Settings, link: str) -> dict[str, Any]:
     for gbit, rr in by_rate.items():
         t_raw = _med(rr, "handoff_s", mode="after", codec="raw")
         t_cg = _med(rr, "handoff_s", mode="after", codec="cachegen")
-        t_seq = _med(rr, "handoff_s", mode="after" + SEQUENTIAL, codec="cachegen")
+        t_alt = _med(rr, "handoff_s", mode="after" + ALT, codec="cachegen")
+        default = next(
+            r["pipelined"] for r in rr if r["mode"] == "after"
+        )  # as the pinned processes resolved it
+        t_pipe, t_seq = (t_cg, t_alt) if default else (t_alt, t_cg)
         shaped.append(
             {
                 "gbit_s": gbit,
@@ -694,7 +711,9 @@ def measure_handoff(model_dir: str, s: Settings, link: str) -> dict[str, Any]:
                 "cachegen_s": t_cg,
                 "speedup": t_raw / t_cg,
                 "cachegen_sequential_s": t_seq,
-                "pipeline_speedup": t_seq / t_cg,
+                "cachegen_pipelined_s": t_pipe,
+                "pipeline_speedup": t_seq / t_pipe,
+                "pipelined_by_default": default,
                 "raw_effective_gbit_s": _med(rr, "wire_bytes", codec="raw") * 8 / t_raw / 1e9,
                 "encode_s_cachegen": _med(rr, "encode_s", mode="after", codec="cachegen"),
                 "decode_s_cachegen": _med(rr, "decode_s", mode="after", codec="cachegen"),
@@ -793,7 +812,8 @@ def summary(r: dict[str, Any]) -> str:
         lines.append(
             f"{p['gbit_s']:4g} Gbit/s ({h['link']}): raw {p['raw_s'] * 1e3:6.1f} ms, cachegen "
             f"{p['cachegen_s'] * 1e3:6.1f} ms -> {p['speedup']:.2f}x (raw moved {p['raw_effective_gbit_s']:.2f} "
-            f"Gbit/s; cachegen unpipelined {p['cachegen_sequential_s'] * 1e3:.1f} ms)"
+            f"Gbit/s; cachegen sequential {p['cachegen_sequential_s'] * 1e3:.1f} ms, pipelined "
+            f"{p['cachegen_pipelined_s'] * 1e3:.1f} ms)"
         )
     be = h["break_even_gbit_s"]
     lines.append(f"break-even: {'-' if be is None else f'{be:.2f} Gbit/s'} ({h['break_even_method']})")

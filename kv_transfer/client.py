@@ -55,7 +55,7 @@ from kv_transfer.errors import (
     UnknownTransfer,
 )
 from kv_transfer.frame import DEFAULT_MAX_ELEMENTS, Buffer, Frame, decode_frame, is_frame
-from kv_transfer.pipeline import OrderedWindow, auto_workers, codec_pool
+from kv_transfer.pipeline import OrderedWindow, auto_workers, codec_pool, pipelined_by_default
 from kv_transfer.reshard import WritePiece
 from kv_transfer.transport import transport_for
 from kv_transfer.transport.base import Channel, Transport
@@ -207,7 +207,8 @@ class KVPuller:
     decode_workers: threads that decode layers, shared by all pulls (0 = the cores this process may use,
     at most 4; started on the first pull that needs them); pipeline_depth: per pull, frames received and
     not yet decoded (0 = decode_workers + 1). pipelined=False decodes every codec on the pull thread, one
-    frame at a time (the baseline bench.transport compares).
+    frame at a time; None (the default) pipelines only with more than one decode worker
+    (`pipeline.pipelined_by_default`).
     """
 
     def __init__(
@@ -221,14 +222,14 @@ class KVPuller:
         codecs: CodecContext | None = None,
         decode_workers: int = 0,
         pipeline_depth: int = 0,
-        pipelined: bool = True,
+        pipelined: bool | None = None,
     ) -> None:
         """`codecs`: the served model's codec context (default: none, so no calibration or layer 0)."""
         if decode_workers < 0 or pipeline_depth < 0:
             raise ValueError("decode_workers and pipeline_depth must be >= 0")
         self.decode_workers = decode_workers or auto_workers()
         self.pipeline_depth = pipeline_depth or self.decode_workers + 1
-        self.pipelined = pipelined
+        self.pipelined = pipelined if pipelined is not None else pipelined_by_default(self.decode_workers)
         self._decode_pool: ThreadPoolExecutor | None = None  # made by the first pull that decodes on it
         self.fingerprint = fingerprint & 0xFFFFFFFFFFFFFFFF
         self.codecs = codecs if codecs is not None else CodecContext()

@@ -30,6 +30,13 @@ def auto_workers() -> int:
     return max(1, min(MAX_AUTO_WORKERS, cores))
 
 
+def pipelined_by_default(workers: int) -> bool:
+    """Whether a hand-off side with `workers` codec threads pipelines when not told: only with more than one.
+    On one core the thread hop costs more than the overlap gains (bench.transport, 2026-12-06: the pipelined
+    hand-off took 1.13x the sequential one's time with one core per process, at every shaped rate)."""
+    return workers > 1
+
+
 def codec_pool(workers: int, name: str) -> ThreadPoolExecutor:
     """A pool of `workers` codec threads (0 = auto_workers()); threads start on first use."""
     if workers < 0:

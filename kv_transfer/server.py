@@ -73,7 +73,7 @@ from kv_transfer.errors import (
     UnknownCodec,
 )
 from kv_transfer.frame import MAX_TRANSFER_ID_BYTES, FrameBuffer
-from kv_transfer.pipeline import OrderedWindow, auto_workers, codec_pool
+from kv_transfer.pipeline import OrderedWindow, auto_workers, codec_pool, pipelined_by_default
 from kv_transfer.transport._sockutil import advertised
 from kv_transfer.transport.base import Channel, Listener, Transport
 from kv_transfer.wire import (
@@ -170,14 +170,15 @@ class KVServer:
         advertise_host: str = "",
         encode_workers: int = 0,
         pipeline_depth: int = 0,
-        pipelined: bool = True,
+        pipelined: bool | None = None,
     ) -> None:
         """`codecs`: the served model's codec context (default: none, so no calibration or layer 0).
         `host`: the listen host; `advertise_host`: the host `address` names for pullers ("" = the listener's
         own, with a wildcard host replaced by this machine's name). `encode_workers`: threads that encode
         layers, shared by all pulls (0 = the cores this process may use, at most 4); `pipeline_depth`: per
         pull, layers encoded ahead of the one being sent (0 = encode_workers + 1); `pipelined=False`: read,
-        encode and send one layer at a time on the connection's thread (the baseline bench.transport compares)."""
+        encode and send one layer at a time on the connection's thread; None (the default): pipeline only with
+        more than one encode worker (on one core the thread hop costs more than the overlap gains)."""
         if lease_ttl_s <= 0:
             raise ValueError("lease_ttl_s must be > 0")
         if encode_workers < 0 or pipeline_depth < 0:
@@ -190,7 +191,7 @@ class KVServer:
         self.codecs = codecs if codecs is not None else CodecContext()
         self.encode_workers = encode_workers or auto_workers()
         self.pipeline_depth = pipeline_depth or self.encode_workers + 1
-        self.pipelined = pipelined
+        self.pipelined = pipelined if pipelined is not None else pipelined_by_default(self.encode_workers)
         self._encode_pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)  # notified on any lease change and on stop
