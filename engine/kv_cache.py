@@ -12,13 +12,19 @@ from torch import Tensor
 from engine.arena import Arena
 
 
-def slots_for(blocks: list[int], start: int, num_tokens: int, block_size: int) -> Tensor:
-    """Flat slot index of positions [start, start + num_tokens) of a sequence owning `blocks`. -> [T] int64"""
+def _owned_end(blocks: list[int], start: int, num_tokens: int, block_size: int) -> int:
+    """start + num_tokens, once `blocks` are checked to hold every position before it (ValueError if not)."""
     end = start + num_tokens
     if end > len(blocks) * block_size:
         raise ValueError(
             f"positions up to {end} need {-(-end // block_size)} blocks, sequence owns {len(blocks)}"
         )
+    return end
+
+
+def slots_for(blocks: list[int], start: int, num_tokens: int, block_size: int) -> Tensor:
+    """Flat slot index of positions [start, start + num_tokens) of a sequence owning `blocks`. -> [T] int64"""
+    end = _owned_end(blocks, start, num_tokens, block_size)
     pos = torch.arange(start, end, dtype=torch.long)
     table = torch.tensor(blocks, dtype=torch.long)
     return table[pos // block_size] * block_size + pos % block_size
@@ -31,11 +37,7 @@ MAX_SLICE_RUNS = 8
 def slot_runs(blocks: list[int], start: int, num_tokens: int, block_size: int) -> list[tuple[int, int, int]]:
     """Positions [start, start + num_tokens) of a sequence owning `blocks` as runs of contiguous flat slots:
     [(first slot, first position - start, length)], in position order. ValueError if the blocks are too few."""
-    end = start + num_tokens
-    if end > len(blocks) * block_size:
-        raise ValueError(
-            f"positions up to {end} need {-(-end // block_size)} blocks, sequence owns {len(blocks)}"
-        )
+    end = _owned_end(blocks, start, num_tokens, block_size)
     runs: list[tuple[int, int, int]] = []
     pos = start
     while pos < end:
