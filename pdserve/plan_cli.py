@@ -273,6 +273,7 @@ def cmd_topology(a: argparse.Namespace) -> int:
                 "gbytes_per_s": r.gbytes_per_s,
                 "bytes": r.bytes,
                 "seconds": r.seconds,
+                "round_gbytes_per_s": list(r.round_gbytes_per_s),
             }
             for r in results
         ]

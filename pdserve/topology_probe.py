@@ -7,7 +7,9 @@ One host runs a probe server; another connects to it and asks, over one channel:
                                            moves: a prefill host's KV server sends, the decode host pulls)
     {"op": "quit"}                       -> the server closes the channel
 The client times rounds of doubling size until one lasts `min_round_s` (so the link's rate dominates its
-latency and the shaper's burst), and reports that round's rate. Units: GB/s = 1e9 bytes per second.
+latency and the shaper's burst), repeats that size `rounds` times in all and reports the fastest: anything
+else on either host (a busy core, a late wakeup) only slows a round, so the fastest is the one nearest the
+link's rate. Units: GB/s = 1e9 bytes per second.
 """
 
 from __future__ import annotations
@@ -31,9 +33,10 @@ MESSAGE_BYTES = 1 * MiB  # per message: the order of one layer's KV of a short p
 class ProbeResult:
     address: str
     node: Node  # the server's node, as it described itself
-    gbytes_per_s: float  # server -> client, the last (longest) round
-    bytes: int  # of that round
-    seconds: float  # of that round
+    gbytes_per_s: float  # server -> client, the fastest of the sized rounds
+    bytes: int  # of one sized round
+    seconds: float  # of the fastest sized round
+    round_gbytes_per_s: tuple[float, ...] = ()  # every sized round, in order
 
 
 def _node_dict(n: Node) -> dict[str, Any]:
@@ -107,30 +110,46 @@ def _answer(ch: Channel, payload: bytes, node: Node) -> None:
             return
 
 
-def probe(address: str, min_round_s: float = 0.5, max_bytes: int = 1 << 30) -> ProbeResult:
-    """Measure server -> client bandwidth to the probe server at `address`."""
+def probe(address: str, min_round_s: float = 0.5, max_bytes: int = 1 << 30, rounds: int = 3) -> ProbeResult:
+    """Measure server -> client bandwidth to the probe server at `address`: the fastest of `rounds` rounds
+    of the size that lasts at least `min_round_s`."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
     ch = transport_for(address).connect(address, timeout=30)
     with ch:
         _send_json(ch, {"op": "hello"})
         node = _node_from(_recv_json(ch))
         count = 1
         while True:
-            t0 = time.perf_counter()
-            _send_json(ch, {"op": "send", "bytes": MESSAGE_BYTES, "count": count})
-            for _ in range(count):
-                got = ch.recv(timeout=300)
-                if len(got) != MESSAGE_BYTES:
-                    raise RuntimeError(f"probe server sent {len(got)} bytes, expected {MESSAGE_BYTES}")
-            dt = time.perf_counter() - t0
-            total = count * MESSAGE_BYTES
-            if dt >= min_round_s or 2 * total > max_bytes:
+            dt = _round(ch, count)
+            if dt >= min_round_s or 2 * count * MESSAGE_BYTES > max_bytes:
                 break
             # aim the next round at 2 x min_round_s (at least double)
             count = max(
                 2 * count, min(max_bytes // MESSAGE_BYTES, int(count * 2 * min_round_s / max(dt, 1e-6)))
             )
+        seconds = [dt] + [_round(ch, count) for _ in range(rounds - 1)]
         _send_json(ch, {"op": "quit"})
-    return ProbeResult(address, node, total / dt / 1e9, total, dt)
+    total = count * MESSAGE_BYTES
+    return ProbeResult(
+        address,
+        node,
+        total / min(seconds) / 1e9,
+        total,
+        min(seconds),
+        tuple(total / s / 1e9 for s in seconds),
+    )
+
+
+def _round(ch: Channel, count: int) -> float:
+    """Ask for `count` messages and receive them. -> seconds from the request to the last byte."""
+    t0 = time.perf_counter()
+    _send_json(ch, {"op": "send", "bytes": MESSAGE_BYTES, "count": count})
+    for _ in range(count):
+        got = ch.recv(timeout=300)
+        if len(got) != MESSAGE_BYTES:
+            raise RuntimeError(f"probe server sent {len(got)} bytes, expected {MESSAGE_BYTES}")
+    return time.perf_counter() - t0
 
 
 def topology_from_probes(local: Node, results: Sequence[ProbeResult], device_kind: str) -> Topology:

@@ -131,6 +131,7 @@ def test_probe_on_loopback_reports_the_server_node_and_a_positive_rate() -> None
         rude.close()
         r = topology_probe.probe(lst.address, min_round_s=0.05)
         assert r.node == node and r.gbytes_per_s > 0 and r.seconds >= 0.05
+        assert len(r.round_gbytes_per_s) == 3 and r.gbytes_per_s == max(r.round_gbytes_per_s)
         topo = topology_probe.topology_from_probes(Node("me", 2, 1.0, 5.0), [r], "cpu-core")
         assert topo.overrides == (("me", "srv", round(r.gbytes_per_s, 4)),)
         with pytest.raises(ValueError, match="names must differ"):
