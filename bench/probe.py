@@ -101,7 +101,8 @@ class Prober:
 
     A run sends, for each of ``seeds`` (default: the workload's seed), ``workload.n_requests`` requests, fewer
     at low rates so that each seed's schedule spans at most ``max_span_s`` (but never fewer than
-    ``min_requests``): the first requests of the same seeded schedules, one seed after another.
+    ``min_requests``), and more at high rates where that many would span less than ``min_span_s``: the first
+    requests of the same seeded schedules, one seed after another.
     Runs of different probers sharing ``turns`` never overlap.
 
     With ``pids`` (the system's processes) each run's CPU use is measured (:mod:`bench.cpu`), the other
@@ -119,6 +120,7 @@ class Prober:
         timeout_s: float,
         max_span_s: float,
         min_requests: int,
+        min_span_s: float = 0.0,
         turns: Turns | None = None,
         log_slo: SLO | None = None,
         pids: PidsFn | None = None,
@@ -134,6 +136,7 @@ class Prober:
         self.timeout_s = timeout_s
         self.max_span_s = max_span_s
         self.min_requests = min_requests
+        self.min_span_s = min_span_s
         self.turns = turns
         self.log_slo = log_slo
         self.pids, self.peer_pids = pids, peer_pids
@@ -145,6 +148,7 @@ class Prober:
         rate = float(f"{rate:.4g}")
         if rate not in self.runs:
             n = min(self.workload.n_requests, max(self.min_requests, round(rate * self.max_span_s)))
+            n = max(n, math.ceil(rate * self.min_span_s))
             reqs, seed_of = make_seeded_requests(
                 replace(self.workload, rate=rate, n_requests=n), self.source, list(self.seeds)
             )

@@ -31,6 +31,11 @@ class Mode:
     n_requests: int  # requests per seed per load run (probe)
     min_requests: int  # ... at least this many at low rates
     max_span_s: float  # ... else fewer, so that one seed's arrivals span at most this long
+    # ... and more at high rates, so that one seed's arrivals span at least this many headline-k TTFT SLOs at
+    # every probed rate: a backlog past the TTFT SLO has time to build, so a rate above the system's capacity
+    # fails (12 requests at 30 req/s span 0.4 s, under a 1.1 s TTFT SLO: until 2026-12-06 quick passed the
+    # pure split at 1.5x its prefill capacity and gave 8.9x where the full run gave 3.0x).
+    min_span_ttft_slos: float
     max_probes: int  # load runs of the headline-k search
     extra_probes: int  # more load runs allowed for each other k (0: score the headline runs only)
     rel_tol: float  # the search stops once its bracket [highest pass, lowest fail] is this narrow (relative)
@@ -59,8 +64,10 @@ QUICK = Mode(
         # the serving path adds, so at k = 2 (TPOT <= 7.3 ms) every system failed every probe on an idle host
         # (2026-12-06: brackets open, goodput 0 for all three). At k = 3 the pure split met k 2.4-2.8 and
         # colocated-2x1core 1.6-3.2 at the same fixed rate (base and current runtime, seeds 0 and 1).
+        # The full run's lengths: a prefill ~30 decode steps long, as in the full run (160-token prompts gave 13,
+        # and a TTFT SLO 23 prefills long where the full run's is 6).
         WorkloadSpec(
-            "prefill_heavy", Uniform(128, 192), Uniform(8, 16), headline_k=3.0, ttft_tpot_ratio=SUMMARIZATION
+            "prefill_heavy", Uniform(320, 448), Uniform(12, 20), headline_k=3.0, ttft_tpot_ratio=SUMMARIZATION
         ),
         WorkloadSpec("balanced", Uniform(48, 80), Uniform(48, 80), headline_k=4.0),
     ),
@@ -69,9 +76,13 @@ QUICK = Mode(
     # requests only, and a burst among them failed the pure split's start rate on balanced (0.00x-0.25x,
     # where full runs give 1.00x). Pooled, one seed's burst moves a third of the attainment.
     seeds=3,
-    n_requests=12,
+    # 30 requests, at most 3 s: a balanced request lives about 1 s (64 tokens at the TPOT SLO), so a run is
+    # a few lifetimes long and the decode batch reaches the size the rate implies (12 requests spanning about
+    # 1.2 s gave balanced 1.02x where the full run gave 0.81x)
+    n_requests=30,
     min_requests=8,  # at the low rates a failing start rate halves to, 3 x 8 requests keep a run short
-    max_span_s=2.0,
+    max_span_s=3.0,
+    min_span_ttft_slos=6.0,
     # Four probes: start, x2 or /2, two bisections: a bracket of 25 %, the goodput fitted inside it (not the
     # factor-of-2 grid of two probes, on which ratios could only be powers of 2).
     max_probes=4,
@@ -96,6 +107,7 @@ FULL = Mode(
     n_requests=40,  # per seed: 120 a probe (80 of one seed until 2026-12-06)
     min_requests=20,
     max_span_s=10.0,
+    min_span_ttft_slos=6.0,  # near the knee the 10 s span is ~7 SLOs already; only runs far past it grow
     # bisection to a bracket of <= 10 % (issue 24: the 20 % brackets were as wide as the effects measured):
     # 2-3 probes to bracket at factors of 2, then 4 bisections
     max_probes=8,

@@ -43,6 +43,7 @@ def evaluate_system(
                 timeout_s=plan.timeout_s,
                 max_span_s=mode.max_span_s,
                 min_requests=mode.min_requests,
+                min_span_s=mode.min_span_ttft_slos * plan.slos[plan.spec.headline_k].ttft_s,
                 turns=turns,
                 log_slo=plan.slos[plan.spec.headline_k],
                 pids=pids,

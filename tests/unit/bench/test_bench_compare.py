@@ -320,3 +320,29 @@ def test_command_line_overrides_of_the_mode() -> None:
     assert (mode.seeds, mode.n_requests, mode.min_requests, mode.max_probes) == (2, 5, 5, 3)
     with pytest.raises(SystemExit):
         mode_from_args(parse_args(["--seeds", "0"]))
+
+
+class CountingProber(Prober):
+    """A prober that records how many requests each load run sends (the run itself is not what is tested)."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(
+            "sys", "127.0.0.1:1", Workload("w", n_requests=12, rate=1.0), list(range(100)), timeout_s=1, **kw
+        )
+        self.sent: dict[float, int] = {}
+
+    def _load(self, rate: float, reqs: list) -> Run:
+        self.sent[rate] = len(reqs)
+        return Run(rate, [_record(i, 0.1, 0.01) for i in range(len(reqs))], None)
+
+
+def test_a_run_spans_at_least_min_span_s_at_high_rates_and_at_most_max_span_s_at_low_ones() -> None:
+    prober = CountingProber(max_span_s=2.0, min_requests=8, min_span_s=6.5)
+    for rate in (1.0, 5.0, 30.0):
+        prober.run(rate)
+    # 1 req/s: 2 s span -> 2, raised to min_requests 8 (8 s > 6.5 s); 5 req/s: 10 capped... and 12 span 2.4 s,
+    # under 6.5 s -> ceil(32.5) = 33; 30 req/s: ceil(195) = 195 (12 would span 0.4 s)
+    assert prober.sent == {1.0: 8, 5.0: 33, 30.0: 195}
+    unbounded = CountingProber(max_span_s=2.0, min_requests=8)  # no floor: at most n_requests
+    unbounded.run(30.0)
+    assert unbounded.sent == {30.0: 12}
