@@ -148,12 +148,18 @@ def fidelity(quick: bool, log_dir: str, raw_path: str | None = None) -> dict[str
     at which the model predicts its own 60-request run to fall to 0.7 attainment, so one rate is past the
     knee; should the host's contention have eased so that it measures >= 0.9, it is raised 1.5 x, twice at
     most, the runs it replaced kept in `below_knee`):
-    `predicted_attainment` is the simulator on the very arrivals and lengths each run sent, with the share
-    of the cores other tenants took during that run (`foreign_core_share`, measured) stretching every time;
-    `predicted_idle_host_attainment` the same without that stretch, `predicted_steady_attainment` the
+    `predicted_attainment` is the simulator on the very arrivals and lengths each run sent, every batch and
+    step stretched by its instance's wait for a core in the 0.25 s window it starts in (schedstat, measured
+    in that run) and each instance's times scaled to the CPU its step thread used in that run
+    (calibrate.cpu_matched; the decode model is first put on the cluster's decode step thread by the
+    isolated run, calibrate.cpu_scale); `predicted_calibrated_attainment` the same without the run's CPU,
+    `predicted_run_stretch_attainment` without it and with one stretch over the run,
+    `predicted_attainment_band_5pct` the first with every time 5 % longer / shorter,
+    `predicted_idle_host_attainment` the calibrated model unstretched, `predicted_steady_attainment` the
     search's steady-state figure at that rate (many more requests than a run sends, idle host),
     `predicted_no_local_prefill_attainment` the first without the local prefill; `distributions_ms` the p50 /
-    p90 of TTFT and TPOT, predicted beside measured, per rate."""
+    p90 of TTFT and TPOT, predicted beside measured, per rate. `raw_path`: every run's per-request token
+    times and schedstat readings are written there as JSON (to replay a run against another model)."""
     import asyncio
     import logging
     import os
