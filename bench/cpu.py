@@ -219,3 +219,68 @@ def stretch(before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]
         if run1 - run0 > best_run:
             best_run, best_wait = run1 - run0, wait1 - wait0
     return 1.0 + max(0, best_wait) / best_run if best_run > 0 else 1.0
+
+
+def busiest_run_s(before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]]) -> float:
+    """Seconds on a CPU, between two schedstat readings, of the thread that ran most in between (an
+    instance's step loop), waits excluded."""
+    return max((r1 - before.get(tid, (0, 0))[0] for tid, (r1, _) in after.items()), default=0) / 1e9
+
+
+class SchedSampler:
+    """``with SchedSampler({"decode": pid, ...}) as s: ...`` then ``s.samples``: every ``interval_s`` a
+    reading (monotonic seconds, {name: schedstat_ns(pid)}) of each process's threads, for the stretch per
+    time window (`window_stretches`) and each process's CPU per window, not one mean per run."""
+
+    def __init__(self, pids: dict[str, int], interval_s: float = 0.25) -> None:
+        self.pids, self.interval_s = dict(pids), interval_s
+        self.samples: list[tuple[float, dict[str, dict[int, tuple[int, int]]]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sched-sampler", daemon=True)
+
+    def _read(self) -> None:
+        self.samples.append((time.monotonic(), {k: schedstat_ns(p) for k, p in self.pids.items()}))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._read()
+
+    def __enter__(self) -> SchedSampler:
+        self._read()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._read()
+
+
+def window_stretches(
+    samples: list[tuple[float, dict[str, dict[int, tuple[int, int]]]]], name: str, min_run_s: float = 0.0
+) -> list[tuple[float, float, float]]:
+    """Per window between samples: (start, seconds from the first sample; `name`'s stretch over the window,
+    as `stretch`: its busiest thread's (run + wait) / run; the CPU of all its threads, in cores). A window
+    in which that thread ran less than `min_run_s` is merged into the next (a thread that barely ran has a
+    wake-up wait over its run time, not a slowed step); a trailing short window into the one before."""
+
+    def busiest(i: int, j: int) -> float:
+        a, b = samples[i][1][name], samples[j][1][name]
+        return busiest_run_s(a, b)
+
+    cuts = [0]  # sample indices where windows start (and the last where the last ends)
+    for j in range(1, len(samples)):
+        if busiest(cuts[-1], j) >= min_run_s:
+            cuts.append(j)
+    if len(samples) > 1 and cuts[-1] != len(samples) - 1:  # a trailing short window
+        if len(cuts) > 1:
+            cuts[-1] = len(samples) - 1
+        else:
+            cuts.append(len(samples) - 1)
+    out = []
+    t0 = samples[0][0] if samples else 0.0
+    for i, j in zip(cuts, cuts[1:], strict=False):
+        (ta, a), (tb, b) = samples[i], samples[j]
+        run = sum(r1 - a[name].get(tid, (0, 0))[0] for tid, (r1, _) in b[name].items())
+        out.append((ta - t0, stretch(a[name], b[name]), run / 1e9 / max(tb - ta, 1e-9)))
+    return out

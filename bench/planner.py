@@ -24,7 +24,7 @@ from typing import Any
 
 from bench.report import emit
 from coordinator.planner.distserve import SHIPPED, profile_from_distserve
-from coordinator.planner.latency import Layout
+from coordinator.planner.latency import Layout, LayoutLatency
 from coordinator.planner.model import OPT_13B_CONFIG, spec_from_config
 from coordinator.planner.search import SearchInput, search
 from coordinator.planner.topology import uniform
@@ -40,6 +40,12 @@ DISTSERVE_REPORTED = {
     "gpus": 3,
     "paper_real_system_figure": "not extracted: the paper plots goodput curves, not this configuration's number",
 }
+
+
+# The instances' stretch per window: schedstat read every STRETCH_WINDOW_S; a window in which the step thread
+# ran less than STRETCH_WINDOW_MIN_RUN_S is merged into the next (bench.cpu.window_stretches)
+STRETCH_WINDOW_S = 0.25
+STRETCH_WINDOW_MIN_RUN_S = 0.05
 
 
 def _summary(plan: Any) -> dict[str, Any]:
@@ -129,7 +135,7 @@ def run(quick: bool) -> dict[str, Any]:
     return out
 
 
-def fidelity(quick: bool, log_dir: str) -> dict[str, Any]:
+def fidelity(quick: bool, log_dir: str, raw_path: str | None = None) -> dict[str, Any]:
     """Predicted vs measured SLO attainment on this machine. Profile the quick bench model here (TP1, one
     core: the engine's forward passes only), start a 1P1D cluster on this machine's two cores (the only plan
     the local topology holds), and calibrate the profile to the serving path from two runs through it (an
@@ -142,12 +148,18 @@ def fidelity(quick: bool, log_dir: str) -> dict[str, Any]:
     at which the model predicts its own 60-request run to fall to 0.7 attainment, so one rate is past the
     knee; should the host's contention have eased so that it measures >= 0.9, it is raised 1.5 x, twice at
     most, the runs it replaced kept in `below_knee`):
-    `predicted_attainment` is the simulator on the very arrivals and lengths each run sent, with the share
-    of the cores other tenants took during that run (`foreign_core_share`, measured) stretching every time;
-    `predicted_idle_host_attainment` the same without that stretch, `predicted_steady_attainment` the
+    `predicted_attainment` is the simulator on the very arrivals and lengths each run sent, every batch and
+    step stretched by its instance's wait for a core in the 0.25 s window it starts in (schedstat, measured
+    in that run) and each instance's times scaled to the CPU its step thread used in that run
+    (calibrate.cpu_matched; the decode model is first put on the cluster's decode step thread by the
+    isolated run, calibrate.cpu_scale); `predicted_calibrated_attainment` the same without the run's CPU,
+    `predicted_run_stretch_attainment` without it and with one stretch over the run,
+    `predicted_attainment_band_5pct` the first with every time 5 % longer / shorter,
+    `predicted_idle_host_attainment` the calibrated model unstretched, `predicted_steady_attainment` the
     search's steady-state figure at that rate (many more requests than a run sends, idle host),
     `predicted_no_local_prefill_attainment` the first without the local prefill; `distributions_ms` the p50 /
-    p90 of TTFT and TPOT, predicted beside measured, per rate."""
+    p90 of TTFT and TPOT, predicted beside measured, per rate. `raw_path`: every run's per-request token
+    times and schedstat readings are written there as JSON (to replay a run against another model)."""
     import asyncio
     import logging
     import os
@@ -159,12 +171,20 @@ def fidelity(quick: bool, log_dir: str) -> dict[str, Any]:
     from bench.compare.modes import QUICK
     from bench.compare.slos import bench_model, prompt_source
     from bench.compare.systems import warm_up
-    from bench.cpu import CpuMeter, schedstat_ns, stretch
+    from bench.cpu import CpuMeter, SchedSampler, busiest_run_s, schedstat_ns, stretch, window_stretches
     from bench.metrics import SLO, attainment, compute_metrics
     from bench.serving import run_load
     from bench.workload import Fixed, Workload, make_requests
     from coordinator.config import CoordinatorConfig
-    from coordinator.planner.calibrate import apply, calibrate, observed, one_by_one, stretched
+    from coordinator.planner.calibrate import (
+        apply,
+        calibrate,
+        cpu_matched,
+        cpu_scale,
+        observed,
+        one_by_one,
+        stretched,
+    )
     from coordinator.planner.latency import Profile
     from coordinator.planner.model import spec_from_config
     from coordinator.planner.search import kv_capacity_tokens
@@ -173,6 +193,7 @@ def fidelity(quick: bool, log_dir: str) -> dict[str, Any]:
         LocalPrefill,
         Request,
         SimResult,
+        Stretch,
         simulate,
     )
     from engine.runner import DEFAULT_KV_CACHE_BYTES
@@ -184,7 +205,8 @@ def fidelity(quick: bool, log_dir: str) -> dict[str, Any]:
     load_before = os.getloadavg()
     model_dir, tok = bench_model(QUICK.model)
     source, _ = prompt_source(model_dir, tok)
-    engine_profile = profile_from_json(run_profile(model_dir, threads=1, new_tokens=10, tries=3))
+    profile_json = run_profile(model_dir, threads=1, new_tokens=10, tries=3)
+    engine_profile = profile_from_json(profile_json)
     lat = engine_profile.latency(Layout(1, 1))
     spec = next(w for w in QUICK.workloads if w.name == "balanced")
     rng = np.random.default_rng(0)
@@ -225,35 +247,71 @@ def fidelity(quick: bool, log_dir: str) -> dict[str, Any]:
         raise ValueError(f"the fidelity run models --local-prefill busy or off, not {cfg.local_prefill}")
     max_running = _field_default(InstanceConfig, "max_running")  # the decode instance's, as launched
     cluster = LocalCluster(cfg).start(timeout_s=180)
+    raw_runs: list[dict[str, Any]] = []  # per run: each request's token times, schedstat every 0.25 s
 
     def pid(role: str) -> int:
         return next(c.proc.pid for c in cluster.children if c.role == role)
 
-    def load(wl: Workload) -> tuple[list[Request], list[Any], dict[str, Any]]:
+    def load(wl: Workload) -> tuple[list[Request], list[Any], dict[str, Any], dict[str, Stretch]]:
         """Run `wl`: (what was sent, as simulator requests; per-request metrics; the run's CPU: machine-wide
-        use by whom (bench.cpu), and each instance's stretch, its run-queue wait over its time on a CPU)."""
+        use by whom (bench.cpu), each instance's stretch (its step thread's run-queue wait over its time on
+        a CPU) and its step thread's CPU seconds; each instance's stretch per window of about
+        `STRETCH_WINDOW_S`, on the requests' clock)."""
         reqs = make_requests(wl, source)
         before = {role: schedstat_ns(pid(role)) for role in ("prefill", "decode")}
-        with CpuMeter(cluster.pids) as meter:
-            metrics = compute_metrics(
-                asyncio.run(run_load(cluster.gateway_address, reqs, request_timeout_s=60, drain_s=60))
-            )
+        procs = {r: pid(r) for r in ("prefill", "decode", "coordinator")} | {"bench": os.getpid()}
+        if cluster.redis is not None:
+            procs["redis"] = cluster.redis.pid
+        with CpuMeter(cluster.pids) as meter, SchedSampler(procs, STRETCH_WINDOW_S) as sampler:
+            t_start = time.monotonic()  # the requests' clock starts here (run_load's, within milliseconds)
+            records = asyncio.run(run_load(cluster.gateway_address, reqs, request_timeout_s=60, drain_s=60))
+            metrics = compute_metrics(records)
+        raw_runs.append(
+            {
+                "name": wl.name,
+                "rate": wl.rate,
+                "requests": [
+                    {
+                        "scheduled_s": r.scheduled_s,
+                        "sent_s": r.sent_s,
+                        "prompt": r.prompt_len,
+                        "output": r.output_len,
+                        "ok": r.ok,
+                        "token_times": r.token_times,
+                    }
+                    for r in records
+                ],
+                "sched": [
+                    (t, {k: {str(tid): v for tid, v in d.items()} for k, d in m.items()})
+                    for t, m in sampler.samples
+                ],
+            }
+        )
         cpu: dict[str, Any] = meter.usage.to_dict() if meter.usage else {}
+        windows: dict[str, Stretch] = {}
         for role in ("prefill", "decode"):
-            cpu[f"{role}_stretch"] = stretch(before[role], schedstat_ns(pid(role)))
+            after = schedstat_ns(pid(role))
+            cpu[f"{role}_stretch"] = stretch(before[role], after)
+            cpu[f"{role}_cpu_s"] = busiest_run_s(before[role], after)
+            w = window_stretches(sampler.samples, role, STRETCH_WINDOW_MIN_RUN_S)
+            offset = sampler.samples[0][0] - t_start
+            windows[role] = Stretch(tuple(x[0] + offset for x in w), tuple(x[1] for x in w))
+            cpu[f"{role}_window_stretch"] = [round(x[1], 3) for x in w]
         sim = [Request(r.scheduled_s, r.prompt_len, r.output_len) for r in reqs]
-        return sim, metrics, cpu
+        return sim, metrics, cpu, windows
 
-    def observe(wl: Workload) -> tuple[Any, dict[str, Any]]:
-        sim, metrics, cpu = load(wl)
+    def observe(wl: Workload, per_window: bool) -> tuple[Any, dict[str, Any]]:
+        """Run `wl` as a calibration run: its Observed, with the instances' stretch per window
+        (`per_window`) or over the run, and its CPU."""
+        sim, metrics, cpu, windows = load(wl)
         by_index = {m.index: m for m in metrics}
         served = [(r, by_index[i]) for i, r in enumerate(sim) if i in by_index and by_index[i].ok]
         return observed(
             [r for r, _ in served],
             [m.ttft_s for _, m in served if m.ttft_s is not None],
             [m.tpot_s for _, m in served if m.tpot_s is not None],
-            cpu["prefill_stretch"],
-            cpu["decode_stretch"],
+            windows["prefill"] if per_window else cpu["prefill_stretch"],
+            windows["decode"] if per_window else cpu["decode_stretch"],
         ), cpu
 
     try:
@@ -261,10 +319,12 @@ def fidelity(quick: bool, log_dir: str) -> dict[str, Any]:
         # isolated: mean-length requests 1.5 s apart (each takes well under that alone); burst: 16 at once
         # (4 prefill passes of 256 tokens, a decode batch of up to 16)
         iso, iso_cpu = observe(
-            Workload("isolated", 6, 1 / 1.5, "gamma", cv=1e-3, prompt=Fixed(mean_p), output=Fixed(mean_o))
+            Workload("isolated", 6, 1 / 1.5, "gamma", cv=1e-3, prompt=Fixed(mean_p), output=Fixed(mean_o)),
+            per_window=False,  # its sums are taken as means (calibrate._engine_excess)
         )
         burst, burst_cpu = observe(
-            Workload("burst", 16, 1000.0, "gamma", cv=1e-3, prompt=Fixed(mean_p), output=Fixed(mean_o))
+            Workload("burst", 16, 1000.0, "gamma", cv=1e-3, prompt=Fixed(mean_p), output=Fixed(mean_o)),
+            per_window=True,
         )
         memory = min(nd.device_memory_gib for nd in topo.nodes)
         base = SearchInput(
@@ -283,11 +343,19 @@ def fidelity(quick: bool, log_dir: str) -> dict[str, Any]:
         # the topology's memory per core: what back-pressures admission in the cluster measured
         cpu_kv_tokens = DEFAULT_KV_CACHE_BYTES // replace(model, dtype_bytes=4).kv_bytes_per_token
         cap = min(kv_capacity_tokens(base, Layout(1, 1), memory), cpu_kv_tokens)
+        # The profile is another process's CPU clock, taken before the cluster started: the decode step
+        # thread's CPU per step as the cluster ran it (the isolated run: batch-1 steps, schedstat) puts the
+        # decode model on the cluster's own step thread. Not prefill: its step thread also does the KV
+        # hand-off's bookkeeping after the first token, which is no part of the TTFT the model predicts.
+        prefill_cpu_ratio, decode_cpu_scale = cpu_scale(
+            lat, iso.requests, iso_cpu["prefill_cpu_s"], iso_cpu["decode_cpu_s"], cap, CPU_BATCH_TOKENS
+        )
+        lat_run = stretched(lat, 1.0, decode_cpu_scale)
         # the engine profile is CPU-clock time: calibrated with each run's measured stretches taken out
         terms = calibrate(
-            lat, iso, burst, cap, CPU_BATCH_TOKENS, local_prefill=local, max_running=max_running
+            lat_run, iso, burst, cap, CPU_BATCH_TOKENS, local_prefill=local, max_running=max_running
         )
-        cal = apply(lat, terms, mean_p)
+        cal = apply(lat_run, terms, mean_p)
         profile = Profile(
             engine_profile.device, engine_profile.model, (cal,), "pdserve profile + calibration"
         )
@@ -298,7 +366,8 @@ def fidelity(quick: bool, log_dir: str) -> dict[str, Any]:
         uncal = search(replace(base, profile=engine_profile, fixed_unit=unit))
         # The rates: around the goodput predicted for this host as it is now (the burst's stretches), not for
         # an idle host: on a shared host the idle-host goodput can be far beyond what the cluster gets
-        now_lat = stretched(cal, burst.prefill_stretch, burst.decode_stretch)
+        burst_k = (burst_cpu["prefill_stretch"], burst_cpu["decode_stretch"])  # over the whole burst
+        now_lat = stretched(cal, *burst_k)
         now_profile = Profile(profile.device, profile.model, (now_lat,), profile.source)
         goodput = search(
             replace(base, profile=now_profile, fixed_unit=unit, fixed_units=1)
@@ -320,9 +389,12 @@ def fidelity(quick: bool, log_dir: str) -> dict[str, Any]:
                 "goodput_engine_only_profile_rps": uncal.predicted.goodput_rps,
                 "goodput_idle_host_rps": plan.predicted.goodput_rps,
                 "calibration_stretch": {
-                    "isolated": [iso.prefill_stretch, iso.decode_stretch],
-                    "burst": [burst.prefill_stretch, burst.decode_stretch],
+                    "isolated": [iso_cpu["prefill_stretch"], iso_cpu["decode_stretch"]],
+                    "burst": list(burst_k),
                 },
+                # the cluster's step-thread CPU over the isolated run / the profile's (calibrate.cpu_scale);
+                # the decode one is applied, the prefill one reported
+                "cpu_scale": {"decode": decode_cpu_scale, "prefill_not_applied": prefill_cpu_ratio},
                 "goodput_at_calibration_contention_rps": goodput,
                 "fidelity": [],
                 "measured": [],
@@ -336,10 +408,17 @@ def fidelity(quick: bool, log_dir: str) -> dict[str, Any]:
             return Workload("balanced", n, rate, prompt=spec.prompt, output=spec.output, seed=1)
 
         def on_schedule(
-            sent: list[Request], k_prefill: float, k_decode: float, policy: LocalPrefill | None = local
+            sent: list[Request],
+            k_prefill: float | Stretch,
+            k_decode: float | Stretch,
+            policy: LocalPrefill | None = local,
+            scale: float = 1.0,
+            lat: LayoutLatency | None = None,
         ) -> SimResult:
-            """The simulator on a run's own arrivals and lengths, the instances' times stretched."""
-            pre, dec = one_by_one(cal, k_prefill, k_decode, cap, CPU_BATCH_TOKENS, max_running)
+            """The simulator on a run's own arrivals and lengths, the instances' times (`lat`, default the
+            calibrated model) stretched (over the run or per window), and all of them `scale` times longer."""
+            model = (cal if lat is None else lat).scaled(scale)
+            pre, dec = one_by_one(model, k_prefill, k_decode, cap, CPU_BATCH_TOKENS, max_running)
             return simulate(sent, pre, dec, [[Link(0.0)]], policy)
 
         def predicted_on(rate: float) -> float:
@@ -349,9 +428,7 @@ def fidelity(quick: bool, log_dir: str) -> dict[str, Any]:
                 Request(r.scheduled_s, r.prompt_len, r.output_len)
                 for r in make_requests(run_wl(rate), source)
             ]
-            return on_schedule(sent, burst.prefill_stretch, burst.decode_stretch).attainment(
-                slo_ttft, slo_tpot
-            )
+            return on_schedule(sent, *burst_k).attainment(slo_ttft, slo_tpot)
 
         factors: tuple[float, ...] = (0.6, 1.0, 1.4)
         if quick:
@@ -365,25 +442,52 @@ def fidelity(quick: bool, log_dir: str) -> dict[str, Any]:
         def run_rate(rate: float) -> float:
             """Run the cluster at `rate`, record predicted beside measured; -> measured attainment."""
             steady = search(replace(base, rate=rate, fixed_unit=unit, fixed_units=1))
-            sent, metrics, cpu = load(run_wl(rate))
+            sent, metrics, cpu, windows = load(run_wl(rate))
 
             measured = attainment(metrics, SLO(slo_ttft, slo_tpot))
             ttfts = sorted(m.ttft_s for m in metrics if m.ok and m.ttft_s is not None)
             tpots = sorted(m.tpot_s for m in metrics if m.ok and m.tpot_s is not None)
-            pred = on_schedule(sent, cpu["prefill_stretch"], cpu["decode_stretch"])
+            win = (windows["prefill"], windows["decode"])
+            # the run's CPU: each instance's times scaled so that its busy seconds in the simulated run are
+            # the CPU seconds its step thread measured (calibrate.cpu_matched)
+            run_lat, cpu_p, cpu_d = cpu_matched(
+                cal,
+                sent,
+                *win,
+                cpu["prefill_cpu_s"],
+                cpu["decode_cpu_s"],
+                cap,
+                CPU_BATCH_TOKENS,
+                max_running,
+                local,
+            )
+            pred = on_schedule(sent, *win, lat=run_lat)
+            run_k = (cpu["prefill_stretch"], cpu["decode_stretch"])
             out["fidelity"].append(
                 {
                     "rate": rate,
                     "predicted_attainment": pred.attainment(slo_ttft, slo_tpot),
                     "measured_attainment": measured,
-                    "stretch": [cpu["prefill_stretch"], cpu["decode_stretch"]],
+                    # how sharp the knee is: the prediction with every time 5 % shorter / longer
+                    "predicted_attainment_band_5pct": [
+                        on_schedule(sent, *win, scale=x, lat=run_lat).attainment(slo_ttft, slo_tpot)
+                        for x in (1.05, 0.95)
+                    ],
+                    "stretch": list(run_k),
+                    "cpu_factors": [cpu_p, cpu_d],
+                    # without the run's CPU: the calibrated model, stretched per window
+                    "predicted_calibrated_attainment": on_schedule(sent, *win).attainment(slo_ttft, slo_tpot),
+                    # without the run's CPU, one stretch over the whole run (the second version's model)
+                    "predicted_run_stretch_attainment": on_schedule(sent, *run_k).attainment(
+                        slo_ttft, slo_tpot
+                    ),
                     "foreign_cores": cpu.get("foreign_cores"),
                     "predicted_idle_host_attainment": on_schedule(sent, 1.0, 1.0).attainment(
                         slo_ttft, slo_tpot
                     ),
                     # the same model without the gateway's local prefill (the simulator before it modelled it)
                     "predicted_no_local_prefill_attainment": on_schedule(
-                        sent, cpu["prefill_stretch"], cpu["decode_stretch"], None
+                        sent, *win, None, lat=run_lat
                     ).attainment(slo_ttft, slo_tpot),
                     "predicted_steady_attainment": steady.predicted.attainment,
                 }
@@ -427,10 +531,24 @@ def fidelity(quick: bool, log_dir: str) -> dict[str, Any]:
     finally:
         cluster.stop()
     out["loadavg_after"] = list(os.getloadavg())
+    if raw_path:
+        inputs = {
+            "engine_profile": profile_json,
+            "summary": out,
+            "consts": {
+                "mean_prompt": mean_p,
+                "mean_output": mean_o,
+                "max_batch_tokens": CPU_BATCH_TOKENS,
+                "max_running": max_running,
+                "local_prefill": None if local is None else [local.max_tokens, local.depth],
+            },
+            "runs": raw_runs,
+        }
+        Path(raw_path).write_text(json.dumps(inputs))
     out["max_abs_error_points"] = max(
         abs(f["predicted_attainment"] - f["measured_attainment"]) * 100 for f in out["fidelity"]
     )
-    for key in ("idle_host", "steady", "no_local_prefill"):
+    for key in ("idle_host", "steady", "no_local_prefill", "run_stretch", "calibrated"):
         out[f"max_abs_error_points_{key}"] = max(
             abs(f[f"predicted_{key}_attainment"] - f["measured_attainment"]) * 100 for f in out["fidelity"]
         )
@@ -442,11 +560,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", default=None, help="write the JSON here instead of stdout")
     p.add_argument("--no-fidelity", action="store_true", help="skip the cluster runs (search figures only)")
+    p.add_argument("--raw", default=None, help="write every run's per-request token times and schedstat here")
     p.add_argument("--log-dir", default="/tmp/pdserve-bench-planner", help="the cluster's process logs")
     a = p.parse_args(argv)
     out = run(a.quick)
     if not a.no_fidelity:
-        out["fidelity_run"] = fidelity(a.quick, a.log_dir)
+        out["fidelity_run"] = fidelity(a.quick, a.log_dir, a.raw)
         out["fidelity"] = out["fidelity_run"]["fidelity"]
     emit(out, a.json)
     return 0

@@ -40,6 +40,7 @@ from coordinator.planner.simulator import (
     LocalPrefill,
     PrefillInstance,
     Request,
+    Stretch,
     simulate,
 )
 
@@ -51,8 +52,10 @@ class Observed:
     requests: tuple[Request, ...]  # arrival_s from the first request's, prompt and output tokens
     ttft_s: float  # mean over the run's requests
     tpot_s: float  # mean over requests with more than one output token
-    prefill_stretch: float = 1.0  # (run + run-queue wait) / run time of the prefill instance, >= 1
-    decode_stretch: float = 1.0
+    # (run + run-queue wait) / run time of the prefill instance's step thread, >= 1: over the run, or per
+    # time window (Stretch, on the requests' clock)
+    prefill_stretch: float | Stretch = 1.0
+    decode_stretch: float | Stretch = 1.0
 
 
 def stretched(lat: LayoutLatency, prefill: float, decode: float) -> LayoutLatency:
@@ -62,21 +65,117 @@ def stretched(lat: LayoutLatency, prefill: float, decode: float) -> LayoutLatenc
     return replace(lat.scaled(decode), prefill=p.prefill, pp_hop_s=p.pp_hop_s, path_s=p.path_s)
 
 
+def mean_factor(k: float | Stretch) -> float:
+    """A stretch as one factor: itself, or its windows' mean."""
+    return statistics.fmean(k.factors) if isinstance(k, Stretch) else k
+
+
+def cpu_scale(
+    lat: LayoutLatency,
+    isolated: Sequence[Request],
+    prefill_cpu_s: float,
+    decode_cpu_s: float,
+    kv_capacity_tokens: int,
+    max_batch_tokens: int,
+) -> tuple[float, float]:
+    """(prefill, decode): CPU seconds the instances' step threads measured over an isolated run (schedstat:
+    time on a CPU, waits excluded) / the busy seconds `lat` gives the same requests contention-free. Isolated
+    requests meet an empty cluster, so the model's work is known without its queueing: one prefill pass and
+    output - 1 steps of batch 1 each. The profile is another process's CPU clock, taken at another moment on
+    a shared host (a busy sibling core slows every instruction, and the clock counts that) and without the
+    step loop's own work; this ratio puts the engine model on the cluster's step threads as they ran."""
+    pre, dec = one_by_one(lat, 1.0, 1.0, kv_capacity_tokens, max_batch_tokens)
+    res = simulate(list(isolated), pre, dec, [[Link(0.0)]])
+    if res.prefill_busy_s[0] <= 0 or res.decode_busy_s[0] <= 0 or prefill_cpu_s <= 0 or decode_cpu_s <= 0:
+        raise ValueError("cpu_scale needs an isolated run with work on both instances")
+    return prefill_cpu_s / res.prefill_busy_s[0], decode_cpu_s / res.decode_busy_s[0]
+
+
+CPU_MATCH_BOUNDS = (
+    0.5,
+    2.0,
+)  # cpu_matched's factors stay in here (an unreachable CPU figure ends at a bound)
+
+
+def cpu_matched(
+    lat: LayoutLatency,
+    requests: Sequence[Request],
+    k_prefill: float | Stretch,
+    k_decode: float | Stretch,
+    prefill_cpu_s: float,
+    decode_cpu_s: float,
+    kv_capacity_tokens: int,
+    max_batch_tokens: int,
+    max_running: int = 1 << 30,
+    local_prefill: LocalPrefill | None = None,
+) -> tuple[LayoutLatency, float, float]:
+    """(`lat` with its prefill and its decode times scaled, the two factors): the factors that make the
+    simulator's contention-free busy seconds of a 1P1D run of `requests` (its times stretched by `k_prefill`
+    / `k_decode`, as that run measured) equal the CPU seconds its instances' step threads measured on a CPU
+    (schedstat: waits excluded). Other load on a shared host slows the instructions of a thread that has a
+    core (shared caches and memory bandwidth, a busy sibling hyper-thread), and its CPU clock counts that;
+    the stretch counts only the time it had no core. The busy seconds depend on the batches the simulated
+    run forms (slower steps, bigger batches, fewer steps), so each factor is bisected in CPU_MATCH_BOUNDS
+    (busy seconds grow with it), the decode's with the prefill's found, twice; the path latency outside the
+    instances is left as it is."""
+    if prefill_cpu_s <= 0 or decode_cpu_s <= 0:
+        raise ValueError("cpu_matched needs a run with work on both instances")
+
+    def busy(fp: float, fd: float) -> tuple[float, float]:
+        pre, dec = one_by_one(
+            stretched(lat, fp, fd), k_prefill, k_decode, kv_capacity_tokens, max_batch_tokens, max_running
+        )
+        res = simulate(list(requests), pre, dec, [[Link(0.0)]], local_prefill)
+        return res.prefill_busy_s[0], res.decode_busy_s[0]
+
+    def solve(f: Callable[[float], float], target: float) -> float:
+        lo, hi = CPU_MATCH_BOUNDS
+        if f(lo) >= target:
+            return lo
+        if f(hi) <= target:
+            return hi
+        for _ in range(20):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if f(mid) < target else (lo, mid)
+        return (lo + hi) / 2
+
+    factors = [1.0, 1.0]  # prefill, decode
+
+    def prefill_busy(x: float) -> float:
+        return busy(x, factors[1])[0]
+
+    def decode_busy(x: float) -> float:
+        return busy(factors[0], x)[1]
+
+    for _ in range(2):
+        factors[0] = solve(prefill_busy, prefill_cpu_s)
+        factors[1] = solve(decode_busy, decode_cpu_s)
+    fp, fd = factors
+    return replace(stretched(lat, fp, fd), path_s=lat.path_s), fp, fd
+
+
 def one_by_one(
     lat: LayoutLatency,
-    k_prefill: float,
-    k_decode: float,
+    k_prefill: float | Stretch,
+    k_decode: float | Stretch,
     kv_capacity_tokens: int,
     max_batch_tokens: int,
     max_running: int = 1 << 30,
 ) -> tuple[list[PrefillInstance], list[DecodeInstance]]:
     """A 1P1D cluster of `lat` instances whose runs waited `k_prefill` / `k_decode` times their CPU time for a
-    core. The decode instance's local prefill passes (simulator.LocalPrefill) run on the decode instance's
-    core, so they stretch by `k_decode`, as its steps do; it admits at most `max_running` requests."""
+    core: one factor for the whole run, or one per time window (`Stretch`: each batch or step stretched by
+    its window's; the path latency by the windows' mean). The decode instance's local prefill passes
+    (simulator.LocalPrefill) run on the decode instance's core, so they stretch by `k_decode`, as its steps
+    do; it admits at most `max_running` requests."""
+    # one factor over the run is a Stretch of one window: the instances' busy seconds stay contention-free
+    sp = k_prefill if isinstance(k_prefill, Stretch) else Stretch((0.0,), (k_prefill,))
+    sd = k_decode if isinstance(k_decode, Stretch) else Stretch((0.0,), (k_decode,))
     dec = DecodeInstance(
-        lat.scaled(k_decode), kv_capacity_tokens, max_batch_tokens=max_batch_tokens, max_running=max_running
+        lat, kv_capacity_tokens, max_batch_tokens=max_batch_tokens, max_running=max_running, stretch=sd
     )
-    return [PrefillInstance(stretched(lat, k_prefill, k_decode), max_batch_tokens)], [dec]
+    # the path latency outside the instances stretches by the prefill's mean
+    pre = replace(lat, path_s=lat.path_s * mean_factor(k_prefill))
+    return [PrefillInstance(pre, max_batch_tokens, stretch=sp)], [dec]
 
 
 @dataclass(frozen=True)
@@ -118,8 +217,8 @@ def _engine_excess(lat: LayoutLatency, iso: Observed) -> tuple[float, float]:
     prefill = statistics.fmean(lat.prefill_s(r.prompt, r.prompt * r.prompt) for r in reqs)
     step = statistics.fmean(lat.decode_s(1, r.prompt + r.output / 2) for r in reqs)
     return (
-        max(0.0, iso.ttft_s / iso.prefill_stretch - prefill),
-        max(0.0, iso.tpot_s / iso.decode_stretch - step),
+        max(0.0, iso.ttft_s / mean_factor(iso.prefill_stretch) - prefill),
+        max(0.0, iso.tpot_s / mean_factor(iso.decode_stretch) - step),
     )
 
 
@@ -186,8 +285,8 @@ def observed(
     requests: Sequence[Request],
     ttfts: Sequence[float],
     tpots: Sequence[float],
-    prefill_stretch: float = 1.0,
-    decode_stretch: float = 1.0,
+    prefill_stretch: float | Stretch = 1.0,
+    decode_stretch: float | Stretch = 1.0,
 ) -> Observed:
     """An Observed from per-request measurements (requests that failed left out by the caller)."""
     if not requests or not ttfts:
@@ -198,6 +297,6 @@ def observed(
         reqs,
         statistics.fmean(ttfts),
         statistics.fmean(tpots) if tpots else 0.0,
-        max(1.0, prefill_stretch),
-        max(1.0, decode_stretch),
+        prefill_stretch.shifted(-t0) if isinstance(prefill_stretch, Stretch) else max(1.0, prefill_stretch),
+        decode_stretch.shifted(-t0) if isinstance(decode_stretch, Stretch) else max(1.0, decode_stretch),
     )

@@ -31,6 +31,7 @@ Not modelled: prefill-side KV memory, link sharing between pairs on one NIC, pre
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import math
 from collections import deque
@@ -48,9 +49,35 @@ class Request:
 
 
 @dataclass(frozen=True)
+class Stretch:
+    """How many times longer than its latency model an instance's work took, per time window: the window
+    starting at `starts[i]` (seconds, the arrivals' clock; increasing) runs `factors[i]` (>= 1) times slower,
+    until the next window starts; before the first, the first factor holds. A batch or step is stretched by
+    the factor of the window it starts in. Measured per window of a run (bench.cpu.window_stretches), so
+    contention that comes and goes within a run is not averaged into one factor."""
+
+    starts: tuple[float, ...]
+    factors: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if not self.starts or len(self.starts) != len(self.factors):
+            raise ValueError("a Stretch needs one factor per window start, at least one")
+        if any(b <= a for a, b in zip(self.starts, self.starts[1:], strict=False)):
+            raise ValueError("Stretch window starts must increase")
+
+    def at(self, t: float) -> float:
+        return self.factors[max(0, bisect.bisect_right(self.starts, t) - 1)]
+
+    def shifted(self, dt: float) -> Stretch:
+        """The same windows on a clock `dt` seconds later (window i starts at starts[i] + dt)."""
+        return Stretch(tuple(x + dt for x in self.starts), self.factors)
+
+
+@dataclass(frozen=True)
 class PrefillInstance:
     latency: LayoutLatency
     max_batch_tokens: int = 1 << 30
+    stretch: Stretch | None = None  # per-window slow-down of its batches (None: the latency model as is)
 
 
 @dataclass(frozen=True)
@@ -60,6 +87,7 @@ class DecodeInstance:
     block_tokens: int = 16
     max_batch_tokens: int = 1 << 30  # prompt tokens per local prefill pass (the first always goes)
     max_running: int = 1 << 30  # requests admitted and not finished (the instance's --max-running)
+    stretch: Stretch | None = None  # per-window slow-down of its steps and local prefill passes
 
 
 @dataclass(frozen=True)
@@ -82,6 +110,10 @@ class SimResult:
     tpot_s: tuple[float, ...]
     decode_batch_max: int  # the largest decode batch any lane ran
     local_prefills: int = 0  # requests prefilled on a decode instance (LocalPrefill)
+    # seconds each instance spent running (prefill batches; decode steps and local prefill passes): the
+    # CPU time a contention-free model predicts, to compare with an instance's measured CPU time
+    prefill_busy_s: tuple[float, ...] = ()
+    decode_busy_s: tuple[float, ...] = ()
 
     def attainment(self, ttft_slo_s: float, tpot_slo_s: float) -> float:
         ok = sum(
@@ -138,12 +170,14 @@ def simulate(
     p_free = [True] * len(prefill)
     p_batches: dict[int, list[int]] = {}
     p_of = [0] * n
+    p_busy = [0.0] * len(prefill)
     turn = 0
     # decode state
     d_reserved = [0] * len(decode)  # tokens reserved by requests routed there, not finished
     d_used = [0] * len(decode)  # tokens of admitted requests
     d_count = [0] * len(decode)  # admitted requests, not finished (max_running)
     d_wait: list[deque[int]] = [deque() for _ in decode]
+    d_busy = [0.0] * len(decode)
     lanes = [[_Lane() for _ in range(d.latency.layout.pp)] for d in decode]
     link_free = [[0.0] * len(decode) for _ in prefill]
     need = [0] * n
@@ -165,6 +199,9 @@ def simulate(
             batch.append(q.popleft())
         lens = [requests[i].prompt for i in batch]
         t = inst.latency.prefill_s(sum(lens), sum(x * x for x in lens))
+        p_busy[p] += t
+        if inst.stretch is not None:
+            t *= inst.stretch.at(now)
         p_free[p] = False
         p_batches[batch[0]] = batch
         push(now + t / inst.latency.layout.pp, _PREFILL_FREE, p)
@@ -209,8 +246,12 @@ def simulate(
                 lane.in_pass.append(i)
                 tokens += requests[i].prompt
             lens = [requests[i].prompt for i in lane.in_pass]
-            lane.pass_end = t + (lat.prefill_s(sum(lens), sum(x * x for x in lens)) if lens else 0.0)
-            t_end = lane.pass_end + (lat.decode_s(lane.batch, lane.sum_ctx) if lane.batch else 0.0)
+            pass_s = lat.prefill_s(sum(lens), sum(x * x for x in lens)) if lens else 0.0
+            step_s = lat.decode_s(lane.batch, lane.sum_ctx) if lane.batch else 0.0
+            d_busy[d] += pass_s + step_s
+            k = inst.stretch.at(t) if inst.stretch is not None else 1.0
+            lane.pass_end = t + k * pass_s
+            t_end = lane.pass_end + k * step_s
             if t_end > horizon:
                 lane.busy = True
                 if lane.in_pass:
@@ -338,7 +379,7 @@ def simulate(
             admit(a, lane)
             lane.busy = False
             run_lane(a, b, now)
-    return SimResult(tuple(ttft), tuple(tpot), batch_max, local_count)
+    return SimResult(tuple(ttft), tuple(tpot), batch_max, local_count, tuple(p_busy), tuple(d_busy))
 
 
 def poisson_arrivals(n: int, rate: float, gaps: list[float]) -> list[float]:

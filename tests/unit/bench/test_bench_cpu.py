@@ -140,3 +140,40 @@ def test_stretch_is_the_busiest_threads_wait_over_its_run() -> None:
     assert stretch(after, after) == 1.0  # nothing ran
     own = schedstat_ns(os.getpid())
     assert threading.get_native_id() in own and all(run >= 0 and wait >= 0 for run, wait in own.values())
+
+
+def test_window_stretches_per_window_merging_windows_that_barely_ran() -> None:
+    """Samples at 0, 1, 2, 3 s of thread 7 (run, wait in ns): window 0-1 ran 0.5 s and waited 0.5 s (x2);
+    1-2 ran 0.01 s (below min_run 0.1: merged into the next); 1-3 ran 0.42 s, waited 0.042 s (x1.1); the
+    thread that ran most in a window is the one measured."""
+    from bench.cpu import window_stretches
+
+    ns = 1_000_000_000
+    runs = [
+        (0, 0),
+        (ns // 2, ns // 2),
+        (ns // 2 + ns // 100, ns // 2),
+        (ns // 2 + 42 * ns // 100, ns // 2 + 42 * ns // 1000),
+    ]
+    samples = [(float(t), {"decode": {7: r, 8: (0, 0)}}) for t, r in enumerate(runs)]
+    w = window_stretches(samples, "decode", min_run_s=0.1)
+    assert [x[0] for x in w] == [0.0, 1.0]
+    assert [x[1] for x in w] == pytest.approx([2.0, 1.1])
+    assert [x[2] for x in w] == pytest.approx([0.5, 0.21])  # cores: 0.5 s in 1 s, 0.42 s in 2 s
+    # every window kept without a floor; a trailing short window is merged into the one before
+    assert len(window_stretches(samples, "decode")) == 3
+    short_tail = [*samples[:2], (1.5, {"decode": {7: (ns // 2 + 1, ns // 2)}})]
+    assert [x[0] for x in window_stretches(short_tail, "decode", min_run_s=0.1)] == [0.0]
+
+
+def test_sched_sampler_reads_each_process_until_it_stops() -> None:
+    from bench.cpu import SchedSampler, window_stretches
+
+    with SchedSampler({"me": os.getpid()}, interval_s=0.01) as s:
+        deadline = time.monotonic() + 5.0
+        while len(s.samples) < 4 and time.monotonic() < deadline:
+            sum(i * i for i in range(20_000))  # run on a CPU while the sampler reads
+    assert len(s.samples) >= 5  # the first reading, at least 3 by the thread, the last one
+    assert all(threading.get_native_id() in m["me"] for _, m in s.samples)
+    w = window_stretches(s.samples, "me")
+    assert len(w) == len(s.samples) - 1 and all(k >= 1.0 for _, k, _ in w)
