@@ -150,10 +150,11 @@ def fidelity(quick: bool, log_dir: str, raw_path: str | None = None) -> dict[str
     most, the runs it replaced kept in `below_knee`):
     `predicted_attainment` is the simulator on the very arrivals and lengths each run sent, every batch and
     step stretched by its instance's wait for a core in the 0.25 s window it starts in (schedstat, measured
-    in that run) and each instance's times scaled to the CPU its step thread used in that run
-    (calibrate.cpu_matched; the decode model is first put on the cluster's decode step thread by the
-    isolated run, calibrate.cpu_scale); `predicted_calibrated_attainment` the same without the run's CPU,
-    `predicted_run_stretch_attainment` without it and with one stretch over the run,
+    in that run: what other tenants did to the cores, not what the cluster did), the decode model put on the
+    cluster's decode step thread by the isolated run (calibrate.cpu_scale);
+    `predicted_cpu_matched_attainment` (a diagnostic, not a prediction: it uses the outcome of the run) the
+    same with each instance's times scaled to the CPU its step thread used in that run
+    (calibrate.cpu_matched), `predicted_run_stretch_attainment` the first with one stretch over the run,
     `predicted_attainment_band_5pct` the first with every time 5 % longer / shorter,
     `predicted_idle_host_attainment` the calibrated model unstretched, `predicted_steady_attainment` the
     search's steady-state figure at that rate (many more requests than a run sends, idle host),
@@ -461,7 +462,7 @@ def fidelity(quick: bool, log_dir: str, raw_path: str | None = None) -> dict[str
                 max_running,
                 local,
             )
-            pred = on_schedule(sent, *win, lat=run_lat)
+            pred = on_schedule(sent, *win)
             run_k = (cpu["prefill_stretch"], cpu["decode_stretch"])
             out["fidelity"].append(
                 {
@@ -470,13 +471,15 @@ def fidelity(quick: bool, log_dir: str, raw_path: str | None = None) -> dict[str
                     "measured_attainment": measured,
                     # how sharp the knee is: the prediction with every time 5 % shorter / longer
                     "predicted_attainment_band_5pct": [
-                        on_schedule(sent, *win, scale=x, lat=run_lat).attainment(slo_ttft, slo_tpot)
-                        for x in (1.05, 0.95)
+                        on_schedule(sent, *win, scale=x).attainment(slo_ttft, slo_tpot) for x in (1.05, 0.95)
                     ],
                     "stretch": list(run_k),
                     "cpu_factors": [cpu_p, cpu_d],
-                    # without the run's CPU: the calibrated model, stretched per window
-                    "predicted_calibrated_attainment": on_schedule(sent, *win).attainment(slo_ttft, slo_tpot),
+                    # a diagnostic: the model's times scaled to the CPU the run's step threads used (the
+                    # outcome of the very run, so not a prediction)
+                    "predicted_cpu_matched_attainment": on_schedule(sent, *win, lat=run_lat).attainment(
+                        slo_ttft, slo_tpot
+                    ),
                     # without the run's CPU, one stretch over the whole run (the second version's model)
                     "predicted_run_stretch_attainment": on_schedule(sent, *run_k).attainment(
                         slo_ttft, slo_tpot
@@ -486,9 +489,9 @@ def fidelity(quick: bool, log_dir: str, raw_path: str | None = None) -> dict[str
                         slo_ttft, slo_tpot
                     ),
                     # the same model without the gateway's local prefill (the simulator before it modelled it)
-                    "predicted_no_local_prefill_attainment": on_schedule(
-                        sent, *win, None, lat=run_lat
-                    ).attainment(slo_ttft, slo_tpot),
+                    "predicted_no_local_prefill_attainment": on_schedule(sent, *win, None).attainment(
+                        slo_ttft, slo_tpot
+                    ),
                     "predicted_steady_attainment": steady.predicted.attainment,
                 }
             )
