@@ -789,3 +789,70 @@ void cg_rope(const float *x, int64_t T, int64_t H, int64_t D, const float *cos, 
         }
     }
 }
+
+/* ---- layer 0 from a per-vocabulary table (cachegen_l0, see layer0.py) ----
+   tk, tv [vocab, H * D] fp32: layer 0's K before RoPE and its V, for every token id; ids [T] uint32; cos, sin
+   rows of length ld >= D/2 (row t: position t, as cg_rope). Token t's K is row ids[t] of tk rotated to position
+   t with cg_rope's arithmetic (sign +1, the engine's apply_rope: no fused multiply-add), its V row ids[t] of tv.
+   No fused multiply-add (CG_EXACT; not CG_HOT): one would round differently from the engine's RoPE. */
+
+#if defined(__GNUC__) && !defined(__clang__)
+#define CG_EXACT __attribute__((optimize("fp-contract=off")))
+#else
+#define CG_EXACT
+#endif
+
+CG_EXACT static inline void l0_token(const float *tk, const float *tv, int64_t H, int64_t D, const float *c, const float *sn,
+                            float *ko, float *vo) {
+    int64_t half = D / 2;
+    for (int64_t h = 0; h < H; h++) {
+        const float *x1 = tk + h * D, *x2 = x1 + half;
+        float *o1 = ko + h * D, *o2 = o1 + half;
+        for (int64_t i = 0; i < half; i++) {
+            float a = x1[i], b = x2[i], si = 1.0f * sn[i];
+            o1[i] = a * c[i] - b * si;
+            o2[i] = b * c[i] + a * si;
+        }
+    }
+    memcpy(vo, tv, sizeof(float) * (size_t)(H * D));
+}
+
+/* -> k, v [T, H, D] fp32. Returns 0, or -1 if some id >= vocab (nothing is read out of the table). */
+CG_EXACT int64_t cg_l0_gather(const float *tk, const float *tv, int64_t vocab, const uint32_t *ids, int64_t T, int64_t H,
+                     int64_t D, const float *cos, const float *sin, int64_t ld, float *k, float *v) {
+    int64_t row = H * D;
+    for (int64_t t = 0; t < T; t++)
+        if (ids[t] >= (uint64_t)vocab) return -1;
+    for (int64_t t = 0; t < T; t++)
+        l0_token(tk + ids[t] * row, tv + ids[t] * row, H, D, cos + t * ld, sin + t * ld, k + t * row, v + t * row);
+    return 0;
+}
+
+/* The encoder's check of given k, v [T, H, D] fp32 against the table's: err[4] = max |k - k0|, max |k|,
+   max |v - v0|, max |v|. Returns 0, -1 if some id >= vocab, -2 if some given value is not finite, -3 out of
+   memory. */
+CG_EXACT int64_t cg_l0_check(const float *tk, const float *tv, int64_t vocab, const uint32_t *ids, int64_t T,
+                             int64_t H, int64_t D, const float *cos, const float *sin, int64_t ld, const float *k,
+                             const float *v, float *err) {
+    int64_t row = H * D;
+    float dk = 0, ak = 0, dv = 0, av = 0;
+    int bad = 0;
+    for (int64_t t = 0; t < T; t++)
+        if (ids[t] >= (uint64_t)vocab) return -1;
+    float *buf = malloc(sizeof(float) * (size_t)(2 * row));
+    if (!buf) return -3;
+    for (int64_t t = 0; t < T; t++) {
+        l0_token(tk + ids[t] * row, tv + ids[t] * row, H, D, cos + t * ld, sin + t * ld, buf, buf + row);
+        const float *x = k + t * row, *y = v + t * row, *x0 = buf, *y0 = buf + row;
+#pragma omp simd reduction(max : dk, ak, dv, av) reduction(| : bad)
+        for (int64_t i = 0; i < row; i++) {
+            float a = fabsf(x[i]), e = fabsf(x[i] - x0[i]), b = fabsf(y[i]), f = fabsf(y[i] - y0[i]);
+            bad |= !(a <= 3.4e38f) | !(b <= 3.4e38f); /* NaN or infinite */
+            dk = e > dk ? e : dk, ak = a > ak ? a : ak, dv = f > dv ? f : dv, av = b > av ? b : av;
+        }
+    }
+    free(buf);
+    if (bad) return -2;
+    err[0] = dk, err[1] = ak, err[2] = dv, err[3] = av;
+    return 0;
+}

@@ -133,6 +133,10 @@ def _load() -> ctypes.CDLL | None:
                 lib.cg5_simd_available.argtypes = []
                 lib.cg_rope.restype = None
                 lib.cg_rope.argtypes = [p, i64, i64, i64, p, p, i64, ctypes.c_float, p]
+                lib.cg_l0_gather.restype = i64
+                lib.cg_l0_gather.argtypes = [p, p, i64, p, i64, i64, i64, p, p, i64, p, p]
+                lib.cg_l0_check.restype = i64
+                lib.cg_l0_check.argtypes = [p, p, i64, p, i64, i64, i64, p, p, i64, p, p, p]
                 lib.cg_lap_tables.restype = i64
                 lib.cg_lap_tables.argtypes = [p, p, i64, i64, p, p, p, p]
                 _lib, _origin = lib, origin
@@ -507,3 +511,54 @@ def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, sign: float, out: np.n
         assert a.dtype == np.float32 and a.flags.c_contiguous
     assert out.shape == x.shape and cos.shape == sin.shape and cos.shape[0] >= t and cos.shape[1] == d
     _lib_or_raise().cg_rope(_ptr(x), t, h, d, _ptr(cos), _ptr(sin), d, sign, _ptr(out))
+
+
+# ---- layer 0 from its table (cachegen_l0; see layer0.Layer0Table) --------------------------------------------
+# tk, tv fp32 [vocab, H * D] (K before RoPE, V), ids uint32 [T], cos/sin fp32 [P >= T, D] (row t: position t).
+
+
+def _l0_args(
+    tk: np.ndarray, tv: np.ndarray, ids: np.ndarray, cos: np.ndarray, sin: np.ndarray, h: int, d: int
+):
+    for a in (tk, tv, cos, sin):
+        assert a.dtype == np.float32 and a.flags.c_contiguous
+    assert ids.dtype == np.uint32 and ids.flags.c_contiguous and ids.ndim == 1
+    assert tk.shape == tv.shape and tk.shape[1] == h * d and cos.shape == sin.shape and cos.shape[1] == d
+    assert cos.shape[0] >= ids.size
+    return (_ptr(tk), _ptr(tv), tk.shape[0], _ptr(ids), ids.size, h, d, _ptr(cos), _ptr(sin), d)
+
+
+def l0_gather(
+    tk: np.ndarray,
+    tv: np.ndarray,
+    ids: np.ndarray,
+    cos: np.ndarray,
+    sin: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+) -> bool:
+    """Layer 0 of a prompt from the table into k, v fp32 [T, H, D]: K rows rotated to positions 0..T-1 (the
+    engine's RoPE arithmetic), V rows as they are. False (nothing written) if some id is outside the table."""
+    t, h, d = k.shape
+    assert k.shape == v.shape and t == ids.size and k.dtype == v.dtype == np.float32
+    assert k.flags.c_contiguous and v.flags.c_contiguous
+    return _lib_or_raise().cg_l0_gather(*_l0_args(tk, tv, ids, cos, sin, h, d), _ptr(k), _ptr(v)) == 0
+
+
+def l0_check(
+    tk: np.ndarray,
+    tv: np.ndarray,
+    ids: np.ndarray,
+    cos: np.ndarray,
+    sin: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+) -> tuple[float, float, float, float] | None:
+    """Given k, v fp32 [T, H, D] against the table's layer 0 of `ids` -> (max |k - k0|, max |k|, max |v - v0|,
+    max |v|); None if some id is outside the table or some given value is not finite."""
+    t, h, d = k.shape
+    assert k.shape == v.shape and t == ids.size and k.dtype == v.dtype == np.float32
+    assert k.flags.c_contiguous and v.flags.c_contiguous
+    err = np.empty(4, np.float32)
+    rc = _lib_or_raise().cg_l0_check(*_l0_args(tk, tv, ids, cos, sin, h, d), _ptr(k), _ptr(v), _ptr(err))
+    return None if rc != 0 else (float(err[0]), float(err[1]), float(err[2]), float(err[3]))
