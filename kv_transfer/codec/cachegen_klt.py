@@ -60,7 +60,7 @@ import torch
 from torch import Tensor
 
 from kv_transfer.codec import rans
-from kv_transfer.codec.cachegen_core import FP16_SAFE, le_bytes, le_view, store_scale_np
+from kv_transfer.codec.cachegen_core import le_view
 from kv_transfer.errors import CodecError, FrameCorrupted, FrameForeign
 
 TRANSFORM_FILE = "cachegen_transform.safetensors"
@@ -294,17 +294,6 @@ def load_model_transform(model_dir: str | Path) -> KLTransform | None:
 # ---- encode / decode ---------------------------------------------------------------------------------------
 
 
-def _centre_step(stats: np.ndarray, plan: np.ndarray, wide: bool) -> tuple[np.ndarray, np.ndarray]:
-    """stats fp32 [nch, 2, 3, C] (mean, min, max per component), plan steps [nch, 2] -> (centre, step)
-    [nch, 2, C] in the stored dtype (fp32 when `wide`, else fp16): the mean, and the plan's step widened where
-    max_t |y - centre| would need |q| > QMAX (max(hi - c, c - lo) equals it: fp32 rounding is monotone)."""
-    centre = store_scale_np(stats[:, :, 0], wide, up=False)
-    c = centre.astype(np.float32)
-    spread = np.maximum(stats[:, :, 2] - c, c - stats[:, :, 1])
-    step = np.maximum(spread / np.float32(QMAX - 0.5), plan.astype(np.float32)[:, :, None])
-    return centre, store_scale_np(step, wide, up=True)
-
-
 def _stats_torch(yk: Tensor, yv: Tensor, bounds: list[int]) -> np.ndarray:
     """stats4 computed with torch where y lives (a CUDA encoder reads back only these [nch, 2, 3, C])."""
     rows = []
@@ -360,34 +349,26 @@ def encode(
     n_recent = min(recent[0], t - 1) if recent[0] > 0 and recent[1] != 1.0 else 0
     if n_recent:
         chunks = [(a, min(b, t - n_recent)) for a, b in chunks if a < t - n_recent] + [(t - n_recent, t)]
-    bounds = [a for a, _ in chunks] + [t]
-    plan = np.array(
-        [[ks / recent[1], vs / recent[1]] if n_recent and a == t - n_recent else [ks, vs] for a, _ in chunks],
-        np.float32,
-    )
-    cpu = yk.device.type == "cpu" and fused
-    stats = rans.stats4(yk.numpy(), yv.numpy(), np.array(bounds)) if cpu else _stats_torch(yk, yv, bounds)
-    lim = float(np.abs(stats[:, :, 1:]).max())
-    wide = lim > FP16_SAFE or float(plan.max()) > FP16_SAFE / QMAX
-    centre, step = _centre_step(stats, plan, wide)
-    c32, s32 = centre.astype(np.float32), step.astype(np.float32)
-    if cpu:
-        words, nw, rho, amax = rans.encode5(
-            yk.numpy(), yv.numpy(), np.array(bounds), c32, s32, QMAX, _symbol_weights()
-        )
+    bounds = np.array([a for a, _ in chunks] + [t], np.int64)
+    plan = np.empty((len(chunks), 2), np.float32)
+    plan[:] = (ks, vs)
+    if n_recent:
+        plan[-1] = (ks / recent[1], vs / recent[1])
+    wsym = _symbol_weights()
+    if yk.device.type == "cpu" and fused:  # statistics, side information, quantize, fit, code: one call
+        side, words, nw, rho, amax = rans.encode5_layer(yk.numpy(), yv.numpy(), bounds, plan, QMAX, wsym)
     else:
-        sym = quantize_torch(yk, yv, bounds, c32, s32).cpu().numpy()
-        words, nw, rho, amax = rans.code5(sym, transform.channels, np.array(bounds), QMAX, _symbol_weights())
+        side = rans.side5(_stats_torch(yk, yv, bounds.tolist()), plan, QMAX)
+        sym = quantize_torch(yk, yv, bounds.tolist(), side.centre, side.step).cpu().numpy()
+        words, nw, rho, amax = rans.code5(sym, transform.channels, bounds, QMAX, wsym)
     head = _HEADER4.pack(
-        b"CG", VERSION, _LEVEL_IDS[level], FLAG_WIDE if wide else 0, len(chunks), transform.transform_id,
+        b"CG", VERSION, _LEVEL_IDS[level], FLAG_WIDE if side.wide else 0, len(chunks), transform.transform_id,
         zlib.crc32(le_view(words)),
     )  # fmt: skip
     directory = np.empty((len(chunks), 3), "<u4")
     directory[:, 0] = np.diff(bounds)
     directory[:, 1:] = nw
-    body = b"".join(
-        [head, directory.tobytes(), le_bytes(centre), le_bytes(step), rho.tobytes(), amax.tobytes()]
-    )
+    body = b"".join([head, directory.tobytes(), side.data.data, rho.data, amax.data])
     return body + _CRC.pack(zlib.crc32(body)), [words]
 
 
@@ -441,25 +422,13 @@ def parse(params: bytes, shape: tuple[int, ...], layer: int, transform: KLTransf
     if need != len(buf):
         raise FrameCorrupted(f"cachegen params: {len(buf)} bytes, the header implies {need}")
     off = _HEADER4.size
-    directory = np.frombuffer(buf, "<u4", 3 * n, off).reshape(n, 3).astype(np.int64)
-    off += 12 * n
-    tokens, nw = directory[:, 0], np.ascontiguousarray(directory[:, 1:])
-    lo, extra = 2 * rans.STATES, 2 * rans.STATES  # a part: its final states, then at most a word per symbol
-    if (
-        (tokens < 1).any()
-        or int(tokens.sum()) != t
-        or (nw < lo).any()
-        or (nw > tokens[:, None] * c + extra).any()
-    ):
-        raise FrameCorrupted(f"cachegen params: chunk directory {directory.tolist()} does not fit T = {t}")
-    cs = np.frombuffer(buf, sdt, 2 * n * 2 * c, off).astype(np.float32).reshape(2, n, 2, c)
-    off += 2 * n * 2 * c * sdt.itemsize
+    bounds, nw, centre, step = rans.parse_side5(
+        buf[off : len(buf) - _CRC.size], n, c, t, bool(flags & FLAG_WIDE), QMAX
+    )
+    off += 12 * n + 2 * n * 2 * c * sdt.itemsize
     rho = np.frombuffer(buf, np.uint8, n * 2 * c, off).reshape(n, 2, c)
     amax = np.frombuffer(buf, np.uint8, n * 2 * c, off + n * 2 * c).reshape(n, 2, c)
-    if not np.isfinite(cs).all() or (cs[1] <= 0).any() or (amax > QMAX).any():
-        raise FrameCorrupted("cachegen params: non-finite or non-positive step, or |q| > 127")
-    bounds = np.concatenate([[0], np.cumsum(tokens)])
-    return Parsed(transform, flags, payload_crc, bounds, nw, (cs[0], cs[1], rho, amax))
+    return Parsed(transform, flags, payload_crc, bounds, nw, (centre, step, rho, amax))
 
 
 def decode(

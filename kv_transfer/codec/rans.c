@@ -856,3 +856,134 @@ CG_EXACT int64_t cg_l0_check(const float *tk, const float *tv, int64_t vocab, co
     err[0] = dk, err[1] = ak, err[2] = dv, err[3] = av;
     return 0;
 }
+
+/* ---- format v5's side information: centre and step per chunk, part and component ----
+   The encoder derives them from the statistics (cg5_side: both the compiled encoder and the path CUDA tensors
+   take call it, so both store the same values); the decoder checks and widens them (cg5_parse_side). Stored
+   as fp16 (round to nearest even), or fp32 when `wide`, little-endian: centre [nch, 2, C], then step. */
+
+#define FP16_SAFE 60000.0f /* cachegen_core.FP16_SAFE */
+
+static uint16_t f2h(float f) { /* IEEE binary16, round to nearest even (as numpy's astype(float16)) */
+    uint32_t x, sign, ax;
+    memcpy(&x, &f, 4);
+    sign = (x >> 16) & 0x8000u, ax = x & 0x7FFFFFFFu;
+    if (ax >= 0x7F800000u) return (uint16_t)(sign | 0x7C00u | (ax > 0x7F800000u ? 0x200u : 0));
+    if (ax >= 0x477FF000u) return (uint16_t)(sign | 0x7C00u); /* rounds to >= 65520: infinity */
+    if (ax < 0x38800000u) {                                   /* below 2^-14: a subnormal half (or 0) */
+        if (ax < 0x33000000u) return (uint16_t)sign;          /* <= 2^-25 rounds to 0 */
+        uint32_t e = ax >> 23, m = (ax & 0x7FFFFFu) | 0x800000u, sh = 126 - e;
+        uint32_t q = m >> sh, rem = m & ((1u << sh) - 1), half = 1u << (sh - 1);
+        q += rem > half || (rem == half && (q & 1));
+        return (uint16_t)(sign | q);
+    }
+    uint32_t r = ax - 0x38000000u; /* exponent rebiased 127 -> 15 */
+    r = (r + 0xFFFu + ((r >> 13) & 1)) >> 13;
+    return (uint16_t)(sign | r);
+}
+
+static float h2f(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1F, m = h & 0x3FFu, x;
+    if (e == 0x1F) x = sign | 0x7F800000u | (m << 13);
+    else if (e) x = sign | ((e + 112) << 23) | (m << 13);
+    else if (!m) x = sign;
+    else { /* subnormal: normalise */
+        e = 113;
+        while (!(m & 0x400u)) m <<= 1, e--;
+        x = sign | (e << 23) | ((m & 0x3FFu) << 13);
+    }
+    float f;
+    memcpy(&f, &x, 4);
+    return f;
+}
+
+static inline void put_le16(uint8_t *p, uint16_t v) { p[0] = (uint8_t)v, p[1] = (uint8_t)(v >> 8); }
+static inline void put_le32(uint8_t *p, uint32_t v) { put_le16(p, (uint16_t)v), put_le16(p + 2, (uint16_t)(v >> 16)); }
+static inline uint32_t get_le32(const uint8_t *p) { return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24; }
+
+/* stats [nch, 2, 3, C] (mean, lo, hi; finite), plan [nch, 2] (steps > 0) -> c32, s32 [nch, 2, C] (the stored
+   values) and side (their bytes: 2 or 4 each). centre = the mean; step = max(plan, max(hi - c, c - lo) /
+   (qmax - 0.5)) with c the stored centre, stored rounded up (x (1 + 2^-10) + 2^-24, then to nearest: never
+   below x), so every |q| <= qmax. fp32 arithmetic, no fused multiply-add: the values numpy computed before.
+   Returns wide: 1 when some |lo|, |hi| > FP16_SAFE or some plan step > FP16_SAFE / qmax (fp32 stored). */
+CG_EXACT int64_t cg5_side(const float *stats, const float *plan, int64_t nch, int64_t C, int64_t qmax, float *c32,
+                          float *s32, uint8_t *side) {
+    int64_t n = nch * 2 * C, wide = 0;
+    for (int64_t j = 0; j < nch * 2; j++) {
+        const float *lo = stats + j * 3 * C + C, *hi = lo + C;
+        wide |= plan[j] > FP16_SAFE / (float)qmax;
+        for (int64_t c = 0; c < C; c++) wide |= fabsf(lo[c]) > FP16_SAFE || fabsf(hi[c]) > FP16_SAFE;
+    }
+    const float div = (float)qmax - 0.5f, up = 1.0f + 1.0f / 1024, tiny = 1.0f / 16777216;
+    for (int64_t j = 0; j < nch * 2; j++) {
+        const float *mean = stats + j * 3 * C, *lo = mean + C, *hi = lo + C;
+        for (int64_t c = 0; c < C; c++) {
+            int64_t i = j * C + c;
+            float ce = mean[c], st;
+            if (!wide) ce = h2f(f2h(ce));
+            float a = hi[c] - ce, b = ce - lo[c], spread = a > b ? a : b, need = spread / div;
+            st = need > plan[j] ? need : plan[j];
+            if (!wide) {
+                float u = st * up;
+                st = h2f(f2h(u + tiny));
+            }
+            c32[i] = ce, s32[i] = st;
+            if (wide) {
+                uint32_t bc, bs;
+                memcpy(&bc, &ce, 4), memcpy(&bs, &st, 4);
+                put_le32(side + 4 * i, bc), put_le32(side + 4 * (n + i), bs);
+            } else {
+                put_le16(side + 2 * i, f2h(ce)), put_le16(side + 2 * (n + i), f2h(st));
+            }
+        }
+    }
+    return wide;
+}
+
+/* The decoder's side of v5 params: directory [nch] x (tokens, K words, V words) u32 then centre, step (fp16, or
+   fp32 when wide) and amax [nch, 2, C] u8 at buf (the params after their header; the caller checked the
+   length). -> bounds [nch + 1], nw [nch, 2] (int64), centre, step fp32 [nch, 2, C]. Returns 0; -1 if the
+   directory does not fit T tokens (a chunk of no tokens, a part of fewer words than its final states or of
+   more than one per symbol beyond them); -2 if a centre or step is not finite, a step is <= 0 or an amax > qmax. */
+int64_t cg5_parse_side(const uint8_t *buf, int64_t nch, int64_t C, int64_t T, int64_t wide, int64_t qmax,
+                       int64_t *bounds, int64_t *nw, float *centre, float *step) {
+    int64_t n = nch * 2 * C, sz = wide ? 4 : 2, sum = 0;
+    bounds[0] = 0;
+    for (int64_t j = 0; j < nch; j++) {
+        int64_t tok = get_le32(buf + 12 * j), a = get_le32(buf + 12 * j + 4), b = get_le32(buf + 12 * j + 8);
+        int64_t most = tok * C + 2 * NS;
+        if (tok < 1 || a < 2 * NS || b < 2 * NS || a > most || b > most) return -1;
+        sum += tok, bounds[j + 1] = sum, nw[2 * j] = a, nw[2 * j + 1] = b;
+    }
+    if (sum != T) return -1;
+    const uint8_t *cs = buf + 12 * nch, *am = cs + 2 * n * sz + n; /* after centre, step and rho */
+    int bad = 0;
+    for (int64_t i = 0; i < n; i++) {
+        float ce, st;
+        if (wide) {
+            uint32_t bc = get_le32(cs + 4 * i), bs = get_le32(cs + 4 * (n + i));
+            memcpy(&ce, &bc, 4), memcpy(&st, &bs, 4);
+        } else {
+            ce = h2f((uint16_t)(cs[2 * i] | cs[2 * i + 1] << 8)), st = h2f((uint16_t)(cs[2 * (n + i)] | cs[2 * (n + i) + 1] << 8));
+        }
+        bad |= !isfinite(ce) || !isfinite(st) || !(st > 0) || am[i] > qmax;
+        centre[i] = ce, step[i] = st;
+    }
+    return bad ? -2 : 0;
+}
+
+/* The CPU encoder of a layer from its transformed rows: statistics (cg4_stats), side information (cg5_side),
+   then quantize, fit and code (cg5_encode); arguments as theirs, plan [nch, 2]. Returns wide (0/1), -3 out of
+   memory, -4 a value that is not finite. */
+int64_t cg5_encode_layer(const float *y0, const float *y1, int64_t C, int64_t T, int64_t nch, const int64_t *bounds,
+                         const float *plan, int64_t mid, const int64_t *wsym, uint8_t *side, float *c32, float *s32,
+                         uint8_t *rho, uint8_t *amax, uint16_t *out, int64_t *nw, int64_t simd) {
+    float *stats = malloc(sizeof(float) * (size_t)(nch * 2 * 3 * C));
+    if (!stats) return -3;
+    int64_t rc = cg4_stats(y0, y1, C, T, nch, bounds, stats), wide = 0;
+    if (rc == 0) wide = cg5_side(stats, plan, nch, C, mid, c32, s32, side);
+    free(stats);
+    if (rc != 0) return rc;
+    rc = cg5_encode(y0, y1, C, T, nch, bounds, c32, s32, mid, wsym, rho, amax, out, nw, simd);
+    return rc != 0 ? rc : wide;
+}

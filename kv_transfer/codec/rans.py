@@ -133,6 +133,12 @@ def _load() -> ctypes.CDLL | None:
                 lib.cg5_simd_available.argtypes = []
                 lib.cg_rope.restype = None
                 lib.cg_rope.argtypes = [p, i64, i64, i64, p, p, i64, ctypes.c_float, p]
+                lib.cg5_side.restype = i64
+                lib.cg5_side.argtypes = [p, p, i64, i64, i64, p, p, p]
+                lib.cg5_parse_side.restype = i64
+                lib.cg5_parse_side.argtypes = [p, i64, i64, i64, i64, i64, p, p, p, p]
+                lib.cg5_encode_layer.restype = i64
+                lib.cg5_encode_layer.argtypes = [p, p, i64, i64, i64, p, p, i64, p, p, p, p, p, p, p, p, i64]
                 lib.cg_l0_gather.restype = i64
                 lib.cg_l0_gather.argtypes = [p, p, i64, p, i64, i64, i64, p, p, i64, p, p]
                 lib.cg_l0_check.restype = i64
@@ -380,6 +386,85 @@ def encode5(
         _ptr(amax), _ptr(out), _ptr(nw), use_simd(simd),
     )  # fmt: skip
     return _coded(rc, "cg5_encode", out, nw), nw, rho, amax
+
+
+class Side5:
+    """A layer's side information as the encoder stores it: `wide` (fp32, else fp16), `data` (the stored bytes:
+    centre [nch, 2, C] then step, little-endian), and the stored values as fp32 `centre`, `step` [nch, 2, C]."""
+
+    __slots__ = ("wide", "data", "centre", "step")
+
+    def __init__(self, nch: int, c: int) -> None:
+        self.wide = False
+        self.data = np.empty(
+            2 * 4 * nch * 2 * c, np.uint8
+        )  # room for fp32; trimmed to fp16's size if not wide
+        self.centre, self.step = np.empty((nch, 2, c), np.float32), np.empty((nch, 2, c), np.float32)
+
+    def _set(self, wide: int) -> Side5:
+        self.wide = bool(wide)
+        if not wide:
+            self.data = self.data[: self.data.size // 2]
+        return self
+
+
+def side5(stats: np.ndarray, plan: np.ndarray, mid: int) -> Side5:
+    """stats fp32 [nch, 2, 3, C] (mean, min, max; finite), plan steps fp32 [nch, 2] -> the side information
+    (`cachegen_klt`'s centre and step rule; fp32 when some value passes FP16_SAFE)."""
+    nch, _, _, c = stats.shape
+    stats, plan = np.ascontiguousarray(stats, np.float32), np.ascontiguousarray(plan, np.float32)
+    assert plan.shape == (nch, 2)
+    out = Side5(nch, c)
+    wide = _lib_or_raise().cg5_side(
+        _ptr(stats), _ptr(plan), nch, c, mid, _ptr(out.centre), _ptr(out.step), _ptr(out.data)
+    )
+    return out._set(wide)
+
+
+def encode5_layer(
+    y0: np.ndarray, y1: np.ndarray, bounds: np.ndarray, plan: np.ndarray, mid: int, wsym: np.ndarray,
+    simd: bool | None = None,
+) -> tuple[Side5, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    """The CPU encoder of a layer in one compiled call: statistics, side information (side5), then encode5
+    -> (side, words uint16, nw [nch, 2], rho, amax [nch, 2, C]). CodecError if some value is NaN or Inf."""
+    c, t = y0.shape
+    _rows(y0, c, t)
+    _rows(y1, c, t)
+    b = _bounds(bounds, t)
+    nch = b.size - 1
+    plan = np.ascontiguousarray(plan, np.float32)
+    assert plan.shape == (nch, 2)
+    _check_wsym(wsym, mid)
+    side = Side5(nch, c)
+    rho, amax, out, nw = _side_out(nch, c, t)
+    rc = _lib_or_raise().cg5_encode_layer(
+        _ptr(y0), _ptr(y1), c, t, nch, _ptr(b), _ptr(plan), mid, _ptr(wsym), _ptr(side.data), _ptr(side.centre),
+        _ptr(side.step), _ptr(rho), _ptr(amax), _ptr(out), _ptr(nw), use_simd(simd),
+    )  # fmt: skip
+    if rc == -4:
+        raise CodecError("cachegen: K/V contains NaN or Inf")
+    if rc == -3:
+        raise MemoryError("cg5_encode_layer")
+    assert rc in (0, 1), rc
+    return side._set(rc), out[: int(nw.sum())], nw, rho, amax
+
+
+def parse_side5(
+    data: bytes, nch: int, c: int, t: int, wide: bool, mid: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """v5 params' directory, centre, step, rho and amax (`data`, its length checked by the caller) -> bounds
+    int64 [nch + 1], nw int64 [nch, 2], centre, step fp32 [nch, 2, C]. FrameCorrupted if the directory does
+    not fit `t` tokens, or a centre/step is not finite, a step <= 0 or an amax > mid."""
+    bounds, nw = np.empty(nch + 1, np.int64), np.empty((nch, 2), np.int64)
+    centre, step = np.empty((nch, 2, c), np.float32), np.empty((nch, 2, c), np.float32)
+    rc = _lib_or_raise().cg5_parse_side(
+        data, nch, c, t, int(wide), mid, _ptr(bounds), _ptr(nw), _ptr(centre), _ptr(step)
+    )
+    if rc == -1:
+        raise FrameCorrupted(f"cachegen params: chunk directory does not fit T = {t}")
+    if rc != 0:
+        raise FrameCorrupted("cachegen params: non-finite or non-positive step, or |q| > 127")
+    return bounds, nw, centre, step
 
 
 def code5(

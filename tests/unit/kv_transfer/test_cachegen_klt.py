@@ -16,6 +16,7 @@ import torch
 from kv_transfer.codec import CodecContext, rans
 from kv_transfer.codec import cachegen_klt as klt
 from kv_transfer.codec.cachegen import CacheGenCodec
+from kv_transfer.codec.cachegen_core import FP16_SAFE, store_scale_np
 from kv_transfer.codec.cachegen_klt import KLTransform
 from kv_transfer.errors import CodecError, FrameCorrupted, FrameForeign, KVTransferError
 from pdserve.errors import PDServeError
@@ -174,18 +175,57 @@ def _layer_input(t: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, np.ndar
     return yk, yv, np.array(bounds), stats, plan
 
 
+def _side_reference(stats: np.ndarray, plan: np.ndarray) -> tuple[bool, np.ndarray, np.ndarray]:
+    """The side-information rule in numpy (what rans.side5 computes in C): (wide, centre, step) as stored."""
+    wide = float(np.abs(stats[:, :, 1:]).max()) > FP16_SAFE or float(plan.max()) > FP16_SAFE / klt.QMAX
+    centre = store_scale_np(stats[:, :, 0], wide, up=False)
+    c = centre.astype(np.float32)
+    spread = np.maximum(stats[:, :, 2] - c, c - stats[:, :, 1])
+    step = np.maximum(spread / np.float32(klt.QMAX - 0.5), plan.astype(np.float32)[:, :, None])
+    return wide, centre, store_scale_np(step, wide, up=True)
+
+
+def test_compiled_side_information_is_the_numpy_rule() -> None:
+    """rans.side5 (fp16 conversion in C) stores exactly what the numpy rule stores, fp16 and fp32, including
+    values near fp16's subnormals and its largest finite values."""
+    g = np.random.default_rng(3)
+    for scale, t in ((1.0, 300), (1e-5, 40), (3e-8, 9), (400.0, 50), (7e4, 20)):
+        yk = (g.standard_normal((64, t)) * scale).astype(np.float32)
+        yv = (g.standard_normal((64, t)) * scale * 0.1).astype(np.float32)
+        bounds = np.array([0, t // 2, t])
+        stats = rans.stats4(yk, yv, bounds)
+        for plan_step in (1e-7, 0.05, 3.0, 600.0):
+            plan = np.full((2, 2), plan_step, np.float32)
+            wide, centre, step = _side_reference(stats, plan)
+            side = rans.side5(stats, plan, klt.QMAX)
+            assert side.wide == wide
+            assert (
+                side.data.tobytes()
+                == centre.astype(centre.dtype.newbyteorder("<")).tobytes()
+                + step.astype(step.dtype.newbyteorder("<")).tobytes()
+            )
+            assert np.array_equal(side.centre, centre.astype(np.float32))
+            assert np.array_equal(side.step, step.astype(np.float32))
+            q = np.abs(np.rint((yk[:, : t // 2] - side.centre[0, 0][:, None]) / side.step[0, 0][:, None]))
+            assert q.max() <= klt.QMAX
+
+
 def test_torch_quantizer_makes_the_compiled_encoders_stream() -> None:
     """The path CUDA tensors take (torch quantization where y lives, fit and code on the host) run on CPU
-    tensors produces the compiled encoder's exact words from the same statistics."""
+    tensors produces the compiled encoder's exact words and side information from the same statistics."""
     for t in (1, 2, 7, 300):
         yk, yv, bounds, stats, plan = _layer_input(t, t)
-        for wide in (False, True):
-            centre, step = (a.astype(np.float32) for a in klt._centre_step(stats, plan, wide))
-            fused = rans.encode5(yk.numpy(), yv.numpy(), bounds, centre, step, klt.QMAX, _w())
-            sym = klt.quantize_torch(yk, yv, bounds.tolist(), centre, step).numpy()
+        for scale in (1.0, 1e5):  # fp16 side information, fp32 (wide)
+            y0, y1 = (yk * scale).contiguous(), (yv * scale).contiguous()
+            side = rans.side5(rans.stats4(y0.numpy(), y1.numpy(), bounds), plan, klt.QMAX)
+            assert side.wide == (scale > 1)
+            layer = rans.encode5_layer(y0.numpy(), y1.numpy(), bounds, plan, klt.QMAX, _w())
+            assert layer[0].wide == side.wide and layer[0].data.tobytes() == side.data.tobytes()
+            fused = rans.encode5(y0.numpy(), y1.numpy(), bounds, side.centre, side.step, klt.QMAX, _w())
+            sym = klt.quantize_torch(y0, y1, bounds.tolist(), side.centre, side.step).numpy()
             generic = rans.code5(sym, 64, bounds, klt.QMAX, _w())
-            for a, b in zip(fused, generic, strict=True):
-                assert np.array_equal(a, b)
+            for a, b, c in zip(fused, generic, layer[1:], strict=True):
+                assert np.array_equal(a, b) and np.array_equal(a, c)
 
 
 def test_torch_statistics_match_the_compiled_ones() -> None:
