@@ -751,18 +751,19 @@ int64_t cg5_uncode(const uint16_t *in, int64_t nwords, int64_t C, int64_t nch, c
     return rc == 0 && pos != nwords ? -1 : rc;
 }
 
-/* The CPU decoder of one layer: as cg5_uncode, the values written straight into y0, y1 [C, T] fp32 =
-   centre + (sym - mid) step with centre, step [nch, 2, C]. Returns as cg5_uncode. */
+/* The CPU decoder of one layer: as cg5_uncode, the values written straight into y0, y1 [C, T] fp32 (rows ld >= T
+   apart) = centre + (sym - mid) step with centre, step [nch, 2, C]. Returns as cg5_uncode. */
 int64_t cg5_decode(const uint16_t *in, int64_t nwords, int64_t C, int64_t T, int64_t nch, const int64_t *bounds,
                    const int64_t *nw, const uint8_t *rho, const uint8_t *amax, const float *centre,
-                   const float *step, int64_t mid, const int64_t *wsym, float *y0, float *y1, int64_t simd) {
+                   const float *step, int64_t mid, const int64_t *wsym, float *y0, float *y1, int64_t ld,
+                   int64_t simd) {
     int64_t pos = 0, rc = 0;
     int use = simd && cpu_avx2();
     for (int64_t j = 0; j < nch && rc == 0; j++) {
         int64_t a = bounds[j], len = bounds[j + 1] - a, n0 = nw[2 * j], n1 = nw[2 * j + 1];
         if (n0 < 0 || n1 < 0 || pos + n0 + n1 > nwords) return -1;
         rc = uncode5(in + pos, n0, in + pos + n0, n1, len, C, rho + j * 2 * C, amax + j * 2 * C, mid, wsym, NULL,
-                     y0 + a, y1 + a, T, centre + j * 2 * C, step + j * 2 * C, use);
+                     y0 + a, y1 + a, ld, centre + j * 2 * C, step + j * 2 * C, use);
         pos += n0 + n1;
     }
     return rc == 0 && pos != nwords ? -1 : rc;

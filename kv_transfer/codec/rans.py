@@ -128,7 +128,7 @@ def _load() -> ctypes.CDLL | None:
                 lib.cg5_uncode.restype = i64
                 lib.cg5_uncode.argtypes = [p, i64, i64, i64, p, p, p, p, i64, p, p, i64]
                 lib.cg5_decode.restype = i64
-                lib.cg5_decode.argtypes = [p, i64, i64, i64, i64, p, p, p, p, p, p, i64, p, p, p, i64]
+                lib.cg5_decode.argtypes = [p, i64, i64, i64, i64, p, p, p, p, p, p, i64, p, p, p, i64, i64]
                 lib.cg5_simd_available.restype = i64
                 lib.cg5_simd_available.argtypes = []
                 lib.cg_rope.restype = None
@@ -544,17 +544,20 @@ def decode5(
     y1: np.ndarray,
     simd: bool | None = None,
 ) -> None:
-    """Inverse of encode5 into y0, y1 fp32 [C, T]: centre + (symbol - mid) * step. FrameCorrupted as uncode5."""
+    """Inverse of encode5 into y0, y1 fp32 [C, ld]: row c's first T = bounds[-1] values are centre + (symbol -
+    mid) * step (ld >= T: rows may be padded, e.g. so that they are not 4 KiB apart). FrameCorrupted as
+    uncode5."""
     words, nw, rho, amax, b = _uncode_args(words, nw, rho, amax, bounds, mid)
     _check_wsym(wsym, mid)
-    c, t = y0.shape
-    _rows(y0, c, t)
-    _rows(y1, c, t)
+    c, ld = y0.shape
+    t = int(b[-1])
+    _rows(y0, c, ld)
+    _rows(y1, c, ld)
     centre, step = np.ascontiguousarray(centre, np.float32), np.ascontiguousarray(step, np.float32)
-    assert centre.shape == step.shape == rho.shape and t == b[-1]
+    assert centre.shape == step.shape == rho.shape and t <= ld
     rc = _lib_or_raise().cg5_decode(
         _ptr(words), words.size, c, t, b.size - 1, _ptr(b), _ptr(nw), _ptr(rho), _ptr(amax), _ptr(centre),
-        _ptr(step), mid, _ptr(wsym), _ptr(y0), _ptr(y1), use_simd(simd),
+        _ptr(step), mid, _ptr(wsym), _ptr(y0), _ptr(y1), ld, use_simd(simd),
     )  # fmt: skip
     _decoded(rc, "cg5_decode")
 
