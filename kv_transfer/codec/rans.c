@@ -225,14 +225,17 @@ static void lap_row(int64_t rho, int64_t a, int64_t mid, const int64_t *wsym, ui
 
 /* Tables of C components (rho, amax [C]): freq, cum [C, n] uint32 (whole rows); lut [C, PROB_SCALE] when
    not NULL. Returns 0, or -1 if some amax_c > mid. */
+static void lap_row_fast(int64_t rho, int64_t a, int64_t mid, const int64_t *wsym, uint32_t *f, uint32_t *cu);
+
 int64_t cg_lap_tables(const uint8_t *rho, const uint8_t *amax, int64_t C, int64_t mid, const int64_t *wsym,
-                      uint32_t *freq, uint32_t *cum, uint8_t *lut) {
+                      uint32_t *freq, uint32_t *cum, uint8_t *lut, int64_t simd) {
     int64_t n = 2 * mid + 1;
     for (int64_t c = 0; c < C; c++) {
         int64_t a = amax[c];
         if (a > mid) return -1;
         uint32_t *f = freq + c * n, *cu = cum + c * n;
-        lap_row(rho[c], a, mid, wsym, f, cu, lut ? lut + c * PROB_SCALE : NULL);
+        if (simd && !lut) lap_row_fast(rho[c], a, mid, wsym, f, cu); /* the coders' rows (AVX2 where it runs) */
+        else lap_row(rho[c], a, mid, wsym, f, cu, lut ? lut + c * PROB_SCALE : NULL);
         for (int64_t s = 0; s < n; s++)
             if (s < mid - a || s > mid + a) f[s] = 0, cu[s] = s < mid - a ? 0 : PROB_SCALE;
     }
@@ -484,18 +487,105 @@ CG_AVX2 static void dec5_avx2(int np, const uint32_t *const *tab, uint32_t **x, 
                     (float)mid);
 }
 
+/* lap_row (without lut) in AVX2: the same rows. Frequencies by exact division, 4 magnitudes per vector: w < 2^21
+   and K < 2^11, so w K < 2^31 is exact in int32 and double, and the correctly rounded quotient of two integers
+   (total < 2^28, quotient < 2^11) never crosses an integer the true quotient does not reach, so truncating it
+   is floor(w K / total), what lap_row's reciprocal and corrections compute. cum by 8-lane prefix sums. */
+CG_AVX2 static void lap_row_avx2(int64_t rho, int64_t a, int64_t mid, const int64_t *wsym, uint32_t *f,
+                                 uint32_t *cu) {
+    int64_t n = 2 * mid + 1, lo = mid - a, k = 2 * a + 1, total = 0, q = 1;
+    const int64_t *w = wsym + rho * n + mid; /* w[q], 0 <= q <= a <= mid: inside the row */
+    for (; q <= a; q++) total += w[q];
+    total = 2 * total + w[0];
+    if (total < 1) total = 1;
+    const __m256d tot = _mm256_set1_pd((double)total);
+    const __m128i kk = _mm_set1_epi32((int)((int64_t)PROB_SCALE - k)), one = _mm_set1_epi32(1);
+    const __m256i pick = _mm256_setr_epi32(0, 2, 4, 6, 0, 0, 0, 0);
+    __m128i acc = _mm_setzero_si128();
+    for (q = 0; q + 3 <= a; q += 4) {
+        __m256i w64 = _mm256_loadu_si256((const __m256i *)(w + q));
+        __m128i w32 = _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(w64, pick));
+        __m128i fq = _mm256_cvttpd_epi32(_mm256_div_pd(_mm256_cvtepi32_pd(_mm_mullo_epi32(w32, kk)), tot));
+        __m128i fv = _mm_add_epi32(fq, one);
+        _mm_storeu_si128((__m128i *)(f + mid + q), fv);
+        _mm_storeu_si128((__m128i *)(f + mid - q - 3), _mm_shuffle_epi32(fv, 0x1B)); /* mirrored */
+        acc = _mm_add_epi32(acc, fv);
+    }
+    int64_t sum = 0;
+    for (; q <= a; q++) {
+        int64_t fq = (int64_t)((double)(w[q] * ((int64_t)PROB_SCALE - k)) / (double)total);
+        f[mid + q] = f[mid - q] = (uint32_t)(1 + fq);
+        sum += 1 + fq;
+    }
+    uint32_t lanes[4];
+    _mm_storeu_si128((__m128i *)lanes, acc);
+    sum += (int64_t)lanes[0] + lanes[1] + lanes[2] + lanes[3];
+    sum = 2 * sum - f[mid]; /* every magnitude twice, q = 0 once */
+    f[mid] += (uint32_t)((int64_t)PROB_SCALE - sum);
+    __m256i carry = _mm256_setzero_si256();
+    const __m256i last = _mm256_set1_epi32(7);
+    int64_t s = lo;
+    for (; s + 8 <= lo + k; s += 8) { /* exclusive prefix sums of f[lo..] */
+        __m256i x = _mm256_loadu_si256((const __m256i *)(f + s)), y = x;
+        y = _mm256_add_epi32(y, _mm256_slli_si256(y, 4));
+        y = _mm256_add_epi32(y, _mm256_slli_si256(y, 8));
+        y = _mm256_add_epi32(y, _mm256_shuffle_epi32(_mm256_permute2x128_si256(y, y, 0x08), 0xFF));
+        y = _mm256_add_epi32(y, carry);
+        _mm256_storeu_si256((__m256i *)(cu + s), _mm256_sub_epi32(y, x));
+        carry = _mm256_permutevar8x32_epi32(y, last);
+    }
+    uint32_t run = (uint32_t)_mm256_cvtsi256_si32(carry);
+    for (; s < lo + k; s++) cu[s] = run, run += f[s];
+}
+
+/* enc5_row in AVX2: the same e1, rcp over [mid - a, mid + a], 8 symbols per vector (table lookups by gather). */
+CG_AVX2 static void enc5_row_avx2(int64_t rho, int64_t a, int64_t mid, const int64_t *wsym, uint32_t *scratch,
+                                  uint32_t *e1, uint32_t *rcp) {
+    int64_t n = 2 * mid + 1, s = mid - a;
+    uint32_t *f = scratch, *cu = scratch + n;
+    lap_row_avx2(rho, a, mid, wsym, f, cu);
+    const __m256i two = _mm256_set1_epi32(2), bias1 = _mm256_set1_epi32(PROB_SCALE - 1);
+    for (; s + 8 <= mid + a + 1; s += 8) {
+        __m256i fs = _mm256_loadu_si256((const __m256i *)(f + s)), c = _mm256_loadu_si256((const __m256i *)(cu + s));
+        __m256i bias = _mm256_add_epi32(c, _mm256_and_si256(_mm256_cmpgt_epi32(two, fs), bias1)); /* f = 1 */
+        __m256i sh = _mm256_i32gather_epi32((const int *)g5_shift, fs, 4);
+        __m256i e = _mm256_or_si256(fs, _mm256_or_si256(_mm256_slli_epi32(bias, 11), _mm256_slli_epi32(sh, 23)));
+        _mm256_storeu_si256((__m256i *)(e1 + s), e);
+        _mm256_storeu_si256((__m256i *)(rcp + s), _mm256_i32gather_epi32((const int *)g5_rcp, fs, 4));
+    }
+    for (; s <= mid + a; s++) {
+        uint32_t fs = f[s], bias = fs < 2 ? cu[s] + PROB_SCALE - 1 : cu[s];
+        e1[s] = fs | bias << 11 | g5_shift[fs] << 23;
+        rcp[s] = g5_rcp[fs];
+    }
+}
+
 /* dec5_row with 8-entry stores: each symbol's run [cum, cum + f) written from its start in whole vectors, the
-   overshoot overwritten by the next run (tab has 8 entries of padding past PROB_SCALE). */
+   overshoot overwritten by the next run (tab has 8 entries of padding past PROB_SCALE). The tails of frequency 1
+   (the rows fall with |q| from the centre, so they are the ends of the support) are written 8 symbols per
+   vector: entries there grow by one symbol and one slot per slot. */
 CG_AVX2 static void dec5_row_avx2(int64_t rho, int64_t a, int64_t mid, const int64_t *wsym, uint32_t *scratch,
                                   uint32_t *tab) {
-    int64_t n = 2 * mid + 1;
+    int64_t n = 2 * mid + 1, lo = mid - a, hi = mid + a, s1 = lo, s2 = hi;
     uint32_t *f = scratch, *cu = scratch + n;
-    lap_row(rho, a, mid, wsym, f, cu, NULL);
-    for (int64_t s = mid - a; s <= mid + a; s++) {
-        const uint32_t fs = f[s], c = cu[s]; /* locals: tab shares the caller's buffer with f and cu */
+    lap_row_avx2(rho, a, mid, wsym, f, cu);
+    while (s1 < mid && f[s1] == 1) s1++; /* [lo, s1) and (s2, hi]: frequency 1 */
+    while (s2 > mid && f[s2] == 1) s2--;
+    const __m256i step = _mm256_set1_epi32(1 << 22 | 1 << 11), ramp = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i ramp_e = _mm256_mullo_epi32(ramp, step);
+    for (int64_t s = lo; s < s1; s += 8) { /* left tail: slots 0.. */
+        __m256i e = _mm256_set1_epi32((int)((uint32_t)s << 22 | cu[s] << 11 | 1u));
+        _mm256_storeu_si256((__m256i *)(tab + cu[s]), _mm256_add_epi32(e, ramp_e));
+    }
+    for (int64_t s = s1; s <= s2; s++) {
+        const uint32_t fs = f[s], c = cu[s];
         __m256i e = _mm256_set1_epi32((int)((uint32_t)s << 22 | c << 11 | fs));
         uint32_t *p = tab + c;
         for (uint32_t i = 0; i < fs; i += 8) _mm256_storeu_si256((__m256i *)(p + i), e);
+    }
+    for (int64_t s = s2 + 1; s <= hi; s += 8) { /* right tail: up to PROB_SCALE (+ padding) */
+        __m256i e = _mm256_set1_epi32((int)((uint32_t)s << 22 | cu[s] << 11 | 1u));
+        _mm256_storeu_si256((__m256i *)(tab + cu[s]), _mm256_add_epi32(e, ramp_e));
     }
 }
 
@@ -511,6 +601,16 @@ static int cpu_avx2(void) {
 #define HAVE_AVX2_PATH 0
 static int cpu_avx2(void) { return 0; }
 #endif
+
+static void lap_row_fast(int64_t rho, int64_t a, int64_t mid, const int64_t *wsym, uint32_t *f, uint32_t *cu) {
+#if HAVE_AVX2_PATH
+    if (cpu_avx2()) {
+        lap_row_avx2(rho, a, mid, wsym, f, cu);
+        return;
+    }
+#endif
+    lap_row(rho, a, mid, wsym, f, cu, NULL);
+}
 
 /* 1 when the AVX2 coder can run on this CPU (the `simd` arguments below then select it). */
 int64_t cg5_simd_available(void) { return cpu_avx2(); }
@@ -528,7 +628,6 @@ static int64_t code5(const uint8_t *sym, int64_t T, int64_t C, const uint8_t *rh
     for (int i = 0; i < NS; i++) st[0][i] = st[1][i] = L5;
     uint16_t *out[2] = {tmp, tmp + cap};
     int64_t w[2] = {cap, cap};
-    (void)simd;
     for (int64_t c = C - 1; c >= 0; c--) { /* the decoder's order reversed */
         int parts[2], np = 0;
         for (int p = 1; p >= 0; p--) /* V's rows are the last K/V pair read by nothing in between: any order */
@@ -540,7 +639,11 @@ static int64_t code5(const uint8_t *sym, int64_t T, int64_t C, const uint8_t *rh
         int64_t ws[2];
         for (int i = 0; i < np; i++) {
             int p = parts[i];
-            enc5_row(rho[p * C + c], amax[p * C + c], mid, wsym, scratch, e1[i], rc[i]);
+#if HAVE_AVX2_PATH
+            if (simd) enc5_row_avx2(rho[p * C + c], amax[p * C + c], mid, wsym, scratch, e1[i], rc[i]);
+            else
+#endif
+                enc5_row(rho[p * C + c], amax[p * C + c], mid, wsym, scratch, e1[i], rc[i]);
             s[i] = sym + (p * C + c) * T, E1[i] = e1[i], RC[i] = rc[i], xs[i] = st[p], os[i] = out[p], ws[i] = w[p];
         }
 #if HAVE_AVX2_PATH

@@ -144,7 +144,7 @@ def _load() -> ctypes.CDLL | None:
                 lib.cg_l0_check.restype = i64
                 lib.cg_l0_check.argtypes = [p, p, i64, p, i64, i64, i64, p, p, i64, p, p, p]
                 lib.cg_lap_tables.restype = i64
-                lib.cg_lap_tables.argtypes = [p, p, i64, i64, p, p, p, p]
+                lib.cg_lap_tables.argtypes = [p, p, i64, i64, p, p, p, p, i64]
                 _lib, _origin = lib, origin
             except (OSError, RuntimeError, subprocess.SubprocessError) as e:
                 log.warning(
@@ -566,9 +566,12 @@ def _check_wsym(wsym: np.ndarray, mid: int) -> None:
     assert wsym.dtype == np.int64 and wsym.shape == (256, 2 * mid + 1) and wsym.flags.c_contiguous
 
 
-def lap_tables(rho: np.ndarray, amax: np.ndarray, mid: int, wsym: np.ndarray, lut: bool) -> Tables:
+def lap_tables(
+    rho: np.ndarray, amax: np.ndarray, mid: int, wsym: np.ndarray, lut: bool, simd: bool | None = None
+) -> Tables:
     """Per-component discrete Laplace rows (rho, amax) over weights wsym int64 [256, n] -> Tables (with the
-    decode lookup when `lut`). CodecError if some amax > mid."""
+    decode lookup when `lut`). CodecError if some amax > mid. Without `lut`, `simd` builds the rows as the v5
+    coders do (AVX2 where the CPU has it); the rows are the same either way."""
     rho, amax = np.ascontiguousarray(rho, np.uint8), np.ascontiguousarray(amax, np.uint8)
     c, n = rho.shape[0], 2 * mid + 1
     assert (
@@ -585,6 +588,7 @@ def lap_tables(rho: np.ndarray, amax: np.ndarray, mid: int, wsym: np.ndarray, lu
         _ptr(freq),
         _ptr(cum),
         _ptr(table) if table is not None else None,
+        use_simd(simd),
     )
     if rc != 0:
         raise CodecError(f"Laplace support beyond |q| <= {mid}")

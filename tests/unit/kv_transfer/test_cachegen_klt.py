@@ -142,6 +142,18 @@ def test_coder_round_trips_every_row_length_on_both_paths(t: int) -> None:
         assert np.array_equal(rans.uncode5(words, nw, rho, amax, bounds, klt.QMAX, _w(), simd=simd), sym)
 
 
+def test_compiled_laplace_rows_are_the_same_on_both_paths() -> None:
+    """The coders' AVX2 rows (exact division, vector prefix sums) equal the portable ones for every amax and a
+    spread of rho (the ends of both ranges included): encoder and decoder build identical tables on any CPU."""
+    amax = np.arange(klt.QMAX + 1, dtype=np.uint8)
+    for rho in sorted({0, 1, 2, 31, 32, 33, 127, 128, 200, 254, 255, *range(3, 256, 23)}):
+        r = np.full(amax.size, rho, np.uint8)
+        fast = rans.lap_tables(r, amax, klt.QMAX, _w(), False, simd=True)
+        portable = rans.lap_tables(r, amax, klt.QMAX, _w(), False, simd=False)
+        assert np.array_equal(fast.freq, portable.freq) and np.array_equal(fast.cum, portable.cum), rho
+        assert (fast.freq.sum(1) == rans.PROB_SCALE).all()
+
+
 @pytest.mark.parametrize("simd", [False, True])
 def test_coder_rejects_damaged_words_and_counts(simd: bool) -> None:
     g = np.random.default_rng(1)
