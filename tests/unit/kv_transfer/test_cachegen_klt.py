@@ -404,6 +404,33 @@ def test_consistent_but_wrong_payload_is_caught_by_the_entropy_decoder(encoded) 
         klt_codec(tr).decode(bytes(bad_params), bad_payload, shape, torch.float32, 1)
 
 
+def test_forged_side_information_with_a_valid_crc_is_frame_corrupted(encoded) -> None:
+    """What the params' crc32 cannot see (a consistent forgery) the compiled side check does: a directory that
+    does not add up to T or claims too few or too many words, a NaN centre, a step <= 0 or infinite, an amax
+    past 127 -> FrameCorrupted, nothing decoded."""
+    tr, params, payload, shape = encoded
+    n = klt._HEADER4.unpack_from(params)[4]  # chunks
+    c = shape[1] * shape[2]
+    directory, side = klt._HEADER4.size, klt._HEADER4.size + 12 * n
+    cases = [
+        (directory, (shape[0] + 1).to_bytes(4, "little")),  # chunk 0 has one token more: sum != T
+        (directory, (0).to_bytes(4, "little")),  # a chunk of no tokens
+        (directory + 4, (3).to_bytes(4, "little")),  # fewer words than the 16 final states
+        (directory + 4, (10**8).to_bytes(4, "little")),  # more words than symbols
+        (side + 2 * 5, np.float16(np.nan).tobytes()),  # a centre
+        (side + 2 * (n * 2 * c + 7), np.float16(0).tobytes()),  # a step of 0
+        (side + 2 * (n * 2 * c + 8), np.float16(-1).tobytes()),  # a negative step
+        (side + 2 * (n * 2 * c + 9), np.float16(np.inf).tobytes()),  # an infinite step
+        (side + 2 * 2 * n * 2 * c + n * 2 * c + 3, bytes([128])),  # an amax past QMAX
+    ]
+    for at, value in cases:
+        bad = bytearray(params[:-4])
+        bad[at : at + len(value)] = value
+        bad += zlib.crc32(bytes(bad)).to_bytes(4, "little")
+        with pytest.raises(FrameCorrupted):
+            klt_codec(tr).decode(bytes(bad), payload, shape, torch.float32, 1)
+
+
 def test_unknown_transform_is_foreign(encoded) -> None:
     tr, params, payload, shape = encoded
     tid_at = 9
