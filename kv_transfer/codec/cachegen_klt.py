@@ -185,6 +185,8 @@ class KLTransform:
         self.transform_id = int.from_bytes(h.digest(), "little") or 1
         self._dev: dict[torch.device, tuple[Tensor, Tensor, Tensor]] = {}
         self._dev_t: dict[torch.device, tuple[Tensor, Tensor]] = {}
+        # CPU: per layer, fwd^T of K and of V and inv of K and of V, each its own contiguous [C, C] tensor
+        self._cpu_mats: list[tuple[Tensor, Tensor, Tensor, Tensor]] | None = None
         self._rope: dict[torch.device, tuple[Tensor, Tensor]] = {}  # cos, sin [P, D] for positions 0..P-1
         self._lock = threading.Lock()
         # the inverse's spectral norm per part, for the error bound
@@ -226,31 +228,50 @@ class KLTransform:
                 got = self._dev_t.setdefault(device, got)
         return got
 
+    def _cpu(self, layer: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        mats = self._cpu_mats
+        if mats is None:
+            fwd_t, inv = self._on_t(torch.device("cpu"))
+            mats = [
+                (
+                    fwd_t[i, 0].contiguous(),
+                    fwd_t[i, 1].contiguous(),
+                    inv[i, 0].contiguous(),
+                    inv[i, 1].contiguous(),
+                )
+                for i in range(self.num_layers)
+            ]
+            self._cpu_mats = mats
+        return mats[layer]
+
     def forward(self, k: Tensor, v: Tensor, layer: int) -> tuple[Tensor, Tensor]:
         """k, v [T, Hkv, D] (positions 0..T-1) -> y_k, y_v fp32 [C, T] (component-major, contiguous) on their
         device: y^T = F^T x^T, one matrix product per part (BLAS reads x^T as a view)."""
-        fwd_t = self._on_t(k.device)[0]
         t = k.shape[0]
         cos, sin = self._cos_sin(t, k.device)
-        if k.device.type == "cpu":  # one compiled pass (torch's takes five, with temporaries)
+        if k.device.type == "cpu":  # un-RoPE in one compiled pass (torch's takes five, with temporaries)
+            fk, fv, _, _ = self._cpu(layer)
             kf = k.float().contiguous()
-            kp = torch.empty_like(kf)
-            rans.rope(kf.numpy(), cos.numpy(), sin.numpy(), -1.0, kp.numpy())
-        else:
-            kp = _rotate(k.float(), cos[:t], -sin[:t])
+            kp = torch.empty(kf.shape)
+            rans.rope_t(kf, cos, sin, -1.0, kp)
+            return torch.mm(fk, kp.view(t, -1).T), torch.mm(fv, v.float().reshape(t, -1).T)
+        fwd_t = self._on_t(k.device)[0]
+        kp = _rotate(k.float(), cos[:t], -sin[:t])
         return fwd_t[layer, 0] @ kp.reshape(t, -1).T, fwd_t[layer, 1] @ v.float().reshape(t, -1).T
 
     def inverse(self, yk: Tensor, yv: Tensor, layer: int) -> tuple[Tensor, Tensor]:
         """Inverse of forward: y_k, y_v fp32 [C, T] -> k, v fp32 [T, Hkv, D]."""
-        inv = self._on_t(yk.device)[1]
         t = yk.shape[1]
         cos, sin = self._cos_sin(t, yk.device)
-        k = (yk.T @ inv[layer, 0]).view(t, self.num_kv_heads, self.head_dim)
-        if k.device.type == "cpu":
-            rans.rope(k.numpy(), cos.numpy(), sin.numpy(), 1.0, k.numpy())  # in place
-        else:
-            k = _rotate(k, cos[:t], sin[:t])
-        return k, (yv.T @ inv[layer, 1]).view(t, self.num_kv_heads, self.head_dim)
+        shape = (t, self.num_kv_heads, self.head_dim)
+        if yk.device.type == "cpu":
+            _, _, gk, gv = self._cpu(layer)
+            k = torch.mm(yk.T, gk).view(shape)
+            rans.rope_t(k, cos, sin, 1.0, k)  # in place
+            return k, torch.mm(yv.T, gv).view(shape)
+        inv = self._on_t(yk.device)[1]
+        k = _rotate((yk.T @ inv[layer, 0]).view(shape), cos[:t], sin[:t])
+        return k, (yv.T @ inv[layer, 1]).view(shape)
 
     # ---- files ----
 

@@ -43,6 +43,7 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from kv_transfer.errors import CodecError, FrameCorrupted
 
@@ -53,6 +54,7 @@ PROB_SCALE = 1 << PROB_BITS
 MAX_ALPHABET = 256  # symbols are bytes; CacheGen uses at most 63
 WEIGHT_BITS = 20  # integer weights are in [0, 2^20]
 STATES = 16  # format v5: rANS states per part (rans.c NS)
+_F32 = torch.float32
 STREAM_SLACK = 2 * STATES + 8  # words a v5 part may take beyond one per symbol (rans.c code5's "+ 40")
 
 _C_SOURCE = Path(__file__).with_name("rans.c")  # shipped as package data beside the built library
@@ -603,6 +605,16 @@ def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, sign: float, out: np.n
         assert a.dtype == np.float32 and a.flags.c_contiguous
     assert out.shape == x.shape and cos.shape == sin.shape and cos.shape[0] >= t and cos.shape[1] == d
     _lib_or_raise().cg_rope(_ptr(x), t, h, d, _ptr(cos), _ptr(sin), d, sign, _ptr(out))
+
+
+def rope_t(x, cos, sin, sign: float, out) -> None:
+    """`rope` for CPU torch tensors (the codec's hot path: no numpy views): x, out fp32 [T, H, D] contiguous
+    (out may be x), cos/sin fp32 [P >= T, D] contiguous."""
+    t, h, d = x.shape
+    for a in (x, out, cos, sin):
+        assert a.dtype == _F32 and a.is_contiguous() and a.device.type == "cpu"
+    assert out.shape == x.shape and cos.shape == sin.shape and cos.shape[0] >= t and cos.shape[1] == d
+    _lib_or_raise().cg_rope(x.data_ptr(), t, h, d, cos.data_ptr(), sin.data_ptr(), d, sign, out.data_ptr())
 
 
 # ---- layer 0 from its table (cachegen_l0; see layer0.Layer0Table) --------------------------------------------
