@@ -445,11 +445,13 @@ CG_AVX2 static void enc5_avx2(int np, const uint8_t *const *s, const uint32_t *c
     } while (0)
 
 /* Decode one row of up to two parts side by side: part p reads in[p] from r[p] (< nw[p]), state x[p], table
-   tab[p] -> y[p] (values, centre ce[p], step st[p]) or sym[p]. Vector steps only while 16 words remain readable
-   in every stream; the rest of the row scalar (checked). */
+   tab[p] -> y[p] (values, centre ce[p], step st[p]) or sym[p]. Vector steps while 16 words from r[p] are
+   readable memory (rd[p] >= nw[p]: what follows the part's own words in the caller's buffer; a valid stream
+   never consumes past nw[p], and a corrupted one that does fails the caller's final count check); the rest of
+   the row scalar (checked against nw). */
 CG_AVX2 static void dec5_avx2(int np, const uint32_t *const *tab, uint32_t **x, const uint16_t *const *in, int64_t *r,
-                              const int64_t *nw, int64_t *bad, int64_t T, uint8_t **sym, float **y, const float *ce,
-                              const float *st, int64_t mid) {
+                              const int64_t *nw, const int64_t *rd, int64_t *bad, int64_t T, uint8_t **sym, float **y,
+                              const float *ce, const float *st, int64_t mid) {
     const __m256i slotm = _mm256_set1_epi32(PROB_SCALE - 1), m11 = _mm256_set1_epi32(0x7FF);
     const __m256i lim = _mm256_set1_epi32(L5), midv = _mm256_set1_epi32((int)mid);
     const __m256i pack8 = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
@@ -466,7 +468,7 @@ CG_AVX2 static void dec5_avx2(int np, const uint32_t *const *tab, uint32_t **x, 
         float *yb = y ? y[1] : NULL;
         uint8_t *sb = y ? NULL : sym[1];
         int64_t rb = r[1];
-        for (; t < full && ra + NS <= nw[0] && rb + NS <= nw[1]; t += NS) {
+        for (; t < full && ra + NS <= rd[0] && rb + NS <= rd[1]; t += NS) {
             DEC5V(a0, tab[0], in[0], ra, ya ? ya + t : NULL, sa + t, cea, sta);
             DEC5V(b0, tab[1], in[1], rb, yb ? yb + t : NULL, sb + t, ceb, stb);
             DEC5V(a1, tab[0], in[0], ra, ya ? ya + t + 8 : NULL, sa + t + 8, cea, sta);
@@ -475,7 +477,7 @@ CG_AVX2 static void dec5_avx2(int np, const uint32_t *const *tab, uint32_t **x, 
         _mm256_storeu_si256((__m256i *)x[1], b0), _mm256_storeu_si256((__m256i *)(x[1] + 8), b1);
         r[1] = rb;
     } else {
-        for (; t < full && ra + NS <= nw[0]; t += NS) {
+        for (; t < full && ra + NS <= rd[0]; t += NS) {
             DEC5V(a0, tab[0], in[0], ra, ya ? ya + t : NULL, sa + t, cea, sta);
             DEC5V(a1, tab[0], in[0], ra, ya ? ya + t + 8 : NULL, sa + t + 8, cea, sta);
         }
@@ -667,10 +669,11 @@ static int64_t code5(const uint8_t *sym, int64_t T, int64_t C, const uint8_t *rh
     return 0;
 }
 
-/* Inverse of code5 for one chunk: words in0[nw0], in1[nw1] -> sym [2, C, T] (y == NULL) or values
-   y0/y1 rows + t0 (row c of part p at yp + c * ld + t0) = centre + (sym - mid) step. Returns 0, -1 corrupted,
-   -3 out of memory. */
-static int64_t uncode5(const uint16_t *in0, int64_t nw0, const uint16_t *in1, int64_t nw1, int64_t T, int64_t C,
+/* Inverse of code5 for one chunk: words in0[nw0], in1[nw1] (rd0 >= nw0, rd1 >= nw1 words readable from each)
+   -> sym [2, C, T] (y == NULL) or values y0/y1 rows + t0 (row c of part p at yp + c * ld + t0) = centre + (sym -
+   mid) step. Returns 0, -1 corrupted, -3 out of memory. */
+static int64_t uncode5(const uint16_t *in0, int64_t nw0, int64_t rd0, const uint16_t *in1, int64_t nw1, int64_t rd1,
+                       int64_t T, int64_t C,
                        const uint8_t *rho, const uint8_t *amax, int64_t mid, const int64_t *wsym, uint8_t *sym,
                        float *y0, float *y1, int64_t ld, const float *centre, const float *step, int simd) {
     int64_t n = 2 * mid + 1;
@@ -681,7 +684,7 @@ static int64_t uncode5(const uint16_t *in0, int64_t nw0, const uint16_t *in1, in
     if (!buf) return -3;
     uint32_t *scratch = buf, *tb[2] = {buf + 2 * n, buf + 2 * n + PROB_SCALE + 8};
     const uint16_t *ins[2] = {in0, in1};
-    int64_t nws[2] = {nw0, nw1}, rr[2] = {2 * NS, 2 * NS}, bad = 0;
+    int64_t nws[2] = {nw0, nw1}, rds[2] = {rd0, rd1}, rr[2] = {2 * NS, 2 * NS}, bad = 0;
     uint32_t st[2][NS];
     for (int p = 0; p < 2; p++)
         for (int j = 0; j < NS; j++) {
@@ -695,7 +698,7 @@ static int64_t uncode5(const uint16_t *in0, int64_t nw0, const uint16_t *in1, in
         const uint32_t *tab[2];
         uint32_t *xs[2];
         const uint16_t *is[2];
-        int64_t rs[2], ns[2];
+        int64_t rs[2], ns[2], ds[2];
         uint8_t *ss[2];
         float *ys[2], ce[2], sp[2];
         for (int i = 0; i < np; i++) {
@@ -705,13 +708,13 @@ static int64_t uncode5(const uint16_t *in0, int64_t nw0, const uint16_t *in1, in
             else
 #endif
                 dec5_row(rho[p * C + c], amax[p * C + c], mid, wsym, scratch, tb[i]);
-            tab[i] = tb[i], xs[i] = st[p], is[i] = ins[p], rs[i] = rr[p], ns[i] = nws[p];
+            tab[i] = tb[i], xs[i] = st[p], is[i] = ins[p], rs[i] = rr[p], ns[i] = nws[p], ds[i] = rds[p];
             ss[i] = sym ? sym + (p * C + c) * T : NULL;
             ys[i] = y0 ? (p ? y1 : y0) + c * ld : NULL;
             ce[i] = centre ? centre[p * C + c] : 0, sp[i] = step ? step[p * C + c] : 0;
         }
 #if HAVE_AVX2_PATH
-        if (simd && np) dec5_avx2(np, tab, xs, is, rs, ns, &bad, T, y0 ? NULL : ss, y0 ? ys : NULL, ce, sp, mid);
+        if (simd && np) dec5_avx2(np, tab, xs, is, rs, ns, ds, &bad, T, y0 ? NULL : ss, y0 ? ys : NULL, ce, sp, mid);
         else
 #endif
             for (int i = 0; i < np; i++)
@@ -847,16 +850,17 @@ int64_t cg5_uncode(const uint16_t *in, int64_t nwords, int64_t C, int64_t nch, c
     for (int64_t j = 0; j < nch && rc == 0; j++) {
         int64_t len = bounds[j + 1] - bounds[j], n0 = nw[2 * j], n1 = nw[2 * j + 1];
         if (n0 < 0 || n1 < 0 || pos + n0 + n1 > nwords) return -1;
-        rc = uncode5(in + pos, n0, in + pos + n0, n1, len, C, rho + j * 2 * C, amax + j * 2 * C, mid, wsym,
-                     sym + 2 * C * bounds[j], NULL, NULL, 0, NULL, NULL, use);
+        rc = uncode5(in + pos, n0, nwords - pos, in + pos + n0, n1, nwords - pos - n0, len, C, rho + j * 2 * C,
+                     amax + j * 2 * C, mid, wsym, sym + 2 * C * bounds[j], NULL, NULL, 0, NULL, NULL, use);
         pos += n0 + n1;
     }
     return rc == 0 && pos != nwords ? -1 : rc;
 }
 
 /* The CPU decoder of one layer: as cg5_uncode, the values written straight into y0, y1 [C, T] fp32 (rows ld >= T
-   apart) = centre + (sym - mid) step with centre, step [nch, 2, C]. Returns as cg5_uncode. */
-int64_t cg5_decode(const uint16_t *in, int64_t nwords, int64_t C, int64_t T, int64_t nch, const int64_t *bounds,
+   apart) = centre + (sym - mid) step with centre, step [nch, 2, C]. avail >= nwords: words readable at in (a
+   padded copy lets the last rows of the last part decode with vector steps). Returns as cg5_uncode. */
+int64_t cg5_decode(const uint16_t *in, int64_t nwords, int64_t avail, int64_t C, int64_t T, int64_t nch, const int64_t *bounds,
                    const int64_t *nw, const uint8_t *rho, const uint8_t *amax, const float *centre,
                    const float *step, int64_t mid, const int64_t *wsym, float *y0, float *y1, int64_t ld,
                    int64_t simd) {
@@ -865,8 +869,8 @@ int64_t cg5_decode(const uint16_t *in, int64_t nwords, int64_t C, int64_t T, int
     for (int64_t j = 0; j < nch && rc == 0; j++) {
         int64_t a = bounds[j], len = bounds[j + 1] - a, n0 = nw[2 * j], n1 = nw[2 * j + 1];
         if (n0 < 0 || n1 < 0 || pos + n0 + n1 > nwords) return -1;
-        rc = uncode5(in + pos, n0, in + pos + n0, n1, len, C, rho + j * 2 * C, amax + j * 2 * C, mid, wsym, NULL,
-                     y0 + a, y1 + a, ld, centre + j * 2 * C, step + j * 2 * C, use);
+        rc = uncode5(in + pos, n0, avail - pos, in + pos + n0, n1, avail - pos - n0, len, C, rho + j * 2 * C,
+                     amax + j * 2 * C, mid, wsym, NULL, y0 + a, y1 + a, ld, centre + j * 2 * C, step + j * 2 * C, use);
         pos += n0 + n1;
     }
     return rc == 0 && pos != nwords ? -1 : rc;

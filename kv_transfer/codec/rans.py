@@ -55,6 +55,7 @@ MAX_ALPHABET = 256  # symbols are bytes; CacheGen uses at most 63
 WEIGHT_BITS = 20  # integer weights are in [0, 2^20]
 STATES = 16  # format v5: rANS states per part (rans.c NS)
 _F32 = torch.float32
+DECODE_PAD = 2 * STATES  # words of padding decode5 copies the payload into (readable by the vector steps)
 STREAM_SLACK = 2 * STATES + 8  # words a v5 part may take beyond one per symbol (rans.c code5's "+ 40")
 
 _C_SOURCE = Path(__file__).with_name("rans.c")  # shipped as package data beside the built library
@@ -130,7 +131,26 @@ def _load() -> ctypes.CDLL | None:
                 lib.cg5_uncode.restype = i64
                 lib.cg5_uncode.argtypes = [p, i64, i64, i64, p, p, p, p, i64, p, p, i64]
                 lib.cg5_decode.restype = i64
-                lib.cg5_decode.argtypes = [p, i64, i64, i64, i64, p, p, p, p, p, p, i64, p, p, p, i64, i64]
+                lib.cg5_decode.argtypes = [
+                    p,
+                    i64,
+                    i64,
+                    i64,
+                    i64,
+                    i64,
+                    p,
+                    p,
+                    p,
+                    p,
+                    p,
+                    p,
+                    i64,
+                    p,
+                    p,
+                    p,
+                    i64,
+                    i64,
+                ]
                 lib.cg5_simd_available.restype = i64
                 lib.cg5_simd_available.argtypes = []
                 lib.cg_rope.restype = None
@@ -548,8 +568,10 @@ def decode5(
 ) -> None:
     """Inverse of encode5 into y0, y1 fp32 [C, ld]: row c's first T = bounds[-1] values are centre + (symbol -
     mid) * step (ld >= T: rows may be padded, e.g. so that they are not 4 KiB apart). FrameCorrupted as
-    uncode5."""
-    words, nw, rho, amax, b = _uncode_args(words, nw, rho, amax, bounds, mid)
+    uncode5. The words are copied with DECODE_PAD words of padding (so the AVX2 decoder runs to the last row)."""
+    padded = np.zeros(words.size + DECODE_PAD, np.uint16)
+    padded[: words.size] = words
+    words, nw, rho, amax, b = _uncode_args(padded[: words.size], nw, rho, amax, bounds, mid)
     _check_wsym(wsym, mid)
     c, ld = y0.shape
     t = int(b[-1])
@@ -558,8 +580,8 @@ def decode5(
     centre, step = np.ascontiguousarray(centre, np.float32), np.ascontiguousarray(step, np.float32)
     assert centre.shape == step.shape == rho.shape and t <= ld
     rc = _lib_or_raise().cg5_decode(
-        _ptr(words), words.size, c, t, b.size - 1, _ptr(b), _ptr(nw), _ptr(rho), _ptr(amax), _ptr(centre),
-        _ptr(step), mid, _ptr(wsym), _ptr(y0), _ptr(y1), ld, use_simd(simd),
+        _ptr(padded), words.size, padded.size, c, t, b.size - 1, _ptr(b), _ptr(nw), _ptr(rho), _ptr(amax),
+        _ptr(centre), _ptr(step), mid, _ptr(wsym), _ptr(y0), _ptr(y1), ld, use_simd(simd),
     )  # fmt: skip
     _decoded(rc, "cg5_decode")
 
