@@ -497,6 +497,11 @@ CG_AVX2 static void lap_row_avx2(int64_t rho, int64_t a, int64_t mid, const int6
                                  uint32_t *cu) {
     int64_t n = 2 * mid + 1, lo = mid - a, k = 2 * a + 1, total = 0, q = 1;
     const int64_t *w = wsym + rho * n + mid; /* w[q], 0 <= q <= a <= mid: inside the row */
+    __m256i tv = _mm256_setzero_si256();
+    for (; q + 3 <= a; q += 4) tv = _mm256_add_epi64(tv, _mm256_loadu_si256((const __m256i *)(w + q)));
+    int64_t part[4];
+    _mm256_storeu_si256((__m256i *)part, tv);
+    total = part[0] + part[1] + part[2] + part[3];
     for (; q <= a; q++) total += w[q];
     total = 2 * total + w[0];
     if (total < 1) total = 1;
