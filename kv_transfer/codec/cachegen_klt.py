@@ -117,8 +117,12 @@ def laplace_tables(rho: np.ndarray, amax: np.ndarray, lut: bool = False) -> rans
 
 @functools.cache
 def _symbol_weights() -> np.ndarray:
-    """Weights int64 [256 rho, N_SYMBOLS] by symbol (q + QMAX)."""
-    return np.ascontiguousarray(_laplace_weights()[:, np.abs(np.arange(-QMAX, QMAX + 1))])
+    """Weights int64 [256 rho, N_SYMBOLS] by symbol (q + QMAX); checked equal to the compiled coder's own copy
+    (its AVX2 table builders read that one)."""
+    w = np.ascontiguousarray(_laplace_weights()[:, np.abs(np.arange(-QMAX, QMAX + 1))])
+    if rans.available():
+        rans.check_weights(w, QMAX)
+    return w
 
 
 # ---- the transform -------------------------------------------------------------------------------------

@@ -13,6 +13,14 @@
 #endif
 const char *cg_source_id(void) { return CG_SOURCE_ID; }
 
+/* CG_EXACT: no fused multiply-add (engine.cbuild builds with -march=native): for arithmetic that must round as
+   the Python or engine code it mirrors rounds. */
+#if defined(__GNUC__) && !defined(__clang__)
+#define CG_EXACT __attribute__((optimize("fp-contract=off")))
+#else
+#define CG_EXACT
+#endif
+
 #define PROB_BITS 11
 #define PROB_SCALE (1u << PROB_BITS)
 #define RANS_L (1ull << 31)
@@ -489,29 +497,60 @@ CG_AVX2 static void dec5_avx2(int np, const uint32_t *const *tab, uint32_t **x, 
                     (float)mid);
 }
 
+/* The weights of the rows' magnitudes, the library's own compact copy for the AVX2 builders: floor(2^20 r^q),
+   q <= 127 (int32; rows are symmetric about mid = 127), computed as cachegen_klt._laplace_weights computes
+   them (the same IEEE double products; cg5_check_weights compares the copies once). Half a row of 512 bytes,
+   not 2 KiB of int64: the tables of a layer read far less memory. */
+#define WQ 128
+static int32_t g_wq[256][WQ];
+
+CG_EXACT __attribute__((constructor)) static void init_weights5(void) {
+    double one_minus_r = 1.0;
+    for (int rho = 0; rho < 256; rho++) {
+        double r = 1.0 - one_minus_r, p = (double)(1 << 20);
+        for (int m = 0; m < WQ; m++) {
+            g_wq[rho][m] = (int32_t)p;
+            p *= r;
+        }
+        one_minus_r *= 0.9785720620877001; /* cachegen_klt._RHO_BASE */
+    }
+}
+
+/* 1 when wsym [256, 2 mid + 1] (the caller's weights by symbol) is this library's copy, mid = 127. */
+int64_t cg5_check_weights(const int64_t *wsym, int64_t mid) {
+    if (mid != WQ - 1) return 0;
+    for (int64_t rho = 0; rho < 256; rho++)
+        for (int64_t q = 0; q <= mid; q++)
+            if (wsym[rho * (2 * mid + 1) + mid + q] != g_wq[rho][q] || wsym[rho * (2 * mid + 1) + mid - q] != g_wq[rho][q])
+                return 0;
+    return 1;
+}
+
 /* lap_row (without lut) in AVX2: the same rows. Frequencies by exact division, 4 magnitudes per vector: w < 2^21
    and K < 2^11, so w K < 2^31 is exact in int32 and double, and the correctly rounded quotient of two integers
    (total < 2^28, quotient < 2^11) never crosses an integer the true quotient does not reach, so truncating it
    is floor(w K / total), what lap_row's reciprocal and corrections compute. cum by 8-lane prefix sums. */
 CG_AVX2 static void lap_row_avx2(int64_t rho, int64_t a, int64_t mid, const int64_t *wsym, uint32_t *f,
                                  uint32_t *cu) {
-    int64_t n = 2 * mid + 1, lo = mid - a, k = 2 * a + 1, total = 0, q = 1;
-    const int64_t *w = wsym + rho * n + mid; /* w[q], 0 <= q <= a <= mid: inside the row */
-    __m256i tv = _mm256_setzero_si256();
-    for (; q + 3 <= a; q += 4) tv = _mm256_add_epi64(tv, _mm256_loadu_si256((const __m256i *)(w + q)));
-    int64_t part[4];
+    if (mid != WQ - 1) { /* the compact weights are for mid = 127 (QMAX) only */
+        lap_row(rho, a, mid, wsym, f, cu, NULL);
+        return;
+    }
+    int64_t lo = mid - a, k = 2 * a + 1, total = 0, q = 1;
+    const int32_t *w = g_wq[rho]; /* w[q], 0 <= q <= a <= 127 */
+    __m256i tv = _mm256_setzero_si256(); /* sum < 128 2^20: int32 */
+    for (; q + 7 <= a; q += 8) tv = _mm256_add_epi32(tv, _mm256_loadu_si256((const __m256i *)(w + q)));
+    int32_t part[8];
     _mm256_storeu_si256((__m256i *)part, tv);
-    total = part[0] + part[1] + part[2] + part[3];
+    for (int i = 0; i < 8; i++) total += part[i];
     for (; q <= a; q++) total += w[q];
     total = 2 * total + w[0];
     if (total < 1) total = 1;
     const __m256d tot = _mm256_set1_pd((double)total);
     const __m128i kk = _mm_set1_epi32((int)((int64_t)PROB_SCALE - k)), one = _mm_set1_epi32(1);
-    const __m256i pick = _mm256_setr_epi32(0, 2, 4, 6, 0, 0, 0, 0);
     __m128i acc = _mm_setzero_si128();
     for (q = 0; q + 3 <= a; q += 4) {
-        __m256i w64 = _mm256_loadu_si256((const __m256i *)(w + q));
-        __m128i w32 = _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(w64, pick));
+        __m128i w32 = _mm_loadu_si128((const __m128i *)(w + q));
         __m128i fq = _mm256_cvttpd_epi32(_mm256_div_pd(_mm256_cvtepi32_pd(_mm_mullo_epi32(w32, kk)), tot));
         __m128i fv = _mm_add_epi32(fq, one);
         _mm_storeu_si128((__m128i *)(f + mid + q), fv);
@@ -520,7 +559,7 @@ CG_AVX2 static void lap_row_avx2(int64_t rho, int64_t a, int64_t mid, const int6
     }
     int64_t sum = 0;
     for (; q <= a; q++) {
-        int64_t fq = (int64_t)((double)(w[q] * ((int64_t)PROB_SCALE - k)) / (double)total);
+        int64_t fq = (int64_t)((double)((int64_t)w[q] * ((int64_t)PROB_SCALE - k)) / (double)total);
         f[mid + q] = f[mid - q] = (uint32_t)(1 + fq);
         sum += 1 + fq;
     }
@@ -908,12 +947,6 @@ void cg_rope(const float *x, int64_t T, int64_t H, int64_t D, const float *cos, 
    rows of length ld >= D/2 (row t: position t, as cg_rope). Token t's K is row ids[t] of tk rotated to position
    t with cg_rope's arithmetic (sign +1, the engine's apply_rope: no fused multiply-add), its V row ids[t] of tv.
    No fused multiply-add (CG_EXACT; not CG_HOT): one would round differently from the engine's RoPE. */
-
-#if defined(__GNUC__) && !defined(__clang__)
-#define CG_EXACT __attribute__((optimize("fp-contract=off")))
-#else
-#define CG_EXACT
-#endif
 
 CG_EXACT static inline void l0_token(const float *tk, const float *tv, int64_t H, int64_t D, const float *c, const float *sn,
                             float *ko, float *vo) {

@@ -161,6 +161,8 @@ def _load() -> ctypes.CDLL | None:
                 lib.cg5_parse_side.argtypes = [p, i64, i64, i64, i64, i64, p, p, p, p]
                 lib.cg5_encode_layer.restype = i64
                 lib.cg5_encode_layer.argtypes = [p, p, i64, i64, i64, p, p, i64, p, p, p, p, p, p, p, p, i64]
+                lib.cg5_check_weights.restype = i64
+                lib.cg5_check_weights.argtypes = [p, i64]
                 lib.cg_l0_gather.restype = i64
                 lib.cg_l0_gather.argtypes = [p, p, i64, p, i64, i64, i64, p, p, i64, p, p]
                 lib.cg_l0_check.restype = i64
@@ -584,6 +586,14 @@ def decode5(
         _ptr(centre), _ptr(step), mid, _ptr(wsym), _ptr(y0), _ptr(y1), ld, use_simd(simd),
     )  # fmt: skip
     _decoded(rc, "cg5_decode")
+
+
+def check_weights(wsym: np.ndarray, mid: int) -> None:
+    """CodecError unless wsym (cachegen_klt's weights by symbol) equals the library's own copy, which its AVX2
+    table builders read (so both paths build the same rows)."""
+    _check_wsym(wsym, mid)
+    if not _lib_or_raise().cg5_check_weights(_ptr(wsym), mid):
+        raise CodecError("the compiled coder's Laplace weights differ from cachegen_klt's")
 
 
 def _check_wsym(wsym: np.ndarray, mid: int) -> None:

@@ -154,6 +154,16 @@ def test_compiled_laplace_rows_are_the_same_on_both_paths() -> None:
         assert (fast.freq.sum(1) == rans.PROB_SCALE).all()
 
 
+def test_compiled_weights_are_cachegen_klts() -> None:
+    """The AVX2 table builders read the library's own copy of the Laplace weights: it equals cachegen_klt's
+    (checked when those are first built), and a different table is refused."""
+    rans.check_weights(_w(), klt.QMAX)
+    other = _w().copy()
+    other[7, klt.QMAX + 3] += 1
+    with pytest.raises(CodecError):
+        rans.check_weights(other, klt.QMAX)
+
+
 @pytest.mark.parametrize("simd", [False, True])
 def test_coder_rejects_damaged_words_and_counts(simd: bool) -> None:
     g = np.random.default_rng(1)
