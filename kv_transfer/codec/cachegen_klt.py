@@ -375,11 +375,12 @@ def encode(
     n_recent = min(recent[0], t - 1) if recent[0] > 0 and recent[1] != 1.0 else 0
     if n_recent:
         chunks = [(a, min(b, t - n_recent)) for a, b in chunks if a < t - n_recent] + [(t - n_recent, t)]
-    bounds = np.array([a for a, _ in chunks] + [t], np.int64)
-    plan = np.empty((len(chunks), 2), np.float32)
-    plan[:] = (ks, vs)
+    starts = [a for a, _ in chunks]
+    bounds = np.array(starts + [t], np.int64)
+    steps_of = [(ks, vs)] * len(chunks)
     if n_recent:
-        plan[-1] = (ks / recent[1], vs / recent[1])
+        steps_of[-1] = (ks / recent[1], vs / recent[1])
+    plan = np.array(steps_of, np.float32)
     wsym = _symbol_weights()
     if yk.device.type == "cpu" and fused:  # statistics, side information, quantize, fit, code: one call
         side, words, nw, rho, amax = rans.encode5_layer(yk.numpy(), yv.numpy(), bounds, plan, QMAX, wsym)
@@ -391,10 +392,9 @@ def encode(
         b"CG", VERSION, _LEVEL_IDS[level], FLAG_WIDE if side.wide else 0, len(chunks), transform.transform_id,
         zlib.crc32(le_view(words)),
     )  # fmt: skip
-    directory = np.empty((len(chunks), 3), "<u4")
-    directory[:, 0] = np.diff(bounds)
-    directory[:, 1:] = nw
-    body = b"".join([head, directory.tobytes(), side.data.data, rho.data, amax.data])
+    rows = zip(starts, starts[1:] + [t], nw.tolist(), strict=True)  # (tokens, K words, V words) per chunk
+    directory = struct.pack(f"<{3 * len(chunks)}I", *(x for a, b, (kw, vw) in rows for x in (b - a, kw, vw)))
+    body = b"".join([head, directory, side.data.data, rho.data, amax.data])
     return body + _CRC.pack(zlib.crc32(body)), [words]
 
 
@@ -473,12 +473,11 @@ def decode(
     c = h * d
     if device.type == "cpu" and fused:
         # rows padded by ROW_PAD: rows a multiple of 4 KiB apart (T = 1024 k) slow the inverse's product 1.3x
-        ys = torch.empty((2, c, t + ROW_PAD))
+        ys = np.empty((2, c, t + ROW_PAD), np.float32)
         rans.decode5(
-            words, p.nw, p.rho, p.amax, p.centre, p.step, p.bounds, QMAX, _symbol_weights(), ys[0].numpy(),
-            ys[1].numpy(),
+            words, p.nw, p.rho, p.amax, p.centre, p.step, p.bounds, QMAX, _symbol_weights(), ys[0], ys[1]
         )  # fmt: skip
-        yk, yv = ys[0, :, :t], ys[1, :, :t]
+        yk, yv = torch.from_numpy(ys[0, :, :t]), torch.from_numpy(ys[1, :, :t])
     else:
         sym = torch.from_numpy(rans.uncode5(words, p.nw, p.rho, p.amax, p.bounds, QMAX, _symbol_weights()))
         sym = sym.to(device)
