@@ -255,27 +255,36 @@ class KLTransform:
         cos, sin = self._cos_sin(t, k.device)
         if k.device.type == "cpu":  # un-RoPE in one compiled pass (torch's takes five, with temporaries)
             fk, fv, _, _ = self._cpu(layer)
-            kf = k.float().contiguous()
-            kp = torch.empty(kf.shape)
-            rans.rope_t(kf, cos, sin, -1.0, kp)
+            kp = torch.empty(k.shape)
+            if k.dtype == torch.float16:  # conversion and un-RoPE in one pass
+                rans.rope_f16(k.contiguous(), cos, sin, -1.0, kp)
+            else:
+                rans.rope_t(k.float().contiguous(), cos, sin, -1.0, kp)
             return torch.mm(fk, kp.view(t, -1).T), torch.mm(fv, v.float().reshape(t, -1).T)
         fwd_t = self._on_t(k.device)[0]
         kp = _rotate(k.float(), cos[:t], -sin[:t])
         return fwd_t[layer, 0] @ kp.reshape(t, -1).T, fwd_t[layer, 1] @ v.float().reshape(t, -1).T
 
-    def inverse(self, yk: Tensor, yv: Tensor, layer: int) -> tuple[Tensor, Tensor]:
-        """Inverse of forward: y_k, y_v fp32 [C, T] -> k, v fp32 [T, Hkv, D]."""
+    def inverse(
+        self, yk: Tensor, yv: Tensor, layer: int, dtype: torch.dtype = torch.float32
+    ) -> tuple[Tensor, Tensor]:
+        """Inverse of forward: y_k, y_v fp32 [C, T] -> k, v [T, Hkv, D] in `dtype` (computed in fp32)."""
         t = yk.shape[1]
         cos, sin = self._cos_sin(t, yk.device)
         shape = (t, self.num_kv_heads, self.head_dim)
         if yk.device.type == "cpu":
             _, _, gk, gv = self._cpu(layer)
             k = torch.mm(yk.T, gk).view(shape)
-            rans.rope_t(k, cos, sin, 1.0, k)  # in place
-            return k, torch.mm(yv.T, gv).view(shape)
+            if dtype == torch.float16:  # RoPE and conversion in one pass
+                k16 = torch.empty(shape, dtype=dtype)
+                rans.rope_f16(k, cos, sin, 1.0, k16)
+                k = k16
+            else:
+                rans.rope_t(k, cos, sin, 1.0, k)  # in place
+            return k.to(dtype), torch.mm(yv.T, gv).view(shape).to(dtype)
         inv = self._on_t(yk.device)[1]
         k = _rotate((yk.T @ inv[layer, 0]).view(shape), cos[:t], sin[:t])
-        return k, (yv.T @ inv[layer, 1]).view(shape)
+        return k.to(dtype), (yv.T @ inv[layer, 1]).view(shape).to(dtype)
 
     # ---- files ----
 
@@ -488,8 +497,7 @@ def decode(
             q = sym[2 * c * a : 2 * c * b].view(2, c, b - a).float().sub_(QMAX)
             ys[:, :, a:b] = torch.addcmul(ct[j][:, :, None], q, st[j][:, :, None])
         yk, yv = ys[0], ys[1]
-    k, v = p.transform.inverse(yk, yv, layer)
-    return k.to(dtype), v.to(dtype)
+    return p.transform.inverse(yk, yv, layer, dtype)
 
 
 def error_bounds_klt(

@@ -1133,3 +1133,86 @@ int64_t cg5_encode_layer(const float *y0, const float *y1, int64_t C, int64_t T,
     rc = cg5_encode(y0, y1, C, T, nch, bounds, c32, s32, mid, wsym, rho, amax, out, nw, simd);
     return rc != 0 ? rc : wide;
 }
+
+/* ---- RoPE with fp16 on one side (the transform's hot path for fp16 KV): one pass instead of a conversion pass
+   and a rotation pass. x, out [T, H, D]; fp16 as IEEE binary16 bits, converted with F16C where the CPU has it
+   (round to nearest even, as torch converts), else with f2h / h2f; cos, sin rows as cg_rope. */
+
+static void rope_f16_portable(const uint16_t *xh, const float *xf, int64_t T, int64_t H, int64_t D, const float *cos,
+                              const float *sin, int64_t ld, float sign, float *of, uint16_t *oh) {
+    int64_t half = D / 2;
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t h = 0; h < H; h++) {
+            int64_t base = (t * H + h) * D;
+            const float *c = cos + t * ld, *sn = sin + t * ld;
+            for (int64_t i = 0; i < half; i++) {
+                float a = xh ? h2f(xh[base + i]) : xf[base + i], b = xh ? h2f(xh[base + half + i]) : xf[base + half + i];
+                float si = sign * sn[i], o1 = a * c[i] - b * si, o2 = b * c[i] + a * si;
+                if (oh) oh[base + i] = f2h(o1), oh[base + half + i] = f2h(o2);
+                else of[base + i] = o1, of[base + half + i] = o2;
+            }
+        }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx2,f16c"))) static void rope_f16_avx2(const uint16_t *xh, const float *xf, int64_t T,
+                                                               int64_t H, int64_t D, const float *cos,
+                                                               const float *sin, int64_t ld, float sign, float *of,
+                                                               uint16_t *oh) {
+    int64_t half = D / 2, vec = half & ~(int64_t)7;
+    const __m256 sg = _mm256_set1_ps(sign);
+    for (int64_t t = 0; t < T; t++) {
+        const float *c = cos + t * ld, *sn = sin + t * ld;
+        for (int64_t h = 0; h < H; h++) {
+            int64_t base = (t * H + h) * D, i = 0;
+            for (; i < vec; i += 8) {
+                __m256 a, b;
+                if (xh) {
+                    a = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(xh + base + i)));
+                    b = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(xh + base + half + i)));
+                } else {
+                    a = _mm256_loadu_ps(xf + base + i), b = _mm256_loadu_ps(xf + base + half + i);
+                }
+                __m256 cv = _mm256_loadu_ps(c + i), si = _mm256_mul_ps(sg, _mm256_loadu_ps(sn + i));
+                __m256 o1 = _mm256_sub_ps(_mm256_mul_ps(a, cv), _mm256_mul_ps(b, si));
+                __m256 o2 = _mm256_add_ps(_mm256_mul_ps(b, cv), _mm256_mul_ps(a, si));
+                if (oh) {
+                    _mm_storeu_si128((__m128i *)(oh + base + i), _mm256_cvtps_ph(o1, _MM_FROUND_TO_NEAREST_INT));
+                    _mm_storeu_si128((__m128i *)(oh + base + half + i), _mm256_cvtps_ph(o2, _MM_FROUND_TO_NEAREST_INT));
+                } else {
+                    _mm256_storeu_ps(of + base + i, o1), _mm256_storeu_ps(of + base + half + i, o2);
+                }
+            }
+            for (; i < half; i++) {
+                float a = xh ? h2f(xh[base + i]) : xf[base + i], b = xh ? h2f(xh[base + half + i]) : xf[base + half + i];
+                float si = sign * sn[i], o1 = a * c[i] - b * si, o2 = b * c[i] + a * si;
+                if (oh) oh[base + i] = f2h(o1), oh[base + half + i] = f2h(o2);
+                else of[base + i] = o1, of[base + half + i] = o2;
+            }
+        }
+    }
+}
+
+static int cpu_f16c(void) {
+    static int v = -1;
+    if (v < 0) {
+        __builtin_cpu_init();
+        v = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+    }
+    return v;
+}
+#endif
+
+/* Exactly one of xh (fp16 in) / xf (fp32 in) and one of of (fp32 out) / oh (fp16 out) is given; sign as cg_rope.
+   simd 0 forces the portable loop. */
+void cg_rope_f16(const uint16_t *xh, const float *xf, int64_t T, int64_t H, int64_t D, const float *cos,
+                 const float *sin, int64_t ld, float sign, float *of, uint16_t *oh, int64_t simd) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (simd && cpu_f16c()) {
+        rope_f16_avx2(xh, xf, T, H, D, cos, sin, ld, sign, of, oh);
+        return;
+    }
+#endif
+    (void)simd;
+    rope_f16_portable(xh, xf, T, H, D, cos, sin, ld, sign, of, oh);
+}

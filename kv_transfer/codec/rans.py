@@ -163,6 +163,8 @@ def _load() -> ctypes.CDLL | None:
                 lib.cg5_encode_layer.argtypes = [p, p, i64, i64, i64, p, p, i64, p, p, p, p, p, p, p, p, i64]
                 lib.cg5_check_weights.restype = i64
                 lib.cg5_check_weights.argtypes = [p, i64]
+                lib.cg_rope_f16.restype = None
+                lib.cg_rope_f16.argtypes = [p, p, i64, i64, i64, p, p, i64, ctypes.c_float, p, p, i64]
                 lib.cg_l0_gather.restype = i64
                 lib.cg_l0_gather.argtypes = [p, p, i64, p, i64, i64, i64, p, p, i64, p, p]
                 lib.cg_l0_check.restype = i64
@@ -647,6 +649,25 @@ def rope_t(x, cos, sin, sign: float, out) -> None:
         assert a.dtype == _F32 and a.is_contiguous() and a.device.type == "cpu"
     assert out.shape == x.shape and cos.shape == sin.shape and cos.shape[0] >= t and cos.shape[1] == d
     _lib_or_raise().cg_rope(x.data_ptr(), t, h, d, cos.data_ptr(), sin.data_ptr(), d, sign, out.data_ptr())
+
+
+def rope_f16(x, cos, sin, sign: float, out, simd: bool | None = None) -> None:
+    """`rope_t` with fp16 on one side: x fp16 -> out fp32, or x fp32 -> out fp16 (CPU tensors [T, H, D],
+    contiguous; out is not x). One pass: F16C conversions where the CPU has them (round to nearest even, as
+    torch's), else the portable loop."""
+    t, h, d = x.shape
+    half = torch.float16
+    assert {x.dtype, out.dtype} == {half, _F32} and out.shape == x.shape
+    for a in (x, out, cos, sin):
+        assert a.is_contiguous() and a.device.type == "cpu"
+    assert (
+        cos.dtype == sin.dtype == _F32 and cos.shape == sin.shape and cos.shape[0] >= t and cos.shape[1] == d
+    )
+    xh, xf = (x.data_ptr(), None) if x.dtype == half else (None, x.data_ptr())
+    of, oh = (out.data_ptr(), None) if out.dtype == _F32 else (None, out.data_ptr())
+    _lib_or_raise().cg_rope_f16(
+        xh, xf, t, h, d, cos.data_ptr(), sin.data_ptr(), d, sign, of, oh, use_simd(simd)
+    )
 
 
 # ---- layer 0 from its table (cachegen_l0; see layer0.Layer0Table) --------------------------------------------

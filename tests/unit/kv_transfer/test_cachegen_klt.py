@@ -279,6 +279,27 @@ def test_generic_paths_match_the_fused_ones() -> None:
         assert_token_bound(v, fused[1], vb)
 
 
+@pytest.mark.parametrize("simd", [False, True])
+def test_compiled_rope_with_fp16_on_one_side_matches_torch(simd: bool) -> None:
+    """fp16 in -> fp32 out and fp32 in -> fp16 out, head sizes with and without a scalar tail: the rotation of
+    torch's conversion, and the conversion torch makes (round to nearest even) of the rotation."""
+    g = torch.Generator().manual_seed(6)
+    for d in (32, 20):
+        x = torch.randn(37, 3, d, generator=g) * 40
+        cos, sin = klt.rope_tables(torch.rand(d // 2, generator=g), 0, 64, x.device)
+        for sign in (1.0, -1.0):
+            ref = klt._rotate(x.half().float(), cos[:37], sign * sin[:37])
+            out = torch.empty_like(x)
+            rans.rope_f16(x.half(), cos, sin, sign, out, simd=simd)
+            torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-5)
+            out16 = torch.empty(x.shape, dtype=torch.float16)
+            rans.rope_f16(x, cos, sin, sign, out16, simd=simd)
+            ref16 = klt._rotate(x, cos[:37], sign * sin[:37])
+            assert (out16.float() - ref16).abs().max() <= 1e-3 * ref16.abs().max()
+            # the same rounding of the same products (an FMA may move a value across a rounding boundary)
+            assert (out16 != ref16.half()).float().mean() < 0.01
+
+
 def test_compiled_rope_matches_torch() -> None:
     g = torch.Generator().manual_seed(5)
     x = torch.randn(37, 2, 32, generator=g)
