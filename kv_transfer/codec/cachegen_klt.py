@@ -482,11 +482,11 @@ def decode(
     c = h * d
     if device.type == "cpu" and fused:
         # rows padded by ROW_PAD: rows a multiple of 4 KiB apart (T = 1024 k) slow the inverse's product 1.3x
-        ys = np.empty((2, c, t + ROW_PAD), np.float32)
+        rows = np.empty((2, c, t + ROW_PAD), np.float32)
         rans.decode5(
-            words, p.nw, p.rho, p.amax, p.centre, p.step, p.bounds, QMAX, _symbol_weights(), ys[0], ys[1]
+            words, p.nw, p.rho, p.amax, p.centre, p.step, p.bounds, QMAX, _symbol_weights(), rows[0], rows[1]
         )  # fmt: skip
-        yk, yv = torch.from_numpy(ys[0, :, :t]), torch.from_numpy(ys[1, :, :t])
+        yk, yv = torch.from_numpy(rows[0, :, :t]), torch.from_numpy(rows[1, :, :t])
     else:
         sym = torch.from_numpy(rans.uncode5(words, p.nw, p.rho, p.amax, p.bounds, QMAX, _symbol_weights()))
         sym = sym.to(device)
