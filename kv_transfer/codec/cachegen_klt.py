@@ -408,8 +408,8 @@ def encode(
 
 
 class Parsed:
-    """Validated v5 params: the transform, chunk bounds int64 [nch + 1], word counts nw int64 [nch, 2], and
-    centre, step fp32 / rho, amax uint8 [nch, 2, C]."""
+    """Validated v5 params: the transform, chunk bounds int64 [nch + 1], word counts nw int64 [nch, 2] (and
+    their sum, `words`), and centre, step fp32 / rho, amax uint8 [nch, 2, C]."""
 
     def __init__(
         self,
@@ -419,19 +419,11 @@ class Parsed:
         bounds: np.ndarray,
         nw: np.ndarray,
         side: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+        words: int,
     ) -> None:
-        self.transform, self.flags, self.payload_crc, self.bounds, self.nw = (
-            transform,
-            flags,
-            payload_crc,
-            bounds,
-            nw,
-        )
+        self.transform, self.flags, self.payload_crc = transform, flags, payload_crc
+        self.bounds, self.nw, self.words = bounds, nw, words
         self.centre, self.step, self.rho, self.amax = side
-
-    @property
-    def words(self) -> int:
-        return int(self.nw.sum())
 
 
 def parse(params: bytes, shape: tuple[int, ...], layer: int, transform: KLTransform | None) -> Parsed:
@@ -457,13 +449,13 @@ def parse(params: bytes, shape: tuple[int, ...], layer: int, transform: KLTransf
     if need != len(buf):
         raise FrameCorrupted(f"cachegen params: {len(buf)} bytes, the header implies {need}")
     off = _HEADER4.size
-    bounds, nw, centre, step = rans.parse_side5(
+    bounds, nw, centre, step, words = rans.parse_side5(
         buf[off : len(buf) - _CRC.size], n, c, t, bool(flags & FLAG_WIDE), QMAX
     )
     off += 12 * n + 2 * n * 2 * c * sdt.itemsize
     rho = np.frombuffer(buf, np.uint8, n * 2 * c, off).reshape(n, 2, c)
     amax = np.frombuffer(buf, np.uint8, n * 2 * c, off + n * 2 * c).reshape(n, 2, c)
-    return Parsed(transform, flags, payload_crc, bounds, nw, (centre, step, rho, amax))
+    return Parsed(transform, flags, payload_crc, bounds, nw, (centre, step, rho, amax), words)
 
 
 def decode(

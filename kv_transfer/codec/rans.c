@@ -1088,7 +1088,8 @@ CG_EXACT int64_t cg5_side(const float *stats, const float *plan, int64_t nch, in
 
 /* The decoder's side of v5 params: directory [nch] x (tokens, K words, V words) u32 then centre, step (fp16, or
    fp32 when wide) and amax [nch, 2, C] u8 at buf (the params after their header; the caller checked the
-   length). -> bounds [nch + 1], nw [nch, 2] (int64), centre, step fp32 [nch, 2, C]. Returns 0; -1 if the
+   length). -> bounds [nch + 1], nw [nch, 2] (int64), centre, step fp32 [nch, 2, C]. Returns the payload's word
+   count (the sum of nw, >= 0); -1 if the
    directory does not fit T tokens (a chunk of no tokens, a part of fewer words than its final states or of
    more than one per symbol beyond them); -2 if a centre or step is not finite, a step is <= 0 or an amax > qmax. */
 int64_t cg5_parse_side(const uint8_t *buf, int64_t nch, int64_t C, int64_t T, int64_t wide, int64_t qmax,
@@ -1102,6 +1103,8 @@ int64_t cg5_parse_side(const uint8_t *buf, int64_t nch, int64_t C, int64_t T, in
         sum += tok, bounds[j + 1] = sum, nw[2 * j] = a, nw[2 * j + 1] = b;
     }
     if (sum != T) return -1;
+    int64_t words = 0;
+    for (int64_t j = 0; j < 2 * nch; j++) words += nw[j];
     const uint8_t *cs = buf + 12 * nch, *am = cs + 2 * n * sz + n; /* after centre, step and rho */
     int bad = 0;
     for (int64_t i = 0; i < n; i++) {
@@ -1115,7 +1118,7 @@ int64_t cg5_parse_side(const uint8_t *buf, int64_t nch, int64_t C, int64_t T, in
         bad |= !isfinite(ce) || !isfinite(st) || !(st > 0) || am[i] > qmax;
         centre[i] = ce, step[i] = st;
     }
-    return bad ? -2 : 0;
+    return bad ? -2 : words;
 }
 
 /* The CPU encoder of a layer from its transformed rows: statistics (cg4_stats), side information (cg5_side),

@@ -477,9 +477,10 @@ def encode5_layer(
 
 def parse_side5(
     data: bytes, nch: int, c: int, t: int, wide: bool, mid: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
     """v5 params' directory, centre, step, rho and amax (`data`, its length checked by the caller) -> bounds
-    int64 [nch + 1], nw int64 [nch, 2], centre, step fp32 [nch, 2, C]. FrameCorrupted if the directory does
+    int64 [nch + 1], nw int64 [nch, 2], centre, step fp32 [nch, 2, C], the payload's words (the sum of nw).
+    FrameCorrupted if the directory does
     not fit `t` tokens, or a centre/step is not finite, a step <= 0 or an amax > mid."""
     bounds, nw = np.empty(nch + 1, np.int64), np.empty((nch, 2), np.int64)
     centre, step = np.empty((nch, 2, c), np.float32), np.empty((nch, 2, c), np.float32)
@@ -488,9 +489,9 @@ def parse_side5(
     )
     if rc == -1:
         raise FrameCorrupted(f"cachegen params: chunk directory does not fit T = {t}")
-    if rc != 0:
+    if rc < 0:
         raise FrameCorrupted("cachegen params: non-finite or non-positive step, or |q| > 127")
-    return bounds, nw, centre, step
+    return bounds, nw, centre, step, rc
 
 
 def code5(
@@ -646,7 +647,7 @@ def rope_t(x, cos, sin, sign: float, out) -> None:
     (out may be x), cos/sin fp32 [P >= T, D] contiguous."""
     t, h, d = x.shape
     for a in (x, out, cos, sin):
-        assert a.dtype == _F32 and a.is_contiguous() and a.device.type == "cpu"
+        assert a.dtype == _F32 and a.is_contiguous() and a.is_cpu
     assert out.shape == x.shape and cos.shape == sin.shape and cos.shape[0] >= t and cos.shape[1] == d
     _lib_or_raise().cg_rope(x.data_ptr(), t, h, d, cos.data_ptr(), sin.data_ptr(), d, sign, out.data_ptr())
 
@@ -659,7 +660,7 @@ def rope_f16(x, cos, sin, sign: float, out, simd: bool | None = None) -> None:
     half = torch.float16
     assert {x.dtype, out.dtype} == {half, _F32} and out.shape == x.shape
     for a in (x, out, cos, sin):
-        assert a.is_contiguous() and a.device.type == "cpu"
+        assert a.is_contiguous() and a.is_cpu
     assert (
         cos.dtype == sin.dtype == _F32 and cos.shape == sin.shape and cos.shape[0] >= t and cos.shape[1] == d
     )
