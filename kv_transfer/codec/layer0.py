@@ -13,11 +13,14 @@ reproduce the K/V it was given (`Layer0.matches`), else the caller codes the lay
 
 Before RoPE, a token's layer-0 K and V depend on the token id alone, so `Layer0` holds them for the whole
 vocabulary (`Layer0Table`, fp32 [vocab, Hkv * D] each, computed once by the model when the context is built)
-and both the check and the decode are a gather plus a rotation in C (`rans.l0_gather`): ~0.05 ms for 1024
-tokens instead of a 2 ms model call. The shipped model's table is 3 MiB (6144 ids x 2 x 64 x 4 bytes). Where
-the table would pass TABLE_MAX_BYTES (a large vocabulary: Llama-3-8B's would be 1 GiB), where the compiled
-coder is missing, or for a prompt longer than the table's RoPE positions, `Layer0.mode` is "recompute": the
-model's function runs, as before. Both give the same K/V within TOL (the wire format is the same).
+and both the check and the decode are a gather plus a rotation in C (`rans.l0_gather`): ~0.1 ms for 1024
+tokens instead of a 2 ms model call. The shipped model's table is 3 MiB (6144 ids x 2 x 64 x 4 bytes; plus
+0.5 MiB of RoPE tables for its 2048 positions). Where the table would pass TABLE_MAX_BYTES (a large
+vocabulary: Llama-3-8B's would be 1 GiB), where the compiled coder is missing, or for a prompt longer than the
+table's RoPE positions, `Layer0.mode` is "recompute": the model's function runs, as before. Both give the same
+K/V within TOL (the wire format is the same); for an fp32 model the table's are prefill's bit for bit (the
+rotation is the engine's arithmetic, without fused multiply-add), a 16-bit model's table rotates in fp32 where
+the engine rotates in 16 bits.
 
 params (little-endian): magic b"CG" | version u8 (= 3) | tokens u32 | model id u64 | payload crc32 u32 |
 crc32 of all before it. payload: the token ids, u32 each.
