@@ -475,10 +475,11 @@ class CausalLM(nn.Module):
             return False
         return self.model.layer(0).self_attn.num_kv_heads == self.config.num_kv_heads
 
-    def layer0_kv(self, input_ids: Tensor) -> tuple[Tensor, Tensor]:
+    def layer0_kv(self, input_ids: Tensor, rope: bool = True) -> tuple[Tensor, Tensor]:
         """Layer 0's K and V of tokens at positions 0..T-1, computed from the ids alone (embedding ->
         input RMSNorm -> K/V projection -> RoPE on K): what prefill writes into the cache for layer 0.
-        input_ids: [T] int64 on the model's device -> k, v [T, Hkv, D] in the model's dtype."""
+        input_ids: [T] int64 on the model's device -> k, v [T, Hkv, D] in the model's dtype. rope=False:
+        K before RoPE (a function of the token alone, whatever its position)."""
         if not self.computes_layer0_kv:
             raise RuntimeError("layer0_kv needs the first pipeline stage with all of layer 0's KV heads")
         attn = self.model.layer(0).self_attn
@@ -489,9 +490,10 @@ class CausalLM(nn.Module):
             w_kv = attn.qkv_t[:, h * d :]  # [hidden, 2 Hkv D]: K then V columns of the fused projection
             b_kv = attn.qkv_bias[h * d :] if attn.qkv_bias is not None else None
             kv = linear_t(x, w_kv, b_kv)  # [T, 2 Hkv D]
-            positions = torch.arange(t, device=input_ids.device)
-            cos, sin = self.rotary(positions, x.dtype)
-            k = apply_rope(kv[:, : hkv * d].view(t, hkv, d), cos, sin)
+            k = kv[:, : hkv * d].view(t, hkv, d)
+            if rope:
+                cos, sin = self.rotary(torch.arange(t, device=input_ids.device), x.dtype)
+                k = apply_rope(k, cos, sin)
             v = kv[:, hkv * d :].reshape(t, hkv, d)
         return k, v
 

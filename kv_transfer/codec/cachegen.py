@@ -76,6 +76,8 @@ class CacheGenCodec(Codec):
             ctx = CodecContext()
         self.ctx, self.level_name, self.level, self.chunk_tokens = ctx, level, LEVELS[level], chunk_tokens
         self.max_kl: float | None = None  # the floor `at_floor` bound (None: the context's)
+        # rate_choice's answers by (tokens, floor): choose_rate is pure and the context immutable
+        self._rates: dict[tuple[int, float], rate.RateChoice | None] = {}
 
     def at_floor(self, max_kl: float) -> CacheGenCodec:
         """A copy whose encoder spends `max_kl` where encode_parts is given no floor (see rate_choice)."""
@@ -132,8 +134,13 @@ class CacheGenCodec(Codec):
             return None
         floor = next((f for f in (max_kl, self.max_kl, self.ctx.max_kl) if f is not None), None)
         floor = rate.DEFAULT_MAX_KL if floor is None else floor
-        guard = table.kl_guard.get(self.rate_mode, float("inf"))
-        return rate.choose_rate(tokens, floor, table.for_mode(self.rate_mode), guard)
+        key = (tokens, floor)
+        if key not in self._rates:
+            if len(self._rates) > 4096:  # prompt lengths x floors seen: bounded
+                self._rates.clear()
+            guard = table.kl_guard.get(self.rate_mode, float("inf"))
+            self._rates[key] = rate.choose_rate(tokens, floor, table.for_mode(self.rate_mode), guard)
+        return self._rates[key]
 
     def encode_parts(
         self,

@@ -60,7 +60,7 @@ import torch
 from torch import Tensor
 
 from kv_transfer.codec import rans
-from kv_transfer.codec.cachegen_core import FP16_SAFE, le_bytes, le_view, store_scale_np
+from kv_transfer.codec.cachegen_core import le_view
 from kv_transfer.errors import CodecError, FrameCorrupted, FrameForeign
 
 TRANSFORM_FILE = "cachegen_transform.safetensors"
@@ -84,6 +84,7 @@ RECENT = (64, 8.0)
 # A transform's steps may hold, beside each level, "<level>+l0": the plan for when layer 0 is not coded but
 # recomputed from the token ids (`cachegen_l0`), calibrated to the same budget with layer 0 free.
 L0_SUFFIX = "+l0"
+ROW_PAD = 16  # fp32 values after each decoded row (see decode)
 
 # ---- discrete Laplace tables ----------------------------------------------------------------------------
 
@@ -116,8 +117,12 @@ def laplace_tables(rho: np.ndarray, amax: np.ndarray, lut: bool = False) -> rans
 
 @functools.cache
 def _symbol_weights() -> np.ndarray:
-    """Weights int64 [256 rho, N_SYMBOLS] by symbol (q + QMAX)."""
-    return np.ascontiguousarray(_laplace_weights()[:, np.abs(np.arange(-QMAX, QMAX + 1))])
+    """Weights int64 [256 rho, N_SYMBOLS] by symbol (q + QMAX); checked equal to the compiled coder's own copy
+    (its AVX2 table builders read that one)."""
+    w = np.ascontiguousarray(_laplace_weights()[:, np.abs(np.arange(-QMAX, QMAX + 1))])
+    if rans.available():
+        rans.check_weights(w, QMAX)
+    return w
 
 
 # ---- the transform -------------------------------------------------------------------------------------
@@ -184,6 +189,8 @@ class KLTransform:
         self.transform_id = int.from_bytes(h.digest(), "little") or 1
         self._dev: dict[torch.device, tuple[Tensor, Tensor, Tensor]] = {}
         self._dev_t: dict[torch.device, tuple[Tensor, Tensor]] = {}
+        # CPU: per layer, fwd^T of K and of V and inv of K and of V, each its own contiguous [C, C] tensor
+        self._cpu_mats: list[tuple[Tensor, Tensor, Tensor, Tensor]] | None = None
         self._rope: dict[torch.device, tuple[Tensor, Tensor]] = {}  # cos, sin [P, D] for positions 0..P-1
         self._lock = threading.Lock()
         # the inverse's spectral norm per part, for the error bound
@@ -225,31 +232,59 @@ class KLTransform:
                 got = self._dev_t.setdefault(device, got)
         return got
 
+    def _cpu(self, layer: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        mats = self._cpu_mats
+        if mats is None:
+            fwd_t, inv = self._on_t(torch.device("cpu"))
+            mats = [
+                (
+                    fwd_t[i, 0].contiguous(),
+                    fwd_t[i, 1].contiguous(),
+                    inv[i, 0].contiguous(),
+                    inv[i, 1].contiguous(),
+                )
+                for i in range(self.num_layers)
+            ]
+            self._cpu_mats = mats
+        return mats[layer]
+
     def forward(self, k: Tensor, v: Tensor, layer: int) -> tuple[Tensor, Tensor]:
         """k, v [T, Hkv, D] (positions 0..T-1) -> y_k, y_v fp32 [C, T] (component-major, contiguous) on their
         device: y^T = F^T x^T, one matrix product per part (BLAS reads x^T as a view)."""
-        fwd_t = self._on_t(k.device)[0]
         t = k.shape[0]
         cos, sin = self._cos_sin(t, k.device)
-        if k.device.type == "cpu":  # one compiled pass (torch's takes five, with temporaries)
-            kf = k.float().contiguous()
-            kp = torch.empty_like(kf)
-            rans.rope(kf.numpy(), cos.numpy(), sin.numpy(), -1.0, kp.numpy())
-        else:
-            kp = _rotate(k.float(), cos[:t], -sin[:t])
+        if k.device.type == "cpu":  # un-RoPE in one compiled pass (torch's takes five, with temporaries)
+            fk, fv, _, _ = self._cpu(layer)
+            kp = torch.empty(k.shape)
+            if k.dtype == torch.float16:  # conversion and un-RoPE in one pass
+                rans.rope_f16(k.contiguous(), cos, sin, -1.0, kp)
+            else:
+                rans.rope_t(k.float().contiguous(), cos, sin, -1.0, kp)
+            return torch.mm(fk, kp.view(t, -1).T), torch.mm(fv, v.float().reshape(t, -1).T)
+        fwd_t = self._on_t(k.device)[0]
+        kp = _rotate(k.float(), cos[:t], -sin[:t])
         return fwd_t[layer, 0] @ kp.reshape(t, -1).T, fwd_t[layer, 1] @ v.float().reshape(t, -1).T
 
-    def inverse(self, yk: Tensor, yv: Tensor, layer: int) -> tuple[Tensor, Tensor]:
-        """Inverse of forward: y_k, y_v fp32 [C, T] -> k, v fp32 [T, Hkv, D]."""
-        inv = self._on_t(yk.device)[1]
+    def inverse(
+        self, yk: Tensor, yv: Tensor, layer: int, dtype: torch.dtype = torch.float32
+    ) -> tuple[Tensor, Tensor]:
+        """Inverse of forward: y_k, y_v fp32 [C, T] -> k, v [T, Hkv, D] in `dtype` (computed in fp32)."""
         t = yk.shape[1]
         cos, sin = self._cos_sin(t, yk.device)
-        k = (yk.T @ inv[layer, 0]).view(t, self.num_kv_heads, self.head_dim)
-        if k.device.type == "cpu":
-            rans.rope(k.numpy(), cos.numpy(), sin.numpy(), 1.0, k.numpy())  # in place
-        else:
-            k = _rotate(k, cos[:t], sin[:t])
-        return k, (yv.T @ inv[layer, 1]).view(t, self.num_kv_heads, self.head_dim)
+        shape = (t, self.num_kv_heads, self.head_dim)
+        if yk.device.type == "cpu":
+            _, _, gk, gv = self._cpu(layer)
+            k = torch.mm(yk.T, gk).view(shape)
+            if dtype == torch.float16:  # RoPE and conversion in one pass
+                k16 = torch.empty(shape, dtype=dtype)
+                rans.rope_f16(k, cos, sin, 1.0, k16)
+                k = k16
+            else:
+                rans.rope_t(k, cos, sin, 1.0, k)  # in place
+            return k.to(dtype), torch.mm(yv.T, gv).view(shape).to(dtype)
+        inv = self._on_t(yk.device)[1]
+        k = _rotate((yk.T @ inv[layer, 0]).view(shape), cos[:t], sin[:t])
+        return k.to(dtype), (yv.T @ inv[layer, 1]).view(shape).to(dtype)
 
     # ---- files ----
 
@@ -292,17 +327,6 @@ def load_model_transform(model_dir: str | Path) -> KLTransform | None:
 
 
 # ---- encode / decode ---------------------------------------------------------------------------------------
-
-
-def _centre_step(stats: np.ndarray, plan: np.ndarray, wide: bool) -> tuple[np.ndarray, np.ndarray]:
-    """stats fp32 [nch, 2, 3, C] (mean, min, max per component), plan steps [nch, 2] -> (centre, step)
-    [nch, 2, C] in the stored dtype (fp32 when `wide`, else fp16): the mean, and the plan's step widened where
-    max_t |y - centre| would need |q| > QMAX (max(hi - c, c - lo) equals it: fp32 rounding is monotone)."""
-    centre = store_scale_np(stats[:, :, 0], wide, up=False)
-    c = centre.astype(np.float32)
-    spread = np.maximum(stats[:, :, 2] - c, c - stats[:, :, 1])
-    step = np.maximum(spread / np.float32(QMAX - 0.5), plan.astype(np.float32)[:, :, None])
-    return centre, store_scale_np(step, wide, up=True)
 
 
 def _stats_torch(yk: Tensor, yv: Tensor, bounds: list[int]) -> np.ndarray:
@@ -360,40 +384,32 @@ def encode(
     n_recent = min(recent[0], t - 1) if recent[0] > 0 and recent[1] != 1.0 else 0
     if n_recent:
         chunks = [(a, min(b, t - n_recent)) for a, b in chunks if a < t - n_recent] + [(t - n_recent, t)]
-    bounds = [a for a, _ in chunks] + [t]
-    plan = np.array(
-        [[ks / recent[1], vs / recent[1]] if n_recent and a == t - n_recent else [ks, vs] for a, _ in chunks],
-        np.float32,
-    )
-    cpu = yk.device.type == "cpu" and fused
-    stats = rans.stats4(yk.numpy(), yv.numpy(), np.array(bounds)) if cpu else _stats_torch(yk, yv, bounds)
-    lim = float(np.abs(stats[:, :, 1:]).max())
-    wide = lim > FP16_SAFE or float(plan.max()) > FP16_SAFE / QMAX
-    centre, step = _centre_step(stats, plan, wide)
-    c32, s32 = centre.astype(np.float32), step.astype(np.float32)
-    if cpu:
-        words, nw, rho, amax = rans.encode5(
-            yk.numpy(), yv.numpy(), np.array(bounds), c32, s32, QMAX, _symbol_weights()
-        )
+    starts = [a for a, _ in chunks]
+    bounds = np.array(starts + [t], np.int64)
+    steps_of = [(ks, vs)] * len(chunks)
+    if n_recent:
+        steps_of[-1] = (ks / recent[1], vs / recent[1])
+    plan = np.array(steps_of, np.float32)
+    wsym = _symbol_weights()
+    if yk.device.type == "cpu" and fused:  # statistics, side information, quantize, fit, code: one call
+        side, words, nw, rho, amax = rans.encode5_layer(yk.numpy(), yv.numpy(), bounds, plan, QMAX, wsym)
     else:
-        sym = quantize_torch(yk, yv, bounds, c32, s32).cpu().numpy()
-        words, nw, rho, amax = rans.code5(sym, transform.channels, np.array(bounds), QMAX, _symbol_weights())
+        side = rans.side5(_stats_torch(yk, yv, bounds.tolist()), plan, QMAX)
+        sym = quantize_torch(yk, yv, bounds.tolist(), side.centre, side.step).cpu().numpy()
+        words, nw, rho, amax = rans.code5(sym, transform.channels, bounds, QMAX, wsym)
     head = _HEADER4.pack(
-        b"CG", VERSION, _LEVEL_IDS[level], FLAG_WIDE if wide else 0, len(chunks), transform.transform_id,
+        b"CG", VERSION, _LEVEL_IDS[level], FLAG_WIDE if side.wide else 0, len(chunks), transform.transform_id,
         zlib.crc32(le_view(words)),
     )  # fmt: skip
-    directory = np.empty((len(chunks), 3), "<u4")
-    directory[:, 0] = np.diff(bounds)
-    directory[:, 1:] = nw
-    body = b"".join(
-        [head, directory.tobytes(), le_bytes(centre), le_bytes(step), rho.tobytes(), amax.tobytes()]
-    )
+    rows = zip(starts, starts[1:] + [t], nw.tolist(), strict=True)  # (tokens, K words, V words) per chunk
+    directory = struct.pack(f"<{3 * len(chunks)}I", *(x for a, b, (kw, vw) in rows for x in (b - a, kw, vw)))
+    body = b"".join([head, directory, side.data.data, rho.data, amax.data])
     return body + _CRC.pack(zlib.crc32(body)), [words]
 
 
 class Parsed:
-    """Validated v5 params: the transform, chunk bounds int64 [nch + 1], word counts nw int64 [nch, 2], and
-    centre, step fp32 / rho, amax uint8 [nch, 2, C]."""
+    """Validated v5 params: the transform, chunk bounds int64 [nch + 1], word counts nw int64 [nch, 2] (and
+    their sum, `words`), and centre, step fp32 / rho, amax uint8 [nch, 2, C]."""
 
     def __init__(
         self,
@@ -403,19 +419,11 @@ class Parsed:
         bounds: np.ndarray,
         nw: np.ndarray,
         side: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+        words: int,
     ) -> None:
-        self.transform, self.flags, self.payload_crc, self.bounds, self.nw = (
-            transform,
-            flags,
-            payload_crc,
-            bounds,
-            nw,
-        )
+        self.transform, self.flags, self.payload_crc = transform, flags, payload_crc
+        self.bounds, self.nw, self.words = bounds, nw, words
         self.centre, self.step, self.rho, self.amax = side
-
-    @property
-    def words(self) -> int:
-        return int(self.nw.sum())
 
 
 def parse(params: bytes, shape: tuple[int, ...], layer: int, transform: KLTransform | None) -> Parsed:
@@ -441,25 +449,13 @@ def parse(params: bytes, shape: tuple[int, ...], layer: int, transform: KLTransf
     if need != len(buf):
         raise FrameCorrupted(f"cachegen params: {len(buf)} bytes, the header implies {need}")
     off = _HEADER4.size
-    directory = np.frombuffer(buf, "<u4", 3 * n, off).reshape(n, 3).astype(np.int64)
-    off += 12 * n
-    tokens, nw = directory[:, 0], np.ascontiguousarray(directory[:, 1:])
-    lo, extra = 2 * rans.STATES, 2 * rans.STATES  # a part: its final states, then at most a word per symbol
-    if (
-        (tokens < 1).any()
-        or int(tokens.sum()) != t
-        or (nw < lo).any()
-        or (nw > tokens[:, None] * c + extra).any()
-    ):
-        raise FrameCorrupted(f"cachegen params: chunk directory {directory.tolist()} does not fit T = {t}")
-    cs = np.frombuffer(buf, sdt, 2 * n * 2 * c, off).astype(np.float32).reshape(2, n, 2, c)
-    off += 2 * n * 2 * c * sdt.itemsize
+    bounds, nw, centre, step, words = rans.parse_side5(
+        buf[off : len(buf) - _CRC.size], n, c, t, bool(flags & FLAG_WIDE), QMAX
+    )
+    off += 12 * n + 2 * n * 2 * c * sdt.itemsize
     rho = np.frombuffer(buf, np.uint8, n * 2 * c, off).reshape(n, 2, c)
     amax = np.frombuffer(buf, np.uint8, n * 2 * c, off + n * 2 * c).reshape(n, 2, c)
-    if not np.isfinite(cs).all() or (cs[1] <= 0).any() or (amax > QMAX).any():
-        raise FrameCorrupted("cachegen params: non-finite or non-positive step, or |q| > 127")
-    bounds = np.concatenate([[0], np.cumsum(tokens)])
-    return Parsed(transform, flags, payload_crc, bounds, nw, (cs[0], cs[1], rho, amax))
+    return Parsed(transform, flags, payload_crc, bounds, nw, (centre, step, rho, amax), words)
 
 
 def decode(
@@ -477,20 +473,12 @@ def decode(
     t, h, d = shape
     c = h * d
     if device.type == "cpu" and fused:
-        yk, yv = torch.empty((c, t)), torch.empty((c, t))
+        # rows padded by ROW_PAD: rows a multiple of 4 KiB apart (T = 1024 k) slow the inverse's product 1.3x
+        rows = np.empty((2, c, t + ROW_PAD), np.float32)
         rans.decode5(
-            words,
-            p.nw,
-            p.rho,
-            p.amax,
-            p.centre,
-            p.step,
-            p.bounds,
-            QMAX,
-            _symbol_weights(),
-            yk.numpy(),
-            yv.numpy(),
-        )
+            words, p.nw, p.rho, p.amax, p.centre, p.step, p.bounds, QMAX, _symbol_weights(), rows[0], rows[1]
+        )  # fmt: skip
+        yk, yv = torch.from_numpy(rows[0, :, :t]), torch.from_numpy(rows[1, :, :t])
     else:
         sym = torch.from_numpy(rans.uncode5(words, p.nw, p.rho, p.amax, p.bounds, QMAX, _symbol_weights()))
         sym = sym.to(device)
@@ -501,8 +489,7 @@ def decode(
             q = sym[2 * c * a : 2 * c * b].view(2, c, b - a).float().sub_(QMAX)
             ys[:, :, a:b] = torch.addcmul(ct[j][:, :, None], q, st[j][:, :, None])
         yk, yv = ys[0], ys[1]
-    k, v = p.transform.inverse(yk, yv, layer)
-    return k.to(dtype), v.to(dtype)
+    return p.transform.inverse(yk, yv, layer, dtype)
 
 
 def error_bounds_klt(

@@ -13,6 +13,14 @@
 #endif
 const char *cg_source_id(void) { return CG_SOURCE_ID; }
 
+/* CG_EXACT: no fused multiply-add (engine.cbuild builds with -march=native): for arithmetic that must round as
+   the Python or engine code it mirrors rounds. */
+#if defined(__GNUC__) && !defined(__clang__)
+#define CG_EXACT __attribute__((optimize("fp-contract=off")))
+#else
+#define CG_EXACT
+#endif
+
 #define PROB_BITS 11
 #define PROB_SCALE (1u << PROB_BITS)
 #define RANS_L (1ull << 31)
@@ -225,14 +233,17 @@ static void lap_row(int64_t rho, int64_t a, int64_t mid, const int64_t *wsym, ui
 
 /* Tables of C components (rho, amax [C]): freq, cum [C, n] uint32 (whole rows); lut [C, PROB_SCALE] when
    not NULL. Returns 0, or -1 if some amax_c > mid. */
+static void lap_row_fast(int64_t rho, int64_t a, int64_t mid, const int64_t *wsym, uint32_t *f, uint32_t *cu);
+
 int64_t cg_lap_tables(const uint8_t *rho, const uint8_t *amax, int64_t C, int64_t mid, const int64_t *wsym,
-                      uint32_t *freq, uint32_t *cum, uint8_t *lut) {
+                      uint32_t *freq, uint32_t *cum, uint8_t *lut, int64_t simd) {
     int64_t n = 2 * mid + 1;
     for (int64_t c = 0; c < C; c++) {
         int64_t a = amax[c];
         if (a > mid) return -1;
         uint32_t *f = freq + c * n, *cu = cum + c * n;
-        lap_row(rho[c], a, mid, wsym, f, cu, lut ? lut + c * PROB_SCALE : NULL);
+        if (simd && !lut) lap_row_fast(rho[c], a, mid, wsym, f, cu); /* the coders' rows (AVX2 where it runs) */
+        else lap_row(rho[c], a, mid, wsym, f, cu, lut ? lut + c * PROB_SCALE : NULL);
         for (int64_t s = 0; s < n; s++)
             if (s < mid - a || s > mid + a) f[s] = 0, cu[s] = s < mid - a ? 0 : PROB_SCALE;
     }
@@ -442,11 +453,13 @@ CG_AVX2 static void enc5_avx2(int np, const uint8_t *const *s, const uint32_t *c
     } while (0)
 
 /* Decode one row of up to two parts side by side: part p reads in[p] from r[p] (< nw[p]), state x[p], table
-   tab[p] -> y[p] (values, centre ce[p], step st[p]) or sym[p]. Vector steps only while 16 words remain readable
-   in every stream; the rest of the row scalar (checked). */
+   tab[p] -> y[p] (values, centre ce[p], step st[p]) or sym[p]. Vector steps while 16 words from r[p] are
+   readable memory (rd[p] >= nw[p]: what follows the part's own words in the caller's buffer; a valid stream
+   never consumes past nw[p], and a corrupted one that does fails the caller's final count check); the rest of
+   the row scalar (checked against nw). */
 CG_AVX2 static void dec5_avx2(int np, const uint32_t *const *tab, uint32_t **x, const uint16_t *const *in, int64_t *r,
-                              const int64_t *nw, int64_t *bad, int64_t T, uint8_t **sym, float **y, const float *ce,
-                              const float *st, int64_t mid) {
+                              const int64_t *nw, const int64_t *rd, int64_t *bad, int64_t T, uint8_t **sym, float **y,
+                              const float *ce, const float *st, int64_t mid) {
     const __m256i slotm = _mm256_set1_epi32(PROB_SCALE - 1), m11 = _mm256_set1_epi32(0x7FF);
     const __m256i lim = _mm256_set1_epi32(L5), midv = _mm256_set1_epi32((int)mid);
     const __m256i pack8 = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
@@ -463,7 +476,7 @@ CG_AVX2 static void dec5_avx2(int np, const uint32_t *const *tab, uint32_t **x, 
         float *yb = y ? y[1] : NULL;
         uint8_t *sb = y ? NULL : sym[1];
         int64_t rb = r[1];
-        for (; t < full && ra + NS <= nw[0] && rb + NS <= nw[1]; t += NS) {
+        for (; t < full && ra + NS <= rd[0] && rb + NS <= rd[1]; t += NS) {
             DEC5V(a0, tab[0], in[0], ra, ya ? ya + t : NULL, sa + t, cea, sta);
             DEC5V(b0, tab[1], in[1], rb, yb ? yb + t : NULL, sb + t, ceb, stb);
             DEC5V(a1, tab[0], in[0], ra, ya ? ya + t + 8 : NULL, sa + t + 8, cea, sta);
@@ -472,7 +485,7 @@ CG_AVX2 static void dec5_avx2(int np, const uint32_t *const *tab, uint32_t **x, 
         _mm256_storeu_si256((__m256i *)x[1], b0), _mm256_storeu_si256((__m256i *)(x[1] + 8), b1);
         r[1] = rb;
     } else {
-        for (; t < full && ra + NS <= nw[0]; t += NS) {
+        for (; t < full && ra + NS <= rd[0]; t += NS) {
             DEC5V(a0, tab[0], in[0], ra, ya ? ya + t : NULL, sa + t, cea, sta);
             DEC5V(a1, tab[0], in[0], ra, ya ? ya + t + 8 : NULL, sa + t + 8, cea, sta);
         }
@@ -484,18 +497,141 @@ CG_AVX2 static void dec5_avx2(int np, const uint32_t *const *tab, uint32_t **x, 
                     (float)mid);
 }
 
+/* The weights of the rows' magnitudes, the library's own compact copy for the AVX2 builders: floor(2^20 r^q),
+   q <= 127 (int32; rows are symmetric about mid = 127), computed as cachegen_klt._laplace_weights computes
+   them (the same IEEE double products; cg5_check_weights compares the copies once). Half a row of 512 bytes,
+   not 2 KiB of int64: the tables of a layer read far less memory. */
+#define WQ 128
+static int32_t g_wq[256][WQ];
+
+CG_EXACT __attribute__((constructor)) static void init_weights5(void) {
+    double one_minus_r = 1.0;
+    for (int rho = 0; rho < 256; rho++) {
+        double r = 1.0 - one_minus_r, p = (double)(1 << 20);
+        for (int m = 0; m < WQ; m++) {
+            g_wq[rho][m] = (int32_t)p;
+            p *= r;
+        }
+        one_minus_r *= 0.9785720620877001; /* cachegen_klt._RHO_BASE */
+    }
+}
+
+/* 1 when wsym [256, 2 mid + 1] (the caller's weights by symbol) is this library's copy, mid = 127. */
+int64_t cg5_check_weights(const int64_t *wsym, int64_t mid) {
+    if (mid != WQ - 1) return 0;
+    for (int64_t rho = 0; rho < 256; rho++)
+        for (int64_t q = 0; q <= mid; q++)
+            if (wsym[rho * (2 * mid + 1) + mid + q] != g_wq[rho][q] || wsym[rho * (2 * mid + 1) + mid - q] != g_wq[rho][q])
+                return 0;
+    return 1;
+}
+
+/* lap_row (without lut) in AVX2: the same rows. Frequencies by exact division, 4 magnitudes per vector: w < 2^21
+   and K < 2^11, so w K < 2^31 is exact in int32 and double, and the correctly rounded quotient of two integers
+   (total < 2^28, quotient < 2^11) never crosses an integer the true quotient does not reach, so truncating it
+   is floor(w K / total), what lap_row's reciprocal and corrections compute. cum by 8-lane prefix sums. */
+CG_AVX2 static void lap_row_avx2(int64_t rho, int64_t a, int64_t mid, const int64_t *wsym, uint32_t *f,
+                                 uint32_t *cu) {
+    if (mid != WQ - 1) { /* the compact weights are for mid = 127 (QMAX) only */
+        lap_row(rho, a, mid, wsym, f, cu, NULL);
+        return;
+    }
+    int64_t lo = mid - a, k = 2 * a + 1, total = 0, q = 1;
+    const int32_t *w = g_wq[rho]; /* w[q], 0 <= q <= a <= 127 */
+    __m256i tv = _mm256_setzero_si256(); /* sum < 128 2^20: int32 */
+    for (; q + 7 <= a; q += 8) tv = _mm256_add_epi32(tv, _mm256_loadu_si256((const __m256i *)(w + q)));
+    int32_t part[8];
+    _mm256_storeu_si256((__m256i *)part, tv);
+    for (int i = 0; i < 8; i++) total += part[i];
+    for (; q <= a; q++) total += w[q];
+    total = 2 * total + w[0];
+    if (total < 1) total = 1;
+    const __m256d tot = _mm256_set1_pd((double)total);
+    const __m128i kk = _mm_set1_epi32((int)((int64_t)PROB_SCALE - k)), one = _mm_set1_epi32(1);
+    __m128i acc = _mm_setzero_si128();
+    for (q = 0; q + 3 <= a; q += 4) {
+        __m128i w32 = _mm_loadu_si128((const __m128i *)(w + q));
+        __m128i fq = _mm256_cvttpd_epi32(_mm256_div_pd(_mm256_cvtepi32_pd(_mm_mullo_epi32(w32, kk)), tot));
+        __m128i fv = _mm_add_epi32(fq, one);
+        _mm_storeu_si128((__m128i *)(f + mid + q), fv);
+        _mm_storeu_si128((__m128i *)(f + mid - q - 3), _mm_shuffle_epi32(fv, 0x1B)); /* mirrored */
+        acc = _mm_add_epi32(acc, fv);
+    }
+    int64_t sum = 0;
+    for (; q <= a; q++) {
+        int64_t fq = (int64_t)((double)((int64_t)w[q] * ((int64_t)PROB_SCALE - k)) / (double)total);
+        f[mid + q] = f[mid - q] = (uint32_t)(1 + fq);
+        sum += 1 + fq;
+    }
+    uint32_t lanes[4];
+    _mm_storeu_si128((__m128i *)lanes, acc);
+    sum += (int64_t)lanes[0] + lanes[1] + lanes[2] + lanes[3];
+    sum = 2 * sum - f[mid]; /* every magnitude twice, q = 0 once */
+    f[mid] += (uint32_t)((int64_t)PROB_SCALE - sum);
+    __m256i carry = _mm256_setzero_si256();
+    const __m256i last = _mm256_set1_epi32(7);
+    int64_t s = lo;
+    for (; s + 8 <= lo + k; s += 8) { /* exclusive prefix sums of f[lo..] */
+        __m256i x = _mm256_loadu_si256((const __m256i *)(f + s)), y = x;
+        y = _mm256_add_epi32(y, _mm256_slli_si256(y, 4));
+        y = _mm256_add_epi32(y, _mm256_slli_si256(y, 8));
+        y = _mm256_add_epi32(y, _mm256_shuffle_epi32(_mm256_permute2x128_si256(y, y, 0x08), 0xFF));
+        y = _mm256_add_epi32(y, carry);
+        _mm256_storeu_si256((__m256i *)(cu + s), _mm256_sub_epi32(y, x));
+        carry = _mm256_permutevar8x32_epi32(y, last);
+    }
+    uint32_t run = (uint32_t)_mm256_cvtsi256_si32(carry);
+    for (; s < lo + k; s++) cu[s] = run, run += f[s];
+}
+
+/* enc5_row in AVX2: the same e1, rcp over [mid - a, mid + a], 8 symbols per vector (table lookups by gather). */
+CG_AVX2 static void enc5_row_avx2(int64_t rho, int64_t a, int64_t mid, const int64_t *wsym, uint32_t *scratch,
+                                  uint32_t *e1, uint32_t *rcp) {
+    int64_t n = 2 * mid + 1, s = mid - a;
+    uint32_t *f = scratch, *cu = scratch + n;
+    lap_row_avx2(rho, a, mid, wsym, f, cu);
+    const __m256i two = _mm256_set1_epi32(2), bias1 = _mm256_set1_epi32(PROB_SCALE - 1);
+    for (; s + 8 <= mid + a + 1; s += 8) {
+        __m256i fs = _mm256_loadu_si256((const __m256i *)(f + s)), c = _mm256_loadu_si256((const __m256i *)(cu + s));
+        __m256i bias = _mm256_add_epi32(c, _mm256_and_si256(_mm256_cmpgt_epi32(two, fs), bias1)); /* f = 1 */
+        __m256i sh = _mm256_i32gather_epi32((const int *)g5_shift, fs, 4);
+        __m256i e = _mm256_or_si256(fs, _mm256_or_si256(_mm256_slli_epi32(bias, 11), _mm256_slli_epi32(sh, 23)));
+        _mm256_storeu_si256((__m256i *)(e1 + s), e);
+        _mm256_storeu_si256((__m256i *)(rcp + s), _mm256_i32gather_epi32((const int *)g5_rcp, fs, 4));
+    }
+    for (; s <= mid + a; s++) {
+        uint32_t fs = f[s], bias = fs < 2 ? cu[s] + PROB_SCALE - 1 : cu[s];
+        e1[s] = fs | bias << 11 | g5_shift[fs] << 23;
+        rcp[s] = g5_rcp[fs];
+    }
+}
+
 /* dec5_row with 8-entry stores: each symbol's run [cum, cum + f) written from its start in whole vectors, the
-   overshoot overwritten by the next run (tab has 8 entries of padding past PROB_SCALE). */
+   overshoot overwritten by the next run (tab has 8 entries of padding past PROB_SCALE). The tails of frequency 1
+   (the rows fall with |q| from the centre, so they are the ends of the support) are written 8 symbols per
+   vector: entries there grow by one symbol and one slot per slot. */
 CG_AVX2 static void dec5_row_avx2(int64_t rho, int64_t a, int64_t mid, const int64_t *wsym, uint32_t *scratch,
                                   uint32_t *tab) {
-    int64_t n = 2 * mid + 1;
+    int64_t n = 2 * mid + 1, lo = mid - a, hi = mid + a, s1 = lo, s2 = hi;
     uint32_t *f = scratch, *cu = scratch + n;
-    lap_row(rho, a, mid, wsym, f, cu, NULL);
-    for (int64_t s = mid - a; s <= mid + a; s++) {
-        const uint32_t fs = f[s], c = cu[s]; /* locals: tab shares the caller's buffer with f and cu */
+    lap_row_avx2(rho, a, mid, wsym, f, cu);
+    while (s1 < mid && f[s1] == 1) s1++; /* [lo, s1) and (s2, hi]: frequency 1 */
+    while (s2 > mid && f[s2] == 1) s2--;
+    const __m256i step = _mm256_set1_epi32(1 << 22 | 1 << 11), ramp = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i ramp_e = _mm256_mullo_epi32(ramp, step);
+    for (int64_t s = lo; s < s1; s += 8) { /* left tail: slots 0.. */
+        __m256i e = _mm256_set1_epi32((int)((uint32_t)s << 22 | cu[s] << 11 | 1u));
+        _mm256_storeu_si256((__m256i *)(tab + cu[s]), _mm256_add_epi32(e, ramp_e));
+    }
+    for (int64_t s = s1; s <= s2; s++) {
+        const uint32_t fs = f[s], c = cu[s];
         __m256i e = _mm256_set1_epi32((int)((uint32_t)s << 22 | c << 11 | fs));
         uint32_t *p = tab + c;
         for (uint32_t i = 0; i < fs; i += 8) _mm256_storeu_si256((__m256i *)(p + i), e);
+    }
+    for (int64_t s = s2 + 1; s <= hi; s += 8) { /* right tail: up to PROB_SCALE (+ padding) */
+        __m256i e = _mm256_set1_epi32((int)((uint32_t)s << 22 | cu[s] << 11 | 1u));
+        _mm256_storeu_si256((__m256i *)(tab + cu[s]), _mm256_add_epi32(e, ramp_e));
     }
 }
 
@@ -511,6 +647,16 @@ static int cpu_avx2(void) {
 #define HAVE_AVX2_PATH 0
 static int cpu_avx2(void) { return 0; }
 #endif
+
+static void lap_row_fast(int64_t rho, int64_t a, int64_t mid, const int64_t *wsym, uint32_t *f, uint32_t *cu) {
+#if HAVE_AVX2_PATH
+    if (cpu_avx2()) {
+        lap_row_avx2(rho, a, mid, wsym, f, cu);
+        return;
+    }
+#endif
+    lap_row(rho, a, mid, wsym, f, cu, NULL);
+}
 
 /* 1 when the AVX2 coder can run on this CPU (the `simd` arguments below then select it). */
 int64_t cg5_simd_available(void) { return cpu_avx2(); }
@@ -528,7 +674,6 @@ static int64_t code5(const uint8_t *sym, int64_t T, int64_t C, const uint8_t *rh
     for (int i = 0; i < NS; i++) st[0][i] = st[1][i] = L5;
     uint16_t *out[2] = {tmp, tmp + cap};
     int64_t w[2] = {cap, cap};
-    (void)simd;
     for (int64_t c = C - 1; c >= 0; c--) { /* the decoder's order reversed */
         int parts[2], np = 0;
         for (int p = 1; p >= 0; p--) /* V's rows are the last K/V pair read by nothing in between: any order */
@@ -540,7 +685,11 @@ static int64_t code5(const uint8_t *sym, int64_t T, int64_t C, const uint8_t *rh
         int64_t ws[2];
         for (int i = 0; i < np; i++) {
             int p = parts[i];
-            enc5_row(rho[p * C + c], amax[p * C + c], mid, wsym, scratch, e1[i], rc[i]);
+#if HAVE_AVX2_PATH
+            if (simd) enc5_row_avx2(rho[p * C + c], amax[p * C + c], mid, wsym, scratch, e1[i], rc[i]);
+            else
+#endif
+                enc5_row(rho[p * C + c], amax[p * C + c], mid, wsym, scratch, e1[i], rc[i]);
             s[i] = sym + (p * C + c) * T, E1[i] = e1[i], RC[i] = rc[i], xs[i] = st[p], os[i] = out[p], ws[i] = w[p];
         }
 #if HAVE_AVX2_PATH
@@ -564,10 +713,11 @@ static int64_t code5(const uint8_t *sym, int64_t T, int64_t C, const uint8_t *rh
     return 0;
 }
 
-/* Inverse of code5 for one chunk: words in0[nw0], in1[nw1] -> sym [2, C, T] (y == NULL) or values
-   y0/y1 rows + t0 (row c of part p at yp + c * ld + t0) = centre + (sym - mid) step. Returns 0, -1 corrupted,
-   -3 out of memory. */
-static int64_t uncode5(const uint16_t *in0, int64_t nw0, const uint16_t *in1, int64_t nw1, int64_t T, int64_t C,
+/* Inverse of code5 for one chunk: words in0[nw0], in1[nw1] (rd0 >= nw0, rd1 >= nw1 words readable from each)
+   -> sym [2, C, T] (y == NULL) or values y0/y1 rows + t0 (row c of part p at yp + c * ld + t0) = centre + (sym -
+   mid) step. Returns 0, -1 corrupted, -3 out of memory. */
+static int64_t uncode5(const uint16_t *in0, int64_t nw0, int64_t rd0, const uint16_t *in1, int64_t nw1, int64_t rd1,
+                       int64_t T, int64_t C,
                        const uint8_t *rho, const uint8_t *amax, int64_t mid, const int64_t *wsym, uint8_t *sym,
                        float *y0, float *y1, int64_t ld, const float *centre, const float *step, int simd) {
     int64_t n = 2 * mid + 1;
@@ -578,7 +728,7 @@ static int64_t uncode5(const uint16_t *in0, int64_t nw0, const uint16_t *in1, in
     if (!buf) return -3;
     uint32_t *scratch = buf, *tb[2] = {buf + 2 * n, buf + 2 * n + PROB_SCALE + 8};
     const uint16_t *ins[2] = {in0, in1};
-    int64_t nws[2] = {nw0, nw1}, rr[2] = {2 * NS, 2 * NS}, bad = 0;
+    int64_t nws[2] = {nw0, nw1}, rds[2] = {rd0, rd1}, rr[2] = {2 * NS, 2 * NS}, bad = 0;
     uint32_t st[2][NS];
     for (int p = 0; p < 2; p++)
         for (int j = 0; j < NS; j++) {
@@ -592,7 +742,7 @@ static int64_t uncode5(const uint16_t *in0, int64_t nw0, const uint16_t *in1, in
         const uint32_t *tab[2];
         uint32_t *xs[2];
         const uint16_t *is[2];
-        int64_t rs[2], ns[2];
+        int64_t rs[2], ns[2], ds[2];
         uint8_t *ss[2];
         float *ys[2], ce[2], sp[2];
         for (int i = 0; i < np; i++) {
@@ -602,13 +752,13 @@ static int64_t uncode5(const uint16_t *in0, int64_t nw0, const uint16_t *in1, in
             else
 #endif
                 dec5_row(rho[p * C + c], amax[p * C + c], mid, wsym, scratch, tb[i]);
-            tab[i] = tb[i], xs[i] = st[p], is[i] = ins[p], rs[i] = rr[p], ns[i] = nws[p];
+            tab[i] = tb[i], xs[i] = st[p], is[i] = ins[p], rs[i] = rr[p], ns[i] = nws[p], ds[i] = rds[p];
             ss[i] = sym ? sym + (p * C + c) * T : NULL;
             ys[i] = y0 ? (p ? y1 : y0) + c * ld : NULL;
             ce[i] = centre ? centre[p * C + c] : 0, sp[i] = step ? step[p * C + c] : 0;
         }
 #if HAVE_AVX2_PATH
-        if (simd && np) dec5_avx2(np, tab, xs, is, rs, ns, &bad, T, y0 ? NULL : ss, y0 ? ys : NULL, ce, sp, mid);
+        if (simd && np) dec5_avx2(np, tab, xs, is, rs, ns, ds, &bad, T, y0 ? NULL : ss, y0 ? ys : NULL, ce, sp, mid);
         else
 #endif
             for (int i = 0; i < np; i++)
@@ -744,25 +894,27 @@ int64_t cg5_uncode(const uint16_t *in, int64_t nwords, int64_t C, int64_t nch, c
     for (int64_t j = 0; j < nch && rc == 0; j++) {
         int64_t len = bounds[j + 1] - bounds[j], n0 = nw[2 * j], n1 = nw[2 * j + 1];
         if (n0 < 0 || n1 < 0 || pos + n0 + n1 > nwords) return -1;
-        rc = uncode5(in + pos, n0, in + pos + n0, n1, len, C, rho + j * 2 * C, amax + j * 2 * C, mid, wsym,
-                     sym + 2 * C * bounds[j], NULL, NULL, 0, NULL, NULL, use);
+        rc = uncode5(in + pos, n0, nwords - pos, in + pos + n0, n1, nwords - pos - n0, len, C, rho + j * 2 * C,
+                     amax + j * 2 * C, mid, wsym, sym + 2 * C * bounds[j], NULL, NULL, 0, NULL, NULL, use);
         pos += n0 + n1;
     }
     return rc == 0 && pos != nwords ? -1 : rc;
 }
 
-/* The CPU decoder of one layer: as cg5_uncode, the values written straight into y0, y1 [C, T] fp32 =
-   centre + (sym - mid) step with centre, step [nch, 2, C]. Returns as cg5_uncode. */
-int64_t cg5_decode(const uint16_t *in, int64_t nwords, int64_t C, int64_t T, int64_t nch, const int64_t *bounds,
+/* The CPU decoder of one layer: as cg5_uncode, the values written straight into y0, y1 [C, T] fp32 (rows ld >= T
+   apart) = centre + (sym - mid) step with centre, step [nch, 2, C]. avail >= nwords: words readable at in (a
+   padded copy lets the last rows of the last part decode with vector steps). Returns as cg5_uncode. */
+int64_t cg5_decode(const uint16_t *in, int64_t nwords, int64_t avail, int64_t C, int64_t T, int64_t nch, const int64_t *bounds,
                    const int64_t *nw, const uint8_t *rho, const uint8_t *amax, const float *centre,
-                   const float *step, int64_t mid, const int64_t *wsym, float *y0, float *y1, int64_t simd) {
+                   const float *step, int64_t mid, const int64_t *wsym, float *y0, float *y1, int64_t ld,
+                   int64_t simd) {
     int64_t pos = 0, rc = 0;
     int use = simd && cpu_avx2();
     for (int64_t j = 0; j < nch && rc == 0; j++) {
         int64_t a = bounds[j], len = bounds[j + 1] - a, n0 = nw[2 * j], n1 = nw[2 * j + 1];
         if (n0 < 0 || n1 < 0 || pos + n0 + n1 > nwords) return -1;
-        rc = uncode5(in + pos, n0, in + pos + n0, n1, len, C, rho + j * 2 * C, amax + j * 2 * C, mid, wsym, NULL,
-                     y0 + a, y1 + a, T, centre + j * 2 * C, step + j * 2 * C, use);
+        rc = uncode5(in + pos, n0, avail - pos, in + pos + n0, n1, avail - pos - n0, len, C, rho + j * 2 * C,
+                     amax + j * 2 * C, mid, wsym, NULL, y0 + a, y1 + a, ld, centre + j * 2 * C, step + j * 2 * C, use);
         pos += n0 + n1;
     }
     return rc == 0 && pos != nwords ? -1 : rc;
@@ -788,4 +940,282 @@ void cg_rope(const float *x, int64_t T, int64_t H, int64_t D, const float *cos, 
             }
         }
     }
+}
+
+/* ---- layer 0 from a per-vocabulary table (cachegen_l0, see layer0.py) ----
+   tk, tv [vocab, H * D] fp32: layer 0's K before RoPE and its V, for every token id; ids [T] uint32; cos, sin
+   rows of length ld >= D/2 (row t: position t, as cg_rope). Token t's K is row ids[t] of tk rotated to position
+   t with cg_rope's arithmetic (sign +1, the engine's apply_rope: no fused multiply-add), its V row ids[t] of tv.
+   No fused multiply-add (CG_EXACT; not CG_HOT): one would round differently from the engine's RoPE. */
+
+CG_EXACT static inline void l0_token(const float *tk, const float *tv, int64_t H, int64_t D, const float *c, const float *sn,
+                            float *ko, float *vo) {
+    int64_t half = D / 2;
+    for (int64_t h = 0; h < H; h++) {
+        const float *x1 = tk + h * D, *x2 = x1 + half;
+        float *o1 = ko + h * D, *o2 = o1 + half;
+        for (int64_t i = 0; i < half; i++) {
+            float a = x1[i], b = x2[i], si = 1.0f * sn[i];
+            o1[i] = a * c[i] - b * si;
+            o2[i] = b * c[i] + a * si;
+        }
+    }
+    memcpy(vo, tv, sizeof(float) * (size_t)(H * D));
+}
+
+/* -> k, v [T, H, D] fp32. Returns 0, or -1 if some id >= vocab (nothing is read out of the table). */
+CG_EXACT int64_t cg_l0_gather(const float *tk, const float *tv, int64_t vocab, const uint32_t *ids, int64_t T, int64_t H,
+                     int64_t D, const float *cos, const float *sin, int64_t ld, float *k, float *v) {
+    int64_t row = H * D;
+    for (int64_t t = 0; t < T; t++)
+        if (ids[t] >= (uint64_t)vocab) return -1;
+    for (int64_t t = 0; t < T; t++)
+        l0_token(tk + ids[t] * row, tv + ids[t] * row, H, D, cos + t * ld, sin + t * ld, k + t * row, v + t * row);
+    return 0;
+}
+
+/* The encoder's check of given k, v [T, H, D] fp32 against the table's: err[4] = max |k - k0|, max |k|,
+   max |v - v0|, max |v|. Returns 0, -1 if some id >= vocab, -2 if some given value is not finite, -3 out of
+   memory. */
+CG_EXACT int64_t cg_l0_check(const float *tk, const float *tv, int64_t vocab, const uint32_t *ids, int64_t T,
+                             int64_t H, int64_t D, const float *cos, const float *sin, int64_t ld, const float *k,
+                             const float *v, float *err) {
+    int64_t row = H * D;
+    float dk = 0, ak = 0, dv = 0, av = 0;
+    int bad = 0;
+    for (int64_t t = 0; t < T; t++)
+        if (ids[t] >= (uint64_t)vocab) return -1;
+    float *buf = malloc(sizeof(float) * (size_t)(2 * row));
+    if (!buf) return -3;
+    for (int64_t t = 0; t < T; t++) {
+        l0_token(tk + ids[t] * row, tv + ids[t] * row, H, D, cos + t * ld, sin + t * ld, buf, buf + row);
+        const float *x = k + t * row, *y = v + t * row, *x0 = buf, *y0 = buf + row;
+#pragma omp simd reduction(max : dk, ak, dv, av) reduction(| : bad)
+        for (int64_t i = 0; i < row; i++) {
+            float a = fabsf(x[i]), e = fabsf(x[i] - x0[i]), b = fabsf(y[i]), f = fabsf(y[i] - y0[i]);
+            bad |= !(a <= 3.4e38f) | !(b <= 3.4e38f); /* NaN or infinite */
+            dk = e > dk ? e : dk, ak = a > ak ? a : ak, dv = f > dv ? f : dv, av = b > av ? b : av;
+        }
+    }
+    free(buf);
+    if (bad) return -2;
+    err[0] = dk, err[1] = ak, err[2] = dv, err[3] = av;
+    return 0;
+}
+
+/* ---- format v5's side information: centre and step per chunk, part and component ----
+   The encoder derives them from the statistics (cg5_side: both the compiled encoder and the path CUDA tensors
+   take call it, so both store the same values); the decoder checks and widens them (cg5_parse_side). Stored
+   as fp16 (round to nearest even), or fp32 when `wide`, little-endian: centre [nch, 2, C], then step. */
+
+#define FP16_SAFE 60000.0f /* cachegen_core.FP16_SAFE */
+
+static uint16_t f2h(float f) { /* IEEE binary16, round to nearest even (as numpy's astype(float16)) */
+    uint32_t x, sign, ax;
+    memcpy(&x, &f, 4);
+    sign = (x >> 16) & 0x8000u, ax = x & 0x7FFFFFFFu;
+    if (ax >= 0x7F800000u) return (uint16_t)(sign | 0x7C00u | (ax > 0x7F800000u ? 0x200u : 0));
+    if (ax >= 0x477FF000u) return (uint16_t)(sign | 0x7C00u); /* rounds to >= 65520: infinity */
+    if (ax < 0x38800000u) {                                   /* below 2^-14: a subnormal half (or 0) */
+        if (ax < 0x33000000u) return (uint16_t)sign;          /* <= 2^-25 rounds to 0 */
+        uint32_t e = ax >> 23, m = (ax & 0x7FFFFFu) | 0x800000u, sh = 126 - e;
+        uint32_t q = m >> sh, rem = m & ((1u << sh) - 1), half = 1u << (sh - 1);
+        q += rem > half || (rem == half && (q & 1));
+        return (uint16_t)(sign | q);
+    }
+    uint32_t r = ax - 0x38000000u; /* exponent rebiased 127 -> 15 */
+    r = (r + 0xFFFu + ((r >> 13) & 1)) >> 13;
+    return (uint16_t)(sign | r);
+}
+
+static float h2f(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1F, m = h & 0x3FFu, x;
+    if (e == 0x1F) x = sign | 0x7F800000u | (m << 13);
+    else if (e) x = sign | ((e + 112) << 23) | (m << 13);
+    else if (!m) x = sign;
+    else { /* subnormal: normalise */
+        e = 113;
+        while (!(m & 0x400u)) m <<= 1, e--;
+        x = sign | (e << 23) | ((m & 0x3FFu) << 13);
+    }
+    float f;
+    memcpy(&f, &x, 4);
+    return f;
+}
+
+static inline void put_le16(uint8_t *p, uint16_t v) { p[0] = (uint8_t)v, p[1] = (uint8_t)(v >> 8); }
+static inline void put_le32(uint8_t *p, uint32_t v) { put_le16(p, (uint16_t)v), put_le16(p + 2, (uint16_t)(v >> 16)); }
+static inline uint32_t get_le32(const uint8_t *p) { return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24; }
+
+/* stats [nch, 2, 3, C] (mean, lo, hi; finite), plan [nch, 2] (steps > 0) -> c32, s32 [nch, 2, C] (the stored
+   values) and side (their bytes: 2 or 4 each). centre = the mean; step = max(plan, max(hi - c, c - lo) /
+   (qmax - 0.5)) with c the stored centre, stored rounded up (x (1 + 2^-10) + 2^-24, then to nearest: never
+   below x), so every |q| <= qmax. fp32 arithmetic, no fused multiply-add: the values numpy computed before.
+   Returns wide: 1 when some |lo|, |hi| > FP16_SAFE or some plan step > FP16_SAFE / qmax (fp32 stored). */
+CG_EXACT int64_t cg5_side(const float *stats, const float *plan, int64_t nch, int64_t C, int64_t qmax, float *c32,
+                          float *s32, uint8_t *side) {
+    int64_t n = nch * 2 * C, wide = 0;
+    for (int64_t j = 0; j < nch * 2; j++) {
+        const float *lo = stats + j * 3 * C + C, *hi = lo + C;
+        wide |= plan[j] > FP16_SAFE / (float)qmax;
+        for (int64_t c = 0; c < C; c++) wide |= fabsf(lo[c]) > FP16_SAFE || fabsf(hi[c]) > FP16_SAFE;
+    }
+    const float div = (float)qmax - 0.5f, up = 1.0f + 1.0f / 1024, tiny = 1.0f / 16777216;
+    for (int64_t j = 0; j < nch * 2; j++) {
+        const float *mean = stats + j * 3 * C, *lo = mean + C, *hi = lo + C;
+        for (int64_t c = 0; c < C; c++) {
+            int64_t i = j * C + c;
+            float ce = mean[c], st;
+            if (!wide) ce = h2f(f2h(ce));
+            float a = hi[c] - ce, b = ce - lo[c], spread = a > b ? a : b, need = spread / div;
+            st = need > plan[j] ? need : plan[j];
+            if (!wide) {
+                float u = st * up;
+                st = h2f(f2h(u + tiny));
+            }
+            c32[i] = ce, s32[i] = st;
+            if (wide) {
+                uint32_t bc, bs;
+                memcpy(&bc, &ce, 4), memcpy(&bs, &st, 4);
+                put_le32(side + 4 * i, bc), put_le32(side + 4 * (n + i), bs);
+            } else {
+                put_le16(side + 2 * i, f2h(ce)), put_le16(side + 2 * (n + i), f2h(st));
+            }
+        }
+    }
+    return wide;
+}
+
+/* The decoder's side of v5 params: directory [nch] x (tokens, K words, V words) u32 then centre, step (fp16, or
+   fp32 when wide) and amax [nch, 2, C] u8 at buf (the params after their header; the caller checked the
+   length). -> bounds [nch + 1], nw [nch, 2] (int64), centre, step fp32 [nch, 2, C]. Returns the payload's word
+   count (the sum of nw, >= 0); -1 if the
+   directory does not fit T tokens (a chunk of no tokens, a part of fewer words than its final states or of
+   more than one per symbol beyond them); -2 if a centre or step is not finite, a step is <= 0 or an amax > qmax. */
+int64_t cg5_parse_side(const uint8_t *buf, int64_t nch, int64_t C, int64_t T, int64_t wide, int64_t qmax,
+                       int64_t *bounds, int64_t *nw, float *centre, float *step) {
+    int64_t n = nch * 2 * C, sz = wide ? 4 : 2, sum = 0;
+    bounds[0] = 0;
+    for (int64_t j = 0; j < nch; j++) {
+        int64_t tok = get_le32(buf + 12 * j), a = get_le32(buf + 12 * j + 4), b = get_le32(buf + 12 * j + 8);
+        int64_t most = tok * C + 2 * NS;
+        if (tok < 1 || a < 2 * NS || b < 2 * NS || a > most || b > most) return -1;
+        sum += tok, bounds[j + 1] = sum, nw[2 * j] = a, nw[2 * j + 1] = b;
+    }
+    if (sum != T) return -1;
+    int64_t words = 0;
+    for (int64_t j = 0; j < 2 * nch; j++) words += nw[j];
+    const uint8_t *cs = buf + 12 * nch, *am = cs + 2 * n * sz + n; /* after centre, step and rho */
+    int bad = 0;
+    for (int64_t i = 0; i < n; i++) {
+        float ce, st;
+        if (wide) {
+            uint32_t bc = get_le32(cs + 4 * i), bs = get_le32(cs + 4 * (n + i));
+            memcpy(&ce, &bc, 4), memcpy(&st, &bs, 4);
+        } else {
+            ce = h2f((uint16_t)(cs[2 * i] | cs[2 * i + 1] << 8)), st = h2f((uint16_t)(cs[2 * (n + i)] | cs[2 * (n + i) + 1] << 8));
+        }
+        bad |= !isfinite(ce) || !isfinite(st) || !(st > 0) || am[i] > qmax;
+        centre[i] = ce, step[i] = st;
+    }
+    return bad ? -2 : words;
+}
+
+/* The CPU encoder of a layer from its transformed rows: statistics (cg4_stats), side information (cg5_side),
+   then quantize, fit and code (cg5_encode); arguments as theirs, plan [nch, 2]. Returns wide (0/1), -3 out of
+   memory, -4 a value that is not finite. */
+int64_t cg5_encode_layer(const float *y0, const float *y1, int64_t C, int64_t T, int64_t nch, const int64_t *bounds,
+                         const float *plan, int64_t mid, const int64_t *wsym, uint8_t *side, float *c32, float *s32,
+                         uint8_t *rho, uint8_t *amax, uint16_t *out, int64_t *nw, int64_t simd) {
+    float *stats = malloc(sizeof(float) * (size_t)(nch * 2 * 3 * C));
+    if (!stats) return -3;
+    int64_t rc = cg4_stats(y0, y1, C, T, nch, bounds, stats), wide = 0;
+    if (rc == 0) wide = cg5_side(stats, plan, nch, C, mid, c32, s32, side);
+    free(stats);
+    if (rc != 0) return rc;
+    rc = cg5_encode(y0, y1, C, T, nch, bounds, c32, s32, mid, wsym, rho, amax, out, nw, simd);
+    return rc != 0 ? rc : wide;
+}
+
+/* ---- RoPE with fp16 on one side (the transform's hot path for fp16 KV): one pass instead of a conversion pass
+   and a rotation pass. x, out [T, H, D]; fp16 as IEEE binary16 bits, converted with F16C where the CPU has it
+   (round to nearest even, as torch converts), else with f2h / h2f; cos, sin rows as cg_rope. */
+
+static void rope_f16_portable(const uint16_t *xh, const float *xf, int64_t T, int64_t H, int64_t D, const float *cos,
+                              const float *sin, int64_t ld, float sign, float *of, uint16_t *oh) {
+    int64_t half = D / 2;
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t h = 0; h < H; h++) {
+            int64_t base = (t * H + h) * D;
+            const float *c = cos + t * ld, *sn = sin + t * ld;
+            for (int64_t i = 0; i < half; i++) {
+                float a = xh ? h2f(xh[base + i]) : xf[base + i], b = xh ? h2f(xh[base + half + i]) : xf[base + half + i];
+                float si = sign * sn[i], o1 = a * c[i] - b * si, o2 = b * c[i] + a * si;
+                if (oh) oh[base + i] = f2h(o1), oh[base + half + i] = f2h(o2);
+                else of[base + i] = o1, of[base + half + i] = o2;
+            }
+        }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx2,f16c"))) static void rope_f16_avx2(const uint16_t *xh, const float *xf, int64_t T,
+                                                               int64_t H, int64_t D, const float *cos,
+                                                               const float *sin, int64_t ld, float sign, float *of,
+                                                               uint16_t *oh) {
+    int64_t half = D / 2, vec = half & ~(int64_t)7;
+    const __m256 sg = _mm256_set1_ps(sign);
+    for (int64_t t = 0; t < T; t++) {
+        const float *c = cos + t * ld, *sn = sin + t * ld;
+        for (int64_t h = 0; h < H; h++) {
+            int64_t base = (t * H + h) * D, i = 0;
+            for (; i < vec; i += 8) {
+                __m256 a, b;
+                if (xh) {
+                    a = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(xh + base + i)));
+                    b = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(xh + base + half + i)));
+                } else {
+                    a = _mm256_loadu_ps(xf + base + i), b = _mm256_loadu_ps(xf + base + half + i);
+                }
+                __m256 cv = _mm256_loadu_ps(c + i), si = _mm256_mul_ps(sg, _mm256_loadu_ps(sn + i));
+                __m256 o1 = _mm256_sub_ps(_mm256_mul_ps(a, cv), _mm256_mul_ps(b, si));
+                __m256 o2 = _mm256_add_ps(_mm256_mul_ps(b, cv), _mm256_mul_ps(a, si));
+                if (oh) {
+                    _mm_storeu_si128((__m128i *)(oh + base + i), _mm256_cvtps_ph(o1, _MM_FROUND_TO_NEAREST_INT));
+                    _mm_storeu_si128((__m128i *)(oh + base + half + i), _mm256_cvtps_ph(o2, _MM_FROUND_TO_NEAREST_INT));
+                } else {
+                    _mm256_storeu_ps(of + base + i, o1), _mm256_storeu_ps(of + base + half + i, o2);
+                }
+            }
+            for (; i < half; i++) {
+                float a = xh ? h2f(xh[base + i]) : xf[base + i], b = xh ? h2f(xh[base + half + i]) : xf[base + half + i];
+                float si = sign * sn[i], o1 = a * c[i] - b * si, o2 = b * c[i] + a * si;
+                if (oh) oh[base + i] = f2h(o1), oh[base + half + i] = f2h(o2);
+                else of[base + i] = o1, of[base + half + i] = o2;
+            }
+        }
+    }
+}
+
+static int cpu_f16c(void) {
+    static int v = -1;
+    if (v < 0) {
+        __builtin_cpu_init();
+        v = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+    }
+    return v;
+}
+#endif
+
+/* Exactly one of xh (fp16 in) / xf (fp32 in) and one of of (fp32 out) / oh (fp16 out) is given; sign as cg_rope.
+   simd 0 forces the portable loop. */
+void cg_rope_f16(const uint16_t *xh, const float *xf, int64_t T, int64_t H, int64_t D, const float *cos,
+                 const float *sin, int64_t ld, float sign, float *of, uint16_t *oh, int64_t simd) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (simd && cpu_f16c()) {
+        rope_f16_avx2(xh, xf, T, H, D, cos, sin, ld, sign, of, oh);
+        return;
+    }
+#endif
+    (void)simd;
+    rope_f16_portable(xh, xf, T, H, D, cos, sin, ld, sign, of, oh);
 }

@@ -43,6 +43,7 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from kv_transfer.errors import CodecError, FrameCorrupted
 
@@ -53,6 +54,8 @@ PROB_SCALE = 1 << PROB_BITS
 MAX_ALPHABET = 256  # symbols are bytes; CacheGen uses at most 63
 WEIGHT_BITS = 20  # integer weights are in [0, 2^20]
 STATES = 16  # format v5: rANS states per part (rans.c NS)
+_F32 = torch.float32
+DECODE_PAD = 2 * STATES  # words of padding decode5 copies the payload into (readable by the vector steps)
 STREAM_SLACK = 2 * STATES + 8  # words a v5 part may take beyond one per symbol (rans.c code5's "+ 40")
 
 _C_SOURCE = Path(__file__).with_name("rans.c")  # shipped as package data beside the built library
@@ -128,13 +131,46 @@ def _load() -> ctypes.CDLL | None:
                 lib.cg5_uncode.restype = i64
                 lib.cg5_uncode.argtypes = [p, i64, i64, i64, p, p, p, p, i64, p, p, i64]
                 lib.cg5_decode.restype = i64
-                lib.cg5_decode.argtypes = [p, i64, i64, i64, i64, p, p, p, p, p, p, i64, p, p, p, i64]
+                lib.cg5_decode.argtypes = [
+                    p,
+                    i64,
+                    i64,
+                    i64,
+                    i64,
+                    i64,
+                    p,
+                    p,
+                    p,
+                    p,
+                    p,
+                    p,
+                    i64,
+                    p,
+                    p,
+                    p,
+                    i64,
+                    i64,
+                ]
                 lib.cg5_simd_available.restype = i64
                 lib.cg5_simd_available.argtypes = []
                 lib.cg_rope.restype = None
                 lib.cg_rope.argtypes = [p, i64, i64, i64, p, p, i64, ctypes.c_float, p]
+                lib.cg5_side.restype = i64
+                lib.cg5_side.argtypes = [p, p, i64, i64, i64, p, p, p]
+                lib.cg5_parse_side.restype = i64
+                lib.cg5_parse_side.argtypes = [p, i64, i64, i64, i64, i64, p, p, p, p]
+                lib.cg5_encode_layer.restype = i64
+                lib.cg5_encode_layer.argtypes = [p, p, i64, i64, i64, p, p, i64, p, p, p, p, p, p, p, p, i64]
+                lib.cg5_check_weights.restype = i64
+                lib.cg5_check_weights.argtypes = [p, i64]
+                lib.cg_rope_f16.restype = None
+                lib.cg_rope_f16.argtypes = [p, p, i64, i64, i64, p, p, i64, ctypes.c_float, p, p, i64]
+                lib.cg_l0_gather.restype = i64
+                lib.cg_l0_gather.argtypes = [p, p, i64, p, i64, i64, i64, p, p, i64, p, p]
+                lib.cg_l0_check.restype = i64
+                lib.cg_l0_check.argtypes = [p, p, i64, p, i64, i64, i64, p, p, i64, p, p, p]
                 lib.cg_lap_tables.restype = i64
-                lib.cg_lap_tables.argtypes = [p, p, i64, i64, p, p, p, p]
+                lib.cg_lap_tables.argtypes = [p, p, i64, i64, p, p, p, p, i64]
                 _lib, _origin = lib, origin
             except (OSError, RuntimeError, subprocess.SubprocessError) as e:
                 log.warning(
@@ -378,6 +414,86 @@ def encode5(
     return _coded(rc, "cg5_encode", out, nw), nw, rho, amax
 
 
+class Side5:
+    """A layer's side information as the encoder stores it: `wide` (fp32, else fp16), `data` (the stored bytes:
+    centre [nch, 2, C] then step, little-endian), and the stored values as fp32 `centre`, `step` [nch, 2, C]."""
+
+    __slots__ = ("wide", "data", "centre", "step")
+
+    def __init__(self, nch: int, c: int) -> None:
+        self.wide = False
+        self.data = np.empty(
+            2 * 4 * nch * 2 * c, np.uint8
+        )  # room for fp32; trimmed to fp16's size if not wide
+        self.centre, self.step = np.empty((nch, 2, c), np.float32), np.empty((nch, 2, c), np.float32)
+
+    def _set(self, wide: int) -> Side5:
+        self.wide = bool(wide)
+        if not wide:
+            self.data = self.data[: self.data.size // 2]
+        return self
+
+
+def side5(stats: np.ndarray, plan: np.ndarray, mid: int) -> Side5:
+    """stats fp32 [nch, 2, 3, C] (mean, min, max; finite), plan steps fp32 [nch, 2] -> the side information
+    (`cachegen_klt`'s centre and step rule; fp32 when some value passes FP16_SAFE)."""
+    nch, _, _, c = stats.shape
+    stats, plan = np.ascontiguousarray(stats, np.float32), np.ascontiguousarray(plan, np.float32)
+    assert plan.shape == (nch, 2)
+    out = Side5(nch, c)
+    wide = _lib_or_raise().cg5_side(
+        _ptr(stats), _ptr(plan), nch, c, mid, _ptr(out.centre), _ptr(out.step), _ptr(out.data)
+    )
+    return out._set(wide)
+
+
+def encode5_layer(
+    y0: np.ndarray, y1: np.ndarray, bounds: np.ndarray, plan: np.ndarray, mid: int, wsym: np.ndarray,
+    simd: bool | None = None,
+) -> tuple[Side5, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    """The CPU encoder of a layer in one compiled call: statistics, side information (side5), then encode5
+    -> (side, words uint16, nw [nch, 2], rho, amax [nch, 2, C]). CodecError if some value is NaN or Inf."""
+    c, t = y0.shape
+    _rows(y0, c, t)
+    _rows(y1, c, t)
+    b = _bounds(bounds, t)
+    nch = b.size - 1
+    plan = np.ascontiguousarray(plan, np.float32)
+    assert plan.shape == (nch, 2)
+    _check_wsym(wsym, mid)
+    side = Side5(nch, c)
+    rho, amax, out, nw = _side_out(nch, c, t)
+    rc = _lib_or_raise().cg5_encode_layer(
+        _ptr(y0), _ptr(y1), c, t, nch, _ptr(b), _ptr(plan), mid, _ptr(wsym), _ptr(side.data), _ptr(side.centre),
+        _ptr(side.step), _ptr(rho), _ptr(amax), _ptr(out), _ptr(nw), use_simd(simd),
+    )  # fmt: skip
+    if rc == -4:
+        raise CodecError("cachegen: K/V contains NaN or Inf")
+    if rc == -3:
+        raise MemoryError("cg5_encode_layer")
+    assert rc in (0, 1), rc
+    return side._set(rc), out[: int(nw.sum())], nw, rho, amax
+
+
+def parse_side5(
+    data: bytes, nch: int, c: int, t: int, wide: bool, mid: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    """v5 params' directory, centre, step, rho and amax (`data`, its length checked by the caller) -> bounds
+    int64 [nch + 1], nw int64 [nch, 2], centre, step fp32 [nch, 2, C], the payload's words (the sum of nw).
+    FrameCorrupted if the directory does
+    not fit `t` tokens, or a centre/step is not finite, a step <= 0 or an amax > mid."""
+    bounds, nw = np.empty(nch + 1, np.int64), np.empty((nch, 2), np.int64)
+    centre, step = np.empty((nch, 2, c), np.float32), np.empty((nch, 2, c), np.float32)
+    rc = _lib_or_raise().cg5_parse_side(
+        data, nch, c, t, int(wide), mid, _ptr(bounds), _ptr(nw), _ptr(centre), _ptr(step)
+    )
+    if rc == -1:
+        raise FrameCorrupted(f"cachegen params: chunk directory does not fit T = {t}")
+    if rc < 0:
+        raise FrameCorrupted("cachegen params: non-finite or non-positive step, or |q| > 127")
+    return bounds, nw, centre, step, rc
+
+
 def code5(
     sym: np.ndarray, c: int, bounds: np.ndarray, mid: int, wsym: np.ndarray, simd: bool | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -455,28 +571,44 @@ def decode5(
     y1: np.ndarray,
     simd: bool | None = None,
 ) -> None:
-    """Inverse of encode5 into y0, y1 fp32 [C, T]: centre + (symbol - mid) * step. FrameCorrupted as uncode5."""
-    words, nw, rho, amax, b = _uncode_args(words, nw, rho, amax, bounds, mid)
+    """Inverse of encode5 into y0, y1 fp32 [C, ld]: row c's first T = bounds[-1] values are centre + (symbol -
+    mid) * step (ld >= T: rows may be padded, e.g. so that they are not 4 KiB apart). FrameCorrupted as
+    uncode5. The words are copied with DECODE_PAD words of padding (so the AVX2 decoder runs to the last row)."""
+    padded = np.zeros(words.size + DECODE_PAD, np.uint16)
+    padded[: words.size] = words
+    words, nw, rho, amax, b = _uncode_args(padded[: words.size], nw, rho, amax, bounds, mid)
     _check_wsym(wsym, mid)
-    c, t = y0.shape
-    _rows(y0, c, t)
-    _rows(y1, c, t)
+    c, ld = y0.shape
+    t = int(b[-1])
+    _rows(y0, c, ld)
+    _rows(y1, c, ld)
     centre, step = np.ascontiguousarray(centre, np.float32), np.ascontiguousarray(step, np.float32)
-    assert centre.shape == step.shape == rho.shape and t == b[-1]
+    assert centre.shape == step.shape == rho.shape and t <= ld
     rc = _lib_or_raise().cg5_decode(
-        _ptr(words), words.size, c, t, b.size - 1, _ptr(b), _ptr(nw), _ptr(rho), _ptr(amax), _ptr(centre),
-        _ptr(step), mid, _ptr(wsym), _ptr(y0), _ptr(y1), use_simd(simd),
+        _ptr(padded), words.size, padded.size, c, t, b.size - 1, _ptr(b), _ptr(nw), _ptr(rho), _ptr(amax),
+        _ptr(centre), _ptr(step), mid, _ptr(wsym), _ptr(y0), _ptr(y1), ld, use_simd(simd),
     )  # fmt: skip
     _decoded(rc, "cg5_decode")
+
+
+def check_weights(wsym: np.ndarray, mid: int) -> None:
+    """CodecError unless wsym (cachegen_klt's weights by symbol) equals the library's own copy, which its AVX2
+    table builders read (so both paths build the same rows)."""
+    _check_wsym(wsym, mid)
+    if not _lib_or_raise().cg5_check_weights(_ptr(wsym), mid):
+        raise CodecError("the compiled coder's Laplace weights differ from cachegen_klt's")
 
 
 def _check_wsym(wsym: np.ndarray, mid: int) -> None:
     assert wsym.dtype == np.int64 and wsym.shape == (256, 2 * mid + 1) and wsym.flags.c_contiguous
 
 
-def lap_tables(rho: np.ndarray, amax: np.ndarray, mid: int, wsym: np.ndarray, lut: bool) -> Tables:
+def lap_tables(
+    rho: np.ndarray, amax: np.ndarray, mid: int, wsym: np.ndarray, lut: bool, simd: bool | None = None
+) -> Tables:
     """Per-component discrete Laplace rows (rho, amax) over weights wsym int64 [256, n] -> Tables (with the
-    decode lookup when `lut`). CodecError if some amax > mid."""
+    decode lookup when `lut`). CodecError if some amax > mid. Without `lut`, `simd` builds the rows as the v5
+    coders do (AVX2 where the CPU has it); the rows are the same either way."""
     rho, amax = np.ascontiguousarray(rho, np.uint8), np.ascontiguousarray(amax, np.uint8)
     c, n = rho.shape[0], 2 * mid + 1
     assert (
@@ -493,6 +625,7 @@ def lap_tables(rho: np.ndarray, amax: np.ndarray, mid: int, wsym: np.ndarray, lu
         _ptr(freq),
         _ptr(cum),
         _ptr(table) if table is not None else None,
+        use_simd(simd),
     )
     if rc != 0:
         raise CodecError(f"Laplace support beyond |q| <= {mid}")
@@ -507,3 +640,83 @@ def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, sign: float, out: np.n
         assert a.dtype == np.float32 and a.flags.c_contiguous
     assert out.shape == x.shape and cos.shape == sin.shape and cos.shape[0] >= t and cos.shape[1] == d
     _lib_or_raise().cg_rope(_ptr(x), t, h, d, _ptr(cos), _ptr(sin), d, sign, _ptr(out))
+
+
+def rope_t(x, cos, sin, sign: float, out) -> None:
+    """`rope` for CPU torch tensors (the codec's hot path: no numpy views): x, out fp32 [T, H, D] contiguous
+    (out may be x), cos/sin fp32 [P >= T, D] contiguous."""
+    t, h, d = x.shape
+    for a in (x, out, cos, sin):
+        assert a.dtype == _F32 and a.is_contiguous() and a.is_cpu
+    assert out.shape == x.shape and cos.shape == sin.shape and cos.shape[0] >= t and cos.shape[1] == d
+    _lib_or_raise().cg_rope(x.data_ptr(), t, h, d, cos.data_ptr(), sin.data_ptr(), d, sign, out.data_ptr())
+
+
+def rope_f16(x, cos, sin, sign: float, out, simd: bool | None = None) -> None:
+    """`rope_t` with fp16 on one side: x fp16 -> out fp32, or x fp32 -> out fp16 (CPU tensors [T, H, D],
+    contiguous; out is not x). One pass: F16C conversions where the CPU has them (round to nearest even, as
+    torch's), else the portable loop."""
+    t, h, d = x.shape
+    half = torch.float16
+    assert {x.dtype, out.dtype} == {half, _F32} and out.shape == x.shape
+    for a in (x, out, cos, sin):
+        assert a.is_contiguous() and a.is_cpu
+    assert (
+        cos.dtype == sin.dtype == _F32 and cos.shape == sin.shape and cos.shape[0] >= t and cos.shape[1] == d
+    )
+    xh, xf = (x.data_ptr(), None) if x.dtype == half else (None, x.data_ptr())
+    of, oh = (out.data_ptr(), None) if out.dtype == _F32 else (None, out.data_ptr())
+    _lib_or_raise().cg_rope_f16(
+        xh, xf, t, h, d, cos.data_ptr(), sin.data_ptr(), d, sign, of, oh, use_simd(simd)
+    )
+
+
+# ---- layer 0 from its table (cachegen_l0; see layer0.Layer0Table) --------------------------------------------
+# tk, tv fp32 [vocab, H * D] (K before RoPE, V), ids uint32 [T], cos/sin fp32 [P >= T, D] (row t: position t).
+
+
+def _l0_args(
+    tk: np.ndarray, tv: np.ndarray, ids: np.ndarray, cos: np.ndarray, sin: np.ndarray, h: int, d: int
+):
+    for a in (tk, tv, cos, sin):
+        assert a.dtype == np.float32 and a.flags.c_contiguous
+    assert ids.dtype == np.uint32 and ids.flags.c_contiguous and ids.ndim == 1
+    assert tk.shape == tv.shape and tk.shape[1] == h * d and cos.shape == sin.shape and cos.shape[1] == d
+    assert cos.shape[0] >= ids.size
+    return (_ptr(tk), _ptr(tv), tk.shape[0], _ptr(ids), ids.size, h, d, _ptr(cos), _ptr(sin), d)
+
+
+def l0_gather(
+    tk: np.ndarray,
+    tv: np.ndarray,
+    ids: np.ndarray,
+    cos: np.ndarray,
+    sin: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+) -> bool:
+    """Layer 0 of a prompt from the table into k, v fp32 [T, H, D]: K rows rotated to positions 0..T-1 (the
+    engine's RoPE arithmetic), V rows as they are. False (nothing written) if some id is outside the table."""
+    t, h, d = k.shape
+    assert k.shape == v.shape and t == ids.size and k.dtype == v.dtype == np.float32
+    assert k.flags.c_contiguous and v.flags.c_contiguous
+    return _lib_or_raise().cg_l0_gather(*_l0_args(tk, tv, ids, cos, sin, h, d), _ptr(k), _ptr(v)) == 0
+
+
+def l0_check(
+    tk: np.ndarray,
+    tv: np.ndarray,
+    ids: np.ndarray,
+    cos: np.ndarray,
+    sin: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+) -> tuple[float, float, float, float] | None:
+    """Given k, v fp32 [T, H, D] against the table's layer 0 of `ids` -> (max |k - k0|, max |k|, max |v - v0|,
+    max |v|); None if some id is outside the table or some given value is not finite."""
+    t, h, d = k.shape
+    assert k.shape == v.shape and t == ids.size and k.dtype == v.dtype == np.float32
+    assert k.flags.c_contiguous and v.flags.c_contiguous
+    err = np.empty(4, np.float32)
+    rc = _lib_or_raise().cg_l0_check(*_l0_args(tk, tv, ids, cos, sin, h, d), _ptr(k), _ptr(v), _ptr(err))
+    return None if rc != 0 else (float(err[0]), float(err[1]), float(err[2]), float(err[3]))

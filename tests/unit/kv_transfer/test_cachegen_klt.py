@@ -16,6 +16,7 @@ import torch
 from kv_transfer.codec import CodecContext, rans
 from kv_transfer.codec import cachegen_klt as klt
 from kv_transfer.codec.cachegen import CacheGenCodec
+from kv_transfer.codec.cachegen_core import FP16_SAFE, store_scale_np
 from kv_transfer.codec.cachegen_klt import KLTransform
 from kv_transfer.errors import CodecError, FrameCorrupted, FrameForeign, KVTransferError
 from pdserve.errors import PDServeError
@@ -141,6 +142,28 @@ def test_coder_round_trips_every_row_length_on_both_paths(t: int) -> None:
         assert np.array_equal(rans.uncode5(words, nw, rho, amax, bounds, klt.QMAX, _w(), simd=simd), sym)
 
 
+def test_compiled_laplace_rows_are_the_same_on_both_paths() -> None:
+    """The coders' AVX2 rows (exact division, vector prefix sums) equal the portable ones for every amax and a
+    spread of rho (the ends of both ranges included): encoder and decoder build identical tables on any CPU."""
+    amax = np.arange(klt.QMAX + 1, dtype=np.uint8)
+    for rho in sorted({0, 1, 2, 31, 32, 33, 127, 128, 200, 254, 255, *range(3, 256, 23)}):
+        r = np.full(amax.size, rho, np.uint8)
+        fast = rans.lap_tables(r, amax, klt.QMAX, _w(), False, simd=True)
+        portable = rans.lap_tables(r, amax, klt.QMAX, _w(), False, simd=False)
+        assert np.array_equal(fast.freq, portable.freq) and np.array_equal(fast.cum, portable.cum), rho
+        assert (fast.freq.sum(1) == rans.PROB_SCALE).all()
+
+
+def test_compiled_weights_are_cachegen_klts() -> None:
+    """The AVX2 table builders read the library's own copy of the Laplace weights: it equals cachegen_klt's
+    (checked when those are first built), and a different table is refused."""
+    rans.check_weights(_w(), klt.QMAX)
+    other = _w().copy()
+    other[7, klt.QMAX + 3] += 1
+    with pytest.raises(CodecError):
+        rans.check_weights(other, klt.QMAX)
+
+
 @pytest.mark.parametrize("simd", [False, True])
 def test_coder_rejects_damaged_words_and_counts(simd: bool) -> None:
     g = np.random.default_rng(1)
@@ -174,18 +197,57 @@ def _layer_input(t: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, np.ndar
     return yk, yv, np.array(bounds), stats, plan
 
 
+def _side_reference(stats: np.ndarray, plan: np.ndarray) -> tuple[bool, np.ndarray, np.ndarray]:
+    """The side-information rule in numpy (what rans.side5 computes in C): (wide, centre, step) as stored."""
+    wide = float(np.abs(stats[:, :, 1:]).max()) > FP16_SAFE or float(plan.max()) > FP16_SAFE / klt.QMAX
+    centre = store_scale_np(stats[:, :, 0], wide, up=False)
+    c = centre.astype(np.float32)
+    spread = np.maximum(stats[:, :, 2] - c, c - stats[:, :, 1])
+    step = np.maximum(spread / np.float32(klt.QMAX - 0.5), plan.astype(np.float32)[:, :, None])
+    return wide, centre, store_scale_np(step, wide, up=True)
+
+
+def test_compiled_side_information_is_the_numpy_rule() -> None:
+    """rans.side5 (fp16 conversion in C) stores exactly what the numpy rule stores, fp16 and fp32, including
+    values near fp16's subnormals and its largest finite values."""
+    g = np.random.default_rng(3)
+    for scale, t in ((1.0, 300), (1e-5, 40), (3e-8, 9), (400.0, 50), (7e4, 20)):
+        yk = (g.standard_normal((64, t)) * scale).astype(np.float32)
+        yv = (g.standard_normal((64, t)) * scale * 0.1).astype(np.float32)
+        bounds = np.array([0, t // 2, t])
+        stats = rans.stats4(yk, yv, bounds)
+        for plan_step in (1e-7, 0.05, 3.0, 600.0):
+            plan = np.full((2, 2), plan_step, np.float32)
+            wide, centre, step = _side_reference(stats, plan)
+            side = rans.side5(stats, plan, klt.QMAX)
+            assert side.wide == wide
+            assert (
+                side.data.tobytes()
+                == centre.astype(centre.dtype.newbyteorder("<")).tobytes()
+                + step.astype(step.dtype.newbyteorder("<")).tobytes()
+            )
+            assert np.array_equal(side.centre, centre.astype(np.float32))
+            assert np.array_equal(side.step, step.astype(np.float32))
+            q = np.abs(np.rint((yk[:, : t // 2] - side.centre[0, 0][:, None]) / side.step[0, 0][:, None]))
+            assert q.max() <= klt.QMAX
+
+
 def test_torch_quantizer_makes_the_compiled_encoders_stream() -> None:
     """The path CUDA tensors take (torch quantization where y lives, fit and code on the host) run on CPU
-    tensors produces the compiled encoder's exact words from the same statistics."""
+    tensors produces the compiled encoder's exact words and side information from the same statistics."""
     for t in (1, 2, 7, 300):
         yk, yv, bounds, stats, plan = _layer_input(t, t)
-        for wide in (False, True):
-            centre, step = (a.astype(np.float32) for a in klt._centre_step(stats, plan, wide))
-            fused = rans.encode5(yk.numpy(), yv.numpy(), bounds, centre, step, klt.QMAX, _w())
-            sym = klt.quantize_torch(yk, yv, bounds.tolist(), centre, step).numpy()
+        for scale in (1.0, 1e5):  # fp16 side information, fp32 (wide)
+            y0, y1 = (yk * scale).contiguous(), (yv * scale).contiguous()
+            side = rans.side5(rans.stats4(y0.numpy(), y1.numpy(), bounds), plan, klt.QMAX)
+            assert side.wide == (scale > 1)
+            layer = rans.encode5_layer(y0.numpy(), y1.numpy(), bounds, plan, klt.QMAX, _w())
+            assert layer[0].wide == side.wide and layer[0].data.tobytes() == side.data.tobytes()
+            fused = rans.encode5(y0.numpy(), y1.numpy(), bounds, side.centre, side.step, klt.QMAX, _w())
+            sym = klt.quantize_torch(y0, y1, bounds.tolist(), side.centre, side.step).numpy()
             generic = rans.code5(sym, 64, bounds, klt.QMAX, _w())
-            for a, b in zip(fused, generic, strict=True):
-                assert np.array_equal(a, b)
+            for a, b, c in zip(fused, generic, layer[1:], strict=True):
+                assert np.array_equal(a, b) and np.array_equal(a, c)
 
 
 def test_torch_statistics_match_the_compiled_ones() -> None:
@@ -215,6 +277,27 @@ def test_generic_paths_match_the_fused_ones() -> None:
         kb, vb = klt.error_bounds_klt(params, tuple(k.shape), 1, tr)
         assert_token_bound(k, fused[0], kb)
         assert_token_bound(v, fused[1], vb)
+
+
+@pytest.mark.parametrize("simd", [False, True])
+def test_compiled_rope_with_fp16_on_one_side_matches_torch(simd: bool) -> None:
+    """fp16 in -> fp32 out and fp32 in -> fp16 out, head sizes with and without a scalar tail: the rotation of
+    torch's conversion, and the conversion torch makes (round to nearest even) of the rotation."""
+    g = torch.Generator().manual_seed(6)
+    for d in (32, 20):
+        x = torch.randn(37, 3, d, generator=g) * 40
+        cos, sin = klt.rope_tables(torch.rand(d // 2, generator=g), 0, 64, x.device)
+        for sign in (1.0, -1.0):
+            ref = klt._rotate(x.half().float(), cos[:37], sign * sin[:37])
+            out = torch.empty_like(x)
+            rans.rope_f16(x.half(), cos, sin, sign, out, simd=simd)
+            torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-5)
+            out16 = torch.empty(x.shape, dtype=torch.float16)
+            rans.rope_f16(x, cos, sin, sign, out16, simd=simd)
+            ref16 = klt._rotate(x, cos[:37], sign * sin[:37])
+            assert (out16.float() - ref16).abs().max() <= 1e-3 * ref16.abs().max()
+            # the same rounding of the same products (an FMA may move a value across a rounding boundary)
+            assert (out16 != ref16.half()).float().mean() < 0.01
 
 
 def test_compiled_rope_matches_torch() -> None:
@@ -350,6 +433,33 @@ def test_consistent_but_wrong_payload_is_caught_by_the_entropy_decoder(encoded) 
     bad_params += zlib.crc32(bytes(bad_params)).to_bytes(4, "little")
     with pytest.raises(PDServeError):
         klt_codec(tr).decode(bytes(bad_params), bad_payload, shape, torch.float32, 1)
+
+
+def test_forged_side_information_with_a_valid_crc_is_frame_corrupted(encoded) -> None:
+    """What the params' crc32 cannot see (a consistent forgery) the compiled side check does: a directory that
+    does not add up to T or claims too few or too many words, a NaN centre, a step <= 0 or infinite, an amax
+    past 127 -> FrameCorrupted, nothing decoded."""
+    tr, params, payload, shape = encoded
+    n = klt._HEADER4.unpack_from(params)[4]  # chunks
+    c = shape[1] * shape[2]
+    directory, side = klt._HEADER4.size, klt._HEADER4.size + 12 * n
+    cases = [
+        (directory, (shape[0] + 1).to_bytes(4, "little")),  # chunk 0 has one token more: sum != T
+        (directory, (0).to_bytes(4, "little")),  # a chunk of no tokens
+        (directory + 4, (3).to_bytes(4, "little")),  # fewer words than the 16 final states
+        (directory + 4, (10**8).to_bytes(4, "little")),  # more words than symbols
+        (side + 2 * 5, np.float16(np.nan).tobytes()),  # a centre
+        (side + 2 * (n * 2 * c + 7), np.float16(0).tobytes()),  # a step of 0
+        (side + 2 * (n * 2 * c + 8), np.float16(-1).tobytes()),  # a negative step
+        (side + 2 * (n * 2 * c + 9), np.float16(np.inf).tobytes()),  # an infinite step
+        (side + 2 * 2 * n * 2 * c + n * 2 * c + 3, bytes([128])),  # an amax past QMAX
+    ]
+    for at, value in cases:
+        bad = bytearray(params[:-4])
+        bad[at : at + len(value)] = value
+        bad += zlib.crc32(bytes(bad)).to_bytes(4, "little")
+        with pytest.raises(FrameCorrupted):
+            klt_codec(tr).decode(bytes(bad), payload, shape, torch.float32, 1)
 
 
 def test_unknown_transform_is_foreign(encoded) -> None:

@@ -171,3 +171,52 @@ def test_cuda_bf16_prefill_layer0_travels_as_ids(tiny_model_dir: Path) -> None:
     ko, vo = codec.decode(params, b"".join(bytes(p) for p in parts), tuple(k.shape), k.dtype, 0)
     for x, y in ((k, ko), (v, vo)):
         assert float((x.float() - y.float()).abs().max()) <= layer0.TOL[torch.bfloat16] * float(x.abs().max())
+
+
+def test_layer0_comes_from_the_vocabulary_table_as_the_model_computes_it(
+    probe: KVProbe, ctx: CodecContext
+) -> None:
+    """The context's layer 0 is a table (3 MiB-class for small vocabularies), and its gather + RoPE gives
+    exactly the model's own layer 0 (fp32: no fused multiply-add in the C rotation)."""
+    l0 = ctx.layer0
+    assert l0 is not None and l0.mode == "table" and l0.table is not None
+    assert l0.table.vocab == probe.cfg.vocab_size and l0.table.nbytes < layer0.TABLE_MAX_BYTES
+    ids = torch.tensor([0, probe.cfg.vocab_size - 1, *PROMPT])
+    got = l0.table.kv(ids.numpy().astype("uint32"))
+    assert got is not None
+    k, v = probe.runner.model.layer0_kv(ids)
+    assert torch.equal(got[0], k) and torch.equal(got[1], v)
+    assert l0.table.kv(torch.tensor([1, probe.cfg.vocab_size]).numpy().astype("uint32")) is None
+
+
+def test_a_vocabulary_too_large_for_the_table_recomputes(
+    probe: KVProbe, ctx: CodecContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past TABLE_MAX_BYTES there is no table (mode "recompute"), and either mode decodes the other's frames
+    to the same K/V."""
+    monkeypatch.setattr(layer0, "TABLE_MAX_BYTES", 1024)
+    model = probe.runner.model
+    slow = Layer0.from_model(model, probe.runner.fingerprint)
+    assert slow is not None and slow.mode == "recompute" and slow.table is None
+    k, v = _kv(probe)[0]
+    fast_codec, slow_codec = CacheGenL0Codec(ctx), CacheGenL0Codec(CodecContext(ctx.num_layers, layer0=slow))
+    for enc, dec in ((fast_codec, slow_codec), (slow_codec, fast_codec)):
+        params, parts = enc.encode_parts(k, v, 0, _ids())
+        assert layer0.is_layer0_frame(bytes(params))
+        ko, vo = dec.decode(params, b"".join(bytes(p) for p in parts), tuple(k.shape), k.dtype, 0)
+        assert torch.equal(ko, k) and torch.equal(vo, v)
+
+
+def test_the_tables_check_refuses_what_the_model_would_not_compute(probe: KVProbe, ctx: CodecContext) -> None:
+    """The table's check (the encoder's `matches`) sees a changed value, a non-finite one, an fp16 copy within
+    TOL, and a prompt longer than its RoPE positions falls back to the model."""
+    l0 = ctx.layer0
+    assert l0 is not None and l0.table is not None
+    k, v = _kv(probe)[0]
+    assert l0.matches(k, v, _ids()) and l0.matches(k.half(), v.half(), _ids())
+    for i, bad in ((0, float("nan")), (1, float("inf")), (0, 1e-2)):
+        kb, vb = k.clone(), v.clone()
+        (kb if i == 0 else vb)[5, 1, 3] += bad
+        assert not l0.matches(kb, vb, _ids())
+    assert l0.table.covers(len(PROMPT), k.shape[1], k.shape[2])
+    assert not l0.table.covers(l0.table.positions + 1, k.shape[1], k.shape[2])
