@@ -423,6 +423,9 @@ def measure(model_dir: str, s: Settings) -> tuple[dict[str, Any], dict[str, Code
                 if isinstance(c, CacheGenCodec)
             },
             "break_even_handoff_bytes": handoff_bytes,
+            # the codec each profile `pdserve calibrate` saves is measured as: the one a decode instance pulls
+            # when told that name (cachegen: cachegen_l0 where the model's layer 0 can be recomputed)
+            "profile_sources": {n: ctx.pull_codec(n) for n in PROFILE_NAMES},
             "profiles_serving_dtype": {
                 n: {"ratio": p.ratio, "encode_mb_s": p.encode_bps / 1e6, "decode_mb_s": p.decode_bps / 1e6}
                 for n, p in profiles.items()

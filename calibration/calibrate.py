@@ -18,6 +18,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -65,14 +66,23 @@ def calibrate(
 
 def measure_profiles(model_dir: Path, quick: bool = False) -> Path:
     """Measure the serving codecs on the model with its calibration files and save their profiles."""
-    from bench.codec import PROFILE_NAMES, Settings, measure
+    from bench.codec import Settings, measure
 
-    _, profiles = measure(str(model_dir), Settings.make(quick))
-    return save_profiles(
-        model_dir,
-        [
-            CodecProfile(n, p.ratio, p.encode_bps, p.decode_bps, p.kl_mean)
-            for n, p in profiles.items()
-            if n in PROFILE_NAMES
-        ],
-    )
+    result, _ = measure(str(model_dir), Settings.make(quick))
+    return save_profiles(model_dir, profiles_from_result(result))
+
+
+def profiles_from_result(result: dict[str, Any]) -> list[CodecProfile]:
+    """The profiles `--codec auto` reads, from a `bench.codec` result (its JSON): each name's ratio and
+    speeds in the serving dtype, measured on the codec a decode instance pulls under that name."""
+    serving = result["settings"]["profiles_serving_dtype"]
+    return [
+        CodecProfile(
+            name,
+            serving[src]["ratio"],
+            serving[src]["encode_mb_s"] * 1e6,
+            serving[src]["decode_mb_s"] * 1e6,
+            result["codecs"][src]["kl_mean"],
+        )
+        for name, src in result["settings"]["profile_sources"].items()
+    ]

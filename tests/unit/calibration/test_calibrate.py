@@ -48,3 +48,30 @@ def test_calibrate_writes_what_the_codecs_and_the_gateway_read(model_dir: Path) 
     assert profiles["raw"].kl_mean == 0 and profiles["raw"].ratio == pytest.approx(1.0, abs=1e-3)
     assert profiles["cachegen"].ratio < profiles["int8"].ratio < 1.0
     assert all(p.encode_bps > 0 and p.decode_bps > 0 for p in profiles.values())
+
+
+def test_a_profile_is_the_codec_a_decoder_pulls_under_that_name() -> None:
+    """`--codec auto` picks "cachegen", which a decode instance with the model pulls as cachegen_l0: its
+    profile must carry cachegen_l0's size, speeds and KL, not plain cachegen's."""
+    from calibration.calibrate import profiles_from_result
+
+    serving = {
+        "raw": {"ratio": 1.0, "encode_mb_s": 9000.0, "decode_mb_s": 9500.0},
+        "cachegen": {"ratio": 0.09, "encode_mb_s": 300.0, "decode_mb_s": 320.0},
+        "cachegen_l0": {"ratio": 0.08, "encode_mb_s": 400.0, "decode_mb_s": 450.0},
+    }
+    result = {
+        "codecs": {"raw": {"kl_mean": 0.0}, "cachegen": {"kl_mean": 1e-4}, "cachegen_l0": {"kl_mean": 2e-5}},
+        "settings": {
+            "profiles_serving_dtype": serving,
+            "profile_sources": {"raw": "raw", "cachegen": "cachegen_l0"},
+        },
+    }
+    got = {p.name: p for p in profiles_from_result(result)}
+    assert set(got) == {"raw", "cachegen"}
+    assert (got["cachegen"].ratio, got["cachegen"].encode_bps, got["cachegen"].decode_bps) == (
+        0.08,
+        4e8,
+        4.5e8,
+    )
+    assert got["cachegen"].kl_mean == 2e-5 and got["raw"].encode_bps == 9e9
