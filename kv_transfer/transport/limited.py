@@ -70,6 +70,12 @@ class LimitedChannel(Channel):
     def poll(self) -> bool:
         return self.inner.poll()
 
+    def readiness_fd(self) -> int | None:
+        return self.inner.readiness_fd()
+
+    def buffered(self) -> bool:
+        return self.inner.buffered()
+
     def close(self) -> None:
         self._closing.set()
         self.inner.close()

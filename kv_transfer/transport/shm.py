@@ -272,6 +272,12 @@ class ShmChannel(ChannelGuard, Channel):
             finally:
                 self._in_recv = False
 
+    def readiness_fd(self) -> int | None:
+        return self._sock.fileno()  # every message is announced by a record on the socket (INLINE, START)
+
+    def buffered(self) -> bool:
+        return bool(self._ready)  # completed while a send() waited for credits
+
     def poll(self) -> bool:
         if self._closed:
             return False

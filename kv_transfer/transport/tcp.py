@@ -81,6 +81,9 @@ class TCPChannel(ChannelGuard, Channel):
     def poll(self) -> bool:
         return not self._closed and readable(self._sock, 0.0)
 
+    def readiness_fd(self) -> int | None:
+        return self._sock.fileno()  # the stream itself: readable = a message (or part, or EOF) waits
+
 
 class TCPListener(Listener):
     def __init__(self, host: str, port: int, max_message_bytes: int) -> None:

@@ -10,13 +10,14 @@ import threading
 import zlib
 from collections import Counter
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
 from torch import Tensor
 
 from engine.parallel.layout import Layout
-from kv_transfer.client import KVPuller
+from kv_transfer.client import KVPuller, Trailer
 from kv_transfer.errors import LayoutMismatch, PeerClosed, ProtocolError, UnknownTransfer
 from kv_transfer.frame import decode_frame, encode_frame
 from kv_transfer.reshard import decode_replica, handle_layout, is_canonical, plan
@@ -148,9 +149,17 @@ class Shard:
         return ks, vs
 
 
-@pytest.fixture
-def puller() -> Iterator[KVPuller]:
-    p = KVPuller(fingerprint=FP, timeout_s=10.0)
+class ThreadsPuller(KVPuller):
+    """A puller whose pull_pieces always uses the "threads" reader (a pull thread per piece, as over ucx)."""
+
+    def pull_pieces(self, *args: Any, **kwargs: Any) -> Trailer:
+        return super().pull_pieces(*args, threads=True, **kwargs)
+
+
+@pytest.fixture(params=["one_thread", "threads"])
+def puller(request: pytest.FixtureRequest) -> Iterator[KVPuller]:
+    """Every test runs with both pull_pieces readers (tcp and shm offer one_thread; see KVPuller.pull_pieces)."""
+    p = KVPuller(fingerprint=FP, timeout_s=10.0) if request.param == "one_thread" else ThreadsPuller(FP, 10.0)
     yield p
     p.close()
 
@@ -183,6 +192,9 @@ def pull_all_ranks(pre: Prefill, dst: Layout, puller: KVPuller) -> list[Shard]:
                     replica=replica,
                 )
                 assert tr.first_token_id == FIRST_TOKEN and tr.num_layers == shard.layers[1] - shard.layers[0]
+                pieces = len(plan(hl.layout, hl.rank_addresses, shard.layers, shard.heads, 2, 2))
+                one = pieces > 1 and not isinstance(puller, ThreadsPuller)
+                assert tr.reader == ("one_thread" if one else "threads")
             except BaseException as e:  # reported by the main thread
                 errors.append(e)
 
