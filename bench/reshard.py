@@ -13,8 +13,7 @@ prefill: the whole hand-off is on the critical path), then the decode process pu
   * tp1_to_tp1: `KVPuller.pull` from the one-rank instance (today's hand-off);
   * tp1_to_tp1_pieces: `KVPuller.pull_pieces` from the same instance (one piece: the reshard machinery's cost);
   * tp2_to_tp1: `KVPuller.pull_pieces` from the two-rank instance (two pieces, one KV head each, streaming at
-    once), its default reader: one thread reads both connections, each layer written once both pieces hold it
-    (`KVCache.write_heads`);
+    once), its default reader: one thread reads both connections as data arrives;
   * tp2_to_tp1_threads: the same with `threads=True`: a pull thread per piece, each writing its own KV head
     (the reader ucx uses; before 2026-12-06 the only one).
 Hand-off time = pull call -> every layer written into the decode cache (wall clock); medians over trials, modes
@@ -150,9 +149,6 @@ def _decode_proc(
     def write_piece(layer: int, head_start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         cache.write(layer, blocks, 0, k, v, heads=(head_start, head_start + k.shape[1]))
 
-    def write_group(layer: int, parts: Any) -> None:
-        cache.write_heads(layer, blocks, 0, parts)
-
     codecs = CodecContext.from_model_dir(model_dir)
     with KVPuller(fingerprint=fingerprint, timeout_s=120, codecs=codecs) as puller:
         while True:
@@ -175,7 +171,6 @@ def _decode_proc(
                     token=token,
                     num_layers=num_layers,
                     num_kv_heads=num_kv_heads,
-                    write_group=write_group,
                     threads=mode.endswith("_threads"),
                 )
                 assert trailer.reader == ("threads" if mode.endswith("_threads") else "one_thread") or (

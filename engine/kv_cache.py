@@ -6,8 +6,6 @@ flattened `[num_blocks * B]` slot axis. Which blocks a sequence owns is `BlockMa
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor
 
@@ -157,30 +155,6 @@ class KVCache:
             else:
                 k_flat[slot : slot + n].copy_(k[pos : pos + n])
                 v_flat[slot : slot + n].copy_(v[pos : pos + n])
-
-    def write_heads(
-        self, layer: int, blocks: list[int], start: int, parts: Sequence[tuple[int, Tensor, Tensor]]
-    ) -> None:
-        """Store several KV-head ranges of the same positions: parts = [(h0, k, v)], k, v: [T, h, D] for heads
-        [h0, h0 + h). When the parts tile every KV head in order, each run of consecutive blocks is written in
-        one pass (torch.cat into its slots: each slot written once, not once per part); otherwise (or scattered
-        blocks) part by part, as `write(heads=)`."""
-        next_head, same_tokens = 0, True  # do the parts tile heads [0, Hkv) in order, all of T tokens?
-        for h0, k, v in parts:
-            same_tokens &= v.shape == k.shape and k.shape[0] == parts[0][1].shape[0]
-            next_head = next_head + k.shape[1] if h0 == next_head else -1
-        tiles = len(parts) > 1 and same_tokens and next_head == self.num_kv_heads
-        runs = slot_runs(blocks, start, parts[0][1].shape[0], self.block_size) if tiles else []
-        if not tiles or len(runs) > MAX_SLICE_RUNS:
-            for h0, k, v in parts:
-                self.write(layer, blocks, start, k, v, heads=(h0, h0 + k.shape[1]))
-            return
-        k_flat, v_flat = self._flats[layer]
-        ks = [self._cast(k) for _, k, _ in parts]
-        vs = [self._cast(v) for _, _, v in parts]
-        for slot, pos, n in runs:
-            torch.cat([k[pos : pos + n] for k in ks], dim=1, out=k_flat[slot : slot + n])
-            torch.cat([v[pos : pos + n] for v in vs], dim=1, out=v_flat[slot : slot + n])
 
     def read(self, layer: int, blocks: list[int], num_tokens: int) -> tuple[Tensor, Tensor]:
         """Positions [0, num_tokens) of the sequence owning `blocks` -> k, v: [T, Hkv, D]."""

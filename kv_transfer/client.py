@@ -57,7 +57,7 @@ from kv_transfer.errors import (
 )
 from kv_transfer.frame import DEFAULT_MAX_ELEMENTS, Buffer, Frame, decode_frame, is_frame
 from kv_transfer.pipeline import OrderedWindow, auto_workers, codec_pool, pipelined_by_default
-from kv_transfer.reshard import WriteGroup, WritePiece
+from kv_transfer.reshard import WritePiece
 from kv_transfer.transport import transport_for
 from kv_transfer.transport.base import Channel, Transport, wait_readable
 from kv_transfer.wire import (
@@ -315,7 +315,6 @@ class KVPuller:
         num_kv_heads: int,
         replica: Replica = Replica(),
         max_kl: float | None = None,
-        write_group: WriteGroup | None = None,
         threads: bool = False,
     ) -> Trailer:
         """Pull the rectangle `layers` x `heads` (global numbering; heads None = all) of a transfer held by a
@@ -331,22 +330,20 @@ class KVPuller:
         decode rank's place among the ranks holding the same KV heads (reshard.decode_replica), declared in
         every piece's PULL, as is `max_kl` (see pull()).
 
-        Readers. "one_thread" (where every piece's channel has a readiness descriptor, tcp and shm, and the
-        codec decodes on the pull thread: raw, or a puller not pipelined): this thread waits on all the
-        pieces' channels at once and reads whichever has a message; the pieces from one prefill stage (same
-        layers) move in lockstep, one frame each held until all of them have that layer, which is then
-        written with one call, write_group(layer, [(head_start, k, v), ...]) (default: write_piece per
-        part). "threads" (otherwise, ucx, or `threads=True`): a pull thread per piece (this thread runs
-        piece 0), each calling write_piece(layer, head_start, k, v) as its layers arrive (several threads at
-        once, disjoint rectangles). Either way k, v may alias a receive buffer: copy them."""
+        write_piece(layer, head_start, k, v) is called as each piece's layers arrive (disjoint rectangles);
+        k, v may alias a receive buffer: copy them. Readers (Trailer.reader says which ran): "one_thread"
+        where every piece's channel has a readiness descriptor (tcp, shm) and the codec decodes on the pull
+        thread (raw, or a puller not pipelined): this thread waits on all the pieces' channels at once and
+        reads what each holds without waiting for the rest of a frame (Channel.recv_ready), so a piece still
+        arriving holds up no other; "threads" otherwise (ucx, a pipelined decode, or `threads=True`): a pull
+        thread per piece (this thread runs piece 0), so write_piece runs on several threads at once."""
         planned = reshard.plan(src, rank_addresses, layers, heads, num_layers, num_kv_heads)
         t0 = time.perf_counter()
         handles = [PullHandle(transfer_id, replica, max_kl) for _ in planned]
         trailers: list[Trailer] | None = None
         codec_obj = self.codecs.codec(codec)  # fail fast, before touching the network
         if len(planned) > 1 and not threads and (isinstance(codec_obj, RawCodec) or not self.pipelined):
-            group = write_group or _parts_by_piece(write_piece)
-            trailers = self._pull_pieces_one_thread(planned, handles, codec, group, token)
+            trailers = self._pull_pieces_one_thread(planned, handles, codec, write_piece, token)
         reader = "one_thread" if trailers is not None else "threads"
         if trailers is None:
             trailers = self._pull_pieces_threads(planned, handles, codec, write_piece, token)
@@ -409,7 +406,7 @@ class KVPuller:
         planned: list[reshard.PlannedPull],
         handles: list[PullHandle],
         codec_name: str,
-        write_group: WriteGroup,
+        write_piece: WritePiece,
         token: bytes,
     ) -> list[Trailer] | None:
         """pull_pieces' "one_thread" reader (see there). None, with nothing sent, when a piece's channel has no
@@ -430,19 +427,13 @@ class KVPuller:
                 return None
             for pc in pieces:
                 self._start_piece(pc, codec_name, token)
-            groups: dict[Range, list[_Piece]] = {}  # a prefill stage's pieces (same layers): in lockstep
-            for pc in pieces:
-                groups.setdefault(pc.plan.layers, []).append(pc)
-            while waiting := [pc for pc in pieces if pc.trailer is None and pc.held is None]:
+            while waiting := [pc for pc in pieces if pc.trailer is None]:
                 ready = wait_readable([pc.ch for pc in waiting], self.timeout_s)
                 if not ready:
-                    raise TransferTimeout(f"no message within {self.timeout_s} s")
+                    raise TransferTimeout(f"no data from the prefill ranks within {self.timeout_s} s")
                 for i in ready:
-                    pc = waiting[i]
-                    self._piece_step(pc, codec, codec_name, token)
-                    self._settle(groups[pc.plan.layers], write_group)
-            # every piece's stream ended with a trailer that checked out (_settle wrote every frame held):
-            # only now is any piece ACKed
+                    self._piece_step(waiting[i], codec, codec_name, write_piece, token)
+            # every piece's stream ended with a trailer that checked out: only now is any piece ACKed
             for pc in pieces:
                 pc.ch.send(encode_control(Ack(pc.handle.transfer_id)), timeout=self.timeout_s)
         except BaseException:
@@ -466,7 +457,7 @@ class KVPuller:
     def _reconnect(self, pc: _Piece) -> bool:
         """Replace a piece's pooled connection that died before it delivered anything (as _run retries once);
         False when that does not apply."""
-        if not pc.pooled or pc.next_layer != pc.plan.layers[0] or pc.held is not None:
+        if not pc.pooled or pc.next_layer != pc.plan.layers[0]:
             return False
         pc.ch.close()
         t0 = time.perf_counter()
@@ -476,54 +467,33 @@ class KVPuller:
         pc.connect_s += time.perf_counter() - t0
         return True
 
-    def _piece_step(self, pc: _Piece, codec: Codec, codec_name: str, token: bytes) -> None:
-        """Read the piece's next message: a frame is checked, decoded and held; its stream's end is checked."""
+    def _piece_step(
+        self, pc: _Piece, codec: Codec, codec_name: str, write_piece: WritePiece, token: bytes
+    ) -> None:
+        """Read what the piece's channel holds, without waiting for more (a frame still arriving does not hold
+        up the other pieces); a whole frame is checked, decoded and written; its stream's end is checked."""
         tid = pc.handle.transfer_id
         try:
-            msg = pc.ch.recv(timeout=self.timeout_s)
+            msg = pc.ch.recv_ready()
         except PeerClosed:
             if not self._reconnect(pc):
                 raise
             self._start_piece(pc, codec_name, token)
             return
-        if is_frame(msg):
-            pc.held = self._decode(msg, tid, codec, pc.next_layer)  # raw: views the channel's buffer
+        if msg is None:
+            return
+        if is_frame(msg):  # k, v may view the channel's buffer (raw): written before its next read
+            d = self._decode(msg, tid, codec, pc.next_layer)
+            h0 = pc.plan.heads[0] if pc.plan.heads is not None else 0
+            self._check_layer(d, pc.got, pc.plan.layers)
+            t0 = time.perf_counter()
+            write_piece(d.frame.layer, h0, d.k, d.v)
+            _count_layer(d, pc.got, pc.handle, time.perf_counter() - t0)
             pc.next_layer += 1
             return
         ctl = self._end_of_stream(msg, tid, pc.got, pc.plan.layers[0], pc.next_layer, pc.plan.layers)
         stats = _pull_stats(ctl, pc.got, time.perf_counter() - pc.t_start, pc.connect_s)
         pc.trailer = Trailer(ctl.first_token_id, ctl.num_tokens, ctl.num_layers, stats)
-
-    def _settle(self, group: list[_Piece], write_group: WriteGroup) -> None:
-        """Write the frames a group (one prefill stage's pieces, same layers) holds that should not wait.
-
-        A piece holding layer l waits while a piece of its group that has not received l yet has a message
-        ready (it is read next), so that layer l of every piece is written with one call; when none of those
-        is ready, the holders of l are written now (a piece whose sender lags does not stall the others)."""
-        while holders := [g for g in group if g.held is not None]:
-            layer = min(g.next_layer - 1 for g in holders)
-            behind = [g.ch for g in group if g.trailer is None and g.held is None and g.next_layer <= layer]
-            if behind and wait_readable(behind, 0.0):
-                return
-            self._write_group([g for g in holders if g.next_layer - 1 == layer], write_group)
-
-    def _write_group(self, group: list[_Piece], write_group: WriteGroup) -> None:
-        """Write one layer that every piece of `group` holds with one write_group call."""
-        for pc in group:
-            assert pc.held is not None
-            self._check_layer(pc.held, pc.got, pc.plan.layers)
-        layer = group[0].next_layer - 1
-        parts = []
-        for pc in group:
-            assert pc.held is not None and pc.held.frame.layer == layer  # lockstep: checked by _decode
-            parts.append((pc.held.frame.head_start, pc.held.k, pc.held.v))
-        t0 = time.perf_counter()
-        write_group(layer, parts)
-        write_s = (time.perf_counter() - t0) / len(group)
-        for pc in group:
-            assert pc.held is not None
-            _count_layer(pc.held, pc.got, pc.handle, write_s)
-            pc.held = None
 
     def close(self) -> None:
         """Close pooled connections and stop the decode pool (after the pulls in progress end)."""
@@ -784,16 +754,6 @@ def _pull_stats(ctl: TrailerMsg, got: _Received, transfer_s: float, connect_s: f
     )
 
 
-def _parts_by_piece(write_piece: WritePiece) -> WriteGroup:
-    """A WriteGroup that writes each part with write_piece (when the caller gave no write_group)."""
-
-    def write_group(layer: int, parts: Sequence[tuple[int, Tensor, Tensor]]) -> None:
-        for head_start, k, v in parts:
-            write_piece(layer, head_start, k, v)
-
-    return write_group
-
-
 @dataclass(frozen=True)
 class _Decoded:
     frame: Frame  # its payload views the received bytes
@@ -829,7 +789,6 @@ class _Piece:
     next_layer: int  # the layer of the next frame
     t_start: float = 0.0  # PULL sent (perf_counter)
     got: _Received = field(default_factory=_Received)
-    held: _Decoded | None = None  # layer next_layer - 1, until every piece of its group holds that layer
     trailer: Trailer | None = None  # its stream ended with a trailer that checked out
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -201,9 +201,6 @@ def pull_shard(
         a = head_start - heads[0]  # the piece's heads in this rank's cache
         cache.write(layer - layers[0], blocks, 0, k, v, heads=(a, a + k.shape[1]))
 
-    def write_group(layer: int, parts: Sequence[tuple[int, Tensor, Tensor]]) -> None:  # one stage's pieces
-        cache.write_heads(layer - layers[0], blocks, 0, [(h - heads[0], k, v) for h, k, v in parts])
-
     return puller.pull_pieces(
         Layout(handle["tp"], handle["pp"]),
         handle["rank_addresses"],
@@ -217,7 +214,6 @@ def pull_shard(
         num_kv_heads=handle["num_kv_heads"],
         replica=replica,
         max_kl=max_kl,
-        write_group=write_group,
     )
 
 

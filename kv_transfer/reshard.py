@@ -29,9 +29,6 @@ Range = tuple[int, int]  # half-open [start, end)
 # (global layer, first KV head, k [T, h, D], v [T, h, D]); called from several pull threads at once, each for
 # its own disjoint rectangle; k and v may alias a receive buffer: copy them.
 WritePiece = Callable[[int, int, Tensor, Tensor], None]
-# (global layer, [(first KV head, k [T, h, D], v [T, h, D]), ...] in head order): one layer of every piece that
-# holds it (the pieces from one prefill stage), once all of them arrived; same aliasing rule as WritePiece.
-WriteGroup = Callable[[int, Sequence[tuple[int, Tensor, Tensor]]], None]
 
 
 class _HandleFields(Protocol):  # what this module reads of a pdserve.v1.KVHandle

@@ -46,6 +46,13 @@ class Channel(ABC):
         """True if a whole message already waits inside the channel (readiness_fd does not report it)."""
         return False
 
+    def recv_ready(self) -> memoryview | None:
+        """Read what the peer has sent so far without waiting for more: the next whole message once all of it
+        arrived, else None (call again when readiness_fd turns readable; a part read stays in the channel
+        and a later recv() completes it). Same view lifetime and errors as recv(). Default: recv() when
+        poll() says something waits (which may block for the rest of that message), else None."""
+        return self.recv() if self.poll() else None
+
     @abstractmethod
     def close(self) -> None:
         """Idempotent; releases every resource (sockets, shared memory, UCX endpoints)."""

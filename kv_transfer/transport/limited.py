@@ -76,6 +76,9 @@ class LimitedChannel(Channel):
     def buffered(self) -> bool:
         return self.inner.buffered()
 
+    def recv_ready(self) -> memoryview | None:
+        return self.inner.recv_ready()
+
     def close(self) -> None:
         self._closing.set()
         self.inner.close()
