@@ -13,7 +13,8 @@ leaves nothing half-acknowledged.
 Connections are pooled per address: after an ACK the channel is kept for the next pull to that server.
 
 `pull_pieces()` pulls one destination rank's rectangle from a TP x PP prefill instance: one piece per source
-rank (engine.parallel.layout.pieces), all in parallel (kv_transfer/reshard.py).
+rank (engine.parallel.layout.pieces), all streaming at once (kv_transfer/reshard.py), read by one thread that
+waits on every piece's connection (tcp, shm) or by a thread per piece (ucx; see pull_pieces).
 Pipeline (kv_transfer/pipeline.py): for a codec that computes (every one but raw), frames are checked and
 decoded on the puller's decode pool while the pull thread receives the next ones, at most `pipeline_depth`
 frames waiting (each a copy of the received bytes: the channel's receive buffer is reused). write_layer runs on
@@ -336,7 +337,8 @@ class KVPuller:
         thread (raw, or a puller not pipelined): this thread waits on all the pieces' channels at once and
         reads what each holds without waiting for the rest of a frame (Channel.recv_ready), so a piece still
         arriving holds up no other; "threads" otherwise (ucx, a pipelined decode, or `threads=True`): a pull
-        thread per piece (this thread runs piece 0), so write_piece runs on several threads at once."""
+        thread per piece (this thread runs piece 0), so write_piece runs on several threads at once. A pull of
+        one piece is "threads" with no thread started."""
         planned = reshard.plan(src, rank_addresses, layers, heads, num_layers, num_kv_heads)
         t0 = time.perf_counter()
         handles = [PullHandle(transfer_id, replica, max_kl) for _ in planned]
