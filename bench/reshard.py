@@ -173,9 +173,9 @@ def _decode_proc(
                     num_kv_heads=num_kv_heads,
                     threads=mode.endswith("_threads"),
                 )
-                assert trailer.reader == ("threads" if mode.endswith("_threads") else "one_thread") or (
-                    len(addresses) == 1
-                )
+                want = "threads" if mode.endswith("_threads") else "one_thread"
+                if len(addresses) > 1 and trailer.reader != want:
+                    raise RuntimeError(f"{mode}: pull_pieces read with {trailer.reader!r}, not {want!r}")
             st = trailer.stats  # summed over the pieces
             wall, cpu = time.monotonic() - t0, _cpu_s() - cpu0
             parts = {
