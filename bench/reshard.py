@@ -12,7 +12,10 @@ lease for a new transfer (rank 0's token shared), marks all layers ready and fin
 prefill: the whole hand-off is on the critical path), then the decode process pulls:
   * tp1_to_tp1: `KVPuller.pull` from the one-rank instance (today's hand-off);
   * tp1_to_tp1_pieces: `KVPuller.pull_pieces` from the same instance (one piece: the reshard machinery's cost);
-  * tp2_to_tp1: `KVPuller.pull_pieces` from the two-rank instance (two pieces, one KV head each, in parallel).
+  * tp2_to_tp1: `KVPuller.pull_pieces` from the two-rank instance (two pieces, one KV head each, streaming at
+    once), its default reader: one thread reads both connections as data arrives;
+  * tp2_to_tp1_threads: the same with `threads=True`: a pull thread per piece, each writing its own KV head
+    (the reader ucx uses; before 2026-12-06 the only one).
 Hand-off time = pull call -> every layer written into the decode cache (wall clock); medians over trials, modes
 interleaved. `ratio` = tp2_to_tp1 / tp1_to_tp1 (target <= 1.2). With fewer cores than busy processes (3) the
 JSON says `oversubscribed`: the decode process keeps a core of its own (the last) and the prefill ranks share
@@ -33,7 +36,7 @@ from typing import Any
 
 from bench.report import emit
 
-MODES = ("tp1_to_tp1", "tp1_to_tp1_pieces", "tp2_to_tp1")
+MODES = ("tp1_to_tp1", "tp1_to_tp1_pieces", "tp2_to_tp1", "tp2_to_tp1_threads")
 TARGET_RATIO = 1.2
 
 
@@ -168,7 +171,11 @@ def _decode_proc(
                     token=token,
                     num_layers=num_layers,
                     num_kv_heads=num_kv_heads,
+                    threads=mode.endswith("_threads"),
                 )
+                want = "threads" if mode.endswith("_threads") else "one_thread"
+                if len(addresses) > 1 and trailer.reader != want:
+                    raise RuntimeError(f"{mode}: pull_pieces read with {trailer.reader!r}, not {want!r}")
             st = trailer.stats  # summed over the pieces
             wall, cpu = time.monotonic() - t0, _cpu_s() - cpu0
             parts = {
@@ -262,6 +269,7 @@ def measure_reshard(model_dir: str, s: Settings, scheme: str = "tcp", codec: str
         # decode_process_cpu_s: the decode process's CPU time (all threads) per pull, robust to foreign load
         "breakdown_s": {m: {k: statistics.median(v) for k, v in b.items()} for m, b in breakdown.items()},
         "ratio": ratio,
+        "threads_ratio": med["tp2_to_tp1_threads"] / med["tp1_to_tp1"],  # the reader ucx falls back to
         "pieces_overhead_ratio": med["tp1_to_tp1_pieces"] / med["tp1_to_tp1"],
         "target_ratio": TARGET_RATIO,
         "meets_target": ratio <= TARGET_RATIO,
@@ -283,7 +291,8 @@ def summary(r: dict[str, Any]) -> str:
     return (
         f"hand-off ({r['transport']}, {r['codec']}, {r['prompt_tokens']} tokens): TP1->TP1 "
         f"{h['tp1_to_tp1'] * 1e3:.2f} ms, TP1->TP1 via pull_pieces {h['tp1_to_tp1_pieces'] * 1e3:.2f} ms, "
-        f"TP2->TP1 {h['tp2_to_tp1'] * 1e3:.2f} ms -> {r['ratio']:.2f}x (target <= {r['target_ratio']})"
+        f"TP2->TP1 {h['tp2_to_tp1'] * 1e3:.2f} ms -> {r['ratio']:.2f}x (target <= {r['target_ratio']}; "
+        f"a thread per piece: {h['tp2_to_tp1_threads'] * 1e3:.2f} ms, {r['threads_ratio']:.2f}x)"
         + (f"; {r['cores']} cores: the TP2 ranks share one (oversubscribed)" if r["oversubscribed"] else "")
     )
 

@@ -71,6 +71,10 @@ class KVCache:
         self.k, self.v = arena.take(shape), arena.take(shape)  # zeros
         self.num_layers, self.num_blocks, self.block_size = num_layers, num_blocks, block_size
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
+        # per layer: k, v as [num_blocks * B, Hkv, D] views, made once (a view costs microseconds, which a
+        # hand-off paid on every layer it wrote); heads (h0, h1) -> their [num_blocks * B, h1 - h0, D] views
+        self._flats = [(self.k[la].flatten(0, 1), self.v[la].flatten(0, 1)) for la in range(num_layers)]
+        self._head_views: dict[tuple[int, int, int], tuple[Tensor, Tensor]] = {}
 
     @property
     def dtype(self) -> torch.dtype:
@@ -88,7 +92,21 @@ class KVCache:
 
     def _flat(self, layer: int) -> tuple[Tensor, Tensor]:
         # [num_blocks, B, Hkv, D] -> [num_blocks * B, Hkv, D] (a view)
-        return self.k[layer].flatten(0, 1), self.v[layer].flatten(0, 1)
+        return self._flats[layer]
+
+    def _heads_flat(self, layer: int, h0: int, h1: int) -> tuple[Tensor, Tensor]:
+        """KV heads [h0, h1) of _flat(layer): [num_blocks * B, h1 - h0, D] views (made once per range)."""
+        views = self._head_views.get((layer, h0, h1))
+        if views is None:
+            k_flat, v_flat = self._flats[layer]
+            views = self._head_views[(layer, h0, h1)] = (k_flat[:, h0:h1], v_flat[:, h0:h1])
+        return views
+
+    def _cast(self, x: Tensor) -> Tensor:
+        """x on this cache's device and dtype (x itself when it already is)."""
+        if x.dtype == self.k.dtype and x.device == self.k.device:
+            return x
+        return x.to(device=self.k.device, dtype=self.k.dtype)
 
     def write_slots(self, layer: int, slots: Tensor, k: Tensor, v: Tensor) -> None:
         """k, v: [T, Hkv, D] go to flat slots [T]."""
@@ -121,18 +139,22 @@ class KVCache:
             raise ValueError(
                 f"KV heads [{h0}, {h1}) of {self.num_kv_heads} cannot take k of shape {tuple(k.shape)}"
             )
-        runs = slot_runs(blocks, start, k.shape[0], self.block_size)
-        k_flat, v_flat = self._flat(layer)
-        k_flat, v_flat = k_flat[:, h0:h1], v_flat[:, h0:h1]
-        k, v = k.to(device=self.device, dtype=self.dtype), v.to(device=self.device, dtype=self.dtype)
+        num_tokens = k.shape[0]
+        runs = slot_runs(blocks, start, num_tokens, self.block_size)
+        k_flat, v_flat = self._heads_flat(layer, h0, h1)
+        k, v = self._cast(k), self._cast(v)
         if len(runs) > MAX_SLICE_RUNS:  # scattered blocks: one indexed copy beats many small ones
-            slots = slots_for(blocks, start, k.shape[0], self.block_size).to(self.device)
+            slots = slots_for(blocks, start, num_tokens, self.block_size).to(self.device)
             k_flat.index_copy_(0, slots, k)
             v_flat.index_copy_(0, slots, v)
             return
         for slot, pos, n in runs:
-            k_flat[slot : slot + n].copy_(k[pos : pos + n])
-            v_flat[slot : slot + n].copy_(v[pos : pos + n])
+            if n == num_tokens:  # one run: the whole of k, v (no source slices to make)
+                k_flat[slot : slot + n].copy_(k)
+                v_flat[slot : slot + n].copy_(v)
+            else:
+                k_flat[slot : slot + n].copy_(k[pos : pos + n])
+                v_flat[slot : slot + n].copy_(v[pos : pos + n])
 
     def read(self, layer: int, blocks: list[int], num_tokens: int) -> tuple[Tensor, Tensor]:
         """Positions [0, num_tokens) of the sequence owning `blocks` -> k, v: [T, Hkv, D]."""

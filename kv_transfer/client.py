@@ -13,7 +13,8 @@ leaves nothing half-acknowledged.
 Connections are pooled per address: after an ACK the channel is kept for the next pull to that server.
 
 `pull_pieces()` pulls one destination rank's rectangle from a TP x PP prefill instance: one piece per source
-rank (engine.parallel.layout.pieces), all in parallel (kv_transfer/reshard.py).
+rank (engine.parallel.layout.pieces), all streaming at once (kv_transfer/reshard.py), read by one thread that
+waits on every piece's connection (tcp, shm) or by a thread per piece (ucx; see pull_pieces).
 Pipeline (kv_transfer/pipeline.py): for a codec that computes (every one but raw), frames are checked and
 decoded on the puller's decode pool while the pull thread receives the next ones, at most `pipeline_depth`
 frames waiting (each a copy of the received bytes: the channel's receive buffer is reused). write_layer runs on
@@ -51,6 +52,7 @@ from kv_transfer.errors import (
     PullUnauthorized,
     RemoteError,
     TransferCancelled,
+    TransferTimeout,
     UnknownCodec,
     UnknownTransfer,
 )
@@ -58,7 +60,7 @@ from kv_transfer.frame import DEFAULT_MAX_ELEMENTS, Buffer, Frame, decode_frame,
 from kv_transfer.pipeline import OrderedWindow, auto_workers, codec_pool, pipelined_by_default
 from kv_transfer.reshard import WritePiece
 from kv_transfer.transport import transport_for
-from kv_transfer.transport.base import Channel, Transport
+from kv_transfer.transport.base import Channel, Transport, wait_readable
 from kv_transfer.wire import (
     Ack,
     ErrorCode,
@@ -104,6 +106,10 @@ class Trailer:
     num_tokens: int
     num_layers: int = 0
     stats: PullStats = field(default_factory=PullStats)
+    reader: str = ""  # pull_pieces: "one_thread" or "threads" (READERS); "" for pull()
+
+
+READERS = ("one_thread", "threads")  # how pull_pieces reads its pieces (see its doc)
 
 
 class PullState(enum.Enum):
@@ -310,24 +316,61 @@ class KVPuller:
         num_kv_heads: int,
         replica: Replica = Replica(),
         max_kl: float | None = None,
+        threads: bool = False,
     ) -> Trailer:
         """Pull the rectangle `layers` x `heads` (global numbering; heads None = all) of a transfer held by a
         prefill instance laid out as `src`, whose global rank r serves KV at rank_addresses[r].
 
-        One piece per source rank (reshard.plan: each cell from its canonical owner), all pulled in parallel;
-        write_piece(layer, head_start, k, v) is called from the pull threads as each piece's layers arrive
-        (several threads at once, disjoint rectangles; copy k, v). Returns one Trailer: the first token every
-        source rank's trailer agrees on, num_layers = l1 - l0, stats summed over the pieces (transfer_s is
-        the wall clock of the whole). No piece is ACKed before every piece's trailer has arrived: if any
-        piece fails, none is ACKed (every source lease is kept, so the whole pull can be retried), the
-        others are aborted and waited for (no write_piece runs after this returns or raises), and the error of
-        the piece that failed first (the cause) is raised. Raises LayoutMismatch for a rectangle the source
-        layout cannot serve, before any connection. `replica`: this decode rank's place among the ranks
-        holding the same KV heads (reshard.decode_replica), declared in every piece's PULL, as is `max_kl`
-        (see pull())."""
+        One piece per source rank (reshard.plan: each cell from its canonical owner), all streaming at once.
+        Returns one Trailer: the first token every source rank's trailer agrees on, num_layers = l1 - l0,
+        stats summed over the pieces (transfer_s is the wall clock of the whole), `reader` the way it read.
+        No piece is ACKed before every piece's trailer has arrived: if any piece fails, none is ACKed (every
+        source lease is kept, so the whole pull can be retried), the others are stopped (no write runs after
+        this returns or raises), and the error of the piece that failed first (the cause) is raised. Raises
+        LayoutMismatch for a rectangle the source layout cannot serve, before any connection. `replica`: this
+        decode rank's place among the ranks holding the same KV heads (reshard.decode_replica), declared in
+        every piece's PULL, as is `max_kl` (see pull()).
+
+        write_piece(layer, head_start, k, v) is called as each piece's layers arrive (disjoint rectangles);
+        k, v may alias a receive buffer: copy them. Readers (Trailer.reader says which ran): "one_thread"
+        where every piece's channel has a readiness descriptor (tcp, shm) and the codec decodes on the pull
+        thread (raw, or a puller not pipelined): this thread waits on all the pieces' channels at once and
+        reads what each holds without waiting for the rest of a frame (Channel.recv_ready), so a piece still
+        arriving holds up no other; "threads" otherwise (ucx, a pipelined decode, or `threads=True`): a pull
+        thread per piece (this thread runs piece 0), so write_piece runs on several threads at once. A pull of
+        one piece is "threads" with no thread started."""
         planned = reshard.plan(src, rank_addresses, layers, heads, num_layers, num_kv_heads)
         t0 = time.perf_counter()
         handles = [PullHandle(transfer_id, replica, max_kl) for _ in planned]
+        trailers: list[Trailer] | None = None
+        codec_obj = self.codecs.codec(codec)  # fail fast, before touching the network
+        if len(planned) > 1 and not threads and (isinstance(codec_obj, RawCodec) or not self.pipelined):
+            trailers = self._pull_pieces_one_thread(planned, handles, codec, write_piece, token)
+        reader = "one_thread" if trailers is not None else "threads"
+        if trailers is None:
+            trailers = self._pull_pieces_threads(planned, handles, codec, write_piece, token)
+        first = reshard.agreed([t.first_token_id for t in trailers], "the first token")
+        num_tokens = reshard.agreed([t.num_tokens for t in trailers], "the number of tokens")
+        stats = [t.stats for t in trailers]
+        total = PullStats(
+            **{
+                f.name: sum(getattr(st, f.name) for st in stats)
+                for f in dataclasses.fields(PullStats)
+                if f.name != "transfer_s"
+            },
+            transfer_s=time.perf_counter() - t0,
+        )
+        return Trailer(first, num_tokens, layers[1] - layers[0], total, reader)
+
+    def _pull_pieces_threads(
+        self,
+        planned: list[reshard.PlannedPull],
+        handles: list[PullHandle],
+        codec: str,
+        write_piece: WritePiece,
+        token: bytes,
+    ) -> list[Trailer]:
+        """pull_pieces' "threads" reader: a pull thread per piece, ACKs behind a barrier."""
         barrier = reshard.AckBarrier(len(planned))
 
         def run(i: int, p: reshard.PlannedPull) -> None:
@@ -358,19 +401,101 @@ class KVPuller:
             error = handles[barrier.first_failed].error
             assert error is not None
             raise error
-        trailers = [h.result(0) for h in handles]
-        first = reshard.agreed([t.first_token_id for t in trailers], "the first token")
-        num_tokens = reshard.agreed([t.num_tokens for t in trailers], "the number of tokens")
-        stats = [t.stats for t in trailers]
-        total = PullStats(
-            **{
-                f.name: sum(getattr(st, f.name) for st in stats)
-                for f in dataclasses.fields(PullStats)
-                if f.name != "transfer_s"
-            },
-            transfer_s=time.perf_counter() - t0,
-        )
-        return Trailer(first, num_tokens, layers[1] - layers[0], total)
+        return [h.result(0) for h in handles]
+
+    def _pull_pieces_one_thread(
+        self,
+        planned: list[reshard.PlannedPull],
+        handles: list[PullHandle],
+        codec_name: str,
+        write_piece: WritePiece,
+        token: bytes,
+    ) -> list[Trailer] | None:
+        """pull_pieces' "one_thread" reader (see there). None, with nothing sent, when a piece's channel has no
+        readiness descriptor (the caller then uses the "threads" reader). Raises the first failure, with no
+        piece ACKed and every channel closed."""
+        codec = self.codecs.codec(codec_name)
+        pieces: list[_Piece] = []
+        try:
+            for p, h in zip(planned, handles, strict=True):
+                t0 = time.perf_counter()
+                ch, pooled = self._checkout(p.address)
+                pieces.append(
+                    _Piece(p, h, ch, pooled, time.perf_counter() - t0, p.layers[0], got=_Received(p.heads))
+                )
+            if any(pc.ch.readiness_fd() is None for pc in pieces):
+                for pc in pieces:
+                    self._checkin(pc.plan.address, pc.ch)
+                return None
+            for pc in pieces:
+                self._start_piece(pc, codec_name, token)
+            while waiting := [pc for pc in pieces if pc.trailer is None]:
+                ready = wait_readable([pc.ch for pc in waiting], self.timeout_s)
+                if not ready:
+                    raise TransferTimeout(f"no data from the prefill ranks within {self.timeout_s} s")
+                for i in ready:
+                    self._piece_step(waiting[i], codec, codec_name, write_piece, token)
+            # every piece's stream ended with a trailer that checked out: only now is any piece ACKed
+            for pc in pieces:
+                pc.ch.send(encode_control(Ack(pc.handle.transfer_id)), timeout=self.timeout_s)
+        except BaseException:
+            for pc in pieces:
+                pc.ch.close()
+            raise
+        for pc in pieces:
+            self._checkin(pc.plan.address, pc.ch)
+        return [pc.trailer for pc in pieces if pc.trailer is not None]
+
+    def _start_piece(self, pc: _Piece, codec_name: str, token: bytes) -> None:
+        """Send the piece's PULL; a pooled connection found dead is replaced by a fresh one, once."""
+        pc.t_start = time.perf_counter()
+        try:
+            self._send_pull(pc.ch, pc.handle, codec_name, token, pc.plan.layers, pc.plan.heads)
+        except PeerClosed:
+            if not self._reconnect(pc):
+                raise
+            self._send_pull(pc.ch, pc.handle, codec_name, token, pc.plan.layers, pc.plan.heads)
+
+    def _reconnect(self, pc: _Piece) -> bool:
+        """Replace a piece's pooled connection that died before it delivered anything (as _run retries once);
+        False when that does not apply."""
+        if not pc.pooled or pc.next_layer != pc.plan.layers[0]:
+            return False
+        pc.ch.close()
+        t0 = time.perf_counter()
+        with self._lock:
+            transport = self._transports[pc.plan.address]  # set by the _checkout that made the first one
+        pc.ch, pc.pooled = transport.connect(pc.plan.address, self.connect_timeout_s), False
+        pc.connect_s += time.perf_counter() - t0
+        return True
+
+    def _piece_step(
+        self, pc: _Piece, codec: Codec, codec_name: str, write_piece: WritePiece, token: bytes
+    ) -> None:
+        """Read what the piece's channel holds, without waiting for more (a frame still arriving does not hold
+        up the other pieces); a whole frame is checked, decoded and written; its stream's end is checked."""
+        tid = pc.handle.transfer_id
+        try:
+            msg = pc.ch.recv_ready()
+        except PeerClosed:
+            if not self._reconnect(pc):
+                raise
+            self._start_piece(pc, codec_name, token)
+            return
+        if msg is None:
+            return
+        if is_frame(msg):  # k, v may view the channel's buffer (raw): written before its next read
+            d = self._decode(msg, tid, codec, pc.next_layer)
+            h0 = pc.plan.heads[0] if pc.plan.heads is not None else 0
+            self._check_layer(d, pc.got, pc.plan.layers)
+            t0 = time.perf_counter()
+            write_piece(d.frame.layer, h0, d.k, d.v)
+            _count_layer(d, pc.got, pc.handle, time.perf_counter() - t0)
+            pc.next_layer += 1
+            return
+        ctl = self._end_of_stream(msg, tid, pc.got, pc.plan.layers[0], pc.next_layer, pc.plan.layers)
+        stats = _pull_stats(ctl, pc.got, time.perf_counter() - pc.t_start, pc.connect_s)
+        pc.trailer = Trailer(ctl.first_token_id, ctl.num_tokens, ctl.num_layers, stats)
 
     def close(self) -> None:
         """Close pooled connections and stop the decode pool (after the pulls in progress end)."""
@@ -472,11 +597,7 @@ class KVPuller:
         tid = handle.transfer_id
         codec = self.codecs.codec(codec_name)
         t_start = time.perf_counter()
-        pull = Pull(self.fingerprint, tid, codec_name, token, layers or (0, 0), heads or (0, 0))
-        pull = dataclasses.replace(
-            pull, copies=handle.replica.copies, replica=handle.replica.index, max_kl=handle.max_kl
-        )
-        ch.send(encode_control(pull), timeout=self.timeout_s)
+        self._send_pull(ch, handle, codec_name, token, layers, heads)
         first_layer = expect_layer = layers[0] if layers is not None else 0  # the next frame's layer
         got = _Received(heads=heads)  # got.layers of the frames received are written
         window = self._decode_window(codec)
@@ -505,6 +626,38 @@ class KVPuller:
         finally:
             if window is not None:
                 window.close()
+        ctl = self._end_of_stream(msg, tid, got, first_layer, expect_layer, layers)
+        transfer_s = time.perf_counter() - t_start
+        if before_ack is not None and not before_ack():
+            raise TransferCancelled(f"pull of {tid!r} not acknowledged: another piece failed")
+        ch.send(encode_control(Ack(tid)), timeout=self.timeout_s)
+        return Trailer(
+            ctl.first_token_id, ctl.num_tokens, ctl.num_layers, _pull_stats(ctl, got, transfer_s, connect_s)
+        )
+
+    def _send_pull(
+        self,
+        ch: Channel,
+        handle: PullHandle,
+        codec_name: str,
+        token: bytes,
+        layers: Range | None,
+        heads: Range | None,
+    ) -> None:
+        pull = Pull(
+            self.fingerprint, handle.transfer_id, codec_name, token, layers or (0, 0), heads or (0, 0)
+        )
+        pull = dataclasses.replace(
+            pull, copies=handle.replica.copies, replica=handle.replica.index, max_kl=handle.max_kl
+        )
+        ch.send(encode_control(pull), timeout=self.timeout_s)
+
+    @staticmethod
+    def _end_of_stream(
+        msg: Buffer, tid: str, got: _Received, first_layer: int, expect_layer: int, layers: Range | None
+    ) -> TrailerMsg:
+        """The message after a pull's frames: its trailer, checked against the frames received (layers
+        [first_layer, expect_layer), every one written); an ERROR is raised as its typed error."""
         if not is_control(msg):
             raise FrameForeign(f"unexpected message starting {bytes(msg[:4])!r}")
         ctl = decode_control(msg)
@@ -512,7 +665,6 @@ class KVPuller:
             raise _ERRORS.get(ctl.code, RemoteError)(f"server: {ctl.message}")
         if not isinstance(ctl, TrailerMsg):
             raise ProtocolError(f"unexpected {type(ctl).__name__} during a pull")
-        transfer_s = time.perf_counter() - t_start
         received = expect_layer - first_layer
         if ctl.transfer_id != tid or ctl.num_layers != received or received == 0:
             raise ProtocolError(
@@ -522,23 +674,7 @@ class KVPuller:
             raise LayoutMismatch(f"layers {layers} asked, the server sent [{first_layer}, {expect_layer})")
         if got.shape is not None and ctl.num_tokens != got.shape[0]:
             raise ProtocolError(f"trailer says {ctl.num_tokens} tokens, frames carried {got.shape[0]}")
-        if before_ack is not None and not before_ack():
-            raise TransferCancelled(f"pull of {tid!r} not acknowledged: another piece failed")
-        ch.send(encode_control(Ack(tid)), timeout=self.timeout_s)
-        stats = PullStats(
-            bytes_on_wire=got.wire_bytes,
-            raw_bytes=ctl.raw_bytes,
-            payload_bytes=ctl.payload_bytes,
-            server_read_s=ctl.read_s,
-            encode_s=ctl.encode_s,
-            server_wait_s=ctl.wait_s,
-            server_send_s=ctl.send_s,
-            transfer_s=transfer_s,
-            decode_s=got.decode_s,
-            write_s=got.write_s,
-            connect_s=connect_s,
-        )
-        return Trailer(ctl.first_token_id, ctl.num_tokens, ctl.num_layers, stats)
+        return ctl
 
     def _decode_window(self, codec: Codec) -> OrderedWindow[_Decoded] | None:
         """The pull's window on the decode pool; None (decode on the pull thread) for raw, which decodes in
@@ -575,8 +711,16 @@ class KVPuller:
     def _write(
         self, d: _Decoded, got: _Received, write_layer: WriteLayer, handle: PullHandle, layers: Range | None
     ) -> None:
-        """Hand one decoded layer to write_layer (layers arrive here in order); checks that it is in the
-        rectangle asked (_check_rect), and T, Hkv, D and dtype against the earlier layers."""
+        """Hand one decoded layer to write_layer (layers arrive here in order), once _check_layer passed."""
+        self._check_layer(d, got, layers)
+        t0 = time.perf_counter()
+        write_layer(d.frame.layer, d.k, d.v)
+        _count_layer(d, got, handle, time.perf_counter() - t0)
+
+    @staticmethod
+    def _check_layer(d: _Decoded, got: _Received, layers: Range | None) -> None:
+        """A layer about to be written: in the rectangle asked (_check_rect), and T, Hkv, D and dtype as the
+        earlier layers'."""
         f = d.frame
         got.heads = _check_rect(f, layers, got.heads)
         if got.shape is None:
@@ -585,13 +729,31 @@ class KVPuller:
             raise ProtocolError(
                 f"layer {f.layer} is {f.shape} {f.dtype}, earlier layers {got.shape} {got.dtype}"
             )
-        t0 = time.perf_counter()
-        write_layer(f.layer, d.k, d.v)
-        got.write_s += time.perf_counter() - t0
-        got.decode_s += d.decode_s
-        got.wire_bytes += f.nbytes
-        got.layers += 1
-        handle._layer_done(got.layers)
+
+
+def _count_layer(d: _Decoded, got: _Received, handle: PullHandle, write_s: float) -> None:
+    """Account for one layer written (write_s: its share of the write call)."""
+    got.write_s += write_s
+    got.decode_s += d.decode_s
+    got.wire_bytes += d.frame.nbytes
+    got.layers += 1
+    handle._layer_done(got.layers)
+
+
+def _pull_stats(ctl: TrailerMsg, got: _Received, transfer_s: float, connect_s: float) -> PullStats:
+    return PullStats(
+        bytes_on_wire=got.wire_bytes,
+        raw_bytes=ctl.raw_bytes,
+        payload_bytes=ctl.payload_bytes,
+        server_read_s=ctl.read_s,
+        encode_s=ctl.encode_s,
+        server_wait_s=ctl.wait_s,
+        server_send_s=ctl.send_s,
+        transfer_s=transfer_s,
+        decode_s=got.decode_s,
+        write_s=got.write_s,
+        connect_s=connect_s,
+    )
 
 
 @dataclass(frozen=True)
@@ -615,6 +777,21 @@ class _Received:
     wire_bytes: int = 0
     decode_s: float = 0.0
     write_s: float = 0.0
+
+
+@dataclass(eq=False)
+class _Piece:
+    """One piece of a one-thread resharded pull (KVPuller._pull_pieces_one_thread)."""
+
+    plan: reshard.PlannedPull
+    handle: PullHandle
+    ch: Channel
+    pooled: bool  # ch came from the pool (a dead one is replaced once, before anything arrived)
+    connect_s: float
+    next_layer: int  # the layer of the next frame
+    t_start: float = 0.0  # PULL sent (perf_counter)
+    got: _Received = field(default_factory=_Received)
+    trailer: Trailer | None = None  # its stream ended with a trailer that checked out
 
 
 def _check_rect(f: Frame, layers: Range | None, heads: Range | None) -> Range:

@@ -100,6 +100,36 @@ def recv_exact_into(sock: socket.socket, mv: memoryview, deadline: float | None)
         got += k
 
 
+def recv_some(sock: socket.socket, mv: memoryview, deadline: float | None) -> int:
+    """Read 1..len(mv) bytes into `mv`, waiting for the first until `deadline`. PeerClosed on EOF/reset,
+    TransferTimeout."""
+    sock.settimeout(remaining(deadline))
+    try:
+        k = sock.recv_into(mv, len(mv))
+    except TimeoutError:
+        raise TransferTimeout(f"timed out waiting for {len(mv)} more bytes") from None
+    except OSError as e:
+        raise PeerClosed(f"connection lost: {e}") from None
+    if k == 0:
+        raise PeerClosed(f"peer closed the connection ({len(mv)} bytes short)")
+    return k
+
+
+def recv_nowait(sock: socket.socket, mv: memoryview) -> int | None:
+    """Read into `mv` what the socket holds (at most len(mv) bytes) without waiting: None if nothing.
+    PeerClosed on EOF/reset."""
+    sock.settimeout(0.0)
+    try:
+        k = sock.recv_into(mv, len(mv))
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError as e:
+        raise PeerClosed(f"connection lost: {e}") from None
+    if k == 0:
+        raise PeerClosed(f"peer closed the connection ({len(mv)} bytes short)")
+    return k
+
+
 def sendall(sock: socket.socket, data: bytes | memoryview, deadline: float | None) -> None:
     sock.settimeout(remaining(deadline))
     try:

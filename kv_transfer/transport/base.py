@@ -8,7 +8,9 @@ the next operation (`recv`, `send`, `poll`, `close`) on that channel -- copy wha
 
 from __future__ import annotations
 
+import select
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 
 from kv_transfer.frame import Buffer
 
@@ -34,6 +36,23 @@ class Channel(ABC):
     def poll(self) -> bool:
         """True if recv() would not block (a message, or EOF, is waiting)."""
 
+    def readiness_fd(self) -> int | None:
+        """A descriptor that select() reports readable once the peer has sent something this channel has not
+        read yet (a message or part of one, or EOF), so one thread can wait on several channels
+        (`wait_readable`). None: the channel has none (UCX); read it on a thread of its own."""
+        return None
+
+    def buffered(self) -> bool:
+        """True if a whole message already waits inside the channel (readiness_fd does not report it)."""
+        return False
+
+    def recv_ready(self) -> memoryview | None:
+        """Read what the peer has sent so far without waiting for more: the next whole message once all of it
+        arrived, else None (call again when readiness_fd turns readable; a part read stays in the channel
+        and a later recv() completes it). Same view lifetime and errors as recv(). Default: recv() when
+        poll() says something waits (which may block for the rest of that message), else None."""
+        return self.recv() if self.poll() else None
+
     @abstractmethod
     def close(self) -> None:
         """Idempotent; releases every resource (sockets, shared memory, UCX endpoints)."""
@@ -47,6 +66,27 @@ class Channel(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def wait_readable(channels: Sequence[Channel], timeout: float | None) -> list[int]:
+    """Indices of `channels` worth a recv() now: those with a buffered message, else those whose readiness_fd
+    select() reports readable within `timeout` s (None = forever); [] on timeout. A readable channel may
+    still block in recv() for the rest of a message its peer is sending. Every channel must have a
+    readiness_fd (ValueError otherwise); a closed one is reported readable (its recv() raises PeerClosed)."""
+    buffered = [i for i, ch in enumerate(channels) if ch.closed or ch.buffered()]
+    if buffered:
+        return buffered
+    fds: list[int] = []
+    for ch in channels:
+        fd = ch.readiness_fd()
+        if fd is None:
+            raise ValueError("wait_readable: a channel has no readiness descriptor")
+        fds.append(fd)
+    try:
+        ready, _, _ = select.select(fds, [], [], timeout)
+    except (OSError, ValueError):  # a descriptor closed meanwhile: let recv() report it
+        return list(range(len(channels)))
+    return [i for i, fd in enumerate(fds) if fd in ready]
 
 
 class Listener(ABC):

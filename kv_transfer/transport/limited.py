@@ -70,6 +70,15 @@ class LimitedChannel(Channel):
     def poll(self) -> bool:
         return self.inner.poll()
 
+    def readiness_fd(self) -> int | None:
+        return self.inner.readiness_fd()
+
+    def buffered(self) -> bool:
+        return self.inner.buffered()
+
+    def recv_ready(self) -> memoryview | None:
+        return self.inner.recv_ready()
+
     def close(self) -> None:
         self._closing.set()
         self.inner.close()

@@ -272,6 +272,32 @@ class ShmChannel(ChannelGuard, Channel):
             finally:
                 self._in_recv = False
 
+    def readiness_fd(self) -> int | None:
+        return self._sock.fileno()  # every message is announced by a record on the socket (INLINE, START)
+
+    def buffered(self) -> bool:
+        return bool(self._ready)  # completed while a send() waited for credits
+
+    def recv_ready(self) -> memoryview | None:
+        """Act on the records the socket holds (each read whole: a record's bytes follow at once) without
+        waiting for more; the message they complete, else None."""
+        with self._op():
+            if self._ready:
+                return memoryview(self._ready.popleft())
+            self._in_recv = True
+            try:
+                self._handshake(deadline_of(HANDSHAKE_TIMEOUT_S))
+                while readable(self._sock, 0.0):
+                    out = self._pump(deadline_of(HANDSHAKE_TIMEOUT_S))
+                    if out is not None:
+                        return out
+                return None
+            except (FrameError, PeerClosed, TransferTimeout):
+                self.close()
+                raise
+            finally:
+                self._in_recv = False
+
     def poll(self) -> bool:
         if self._closed:
             return False

@@ -21,7 +21,8 @@ from kv_transfer.transport._sockutil import (
     format_host_port,
     listen_tcp,
     readable,
-    recv_exact_into,
+    recv_nowait,
+    recv_some,
     sendall,
     tune_tcp,
 )
@@ -39,6 +40,8 @@ class TCPChannel(ChannelGuard, Channel):
         self._max = max_message_bytes
         self._hdr = bytearray(_HDR.size)
         self._buf = bytearray(0)  # receive buffer, reused; replaced (never resized) when too small
+        # the message being received: body length (-1 while its header is incomplete), bytes of it read
+        self._rx_len, self._rx_got = -1, 0
 
     def send(self, data: Buffer, timeout: float | None = None) -> None:
         mv = as_bytes_view(data)
@@ -58,28 +61,59 @@ class TCPChannel(ChannelGuard, Channel):
     def recv(self, timeout: float | None = None) -> memoryview:
         deadline = deadline_of(timeout)
         with self._op():
-            hdr = memoryview(self._hdr)
-            if timeout is not None and not readable(self._sock, timeout):
+            between_messages = self._rx_got == 0 and self._rx_len < 0
+            if between_messages and timeout is not None and not readable(self._sock, timeout):
                 # nothing arrived at all: the stream is intact, the channel stays usable
                 raise TransferTimeout(f"no message within {timeout} s")
             try:
-                recv_exact_into(self._sock, hdr, deadline)
-                magic, n = _HDR.unpack(hdr)
+                out = self._read(deadline, block=True)
+                assert out is not None
+                return out
+            except (PeerClosed, TransferTimeout, FrameForeign, FrameTooLarge):
+                self.close()
+                raise
+
+    def recv_ready(self) -> memoryview | None:
+        with self._op():
+            try:
+                return self._read(None, block=False)
+            except (PeerClosed, TransferTimeout, FrameForeign, FrameTooLarge):
+                self.close()
+                raise
+
+    def _read(self, deadline: float | None, block: bool) -> memoryview | None:
+        """Advance the message being received (its 12-byte header, then its body) by what the socket holds,
+        waiting for more until `deadline` when `block`; the message once whole, else None (not `block`)."""
+        while True:
+            if self._rx_len < 0:
+                view = memoryview(self._hdr)[self._rx_got :]
+            else:
+                view = memoryview(self._buf)[self._rx_got : self._rx_len]
+            if len(view):
+                k = recv_some(self._sock, view, deadline) if block else recv_nowait(self._sock, view)
+                if k is None:
+                    return None
+                self._rx_got += k
+                if k < len(view):
+                    continue
+            if self._rx_len < 0:  # the header is complete
+                magic, n = _HDR.unpack(self._hdr)
                 if magic != MAGIC:
                     raise FrameForeign(f"not a pdserve TCP stream (magic {bytes(magic)!r})")
                 if n > self._max:
                     raise FrameTooLarge(f"message claims {n} bytes > cap {self._max}")
                 if len(self._buf) < n:
                     self._buf = bytearray(max(n, len(self._buf) * 5 // 4))
-                out = memoryview(self._buf)[:n]
-                recv_exact_into(self._sock, out, deadline)
-                return out
-            except (PeerClosed, TransferTimeout, FrameForeign, FrameTooLarge):
-                self.close()
-                raise
+                self._rx_len, self._rx_got = n, 0
+                continue
+            n, self._rx_len, self._rx_got = self._rx_len, -1, 0
+            return memoryview(self._buf)[:n]
 
     def poll(self) -> bool:
         return not self._closed and readable(self._sock, 0.0)
+
+    def readiness_fd(self) -> int | None:
+        return self._sock.fileno()  # the stream itself: readable = a message (or part, or EOF) waits
 
 
 class TCPListener(Listener):

@@ -10,14 +10,15 @@ import threading
 import zlib
 from collections import Counter
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
 from torch import Tensor
 
 from engine.parallel.layout import Layout
-from kv_transfer.client import KVPuller
-from kv_transfer.errors import LayoutMismatch, PeerClosed, ProtocolError, UnknownTransfer
+from kv_transfer.client import KVPuller, Trailer
+from kv_transfer.errors import LayoutMismatch, PeerClosed, ProtocolError, TransferTimeout, UnknownTransfer
 from kv_transfer.frame import decode_frame, encode_frame
 from kv_transfer.reshard import decode_replica, handle_layout, is_canonical, plan
 from kv_transfer.server import KVServer
@@ -148,9 +149,17 @@ class Shard:
         return ks, vs
 
 
-@pytest.fixture
-def puller() -> Iterator[KVPuller]:
-    p = KVPuller(fingerprint=FP, timeout_s=10.0)
+class ThreadsPuller(KVPuller):
+    """A puller whose pull_pieces always uses the "threads" reader (a pull thread per piece, as over ucx)."""
+
+    def pull_pieces(self, *args: Any, **kwargs: Any) -> Trailer:
+        return super().pull_pieces(*args, threads=True, **kwargs)
+
+
+@pytest.fixture(params=["one_thread", "threads"])
+def puller(request: pytest.FixtureRequest) -> Iterator[KVPuller]:
+    """Every test runs with both pull_pieces readers (tcp and shm offer one_thread; see KVPuller.pull_pieces)."""
+    p = KVPuller(fingerprint=FP, timeout_s=10.0) if request.param == "one_thread" else ThreadsPuller(FP, 10.0)
     yield p
     p.close()
 
@@ -183,6 +192,9 @@ def pull_all_ranks(pre: Prefill, dst: Layout, puller: KVPuller) -> list[Shard]:
                     replica=replica,
                 )
                 assert tr.first_token_id == FIRST_TOKEN and tr.num_layers == shard.layers[1] - shard.layers[0]
+                pieces = len(plan(hl.layout, hl.rank_addresses, shard.layers, shard.heads, 2, 2))
+                one = pieces > 1 and not isinstance(puller, ThreadsPuller)
+                assert tr.reader == ("one_thread" if one else "threads")
             except BaseException as e:  # reported by the main thread
                 errors.append(e)
 
@@ -519,5 +531,53 @@ def test_pieces_written_into_their_heads_of_a_paged_cache(
             k, v = cache.read(layer, blocks, num_tokens)
             assert torch.equal(k, kv[layer][0]) and torch.equal(v, kv[layer][1])
         pre.wait_pulled(4)
+    finally:
+        pre.stop()
+
+
+@pytest.mark.parametrize("threads", [False, True], ids=["one_thread", "threads"])
+def test_a_stalled_piece_times_out_typed_after_the_others_arrived_and_keeps_every_lease(
+    real_kv: tuple[KV, int], threads: bool
+) -> None:
+    """TP2 prefill whose rank 1 has not made any layer ready: rank 0's piece arrives in full meanwhile (a piece
+    still waiting holds up no other), then the pull fails with TransferTimeout, nothing ACKed, both leases
+    kept; once rank 1 catches up the retried pull releases both."""
+    kv, num_tokens = real_kv
+    pre = Prefill(Layout(2, 1), "tcp", kv, num_tokens, f"rs-stall-{threads}")
+    try:
+        assert pre.servers[1].cancel(pre.tid)
+        k1 = [(k[:, 1:2].contiguous(), v[:, 1:2].contiguous()) for k, v in kv]
+        pre.servers[1].open_lease(
+            pre.tid, 2, num_tokens, lambda la: k1[la], pre.releases, heads=(1, 2), token=pre.token
+        )
+        hl = handle_layout(pre.handle())
+        with KVPuller(fingerprint=FP, timeout_s=0.5) as puller:
+
+            def pull() -> Shard:
+                shard = Shard(kv, (0, 2), (0, 2))
+                tr = puller.pull_pieces(
+                    hl.layout, hl.rank_addresses, pre.tid, "raw", (0, 2), (0, 2), shard,
+                    token=pre.token or b"", num_layers=2, num_kv_heads=2, threads=threads,
+                )  # fmt: skip
+                assert tr.reader == ("threads" if threads else "one_thread")
+                return shard
+
+            stalled = Shard(kv, (0, 2), (0, 2))
+            with pytest.raises(TransferTimeout):
+                puller.pull_pieces(
+                    hl.layout, hl.rank_addresses, pre.tid, "raw", (0, 2), (0, 2), stalled,
+                    token=pre.token or b"", num_layers=2, num_kv_heads=2, threads=threads,
+                )  # fmt: skip
+            assert sorted(stalled.writes) == [
+                (0, 0, 1),
+                (1, 0, 1),
+            ]  # rank 0's whole piece, nothing of rank 1's
+            assert pre.open_leases() == 2 and pre.releases.calls[(pre.tid, "pulled")] == 0
+            pre.servers[1].mark_ready(pre.tid, 2)
+            pre.servers[1].finish(pre.tid, FIRST_TOKEN)
+            shard = pull()
+        assert torch.equal(shard.k, shard.expected(kv)[0]) and torch.equal(shard.v, shard.expected(kv)[1])
+        pre.wait_pulled(2)
+        assert pre.open_leases() == 0
     finally:
         pre.stop()

@@ -18,5 +18,7 @@ def test_reshard_bench_times_every_mode_and_every_lease_is_pulled() -> None:
     assert set(r["handoff_s"]) == set(MODES) and all(t > 0 for t in r["handoff_s"].values())
     assert all(len(v) == 1 for v in r["handoff_s_all"].values())
     assert r["ratio"] == pytest.approx(r["handoff_s"]["tp2_to_tp1"] / r["handoff_s"]["tp1_to_tp1"])
+    threads = r["handoff_s"]["tp2_to_tp1_threads"]  # the same pull with a thread per piece (ucx's reader)
+    assert r["threads_ratio"] == pytest.approx(threads / r["handoff_s"]["tp1_to_tp1"])
     assert r["meets_target"] == (r["ratio"] <= r["target_ratio"]) and r["prompt_tokens"] == 64
     assert r["kv_bytes"] == 2 * 5 * 64 * 2 * 32 * 4  # the shipped model: 5 layers, 2 KV heads of 32, fp32

@@ -18,7 +18,7 @@ import torch
 from kv_transfer.errors import FrameForeign, FrameTooLarge, PeerClosed, TransferTimeout, UnknownTransport
 from kv_transfer.transport import available_transports, transport_for
 from kv_transfer.transport._sockutil import parse_host_port
-from kv_transfer.transport.base import Channel, Listener, Transport
+from kv_transfer.transport.base import Channel, Listener, Transport, wait_readable
 from kv_transfer.transport.shm import ShmTransport
 from kv_transfer.transport.ucx import ucx_available
 
@@ -313,3 +313,92 @@ def test_ucx_moves_cuda_tensors() -> None:
             ch.close()
         finally:
             proc.kill()
+
+
+@pytest.mark.parametrize("scheme", ["tcp", "shm"])
+def test_one_thread_reads_several_channels_as_their_messages_arrive(scheme: str) -> None:
+    """wait_readable says which of several channels has something; recv_ready returns a message once all of it
+    arrived and None before (a message still arriving holds nothing up); large messages (shm: through the
+    ring) arrive intact, in order per channel."""
+    transport = _transport(scheme)
+    with transport.listen("127.0.0.1", 0) as lst:
+        servers: list[Channel] = []
+        clients = []
+
+        def serve() -> Channel:
+            ch = lst.accept(timeout=10)
+            assert bytes(ch.recv(timeout=10)) == b"hello"  # shm: the handshake happens on first use
+            return ch
+
+        for _ in range(2):
+            th, box = run_bg(serve)
+            cli = transport.connect(lst.address, timeout=10)
+            cli.send(b"hello")
+            srv = join(th, box)
+            assert isinstance(srv, Channel)
+            servers.append(srv)
+            clients.append(cli)
+        try:
+            assert all(ch.readiness_fd() is not None for ch in clients)
+            assert wait_readable(clients, 0.0) == []  # nothing sent yet
+            assert all(ch.recv_ready() is None for ch in clients)
+            msgs = {0: [payload(3 * MiB, 1), payload(10, 2)], 1: [payload(5 * MiB, 3)]}
+
+            def send_all() -> None:
+                for i in (1, 0):
+                    for m in msgs[i]:
+                        servers[i].send(m.data, timeout=30)
+
+            th, box = run_bg(send_all)
+            got: dict[int, list[bytes]] = {0: [], 1: []}
+            deadline = time.monotonic() + 30
+            while sum(len(v) for v in got.values()) < 3:
+                assert time.monotonic() < deadline
+                for i in wait_readable(clients, 10.0):
+                    msg = clients[i].recv_ready()
+                    if msg is not None:
+                        got[i].append(bytes(msg))
+            join(th, box)
+            for i, sent in msgs.items():
+                assert [np.frombuffer(g, dtype=np.uint8).tobytes() for g in got[i]] == [
+                    m.tobytes() for m in sent
+                ]
+            # a blocking recv still works after recv_ready, and a closed channel is reported ready (its read raises)
+            servers[0].send(b"after", timeout=10)
+            assert bytes(clients[0].recv(timeout=10)) == b"after"
+            servers[1].close()
+            assert wait_readable(clients[1:], 10.0) == [0]
+            with pytest.raises(PeerClosed):
+                while clients[1].recv_ready() is None:
+                    assert wait_readable(clients[1:], 10.0) == [0]
+        finally:
+            for ch in clients + servers:
+                ch.close()
+
+
+def test_tcp_recv_ready_keeps_a_part_and_recv_completes_it() -> None:
+    """A message whose header and half its body arrived: recv_ready returns None (and keeps the part), the rest
+    then completes it, through recv_ready or recv."""
+    transport = transport_for("tcp")
+    with transport.listen("127.0.0.1", 0) as lst:
+        raw = socket.create_connection(parse_host_port(lst.address, "tcp"))
+        ch = lst.accept(timeout=10)
+        try:
+            body = payload(100_000, 7).tobytes()
+            for finish_with_recv in (False, True):
+                raw.sendall(b"PDT1" + struct.pack("<Q", len(body)) + body[:40_000])
+                assert wait_readable([ch], 10.0) == [0]
+                part = ch.recv_ready()
+                while part is None and wait_readable([ch], 0.2):  # what arrived so far is read, kept
+                    part = ch.recv_ready()
+                assert part is None
+                raw.sendall(body[40_000:])
+                if finish_with_recv:
+                    msg = ch.recv(timeout=10)
+                else:
+                    while (msg := ch.recv_ready()) is None:
+                        assert wait_readable([ch], 10.0) == [0]
+                assert bytes(msg) == body
+        finally:
+            ch.close()
+            raw.close()
