@@ -393,12 +393,13 @@ def test_tcp_recv_ready_keeps_a_part_and_recv_completes_it() -> None:
                     part = ch.recv_ready()
                 assert part is None
                 raw.sendall(body[40_000:])
+                msg: memoryview | None
                 if finish_with_recv:
                     msg = ch.recv(timeout=10)
                 else:
                     while (msg := ch.recv_ready()) is None:
                         assert wait_readable([ch], 10.0) == [0]
-                assert bytes(msg) == body
+                assert msg is not None and bytes(msg) == body
         finally:
             ch.close()
             raw.close()
