@@ -303,12 +303,22 @@ def test_metrics_are_exported(traced: Traced) -> None:
         time.sleep(0.2)
     assert by_codec() == want
     assert _points(traced.receiver, "pdserve.kv.handoff.duration")
-    requests = _points(traced.receiver, "pdserve.requests")
-    by_status = {
-        tuple(sorted((kv.key, kv.value.string_value) for kv in p.attributes)): p.as_int for _, p in requests
-    }
-    assert max(v for k, v in by_status.items() if ("pdserve.status_code", "OK") in k) == n_ok
-    assert any(("pdserve.status_code", "INVALID_ARGUMENT") in k for k in by_status)
+
+    def by_status() -> dict[tuple, int]:
+        """Requests per attribute set so far (a cumulative sum: the newest export may lag)."""
+        return {
+            tuple(sorted((kv.key, kv.value.string_value) for kv in p.attributes)): p.as_int
+            for _, p in traced.receiver.metric_points("pdserve.requests")
+        }
+
+    def ok_count() -> int:
+        return max((v for k, v in by_status().items() if ("pdserve.status_code", "OK") in k), default=0)
+
+    deadline = time.monotonic() + 10.0
+    while ok_count() < n_ok and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ok_count() == n_ok
+    assert any(("pdserve.status_code", "INVALID_ARGUMENT") in k for k in by_status())
     blocks = _points(traced.receiver, "pdserve.kv.blocks")
     roles = {r["service.name"] for r, _ in blocks}
     assert roles == {"pdserve-prefill", "pdserve-decode"}
