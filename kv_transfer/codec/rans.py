@@ -170,7 +170,16 @@ def _load() -> ctypes.CDLL | None:
                 lib.cg_l0_check.restype = i64
                 lib.cg_l0_check.argtypes = [p, p, i64, p, i64, i64, i64, p, p, i64, p, p, p]
                 lib.cg_lap_tables.restype = i64
-                lib.cg_lap_tables.argtypes = [p, p, i64, i64, p, p, p, p, i64]
+                lib.cg5_encode_kv.restype = i64
+                # k, v, half, T, H, D, fk, fv, cos, sin, ld, nch | bounds, plan, mid | wsym .. nw, simd
+                # k, v, half, T, H, D, fk, fv, cos, sin, ld, nch, bounds, plan, mid; wsym, side, centre, step,
+                # rho, amax, out, nw, simd
+                lib.cg5_encode_kv.argtypes = [*(p, p, i64, i64, i64, i64, p, p, p, p, i64, i64, p, p, i64)]
+                lib.cg5_encode_kv.argtypes += [*(p, p, p, p, p, p, p, p, i64)]
+                lib.cg5_decode_kv.restype = i64
+                # side, nch, C, T, wide, mid, words, nwords, wsym, H, D; gk, gv, cos, sin, ld, half, k, v, simd
+                lib.cg5_decode_kv.argtypes = [*(p, i64, i64, i64, i64, i64, p, i64, p, i64, i64)]
+                lib.cg5_decode_kv.argtypes += [*(p, p, p, p, i64, i64, p, p, i64)]
                 _lib, _origin = lib, origin
             except (OSError, RuntimeError, subprocess.SubprocessError) as e:
                 log.warning(
@@ -473,6 +482,86 @@ def encode5_layer(
         raise MemoryError("cg5_encode_layer")
     assert rc in (0, 1), rc
     return side._set(rc), out[: int(nw.sum())], nw, rho, amax
+
+
+def _kv_ptrs(k: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int]:
+    """(k, v, half) for the *_kv calls: contiguous CPU fp16 or fp32 tensors [T, H, D] of one dtype."""
+    assert k.dtype == v.dtype and k.dtype in (torch.float16, _F32) and k.shape == v.shape and k.dim() == 3
+    assert k.is_cpu and v.is_cpu and k.is_contiguous() and v.is_contiguous()
+    return k.data_ptr(), v.data_ptr(), int(k.dtype == torch.float16)
+
+
+def _mat(m: np.ndarray, c: int) -> int:
+    assert m.dtype == np.float32 and m.shape == (c, c) and m.flags.c_contiguous
+    return _ptr(m)
+
+
+def encode5_kv(
+    k: torch.Tensor, v: torch.Tensor, fk: np.ndarray, fv: np.ndarray, cos: torch.Tensor, sin: torch.Tensor,
+    bounds: np.ndarray, plan: np.ndarray, mid: int, wsym: np.ndarray, simd: bool | None = None,
+) -> tuple[Side5, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    """The CPU encoder of a layer from its K/V in one compiled call: k, v [T, H, D] (contiguous fp16 or fp32,
+    positions 0..T-1) -> y_k = (unrope(k) fk)^T, y_v = (v fv)^T (fk, fv fp32 [C, C]; cos/sin fp32 [P >= T, D]
+    as `rope`), then encode5_layer's work; returns as encode5_layer. The products sum in order with FMA on the
+    AVX2 path (`simd`), so rows may differ in the last bit from torch's; the frame's rules are the same."""
+    kp, vp, half = _kv_ptrs(k, v)
+    t, h, d = k.shape
+    c = h * d
+    assert cos.dtype == sin.dtype == _F32 and cos.is_contiguous() and sin.is_contiguous()
+    assert cos.shape == sin.shape and cos.shape[0] >= t and cos.shape[1] == d
+    b = _bounds(bounds, t)
+    nch = b.size - 1
+    plan = np.ascontiguousarray(plan, np.float32)
+    assert plan.shape == (nch, 2)
+    _check_wsym(wsym, mid)
+    side = Side5(nch, c)
+    rho, amax, out, nw = _side_out(nch, c, t)
+    rc = _lib_or_raise().cg5_encode_kv(
+        kp, vp, half, t, h, d, _mat(fk, c), _mat(fv, c), cos.data_ptr(), sin.data_ptr(), d, nch, _ptr(b),
+        _ptr(plan), mid, _ptr(wsym), _ptr(side.data), _ptr(side.centre), _ptr(side.step), _ptr(rho), _ptr(amax),
+        _ptr(out), _ptr(nw), use_simd(simd),
+    )  # fmt: skip
+    if rc == -4:
+        raise CodecError("cachegen: K/V contains NaN or Inf")
+    if rc == -3:
+        raise MemoryError("cg5_encode_kv")
+    if rc == -5:
+        raise CodecError(f"cachegen: {c} channels per layer, the compiled encoder takes at most 256")
+    assert rc in (0, 1), rc
+    return side._set(rc), out[: int(nw.sum())], nw, rho, amax
+
+
+def decode5_kv(
+    side: bytes | memoryview, nch: int, t: int, wide: bool, mid: int, words: np.ndarray, wsym: np.ndarray,
+    gk: np.ndarray, gv: np.ndarray, cos: torch.Tensor, sin: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    simd: bool | None = None,
+) -> None:  # fmt: skip
+    """The CPU decoder of a layer in one compiled call: v5 params' directory and side information (`side`, its
+    length checked by the caller, as parse_side5) and all payload words (uint16, CRC checked by the caller) ->
+    k = rope(y_k^T gk), v = y_v^T gv into k, v [T, H, D] (contiguous CPU fp16 or fp32). FrameCorrupted as
+    parse_side5 and decode5, or when the words are not the directory's count."""
+    kp, vp, half = _kv_ptrs(k, v)
+    _, h, d = k.shape
+    c = h * d
+    assert k.shape[0] == t and cos.dtype == sin.dtype == _F32 and cos.is_contiguous() and sin.is_contiguous()
+    assert cos.shape == sin.shape and cos.shape[0] >= t and cos.shape[1] == d
+    words = np.ascontiguousarray(words, np.uint16)
+    _check_wsym(wsym, mid)
+    rc = _lib_or_raise().cg5_decode_kv(
+        side, nch, c, t, int(wide), mid, _ptr(words), words.size, _ptr(wsym), h, d, _mat(gk, c), _mat(gv, c),
+        cos.data_ptr(), sin.data_ptr(), d, half, kp, vp, use_simd(simd),
+    )  # fmt: skip
+    if rc == -1:
+        raise FrameCorrupted(f"cachegen params: chunk directory does not fit T = {t} or the payload's length")
+    if rc == -2:
+        raise FrameCorrupted("cachegen params: non-finite or non-positive step, or |q| > 127")
+    if rc == -6:
+        raise FrameCorrupted("cachegen: rANS data did not decode exactly (corrupted payload)")
+    if rc == -3:
+        raise MemoryError("cg5_decode_kv")
+    if rc == -5:
+        raise CodecError(f"cachegen: {c} channels per layer, the compiled decoder takes at most 256")
+    assert rc == 0, rc
 
 
 def parse_side5(
