@@ -170,6 +170,7 @@ def _load() -> ctypes.CDLL | None:
                 lib.cg_l0_check.restype = i64
                 lib.cg_l0_check.argtypes = [p, p, i64, p, i64, i64, i64, p, p, i64, p, p, p]
                 lib.cg_lap_tables.restype = i64
+                lib.cg_lap_tables.argtypes = [p, p, i64, i64, p, p, p, p, i64]
                 lib.cg5_encode_kv.restype = i64
                 # k, v, half, T, H, D, fk, fv, cos, sin, ld, nch | bounds, plan, mid | wsym .. nw, simd
                 # k, v, half, T, H, D, fk, fv, cos, sin, ld, nch, bounds, plan, mid; wsym, side, centre, step,
