@@ -11,7 +11,8 @@ so encoder and decoder derive bit-identical tables on any machine.
 
 Format v5 (`*5`, used by cachegen_klt): each component's symbols get a two-sided geometric model from two
 bytes (rho, amax), fitted and built in C; a layer's chunks are quantized, fitted and coded in one call
-(`encode5` / `decode5`; `stats4` is the statistics pass before it), component-major. Its coder: 32-bit
+(`encode5` / `decode5`; `stats4` is the statistics pass before it), component-major; on the CPU the codec
+calls `encode5_kv` / `decode5_kv`, which add the transform's products, RoPE and fp16 (one call per layer and side). Its coder: 32-bit
 states with 16-bit renormalisation (uint16 words), STATES = 16 states per part (K, V), token t of a component
 coded by state t % 16, so a group of 16 tokens is two 8-lane vectors. Two implementations write and read the
 same bitstream: an AVX2 one (per-row tables of one uint32 per slot / symbol read with gathers; one shuffle
