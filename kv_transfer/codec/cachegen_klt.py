@@ -86,6 +86,8 @@ RECENT = (64, 8.0)
 # recomputed from the token ids (`cachegen_l0`), calibrated to the same budget with layer 0 free.
 L0_SUFFIX = "+l0"
 ROW_PAD = 16  # fp32 values after each decoded row (see decode)
+_WORD = np.dtype("<u2")  # payload words
+_LITTLE = sys.byteorder == "little"
 
 # ---- discrete Laplace tables ----------------------------------------------------------------------------
 
@@ -469,8 +471,8 @@ def _check_header(
         raise FrameForeign(f"cachegen: transform {tid:#018x} is not loaded in this codec context")
     if not 0 <= layer < transform.num_layers or c != transform.channels or d != transform.head_dim:
         raise FrameForeign(f"cachegen: transform {tid:#018x} does not cover layer {layer} of shape {shape}")
-    sdt = np.dtype("<f4") if flags & FLAG_WIDE else np.dtype("<f2")
-    need = _HEADER4.size + n * 12 + n * 2 * c * (2 * sdt.itemsize + 2) + _CRC.size
+    side_bytes = 4 if flags & FLAG_WIDE else 2  # centre and step: fp32 or fp16
+    need = _HEADER4.size + n * 12 + n * 2 * c * (2 * side_bytes + 2) + _CRC.size
     if need != len(buf):
         raise FrameCorrupted(f"cachegen params: {len(buf)} bytes, the header implies {need}")
     return n, flags, payload_crc, transform
@@ -519,8 +521,8 @@ def decode_cpu(
         raise FrameCorrupted("cachegen payload crc32 mismatch")
     if len(pay) % 2:
         raise FrameCorrupted(f"cachegen payload: {len(pay)} bytes, not whole words")
-    words = np.frombuffer(pay, np.dtype("<u2"))
-    if sys.byteorder != "little" or words.ctypes.data % 2:
+    words = np.frombuffer(pay, _WORD)
+    if not (_LITTLE and words.flags.aligned):
         words = words.astype(np.uint16)
     return _decode_kv(params, n, flags, transform, words, shape, dtype, layer)
 
@@ -533,7 +535,7 @@ def _decode_kv(
     one compiled call (`rans.decode5_kv`; the decoded rows are ROW_PAD-padded there)."""
     t = shape[0]
     wdt = torch.float16 if dtype == torch.float16 else torch.float32
-    k, v = torch.empty(shape, dtype=wdt), torch.empty(shape, dtype=wdt)
+    k, v = torch.empty((2, *shape), dtype=wdt).unbind()  # each contiguous
     cos, sin = transform._cos_sin(t, k.device)
     rans.decode5_kv(
         params[_HEADER4.size : len(params) - _CRC.size], n, t, bool(flags & FLAG_WIDE), QMAX, words,
