@@ -1220,6 +1220,87 @@ void cg_rope_f16(const uint16_t *xh, const float *xf, int64_t T, int64_t H, int6
     rope_f16_portable(xh, xf, T, H, D, cos, sin, ld, sign, of, oh);
 }
 
+/* ---- CRC-32 (zlib's: reflected 0xEDB88320, pre- and post-inverted), for the payload's check ----
+   PCLMULQDQ folding (Intel's "Fast CRC computation for generic polynomials using PCLMULQDQ", the constants of
+   Linux's crc32-pclmul) over whole 16-byte blocks where the CPU has it and there are >= 64 bytes, a byte table
+   otherwise and for the tail. Equal to zlib.crc32 (tested over lengths and seeds). */
+
+static uint32_t g_crc_table[256];
+
+__attribute__((constructor)) static void init_crc_table(void) {
+    for (uint32_t i = 0; i < 256; i++) {
+        uint32_t c = i;
+        for (int j = 0; j < 8; j++) c = c & 1 ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+        g_crc_table[i] = c;
+    }
+}
+
+static uint32_t crc_bytes(uint32_t state, const uint8_t *p, int64_t n) {
+    for (int64_t i = 0; i < n; i++) state = g_crc_table[(state ^ p[i]) & 0xFF] ^ (state >> 8);
+    return state;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+/* n >= 64, a multiple of 16 -> the raw state after p (state in, not inverted). */
+__attribute__((target("pclmul,sse4.1"))) static uint32_t crc_fold(uint32_t state, const uint8_t *p, int64_t n) {
+    const __m128i r2r1 = _mm_set_epi64x(0x1c6e41596LL, 0x154442bd4LL), r4r3 = _mm_set_epi64x(0x0ccaa009eLL, 0x1751997d0LL);
+    const __m128i r5 = _mm_set_epi64x(0, 0x163cd6124LL), upoly = _mm_set_epi64x(0x1F7011641LL, 0x1DB710641LL);
+    const __m128i mask32 = _mm_set_epi32(0, 0, 0, -1);
+    __m128i x1 = _mm_loadu_si128((const __m128i *)p), x2 = _mm_loadu_si128((const __m128i *)(p + 16)),
+            x3 = _mm_loadu_si128((const __m128i *)(p + 32)), x4 = _mm_loadu_si128((const __m128i *)(p + 48));
+    x1 = _mm_xor_si128(x1, _mm_cvtsi32_si128((int)state));
+    p += 64, n -= 64;
+#define FOLD(x, k, next) x = _mm_xor_si128(_mm_xor_si128(_mm_clmulepi64_si128(x, k, 0x00), _mm_clmulepi64_si128(x, k, 0x11)), next)
+    for (; n >= 64; p += 64, n -= 64) {
+        FOLD(x1, r2r1, _mm_loadu_si128((const __m128i *)p));
+        FOLD(x2, r2r1, _mm_loadu_si128((const __m128i *)(p + 16)));
+        FOLD(x3, r2r1, _mm_loadu_si128((const __m128i *)(p + 32)));
+        FOLD(x4, r2r1, _mm_loadu_si128((const __m128i *)(p + 48)));
+    }
+    FOLD(x1, r4r3, x2);
+    FOLD(x1, r4r3, x3);
+    FOLD(x1, r4r3, x4);
+    for (; n >= 16; p += 16, n -= 16) FOLD(x1, r4r3, _mm_loadu_si128((const __m128i *)p));
+#undef FOLD
+    /* 128 -> 64 bits */
+    __m128i t = _mm_clmulepi64_si128(x1, r4r3, 0x10);
+    x1 = _mm_xor_si128(_mm_srli_si128(x1, 8), t);
+    /* 64 -> 32 (+ 32) */
+    t = _mm_srli_si128(x1, 4);
+    x1 = _mm_xor_si128(_mm_clmulepi64_si128(_mm_and_si128(x1, mask32), r5, 0x00), t);
+    /* Barrett reduction */
+    t = x1;
+    x1 = _mm_clmulepi64_si128(_mm_and_si128(x1, mask32), upoly, 0x10);
+    x1 = _mm_clmulepi64_si128(_mm_and_si128(x1, mask32), upoly, 0x00);
+    x1 = _mm_xor_si128(x1, t);
+    return (uint32_t)_mm_extract_epi32(x1, 1);
+}
+
+static int cpu_pclmul(void) {
+    static int v = -1;
+    if (v < 0) {
+        __builtin_cpu_init();
+        v = __builtin_cpu_supports("pclmul") && __builtin_cpu_supports("sse4.1");
+    }
+    return v;
+}
+#endif
+
+/* zlib.crc32(p[:n], crc). simd 0: the byte table only. */
+uint32_t cg_crc32(const uint8_t *p, int64_t n, uint32_t crc, int64_t simd) {
+    uint32_t state = ~crc;
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (simd && n >= 64 && cpu_pclmul()) {
+        int64_t whole = n & ~(int64_t)15;
+        state = crc_fold(state, p, whole);
+        p += whole, n -= whole;
+    }
+#endif
+    (void)simd;
+    return ~crc_bytes(state, p, n);
+}
+
 /* ---- the transform's products and a layer in one call (format v5 on the CPU) ----
    out[i][o] = sum_c x[i][c] M[c][o] for i < nt <= 8 tokens (x, out [nt][C] row-major, M [C][C] row-major),
    summed over c in order (FMA on the AVX2 path, so results may differ from another BLAS in the last bit; the
@@ -1433,11 +1514,13 @@ static void inverse_layer(int use, const float *y0, const float *y1, int64_t ldy
 }
 
 /* The CPU encoder of a layer from k, v [T, H, D] (fp16 bits when half, else fp32): the forward transform (fk, fv
-   [C, C]: y = x F), then cg5_encode_layer's work; its other arguments and returns as there. -5 if C > 256. */
+   [C, C]: y = x F), then cg5_encode_layer's work; its other arguments and returns as there. -5 if C > 256.
+   crc: the CRC-32 of the words written (their bytes in this machine's order). */
 int64_t cg5_encode_kv(const void *k, const void *v, int64_t half, int64_t T, int64_t H, int64_t D, const float *fk,
                       const float *fv, const float *cos, const float *sin, int64_t ld, int64_t nch,
                       const int64_t *bounds, const float *plan, int64_t mid, const int64_t *wsym, uint8_t *side,
-                      float *c32, float *s32, uint8_t *rho, uint8_t *amax, uint16_t *out, int64_t *nw, int64_t simd) {
+                      float *c32, float *s32, uint8_t *rho, uint8_t *amax, uint16_t *out, int64_t *nw, int64_t simd,
+                      int64_t *crc) {
     const int64_t C = H * D;
     if (C > 256) return -5;
     float *y = malloc(sizeof(float) * (size_t)(2 * C * T));
@@ -1446,18 +1529,25 @@ int64_t cg5_encode_kv(const void *k, const void *v, int64_t half, int64_t T, int
     int64_t rc = cg5_encode_layer(y, y + C * T, C, T, nch, bounds, plan, mid, wsym, side, c32, s32, rho, amax, out, nw,
                                   simd);
     free(y);
+    if (rc == 0 || rc == 1) { /* the words' CRC-32 (zlib's), over their bytes in this machine's order */
+        int64_t words = 0;
+        for (int64_t j = 0; j < 2 * nch; j++) words += nw[j];
+        *crc = cg_crc32((const uint8_t *)out, 2 * words, 0, simd);
+    }
     return rc;
 }
 
-/* The CPU decoder of a layer: v5 params' side (buf, as cg5_parse_side) and the payload's words (nwords of them,
-   its CRC checked by the caller) -> k, v [T, H, D] (fp16 bits when half, else fp32) through the inverse
-   transform (gk, gv [C, C]). Returns 0; -1 the directory does not fit T or the payload's length; -2 bad side
+/* The CPU decoder of a layer: v5 params' side (buf, as cg5_parse_side) and the payload's words (nwords of them)
+   -> k, v [T, H, D] (fp16 bits when half, else fp32) through the inverse
+   transform (gk, gv [C, C]). crc >= 0: the words' bytes must have this CRC-32 (checked first; < 0: the caller
+   checked it). Returns 0; -7 CRC mismatch; -1 the directory does not fit T or the payload's length; -2 bad side
    information; -6 the rANS data did not decode exactly; -3 out of memory; -5 C > 256. */
 int64_t cg5_decode_kv(const uint8_t *buf, int64_t nch, int64_t C, int64_t T, int64_t wide, int64_t mid,
                       const uint16_t *words, int64_t nwords, const int64_t *wsym, int64_t H, int64_t D, const float *gk,
                       const float *gv, const float *cos, const float *sin, int64_t ld, int64_t half, void *ko, void *vo,
-                      int64_t simd) {
+                      int64_t simd, int64_t crc) {
     if (C > 256 || C != H * D) return -5;
+    if (crc >= 0 && cg_crc32((const uint8_t *)words, 2 * nwords, 0, simd) != (uint32_t)crc) return -7;
     const int64_t ldy = T + 16; /* rows off 4 KiB strides (cachegen_klt.ROW_PAD) */
     const int64_t n = nch * 2 * C;
     int64_t *ib = malloc(sizeof(int64_t) * (size_t)(3 * nch + 1));

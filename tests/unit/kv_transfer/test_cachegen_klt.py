@@ -657,12 +657,13 @@ def test_one_call_layer_encoder_and_decoder(simd: bool, dtype: torch.dtype, t: i
     bounds = np.array([0, max(1, t - 20), t] if t > 21 else [0, t], np.int64)
     plan = np.full((bounds.size - 1, 2), 0.05, np.float32)
     cos, sin = tr._cos_sin(t, k.device)
-    side, words, nw, rho, amax = rans.encode5_kv(
+    side, words, nw, rho, amax, crc = rans.encode5_kv(
         k, v, tr.fwd[1, 0], tr.fwd[1, 1], cos, sin, bounds, plan, klt.QMAX, klt._symbol_weights(), simd=simd
     )
     yk, yv = tr.forward(k, v, 1)  # torch's transform: the same frame up to the products' last bits
     ref = rans.encode5_layer(yk.numpy(), yv.numpy(), bounds, plan, klt.QMAX, klt._symbol_weights(), simd=simd)
     assert abs(words.size - ref[1].size) <= 8 and side.wide == ref[0].wide
+    assert crc == zlib.crc32(words.astype("<u2").tobytes())
     # a v5 frame of these parts, as klt.encode writes it
     chunks = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     params, got = klt.encode(tr, "default", k, v, 1, chunks, steps=(0.05, 0.05), recent=(0, 1.0))
@@ -710,3 +711,14 @@ def test_one_call_decoder_rejects_damaged_frames() -> None:
             klt.decode_cpu(with_crc(params, payload), memoryview(payload), shape, torch.float32, 1, tr)
     with pytest.raises(FrameCorrupted):  # the header's CRC of the payload
         klt.decode_cpu(params, memoryview(bytes(flipped)), shape, torch.float32, 1, tr)
+
+
+@pytest.mark.parametrize("simd", [False, True])
+def test_crc32_equals_zlib(simd: bool) -> None:
+    """rans.crc32 (PCLMULQDQ folding over 16-byte blocks where it runs, a byte table for the rest) is zlib.crc32
+    at every length around the folding's boundaries and with any starting value."""
+    rng = np.random.default_rng(9)
+    for n in [*range(0, 200), 1000, 4099, 65536 + 7]:
+        a = rng.integers(0, 256, n, dtype=np.uint8)
+        for seed in (0, 1, 0xFFFFFFFF, int(rng.integers(0, 2**32))):
+            assert rans.crc32(a, seed, simd=simd) == zlib.crc32(a.tobytes(), seed)
