@@ -192,6 +192,8 @@ class CacheGenCodec(Codec):
             return layer0.decode(raw_params, pay, shape, dtype, dev, self.ctx.layer0)
         version = raw_params[2] if len(raw_params) > 2 and raw_params[:2] == v1.MAGIC else None
         if version == klt.VERSION:
+            if dev.type == "cpu" and not self.device_path:  # one compiled call after the header's checks
+                return klt.decode_cpu(raw_params, pay, shape, dtype, layer, self.ctx.transform)
             pk = klt.parse(raw_params, shape, layer, self.ctx.transform)
             words = _payload_words(pay, pk.payload_crc, pk.words, np.dtype("<u2"))
             return klt.decode(pk, words, shape, dtype, layer, dev, fused=not self.device_path)

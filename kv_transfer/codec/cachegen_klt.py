@@ -51,6 +51,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import struct
+import sys
 import threading
 import zlib
 from pathlib import Path
@@ -85,6 +86,8 @@ RECENT = (64, 8.0)
 # recomputed from the token ids (`cachegen_l0`), calibrated to the same budget with layer 0 free.
 L0_SUFFIX = "+l0"
 ROW_PAD = 16  # fp32 values after each decoded row (see decode)
+_WORD = np.dtype("<u2")  # payload words
+_LITTLE = sys.byteorder == "little"
 
 # ---- discrete Laplace tables ----------------------------------------------------------------------------
 
@@ -372,10 +375,9 @@ def encode(
     """k, v [T, Hkv, D] (checked by the caller) -> (params v5, [payload words uint16]). The level's steps for
     `layer`, or `steps` (K, V) where given, times `scale` (rate control). recent = (R, f):
     the last R tokens form a chunk of their own, coded with steps / f (the prompt's last tokens are read
-    most). CPU (`fused`): statistics, then quantize + fit + code of every chunk, two compiled calls; other
-    devices (or fused=False) compute the statistics and the symbols with torch where k lives (only they cross
+    most). CPU (`fused`): one compiled call (`rans.encode5_kv`: un-RoPE, the transform's products, statistics,
+    side information, quantize, fit, code); other devices (or fused=False) compute the statistics and the symbols with torch where k lives (only they cross
     to the host) and fit and code on the host -- the same bytes for the same statistics."""
-    yk, yv = transform.forward(k, v, layer)  # [C, T] each
     ks, vs = (
         s * scale for s in (steps if steps is not None else (float(x) for x in transform.steps[level][layer]))
     )
@@ -391,15 +393,23 @@ def encode(
         steps_of[-1] = (ks / recent[1], vs / recent[1])
     plan = np.array(steps_of, np.float32)
     wsym = _symbol_weights()
-    if yk.device.type == "cpu" and fused:  # statistics, side information, quantize, fit, code: one call
-        side, words, nw, rho, amax = rans.encode5_layer(yk.numpy(), yv.numpy(), bounds, plan, QMAX, wsym)
+    if k.device.type == "cpu" and fused:  # transform, statistics, side, quantize, fit, code: one call
+        if k.dtype not in (torch.float16, torch.float32):
+            k, v = k.float(), v.float()
+        cos, sin = transform._cos_sin(t, k.device)
+        side, words, nw, rho, amax, crc = rans.encode5_kv(
+            k.contiguous(), v.contiguous(), transform.fwd[layer, 0], transform.fwd[layer, 1], cos, sin, bounds,
+            plan, QMAX, wsym,
+        )  # fmt: skip
     else:
+        yk, yv = transform.forward(k, v, layer)  # [C, T] each
         side = rans.side5(_stats_torch(yk, yv, bounds.tolist()), plan, QMAX)
         sym = quantize_torch(yk, yv, bounds.tolist(), side.centre, side.step).cpu().numpy()
         words, nw, rho, amax = rans.code5(sym, transform.channels, bounds, QMAX, wsym)
+        crc = -1
     head = _HEADER4.pack(
         b"CG", VERSION, _LEVEL_IDS[level], FLAG_WIDE if side.wide else 0, len(chunks), transform.transform_id,
-        zlib.crc32(le_view(words)),
+        crc if crc >= 0 and _LITTLE else zlib.crc32(le_view(words)),
     )  # fmt: skip
     rows = zip(starts, starts[1:] + [t], nw.tolist(), strict=True)  # (tokens, K words, V words) per chunk
     directory = struct.pack(f"<{3 * len(chunks)}I", *(x for a, b, (kw, vw) in rows for x in (b - a, kw, vw)))
@@ -408,7 +418,7 @@ def encode(
 
 
 class Parsed:
-    """Validated v5 params: the transform, chunk bounds int64 [nch + 1], word counts nw int64 [nch, 2] (and
+    """Validated v5 params (`params`: their bytes): the transform, chunk bounds int64 [nch + 1], word counts nw int64 [nch, 2] (and
     their sum, `words`), and centre, step fp32 / rho, amax uint8 [nch, 2, C]."""
 
     def __init__(
@@ -420,8 +430,9 @@ class Parsed:
         nw: np.ndarray,
         side: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
         words: int,
+        params: bytes,
     ) -> None:
-        self.transform, self.flags, self.payload_crc = transform, flags, payload_crc
+        self.transform, self.flags, self.payload_crc, self.params = transform, flags, payload_crc, params
         self.bounds, self.nw, self.words = bounds, nw, words
         self.centre, self.step, self.rho, self.amax = side
 
@@ -429,7 +440,24 @@ class Parsed:
 def parse(params: bytes, shape: tuple[int, ...], layer: int, transform: KLTransform | None) -> Parsed:
     """Check v5 params against the frame's shape and `transform` (the context's); FrameCorrupted /
     FrameForeign on anything wrong. Allocates nothing beyond the params' own size."""
-    buf = params
+    n, flags, payload_crc, transform = _check_header(params, shape, layer, transform)
+    buf, t, c = params, shape[0], shape[1] * shape[2]
+    sdt = np.dtype("<f4") if flags & FLAG_WIDE else np.dtype("<f2")
+    off = _HEADER4.size
+    bounds, nw, centre, step, words = rans.parse_side5(
+        buf[off : len(buf) - _CRC.size], n, c, t, bool(flags & FLAG_WIDE), QMAX
+    )
+    off += 12 * n + 2 * n * 2 * c * sdt.itemsize
+    rho = np.frombuffer(buf, np.uint8, n * 2 * c, off).reshape(n, 2, c)
+    amax = np.frombuffer(buf, np.uint8, n * 2 * c, off + n * 2 * c).reshape(n, 2, c)
+    return Parsed(transform, flags, payload_crc, bounds, nw, (centre, step, rho, amax), words, bytes(buf))
+
+
+def _check_header(
+    buf: bytes, shape: tuple[int, ...], layer: int, transform: KLTransform | None
+) -> tuple[int, int, int, KLTransform]:
+    """v5 params' CRC, header and length against the frame's shape and `transform` -> (chunks, flags, payload
+    crc, transform). FrameCorrupted / FrameForeign as parse."""
     if len(buf) < _HEADER4.size + _CRC.size:
         raise FrameCorrupted(f"cachegen params: {len(buf)} bytes, too short")
     (crc,) = _CRC.unpack_from(buf, len(buf) - _CRC.size)
@@ -444,18 +472,11 @@ def parse(params: bytes, shape: tuple[int, ...], layer: int, transform: KLTransf
         raise FrameForeign(f"cachegen: transform {tid:#018x} is not loaded in this codec context")
     if not 0 <= layer < transform.num_layers or c != transform.channels or d != transform.head_dim:
         raise FrameForeign(f"cachegen: transform {tid:#018x} does not cover layer {layer} of shape {shape}")
-    sdt = np.dtype("<f4") if flags & FLAG_WIDE else np.dtype("<f2")
-    need = _HEADER4.size + n * 12 + n * 2 * c * (2 * sdt.itemsize + 2) + _CRC.size
+    side_bytes = 4 if flags & FLAG_WIDE else 2  # centre and step: fp32 or fp16
+    need = _HEADER4.size + n * 12 + n * 2 * c * (2 * side_bytes + 2) + _CRC.size
     if need != len(buf):
         raise FrameCorrupted(f"cachegen params: {len(buf)} bytes, the header implies {need}")
-    off = _HEADER4.size
-    bounds, nw, centre, step, words = rans.parse_side5(
-        buf[off : len(buf) - _CRC.size], n, c, t, bool(flags & FLAG_WIDE), QMAX
-    )
-    off += 12 * n + 2 * n * 2 * c * sdt.itemsize
-    rho = np.frombuffer(buf, np.uint8, n * 2 * c, off).reshape(n, 2, c)
-    amax = np.frombuffer(buf, np.uint8, n * 2 * c, off + n * 2 * c).reshape(n, 2, c)
-    return Parsed(transform, flags, payload_crc, bounds, nw, (centre, step, rho, amax), words)
+    return n, flags, payload_crc, transform
 
 
 def decode(
@@ -468,17 +489,13 @@ def decode(
     fused: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Parsed params + all payload words (uint16, count checked by the caller) -> k, v [T, Hkv, D]. CPU:
-    tables, rANS and dequantization of every chunk in one compiled call (`fused`); other devices (or
+    tables, rANS, dequantization, the inverse transform, RoPE and fp16 in one compiled call (`fused`:
+    `rans.decode5_kv`; the codec's own CPU decoder is `decode_cpu`, which skips this Parsed); other devices (or
     fused=False) decode the symbols on the host and dequantize with torch where the output lives."""
     t, h, d = shape
     c = h * d
     if device.type == "cpu" and fused:
-        # rows padded by ROW_PAD: rows a multiple of 4 KiB apart (T = 1024 k) slow the inverse's product 1.3x
-        rows = np.empty((2, c, t + ROW_PAD), np.float32)
-        rans.decode5(
-            words, p.nw, p.rho, p.amax, p.centre, p.step, p.bounds, QMAX, _symbol_weights(), rows[0], rows[1]
-        )  # fmt: skip
-        yk, yv = torch.from_numpy(rows[0, :, :t]), torch.from_numpy(rows[1, :, :t])
+        return _decode_kv(p.params, len(p.bounds) - 1, p.flags, p.transform, words, shape, dtype, layer, -1)
     else:
         sym = torch.from_numpy(rans.uncode5(words, p.nw, p.rho, p.amax, p.bounds, QMAX, _symbol_weights()))
         sym = sym.to(device)
@@ -490,6 +507,43 @@ def decode(
             ys[:, :, a:b] = torch.addcmul(ct[j][:, :, None], q, st[j][:, :, None])
         yk, yv = ys[0], ys[1]
     return p.transform.inverse(yk, yv, layer, dtype)
+
+
+def decode_cpu(
+    params: bytes, pay: memoryview, shape: tuple[int, ...], dtype: torch.dtype, layer: int,
+    transform: KLTransform | None,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """The CPU decoder of a v5 frame (params, payload bytes) in one compiled call after the header's and the
+    CRCs' checks: directory and side information (checked as `parse` checks them), rANS, dequantization, the
+    inverse transform, RoPE and the output dtype (fp16 or fp32; others converted after). FrameCorrupted /
+    FrameForeign as parse; FrameCorrupted if the payload is not the directory's word count."""
+    n, flags, payload_crc, transform = _check_header(params, shape, layer, transform)
+    if not _LITTLE and zlib.crc32(pay) != payload_crc:  # else the compiled call checks it on the wire's bytes
+        raise FrameCorrupted("cachegen payload crc32 mismatch")
+    if len(pay) % 2:
+        raise FrameCorrupted(f"cachegen payload: {len(pay)} bytes, not whole words")
+    words = np.frombuffer(pay, _WORD)
+    if not (_LITTLE and words.flags.aligned):
+        words = words.astype(np.uint16)
+    return _decode_kv(params, n, flags, transform, words, shape, dtype, layer, payload_crc if _LITTLE else -1)
+
+
+def _decode_kv(
+    params: bytes, n: int, flags: int, transform: KLTransform, words: np.ndarray, shape: tuple[int, ...],
+    dtype: torch.dtype, layer: int, crc: int,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """params' directory and side information (header checked) + the payload's words -> k, v on the CPU, in
+    one compiled call (`rans.decode5_kv`: it checks the words' CRC-32 against `crc` where that is >= 0; the
+    decoded rows are ROW_PAD-padded there)."""
+    t = shape[0]
+    wdt = torch.float16 if dtype == torch.float16 else torch.float32
+    k, v = torch.empty((2, *shape), dtype=wdt).unbind()  # each contiguous
+    cos, sin = transform._cos_sin(t, k.device)
+    rans.decode5_kv(
+        params[_HEADER4.size : len(params) - _CRC.size], n, t, bool(flags & FLAG_WIDE), QMAX, words,
+        _symbol_weights(), transform.inv[layer, 0], transform.inv[layer, 1], cos, sin, k, v, crc=crc,
+    )  # fmt: skip
+    return (k, v) if wdt == dtype else (k.to(dtype), v.to(dtype))
 
 
 def error_bounds_klt(

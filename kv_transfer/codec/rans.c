@@ -1219,3 +1219,357 @@ void cg_rope_f16(const uint16_t *xh, const float *xf, int64_t T, int64_t H, int6
     (void)simd;
     rope_f16_portable(xh, xf, T, H, D, cos, sin, ld, sign, of, oh);
 }
+
+/* ---- CRC-32 (zlib's: reflected 0xEDB88320, pre- and post-inverted), for the payload's check ----
+   PCLMULQDQ folding (Intel's "Fast CRC computation for generic polynomials using PCLMULQDQ", the constants of
+   Linux's crc32-pclmul) over whole 16-byte blocks where the CPU has it and there are >= 64 bytes, a byte table
+   otherwise and for the tail. Equal to zlib.crc32 (tested over lengths and seeds). */
+
+static uint32_t g_crc_table[256];
+
+__attribute__((constructor)) static void init_crc_table(void) {
+    for (uint32_t i = 0; i < 256; i++) {
+        uint32_t c = i;
+        for (int j = 0; j < 8; j++) c = c & 1 ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+        g_crc_table[i] = c;
+    }
+}
+
+static uint32_t crc_bytes(uint32_t state, const uint8_t *p, int64_t n) {
+    for (int64_t i = 0; i < n; i++) state = g_crc_table[(state ^ p[i]) & 0xFF] ^ (state >> 8);
+    return state;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+/* n >= 64, a multiple of 16 -> the raw state after p (state in, not inverted). */
+__attribute__((target("pclmul,sse4.1"))) static uint32_t crc_fold(uint32_t state, const uint8_t *p, int64_t n) {
+    const __m128i r2r1 = _mm_set_epi64x(0x1c6e41596LL, 0x154442bd4LL), r4r3 = _mm_set_epi64x(0x0ccaa009eLL, 0x1751997d0LL);
+    const __m128i r5 = _mm_set_epi64x(0, 0x163cd6124LL), upoly = _mm_set_epi64x(0x1F7011641LL, 0x1DB710641LL);
+    const __m128i mask32 = _mm_set_epi32(0, 0, 0, -1);
+    __m128i x1 = _mm_loadu_si128((const __m128i *)p), x2 = _mm_loadu_si128((const __m128i *)(p + 16)),
+            x3 = _mm_loadu_si128((const __m128i *)(p + 32)), x4 = _mm_loadu_si128((const __m128i *)(p + 48));
+    x1 = _mm_xor_si128(x1, _mm_cvtsi32_si128((int)state));
+    p += 64, n -= 64;
+#define FOLD(x, k, next) x = _mm_xor_si128(_mm_xor_si128(_mm_clmulepi64_si128(x, k, 0x00), _mm_clmulepi64_si128(x, k, 0x11)), next)
+    for (; n >= 64; p += 64, n -= 64) {
+        FOLD(x1, r2r1, _mm_loadu_si128((const __m128i *)p));
+        FOLD(x2, r2r1, _mm_loadu_si128((const __m128i *)(p + 16)));
+        FOLD(x3, r2r1, _mm_loadu_si128((const __m128i *)(p + 32)));
+        FOLD(x4, r2r1, _mm_loadu_si128((const __m128i *)(p + 48)));
+    }
+    FOLD(x1, r4r3, x2);
+    FOLD(x1, r4r3, x3);
+    FOLD(x1, r4r3, x4);
+    for (; n >= 16; p += 16, n -= 16) FOLD(x1, r4r3, _mm_loadu_si128((const __m128i *)p));
+#undef FOLD
+    /* 128 -> 64 bits */
+    __m128i t = _mm_clmulepi64_si128(x1, r4r3, 0x10);
+    x1 = _mm_xor_si128(_mm_srli_si128(x1, 8), t);
+    /* 64 -> 32 (+ 32) */
+    t = _mm_srli_si128(x1, 4);
+    x1 = _mm_xor_si128(_mm_clmulepi64_si128(_mm_and_si128(x1, mask32), r5, 0x00), t);
+    /* Barrett reduction */
+    t = x1;
+    x1 = _mm_clmulepi64_si128(_mm_and_si128(x1, mask32), upoly, 0x10);
+    x1 = _mm_clmulepi64_si128(_mm_and_si128(x1, mask32), upoly, 0x00);
+    x1 = _mm_xor_si128(x1, t);
+    return (uint32_t)_mm_extract_epi32(x1, 1);
+}
+
+static int cpu_pclmul(void) {
+    static int v = -1;
+    if (v < 0) {
+        __builtin_cpu_init();
+        v = __builtin_cpu_supports("pclmul") && __builtin_cpu_supports("sse4.1");
+    }
+    return v;
+}
+#endif
+
+/* zlib.crc32(p[:n], crc). simd 0: the byte table only. */
+uint32_t cg_crc32(const uint8_t *p, int64_t n, uint32_t crc, int64_t simd) {
+    uint32_t state = ~crc;
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (simd && n >= 64 && cpu_pclmul()) {
+        int64_t whole = n & ~(int64_t)15;
+        state = crc_fold(state, p, whole);
+        p += whole, n -= whole;
+    }
+#endif
+    (void)simd;
+    return ~crc_bytes(state, p, n);
+}
+
+/* ---- the transform's products and a layer in one call (format v5 on the CPU) ----
+   out[i][o] = sum_c x[i][c] M[c][o] for i < nt <= 8 tokens (x, out [nt][C] row-major, M [C][C] row-major),
+   summed over c in order (FMA on the AVX2 path, so results may differ from another BLAS in the last bit; the
+   bitstream's rules apply to the rows that come out, not to how they were computed). */
+
+static void prod_portable(const float *x, int64_t nt, int64_t C, const float *M, float *out) {
+    for (int64_t i = 0; i < nt; i++) {
+        float *o = out + i * C;
+        for (int64_t j = 0; j < C; j++) o[j] = 0;
+        for (int64_t c = 0; c < C; c++) {
+            const float a = x[i * C + c], *m = M + c * C;
+            for (int64_t j = 0; j < C; j++) o[j] += a * m[j];
+        }
+    }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+/* 6 tokens x 16 outputs per pass: 12 accumulators (enough FMAs in flight to cover their latency), M's two
+   vectors held in registers (the asm keeps the compiler from re-reading them per FMA), 6 broadcasts per 12
+   FMAs; then 1 token at a time. C % 16 == 0. */
+#define FMA2(b, acc0, acc1) acc0 = _mm256_fmadd_ps(b, m0, acc0), acc1 = _mm256_fmadd_ps(b, m1, acc1)
+__attribute__((target("avx2,fma"))) static void prod_avx2(const float *x, int64_t nt, int64_t C, const float *M,
+                                                          float *out) {
+    int64_t i = 0;
+    for (; i + 6 <= nt; i += 6)
+        for (int64_t o = 0; o < C; o += 16) {
+            __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00,
+                   a31 = a00, a40 = a00, a41 = a00, a50 = a00, a51 = a00;
+            const float *x0 = x + i * C;
+            for (int64_t c = 0; c < C; c++) {
+                __m256 m0 = _mm256_loadu_ps(M + c * C + o), m1 = _mm256_loadu_ps(M + c * C + o + 8);
+                __asm__("" : "+x"(m0), "+x"(m1));
+                FMA2(_mm256_broadcast_ss(x0 + c), a00, a01);
+                FMA2(_mm256_broadcast_ss(x0 + C + c), a10, a11);
+                FMA2(_mm256_broadcast_ss(x0 + 2 * C + c), a20, a21);
+                FMA2(_mm256_broadcast_ss(x0 + 3 * C + c), a30, a31);
+                FMA2(_mm256_broadcast_ss(x0 + 4 * C + c), a40, a41);
+                FMA2(_mm256_broadcast_ss(x0 + 5 * C + c), a50, a51);
+            }
+            float *r = out + i * C + o;
+            _mm256_storeu_ps(r, a00), _mm256_storeu_ps(r + 8, a01);
+            _mm256_storeu_ps(r + C, a10), _mm256_storeu_ps(r + C + 8, a11);
+            _mm256_storeu_ps(r + 2 * C, a20), _mm256_storeu_ps(r + 2 * C + 8, a21);
+            _mm256_storeu_ps(r + 3 * C, a30), _mm256_storeu_ps(r + 3 * C + 8, a31);
+            _mm256_storeu_ps(r + 4 * C, a40), _mm256_storeu_ps(r + 4 * C + 8, a41);
+            _mm256_storeu_ps(r + 5 * C, a50), _mm256_storeu_ps(r + 5 * C + 8, a51);
+        }
+    for (; i < nt; i++)
+        for (int64_t o = 0; o < C; o += 16) {
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+            for (int64_t c = 0; c < C; c++) {
+                const __m256 m0 = _mm256_loadu_ps(M + c * C + o), m1 = _mm256_loadu_ps(M + c * C + o + 8);
+                FMA2(_mm256_broadcast_ss(x + i * C + c), a0, a1);
+            }
+            _mm256_storeu_ps(out + i * C + o, a0), _mm256_storeu_ps(out + i * C + o + 8, a1);
+        }
+}
+#undef FMA2
+
+__attribute__((target("avx2,f16c"))) static void f32_to_f16_avx2(const float *x, int64_t n, uint16_t *out) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(out + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+    for (; i < n; i++) out[i] = f2h(x[i]);
+}
+
+__attribute__((target("avx2,f16c"))) static void f16_to_f32_avx2(const uint16_t *x, int64_t n, float *out) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(x + i))));
+    for (; i < n; i++) out[i] = h2f(x[i]);
+}
+#endif
+
+#if defined(__x86_64__) && defined(__GNUC__)
+/* dst[r * lds + i] = src[i * ldr + r] for an 8 x 8 block (r, i < 8). */
+__attribute__((target("avx2"))) static void transpose8(const float *src, int64_t ldr, float *dst, int64_t lds) {
+    __m256 r0 = _mm256_loadu_ps(src), r1 = _mm256_loadu_ps(src + ldr), r2 = _mm256_loadu_ps(src + 2 * ldr),
+           r3 = _mm256_loadu_ps(src + 3 * ldr), r4 = _mm256_loadu_ps(src + 4 * ldr), r5 = _mm256_loadu_ps(src + 5 * ldr),
+           r6 = _mm256_loadu_ps(src + 6 * ldr), r7 = _mm256_loadu_ps(src + 7 * ldr);
+    __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1), t2 = _mm256_unpacklo_ps(r2, r3),
+           t3 = _mm256_unpackhi_ps(r2, r3), t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5),
+           t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+    __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE),
+           u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE),
+           u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE),
+           u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+    _mm256_storeu_ps(dst, _mm256_permute2f128_ps(u0, u4, 0x20));
+    _mm256_storeu_ps(dst + lds, _mm256_permute2f128_ps(u1, u5, 0x20));
+    _mm256_storeu_ps(dst + 2 * lds, _mm256_permute2f128_ps(u2, u6, 0x20));
+    _mm256_storeu_ps(dst + 3 * lds, _mm256_permute2f128_ps(u3, u7, 0x20));
+    _mm256_storeu_ps(dst + 4 * lds, _mm256_permute2f128_ps(u0, u4, 0x31));
+    _mm256_storeu_ps(dst + 5 * lds, _mm256_permute2f128_ps(u1, u5, 0x31));
+    _mm256_storeu_ps(dst + 6 * lds, _mm256_permute2f128_ps(u2, u6, 0x31));
+    _mm256_storeu_ps(dst + 7 * lds, _mm256_permute2f128_ps(u3, u7, 0x31));
+}
+#endif
+
+/* dst[c * lddst + i] = src[i * ldsrc + c] for i < nt, c < C (a token tile to component rows, or back with the
+   roles swapped: the caller passes the strides). */
+static void tile_t(int use, const float *src, int64_t nt, int64_t C, int64_t ldsrc, float *dst, int64_t lddst) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (use && nt % 8 == 0 && C % 8 == 0) {
+        for (int64_t i = 0; i < nt; i += 8)
+            for (int64_t c = 0; c < C; c += 8) transpose8(src + i * ldsrc + c, ldsrc, dst + c * lddst + i, lddst);
+        return;
+    }
+#endif
+    (void)use;
+    for (int64_t c = 0; c < C; c++)
+        for (int64_t i = 0; i < nt; i++) dst[c * lddst + i] = src[i * ldsrc + c];
+}
+
+/* The vector paths need AVX2, FMA and F16C, and C a multiple of 16. */
+static int layer_simd(int64_t simd, int64_t C) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    static int v = -1;
+    if (v < 0) {
+        __builtin_cpu_init();
+        v = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    }
+    return simd && v && C % 16 == 0;
+#else
+    (void)simd, (void)C;
+    return 0;
+#endif
+}
+
+static void prod(int use, const float *x, int64_t nt, int64_t C, const float *M, float *out) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (use) {
+        prod_avx2(x, nt, C, M, out);
+        return;
+    }
+#endif
+    (void)use;
+    prod_portable(x, nt, C, M, out);
+}
+
+/* n values fp32 -> fp16 bits (round to nearest even) / fp16 bits -> fp32. */
+static void to_f16(int use, const float *x, int64_t n, uint16_t *out) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (use) {
+        f32_to_f16_avx2(x, n, out);
+        return;
+    }
+#endif
+    (void)use;
+    for (int64_t i = 0; i < n; i++) out[i] = f2h(x[i]);
+}
+
+static void from_f16(int use, const uint16_t *x, int64_t n, float *out) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (use) {
+        f16_to_f32_avx2(x, n, out);
+        return;
+    }
+#endif
+    (void)use;
+    for (int64_t i = 0; i < n; i++) out[i] = h2f(x[i]);
+}
+
+#define TILE 24 /* tokens per product tile: 4 x 6 rows, 3 x 8 for the transposes */
+
+/* The forward transform of a layer: k, v [T, H, D] (fp16 bits when half, else fp32; positions 0..T-1) ->
+   y0 = (unrope(k) @ FK)^T, y1 = (v @ FV)^T fp32 [C, T] (component-major, row c at c * T). cos/sin as cg_rope. */
+static void forward_layer(int use, const void *k, const void *v, int64_t half, int64_t T, int64_t H, int64_t D,
+                          const float *fk, const float *fv, const float *cos, const float *sin, int64_t ld, float *y0,
+                          float *y1) {
+    const int64_t C = H * D;
+    float x[TILE * 256], out[TILE * 256]; /* C <= 256 (checked by the caller) */
+    for (int64_t t = 0; t < T; t += TILE) {
+        const int64_t nt = T - t < TILE ? T - t : TILE;
+        for (int p = 0; p < 2; p++) {
+            const void *src = p ? v : k;
+            if (p == 0) /* un-RoPE (and convert) */
+                cg_rope_f16(half ? (const uint16_t *)src + t * C : NULL, half ? NULL : (const float *)src + t * C, nt,
+                            H, D, cos + t * ld, sin + t * ld, ld, -1.0f, x, NULL, use);
+            else if (half)
+                from_f16(use, (const uint16_t *)src + t * C, nt * C, x);
+            else
+                memcpy(x, (const float *)src + t * C, sizeof(float) * (size_t)(nt * C));
+            prod(use, x, nt, C, p ? fv : fk, out);
+            tile_t(use, out, nt, C, C, (p ? y1 : y0) + t, T);
+        }
+    }
+}
+
+/* The inverse: y0, y1 fp32 [C, ldy] (first T values of each row) -> k = rope(y0^T @ GK), v = y1^T @ GV
+   [T, H, D] (fp16 bits into kh, vh when half, else fp32 into kf, vf). */
+static void inverse_layer(int use, const float *y0, const float *y1, int64_t ldy, int64_t T, int64_t H, int64_t D,
+                          const float *gk, const float *gv, const float *cos, const float *sin, int64_t ld,
+                          int64_t half, void *ko, void *vo) {
+    const int64_t C = H * D;
+    float x[TILE * 256], out[TILE * 256];
+    for (int64_t t = 0; t < T; t += TILE) {
+        const int64_t nt = T - t < TILE ? T - t : TILE;
+        for (int p = 0; p < 2; p++) {
+            /* x[i][c] = y[c][t + i]: the same transpose with rows and columns swapped */
+            tile_t(use, (p ? y1 : y0) + t, C, nt, ldy, x, C);
+            prod(use, x, nt, C, p ? gv : gk, out);
+            void *dst = p ? vo : ko;
+            if (p == 0)
+                cg_rope_f16(NULL, out, nt, H, D, cos + t * ld, sin + t * ld, ld, 1.0f,
+                            half ? NULL : (float *)dst + t * C, half ? (uint16_t *)dst + t * C : NULL, use);
+            else if (half)
+                to_f16(use, out, nt * C, (uint16_t *)dst + t * C);
+            else
+                memcpy((float *)dst + t * C, out, sizeof(float) * (size_t)(nt * C));
+        }
+    }
+}
+
+/* The CPU encoder of a layer from k, v [T, H, D] (fp16 bits when half, else fp32): the forward transform (fk, fv
+   [C, C]: y = x F), then cg5_encode_layer's work; its other arguments and returns as there. -5 if C > 256.
+   crc: the CRC-32 of the words written (their bytes in this machine's order). */
+int64_t cg5_encode_kv(const void *k, const void *v, int64_t half, int64_t T, int64_t H, int64_t D, const float *fk,
+                      const float *fv, const float *cos, const float *sin, int64_t ld, int64_t nch,
+                      const int64_t *bounds, const float *plan, int64_t mid, const int64_t *wsym, uint8_t *side,
+                      float *c32, float *s32, uint8_t *rho, uint8_t *amax, uint16_t *out, int64_t *nw, int64_t simd,
+                      int64_t *crc) {
+    const int64_t C = H * D;
+    if (C > 256) return -5;
+    float *y = malloc(sizeof(float) * (size_t)(2 * C * T));
+    if (!y) return -3;
+    forward_layer(layer_simd(simd, C), k, v, half, T, H, D, fk, fv, cos, sin, ld, y, y + C * T);
+    int64_t rc = cg5_encode_layer(y, y + C * T, C, T, nch, bounds, plan, mid, wsym, side, c32, s32, rho, amax, out, nw,
+                                  simd);
+    free(y);
+    if (rc == 0 || rc == 1) { /* the words' CRC-32 (zlib's), over their bytes in this machine's order */
+        int64_t words = 0;
+        for (int64_t j = 0; j < 2 * nch; j++) words += nw[j];
+        *crc = cg_crc32((const uint8_t *)out, 2 * words, 0, simd);
+    }
+    return rc;
+}
+
+/* The CPU decoder of a layer: v5 params' side (buf, as cg5_parse_side) and the payload's words (nwords of them)
+   -> k, v [T, H, D] (fp16 bits when half, else fp32) through the inverse
+   transform (gk, gv [C, C]). crc >= 0: the words' bytes must have this CRC-32 (checked first; < 0: the caller
+   checked it). Returns 0; -7 CRC mismatch; -1 the directory does not fit T or the payload's length; -2 bad side
+   information; -6 the rANS data did not decode exactly; -3 out of memory; -5 C > 256. */
+int64_t cg5_decode_kv(const uint8_t *buf, int64_t nch, int64_t C, int64_t T, int64_t wide, int64_t mid,
+                      const uint16_t *words, int64_t nwords, const int64_t *wsym, int64_t H, int64_t D, const float *gk,
+                      const float *gv, const float *cos, const float *sin, int64_t ld, int64_t half, void *ko, void *vo,
+                      int64_t simd, int64_t crc) {
+    if (C > 256 || C != H * D) return -5;
+    if (crc >= 0 && cg_crc32((const uint8_t *)words, 2 * nwords, 0, simd) != (uint32_t)crc) return -7;
+    const int64_t ldy = T + 16; /* rows off 4 KiB strides (cachegen_klt.ROW_PAD) */
+    const int64_t n = nch * 2 * C;
+    int64_t *ib = malloc(sizeof(int64_t) * (size_t)(3 * nch + 1));
+    float *fs = malloc(sizeof(float) * (size_t)(2 * n + 2 * C * ldy));
+    uint16_t *padded = malloc(sizeof(uint16_t) * (size_t)(nwords + 2 * NS));
+    int64_t rc = ib && fs && padded ? 0 : -3;
+    if (rc == 0) {
+        int64_t *bounds = ib, *nw = ib + nch + 1;
+        float *centre = fs, *step = fs + n, *y = fs + 2 * n;
+        rc = cg5_parse_side(buf, nch, C, T, wide, mid, bounds, nw, centre, step);
+        if (rc >= 0 && rc != nwords) rc = -1;
+        if (rc >= 0) {
+            const uint8_t *rho = buf + 12 * nch + 2 * n * (wide ? 4 : 2), *amax = rho + n;
+            memcpy(padded, words, sizeof(uint16_t) * (size_t)nwords);
+            memset(padded + nwords, 0, sizeof(uint16_t) * 2 * NS);
+            rc = cg5_decode(padded, nwords, nwords + 2 * NS, C, T, nch, bounds, nw, rho, amax, centre, step, mid, wsym,
+                            y, y + C * ldy, ldy, simd);
+            if (rc == -1) rc = -6;
+            if (rc == 0)
+                inverse_layer(layer_simd(simd, C), y, y + C * ldy, ldy, T, H, D, gk, gv, cos, sin, ld, half, ko, vo);
+        }
+    }
+    free(ib), free(fs), free(padded);
+    return rc;
+}

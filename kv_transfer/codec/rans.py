@@ -11,7 +11,8 @@ so encoder and decoder derive bit-identical tables on any machine.
 
 Format v5 (`*5`, used by cachegen_klt): each component's symbols get a two-sided geometric model from two
 bytes (rho, amax), fitted and built in C; a layer's chunks are quantized, fitted and coded in one call
-(`encode5` / `decode5`; `stats4` is the statistics pass before it), component-major. Its coder: 32-bit
+(`encode5` / `decode5`; `stats4` is the statistics pass before it), component-major; on the CPU the codec
+calls `encode5_kv` / `decode5_kv`, which add the transform's products, RoPE and fp16 (one call per layer and side). Its coder: 32-bit
 states with 16-bit renormalisation (uint16 words), STATES = 16 states per part (K, V), token t of a component
 coded by state t % 16, so a group of 16 tokens is two 8-lane vectors. Two implementations write and read the
 same bitstream: an AVX2 one (per-row tables of one uint32 per slot / symbol read with gathers; one shuffle
@@ -171,6 +172,18 @@ def _load() -> ctypes.CDLL | None:
                 lib.cg_l0_check.argtypes = [p, p, i64, p, i64, i64, i64, p, p, i64, p, p, p]
                 lib.cg_lap_tables.restype = i64
                 lib.cg_lap_tables.argtypes = [p, p, i64, i64, p, p, p, p, i64]
+                lib.cg5_encode_kv.restype = i64
+                # k, v, half, T, H, D, fk, fv, cos, sin, ld, nch | bounds, plan, mid | wsym .. nw, simd
+                # k, v, half, T, H, D, fk, fv, cos, sin, ld, nch, bounds, plan, mid; wsym, side, centre, step,
+                # rho, amax, out, nw, simd
+                lib.cg5_encode_kv.argtypes = [*(p, p, i64, i64, i64, i64, p, p, p, p, i64, i64, p, p, i64)]
+                lib.cg5_encode_kv.argtypes += [*(p, p, p, p, p, p, p, p, i64, p)]  # ..., simd, crc
+                lib.cg5_decode_kv.restype = i64
+                # side, nch, C, T, wide, mid, words, nwords, wsym, H, D; gk, gv, cos, sin, ld, half, k, v, simd
+                lib.cg5_decode_kv.argtypes = [*(p, i64, i64, i64, i64, i64, p, i64, p, i64, i64)]
+                lib.cg5_decode_kv.argtypes += [*(p, p, p, p, i64, i64, p, p, i64, i64)]  # ..., simd, crc
+                lib.cg_crc32.restype = ctypes.c_uint32
+                lib.cg_crc32.argtypes = [p, i64, ctypes.c_uint32, i64]
                 _lib, _origin = lib, origin
             except (OSError, RuntimeError, subprocess.SubprocessError) as e:
                 log.warning(
@@ -473,6 +486,97 @@ def encode5_layer(
         raise MemoryError("cg5_encode_layer")
     assert rc in (0, 1), rc
     return side._set(rc), out[: int(nw.sum())], nw, rho, amax
+
+
+def _kv_ptrs(k: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int]:
+    """(k, v, half) for the *_kv calls: contiguous CPU fp16 or fp32 tensors [T, H, D] of one dtype."""
+    assert k.dtype == v.dtype and k.dtype in (torch.float16, _F32) and k.shape == v.shape and k.dim() == 3
+    assert k.is_cpu and v.is_cpu and k.is_contiguous() and v.is_contiguous()
+    return k.data_ptr(), v.data_ptr(), int(k.dtype == torch.float16)
+
+
+def _mat(m: np.ndarray, c: int) -> int:
+    assert m.dtype == np.float32 and m.shape == (c, c) and m.flags.c_contiguous
+    return _ptr(m)
+
+
+def encode5_kv(
+    k: torch.Tensor, v: torch.Tensor, fk: np.ndarray, fv: np.ndarray, cos: torch.Tensor, sin: torch.Tensor,
+    bounds: np.ndarray, plan: np.ndarray, mid: int, wsym: np.ndarray, simd: bool | None = None,
+) -> tuple[Side5, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:  # fmt: skip
+    """The CPU encoder of a layer from its K/V in one compiled call: k, v [T, H, D] (contiguous fp16 or fp32,
+    positions 0..T-1) -> y_k = (unrope(k) fk)^T, y_v = (v fv)^T (fk, fv fp32 [C, C]; cos/sin fp32 [P >= T, D]
+    as `rope`), then encode5_layer's work; returns as encode5_layer, plus the words' CRC-32 (zlib's, over their
+    bytes in this machine's order: the wire's on a little-endian host). The products sum in order with FMA on the
+    AVX2 path (`simd`), so rows may differ in the last bit from torch's; the frame's rules are the same."""
+    kp, vp, half = _kv_ptrs(k, v)
+    t, h, d = k.shape
+    c = h * d
+    assert cos.dtype == sin.dtype == _F32 and cos.is_contiguous() and sin.is_contiguous()
+    assert cos.shape == sin.shape and cos.shape[0] >= t and cos.shape[1] == d
+    b = _bounds(bounds, t)
+    nch = b.size - 1
+    plan = np.ascontiguousarray(plan, np.float32)
+    assert plan.shape == (nch, 2)
+    _check_wsym(wsym, mid)
+    side = Side5(nch, c)
+    rho, amax, out, nw = _side_out(nch, c, t)
+    crc = np.zeros(1, np.int64)
+    rc = _lib_or_raise().cg5_encode_kv(
+        kp, vp, half, t, h, d, _mat(fk, c), _mat(fv, c), cos.data_ptr(), sin.data_ptr(), d, nch, _ptr(b),
+        _ptr(plan), mid, _ptr(wsym), _ptr(side.data), _ptr(side.centre), _ptr(side.step), _ptr(rho), _ptr(amax),
+        _ptr(out), _ptr(nw), use_simd(simd), _ptr(crc),
+    )  # fmt: skip
+    if rc == -4:
+        raise CodecError("cachegen: K/V contains NaN or Inf")
+    if rc == -3:
+        raise MemoryError("cg5_encode_kv")
+    if rc == -5:
+        raise CodecError(f"cachegen: {c} channels per layer, the compiled encoder takes at most 256")
+    assert rc in (0, 1), rc
+    return side._set(rc), out[: int(nw.sum())], nw, rho, amax, int(crc[0])
+
+
+def crc32(a: np.ndarray, crc: int = 0, simd: bool | None = None) -> int:
+    """zlib.crc32 of a C-contiguous array's bytes (PCLMULQDQ folding where the CPU has it)."""
+    assert a.flags.c_contiguous
+    return int(_lib_or_raise().cg_crc32(_ptr(a), a.nbytes, crc, use_simd(simd)))
+
+
+def decode5_kv(
+    side: bytes | memoryview, nch: int, t: int, wide: bool, mid: int, words: np.ndarray, wsym: np.ndarray,
+    gk: np.ndarray, gv: np.ndarray, cos: torch.Tensor, sin: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    simd: bool | None = None, crc: int = -1,
+) -> None:  # fmt: skip
+    """The CPU decoder of a layer in one compiled call: v5 params' directory and side information (`side`, its
+    length checked by the caller, as parse_side5) and all payload words (uint16) ->
+    k = rope(y_k^T gk), v = y_v^T gv into k, v [T, H, D] (contiguous CPU fp16 or fp32). crc >= 0: the words'
+    bytes must have this CRC-32, checked first (-1: the caller checked the payload). FrameCorrupted as
+    parse_side5 and decode5, or when the words are not the directory's count."""
+    kp, vp, half = _kv_ptrs(k, v)
+    _, h, d = k.shape
+    c = h * d
+    assert k.shape[0] == t and cos.dtype == sin.dtype == _F32 and cos.is_contiguous() and sin.is_contiguous()
+    assert cos.shape == sin.shape and cos.shape[0] >= t and cos.shape[1] == d
+    words = np.ascontiguousarray(words, np.uint16)
+    _check_wsym(wsym, mid)
+    rc = _lib_or_raise().cg5_decode_kv(
+        side, nch, c, t, int(wide), mid, _ptr(words), words.size, _ptr(wsym), h, d, _mat(gk, c), _mat(gv, c),
+        cos.data_ptr(), sin.data_ptr(), d, half, kp, vp, use_simd(simd), crc,
+    )  # fmt: skip
+    if rc == -7:
+        raise FrameCorrupted("cachegen payload crc32 mismatch")
+    if rc == -1:
+        raise FrameCorrupted(f"cachegen params: chunk directory does not fit T = {t} or the payload's length")
+    if rc == -2:
+        raise FrameCorrupted("cachegen params: non-finite or non-positive step, or |q| > 127")
+    if rc == -6:
+        raise FrameCorrupted("cachegen: rANS data did not decode exactly (corrupted payload)")
+    if rc == -3:
+        raise MemoryError("cg5_decode_kv")
+    if rc == -5:
+        raise CodecError(f"cachegen: {c} channels per layer, the compiled decoder takes at most 256")
+    assert rc == 0, rc
 
 
 def parse_side5(

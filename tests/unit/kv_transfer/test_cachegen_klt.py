@@ -631,3 +631,94 @@ def test_rate_control_scales_the_steps_within_the_floor() -> None:
         rated.rate_choice(300) is not None
         and CacheGenCodec(CodecContext(LAYERS, transform=tr)).rate_choice(300) is None
     )
+
+
+def _reference_decode(tr: KLTransform, params: bytes, words: np.ndarray, shape, dtype, layer: int):
+    """The two-step CPU decoder (decode5 into rows, then torch's inverse): what decode5_kv fuses."""
+    p = klt.parse(params, shape, layer, tr)
+    t, c = shape[0], shape[1] * shape[2]
+    rows = np.empty((2, c, t), np.float32)
+    rans.decode5(
+        words, p.nw, p.rho, p.amax, p.centre, p.step, p.bounds, klt.QMAX, klt._symbol_weights(), *rows
+    )
+    return tr.inverse(torch.from_numpy(rows[0]), torch.from_numpy(rows[1]), layer, dtype)
+
+
+@pytest.mark.parametrize("simd", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("t", [150, 7, 64])
+def test_one_call_layer_encoder_and_decoder(simd: bool, dtype: torch.dtype, t: int) -> None:
+    """encode5_kv / decode5_kv (transform, coding, inverse and RoPE in one call each), on the AVX2 path and the
+    portable one, token counts with and without a partial 8-token tile: the frame decodes within the error
+    bound; decode5_kv equals the two-step decoder (decode5 + torch's inverse) to fp32 rounding; the other
+    path's decoder reads the frame too."""
+    tr = random_transform()
+    k, v = (x.to(dtype) for x in kv(t, 3))
+    bounds = np.array([0, max(1, t - 20), t] if t > 21 else [0, t], np.int64)
+    plan = np.full((bounds.size - 1, 2), 0.05, np.float32)
+    cos, sin = tr._cos_sin(t, k.device)
+    side, words, nw, rho, amax, crc = rans.encode5_kv(
+        k, v, tr.fwd[1, 0], tr.fwd[1, 1], cos, sin, bounds, plan, klt.QMAX, klt._symbol_weights(), simd=simd
+    )
+    yk, yv = tr.forward(k, v, 1)  # torch's transform: the same frame up to the products' last bits
+    ref = rans.encode5_layer(yk.numpy(), yv.numpy(), bounds, plan, klt.QMAX, klt._symbol_weights(), simd=simd)
+    assert abs(words.size - ref[1].size) <= 8 and side.wide == ref[0].wide
+    assert crc == zlib.crc32(words.astype("<u2").tobytes())
+    # a v5 frame of these parts, as klt.encode writes it
+    chunks = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    params, got = klt.encode(tr, "default", k, v, 1, chunks, steps=(0.05, 0.05), recent=(0, 1.0))
+    allw = np.concatenate(got)
+    shape = tuple(k.shape)
+    for dec_simd in (simd, not simd):
+        kd, vd = torch.empty(shape, dtype=dtype), torch.empty(shape, dtype=dtype)
+        n = bounds.size - 1
+        rans.decode5_kv(
+            params[klt._HEADER4.size : -4], n, t, False, klt.QMAX, allw, klt._symbol_weights(), tr.inv[1, 0],
+            tr.inv[1, 1], cos, sin, kd, vd, simd=dec_simd,
+        )  # fmt: skip
+        rk, rv = _reference_decode(tr, params, allw, shape, dtype, 1)
+        tol = 1e-5 if dtype == torch.float32 else 2e-3
+        torch.testing.assert_close(kd, rk, rtol=tol, atol=tol)
+        torch.testing.assert_close(vd, rv, rtol=tol, atol=tol)
+        kb, vb = klt.error_bounds_klt(params, shape, 1, tr)
+        if dtype == torch.float32:
+            assert_token_bound(k, kd, kb)
+            assert_token_bound(v, vd, vb)
+
+
+def test_one_call_decoder_rejects_damaged_frames() -> None:
+    """decode_cpu (the CPU decoder the codec uses): a payload cut by a word, a payload of an odd byte count, a
+    flipped word (CRC recomputed), and a directory whose counts do not match the payload are FrameCorrupted,
+    not a crash or garbage."""
+    tr = random_transform()
+    k, v = kv(100, 4)
+    shape = tuple(k.shape)
+    params, words = klt.encode(tr, "default", k, v, 1, [(0, 64), (64, 100)])
+    pay = np.concatenate(words).astype("<u2").tobytes()
+    k0, _ = klt.decode_cpu(params, memoryview(pay), shape, torch.float32, 1, tr)
+    assert torch.isfinite(k0).all()
+
+    def with_crc(p: bytes, payload: bytes) -> bytes:
+        head = bytearray(p)
+        head[klt._HEADER4.size - 4 : klt._HEADER4.size] = zlib.crc32(payload).to_bytes(4, "little")
+        head[-4:] = zlib.crc32(bytes(head[:-4])).to_bytes(4, "little")
+        return bytes(head)
+
+    flipped = bytearray(pay)
+    flipped[200] ^= 0x5A
+    for payload in (pay[:-2], pay[:-1], bytes(flipped), pay + b"\0\0"):
+        with pytest.raises(FrameCorrupted):
+            klt.decode_cpu(with_crc(params, payload), memoryview(payload), shape, torch.float32, 1, tr)
+    with pytest.raises(FrameCorrupted):  # the header's CRC of the payload
+        klt.decode_cpu(params, memoryview(bytes(flipped)), shape, torch.float32, 1, tr)
+
+
+@pytest.mark.parametrize("simd", [False, True])
+def test_crc32_equals_zlib(simd: bool) -> None:
+    """rans.crc32 (PCLMULQDQ folding over 16-byte blocks where it runs, a byte table for the rest) is zlib.crc32
+    at every length around the folding's boundaries and with any starting value."""
+    rng = np.random.default_rng(9)
+    for n in [*range(0, 200), 1000, 4099, 65536 + 7]:
+        a = rng.integers(0, 256, n, dtype=np.uint8)
+        for seed in (0, 1, 0xFFFFFFFF, int(rng.integers(0, 2**32))):
+            assert rans.crc32(a, seed, simd=simd) == zlib.crc32(a.tobytes(), seed)
