@@ -97,6 +97,7 @@ def _rank_proc(model_dir: str, scheme: str, tp: int, rank: int, kv: list[Any], c
             if msg[0] == "quit":
                 break
             _, tid, token = msg
+            cpu0 = _cpu_s()
             tok = server.open_lease(
                 tid,
                 num_layers,
@@ -113,7 +114,7 @@ def _rank_proc(model_dir: str, scheme: str, tp: int, rank: int, kv: list[Any], c
             conn.send(tok)
             if not pulled.acquire(timeout=120):  # the decode side ACKed this rank's whole shard
                 raise RuntimeError(f"rank {rank}: lease {tid} was not pulled")
-            conn.send("pulled")
+            conn.send(("pulled", _cpu_s() - cpu0))
     finally:
         server.stop()
 
@@ -241,9 +242,12 @@ def measure_reshard(model_dir: str, s: Settings, scheme: str = "tcp", codec: str
                 if not dparent.poll(300):
                     raise RuntimeError(f"{mode}: the pull did not finish in 300 s")
                 t, parts = dparent.recv()
+                parts["prefill_process_cpu_s"] = 0.0  # summed over the ranks (on 2 cores they share one)
                 for c in conns[tp]:
-                    if not c.poll(120) or c.recv() != "pulled":
+                    reply = c.recv() if c.poll(120) else None
+                    if not isinstance(reply, tuple) or reply[0] != "pulled":
                         raise RuntimeError(f"{mode}: a prefill rank's lease was not released as pulled")
+                    parts["prefill_process_cpu_s"] += reply[1]
                 if trial:
                     times[mode].append(t)
                     for k, x in parts.items():
@@ -266,7 +270,9 @@ def measure_reshard(model_dir: str, s: Settings, scheme: str = "tcp", codec: str
         "handoff_s_all": times,
         # medians of the pull's parts, summed over its pieces (pieces overlap, so these may add up to more
         # than the hand-off): the prefill ranks' send calls, the puller's frame checks + decode, its writes;
-        # decode_process_cpu_s: the decode process's CPU time (all threads) per pull, robust to foreign load
+        # decode_process_cpu_s: the decode process's CPU time (all threads) per pull, robust to foreign load;
+        # prefill_process_cpu_s: the prefill ranks' CPU time (all threads, summed over the ranks) from the
+        # lease's opening to its release as pulled
         "breakdown_s": {m: {k: statistics.median(v) for k, v in b.items()} for m, b in breakdown.items()},
         "ratio": ratio,
         "threads_ratio": med["tp2_to_tp1_threads"] / med["tp1_to_tp1"],  # the reader ucx falls back to
@@ -294,6 +300,11 @@ def summary(r: dict[str, Any]) -> str:
         f"TP2->TP1 {h['tp2_to_tp1'] * 1e3:.2f} ms -> {r['ratio']:.2f}x (target <= {r['target_ratio']}; "
         f"a thread per piece: {h['tp2_to_tp1_threads'] * 1e3:.2f} ms, {r['threads_ratio']:.2f}x)"
         + (f"; {r['cores']} cores: the TP2 ranks share one (oversubscribed)" if r["oversubscribed"] else "")
+        + "; CPU per pull, decode / prefill process(es): "
+        + ", ".join(
+            f"{m} {b['decode_process_cpu_s'] * 1e3:.2f} / {b['prefill_process_cpu_s'] * 1e3:.2f} ms"
+            for m, b in r["breakdown_s"].items()
+        )
     )
 
 
