@@ -1,6 +1,11 @@
 """`python -m bench.reshard`: KV hand-off time of a resharded pull (TP2 prefill -> TP1 decode) vs today's TP1 -> TP1.
 
-    python -m bench.reshard [--quick] [--json PATH] [--transport tcp|shm] [--codec raw|cachegen]
+    python -m bench.reshard [--quick] [--json PATH] [--transport tcp|shm] [--codec raw|cachegen] [--tokens N]
+
+`--tokens 16` measures what a pull costs whatever its size (per pull and per frame: PULL, header checks,
+trailer, Python on both sides, thread wake-ups). On 2026-12-06 (shared 2-core host, load 5-6): TP1 -> TP1
+0.9-1.5 ms, TP2 -> TP1 1.5-2.6 ms (decode-process CPU 0.7-0.9 vs 1.3-1.7 ms, prefill ranks' 0.9-1.6 vs
+1.7-2.9 ms): +0.6-1.1 ms, most of the TP2 - TP1 difference at 1536 tokens.
 
 Also `python -m bench.transport --reshard`, which adds the same object to its JSON as `reshard`.
 
@@ -315,8 +320,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="", help="model directory (default: the shipped model)")
     ap.add_argument("--transport", default="tcp", choices=("tcp", "shm"), help="KV transport (default tcp)")
     ap.add_argument("--codec", default="raw", help="KV codec (default raw)")
+    ap.add_argument("--tokens", type=int, default=0, help="prompt tokens (default 1536, 1024 with --quick)")
     a = ap.parse_args(argv)
-    r = measure_reshard(a.model, Settings.make(a.quick), a.transport, a.codec)
+    s = Settings.make(a.quick)
+    if a.tokens:
+        s = Settings(prompt_tokens=a.tokens, trials=s.trials)
+    r = measure_reshard(a.model, s, a.transport, a.codec)
     emit({"reshard": r}, a.json, summary=summary(r))
     return 0
 
