@@ -1,6 +1,11 @@
 """`python -m bench.reshard`: KV hand-off time of a resharded pull (TP2 prefill -> TP1 decode) vs today's TP1 -> TP1.
 
-    python -m bench.reshard [--quick] [--json PATH] [--transport tcp|shm] [--codec raw|cachegen]
+    python -m bench.reshard [--quick] [--json PATH] [--transport tcp|shm] [--codec raw|cachegen] [--tokens N]
+
+`--tokens 16` measures what a pull costs whatever its size (per pull and per frame: PULL, header checks,
+trailer, Python on both sides, thread wake-ups). On 2026-12-06 (shared 2-core host, load 5-6): TP1 -> TP1
+0.9-1.5 ms, TP2 -> TP1 1.5-2.6 ms (decode-process CPU 0.7-0.9 vs 1.3-1.7 ms, prefill ranks' 0.9-1.6 vs
+1.7-2.9 ms): +0.6-1.1 ms, most of the TP2 - TP1 difference at 1536 tokens.
 
 Also `python -m bench.transport --reshard`, which adds the same object to its JSON as `reshard`.
 
@@ -97,6 +102,7 @@ def _rank_proc(model_dir: str, scheme: str, tp: int, rank: int, kv: list[Any], c
             if msg[0] == "quit":
                 break
             _, tid, token = msg
+            cpu0 = _cpu_s()
             tok = server.open_lease(
                 tid,
                 num_layers,
@@ -113,7 +119,7 @@ def _rank_proc(model_dir: str, scheme: str, tp: int, rank: int, kv: list[Any], c
             conn.send(tok)
             if not pulled.acquire(timeout=120):  # the decode side ACKed this rank's whole shard
                 raise RuntimeError(f"rank {rank}: lease {tid} was not pulled")
-            conn.send("pulled")
+            conn.send(("pulled", _cpu_s() - cpu0))
     finally:
         server.stop()
 
@@ -241,9 +247,12 @@ def measure_reshard(model_dir: str, s: Settings, scheme: str = "tcp", codec: str
                 if not dparent.poll(300):
                     raise RuntimeError(f"{mode}: the pull did not finish in 300 s")
                 t, parts = dparent.recv()
+                parts["prefill_process_cpu_s"] = 0.0  # summed over the ranks (on 2 cores they share one)
                 for c in conns[tp]:
-                    if not c.poll(120) or c.recv() != "pulled":
+                    reply = c.recv() if c.poll(120) else None
+                    if not isinstance(reply, tuple) or reply[0] != "pulled":
                         raise RuntimeError(f"{mode}: a prefill rank's lease was not released as pulled")
+                    parts["prefill_process_cpu_s"] += reply[1]
                 if trial:
                     times[mode].append(t)
                     for k, x in parts.items():
@@ -266,7 +275,9 @@ def measure_reshard(model_dir: str, s: Settings, scheme: str = "tcp", codec: str
         "handoff_s_all": times,
         # medians of the pull's parts, summed over its pieces (pieces overlap, so these may add up to more
         # than the hand-off): the prefill ranks' send calls, the puller's frame checks + decode, its writes;
-        # decode_process_cpu_s: the decode process's CPU time (all threads) per pull, robust to foreign load
+        # decode_process_cpu_s: the decode process's CPU time (all threads) per pull, robust to foreign load;
+        # prefill_process_cpu_s: the prefill ranks' CPU time (all threads, summed over the ranks) from the
+        # lease's opening to its release as pulled
         "breakdown_s": {m: {k: statistics.median(v) for k, v in b.items()} for m, b in breakdown.items()},
         "ratio": ratio,
         "threads_ratio": med["tp2_to_tp1_threads"] / med["tp1_to_tp1"],  # the reader ucx falls back to
@@ -294,6 +305,11 @@ def summary(r: dict[str, Any]) -> str:
         f"TP2->TP1 {h['tp2_to_tp1'] * 1e3:.2f} ms -> {r['ratio']:.2f}x (target <= {r['target_ratio']}; "
         f"a thread per piece: {h['tp2_to_tp1_threads'] * 1e3:.2f} ms, {r['threads_ratio']:.2f}x)"
         + (f"; {r['cores']} cores: the TP2 ranks share one (oversubscribed)" if r["oversubscribed"] else "")
+        + "; CPU per pull, decode / prefill process(es): "
+        + ", ".join(
+            f"{m} {b['decode_process_cpu_s'] * 1e3:.2f} / {b['prefill_process_cpu_s'] * 1e3:.2f} ms"
+            for m, b in r["breakdown_s"].items()
+        )
     )
 
 
@@ -304,8 +320,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="", help="model directory (default: the shipped model)")
     ap.add_argument("--transport", default="tcp", choices=("tcp", "shm"), help="KV transport (default tcp)")
     ap.add_argument("--codec", default="raw", help="KV codec (default raw)")
+    ap.add_argument("--tokens", type=int, default=0, help="prompt tokens (default 1536, 1024 with --quick)")
     a = ap.parse_args(argv)
-    r = measure_reshard(a.model, Settings.make(a.quick), a.transport, a.codec)
+    s = Settings.make(a.quick)
+    if a.tokens:
+        s = Settings(prompt_tokens=a.tokens, trials=s.trials)
+    r = measure_reshard(a.model, s, a.transport, a.codec)
     emit({"reshard": r}, a.json, summary=summary(r))
     return 0
 

@@ -140,6 +140,24 @@ def sendall(sock: socket.socket, data: bytes | memoryview, deadline: float | Non
         raise PeerClosed(f"connection lost while sending: {e}") from None
 
 
+def sendall_parts(sock: socket.socket, head: bytes, body: memoryview, deadline: float | None) -> None:
+    """Send `head` then `body` as one stream write: a first sendmsg carries the head with as much of the body
+    as the socket takes (one system call and no segment holding the head alone, which sendall per part makes
+    under TCP_NODELAY), sendall the rest (its loop runs in C). Same errors as sendall."""
+    sock.settimeout(remaining(deadline))
+    try:
+        k = sock.sendmsg([head, body])
+    except TimeoutError:
+        raise TransferTimeout("send timed out") from None
+    except OSError as e:
+        raise PeerClosed(f"connection lost while sending: {e}") from None
+    if k < len(head):  # rare: not even the head went out whole
+        sendall(sock, head[k:], deadline)
+        k = len(head)
+    if k - len(head) < len(body):
+        sendall(sock, body[k - len(head) :], deadline)
+
+
 def readable(sock: socket.socket, timeout: float = 0.0) -> bool:
     try:
         r, _, _ = select.select([sock], [], [], timeout)

@@ -24,6 +24,7 @@ from kv_transfer.transport._sockutil import (
     recv_nowait,
     recv_some,
     sendall,
+    sendall_parts,
     tune_tcp,
 )
 from kv_transfer.transport.base import DEFAULT_MAX_MESSAGE_BYTES, Channel, Listener, Transport
@@ -51,9 +52,8 @@ class TCPChannel(ChannelGuard, Channel):
             try:
                 if len(mv) <= _COALESCE_BYTES:
                     sendall(self._sock, head + mv, deadline)
-                else:
-                    sendall(self._sock, head, deadline)
-                    sendall(self._sock, mv, deadline)
+                else:  # header and body in one system call: no segment carrying the header alone
+                    sendall_parts(self._sock, head, mv, deadline)
             except (PeerClosed, TransferTimeout):
                 self.close()  # a partial message leaves the stream unusable
                 raise

@@ -22,3 +22,6 @@ def test_reshard_bench_times_every_mode_and_every_lease_is_pulled() -> None:
     assert r["threads_ratio"] == pytest.approx(threads / r["handoff_s"]["tp1_to_tp1"])
     assert r["meets_target"] == (r["ratio"] <= r["target_ratio"]) and r["prompt_tokens"] == 64
     assert r["kv_bytes"] == 2 * 5 * 64 * 2 * 32 * 4  # the shipped model: 5 layers, 2 KV heads of 32, fp32
+    for mode in MODES:  # both sides' CPU per pull is measured (the prefill side's summed over its ranks)
+        assert r["breakdown_s"][mode]["decode_process_cpu_s"] > 0
+        assert r["breakdown_s"][mode]["prefill_process_cpu_s"] > 0
