@@ -551,7 +551,7 @@ def fidelity(quick: bool, log_dir: str, raw_path: str | None = None) -> dict[str
     out["max_abs_error_points"] = max(
         abs(f["predicted_attainment"] - f["measured_attainment"]) * 100 for f in out["fidelity"]
     )
-    for key in ("idle_host", "steady", "no_local_prefill", "run_stretch", "calibrated"):
+    for key in ("idle_host", "steady", "no_local_prefill", "run_stretch", "cpu_matched"):
         out[f"max_abs_error_points_{key}"] = max(
             abs(f[f"predicted_{key}_attainment"] - f["measured_attainment"]) * 100 for f in out["fidelity"]
         )
