@@ -169,7 +169,7 @@ def fidelity(quick: bool, log_dir: str, raw_path: str | None = None) -> dict[str
 
     import numpy as np
 
-    from bench.compare.modes import QUICK
+    from bench.compare.modes import SMALL_MODEL, SMALL_WORKLOADS
     from bench.compare.slos import bench_model, prompt_source
     from bench.compare.systems import warm_up
     from bench.cpu import CpuMeter, SchedSampler, busiest_run_s, schedstat_ns, stretch, window_stretches
@@ -204,12 +204,12 @@ def fidelity(quick: bool, log_dir: str, raw_path: str | None = None) -> dict[str
 
     logging.getLogger("bench.probe").setLevel(logging.WARNING)
     load_before = os.getloadavg()
-    model_dir, tok = bench_model(QUICK.model)
+    model_dir, tok = bench_model(SMALL_MODEL)
     source, _ = prompt_source(model_dir, tok)
     profile_json = run_profile(model_dir, threads=1, new_tokens=10, tries=3)
     engine_profile = profile_from_json(profile_json)
     lat = engine_profile.latency(Layout(1, 1))
-    spec = next(w for w in QUICK.workloads if w.name == "balanced")
+    spec = next(w for w in SMALL_WORKLOADS if w.name == "balanced")
     rng = np.random.default_rng(0)
     samples = tuple(
         (int(p), int(o))
@@ -221,7 +221,7 @@ def fidelity(quick: bool, log_dir: str, raw_path: str | None = None) -> dict[str
     model = spec_from_config(json.loads((Path(model_dir) / "config.json").read_text()))
     n = 60 if quick else 120
     out: dict[str, Any] = {
-        "model": QUICK.model,
+        "model": SMALL_MODEL,
         "profile_fit_error": lat.fit_error,
         "requests_per_rate": n,
         "loadavg_before": list(load_before),

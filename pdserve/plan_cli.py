@@ -86,10 +86,10 @@ def workload_samples(spec: str) -> tuple[tuple[int, int], ...]:
         return out
     import numpy as np
 
-    from bench.compare.modes import FULL, QUICK
+    from bench.compare.modes import FULL, SMALL_WORKLOADS
     from bench.workload import LogNormal
 
-    dists = {w.name: (w.prompt, w.output) for w in QUICK.workloads}
+    dists = {w.name: (w.prompt, w.output) for w in SMALL_WORKLOADS}
     dists.update({f"full-{w.name}": (w.prompt, w.output) for w in FULL.workloads})
     dists["sharegpt-approx"] = (LogNormal(400, 1.0, 4, 1800), LogNormal(150, 1.0, 4, 1000))
     if spec not in dists:

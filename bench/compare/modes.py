@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from bench.compare.systems import DISAGG, DISAGG_COND
 from bench.workload import LengthDist, Uniform
@@ -53,46 +53,6 @@ class Mode:
     )
 
 
-QUICK = Mode(
-    name="quick",
-    # 14 M parameters: decode step ~3.5 ms, prefill of 160 tokens ~45 ms on this host. The 4-layer 256-wide
-    # model quick mode had until 2026-12-04 stepped in 0.9-1.6 ms, no more than the ~1 ms per token the
-    # serving path adds (two gRPC streams, the gateway), so its SLOs measured that path.
-    model={"layers": 6, "hidden": 384, "heads": 6, "kv_heads": 2, "intermediate": 1024},
-    workloads=(
-        # k = 3, not the full run's 2: on the quick model a decode step (~3.7 ms) is about the ~1 ms per token
-        # the serving path adds, so at k = 2 (TPOT <= 7.3 ms) every system failed every probe on an idle host
-        # (2026-12-06: brackets open, goodput 0 for all three). At k = 3 the pure split met k 2.4-2.8 and
-        # colocated-2x1core 1.6-3.2 at the same fixed rate (base and current runtime, seeds 0 and 1).
-        # The full run's lengths: a prefill ~30 decode steps long, as in the full run (160-token prompts gave 13,
-        # and a TTFT SLO 23 prefills long where the full run's is 6).
-        WorkloadSpec(
-            "prefill_heavy", Uniform(320, 448), Uniform(12, 20), headline_k=3.0, ttft_tpot_ratio=SUMMARIZATION
-        ),
-        WorkloadSpec("balanced", Uniform(48, 80), Uniform(48, 80), headline_k=4.0),
-    ),
-    budgets=(64,),
-    # Three seeds of 12 requests a probe, not one seed of 24: until 2026-12-06 quick ran seed 0's first 24
-    # requests only, and a burst among them failed the pure split's start rate on balanced (0.00x-0.25x,
-    # where full runs give 1.00x). Pooled, one seed's burst moves a third of the attainment.
-    seeds=3,
-    # 30 requests, at most 3 s: a balanced request lives about 1 s (64 tokens at the TPOT SLO), so a run is
-    # a few lifetimes long and the decode batch reaches the size the rate implies (12 requests spanning about
-    # 1.2 s gave balanced 1.02x where the full run gave 0.81x)
-    n_requests=30,
-    min_requests=8,  # at the low rates a failing start rate halves to, 3 x 8 requests keep a run short
-    max_span_s=3.0,
-    min_span_ttft_slos=6.0,
-    # Four probes: start, x2 or /2, two bisections: a bracket of 25 %, the goodput fitted inside it (not the
-    # factor-of-2 grid of two probes, on which ratios could only be powers of 2).
-    max_probes=4,
-    extra_probes=0,
-    rel_tol=0.25,
-    symmetric_probes=0,  # quick: the symmetric SLOs are scored on the headline search's runs only
-    # The best colocated system of every full run was colocated-2x1core (-chunk128 tying it at best); the
-    # one-replica-on-2-cores layouts and the chunked variant are left to full mode (--systems overrides).
-    only_systems=(DISAGG, DISAGG_COND, "colocated-2x1core"),
-)
 FULL = Mode(
     name="full",
     model={"layers": 8, "hidden": 512, "heads": 8, "kv_heads": 2, "intermediate": 1408},
@@ -114,4 +74,32 @@ FULL = Mode(
     extra_probes=0,  # other k are scored on the headline search's runs
     rel_tol=0.1,
     symmetric_probes=6,  # the same search against the symmetric SLOs, most of its runs cached
+)
+# The full run's experiment at a lower resolution: the same model, workloads, SLOs and start rate, so its
+# search starts where the full one does, but stops after four probes (start, x2 or /2, two bisections: a
+# bracket of 25 %, the goodput fitted inside it), over two seeds instead of three, without the symmetric-SLO search and the systems no full
+# run found best. Until 2026-12-06 quick ran its own smaller model (6 layers, 384 wide) on its own lengths and
+# k: with its faster steps the serving path's ~0.7 ms of CPU per streamed token weighed twice as much, and on
+# the same idle host it gave 4.77x / 0.50x where the full run gave 2.99x / 0.81x.
+QUICK = replace(
+    FULL,
+    name="quick",
+    seeds=2,
+    max_probes=4,
+    rel_tol=0.25,
+    symmetric_probes=0,  # the symmetric SLOs are scored on the headline search's runs only
+    # The best colocated system of every full run was colocated-2x1core (-chunk128 tying it at best); the
+    # one-replica-on-2-cores layouts and the chunked variants are left to full mode (--systems overrides).
+    only_systems=(DISAGG, DISAGG_COND, "colocated-2x1core"),
+)
+
+# The small bench model and its workloads: `pdserve bench planner`'s cluster and `pdserve plan --workload
+# balanced|prefill_heavy` (the compare's quick mode until 2026-12-06). 14 M parameters: decode step ~3.5 ms,
+# prefill of 160 tokens ~45 ms on this host.
+SMALL_MODEL = {"layers": 6, "hidden": 384, "heads": 6, "kv_heads": 2, "intermediate": 1024}
+SMALL_WORKLOADS = (
+    WorkloadSpec(
+        "prefill_heavy", Uniform(128, 192), Uniform(8, 16), headline_k=3.0, ttft_tpot_ratio=SUMMARIZATION
+    ),
+    WorkloadSpec("balanced", Uniform(48, 80), Uniform(48, 80), headline_k=4.0),
 )
