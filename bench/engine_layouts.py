@@ -178,6 +178,11 @@ def run(tps: list[int], pps: list[int], quick: bool, model_dir: str | None = Non
                         "allreduce_share": p["allreduce_share"],
                     }
                 )
+    reshard = None
+    if 2 in tps:  # the KV hand-off a TP2 prefill instance makes to a TP1 decode instance, vs TP1 -> TP1
+        from bench.reshard import Settings, measure_reshard
+
+        reshard = measure_reshard("", Settings.make(quick))  # the shipped model's real KV
     return {
         "bench": "engine-layouts",
         "mode": "quick" if quick else "full",
@@ -186,6 +191,7 @@ def run(tps: list[int], pps: list[int], quick: bool, model_dir: str | None = Non
         "grid": g,
         "layouts": results,
         "prefill_512": comparison,
+        "reshard": reshard,
         "notes": [
             "wall clock on a shared machine: noisy; compare layouts within one run",
             "allreduce_ms: rank 0's time in TP all-reduces, waiting for the slower rank included",
@@ -204,4 +210,8 @@ def summary(result: dict[str, Any]) -> str:
             f"{c['layout']}: {c['prefill_512_ms']:.0f} ms vs {c['tp1_prefill_512_ms']:.0f} ms -> "
             f"{c['speedup']:.2f}x (all-reduce {c['allreduce_share']:.0%} of it)"
         )
+    if result.get("reshard"):
+        from bench.reshard import summary as reshard_summary
+
+        lines.append(reshard_summary(result["reshard"]))
     return "\n".join(lines)
