@@ -182,6 +182,7 @@ def run(tps: list[int], pps: list[int], quick: bool, model_dir: str | None = Non
     if 2 in tps:  # the KV hand-off a TP2 prefill instance makes to a TP1 decode instance, vs TP1 -> TP1
         from bench.reshard import Settings, measure_reshard
 
+        os.sched_setaffinity(0, cores)  # the layouts pinned this process to their rank 0's core
         reshard = measure_reshard("", Settings.make(quick))  # the shipped model's real KV
     return {
         "bench": "engine-layouts",
