@@ -398,6 +398,19 @@ def _side_out(nch: int, c: int, t: int) -> tuple[np.ndarray, np.ndarray, np.ndar
     )
 
 
+def _encode_args(
+    bounds: np.ndarray, plan: np.ndarray, wsym: np.ndarray, mid: int, c: int, t: int
+) -> tuple[np.ndarray, np.ndarray, Side5, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """The compiled layer encoders' inputs checked and outputs allocated -> (bounds, plan fp32 [nch, 2], side,
+    (rho, amax, words, nw) as _side_out)."""
+    b = _bounds(bounds, t)
+    nch = b.size - 1
+    plan = np.ascontiguousarray(plan, np.float32)
+    assert plan.shape == (nch, 2)
+    _check_wsym(wsym, mid)
+    return b, plan, Side5(nch, c), _side_out(nch, c, t)
+
+
 def encode5(
     y0: np.ndarray,
     y1: np.ndarray,
@@ -469,15 +482,9 @@ def encode5_layer(
     c, t = y0.shape
     _rows(y0, c, t)
     _rows(y1, c, t)
-    b = _bounds(bounds, t)
-    nch = b.size - 1
-    plan = np.ascontiguousarray(plan, np.float32)
-    assert plan.shape == (nch, 2)
-    _check_wsym(wsym, mid)
-    side = Side5(nch, c)
-    rho, amax, out, nw = _side_out(nch, c, t)
+    b, plan, side, (rho, amax, out, nw) = _encode_args(bounds, plan, wsym, mid, c, t)
     rc = _lib_or_raise().cg5_encode_layer(
-        _ptr(y0), _ptr(y1), c, t, nch, _ptr(b), _ptr(plan), mid, _ptr(wsym), _ptr(side.data), _ptr(side.centre),
+        _ptr(y0), _ptr(y1), c, t, b.size - 1, _ptr(b), _ptr(plan), mid, _ptr(wsym), _ptr(side.data), _ptr(side.centre),
         _ptr(side.step), _ptr(rho), _ptr(amax), _ptr(out), _ptr(nw), use_simd(simd),
     )  # fmt: skip
     if rc == -4:
@@ -514,13 +521,8 @@ def encode5_kv(
     c = h * d
     assert cos.dtype == sin.dtype == _F32 and cos.is_contiguous() and sin.is_contiguous()
     assert cos.shape == sin.shape and cos.shape[0] >= t and cos.shape[1] == d
-    b = _bounds(bounds, t)
+    b, plan, side, (rho, amax, out, nw) = _encode_args(bounds, plan, wsym, mid, c, t)
     nch = b.size - 1
-    plan = np.ascontiguousarray(plan, np.float32)
-    assert plan.shape == (nch, 2)
-    _check_wsym(wsym, mid)
-    side = Side5(nch, c)
-    rho, amax, out, nw = _side_out(nch, c, t)
     crc = np.zeros(1, np.int64)
     rc = _lib_or_raise().cg5_encode_kv(
         kp, vp, half, t, h, d, _mat(fk, c), _mat(fv, c), cos.data_ptr(), sin.data_ptr(), d, nch, _ptr(b),

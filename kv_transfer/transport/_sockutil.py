@@ -86,18 +86,9 @@ def tune_tcp(sock: socket.socket) -> None:
 
 def recv_exact_into(sock: socket.socket, mv: memoryview, deadline: float | None) -> None:
     """Fill `mv` from `sock`. PeerClosed on EOF/reset; TransferTimeout (possibly after partial data)."""
-    got, n = 0, len(mv)
-    while got < n:
-        sock.settimeout(remaining(deadline))
-        try:
-            k = sock.recv_into(mv[got:], n - got)
-        except TimeoutError:
-            raise TransferTimeout(f"timed out after {got} of {n} bytes") from None
-        except OSError as e:
-            raise PeerClosed(f"connection lost: {e}") from None
-        if k == 0:
-            raise PeerClosed(f"peer closed the connection ({got} of {n} bytes read)")
-        got += k
+    got = 0
+    while got < len(mv):
+        got += recv_some(sock, mv[got:], deadline)
 
 
 def recv_some(sock: socket.socket, mv: memoryview, deadline: float | None) -> int:
