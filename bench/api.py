@@ -206,6 +206,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from bench.report import stop_on_sigterm
+
+    stop_on_sigterm()  # stop the clusters it starts on SIGTERM too
     p = _parser()
     args = p.parse_args(argv)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request

@@ -149,6 +149,9 @@ def _first_diff(a: list[int], b: list[int]) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from bench.report import stop_on_sigterm
+
+    stop_on_sigterm()  # stop the clusters it starts on SIGTERM too
     ap = argparse.ArgumentParser(prog="python -m bench.chaos", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="model directory (default: the shipped model)")
     ap.add_argument("--quick", action="store_true", help="40 requests, 4 at a time, a kill every ~2 s")

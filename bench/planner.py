@@ -559,6 +559,9 @@ def fidelity(quick: bool, log_dir: str, raw_path: str | None = None) -> dict[str
 
 
 def main(argv: list[str] | None = None) -> int:
+    from bench.report import stop_on_sigterm
+
+    stop_on_sigterm()  # stop the clusters it starts on SIGTERM too
     p = argparse.ArgumentParser(prog="pdserve bench planner", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", default=None, help="write the JSON here instead of stdout")

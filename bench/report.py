@@ -12,8 +12,10 @@ import json
 import math
 import os
 import platform
+import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -28,6 +30,18 @@ _REPO_ROOT = Path(__file__).resolve().parent.parent
 # ---------------------------------------------------------------------------------------------------------------
 # Machine description
 # ---------------------------------------------------------------------------------------------------------------
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def stop_on_sigterm() -> None:
+    """A benchmark that starts clusters: SIGTERM unwinds it as Ctrl-C does, so its `finally` blocks stop every
+    process it started (Python's default for SIGTERM exits at once and leaves them running: a killed `bench
+    planner` left its cluster and Redis behind). Main thread only (signal handlers live there)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
 
 
 def _cpuinfo(key: str, path: str = "/proc/cpuinfo") -> str | None:

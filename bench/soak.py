@@ -164,6 +164,9 @@ def _pct(values: Any) -> dict[str, float | None]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from bench.report import stop_on_sigterm
+
+    stop_on_sigterm()  # stop the clusters it starts on SIGTERM too
     ap = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="model directory (default: the shipped model)")
     ap.add_argument("--minutes", type=float, default=10.0, help="how long the load runs")

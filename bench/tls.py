@@ -219,6 +219,9 @@ def measure_cluster(model_dir: str, n: int, max_tokens: int) -> dict[str, dict[s
 
 
 def main(argv: list[str] | None = None) -> int:
+    from bench.report import stop_on_sigterm
+
+    stop_on_sigterm()  # stop the clusters it starts on SIGTERM too
     p = argparse.ArgumentParser(prog="python -m bench.tls", description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--unary", type=int, default=500, help="echo round trips per round and mode")

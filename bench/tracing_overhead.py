@@ -201,6 +201,9 @@ def _search(
 
 
 def main(argv: list[str] | None = None) -> int:
+    from bench.report import stop_on_sigterm
+
+    stop_on_sigterm()  # stop the clusters it starts on SIGTERM too
     p = _parser()
     args = p.parse_args(argv)
     args.requests = args.requests or (60 if args.quick else 200)

@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
-import threading
 import time
 from dataclasses import asdict, replace
 from typing import Any
@@ -18,7 +16,7 @@ from bench.compare.results import human_summary, plot_all, workload_result
 from bench.compare.slos import bench_model, iso_lens, measure_isolated, plan_workload, prompt_source
 from bench.compare.systems import systems
 from bench.probe import TARGET
-from bench.report import emit, plots_status
+from bench.report import emit, plots_status, stop_on_sigterm
 
 log = logging.getLogger("bench.compare")
 
@@ -58,10 +56,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def mode_from_args(a: argparse.Namespace) -> Mode:
     """QUICK or FULL with the command line's overrides."""
     mode = QUICK if a.quick else FULL
@@ -82,8 +76,7 @@ def mode_from_args(a: argparse.Namespace) -> Mode:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _interrupt)  # stop every started process, as Ctrl-C does
+    stop_on_sigterm()  # stop every started process, as Ctrl-C does
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("pdserve.launcher").setLevel(logging.WARNING)
     began = time.monotonic()

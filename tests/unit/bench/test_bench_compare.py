@@ -348,3 +348,24 @@ def test_a_run_spans_at_least_min_span_s_at_high_rates_and_at_most_max_span_s_at
     unbounded = CountingProber(max_span_s=2.0, min_requests=8)  # no floor: at most n_requests
     unbounded.run(30.0)
     assert unbounded.sent == {30.0: 12}
+
+
+def test_sigterm_unwinds_a_benchmark_like_ctrl_c() -> None:
+    """A killed benchmark must run its `finally` blocks (which stop the clusters it started)."""
+    import os
+    import signal
+
+    from bench.report import stop_on_sigterm
+
+    before = signal.getsignal(signal.SIGTERM)
+    stopped = []
+    try:
+        stop_on_sigterm()
+        with pytest.raises(KeyboardInterrupt):
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)  # the handler runs at the next bytecode
+            finally:
+                stopped.append(True)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert stopped == [True]
