@@ -16,7 +16,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 _TICK_S = 1.0 / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 0.01
@@ -93,6 +93,9 @@ class CpuUsage:
     outside_cores: float  # everything else on the machine
     steal_cores: float  # taken by the hypervisor
     foreign_peak_cores: float  # the most foreign CPU (peers + outside + steal) in any one sampling window
+    # per named process of the system (`CpuMeter(named=...)`, schedstat): cores on a CPU, cores' worth of
+    # runnable-but-waiting time, and its busiest thread's (the step loop's) stretch, (run + wait) / run
+    processes: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def foreign_cores(self) -> float:
@@ -100,12 +103,15 @@ class CpuUsage:
         return self.peers_cores + self.outside_cores + self.steal_cores
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: round(v, 4) for k, v in asdict(self).items()} | {
-            "foreign_cores": round(self.foreign_cores, 4)
-        }
+        out: dict[str, Any] = {k: round(v, 4) for k, v in asdict(self).items() if k != "processes"}
+        out["foreign_cores"] = round(self.foreign_cores, 4)
+        if self.processes:
+            out["processes"] = {n: {k: round(v, 4) for k, v in p.items()} for n, p in self.processes.items()}
+        return out
 
 
 PidsFn = Callable[[], list[int]]
+NamedPidsFn = Callable[[], dict[str, int]]
 
 
 @dataclass(frozen=True)
@@ -122,11 +128,21 @@ class CpuMeter:
 
     ``own`` and ``peers`` return the pids of the system under test and of the other systems; they are
     asked once, at the start, with their descendants. A thread samples every ``interval_s`` to find the
-    peak foreign load of any window (a burst that the run's mean would hide).
+    peak foreign load of any window (a burst that the run's mean would hide). ``named`` ({name: pid} of the
+    system's processes) adds each one's CPU and wait to ``usage.processes``: which process ran slow.
     """
 
-    def __init__(self, own: PidsFn, peers: PidsFn | None = None, interval_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        own: PidsFn,
+        peers: PidsFn | None = None,
+        interval_s: float = 1.0,
+        named: NamedPidsFn | None = None,
+    ) -> None:
         self._own_fn, self._peers_fn = own, peers or (lambda: [])
+        self._named_fn = named
+        self._named: dict[str, int] = {}
+        self._sched0: dict[str, dict[int, tuple[int, int]]] = {}
         self.interval_s = interval_s
         self.usage: CpuUsage | None = None
         self._samples: list[_Sample] = []
@@ -149,6 +165,8 @@ class CpuMeter:
         children = _children()
         self._own = with_descendants(self._own_fn(), children)
         self._peers = [p for p in with_descendants(self._peers_fn(), children) if p not in self._own]
+        self._named = self._named_fn() if self._named_fn else {}
+        self._sched0 = {n: schedstat_ns(pid) for n, pid in self._named.items()}
         first = self._sample()
         if first is not None:
             self._samples = [first]
@@ -164,6 +182,10 @@ class CpuMeter:
         if (last := self._sample()) is not None:
             self._samples.append(last)
         self.usage = usage_between(self._samples, min_window_s=0.5 * self.interval_s)
+        if self.usage is not None and self._named:
+            after = {n: schedstat_ns(pid) for n, pid in self._named.items()}
+            procs = {n: process_sched(self._sched0[n], after[n], self.usage.wall_s) for n in self._named}
+            self.usage = replace(self.usage, processes=procs)
 
 
 def _split(a: _Sample, b: _Sample) -> tuple[float, float, float, float, float, float]:
@@ -219,6 +241,21 @@ def stretch(before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]
         if run1 - run0 > best_run:
             best_run, best_wait = run1 - run0, wait1 - wait0
     return 1.0 + max(0, best_wait) / best_run if best_run > 0 else 1.0
+
+
+def process_sched(
+    before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]], wall_s: float
+) -> dict[str, float]:
+    """One process between two schedstat readings over `wall_s` seconds: `cores` (on a CPU), `wait_cores`
+    (runnable, waiting for a CPU), `step_cores` and `step_stretch` of its busiest thread (`stretch`)."""
+    run = sum(r1 - before.get(t, (0, 0))[0] for t, (r1, _) in after.items())
+    wait = sum(w1 - before.get(t, (0, 0))[1] for t, (_, w1) in after.items())
+    return {
+        "cores": max(0, run) / 1e9 / wall_s,
+        "wait_cores": max(0, wait) / 1e9 / wall_s,
+        "step_cores": busiest_run_s(before, after) / wall_s,
+        "step_stretch": stretch(before, after),
+    }
 
 
 def busiest_run_s(before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]]) -> float:

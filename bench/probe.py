@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
-from bench.cpu import CpuMeter, CpuUsage, PidsFn
+from bench.cpu import CpuMeter, CpuUsage, NamedPidsFn, PidsFn
 from bench.goodput import fitted_goodput
 from bench.metrics import SLO, RequestRecord, attainment, compute_metrics
 from bench.serving import run_load
@@ -106,7 +106,7 @@ class Prober:
     Runs of different probers sharing ``turns`` never overlap.
 
     With ``pids`` (the system's processes) each run's CPU use is measured (:mod:`bench.cpu`), the other
-    systems' processes (``peer_pids``) counted apart; a run during which foreign load (anything but the system
+    systems' processes (``peer_pids``) counted apart, each of ``named_pids`` on its own; a run during which foreign load (anything but the system
     and this process) peaked above ``max_foreign_cores`` in some second is run again, ``reruns`` times at most.
     """
 
@@ -125,6 +125,7 @@ class Prober:
         log_slo: SLO | None = None,
         pids: PidsFn | None = None,
         peer_pids: PidsFn | None = None,
+        named_pids: NamedPidsFn | None = None,
         max_foreign_cores: float = math.inf,
         reruns: int = 1,
         seeds: tuple[int, ...] | None = None,
@@ -139,7 +140,7 @@ class Prober:
         self.min_span_s = min_span_s
         self.turns = turns
         self.log_slo = log_slo
-        self.pids, self.peer_pids = pids, peer_pids
+        self.pids, self.peer_pids, self.named_pids = pids, peer_pids, named_pids
         self.max_foreign_cores, self.reruns = max_foreign_cores, reruns
         self.seeds = seeds or (workload.seed,)
         self.runs: dict[float, Run] = {}
@@ -178,7 +179,7 @@ class Prober:
     def _load(self, rate: float, reqs: list[BenchRequest]) -> Run:
         """One load run at `rate`, in this prober's turn, its CPU use measured when the pids are known."""
         with self.turns.turn(self.name) if self.turns else contextlib.nullcontext():
-            meter = CpuMeter(self.pids, self.peer_pids) if self.pids else None
+            meter = CpuMeter(self.pids, self.peer_pids, named=self.named_pids) if self.pids else None
             t = time.monotonic()
             with meter or contextlib.nullcontext():
                 records = asyncio.run(

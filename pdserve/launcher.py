@@ -467,8 +467,16 @@ class LocalCluster:
 
     def pids(self) -> list[int]:
         """Process ids of the running processes this cluster started: its children and its private Redis."""
-        pids = [c.proc.pid for c in [*self.children, *self.retiring] if c.proc.poll() is None]
-        return pids + ([self.redis.pid] if self.redis is not None else [])
+        return list(self.named_pids().values())
+
+    def named_pids(self) -> dict[str, int]:
+        """The running processes this cluster started by name: "<role>-<slot>" per child (retiring ones
+        "<role>-<slot>-retiring"), "redis" for its private Redis."""
+        out = {f"{c.role}-{i}": c.proc.pid for i, c in enumerate(self.children) if c.proc.poll() is None}
+        out |= {
+            f"{c.role}-{i}-retiring": c.proc.pid for i, c in enumerate(self.retiring) if c.proc.poll() is None
+        }
+        return out | ({"redis": self.redis.pid} if self.redis is not None else {})
 
     # ---- stop -----------------------------------------------------------------------------
     def kill(self, child: Child, sig: int = signal.SIGKILL) -> None:

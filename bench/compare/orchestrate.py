@@ -11,7 +11,7 @@ from bench.compare.modes import Mode
 from bench.compare.search import evaluate
 from bench.compare.slos import Plan
 from bench.compare.systems import System, start_all, stop_all, warm_up
-from bench.cpu import PidsFn
+from bench.cpu import NamedPidsFn, PidsFn
 from bench.metrics import RequestMetrics, compute_metrics
 from bench.probe import Prober, Turns
 
@@ -25,10 +25,12 @@ def evaluate_system(
     turns: Turns,
     pids: PidsFn | None = None,
     peer_pids: PidsFn | None = None,
+    named_pids: NamedPidsFn | None = None,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, list[RequestMetrics]]]:
     """Every workload on one running system: (results, metrics at the fixed rate) per workload. With `pids`
     (the system's processes; `peer_pids`: the other systems') each run's CPU use is measured, and a run that
-    foreign load disturbed is run again (`Prober`)."""
+    foreign load disturbed is run again (`Prober`); `named_pids`: the system's processes by name, whose
+    CPU and waits each run records apart (which process of a slow run was slow)."""
     results: dict[str, dict[str, Any]] = {}
     fixed: dict[str, list[RequestMetrics]] = {}
     try:
@@ -48,6 +50,7 @@ def evaluate_system(
                 log_slo=plan.slos[plan.spec.headline_k],
                 pids=pids,
                 peer_pids=peer_pids,
+                named_pids=named_pids,
                 max_foreign_cores=mode.max_foreign_cores,
                 seeds=plan.seeds,
             )
@@ -99,6 +102,7 @@ def run_all(
                     turns,
                     clusters[s.name].pids,
                     peers_of(s.name),
+                    clusters[s.name].named_pids,
                 )
                 for s in chosen
             }

@@ -177,3 +177,42 @@ def test_sched_sampler_reads_each_process_until_it_stops() -> None:
     assert all(threading.get_native_id() in m["me"] for _, m in s.samples)
     w = window_stretches(s.samples, "me")
     assert len(w) == len(s.samples) - 1 and all(k >= 1.0 for _, k, _ in w)
+
+
+def test_process_sched_splits_run_wait_and_the_step_thread() -> None:
+    from bench.cpu import process_sched
+
+    before = {1: (1_000_000_000, 0), 2: (0, 0)}
+    after = {1: (2_000_000_000, 500_000_000), 2: (500_000_000, 0), 3: (100_000_000, 100_000_000)}
+    p = process_sched(before, after, wall_s=2.0)
+    assert p["cores"] == pytest.approx(0.8)  # 1.6 s on a CPU over 2 s
+    assert p["wait_cores"] == pytest.approx(0.3)  # 0.6 s runnable but waiting
+    assert p["step_cores"] == pytest.approx(0.5)  # thread 1 ran 1 s
+    assert p["step_stretch"] == pytest.approx(1.5)  # and waited 0.5 s
+
+
+@linux_only
+def test_meter_names_the_process_that_ran() -> None:
+    # a spinning process among the named ones is the one whose cores the meter reports
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    idle = subprocess.Popen(
+        [sys.executable, "-c", "import time; print(flush=True); time.sleep(60)"], stdout=subprocess.PIPE
+    )
+    try:
+        assert idle.stdout is not None and idle.stdout.readline() == b"\n"  # started: asleep from here on
+        deadline = time.monotonic() + 10
+        while process_ticks([spinner.pid]) == 0:
+            assert time.monotonic() < deadline, "the spinning process got no CPU within 10 s"
+            time.sleep(0.01)
+        named = {"spinner": spinner.pid, "idle": idle.pid}
+        with CpuMeter(own=lambda: list(named.values()), named=lambda: named, interval_s=0.2) as meter:
+            time.sleep(0.5)  # the measured window
+        u = meter.usage
+        assert u is not None and set(u.processes) == {"spinner", "idle"}
+        assert u.processes["spinner"]["cores"] > 0.05
+        assert u.processes["idle"]["cores"] < 0.02
+        assert u.to_dict()["processes"]["spinner"]["step_stretch"] >= 1.0
+    finally:
+        for p in (spinner, idle):
+            p.kill()
+            p.wait()
