@@ -213,6 +213,22 @@ def usage_between(samples: list[_Sample], min_window_s: float = 0.0) -> CpuUsage
     return CpuUsage(wall, own / wall, bench / wall, peers / wall, outside / wall, steal / wall, peak)
 
 
+def memory_mib(pid: int) -> dict[str, float]:
+    """A process's resident memory and the part of it in transparent huge pages, MiB ({} where
+    /proc/PID/smaps_rollup is unavailable). Weights and KV outside huge pages make every step slower
+    (TLB misses), so a system that ran slow for a whole run is checked for it first."""
+    out: dict[str, float] = {}
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in ("Rss", "AnonHugePages"):
+                    out["rss_mib" if key == "Rss" else "huge_pages_mib"] = int(rest.split()[0]) / 1024
+    except (OSError, ValueError, IndexError):
+        return {}
+    return out
+
+
 def schedstat_ns(pid: int) -> dict[int, tuple[int, int]]:
     """Per thread of `pid`: (ns on a CPU, ns runnable but waiting for a CPU) (Linux schedstat; {} where
     unavailable)."""

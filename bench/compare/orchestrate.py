@@ -11,7 +11,7 @@ from bench.compare.modes import Mode
 from bench.compare.search import evaluate
 from bench.compare.slos import Plan
 from bench.compare.systems import System, start_all, stop_all, warm_up
-from bench.cpu import NamedPidsFn, PidsFn
+from bench.cpu import NamedPidsFn, PidsFn, memory_mib
 from bench.metrics import RequestMetrics, compute_metrics
 from bench.probe import Prober, Turns
 
@@ -36,6 +36,7 @@ def evaluate_system(
     try:
         with turns.turn(system.name):
             warm_up(address, source)
+        memory = {n: memory_mib(pid) for n, pid in (named_pids() if named_pids else {}).items()}
         for plan in plans:
             prober = Prober(
                 system.name,
@@ -64,7 +65,12 @@ def evaluate_system(
                 prefill_servers=system.prefill,
                 symmetric_slos=plan.symmetric_slos,
             )
-            results[plan.spec.name] = {"devices": system.devices, "config": asdict(system), **out}
+            results[plan.spec.name] = {
+                "devices": system.devices,
+                "config": asdict(system),
+                "memory_mib_after_warm_up": memory,  # per process: rss_mib, huge_pages_mib
+                **out,
+            }
             fixed[plan.spec.name] = compute_metrics(prober.run(plan.start_rate).records)
     finally:
         turns.leave(system.name)

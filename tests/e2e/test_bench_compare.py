@@ -77,3 +77,9 @@ def test_bench_compare_quick_end_to_end(tmp_path: Path) -> None:
             if Path("/proc/stat").exists():
                 assert cpu is not None and cpu["system_cores"] > 0.05  # the system did the work
                 assert cpu["wall_s"] > 0
+                procs = cpu["processes"]  # each of the system's processes on its own
+                assert "redis" in procs and any(n.startswith("coordinator") for n in procs)
+                assert sum(p["cores"] for p in procs.values()) > 0.05
+        if Path("/proc/self/smaps_rollup").exists():
+            memory = w["systems"][name]["memory_mib_after_warm_up"]
+            assert memory and all(m["rss_mib"] > 0 for m in memory.values())

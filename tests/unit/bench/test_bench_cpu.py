@@ -216,3 +216,14 @@ def test_meter_names_the_process_that_ran() -> None:
         for p in (spinner, idle):
             p.kill()
             p.wait()
+
+
+@linux_only
+def test_memory_mib_reads_this_process_and_nothing_for_a_gone_one() -> None:
+    from bench.cpu import memory_mib
+
+    mine = memory_mib(os.getpid())
+    assert mine["rss_mib"] > 1.0 and 0.0 <= mine["huge_pages_mib"] <= mine["rss_mib"]
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    assert memory_mib(gone.pid) == {}
