@@ -151,7 +151,9 @@ def fidelity(quick: bool, log_dir: str, raw_path: str | None = None) -> dict[str
     `predicted_attainment` is the simulator on the very arrivals and lengths each run sent, every batch and
     step stretched by its instance's wait for a core in the 0.25 s window it starts in (schedstat, measured
     in that run: what other tenants did to the cores, not what the cluster did), the decode model put on the
-    cluster's decode step thread by the isolated run (calibrate.cpu_scale);
+    cluster's decode step thread as scale * the profile's step + a per-step term, both from the step thread's
+    CPU in the isolated run and the burst (calibrate.decode_cpu); `predicted_batch1_cpu_scale_attainment` the
+    previous model (the whole decode model scaled by the isolated run's ratio, calibrate.cpu_scale);
     `predicted_cpu_matched_attainment` (a diagnostic, not a prediction: it uses the outcome of the run) the
     same with each instance's times scaled to the CPU its step thread used in that run
     (calibrate.cpu_matched), `predicted_run_stretch_attainment` the first with one stretch over the run,
