@@ -97,8 +97,10 @@ class DecodeCpu:
     cpu = scale * model step + per_step_s (seconds). The profile times the engine alone in another process;
     the step loop adds work per step that does not grow with the batch (scheduling, the token events'
     bookkeeping), and the profile's CPU clock may be inflated or not by what ran beside it. One factor
-    measured at batch 1 (`cpu_scale`) charges that per-step work to every sequence of a large batch too
-    (on this host: 1.11 at batch 1 where a burst of 16 measured 0.97)."""
+    measured at batch 1 (`cpu_scale`) charges that per-step work to every sequence of a large batch too,
+    and carries the batch-1 measurement's noise to every batch size (runs here: the isolated run's ratio
+    1.11 where the burst's was 0.97, and 1.01 where it was 1.12); two runs pin the map at batch 1 and at
+    the burst's batches, leaving only the shape beyond those to the profile."""
 
     scale: float
     per_step_s: float
