@@ -151,7 +151,9 @@ def fidelity(quick: bool, log_dir: str, raw_path: str | None = None) -> dict[str
     `predicted_attainment` is the simulator on the very arrivals and lengths each run sent, every batch and
     step stretched by its instance's wait for a core in the 0.25 s window it starts in (schedstat, measured
     in that run: what other tenants did to the cores, not what the cluster did), the decode model put on the
-    cluster's decode step thread by the isolated run (calibrate.cpu_scale);
+    cluster's decode step thread as scale * the profile's step + a per-step term, both from the step thread's
+    CPU in the isolated run and the burst (calibrate.decode_cpu); `predicted_batch1_cpu_scale_attainment` the
+    previous model (the whole decode model scaled by the isolated run's ratio, calibrate.cpu_scale);
     `predicted_cpu_matched_attainment` (a diagnostic, not a prediction: it uses the outcome of the run) the
     same with each instance's times scaled to the CPU its step thread used in that run
     (calibrate.cpu_matched), `predicted_run_stretch_attainment` the first with one stretch over the run,
@@ -182,6 +184,7 @@ def fidelity(quick: bool, log_dir: str, raw_path: str | None = None) -> dict[str
         calibrate,
         cpu_matched,
         cpu_scale,
+        decode_cpu,
         observed,
         one_by_one,
         stretched,
@@ -345,18 +348,35 @@ def fidelity(quick: bool, log_dir: str, raw_path: str | None = None) -> dict[str
         cpu_kv_tokens = DEFAULT_KV_CACHE_BYTES // replace(model, dtype_bytes=4).kv_bytes_per_token
         cap = min(kv_capacity_tokens(base, Layout(1, 1), memory), cpu_kv_tokens)
         # The profile is another process's CPU clock, taken before the cluster started: the decode step
-        # thread's CPU per step as the cluster ran it (the isolated run: batch-1 steps, schedstat) puts the
-        # decode model on the cluster's own step thread. Not prefill: its step thread also does the KV
-        # hand-off's bookkeeping after the first token, which is no part of the TTFT the model predicts.
-        prefill_cpu_ratio, decode_cpu_scale = cpu_scale(
+        # thread's CPU as the cluster ran it (schedstat) in the isolated run (batch-1 steps) and the burst
+        # (batches up to 16) puts the decode model on the cluster's own step thread as scale * model step +
+        # a per-step term (calibrate.decode_cpu). Not prefill: its step thread also does the KV hand-off's
+        # bookkeeping after the first token, which is no part of the TTFT the model predicts.
+        prefill_cpu_ratio, decode_batch1_ratio = cpu_scale(
             lat, iso.requests, iso_cpu["prefill_cpu_s"], iso_cpu["decode_cpu_s"], cap, CPU_BATCH_TOKENS
         )
-        lat_run = stretched(lat, 1.0, decode_cpu_scale)
-        # the engine profile is CPU-clock time: calibrated with each run's measured stretches taken out
-        terms = calibrate(
-            lat_run, iso, burst, cap, CPU_BATCH_TOKENS, local_prefill=local, max_running=max_running
+        dcpu = decode_cpu(
+            lat,
+            [
+                (iso.requests, iso.prefill_stretch, iso.decode_stretch, iso_cpu["decode_cpu_s"]),
+                (burst.requests, burst.prefill_stretch, burst.decode_stretch, burst_cpu["decode_cpu_s"]),
+            ],
+            cap,
+            CPU_BATCH_TOKENS,
+            max_running,
+            local,
         )
-        cal = apply(lat_run, terms, mean_p)
+
+        def calibrated(lat_run: LayoutLatency) -> tuple[Any, LayoutLatency]:
+            # the engine profile is CPU-clock time: calibrated with each run's measured stretches taken out
+            terms = calibrate(
+                lat_run, iso, burst, cap, CPU_BATCH_TOKENS, local_prefill=local, max_running=max_running
+            )
+            return terms, apply(lat_run, terms, mean_p)
+
+        terms, cal = calibrated(dcpu.apply(lat))
+        # the previous model, for comparison: the whole decode model scaled by the batch-1 ratio
+        _, cal_batch1 = calibrated(stretched(lat, 1.0, decode_batch1_ratio))
         profile = Profile(
             engine_profile.device, engine_profile.model, (cal,), "pdserve profile + calibration"
         )
@@ -393,9 +413,12 @@ def fidelity(quick: bool, log_dir: str, raw_path: str | None = None) -> dict[str
                     "isolated": [iso_cpu["prefill_stretch"], iso_cpu["decode_stretch"]],
                     "burst": list(burst_k),
                 },
-                # the cluster's step-thread CPU over the isolated run / the profile's (calibrate.cpu_scale);
-                # the decode one is applied, the prefill one reported
-                "cpu_scale": {"decode": decode_cpu_scale, "prefill_not_applied": prefill_cpu_ratio},
+                # the decode step thread's CPU per step = scale * the profile's step + per_step_ms, from the
+                # isolated run and the burst (calibrate.decode_cpu): applied
+                "decode_cpu": dcpu.to_dict(),
+                # the cluster's step-thread CPU over the isolated run / the profile's (calibrate.cpu_scale):
+                # reported; the decode one was the previous model (predicted_batch1_cpu_scale_attainment)
+                "cpu_scale": {"decode_batch1": decode_batch1_ratio, "prefill_not_applied": prefill_cpu_ratio},
                 "goodput_at_calibration_contention_rps": goodput,
                 "fidelity": [],
                 "measured": [],
@@ -480,6 +503,10 @@ def fidelity(quick: bool, log_dir: str, raw_path: str | None = None) -> dict[str
                     "predicted_cpu_matched_attainment": on_schedule(sent, *win, lat=run_lat).attainment(
                         slo_ttft, slo_tpot
                     ),
+                    # the previous model: the decode model scaled by the isolated run's batch-1 CPU ratio
+                    "predicted_batch1_cpu_scale_attainment": on_schedule(
+                        sent, *win, lat=cal_batch1
+                    ).attainment(slo_ttft, slo_tpot),
                     # without the run's CPU, one stretch over the whole run (the second version's model)
                     "predicted_run_stretch_attainment": on_schedule(sent, *run_k).attainment(
                         slo_ttft, slo_tpot
@@ -551,7 +578,7 @@ def fidelity(quick: bool, log_dir: str, raw_path: str | None = None) -> dict[str
     out["max_abs_error_points"] = max(
         abs(f["predicted_attainment"] - f["measured_attainment"]) * 100 for f in out["fidelity"]
     )
-    for key in ("idle_host", "steady", "no_local_prefill", "run_stretch", "cpu_matched"):
+    for key in ("idle_host", "steady", "no_local_prefill", "run_stretch", "cpu_matched", "batch1_cpu_scale"):
         out[f"max_abs_error_points_{key}"] = max(
             abs(f[f"predicted_{key}_attainment"] - f["measured_attainment"]) * 100 for f in out["fidelity"]
         )

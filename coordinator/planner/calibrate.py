@@ -91,6 +91,80 @@ def cpu_scale(
     return prefill_cpu_s / res.prefill_busy_s[0], decode_cpu_s / res.decode_busy_s[0]
 
 
+@dataclass(frozen=True)
+class DecodeCpu:
+    """The decode step thread's CPU per step in the cluster as a function of the engine model's step:
+    cpu = scale * model step + per_step_s (seconds). The profile times the engine alone in another process;
+    the step loop adds work per step that does not grow with the batch (scheduling, the token events'
+    bookkeeping), and the profile's CPU clock may be inflated or not by what ran beside it. One factor
+    measured at batch 1 (`cpu_scale`) charges that per-step work to every sequence of a large batch too,
+    and carries the batch-1 measurement's noise to every batch size (runs here: the isolated run's ratio
+    1.11 where the burst's was 0.97, and 1.01 where it was 1.12); two runs pin the map at batch 1 and at
+    the burst's batches, leaving only the shape beyond those to the profile."""
+
+    scale: float
+    per_step_s: float
+
+    def apply(self, lat: LayoutLatency) -> LayoutLatency:
+        """`lat` with its decode steps mapped (prefill, including local prefill passes, as it is)."""
+
+        def m(c: Coeffs) -> Coeffs:
+            return Coeffs(c.a * self.scale + self.per_step_s, c.b * self.scale, c.c * self.scale)
+
+        return replace(lat, decode_small=m(lat.decode_small), decode_large=m(lat.decode_large))
+
+    def to_dict(self) -> dict[str, float]:
+        return {"scale": self.scale, "per_step_ms": self.per_step_s * 1e3}
+
+
+def fit_decode_cpu(runs: Sequence[tuple[float, int, float]]) -> DecodeCpu:
+    """Runs: (the model's seconds of decode steps, its number of steps, the CPU seconds the step thread
+    measured on them). Least squares of CPU per step = scale * model seconds per step + per_step_s, with
+    per_step_s >= 0 (where the unconstrained fit has it negative, or scale <= 0: per_step_s = 0 and the
+    scale through the origin). Two runs of different mean batch (an isolated run at batch 1, a burst) fix
+    both exactly."""
+    pts = [(busy / steps, cpu / steps) for busy, steps, cpu in runs if steps > 0 and busy > 0 and cpu > 0]
+    if not pts:
+        raise ValueError("fit_decode_cpu needs a run with decode steps and CPU time")
+    n = len(pts)
+    mx = sum(x for x, _ in pts) / n
+    my = sum(y for _, y in pts) / n
+    sxx = sum((x - mx) ** 2 for x, _ in pts)
+    if sxx > 1e-18 * max(1.0, mx * mx):
+        scale = sum((x - mx) * (y - my) for x, y in pts) / sxx
+        per_step = my - scale * mx
+        if per_step >= 0 and scale > 0:
+            return DecodeCpu(scale, per_step)
+    return DecodeCpu(sum(x * y for x, y in pts) / sum(x * x for x, _ in pts), 0.0)
+
+
+def decode_cpu(
+    lat: LayoutLatency,
+    runs: Sequence[tuple[Sequence[Request], float | Stretch, float | Stretch, float]],
+    kv_capacity_tokens: int,
+    max_batch_tokens: int,
+    max_running: int = 1 << 30,
+    local_prefill: LocalPrefill | None = None,
+    iters: int = 3,
+) -> DecodeCpu:
+    """The DecodeCpu of a 1P1D cluster from runs through it: (requests, prefill and decode stretch, the
+    decode step thread's CPU seconds over the run). Each run is simulated (its stretches, the cluster's
+    local prefill policy) for its contention-free seconds of decode steps and its number of steps; the
+    seconds of local prefill passes are taken out of the measured CPU as the model gives them. The batches
+    a run forms depend on the step times, so the fit is repeated on the mapped model (`iters` times)."""
+    cpu = DecodeCpu(1.0, 0.0)
+    for _ in range(iters):
+        pts = []
+        for reqs, kp, kd, cpu_s in runs:
+            pre, dec = one_by_one(cpu.apply(lat), kp, kd, kv_capacity_tokens, max_batch_tokens, max_running)
+            res = simulate(list(reqs), pre, dec, [[Link(0.0)]], local_prefill)
+            steps = res.decode_steps[0]
+            model_s = (res.decode_busy_s[0] - res.decode_pass_busy_s[0] - cpu.per_step_s * steps) / cpu.scale
+            pts.append((model_s, steps, cpu_s - res.decode_pass_busy_s[0]))
+        cpu = fit_decode_cpu(pts)
+    return cpu
+
+
 CPU_MATCH_BOUNDS = (
     0.5,
     2.0,

@@ -114,6 +114,10 @@ class SimResult:
     # CPU time a contention-free model predicts, to compare with an instance's measured CPU time
     prefill_busy_s: tuple[float, ...] = ()
     decode_busy_s: tuple[float, ...] = ()
+    # per decode instance: decode steps run (a step with running sequences; a pass alone is none) and the
+    # seconds of decode_busy_s spent in local prefill passes
+    decode_steps: tuple[int, ...] = ()
+    decode_pass_busy_s: tuple[float, ...] = ()
 
     def attainment(self, ttft_slo_s: float, tpot_slo_s: float) -> float:
         ok = sum(
@@ -178,6 +182,8 @@ def simulate(
     d_count = [0] * len(decode)  # admitted requests, not finished (max_running)
     d_wait: list[deque[int]] = [deque() for _ in decode]
     d_busy = [0.0] * len(decode)
+    d_steps = [0] * len(decode)
+    d_pass_busy = [0.0] * len(decode)
     lanes = [[_Lane() for _ in range(d.latency.layout.pp)] for d in decode]
     link_free = [[0.0] * len(decode) for _ in prefill]
     need = [0] * n
@@ -249,6 +255,8 @@ def simulate(
             pass_s = lat.prefill_s(sum(lens), sum(x * x for x in lens)) if lens else 0.0
             step_s = lat.decode_s(lane.batch, lane.sum_ctx) if lane.batch else 0.0
             d_busy[d] += pass_s + step_s
+            d_pass_busy[d] += pass_s
+            d_steps[d] += 1 if lane.batch else 0
             k = inst.stretch.at(t) if inst.stretch is not None else 1.0
             lane.pass_end = t + k * pass_s
             t_end = lane.pass_end + k * step_s
@@ -379,7 +387,16 @@ def simulate(
             admit(a, lane)
             lane.busy = False
             run_lane(a, b, now)
-    return SimResult(tuple(ttft), tuple(tpot), batch_max, local_count, tuple(p_busy), tuple(d_busy))
+    return SimResult(
+        tuple(ttft),
+        tuple(tpot),
+        batch_max,
+        local_count,
+        tuple(p_busy),
+        tuple(d_busy),
+        tuple(d_steps),
+        tuple(d_pass_busy),
+    )
 
 
 def poisson_arrivals(n: int, rate: float, gaps: list[float]) -> list[float]:
