@@ -782,14 +782,14 @@ static int64_t uncode5(const uint16_t *in0, int64_t nw0, int64_t rd0, const uint
 /* Per-component mean, min and max of each chunk's rows: y0, y1 [C, T] fp32 (K's and V's transformed rows),
    chunk j = tokens [bounds[j], bounds[j + 1]) -> stats [nch, 2, 3, C] (mean, lo, hi). Returns 0, or -4 if
    some value is not finite. */
-CG_HOT int64_t cg4_stats(const float *y0, const float *y1, int64_t C, int64_t T, int64_t nch,
-                         const int64_t *bounds, float *stats) {
+CG_HOT static int64_t stats_ld(const float *y0, const float *y1, int64_t C, int64_t ld, int64_t nch,
+                                const int64_t *bounds, float *stats) { /* rows ld >= T apart */
     for (int64_t j = 0; j < nch; j++)
         for (int64_t p = 0; p < 2; p++) {
             float *mean = stats + (j * 2 + p) * 3 * C, *lo = mean + C, *hi = lo + C;
             int64_t a = bounds[j], len = bounds[j + 1] - a;
             for (int64_t c = 0; c < C; c++) {
-                const float *row = (p ? y1 : y0) + c * T + a;
+                const float *row = (p ? y1 : y0) + c * ld + a;
                 float s = 0, mn = row[0], mx = row[0];
 #pragma omp simd reduction(+ : s) reduction(min : mn) reduction(max : mx)
                 for (int64_t t = 0; t < len; t++) {
@@ -802,6 +802,11 @@ CG_HOT int64_t cg4_stats(const float *y0, const float *y1, int64_t C, int64_t T,
             }
         }
     return 0;
+}
+
+int64_t cg4_stats(const float *y0, const float *y1, int64_t C, int64_t T, int64_t nch, const int64_t *bounds,
+                  float *stats) {
+    return stats_ld(y0, y1, C, T, nch, bounds, stats);
 }
 
 /* Quantize one row: sym[t] = clamp(rint((y[t] - centre) * (1 / step)), -mid, mid) + mid; -> (sum |q|, max |q|). */
@@ -826,10 +831,10 @@ CG_HOT static void quant4_row(const float *y, int64_t len, float centre, float s
    (rho, amax [nch, 2, C] written) and both parts coded (code5; simd: the AVX2 coder where the CPU has it). out:
    room for sum_j 2 (len_j C + 40) words; chunk j's K words then V words, nw [nch, 2] their counts. Returns 0, or
    -3 out of memory. */
-CG_HOT int64_t cg5_encode(const float *y0, const float *y1, int64_t C, int64_t T, int64_t nch,
-                          const int64_t *bounds, const float *centre, const float *step, int64_t mid,
-                          const int64_t *wsym, uint8_t *rho, uint8_t *amax, uint16_t *out, int64_t *nw,
-                          int64_t simd) {
+CG_HOT static int64_t encode_ld(const float *y0, const float *y1, int64_t C, int64_t ld, int64_t nch,
+                                 const int64_t *bounds, const float *centre, const float *step, int64_t mid,
+                                 const int64_t *wsym, uint8_t *rho, uint8_t *amax, uint16_t *out, int64_t *nw,
+                                 int64_t simd) { /* rows ld >= T apart */
     int64_t most = 0;
     for (int64_t j = 0; j < nch; j++) most = bounds[j + 1] - bounds[j] > most ? bounds[j + 1] - bounds[j] : most;
     uint8_t *sym = malloc((size_t)(2 * C * most + 16));
@@ -841,7 +846,7 @@ CG_HOT int64_t cg5_encode(const float *y0, const float *y1, int64_t C, int64_t T
         for (int64_t p = 0; p < 2; p++)
             for (int64_t c = 0; c < C; c++) {
                 int64_t i = (j * 2 + p) * C + c, sum, top;
-                quant4_row((p ? y1 : y0) + c * T + a, len, centre[i], step[i], mid, sym + (p * C + c) * len, &sum,
+                quant4_row((p ? y1 : y0) + c * ld + a, len, centre[i], step[i], mid, sym + (p * C + c) * len, &sum,
                            &top);
                 lap_fit(sum, top, len, rho + i, amax + i);
             }
@@ -851,6 +856,12 @@ CG_HOT int64_t cg5_encode(const float *y0, const float *y1, int64_t C, int64_t T
     free(sym);
     free(tmp);
     return rc;
+}
+
+int64_t cg5_encode(const float *y0, const float *y1, int64_t C, int64_t T, int64_t nch, const int64_t *bounds,
+                   const float *centre, const float *step, int64_t mid, const int64_t *wsym, uint8_t *rho,
+                   uint8_t *amax, uint16_t *out, int64_t *nw, int64_t simd) {
+    return encode_ld(y0, y1, C, T, nch, bounds, centre, step, mid, wsym, rho, amax, out, nw, simd);
 }
 
 /* Fit and code symbols already quantized (e.g. on a GPU): sym [nch] blocks of [2, C, len_j] back to back ->
@@ -1124,17 +1135,24 @@ int64_t cg5_parse_side(const uint8_t *buf, int64_t nch, int64_t C, int64_t T, in
 /* The CPU encoder of a layer from its transformed rows: statistics (cg4_stats), side information (cg5_side),
    then quantize, fit and code (cg5_encode); arguments as theirs, plan [nch, 2]. Returns wide (0/1), -3 out of
    memory, -4 a value that is not finite. */
-int64_t cg5_encode_layer(const float *y0, const float *y1, int64_t C, int64_t T, int64_t nch, const int64_t *bounds,
-                         const float *plan, int64_t mid, const int64_t *wsym, uint8_t *side, float *c32, float *s32,
-                         uint8_t *rho, uint8_t *amax, uint16_t *out, int64_t *nw, int64_t simd) {
+static int64_t encode_layer_ld(const float *y0, const float *y1, int64_t C, int64_t ld, int64_t nch,
+                               const int64_t *bounds, const float *plan, int64_t mid, const int64_t *wsym,
+                               uint8_t *side, float *c32, float *s32, uint8_t *rho, uint8_t *amax, uint16_t *out,
+                               int64_t *nw, int64_t simd) {
     float *stats = malloc(sizeof(float) * (size_t)(nch * 2 * 3 * C));
     if (!stats) return -3;
-    int64_t rc = cg4_stats(y0, y1, C, T, nch, bounds, stats), wide = 0;
+    int64_t rc = stats_ld(y0, y1, C, ld, nch, bounds, stats), wide = 0;
     if (rc == 0) wide = cg5_side(stats, plan, nch, C, mid, c32, s32, side);
     free(stats);
     if (rc != 0) return rc;
-    rc = cg5_encode(y0, y1, C, T, nch, bounds, c32, s32, mid, wsym, rho, amax, out, nw, simd);
+    rc = encode_ld(y0, y1, C, ld, nch, bounds, c32, s32, mid, wsym, rho, amax, out, nw, simd);
     return rc != 0 ? rc : wide;
+}
+
+int64_t cg5_encode_layer(const float *y0, const float *y1, int64_t C, int64_t T, int64_t nch, const int64_t *bounds,
+                         const float *plan, int64_t mid, const int64_t *wsym, uint8_t *side, float *c32, float *s32,
+                         uint8_t *rho, uint8_t *amax, uint16_t *out, int64_t *nw, int64_t simd) {
+    return encode_layer_ld(y0, y1, C, T, nch, bounds, plan, mid, wsym, side, c32, s32, rho, amax, out, nw, simd);
 }
 
 /* ---- RoPE with fp16 on one side (the transform's hot path for fp16 KV): one pass instead of a conversion pass
@@ -1465,10 +1483,11 @@ static void from_f16(int use, const uint16_t *x, int64_t n, float *out) {
 #define TILE 24 /* tokens per product tile: 4 x 6 rows, 3 x 8 for the transposes */
 
 /* The forward transform of a layer: k, v [T, H, D] (fp16 bits when half, else fp32; positions 0..T-1) ->
-   y0 = (unrope(k) @ FK)^T, y1 = (v @ FV)^T fp32 [C, T] (component-major, row c at c * T). cos/sin as cg_rope. */
+   y0 = (unrope(k) @ FK)^T, y1 = (v @ FV)^T fp32 [C, ldy] (component-major, row c at c * ldy, ldy >= T). cos/sin as
+   cg_rope. */
 static void forward_layer(int use, const void *k, const void *v, int64_t half, int64_t T, int64_t H, int64_t D,
                           const float *fk, const float *fv, const float *cos, const float *sin, int64_t ld, float *y0,
-                          float *y1) {
+                          float *y1, int64_t ldy) {
     const int64_t C = H * D;
     float x[TILE * 256], out[TILE * 256]; /* C <= 256 (checked by the caller) */
     for (int64_t t = 0; t < T; t += TILE) {
@@ -1483,7 +1502,7 @@ static void forward_layer(int use, const void *k, const void *v, int64_t half, i
             else
                 memcpy(x, (const float *)src + t * C, sizeof(float) * (size_t)(nt * C));
             prod(use, x, nt, C, p ? fv : fk, out);
-            tile_t(use, out, nt, C, C, (p ? y1 : y0) + t, T);
+            tile_t(use, out, nt, C, C, (p ? y1 : y0) + t, ldy);
         }
     }
 }
@@ -1523,11 +1542,13 @@ int64_t cg5_encode_kv(const void *k, const void *v, int64_t half, int64_t T, int
                       int64_t *crc) {
     const int64_t C = H * D;
     if (C > 256) return -5;
-    float *y = malloc(sizeof(float) * (size_t)(2 * C * T));
+    const int64_t ldy = T + 16; /* rows off 4 KiB strides, as the decoder's (at T = 1024 the transposes into
+                                   rows 4 KiB apart made the forward transform 1.2x slower) */
+    float *y = malloc(sizeof(float) * (size_t)(2 * C * ldy));
     if (!y) return -3;
-    forward_layer(layer_simd(simd, C), k, v, half, T, H, D, fk, fv, cos, sin, ld, y, y + C * T);
-    int64_t rc = cg5_encode_layer(y, y + C * T, C, T, nch, bounds, plan, mid, wsym, side, c32, s32, rho, amax, out, nw,
-                                  simd);
+    forward_layer(layer_simd(simd, C), k, v, half, T, H, D, fk, fv, cos, sin, ld, y, y + C * ldy, ldy);
+    int64_t rc = encode_layer_ld(y, y + C * ldy, C, ldy, nch, bounds, plan, mid, wsym, side, c32, s32, rho, amax, out,
+                                 nw, simd);
     free(y);
     if (rc == 0 || rc == 1) { /* the words' CRC-32 (zlib's), over their bytes in this machine's order */
         int64_t words = 0;
