@@ -963,8 +963,9 @@ CG_EXACT static inline void l0_token(const float *tk, const float *tv, int64_t H
                             float *ko, float *vo) {
     int64_t half = D / 2;
     for (int64_t h = 0; h < H; h++) {
-        const float *x1 = tk + h * D, *x2 = x1 + half;
-        float *o1 = ko + h * D, *o2 = o1 + half;
+        const float *restrict x1 = tk + h * D, *restrict x2 = x1 + half;
+        float *restrict o1 = ko + h * D, *restrict o2 = o1 + half;
+#pragma omp simd /* each lane's arithmetic as the scalar loop's: products rounded, then the sum (no FMA) */
         for (int64_t i = 0; i < half; i++) {
             float a = x1[i], b = x2[i], si = 1.0f * sn[i];
             o1[i] = a * c[i] - b * si;
@@ -974,33 +975,62 @@ CG_EXACT static inline void l0_token(const float *tk, const float *tv, int64_t H
     memcpy(vo, tv, sizeof(float) * (size_t)(H * D));
 }
 
-/* -> k, v [T, H, D] fp32. Returns 0, or -1 if some id >= vocab (nothing is read out of the table). */
+static void to_f16(int use, const float *x, int64_t n, uint16_t *out);
+static void from_f16(int use, const uint16_t *x, int64_t n, float *out);
+#if defined(__x86_64__) && defined(__GNUC__)
+static int cpu_f16c(void);
+#define L0_F16C() cpu_f16c()
+#else
+#define L0_F16C() 0
+#endif
+
+/* -> k, v [T, H, D]: fp32, or fp16 bits (round to nearest even, as torch converts) when half. Returns 0, or -1
+   if some id >= vocab (nothing is read out of the table), -3 out of memory. */
 CG_EXACT int64_t cg_l0_gather(const float *tk, const float *tv, int64_t vocab, const uint32_t *ids, int64_t T, int64_t H,
-                     int64_t D, const float *cos, const float *sin, int64_t ld, float *k, float *v) {
+                              int64_t D, const float *cos, const float *sin, int64_t ld, void *k, void *v, int64_t half) {
     int64_t row = H * D;
     for (int64_t t = 0; t < T; t++)
         if (ids[t] >= (uint64_t)vocab) return -1;
-    for (int64_t t = 0; t < T; t++)
-        l0_token(tk + ids[t] * row, tv + ids[t] * row, H, D, cos + t * ld, sin + t * ld, k + t * row, v + t * row);
+    if (!half) {
+        for (int64_t t = 0; t < T; t++)
+            l0_token(tk + ids[t] * row, tv + ids[t] * row, H, D, cos + t * ld, sin + t * ld, (float *)k + t * row,
+                     (float *)v + t * row);
+        return 0;
+    }
+    float *buf = malloc(sizeof(float) * (size_t)(2 * row));
+    if (!buf) return -3;
+    int use = L0_F16C();
+    for (int64_t t = 0; t < T; t++) {
+        l0_token(tk + ids[t] * row, tv + ids[t] * row, H, D, cos + t * ld, sin + t * ld, buf, buf + row);
+        to_f16(use, buf, row, (uint16_t *)k + t * row);
+        to_f16(use, buf + row, row, (uint16_t *)v + t * row);
+    }
+    free(buf);
     return 0;
 }
 
-/* The encoder's check of given k, v [T, H, D] fp32 against the table's: err[4] = max |k - k0|, max |k|,
-   max |v - v0|, max |v|. Returns 0, -1 if some id >= vocab, -2 if some given value is not finite, -3 out of
-   memory. */
+/* The encoder's check of given k, v [T, H, D] (fp32, or fp16 bits when half: compared as their fp32 values)
+   against the table's: err[4] = max |k - k0|, max |k|, max |v - v0|, max |v|. Returns 0, -1 if some id >= vocab,
+   -2 if some given value is not finite, -3 out of memory. */
 CG_EXACT int64_t cg_l0_check(const float *tk, const float *tv, int64_t vocab, const uint32_t *ids, int64_t T,
-                             int64_t H, int64_t D, const float *cos, const float *sin, int64_t ld, const float *k,
-                             const float *v, float *err) {
+                             int64_t H, int64_t D, const float *cos, const float *sin, int64_t ld, const void *k,
+                             const void *v, float *err, int64_t half) {
     int64_t row = H * D;
     float dk = 0, ak = 0, dv = 0, av = 0;
-    int bad = 0;
+    int bad = 0, use = half && L0_F16C();
     for (int64_t t = 0; t < T; t++)
         if (ids[t] >= (uint64_t)vocab) return -1;
-    float *buf = malloc(sizeof(float) * (size_t)(2 * row));
+    float *buf = malloc(sizeof(float) * (size_t)(4 * row));
     if (!buf) return -3;
     for (int64_t t = 0; t < T; t++) {
         l0_token(tk + ids[t] * row, tv + ids[t] * row, H, D, cos + t * ld, sin + t * ld, buf, buf + row);
-        const float *x = k + t * row, *y = v + t * row, *x0 = buf, *y0 = buf + row;
+        const float *x, *y, *x0 = buf, *y0 = buf + row;
+        if (half) {
+            from_f16(use, (const uint16_t *)k + t * row, row, buf + 2 * row);
+            from_f16(use, (const uint16_t *)v + t * row, row, buf + 3 * row);
+            x = buf + 2 * row, y = buf + 3 * row;
+        } else
+            x = (const float *)k + t * row, y = (const float *)v + t * row;
 #pragma omp simd reduction(max : dk, ak, dv, av) reduction(| : bad)
         for (int64_t i = 0; i < row; i++) {
             float a = fabsf(x[i]), e = fabsf(x[i] - x0[i]), b = fabsf(y[i]), f = fabsf(y[i] - y0[i]);
