@@ -87,6 +87,7 @@ RECENT = (64, 8.0)
 L0_SUFFIX = "+l0"
 ROW_PAD = 16  # fp32 values after each decoded row (see decode)
 _WORD = np.dtype("<u2")  # payload words
+_CPU = torch.device("cpu")
 _LITTLE = sys.byteorder == "little"
 
 # ---- discrete Laplace tables ----------------------------------------------------------------------------
@@ -198,6 +199,7 @@ class KLTransform:
         self._lock = threading.Lock()
         self._steps_of: dict[tuple[str, int], tuple[float, float]] = {}
         self._fwd_of: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._inv_of: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         # the inverse's spectral norm per part, for the error bound
         self.inv_norm = np.linalg.norm(inv.astype(np.float64), ord=2, axis=(2, 3)).astype(np.float32)
 
@@ -210,6 +212,13 @@ class KLTransform:
                 float(self.steps[level][layer][0]),
                 float(self.steps[level][layer][1]),
             )
+        return got
+
+    def inv_of(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """inv[layer, 0], inv[layer, 1] (K's and V's [C, C]; cached views)."""
+        got = self._inv_of.get(layer)
+        if got is None:
+            got = self._inv_of[layer] = (self.inv[layer, 0], self.inv[layer, 1])
         return got
 
     def fwd_of(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
@@ -585,10 +594,11 @@ def _decode_kv(
     t = shape[0]
     wdt = torch.float16 if dtype == torch.float16 else torch.float32
     k, v = torch.empty((2, *shape), dtype=wdt).unbind()  # each contiguous
-    cos, sin = transform._cos_sin(t, k.device)
+    cos, sin = transform._cos_sin(t, _CPU)
+    gk, gv = transform.inv_of(layer)
     rans.decode5_kv(
         params[_HEADER4.size : len(params) - _CRC.size], n, t, bool(flags & FLAG_WIDE), QMAX, words,
-        _symbol_weights(), transform.inv[layer, 0], transform.inv[layer, 1], cos, sin, k, v, crc=crc,
+        _symbol_weights(), gk, gv, cos, sin, k, v, crc=crc,
     )  # fmt: skip
     return (k, v) if wdt == dtype else (k.to(dtype), v.to(dtype))
 
