@@ -166,9 +166,9 @@ def test_encoder_quantizes_alike_on_both_paths(t: int) -> None:
     words, nw, rho, amax = out[True]
     assert (amax[:, 0].max() == klt.QMAX) and (amax <= klt.QMAX).all()  # some rows clamp
     sym = rans.uncode5(words, nw, rho, amax, bounds, klt.QMAX, _w())
-    a, b = int(bounds[0]), int(bounds[1])
-    want = np.clip(np.rint((y1[0, a:b] - centre[0, 1, 0]) / np.float32(1.0)), -127, 127) + klt.QMAX
-    assert np.array_equal(sym[c * (b - a) : c * (b - a) + (b - a)], want.astype(np.uint8))  # V row 0, chunk 0
+    t0, t1 = int(bounds[0]), int(bounds[1])
+    want = np.clip(np.rint((y1[0, t0:t1] - centre[0, 1, 0]) / np.float32(1.0)), -127, 127) + klt.QMAX
+    assert np.array_equal(sym[c * (t1 - t0) : c * (t1 - t0) + (t1 - t0)], want.astype(np.uint8))  # V row 0
 
 
 def test_compiled_laplace_rows_are_the_same_on_both_paths() -> None:

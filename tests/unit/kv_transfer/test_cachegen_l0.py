@@ -193,12 +193,13 @@ def test_the_table_writes_fp16_and_checks_fp16_in_one_pass(probe: KVProbe, ctx: 
     """fp16 out of the gather is the fp32 result rounded as torch rounds it (`.half()`), and the check reads
     fp16 input as its fp32 values: the same error maxima as checking `.float()` of it; a perturbed fp16 K fails
     the codec's check, so that layer is coded, not sent as ids; fp16 frames decode to fp16 without a copy."""
+    assert ctx.layer0 is not None and ctx.layer0.table is not None
     tab = ctx.layer0.table
-    assert tab is not None
     ids = torch.tensor([0, probe.cfg.vocab_size - 1, *PROMPT])
     ids32 = ids.numpy().astype("uint32")
-    k32, v32 = tab.kv(ids32)
-    k16, v16 = tab.kv(ids32, torch.float16)
+    got32, got16 = tab.kv(ids32), tab.kv(ids32, torch.float16)
+    assert got32 is not None and got16 is not None
+    (k32, v32), (k16, v16) = got32, got16
     assert k16.dtype == v16.dtype == torch.float16
     assert torch.equal(k16, k32.half()) and torch.equal(v16, v32.half())
     a = (tab.tk, tab.tv, ids32, tab.cos, tab.sin)
