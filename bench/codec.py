@@ -22,7 +22,8 @@ What is measured (one process, `torch.set_num_threads(1)`, the model in fp32 on 
 * Speed: one `speed_tokens`-long held-out prompt's KV, every layer, `encode_parts` and `decode` timed with the
   thread's CPU clock (`time.thread_time`: one core's work, robust to other tenants on this shared machine),
   input fp16 and output fp16 -> MB/s (1e6 bytes/s) of fp16-equivalent K+V; median of `repeats` rounds, the
-  codecs interleaved within each round.
+  codecs interleaved within each round, after `speed_warmup_rounds` (1) rounds that are run and not counted
+  (first calls: tables, allocator, caches).
 * Quality (teacher forced): with the prompt's KV replaced by each codec's round trip (fp32 in, fp32 out:
   the serving dtype here), the model reads the `continuation` held-out tokens that follow the prompt (their
   own K/V computed exactly) and predicts each next token. Against the exact fp32 KV: per-token
@@ -94,6 +95,7 @@ class Settings:
 
 
 GREEDY_PROMPT_TOKENS = 128  # as in the end-to-end test (tests/e2e/test_kv_handoff.py)
+WARMUP_ROUNDS = 1  # speed rounds run before the counted ones, not counted
 
 
 def codecs(ctx: CodecContext) -> dict[str, Codec]:
@@ -294,7 +296,7 @@ def measure_speed(
     nbytes = sum(2 * k.numel() * k.element_size() for k, _ in kv)
     enc: dict[str, list[float]] = {n: [] for n in cdx}
     dec: dict[str, list[float]] = {n: [] for n in cdx}
-    for _ in range(repeats + 1):  # the first round warms up (tables, allocator) and is dropped
+    for _ in range(WARMUP_ROUNDS + repeats):  # the first rounds warm up (tables, allocator) and are dropped
         for name, c in cdx.items():
             te = td = 0.0
             for layer, (k, v) in enumerate(kv):
@@ -310,8 +312,8 @@ def measure_speed(
             dec[name].append(td)
     return {
         n: (
-            nbytes / max(statistics.median(enc[n][1:]), 1e-9),
-            nbytes / max(statistics.median(dec[n][1:]), 1e-9),
+            nbytes / max(statistics.median(enc[n][WARMUP_ROUNDS:]), 1e-9),
+            nbytes / max(statistics.median(dec[n][WARMUP_ROUNDS:]), 1e-9),
         )
         for n in cdx
     }
@@ -407,6 +409,7 @@ def measure(model_dir: str, s: Settings) -> tuple[dict[str, Any], dict[str, Code
             "reference_ppl": ref_ppl,
             "speed_tokens": len(speed_prompt),
             "repeats": s.repeats,
+            "speed_warmup_rounds": WARMUP_ROUNDS,
             "clock": "thread CPU time (one core)",
             "serving_dtype": str(serving_dtype).replace("torch.", ""),
             "kv_shape_per_layer": [cfg.num_kv_heads, cfg.head_dim],

@@ -87,6 +87,7 @@ RECENT = (64, 8.0)
 L0_SUFFIX = "+l0"
 ROW_PAD = 16  # fp32 values after each decoded row (see decode)
 _WORD = np.dtype("<u2")  # payload words
+_CPU = torch.device("cpu")
 _LITTLE = sys.byteorder == "little"
 
 # ---- discrete Laplace tables ----------------------------------------------------------------------------
@@ -196,8 +197,36 @@ class KLTransform:
         self._cpu_mats: list[tuple[Tensor, Tensor, Tensor, Tensor]] | None = None
         self._rope: dict[torch.device, tuple[Tensor, Tensor]] = {}  # cos, sin [P, D] for positions 0..P-1
         self._lock = threading.Lock()
+        self._steps_of: dict[tuple[str, int], tuple[float, float]] = {}
+        self._fwd_of: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._inv_of: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         # the inverse's spectral norm per part, for the error bound
         self.inv_norm = np.linalg.norm(inv.astype(np.float64), ord=2, axis=(2, 3)).astype(np.float32)
+
+    def steps_of(self, level: str, layer: int) -> tuple[float, float]:
+        """The level's (K, V) steps at `layer` as Python floats (cached: the steps are immutable)."""
+        key = (level, layer)
+        got = self._steps_of.get(key)
+        if got is None:
+            got = self._steps_of[key] = (
+                float(self.steps[level][layer][0]),
+                float(self.steps[level][layer][1]),
+            )
+        return got
+
+    def inv_of(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """inv[layer, 0], inv[layer, 1] (K's and V's [C, C]; cached views)."""
+        got = self._inv_of.get(layer)
+        if got is None:
+            got = self._inv_of[layer] = (self.inv[layer, 0], self.inv[layer, 1])
+        return got
+
+    def fwd_of(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """fwd[layer, 0], fwd[layer, 1] (K's and V's [C, C]; cached views)."""
+        got = self._fwd_of.get(layer)
+        if got is None:
+            got = self._fwd_of[layer] = (self.fwd[layer, 0], self.fwd[layer, 1])
+        return got
 
     def covers(self, layer: int, channels: int, head_dim: int, level: str) -> bool:
         return (
@@ -360,6 +389,35 @@ def quantize_torch(yk: Tensor, yv: Tensor, bounds: list[int], centre: np.ndarray
     return torch.cat(out)
 
 
+class _ChunkPlan:
+    """A frame's chunking and steps for (t, chunks, (K, V) steps, recent, scale), as `encode` codes them: the
+    recent chunk split off, bounds int64 [nch + 1], plan fp32 [nch, 2] (read-only: shared by every frame of that
+    shape and setting), each chunk's length."""
+
+    __slots__ = ("chunks", "bounds", "plan", "lengths")
+
+    def __init__(
+        self, t: int, chunks: list[tuple[int, int]], steps: tuple[float, float], recent: tuple[int, float],
+        scale: float,
+    ) -> None:  # fmt: skip
+        ks, vs = steps[0] * scale, steps[1] * scale
+        n_recent = min(recent[0], t - 1) if recent[0] > 0 and recent[1] != 1.0 else 0
+        if n_recent:
+            chunks = [(a, min(b, t - n_recent)) for a, b in chunks if a < t - n_recent] + [(t - n_recent, t)]
+        steps_of = [(ks, vs)] * len(chunks)
+        if n_recent:
+            steps_of[-1] = (ks / recent[1], vs / recent[1])
+        self.chunks = list(chunks)
+        self.bounds = np.array([a for a, _ in chunks] + [t], np.int64)
+        self.plan = np.array(steps_of, np.float32)
+        self.lengths = np.diff(self.bounds).astype(np.uint32)
+        for a in (self.bounds, self.plan, self.lengths):
+            a.setflags(write=False)
+
+
+_chunk_plans: dict[tuple, _ChunkPlan] = {}  # encode's, by (t, chunks, steps, recent, scale)
+
+
 def encode(
     transform: KLTransform,
     level: str,
@@ -378,29 +436,26 @@ def encode(
     most). CPU (`fused`): one compiled call (`rans.encode5_kv`: un-RoPE, the transform's products, statistics,
     side information, quantize, fit, code); other devices (or fused=False) compute the statistics and the symbols with torch where k lives (only they cross
     to the host) and fit and code on the host -- the same bytes for the same statistics."""
-    ks, vs = (
-        s * scale for s in (steps if steps is not None else (float(x) for x in transform.steps[level][layer]))
-    )
     t = k.shape[0]
-    recent = RECENT if recent is None else recent
-    n_recent = min(recent[0], t - 1) if recent[0] > 0 and recent[1] != 1.0 else 0
-    if n_recent:
-        chunks = [(a, min(b, t - n_recent)) for a, b in chunks if a < t - n_recent] + [(t - n_recent, t)]
-    starts = [a for a, _ in chunks]
-    bounds = np.array(starts + [t], np.int64)
-    steps_of = [(ks, vs)] * len(chunks)
-    if n_recent:
-        steps_of[-1] = (ks / recent[1], vs / recent[1])
-    plan = np.array(steps_of, np.float32)
+    if steps is None:
+        steps = transform.steps_of(level, layer)
+    key = (t, tuple(chunks), steps, recent, scale)
+    cp = _chunk_plans.get(key)
+    if cp is None:
+        cp = _ChunkPlan(t, chunks, steps, RECENT if recent is None else recent, scale)
+        if len(_chunk_plans) > 4096:  # lengths x settings seen: bounded
+            _chunk_plans.clear()
+        _chunk_plans[key] = cp
+    chunks, bounds, plan = cp.chunks, cp.bounds, cp.plan
     wsym = _symbol_weights()
     if k.device.type == "cpu" and fused:  # transform, statistics, side, quantize, fit, code: one call
         if k.dtype not in (torch.float16, torch.float32):
             k, v = k.float(), v.float()
         cos, sin = transform._cos_sin(t, k.device)
+        fk, fv = transform.fwd_of(layer)
         side, words, nw, rho, amax, crc = rans.encode5_kv(
-            k.contiguous(), v.contiguous(), transform.fwd[layer, 0], transform.fwd[layer, 1], cos, sin, bounds,
-            plan, QMAX, wsym,
-        )  # fmt: skip
+            k.contiguous(), v.contiguous(), fk, fv, cos, sin, bounds, plan, QMAX, wsym
+        )
     else:
         yk, yv = transform.forward(k, v, layer)  # [C, T] each
         side = rans.side5(_stats_torch(yk, yv, bounds.tolist()), plan, QMAX)
@@ -411,9 +466,10 @@ def encode(
         b"CG", VERSION, _LEVEL_IDS[level], FLAG_WIDE if side.wide else 0, len(chunks), transform.transform_id,
         crc if crc >= 0 and _LITTLE else zlib.crc32(le_view(words)),
     )  # fmt: skip
-    rows = zip(starts, starts[1:] + [t], nw.tolist(), strict=True)  # (tokens, K words, V words) per chunk
-    directory = struct.pack(f"<{3 * len(chunks)}I", *(x for a, b, (kw, vw) in rows for x in (b - a, kw, vw)))
-    body = b"".join([head, directory, side.data.data, rho.data, amax.data])
+    directory = np.empty((len(chunks), 3), "<u4")  # (tokens, K words, V words) per chunk
+    directory[:, 0] = cp.lengths
+    directory[:, 1:] = nw
+    body = b"".join([head, directory.data, side.data.data, rho.data, amax.data])
     return body + _CRC.pack(zlib.crc32(body)), [words]
 
 
@@ -538,10 +594,11 @@ def _decode_kv(
     t = shape[0]
     wdt = torch.float16 if dtype == torch.float16 else torch.float32
     k, v = torch.empty((2, *shape), dtype=wdt).unbind()  # each contiguous
-    cos, sin = transform._cos_sin(t, k.device)
+    cos, sin = transform._cos_sin(t, _CPU)
+    gk, gv = transform.inv_of(layer)
     rans.decode5_kv(
         params[_HEADER4.size : len(params) - _CRC.size], n, t, bool(flags & FLAG_WIDE), QMAX, words,
-        _symbol_weights(), transform.inv[layer, 0], transform.inv[layer, 1], cos, sin, k, v, crc=crc,
+        _symbol_weights(), gk, gv, cos, sin, k, v, crc=crc,
     )  # fmt: skip
     return (k, v) if wdt == dtype else (k.to(dtype), v.to(dtype))
 

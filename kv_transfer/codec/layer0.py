@@ -97,17 +97,22 @@ class Layer0Table:
     def covers(self, tokens: int, heads: int, head_dim: int) -> bool:
         return tokens <= self.positions and heads == self.heads and head_dim == self.head_dim
 
-    def kv(self, ids: np.ndarray) -> tuple[Tensor, Tensor] | None:
-        """ids uint32 [T] -> k, v fp32 [T, Hkv, D]; None if some id is outside the vocabulary."""
+    def kv(self, ids: np.ndarray, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor] | None:
+        """ids uint32 [T] -> k, v [T, Hkv, D] computed in fp32, written as fp32 or (dtype fp16) rounded to fp16
+        in the same pass (as `.half()` rounds); None if some id is outside the vocabulary."""
         t = ids.size
-        k, v = torch.empty((t, self.heads, self.head_dim)), torch.empty((t, self.heads, self.head_dim))
+        wdt = torch.float16 if dtype == torch.float16 else torch.float32
+        k, v = torch.empty((2, t, self.heads, self.head_dim), dtype=wdt).unbind()
         ok = rans.l0_gather(self.tk, self.tv, ids, self.cos, self.sin, k.numpy(), v.numpy())
         return (k, v) if ok else None
 
     def matches(self, k: Tensor, v: Tensor, ids: np.ndarray) -> bool:
         """Whether k, v [T, Hkv, D] (CPU) are the table's layer 0 of ids uint32 [T], within TOL."""
-        kf, vf = (x.float().contiguous() for x in (k, v))
-        err = rans.l0_check(self.tk, self.tv, ids, self.cos, self.sin, kf.numpy(), vf.numpy())
+        if k.dtype not in (torch.float16, torch.float32):  # fp16 and fp32 are read as they are
+            k, v = k.float(), v.float()
+        err = rans.l0_check(
+            self.tk, self.tv, ids, self.cos, self.sin, k.contiguous().numpy(), v.contiguous().numpy()
+        )
         if err is None:
             return False
         tol = TOL.get(k.dtype, 1e-4)
@@ -211,7 +216,7 @@ def decode(
         raise FrameCorrupted(f"layer-0 frame: token id {int(ids32.max())} outside the vocabulary ({vocab})")
     tab = inst.table
     if tab is not None and len(shape) == 3 and tab.covers(shape[0], shape[1], shape[2]):
-        kv = tab.kv(np.ascontiguousarray(ids32))
+        kv = tab.kv(np.ascontiguousarray(ids32), dtype if device.type == "cpu" else torch.float32)
         assert kv is not None  # every id was checked against the vocabulary, the table's size
         k, v = kv
     else:

@@ -782,14 +782,14 @@ static int64_t uncode5(const uint16_t *in0, int64_t nw0, int64_t rd0, const uint
 /* Per-component mean, min and max of each chunk's rows: y0, y1 [C, T] fp32 (K's and V's transformed rows),
    chunk j = tokens [bounds[j], bounds[j + 1]) -> stats [nch, 2, 3, C] (mean, lo, hi). Returns 0, or -4 if
    some value is not finite. */
-CG_HOT int64_t cg4_stats(const float *y0, const float *y1, int64_t C, int64_t T, int64_t nch,
-                         const int64_t *bounds, float *stats) {
+CG_HOT static int64_t stats_ld(const float *y0, const float *y1, int64_t C, int64_t ld, int64_t nch,
+                                const int64_t *bounds, float *stats) { /* rows ld >= T apart */
     for (int64_t j = 0; j < nch; j++)
         for (int64_t p = 0; p < 2; p++) {
             float *mean = stats + (j * 2 + p) * 3 * C, *lo = mean + C, *hi = lo + C;
             int64_t a = bounds[j], len = bounds[j + 1] - a;
             for (int64_t c = 0; c < C; c++) {
-                const float *row = (p ? y1 : y0) + c * T + a;
+                const float *row = (p ? y1 : y0) + c * ld + a;
                 float s = 0, mn = row[0], mx = row[0];
 #pragma omp simd reduction(+ : s) reduction(min : mn) reduction(max : mx)
                 for (int64_t t = 0; t < len; t++) {
@@ -802,6 +802,11 @@ CG_HOT int64_t cg4_stats(const float *y0, const float *y1, int64_t C, int64_t T,
             }
         }
     return 0;
+}
+
+int64_t cg4_stats(const float *y0, const float *y1, int64_t C, int64_t T, int64_t nch, const int64_t *bounds,
+                  float *stats) {
+    return stats_ld(y0, y1, C, T, nch, bounds, stats);
 }
 
 /* Quantize one row: sym[t] = clamp(rint((y[t] - centre) * (1 / step)), -mid, mid) + mid; -> (sum |q|, max |q|). */
@@ -821,15 +826,56 @@ CG_HOT static void quant4_row(const float *y, int64_t len, float centre, float s
     *sum_out = sum, *top_out = top;
 }
 
+#if HAVE_AVX2_PATH
+/* quant4_row in AVX2, 32 values a step: the same IEEE operations per value (y - centre, times 1 / step,
+   rounded to nearest even, clamped; no FMA), so the same symbols, sum and top. */
+__attribute__((target("avx2"))) static void quant4_row_avx2(const float *y, int64_t len, float centre, float step,
+                                                            int64_t mid, uint8_t *sym, int64_t *sum_out,
+                                                            int64_t *top_out) {
+    const float inv = 1.0f / step, lim = (float)mid;
+    const __m256 vc = _mm256_set1_ps(centre), vi = _mm256_set1_ps(inv), hi = _mm256_set1_ps(lim),
+                 lo = _mm256_set1_ps(-lim);
+    const __m256i off = _mm256_set1_epi32((int)mid), order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    __m256i vsum = _mm256_setzero_si256(), vtop = _mm256_setzero_si256();
+    int64_t t = 0;
+    for (; t + 32 <= len; t += 32) {
+        __m256i q[4];
+        for (int j = 0; j < 4; j++) {
+            __m256 x = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(y + t + 8 * j), vc), vi);
+            x = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            x = _mm256_max_ps(_mm256_min_ps(x, hi), lo);
+            __m256i qi = _mm256_cvttps_epi32(x), a = _mm256_abs_epi32(qi);
+            vsum = _mm256_add_epi32(vsum, a), vtop = _mm256_max_epi32(vtop, a);
+            q[j] = _mm256_add_epi32(qi, off); /* 0 .. 2 mid <= 254 */
+        }
+        __m256i w = _mm256_packus_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+        _mm256_storeu_si256((__m256i *)(sym + t), _mm256_permutevar8x32_epi32(w, order));
+    }
+    int32_t s8[8], m8[8];
+    _mm256_storeu_si256((__m256i *)s8, vsum), _mm256_storeu_si256((__m256i *)m8, vtop);
+    int32_t sum = 0, top = 0;
+    for (int j = 0; j < 8; j++) sum += s8[j], top = m8[j] > top ? m8[j] : top;
+    for (; t < len; t++) {
+        float q = rintf((y[t] - centre) * inv);
+        q = q < -lim ? -lim : q > lim ? lim : q;
+        int32_t a = (int32_t)fabsf(q);
+        sym[t] = (uint8_t)(int32_t)(q + (float)mid);
+        sum += a;
+        top = a > top ? a : top;
+    }
+    *sum_out = sum, *top_out = top;
+}
+#endif
+
 /* The CPU encoder of one layer: y0, y1 [C, T] fp32 (K's and V's rows), chunk j = tokens [bounds[j],
    bounds[j + 1]) quantized with centre, step [nch, 2, C] (step > 0), each component's Laplace model fitted
    (rho, amax [nch, 2, C] written) and both parts coded (code5; simd: the AVX2 coder where the CPU has it). out:
    room for sum_j 2 (len_j C + 40) words; chunk j's K words then V words, nw [nch, 2] their counts. Returns 0, or
    -3 out of memory. */
-CG_HOT int64_t cg5_encode(const float *y0, const float *y1, int64_t C, int64_t T, int64_t nch,
-                          const int64_t *bounds, const float *centre, const float *step, int64_t mid,
-                          const int64_t *wsym, uint8_t *rho, uint8_t *amax, uint16_t *out, int64_t *nw,
-                          int64_t simd) {
+CG_HOT static int64_t encode_ld(const float *y0, const float *y1, int64_t C, int64_t ld, int64_t nch,
+                                 const int64_t *bounds, const float *centre, const float *step, int64_t mid,
+                                 const int64_t *wsym, uint8_t *rho, uint8_t *amax, uint16_t *out, int64_t *nw,
+                                 int64_t simd) { /* rows ld >= T apart */
     int64_t most = 0;
     for (int64_t j = 0; j < nch; j++) most = bounds[j + 1] - bounds[j] > most ? bounds[j + 1] - bounds[j] : most;
     uint8_t *sym = malloc((size_t)(2 * C * most + 16));
@@ -841,8 +887,13 @@ CG_HOT int64_t cg5_encode(const float *y0, const float *y1, int64_t C, int64_t T
         for (int64_t p = 0; p < 2; p++)
             for (int64_t c = 0; c < C; c++) {
                 int64_t i = (j * 2 + p) * C + c, sum, top;
-                quant4_row((p ? y1 : y0) + c * T + a, len, centre[i], step[i], mid, sym + (p * C + c) * len, &sum,
-                           &top);
+                const float *row = (p ? y1 : y0) + c * ld + a;
+#if HAVE_AVX2_PATH
+                if (use)
+                    quant4_row_avx2(row, len, centre[i], step[i], mid, sym + (p * C + c) * len, &sum, &top);
+                else
+#endif
+                    quant4_row(row, len, centre[i], step[i], mid, sym + (p * C + c) * len, &sum, &top);
                 lap_fit(sum, top, len, rho + i, amax + i);
             }
         rc = code5(sym, len, C, rho + j * 2 * C, amax + j * 2 * C, mid, wsym, tmp, out + pos, nw + 2 * j, use);
@@ -851,6 +902,12 @@ CG_HOT int64_t cg5_encode(const float *y0, const float *y1, int64_t C, int64_t T
     free(sym);
     free(tmp);
     return rc;
+}
+
+int64_t cg5_encode(const float *y0, const float *y1, int64_t C, int64_t T, int64_t nch, const int64_t *bounds,
+                   const float *centre, const float *step, int64_t mid, const int64_t *wsym, uint8_t *rho,
+                   uint8_t *amax, uint16_t *out, int64_t *nw, int64_t simd) {
+    return encode_ld(y0, y1, C, T, nch, bounds, centre, step, mid, wsym, rho, amax, out, nw, simd);
 }
 
 /* Fit and code symbols already quantized (e.g. on a GPU): sym [nch] blocks of [2, C, len_j] back to back ->
@@ -952,8 +1009,9 @@ CG_EXACT static inline void l0_token(const float *tk, const float *tv, int64_t H
                             float *ko, float *vo) {
     int64_t half = D / 2;
     for (int64_t h = 0; h < H; h++) {
-        const float *x1 = tk + h * D, *x2 = x1 + half;
-        float *o1 = ko + h * D, *o2 = o1 + half;
+        const float *restrict x1 = tk + h * D, *restrict x2 = x1 + half;
+        float *restrict o1 = ko + h * D, *restrict o2 = o1 + half;
+#pragma omp simd /* each lane's arithmetic as the scalar loop's: products rounded, then the sum (no FMA) */
         for (int64_t i = 0; i < half; i++) {
             float a = x1[i], b = x2[i], si = 1.0f * sn[i];
             o1[i] = a * c[i] - b * si;
@@ -963,33 +1021,62 @@ CG_EXACT static inline void l0_token(const float *tk, const float *tv, int64_t H
     memcpy(vo, tv, sizeof(float) * (size_t)(H * D));
 }
 
-/* -> k, v [T, H, D] fp32. Returns 0, or -1 if some id >= vocab (nothing is read out of the table). */
+static void to_f16(int use, const float *x, int64_t n, uint16_t *out);
+static void from_f16(int use, const uint16_t *x, int64_t n, float *out);
+#if defined(__x86_64__) && defined(__GNUC__)
+static int cpu_f16c(void);
+#define L0_F16C() cpu_f16c()
+#else
+#define L0_F16C() 0
+#endif
+
+/* -> k, v [T, H, D]: fp32, or fp16 bits (round to nearest even, as torch converts) when half. Returns 0, or -1
+   if some id >= vocab (nothing is read out of the table), -3 out of memory. */
 CG_EXACT int64_t cg_l0_gather(const float *tk, const float *tv, int64_t vocab, const uint32_t *ids, int64_t T, int64_t H,
-                     int64_t D, const float *cos, const float *sin, int64_t ld, float *k, float *v) {
+                              int64_t D, const float *cos, const float *sin, int64_t ld, void *k, void *v, int64_t half) {
     int64_t row = H * D;
     for (int64_t t = 0; t < T; t++)
         if (ids[t] >= (uint64_t)vocab) return -1;
-    for (int64_t t = 0; t < T; t++)
-        l0_token(tk + ids[t] * row, tv + ids[t] * row, H, D, cos + t * ld, sin + t * ld, k + t * row, v + t * row);
+    if (!half) {
+        for (int64_t t = 0; t < T; t++)
+            l0_token(tk + ids[t] * row, tv + ids[t] * row, H, D, cos + t * ld, sin + t * ld, (float *)k + t * row,
+                     (float *)v + t * row);
+        return 0;
+    }
+    float *buf = malloc(sizeof(float) * (size_t)(2 * row));
+    if (!buf) return -3;
+    int use = L0_F16C();
+    for (int64_t t = 0; t < T; t++) {
+        l0_token(tk + ids[t] * row, tv + ids[t] * row, H, D, cos + t * ld, sin + t * ld, buf, buf + row);
+        to_f16(use, buf, row, (uint16_t *)k + t * row);
+        to_f16(use, buf + row, row, (uint16_t *)v + t * row);
+    }
+    free(buf);
     return 0;
 }
 
-/* The encoder's check of given k, v [T, H, D] fp32 against the table's: err[4] = max |k - k0|, max |k|,
-   max |v - v0|, max |v|. Returns 0, -1 if some id >= vocab, -2 if some given value is not finite, -3 out of
-   memory. */
+/* The encoder's check of given k, v [T, H, D] (fp32, or fp16 bits when half: compared as their fp32 values)
+   against the table's: err[4] = max |k - k0|, max |k|, max |v - v0|, max |v|. Returns 0, -1 if some id >= vocab,
+   -2 if some given value is not finite, -3 out of memory. */
 CG_EXACT int64_t cg_l0_check(const float *tk, const float *tv, int64_t vocab, const uint32_t *ids, int64_t T,
-                             int64_t H, int64_t D, const float *cos, const float *sin, int64_t ld, const float *k,
-                             const float *v, float *err) {
+                             int64_t H, int64_t D, const float *cos, const float *sin, int64_t ld, const void *k,
+                             const void *v, float *err, int64_t half) {
     int64_t row = H * D;
     float dk = 0, ak = 0, dv = 0, av = 0;
-    int bad = 0;
+    int bad = 0, use = half && L0_F16C();
     for (int64_t t = 0; t < T; t++)
         if (ids[t] >= (uint64_t)vocab) return -1;
-    float *buf = malloc(sizeof(float) * (size_t)(2 * row));
+    float *buf = malloc(sizeof(float) * (size_t)(4 * row));
     if (!buf) return -3;
     for (int64_t t = 0; t < T; t++) {
         l0_token(tk + ids[t] * row, tv + ids[t] * row, H, D, cos + t * ld, sin + t * ld, buf, buf + row);
-        const float *x = k + t * row, *y = v + t * row, *x0 = buf, *y0 = buf + row;
+        const float *x, *y, *x0 = buf, *y0 = buf + row;
+        if (half) {
+            from_f16(use, (const uint16_t *)k + t * row, row, buf + 2 * row);
+            from_f16(use, (const uint16_t *)v + t * row, row, buf + 3 * row);
+            x = buf + 2 * row, y = buf + 3 * row;
+        } else
+            x = (const float *)k + t * row, y = (const float *)v + t * row;
 #pragma omp simd reduction(max : dk, ak, dv, av) reduction(| : bad)
         for (int64_t i = 0; i < row; i++) {
             float a = fabsf(x[i]), e = fabsf(x[i] - x0[i]), b = fabsf(y[i]), f = fabsf(y[i] - y0[i]);
@@ -1124,17 +1211,24 @@ int64_t cg5_parse_side(const uint8_t *buf, int64_t nch, int64_t C, int64_t T, in
 /* The CPU encoder of a layer from its transformed rows: statistics (cg4_stats), side information (cg5_side),
    then quantize, fit and code (cg5_encode); arguments as theirs, plan [nch, 2]. Returns wide (0/1), -3 out of
    memory, -4 a value that is not finite. */
-int64_t cg5_encode_layer(const float *y0, const float *y1, int64_t C, int64_t T, int64_t nch, const int64_t *bounds,
-                         const float *plan, int64_t mid, const int64_t *wsym, uint8_t *side, float *c32, float *s32,
-                         uint8_t *rho, uint8_t *amax, uint16_t *out, int64_t *nw, int64_t simd) {
+static int64_t encode_layer_ld(const float *y0, const float *y1, int64_t C, int64_t ld, int64_t nch,
+                               const int64_t *bounds, const float *plan, int64_t mid, const int64_t *wsym,
+                               uint8_t *side, float *c32, float *s32, uint8_t *rho, uint8_t *amax, uint16_t *out,
+                               int64_t *nw, int64_t simd) {
     float *stats = malloc(sizeof(float) * (size_t)(nch * 2 * 3 * C));
     if (!stats) return -3;
-    int64_t rc = cg4_stats(y0, y1, C, T, nch, bounds, stats), wide = 0;
+    int64_t rc = stats_ld(y0, y1, C, ld, nch, bounds, stats), wide = 0;
     if (rc == 0) wide = cg5_side(stats, plan, nch, C, mid, c32, s32, side);
     free(stats);
     if (rc != 0) return rc;
-    rc = cg5_encode(y0, y1, C, T, nch, bounds, c32, s32, mid, wsym, rho, amax, out, nw, simd);
+    rc = encode_ld(y0, y1, C, ld, nch, bounds, c32, s32, mid, wsym, rho, amax, out, nw, simd);
     return rc != 0 ? rc : wide;
+}
+
+int64_t cg5_encode_layer(const float *y0, const float *y1, int64_t C, int64_t T, int64_t nch, const int64_t *bounds,
+                         const float *plan, int64_t mid, const int64_t *wsym, uint8_t *side, float *c32, float *s32,
+                         uint8_t *rho, uint8_t *amax, uint16_t *out, int64_t *nw, int64_t simd) {
+    return encode_layer_ld(y0, y1, C, T, nch, bounds, plan, mid, wsym, side, c32, s32, rho, amax, out, nw, simd);
 }
 
 /* ---- RoPE with fp16 on one side (the transform's hot path for fp16 KV): one pass instead of a conversion pass
@@ -1465,10 +1559,11 @@ static void from_f16(int use, const uint16_t *x, int64_t n, float *out) {
 #define TILE 24 /* tokens per product tile: 4 x 6 rows, 3 x 8 for the transposes */
 
 /* The forward transform of a layer: k, v [T, H, D] (fp16 bits when half, else fp32; positions 0..T-1) ->
-   y0 = (unrope(k) @ FK)^T, y1 = (v @ FV)^T fp32 [C, T] (component-major, row c at c * T). cos/sin as cg_rope. */
+   y0 = (unrope(k) @ FK)^T, y1 = (v @ FV)^T fp32 [C, ldy] (component-major, row c at c * ldy, ldy >= T). cos/sin as
+   cg_rope. */
 static void forward_layer(int use, const void *k, const void *v, int64_t half, int64_t T, int64_t H, int64_t D,
                           const float *fk, const float *fv, const float *cos, const float *sin, int64_t ld, float *y0,
-                          float *y1) {
+                          float *y1, int64_t ldy) {
     const int64_t C = H * D;
     float x[TILE * 256], out[TILE * 256]; /* C <= 256 (checked by the caller) */
     for (int64_t t = 0; t < T; t += TILE) {
@@ -1483,7 +1578,7 @@ static void forward_layer(int use, const void *k, const void *v, int64_t half, i
             else
                 memcpy(x, (const float *)src + t * C, sizeof(float) * (size_t)(nt * C));
             prod(use, x, nt, C, p ? fv : fk, out);
-            tile_t(use, out, nt, C, C, (p ? y1 : y0) + t, T);
+            tile_t(use, out, nt, C, C, (p ? y1 : y0) + t, ldy);
         }
     }
 }
@@ -1523,11 +1618,13 @@ int64_t cg5_encode_kv(const void *k, const void *v, int64_t half, int64_t T, int
                       int64_t *crc) {
     const int64_t C = H * D;
     if (C > 256) return -5;
-    float *y = malloc(sizeof(float) * (size_t)(2 * C * T));
+    const int64_t ldy = T + 16; /* rows off 4 KiB strides, as the decoder's (at T = 1024 the transposes into
+                                   rows 4 KiB apart made the forward transform 1.2x slower) */
+    float *y = malloc(sizeof(float) * (size_t)(2 * C * ldy));
     if (!y) return -3;
-    forward_layer(layer_simd(simd, C), k, v, half, T, H, D, fk, fv, cos, sin, ld, y, y + C * T);
-    int64_t rc = cg5_encode_layer(y, y + C * T, C, T, nch, bounds, plan, mid, wsym, side, c32, s32, rho, amax, out, nw,
-                                  simd);
+    forward_layer(layer_simd(simd, C), k, v, half, T, H, D, fk, fv, cos, sin, ld, y, y + C * ldy, ldy);
+    int64_t rc = encode_layer_ld(y, y + C * ldy, C, ldy, nch, bounds, plan, mid, wsym, side, c32, s32, rho, amax, out,
+                                 nw, simd);
     free(y);
     if (rc == 0 || rc == 1) { /* the words' CRC-32 (zlib's), over their bytes in this machine's order */
         int64_t words = 0;

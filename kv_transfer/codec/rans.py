@@ -167,9 +167,9 @@ def _load() -> ctypes.CDLL | None:
                 lib.cg_rope_f16.restype = None
                 lib.cg_rope_f16.argtypes = [p, p, i64, i64, i64, p, p, i64, ctypes.c_float, p, p, i64]
                 lib.cg_l0_gather.restype = i64
-                lib.cg_l0_gather.argtypes = [p, p, i64, p, i64, i64, i64, p, p, i64, p, p]
+                lib.cg_l0_gather.argtypes = [p, p, i64, p, i64, i64, i64, p, p, i64, p, p, i64]
                 lib.cg_l0_check.restype = i64
-                lib.cg_l0_check.argtypes = [p, p, i64, p, i64, i64, i64, p, p, i64, p, p, p]
+                lib.cg_l0_check.argtypes = [p, p, i64, p, i64, i64, i64, p, p, i64, p, p, p, i64]
                 lib.cg_lap_tables.restype = i64
                 lib.cg_lap_tables.argtypes = [p, p, i64, i64, p, p, p, p, i64]
                 lib.cg5_encode_kv.restype = i64
@@ -388,6 +388,38 @@ def _coded(rc: int, what: str, out: np.ndarray, nw: np.ndarray) -> np.ndarray:
     return out[: int(nw.sum())]
 
 
+def _encode_out(
+    nch: int, c: int, t: int
+) -> tuple[Side5, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple[int, ...]]:
+    """A layer encoder's outputs in one allocation (a layer pays one numpy allocation and one address lookup,
+    not seven): side, rho, amax [nch, 2, C], words (as _side_out), nw [nch, 2], crc int64 [1], and the
+    addresses cg5_encode_kv writes them at, in its argument order (side data, centre, step, rho, amax, words,
+    nw; crc 8 bytes before nw)."""
+    n = nch * 2 * c
+    nwords = 2 * (t * c + STREAM_SLACK * nch)
+    sizes = (
+        8 * n,
+        4 * n,
+        4 * n,
+        n,
+        n,
+        2 * nwords,
+    )  # side data (room for fp32), centre, step, rho, amax, words
+    buf = np.empty(8 + 16 * nch + sum(sizes), np.uint8)  # crc, nw, then the rest (8-aligned, sizes even)
+    base = _ptr(buf)
+    crc, nw = buf[:8].view(np.int64), buf[8 : 8 + 16 * nch].view(np.int64).reshape(nch, 2)
+    views, at, off = [], [], 8 + 16 * nch
+    for size in sizes:
+        views.append(buf[off : off + size])
+        at.append(base + off)
+        off += size
+    data, centre, step, rho, amax, words = views
+    shape = (nch, 2, c)
+    side = Side5._of(data, centre.view(np.float32).reshape(shape), step.view(np.float32).reshape(shape))
+    at.append(base + 8)  # nw
+    return side, rho.reshape(shape), amax.reshape(shape), words.view(np.uint16), nw, crc, tuple(at)
+
+
 def _side_out(nch: int, c: int, t: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """rho, amax [nch, 2, C], words (room for one per symbol + STREAM_SLACK per part), nw [nch, 2]."""
     return (
@@ -452,6 +484,13 @@ class Side5:
             2 * 4 * nch * 2 * c, np.uint8
         )  # room for fp32; trimmed to fp16's size if not wide
         self.centre, self.step = np.empty((nch, 2, c), np.float32), np.empty((nch, 2, c), np.float32)
+
+    @classmethod
+    def _of(cls, data: np.ndarray, centre: np.ndarray, step: np.ndarray) -> Side5:
+        """Side information over given buffers (data uint8 [8 nch 2 C], centre, step fp32 [nch, 2, C])."""
+        side = cls.__new__(cls)
+        side.wide, side.data, side.centre, side.step = False, data, centre, step
+        return side
 
     def _set(self, wide: int) -> Side5:
         self.wide = bool(wide)
@@ -521,13 +560,15 @@ def encode5_kv(
     c = h * d
     assert cos.dtype == sin.dtype == _F32 and cos.is_contiguous() and sin.is_contiguous()
     assert cos.shape == sin.shape and cos.shape[0] >= t and cos.shape[1] == d
-    b, plan, side, (rho, amax, out, nw) = _encode_args(bounds, plan, wsym, mid, c, t)
+    b = _bounds(bounds, t)
     nch = b.size - 1
-    crc = np.zeros(1, np.int64)
+    plan = np.ascontiguousarray(plan, np.float32)
+    assert plan.shape == (nch, 2)
+    _check_wsym(wsym, mid)
+    side, rho, amax, out, nw, crc, at = _encode_out(nch, c, t)
     rc = _lib_or_raise().cg5_encode_kv(
         kp, vp, half, t, h, d, _mat(fk, c), _mat(fv, c), cos.data_ptr(), sin.data_ptr(), d, nch, _ptr(b),
-        _ptr(plan), mid, _ptr(wsym), _ptr(side.data), _ptr(side.centre), _ptr(side.step), _ptr(rho), _ptr(amax),
-        _ptr(out), _ptr(nw), use_simd(simd), _ptr(crc),
+        _ptr(plan), mid, _ptr(wsym), *at, use_simd(simd), at[-1] - 8,
     )  # fmt: skip
     if rc == -4:
         raise CodecError("cachegen: K/V contains NaN or Inf")
@@ -536,7 +577,7 @@ def encode5_kv(
     if rc == -5:
         raise CodecError(f"cachegen: {c} channels per layer, the compiled encoder takes at most 256")
     assert rc in (0, 1), rc
-    return side._set(rc), out[: int(nw.sum())], nw, rho, amax, int(crc[0])
+    return side._set(rc), out[: int(nw[:, 0].sum() + nw[:, 1].sum())], nw, rho, amax, int(crc[0])
 
 
 def crc32(a: np.ndarray, crc: int = 0, simd: bool | None = None) -> int:
@@ -801,12 +842,17 @@ def l0_gather(
     k: np.ndarray,
     v: np.ndarray,
 ) -> bool:
-    """Layer 0 of a prompt from the table into k, v fp32 [T, H, D]: K rows rotated to positions 0..T-1 (the
-    engine's RoPE arithmetic), V rows as they are. False (nothing written) if some id is outside the table."""
+    """Layer 0 of a prompt from the table into k, v fp32 or fp16 [T, H, D]: K rows rotated to positions 0..T-1
+    (the engine's RoPE arithmetic, in fp32), V rows as they are; fp16 output rounded to nearest even from those
+    fp32 values (as torch's conversion). False (nothing written) if some id is outside the table."""
     t, h, d = k.shape
-    assert k.shape == v.shape and t == ids.size and k.dtype == v.dtype == np.float32
+    assert k.shape == v.shape and t == ids.size and k.dtype == v.dtype and k.dtype in (np.float32, np.float16)
     assert k.flags.c_contiguous and v.flags.c_contiguous
-    return _lib_or_raise().cg_l0_gather(*_l0_args(tk, tv, ids, cos, sin, h, d), _ptr(k), _ptr(v)) == 0
+    half = int(k.dtype == np.float16)
+    rc = _lib_or_raise().cg_l0_gather(*_l0_args(tk, tv, ids, cos, sin, h, d), _ptr(k), _ptr(v), half)
+    if rc == -3:
+        raise MemoryError("cg_l0_gather")
+    return rc == 0
 
 
 def l0_check(
@@ -818,11 +864,17 @@ def l0_check(
     k: np.ndarray,
     v: np.ndarray,
 ) -> tuple[float, float, float, float] | None:
-    """Given k, v fp32 [T, H, D] against the table's layer 0 of `ids` -> (max |k - k0|, max |k|, max |v - v0|,
-    max |v|); None if some id is outside the table or some given value is not finite."""
+    """Given k, v fp32 or fp16 [T, H, D] (compared as their fp32 values) against the table's layer 0 of `ids`
+    -> (max |k - k0|, max |k|, max |v - v0|, max |v|); None if some id is outside the table or some given value
+    is not finite."""
     t, h, d = k.shape
-    assert k.shape == v.shape and t == ids.size and k.dtype == v.dtype == np.float32
+    assert k.shape == v.shape and t == ids.size and k.dtype == v.dtype and k.dtype in (np.float32, np.float16)
     assert k.flags.c_contiguous and v.flags.c_contiguous
     err = np.empty(4, np.float32)
-    rc = _lib_or_raise().cg_l0_check(*_l0_args(tk, tv, ids, cos, sin, h, d), _ptr(k), _ptr(v), _ptr(err))
+    half = int(k.dtype == np.float16)
+    rc = _lib_or_raise().cg_l0_check(
+        *_l0_args(tk, tv, ids, cos, sin, h, d), _ptr(k), _ptr(v), _ptr(err), half
+    )
+    if rc == -3:
+        raise MemoryError("cg_l0_check")
     return None if rc != 0 else (float(err[0]), float(err[1]), float(err[2]), float(err[3]))

@@ -45,6 +45,7 @@ def test_codec_bench_reports_every_figure() -> None:
     assert set(rate) == {n for n in r["codecs"] if n.startswith("cachegen")}
     assert rate["cachegen"]["64"] is None and rate["cachegen_high"]["64"] is None
     assert r["noise_floor"]["kl_mean"] < 1e-5
+    assert r["settings"]["speed_warmup_rounds"] == 1 and r["settings"]["repeats"] == 1  # said, not implied
     g = r["settings"]["greedy"]
     assert g["prompts"] == 2
     assert g["rounding"]["fp16"] == 1.0  # fp16 rounding of fp32 KV is far below any near-tie here

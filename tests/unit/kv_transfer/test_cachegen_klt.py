@@ -142,6 +142,35 @@ def test_coder_round_trips_every_row_length_on_both_paths(t: int) -> None:
         assert np.array_equal(rans.uncode5(words, nw, rho, amax, bounds, klt.QMAX, _w(), simd=simd), sym)
 
 
+@pytest.mark.parametrize("t", [1, 7, 31, 32, 33, 64, 95, 513])
+def test_encoder_quantizes_alike_on_both_paths(t: int) -> None:
+    """encode5 (statistics given: centre, step) with the AVX2 quantizer (32 values a step, a scalar tail) and
+    with the portable loop: the same words, counts and fitted models -- over row lengths around the vector
+    width, values clamped at +-QMAX, exact .5 ties (round to even) and steps that are not powers of two."""
+    g = np.random.default_rng(t)
+    c = 16
+    y0 = (g.laplace(0, 1, (c, t)) * np.geomspace(0.01, 400, c)[:, None]).astype(np.float32)
+    y1 = (g.standard_normal((c, t)) * 3).astype(np.float32)
+    y1[0] = np.arange(t, dtype=np.float32) * 0.5 - 7.5  # ties on steps of 1 (centre 0 below)
+    bounds = np.array([0, t] if t < 4 else [0, t // 3, t])
+    nch = bounds.size - 1
+    centre = np.zeros((nch, 2, c), np.float32)
+    centre[:, 0] = g.standard_normal((nch, c)).astype(np.float32) * 0.1
+    step = np.full((nch, 2, c), 0.37, np.float32)
+    step[:, 1, 0] = 1.0
+    out = {
+        simd: rans.encode5(y0, y1, bounds, centre, step, klt.QMAX, _w(), simd=simd) for simd in (False, True)
+    }
+    for a, b in zip(out[False], out[True], strict=True):
+        assert np.array_equal(a, b)
+    words, nw, rho, amax = out[True]
+    assert (amax[:, 0].max() == klt.QMAX) and (amax <= klt.QMAX).all()  # some rows clamp
+    sym = rans.uncode5(words, nw, rho, amax, bounds, klt.QMAX, _w())
+    t0, t1 = int(bounds[0]), int(bounds[1])
+    want = np.clip(np.rint((y1[0, t0:t1] - centre[0, 1, 0]) / np.float32(1.0)), -127, 127) + klt.QMAX
+    assert np.array_equal(sym[c * (t1 - t0) : c * (t1 - t0) + (t1 - t0)], want.astype(np.uint8))  # V row 0
+
+
 def test_compiled_laplace_rows_are_the_same_on_both_paths() -> None:
     """The coders' AVX2 rows (exact division, vector prefix sums) equal the portable ones for every amax and a
     spread of rho (the ends of both ranges included): encoder and decoder build identical tables on any CPU."""

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from engine.kv_probe import KVProbe
-from kv_transfer.codec import CodecContext, layer0
+from kv_transfer.codec import CodecContext, layer0, rans
 from kv_transfer.codec.cachegen import CacheGenL0Codec
 from kv_transfer.codec.layer0 import Layer0
 from kv_transfer.errors import FrameCorrupted, FrameForeign
@@ -187,6 +187,39 @@ def test_layer0_comes_from_the_vocabulary_table_as_the_model_computes_it(
     k, v = probe.runner.model.layer0_kv(ids)
     assert torch.equal(got[0], k) and torch.equal(got[1], v)
     assert l0.table.kv(torch.tensor([1, probe.cfg.vocab_size]).numpy().astype("uint32")) is None
+
+
+def test_the_table_writes_fp16_and_checks_fp16_in_one_pass(probe: KVProbe, ctx: CodecContext) -> None:
+    """fp16 out of the gather is the fp32 result rounded as torch rounds it (`.half()`), and the check reads
+    fp16 input as its fp32 values: the same error maxima as checking `.float()` of it; a perturbed fp16 K fails
+    the codec's check, so that layer is coded, not sent as ids; fp16 frames decode to fp16 without a copy."""
+    assert ctx.layer0 is not None and ctx.layer0.table is not None
+    tab = ctx.layer0.table
+    ids = torch.tensor([0, probe.cfg.vocab_size - 1, *PROMPT])
+    ids32 = ids.numpy().astype("uint32")
+    got32, got16 = tab.kv(ids32), tab.kv(ids32, torch.float16)
+    assert got32 is not None and got16 is not None
+    (k32, v32), (k16, v16) = got32, got16
+    assert k16.dtype == v16.dtype == torch.float16
+    assert torch.equal(k16, k32.half()) and torch.equal(v16, v32.half())
+    a = (tab.tk, tab.tv, ids32, tab.cos, tab.sin)
+    e16 = rans.l0_check(*a, k16.numpy(), v16.numpy())
+    e32 = rans.l0_check(*a, k16.float().numpy(), v16.float().numpy())
+    assert e16 is not None and e16 == e32 and e16[0] > 0  # fp16 rounding is seen, as through .float()
+    assert tab.matches(k16, v16, ids32)
+    bad = k16.clone()
+    bad[3, 1, 7] += 0.5
+    assert not tab.matches(bad, v16, ids32)
+    nan = v16.clone()
+    nan[0, 0, 0] = float("nan")
+    assert rans.l0_check(*a, k16.numpy(), nan.numpy()) is None
+    codec = ctx.codec("cachegen_l0")
+    params, parts = codec.encode_parts(k16, v16, 0, ids)
+    assert layer0.is_layer0_frame(bytes(params))
+    ko, vo = codec.decode(params, b"".join(bytes(p) for p in parts), tuple(k16.shape), torch.float16, 0)
+    assert torch.equal(ko, k16) and torch.equal(vo, v16)
+    params, _ = codec.encode_parts(bad, v16, 0, ids)
+    assert not layer0.is_layer0_frame(bytes(params))
 
 
 def test_a_vocabulary_too_large_for_the_table_recomputes(
