@@ -33,6 +33,7 @@ import grpc
 from coordinator.config import CoordinatorConfig
 from coordinator.registry import InstanceInfo
 from coordinator.router import Router
+from coordinator.token_stream import StreamBroken, TokenStreams, call_events
 from engine.config import ModelConfig
 from engine.params import SamplingParams, generation_defaults
 from engine.stream import StopChecker
@@ -148,6 +149,8 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
         self.codec_profiles = load_profiles(cfg.model_dir)
         self.generation_defaults = generation_defaults(cfg.model_dir)
         self._background: set[asyncio.Task] = set()
+        # one token stream per decode instance (`coordinator.token_stream`); off: each call streams its own
+        self.token_streams = TokenStreams(router.channel) if cfg.token_stream else None
         self.queued = (
             0  # requests accepted whose first token has not come back (`CoordinatorConfig.max_queue`)
         )
@@ -156,6 +159,11 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
         # Called with each request served to its end (the replanner's live window): (received, prompt
         # tokens, tokens sent, TTFT s, TPOT s or None), times on time.monotonic(). None: nobody listens.
         self.on_finished: Callable[[float, int, int, float, float | None], None] | None = None
+
+    def close(self) -> None:
+        """The gateway is stopping: close its token streams."""
+        if self.token_streams is not None:
+            self.token_streams.close()
 
     # ---- validation -----------------------------------------------------------------------
     def _prompt_ids(self, req: generation_pb2.GenerateRequest) -> list[int]:
@@ -460,6 +468,10 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
             if state.kv_floor is not None:  # the prefill side's encoder spends it (sent in the KV PULL)
                 req.kv.max_kv_kl = state.kv_floor
         stub = decode_pb2_grpc.DecodeStub(self.router.channel(inst.grpc_address))
+        stream = await self.token_streams.get(inst.grpc_address) if self.token_streams else None
+        tag, queue = stream.subscribe() if stream is not None else (0, None)
+        if stream is not None:  # the tokens come on the instance's token stream, the call only ends
+            req.token_stream, req.token_stream_tag = stream.stream_id, tag
         got_event = False
         with (
             self.router.track(inst, num_tokens),
@@ -474,7 +486,7 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
                     span.set_attribute("pdserve.kv.codec", req.kv.codec)
                     if state.kv_floor is not None:
                         span.set_attribute("pdserve.kv.max_kl", state.kv_floor)
-                async for ev in call:
+                async for ev in call if queue is None else call_events(call, queue):
                     if not got_event and handle is not None:
                         state.kv_consumed = True  # decode pulled the KV: the lease is gone
                     got_event = True
@@ -487,6 +499,12 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
                     raise
                 telemetry.record_error(span, exc)
                 raise failed from None
+            except StreamBroken as exc:
+                telemetry.record_error(span, exc)
+                raise _CallFailed("decode", inst, str(exc)) from None
+            finally:
+                if stream is not None:
+                    stream.unsubscribe(tag)
         raise _CallFailed("decode", inst, "ended the stream without finishing")
 
     async def _colocated(
