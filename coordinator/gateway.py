@@ -33,7 +33,7 @@ import grpc
 from coordinator.config import CoordinatorConfig
 from coordinator.registry import InstanceInfo
 from coordinator.router import Router
-from coordinator.token_stream import StreamBroken, TokenStreams, call_events
+from coordinator.token_stream import StreamBroken, Subscription, TokenStreams
 from engine.config import ModelConfig
 from engine.params import SamplingParams, generation_defaults
 from engine.stream import StopChecker
@@ -448,7 +448,9 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
         handle: common_pb2.KVHandle | None,
         state: _RequestState,
     ) -> AsyncIterator[tuple[list[int], str | None]]:
-        """Run decode on some instance, yielding (new tokens, finish reason or None) per event.
+        """Run decode on some instance, yielding (new tokens, finish reason or None) per event (on the
+        instance's token stream, `coordinator.token_stream`, they go from its reader to the pump's queue
+        directly, and this returns once the last one did).
         Without `first_token` the decode instance takes it from the KV stream's trailer; without a
         `handle` it prefills the prompt itself (local prefill) and its first event carries the first token."""
         req = decode_pb2.DecodeRequest(
@@ -469,9 +471,19 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
                 req.kv.max_kv_kl = state.kv_floor
         stub = decode_pb2_grpc.DecodeStub(self.router.channel(inst.grpc_address))
         stream = await self.token_streams.get(inst.grpc_address) if self.token_streams else None
-        tag, queue = stream.subscribe() if stream is not None else (0, None)
+        sub = None
         if stream is not None:  # the tokens come on the instance's token stream, the call only ends
-            req.token_stream, req.token_stream_tag = stream.stream_id, tag
+            pump = state.pump  # the one running this generator (a restart cancels it first)
+
+            def deliver(
+                ev: decode_pb2.DecodeEvent,
+            ) -> None:  # from the stream's reader, straight to the request
+                if handle is not None:
+                    state.kv_consumed = True  # decode pulled the KV: the lease is gone
+                pump.put((list(ev.token_ids), ev.finish_reason or None))
+
+            sub = Subscription(deliver)
+            req.token_stream, req.token_stream_tag = stream.stream_id, stream.subscribe(sub)
         got_event = False
         with (
             self.router.track(inst, num_tokens),
@@ -486,7 +498,10 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
                     span.set_attribute("pdserve.kv.codec", req.kv.codec)
                     if state.kv_floor is not None:
                         span.set_attribute("pdserve.kv.max_kl", state.kv_floor)
-                async for ev in call if queue is None else call_events(call, queue):
+                if sub is not None:
+                    await sub.follow(call)
+                    return
+                async for ev in call:
                     if not got_event and handle is not None:
                         state.kv_consumed = True  # decode pulled the KV: the lease is gone
                     got_event = True
@@ -504,7 +519,7 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
                 raise _CallFailed("decode", inst, str(exc)) from None
             finally:
                 if stream is not None:
-                    stream.unsubscribe(tag)
+                    stream.unsubscribe(req.token_stream_tag)
         raise _CallFailed("decode", inst, "ended the stream without finishing")
 
     async def _colocated(
@@ -659,7 +674,8 @@ _END = object()
 
 class _DecodePump:
     """Runs the decode stream in its own task (so it can start before prefill ends) and hands its
-    events to the request task through a queue; errors travel through the queue too."""
+    events to the request task through a queue (a token stream's reader puts them there itself: `put`);
+    errors travel through the queue too."""
 
     def __init__(self) -> None:
         self._queue: asyncio.Queue = asyncio.Queue()
@@ -686,6 +702,10 @@ class _DecodePump:
     def cancel(self) -> None:
         if self._task is not None and not self._task.done():
             self._task.cancel()
+
+    def put(self, item: tuple[list[int], str | None]) -> None:
+        """An event delivered from outside the pump's task (`coordinator.token_stream`), in order."""
+        self._queue.put_nowait(item)
 
     async def first_token(self) -> int:
         """Local prefill: take the first token from the first event (later tokens of that event, or its

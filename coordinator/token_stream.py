@@ -6,8 +6,8 @@ events of all those calls in one message, instead of one message per token on th
 for start, cancellation, errors and failover: the gateway reads its status (OK once its last event is on the
 stream, or the error) as before.
 
-Invariants: a subscriber's queue gets its events in order, then, if the stream ends first (the instance died or
-is draining, the connection broke), one `StreamBroken`: no subscriber waits on a stream that is gone. A decode
+Invariants: a subscription gets its events in order, then, if the stream ends first (the instance died or the
+connection broke), `StreamBroken`: no call waits on a stream that is gone. A decode
 instance that does not serve `Tokens` (UNIMPLEMENTED), or a stream that does not open in `open_timeout_s`, gets
 the per-request streams of before (`get` returns None).
 """
@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import grpc
 
@@ -27,36 +27,95 @@ log = logging.getLogger(__name__)
 
 
 class StreamBroken(Exception):
-    """The token stream ended before the subscriber's call finished (put on its queue, not raised here)."""
+    """The token stream ended before the subscriber's call had its last event."""
+
+
+class Subscription:
+    """One Decode call's events on a token stream. The stream's reader calls `deliver(event)` for each, in
+    order, on the loop (no task hop: the gateway's `deliver` puts the tokens straight on the request's queue);
+    `follow(call)` returns once the event with a finish reason was delivered, or raises."""
+
+    def __init__(self, deliver: Callable[[decode_pb2.DecodeEvent], None]) -> None:
+        self._deliver = deliver
+        self._done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def event(self, ev: decode_pb2.DecodeEvent) -> None:
+        if self._done.done():  # over (finished, failed, or its follower went away): nothing more goes out
+            return
+        self._deliver(ev)
+        if ev.finish_reason:
+            self._done.set_result(None)
+
+    def fail(self, exc: BaseException) -> None:
+        if not self._done.done():
+            self._done.set_exception(exc)
+
+    async def follow(self, call: grpc.aio.UnaryStreamCall, finish_timeout_s: float = 10.0) -> None:
+        """Wait for the call's last event. The call's error (`grpc.aio.AioRpcError`) is raised as soon as its
+        status comes; `StreamBroken` if the stream ends first, if the call ended OK and its last event has not
+        come `finish_timeout_s` later (a guard: the instance queues it on the stream before it ends the call),
+        or if the call ended any other way (cancelled) before it."""
+
+        async def watch() -> None:
+            try:
+                async for ev in call:  # none from an instance that took the stream; all from one that did not
+                    self.event(ev)
+            except grpc.aio.AioRpcError as exc:
+                self.fail(exc)
+                return
+            try:
+                await asyncio.wait_for(asyncio.shield(self._done), finish_timeout_s)
+            except TimeoutError:
+                self.fail(
+                    StreamBroken(
+                        f"the call ended but its last tokens did not come on the token stream in "
+                        f"{finish_timeout_s:g}s"
+                    )
+                )
+
+        watcher = asyncio.get_running_loop().create_task(watch())
+        _watchers.add(watcher)
+        watcher.add_done_callback(_watchers.discard)
+        watcher.add_done_callback(lambda _: self.fail(StreamBroken("the call ended before its last event")))
+        try:
+            await self._done
+        finally:
+            if not self._done.done():  # cancelled: whatever comes later is dropped, never raised unseen
+                self._done.cancel()
+            if self._done.cancelled() or self._done.exception() is not None:
+                watcher.cancel()  # failed or cancelled: stop reading the call (its owner cancels it)
+
+
+_watchers: set[asyncio.Task] = set()  # strong references to the running call watchers
 
 
 class TokenStream:
     """One open `Tokens` stream to the decode instance at `address`; its reader task hands each event to
-    the queue of the call whose tag it carries."""
+    the subscription of the call whose tag it carries."""
 
     def __init__(self, address: str, stream_id: str, call: grpc.aio.UnaryStreamCall) -> None:
         self.address = address
         self.stream_id = stream_id
         self.broken: str | None = None  # why it ended; None while open
         self._call = call
-        self._queues: dict[int, asyncio.Queue] = {}
+        self._subs: dict[int, Subscription] = {}
         self._next_tag = 1
         self._task: asyncio.Task | None = None
         self.messages = 0  # TokenBatch messages read (the "open" one not counted)
         self.events = 0  # events in them
 
-    def subscribe(self) -> tuple[int, asyncio.Queue]:
-        """A tag for one Decode call, and the queue its events (then a StreamBroken, if it ends) come to."""
+    def subscribe(self, sub: Subscription) -> int:
+        """The tag of one Decode call (`DecodeRequest.token_stream_tag`): its events go to `sub`, then a
+        StreamBroken if the stream ends first."""
         tag, self._next_tag = self._next_tag, self._next_tag + 1
-        queue: asyncio.Queue = asyncio.Queue()
         if self.broken is not None:
-            queue.put_nowait(StreamBroken(self.broken))
+            sub.fail(StreamBroken(self.broken))
         else:
-            self._queues[tag] = queue
-        return tag, queue
+            self._subs[tag] = sub
+        return tag
 
     def unsubscribe(self, tag: int) -> None:
-        self._queues.pop(tag, None)
+        self._subs.pop(tag, None)
 
     def start(self, on_end: Callable[[TokenStream], None]) -> None:
         self._task = asyncio.get_running_loop().create_task(self._read(on_end))
@@ -71,9 +130,9 @@ class TokenStream:
                 self.messages += 1
                 self.events += len(batch.events)
                 for ev in batch.events:
-                    queue = self._queues.get(ev.tag)
-                    if queue is not None:  # None: its call is over (finished, cancelled or failed over)
-                        queue.put_nowait(ev)
+                    sub = self._subs.get(ev.tag)
+                    if sub is not None:  # None: its call is over (finished, cancelled or failed over)
+                        sub.event(ev)
         except grpc.aio.AioRpcError as exc:
             why = f"{exc.code().name}: {exc.details()}"
         except asyncio.CancelledError:
@@ -81,9 +140,10 @@ class TokenStream:
             raise
         finally:
             self.broken = f"token stream to {self.address} broke ({why})"
-            for queue in self._queues.values():
-                queue.put_nowait(StreamBroken(self.broken))
-            self._queues.clear()
+            log.info("%s after %d messages carrying %d events", self.broken, self.messages, self.events)
+            for sub in self._subs.values():
+                sub.fail(StreamBroken(self.broken))
+            self._subs.clear()
             on_end(self)
 
     def close(self) -> None:
@@ -134,6 +194,7 @@ class TokenStreams:
         if first is grpc.aio.EOF:
             return None
         stream = TokenStream(address, stream_id, call)
+        log.info("token stream %s to %s open", stream_id, address)
         self._streams[address] = stream
         stream.start(self._ended)
         return stream
@@ -146,53 +207,3 @@ class TokenStreams:
         """Cancel every stream (the gateway is stopping)."""
         for stream in list(self._streams.values()):
             stream.close()
-
-
-_CALL_OK = object()
-_watchers: set[asyncio.Task] = set()  # strong references to the running call watchers
-
-
-async def call_events(
-    call: grpc.aio.UnaryStreamCall, queue: asyncio.Queue, finish_timeout_s: float = 10.0
-) -> AsyncIterator[decode_pb2.DecodeEvent]:
-    """The events of a Decode call that named a token stream (`queue`: its subscription), up to the one
-    with a finish reason. The call's error (`grpc.aio.AioRpcError`) is raised as soon as its status comes,
-    `StreamBroken` if the stream ends first, or if the call ended OK and its last event has not come
-    `finish_timeout_s` later (a guard: the instance queues it on the stream before it ends the call)."""
-
-    async def watch() -> None:
-        try:
-            async for ev in call:  # none from an instance that took the stream; all from one that did not
-                queue.put_nowait(ev)
-            queue.put_nowait(_CALL_OK)
-        except grpc.aio.AioRpcError as exc:
-            queue.put_nowait(exc)
-
-    watcher = asyncio.get_running_loop().create_task(watch())
-    _watchers.add(watcher)
-    watcher.add_done_callback(_watchers.discard)
-    call_ok = finished = False
-    try:
-        while True:
-            if not call_ok:
-                item = await queue.get()
-            else:
-                try:
-                    item = await asyncio.wait_for(queue.get(), finish_timeout_s)
-                except TimeoutError:
-                    raise StreamBroken(
-                        f"the call ended but its last tokens did not come on the token stream in "
-                        f"{finish_timeout_s:g}s"
-                    ) from None
-            if item is _CALL_OK:
-                call_ok = True
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                finished = bool(item.finish_reason)
-                yield item
-                if finished:
-                    return
-    finally:  # finished: the watcher ends with the call (its OK status is on the way)
-        if not watcher.done() and not call_ok and not finished:
-            watcher.cancel()

@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from coordinator.token_stream import StreamBroken, TokenStream, TokenStreams, call_events
+from coordinator.token_stream import StreamBroken, Subscription, TokenStream, TokenStreams
 from decode_service.engine import DecodeEngine
 from decode_service.server import DecodeServicer
 from engine.params import SamplingParams
@@ -87,16 +87,17 @@ def test_concurrent_calls_share_one_stream_and_get_the_tokens_of_their_own_calls
             assert stream is not None and await streams.get(address) is stream  # one per instance
 
             async def shared(prompt: list[int]) -> tuple[list[int], str]:
-                tag, queue = stream.subscribe()
+                events: list[decode_pb2.DecodeEvent] = []
                 req = _request(prompt, 12)
+                sub = Subscription(events.append)
+                tag = stream.subscribe(sub)
                 req.token_stream, req.token_stream_tag = stream.stream_id, tag
                 call = stub.Decode(req)
-                tokens, reason = [], ""
-                async for ev in call_events(call, queue):
-                    assert ev.tag == tag
-                    tokens += ev.token_ids
-                    reason = ev.finish_reason
+                await sub.follow(call)
                 stream.unsubscribe(tag)
+                assert all(ev.tag == tag for ev in events)
+                tokens = [t for ev in events for t in ev.token_ids]
+                reason = events[-1].finish_reason
                 assert await call.code() == grpc.StatusCode.OK  # the call itself carried no message
                 return tokens, reason
 
@@ -120,17 +121,16 @@ def test_a_broken_stream_fails_its_calls_and_frees_their_blocks(tiny_model_dir: 
             streams = TokenStreams(lambda _: channel)
             stream = await streams.get(address)
             assert stream is not None
-            tag, queue = stream.subscribe()
+            first = asyncio.Event()
+            sub = Subscription(lambda ev: first.set())
             req = _request(PROMPTS[0], 400)
-            req.token_stream, req.token_stream_tag = stream.stream_id, tag
+            req.token_stream, req.token_stream_tag = stream.stream_id, stream.subscribe(sub)
             call = stub.Decode(req)
-            events = call_events(call, queue)
-            first = await anext(events)
-            assert first.token_ids and not first.finish_reason
+            follow = asyncio.ensure_future(sub.follow(call))
+            await first.wait()
             stream.close()  # the stream goes away under a running call
             with pytest.raises((StreamBroken, grpc.aio.AioRpcError)):
-                async for _ in events:
-                    pass
+                await follow
             # the call is over too (the instance fails it when its sink closes; call_events cancels it when the
             # stream's end comes first), and the job with it
             assert await call.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
@@ -182,15 +182,22 @@ def test_draining_ends_each_stream_once_no_call_uses_it(tiny_model_dir: Path) ->
             streams = TokenStreams(lambda _: channel)
             stream = await streams.get(address)
             assert isinstance(stream, TokenStream)
-            tag, queue = stream.subscribe()
+            tokens: list[int] = []
+            first = asyncio.Event()
+
+            def deliver(ev: decode_pb2.DecodeEvent) -> None:
+                tokens.extend(ev.token_ids)
+                first.set()
+
+            sub = Subscription(deliver)
+            tag = stream.subscribe(sub)
             req = _request(PROMPTS[1], 30)
             req.token_stream, req.token_stream_tag = stream.stream_id, tag
             call = stub.Decode(req)
-            events = call_events(call, queue)
-            tokens = list((await anext(events)).token_ids)
+            follow = asyncio.ensure_future(sub.follow(call))
+            await first.wait()
             servicer.token_sinks.drain()  # SIGTERM: the call in flight still gets all its tokens
-            async for ev in events:
-                tokens += ev.token_ids
+            await follow
             assert len(tokens) == 30 and await call.code() == grpc.StatusCode.OK
             stream.unsubscribe(tag)
             await _wait_for(lambda: stream.broken is not None, "the stream ends once its last call is done")
