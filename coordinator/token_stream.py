@@ -125,7 +125,7 @@ class TokenStream:
         try:
             while True:
                 batch = await self._call.read()
-                if batch is grpc.aio.EOF:
+                if not isinstance(batch, decode_pb2.TokenBatch):  # grpc.aio.EOF
                     break
                 self.messages += 1
                 self.events += len(batch.events)

@@ -16,7 +16,7 @@ with UNAVAILABLE, so the gateway's failover resumes it: no token is lost without
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 from decode_service.engine import Tokens
@@ -78,7 +78,7 @@ class TokenSink:
             stream.fail(Unavailable(f"token stream {self.stream_id} closed"))
         self._users.clear()
 
-    async def batches(self) -> AsyncIterator[decode_pb2.TokenBatch]:
+    async def batches(self) -> AsyncGenerator[decode_pb2.TokenBatch, None]:
         """An empty batch (the stream is open), then one batch per wake-up with every event queued since,
         until draining with no call using it."""
         yield decode_pb2.TokenBatch()
@@ -105,7 +105,7 @@ class TokenSinks:
             raise Unavailable(f"no token stream {stream_id} is open on this instance")
         return sink
 
-    async def serve(self, stream_id: str) -> AsyncIterator[decode_pb2.TokenBatch]:
+    async def serve(self, stream_id: str) -> AsyncGenerator[decode_pb2.TokenBatch, None]:
         """The `Tokens` handler's messages; whatever ends it (the gateway cancelling, draining) closes the sink."""
         if not stream_id:
             raise InvalidRequest("stream_id is required")

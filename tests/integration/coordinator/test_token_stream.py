@@ -158,7 +158,9 @@ def test_a_call_naming_no_open_stream_is_unavailable_and_an_instance_without_str
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 async for _ in call:
                     pass
-            assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "not-open" in err.value.details()
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "not-open" in (
+                err.value.details() or ""
+            )
             assert _idle_and_whole(servicer)
             await channel.close()
         bare = grpc.aio.server()  # serves no Decode service: Tokens is UNIMPLEMENTED
