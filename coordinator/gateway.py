@@ -475,9 +475,8 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
         if stream is not None:  # the tokens come on the instance's token stream, the call only ends
             pump = state.pump  # the one running this generator (a restart cancels it first)
 
-            def deliver(
-                ev: decode_pb2.DecodeEvent,
-            ) -> None:  # from the stream's reader, straight to the request
+            # called by the stream's reader for each event of this call: straight onto the request's queue
+            def deliver(ev: decode_pb2.DecodeEvent) -> None:
                 if handle is not None:
                     state.kv_consumed = True  # decode pulled the KV: the lease is gone
                 pump.put((list(ev.token_ids), ev.finish_reason or None))

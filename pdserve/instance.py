@@ -480,6 +480,13 @@ def _mailbox_of(loop: asyncio.AbstractEventLoop) -> _Mailbox:
     return box
 
 
+@dataclass(frozen=True)
+class _Failed:
+    """`EngineStream.fail`'s error, told apart from the engine's own."""
+
+    error: PDServeError
+
+
 class EngineStream:
     """Carries one job's events from the engine's threads to the gRPC handler's event loop.
 
@@ -507,8 +514,9 @@ class EngineStream:
             self._queue.put_nowait(event)
 
     def fail(self, error: PDServeError) -> None:
-        """On the loop: end `events` with `error` after the events already queued (the job is cancelled)."""
-        self._queue.put_nowait(error)
+        """On the loop: end `events` with `error` after the events already queued, cancelling the job (unlike
+        an error the engine emits, which means the job is over)."""
+        self._queue.put_nowait(_Failed(error))
 
     async def events(
         self, engine: StepEngine, job: Job, last: Callable[[Any], bool]
@@ -523,6 +531,8 @@ class EngineStream:
         try:
             while not finished:
                 event = await self._queue.get()
+                if isinstance(event, _Failed):  # `fail`: the finally cancels the job
+                    raise event.error
                 if isinstance(event, PDServeError):
                     finished = True
                     raise event

@@ -121,20 +121,27 @@ def test_a_broken_stream_fails_its_calls_and_frees_their_blocks(tiny_model_dir: 
             streams = TokenStreams(lambda _: channel)
             stream = await streams.get(address)
             assert stream is not None
+            cancelled: list[str] = []
+            cancel = servicer.engine.cancel
+
+            def spy(job) -> None:  # the real cancel, recorded
+                cancelled.append(job.request_id)
+                cancel(job)
+
+            servicer.engine.cancel = spy  # type: ignore[method-assign]
             first = asyncio.Event()
             sub = Subscription(lambda ev: first.set())
-            req = _request(PROMPTS[0], 400)
+            req = _request(PROMPTS[0], 900)
             req.token_stream, req.token_stream_tag = stream.stream_id, stream.subscribe(sub)
-            call = stub.Decode(req)
-            follow = asyncio.ensure_future(sub.follow(call))
+            call = stub.Decode(req)  # not followed: nothing on this side cancels it
             await first.wait()
             stream.close()  # the stream goes away under a running call
-            with pytest.raises((StreamBroken, grpc.aio.AioRpcError)):
-                await follow
-            # the call is over too (the instance fails it when its sink closes; call_events cancels it when the
-            # stream's end comes first), and the job with it
-            assert await call.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+            # the instance fails the call whose sink closed, and cancels its job
+            assert await call.code() == grpc.StatusCode.UNAVAILABLE
+            with pytest.raises(StreamBroken, match="closed"):  # and the gateway side knows it broke
+                await sub.follow(call)
             await _wait_for(lambda: _idle_and_whole(servicer), "engine idle, every KV block free")
+            assert cancelled == ["r"]  # the job was cancelled, not left to decode its 900 tokens
             servicer.engine.check_integrity()
             # the next request opens a fresh stream
             fresh = await streams.get(address)
