@@ -36,6 +36,10 @@ class CoordinatorConfig:
     local_prefill: str = "busy"
     local_prefill_max_tokens: int = 128
     local_prefill_depth: int = 2
+    # Decode tokens come back on one long-lived stream per decode instance, each step's tokens of all this
+    # gateway's requests there in one message (`coordinator.token_stream`); False: one message per token
+    # on each request's own call (what instances without the stream get anyway).
+    token_stream: bool = True
     refresh_s: float = 0.25  # registry snapshot period
     max_inflight: int = 4096  # requests in flight before RESOURCE_EXHAUSTED
     # Requests waiting for their first token (queued for prefill) before a new one gets RESOURCE_EXHAUSTED at

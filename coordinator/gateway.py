@@ -33,6 +33,7 @@ import grpc
 from coordinator.config import CoordinatorConfig
 from coordinator.registry import InstanceInfo
 from coordinator.router import Router
+from coordinator.token_stream import StreamBroken, Subscription, TokenStreams
 from engine.config import ModelConfig
 from engine.params import SamplingParams, generation_defaults
 from engine.stream import StopChecker
@@ -148,6 +149,8 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
         self.codec_profiles = load_profiles(cfg.model_dir)
         self.generation_defaults = generation_defaults(cfg.model_dir)
         self._background: set[asyncio.Task] = set()
+        # one token stream per decode instance (`coordinator.token_stream`); off: each call streams its own
+        self.token_streams = TokenStreams(router.channel) if cfg.token_stream else None
         self.queued = (
             0  # requests accepted whose first token has not come back (`CoordinatorConfig.max_queue`)
         )
@@ -156,6 +159,11 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
         # Called with each request served to its end (the replanner's live window): (received, prompt
         # tokens, tokens sent, TTFT s, TPOT s or None), times on time.monotonic(). None: nobody listens.
         self.on_finished: Callable[[float, int, int, float, float | None], None] | None = None
+
+    def close(self) -> None:
+        """The gateway is stopping: close its token streams."""
+        if self.token_streams is not None:
+            self.token_streams.close()
 
     # ---- validation -----------------------------------------------------------------------
     def _prompt_ids(self, req: generation_pb2.GenerateRequest) -> list[int]:
@@ -440,7 +448,9 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
         handle: common_pb2.KVHandle | None,
         state: _RequestState,
     ) -> AsyncIterator[tuple[list[int], str | None]]:
-        """Run decode on some instance, yielding (new tokens, finish reason or None) per event.
+        """Run decode on some instance, yielding (new tokens, finish reason or None) per event (on the
+        instance's token stream, `coordinator.token_stream`, they go from its reader to the pump's queue
+        directly, and this returns once the last one did).
         Without `first_token` the decode instance takes it from the KV stream's trailer; without a
         `handle` it prefills the prompt itself (local prefill) and its first event carries the first token."""
         req = decode_pb2.DecodeRequest(
@@ -460,6 +470,19 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
             if state.kv_floor is not None:  # the prefill side's encoder spends it (sent in the KV PULL)
                 req.kv.max_kv_kl = state.kv_floor
         stub = decode_pb2_grpc.DecodeStub(self.router.channel(inst.grpc_address))
+        stream = await self.token_streams.get(inst.grpc_address) if self.token_streams else None
+        sub = None
+        if stream is not None:  # the tokens come on the instance's token stream, the call only ends
+            pump = state.pump  # the one running this generator (a restart cancels it first)
+
+            # called by the stream's reader for each event of this call: straight onto the request's queue
+            def deliver(ev: decode_pb2.DecodeEvent) -> None:
+                if handle is not None:
+                    state.kv_consumed = True  # decode pulled the KV: the lease is gone
+                pump.put((list(ev.token_ids), ev.finish_reason or None))
+
+            sub = Subscription(deliver)
+            req.token_stream, req.token_stream_tag = stream.stream_id, stream.subscribe(sub)
         got_event = False
         with (
             self.router.track(inst, num_tokens),
@@ -474,6 +497,9 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
                     span.set_attribute("pdserve.kv.codec", req.kv.codec)
                     if state.kv_floor is not None:
                         span.set_attribute("pdserve.kv.max_kl", state.kv_floor)
+                if sub is not None:
+                    await sub.follow(call)
+                    return
                 async for ev in call:
                     if not got_event and handle is not None:
                         state.kv_consumed = True  # decode pulled the KV: the lease is gone
@@ -487,6 +513,12 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
                     raise
                 telemetry.record_error(span, exc)
                 raise failed from None
+            except StreamBroken as exc:
+                telemetry.record_error(span, exc)
+                raise _CallFailed("decode", inst, str(exc)) from None
+            finally:
+                if stream is not None:
+                    stream.unsubscribe(req.token_stream_tag)
         raise _CallFailed("decode", inst, "ended the stream without finishing")
 
     async def _colocated(
@@ -641,7 +673,8 @@ _END = object()
 
 class _DecodePump:
     """Runs the decode stream in its own task (so it can start before prefill ends) and hands its
-    events to the request task through a queue; errors travel through the queue too."""
+    events to the request task through a queue (a token stream's reader puts them there itself: `put`);
+    errors travel through the queue too."""
 
     def __init__(self) -> None:
         self._queue: asyncio.Queue = asyncio.Queue()
@@ -668,6 +701,10 @@ class _DecodePump:
     def cancel(self) -> None:
         if self._task is not None and not self._task.done():
             self._task.cancel()
+
+    def put(self, item: tuple[list[int], str | None]) -> None:
+        """An event delivered from outside the pump's task (`coordinator.token_stream`), in order."""
+        self._queue.put_nowait(item)
 
     async def first_token(self) -> int:
         """Local prefill: take the first token from the first event (later tokens of that event, or its

@@ -170,6 +170,7 @@ async def run(cfg: CoordinatorConfig, plan: dict[str, Any] | None = None) -> Non
         await http.stop()
     await health_servicer.enter_graceful_shutdown()
     await server.stop(grace=2.0)
+    gateway.close()
     if replanner is not None:
         await replanner.stop()
     await router.stop()
@@ -232,6 +233,13 @@ def main(argv: list[str] | None = None) -> None:
         "--cpus",
         default="",
         help="pin this process to these cores, e.g. '0' or '0-3' (default: not pinned)",
+    )
+    p.add_argument(
+        "--token-stream",
+        choices=("on", "off"),
+        default="on",
+        help="decode tokens on one stream per decode instance, each step's tokens of all requests in one "
+        "message (on), or one message per token on each request's own call (off)",
     )
     p.add_argument(
         "--layerwise",
@@ -334,6 +342,7 @@ def main(argv: list[str] | None = None) -> None:
         max_failovers=a.max_failovers,
         failover_wait_s=a.failover_wait,
         layerwise=a.layerwise,
+        token_stream=a.token_stream == "on",
         local_prefill=a.local_prefill,
         local_prefill_max_tokens=a.local_prefill_max_tokens,
         local_prefill_depth=a.local_prefill_depth,

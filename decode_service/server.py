@@ -10,6 +10,7 @@ import grpc
 from coordinator.registry import InstanceInfo
 from decode_service.engine import DecodeEngine, DecodeJob, Tokens
 from decode_service.parallel import ParallelDecodeEngine
+from decode_service.token_stream import TokenSinks
 from engine.parallel.runner import ParallelRunner
 from engine.runner import ModelRunner
 from kv_transfer.client import KVPuller
@@ -33,6 +34,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         self.engine = engine
         self.runner = runner
         self.codecs = codecs  # the puller's: which codec this instance asks for (`pull_codec`)
+        self.token_sinks = TokenSinks()  # the gateways' open `Tokens` streams
 
     @stream_errors
     @telemetry.server_stream(telemetry.DECODE_REQUEST)
@@ -65,7 +67,10 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                     "num_kv_heads": hl.num_kv_heads or self.runner.config.num_kv_heads,
                     "rank_addresses": list(hl.rank_addresses),
                 }
-        stream = instance.EngineStream()
+        # with a token stream named, the tokens go out on it (`decode_service.token_stream`); this call only
+        # ends (OK after its last event, or with the error)
+        sink = self.token_sinks.get(request.token_stream) if request.token_stream else None
+        stream = instance.EngineStream(None if sink is None else sink.divert(request.token_stream_tag))
         job = DecodeJob(
             request_id=request.request_id,
             prompt_ids=list(request.prompt_token_ids),
@@ -81,16 +86,31 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             emit=stream.emit,
             trace=telemetry.parent_of(span),
         )
+        if sink is not None:
+            sink.use(stream)
         events = stream.events(self.engine, job, last=lambda ev: bool(ev.finish_reason))
-        async with aclosing(events):
-            async for ev in events:
-                assert isinstance(ev, Tokens)
-                yield decode_pb2.DecodeEvent(
-                    token_ids=ev.token_ids,
-                    finish_reason=ev.finish_reason or "",
-                    admission_wait_s=ev.admission_wait_s,
-                    transfer_s=ev.transfer_s,
-                )
+        try:
+            async with aclosing(events):
+                async for ev in events:
+                    assert isinstance(ev, Tokens)
+                    if sink is None:
+                        yield decode_pb2.DecodeEvent(
+                            token_ids=ev.token_ids,
+                            finish_reason=ev.finish_reason or "",
+                            admission_wait_s=ev.admission_wait_s,
+                            transfer_s=ev.transfer_s,
+                        )
+        finally:
+            if sink is not None:
+                sink.release(stream)
+
+    @stream_errors
+    async def Tokens(self, request: decode_pb2.TokenStreamRequest, context: grpc.aio.ServicerContext):
+        """A gateway's token stream: every step's events of the Decode calls that name it, one message."""
+        batches = self.token_sinks.serve(request.stream_id)
+        async with aclosing(batches):
+            async for batch in batches:
+                yield batch
 
     @unary_errors
     async def Stats(self, request: common_pb2.InstanceStatsRequest, context: grpc.aio.ServicerContext):
@@ -124,7 +144,11 @@ async def run(cfg: instance.InstanceConfig) -> None:
         instance.close_runner(runner)
 
     await instance.serve(
-        cfg, lambda srv: decode_pb2_grpc.add_DecodeServicer_to_server(servicer, srv), info, stop
+        cfg,
+        lambda srv: decode_pb2_grpc.add_DecodeServicer_to_server(servicer, srv),
+        info,
+        stop,
+        on_drain=servicer.token_sinks.drain,
     )
 
 

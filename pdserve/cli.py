@@ -106,6 +106,7 @@ def cmd_up(a: argparse.Namespace) -> int:
         local_prefill=a.local_prefill,
         local_prefill_max_tokens=a.local_prefill_max_tokens,
         layerwise=a.layerwise,
+        token_stream=a.token_stream == "on",
         tls=tls,
         http_port=None if a.http_port < 0 else a.http_port,
         api_keys=tuple(a.api_key),
@@ -400,6 +401,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="layer-wise KV streaming, decode pulling while prefill computes (auto: only from CUDA prefill "
         "instances)",
+    )
+    up.add_argument(
+        "--token-stream",
+        choices=("on", "off"),
+        default="on",
+        help="decode tokens back to the gateway on one stream per decode instance, each step's tokens of all "
+        "requests in one message (on), or one gRPC message per token per request (off)",
     )
     up.add_argument("--tls-cert", default="", help="PEM certificate every process presents (with --tls-key)")
     up.add_argument("--tls-key", default="", help="PEM private key of --tls-cert")

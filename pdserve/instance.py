@@ -359,13 +359,15 @@ async def serve(
     add_servicers: Callable[[grpc.aio.Server], None],
     info_fn: Callable[[str], InstanceInfo],
     on_stop: Callable[[], Awaitable[None] | None],
+    on_drain: Callable[[], None] | None = None,
 ) -> None:
     """Run the gRPC server until SIGINT/SIGTERM, registered in Redis the whole time it serves.
 
     `info_fn(grpc_address)` builds the registry record (called at every heartbeat for fresh load) from the
     advertised address. The standard health service (grpc.health.v1, service "") says NOT_SERVING until
     the first heartbeat has written the record, SERVING while registered, NOT_SERVING again once stopping;
-    service LIVENESS is SERVING from the start until stopping.
+    service LIVENESS is SERVING from the start until stopping. `on_drain()` is called when the drain starts
+    (before the server stops taking calls): long-lived streams end there once the calls using them are done.
     """
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     add_servicers(server)
@@ -415,6 +417,8 @@ async def serve(
     exit_after(STOP_BOUND_S)
     heartbeat.stop()
     await health_servicer.enter_graceful_shutdown()
+    if on_drain is not None:
+        on_drain()
     await server.stop(grace=cfg.drain_s)
     result = on_stop()
     if asyncio.iscoroutine(result):
@@ -444,9 +448,9 @@ class _Mailbox:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._lock = threading.Lock()
-        self._items: list[tuple[asyncio.Queue[Any], Any]] = []
+        self._items: list[tuple[Any, Any]] = []  # (what takes it: has put_nowait(event), event)
 
-    def post(self, queue: asyncio.Queue[Any], event: Any) -> None:
+    def post(self, queue: Any, event: Any) -> None:
         with self._lock:
             self._items.append((queue, event))
             if len(self._items) > 1:
@@ -476,6 +480,13 @@ def _mailbox_of(loop: asyncio.AbstractEventLoop) -> _Mailbox:
     return box
 
 
+@dataclass(frozen=True)
+class _Failed:
+    """`EngineStream.fail`'s error, told apart from the engine's own."""
+
+    error: PDServeError
+
+
 class EngineStream:
     """Carries one job's events from the engine's threads to the gRPC handler's event loop.
 
@@ -483,15 +494,29 @@ class EngineStream:
         events = stream.events(engine, job, last)
         async with contextlib.aclosing(events):  # closes it (cancelling the job) if the handler stops early
             async for ev in events: ...
+
+    `divert(event)`, when given, sees each event first, on the loop, in order: True takes it away from
+    `events` (e.g. a token sent on a shared stream, `decode_service.token_stream`), False passes it on.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, divert: Callable[[Any], bool] | None = None) -> None:
         self._mailbox = _mailbox_of(asyncio.get_running_loop())
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._divert = divert
 
     def emit(self, event: Any) -> None:
         """The job's `emit`: called from engine threads, never blocks."""
-        self._mailbox.post(self._queue, event)
+        self._mailbox.post(self._queue if self._divert is None else self, event)
+
+    def put_nowait(self, event: Any) -> None:
+        """On the loop (the mailbox's drain): `divert` first, then the queue `events` reads."""
+        if self._divert is None or not self._divert(event):
+            self._queue.put_nowait(event)
+
+    def fail(self, error: PDServeError) -> None:
+        """On the loop: end `events` with `error` after the events already queued, cancelling the job (unlike
+        an error the engine emits, which means the job is over)."""
+        self._queue.put_nowait(_Failed(error))
 
     async def events(
         self, engine: StepEngine, job: Job, last: Callable[[Any], bool]
@@ -506,6 +531,8 @@ class EngineStream:
         try:
             while not finished:
                 event = await self._queue.get()
+                if isinstance(event, _Failed):  # `fail`: the finally cancels the job
+                    raise event.error
                 if isinstance(event, PDServeError):
                     finished = True
                     raise event

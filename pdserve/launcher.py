@@ -76,6 +76,7 @@ class ClusterConfig:
     local_prefill: str = "busy"
     local_prefill_max_tokens: int = 128
     layerwise: str = "auto"  # coordinator --layerwise: auto (only from CUDA prefill instances) | on | off
+    token_stream: bool = True  # coordinator --token-stream on|off (off: one gRPC message per decode token)
     # TLS (pdserve/tls.py): a certificate alone = the gateway serves TLS; with the CA too, everything inside
     # the cluster is mutual TLS (the private Redis is TLS-only and requires client certificates, instances
     # require them on gRPC). Every process presents the same certificate.
@@ -260,6 +261,8 @@ class LocalCluster:
             coord += ["--local-prefill-max-tokens", str(cfg.local_prefill_max_tokens)]
             if cfg.layerwise != "auto":
                 coord += ["--layerwise", cfg.layerwise]
+            if not cfg.token_stream:
+                coord += ["--token-stream", "off"]
             if cfg.coordinator_cpus:
                 coord += ["--cpus", ",".join(map(str, cfg.coordinator_cpus))]
             coord += cfg.tls.as_args()

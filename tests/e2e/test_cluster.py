@@ -49,8 +49,11 @@ def reference(tiny_model_dir: Path) -> LocalEngine:
         # ... or, with 16 requests at once, whichever prompts find the prefill instance busy (the default
         # policy, with a higher prompt limit so that every prompt qualifies)
         ((1, 1), {"local_prefill_max_tokens": 4096}),
+        # decode tokens on each request's own call, one message per token (coordinator --token-stream off;
+        # what a decode instance without the token stream gets)
+        ((1, 1), {"local_prefill": "off", "token_stream": False}),
     ],
-    ids=["1P1D", "2P2D", "1P1D-local-always", "1P1D-local-busy"],
+    ids=["1P1D", "2P2D", "1P1D-local-always", "1P1D-local-busy", "1P1D-per-request-streams"],
 )
 def test_greedy_output_equals_single_process_reference(
     shape: tuple[int, int],
