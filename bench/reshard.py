@@ -102,7 +102,7 @@ def _rank_proc(model_dir: str, scheme: str, tp: int, rank: int, kv: list[Any], c
             if msg[0] == "quit":
                 break
             _, tid, token = msg
-            cpu0 = _cpu_s()
+            cpu0, serve0 = _cpu_s(), server.counters().serve_cpu_s
             tok = server.open_lease(
                 tid,
                 num_layers,
@@ -119,7 +119,7 @@ def _rank_proc(model_dir: str, scheme: str, tp: int, rank: int, kv: list[Any], c
             conn.send(tok)
             if not pulled.acquire(timeout=120):  # the decode side ACKed this rank's whole shard
                 raise RuntimeError(f"rank {rank}: lease {tid} was not pulled")
-            conn.send(("pulled", _cpu_s() - cpu0))
+            conn.send(("pulled", _cpu_s() - cpu0, server.counters().serve_cpu_s - serve0))
     finally:
         server.stop()
 
@@ -247,12 +247,14 @@ def measure_reshard(model_dir: str, s: Settings, scheme: str = "tcp", codec: str
                 if not dparent.poll(300):
                     raise RuntimeError(f"{mode}: the pull did not finish in 300 s")
                 t, parts = dparent.recv()
-                parts["prefill_process_cpu_s"] = 0.0  # summed over the ranks (on 2 cores they share one)
+                # summed over the ranks (on 2 cores they share one)
+                parts["prefill_process_cpu_s"] = parts["prefill_serve_cpu_s"] = 0.0
                 for c in conns[tp]:
                     reply = c.recv() if c.poll(120) else None
                     if not isinstance(reply, tuple) or reply[0] != "pulled":
                         raise RuntimeError(f"{mode}: a prefill rank's lease was not released as pulled")
                     parts["prefill_process_cpu_s"] += reply[1]
+                    parts["prefill_serve_cpu_s"] += reply[2]
                 if trial:
                     times[mode].append(t)
                     for k, x in parts.items():
@@ -277,7 +279,9 @@ def measure_reshard(model_dir: str, s: Settings, scheme: str = "tcp", codec: str
         # than the hand-off): the prefill ranks' send calls, the puller's frame checks + decode, its writes;
         # decode_process_cpu_s: the decode process's CPU time (all threads) per pull, robust to foreign load;
         # prefill_process_cpu_s: the prefill ranks' CPU time (all threads, summed over the ranks) from the
-        # lease's opening to its release as pulled
+        # lease's opening to its release as pulled (this bench's own messages to the rank included);
+        # prefill_serve_cpu_s: of that, the KV servers' connection threads' from each PULL to its ACK
+        # (KVServerCounters.serve_cpu_s)
         "breakdown_s": {m: {k: statistics.median(v) for k, v in b.items()} for m, b in breakdown.items()},
         "ratio": ratio,
         "threads_ratio": med["tp2_to_tp1_threads"] / med["tp1_to_tp1"],  # the reader ucx falls back to
@@ -305,9 +309,10 @@ def summary(r: dict[str, Any]) -> str:
         f"TP2->TP1 {h['tp2_to_tp1'] * 1e3:.2f} ms -> {r['ratio']:.2f}x (target <= {r['target_ratio']}; "
         f"a thread per piece: {h['tp2_to_tp1_threads'] * 1e3:.2f} ms, {r['threads_ratio']:.2f}x)"
         + (f"; {r['cores']} cores: the TP2 ranks share one (oversubscribed)" if r["oversubscribed"] else "")
-        + "; CPU per pull, decode / prefill process(es): "
+        + "; CPU per pull, decode / prefill process(es) (serving the PULL): "
         + ", ".join(
-            f"{m} {b['decode_process_cpu_s'] * 1e3:.2f} / {b['prefill_process_cpu_s'] * 1e3:.2f} ms"
+            f"{m} {b['decode_process_cpu_s'] * 1e3:.2f} / {b['prefill_process_cpu_s'] * 1e3:.2f} "
+            f"({b['prefill_serve_cpu_s'] * 1e3:.2f}) ms"
             for m, b in r["breakdown_s"].items()
         )
     )

@@ -147,6 +147,20 @@ class KVServerCounters:
     unauthorized_pulls: int = 0  # PULLs refused for a wrong or missing lease token
     frame_bytes_sent: int = 0  # KV frames (every byte of KV leaves in one)
     control_bytes_sent: int = 0  # TRAILER and ERROR messages
+    pulls_served: int = 0  # PULLs handled (answered with a stream or an ERROR)
+    # thread CPU time (s) of the connection threads handling those PULLs, from the PULL's arrival to its ACK
+    # (or the stream's end): what serving a pull costs this process, whatever else runs beside it
+    serve_cpu_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class _Acked:
+    """A pull the puller ACKed: `rect` of `lease`, streamed as `session` (KVServer._pulled records it)."""
+
+    lease: _Lease
+    rect: tuple[Range, Range | None]
+    session: int
+    pull: Pull
 
 
 class _StreamEnded(Exception):
@@ -207,6 +221,7 @@ class KVServer:
         self._unauthorized_pulls = 0  # these three under _lock
         self._frame_bytes_sent = 0
         self._control_bytes_sent = 0
+        self._pulls_served, self._serve_cpu_s = 0, 0.0
 
     # --- lifecycle ---------------------------------------------------------------------------------
     @property
@@ -372,7 +387,11 @@ class KVServer:
     def counters(self) -> KVServerCounters:
         with self._lock:
             return KVServerCounters(
-                self._unauthorized_pulls, self._frame_bytes_sent, self._control_bytes_sent
+                self._unauthorized_pulls,
+                self._frame_bytes_sent,
+                self._control_bytes_sent,
+                self._pulls_served,
+                self._serve_cpu_s,
             )
 
     def _release(self, lease: _Lease, reason: str) -> bool:
@@ -474,7 +493,24 @@ class KVServer:
             pass  # the peer is gone; nothing more to tell it
 
     def _serve_pull(self, ch: Channel, pull: Pull, bufs: list[FrameBuffer]) -> bool:
-        """Stream one pull. Returns whether the connection can carry another pull."""
+        """Serve one PULL. Returns whether the connection can carry another pull. Its thread CPU up to the ACK
+        is counted (counters().serve_cpu_s) before the lease may be released, so on_release sees it."""
+        t0 = time.thread_time()
+        try:
+            out = self._stream_pull(ch, pull, bufs)
+        finally:
+            cpu = time.thread_time() - t0
+            with self._lock:
+                self._pulls_served += 1
+                self._serve_cpu_s += cpu
+        if isinstance(out, _Acked):
+            self._pulled(out.lease, out.rect, out.session, out.pull)
+            return True
+        return out
+
+    def _stream_pull(self, ch: Channel, pull: Pull, bufs: list[FrameBuffer]) -> bool | _Acked:
+        """Stream one pull up to its ACK (_Acked: the caller records it), or False/True: it ended without one
+        and the connection can(not) carry another pull."""
         tid = pull.transfer_id
         if pull.fingerprint != self.fingerprint:
             self._send_error(
@@ -544,8 +580,7 @@ class KVServer:
         if not isinstance(reply, Ack) or reply.transfer_id != tid:
             log.warning("pull %s: expected ACK, got %r; lease kept", tid, reply)
             return False
-        self._pulled(lease, rect, session, pull)
-        return True
+        return _Acked(lease, rect, session, pull)
 
     def _pulled(self, lease: _Lease, rect: tuple[Range, Range | None], session: int, pull: Pull) -> None:
         """A puller ACKed `rect` as replica `pull.replica` of `pull.copies`: release the lease once every cell
