@@ -1,7 +1,9 @@
 """TCP transport: length-prefixed messages over one socket, received into a reused buffer.
 
 Stream format: per message a 12-byte header (magic b"PDT1", length u64 LE) then the bytes. TCP_NODELAY
-is on; small messages go out in one send call, large ones as header + body without an extra copy.
+is on; a message's header and body go out in one sendmsg (no copy). The socket is non-blocking: a send or
+receive is tried first and waits (poll) only when the socket cannot take or give anything yet, so a message
+that fits costs one system call (a socket timeout would add an ioctl and a poll to each).
 Address: tcp://host:port.
 """
 
@@ -21,23 +23,21 @@ from kv_transfer.transport._sockutil import (
     format_host_port,
     listen_tcp,
     readable,
-    recv_nowait,
-    recv_some,
-    sendall,
-    sendall_parts,
+    recv_into_nb,
+    send_parts,
     tune_tcp,
 )
 from kv_transfer.transport.base import DEFAULT_MAX_MESSAGE_BYTES, Channel, Listener, Transport
 
 MAGIC = b"PDT1"
 _HDR = struct.Struct("<4sQ")
-_COALESCE_BYTES = 64 << 10  # messages up to this size are copied behind the header: one syscall
 
 
 class TCPChannel(ChannelGuard, Channel):
     def __init__(self, sock: socket.socket, max_message_bytes: int) -> None:
         super().__init__(sock)
         tune_tcp(sock)
+        sock.setblocking(False)  # see the module doc; waits are polls with the caller's deadline
         self._max = max_message_bytes
         self._hdr = bytearray(_HDR.size)
         self._buf = bytearray(0)  # receive buffer, reused; replaced (never resized) when too small
@@ -48,12 +48,8 @@ class TCPChannel(ChannelGuard, Channel):
         mv = as_bytes_view(data)
         deadline = deadline_of(timeout)
         with self._op():
-            head = _HDR.pack(MAGIC, len(mv))
             try:
-                if len(mv) <= _COALESCE_BYTES:
-                    sendall(self._sock, head + mv, deadline)
-                else:  # header and body in one system call: no segment carrying the header alone
-                    sendall_parts(self._sock, head, mv, deadline)
+                send_parts(self._sock, [_HDR.pack(MAGIC, len(mv)), mv], deadline)
             except (PeerClosed, TransferTimeout):
                 self.close()  # a partial message leaves the stream unusable
                 raise
@@ -61,15 +57,17 @@ class TCPChannel(ChannelGuard, Channel):
     def recv(self, timeout: float | None = None) -> memoryview:
         deadline = deadline_of(timeout)
         with self._op():
-            between_messages = self._rx_got == 0 and self._rx_len < 0
-            if between_messages and timeout is not None and not readable(self._sock, timeout):
-                # nothing arrived at all: the stream is intact, the channel stays usable
-                raise TransferTimeout(f"no message within {timeout} s")
             try:
                 out = self._read(deadline, block=True)
                 assert out is not None
                 return out
-            except (PeerClosed, TransferTimeout, FrameForeign, FrameTooLarge):
+            except TransferTimeout:
+                if self._rx_got == 0 and self._rx_len < 0:
+                    # nothing of a message arrived: the stream is intact, the channel stays usable
+                    raise TransferTimeout(f"no message within {timeout} s") from None
+                self.close()
+                raise
+            except (PeerClosed, FrameForeign, FrameTooLarge):
                 self.close()
                 raise
 
@@ -90,7 +88,7 @@ class TCPChannel(ChannelGuard, Channel):
             else:
                 view = memoryview(self._buf)[self._rx_got : self._rx_len]
             if len(view):
-                k = recv_some(self._sock, view, deadline) if block else recv_nowait(self._sock, view)
+                k = recv_into_nb(self._sock, view, deadline, block)
                 if k is None:
                     return None
                 self._rx_got += k
