@@ -107,7 +107,10 @@ class _Lease:
     read_layer: ReadLayer
     on_release: OnRelease
     deadline: float  # time.monotonic() seconds
-    io_lock: threading.Condition = field(default_factory=threading.Condition)  # notified when readers -> 0
+    io_mutex: threading.Lock = field(
+        default_factory=threading.Lock
+    )  # io_lock's lock (the read path takes it)
+    io_lock: threading.Condition = field(init=False)  # over io_mutex; notified when readers -> 0 in a release
     readers: int = 0  # reads (read_layer + encode) in progress, under io_lock
     ready: int = 0  # global layers [0, ready) may be sent
     first_token_id: int | None = None  # set by finish(): the trailer may follow the last layer
@@ -120,6 +123,9 @@ class _Lease:
     layers: Range = (0, 0)  # global layers held; read_layer is called only for these
     heads: Range | None = None  # global KV heads held; None = [0, Hkv of read_layer) (learned at first read)
     pulled: Coverage | None = None  # the cells ACKed so far, by which replicas (made at the first ACK)
+
+    def __post_init__(self) -> None:
+        self.io_lock = threading.Condition(self.io_mutex)
 
 
 @dataclass
@@ -476,11 +482,16 @@ class KVServer:
             with self._lock:
                 self._channels.discard(ch)
 
-    def _send(self, ch: Channel, data: memoryview | bytes, timeout: float, frame: bool) -> None:
-        """Every byte the server sends goes through here (counted once sent)."""
+    def _send(
+        self, ch: Channel, data: memoryview | bytes, timeout: float, frame: bool, renew: _Lease | None = None
+    ) -> None:
+        """Every byte the server sends goes through here (counted once sent). `renew`: the lease whose deadline
+        the send renews (under the same lock as the count)."""
         ch.send(data, timeout=timeout)
         n = data.nbytes if isinstance(data, memoryview) else len(data)
         with self._lock:
+            if renew is not None:
+                renew.deadline = time.monotonic() + self.lease_ttl_s
             if frame:
                 self._frame_bytes_sent += n
             else:
@@ -648,11 +659,9 @@ class KVServer:
 
     def _send_frame(self, ch: Channel, lease: _Lease, frame: memoryview, stats: _PullStats) -> None:
         t0 = time.perf_counter()
-        self._send(ch, frame, self.send_timeout_s, frame=True)
+        self._send(ch, frame, self.send_timeout_s, frame=True, renew=lease)
         stats.send_s += time.perf_counter() - t0
         stats.bytes_on_wire += len(frame)
-        with self._lock:
-            lease.deadline = time.monotonic() + self.lease_ttl_s
 
     def _submit_ready(
         self,
@@ -723,7 +732,7 @@ class KVServer:
         heads: Range | None = None,
     ) -> memoryview:
         """Read `layer` and encode the KV heads `heads` of it (None: all the lease holds) as one frame."""
-        with lease.io_lock:  # no release while we read (see module doc)
+        with lease.io_mutex:  # = io_lock: no release while we read (see module doc)
             if lease.released is not None:
                 raise _StreamEnded(ErrorCode.UNKNOWN_TRANSFER, f"lease released ({lease.released})")
             lease.readers += 1
@@ -760,9 +769,9 @@ class KVServer:
             )
             t2 = time.perf_counter()
         finally:
-            with lease.io_lock:
+            with lease.io_mutex:
                 lease.readers -= 1
-                if lease.readers == 0:
+                if lease.readers == 0 and lease.released is not None:  # a release waits for the reads
                     lease.io_lock.notify_all()
         stats.read_s += t1 - t0
         stats.encode_s += t2 - t1
@@ -775,10 +784,12 @@ class KVServer:
     ) -> tuple[Tensor, Tensor, int]:
         """k, v [T, heads held, D] of `layer` -> (k, v [T, h1-h0, D], h0) for the requested heads (None: all
         held). Called under lease.io_lock. A lease opened without `heads` learns them here: [0, Hkv)."""
-        with self._lock:
-            if lease.heads is None:
-                lease.heads = (0, k.shape[1])
-            held = lease.heads
+        held = lease.heads  # set once, never changed after: no lock once it is known
+        if held is None:
+            with self._lock:
+                if lease.heads is None:
+                    lease.heads = (0, k.shape[1])
+                held = lease.heads
         if k.shape[1] != held[1] - held[0]:
             raise _StreamEnded(
                 ErrorCode.INTERNAL, f"read_layer({layer}) gave {k.shape[1]} KV heads, the lease holds {held}"
