@@ -22,7 +22,8 @@ prefill: the whole hand-off is on the critical path), then the decode process pu
   * tp2_to_tp1_threads: the same with `threads=True`: a pull thread per piece, each writing its own KV head
     (the reader ucx uses; before 2026-12-06 the only one).
 Hand-off time = pull call -> every layer written into the decode cache (wall clock); medians over trials, modes
-interleaved. `ratio` = tp2_to_tp1 / tp1_to_tp1 (target <= 1.2). With fewer cores than busy processes (3) the
+interleaved (in an order that rotates each trial); every mode is measured the same way, on connections the
+warm-up trial opened. `ratio` = tp2_to_tp1 / tp1_to_tp1 (target <= 1.2). With fewer cores than busy processes (3) the
 JSON says `oversubscribed`: the decode process keeps a core of its own (the last) and the prefill ranks share
 the others (on 2 cores: both TP2 ranks on core 0), so the comparison still gives each side the same cores.
 """
@@ -52,7 +53,9 @@ class Settings:
 
     @staticmethod
     def make(quick: bool) -> Settings:
-        return Settings(prompt_tokens=1024, trials=7) if quick else Settings(prompt_tokens=1536, trials=25)
+        # --quick (and `pdserve bench engine --tp 2 --quick`) shortens the prompt, not the trials: a median of 7
+        # pulls per mode was at the mercy of a few slow ones, and 25 cost a second or two (the setup dominates)
+        return Settings(prompt_tokens=1024, trials=25) if quick else Settings(prompt_tokens=1536, trials=25)
 
 
 def _log(msg: str) -> None:
@@ -235,7 +238,8 @@ def measure_reshard(model_dir: str, s: Settings, scheme: str = "tcp", codec: str
         dec.start()
         procs.append(dec)
         for trial in range(s.trials + 1):  # trial 0 warms connections and caches up; not reported
-            for mode in MODES:
+            # the order rotates, so each mode follows each other mode equally often
+            for mode in MODES[trial % len(MODES) :] + MODES[: trial % len(MODES)]:
                 tp = 2 if mode.startswith("tp2") else 1
                 tid = f"reshard-{mode}-{trial}-{uuid.uuid4().hex[:6]}"
                 conns[tp][0].send(("lease", tid, None))
@@ -320,7 +324,7 @@ def summary(r: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.reshard", description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="fewer trials, a shorter prompt (under a minute)")
+    ap.add_argument("--quick", action="store_true", help="a shorter prompt (1024 tokens; under a minute)")
     ap.add_argument("--json", default=None, help="write the JSON object here instead of stdout")
     ap.add_argument("--model", default="", help="model directory (default: the shipped model)")
     ap.add_argument("--transport", default="tcp", choices=("tcp", "shm"), help="KV transport (default tcp)")
