@@ -632,8 +632,7 @@ class KVServer:
         if not self.pipelined:
             for layer in range(*layers):
                 self._wait_for(lease, session, layer + 1, stats)
-                frame, layer_stats = self._encode_task(lease, codec, layer, bufs[0], heads)
-                stats.add_layer(layer_stats)
+                frame = self._encode_task(lease, codec, layer, bufs[0], heads, stats)[0]
                 self._send_frame(ch, lease, frame, stats)
             return
         assert self._encode_pool is not None  # start() made it
@@ -686,11 +685,17 @@ class KVServer:
         return nxt
 
     def _encode_task(
-        self, lease: _Lease, codec: Codec, layer: int, buf: FrameBuffer, heads: Range | None
+        self,
+        lease: _Lease,
+        codec: Codec,
+        layer: int,
+        buf: FrameBuffer,
+        heads: Range | None,
+        stats: _PullStats | None = None,
     ) -> tuple[memoryview, _PullStats]:
-        """One layer's frame and its figures (on the encode pool, or inline when not pipelined). Any failure is
-        a _StreamEnded."""
-        stats = _PullStats()
+        """One layer's frame and its figures (on the encode pool: into a _PullStats of its own; inline when not
+        pipelined: into the pull's `stats`). Any failure is a _StreamEnded."""
+        stats = _PullStats() if stats is None else stats
         try:
             return self._encode_layer(lease, codec, layer, buf, stats, heads), stats
         except _StreamEnded:
@@ -701,6 +706,15 @@ class KVServer:
 
     def _wait_for(self, lease: _Lease, session: int, layers: int | None, stats: _PullStats) -> int:
         """Block until `layers` layers are ready (or, with None, until finish()); returns first_token_id."""
+        with self._lock:  # the common case: the layers are ready and the stream still live (no clock read)
+            if (
+                not self._stopping
+                and lease.released is None
+                and layers is not None
+                and lease.ready >= layers
+                and session in lease.streams.values()
+            ):
+                return lease.first_token_id if lease.first_token_id is not None else -1
         t0 = time.perf_counter()
         with self._lock:
             while True:

@@ -153,19 +153,21 @@ def send_parts(sock: socket.socket, parts: list[bytes | memoryview], deadline: f
     them all (no segment carrying a small head alone, as a send per part makes under TCP_NODELAY), else
     again from where it stopped once the socket is writable. PeerClosed, TransferTimeout (after part of it
     may have gone: the stream is then unusable)."""
-    while parts:
+    while True:
         try:
             k = sock.sendmsg(parts)
         except (BlockingIOError, InterruptedError):
-            wait_io(sock, True, deadline)
-            continue
+            k = 0
         except OSError as e:
             raise PeerClosed(f"connection lost while sending: {e}") from None
         while parts and k >= len(parts[0]):
             k -= len(parts[0])
             parts = parts[1:]
-        if parts and k:
+        if not parts:
+            return
+        if k:
             parts = [parts[0][k:], *parts[1:]]
+        wait_io(sock, True, deadline)  # the socket's buffer is full: wait for room
 
 
 def readable(sock: socket.socket, timeout: float = 0.0) -> bool:
