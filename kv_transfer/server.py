@@ -566,27 +566,13 @@ class KVServer:
         layers, heads = rect
         stats = _PullStats()
         try:
-            self._stream_layers(ch, lease, session, codec, bufs, stats, layers, heads)
-            first_token_id = self._wait_for(lease, session, None, stats)
+            if not self._stream_layers(ch, lease, session, codec, bufs, stats, layers, heads):
+                first_token_id = self._wait_for(lease, session, None, stats)
+                trailer = encode_control(_trailer(lease, layers, stats, first_token_id))
+                self._send(ch, trailer, self.send_timeout_s, frame=False, renew=lease)
         except _StreamEnded as e:
             self._send_error(ch, e.code, tid, e.message)
             return e.code != ErrorCode.SHUTTING_DOWN
-        trailer = TrailerMsg(
-            transfer_id=tid,
-            first_token_id=first_token_id,
-            num_tokens=lease.num_tokens,
-            num_layers=layers[1] - layers[0],
-            bytes_on_wire=stats.bytes_on_wire,
-            raw_bytes=stats.raw_bytes,
-            payload_bytes=stats.payload_bytes,
-            read_s=stats.read_s,
-            encode_s=stats.encode_s,
-            wait_s=stats.wait_s,
-            send_s=stats.send_s,
-        )
-        self._send(ch, encode_control(trailer), self.send_timeout_s, frame=False)
-        with self._lock:
-            lease.deadline = time.monotonic() + self.lease_ttl_s
         reply = decode_control(ch.recv(timeout=self.lease_ttl_s))
         if not isinstance(reply, Ack) or reply.transfer_id != tid:
             log.warning("pull %s: expected ACK, got %r; lease kept", tid, reply)
@@ -621,9 +607,11 @@ class KVServer:
         stats: _PullStats,
         layers: Range,
         heads: Range | None,
-    ) -> None:
+    ) -> bool:
         """Send layers [layers) (global numbering), each frame with KV heads `heads` (None: all the lease holds),
-        in order, while the encode pool works ahead (module doc, Pipeline).
+        in order, while the encode pool works ahead (module doc, Pipeline). Returns whether the trailer went
+        too: one layer at a time (not pipelined), when prefill has finished by the last layer, it leaves in
+        the same send call as the last frame (the puller then gets both in one read).
 
         Layer l is encoded into ring[l % len(ring)]: at most len(ring) - 1 layers are in the window, and the
         one taken from it is sent before the window can reach its buffer again. raw's "encoding" is a copy:
@@ -633,8 +621,12 @@ class KVServer:
             for layer in range(*layers):
                 self._wait_for(lease, session, layer + 1, stats)
                 frame = self._encode_task(lease, codec, layer, bufs[0], heads, stats)[0]
+                first_token_id = self._finished(lease, session) if layer == layers[1] - 1 else None
+                if first_token_id is not None:
+                    self._send_last(ch, lease, frame, stats, layers, first_token_id)
+                    return True
                 self._send_frame(ch, lease, frame, stats)
-            return
+            return False
         assert self._encode_pool is not None  # start() made it
         ring = bufs[:2] if isinstance(codec, RawCodec) else bufs
         window: OrderedWindow[tuple[memoryview, _PullStats]] = OrderedWindow(self._encode_pool, len(ring) - 1)
@@ -655,6 +647,36 @@ class KVServer:
                 self._send_frame(ch, lease, frame, stats)
         finally:
             window.close()  # nothing may still write into bufs when the next pull reuses them
+        return False
+
+    def _finished(self, lease: _Lease, session: int) -> int | None:
+        """The first token once finish() was called and the stream is still live (what _wait_for(None) returns
+        at once), else None."""
+        with self._lock:
+            if self._stopping or lease.released is not None or session not in lease.streams.values():
+                return None
+            return lease.first_token_id
+
+    def _send_last(
+        self,
+        ch: Channel,
+        lease: _Lease,
+        frame: memoryview,
+        stats: _PullStats,
+        layers: Range,
+        first_token_id: int,
+    ) -> None:
+        """The last frame and the trailer in one send call. The trailer counts the frame's bytes; this send's
+        time is not in its send_s (it is not over when the trailer is made)."""
+        stats.bytes_on_wire += len(frame)
+        trailer = encode_control(_trailer(lease, layers, stats, first_token_id))
+        t0 = time.perf_counter()
+        ch.send_many([frame, trailer], timeout=self.send_timeout_s)
+        stats.send_s += time.perf_counter() - t0
+        with self._lock:
+            lease.deadline = time.monotonic() + self.lease_ttl_s
+            self._frame_bytes_sent += len(frame)
+            self._control_bytes_sent += len(trailer)
 
     def _send_frame(self, ch: Channel, lease: _Lease, frame: memoryview, stats: _PullStats) -> None:
         t0 = time.perf_counter()
@@ -814,6 +836,23 @@ class KVServer:
             raise _StreamEnded(ErrorCode.LAYOUT_MISMATCH, f"KV heads {heads} asked, the lease holds {held}")
         a, b = heads[0] - held[0], heads[1] - held[0]
         return k[:, a:b].contiguous(), v[:, a:b].contiguous(), heads[0]
+
+
+def _trailer(lease: _Lease, layers: Range, stats: _PullStats, first_token_id: int) -> TrailerMsg:
+    """The TRAILER closing a pull of `layers` of `lease`, with the pull's figures so far."""
+    return TrailerMsg(
+        transfer_id=lease.transfer_id,
+        first_token_id=first_token_id,
+        num_tokens=lease.num_tokens,
+        num_layers=layers[1] - layers[0],
+        bytes_on_wire=stats.bytes_on_wire,
+        raw_bytes=stats.raw_bytes,
+        payload_bytes=stats.payload_bytes,
+        read_s=stats.read_s,
+        encode_s=stats.encode_s,
+        wait_s=stats.wait_s,
+        send_s=stats.send_s,
+    )
 
 
 def _pull_rect(lease: _Lease, pull: Pull) -> tuple[tuple[Range, Range | None], str | None]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import socket
 import struct
+from collections.abc import Sequence
 
 from kv_transfer.errors import FrameForeign, FrameTooLarge, PeerClosed, TransferTimeout
 from kv_transfer.frame import Buffer, as_bytes_view
@@ -58,6 +59,20 @@ class TCPChannel(ChannelGuard, Channel):
         with self._op():
             try:
                 send_parts(self._sock, [_HDR.pack(MAGIC, len(mv)), mv], deadline)
+            except (PeerClosed, TransferTimeout):
+                self.close()  # a partial message leaves the stream unusable
+                raise
+
+    def send_many(self, messages: Sequence[Buffer], timeout: float | None = None) -> None:
+        """All the messages in one sendmsg when the socket takes them (a frame and the trailer behind it)."""
+        parts: list[bytes | memoryview] = []
+        for m in messages:
+            mv = as_bytes_view(m)
+            parts += (_HDR.pack(MAGIC, len(mv)), mv)
+        deadline = deadline_of(timeout)
+        with self._op():
+            try:
+                send_parts(self._sock, parts, deadline)
             except (PeerClosed, TransferTimeout):
                 self.close()  # a partial message leaves the stream unusable
                 raise
