@@ -651,10 +651,15 @@ class KVPuller:
         heads: Range | None,
     ) -> None:
         pull = Pull(
-            self.fingerprint, handle.transfer_id, codec_name, token, layers or (0, 0), heads or (0, 0)
-        )
-        pull = dataclasses.replace(
-            pull, copies=handle.replica.copies, replica=handle.replica.index, max_kl=handle.max_kl
+            self.fingerprint,
+            handle.transfer_id,
+            codec_name,
+            token,
+            layers or (0, 0),
+            heads or (0, 0),
+            copies=handle.replica.copies,
+            replica=handle.replica.index,
+            max_kl=handle.max_kl,
         )
         ch.send(encode_control(pull), timeout=self.timeout_s)
 
