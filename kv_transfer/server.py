@@ -72,7 +72,7 @@ from kv_transfer.errors import (
     TransferTimeout,
     UnknownCodec,
 )
-from kv_transfer.frame import MAX_TRANSFER_ID_BYTES, FrameBuffer
+from kv_transfer.frame import MAX_TRANSFER_ID_BYTES, FrameBuffer, frame_payload_bytes
 from kv_transfer.pipeline import OrderedWindow, auto_workers, codec_pool, pipelined_by_default
 from kv_transfer.transport._sockutil import advertised
 from kv_transfer.transport.base import Channel, Listener, Transport
@@ -782,10 +782,11 @@ class KVServer:
                     ErrorCode.INTERNAL, f"read_layer({layer}) failed: {type(e).__name__}"
                 ) from e
             t1 = time.perf_counter()
-            if k.dim() != 3 or k.shape != v.shape or k.shape[0] != lease.num_tokens:
+            shape = k.shape
+            if len(shape) != 3 or shape != v.shape or shape[0] != lease.num_tokens:
                 raise _StreamEnded(
                     ErrorCode.INTERNAL,
-                    f"read_layer({layer}) gave {tuple(k.shape)}/{tuple(v.shape)}, want [{lease.num_tokens}, Hkv, D]",
+                    f"read_layer({layer}) gave {tuple(shape)}/{tuple(v.shape)}, want [{lease.num_tokens}, Hkv, D]",
                 )
             k, v, head_start = self._select_heads(lease, layer, k, v, heads)
             try:
@@ -812,7 +813,9 @@ class KVServer:
         stats.read_s += t1 - t0
         stats.encode_s += t2 - t1
         stats.raw_bytes += k.numel() * k.element_size() * 2
-        stats.payload_bytes += len(params) + sum(len(memoryview(p)) for p in parts)
+        stats.payload_bytes += frame_payload_bytes(
+            frame
+        )  # codec params + payload, as the frame's header says
         return frame
 
     def _select_heads(
