@@ -22,7 +22,8 @@ prefill: the whole hand-off is on the critical path), then the decode process pu
   * tp2_to_tp1_threads: the same with `threads=True`: a pull thread per piece, each writing its own KV head
     (the reader ucx uses; before 2026-12-06 the only one).
 Hand-off time = pull call -> every layer written into the decode cache (wall clock); medians over trials, modes
-interleaved. `ratio` = tp2_to_tp1 / tp1_to_tp1 (target <= 1.2). With fewer cores than busy processes (3) the
+interleaved (in an order that rotates each trial); every mode is measured the same way, on connections the
+warm-up trial opened. `ratio` = tp2_to_tp1 / tp1_to_tp1 (target <= 1.2). With fewer cores than busy processes (3) the
 JSON says `oversubscribed`: the decode process keeps a core of its own (the last) and the prefill ranks share
 the others (on 2 cores: both TP2 ranks on core 0), so the comparison still gives each side the same cores.
 """
@@ -52,7 +53,9 @@ class Settings:
 
     @staticmethod
     def make(quick: bool) -> Settings:
-        return Settings(prompt_tokens=1024, trials=7) if quick else Settings(prompt_tokens=1536, trials=25)
+        # --quick (and `pdserve bench engine --tp 2 --quick`) shortens the prompt, not the trials: a median of 7
+        # pulls per mode was at the mercy of a few slow ones, and 25 cost a second or two (the setup dominates)
+        return Settings(prompt_tokens=1024, trials=25) if quick else Settings(prompt_tokens=1536, trials=25)
 
 
 def _log(msg: str) -> None:
@@ -102,7 +105,7 @@ def _rank_proc(model_dir: str, scheme: str, tp: int, rank: int, kv: list[Any], c
             if msg[0] == "quit":
                 break
             _, tid, token = msg
-            cpu0 = _cpu_s()
+            cpu0, serve0 = _cpu_s(), server.counters().serve_cpu_s
             tok = server.open_lease(
                 tid,
                 num_layers,
@@ -119,7 +122,7 @@ def _rank_proc(model_dir: str, scheme: str, tp: int, rank: int, kv: list[Any], c
             conn.send(tok)
             if not pulled.acquire(timeout=120):  # the decode side ACKed this rank's whole shard
                 raise RuntimeError(f"rank {rank}: lease {tid} was not pulled")
-            conn.send(("pulled", _cpu_s() - cpu0))
+            conn.send(("pulled", _cpu_s() - cpu0, server.counters().serve_cpu_s - serve0))
     finally:
         server.stop()
 
@@ -235,7 +238,8 @@ def measure_reshard(model_dir: str, s: Settings, scheme: str = "tcp", codec: str
         dec.start()
         procs.append(dec)
         for trial in range(s.trials + 1):  # trial 0 warms connections and caches up; not reported
-            for mode in MODES:
+            # the order rotates, so each mode follows each other mode equally often
+            for mode in MODES[trial % len(MODES) :] + MODES[: trial % len(MODES)]:
                 tp = 2 if mode.startswith("tp2") else 1
                 tid = f"reshard-{mode}-{trial}-{uuid.uuid4().hex[:6]}"
                 conns[tp][0].send(("lease", tid, None))
@@ -247,12 +251,14 @@ def measure_reshard(model_dir: str, s: Settings, scheme: str = "tcp", codec: str
                 if not dparent.poll(300):
                     raise RuntimeError(f"{mode}: the pull did not finish in 300 s")
                 t, parts = dparent.recv()
-                parts["prefill_process_cpu_s"] = 0.0  # summed over the ranks (on 2 cores they share one)
+                # summed over the ranks (on 2 cores they share one)
+                parts["prefill_process_cpu_s"] = parts["prefill_serve_cpu_s"] = 0.0
                 for c in conns[tp]:
                     reply = c.recv() if c.poll(120) else None
                     if not isinstance(reply, tuple) or reply[0] != "pulled":
                         raise RuntimeError(f"{mode}: a prefill rank's lease was not released as pulled")
                     parts["prefill_process_cpu_s"] += reply[1]
+                    parts["prefill_serve_cpu_s"] += reply[2]
                 if trial:
                     times[mode].append(t)
                     for k, x in parts.items():
@@ -277,7 +283,9 @@ def measure_reshard(model_dir: str, s: Settings, scheme: str = "tcp", codec: str
         # than the hand-off): the prefill ranks' send calls, the puller's frame checks + decode, its writes;
         # decode_process_cpu_s: the decode process's CPU time (all threads) per pull, robust to foreign load;
         # prefill_process_cpu_s: the prefill ranks' CPU time (all threads, summed over the ranks) from the
-        # lease's opening to its release as pulled
+        # lease's opening to its release as pulled (this bench's own messages to the rank included);
+        # prefill_serve_cpu_s: of that, the KV servers' connection threads' from each PULL to its ACK
+        # (KVServerCounters.serve_cpu_s)
         "breakdown_s": {m: {k: statistics.median(v) for k, v in b.items()} for m, b in breakdown.items()},
         "ratio": ratio,
         "threads_ratio": med["tp2_to_tp1_threads"] / med["tp1_to_tp1"],  # the reader ucx falls back to
@@ -305,9 +313,10 @@ def summary(r: dict[str, Any]) -> str:
         f"TP2->TP1 {h['tp2_to_tp1'] * 1e3:.2f} ms -> {r['ratio']:.2f}x (target <= {r['target_ratio']}; "
         f"a thread per piece: {h['tp2_to_tp1_threads'] * 1e3:.2f} ms, {r['threads_ratio']:.2f}x)"
         + (f"; {r['cores']} cores: the TP2 ranks share one (oversubscribed)" if r["oversubscribed"] else "")
-        + "; CPU per pull, decode / prefill process(es): "
+        + "; CPU per pull, decode / prefill process(es) (serving the PULL): "
         + ", ".join(
-            f"{m} {b['decode_process_cpu_s'] * 1e3:.2f} / {b['prefill_process_cpu_s'] * 1e3:.2f} ms"
+            f"{m} {b['decode_process_cpu_s'] * 1e3:.2f} / {b['prefill_process_cpu_s'] * 1e3:.2f} "
+            f"({b['prefill_serve_cpu_s'] * 1e3:.2f}) ms"
             for m, b in r["breakdown_s"].items()
         )
     )
@@ -315,7 +324,7 @@ def summary(r: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.reshard", description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="fewer trials, a shorter prompt (under a minute)")
+    ap.add_argument("--quick", action="store_true", help="a shorter prompt (1024 tokens; under a minute)")
     ap.add_argument("--json", default=None, help="write the JSON object here instead of stdout")
     ap.add_argument("--model", default="", help="model directory (default: the shipped model)")
     ap.add_argument("--transport", default="tcp", choices=("tcp", "shm"), help="KV transport (default tcp)")

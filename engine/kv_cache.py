@@ -38,6 +38,14 @@ def slot_runs(blocks: list[int], start: int, num_tokens: int, block_size: int) -
     """Positions [start, start + num_tokens) of a sequence owning `blocks` as runs of contiguous flat slots:
     [(first slot, first position - start, length)], in position order. ValueError if the blocks are too few."""
     end = _owned_end(blocks, start, num_tokens, block_size)
+    if num_tokens <= 0:
+        return []
+    first, last = start // block_size, (end - 1) // block_size
+    b0 = blocks[first]
+    if blocks[first : last + 1] == list(range(b0, b0 + last - first + 1)):
+        # one run, a fresh sequence's usual case: checked by one list comparison (in C), not block by block
+        # (~10 us for 64 blocks, on every layer and piece a hand-off writes)
+        return [(b0 * block_size + start % block_size, 0, num_tokens)]
     runs: list[tuple[int, int, int]] = []
     pos = start
     while pos < end:

@@ -473,18 +473,23 @@ class KVPuller:
         self, pc: _Piece, codec: Codec, codec_name: str, write_piece: WritePiece, token: bytes
     ) -> None:
         """Read what the piece's channel holds, without waiting for more (a frame still arriving does not hold
-        up the other pieces); a whole frame is checked, decoded and written; its stream's end is checked."""
+        up the other pieces); each whole frame is checked, decoded and written; its stream's end is checked.
+        Messages the channel already holds whole (buffered(): tcp reads small ones ahead) are taken in the
+        same call, without a wait_readable round between them."""
         tid = pc.handle.transfer_id
-        try:
-            msg = pc.ch.recv_ready()
-        except PeerClosed:
-            if not self._reconnect(pc):
-                raise
-            self._start_piece(pc, codec_name, token)
-            return
-        if msg is None:
-            return
-        if is_frame(msg):  # k, v may view the channel's buffer (raw): written before its next read
+        while True:
+            try:
+                msg = pc.ch.recv_ready()
+            except PeerClosed:
+                if not self._reconnect(pc):
+                    raise
+                self._start_piece(pc, codec_name, token)
+                return
+            if msg is None:
+                return
+            if not is_frame(msg):
+                break
+            # k, v may view the channel's buffer (raw): written before its next read
             d = self._decode(msg, tid, codec, pc.next_layer)
             h0 = pc.plan.heads[0] if pc.plan.heads is not None else 0
             self._check_layer(d, pc.got, pc.plan.layers)
@@ -492,7 +497,8 @@ class KVPuller:
             write_piece(d.frame.layer, h0, d.k, d.v)
             _count_layer(d, pc.got, pc.handle, time.perf_counter() - t0)
             pc.next_layer += 1
-            return
+            if not pc.ch.buffered():
+                return
         ctl = self._end_of_stream(msg, tid, pc.got, pc.plan.layers[0], pc.next_layer, pc.plan.layers)
         stats = _pull_stats(ctl, pc.got, time.perf_counter() - pc.t_start, pc.connect_s)
         pc.trailer = Trailer(ctl.first_token_id, ctl.num_tokens, ctl.num_layers, stats)
@@ -645,10 +651,15 @@ class KVPuller:
         heads: Range | None,
     ) -> None:
         pull = Pull(
-            self.fingerprint, handle.transfer_id, codec_name, token, layers or (0, 0), heads or (0, 0)
-        )
-        pull = dataclasses.replace(
-            pull, copies=handle.replica.copies, replica=handle.replica.index, max_kl=handle.max_kl
+            self.fingerprint,
+            handle.transfer_id,
+            codec_name,
+            token,
+            layers or (0, 0),
+            heads or (0, 0),
+            copies=handle.replica.copies,
+            replica=handle.replica.index,
+            max_kl=handle.max_kl,
         )
         ch.send(encode_control(pull), timeout=self.timeout_s)
 

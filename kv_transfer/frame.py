@@ -64,6 +64,8 @@ HEADER_SIZE = _HEADER.size  # 54
 _HEADER_SIZES = {1: _HEADER_V1.size, 2: _HEADER.size}
 _CRC = struct.Struct("<I")
 _U32 = struct.Struct("<I")
+_LENGTHS = struct.Struct("<IQ")  # params_len, payload_len: in every version's header, from byte _LENGTHS_AT
+_LENGTHS_AT = struct.calcsize("<4sHHHBBQIIIIH")
 CRC_SIZE = _CRC.size
 PAYLOAD_ALIGN = 64
 _NUMPY_COPY_MIN = 64 << 10
@@ -248,6 +250,13 @@ def encode_frame(
         head_start=head_start,
     )
     return bytes(view)
+
+
+def frame_payload_bytes(frame: Buffer) -> int:
+    """Codec params + payload bytes of an encoded frame, as its header says (no checks: for a sender's own
+    frames, e.g. FrameBuffer.encode's)."""
+    params_len, payload_len = _LENGTHS.unpack_from(frame, _LENGTHS_AT)
+    return int(params_len + payload_len)
 
 
 def is_frame(buf: Buffer) -> bool:

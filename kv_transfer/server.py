@@ -72,7 +72,7 @@ from kv_transfer.errors import (
     TransferTimeout,
     UnknownCodec,
 )
-from kv_transfer.frame import MAX_TRANSFER_ID_BYTES, FrameBuffer
+from kv_transfer.frame import MAX_TRANSFER_ID_BYTES, FrameBuffer, frame_payload_bytes
 from kv_transfer.pipeline import OrderedWindow, auto_workers, codec_pool, pipelined_by_default
 from kv_transfer.transport._sockutil import advertised
 from kv_transfer.transport.base import Channel, Listener, Transport
@@ -107,7 +107,10 @@ class _Lease:
     read_layer: ReadLayer
     on_release: OnRelease
     deadline: float  # time.monotonic() seconds
-    io_lock: threading.Condition = field(default_factory=threading.Condition)  # notified when readers -> 0
+    io_mutex: threading.Lock = field(
+        default_factory=threading.Lock
+    )  # io_lock's lock (the read path takes it)
+    io_lock: threading.Condition = field(init=False)  # over io_mutex; notified when readers -> 0 in a release
     readers: int = 0  # reads (read_layer + encode) in progress, under io_lock
     ready: int = 0  # global layers [0, ready) may be sent
     first_token_id: int | None = None  # set by finish(): the trailer may follow the last layer
@@ -120,6 +123,9 @@ class _Lease:
     layers: Range = (0, 0)  # global layers held; read_layer is called only for these
     heads: Range | None = None  # global KV heads held; None = [0, Hkv of read_layer) (learned at first read)
     pulled: Coverage | None = None  # the cells ACKed so far, by which replicas (made at the first ACK)
+
+    def __post_init__(self) -> None:
+        self.io_lock = threading.Condition(self.io_mutex)
 
 
 @dataclass
@@ -147,6 +153,20 @@ class KVServerCounters:
     unauthorized_pulls: int = 0  # PULLs refused for a wrong or missing lease token
     frame_bytes_sent: int = 0  # KV frames (every byte of KV leaves in one)
     control_bytes_sent: int = 0  # TRAILER and ERROR messages
+    pulls_served: int = 0  # PULLs handled (answered with a stream or an ERROR)
+    # thread CPU time (s) of the connection threads handling those PULLs, from the PULL's arrival to its ACK
+    # (or the stream's end): what serving a pull costs this process, whatever else runs beside it
+    serve_cpu_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class _Acked:
+    """A pull the puller ACKed: `rect` of `lease`, streamed as `session` (KVServer._pulled records it)."""
+
+    lease: _Lease
+    rect: tuple[Range, Range | None]
+    session: int
+    pull: Pull
 
 
 class _StreamEnded(Exception):
@@ -207,6 +227,7 @@ class KVServer:
         self._unauthorized_pulls = 0  # these three under _lock
         self._frame_bytes_sent = 0
         self._control_bytes_sent = 0
+        self._pulls_served, self._serve_cpu_s = 0, 0.0
 
     # --- lifecycle ---------------------------------------------------------------------------------
     @property
@@ -372,7 +393,11 @@ class KVServer:
     def counters(self) -> KVServerCounters:
         with self._lock:
             return KVServerCounters(
-                self._unauthorized_pulls, self._frame_bytes_sent, self._control_bytes_sent
+                self._unauthorized_pulls,
+                self._frame_bytes_sent,
+                self._control_bytes_sent,
+                self._pulls_served,
+                self._serve_cpu_s,
             )
 
     def _release(self, lease: _Lease, reason: str) -> bool:
@@ -457,11 +482,16 @@ class KVServer:
             with self._lock:
                 self._channels.discard(ch)
 
-    def _send(self, ch: Channel, data: memoryview | bytes, timeout: float, frame: bool) -> None:
-        """Every byte the server sends goes through here (counted once sent)."""
+    def _send(
+        self, ch: Channel, data: memoryview | bytes, timeout: float, frame: bool, renew: _Lease | None = None
+    ) -> None:
+        """Every byte the server sends goes through here (counted once sent). `renew`: the lease whose deadline
+        the send renews (under the same lock as the count)."""
         ch.send(data, timeout=timeout)
         n = data.nbytes if isinstance(data, memoryview) else len(data)
         with self._lock:
+            if renew is not None:
+                renew.deadline = time.monotonic() + self.lease_ttl_s
             if frame:
                 self._frame_bytes_sent += n
             else:
@@ -474,7 +504,24 @@ class KVServer:
             pass  # the peer is gone; nothing more to tell it
 
     def _serve_pull(self, ch: Channel, pull: Pull, bufs: list[FrameBuffer]) -> bool:
-        """Stream one pull. Returns whether the connection can carry another pull."""
+        """Serve one PULL. Returns whether the connection can carry another pull. Its thread CPU up to the ACK
+        is counted (counters().serve_cpu_s) before the lease may be released, so on_release sees it."""
+        t0 = time.thread_time()
+        try:
+            out = self._stream_pull(ch, pull, bufs)
+        finally:
+            cpu = time.thread_time() - t0
+            with self._lock:
+                self._pulls_served += 1
+                self._serve_cpu_s += cpu
+        if isinstance(out, _Acked):
+            self._pulled(out.lease, out.rect, out.session, out.pull)
+            return True
+        return out
+
+    def _stream_pull(self, ch: Channel, pull: Pull, bufs: list[FrameBuffer]) -> bool | _Acked:
+        """Stream one pull up to its ACK (_Acked: the caller records it), or False/True: it ended without one
+        and the connection can(not) carry another pull."""
         tid = pull.transfer_id
         if pull.fingerprint != self.fingerprint:
             self._send_error(
@@ -519,33 +566,18 @@ class KVServer:
         layers, heads = rect
         stats = _PullStats()
         try:
-            self._stream_layers(ch, lease, session, codec, bufs, stats, layers, heads)
-            first_token_id = self._wait_for(lease, session, None, stats)
+            if not self._stream_layers(ch, lease, session, codec, bufs, stats, layers, heads):
+                first_token_id = self._wait_for(lease, session, None, stats)
+                trailer = encode_control(_trailer(lease, layers, stats, first_token_id))
+                self._send(ch, trailer, self.send_timeout_s, frame=False, renew=lease)
         except _StreamEnded as e:
             self._send_error(ch, e.code, tid, e.message)
             return e.code != ErrorCode.SHUTTING_DOWN
-        trailer = TrailerMsg(
-            transfer_id=tid,
-            first_token_id=first_token_id,
-            num_tokens=lease.num_tokens,
-            num_layers=layers[1] - layers[0],
-            bytes_on_wire=stats.bytes_on_wire,
-            raw_bytes=stats.raw_bytes,
-            payload_bytes=stats.payload_bytes,
-            read_s=stats.read_s,
-            encode_s=stats.encode_s,
-            wait_s=stats.wait_s,
-            send_s=stats.send_s,
-        )
-        self._send(ch, encode_control(trailer), self.send_timeout_s, frame=False)
-        with self._lock:
-            lease.deadline = time.monotonic() + self.lease_ttl_s
         reply = decode_control(ch.recv(timeout=self.lease_ttl_s))
         if not isinstance(reply, Ack) or reply.transfer_id != tid:
             log.warning("pull %s: expected ACK, got %r; lease kept", tid, reply)
             return False
-        self._pulled(lease, rect, session, pull)
-        return True
+        return _Acked(lease, rect, session, pull)
 
     def _pulled(self, lease: _Lease, rect: tuple[Range, Range | None], session: int, pull: Pull) -> None:
         """A puller ACKed `rect` as replica `pull.replica` of `pull.copies`: release the lease once every cell
@@ -575,9 +607,11 @@ class KVServer:
         stats: _PullStats,
         layers: Range,
         heads: Range | None,
-    ) -> None:
+    ) -> bool:
         """Send layers [layers) (global numbering), each frame with KV heads `heads` (None: all the lease holds),
-        in order, while the encode pool works ahead (module doc, Pipeline).
+        in order, while the encode pool works ahead (module doc, Pipeline). Returns whether the trailer went
+        too: one layer at a time (not pipelined), when prefill has finished by the last layer, it leaves in
+        the same send call as the last frame (the puller then gets both in one read).
 
         Layer l is encoded into ring[l % len(ring)]: at most len(ring) - 1 layers are in the window, and the
         one taken from it is sent before the window can reach its buffer again. raw's "encoding" is a copy:
@@ -586,10 +620,13 @@ class KVServer:
         if not self.pipelined:
             for layer in range(*layers):
                 self._wait_for(lease, session, layer + 1, stats)
-                frame, layer_stats = self._encode_task(lease, codec, layer, bufs[0], heads)
-                stats.add_layer(layer_stats)
+                frame = self._encode_task(lease, codec, layer, bufs[0], heads, stats)[0]
+                first_token_id = self._finished(lease, session) if layer == layers[1] - 1 else None
+                if first_token_id is not None:
+                    self._send_last(ch, lease, frame, stats, layers, first_token_id)
+                    return True
                 self._send_frame(ch, lease, frame, stats)
-            return
+            return False
         assert self._encode_pool is not None  # start() made it
         ring = bufs[:2] if isinstance(codec, RawCodec) else bufs
         window: OrderedWindow[tuple[memoryview, _PullStats]] = OrderedWindow(self._encode_pool, len(ring) - 1)
@@ -610,14 +647,42 @@ class KVServer:
                 self._send_frame(ch, lease, frame, stats)
         finally:
             window.close()  # nothing may still write into bufs when the next pull reuses them
+        return False
+
+    def _finished(self, lease: _Lease, session: int) -> int | None:
+        """The first token once finish() was called and the stream is still live (what _wait_for(None) returns
+        at once), else None."""
+        with self._lock:
+            if self._stopping or lease.released is not None or session not in lease.streams.values():
+                return None
+            return lease.first_token_id
+
+    def _send_last(
+        self,
+        ch: Channel,
+        lease: _Lease,
+        frame: memoryview,
+        stats: _PullStats,
+        layers: Range,
+        first_token_id: int,
+    ) -> None:
+        """The last frame and the trailer in one send call. The trailer counts the frame's bytes; this send's
+        time is not in its send_s (it is not over when the trailer is made)."""
+        stats.bytes_on_wire += len(frame)
+        trailer = encode_control(_trailer(lease, layers, stats, first_token_id))
+        t0 = time.perf_counter()
+        ch.send_many([frame, trailer], timeout=self.send_timeout_s)
+        stats.send_s += time.perf_counter() - t0
+        with self._lock:
+            lease.deadline = time.monotonic() + self.lease_ttl_s
+            self._frame_bytes_sent += len(frame)
+            self._control_bytes_sent += len(trailer)
 
     def _send_frame(self, ch: Channel, lease: _Lease, frame: memoryview, stats: _PullStats) -> None:
         t0 = time.perf_counter()
-        self._send(ch, frame, self.send_timeout_s, frame=True)
+        self._send(ch, frame, self.send_timeout_s, frame=True, renew=lease)
         stats.send_s += time.perf_counter() - t0
         stats.bytes_on_wire += len(frame)
-        with self._lock:
-            lease.deadline = time.monotonic() + self.lease_ttl_s
 
     def _submit_ready(
         self,
@@ -642,11 +707,17 @@ class KVServer:
         return nxt
 
     def _encode_task(
-        self, lease: _Lease, codec: Codec, layer: int, buf: FrameBuffer, heads: Range | None
+        self,
+        lease: _Lease,
+        codec: Codec,
+        layer: int,
+        buf: FrameBuffer,
+        heads: Range | None,
+        stats: _PullStats | None = None,
     ) -> tuple[memoryview, _PullStats]:
-        """One layer's frame and its figures (on the encode pool, or inline when not pipelined). Any failure is
-        a _StreamEnded."""
-        stats = _PullStats()
+        """One layer's frame and its figures (on the encode pool: into a _PullStats of its own; inline when not
+        pipelined: into the pull's `stats`). Any failure is a _StreamEnded."""
+        stats = _PullStats() if stats is None else stats
         try:
             return self._encode_layer(lease, codec, layer, buf, stats, heads), stats
         except _StreamEnded:
@@ -657,6 +728,15 @@ class KVServer:
 
     def _wait_for(self, lease: _Lease, session: int, layers: int | None, stats: _PullStats) -> int:
         """Block until `layers` layers are ready (or, with None, until finish()); returns first_token_id."""
+        with self._lock:  # the common case: the layers are ready and the stream still live (no clock read)
+            if (
+                not self._stopping
+                and lease.released is None
+                and layers is not None
+                and lease.ready >= layers
+                and session in lease.streams.values()
+            ):
+                return lease.first_token_id if lease.first_token_id is not None else -1
         t0 = time.perf_counter()
         with self._lock:
             while True:
@@ -688,7 +768,7 @@ class KVServer:
         heads: Range | None = None,
     ) -> memoryview:
         """Read `layer` and encode the KV heads `heads` of it (None: all the lease holds) as one frame."""
-        with lease.io_lock:  # no release while we read (see module doc)
+        with lease.io_mutex:  # = io_lock: no release while we read (see module doc)
             if lease.released is not None:
                 raise _StreamEnded(ErrorCode.UNKNOWN_TRANSFER, f"lease released ({lease.released})")
             lease.readers += 1
@@ -702,10 +782,11 @@ class KVServer:
                     ErrorCode.INTERNAL, f"read_layer({layer}) failed: {type(e).__name__}"
                 ) from e
             t1 = time.perf_counter()
-            if k.dim() != 3 or k.shape != v.shape or k.shape[0] != lease.num_tokens:
+            shape = k.shape
+            if len(shape) != 3 or shape != v.shape or shape[0] != lease.num_tokens:
                 raise _StreamEnded(
                     ErrorCode.INTERNAL,
-                    f"read_layer({layer}) gave {tuple(k.shape)}/{tuple(v.shape)}, want [{lease.num_tokens}, Hkv, D]",
+                    f"read_layer({layer}) gave {tuple(shape)}/{tuple(v.shape)}, want [{lease.num_tokens}, Hkv, D]",
                 )
             k, v, head_start = self._select_heads(lease, layer, k, v, heads)
             try:
@@ -725,14 +806,16 @@ class KVServer:
             )
             t2 = time.perf_counter()
         finally:
-            with lease.io_lock:
+            with lease.io_mutex:
                 lease.readers -= 1
-                if lease.readers == 0:
+                if lease.readers == 0 and lease.released is not None:  # a release waits for the reads
                     lease.io_lock.notify_all()
         stats.read_s += t1 - t0
         stats.encode_s += t2 - t1
         stats.raw_bytes += k.numel() * k.element_size() * 2
-        stats.payload_bytes += len(params) + sum(len(memoryview(p)) for p in parts)
+        stats.payload_bytes += frame_payload_bytes(
+            frame
+        )  # codec params + payload, as the frame's header says
         return frame
 
     def _select_heads(
@@ -740,10 +823,12 @@ class KVServer:
     ) -> tuple[Tensor, Tensor, int]:
         """k, v [T, heads held, D] of `layer` -> (k, v [T, h1-h0, D], h0) for the requested heads (None: all
         held). Called under lease.io_lock. A lease opened without `heads` learns them here: [0, Hkv)."""
-        with self._lock:
-            if lease.heads is None:
-                lease.heads = (0, k.shape[1])
-            held = lease.heads
+        held = lease.heads  # set once, never changed after: no lock once it is known
+        if held is None:
+            with self._lock:
+                if lease.heads is None:
+                    lease.heads = (0, k.shape[1])
+                held = lease.heads
         if k.shape[1] != held[1] - held[0]:
             raise _StreamEnded(
                 ErrorCode.INTERNAL, f"read_layer({layer}) gave {k.shape[1]} KV heads, the lease holds {held}"
@@ -754,6 +839,23 @@ class KVServer:
             raise _StreamEnded(ErrorCode.LAYOUT_MISMATCH, f"KV heads {heads} asked, the lease holds {held}")
         a, b = heads[0] - held[0], heads[1] - held[0]
         return k[:, a:b].contiguous(), v[:, a:b].contiguous(), heads[0]
+
+
+def _trailer(lease: _Lease, layers: Range, stats: _PullStats, first_token_id: int) -> TrailerMsg:
+    """The TRAILER closing a pull of `layers` of `lease`, with the pull's figures so far."""
+    return TrailerMsg(
+        transfer_id=lease.transfer_id,
+        first_token_id=first_token_id,
+        num_tokens=lease.num_tokens,
+        num_layers=layers[1] - layers[0],
+        bytes_on_wire=stats.bytes_on_wire,
+        raw_bytes=stats.raw_bytes,
+        payload_bytes=stats.payload_bytes,
+        read_s=stats.read_s,
+        encode_s=stats.encode_s,
+        wait_s=stats.wait_s,
+        send_s=stats.send_s,
+    )
 
 
 def _pull_rect(lease: _Lease, pull: Pull) -> tuple[tuple[Range, Range | None], str | None]:

@@ -12,7 +12,6 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Iterator
 
 from kv_transfer.errors import FrameError, PeerClosed, TransferTimeout, UnknownTransport
 
@@ -106,21 +105,6 @@ def recv_some(sock: socket.socket, mv: memoryview, deadline: float | None) -> in
     return k
 
 
-def recv_nowait(sock: socket.socket, mv: memoryview) -> int | None:
-    """Read into `mv` what the socket holds (at most len(mv) bytes) without waiting: None if nothing.
-    PeerClosed on EOF/reset."""
-    sock.settimeout(0.0)
-    try:
-        k = sock.recv_into(mv, len(mv))
-    except (BlockingIOError, InterruptedError):
-        return None
-    except OSError as e:
-        raise PeerClosed(f"connection lost: {e}") from None
-    if k == 0:
-        raise PeerClosed(f"peer closed the connection ({len(mv)} bytes short)")
-    return k
-
-
 def sendall(sock: socket.socket, data: bytes | memoryview, deadline: float | None) -> None:
     sock.settimeout(remaining(deadline))
     try:
@@ -131,22 +115,59 @@ def sendall(sock: socket.socket, data: bytes | memoryview, deadline: float | Non
         raise PeerClosed(f"connection lost while sending: {e}") from None
 
 
-def sendall_parts(sock: socket.socket, head: bytes, body: memoryview, deadline: float | None) -> None:
-    """Send `head` then `body` as one stream write: a first sendmsg carries the head with as much of the body
-    as the socket takes (one system call and no segment holding the head alone, which sendall per part makes
-    under TCP_NODELAY), sendall the rest (its loop runs in C). Same errors as sendall."""
-    sock.settimeout(remaining(deadline))
-    try:
-        k = sock.sendmsg([head, body])
-    except TimeoutError:
-        raise TransferTimeout("send timed out") from None
-    except OSError as e:
-        raise PeerClosed(f"connection lost while sending: {e}") from None
-    if k < len(head):  # rare: not even the head went out whole
-        sendall(sock, head[k:], deadline)
-        k = len(head)
-    if k - len(head) < len(body):
-        sendall(sock, body[k - len(head) :], deadline)
+# Non-blocking sockets (the tcp channel's): each call tries the system call first and waits (poll) only when
+# the socket cannot take or give anything yet. A socket with a timeout set instead pays, per call, an ioctl
+# (settimeout switches the descriptor's mode) and a poll before the send or receive itself.
+
+
+def wait_io(sock: socket.socket, write: bool, deadline: float | None) -> None:
+    """Wait until the non-blocking `sock` is readable (`write`: writable), or has an error or hang-up, until
+    `deadline` (None = forever). TransferTimeout once the deadline passed."""
+    poller = select.poll()
+    poller.register(sock, select.POLLOUT if write else select.POLLIN)
+    left = remaining(deadline)
+    if not poller.poll(None if left is None else max(1, int(left * 1000 + 0.999))):
+        remaining(deadline)  # raises once the deadline passed (poll's ms may end just short of it)
+
+
+def recv_into_nb(sock: socket.socket, mv: memoryview, deadline: float | None, block: bool) -> int | None:
+    """Read 1..len(mv) bytes from the non-blocking `sock` into `mv`; when none are there yet, None if not
+    `block`, else wait for them until `deadline`. PeerClosed on EOF/reset, TransferTimeout."""
+    while True:
+        try:
+            k = sock.recv_into(mv, len(mv))
+        except (BlockingIOError, InterruptedError):
+            if not block:
+                return None
+            wait_io(sock, False, deadline)
+            continue
+        except OSError as e:
+            raise PeerClosed(f"connection lost: {e}") from None
+        if k == 0:
+            raise PeerClosed(f"peer closed the connection ({len(mv)} bytes short)")
+        return k
+
+
+def send_parts(sock: socket.socket, parts: list[bytes | memoryview], deadline: float | None) -> None:
+    """Send `parts` in order as one stream write on the non-blocking `sock`: one sendmsg when the socket takes
+    them all (no segment carrying a small head alone, as a send per part makes under TCP_NODELAY), else
+    again from where it stopped once the socket is writable. PeerClosed, TransferTimeout (after part of it
+    may have gone: the stream is then unusable)."""
+    while True:
+        try:
+            k = sock.sendmsg(parts)
+        except (BlockingIOError, InterruptedError):
+            k = 0
+        except OSError as e:
+            raise PeerClosed(f"connection lost while sending: {e}") from None
+        while parts and k >= len(parts[0]):
+            k -= len(parts[0])
+            parts = parts[1:]
+        if not parts:
+            return
+        if k:
+            parts = [parts[0][k:], *parts[1:]]
+        wait_io(sock, True, deadline)  # the socket's buffer is full: wait for room
 
 
 def readable(sock: socket.socket, timeout: float = 0.0) -> bool:
@@ -227,12 +248,10 @@ class ChannelGuard:
     def closed(self) -> bool:
         return self._closed
 
-    @contextlib.contextmanager
-    def _op(self) -> Iterator[None]:
-        with self._op_lock:
-            if self._closed:
-                raise PeerClosed("channel is closed")
-            yield
+    def _op(self) -> _Op:
+        """`with self._op():` holds the operation lock; PeerClosed if the channel is closed."""
+        return _Op(self)  # made per call: one kept on the channel would be a cycle, and a dropped channel is
+        # closed when collected (shm's)
 
     def _handshake(self, deadline: float | None) -> None:
         """Subclasses with a connection handshake do it here (called under the op lock)."""
@@ -265,3 +284,22 @@ class ChannelGuard:
             self._release_resources()
         finally:
             self._op_lock.release()
+
+
+class _Op:
+    """ChannelGuard._op's context manager (a class: cheaper than a contextlib generator)."""
+
+    __slots__ = ("_guard",)
+
+    def __init__(self, guard: ChannelGuard) -> None:
+        self._guard = guard
+
+    def __enter__(self) -> None:
+        g = self._guard
+        g._op_lock.acquire()
+        if g._closed:
+            g._op_lock.release()
+            raise PeerClosed("channel is closed")
+
+    def __exit__(self, *exc: object) -> None:
+        self._guard._op_lock.release()

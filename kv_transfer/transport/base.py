@@ -24,6 +24,12 @@ class Channel(ABC):
     def send(self, data: Buffer, timeout: float | None = None) -> None:
         """Send one whole message. Raises PeerClosed, TransferTimeout (the channel is then closed)."""
 
+    def send_many(self, messages: Sequence[Buffer], timeout: float | None = None) -> None:
+        """Send several whole messages, in order, as recv() will return them one by one. Default: send() each
+        (timeout per message); tcp hands them to the socket in one call. Errors as send()."""
+        for m in messages:
+            self.send(m, timeout=timeout)
+
     @abstractmethod
     def recv(self, timeout: float | None = None) -> memoryview:
         """Receive the next whole message (blocks up to `timeout` s; None = forever).

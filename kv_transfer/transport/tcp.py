@@ -1,7 +1,15 @@
 """TCP transport: length-prefixed messages over one socket, received into a reused buffer.
 
 Stream format: per message a 12-byte header (magic b"PDT1", length u64 LE) then the bytes. TCP_NODELAY
-is on; small messages go out in one send call, large ones as header + body without an extra copy.
+is on; a message's header and body go out in one sendmsg (no copy). The socket is non-blocking: a send or
+receive is tried first and waits (poll) only when the socket cannot take or give anything yet, so a message
+that fits costs one system call (a socket timeout would add an ioctl and a poll to each).
+
+Receiving reads ahead: a read takes what the current message still needs, or up to `READ_AHEAD` bytes when
+that is less, so a header and a small body (or several small messages: a puller's frames and trailer, a
+server's next PULL) arrive in one system call; whole messages waiting in the buffer are `buffered()`. A
+message read into an empty buffer has its body at offset 64 of it, as aligned as the buffer itself (a large
+frame is read to its exact end, so the next one starts in an empty buffer).
 Address: tcp://host:port.
 """
 
@@ -9,6 +17,7 @@ from __future__ import annotations
 
 import socket
 import struct
+from collections.abc import Sequence
 
 from kv_transfer.errors import FrameForeign, FrameTooLarge, PeerClosed, TransferTimeout
 from kv_transfer.frame import Buffer, as_bytes_view
@@ -21,39 +30,49 @@ from kv_transfer.transport._sockutil import (
     format_host_port,
     listen_tcp,
     readable,
-    recv_nowait,
-    recv_some,
-    sendall,
-    sendall_parts,
+    recv_into_nb,
+    send_parts,
     tune_tcp,
 )
 from kv_transfer.transport.base import DEFAULT_MAX_MESSAGE_BYTES, Channel, Listener, Transport
 
 MAGIC = b"PDT1"
 _HDR = struct.Struct("<4sQ")
-_COALESCE_BYTES = 64 << 10  # messages up to this size are copied behind the header: one syscall
+READ_AHEAD = 64 << 10  # bytes a read may take beyond what the message being received still needs
+_EMPTY_AT = 64 - _HDR.size  # where an empty buffer's next header goes: its body then starts at byte 64
 
 
 class TCPChannel(ChannelGuard, Channel):
     def __init__(self, sock: socket.socket, max_message_bytes: int) -> None:
         super().__init__(sock)
         tune_tcp(sock)
+        sock.setblocking(False)  # see the module doc; waits are polls with the caller's deadline
         self._max = max_message_bytes
-        self._hdr = bytearray(_HDR.size)
-        self._buf = bytearray(0)  # receive buffer, reused; replaced (never resized) when too small
-        # the message being received: body length (-1 while its header is incomplete), bytes of it read
-        self._rx_len, self._rx_got = -1, 0
+        # receive buffer, reused; replaced (never resized: a caller may hold a view of it) when too small.
+        # Bytes received and not yet returned: _buf[_lo:_hi] (messages, the last possibly partial).
+        self._buf = bytearray(_EMPTY_AT + READ_AHEAD)
+        self._lo = self._hi = _EMPTY_AT
 
     def send(self, data: Buffer, timeout: float | None = None) -> None:
         mv = as_bytes_view(data)
         deadline = deadline_of(timeout)
         with self._op():
-            head = _HDR.pack(MAGIC, len(mv))
             try:
-                if len(mv) <= _COALESCE_BYTES:
-                    sendall(self._sock, head + mv, deadline)
-                else:  # header and body in one system call: no segment carrying the header alone
-                    sendall_parts(self._sock, head, mv, deadline)
+                send_parts(self._sock, [_HDR.pack(MAGIC, len(mv)), mv], deadline)
+            except (PeerClosed, TransferTimeout):
+                self.close()  # a partial message leaves the stream unusable
+                raise
+
+    def send_many(self, messages: Sequence[Buffer], timeout: float | None = None) -> None:
+        """All the messages in one sendmsg when the socket takes them (a frame and the trailer behind it)."""
+        parts: list[bytes | memoryview] = []
+        for m in messages:
+            mv = as_bytes_view(m)
+            parts += (_HDR.pack(MAGIC, len(mv)), mv)
+        deadline = deadline_of(timeout)
+        with self._op():
+            try:
+                send_parts(self._sock, parts, deadline)
             except (PeerClosed, TransferTimeout):
                 self.close()  # a partial message leaves the stream unusable
                 raise
@@ -61,15 +80,17 @@ class TCPChannel(ChannelGuard, Channel):
     def recv(self, timeout: float | None = None) -> memoryview:
         deadline = deadline_of(timeout)
         with self._op():
-            between_messages = self._rx_got == 0 and self._rx_len < 0
-            if between_messages and timeout is not None and not readable(self._sock, timeout):
-                # nothing arrived at all: the stream is intact, the channel stays usable
-                raise TransferTimeout(f"no message within {timeout} s")
             try:
                 out = self._read(deadline, block=True)
                 assert out is not None
                 return out
-            except (PeerClosed, TransferTimeout, FrameForeign, FrameTooLarge):
+            except TransferTimeout:
+                if self._hi == self._lo:
+                    # nothing of a message arrived: the stream is intact, the channel stays usable
+                    raise TransferTimeout(f"no message within {timeout} s") from None
+                self.close()
+                raise
+            except (PeerClosed, FrameForeign, FrameTooLarge):
                 self.close()
                 raise
 
@@ -82,38 +103,50 @@ class TCPChannel(ChannelGuard, Channel):
                 raise
 
     def _read(self, deadline: float | None, block: bool) -> memoryview | None:
-        """Advance the message being received (its 12-byte header, then its body) by what the socket holds,
-        waiting for more until `deadline` when `block`; the message once whole, else None (not `block`)."""
+        """The next message once all of it is in the buffer, reading the socket (waiting for more until
+        `deadline` when `block`) while it is not; None when nothing more is there yet (not `block`). The view
+        is valid until the next call: only then is the buffer's space reused."""
+        hs = _HDR.size
         while True:
-            if self._rx_len < 0:
-                view = memoryview(self._hdr)[self._rx_got :]
-            else:
-                view = memoryview(self._buf)[self._rx_got : self._rx_len]
-            if len(view):
-                k = recv_some(self._sock, view, deadline) if block else recv_nowait(self._sock, view)
-                if k is None:
-                    return None
-                self._rx_got += k
-                if k < len(view):
-                    continue
-            if self._rx_len < 0:  # the header is complete
-                magic, n = _HDR.unpack(self._hdr)
+            buf, lo, hi = self._buf, self._lo, self._hi
+            need = hs
+            if hi - lo >= hs:
+                magic, n = _HDR.unpack_from(buf, lo)
                 if magic != MAGIC:
                     raise FrameForeign(f"not a pdserve TCP stream (magic {bytes(magic)!r})")
                 if n > self._max:
                     raise FrameTooLarge(f"message claims {n} bytes > cap {self._max}")
-                if len(self._buf) < n:
-                    self._buf = bytearray(max(n, len(self._buf) * 5 // 4))
-                self._rx_len, self._rx_got = n, 0
+                need = hs + n
+                if lo + need <= hi:  # whole: return it; its space is reused from the next call on
+                    self._lo = lo + need
+                    if self._lo == hi:
+                        self._lo = self._hi = _EMPTY_AT
+                    return memoryview(buf)[lo + hs : lo + need]
+            if lo + need > len(
+                buf
+            ):  # no room behind the bytes held: move them to the front, or to a new buffer
+                held = hi - lo
+                if _EMPTY_AT + need > len(buf):
+                    self._buf = bytearray(max(_EMPTY_AT + need, len(buf) * 5 // 4))
+                self._buf[_EMPTY_AT : _EMPTY_AT + held] = buf[lo:hi]
+                self._lo, self._hi = _EMPTY_AT, _EMPTY_AT + held
                 continue
-            n, self._rx_len, self._rx_got = self._rx_len, -1, 0
-            return memoryview(self._buf)[:n]
+            want = min(len(buf) - hi, max(lo + need - hi, READ_AHEAD))
+            k = recv_into_nb(self._sock, memoryview(buf)[hi : hi + want], deadline, block)
+            if k is None:
+                return None
+            self._hi = hi + k
+
+    def buffered(self) -> bool:
+        lo, hi = self._lo, self._hi
+        return hi - lo >= _HDR.size and lo + _HDR.size + _HDR.unpack_from(self._buf, lo)[1] <= hi
 
     def poll(self) -> bool:
-        return not self._closed and readable(self._sock, 0.0)
+        return not self._closed and (self._hi > self._lo or readable(self._sock, 0.0))
 
     def readiness_fd(self) -> int | None:
-        return self._sock.fileno()  # the stream itself: readable = a message (or part, or EOF) waits
+        # the stream itself: readable = a message (or part, or EOF) waits beyond what buffered() holds
+        return self._sock.fileno()
 
 
 class TCPListener(Listener):

@@ -503,6 +503,9 @@ def test_only_the_lease_token_pulls_and_a_wrong_one_gets_no_kv_byte(
         assert torch.equal(sink.kv[layer][0], kv[layer][0]) and torch.equal(sink.kv[layer][1], kv[layer][1])
     assert server.counters().frame_bytes_sent == trailer.stats.bytes_on_wire  # every frame went to it
     rel.wait("auth", "pulled")
+    # every PULL was served and counted, the right one before its lease was released
+    served = server.counters()
+    assert served.pulls_served == len(wrong_tokens) + 2 and served.serve_cpu_s > 0
     with pytest.raises(UnknownTransfer):  # replaying the token: the lease is gone
         puller.pull(server.address, "auth", "raw", Sink(), token=right)
     assert server.counters().unauthorized_pulls == len(wrong_tokens) + 1

@@ -39,6 +39,16 @@ def test_slot_runs_merge_consecutive_blocks():
         slot_runs([0, 1], 0, 9, block_size=4)
 
 
+def test_slot_runs_of_one_run_and_of_blocks_that_only_span_a_range():
+    # consecutive blocks from the middle of a block on: one run (the one-comparison path)
+    assert slot_runs([7, 8, 9, 2], 3, 7, block_size=4) == [(31, 0, 7)]
+    assert slot_runs([5], 0, 0, block_size=4) == []
+    # [0, 2, 1, 3] spans 0..3 like one run but is not in order: four runs, as slots_for says
+    runs = slot_runs([0, 2, 1, 3], 0, 16, block_size=4)
+    assert runs == [(0, 0, 4), (8, 4, 4), (4, 8, 4), (12, 12, 4)]
+    assert [s + i for s, _, n in runs for i in range(n)] == slots_for([0, 2, 1, 3], 0, 16, 4).tolist()
+
+
 @pytest.mark.parametrize("scattered", [False, True], ids=["slices", "indexed"])
 def test_writes_of_disjoint_heads_fill_the_same_positions(scattered: bool):
     # more runs than MAX_SLICE_RUNS take the indexed copy; fewer, one slice copy per run

@@ -24,6 +24,7 @@ from kv_transfer.frame import (
     FrameBuffer,
     decode_frame,
     encode_frame,
+    frame_payload_bytes,
     is_frame,
 )
 from kv_transfer.wire import (
@@ -88,6 +89,7 @@ def test_payload_parts_concatenate_and_framebuffer_reuse() -> None:
         payload=[b"ab", memoryview(b"cd"), bytearray(b"ef")],
     )
     assert bytes(decode_frame(a).payload) == b"abcdef"
+    assert frame_payload_bytes(a) == 6  # no params: the payload's 6 bytes, as the header says
     b = fb.encode(
         codec_id=2,
         fingerprint=1,
@@ -100,6 +102,7 @@ def test_payload_parts_concatenate_and_framebuffer_reuse() -> None:
     )
     f = decode_frame(b)
     assert (f.transfer_id, bytes(f.params), bytes(f.payload)) == ("y", b"p", b"z")
+    assert frame_payload_bytes(b) == len(f.params) + len(f.payload) == 2
 
 
 def test_every_truncation_is_typed() -> None:

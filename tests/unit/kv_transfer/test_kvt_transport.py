@@ -17,7 +17,7 @@ import torch
 
 from kv_transfer.errors import FrameForeign, FrameTooLarge, PeerClosed, TransferTimeout, UnknownTransport
 from kv_transfer.transport import available_transports, transport_for
-from kv_transfer.transport._sockutil import deadline_of, parse_host_port, sendall_parts
+from kv_transfer.transport._sockutil import deadline_of, parse_host_port, send_parts
 from kv_transfer.transport.base import Channel, Listener, Transport, wait_readable
 from kv_transfer.transport.shm import ShmTransport
 from kv_transfer.transport.ucx import ucx_available
@@ -405,11 +405,12 @@ def test_tcp_recv_ready_keeps_a_part_and_recv_completes_it() -> None:
             raw.close()
 
 
-def test_sendall_parts_delivers_head_and_body_whole_through_partial_sends() -> None:
-    """A body far larger than the socket's send buffer, with a deadline (so the first sendmsg sends part of
-    it): every byte arrives once, head first, in order."""
+def test_send_parts_delivers_head_and_body_whole_through_partial_sends() -> None:
+    """A body far larger than the socket's send buffer, on a non-blocking socket (so a sendmsg sends part of
+    it and the rest waits for room): every byte arrives once, head first, in order."""
     a, b = socket.socketpair()
     a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16 << 10)
+    a.setblocking(False)
     body = np.random.default_rng(0).integers(0, 256, 4 << 20, dtype=np.uint8).tobytes()
     got = bytearray()
 
@@ -422,7 +423,7 @@ def test_sendall_parts_delivers_head_and_body_whole_through_partial_sends() -> N
     reader = threading.Thread(target=read)
     reader.start()
     try:
-        sendall_parts(a, b"head!", memoryview(body), deadline_of(30.0))
+        send_parts(a, [b"head!", memoryview(body)], deadline_of(30.0))
         reader.join(30)
         assert not reader.is_alive()
         assert bytes(got) == b"head!" + body
