@@ -68,7 +68,7 @@ def _instrument(events: Events) -> None:
     tcp.TCPChannel.recv = crecv  # type: ignore[method-assign]
 
 
-def _prefill(model_dir: str, prompt: list[int], pipelined: bool | None, conn: Any) -> None:
+def _prefill(model_dir: str, prompt: list[int], pipelined: bool | None, read: str, conn: Any) -> None:
     _pin(0)
     import torch
 
@@ -79,6 +79,7 @@ def _prefill(model_dir: str, prompt: list[int], pipelined: bool | None, conn: An
     from kv_transfer.codec import CodecContext
     from kv_transfer.server import KVServer
     from kv_transfer.transport import transport_for
+    from prefill_service.engine import read_host_kv
 
     events: Events = []
     _instrument(events)
@@ -100,7 +101,11 @@ def _prefill(model_dir: str, prompt: list[int], pipelined: bool | None, conn: An
                 tid,
                 n_layers,
                 n,
-                read_layer=lambda layer: cache.read(layer, blocks, n),
+                read_layer=lambda layer: (
+                    read_host_kv(cache, blocks, n, layer)
+                    if read == "service"
+                    else cache.read(layer, blocks, n)
+                ),
                 on_release=lambda *_a: None,
                 token_ids=prompt,
             )
@@ -198,6 +203,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trials", type=int, default=5)
     ap.add_argument("--codec", default="cachegen")
     ap.add_argument("--pipelined", choices=("auto", "on", "off"), default="auto")
+    ap.add_argument(
+        "--read",
+        choices=("service", "gather"),
+        default="service",
+        help="read_layer: prefill_service's, or KVCache.read",
+    )
     ap.add_argument("--show", type=int, default=1, help="trials whose timeline is printed (the last ones)")
     a = ap.parse_args(argv)
     pipelined = {"auto": None, "on": True, "off": False}[a.pipelined]
@@ -205,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     ctx = mp.get_context("spawn")
     p_conn, d_conn = ctx.Pipe()
     res_parent, res_child = ctx.Pipe()
-    pre = ctx.Process(target=_prefill, args=(a.model, prompt, pipelined, p_conn), daemon=True)
+    pre = ctx.Process(target=_prefill, args=(a.model, prompt, pipelined, a.read, p_conn), daemon=True)
     dec = ctx.Process(
         target=_decode, args=(a.model, a.codec, a.trials + 1, pipelined, d_conn, res_child), daemon=True
     )
