@@ -10,6 +10,8 @@ send / recv; per trial the timeline of every layer is printed relative to the PU
 stage. Events: prefill side `enc0/enc1` (codec.encode_parts), `send0/send1` (a frame's Channel.send); decode
 side `recv0/recv1` (Channel.recv that returned a frame: recv0 is when the call was made, so recv0 -> recv1 is
 mostly waiting), `dec0/dec1` (codec.decode), `write1` (write_layer done), and `ready` (pull returned).
+Then each side's fixed cost per layer besides the codec (`layer_costs`), what `kv_transfer.choice`'s model
+adds to a codec's per-byte time; `--write-profile` stores them in the model's codec_profiles.json.
 """
 
 from __future__ import annotations
@@ -196,6 +198,36 @@ def _table(r: dict[str, Any]) -> tuple[str, dict[str, float]]:
     return "\n".join(lines), sums
 
 
+def layer_costs(r: dict[str, Any]) -> tuple[float, float]:
+    """One trial's fixed seconds per layer besides the codec, each side (medians over its layers):
+    prefill = between one layer's encode end and the next one's start (frame, send call, next read, Python);
+    decode = a frame's receive end to its decode start, plus its decode end to written (checks, write)."""
+    by: dict[str, list[float]] = {}
+    for name, _layer, t in r["prefill"] + r["decode"]:
+        by.setdefault(name, []).append(t)
+    enc0, enc1 = by["enc0"], by["enc1"]
+    pre = [enc0[i] - enc1[i - 1] for i in range(1, len(enc0))]
+    dec = [
+        (d0 - r1) + (w1 - d1)
+        for r1, d0, d1, w1 in zip(by["recv1"], by["dec0"], by["dec1"], by["write1"], strict=True)
+    ]
+    return statistics.median(pre), statistics.median(dec)
+
+
+def write_profile_costs(model_dir: str, encode_layer_s: float, decode_layer_s: float) -> None:
+    """Set every profile's per-layer costs in the model's codec_profiles.json (the same for every codec: they
+    are the server's and the puller's work around the codec)."""
+    import dataclasses
+
+    from kv_transfer.choice import load_profiles, save_profiles
+
+    profiles = [
+        dataclasses.replace(p, encode_layer_s=encode_layer_s, decode_layer_s=decode_layer_s)
+        for p in load_profiles(model_dir)
+    ]
+    print(f"wrote {save_profiles(model_dir, profiles)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=str(DEFAULT_MODEL))
@@ -208,6 +240,11 @@ def main(argv: list[str] | None = None) -> int:
         choices=("service", "gather"),
         default="service",
         help="read_layer: prefill_service's, or KVCache.read",
+    )
+    ap.add_argument(
+        "--write-profile",
+        action="store_true",
+        help="store the per-layer costs in the model's codec_profiles.json",
     )
     ap.add_argument("--show", type=int, default=1, help="trials whose timeline is printed (the last ones)")
     a = ap.parse_args(argv)
@@ -247,6 +284,13 @@ def main(argv: list[str] | None = None) -> int:
     print("medians over trials (ms):")
     for key in sums[0]:
         print(f"  {key:>11}: {statistics.median(s[key] for s in sums):7.2f}")
+    costs = [layer_costs(r) for r in results]
+    pre, dec = (statistics.median(c[i] for c in costs) for i in (0, 1))
+    print(
+        f"fixed cost per layer besides the codec (median): prefill {pre * 1e3:.3f} ms, decode {dec * 1e3:.3f} ms"
+    )
+    if a.write_profile:
+        write_profile_costs(a.model, round(pre, 6), round(dec, 6))
     return 0
 
 
