@@ -7,7 +7,8 @@ A prefill process (`ModelRunner` prefills one held-out prompt, `KVServer` serves
 loopback tcp (unshaped: the compute-bound case, what decides the break-even on fast links). Both sides
 record wall-clock events (time.monotonic, shared by the processes) around the codec calls and the channel's
 send / recv; per trial the timeline of every layer is printed relative to the PULL, then the medians per
-stage. Events: prefill side `enc0/enc1` (codec.encode_parts), `send0/send1` (a frame's Channel.send); decode
+stage and each process's CPU time for the pull (`prefill_cpu`: lease opened to ACK, `decode_cpu`: the pull
+call). Events: prefill side `enc0/enc1` (codec.encode_parts), `send0/send1` (a frame's Channel.send); decode
 side `recv0/recv1` (Channel.recv that returned a frame: recv0 is when the call was made, so recv0 -> recv1 is
 mostly waiting), `dec0/dec1` (codec.decode), `write1` (write_layer done), and `ready` (pull returned).
 Then each side's fixed cost per layer besides the codec (`layer_costs`), what `kv_transfer.choice`'s model
@@ -99,6 +100,7 @@ def _prefill(model_dir: str, prompt: list[int], pipelined: bool | None, read: st
         while (msg := conn.recv())[0] == "lease":
             tid = msg[1]
             events.clear()
+            cpu0 = time.process_time()
             tok = srv.open_lease(
                 tid,
                 n_layers,
@@ -115,7 +117,7 @@ def _prefill(model_dir: str, prompt: list[int], pipelined: bool | None, read: st
             srv.finish(tid, int(token or 0))
             conn.send(tok)
             conn.recv()  # the pull is over
-            conn.send(list(events))
+            conn.send((list(events), time.process_time() - cpu0))
     finally:
         srv.stop()
 
@@ -152,13 +154,14 @@ def _decode(model_dir: str, codec: str, trials: int, pipelined: bool | None, con
             trailer = puller.pull(address, tid, codec, write, token=tok)
             t1, c1 = time.monotonic(), time.process_time()
             conn.send(("done",))
-            pre = conn.recv()
+            pre, prefill_cpu = conn.recv()
             st = trailer.stats
             results.append(
                 {
                     "t0": t0,
                     "ready": t1 - t0,
                     "decode_cpu": c1 - c0,
+                    "prefill_cpu": prefill_cpu,
                     "prefill": pre,
                     "decode": list(events),
                     "wire": st.bytes_on_wire,
@@ -194,6 +197,7 @@ def _table(r: dict[str, Any]) -> tuple[str, dict[str, float]]:
         "last_send1": by["send1"][-1] if by["send1"] else 0.0,
         "ready": r["ready"] * 1e3,
         "decode_cpu": r["decode_cpu"] * 1e3,
+        "prefill_cpu": r["prefill_cpu"] * 1e3,
     }
     return "\n".join(lines), sums
 

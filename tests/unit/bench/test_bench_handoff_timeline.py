@@ -22,7 +22,14 @@ def _trial() -> dict:
         dec += [("recv0", -1, t0 + (r1 - 0.5) * ms), ("recv1", -1, t0 + r1 * ms)]
         dec += [("dec0", i, t0 + (r1 + 0.1) * ms), ("dec1", i, t0 + (r1 + 0.9) * ms)]
         dec += [("write1", i, t0 + (r1 + 1.2) * ms)]
-    return {"t0": t0, "ready": 5.3 * ms, "decode_cpu": 3.0 * ms, "prefill": pre, "decode": dec}
+    return {
+        "t0": t0,
+        "ready": 5.3 * ms,
+        "decode_cpu": 3.0 * ms,
+        "prefill_cpu": 4.0 * ms,
+        "prefill": pre,
+        "decode": dec,
+    }
 
 
 def test_layer_costs_are_the_gaps_around_the_codec():
