@@ -44,9 +44,9 @@ def _instrument(events: Events) -> None:
         events.append(("enc1", layer, time.monotonic()))
         return out
 
-    def decode(self: Any, params: Any, payload: Any, shape: Any, dtype: Any, layer: int, *a: Any) -> Any:
+    def decode(self: Any, params: Any, payload: Any, shape: Any, dtype: Any, layer: int, **kw: Any) -> Any:
         events.append(("dec0", layer, time.monotonic()))
-        out = dec(self, params, payload, shape, dtype, layer, *a)
+        out = dec(self, params, payload, shape, dtype, layer, **kw)
         events.append(("dec1", layer, time.monotonic()))
         return out
 
@@ -66,7 +66,7 @@ def _instrument(events: Events) -> None:
         return msg
 
     cachegen.CacheGenCodec.encode_parts = encode_parts  # type: ignore[method-assign]
-    cachegen.CacheGenCodec.decode = decode  # type: ignore[method-assign]
+    cachegen.CacheGenCodec.decode = decode  # type: ignore[method-assign,assignment]
     tcp.TCPChannel.send = csend  # type: ignore[method-assign]
     tcp.TCPChannel.recv = crecv  # type: ignore[method-assign]
 
@@ -289,12 +289,12 @@ def main(argv: list[str] | None = None) -> int:
     for key in sums[0]:
         print(f"  {key:>11}: {statistics.median(s[key] for s in sums):7.2f}")
     costs = [layer_costs(r) for r in results]
-    pre, dec = (statistics.median(c[i] for c in costs) for i in (0, 1))
+    pre_s, dec_s = (statistics.median(c[i] for c in costs) for i in (0, 1))
     print(
-        f"fixed cost per layer besides the codec (median): prefill {pre * 1e3:.3f} ms, decode {dec * 1e3:.3f} ms"
+        f"fixed cost per layer besides the codec (median): prefill {pre_s * 1e3:.3f} ms, decode {dec_s * 1e3:.3f} ms"
     )
     if a.write_profile:
-        write_profile_costs(a.model, round(pre, 6), round(dec, 6))
+        write_profile_costs(a.model, round(pre_s, 6), round(dec_s, 6))
     return 0
 
 
