@@ -66,7 +66,7 @@ def _instrument(events: Events) -> None:
         return msg
 
     cachegen.CacheGenCodec.encode_parts = encode_parts  # type: ignore[method-assign]
-    cachegen.CacheGenCodec.decode = decode  # type: ignore[method-assign,assignment]
+    cachegen.CacheGenCodec.decode = decode  # type: ignore[method-assign]
     tcp.TCPChannel.send = csend  # type: ignore[method-assign]
     tcp.TCPChannel.recv = crecv  # type: ignore[method-assign]
 
