@@ -71,7 +71,9 @@ def _instrument(events: Events) -> None:
     tcp.TCPChannel.recv = crecv  # type: ignore[method-assign]
 
 
-def _prefill(model_dir: str, prompt: list[int], pipelined: bool | None, read: str, conn: Any) -> None:
+def _prefill(
+    model_dir: str, prompt: list[int], pipelined: bool | None, read: str, prefill_each: bool, conn: Any
+) -> None:
     _pin(0)
     import torch
 
@@ -99,6 +101,10 @@ def _prefill(model_dir: str, prompt: list[int], pipelined: bool | None, read: st
     try:
         while (msg := conn.recv())[0] == "lease":
             tid = msg[1]
+            if (
+                prefill_each
+            ):  # as bench.transport's trials: the pull right after a prefill (caches as it left them)
+                runner.prefill([Sequence(tid, list(prompt), SamplingParams(max_tokens=1), blocks=blocks)])
             events.clear()
             cpu0 = time.process_time()
             tok = srv.open_lease(
@@ -250,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="store the per-layer costs in the model's codec_profiles.json",
     )
+    ap.add_argument("--prefill-each", action="store_true", help="prefill the prompt again before each pull")
     ap.add_argument("--show", type=int, default=1, help="trials whose timeline is printed (the last ones)")
     a = ap.parse_args(argv)
     pipelined = {"auto": None, "on": True, "off": False}[a.pipelined]
@@ -257,7 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     ctx = mp.get_context("spawn")
     p_conn, d_conn = ctx.Pipe()
     res_parent, res_child = ctx.Pipe()
-    pre = ctx.Process(target=_prefill, args=(a.model, prompt, pipelined, a.read, p_conn), daemon=True)
+    pre = ctx.Process(
+        target=_prefill, args=(a.model, prompt, pipelined, a.read, a.prefill_each, p_conn), daemon=True
+    )
     dec = ctx.Process(
         target=_decode, args=(a.model, a.codec, a.trials + 1, pipelined, d_conn, res_child), daemon=True
     )
