@@ -305,6 +305,7 @@ def _prefill_proc(
     from kv_transfer.codec import CodecContext
     from kv_transfer.server import KVServer
     from kv_transfer.transport import transport_for
+    from prefill_service.engine import read_host_kv  # the lease's read_layer, as prefill_service's
 
     runner = ModelRunner(model_dir, num_kv_blocks=-(-max_tokens // 16) + 1, block_size=16)
     codecs = CodecContext.from_model_dir(
@@ -352,7 +353,7 @@ def _prefill_proc(
                 num_layers,
                 n,
                 # mypy#15459: mypy cannot type a lambda whose default binds a loop variable
-                read_layer=lambda layer, n=n: cache.read(layer, blocks, n),  # type: ignore[misc]
+                read_layer=lambda layer, n=n: read_host_kv(cache, blocks, n, layer),  # type: ignore[misc]
                 on_release=lambda *_a, ev=released: ev.set(),
                 token_ids=prompt,
             )

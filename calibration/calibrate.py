@@ -15,6 +15,7 @@ which differ from run to run and machine to machine.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Any
 
 import torch
 
-from kv_transfer.choice import PROFILE_FILE, CodecProfile, save_profiles
+from kv_transfer.choice import PROFILE_FILE, CodecProfile, load_profiles, save_profiles
 
 
 def calibrate(
@@ -65,11 +66,20 @@ def calibrate(
 
 
 def measure_profiles(model_dir: Path, quick: bool = False) -> Path:
-    """Measure the serving codecs on the model with its calibration files and save their profiles."""
+    """Measure the serving codecs on the model with its calibration files and save their profiles. The per-layer
+    costs around the codec (`encode_layer_s` / `decode_layer_s`, measured on a hand-off by
+    `python -m bench.handoff_timeline --write-profile`) are kept from the file being replaced."""
     from bench.codec import Settings, measure
 
     result, _ = measure(str(model_dir), Settings.make(quick))
-    return save_profiles(model_dir, profiles_from_result(result))
+    old = {p.name: p for p in load_profiles(model_dir)}
+    profiles = [
+        dataclasses.replace(p, encode_layer_s=o.encode_layer_s, decode_layer_s=o.decode_layer_s)
+        if (o := old.get(p.name)) is not None
+        else p
+        for p in profiles_from_result(result)
+    ]
+    return save_profiles(model_dir, profiles)
 
 
 def profiles_from_result(result: dict[str, Any]) -> list[CodecProfile]:

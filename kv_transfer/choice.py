@@ -3,16 +3,22 @@ among the codecs whose measured quality loss is within the request's floor (Cach
 
 Units: bytes and seconds. A codec's profile is measured on the model (`pdserve calibrate` writes them):
 `ratio` = wire bytes / raw bytes of the KV in its serving dtype, throughputs in raw bytes per second
-of one core, `kl_mean` = mean per-token KL(reference || codec) in nats (0 for lossless codecs).
+of one core, `kl_mean` = mean per-token KL(reference || codec) in nats (0 for lossless codecs). `encode_layer_s` /
+`decode_layer_s`: each side's fixed seconds per layer besides the codec (prefill: reading the layer, the
+frame, the send call, the server's Python; decode: the receive, the frame's checks, writing the layer into the
+KV cache), measured on a real hand-off (`python -m bench.handoff_timeline --write-profile`); 0 when not.
 
 The hand-off is pipelined layer by layer (kv_transfer/pipeline.py): the prefill side encodes, the link
 carries, the decode side decodes, all three at once on different layers, with `encode_workers` /
 `decode_workers` threads coding layers in parallel. So a hand-off of `raw` bytes in L layers costs the first
 layer's trip through every stage (fill and drain) plus L - 1 layers at the bottleneck's pace:
-    e, s, d = raw/L / encode_bps,  raw/L * ratio / link_bps,  raw/L / decode_bps     (one layer, one core)
-    time    = (e + s + d) + (L - 1) * max(e / encode_workers, s, d / decode_workers)
-(`pipelined_handoff_s`), about the slowest stage rather than their sum; without pipelining, L * (e + s + d).
-Compression pays only when the link is slower than the codec.
+    e = raw/L / encode_bps + encode_layer_s,  s = raw/L * ratio / link_bps,  d = raw/L / decode_bps + decode_layer_s
+    time = (e + s + d) + (L - 1) * max(e / encode_workers, s, d / decode_workers)
+(`pipelined_handoff_s`; one layer, one core), about the slowest stage rather than their sum; without
+pipelining, L * (e + s + d). With one core per process (the services' default: each side then codes one layer
+at a time) the two processes still overlap each other, which is this model with one worker a side. Compression
+pays only when the link is slower than the codec. The PULL's round trip and the trailer (~0.5 ms on one
+host) are the same for every codec and left out.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ class CodecProfile:
     encode_bps: float  # raw bytes per second per core (math.inf for a zero-cost codec)
     decode_bps: float
     kl_mean: float = 0.0  # nats per token vs the reference; 0 = lossless
+    encode_layer_s: float = 0.0  # prefill side's fixed seconds per layer besides encoding (module doc)
+    decode_layer_s: float = 0.0  # decode side's fixed seconds per layer besides decoding
 
     def handoff_s(
         self,
@@ -46,8 +54,12 @@ class CodecProfile:
     ) -> float:
         """Seconds to move `raw_bytes` of KV over a link of `link_bps` bytes/s with this codec."""
         if not pipelined:
+            n = max(1, num_layers)
             return (
-                raw_bytes / self.encode_bps + raw_bytes * self.ratio / link_bps + raw_bytes / self.decode_bps
+                raw_bytes / self.encode_bps
+                + raw_bytes * self.ratio / link_bps
+                + raw_bytes / self.decode_bps
+                + n * (self.encode_layer_s + self.decode_layer_s)
             )
         return pipelined_handoff_s(self, raw_bytes, link_bps, num_layers, encode_workers, decode_workers)
 
@@ -65,7 +77,9 @@ def pipelined_handoff_s(
     Bytes, bytes/s, seconds. `num_layers` < 1 counts as 1 (no overlap); workers < 1 count as 1."""
     n = max(1, num_layers)
     layer = raw_bytes / n
-    e, s, d = layer / codec.encode_bps, layer * codec.ratio / link_bps, layer / codec.decode_bps
+    e = layer / codec.encode_bps + codec.encode_layer_s
+    s = layer * codec.ratio / link_bps
+    d = layer / codec.decode_bps + codec.decode_layer_s
     bottleneck = max(e / max(1, encode_workers), s, d / max(1, decode_workers))
     return (e + s + d) + (n - 1) * bottleneck
 

@@ -22,7 +22,7 @@ from engine.parallel.runner import ParallelRunner
 from kv_transfer.reshard import is_canonical
 from kv_transfer.server import KVServer
 from pdserve.errors import PDServeError, Unavailable
-from prefill_service.engine import PrefillEngine, PrefillJob, _read_host_kv
+from prefill_service.engine import PrefillEngine, PrefillJob, read_host_kv
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class ParallelPrefillEngine(PrefillEngine):
                 tid,
                 num_layers,
                 seq.num_prompt_tokens,
-                read_layer=functools.partial(_read_host_kv, cache, seq.blocks, seq.num_prompt_tokens),
+                read_layer=functools.partial(read_host_kv, cache, seq.blocks, seq.num_prompt_tokens),
                 on_release=lambda t, reason: self._rank_released(t, 0, reason),
                 token_ids=job.prompt_ids,
                 layers=self.rect[0],

@@ -93,3 +93,34 @@ def test_profiles_round_trip_beside_model(tmp_path) -> None:
     assert [p.name for p in load_profiles(tmp_path)] == ["raw"]  # nothing measured: lossless default
     save_profiles(tmp_path, [INT8, CG])
     assert load_profiles(tmp_path) == (INT8, CG)
+
+
+def test_per_layer_costs_by_hand() -> None:
+    # 5 layers of 0.8 MB (4 MB) over 5 Gbit/s (625e6 B/s). cachegen: encode 0.8e6 / 1e9 = 0.8 ms + 0.2 ms fixed
+    # = 1.0 ms; send 0.8e6 * 0.08 / 625e6 = 0.1024 ms; decode 0.8e6 / 1.6e9 = 0.5 ms + 0.3 ms fixed = 0.8 ms.
+    # Fill + drain 1.9024 ms, then 4 layers at the prefill side's 1.0 ms.
+    cg = CodecProfile("cachegen", 0.08, 1e9, 1.6e9, 0.0, encode_layer_s=2e-4, decode_layer_s=3e-4)
+    assert cg.handoff_s(4e6, 625e6, 5) == pytest.approx(1.9024e-3 + 4 * 1.0e-3)
+    # without pipelining every stage adds up: 4 + 0.512 + 2.5 ms of bytes + 5 * 0.5 ms fixed
+    assert cg.handoff_s(4e6, 625e6, 5, pipelined=False) == pytest.approx(4e-3 + 0.512e-3 + 2.5e-3 + 2.5e-3)
+    # raw with the same fixed costs: encode/decode free, send 1.28 ms a layer is the bottleneck:
+    # 0.2 + 1.28 + 0.3 + 4 * 1.28 = 6.9 ms; cachegen (5.9024 ms) is faster on this link
+    raw = CodecProfile("raw", 1.0, math.inf, math.inf, 0.0, encode_layer_s=2e-4, decode_layer_s=3e-4)
+    assert raw.handoff_s(4e6, 625e6, 5) == pytest.approx(6.9e-3)
+    assert choose_codec(4e6, 625e6, [raw, cg], max_kl=1.0, num_layers=5).name == "cachegen"
+    # the fixed costs move the break-even: at 10 Gbit/s (1.25e9 B/s) raw's send is 0.64 ms a layer, under
+    # cachegen's 1.0 ms encode: raw 0.2 + 0.64 + 0.3 + 4 * 0.64 = 3.7 ms < cachegen's 1.9512 + 4 = 5.9512 ms
+    assert choose_codec(4e6, 1.25e9, [raw, cg], max_kl=1.0, num_layers=5).name == "raw"
+    # break-even: raw 0.5 ms + 5 s = cachegen 5.8 ms + 0.08 s (s: raw's send per layer) -> s = 5.3 / 4.92 ms,
+    # a link of 0.8e6 B / s = 742.6e6 B/s (5.94 Gbit/s)
+    be = break_even_bps(cg, raw, 4e6, 5)
+    assert be == pytest.approx(0.8e6 * 4.92 / 5.3e-3, rel=1e-6)
+    assert cg.handoff_s(4e6, be, 5) == pytest.approx(raw.handoff_s(4e6, be, 5), rel=1e-6)
+
+
+def test_profiles_without_layer_costs_load_as_zero(tmp_path) -> None:
+    (tmp_path / "codec_profiles.json").write_text(
+        '{"profiles": [{"name": "int8", "ratio": 0.25, "encode_bps": 2e9, "decode_bps": 2e9, "kl_mean": 0.002}]}'
+    )
+    (p,) = load_profiles(tmp_path)
+    assert p == INT8 and p.encode_layer_s == 0.0 and p.decode_layer_s == 0.0
