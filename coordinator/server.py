@@ -11,7 +11,6 @@ import signal
 from pathlib import Path
 from typing import Any
 
-import grpc
 import redis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -29,7 +28,7 @@ from engine.device import parse_cpus, pin_process
 from engine.model_dir import ModelNotFoundError, resolve_model_dir
 from engine.tokenizer import Tokenizer
 from pdserve import telemetry
-from pdserve.rpc import LIVENESS
+from pdserve.rpc import LIVENESS, new_server
 from pdserve.tls import TLSConfigError, TLSFiles, add_port, add_tls_args, https_files
 from pdserve.v1 import generation_pb2, generation_pb2_grpc
 
@@ -115,7 +114,7 @@ async def run(cfg: CoordinatorConfig, plan: dict[str, Any] | None = None) -> Non
     keys = ApiKeys(cfg.api_keys)
     # the key guards Generation only: health (probes) and reflection (the public schema) stay open
     interceptors = [AuthInterceptor(keys, [GENERATION_SERVICE])] if keys.enabled else []
-    server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
+    server = new_server(interceptors)
     gateway = Gateway(cfg, router, tokenizer, model)
     replanner = _replanner(cfg, plan, router, registry)
     if replanner is not None:

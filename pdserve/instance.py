@@ -35,7 +35,7 @@ from kv_transfer.codec import CodecContext
 from kv_transfer.ranks import RankKVConfig
 from pdserve import telemetry
 from pdserve.errors import PDServeError
-from pdserve.rpc import LIVENESS
+from pdserve.rpc import LIVENESS, new_server
 from pdserve.tls import TLSConfigError, TLSFiles, add_port, add_tls_args
 from pdserve.v1 import common_pb2
 
@@ -369,7 +369,7 @@ async def serve(
     service LIVENESS is SERVING from the start until stopping. `on_drain()` is called when the drain starts
     (before the server stops taking calls): long-lived streams end there once the calls using them are done.
     """
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    server = new_server()
     add_servicers(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
