@@ -372,3 +372,22 @@ def test_sigterm_unwinds_a_benchmark_like_ctrl_c() -> None:
     finally:
         signal.signal(signal.SIGTERM, before)
     assert stopped == [True]
+
+
+def test_isolated_latencies_are_the_best_over_every_block(tiny_model_dir: Any) -> None:
+    import os
+
+    from bench.compare.slos import measure_isolated
+
+    cpu = min(os.sched_getaffinity(0))
+    iso = measure_isolated(
+        str(tiny_model_dir), cpu, list(range(1, 200)), prompt_len=32, context_len=40, blocks=2
+    )
+    assert len(iso["blocks"]) == 2  # each block its own prefills and decode run
+    assert iso["prefill_s"] == min(b["prefill_s"] for b in iso["blocks"])
+    assert iso["decode_step_s"] == min(b["decode_step_s"] for b in iso["blocks"])
+    assert (
+        0 < iso["prefill_s"] <= iso["prefill_median_s"]
+        and 0 < iso["decode_step_s"] <= iso["decode_step_median_s"]
+    )
+    assert (iso["prompt_len"], iso["context_len"], iso["cpu"]) == (32, 40, cpu)
