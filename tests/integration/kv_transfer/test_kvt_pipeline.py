@@ -422,7 +422,8 @@ class _CallsTransport(Transport):
     scheme = "tcp"
 
     def __init__(self) -> None:
-        self.inner, self.calls = transport_for("tcp"), []
+        self.inner = transport_for("tcp")
+        self.calls: list[int] = []  # messages per send call, in order
 
     def listen(self, host: str, port: int = 0) -> Listener:
         inner, calls = self.inner.listen(host, port), self.calls
