@@ -22,10 +22,17 @@ prefill: the whole hand-off is on the critical path), then the decode process pu
   * tp2_to_tp1_threads: the same with `threads=True`: a pull thread per piece, each writing its own KV head
     (the reader ucx uses; before 2026-12-06 the only one).
 Hand-off time = pull call -> every layer written into the decode cache (wall clock); medians over trials, modes
-interleaved (in an order that rotates each trial); every mode is measured the same way, on connections the
-warm-up trial opened. `ratio` = tp2_to_tp1 / tp1_to_tp1 (target <= 1.2). With fewer cores than busy processes (3) the
-JSON says `oversubscribed`: the decode process keeps a core of its own (the last) and the prefill ranks share
-the others (on 2 cores: both TP2 ranks on core 0), so the comparison still gives each side the same cores.
+interleaved, each round in the next row of a balanced Latin square (`ORDERS`: within the rounds each mode
+follows each other mode equally often; the plain rotation used before 2026-12-07 put each mode behind the
+same one three rounds in four); every mode is measured the same way, on connections the warm-up rounds opened
+(`Settings.warmup` rounds of every mode, not reported: the first rounds after the processes start run slower
+in every mode), each rank serving its own private copy of its shard (before 2026-12-07 the TP1 rank served the
+parent's shared-memory tensor itself and the TP2 ranks private copies). `ratio` = tp2_to_tp1 / tp1_to_tp1
+(target <= 1.2). Per pull the JSON also counts the context switches of the decode process and of the prefill
+ranks (`breakdown_counts`: voluntary ones are mostly waits for the socket, so they count wake-ups). With fewer
+cores than busy processes (3) the JSON says `oversubscribed`: the decode process keeps a core of its own (the
+last) and the prefill ranks share the others (on 2 cores: both TP2 ranks on core 0), so the comparison still
+gives each side the same cores.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
+import resource
 import statistics
 import sys
 import time
@@ -43,6 +51,9 @@ from typing import Any
 from bench.report import emit
 
 MODES = ("tp1_to_tp1", "tp1_to_tp1_pieces", "tp2_to_tp1", "tp2_to_tp1_threads")
+# A Williams design: round r runs the modes in row r % 4, and over the 4 rows every ordered pair of modes is
+# adjacent exactly once, so no mode always runs behind the same one (whose leftovers it would inherit)
+ORDERS = ((0, 1, 3, 2), (1, 2, 0, 3), (2, 3, 1, 0), (3, 0, 2, 1))
 TARGET_RATIO = 1.2
 
 
@@ -50,6 +61,7 @@ TARGET_RATIO = 1.2
 class Settings:
     prompt_tokens: int
     trials: int  # per mode
+    warmup: int = 3  # rounds of every mode before the reported ones (connections opened, processes warm)
 
     @staticmethod
     def make(quick: bool) -> Settings:
@@ -65,6 +77,12 @@ def _log(msg: str) -> None:
 def _cpu_s() -> float:
     """CPU time (user + system, s) of this process, all threads: the decode side's cost, whatever else runs."""
     return time.process_time()
+
+
+def _switches() -> int:
+    """Context switches of this process so far, all threads (voluntary: it waited, e.g. for a socket)."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_nvcsw + ru.ru_nivcsw
 
 
 def _pin(core: int) -> None:
@@ -88,7 +106,9 @@ def _rank_proc(model_dir: str, scheme: str, tp: int, rank: int, kv: list[Any], c
     layout = Layout(tp, 1)
     num_layers, num_kv_heads = len(kv), kv[0][0].shape[1]
     layers, heads = layout.owned(rank, num_layers, num_kv_heads)
-    shard = [(k[:, heads[0] : heads[1]].contiguous(), v[:, heads[0] : heads[1]].contiguous()) for k, v in kv]
+    # a private copy for every rank (a whole-head slice's .contiguous() would be the parent's shared-memory
+    # tensor itself: the TP1 rank would read other memory than the TP2 ranks)
+    shard = [(k[:, heads[0] : heads[1]].clone(), v[:, heads[0] : heads[1]].clone()) for k, v in kv]
     fingerprint, token_ids = conn.recv()
     codecs = CodecContext.from_model_dir(
         model_dir
@@ -105,7 +125,7 @@ def _rank_proc(model_dir: str, scheme: str, tp: int, rank: int, kv: list[Any], c
             if msg[0] == "quit":
                 break
             _, tid, token = msg
-            cpu0, serve0 = _cpu_s(), server.counters().serve_cpu_s
+            cpu0, serve0, sw0 = _cpu_s(), server.counters().serve_cpu_s, _switches()
             tok = server.open_lease(
                 tid,
                 num_layers,
@@ -122,7 +142,8 @@ def _rank_proc(model_dir: str, scheme: str, tp: int, rank: int, kv: list[Any], c
             conn.send(tok)
             if not pulled.acquire(timeout=120):  # the decode side ACKed this rank's whole shard
                 raise RuntimeError(f"rank {rank}: lease {tid} was not pulled")
-            conn.send(("pulled", _cpu_s() - cpu0, server.counters().serve_cpu_s - serve0))
+            cpu, serve = _cpu_s() - cpu0, server.counters().serve_cpu_s - serve0
+            conn.send(("pulled", cpu, serve, _switches() - sw0))
     finally:
         server.stop()
 
@@ -165,7 +186,7 @@ def _decode_proc(
             if msg[0] == "quit":
                 break
             _, mode, tid, codec, token, addresses = msg
-            t0, cpu0 = time.monotonic(), _cpu_s()
+            t0, cpu0, sw0 = time.monotonic(), _cpu_s(), _switches()
             if mode == "tp1_to_tp1":
                 trailer = puller.pull(addresses[0], tid, codec, write_layer, token=token)
             else:
@@ -186,14 +207,14 @@ def _decode_proc(
                 if len(addresses) > 1 and trailer.reader != want:
                     raise RuntimeError(f"{mode}: pull_pieces read with {trailer.reader!r}, not {want!r}")
             st = trailer.stats  # summed over the pieces
-            wall, cpu = time.monotonic() - t0, _cpu_s() - cpu0
+            wall, cpu, switches = time.monotonic() - t0, _cpu_s() - cpu0, _switches() - sw0
             parts = {
                 "server_send_s": st.server_send_s,
                 "decode_s": st.decode_s,
                 "write_s": st.write_s,
                 "decode_process_cpu_s": cpu,
             }
-            conn.send((wall, parts))
+            conn.send((wall, parts, switches))
 
 
 def measure_reshard(model_dir: str, s: Settings, scheme: str = "tcp", codec: str = "raw") -> dict[str, Any]:
@@ -214,6 +235,7 @@ def measure_reshard(model_dir: str, s: Settings, scheme: str = "tcp", codec: str
     addresses: dict[int, list[str]] = {}
     times: dict[str, list[float]] = {m: [] for m in MODES}
     breakdown: dict[str, dict[str, list[float]]] = {m: {} for m in MODES}
+    counts: dict[str, dict[str, list[int]]] = {m: {} for m in MODES}
     try:
         for tp in (1, 2):
             conns[tp] = []
@@ -237,11 +259,10 @@ def measure_reshard(model_dir: str, s: Settings, scheme: str = "tcp", codec: str
         )
         dec.start()
         procs.append(dec)
-        for trial in range(s.trials + 1):  # trial 0 warms connections and caches up; not reported
-            # the order rotates, so each mode follows each other mode equally often
-            for mode in MODES[trial % len(MODES) :] + MODES[: trial % len(MODES)]:
+        for rnd in range(s.warmup + s.trials):  # the first s.warmup rounds are not reported
+            for mode in (MODES[i] for i in ORDERS[rnd % len(ORDERS)]):
                 tp = 2 if mode.startswith("tp2") else 1
-                tid = f"reshard-{mode}-{trial}-{uuid.uuid4().hex[:6]}"
+                tid = f"reshard-{mode}-{rnd}-{uuid.uuid4().hex[:6]}"
                 conns[tp][0].send(("lease", tid, None))
                 token = conns[tp][0].recv()
                 for c in conns[tp][1:]:
@@ -250,7 +271,8 @@ def measure_reshard(model_dir: str, s: Settings, scheme: str = "tcp", codec: str
                 dparent.send(("pull", mode, tid, codec, token, addresses[tp]))
                 if not dparent.poll(300):
                     raise RuntimeError(f"{mode}: the pull did not finish in 300 s")
-                t, parts = dparent.recv()
+                t, parts, switches = dparent.recv()
+                n = {"decode_process_switches": switches, "prefill_process_switches": 0}
                 # summed over the ranks (on 2 cores they share one)
                 parts["prefill_process_cpu_s"] = parts["prefill_serve_cpu_s"] = 0.0
                 for c in conns[tp]:
@@ -259,10 +281,13 @@ def measure_reshard(model_dir: str, s: Settings, scheme: str = "tcp", codec: str
                         raise RuntimeError(f"{mode}: a prefill rank's lease was not released as pulled")
                     parts["prefill_process_cpu_s"] += reply[1]
                     parts["prefill_serve_cpu_s"] += reply[2]
-                if trial:
+                    n["prefill_process_switches"] += reply[3]
+                if rnd >= s.warmup:
                     times[mode].append(t)
                     for k, x in parts.items():
                         breakdown[mode].setdefault(k, []).append(x)
+                    for k, c in n.items():
+                        counts[mode].setdefault(k, []).append(c)
         dparent.send(("quit",))
         for tp in conns:
             for c in conns[tp]:
@@ -287,6 +312,9 @@ def measure_reshard(model_dir: str, s: Settings, scheme: str = "tcp", codec: str
         # prefill_serve_cpu_s: of that, the KV servers' connection threads' from each PULL to its ACK
         # (KVServerCounters.serve_cpu_s)
         "breakdown_s": {m: {k: statistics.median(v) for k, v in b.items()} for m, b in breakdown.items()},
+        # medians of the context switches per pull: of the decode process (its wall-clock window), and of the
+        # prefill ranks' processes summed (lease opening to release, this bench's own messages included)
+        "breakdown_counts": {m: {k: statistics.median(v) for k, v in c.items()} for m, c in counts.items()},
         "ratio": ratio,
         "threads_ratio": med["tp2_to_tp1_threads"] / med["tp1_to_tp1"],  # the reader ucx falls back to
         "pieces_overhead_ratio": med["tp1_to_tp1_pieces"] / med["tp1_to_tp1"],
@@ -297,11 +325,13 @@ def measure_reshard(model_dir: str, s: Settings, scheme: str = "tcp", codec: str
         "prompt_tokens": num_tokens,
         "kv_bytes": 2 * num_layers * num_tokens * num_kv_heads * head_dim * kv[0][0].element_size(),
         "trials": s.trials,
+        "warmup_rounds": s.warmup,
         "cores": ncores,
         "busy_processes": 3,  # at most: the TP2 instance's two ranks and the decode process
         "oversubscribed": ncores < 3,  # then the TP2 ranks share a core; the decode process has its own
-        "method": "real prompt KV split into per-rank shards; one KVServer process per prefill rank, one decode "
-        "process pulling into a KVCache; pull after prefill; medians, modes interleaved",
+        "method": "real prompt KV split into per-rank shards (private copies); one KVServer process per prefill "
+        "rank, one decode process pulling into a KVCache; pull after prefill; medians after warm-up rounds, modes "
+        "interleaved in a balanced Latin square",
     }
 
 
@@ -318,6 +348,11 @@ def summary(r: dict[str, Any]) -> str:
             f"{m} {b['decode_process_cpu_s'] * 1e3:.2f} / {b['prefill_process_cpu_s'] * 1e3:.2f} "
             f"({b['prefill_serve_cpu_s'] * 1e3:.2f}) ms"
             for m, b in r["breakdown_s"].items()
+        )
+        + "; context switches per pull, decode / prefill: "
+        + ", ".join(
+            f"{m} {c['decode_process_switches']:.0f} / {c['prefill_process_switches']:.0f}"
+            for m, c in r["breakdown_counts"].items()
         )
     )
 

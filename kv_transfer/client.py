@@ -100,6 +100,10 @@ class PullStats:
         return self.raw_bytes / self.payload_bytes if self.payload_bytes else 0.0
 
 
+# the PullStats fields a resharded pull sums over its pieces (all but its own wall clock)
+_SUMMED_STATS = tuple(f.name for f in dataclasses.fields(PullStats) if f.name != "transfer_s")
+
+
 @dataclass(frozen=True)
 class Trailer:
     first_token_id: int
@@ -353,11 +357,7 @@ class KVPuller:
         num_tokens = reshard.agreed([t.num_tokens for t in trailers], "the number of tokens")
         stats = [t.stats for t in trailers]
         total = PullStats(
-            **{
-                f.name: sum(getattr(st, f.name) for st in stats)
-                for f in dataclasses.fields(PullStats)
-                if f.name != "transfer_s"
-            },
+            **{name: sum(getattr(st, name) for st in stats) for name in _SUMMED_STATS},
             transfer_s=time.perf_counter() - t0,
         )
         return Trailer(first, num_tokens, layers[1] - layers[0], total, reader)

@@ -6,9 +6,10 @@ threads (`encode_workers`) that all connections share. A connection may carry se
 
 Pipeline (kv_transfer/pipeline.py): a connection's handler sends layer l while the pool reads and encodes
 the next ready layers, at most `pipeline_depth` ahead (so at most that many encoded layers wait; each has its
-own FrameBuffer on the connection, `pipeline_depth + 1` in all; raw: one layer ahead, 2 buffers). A layer is submitted only once prefill marked
-it ready, frames leave in layer order, and a failed read or encode fails the pull with ERROR INTERNAL (the
-lease is kept) after the layers before it were sent.
+own FrameBuffer on the connection, `pipeline_depth + 1` in all; raw: one layer ahead, 2 buffers; one layer at a
+time, small raw frames held to leave together take one each, `BATCH_BYTES` in all). A layer is submitted only
+once prefill marked it ready, frames leave in layer order, and a failed read or encode fails the pull with
+ERROR INTERNAL (the lease is kept) after the layers before it were sent.
 
 Lease life:
 - open_lease() -> deadline = now + ttl. A lease holds a rectangle of the model's KV: layers [l0, l1) x KV
@@ -94,6 +95,9 @@ ReadLayer = Callable[[int], tuple[Tensor, Tensor]]  # global layer -> (k, v), ea
 OnRelease = Callable[[str, str], None]  # (transfer_id, reason)
 
 IDLE_CONNECTION_TIMEOUT_S = 600.0  # a pooled connection with no PULL for this long is closed
+# one layer at a time, raw frames ready together leave in one send call up to this many bytes in all (tcp's
+# puller reads up to 64 KiB ahead, so they arrive in one read too)
+BATCH_BYTES = 64 << 10
 LEASE_TOKEN_BYTES = 16
 
 Range = tuple[int, int]  # half-open [start, end)
@@ -611,21 +615,53 @@ class KVServer:
         """Send layers [layers) (global numbering), each frame with KV heads `heads` (None: all the lease holds),
         in order, while the encode pool works ahead (module doc, Pipeline). Returns whether the trailer went
         too: one layer at a time (not pipelined), when prefill has finished by the last layer, it leaves in
-        the same send call as the last frame (the puller then gets both in one read).
+        the same send call as the last frame (the puller then gets both in one read). One layer at a time,
+        consecutive frames that are ready together and small (`BATCH_BYTES` in all) also leave in one send
+        call (a short prompt's pull: its frames and trailer in one system call and one read on each side);
+        a layer not ready yet, or a failed encode, first sends the frames held.
 
         Layer l is encoded into ring[l % len(ring)]: at most len(ring) - 1 layers are in the window, and the
         one taken from it is sent before the window can reach its buffer again. raw's "encoding" is a copy:
         one layer copied ahead of the send is all the overlap it needs, so it uses 2 buffers, not all of
         them (a raw layer is 16x a cachegen one). Raises _StreamEnded."""
         if not self.pipelined:
+            # raw frames that are ready together and small (BATCH_BYTES in all) leave in one send call: holding
+            # one costs the next one's copy; a computing codec's frame leaves as soon as it is encoded
+            batch = BATCH_BYTES if isinstance(codec, RawCodec) else 0
+            held: list[memoryview] = []  # encoded, not sent yet: held[i] is in bufs[i]
+            held_bytes = 0
             for layer in range(*layers):
+                if held and lease.ready <= layer:  # prefill is behind (read without the lock: it only grows)
+                    self._send_frames(ch, lease, held, stats)
+                    held, held_bytes = [], 0
                 self._wait_for(lease, session, layer + 1, stats)
-                frame = self._encode_task(lease, codec, layer, bufs[0], heads, stats)[0]
+                n = len(held)
+                if n == len(bufs):
+                    bufs.append(FrameBuffer())
+                try:
+                    frame = self._encode_task(lease, codec, layer, bufs[n], heads, stats)[0]
+                except _StreamEnded:
+                    if held:  # the layers before the failed one reach the puller, then its ERROR
+                        self._send_frames(ch, lease, held, stats)
+                    raise
                 first_token_id = self._finished(lease, session) if layer == layers[1] - 1 else None
                 if first_token_id is not None:
-                    self._send_last(ch, lease, frame, stats, layers, first_token_id)
+                    self._send_last(ch, lease, [*held, frame], stats, layers, first_token_id)
                     return True
-                self._send_frame(ch, lease, frame, stats)
+                if held_bytes + len(frame) <= batch:
+                    held.append(frame)
+                    held_bytes += len(frame)
+                    continue
+                if held:
+                    self._send_frames(ch, lease, held, stats)
+                    held, held_bytes = [], 0
+                if len(frame) <= batch:  # held alone from now on: its buffer becomes bufs[0]
+                    bufs[0], bufs[n] = bufs[n], bufs[0]
+                    held, held_bytes = [frame], len(frame)
+                else:
+                    self._send_frames(ch, lease, [frame], stats)
+            if held:
+                self._send_frames(ch, lease, held, stats)
             return False
         assert self._encode_pool is not None  # start() made it
         ring = bufs[:2] if isinstance(codec, RawCodec) else bufs
@@ -661,21 +697,22 @@ class KVServer:
         self,
         ch: Channel,
         lease: _Lease,
-        frame: memoryview,
+        frames: list[memoryview],
         stats: _PullStats,
         layers: Range,
         first_token_id: int,
     ) -> None:
-        """The last frame and the trailer in one send call. The trailer counts the frame's bytes; this send's
+        """The last frames and the trailer in one send call. The trailer counts the frames' bytes; this send's
         time is not in its send_s (it is not over when the trailer is made)."""
-        stats.bytes_on_wire += len(frame)
+        nbytes = sum(len(f) for f in frames)
+        stats.bytes_on_wire += nbytes
         trailer = encode_control(_trailer(lease, layers, stats, first_token_id))
         t0 = time.perf_counter()
-        ch.send_many([frame, trailer], timeout=self.send_timeout_s)
+        ch.send_many([*frames, trailer], timeout=self.send_timeout_s)
         stats.send_s += time.perf_counter() - t0
         with self._lock:
             lease.deadline = time.monotonic() + self.lease_ttl_s
-            self._frame_bytes_sent += len(frame)
+            self._frame_bytes_sent += nbytes
             self._control_bytes_sent += len(trailer)
 
     def _send_frame(self, ch: Channel, lease: _Lease, frame: memoryview, stats: _PullStats) -> None:
@@ -683,6 +720,20 @@ class KVServer:
         self._send(ch, frame, self.send_timeout_s, frame=True, renew=lease)
         stats.send_s += time.perf_counter() - t0
         stats.bytes_on_wire += len(frame)
+
+    def _send_frames(self, ch: Channel, lease: _Lease, frames: list[memoryview], stats: _PullStats) -> None:
+        """Frames in order, in one send call (tcp) when there are several."""
+        if len(frames) == 1:
+            self._send_frame(ch, lease, frames[0], stats)
+            return
+        nbytes = sum(len(f) for f in frames)
+        t0 = time.perf_counter()
+        ch.send_many(frames, timeout=self.send_timeout_s)
+        stats.send_s += time.perf_counter() - t0
+        stats.bytes_on_wire += nbytes
+        with self._lock:
+            lease.deadline = time.monotonic() + self.lease_ttl_s
+            self._frame_bytes_sent += nbytes
 
     def _submit_ready(
         self,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 
 import pytest
 import torch
@@ -413,3 +414,114 @@ def test_ordered_window_order_errors_and_close() -> None:
     finally:
         release.set()
         pool.shutdown(wait=True)
+
+
+class _CallsTransport(Transport):
+    """tcp, recording how many messages each send call of the server's channels carried."""
+
+    scheme = "tcp"
+
+    def __init__(self) -> None:
+        self.inner = transport_for("tcp")
+        self.calls: list[int] = []  # messages per send call, in order
+
+    def listen(self, host: str, port: int = 0) -> Listener:
+        inner, calls = self.inner.listen(host, port), self.calls
+
+        class _L(Listener):
+            address = inner.address
+
+            def accept(self, timeout: float | None = None) -> Channel:
+                return _CallsChannel(inner.accept(timeout), calls)
+
+            def close(self) -> None:
+                inner.close()
+
+        return _L()
+
+    def connect(self, address: str, timeout: float) -> Channel:
+        return self.inner.connect(address, timeout)
+
+
+class _CallsChannel(Channel):
+    def __init__(self, inner: Channel, calls: list[int]) -> None:
+        self.inner, self.calls = inner, calls
+
+    def send(self, data: Buffer, timeout: float | None = None) -> None:
+        self.calls.append(1)
+        self.inner.send(data, timeout)
+
+    def send_many(self, messages: Sequence[Buffer], timeout: float | None = None) -> None:
+        self.calls.append(len(messages))
+        self.inner.send_many(messages, timeout)
+
+    def recv(self, timeout: float | None = None) -> memoryview:
+        return self.inner.recv(timeout)
+
+    def poll(self) -> bool:
+        return self.inner.poll()
+
+    def close(self) -> None:
+        self.inner.close()
+
+    @property
+    def closed(self) -> bool:
+        return self.inner.closed
+
+
+def test_one_layer_at_a_time_small_raw_frames_leave_together_and_nothing_waits_behind_them() -> None:
+    """Not pipelined (one encode worker): raw frames of ~20 KiB ready together leave three to a send call (64 KiB
+    at most), the last ones with the trailer; a layer prefill has not made ready sends the frames held first (the
+    puller gets them before prefill goes on); a failed encode sends them before its ERROR."""
+    n, kv, rel = 6, make_kv(6), Releases()
+    broken = [False]
+
+    def read(layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer == 4 and broken[0]:
+            return kv[4][0].to(torch.int32), kv[4][1].to(torch.int32)
+        return kv[layer]
+
+    tr = _CallsTransport()
+    srv = serve(tr, encode_workers=1)
+    assert not srv.pipelined
+    try:
+        with KVPuller(fingerprint=FP, timeout_s=10.0) as p:
+            token = srv.open_lease("b", n, T, read, rel)
+            srv.finish("b", 5)
+            sink = Sink()
+            assert p.pull(srv.address, "b", "raw", sink, token=token).first_token_id == 5
+            assert sink.layers == list(range(n)) and tr.calls == [3, 4]  # 3 frames; 3 frames + the trailer
+            assert all(
+                torch.equal(sink.kv[i][0], kv[i][0]) and torch.equal(sink.kv[i][1], kv[i][1])
+                for i in range(n)
+            )
+            rel.wait("b", "pulled")
+
+            arrived = threading.Condition()
+            got: list[int] = []
+
+            def write(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+                with arrived:
+                    got.append(layer)
+                    arrived.notify_all()
+
+            token = srv.open_lease("s", n, T, read, rel)
+            srv.mark_ready("s", 2)
+            handle = p.start_pull(srv.address, "s", "raw", write, token=token)
+            with arrived:  # layers 0 and 1 arrive while prefill is still at layer 2
+                assert arrived.wait_for(lambda: len(got) == 2, 10.0), got
+            srv.finish("s", 6)
+            assert handle.result(10.0).first_token_id == 6 and got == list(range(n))
+            rel.wait("s", "pulled")
+
+            broken[0] = True
+            token = srv.open_lease("e", n, T, read, rel)
+            srv.finish("e", 7)
+            sink = Sink()
+            with pytest.raises(RemoteError, match="encode layer 4"):
+                p.pull(srv.address, "e", "raw", sink, token=token)
+            assert (
+                sink.layers == [0, 1, 2, 3] and srv.num_leases() == 1
+            )  # layer 3 was held: sent before the ERROR
+    finally:
+        srv.stop()
