@@ -5,6 +5,9 @@ the sequence's cached positions, walking its blocks in the paged cache directly.
 (`paged_decode_attention_ref`: gather every sequence's whole context into a padded copy, then masked SDPA)
 copies the context once per layer per step and is 3-7x slower on CPU.
 
+`kv_write_rows` writes K and V rows into the paged KV cache (`engine.kv_cache.KVCache.write`): some KV
+heads of each slot with non-temporal stores (see the C comment), whole slots with memcpy.
+
 `small_matmul` is x @ w_t (+ bias) for 1..24 rows with w_t stored [in, out]: MKL packs the weight matrix
 on every call for 2..24 rows, which on a memory-bound decode step costs as much as the multiply itself;
 this kernel streams w_t in place instead (k-blocks of 16 rows, 6x16 register tiles, software prefetch)
@@ -28,6 +31,7 @@ import logging
 import os
 import subprocess
 import threading
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +46,8 @@ _C_SOURCE = r"""
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
-#if defined(__AVX2__) && defined(__FMA__)
+#include <string.h>
+#if defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -193,6 +198,40 @@ int small_matmul(float *C, const float *A, const float *B, const float *bias, in
 int has_small_matmul(void) { return 0; }
 #endif
 
+/* One write into the paged cache, K and V: `rows` rows of `row_bytes` bytes from the contiguous sources sk,
+   sv to dk, dv, whose rows start `dst_stride` bytes apart (>= row_bytes). Whole rows (row_bytes ==
+   dst_stride) are one memcpy each. Part rows (some of a slot's KV heads) are written with non-temporal
+   stores where dk, dv and dst_stride are 32-byte aligned and row_bytes is a multiple of 32: a cached store
+   first reads each destination line, and the prefetchers also fetch the lines between the rows (the other
+   heads'), about twice the memory traffic per byte written. Otherwise a memcpy per row. The bytes written
+   are the same on every path. */
+void kv_write_rows(char *dk, char *dv, const char *sk, const char *sv, int64_t rows, int64_t row_bytes,
+                   int64_t dst_stride) {
+    if (row_bytes == dst_stride) {
+        memcpy(dk, sk, (size_t)(rows * row_bytes));
+        memcpy(dv, sv, (size_t)(rows * row_bytes));
+        return;
+    }
+#if defined(__AVX2__)
+    if ((uintptr_t)dk % 32 == 0 && (uintptr_t)dv % 32 == 0 && dst_stride % 32 == 0 && row_bytes % 32 == 0) {
+        int64_t w = row_bytes / 32;
+        for (int64_t r = 0; r < rows; r++) {
+            __m256i *ok = (__m256i *)(dk + r * dst_stride), *ov = (__m256i *)(dv + r * dst_stride);
+            const __m256i *ik = (const __m256i *)(sk + r * row_bytes);
+            const __m256i *iv = (const __m256i *)(sv + r * row_bytes);
+            for (int64_t i = 0; i < w; i++) _mm256_stream_si256(ok + i, _mm256_loadu_si256(ik + i));
+            for (int64_t i = 0; i < w; i++) _mm256_stream_si256(ov + i, _mm256_loadu_si256(iv + i));
+        }
+        _mm_sfence(); /* the streamed lines are visible before this call returns */
+        return;
+    }
+#endif
+    for (int64_t r = 0; r < rows; r++) {
+        memcpy(dk + r * dst_stride, sk + r * row_bytes, (size_t)row_bytes);
+        memcpy(dv + r * dst_stride, sv + r * row_bytes, (size_t)row_bytes);
+    }
+}
+
 /* out[t] = w * (x[t] / sqrt(mean(x[t]^2) + eps)) for T rows of n (x row stride ldx; out, w contiguous). */
 void rms_norm(float *out, const float *x, const float *w, int64_t T, int64_t n, int64_t ldx, float eps) {
     for (int64_t t = 0; t < T; t++) {
@@ -232,11 +271,20 @@ def _load() -> ctypes.CDLL | None:
                 lib.rms_norm.restype = None
                 lib.rms_norm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_float]
                 lib.has_small_matmul.restype = ctypes.c_int
+                lib.kv_write_rows.restype = None
+                lib.kv_write_rows.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
                 _lib, _has_small_matmul = lib, bool(lib.has_small_matmul())
             except (OSError, RuntimeError, subprocess.SubprocessError) as e:
                 log.warning("C kernels unavailable, using the torch paths: %s", e)
         _tried = True
         return _lib
+
+
+def kv_write_rows_fn() -> Any:
+    """The C `kv_write_rows` (a ctypes function: dk, dv, sk, sv addresses, rows, row_bytes, dst_stride), or
+    None where the kernels do not load (then KVCache.write uses torch's copies)."""
+    lib = _load()
+    return lib.kv_write_rows if lib is not None else None
 
 
 def kernels_available() -> bool:

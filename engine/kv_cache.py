@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from engine.arena import Arena
+from engine.kernels import kv_write_rows_fn
 
 
 def _owned_end(blocks: list[int], start: int, num_tokens: int, block_size: int) -> int:
@@ -71,7 +72,9 @@ class KVCache:
         head_dim: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        use_kernel: bool = True,
     ) -> None:
+        """use_kernel: write with the C routine where it loads (False: torch's copies, the fallback)."""
         shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
         arena = Arena(
             Arena.size_of([shape, shape], dtype), dtype, torch.device(device)
@@ -83,6 +86,9 @@ class KVCache:
         # hand-off paid on every layer it wrote); heads (h0, h1) -> their [num_blocks * B, h1 - h0, D] views
         self._flats = [(self.k[la].flatten(0, 1), self.v[la].flatten(0, 1)) for la in range(num_layers)]
         self._head_views: dict[tuple[int, int, int], tuple[Tensor, Tensor]] = {}
+        # `write`'s copies: the C routine on CPU (engine.kernels.kv_write_rows; None: torch's copy_)
+        self._write_rows = kv_write_rows_fn() if use_kernel and self.k.device.type == "cpu" else None
+        self._slot_bytes = num_kv_heads * head_dim * self.k.element_size()  # one slot's row, every head
 
     @property
     def dtype(self) -> torch.dtype:
@@ -140,8 +146,10 @@ class KVCache:
     ) -> None:
         """Store k, v: [T, h1 - h0, D] as positions [start, start + T) of the sequence owning `blocks`, KV heads
         [h0, h1) (`heads`; default all). Runs of consecutive blocks are written as slices (a fresh sequence's
-        blocks mostly are one run): about half the cost of an indexed copy. Threads may write disjoint heads
-        of the same positions at once."""
+        blocks mostly are one run): about half the cost of an indexed copy; on CPU each run is one call of
+        the C routine (engine.kernels.kv_write_rows: a subset of the heads is a strided write, which
+        torch's copy_ made at about twice the time per byte of a whole-slot copy). Threads may write
+        disjoint heads of the same positions at once (the C routine runs without the GIL)."""
         h0, h1 = heads if heads is not None else (0, self.num_kv_heads)
         if not 0 <= h0 < h1 <= self.num_kv_heads or k.shape[1] != h1 - h0:
             raise ValueError(
@@ -155,6 +163,16 @@ class KVCache:
             slots = slots_for(blocks, start, num_tokens, self.block_size).to(self.device)
             k_flat.index_copy_(0, slots, k)
             v_flat.index_copy_(0, slots, v)
+            return
+        write_rows = self._write_rows
+        if write_rows is not None and k.is_contiguous() and v.is_contiguous():
+            # rows of `row` bytes (the heads written of one slot) from k, v to slots `stride` bytes apart
+            row, stride = k.shape[1] * k.shape[2] * k.element_size(), self._slot_bytes
+            dk, dv, sk, sv = k_flat.data_ptr(), v_flat.data_ptr(), k.data_ptr(), v.data_ptr()
+            for slot, pos, n in runs:
+                write_rows(
+                    dk + slot * stride, dv + slot * stride, sk + pos * row, sv + pos * row, n, row, stride
+                )
             return
         for slot, pos, n in runs:
             if n == num_tokens:  # one run: the whole of k, v (no source slices to make)

@@ -37,8 +37,7 @@ from __future__ import annotations
 import struct
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Union
+from typing import Any, NamedTuple, Union
 
 import numpy as np
 import torch
@@ -74,9 +73,9 @@ Buffer = Union[bytes, bytearray, memoryview]  # noqa: UP007 (a runtime alias)
 Payload = Union[Buffer, Sequence[Buffer]]  # noqa: UP007
 
 
-@dataclass(frozen=True)
-class Frame:
-    """A decoded frame. `params` and `payload` are views into the decoded buffer (valid while it is)."""
+class Frame(NamedTuple):
+    """A decoded frame. `params` and `payload` are views into the decoded buffer (valid while it is). A named
+    tuple: made for every frame a pull reads, at a fifth of a frozen dataclass's cost (~0.5 vs 2.4 us)."""
 
     version: int
     codec_id: int
@@ -273,19 +272,29 @@ def decode_frame(
     """Validate and parse one frame; raise a FrameError subclass on anything wrong (see module doc)."""
     mv = as_bytes_view(buf)
     n = len(mv)
-    head = bytes(mv[:4])
-    if head != MAGIC[: len(head)]:
-        raise FrameForeign(f"not a KV frame: magic {head!r}")
-    if n < 6:
-        raise FrameCorrupted(f"truncated frame: {n} bytes")
-    (version,) = struct.unpack_from("<H", mv, 4)
-    if version not in READ_VERSIONS:
-        raise FrameForeign(f"frame format version {version}, this build reads {READ_VERSIONS}")
-    header_size = _HEADER_SIZES[version]
-    if n < header_size + CRC_SIZE:
-        raise FrameCorrupted(f"truncated frame: {n} bytes, the header alone needs {header_size + CRC_SIZE}")
-    fields = _HEADER_V1.unpack_from(mv, 0)  # version 2 adds head_start after version 1's fields
-    head_start = _U32.unpack_from(mv, _HEADER_V1.size)[0] if version == 2 else 0
+    fields: tuple[Any, ...] = ()
+    if n >= HEADER_SIZE + CRC_SIZE:  # the usual case, a version-2 frame: its header in one unpack
+        fields = _HEADER.unpack_from(mv, 0)
+        if fields[0] != MAGIC or fields[1] != VERSION:
+            fields = ()  # the checks below say what is wrong, or read version 1
+    if fields:
+        version, header_size, head_start = VERSION, HEADER_SIZE, fields[14]
+    else:
+        head = bytes(mv[:4])
+        if head != MAGIC[: len(head)]:
+            raise FrameForeign(f"not a KV frame: magic {head!r}")
+        if n < 6:
+            raise FrameCorrupted(f"truncated frame: {n} bytes")
+        (version,) = struct.unpack_from("<H", mv, 4)
+        if version not in READ_VERSIONS:
+            raise FrameForeign(f"frame format version {version}, this build reads {READ_VERSIONS}")
+        header_size = _HEADER_SIZES[version]
+        if n < header_size + CRC_SIZE:
+            raise FrameCorrupted(
+                f"truncated frame: {n} bytes, the header alone needs {header_size + CRC_SIZE}"
+            )
+        fields = _HEADER_V1.unpack_from(mv, 0)  # version 2 adds head_start after version 1's fields
+        head_start = _U32.unpack_from(mv, _HEADER_V1.size)[0] if version == 2 else 0
     (
         _,
         _,
@@ -301,7 +310,7 @@ def decode_frame(
         tid_len,
         params_len,
         payload_len,
-    ) = fields
+    ) = fields[:14]
     if tid_len > MAX_TRANSFER_ID_BYTES:
         raise FrameTooLarge(f"transfer id claims {tid_len} bytes > {MAX_TRANSFER_ID_BYTES}")
     if params_len > max_params_bytes:
@@ -330,7 +339,7 @@ def decode_frame(
         raise FrameCorrupted(f"head range [{head_start}, {head_start} + {h}) overflows")
     off = header_size
     try:
-        transfer_id = bytes(mv[off : off + tid_len]).decode("utf-8")
+        transfer_id = str(mv[off : off + tid_len], "utf-8")
     except UnicodeDecodeError as e:
         raise FrameForeign(f"transfer id is not utf-8: {e}") from None
     off += tid_len

@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from engine.kernels import kernels_available
 from engine.kv_cache import MAX_SLICE_RUNS, KVCache, slot_runs, slots_for
 
 
@@ -49,15 +50,23 @@ def test_slot_runs_of_one_run_and_of_blocks_that_only_span_a_range():
     assert [s + i for s, _, n in runs for i in range(n)] == slots_for([0, 2, 1, 3], 0, 16, 4).tolist()
 
 
+@pytest.mark.parametrize("use_kernel", [True, False], ids=["c", "torch"])
 @pytest.mark.parametrize("scattered", [False, True], ids=["slices", "indexed"])
-def test_writes_of_disjoint_heads_fill_the_same_positions(scattered: bool):
+def test_writes_of_disjoint_heads_fill_the_same_positions(scattered: bool, use_kernel: bool):
     # more runs than MAX_SLICE_RUNS take the indexed copy; fewer, one slice copy per run
     n_blocks = MAX_SLICE_RUNS + 2
     blocks = list(range(0, 2 * n_blocks, 2)) if scattered else list(range(3, 3 + n_blocks))
     assert (len(slot_runs(blocks, 0, 4 * n_blocks, 4)) > MAX_SLICE_RUNS) == scattered
-    cache = KVCache(num_layers=1, num_blocks=2 * n_blocks + 3, block_size=4, num_kv_heads=4, head_dim=3)
+    cache = KVCache(
+        num_layers=1,
+        num_blocks=2 * n_blocks + 3,
+        block_size=4,
+        num_kv_heads=4,
+        head_dim=3,
+        use_kernel=use_kernel,
+    )
     k, v = torch.randn(4 * n_blocks - 1, 4, 3), torch.randn(4 * n_blocks - 1, 4, 3)
-    cache.write(0, blocks, 1, k[1:, 1:3], v[1:, 1:3], heads=(1, 3))
+    cache.write(0, blocks, 1, k[1:, 1:3].contiguous(), v[1:, 1:3].contiguous(), heads=(1, 3))
     cache.write(0, blocks, 1, k[1:, :1], v[1:, :1], heads=(0, 1))
     cache.write(0, blocks, 1, k[1:, 3:], v[1:, 3:], heads=(3, 4))
     cache.write(0, blocks, 0, k[:1], v[:1])
@@ -65,6 +74,42 @@ def test_writes_of_disjoint_heads_fill_the_same_positions(scattered: bool):
     assert torch.equal(rk, k) and torch.equal(rv, v)
     with pytest.raises(ValueError, match="KV heads"):
         cache.write(0, blocks, 0, k[:, :2], v[:, :2], heads=(3, 5))
+
+
+@pytest.mark.parametrize(
+    ("head_dim", "num_kv_heads", "dtype"),
+    [(32, 2, torch.float32), (8, 4, torch.float32), (64, 3, torch.float16), (3, 2, torch.float32)],
+    ids=["streamed-128B", "streamed-32B", "fp16", "memcpy-12B"],
+)
+def test_the_c_write_stores_the_same_bytes_as_torch(head_dim: int, num_kv_heads: int, dtype: torch.dtype):
+    # head rows of 32-byte multiples take the non-temporal stores, others a memcpy per row; whole slots one
+    # memcpy per run; a cast or non-contiguous source torch's copy: every path must store the same bytes
+    c = KVCache(3, 40, 16, num_kv_heads, head_dim, dtype=dtype)
+    ref = KVCache(3, 40, 16, num_kv_heads, head_dim, dtype=dtype, use_kernel=False)
+    assert ref._write_rows is None and (c._write_rows is not None) == kernels_available()
+    gen = torch.Generator().manual_seed(0)
+    cases = [
+        (list(range(5, 13)), 0, 128, (1, 2)),  # one run, one head (a TP2 -> TP1 piece)
+        (list(range(5, 13)), 0, 128, (0, 1)),
+        ([3, 4, 20, 21, 22, 9, 10, 30], 7, 100, (0, num_kv_heads)),  # several runs, whole slots
+        ([3, 4, 20, 21, 22, 9, 10, 30], 7, 100, (num_kv_heads - 1, num_kv_heads)),
+        ([0, 2, 4, 6, 8, 10, 12, 14, 16, 18], 0, 160, (0, 1)),  # past MAX_SLICE_RUNS: the indexed copy
+    ]
+    for layer, (blocks, start, n, heads) in enumerate(cases):
+        for src_dtype, contiguous in [(dtype, True), (torch.float32, True), (dtype, False)]:
+            shape = (n, heads[1] - heads[0], head_dim)
+            k = torch.randn(shape, generator=gen).to(src_dtype)
+            v = torch.randn(shape, generator=gen).to(src_dtype)
+            if not contiguous:
+                k, v = (
+                    k.transpose(0, 1).contiguous().transpose(0, 1),
+                    v.transpose(0, 1).contiguous().transpose(0, 1),
+                )
+            c.write(layer % 3, blocks, start, k, v, heads=heads)
+            ref.write(layer % 3, blocks, start, k, v, heads=heads)
+            assert torch.equal(c.k.view(torch.uint8), ref.k.view(torch.uint8))
+            assert torch.equal(c.v.view(torch.uint8), ref.v.view(torch.uint8))
+    assert c.k.abs().sum() > 0
 
 
 def test_bytes_per_block():
