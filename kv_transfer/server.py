@@ -489,8 +489,8 @@ class KVServer:
     def _send(
         self, ch: Channel, data: memoryview | bytes, timeout: float, frame: bool, renew: _Lease | None = None
     ) -> None:
-        """Every byte the server sends goes through here (counted once sent). `renew`: the lease whose deadline
-        the send renews (under the same lock as the count)."""
+        """One message, counted once sent (frames in batches: `_send_frames`; the last ones with the trailer:
+        `_send_last`). `renew`: the lease whose deadline the send renews (under the same lock as the count)."""
         ch.send(data, timeout=timeout)
         n = data.nbytes if isinstance(data, memoryview) else len(data)
         with self._lock:
@@ -680,7 +680,7 @@ class KVServer:
                 frame, layer_stats = window.take()
                 nxt = self._submit_ready(window, lease, session, codec, ring, nxt, layers[1], heads)
                 stats.add_layer(layer_stats)
-                self._send_frame(ch, lease, frame, stats)
+                self._send_frames(ch, lease, [frame], stats)
         finally:
             window.close()  # nothing may still write into bufs when the next pull reuses them
         return False
@@ -715,20 +715,14 @@ class KVServer:
             self._frame_bytes_sent += nbytes
             self._control_bytes_sent += len(trailer)
 
-    def _send_frame(self, ch: Channel, lease: _Lease, frame: memoryview, stats: _PullStats) -> None:
-        t0 = time.perf_counter()
-        self._send(ch, frame, self.send_timeout_s, frame=True, renew=lease)
-        stats.send_s += time.perf_counter() - t0
-        stats.bytes_on_wire += len(frame)
-
     def _send_frames(self, ch: Channel, lease: _Lease, frames: list[memoryview], stats: _PullStats) -> None:
-        """Frames in order, in one send call (tcp) when there are several."""
-        if len(frames) == 1:
-            self._send_frame(ch, lease, frames[0], stats)
-            return
+        """Frames in order, in one send call; counted, and the lease renewed (as `_send` does)."""
         nbytes = sum(len(f) for f in frames)
         t0 = time.perf_counter()
-        ch.send_many(frames, timeout=self.send_timeout_s)
+        if len(frames) == 1:
+            ch.send(frames[0], timeout=self.send_timeout_s)
+        else:
+            ch.send_many(frames, timeout=self.send_timeout_s)
         stats.send_s += time.perf_counter() - t0
         stats.bytes_on_wire += nbytes
         with self._lock:
