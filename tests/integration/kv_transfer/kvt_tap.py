@@ -10,21 +10,71 @@ from kv_transfer.frame import Buffer
 from kv_transfer.transport.base import Channel, Listener, Transport
 
 
-class Tap(Transport):
+class WrappedTransport(Transport):
+    """Wraps `inner`: every channel its listeners accept is `self.wrap(channel)`; `connect` is inner's. The
+    test transports below wrap the server side of a KV hand-off this way to watch or change what it sends."""
+
+    def __init__(self, inner: Transport) -> None:
+        self.inner, self.scheme = inner, inner.scheme
+
+    def wrap(self, ch: Channel) -> Channel:
+        return ch
+
+    def listen(self, host: str, port: int = 0) -> Listener:
+        return _WrappedListener(self.inner.listen(host, port), self.wrap)
+
+    def connect(self, address: str, timeout: float) -> Channel:
+        return self.inner.connect(address, timeout)
+
+
+class _WrappedListener(Listener):
+    def __init__(self, inner: Listener, wrap: Callable[[Channel], Channel]) -> None:
+        self.inner, self.wrap, self.address = inner, wrap, inner.address
+
+    def accept(self, timeout: float | None = None) -> Channel:
+        return self.wrap(self.inner.accept(timeout))
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class WrappedChannel(Channel):
+    """Delegates send, recv, poll and close to `inner` (send_many is Channel's: one `send` per message, so an
+    override of `send` sees every message); subclasses override what they watch or change."""
+
+    def __init__(self, inner: Channel) -> None:
+        self.inner = inner
+
+    def send(self, data: Buffer, timeout: float | None = None) -> None:
+        self.inner.send(data, timeout)
+
+    def recv(self, timeout: float | None = None) -> memoryview:
+        return self.inner.recv(timeout)
+
+    def poll(self) -> bool:
+        return self.inner.poll()
+
+    def close(self) -> None:
+        self.inner.close()
+
+    @property
+    def closed(self) -> bool:
+        return self.inner.closed
+
+
+class Tap(WrappedTransport):
     """Wraps `inner`; `received`/`sent` count messages over every channel its listeners accepted.
     `on_receive` (if given) is called after each received message, in the receiving thread."""
 
     def __init__(self, inner: Transport, on_receive: Callable[[], None] | None = None) -> None:
-        self.inner, self.scheme, self.on_receive = inner, inner.scheme, on_receive
+        super().__init__(inner)
+        self.on_receive = on_receive
         self.received = 0
         self.sent = 0
         self.cond = threading.Condition()
 
-    def listen(self, host: str, port: int = 0) -> Listener:
-        return _TapListener(self.inner.listen(host, port), self)
-
-    def connect(self, address: str, timeout: float) -> Channel:
-        return self.inner.connect(address, timeout)
+    def wrap(self, ch: Channel) -> Channel:
+        return _TapChannel(ch, self)
 
     def wait_received(self, n: int, timeout: float = 10.0) -> None:
         """Block until the server side has received at least n messages (e.g. n PULLs)."""
@@ -40,20 +90,10 @@ class Tap(Transport):
             self.cond.notify_all()
 
 
-class _TapListener(Listener):
-    def __init__(self, inner: Listener, tap: Tap) -> None:
-        self.inner, self.tap, self.address = inner, tap, inner.address
-
-    def accept(self, timeout: float | None = None) -> Channel:
-        return _TapChannel(self.inner.accept(timeout), self.tap)
-
-    def close(self) -> None:
-        self.inner.close()
-
-
-class _TapChannel(Channel):
+class _TapChannel(WrappedChannel):
     def __init__(self, inner: Channel, tap: Tap) -> None:
-        self.inner, self.tap = inner, tap
+        super().__init__(inner)
+        self.tap = tap
 
     def send(self, data: Buffer, timeout: float | None = None) -> None:
         self.inner.send(data, timeout)
@@ -65,13 +105,3 @@ class _TapChannel(Channel):
         if self.tap.on_receive is not None:
             self.tap.on_receive()
         return msg
-
-    def poll(self) -> bool:
-        return self.inner.poll()
-
-    def close(self) -> None:
-        self.inner.close()
-
-    @property
-    def closed(self) -> bool:
-        return self.inner.closed

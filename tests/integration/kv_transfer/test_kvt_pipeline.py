@@ -17,7 +17,8 @@ from kv_transfer.frame import Buffer, is_frame
 from kv_transfer.pipeline import OrderedWindow, codec_pool
 from kv_transfer.server import KVServer
 from kv_transfer.transport import transport_for
-from kv_transfer.transport.base import Channel, Listener, Transport
+from kv_transfer.transport.base import Channel, Transport
+from tests.integration.kv_transfer.kvt_tap import WrappedChannel, WrappedTransport
 from tests.integration.kv_transfer.test_kvt_pull import Releases, Sink, _CorruptOnce
 
 FP = 0x5EED
@@ -144,12 +145,11 @@ def test_layers_of_one_pull_are_encoded_in_parallel() -> None:
         srv.stop()
 
 
-class _GatedTransport(Transport):
+class _GatedTransport(WrappedTransport):
     """tcp whose server-side sends of KV frames each wait for a permit from the test (a link the test clocks)."""
 
     def __init__(self) -> None:
-        self.inner = transport_for("tcp")
-        self.scheme = self.inner.scheme
+        super().__init__(transport_for("tcp"))
         self.cond = threading.Condition()
         self.permits = 0
         self.frames_started = 0  # frame sends begun (waiting for a permit or sending)
@@ -159,28 +159,14 @@ class _GatedTransport(Transport):
             self.permits += n
             self.cond.notify_all()
 
-    def listen(self, host: str, port: int = 0) -> Listener:
-        inner = self.inner.listen(host, port)
-        gate = self
-
-        class _L(Listener):
-            address = inner.address
-
-            def accept(self, timeout: float | None = None) -> Channel:
-                return _GatedChannel(inner.accept(timeout), gate)
-
-            def close(self) -> None:
-                inner.close()
-
-        return _L()
-
-    def connect(self, address: str, timeout: float) -> Channel:
-        return self.inner.connect(address, timeout)
+    def wrap(self, ch: Channel) -> Channel:
+        return _GatedChannel(ch, self)
 
 
-class _GatedChannel(Channel):
+class _GatedChannel(WrappedChannel):
     def __init__(self, inner: Channel, gate: _GatedTransport) -> None:
-        self.inner, self.gate = inner, gate
+        super().__init__(inner)
+        self.gate = gate
 
     def send(self, data: Buffer, timeout: float | None = None) -> None:
         if is_frame(data):
@@ -191,20 +177,10 @@ class _GatedChannel(Channel):
                 self.gate.permits -= 1
         self.inner.send(data, timeout)
 
-    def recv(self, timeout: float | None = None) -> memoryview:
-        return self.inner.recv(timeout)
-
-    def poll(self) -> bool:
-        return self.inner.poll()
-
     def close(self) -> None:
         self.inner.close()
         with self.gate.cond:
             self.gate.cond.notify_all()
-
-    @property
-    def closed(self) -> bool:
-        return self.inner.closed
 
 
 @pytest.mark.parametrize("codec", ["int8", "raw"])
@@ -416,36 +392,21 @@ def test_ordered_window_order_errors_and_close() -> None:
         pool.shutdown(wait=True)
 
 
-class _CallsTransport(Transport):
+class _CallsTransport(WrappedTransport):
     """tcp, recording how many messages each send call of the server's channels carried."""
 
-    scheme = "tcp"
-
     def __init__(self) -> None:
-        self.inner = transport_for("tcp")
+        super().__init__(transport_for("tcp"))
         self.calls: list[int] = []  # messages per send call, in order
 
-    def listen(self, host: str, port: int = 0) -> Listener:
-        inner, calls = self.inner.listen(host, port), self.calls
-
-        class _L(Listener):
-            address = inner.address
-
-            def accept(self, timeout: float | None = None) -> Channel:
-                return _CallsChannel(inner.accept(timeout), calls)
-
-            def close(self) -> None:
-                inner.close()
-
-        return _L()
-
-    def connect(self, address: str, timeout: float) -> Channel:
-        return self.inner.connect(address, timeout)
+    def wrap(self, ch: Channel) -> Channel:
+        return _CallsChannel(ch, self.calls)
 
 
-class _CallsChannel(Channel):
+class _CallsChannel(WrappedChannel):
     def __init__(self, inner: Channel, calls: list[int]) -> None:
-        self.inner, self.calls = inner, calls
+        super().__init__(inner)
+        self.calls = calls
 
     def send(self, data: Buffer, timeout: float | None = None) -> None:
         self.calls.append(1)
@@ -454,19 +415,6 @@ class _CallsChannel(Channel):
     def send_many(self, messages: Sequence[Buffer], timeout: float | None = None) -> None:
         self.calls.append(len(messages))
         self.inner.send_many(messages, timeout)
-
-    def recv(self, timeout: float | None = None) -> memoryview:
-        return self.inner.recv(timeout)
-
-    def poll(self) -> bool:
-        return self.inner.poll()
-
-    def close(self) -> None:
-        self.inner.close()
-
-    @property
-    def closed(self) -> bool:
-        return self.inner.closed
 
 
 def test_one_layer_at_a_time_small_raw_frames_leave_together_and_nothing_waits_behind_them() -> None:

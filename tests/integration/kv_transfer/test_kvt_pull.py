@@ -27,11 +27,11 @@ from kv_transfer.frame import Buffer, is_frame
 from kv_transfer.server import KVServer
 from kv_transfer.transport import transport_for
 from kv_transfer.transport._sockutil import parse_host_port
-from kv_transfer.transport.base import Channel, Listener, Transport
+from kv_transfer.transport.base import Channel, Transport
 from kv_transfer.transport.ucx import ucx_available
 from kv_transfer.wire import ErrorCode, ErrorMsg, Pull, decode_control, encode_control
 from pdserve.errors import InvalidRequest
-from tests.integration.kv_transfer.kvt_tap import Tap
+from tests.integration.kv_transfer.kvt_tap import Tap, WrappedChannel, WrappedTransport
 
 FP = 0x5EED
 L, T, H, D = 4, 33, 2, 16
@@ -273,34 +273,22 @@ def test_renewal_keeps_a_slow_prefill_alive(scheme: str, puller: KVPuller) -> No
         assert rel.total("slow") == 1
 
 
-class _CorruptOnce(Transport):
+class _CorruptOnce(WrappedTransport):
     """Wraps a transport; flips one bit in the n-th message the first accepted channel sends."""
 
     def __init__(self, inner: Transport, nth: int) -> None:
-        self.inner, self.nth, self.scheme = inner, nth, inner.scheme
+        super().__init__(inner)
+        self.nth = nth
         self.done = False
 
-    def listen(self, host: str, port: int = 0) -> Listener:
-        return _Lst(self.inner.listen(host, port), self)
-
-    def connect(self, address: str, timeout: float) -> Channel:
-        return self.inner.connect(address, timeout)
+    def wrap(self, ch: Channel) -> Channel:
+        return _Ch(ch, self)
 
 
-class _Lst(Listener):
-    def __init__(self, inner: Listener, owner: _CorruptOnce) -> None:
-        self.inner, self.owner, self.address = inner, owner, inner.address
-
-    def accept(self, timeout: float | None = None) -> Channel:
-        return _Ch(self.inner.accept(timeout), self.owner)
-
-    def close(self) -> None:
-        self.inner.close()
-
-
-class _Ch(Channel):
+class _Ch(WrappedChannel):
     def __init__(self, inner: Channel, owner: _CorruptOnce) -> None:
-        self.inner, self.owner, self.sent = inner, owner, 0
+        super().__init__(inner)
+        self.owner, self.sent = owner, 0
 
     def send(self, data: Buffer, timeout: float | None = None) -> None:
         self.sent += 1
@@ -310,19 +298,6 @@ class _Ch(Channel):
             bad[len(bad) // 2] ^= 0x10
             data = bad
         self.inner.send(data, timeout)
-
-    def recv(self, timeout: float | None = None) -> memoryview:
-        return self.inner.recv(timeout)
-
-    def poll(self) -> bool:
-        return self.inner.poll()
-
-    def close(self) -> None:
-        self.inner.close()
-
-    @property
-    def closed(self) -> bool:
-        return self.inner.closed
 
 
 def test_corrupted_frame_is_caught_and_server_survives(scheme: str, puller: KVPuller) -> None:
