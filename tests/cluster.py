@@ -191,9 +191,20 @@ def assert_no_processes_left(fragment: str, timeout_s: float = 2.0) -> None:
     assert left == [], f"processes left behind: {left} ({fragment})"
 
 
+def log_tails(clusters: list[LocalCluster], lines: int = 30) -> str:
+    """The last `lines` lines of each child's log file of `clusters` (what a failed test reports)."""
+    out = []
+    for c in clusters:
+        folder = Path(c.cfg.log_dir or "")
+        for f in sorted(folder.glob("*.log")) if c.cfg.log_dir else []:
+            tail = f.read_text(errors="replace").splitlines()[-lines:]
+            out.append(f"--- {f} (last {len(tail)} lines)\n" + "\n".join(tail))
+    return "\n".join(out)
+
+
 class Clusters:
     """Starts clusters into per-cluster temporary log folders; `close()` stops every one still running and
-    runs the process leak check on each."""
+    runs the process leak check on each. A failed test reports their logs' tails (tests/e2e/conftest.py)."""
 
     def __init__(self, tmp_path_factory: pytest.TempPathFactory) -> None:
         self._tmp = tmp_path_factory
@@ -208,6 +219,10 @@ class Clusters:
         started = start_many(specs, self._tmp)
         self._started.extend(started.values())
         return started
+
+    @property
+    def started(self) -> list[LocalCluster]:
+        return list(self._started)
 
     def close(self) -> None:
         started, self._started = self._started, []
