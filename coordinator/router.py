@@ -7,6 +7,13 @@ among the decode instances the plan links to the prefill instance holding the KV
 Colocated (baseline mode): fewest requests in flight. Instances serving another model (fingerprint) are
 never chosen; an instance that failed a call is skipped for `suspect_s`. The snapshot is refreshed from
 Redis every `refresh_s`.
+
+Channels: one per instance address, kept `channel_linger_s` after the address left the registry before it is
+closed. Closing a channel cancels its calls locally (the caller's task sees `asyncio.CancelledError`, not a
+gRPC status), and an instance leaves the registry while calls to it are still running: a draining one
+finishes them for up to its drain time, a request may have picked a dead one from the snapshot just before
+the refresh; those calls must end with the instance's own status (then fail over), never be cancelled under
+the request.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ class Router:
         suspect_s: float = 5.0,
         tls: TLSFiles | None = None,
         kv_links: Sequence[tuple[str, str, str]] = (),
+        channel_linger_s: float = 60.0,
     ) -> None:
         self.registry = registry
         # prefill instance id -> {decode instance id: the plan's codec for that link}
@@ -52,6 +60,9 @@ class Router:
         self._reserved_blocks: dict[str, int] = defaultdict(int)  # decode id -> blocks reserved
         self._suspect_until: dict[str, float] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
+        # address -> when it was first seen missing from the registry (its channel closes `channel_linger_s` on)
+        self._gone_since: dict[str, float] = {}
+        self.channel_linger_s = channel_linger_s
         self._rr = itertools.count()
         self._task: asyncio.Task | None = None
 
@@ -65,9 +76,14 @@ class Router:
     # ---- registry snapshot ----------------------------------------------------------------
     async def refresh(self) -> None:
         self.snapshot = await asyncio.to_thread(self.registry.instances)
+        now = time.monotonic()
         live = {i.grpc_address for i in self.snapshot}
-        for address in [a for a in self._channels if a not in live]:
-            await self._channels.pop(address).close()
+        for address in list(self._channels):
+            if address in live:
+                self._gone_since.pop(address, None)
+            elif now - self._gone_since.setdefault(address, now) >= self.channel_linger_s:
+                del self._gone_since[address]
+                await self._channels.pop(address).close()
 
     async def start(self) -> None:
         await self.refresh()
