@@ -11,7 +11,8 @@ heads of each slot with non-temporal stores (see the C comment), whole slots wit
 `small_matmul` is x @ w_t (+ bias) for 1..24 rows with w_t stored [in, out]: MKL packs the weight matrix
 on every call for 2..24 rows, which on a memory-bound decode step costs as much as the multiply itself;
 this kernel streams w_t in place instead (k-blocks of 16 rows, 6x16 register tiles, software prefetch)
-and is ~1.5x faster at 16 rows. One row (GEMV) goes to it too, streaming w_t's rows in order: on the
+and is ~1.5x faster at 16 rows. One to four rows stream w_t's rows in order instead, each weight loaded
+once for every row (2 rows: ~0.8x the tiles' time). One row (GEMV): on the
 2026-12-03 host the tiles read weights too big for the cache at 26 GB/s against MKL's 21-22 (35 against
 21 for a 65 MB LM head), and the row stream is ~6% faster again (2026-12-05). Every row's result is the
 same whatever the batch holds (each output accumulates one fma per k in k order in every path), so a
@@ -137,28 +138,45 @@ static inline __attribute__((always_inline)) void tile(float *C, const float *A,
     }
 }
 
-/* One row: c[N] = a[K] @ B[K, N] (+ bias), streaming B's rows in order, 8 at a time, c held in L1. Every
-   output still accumulates one fma per k in k order from the bias (or 0): bitwise equal to the tiles. One
-   sequential stream reads faster than the tiles' 16 (bench model, one decode step's matmuls: 6.2 against
-   6.6 ms from huge pages, 6.9 against 7.1 from 4 KiB pages). */
-static void gemv_rows(float *c, const float *a, const float *B, const float *bias, int64_t N, int64_t K,
-                      int64_t ldb) {
-    for (int64_t n = 0; n < N; n += 8) _mm256_storeu_ps(c + n, bias ? _mm256_loadu_ps(bias + n) : _mm256_setzero_ps());
+/* MR rows (1..4): C[MR, N] = A[MR, K] @ B[K, N] (+ bias), streaming B's rows in order, 8 at a time, each
+   B vector loaded once for all MR rows (C's rows held in L1). Every output still accumulates one fma per k
+   in k order from the bias (or 0): bitwise equal to the tiles and to any other MR. One sequential stream
+   of 8 rows reads faster than the tiles' 16: one row, bench model, one decode step's matmuls: 6.2 against
+   6.6 ms from huge pages, 6.9 against 7.1 from 4 KiB pages; 2026-12-07, the compare's model (25.7 M
+   weights), one process, alternating: 2 rows 0.75-0.89x the tiles' time, 3 rows 0.84-1.0x, 4 rows
+   0.86-0.90x (8 rows at a time beat 6, 4 or 3 rows at a time for 2-4 rows, 16 lost; a column-blocked C
+   and software prefetch lost too). */
+static inline __attribute__((always_inline)) void stream_rows(float *C, const float *A, const float *B,
+                                                              const float *bias, int64_t N, int64_t K,
+                                                              int64_t lda, int64_t ldb, int64_t ldc,
+                                                              const int MR) {
+    for (int r = 0; r < MR; r++)
+        for (int64_t n = 0; n < N; n += 8)
+            _mm256_storeu_ps(C + r * ldc + n, bias ? _mm256_loadu_ps(bias + n) : _mm256_setzero_ps());
     int64_t k = 0;
     for (; k + 8 <= K; k += 8) {
         const float *b = B + k * ldb;
-        __m256 x[8];
-        for (int i = 0; i < 8; i++) x[i] = _mm256_broadcast_ss(a + k + i);
+        __m256 x[4][8]; /* MR x 8 broadcasts (spilled to L1 past 2 rows) */
+        for (int r = 0; r < MR; r++)
+            for (int i = 0; i < 8; i++) x[r][i] = _mm256_broadcast_ss(A + r * lda + k + i);
         for (int64_t n = 0; n < N; n += 8) {
-            __m256 acc = _mm256_loadu_ps(c + n);
-            for (int i = 0; i < 8; i++) acc = _mm256_fmadd_ps(x[i], _mm256_loadu_ps(b + i * ldb + n), acc);
-            _mm256_storeu_ps(c + n, acc);
+            __m256 acc[4];
+            for (int r = 0; r < MR; r++) acc[r] = _mm256_loadu_ps(C + r * ldc + n);
+            for (int i = 0; i < 8; i++) {
+                __m256 bv = _mm256_loadu_ps(b + i * ldb + n);
+                for (int r = 0; r < MR; r++) acc[r] = _mm256_fmadd_ps(x[r][i], bv, acc[r]);
+            }
+            for (int r = 0; r < MR; r++) _mm256_storeu_ps(C + r * ldc + n, acc[r]);
         }
     }
     for (; k < K; k++) {
-        __m256 x = _mm256_broadcast_ss(a + k);
         const float *b = B + k * ldb;
-        for (int64_t n = 0; n < N; n += 8) _mm256_storeu_ps(c + n, _mm256_fmadd_ps(x, _mm256_loadu_ps(b + n), _mm256_loadu_ps(c + n)));
+        for (int r = 0; r < MR; r++) {
+            __m256 x = _mm256_broadcast_ss(A + r * lda + k);
+            float *c = C + r * ldc;
+            for (int64_t n = 0; n < N; n += 8)
+                _mm256_storeu_ps(c + n, _mm256_fmadd_ps(x, _mm256_loadu_ps(b + n), _mm256_loadu_ps(c + n)));
+        }
     }
 }
 
@@ -166,9 +184,11 @@ static void gemv_rows(float *c, const float *a, const float *B, const float *bia
 int small_matmul(float *C, const float *A, const float *B, const float *bias, int64_t M, int64_t N,
                  int64_t K, int64_t lda, int64_t ldb, int64_t ldc) {
     if (N % 16) return -1;
-    if (M == 1) {
-        gemv_rows(C, A, B, bias, N, K, ldb);
-        return 0;
+    switch (M) { /* 1-4 rows: streamed; more: register tiles */
+        case 1: stream_rows(C, A, B, bias, N, K, lda, ldb, ldc, 1); return 0;
+        case 2: stream_rows(C, A, B, bias, N, K, lda, ldb, ldc, 2); return 0;
+        case 3: stream_rows(C, A, B, bias, N, K, lda, ldb, ldc, 3); return 0;
+        case 4: stream_rows(C, A, B, bias, N, K, lda, ldb, ldc, 4); return 0;
     }
     for (int64_t k0 = 0; k0 < K; k0 += KB) {
         int64_t kb = K - k0 < KB ? K - k0 : KB;
