@@ -102,6 +102,19 @@ def passing_bracket(points: Sequence[tuple[float, float]], target: float) -> tup
     return lo, hi
 
 
+def contradiction(points: Sequence[tuple[float, float]], target: float) -> tuple[float, float] | None:
+    """The runs of measured ``(rate, attainment)`` points that contradict each other: (the lowest failing rate
+    with a passing rate above it, the highest passing rate above that one); None when the outcomes are
+    monotone (every pass below every fail). Attainment does not rise with load, so one of the two is an
+    outlier (a disturbed run, or a knife-edge draw), and scoring by the first fail would let it decide."""
+    ordered = sorted(points)
+    for i, (rate, att) in enumerate(ordered):
+        if att < target:
+            above = [r for r, a in ordered[i + 1 :] if a >= target]
+            return (rate, max(above)) if above else None
+    return None
+
+
 def fitted_goodput(points: Sequence[tuple[float, float]], target: float = 0.9) -> float:
     """The rate where attainment crosses ``target``, by linear interpolation between the two measured points
     around the crossing (``passing_bracket``): lo + (a_lo - target) / (a_lo - a_hi) x (hi - lo), so

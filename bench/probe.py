@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
 from bench.cpu import CpuMeter, CpuUsage, NamedPidsFn, PidsFn
-from bench.goodput import fitted_goodput
+from bench.goodput import contradiction, fitted_goodput
 from bench.metrics import SLO, RequestRecord, attainment, compute_metrics
 from bench.serving import run_load
 from bench.workload import BenchRequest, Workload, make_seeded_requests
@@ -46,6 +46,8 @@ class Run:
     # the CPU use of earlier runs at this rate, each run again because foreign load disturbed it
     discarded: list[CpuUsage] = field(default_factory=list)
     seed_of: list[int] = field(default_factory=list)  # the workload seed of each record ([]: one seed)
+    # earlier runs at this rate that contradicted a run at another rate and were run again (`recheck`)
+    replaced: list[Run] = field(default_factory=list)
 
     def records_of(self, seed: int | None = None) -> list[RequestRecord]:
         """The records of one seed's schedule (every record with `seed` None)."""
@@ -173,6 +175,13 @@ class Prober:
             self.runs[rate] = run
         return self.runs[rate]
 
+    def rerun(self, rate: float) -> Run:
+        """Run `rate` again (the same schedules); the new run replaces the cached one, kept in its `replaced`."""
+        old = self.runs.pop(float(f"{rate:.4g}"))
+        new = self.run(rate)
+        new.replaced = [*old.replaced, old]
+        return new
+
     def _disturbed(self, cpu: CpuUsage | None) -> bool:
         return cpu is not None and cpu.foreign_peak_cores > self.max_foreign_cores
 
@@ -264,6 +273,28 @@ def fitted_from_runs(runs: list[Run], slo: SLO, seed: int | None = None) -> floa
     """Goodput interpolated between the runs around the target crossing (`bench.goodput.fitted_goodput`),
     over every seed's requests or over `seed`'s only."""
     return fitted_goodput(attainment_by_rate(runs, slo, seed), TARGET)
+
+
+def recheck(prober: Prober, slo: SLO, pairs: int = 1) -> list[float]:
+    """Run again, once each, the two runs of a contradiction at `slo` (`bench.goodput.contradiction`: a rate
+    that fails below one that passes), up to `pairs` times; the reruns replace them. Both are run again, the
+    pass as well as the fail, so outliers are not removed in one direction only. Returns the rates run again
+    (a contradiction that survives its rerun stands: the first fail then bounds the goodput)."""
+    again: list[float] = []
+    for _ in range(pairs):
+        pair = contradiction(attainment_by_rate(list(prober.runs.values()), slo), TARGET)
+        if pair is None or any(rate in again for rate in pair):
+            break
+        for rate in pair:
+            log.warning(
+                "%s: the runs at %.4g (fails) and %.4g req/s (passes) contradict each other: running %.4g again",
+                prober.name,
+                *pair,
+                rate,
+            )
+            prober.rerun(rate)
+            again.append(rate)
+    return again
 
 
 def refine_goodput(prober: Prober, slo: SLO, budget: int, rel_tol: float) -> None:

@@ -40,6 +40,8 @@ class Mode:
     extra_probes: int  # more load runs allowed for each other k (0: score the headline runs only)
     rel_tol: float  # the search stops once its bracket [highest pass, lowest fail] is this narrow (relative)
     symmetric_probes: int  # load runs of the symmetric-SLO search (workloads with a TTFT scale != 1)
+    # contradictions at the headline k run again (`bench.probe.recheck`): pairs of runs per system and workload
+    recheck_pairs: int = 1
     seeds: int = 3  # workload seeds per load run (seed, seed + 1, ...), back to back; goodput per seed too
     growth: float = 2.0  # the search's bracketing step (x or / per probe until a pass and a fail)
     only_systems: tuple[str, ...] = ()  # () = every system of `systems(budgets)`; --systems overrides

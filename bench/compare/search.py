@@ -16,6 +16,7 @@ from bench.probe import (
     attainment_by_rate,
     fitted_from_runs,
     highest_passing_rate,
+    recheck,
     refine_goodput,
     tightest_k,
 )
@@ -52,6 +53,14 @@ def score_run(
         "at_headline_k": _compact(summarize_records(run.records, slos[headline_k])),
         "cpu": run.cpu.to_dict() if run.cpu else None,
         "discarded_disturbed_runs": [u.to_dict() for u in run.discarded],
+        "replaced_contradicting_runs": [
+            {
+                "attainment": attainment(compute_metrics(old.records), slos[headline_k]),
+                "at_headline_k": _compact(summarize_records(old.records, slos[headline_k])),
+                "cpu": old.cpu.to_dict() if old.cpu else None,
+            }
+            for old in run.replaced
+        ],
     }
     if prefill_servers:
         entry["ideal_prefill_ttft_attainment_by_k"] = {
@@ -80,7 +89,11 @@ def evaluate(
     of that many instances (`bench.ideal`): the TTFT attainment queueing alone allows on the run's schedule.
     With `symmetric_slos` (a workload whose TTFT scale is not 1), goodput is also found against SLOs that
     scale both isolated latencies alike: a search of its own at the headline k (`mode.symmetric_probes` load
-    runs at most, cached runs included; 0: score the other runs only), every k scored on all runs."""
+    runs at most, cached runs included; 0: score the other runs only), every k scored on all runs.
+    Before scoring, a contradiction among the runs at the headline k (a rate failing below a rate passing)
+    is run again (`bench.probe.recheck`, `mode.recheck_pairs`): with every run scored, a single disturbed
+    run below the knee would otherwise set every goodput, and a full run (more runs) would be more exposed
+    to one than a quick run."""
     base = (slos[headline_k].ttft_s / headline_k, slos[headline_k].tpot_s / headline_k)  # the SLO at k = 1
 
     def search(slo: SLO, max_probes: int) -> GoodputResult:
@@ -101,6 +114,7 @@ def evaluate(
     sym_search = None
     if symmetric_slos and mode.symmetric_probes:
         sym_search = search(symmetric_slos[headline_k], mode.symmetric_probes).to_dict()
+    rechecked = recheck(prober, slos[headline_k], mode.recheck_pairs)
     all_runs = list(prober.runs.values())
 
     def scored(slo: SLO, searched: GoodputResult | None) -> dict[str, Any]:
@@ -139,5 +153,6 @@ def evaluate(
             else None
         ),
         "symmetric_search": sym_search,
+        "rechecked_rates": rechecked,
         "runs": runs,
     }

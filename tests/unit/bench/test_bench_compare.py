@@ -202,6 +202,55 @@ def test_evaluate_searches_the_symmetric_slos_on_their_own() -> None:
     assert out["symmetric_search"] is None and sorted(prober.runs) == [1.0, 2.0]
 
 
+class OutlierProber(SloProber):
+    """SloProber (knee 3.0) whose first run at `outlier` req/s fails every request (a disturbed run); with
+    `persistent`, so does every run there. `rerun` as bench.probe.Prober's."""
+
+    def __init__(self, outlier: float, persistent: bool = False) -> None:
+        self.name = "outlier"
+        self.outlier, self.persistent = outlier, persistent
+        super().__init__(knee=3.0, rates=[])
+
+    def run(self, rate: float) -> Run:
+        if rate not in self.runs:
+            bad = rate == self.outlier and (self.persistent or not any(r == rate for r in self.new))
+            self.new.append(rate)
+            ttft = self.ttft_s[1] if bad or rate > self.knee else self.ttft_s[0]
+            self.runs[rate] = Run(rate, [_record(i, ttft, 0.01) for i in range(10)])
+        return self.runs[rate]
+
+    rerun = Prober.rerun
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+def test_evaluate_runs_a_contradicting_pair_again_before_scoring(persistent: bool) -> None:
+    # headline search from 1.0 (TTFT SLO 0.5 s, knee 3.0): 1.0, 2.0 pass, 4.0 fails, 3.0 passes; the symmetric
+    # search (TTFT 0.2 s: fails everything) halves to 0.5 and 0.25, and the outlier at 0.5 fails its first
+    # run at the headline SLO too: 0.5 (fail) and 3.0 (the highest pass above it) contradict and are run
+    # again. A one-off outlier is gone after its rerun; a persistent one stands and bounds the goodput.
+    iso = {"prefill_s": 0.1, "decode_step_s": 0.01, "prompt_len": 8}
+    mode = replace(QUICK, max_probes=4, rel_tol=0.4, growth=2.0, symmetric_probes=3)
+    prober = OutlierProber(outlier=0.5, persistent=persistent)
+    slos, symmetric = {2.0: SLO(0.5, 0.02)}, {2.0: SLO(0.2, 0.02)}
+    out = evaluate(prober, iso, slos, 2.0, 1.0, mode, symmetric_slos=symmetric)  # type: ignore[arg-type]  # a fake Prober
+    assert out["rechecked_rates"] == [0.5, 3.0]
+    assert prober.new == [1.0, 2.0, 4.0, 3.0, 0.5, 0.25, 0.5, 3.0]
+    # fitted between the highest pass and the next rate: 3.0 (1.0) -> 4.0 (0.0), or 0.25 (1.0) -> 0.5 (0.0)
+    assert out["goodput"]["2"]["rate"] == pytest.approx(0.275 if persistent else 3.1)
+    by_rate = {r["rate"]: r for r in out["runs"]}
+    assert [old["attainment"] for old in by_rate[0.5]["replaced_contradicting_runs"]] == [0.0]
+    assert [old["attainment"] for old in by_rate[3.0]["replaced_contradicting_runs"]] == [1.0]
+    assert by_rate[2.0]["replaced_contradicting_runs"] == []
+
+
+def test_evaluate_leaves_monotone_runs_alone() -> None:
+    prober = OutlierProber(outlier=-1.0)
+    iso = {"prefill_s": 0.1, "decode_step_s": 0.01, "prompt_len": 8}
+    mode = replace(QUICK, max_probes=4, rel_tol=0.4, growth=2.0, symmetric_probes=0)
+    out = evaluate(prober, iso, {2.0: SLO(0.5, 0.02)}, 2.0, 1.0, mode)  # type: ignore[arg-type]  # a fake Prober
+    assert out["rechecked_rates"] == [] and prober.new == [1.0, 2.0, 4.0, 3.0]
+
+
 class ScriptedProber(Prober):
     """A prober whose load runs report scripted foreign CPU peaks (the run itself is not what is tested)."""
 

@@ -10,6 +10,7 @@ from bench.goodput import (
     GoodputResult,
     Probe,
     bracket_rel_width,
+    contradiction,
     derive_slos,
     find_goodput,
     fitted_goodput,
@@ -154,3 +155,18 @@ def test_growth_sets_the_bracketing_step() -> None:
     assert [p.rate for p in res.probes][:5] == pytest.approx([1.0, 1.5, 2.25, 3.375, 5.0625])
     with pytest.raises(ValueError):
         find_goodput(Curve(3.7), growth=1.0)
+
+
+@pytest.mark.parametrize(
+    "points, expect",
+    [
+        ([(1.0, 0.95), (2.0, 0.92), (3.0, 0.5)], None),  # monotone
+        ([(1.0, 0.5), (2.0, 0.4)], None),  # every run fails: nothing contradicts
+        ([(1.0, 0.95), (1.5, 0.63), (2.0, 0.93), (3.0, 0.94), (4.0, 0.5)], (1.5, 3.0)),  # fail below passes
+        ([(3.0, 0.95), (1.0, 0.8), (2.0, 0.9)], (1.0, 3.0)),  # unsorted; 0.9 passes (>= target)
+    ],
+)
+def test_contradiction_is_the_lowest_fail_below_a_pass_and_the_highest_pass_above_it(
+    points: list[tuple[float, float]], expect: tuple[float, float] | None
+) -> None:
+    assert contradiction(points, 0.9) == expect
