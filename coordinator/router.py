@@ -9,7 +9,7 @@ never chosen; an instance that failed a call is skipped for `suspect_s`. The sna
 Redis every `refresh_s`.
 
 Channels: one per instance address, kept `channel_linger_s` after the address left the registry before it is
-closed. Closing a channel cancels its calls locally (the caller's task sees `asyncio.CancelledError`, not a
+closed (an address that comes back gets a fresh channel; the old one is closed `channel_linger_s` later). Closing a channel cancels its calls locally (the caller's task sees `asyncio.CancelledError`, not a
 gRPC status), and an instance leaves the registry while calls to it are still running: a draining one
 finishes them for up to its drain time, a request may have picked a dead one from the snapshot just before
 the refresh; those calls must end with the instance's own status (then fail over), never be cancelled under
@@ -62,6 +62,7 @@ class Router:
         self._channels: dict[str, grpc.aio.Channel] = {}
         # address -> when it was first seen missing from the registry (its channel closes `channel_linger_s` on)
         self._gone_since: dict[str, float] = {}
+        self._retired: list[tuple[float, grpc.aio.Channel]] = []  # (since, channel) replaced by a fresh one
         self.channel_linger_s = channel_linger_s
         self._rr = itertools.count()
         self._task: asyncio.Task | None = None
@@ -80,10 +81,15 @@ class Router:
         live = {i.grpc_address for i in self.snapshot}
         for address in list(self._channels):
             if address in live:
-                self._gone_since.pop(address, None)
+                if self._gone_since.pop(address, None) is not None:
+                    # back after it was gone (a restart on the same address): new calls get a fresh channel,
+                    # not one that may be in reconnect backoff from the dead process; the old one lingers
+                    self._retired.append((now, self._channels.pop(address)))
             elif now - self._gone_since.setdefault(address, now) >= self.channel_linger_s:
                 del self._gone_since[address]
                 await self._channels.pop(address).close()
+        while self._retired and now - self._retired[0][0] >= self.channel_linger_s:
+            await self._retired.pop(0)[1].close()
 
     async def start(self) -> None:
         await self.refresh()
@@ -100,7 +106,7 @@ class Router:
     async def stop(self) -> None:
         if self._task:
             self._task.cancel()
-        for ch in self._channels.values():
+        for ch in [*self._channels.values(), *(ch for _, ch in self._retired)]:
             await ch.close()
 
     def count(self, role: str) -> int:

@@ -1,7 +1,8 @@
 """The router's channels against a real redis-server and a real gRPC server on loopback: an instance that
 leaves the registry while a call to it runs (a draining instance, or a dead one a request picked from the
 snapshot before the refresh) must not have that call cancelled under the request by the refresh; its
-channel is closed `channel_linger_s` after it left."""
+channel is closed `channel_linger_s` after it left. An address that comes back (a restart on the same
+address) gets a fresh channel for new calls, not one in reconnect backoff from the dead process."""
 
 from __future__ import annotations
 
@@ -62,9 +63,22 @@ def test_a_call_outlives_its_instance_leaving_the_registry(redis_server: RedisSe
             release.set()
             assert await call.read() == b"b", "the refresh cancelled a call to an instance that left"
             assert await call.code() == grpc.StatusCode.OK
+            # it comes back on the same address (a restart) before the linger ends: new calls get a fresh
+            # channel, the call in flight on the old one is not cancelled
+            release.clear()
+            first = router.channel(address)
+            slow = first.unary_stream(METHOD, request_serializer=bytes, response_deserializer=bytes)(b"")
+            assert await slow.read() == b"a"
+            registry.announce(info, ttl_s=30)
+            await router.refresh()
+            assert router.channel(address) is not first
+            release.set()
+            assert await slow.read() == b"b" and await slow.code() == grpc.StatusCode.OK
+            registry.withdraw(info)
+            await router.refresh()
             router.channel_linger_s = 0.05  # past the linger, the channel is closed
             gone = time.monotonic()
-            while address in router._channels:
+            while address in router._channels or router._retired:
                 assert time.monotonic() - gone < 5, "a gone instance's channel was never closed"
                 await asyncio.sleep(0.06)
                 await router.refresh()
