@@ -493,13 +493,15 @@ class KVServer:
         `_send_last`). `renew`: the lease whose deadline the send renews (under the same lock as the count)."""
         ch.send(data, timeout=timeout)
         n = data.nbytes if isinstance(data, memoryview) else len(data)
+        self._count_sent(renew, frame_bytes=n if frame else 0, control_bytes=0 if frame else n)
+
+    def _count_sent(self, renew: _Lease | None, frame_bytes: int = 0, control_bytes: int = 0) -> None:
+        """Count bytes sent and renew the lease they were sent for (its deadline), under one lock."""
         with self._lock:
             if renew is not None:
                 renew.deadline = time.monotonic() + self.lease_ttl_s
-            if frame:
-                self._frame_bytes_sent += n
-            else:
-                self._control_bytes_sent += n
+            self._frame_bytes_sent += frame_bytes
+            self._control_bytes_sent += control_bytes
 
     def _send_error(self, ch: Channel, code: ErrorCode, tid: str, message: str) -> None:
         try:
@@ -710,13 +712,10 @@ class KVServer:
         t0 = time.perf_counter()
         ch.send_many([*frames, trailer], timeout=self.send_timeout_s)
         stats.send_s += time.perf_counter() - t0
-        with self._lock:
-            lease.deadline = time.monotonic() + self.lease_ttl_s
-            self._frame_bytes_sent += nbytes
-            self._control_bytes_sent += len(trailer)
+        self._count_sent(lease, frame_bytes=nbytes, control_bytes=len(trailer))
 
     def _send_frames(self, ch: Channel, lease: _Lease, frames: list[memoryview], stats: _PullStats) -> None:
-        """Frames in order, in one send call; counted, and the lease renewed (as `_send` does)."""
+        """Frames in order, in one send call; counted, and the lease renewed (`_count_sent`)."""
         nbytes = sum(len(f) for f in frames)
         t0 = time.perf_counter()
         if len(frames) == 1:
@@ -725,9 +724,7 @@ class KVServer:
             ch.send_many(frames, timeout=self.send_timeout_s)
         stats.send_s += time.perf_counter() - t0
         stats.bytes_on_wire += nbytes
-        with self._lock:
-            lease.deadline = time.monotonic() + self.lease_ttl_s
-            self._frame_bytes_sent += nbytes
+        self._count_sent(lease, frame_bytes=nbytes)
 
     def _submit_ready(
         self,
