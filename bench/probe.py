@@ -98,6 +98,11 @@ class Turns:
             self._cond.notify_all()
 
 
+def _rate_key(rate: float) -> float:
+    """A rate as runs are cached by it: 4 significant digits, so float noise in a bisection maps to one run."""
+    return float(f"{rate:.4g}")
+
+
 class Prober:
     """Load runs of one (system, workload), cached by rate (so every k reuses them).
 
@@ -148,7 +153,7 @@ class Prober:
         self.runs: dict[float, Run] = {}
 
     def run(self, rate: float) -> Run:
-        rate = float(f"{rate:.4g}")
+        rate = _rate_key(rate)
         if rate not in self.runs:
             n = min(self.workload.n_requests, max(self.min_requests, round(rate * self.max_span_s)))
             n = max(n, math.ceil(rate * self.min_span_s))
@@ -177,7 +182,7 @@ class Prober:
 
     def rerun(self, rate: float) -> Run:
         """Run `rate` again (the same schedules); the new run replaces the cached one, kept in its `replaced`."""
-        old = self.runs.pop(float(f"{rate:.4g}"))
+        old = self.runs.pop(_rate_key(rate))
         new = self.run(rate)
         new.replaced = [*old.replaced, old]
         return new

@@ -9,11 +9,12 @@ never chosen; an instance that failed a call is skipped for `suspect_s`. The sna
 Redis every `refresh_s`.
 
 Channels: one per instance address, kept `channel_linger_s` after the address left the registry before it is
-closed (an address that comes back gets a fresh channel; the old one is closed `channel_linger_s` later). Closing a channel cancels its calls locally (the caller's task sees `asyncio.CancelledError`, not a
-gRPC status), and an instance leaves the registry while calls to it are still running: a draining one
-finishes them for up to its drain time, a request may have picked a dead one from the snapshot just before
-the refresh; those calls must end with the instance's own status (then fail over), never be cancelled under
-the request.
+closed (an address that comes back gets a fresh channel; the old one is closed `channel_linger_s` later).
+Closing a channel cancels its calls locally (the caller's task sees `asyncio.CancelledError`, not a gRPC
+status), and an instance leaves the registry while calls to it are still running: a draining one finishes
+them for up to its drain time, a request may have picked a dead one from the snapshot just before the
+refresh; those calls must end with the instance's own status (then fail over), never be cancelled under the
+request.
 """
 
 from __future__ import annotations

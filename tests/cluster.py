@@ -195,8 +195,9 @@ def log_tails(clusters: list[LocalCluster], lines: int = 30) -> str:
     """The last `lines` lines of each child's log file of `clusters` (what a failed test reports)."""
     out = []
     for c in clusters:
-        folder = Path(c.cfg.log_dir or "")
-        for f in sorted(folder.glob("*.log")) if c.cfg.log_dir else []:
+        if not c.cfg.log_dir:
+            continue
+        for f in sorted(Path(c.cfg.log_dir).glob("*.log")):
             tail = f.read_text(errors="replace").splitlines()[-lines:]
             out.append(f"--- {f} (last {len(tail)} lines)\n" + "\n".join(tail))
     return "\n".join(out)

@@ -55,7 +55,6 @@ def score_run(
         "discarded_disturbed_runs": [u.to_dict() for u in run.discarded],
         "replaced_contradicting_runs": [
             {
-                "attainment": attainment(compute_metrics(old.records), slos[headline_k]),
                 "at_headline_k": _compact(summarize_records(old.records, slos[headline_k])),
                 "cpu": old.cpu.to_dict() if old.cpu else None,
             }

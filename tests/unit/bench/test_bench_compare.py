@@ -238,9 +238,11 @@ def test_evaluate_runs_a_contradicting_pair_again_before_scoring(persistent: boo
     # fitted between the highest pass and the next rate: 3.0 (1.0) -> 4.0 (0.0), or 0.25 (1.0) -> 0.5 (0.0)
     assert out["goodput"]["2"]["rate"] == pytest.approx(0.275 if persistent else 3.1)
     by_rate = {r["rate"]: r for r in out["runs"]}
-    assert [old["attainment"] for old in by_rate[0.5]["replaced_contradicting_runs"]] == [0.0]
-    assert [old["attainment"] for old in by_rate[3.0]["replaced_contradicting_runs"]] == [1.0]
-    assert by_rate[2.0]["replaced_contradicting_runs"] == []
+
+    def replaced(rate: float) -> list[float]:
+        return [old["at_headline_k"]["attainment"] for old in by_rate[rate]["replaced_contradicting_runs"]]
+
+    assert replaced(0.5) == [0.0] and replaced(3.0) == [1.0] and replaced(2.0) == []
 
 
 def test_evaluate_leaves_monotone_runs_alone() -> None:
