@@ -24,9 +24,11 @@ relative to the prefill compute time (`ttft_added_frac_*`, medians over trials, 
     namespace, joined by a veth pair whose ends are shaped by `tc` tbf (re-shaped between rates, same
     processes), or, where that cannot be set up, `kv_transfer.transport.limited.LimitedTransport` (a token
     bucket on the prefill side's sends over tcp); `link` and `shaping` say which. Per rate, raw and
-    cachegen pulled after prefill (the whole hand-off on the critical path): `handoff.shaped` = [{gbit_s,
-    raw_s, cachegen_s, speedup = raw_s / cachegen_s, ...}], medians; `handoff.break_even_gbit_s` = where
-    speedup crosses 1 (`break_even_gbit`: log-log interpolation between the two rates around the crossing;
+    cachegen pulled after prefill (the whole hand-off on the critical path); "cachegen" is what a decode
+    instance pulls when the cluster runs `--codec cachegen` (it holds the model, so `cachegen_l0`: layer 0
+    as the token ids; `cachegen_codec` names it), plain cachegen (layer 0 coded too) is measured beside it:
+    `handoff.shaped` = [{gbit_s, raw_s, cachegen_s, speedup = raw_s / cachegen_s, cachegen_plain_s,
+    speedup_plain, ...}], medians; `handoff.break_even_gbit_s` (`_plain`) = where speedup crosses 1 (`break_even_gbit`: log-log interpolation between the two rates around the crossing;
     `break_even_method` says how it was found, or which side of the range it lies on). Per rate cachegen is
     served and pulled as the services do (`KVServer`/`KVPuller` defaults: pipelined only with more than one
     codec thread, `pipeline.pipelined_by_default`; `pipelined_by_default` in the JSON) and also the other way
@@ -81,7 +83,7 @@ class Settings:
     @staticmethod
     def make(quick: bool) -> Settings:
         if quick:
-            return Settings(rounds=2, msgs_64mib=2, layer_msgs=16, prompt_tokens=1024, trials=2)
+            return Settings(rounds=2, msgs_64mib=2, layer_msgs=16, prompt_tokens=1536, trials=4)
         return Settings(rounds=5, msgs_64mib=4, layer_msgs=64, prompt_tokens=1536, trials=9)
 
 
@@ -447,6 +449,7 @@ def _decode_proc(
                         "decode_s": st.decode_s,
                         "decode_side_cpu_s": cpu1 - cpu0,
                         "pipelined": pipelined,  # as this (one-core) process resolves it: see _pipelined
+                        "cachegen_pulls": codecs.pull_codec("cachegen"),
                     }
                 )
         peer.send(("quit",))
@@ -507,6 +510,9 @@ def run_handoff(
 
 RATES_GBIT = (1.0, 2.5, 5.0, 10.0)  # the shaped links of the sweep
 ALT = "_alt"  # a trial mode's suffix: served and pulled the other way than the services' default
+# What a decode instance (it holds the model) pulls when the cluster runs `--codec cachegen`
+# (`CodecContext.pull_codec`): the sweep's `cachegen_s`; plain cachegen is `cachegen_plain_s`.
+SERVED_CACHEGEN = "cachegen_l0"
 
 
 def _pipelined(mode: str) -> bool:
@@ -661,15 +667,16 @@ def measure_handoff(model_dir: str, s: Settings, link: str) -> dict[str, Any]:
     # codec and mode (cachegen_l0: what a decode instance that holds the model pulls when told cachegen);
     # at the other rates raw and cachegen pulled after prefill. The first prompt's trials at the first rate
     # (connection set-up, first allocations) are dropped; later rates reuse the warm processes and skip it.
+    # Every rate also pulls plain cachegen (layer 0 coded: what a decoder without the model would get).
     full = (("raw", "cachegen", "cachegen_l0"), ("after", "streaming"))
-    # At every rate cachegen is also served and pulled the other way ("after_alt": pipelined or not).
-    sweep = (("raw", "cachegen"), ("after",))
+    sweep = (("raw", "cachegen", "cachegen_l0"), ("after",))
+    # At every rate the served cachegen is also served and pulled the other way ("after_alt": pipelined or not).
     sweep_plan: list[tuple[str, str, list[int]]] = []
     for i, gbit in enumerate(RATES_GBIT):
         codecs, modes = full if gbit == 1.0 else sweep
         sweep_plan.append(("shape", f"{gbit}", []))
         for p in prompts if i == 0 else prompts[1:]:
-            sweep_plan += [(m, c, p) for c in codecs for m in modes] + [("after" + ALT, "cachegen", p)]
+            sweep_plan += [(m, c, p) for c in codecs for m in modes] + [("after" + ALT, SERVED_CACHEGEN, p)]
     n_trials = len(sweep_plan) - len(RATES_GBIT)
     _log(f"  hand-off over shaped links {list(RATES_GBIT)} Gbit/s ({how}): {n_trials} trials")
     load0 = _loadavg()
@@ -696,11 +703,15 @@ def measure_handoff(model_dir: str, s: Settings, link: str) -> dict[str, Any]:
     for i, gbit in enumerate(RATES_GBIT):
         codecs, modes = full if gbit == 1.0 else sweep
         by_rate[gbit] = [r for r in all_rows if r["gbit"] == gbit][0 if i else len(codecs) * len(modes) + 1 :]
+    served = {r["cachegen_pulls"] for r in all_rows}
+    if served != {SERVED_CACHEGEN}:  # the decode process holds the model, as a decode instance does
+        raise RuntimeError(f"the decode side pulls {served} when told cachegen, not {SERVED_CACHEGEN}")
     shaped = []
     for gbit, rr in by_rate.items():
         t_raw = _med(rr, "handoff_s", mode="after", codec="raw")
-        t_cg = _med(rr, "handoff_s", mode="after", codec="cachegen")
-        t_alt = _med(rr, "handoff_s", mode="after" + ALT, codec="cachegen")
+        t_cg = _med(rr, "handoff_s", mode="after", codec=SERVED_CACHEGEN)
+        t_plain = _med(rr, "handoff_s", mode="after", codec="cachegen")
+        t_alt = _med(rr, "handoff_s", mode="after" + ALT, codec=SERVED_CACHEGEN)
         default = next(
             r["pipelined"] for r in rr if r["mode"] == "after"
         )  # as the pinned processes resolved it
@@ -711,16 +722,20 @@ def measure_handoff(model_dir: str, s: Settings, link: str) -> dict[str, Any]:
                 "raw_s": t_raw,
                 "cachegen_s": t_cg,
                 "speedup": t_raw / t_cg,
+                "cachegen_codec": SERVED_CACHEGEN,
+                "cachegen_plain_s": t_plain,
+                "speedup_plain": t_raw / t_plain,
                 "cachegen_sequential_s": t_seq,
                 "cachegen_pipelined_s": t_pipe,
                 "pipeline_speedup": t_seq / t_pipe,
                 "pipelined_by_default": default,
                 "raw_effective_gbit_s": _med(rr, "wire_bytes", codec="raw") * 8 / t_raw / 1e9,
-                "encode_s_cachegen": _med(rr, "encode_s", mode="after", codec="cachegen"),
-                "decode_s_cachegen": _med(rr, "decode_s", mode="after", codec="cachegen"),
+                "encode_s_cachegen": _med(rr, "encode_s", mode="after", codec=SERVED_CACHEGEN),
+                "decode_s_cachegen": _med(rr, "decode_s", mode="after", codec=SERVED_CACHEGEN),
             }
         )
     be, be_how = break_even_gbit([(p["gbit_s"], p["speedup"]) for p in shaped])
+    be_plain, be_plain_how = break_even_gbit([(p["gbit_s"], p["speedup_plain"]) for p in shaped])
     rows = by_rate[1.0]
     link_desc = shaping + " at 1 Gbit/s"
     h_raw = _med(rows, "handoff_s", mode="after", codec="raw")
@@ -755,6 +770,9 @@ def measure_handoff(model_dir: str, s: Settings, link: str) -> dict[str, Any]:
         "shaped": shaped,
         "break_even_gbit_s": be,
         "break_even_method": be_how,
+        "cachegen_codec": SERVED_CACHEGEN,
+        "break_even_gbit_s_plain": be_plain,
+        "break_even_method_plain": be_plain_how,
         "shaping": shaping,
         "link": how,
         "host_load_avg": {"before_sweep": load0, "after_sweep": _loadavg()},
@@ -813,11 +831,18 @@ def summary(r: dict[str, Any]) -> str:
         lines.append(
             f"{p['gbit_s']:4g} Gbit/s ({h['link']}): raw {p['raw_s'] * 1e3:6.1f} ms, cachegen "
             f"{p['cachegen_s'] * 1e3:6.1f} ms -> {p['speedup']:.2f}x (raw moved {p['raw_effective_gbit_s']:.2f} "
-            f"Gbit/s; cachegen sequential {p['cachegen_sequential_s'] * 1e3:.1f} ms, pipelined "
-            f"{p['cachegen_pipelined_s'] * 1e3:.1f} ms)"
+            f"Gbit/s; {p['cachegen_codec']} sequential {p['cachegen_sequential_s'] * 1e3:.1f} ms, pipelined "
+            f"{p['cachegen_pipelined_s'] * 1e3:.1f} ms; plain cachegen {p['cachegen_plain_s'] * 1e3:.1f} ms "
+            f"-> {p['speedup_plain']:.2f}x)"
         )
-    be = h["break_even_gbit_s"]
-    lines.append(f"break-even: {'-' if be is None else f'{be:.2f} Gbit/s'} ({h['break_even_method']})")
+    be, bp = h["break_even_gbit_s"], h["break_even_gbit_s_plain"]
+    lines.append(
+        f"break-even ({h['cachegen_codec']}, what --codec cachegen serves): "
+        f"{'-' if be is None else f'{be:.2f} Gbit/s'} ({h['break_even_method']})"
+    )
+    lines.append(
+        f"break-even (plain cachegen): {'-' if bp is None else f'{bp:.2f} Gbit/s'} ({h['break_even_method_plain']})"
+    )
     lines.append(
         f"1 Gbit/s ({lim['link']}): hand-off raw {lim['handoff_s_raw'] * 1e3:.1f} ms, cachegen "
         f"{lim['handoff_s_cachegen'] * 1e3:.1f} ms -> {lim['cachegen_speedup_vs_raw']:.2f}x, cachegen_l0 "

@@ -33,6 +33,8 @@ def test_transport_bench_reports_every_figure() -> None:
     for p in shaped:
         assert p["raw_s"] > 0 and p["cachegen_s"] > 0
         assert p["speedup"] == pytest.approx(p["raw_s"] / p["cachegen_s"])
+        assert p["cachegen_codec"] == "cachegen_l0"  # what a decode instance holding the model pulls
+        assert p["speedup_plain"] == pytest.approx(p["raw_s"] / p["cachegen_plain_s"])
     assert r["handoff"]["link"] == "limiter" and "LimitedTransport" in r["handoff"]["shaping"]
     be = r["handoff"]["break_even_gbit_s"]
     assert (be is None) or 1.0 <= be <= 10.0
