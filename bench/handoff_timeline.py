@@ -10,7 +10,8 @@ send / recv; per trial the timeline of every layer is printed relative to the PU
 stage and each process's CPU time for the pull (`prefill_cpu`: lease opened to ACK, `decode_cpu`: the pull
 call). Events: prefill side `enc0/enc1` (codec.encode_parts), `send0/send1` (a frame's Channel.send); decode
 side `recv0/recv1` (Channel.recv that returned a frame: recv0 is when the call was made, so recv0 -> recv1 is
-mostly waiting), `dec0/dec1` (codec.decode), `write1` (write_layer done), and `ready` (pull returned).
+mostly waiting), `dec0/dec1` (codec.decode, or decode_into the cache), `write1` (the layer is in the cache:
+write_layer done, or checked after a decode in place), and `ready` (pull returned).
 Then each side's fixed cost per layer besides the codec (`layer_costs`), what `kv_transfer.choice`'s model
 adds to a codec's per-byte time; `--write-profile` stores them in the model's codec_profiles.json.
 """
@@ -31,11 +32,13 @@ Events = list[tuple[str, int, float]]  # (event, layer, time.monotonic())
 
 def _instrument(events: Events) -> None:
     """Wrap the cachegen codec's encode/decode and TCP channel send/recv to record events (this process)."""
+    from kv_transfer.client import KVPuller
     from kv_transfer.codec import cachegen
     from kv_transfer.frame import is_frame
     from kv_transfer.transport import tcp
 
     enc, dec = cachegen.CacheGenCodec.encode_parts, cachegen.CacheGenCodec.decode
+    dec_into, write = cachegen.CacheGenCodec.decode_into, KVPuller._write
     send, recv = tcp.TCPChannel.send, tcp.TCPChannel.recv
 
     def encode_parts(self: Any, k: Any, v: Any, layer: int, *a: Any, **kw: Any) -> Any:
@@ -49,6 +52,21 @@ def _instrument(events: Events) -> None:
         out = dec(self, params, payload, shape, dtype, layer, **kw)
         events.append(("dec1", layer, time.monotonic()))
         return out
+
+    def decode_into(
+        self: Any, params: Any, payload: Any, shape: Any, layer: int, k_out: Any, v_out: Any
+    ) -> bool:
+        events.append(("dec0", layer, time.monotonic()))
+        done = dec_into(self, params, payload, shape, layer, k_out, v_out)
+        if done:  # else decode() follows and records the layer
+            events.append(("dec1", layer, time.monotonic()))
+        else:
+            events.pop()
+        return done
+
+    def write_layer(self: Any, d: Any, *a: Any) -> None:  # whether it copies or was decoded in place
+        write(self, d, *a)
+        events.append(("write1", d.frame.layer, time.monotonic()))
 
     def csend(self: Any, data: Any, timeout: float | None = None) -> None:
         t0 = time.monotonic()
@@ -67,6 +85,8 @@ def _instrument(events: Events) -> None:
 
     cachegen.CacheGenCodec.encode_parts = encode_parts  # type: ignore[method-assign]
     cachegen.CacheGenCodec.decode = decode  # type: ignore[method-assign]
+    cachegen.CacheGenCodec.decode_into = decode_into  # type: ignore[method-assign]
+    KVPuller._write = write_layer  # type: ignore[method-assign,assignment]
     tcp.TCPChannel.send = csend  # type: ignore[method-assign]
     tcp.TCPChannel.recv = crecv  # type: ignore[method-assign]
 
@@ -154,10 +174,12 @@ def _decode(model_dir: str, codec: str, trials: int, pipelined: bool | None, con
 
             def write(layer: int, k: Any, v: Any) -> None:
                 cache.write(layer, blocks, 0, k, v)
-                events.append(("write1", layer, time.monotonic()))
+
+            def dest(layer: int, shape: Any) -> Any:  # as decode_service: decoded in place where it can be
+                return cache.run_views(layer, blocks, 0, shape[0])
 
             t0, c0 = time.monotonic(), time.process_time()
-            trailer = puller.pull(address, tid, codec, write, token=tok)
+            trailer = puller.pull(address, tid, codec, write, token=tok, dest=dest)
             t1, c1 = time.monotonic(), time.process_time()
             conn.send(("done",))
             pre, prefill_cpu = conn.recv()

@@ -235,6 +235,7 @@ class DecodeEngine(StepEngine[DecodeJob]):
             write_layer=lambda layer, k, v: cache.write(layer, seq.blocks, 0, k, v),
             token=job.kv_token,
             max_kl=job.max_kl,
+            dest=lambda layer, shape: cache.run_views(layer, seq.blocks, 0, shape[0]),
         )
 
     def _observe_link(self, kv_address: str, bytes_per_s: float) -> None:

@@ -182,6 +182,19 @@ class KVCache:
                 k_flat[slot : slot + n].copy_(k[pos : pos + n])
                 v_flat[slot : slot + n].copy_(v[pos : pos + n])
 
+    def run_views(
+        self, layer: int, blocks: list[int], start: int, num_tokens: int
+    ) -> tuple[Tensor, Tensor] | None:
+        """Positions [start, start + num_tokens) of the sequence owning `blocks`, every KV head, as contiguous
+        k, v [T, Hkv, D] views of this cache where they are one run of slots (a fresh sequence's usual case),
+        else None: what a decoder can write in place instead of handing a copy to `write`."""
+        runs = slot_runs(blocks, start, num_tokens, self.block_size)
+        if len(runs) != 1:
+            return None
+        slot, _, n = runs[0]
+        k_flat, v_flat = self._flats[layer]
+        return k_flat[slot : slot + n], v_flat[slot : slot + n]
+
     def read(self, layer: int, blocks: list[int], num_tokens: int) -> tuple[Tensor, Tensor]:
         """Positions [0, num_tokens) of the sequence owning `blocks` -> k, v: [T, Hkv, D]."""
         return self.gather_slots(layer, slots_for(blocks, 0, num_tokens, self.block_size))

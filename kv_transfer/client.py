@@ -76,6 +76,9 @@ from kv_transfer.wire import (
 log = logging.getLogger(__name__)
 
 WriteLayer = Callable[[int, Tensor, Tensor], None]  # (layer, k [T, Hkv, D], v [T, Hkv, D])
+# (layer, shape [T, Hkv, D]) -> where the layer's k, v will live (contiguous CPU tensors, e.g. views of a KV
+# cache), for a codec that can decode straight into them (`Codec.decode_into`), or None
+LayerDest = Callable[[int, tuple[int, ...]], tuple[Tensor, Tensor] | None]
 Range = tuple[int, int]  # half-open [start, end)
 
 
@@ -264,6 +267,7 @@ class KVPuller:
         heads: Range | None = None,
         replica: Replica = Replica(),
         max_kl: float | None = None,
+        dest: LayerDest | None = None,
     ) -> Trailer:
         """Pull every layer in order, calling write_layer(layer, k, v) as each arrives; returns the Trailer.
 
@@ -276,10 +280,12 @@ class KVPuller:
         (wire.Replica; a decode instance replicating KV heads); the lease waits for all of them. Raises typed
         errors (UnknownTransfer, PullUnauthorized, LeaseExpired, FrameCorrupted, ...). `max_kl`: the request's
         quality floor (max_kv_kl, nats per token), sent in the PULL: a rate-controlled codec (cachegen) encodes
-        to it instead of the prefill side's default; None = not given.
+        to it instead of the prefill side's default; None = not given. `dest`: where each layer will be
+        written, if known (LayerDest); a codec that decodes into it (`Codec.decode_into`) saves write_layer's
+        copy, and write_layer is then not called for that layer.
         """
         handle = PullHandle(transfer_id, replica, max_kl)
-        self._run(handle, handle_address, codec, write_layer, token, layers, heads)
+        self._run(handle, handle_address, codec, write_layer, token, layers, heads, dest=dest)
         return handle.result(0)
 
     def start_pull(
@@ -294,12 +300,14 @@ class KVPuller:
         heads: Range | None = None,
         replica: Replica = Replica(),
         max_kl: float | None = None,
+        dest: LayerDest | None = None,
     ) -> PullHandle:
         """Run pull() in a background thread; watch it with handle.poll() / wait() / result()."""
         handle = PullHandle(transfer_id, replica, max_kl)
         threading.Thread(
             target=self._run,
             args=(handle, handle_address, codec, write_layer, token, layers, heads),
+            kwargs={"dest": dest},
             name="kvpull",
             daemon=True,
         ).start()
@@ -554,6 +562,7 @@ class KVPuller:
         layers: Range | None = None,
         heads: Range | None = None,
         before_ack: Callable[[], bool] | None = None,
+        dest: LayerDest | None = None,
     ) -> None:
         try:
             self.codecs.codec(codec_name)  # fail fast, before touching the network
@@ -564,7 +573,7 @@ class KVPuller:
                 handle._set_channel(ch)
                 try:
                     trailer = self._pull_on(
-                        ch, handle, codec_name, write_layer, connect_s, token, layers, heads, before_ack
+                        ch, handle, codec_name, write_layer, connect_s, token, layers, heads, before_ack, dest
                     )
                 except PeerClosed:
                     ch.close()
@@ -597,6 +606,7 @@ class KVPuller:
         layers: Range | None = None,
         heads: Range | None = None,
         before_ack: Callable[[], bool] | None = None,
+        dest: LayerDest | None = None,
     ) -> Trailer:
         """One pull on `ch`. before_ack(), if given, runs once the trailer checked out; False means do not
         ACK (TransferCancelled: the server keeps the lease)."""
@@ -613,13 +623,13 @@ class KVPuller:
                 if is_frame(msg):
                     # raw (no window): k, v view the receive buffer, so they are written before the next recv
                     if window is None:
-                        d = self._decode(msg, tid, codec, expect_layer)
+                        d = self._decode(msg, tid, codec, expect_layer, dest)
                         self._write(d, got, write_layer, handle, layers)
                     else:
                         if window.full():
                             self._write(window.take(), got, write_layer, handle, layers)
                         try:
-                            window.submit(self._decode, bytes(msg), tid, codec, expect_layer)
+                            window.submit(self._decode, bytes(msg), tid, codec, expect_layer, dest)
                         except RuntimeError as e:  # close() shut the decode pool down during this pull
                             raise TransferCancelled(f"puller closed while pulling {tid!r}") from e
                         while window.head_done():
@@ -699,9 +709,12 @@ class KVPuller:
                 self._decode_pool = codec_pool(self.decode_workers, "kvpull-decode")
             return OrderedWindow(self._decode_pool, self.pipeline_depth)
 
-    def _decode(self, msg: Buffer, tid: str, codec: Codec, layer: int) -> _Decoded:
-        """Check one frame (CRC, fingerprint, transfer, codec, that it is `layer`) and decode it. Runs on the
-        pull thread (raw) or the decode pool; any failure is a typed error (KVTransferError)."""
+    def _decode(
+        self, msg: Buffer, tid: str, codec: Codec, layer: int, dest: LayerDest | None = None
+    ) -> _Decoded:
+        """Check one frame (CRC, fingerprint, transfer, codec, that it is `layer`) and decode it: into `dest`'s
+        tensors where it gives some and the codec can (`in_place`), else into new ones. Runs on the pull
+        thread (raw) or the decode pool; any failure is a typed error (KVTransferError)."""
         t0 = time.perf_counter()
         f = decode_frame(msg, expect_fingerprint=self.fingerprint, max_elements=self.max_elements)
         if f.transfer_id != tid:
@@ -711,6 +724,14 @@ class KVPuller:
         if f.layer != layer:
             raise ProtocolError(f"frame for layer {f.layer}, expected layer {layer}")
         try:
+            # in place only in the frame's dtype, so the values are those decode() gives, not another rounding
+            out = dest(f.layer, f.shape) if dest is not None and self.out_dtype is None else None
+            if (
+                out is not None
+                and out[0].dtype == out[1].dtype == f.dtype
+                and codec.decode_into(f.params, f.payload, f.shape, f.layer, *out)
+            ):
+                return _Decoded(f, *out, time.perf_counter() - t0, in_place=True)
             k, v = codec.decode(f.params, f.payload, f.shape, self.out_dtype or f.dtype, f.layer)
         except KVTransferError:
             raise
@@ -725,7 +746,8 @@ class KVPuller:
         """Hand one decoded layer to write_layer (layers arrive here in order), once _check_layer passed."""
         self._check_layer(d, got, layers)
         t0 = time.perf_counter()
-        write_layer(d.frame.layer, d.k, d.v)
+        if not d.in_place:
+            write_layer(d.frame.layer, d.k, d.v)
         _count_layer(d, got, handle, time.perf_counter() - t0)
 
     @staticmethod
@@ -773,6 +795,7 @@ class _Decoded:
     k: Tensor
     v: Tensor
     decode_s: float  # frame checks + codec decode
+    in_place: bool = False  # decoded into the pull's LayerDest: already where write_layer would copy it
 
 
 @dataclass

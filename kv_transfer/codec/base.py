@@ -56,6 +56,14 @@ class Codec(ABC):
         The returned tensors may alias `payload` (zero-copy codecs); copy them if they must outlive it.
         """
 
+    def decode_into(
+        self, params: Buffer, payload: Buffer, shape: Shape, layer: int, k_out: Tensor, v_out: Tensor
+    ) -> bool:
+        """Decode straight into k_out, v_out [T, Hkv, D] (contiguous CPU tensors, e.g. views of a KV cache: the
+        values decode() gives in their dtype) and return True; False, having written nothing, where this codec
+        cannot (the caller then decodes and copies). Raises as decode(), before writing anything."""
+        return False
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, id={self.codec_id})"
 

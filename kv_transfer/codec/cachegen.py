@@ -207,6 +207,32 @@ class CacheGenCodec(Codec):
         )
         return v1.decode(p, words, shape, dtype, layer, dev, self.ctx.tables)
 
+    def decode_into(
+        self, params: Buffer, payload: Buffer, shape: Shape, layer: int, k_out: Tensor, v_out: Tensor
+    ) -> bool:
+        """The compiled CPU decoders' paths (format v5, and layer 0 from its table) straight into k_out, v_out
+        (contiguous CPU fp16 or fp32 of `shape`); False for the rest (the device path, older formats)."""
+        if (
+            self.device_path
+            or k_out.dtype not in (torch.float16, torch.float32)
+            or k_out.dtype != v_out.dtype
+            or k_out.device.type != "cpu"
+            or v_out.device.type != "cpu"
+            or tuple(k_out.shape) != tuple(shape)
+            or tuple(v_out.shape) != tuple(shape)
+            or not (k_out.is_contiguous() and v_out.is_contiguous())
+        ):
+            return False
+        pay = memoryview(payload).cast("B") if not isinstance(payload, memoryview) else payload.cast("B")
+        raw_params = bytes(params)
+        if layer0.is_layer0_frame(raw_params):
+            return layer0.decode_into(raw_params, pay, shape, self.ctx.layer0, k_out, v_out)
+        version = raw_params[2] if len(raw_params) > 2 and raw_params[:2] == v1.MAGIC else None
+        if version != klt.VERSION:
+            return False
+        klt.decode_cpu(raw_params, pay, shape, k_out.dtype, layer, self.ctx.transform, out=(k_out, v_out))
+        return True
+
 
 class CacheGenL0Codec(CacheGenCodec):
     """`cachegen` with layer 0 sent as the prompt's token ids (`kv_transfer.codec.layer0`): the decoder

@@ -567,11 +567,12 @@ def decode(
 
 def decode_cpu(
     params: bytes, pay: memoryview, shape: tuple[int, ...], dtype: torch.dtype, layer: int,
-    transform: KLTransform | None,
+    transform: KLTransform | None, out: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """The CPU decoder of a v5 frame (params, payload bytes) in one compiled call after the header's and the
     CRCs' checks: directory and side information (checked as `parse` checks them), rANS, dequantization, the
-    inverse transform, RoPE and the output dtype (fp16 or fp32; others converted after). FrameCorrupted /
+    inverse transform, RoPE and the output dtype (fp16 or fp32; others converted after), into `out` if given
+    (contiguous [T, Hkv, D] of `dtype`, fp16 or fp32: written only once every check passed). FrameCorrupted /
     FrameForeign as parse; FrameCorrupted if the payload is not the directory's word count."""
     n, flags, payload_crc, transform = _check_header(params, shape, layer, transform)
     if not _LITTLE and zlib.crc32(pay) != payload_crc:  # else the compiled call checks it on the wire's bytes
@@ -581,19 +582,23 @@ def decode_cpu(
     words = np.frombuffer(pay, _WORD)
     if not (_LITTLE and words.flags.aligned):
         words = words.astype(np.uint16)
-    return _decode_kv(params, n, flags, transform, words, shape, dtype, layer, payload_crc if _LITTLE else -1)
+    return _decode_kv(
+        params, n, flags, transform, words, shape, dtype, layer, payload_crc if _LITTLE else -1, out
+    )
 
 
 def _decode_kv(
     params: bytes, n: int, flags: int, transform: KLTransform, words: np.ndarray, shape: tuple[int, ...],
-    dtype: torch.dtype, layer: int, crc: int,
+    dtype: torch.dtype, layer: int, crc: int, out: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """params' directory and side information (header checked) + the payload's words -> k, v on the CPU, in
     one compiled call (`rans.decode5_kv`: it checks the words' CRC-32 against `crc` where that is >= 0; the
     decoded rows are ROW_PAD-padded there)."""
     t = shape[0]
     wdt = torch.float16 if dtype == torch.float16 else torch.float32
-    k, v = torch.empty((2, *shape), dtype=wdt).unbind()  # each contiguous
+    if out is not None and out[0].dtype != wdt:
+        raise ValueError(f"decode into {out[0].dtype}: the compiled decoder writes fp16 or fp32")
+    k, v = out if out is not None else torch.empty((2, *shape), dtype=wdt).unbind()  # each contiguous
     cos, sin = transform._cos_sin(t, _CPU)
     gk, gv = transform.inv_of(layer)
     rans.decode5_kv(

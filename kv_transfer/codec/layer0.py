@@ -97,12 +97,15 @@ class Layer0Table:
     def covers(self, tokens: int, heads: int, head_dim: int) -> bool:
         return tokens <= self.positions and heads == self.heads and head_dim == self.head_dim
 
-    def kv(self, ids: np.ndarray, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor] | None:
+    def kv(
+        self, ids: np.ndarray, dtype: torch.dtype = torch.float32, out: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor] | None:
         """ids uint32 [T] -> k, v [T, Hkv, D] computed in fp32, written as fp32 or (dtype fp16) rounded to fp16
-        in the same pass (as `.half()` rounds); None if some id is outside the vocabulary."""
+        in the same pass (as `.half()` rounds), into `out` if given (contiguous, of that dtype); None if some
+        id is outside the vocabulary."""
         t = ids.size
         wdt = torch.float16 if dtype == torch.float16 else torch.float32
-        k, v = torch.empty((2, t, self.heads, self.head_dim), dtype=wdt).unbind()
+        k, v = out if out is not None else torch.empty((2, t, self.heads, self.head_dim), dtype=wdt).unbind()
         ok = rans.l0_gather(self.tk, self.tv, ids, self.cos, self.sin, k.numpy(), v.numpy())
         return (k, v) if ok else None
 
@@ -185,16 +188,8 @@ def is_layer0_frame(params: bytes) -> bool:
     return len(params) > 2 and params[:2] == b"CG" and params[2] == VERSION
 
 
-def decode(
-    params: bytes,
-    payload: memoryview,
-    shape: tuple[int, ...],
-    dtype: torch.dtype,
-    device: torch.device,
-    inst: Layer0 | None,
-) -> tuple[Tensor, Tensor]:
-    """params, payload of a layer-0-from-ids frame -> k, v [T, Hkv, D] in `dtype` on `device`, computed by
-    `inst` (the context's layer-0 function; FrameForeign if None or another model's)."""
+def _ids(params: bytes, payload: memoryview, shape: tuple[int, ...], inst: Layer0 | None) -> np.ndarray:
+    """A layer-0-from-ids frame's checks (CRCs, token count, model, vocabulary) -> its ids, uint32 [T]."""
     if len(params) != PARAMS_BYTES:
         raise FrameCorrupted(f"layer-0 params: {len(params)} bytes, want {PARAMS_BYTES}")
     (crc,) = _CRC.unpack_from(params, _HEADER.size)
@@ -214,9 +209,24 @@ def decode(
     vocab = inst.vocab_size
     if ids32.size and vocab and int(ids32.max()) >= vocab:
         raise FrameCorrupted(f"layer-0 frame: token id {int(ids32.max())} outside the vocabulary ({vocab})")
+    return np.ascontiguousarray(ids32)
+
+
+def decode(
+    params: bytes,
+    payload: memoryview,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    device: torch.device,
+    inst: Layer0 | None,
+) -> tuple[Tensor, Tensor]:
+    """params, payload of a layer-0-from-ids frame -> k, v [T, Hkv, D] in `dtype` on `device`, computed by
+    `inst` (the context's layer-0 function; FrameForeign if None or another model's)."""
+    ids32 = _ids(params, payload, shape, inst)
+    assert inst is not None  # _ids checked it
     tab = inst.table
     if tab is not None and len(shape) == 3 and tab.covers(shape[0], shape[1], shape[2]):
-        kv = tab.kv(np.ascontiguousarray(ids32), dtype if device.type == "cpu" else torch.float32)
+        kv = tab.kv(ids32, dtype if device.type == "cpu" else torch.float32)
         assert kv is not None  # every id was checked against the vocabulary, the table's size
         k, v = kv
     else:
@@ -224,3 +234,23 @@ def decode(
     if tuple(k.shape) != tuple(shape) or tuple(v.shape) != tuple(shape):
         raise FrameCorrupted(f"layer-0 frame: the model computes {tuple(k.shape)}, the frame says {shape}")
     return k.to(device=device, dtype=dtype), v.to(device=device, dtype=dtype)
+
+
+def decode_into(
+    params: bytes,
+    payload: memoryview,
+    shape: tuple[int, ...],
+    inst: Layer0 | None,
+    k_out: Tensor,
+    v_out: Tensor,
+) -> bool:
+    """decode() straight into k_out, v_out [T, Hkv, D] (contiguous CPU fp16 or fp32 of `shape`) where the
+    context's table covers the frame; False (nothing written) where the model's function would run."""
+    ids32 = _ids(params, payload, shape, inst)
+    assert inst is not None  # _ids checked it
+    tab = inst.table
+    if tab is None or len(shape) != 3 or not tab.covers(shape[0], shape[1], shape[2]):
+        return False
+    written = tab.kv(ids32, k_out.dtype, out=(k_out, v_out))
+    assert written is not None  # every id was checked against the vocabulary, the table's size
+    return True

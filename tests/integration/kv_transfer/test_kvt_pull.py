@@ -432,6 +432,58 @@ def test_cachegen_l0_pull_sends_layer0_as_the_leases_token_ids(scheme: str, tiny
         server.stop()
 
 
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_a_pull_decodes_into_the_cache_in_place_with_the_values_a_copy_writes(pipelined: bool) -> None:
+    """cachegen_l0 pulled into a KV cache twice, through write_layer's copy and with `dest` (the cache's own
+    views, as decode_service pulls), on the shipped model (its calibrated transform: every layer a format
+    the compiled decoder writes in place): the same cache bytes; in place, write_layer runs only for the
+    layers `dest` gives no views for."""
+    from pathlib import Path
+
+    from engine.kv_cache import KVCache
+    from engine.kv_probe import KVProbe
+    from kv_transfer.codec import CodecContext
+
+    shipped = Path(__file__).resolve().parents[3] / "models" / "pdserve-tiny-py"
+    probe = KVProbe(str(shipped), 64)
+    ctx = CodecContext.from_model_dir(shipped, probe.runner.model, probe.runner.fingerprint)
+    ids = [(13 * i + 7) % 2000 for i in range(48)]
+    kv = probe.prefill(ids)
+    _, heads, dim = kv[0][0].shape
+    server = KVServer(transport_for("tcp"), "127.0.0.1", fingerprint=FP, lease_ttl_s=10.0, codecs=ctx)
+    server.start()
+    caches, copied = [], []
+    try:
+        with KVPuller(fingerprint=FP, timeout_s=10.0, codecs=ctx, pipelined=pipelined) as puller:
+            for in_place in (False, True):
+                cache = KVCache(len(kv), 4, 16, heads, dim)
+                blocks = [0, 1, 2]
+                writes: list[int] = []
+
+                def write(layer: int, k: torch.Tensor, v: torch.Tensor, c=cache, w=writes, b=blocks) -> None:
+                    w.append(layer)
+                    c.write(layer, b, 0, k, v)
+
+                def dest(layer: int, shape: tuple[int, ...], c=cache, b=blocks):  # no views for layer 2
+                    return None if layer == 2 else c.run_views(layer, b, 0, shape[0])
+
+                tid = f"inplace-{in_place}"
+                rel = Releases()
+                token = server.open_lease(tid, len(kv), len(ids), lambda layer: kv[layer], rel, token_ids=ids)
+                server.finish(tid, 5)
+                puller.pull(
+                    server.address, tid, "cachegen_l0", write, token=token, dest=dest if in_place else None
+                )
+                rel.wait(tid, "pulled")
+                caches.append(cache)
+                copied.append(writes)
+    finally:
+        server.stop()
+    assert copied == [list(range(len(kv))), [2]]
+    assert torch.equal(caches[0].k, caches[1].k) and torch.equal(caches[0].v, caches[1].v)
+    assert torch.equal(caches[1].k[0, :3].flatten(0, 1)[: len(ids)], kv[0][0])  # layer 0 exact, in place
+
+
 def test_only_the_lease_token_pulls_and_a_wrong_one_gets_no_kv_byte(
     scheme: str, server: KVServer, puller: KVPuller
 ) -> None:

@@ -31,6 +31,22 @@ def test_write_then_read_roundtrip_across_scattered_blocks():
     torch.testing.assert_close(cache.k[1, 6, :2], k[8:10], rtol=0, atol=0)
 
 
+def test_run_views_are_the_cache_itself_for_one_run_and_none_for_scattered_blocks():
+    cache = KVCache(num_layers=2, num_blocks=8, block_size=4, num_kv_heads=2, head_dim=3)
+    views = cache.run_views(1, [2, 3, 4], 1, 10)  # positions 1..10 of blocks 2, 3, 4: slots 9..18
+    assert views is not None
+    k, v = views
+    assert k.shape == v.shape == (10, 2, 3) and k.is_contiguous() and v.is_contiguous()
+    k.copy_(torch.arange(60.0).reshape(10, 2, 3))
+    v.fill_(1.0)
+    rk, rv = cache.read(1, [2, 3, 4], 11)  # what a decoder wrote in place is what the sequence reads
+    assert torch.equal(rk[1:], torch.arange(60.0).reshape(10, 2, 3)) and bool((rv[1:] == 1).all())
+    assert cache.k[0].abs().sum() == 0 and float(rk[0].abs().sum()) == 0
+    assert cache.run_views(1, [2, 5, 4], 0, 10) is None  # not one run of slots: the caller writes a copy
+    with pytest.raises(ValueError, match="need 3 blocks"):
+        cache.run_views(0, [2, 3], 0, 10)
+
+
 def test_slot_runs_merge_consecutive_blocks():
     # block size 4, blocks [3, 4, 9, 10, 11, 0]; positions 2..21 -> slots 14..19 | 36..47 | 0..1
     assert slot_runs([3, 4, 9, 10, 11, 0], 2, 20, block_size=4) == [(14, 0, 6), (36, 6, 12), (0, 18, 2)]

@@ -253,3 +253,49 @@ def test_the_tables_check_refuses_what_the_model_would_not_compute(probe: KVProb
         assert not l0.matches(kb, vb, _ids())
     assert l0.table.covers(len(PROMPT), k.shape[1], k.shape[2])
     assert not l0.table.covers(l0.table.positions + 1, k.shape[1], k.shape[2])
+
+
+SHIPPED = Path(__file__).resolve().parents[3] / "models" / "pdserve-tiny-py"
+
+
+def test_decode_into_writes_what_decode_returns_and_nothing_on_a_damaged_frame(
+    probe: KVProbe, ctx: CodecContext
+) -> None:
+    """decode_into (what a puller given a KV cache's views uses), on the shipped model (its transform: format
+    v5) and on a model without one (older formats, which it declines): every layer it takes, layer 0 from its
+    ids and the coded ones, bit for bit decode()'s values in the caller's tensors; a damaged frame raises
+    before writing; tensors it cannot write get False and nothing."""
+    shipped = KVProbe(str(SHIPPED), 128)
+    cases = [
+        (
+            CodecContext.from_model_dir(SHIPPED, shipped.runner.model, shipped.runner.fingerprint),
+            shipped,
+            True,
+        ),
+        (ctx, probe, False),  # a random model without a calibrated transform: v1 frames past layer 0
+    ]
+    for context, model, calibrated in cases:
+        codec = context.codec("cachegen_l0")
+        for layer, (k, v) in enumerate(model.prefill(PROMPT)):
+            params, parts = codec.encode_parts(k, v, layer, _ids())
+            payload = b"".join(bytes(p) for p in parts)
+            shape = tuple(k.shape)
+            want_k, want_v = codec.decode(params, payload, shape, k.dtype, layer)
+            out = torch.full((2, *shape), float("nan")).unbind()
+            takes = layer == 0 or calibrated
+            assert codec.decode_into(params, payload, shape, layer, *out) == takes, (calibrated, layer)
+            if not takes:
+                assert bool(out[0].isnan().all() and out[1].isnan().all())
+                continue
+            assert torch.equal(out[0], want_k) and torch.equal(out[1], want_v), (calibrated, layer)
+            bad = bytearray(payload)
+            bad[len(bad) // 2] ^= 0x10
+            untouched = torch.full((2, *shape), 7.0).unbind()
+            with pytest.raises(FrameCorrupted):
+                codec.decode_into(params, bytes(bad), shape, layer, *untouched)
+            assert bool((untouched[0] == 7).all() and (untouched[1] == 7).all()), layer
+            wide = torch.zeros((shape[0], shape[1], 2 * shape[2]))[:, :, : shape[2]]  # not contiguous
+            assert not codec.decode_into(params, payload, shape, layer, wide, wide.clone())
+            bf16 = torch.zeros((2, *shape), dtype=torch.bfloat16).unbind()
+            assert not codec.decode_into(params, payload, shape, layer, *bf16)
+            assert not bool(wide.any() or bf16[0].any())
