@@ -127,6 +127,9 @@ class _Lease:
     layers: Range = (0, 0)  # global layers held; read_layer is called only for these
     heads: Range | None = None  # global KV heads held; None = [0, Hkv of read_layer) (learned at first read)
     pulled: Coverage | None = None  # the cells ACKed so far, by which replicas (made at the first ACK)
+    # whether the codec context's layer-0 function reproduces read_layer(0) of this shape from token_ids,
+    # checked once as prefill makes layer 0 ready (`_check_layer0`); None: not (yet) checked
+    layer0_ok: tuple[bool, tuple[int, ...]] | None = None
 
     def __post_init__(self) -> None:
         self.io_lock = threading.Condition(self.io_mutex)
@@ -195,6 +198,7 @@ class KVServer:
         encode_workers: int = 0,
         pipeline_depth: int = 0,
         pipelined: bool | None = None,
+        check_layer0_early: bool = True,
     ) -> None:
         """`codecs`: the served model's codec context (default: none, so no calibration or layer 0).
         `host`: the listen host; `advertise_host`: the host `address` names for pullers ("" = the listener's
@@ -202,7 +206,10 @@ class KVServer:
         layers, shared by all pulls (0 = the cores this process may use, at most 4); `pipeline_depth`: per
         pull, layers encoded ahead of the one being sent (0 = encode_workers + 1); `pipelined=False`: read,
         encode and send one layer at a time on the connection's thread; None (the default): pipeline only with
-        more than one encode worker (on one core the thread hop costs more than the overlap gains)."""
+        more than one encode worker (on one core the thread hop costs more than the overlap gains).
+        `check_layer0_early`: check a lease's layer 0 against the context's layer-0 table as prefill marks it
+        ready (`_check_layer0`); False where read_layer copies from a device (the check would put a
+        synchronous copy in prefill's loop): a cachegen_l0 pull then checks it."""
         if lease_ttl_s <= 0:
             raise ValueError("lease_ttl_s must be > 0")
         if encode_workers < 0 or pipeline_depth < 0:
@@ -216,6 +223,7 @@ class KVServer:
         self.encode_workers = encode_workers or auto_workers()
         self.pipeline_depth = pipeline_depth or self.encode_workers + 1
         self.pipelined = pipelined if pipelined is not None else pipelined_by_default(self.encode_workers)
+        self.check_layer0_early = check_layer0_early
         self._encode_pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)  # notified on any lease change and on stop
@@ -371,7 +379,9 @@ class KVServer:
                 lease.ready = n
                 lease.deadline = time.monotonic() + self.lease_ttl_s
                 self._cond.notify_all()
-            return True
+        if n > 0:
+            self._check_layer0(lease)
+        return True
 
     def finish(self, transfer_id: str, first_token_id: int) -> bool:
         """All layers are ready and the first token is known: the trailer may be sent. False if gone."""
@@ -383,7 +393,39 @@ class KVServer:
             lease.first_token_id = int(first_token_id)
             lease.deadline = time.monotonic() + self.lease_ttl_s
             self._cond.notify_all()
-            return True
+        self._check_layer0(lease)
+        return True
+
+    def _check_layer0(self, lease: _Lease) -> None:
+        """Whether the context's layer-0 table reproduces this lease's layer 0 from its token ids, checked once,
+        on the caller's thread (prefill's, as it makes layer 0 ready: the layer is still in the caches), and
+        kept on the lease: a cachegen_l0 pull of every head then sends layer 0 as ids without checking it
+        again. At the pull the same check ran cold, on the hand-off's critical path (0.35-0.5 ms of a
+        1536-token pull's ~7 on a 2-core host). Nothing is checked without a table (the model's own
+        function would cost prefill a forward pass of layer 0) or where the lease does not hold layer 0; a
+        failed read leaves the check to the pull."""
+        l0 = self.codecs.layer0
+        if not self.check_layer0_early or lease.layer0_ok is not None or lease.token_ids is None:
+            return
+        if lease.layers[0] != 0:
+            return
+        if l0 is None or l0.mode != "table":
+            return
+        with lease.io_mutex:  # as _encode_layer: no release while we read
+            if lease.released is not None or lease.layer0_ok is not None:
+                return
+            lease.readers += 1
+        try:
+            k, v = lease.read_layer(0)
+            lease.layer0_ok = (l0.matches(k, v, lease.token_ids), tuple(k.shape))
+        except Exception:  # the pull reads and checks it again, and reports what fails there
+            log.exception("checking layer 0 of %s failed", lease.transfer_id)
+            lease.layer0_ok = (False, ())  # a shape no read has: the pull checks itself
+        finally:
+            with lease.io_mutex:
+                lease.readers -= 1
+                if lease.readers == 0 and lease.released is not None:  # a release waits for the reads
+                    lease.io_lock.notify_all()
 
     def cancel(self, transfer_id: str) -> bool:
         with self._lock:
@@ -830,9 +872,16 @@ class KVServer:
                     ErrorCode.INTERNAL,
                     f"read_layer({layer}) gave {tuple(shape)}/{tuple(v.shape)}, want [{lease.num_tokens}, Hkv, D]",
                 )
+            checked = lease.layer0_ok if layer == 0 else None
+            full_shape = tuple(k.shape)
             k, v, head_start = self._select_heads(lease, layer, k, v, heads)
+            ids, ids_checked = lease.token_ids, False
+            if checked is not None and checked[1] == full_shape == tuple(k.shape):  # every head the check saw
+                ids, ids_checked = (
+                    (ids, True) if checked[0] else (None, False)
+                )  # False: code layer 0 as usual
             try:
-                params, parts = codec.encode_parts(k, v, layer, lease.token_ids)
+                params, parts = codec.encode_parts(k, v, layer, ids, ids_checked=ids_checked)
             except KVTransferError as e:
                 raise _StreamEnded(ErrorCode.INTERNAL, f"encode layer {layer}: {e}") from e
             frame = buf.encode(

@@ -111,6 +111,7 @@ async def run(cfg: instance.InstanceConfig) -> None:
         lease_ttl_s=cfg.lease_ttl_s,
         codecs=codecs,
         advertise_host=cfg.advertised_host,
+        check_layer0_early=not cuda,  # a CUDA cache's read_layer copies to the host: the pull checks then
     )
     kv_server.start()
     engine = (

@@ -30,12 +30,13 @@ class Codec(ABC):
 
     @abstractmethod
     def encode_parts(
-        self, k: Tensor, v: Tensor, layer: int, token_ids: Tensor | None = None
+        self, k: Tensor, v: Tensor, layer: int, token_ids: Tensor | None = None, *, ids_checked: bool = False
     ) -> tuple[Buffer, Sequence[Buffer]]:
         """k, v: [T, Hkv, D] fp32/fp16/bf16 CPU -> (params, payload as several buffers that the frame
         concatenates, so a codec can hand over views instead of building one bytes object). `token_ids` [T]
         int64: the prompt's ids, where the caller has them (a codec may use them: `cachegen_l0` sends layer 0
-        as ids); others ignore them."""
+        as ids); others ignore them. `ids_checked`: the caller has checked that the context's layer-0
+        function reproduces k, v from token_ids (`Layer0.matches` was True), so a codec need not again."""
 
     def at_floor(self, max_kl: float) -> Codec:
         """This codec with its encoder spending the quality floor `max_kl` (a hand-off's max_kv_kl, mean
@@ -131,7 +132,7 @@ class ScaledCodec(Codec):
     def num_scales(self, t: int) -> int: ...
 
     def encode_parts(
-        self, k: Tensor, v: Tensor, layer: int, token_ids: Tensor | None = None
+        self, k: Tensor, v: Tensor, layer: int, token_ids: Tensor | None = None, *, ids_checked: bool = False
     ) -> tuple[Buffer, list[Buffer]]:
         check_kv(k, v)
         ks, kq = self.quantize(k)

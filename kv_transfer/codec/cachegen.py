@@ -149,6 +149,7 @@ class CacheGenCodec(Codec):
         layer: int,
         token_ids: Tensor | None = None,
         *,
+        ids_checked: bool = False,
         max_kl: float | None = None,
     ) -> tuple[bytes, list[Buffer]]:
         """k, v: [T, Hkv, D] fp32/fp16/bf16 on CPU or CUDA (quantized there; entropy coded on the CPU)
@@ -257,10 +258,16 @@ class CacheGenL0Codec(CacheGenCodec):
         layer: int,
         token_ids: Tensor | None = None,
         *,
+        ids_checked: bool = False,
         max_kl: float | None = None,
     ) -> tuple[bytes, list[Buffer]]:
         l0 = self.ctx.layer0
-        if layer == 0 and token_ids is not None and l0 is not None and l0.matches(k, v, token_ids):
+        if (
+            layer == 0
+            and token_ids is not None
+            and l0 is not None
+            and (ids_checked or l0.matches(k, v, token_ids))
+        ):
             params, payload = l0.encode(token_ids)
             return params, [payload]
         return super().encode_parts(k, v, layer, token_ids, max_kl=max_kl)

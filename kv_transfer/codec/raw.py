@@ -25,7 +25,7 @@ class RawCodec(Codec):
     lossless = True
 
     def encode_parts(
-        self, k: Tensor, v: Tensor, layer: int, token_ids: Tensor | None = None
+        self, k: Tensor, v: Tensor, layer: int, token_ids: Tensor | None = None, *, ids_checked: bool = False
     ) -> tuple[Buffer, Sequence[Buffer]]:
         check_kv(k, v)
         return _PARAMS.pack(_LAYOUT, DTYPE_CODES[k.dtype]), [tensor_bytes(k), tensor_bytes(v)]

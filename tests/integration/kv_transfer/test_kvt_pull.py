@@ -484,6 +484,59 @@ def test_a_pull_decodes_into_the_cache_in_place_with_the_values_a_copy_writes(pi
     assert torch.equal(caches[1].k[0, :3].flatten(0, 1)[: len(ids)], kv[0][0])  # layer 0 exact, in place
 
 
+@pytest.mark.parametrize("early", [True, False])
+def test_layer0_is_checked_once_as_prefill_makes_it_ready(early: bool, tiny_model_dir, monkeypatch) -> None:
+    """With check_layer0_early (the default) the server checks a lease's layer 0 against the table when it is
+    marked ready, and the cachegen_l0 pull sends it as ids without checking again; a layer 0 the table does
+    not reproduce is coded as usual (and arrives as cachegen's lossy values); without the early check the
+    pull checks, as before."""
+    from engine.kv_probe import KVProbe
+    from kv_transfer.codec import CodecContext, layer0
+
+    probe = KVProbe(str(tiny_model_dir), 64)
+    ctx = CodecContext.from_model_dir(tiny_model_dir, probe.runner.model, probe.runner.fingerprint)
+    assert ctx.layer0 is not None and ctx.layer0.mode == "table"
+    ids = [(13 * i + 7) % 2000 for i in range(48)]
+    kv = probe.prefill(ids)
+    wrong = [(kv[0][0] + 1.0, kv[0][1]), *kv[1:]]  # a layer 0 no model computes from these ids
+    checks: list[bool] = []
+    matches = layer0.Layer0.matches
+
+    def counted(self, k, v, token_ids):  # noqa: ANN001, ANN202 (the method's own signature)
+        checks.append(ok := matches(self, k, v, token_ids))
+        return ok
+
+    monkeypatch.setattr(layer0.Layer0, "matches", counted)
+    server = KVServer(
+        transport_for("tcp"),
+        "127.0.0.1",
+        fingerprint=FP,
+        lease_ttl_s=10.0,
+        codecs=ctx,
+        check_layer0_early=early,
+    )
+    server.start()
+    try:
+        with KVPuller(fingerprint=FP, timeout_s=10.0, codecs=ctx) as puller:
+            for name, layers_kv, exact in (("right", kv, True), ("wrong", wrong, False)):
+                rel = Releases()
+                token = server.open_lease(
+                    name, len(kv), len(ids), lambda layer, x=layers_kv: x[layer], rel, token_ids=ids
+                )
+                server.mark_ready(name, 1)
+                assert checks == ([exact] if early else [])  # checked as layer 0 became ready, or not yet
+                server.finish(name, 5)
+                sink = Sink()
+                puller.pull(server.address, name, "cachegen_l0", sink, token=token)
+                assert checks == [exact]  # once in all: at mark_ready, or at the pull
+                checks.clear()
+                assert torch.equal(sink.kv[0][0], layers_kv[0][0]) == exact  # ids: exact; coded: lossy
+                assert 0 < (sink.kv[0][1] - kv[0][1]).abs().max().item() < 0.5 or exact
+                rel.wait(name, "pulled")
+    finally:
+        server.stop()
+
+
 def test_only_the_lease_token_pulls_and_a_wrong_one_gets_no_kv_byte(
     scheme: str, server: KVServer, puller: KVPuller
 ) -> None:
