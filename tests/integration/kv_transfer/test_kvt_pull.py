@@ -520,9 +520,7 @@ def test_layer0_is_checked_once_as_prefill_makes_it_ready(early: bool, tiny_mode
         with KVPuller(fingerprint=FP, timeout_s=10.0, codecs=ctx) as puller:
             for name, layers_kv, exact in (("right", kv, True), ("wrong", wrong, False)):
                 rel = Releases()
-                token = server.open_lease(
-                    name, len(kv), len(ids), lambda layer, x=layers_kv: x[layer], rel, token_ids=ids
-                )
+                token = server.open_lease(name, len(kv), len(ids), layers_kv.__getitem__, rel, token_ids=ids)
                 server.mark_ready(name, 1)
                 assert checks == ([exact] if early else [])  # checked as layer 0 became ready, or not yet
                 server.finish(name, 5)
