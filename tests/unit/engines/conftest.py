@@ -241,6 +241,7 @@ class FakeKVPuller:
         *,
         token: bytes,
         max_kl: float | None = None,
+        dest: Callable[..., Any] | None = None,  # the real puller may decode into it; this fake always copies
     ) -> Trailer:
         self.timeline.add("pull", transfer_id)
         self.tokens.append(token)
