@@ -431,9 +431,8 @@ def _decode_proc(
                     codec,
                     lambda layer, k, v: cache.write(layer, blocks, 0, k, v),
                     token=lease_token,
-                    dest=lambda layer, shape: cache.run_views(
-                        layer, blocks, 0, shape[0]
-                    ),  # as decode_service
+                    # decoded into the cache where the codec can, as decode_service pulls
+                    dest=lambda layer, shape: cache.run_views(layer, blocks, 0, shape[0]),
                 )
                 t_ready, cpu1 = time.monotonic(), time.process_time()
                 tag, t0, t1 = peer.recv()

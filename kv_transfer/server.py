@@ -134,6 +134,21 @@ class _Lease:
     def __post_init__(self) -> None:
         self.io_lock = threading.Condition(self.io_mutex)
 
+    def begin_read(self) -> bool:
+        """Count a read of read_layer in (a release waits for the reads); False, counting nothing, once released."""
+        with self.io_mutex:
+            if self.released is not None:
+                return False
+            self.readers += 1
+            return True
+
+    def end_read(self) -> None:
+        """The read that begin_read counted is over; the last one wakes a release waiting for it."""
+        with self.io_mutex:
+            self.readers -= 1
+            if self.readers == 0 and self.released is not None:
+                self.io_lock.notify_all()
+
 
 @dataclass
 class _PullStats:
@@ -405,16 +420,16 @@ class KVServer:
         function would cost prefill a forward pass of layer 0) or where the lease does not hold layer 0; a
         failed read leaves the check to the pull."""
         l0 = self.codecs.layer0
-        if not self.check_layer0_early or lease.layer0_ok is not None or lease.token_ids is None:
+        if (
+            not self.check_layer0_early
+            or lease.layer0_ok is not None
+            or lease.token_ids is None
+            or lease.layers[0] != 0
+            or l0 is None
+            or l0.mode != "table"
+            or not lease.begin_read()  # as _encode_layer: no release while we read
+        ):
             return
-        if lease.layers[0] != 0:
-            return
-        if l0 is None or l0.mode != "table":
-            return
-        with lease.io_mutex:  # as _encode_layer: no release while we read
-            if lease.released is not None or lease.layer0_ok is not None:
-                return
-            lease.readers += 1
         try:
             k, v = lease.read_layer(0)
             lease.layer0_ok = (l0.matches(k, v, lease.token_ids), tuple(k.shape))
@@ -422,10 +437,7 @@ class KVServer:
             log.exception("checking layer 0 of %s failed", lease.transfer_id)
             lease.layer0_ok = (False, ())  # a shape no read has: the pull checks itself
         finally:
-            with lease.io_mutex:
-                lease.readers -= 1
-                if lease.readers == 0 and lease.released is not None:  # a release waits for the reads
-                    lease.io_lock.notify_all()
+            lease.end_read()
 
     def cancel(self, transfer_id: str) -> bool:
         with self._lock:
@@ -852,10 +864,8 @@ class KVServer:
         heads: Range | None = None,
     ) -> memoryview:
         """Read `layer` and encode the KV heads `heads` of it (None: all the lease holds) as one frame."""
-        with lease.io_mutex:  # = io_lock: no release while we read (see module doc)
-            if lease.released is not None:
-                raise _StreamEnded(ErrorCode.UNKNOWN_TRANSFER, f"lease released ({lease.released})")
-            lease.readers += 1
+        if not lease.begin_read():  # no release while we read (see module doc)
+            raise _StreamEnded(ErrorCode.UNKNOWN_TRANSFER, f"lease released ({lease.released})")
         try:
             t0 = time.perf_counter()
             try:
@@ -877,9 +887,9 @@ class KVServer:
             k, v, head_start = self._select_heads(lease, layer, k, v, heads)
             ids, ids_checked = lease.token_ids, False
             if checked is not None and checked[1] == full_shape == tuple(k.shape):  # every head the check saw
-                ids, ids_checked = (
-                    (ids, True) if checked[0] else (None, False)
-                )  # False: code layer 0 as usual
+                ids_checked = checked[0]
+                if not ids_checked:  # the table does not reproduce it: layer 0 is coded as usual
+                    ids = None
             try:
                 params, parts = codec.encode_parts(k, v, layer, ids, ids_checked=ids_checked)
             except KVTransferError as e:
@@ -897,10 +907,7 @@ class KVServer:
             )
             t2 = time.perf_counter()
         finally:
-            with lease.io_mutex:
-                lease.readers -= 1
-                if lease.readers == 0 and lease.released is not None:  # a release waits for the reads
-                    lease.io_lock.notify_all()
+            lease.end_read()
         stats.read_s += t1 - t0
         stats.encode_s += t2 - t1
         stats.raw_bytes += k.numel() * k.element_size() * 2

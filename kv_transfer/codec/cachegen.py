@@ -187,11 +187,9 @@ class CacheGenCodec(Codec):
     ) -> tuple[Tensor, Tensor]:
         """-> k, v [T, Hkv, D] in `dtype`; on the CPU, or dequantized on `device` (e.g. CUDA) if given."""
         dev = torch.device(device) if device is not None else torch.device("cpu")
-        pay = memoryview(payload).cast("B") if not isinstance(payload, memoryview) else payload.cast("B")
-        raw_params = bytes(params)
+        raw_params, pay, version = _frame_head(params, payload)
         if layer0.is_layer0_frame(raw_params):
             return layer0.decode(raw_params, pay, shape, dtype, dev, self.ctx.layer0)
-        version = raw_params[2] if len(raw_params) > 2 and raw_params[:2] == v1.MAGIC else None
         if version == klt.VERSION:
             if dev.type == "cpu" and not self.device_path:  # one compiled call after the header's checks
                 return klt.decode_cpu(raw_params, pay, shape, dtype, layer, self.ctx.transform)
@@ -224,11 +222,9 @@ class CacheGenCodec(Codec):
             or not (k_out.is_contiguous() and v_out.is_contiguous())
         ):
             return False
-        pay = memoryview(payload).cast("B") if not isinstance(payload, memoryview) else payload.cast("B")
-        raw_params = bytes(params)
+        raw_params, pay, version = _frame_head(params, payload)
         if layer0.is_layer0_frame(raw_params):
             return layer0.decode_into(raw_params, pay, shape, self.ctx.layer0, k_out, v_out)
-        version = raw_params[2] if len(raw_params) > 2 and raw_params[:2] == v1.MAGIC else None
         if version != klt.VERSION:
             return False
         klt.decode_cpu(raw_params, pay, shape, k_out.dtype, layer, self.ctx.transform, out=(k_out, v_out))
@@ -271,6 +267,14 @@ class CacheGenL0Codec(CacheGenCodec):
             params, payload = l0.encode(token_ids)
             return params, [payload]
         return super().encode_parts(k, v, layer, token_ids, max_kl=max_kl)
+
+
+def _frame_head(params: Buffer, payload: Buffer) -> tuple[bytes, memoryview, int | None]:
+    """A frame's params as bytes, its payload as a byte view, and the params' cachegen version (None: no
+    cachegen magic; layer-0-from-ids frames carry layer0.VERSION)."""
+    pay = memoryview(payload).cast("B") if not isinstance(payload, memoryview) else payload.cast("B")
+    raw = bytes(params)
+    return raw, pay, raw[2] if len(raw) > 2 and raw[:2] == v1.MAGIC else None
 
 
 def _payload_words(pay: memoryview, crc: int, words: int, wdt: np.dtype) -> np.ndarray:
