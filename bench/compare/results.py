@@ -159,8 +159,8 @@ def human_summary(result: dict[str, Any]) -> str:
         slo = w["slos"][k]
         lines.append(
             f"{wname}: k={k} -> TTFT <= {slo['ttft_s'] * 1e3:.0f} ms, TPOT <= {slo['tpot_s'] * 1e3:.1f} ms "
-            f"(TTFT scale {w['ttft_scale']:.2f}; isolated prefill {iso['prefill_s'] * 1e3:.1f} ms, "
-            f"decode step {iso['decode_step_s'] * 1e3:.2f} ms)"
+            f"(TTFT scale {w['ttft_scale']:.2f}; isolated prefill {iso['slo_prefill_s'] * 1e3:.1f} ms, "
+            f"decode step {iso['slo_decode_step_s'] * 1e3:.2f} ms, medians)"
         )
         for name, g in sorted(w["goodput_per_device"].items(), key=lambda kv: -kv[1]):
             tk = w["tightest_k_at_fixed_rate"][name]
