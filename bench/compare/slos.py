@@ -63,8 +63,11 @@ def mean_len(dist: LengthDist) -> int:
 # run too, and the best of 108 decode steps was the noisier figure: on the Intel Xeon host it moved 13 % between
 # a full run and its quick run 45 minutes later (7.71 / 6.82 ms; the median 8.41 / 7.73, 9 %), while the
 # cluster's own TPOT at the fixed rate was the same 13.3 ms in both (issue 23); five fresh processes in one
-# minute: best 7.23-7.76 ms, median 8.31-8.78 ms. On the AMD host one block's best moved by up to 27 %.
-ISOLATED_BLOCKS = 3
+# minute: best 7.23-7.76 ms, median 8.31-8.78 ms. On the AMD host one block's best moved by up to 27 %. Six
+# blocks (~9 s for prefill_heavy), so that a slow spell of the host over two blocks does not move the median:
+# in a quick run of 2026-12-07 three blocks measured 9.12, 8.71 and 7.17 ms (best per block), median 9.26 ms,
+# and the other workload's blocks a minute later 6.78-7.20 ms.
+ISOLATED_BLOCKS = 6
 
 
 def measure_isolated(
