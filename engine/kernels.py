@@ -158,8 +158,8 @@ static void attend_seq(float *o, const float *qn, const float *k, const float *v
    table[n][p / block_size] * block_size + p % block_size. window > 0 keeps positions > len - 1 - window.
    With AVX2 and D % 32 == 0: attend_seq. Otherwise, per sequence: scores for every (position, head) in one
    pass over K, softmax per head, one pass over V. 2026-12-07 Intel Xeon, the compare's model (8 query and 2 KV
-   heads of 64, ~200 positions): 43 -> 9 us per sequence and layer, a decode step of 16 sequences
-   18.7 -> 15 ms. */
+   heads of 64, ~200 positions): 43 -> 14 us per sequence and layer with the cache warm; a decode step of 16
+   sequences 18.7 -> 15.8 ms (bound by reading the KV cache there). */
 int paged_decode_attention(float *out, const float *q, const float *k, const float *v,
                            const int64_t *table, const int64_t *lens, int64_t N, int64_t H, int64_t Hkv,
                            int64_t D, int64_t block_size, int64_t max_blocks, int64_t window, float scale) {

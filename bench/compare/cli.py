@@ -29,7 +29,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="the full run at a lower resolution: 3 systems, 5 runs per search, 3 seeds per run (~22 min)",
+        help="the full run at a lower resolution: 3 systems, 5 runs per search, 3 seeds per run (~15 min)",
     )
     p.add_argument("--json", default=None, help="write the JSON object here instead of stdout")
     p.add_argument("--plots", default=None, help="write PNG plots into this directory")
