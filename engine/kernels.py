@@ -332,6 +332,27 @@ static inline __attribute__((always_inline)) void tile64(float *C, const float *
 #define TILE_COLS 16
 #endif
 
+/* The columns [n, N) of one k-block of C, W at a time, with the tile function T: the k-block's W-column strip of
+   B prefetched, then 6 rows of C at a time (the last group 1-5). Expects the locals of small_matmul. */
+#define COLUMNS(T, W)                                                                                   \
+    for (; n + (W) <= N; n += (W)) {                                                                    \
+        for (int64_t k = 0; k < kb; k++)                                                                \
+            for (int j = 0; j < (W); j += 16)                                                           \
+                _mm_prefetch((const char *)(B + (k0 + k) * ldb + n + j + PF), _MM_HINT_T0);            \
+        for (int64_t m0 = 0; m0 < M; m0 += 6) {                                                        \
+            float *c = C + m0 * ldc + n;                                                                \
+            const float *a = A + m0 * lda + k0, *b = B + k0 * ldb + n, *bs = bias ? bias + n : 0;       \
+            switch (M - m0 < 6 ? M - m0 : 6) {                                                          \
+                case 6: T(c, a, b, bs, kb, lda, ldb, ldc, 6, first); break;                             \
+                case 5: T(c, a, b, bs, kb, lda, ldb, ldc, 5, first); break;                             \
+                case 4: T(c, a, b, bs, kb, lda, ldb, ldc, 4, first); break;                             \
+                case 3: T(c, a, b, bs, kb, lda, ldb, ldc, 3, first); break;                             \
+                case 2: T(c, a, b, bs, kb, lda, ldb, ldc, 2, first); break;                             \
+                default: T(c, a, b, bs, kb, lda, ldb, ldc, 1, first); break;                            \
+            }                                                                                           \
+        }                                                                                               \
+    }
+
 /* C[M, N] = A[M, K] @ B[K, N] (+ bias[N]); row-major with row strides lda, ldb, ldc; N % 16 == 0. */
 int small_matmul(float *C, const float *A, const float *B, const float *bias, int64_t M, int64_t N,
                  int64_t K, int64_t lda, int64_t ldb, int64_t ldc) {
@@ -347,39 +368,9 @@ int small_matmul(float *C, const float *A, const float *B, const float *bias, in
         int first = k0 == 0;
         int64_t n = 0;
 #if TILE_COLS == 64
-        for (; n + 64 <= N; n += 64) {
-            for (int64_t k = 0; k < kb; k++)
-                for (int j = 0; j < 64; j += 16)
-                    _mm_prefetch((const char *)(B + (k0 + k) * ldb + n + j + PF), _MM_HINT_T0);
-            for (int64_t m0 = 0; m0 < M; m0 += 6) {
-                float *c = C + m0 * ldc + n;
-                const float *a = A + m0 * lda + k0, *b = B + k0 * ldb + n, *bs = bias ? bias + n : 0;
-                switch (M - m0 < 6 ? M - m0 : 6) {
-                    case 6: tile64(c, a, b, bs, kb, lda, ldb, ldc, 6, first); break;
-                    case 5: tile64(c, a, b, bs, kb, lda, ldb, ldc, 5, first); break;
-                    case 4: tile64(c, a, b, bs, kb, lda, ldb, ldc, 4, first); break;
-                    case 3: tile64(c, a, b, bs, kb, lda, ldb, ldc, 3, first); break;
-                    case 2: tile64(c, a, b, bs, kb, lda, ldb, ldc, 2, first); break;
-                    default: tile64(c, a, b, bs, kb, lda, ldb, ldc, 1, first); break;
-                }
-            }
-        }
+        COLUMNS(tile64, 64)
 #endif
-        for (; n < N; n += 16) {
-            for (int64_t k = 0; k < kb; k++) _mm_prefetch((const char *)(B + (k0 + k) * ldb + n + PF), _MM_HINT_T0);
-            for (int64_t m0 = 0; m0 < M; m0 += 6) {
-                float *c = C + m0 * ldc + n;
-                const float *a = A + m0 * lda + k0, *b = B + k0 * ldb + n, *bs = bias ? bias + n : 0;
-                switch (M - m0 < 6 ? M - m0 : 6) {
-                    case 6: tile(c, a, b, bs, kb, lda, ldb, ldc, 6, first); break;
-                    case 5: tile(c, a, b, bs, kb, lda, ldb, ldc, 5, first); break;
-                    case 4: tile(c, a, b, bs, kb, lda, ldb, ldc, 4, first); break;
-                    case 3: tile(c, a, b, bs, kb, lda, ldb, ldc, 3, first); break;
-                    case 2: tile(c, a, b, bs, kb, lda, ldb, ldc, 2, first); break;
-                    default: tile(c, a, b, bs, kb, lda, ldb, ldc, 1, first); break;
-                }
-            }
-        }
+        COLUMNS(tile, 16)
     }
     return 0;
 }
