@@ -167,11 +167,11 @@ int paged_decode_attention(float *out, const float *q, const float *k, const flo
     int64_t g = H / Hkv, max_len = 1;
     for (int64_t n = 0; n < N; n++) max_len = lens[n] > max_len ? lens[n] : max_len;
     int64_t Sp = (max_len + 7) & ~(int64_t)7;
-    /* scores [H, Sp], then acc [H, D], then the rows' offsets [Sp] */
-    float *scores = malloc(sizeof(float) * (size_t)(H * Sp + H * D) + sizeof(int64_t) * (size_t)Sp);
-    if (!scores) return -1;
+    /* the rows' offsets [Sp] (first: 8-byte aligned), then scores [H, Sp], then acc [H, D] */
+    int64_t *rows = malloc(sizeof(int64_t) * (size_t)Sp + sizeof(float) * (size_t)(H * Sp + H * D));
+    if (!rows) return -1;
+    float *scores = (float *)(rows + Sp);
     float *acc = scores + H * Sp;
-    int64_t *rows = (int64_t *)(acc + H * D);
     for (int64_t n = 0; n < N; n++) {
         int64_t len = lens[n], lo = (window > 0 && len > window) ? len - window : 0, S = len - lo;
         const int64_t *tab = table + n * max_blocks;
@@ -216,7 +216,7 @@ int paged_decode_attention(float *out, const float *q, const float *k, const flo
         float *o = out + n * H * D;
         for (int64_t i = 0; i < H * D; i++) o[i] = acc[i];
     }
-    free(scores);
+    free(rows);
     return 0;
 }
 
