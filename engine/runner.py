@@ -19,6 +19,14 @@ from engine.tokenizer import Tokenizer
 DEFAULT_KV_CACHE_BYTES = 256 * 2**20
 
 
+def histories(seqs: list[Sequence]) -> list[list[int]] | None:
+    """Each sequence's tokens so far, for the sampler's repetition penalty; None when no sequence has one
+    (`sample` reads them only then, and building them copies every sequence's whole context each step)."""
+    if all(s.params.repetition_penalty == 1.0 for s in seqs):
+        return None
+    return [s.all_ids for s in seqs]
+
+
 class ModelRunner:
     """The only engine object that touches the device. Not thread-safe: drive it from one step loop.
 
@@ -89,7 +97,7 @@ class ModelRunner:
             logits[done],
             [seqs[i].params for i in done],
             [len(seqs[i].output_ids) + seqs[i].params.step_offset for i in done],
-            [seqs[i].all_ids for i in done],
+            histories([seqs[i] for i in done]),
         )
         for i, t in zip(done, sampled, strict=True):
             tokens[i] = t
@@ -111,7 +119,7 @@ class ModelRunner:
             logits,
             [s.params for s in seqs],
             [len(s.output_ids) + s.params.step_offset for s in seqs],
-            [s.all_ids for s in seqs],
+            histories(seqs),
         )
 
     def _forward(

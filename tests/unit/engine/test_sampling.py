@@ -106,3 +106,19 @@ def test_repetition_penalty_divides_positive_and_multiplies_negative_seen_logits
 def test_bad_repetition_penalty_is_invalid_request(rp: float):
     with pytest.raises(InvalidRequest, match="repetition_penalty"):
         SamplingParams(repetition_penalty=rp).validate(4, 64)
+
+
+def test_runner_builds_histories_only_for_a_repetition_penalty():
+    from engine.runner import histories
+    from engine.sequence import Sequence
+
+    plain = Sequence("a", [1, 2], SamplingParams())
+    plain.output_ids.append(3)
+    penalised = Sequence("b", [4], SamplingParams(repetition_penalty=1.5))
+    assert histories([plain, plain]) is None  # sample() would not read them
+    assert histories([plain, penalised]) == [[1, 2, 3], [4]]
+    # and the penalty still reaches the logits through them: token 0 seen, so token 1 wins
+    logits = torch.tensor([[2.0, 1.5, 0.0]])
+    seq = Sequence("c", [0], SamplingParams(repetition_penalty=2.0))
+    assert sample(logits, [seq.params], [0], histories([seq])) == [1]
+    assert sample(logits, [plain.params], [0], histories([plain])) == [0]
