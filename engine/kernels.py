@@ -8,16 +8,16 @@ copies the context once per layer per step and is 3-7x slower on CPU.
 `kv_write_rows` writes K and V rows into the paged KV cache (`engine.kv_cache.KVCache.write`): some KV
 heads of each slot with non-temporal stores (see the C comment), whole slots with memcpy.
 
-`small_matmul` is x @ w_t (+ bias) for 1..24 rows with w_t stored [in, out]: MKL packs the weight matrix
-on every call for 2..24 rows, which on a memory-bound decode step costs as much as the multiply itself;
+`small_matmul` is x @ w_t (+ bias) for 1..48 rows (1..24 without AVX-512) with w_t stored [in, out]: MKL
+packs the weight matrix on every call for a few rows, which on a memory-bound decode step costs as much as the multiply itself;
 this kernel streams w_t in place instead (k-blocks of 16 rows, 6x16 register tiles, 6x64 with AVX-512,
 software prefetch) and is ~1.5x faster at 16 rows. One to four rows stream w_t's rows in order instead, each weight loaded
 once for every row (2 rows: ~0.8x the tiles' time). One row (GEMV): on the
 2026-12-03 host the tiles read weights too big for the cache at 26 GB/s against MKL's 21-22 (35 against
 21 for a 65 MB LM head), and the row stream is ~6% faster again (2026-12-05). Every row's result is the
 same whatever the batch holds (each output accumulates one fma per k in k order in every path), so a
-sequence's decode logits are bitwise equal alone and batched with up to 23 others.
-Batches of 25 rows and more stay with MKL's blocked GEMM.
+sequence's decode logits are bitwise equal alone and batched with up to 47 others (23 without AVX-512).
+Larger batches stay with MKL's blocked GEMM (`SMALL_MATMUL_MAX_ROWS`).
 
 The C source below is compiled on first use with the system C compiler (`cc`, ~1 s) into
 `<pdserve cache>/kernels/`, keyed by the source and the CPU's flags (it is built with -march=native),
@@ -375,7 +375,7 @@ int small_matmul(float *C, const float *A, const float *B, const float *bias, in
     }
     return 0;
 }
-int has_small_matmul(void) { return 1; }
+int has_small_matmul(void) { return TILE_COLS; } /* the register tiles' width in floats */
 #else
 int small_matmul(float *C, const float *A, const float *B, const float *bias, int64_t M, int64_t N,
                  int64_t K, int64_t lda, int64_t ldb, int64_t ldc) { return -2; }
@@ -432,12 +432,16 @@ void rms_norm(float *out, const float *x, const float *w, int64_t T, int64_t n, 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
-_has_small_matmul = False
-SMALL_MATMUL_MAX_ROWS = 24  # beyond this MKL's blocked GEMM wins (measured: equal at 32, 2x faster at 128)
+_tile_cols = 0  # small_matmul's register tile width in floats: 64 (AVX-512), 16 (AVX2), 0 (no kernel)
+# The most rows small_matmul takes, by tile width; beyond it MKL's blocked GEMM. Measured in a whole decode step
+# (weights cold between layers, as they run), not on one hot matrix, where MKL looks better than it is:
+# 2026-12-07 Intel Xeon, 64-wide tiles, step of 28 / 32 / 40 / 48 / 56 / 64 sequences 1.24 / 1.15 / 1.15 /
+# 1.06 / 0.99 / 0.94 x faster than with MKL from 25 rows. 16-wide: 2026-11-23 AMD EPYC, equal to MKL at 32 rows.
+SMALL_MATMUL_MAX_ROWS = {64: 48, 16: 24}
 
 
 def _load() -> ctypes.CDLL | None:
-    global _lib, _tried, _has_small_matmul
+    global _lib, _tried, _tile_cols
     if _tried:
         return _lib
     with _lock:
@@ -457,7 +461,7 @@ def _load() -> ctypes.CDLL | None:
                 lib.has_small_matmul.restype = ctypes.c_int
                 lib.kv_write_rows.restype = None
                 lib.kv_write_rows.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
-                _lib, _has_small_matmul = lib, bool(lib.has_small_matmul())
+                _lib, _tile_cols = lib, int(lib.has_small_matmul())
             except (OSError, RuntimeError, subprocess.SubprocessError) as e:
                 log.warning("C kernels unavailable, using the torch paths: %s", e)
         _tried = True
@@ -478,7 +482,12 @@ def kernels_available() -> bool:
 
 def small_matmul_available() -> bool:
     """True when `small_matmul` has its C kernel (the kernels loaded and the CPU has AVX2 and FMA)."""
-    return _load() is not None and _has_small_matmul
+    return _load() is not None and _tile_cols > 0
+
+
+def small_matmul_max_rows() -> int:
+    """The most rows `small_matmul` gives its C kernel on this CPU (0 where it has none)."""
+    return SMALL_MATMUL_MAX_ROWS.get(_tile_cols, 0) if _load() is not None else 0
 
 
 def paged_decode_attention(
@@ -559,12 +568,11 @@ def paged_decode_attention_ref(
 
 
 def small_matmul(x: Tensor, w_t: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x: [M, K] @ w_t: [K, N] (+ bias [N]) -> [M, N]. The C kernel for 1 <= M <= 24 rows on one CPU
-    thread (fp32, N % 16 == 0, x rows unit-stride, w_t contiguous); `torch.addmm` / `@` otherwise."""
+    """x: [M, K] @ w_t: [K, N] (+ bias [N]) -> [M, N]. The C kernel for 1 <= M <= small_matmul_max_rows() rows
+    on one CPU thread (fp32, N % 16 == 0, x rows unit-stride, w_t contiguous); `torch.addmm` / `@` otherwise."""
     m = x.shape[0]
     if (
-        1 <= m <= SMALL_MATMUL_MAX_ROWS
-        and small_matmul_available()
+        1 <= m <= small_matmul_max_rows()
         and x.device.type == "cpu"
         and x.dtype == w_t.dtype == torch.float32
         and x.dim() == 2

@@ -13,6 +13,7 @@ from engine.kernels import (
     paged_decode_attention_ref,
     small_matmul,
     small_matmul_available,
+    small_matmul_max_rows,
 )
 
 needs_kernels = pytest.mark.skipif(not kernels_available(), reason="no C compiler / kernels disabled")
@@ -60,7 +61,7 @@ def test_paged_decode_attention_falls_back_for_other_dtypes():
 
 
 @needs_kernels
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 6, 7, 12, 16, SMALL_MATMUL_MAX_ROWS])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 6, 7, 12, 16, 24, 25, 48])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_small_matmul_matches_torch(rows: int, with_bias: bool):
     gen = torch.Generator().manual_seed(rows)
@@ -87,7 +88,10 @@ def test_small_matmul_uses_torch_outside_its_shapes(monkeypatch: pytest.MonkeyPa
     gen = torch.Generator().manual_seed(0)
     w_t = torch.randn(24, 32, generator=gen)
     for x, w in [
-        (torch.randn(SMALL_MATMUL_MAX_ROWS + 1, 24, generator=gen), w_t),  # many rows: MKL's GEMM
+        (
+            torch.randn(max(SMALL_MATMUL_MAX_ROWS.values()) + 1, 24, generator=gen),
+            w_t,
+        ),  # many rows: MKL's GEMM
         (torch.randn(4, 24, generator=gen), torch.randn(24, 40, generator=gen)),  # 40 % 16 != 0
     ]:
         torch.testing.assert_close(small_matmul(x, w), x @ w)
@@ -105,10 +109,10 @@ def test_small_matmul_rows_do_not_depend_on_the_batch():
     # (n = 80: with AVX-512 the first 64 columns go through the 512-bit tiles, the last 16 the 256-bit ones)
     gen = torch.Generator().manual_seed(3)
     k, n = 100, 80
-    x = torch.randn(SMALL_MATMUL_MAX_ROWS, k, generator=gen)
+    x = torch.randn(small_matmul_max_rows(), k, generator=gen)
     w_t = torch.randn(k, n, generator=gen)
     bias = torch.randn(n, generator=gen)
     full = small_matmul(x, w_t, bias)
-    for rows in (1, 2, 5, 6, 7, 13):
+    for rows in (1, 2, 5, 6, 7, 13, 24):
         assert torch.equal(small_matmul(x[:rows], w_t, bias), full[:rows])
     assert torch.equal(small_matmul(x[3:4], w_t, bias), full[3:4])

@@ -161,7 +161,7 @@ def test_on_layer_fires_in_order_after_that_layers_kv_is_written(engine_model_di
     not small_matmul_available(), reason="no small-matmul kernel (no C compiler, or no AVX2 and FMA)"
 )
 def test_decode_logits_do_not_depend_on_the_batch(runner: ModelRunner):
-    # With the C kernels, every matmul of a decode step (1..24 rows) computes each row the same way whatever
+    # With the C kernels, every matmul of a decode step (up to `small_matmul_max_rows()` rows) computes each row the same way whatever
     # else is in the batch: a sequence's logits are bitwise equal decoded alone or next to others.
     blocks = Blocks(runner.kv_cache.num_blocks)
     prompts = [prompt(n, seed=100 + n) for n in (5, 12, 20)]
