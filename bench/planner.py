@@ -44,6 +44,9 @@ DISTSERVE_REPORTED = {
 
 # The instances' stretch per window: schedstat read every STRETCH_WINDOW_S; a window in which the step thread
 # ran less than STRETCH_WINDOW_MIN_RUN_S is merged into the next (bench.cpu.window_stretches)
+# Requests sent at once by the calibration run whose decode batches reach what a run past the knee forms
+# (the planner's fidelity runs here: 43-59 sequences at the third rate)
+STEP_BURST = 48
 STRETCH_WINDOW_S = 0.25
 STRETCH_WINDOW_MIN_RUN_S = 0.05
 
@@ -138,9 +141,10 @@ def run(quick: bool) -> dict[str, Any]:
 def fidelity(quick: bool, log_dir: str, raw_path: str | None = None) -> dict[str, Any]:
     """Predicted vs measured SLO attainment on this machine. Profile the quick bench model here (TP1, one
     core: the engine's forward passes only), start a 1P1D cluster on this machine's two cores (the only plan
-    the local topology holds), and calibrate the profile to the serving path from two runs through it (an
-    isolated one and a burst: coordinator/planner/calibrate.py splits what the path adds into latency and
-    instance capacity). SLOs are 4x the isolated TTFT and TPOT (the compare bench's balanced k = 4).
+    the local topology holds), and calibrate the profile to the serving path from three runs through it (an
+    isolated one, a burst of 16 and one of STEP_BURST: the decode model is refitted on the decode steps the
+    decode instance counted in them by batch size, calibrate.step_model; the isolated run and the first burst
+    split what the path adds into latency and instance capacity, calibrate.calibrate). SLOs are 4x the isolated TTFT and TPOT (the compare bench's balanced k = 4).
     The simulator models the cluster as launched: the gateway's local prefill (`--local-prefill busy`), the
     decode instance's `max_running` and its KV cache. Then plan with the calibrated profile and run the
     cluster at 0.6, 1.0 and 1.4 x its predicted goodput on this host as the calibration runs found it (other
@@ -150,11 +154,12 @@ def fidelity(quick: bool, log_dir: str, raw_path: str | None = None) -> dict[str
     most, the runs it replaced kept in `below_knee`):
     `predicted_attainment` is the simulator on the very arrivals and lengths each run sent, every batch and
     step stretched by its instance's wait for a core in the 0.25 s window it starts in (schedstat, measured
-    in that run: what other tenants did to the cores, not what the cluster did), the decode model put on the
-    cluster's decode step thread as scale * the profile's step + a per-step term, both from the step thread's
-    CPU in the isolated run and the burst (calibrate.decode_cpu); `predicted_batch1_cpu_scale_attainment` the
-    previous model (the whole decode model scaled by the isolated run's ratio, calibrate.cpu_scale);
-    `predicted_cpu_matched_attainment` (a diagnostic, not a prediction: it uses the outcome of the run) the
+    in that run: what other tenants did to the cores, not what the cluster did), on the calibrated model;
+    `predicted_previous_attainment` the previous model (the profile's decode steps mapped as scale * step + a
+    per-step term inferred by simulating the isolated run and the burst against the step thread's CPU,
+    calibrate.decode_cpu); `decode_step_cpu_over_model` the run's decode steps' CPU as the instance counted
+    it over the refitted model's for the same steps (how much faster or slower the host ran than in the
+    calibration, the one input no prediction has); `predicted_cpu_matched_attainment` (a diagnostic, not a prediction: it uses the outcome of the run) the
     same with each instance's times scaled to the CPU its step thread used in that run
     (calibrate.cpu_matched), `predicted_run_stretch_attainment` the first with one stretch over the run,
     `predicted_attainment_band_5pct` the first with every time 5 % longer / shorter,
@@ -167,7 +172,7 @@ def fidelity(quick: bool, log_dir: str, raw_path: str | None = None) -> dict[str
     import logging
     import os
     import statistics
-    from dataclasses import replace
+    from dataclasses import asdict, astuple, replace
 
     import numpy as np
 
@@ -187,6 +192,7 @@ def fidelity(quick: bool, log_dir: str, raw_path: str | None = None) -> dict[str
         decode_cpu,
         observed,
         one_by_one,
+        step_model,
         stretched,
     )
     from coordinator.planner.latency import Profile
@@ -200,10 +206,13 @@ def fidelity(quick: bool, log_dir: str, raw_path: str | None = None) -> dict[str
         Stretch,
         simulate,
     )
+    from coordinator.registry import Registry
     from engine.runner import DEFAULT_KV_CACHE_BYTES
+    from engine.step_loop import PassCpu
     from pdserve.instance import CPU_BATCH_TOKENS, InstanceConfig
     from pdserve.launcher import ClusterConfig, LocalCluster
     from pdserve.plan_cli import local_topology, profile_from_json, run_profile
+    from pdserve.v1 import common_pb2, decode_pb2_grpc, prefill_pb2_grpc
 
     logging.getLogger("bench.probe").setLevel(logging.WARNING)
     load_before = os.getloadavg()
@@ -256,12 +265,35 @@ def fidelity(quick: bool, log_dir: str, raw_path: str | None = None) -> dict[str
     def pid(role: str) -> int:
         return next(c.proc.pid for c in cluster.children if c.role == role)
 
+    registry = Registry(cluster.redis_url, cfg.cluster)
+
+    def pass_cpu(role: str) -> PassCpu:
+        """The `role` instance's step-thread CPU per pass kind so far (its Stats RPC)."""
+        (inst,) = registry.instances(role)
+        with cluster.instance_channel(inst.grpc_address) as ch:
+            stub = prefill_pb2_grpc.PrefillStub(ch) if role == "prefill" else decode_pb2_grpc.DecodeStub(ch)
+            st = stub.Stats(common_pb2.InstanceStatsRequest(), timeout=10)
+        pp = st.prompt_pass_cpu
+        return PassCpu(
+            {r.batch: [r.steps, r.ctx_tokens, r.cpu_s, r.forward_cpu_s] for r in st.decode_step_cpu},
+            [pp.passes, pp.tokens, pp.tokens_sq, pp.cpu_s, pp.forward_cpu_s],
+        )
+
+    def step_rows(run_cpu: dict[str, Any]) -> list[tuple[int, int, int, float, float]]:
+        """The decode steps the decode instance counted in a run (`load`'s CPU): (batch size, steps, context
+        tokens, CPU s, of which in the model call)."""
+        return [
+            (int(b), int(n), int(ctx), float(c), float(f))
+            for b, (n, ctx, c, f) in run_cpu["decode_pass_cpu"]["decode"].items()
+        ]
+
     def load(wl: Workload) -> tuple[list[Request], list[Any], dict[str, Any], dict[str, Stretch]]:
         """Run `wl`: (what was sent, as simulator requests; per-request metrics; the run's CPU: machine-wide
         use by whom (bench.cpu), each instance's stretch (its step thread's run-queue wait over its time on
         a CPU) and its step thread's CPU seconds; each instance's stretch per window of about
         `STRETCH_WINDOW_S`, on the requests' clock)."""
         reqs = make_requests(wl, source)
+        passes_before = {role: pass_cpu(role) for role in ("prefill", "decode")}
         before = {role: schedstat_ns(pid(role)) for role in ("prefill", "decode")}
         procs = {r: pid(r) for r in ("prefill", "decode", "coordinator")} | {"bench": os.getpid()}
         if cluster.redis is not None:
@@ -295,6 +327,8 @@ def fidelity(quick: bool, log_dir: str, raw_path: str | None = None) -> dict[str
         windows: dict[str, Stretch] = {}
         for role in ("prefill", "decode"):
             after = schedstat_ns(pid(role))
+            # the step thread's CPU per pass kind over the run, as the instance counted it
+            cpu[f"{role}_pass_cpu"] = asdict(pass_cpu(role).minus(passes_before[role]))
             cpu[f"{role}_stretch"] = stretch(before[role], after)
             cpu[f"{role}_cpu_s"] = busiest_run_s(before[role], after)
             w = window_stretches(sampler.samples, role, STRETCH_WINDOW_MIN_RUN_S)
@@ -330,6 +364,19 @@ def fidelity(quick: bool, log_dir: str, raw_path: str | None = None) -> dict[str
             Workload("burst", 16, 1000.0, "gamma", cv=1e-3, prompt=Fixed(mean_p), output=Fixed(mean_o)),
             per_window=True,
         )
+        # a burst of STEP_BURST at once: decode batches up to STEP_BURST, as far as a run past the knee grows
+        # them, for the decode step's CPU by batch size (calibrate.step_model) and nothing else
+        *_, big_cpu, _ = load(
+            Workload(
+                "burst-steps",
+                STEP_BURST,
+                1000.0,
+                "gamma",
+                cv=1e-3,
+                prompt=Fixed(mean_p),
+                output=Fixed(mean_o),
+            )
+        )
         memory = min(nd.device_memory_gib for nd in topo.nodes)
         base = SearchInput(
             model,
@@ -347,14 +394,18 @@ def fidelity(quick: bool, log_dir: str, raw_path: str | None = None) -> dict[str
         # the topology's memory per core: what back-pressures admission in the cluster measured
         cpu_kv_tokens = DEFAULT_KV_CACHE_BYTES // replace(model, dtype_bytes=4).kv_bytes_per_token
         cap = min(kv_capacity_tokens(base, Layout(1, 1), memory), cpu_kv_tokens)
-        # The profile is another process's CPU clock, taken before the cluster started: the decode step
-        # thread's CPU as the cluster ran it (schedstat) in the isolated run (batch-1 steps) and the burst
-        # (batches up to 16) puts the decode model on the cluster's own step thread as scale * model step +
-        # a per-step term (calibrate.decode_cpu). Not prefill: its step thread also does the KV hand-off's
-        # bookkeeping after the first token, which is no part of the TTFT the model predicts.
+        # The profile is another process's CPU clock, taken before the cluster started, each point at its own
+        # moment: the decode model is refitted on the decode steps the instance counted itself in the three
+        # calibration runs, by batch size (its Stats: engine.step_loop.PassCpu; calibrate.step_model), the
+        # last burst ramping the batch up to STEP_BURST. Not prefill: that thread also does the KV
+        # hand-off's bookkeeping after the first token, which is no part of the TTFT the model predicts.
         prefill_cpu_ratio, decode_batch1_ratio = cpu_scale(
             lat, iso.requests, iso_cpu["prefill_cpu_s"], iso_cpu["decode_cpu_s"], cap, CPU_BATCH_TOKENS
         )
+        calibration_runs = (iso_cpu, burst_cpu, big_cpu)
+        lat_steps = step_model(lat, [row for c in calibration_runs for row in step_rows(c)])
+        # the previous model, for comparison: scale * the profile's step + a per-step term, inferred from
+        # the step thread's CPU over the isolated run and the burst by simulating them (calibrate.decode_cpu)
         dcpu = decode_cpu(
             lat,
             [
@@ -374,9 +425,8 @@ def fidelity(quick: bool, log_dir: str, raw_path: str | None = None) -> dict[str
             )
             return terms, apply(lat_run, terms, mean_p)
 
-        terms, cal = calibrated(dcpu.apply(lat))
-        # the previous model, for comparison: the whole decode model scaled by the batch-1 ratio
-        _, cal_batch1 = calibrated(stretched(lat, 1.0, decode_batch1_ratio))
+        terms, cal = calibrated(lat_steps)
+        _, cal_previous = calibrated(dcpu.apply(lat))
         profile = Profile(
             engine_profile.device, engine_profile.model, (cal,), "pdserve profile + calibration"
         )
@@ -397,7 +447,7 @@ def fidelity(quick: bool, log_dir: str, raw_path: str | None = None) -> dict[str
             {
                 "isolated_ms": {"ttft": iso.ttft_s * 1e3, "tpot": iso.tpot_s * 1e3},
                 "burst_ms": {"ttft": burst.ttft_s * 1e3, "tpot": burst.tpot_s * 1e3},
-                "calibration_cpu": {"isolated": iso_cpu, "burst": burst_cpu},
+                "calibration_cpu": {"isolated": iso_cpu, "burst": burst_cpu, "burst_steps": big_cpu},
                 "engine_only_ms": {
                     "ttft": lat.prefill_s(mean_p, mean_p * mean_p) * 1e3,
                     "tpot": lat.decode_s(1, mean_p + mean_o / 2) * 1e3,
@@ -413,12 +463,17 @@ def fidelity(quick: bool, log_dir: str, raw_path: str | None = None) -> dict[str
                     "isolated": [iso_cpu["prefill_stretch"], iso_cpu["decode_stretch"]],
                     "burst": list(burst_k),
                 },
-                # the decode step thread's CPU per step = scale * the profile's step + per_step_ms, from the
-                # isolated run and the burst (calibrate.decode_cpu): applied
+                # the decode model refitted on the steps the instance counted (calibrate.step_model):
+                # [a (s), b (s per context token), c (s per sequence)] below / from `threshold` sequences
+                "decode_step_model": {
+                    "small": list(astuple(lat_steps.decode_small)),
+                    "large": list(astuple(lat_steps.decode_large)),
+                    "threshold": lat_steps.threshold,
+                },
+                # the previous model (predicted_previous_attainment): scale * the profile's step + per_step_ms
                 "decode_cpu": dcpu.to_dict(),
-                # the cluster's step-thread CPU over the isolated run / the profile's (calibrate.cpu_scale):
-                # reported; the decode one was the previous model (predicted_batch1_cpu_scale_attainment)
-                "cpu_scale": {"decode_batch1": decode_batch1_ratio, "prefill_not_applied": prefill_cpu_ratio},
+                # the cluster's step-thread CPU over the isolated run / the profile's (calibrate.cpu_scale)
+                "cpu_scale": {"decode_batch1": decode_batch1_ratio, "prefill": prefill_cpu_ratio},
                 "goodput_at_calibration_contention_rps": goodput,
                 "fidelity": [],
                 "measured": [],
@@ -427,6 +482,11 @@ def fidelity(quick: bool, log_dir: str, raw_path: str | None = None) -> dict[str
                 "distributions_ms": [],
             }
         )
+
+        def step_cpu_over_model(run_cpu: dict[str, Any]) -> float:
+            rows = step_rows(run_cpu)
+            model = sum(n * lat_steps.decode_s(b, ctx / n) for b, n, ctx, _, _ in rows)
+            return sum(c for *_, c, _ in rows) / model if model > 0 else float("nan")
 
         def run_wl(rate: float) -> Workload:
             return Workload("balanced", n, rate, prompt=spec.prompt, output=spec.output, seed=1)
@@ -503,10 +563,14 @@ def fidelity(quick: bool, log_dir: str, raw_path: str | None = None) -> dict[str
                     "predicted_cpu_matched_attainment": on_schedule(sent, *win, lat=run_lat).attainment(
                         slo_ttft, slo_tpot
                     ),
-                    # the previous model: the decode model scaled by the isolated run's batch-1 CPU ratio
-                    "predicted_batch1_cpu_scale_attainment": on_schedule(
-                        sent, *win, lat=cal_batch1
-                    ).attainment(slo_ttft, slo_tpot),
+                    # the decode steps' CPU the instance counted in this run over what the calibrated model
+                    # gives the same steps (batch sizes, contexts): how much faster (< 1) or slower the host
+                    # ran them than in the calibration runs, the one input a prediction cannot have
+                    "decode_step_cpu_over_model": step_cpu_over_model(cpu),
+                    # the previous model: the decode map inferred by simulating the calibration runs
+                    "predicted_previous_attainment": on_schedule(sent, *win, lat=cal_previous).attainment(
+                        slo_ttft, slo_tpot
+                    ),
                     # without the run's CPU, one stretch over the whole run (the second version's model)
                     "predicted_run_stretch_attainment": on_schedule(sent, *run_k).attainment(
                         slo_ttft, slo_tpot
@@ -578,7 +642,14 @@ def fidelity(quick: bool, log_dir: str, raw_path: str | None = None) -> dict[str
     out["max_abs_error_points"] = max(
         abs(f["predicted_attainment"] - f["measured_attainment"]) * 100 for f in out["fidelity"]
     )
-    for key in ("idle_host", "steady", "no_local_prefill", "run_stretch", "cpu_matched", "batch1_cpu_scale"):
+    for key in (
+        "idle_host",
+        "steady",
+        "no_local_prefill",
+        "run_stretch",
+        "cpu_matched",
+        "previous",
+    ):
         out[f"max_abs_error_points_{key}"] = max(
             abs(f[f"predicted_{key}_attainment"] - f["measured_attainment"]) * 100 for f in out["fidelity"]
         )

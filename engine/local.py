@@ -8,6 +8,8 @@ whole budget (prompt + max_tokens) of KV blocks can be allocated and its prompt 
 
 from __future__ import annotations
 
+import time
+
 from engine.device import Device
 from engine.params import SamplingParams
 from engine.runner import ModelRunner
@@ -55,6 +57,7 @@ class LocalEngine(StepEngine[Job]):
             self.validate_request(job)
         for job in jobs:
             self.submit(job)
+        self._cpu_mark = time.thread_time()  # the step loop runs in this thread (PassCpu)
         while self._waiting or self._owners():
             with self._cond:
                 step = self._schedule()

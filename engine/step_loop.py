@@ -97,6 +97,36 @@ def prompt_pass(jobs: list[J]) -> Batch[J]:
     return Batch(jobs, [job.seq.num_prompt_tokens - job.seq.num_cached for job in jobs])
 
 
+@dataclass
+class PassCpu:
+    """The step thread's CPU seconds on its forward passes since the engine started, cumulative. Each pass
+    is charged the thread's CPU from the end of the pass before it to its own end: the scheduling before
+    it, the model call, its tokens' bookkeeping (so the charges add up to all the step thread's CPU,
+    start-up aside), and, apart, the model call's own (`forward_s`, part of `cpu_s`). Decode steps by batch
+    size (`decode[batch] = [steps, context tokens, cpu_s, forward_s]`, the context of a step being its
+    sequences' tokens so far, prompt included); prompt passes in total (`prefill = [passes, new tokens, sum
+    of squared new tokens per sequence, cpu_s, forward_s]`). What a latency model of the step thread is
+    fitted to (coordinator/planner/calibrate.py)."""
+
+    decode: dict[int, list[float]] = field(default_factory=dict)
+    prefill: list[float] = field(default_factory=lambda: [0, 0, 0, 0.0, 0.0])
+
+    def copy(self) -> PassCpu:
+        return PassCpu({b: list(v) for b, v in self.decode.items()}, list(self.prefill))
+
+    def minus(self, before: PassCpu) -> PassCpu:
+        """What was counted since `before` (an earlier snapshot of the same engine)."""
+        zero = [0, 0, 0.0, 0.0]
+        decode = {
+            b: [x - y for x, y in zip(v, before.decode.get(b, zero), strict=True)]
+            for b, v in self.decode.items()
+        }
+        return PassCpu(
+            {b: v for b, v in decode.items() if v[0] > 0},
+            [x - y for x, y in zip(self.prefill, before.prefill, strict=True)],
+        )
+
+
 class StepEngine(Generic[J]):
     """An engine whose one step-loop thread owns the model."""
 
@@ -111,6 +141,8 @@ class StepEngine(Generic[J]):
         self._running: list[J] = []  # RUNNING
         self._cond = threading.Condition()
         self._stop = False
+        self._pass_cpu = PassCpu()  # under the lock
+        self._cpu_mark = 0.0  # the step thread's CPU clock when its last pass ended (s)
         self._thread = threading.Thread(target=self._loop, name=thread_name, daemon=True)
 
     # ---- the policy each engine defines (called under the lock) --------------------------------
@@ -173,6 +205,11 @@ class StepEngine(Generic[J]):
         with self._cond:
             return self._stats()
 
+    def pass_cpu(self) -> PassCpu:
+        """A snapshot of the step thread's CPU per pass kind (PassCpu)."""
+        with self._cond:
+            return self._pass_cpu.copy()
+
     def check_integrity(self) -> None:
         """Block manager consistent, and every used block owned by exactly the jobs in `_owners()`."""
         with self._cond:
@@ -199,6 +236,7 @@ class StepEngine(Generic[J]):
 
     # ---- the step loop --------------------------------------------------------------------
     def _loop(self) -> None:
+        self._cpu_mark = time.thread_time()
         while (step := self._next_step()) is not None:
             self._run_step(step)
 
@@ -217,13 +255,43 @@ class StepEngine(Generic[J]):
     def _run_step(self, step: list[Batch[J]]) -> None:
         """Run each pass, then hand its tokens to `_postprocess`; a failed pass fails its jobs only."""
         for batch in step:
+            # the pass's shape, before its tokens are appended: decode context = each sequence's tokens so far
+            shape = (
+                sum(len(job.seq.prompt_ids) + len(job.seq.output_ids) for job in batch.jobs)
+                if batch.num_new is None
+                else sum(n * n for n in batch.num_new)
+            )
+            t0 = time.thread_time()
             try:
                 tokens = self._forward(batch)
             except Exception as exc:  # noqa: BLE001 - a failed pass fails its requests, not the instance
                 log.exception("%s failed", batch.what)
                 self._fail(batch, exc)
+                self._cpu_mark = time.thread_time()  # a failed pass is charged to nothing
                 continue
+            forward_s = time.thread_time() - t0
             self._postprocess(batch, tokens)
+            self._charge_cpu(batch, shape, forward_s)
+
+    def _charge_cpu(self, batch: Batch[J], shape: int, forward_s: float) -> None:
+        """Charge the step thread's CPU since the last pass ended to `batch` (PassCpu); `shape`: a decode
+        step's context tokens, a prompt pass's sum of squared new tokens; `forward_s`: its model call's."""
+        now = time.thread_time()
+        cpu, self._cpu_mark = now - self._cpu_mark, now
+        with self._cond:
+            if batch.num_new is None:
+                row = self._pass_cpu.decode.setdefault(len(batch.jobs), [0, 0, 0.0, 0.0])
+                row[0] += 1
+                row[1] += shape
+                row[2] += cpu
+                row[3] += forward_s
+            else:
+                p = self._pass_cpu.prefill
+                p[0] += 1
+                p[1] += sum(batch.num_new)
+                p[2] += shape
+                p[3] += cpu
+                p[4] += forward_s
 
     def _forward(self, batch: Batch[J], on_layer: Callable[[int], None] | None = None) -> list[int | None]:
         """One model call (outside the lock): sampled tokens, None for a prompt chunk that is not the last."""

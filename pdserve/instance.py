@@ -544,14 +544,17 @@ class EngineStream:
 
 
 def stats_proto(cfg: InstanceConfig, engine: StepEngine) -> common_pb2.InstanceStats:
-    """The `Stats` RPC's answer: load, KV blocks and whether `check_integrity()` holds right now."""
+    """The `Stats` RPC's answer: load, KV blocks, whether `check_integrity()` holds right now, and the step
+    thread's CPU per pass kind (engine.step_loop.PassCpu)."""
     s = engine.stats()
+    cpu = engine.pass_cpu()
     bm = engine.block_manager
     try:
         engine.check_integrity()
         ok = True
     except AssertionError:
         ok = False
+    passes, tokens, tokens_sq, prompt_cpu_s, prompt_forward_s = cpu.prefill
     return common_pb2.InstanceStats(
         instance_id=cfg.instance_id,
         role=cfg.role,
@@ -562,6 +565,17 @@ def stats_proto(cfg: InstanceConfig, engine: StepEngine) -> common_pb2.InstanceS
         leases=s.get("leases", 0),
         integrity_ok=ok,
         kv_unauthorized_pulls=s.get("kv_unauthorized_pulls", 0),
+        decode_step_cpu=[
+            common_pb2.DecodeStepCpu(batch=b, steps=int(n), ctx_tokens=int(ctx), cpu_s=c, forward_cpu_s=f)
+            for b, (n, ctx, c, f) in sorted(cpu.decode.items())
+        ],
+        prompt_pass_cpu=common_pb2.PromptPassCpu(
+            passes=int(passes),
+            tokens=int(tokens),
+            tokens_sq=int(tokens_sq),
+            cpu_s=prompt_cpu_s,
+            forward_cpu_s=prompt_forward_s,
+        ),
     )
 
 

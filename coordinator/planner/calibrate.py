@@ -30,7 +30,7 @@ run simulated with its own stretches, and a prediction for a run uses that run's
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 
 from coordinator.planner.latency import Coeffs, LayoutLatency
@@ -119,23 +119,74 @@ class DecodeCpu:
 
 def fit_decode_cpu(runs: Sequence[tuple[float, int, float]]) -> DecodeCpu:
     """Runs: (the model's seconds of decode steps, its number of steps, the CPU seconds the step thread
-    measured on them). Least squares of CPU per step = scale * model seconds per step + per_step_s, with
+    measured on them). Least squares (weighted by steps) of CPU per step = scale * model seconds per step + per_step_s, with
     per_step_s >= 0 (where the unconstrained fit has it negative, or scale <= 0: per_step_s = 0 and the
     scale through the origin). Two runs of different mean batch (an isolated run at batch 1, a burst) fix
     both exactly."""
-    pts = [(busy / steps, cpu / steps) for busy, steps, cpu in runs if steps > 0 and busy > 0 and cpu > 0]
+    pts = [
+        (busy / steps, cpu / steps, steps) for busy, steps, cpu in runs if steps > 0 and busy > 0 and cpu > 0
+    ]
     if not pts:
         raise ValueError("fit_decode_cpu needs a run with decode steps and CPU time")
-    n = len(pts)
-    mx = sum(x for x, _ in pts) / n
-    my = sum(y for _, y in pts) / n
-    sxx = sum((x - mx) ** 2 for x, _ in pts)
-    if sxx > 1e-18 * max(1.0, mx * mx):
-        scale = sum((x - mx) * (y - my) for x, y in pts) / sxx
+    n = sum(w for _, _, w in pts)  # each point weighs its steps
+    mx = sum(x * w for x, _, w in pts) / n
+    my = sum(y * w for _, y, w in pts) / n
+    sxx = sum(w * (x - mx) ** 2 for x, _, w in pts)
+    if sxx > 1e-18 * n * max(1.0, mx * mx):
+        scale = sum(w * (x - mx) * (y - my) for x, y, w in pts) / sxx
         per_step = my - scale * mx
         if per_step >= 0 and scale > 0:
             return DecodeCpu(scale, per_step)
-    return DecodeCpu(sum(x * y for x, y in pts) / sum(x * x for x, _ in pts), 0.0)
+    return DecodeCpu(sum(w * x * y for x, y, w in pts) / sum(w * x * x for x, _, w in pts), 0.0)
+
+
+def _line(pts: Sequence[tuple[float, float, float]]) -> tuple[float, float]:
+    """(intercept, slope) >= 0 of y over x, least squares weighted by w, from (x, y, w) points; where the
+    unconstrained fit has a negative term, that term is 0 and the other is refitted."""
+    n = sum(w for _, _, w in pts)
+    mx = sum(x * w for x, _, w in pts) / n
+    my = sum(y * w for _, y, w in pts) / n
+    sxx = sum(w * (x - mx) ** 2 for x, _, w in pts)
+    if sxx > 1e-18 * n * max(1.0, mx * mx):
+        slope = sum(w * (x - mx) * (y - my) for x, y, w in pts) / sxx
+        if slope >= 0 and my - slope * mx >= 0:
+            return my - slope * mx, slope
+        if slope < 0:
+            return max(0.0, my), 0.0
+    through_origin = sum(w * x * y for x, y, w in pts) / max(1e-30, sum(w * x * x for x, _, w in pts))
+    return 0.0, max(0.0, through_origin)
+
+
+def step_model(lat: LayoutLatency, rows: Iterable[tuple[int, int, int, float, float]]) -> LayoutLatency:
+    """`lat` with its decode model refitted on the decode steps an instance counted (engine.step_loop.PassCpu,
+    its Stats RPC): rows of (batch size, steps, their context tokens, CPU seconds, of which in the model
+    call) over calibration runs. Each batch size is a point (its mean CPU per step), weighted by its steps;
+    each piece of the model (batches below `lat.threshold`, and from it) keeps the profile's cost per
+    context token and has its per-step and per-sequence terms fitted to the points in its range (least
+    squares, both >= 0), so they hold the step loop's own work (scheduling, every token's bookkeeping) with
+    the model call's. A piece with points at fewer than two batch sizes is the profile's, scaled by those
+    points' CPU over its time. Why not the profile's shape: each of its points is timed once, at its own
+    moment, on a shared host, and they sit 5-10 % off their neighbours, while a calibration burst that
+    ramps its batch up to the sizes a run past the knee forms measures every size in one process within a
+    second. Counted by the instance, nothing here is inferred from a simulation of the run, and the local
+    prefill passes are counted apart."""
+    pts = [(b, n, ctx / n, cpu / n) for b, n, ctx, cpu, _ in rows if n > 0]
+    if not pts:
+        raise ValueError("step_model needs decode steps")
+
+    def piece(c: Coeffs, ps: list[tuple[int, int, float, float]]) -> Coeffs:
+        if len({b for b, *_ in ps}) >= 2:
+            a, per_seq = _line([(b, y - c.b * ctx, n) for b, n, ctx, y in ps])
+            return Coeffs(a, c.b, per_seq)
+        if not ps:
+            return c
+        model = [c.a + c.b * ctx + c.c * b for b, _, ctx, _ in ps]
+        k = sum(n * y for (_, n, _, y) in ps) / sum(n * m for (_, n, _, _), m in zip(ps, model, strict=True))
+        return Coeffs(c.a * k, c.b * k, c.c * k)
+
+    small = piece(lat.decode_small, [p for p in pts if p[0] < lat.threshold])
+    large = piece(lat.decode_large, [p for p in pts if p[0] >= lat.threshold])
+    return replace(lat, decode_small=small, decode_large=large)
 
 
 def decode_cpu(

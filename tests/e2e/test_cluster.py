@@ -21,7 +21,7 @@ from pdserve.client import Client
 from pdserve.launcher import ClusterConfig, LocalCluster
 from pdserve.rpc import LIVENESS
 from pdserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc
-from tests.cluster import PROMPTS, assert_no_leaks
+from tests.cluster import PROMPTS, assert_no_leaks, instance_stats
 
 
 def _requests(n: int) -> list[tuple[str, int]]:
@@ -74,6 +74,7 @@ def test_greedy_output_equals_single_process_reference(
     env = {"PDSERVE_TRACE_FILE": str(span_file), "OTEL_BSP_SCHEDULE_DELAY": "100"} if policy != "off" else {}
     cluster = start_cluster(tiny_model_dir, prefill=shape[0], decode=shape[1], env=env, **kw)
     ids = [f"r{i}" for i in range(len(reqs))]
+    before = _pass_counts(cluster)
     with Client(cluster.gateway_address) as client, ThreadPoolExecutor(16) as pool:
         futures = [
             pool.submit(client.generate, p, max_tokens=m, ignore_eos=True, request_id=rid, timeout=120)
@@ -86,12 +87,32 @@ def test_greedy_output_equals_single_process_reference(
         assert len(got.token_ids) == max_tokens
         assert got.text == tok.decode(want)
     assert_no_leaks(cluster)
-    if policy != "off":
+    if policy == "off":
+        # the instances' step-thread counters (Stats: what the planner calibrates to) saw exactly this work:
+        # every prompt token prefilled on a prefill instance, every later token in a decode step, each step's
+        # context the sequence's tokens so far
+        after = _pass_counts(cluster)
+        prompt_tokens = sum(len(p) for p in prompts)
+        decode_tokens = sum(m - 1 for _, m in reqs)
+        context = sum(len(p) + k for p, (_, m) in zip(prompts, reqs, strict=True) for k in range(1, m))
+        assert [a - b for a, b in zip(after, before, strict=True)] == [prompt_tokens, decode_tokens, context]
+    else:
         local = _prefilled_locally(span_file, ids)
         if policy == "always":
             assert local == set(ids)
         else:  # the first request finds the prefill instance idle; with 16 at once, some find it busy
             assert local and local != set(ids), f"prefilled on the decode instance: {sorted(local)}"
+
+
+def _pass_counts(cluster: LocalCluster) -> list[int]:
+    """[prompt tokens the prefill instances' passes computed, sequences x steps of the decode instances' decode
+    steps, their context tokens], summed over the cluster's instances (their Stats)."""
+    stats = instance_stats(cluster)
+    return [
+        sum(s.prompt_pass_cpu.tokens for s in stats if s.role == "prefill"),
+        sum(r.batch * r.steps for s in stats if s.role == "decode" for r in s.decode_step_cpu),
+        sum(r.ctx_tokens for s in stats if s.role == "decode" for r in s.decode_step_cpu),
+    ]
 
 
 def _prefilled_locally(span_file: Path, request_ids: list[str], timeout_s: float = 20.0) -> set[str]:

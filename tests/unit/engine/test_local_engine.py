@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
 import pytest
@@ -39,6 +40,34 @@ def test_batch_equals_one_at_a_time(engine: LocalEngine):
     assert batched == alone
     assert [len(o) for o in batched] == [12, 7, 10, 9], "ignore_eos is off but these must run to length"
     assert engine.block_manager.num_free == engine.block_manager.num_blocks
+
+
+def test_pass_cpu_counts_every_pass_and_its_shape(engine_model_dir: str):
+    # the step thread's CPU per pass kind (what the planner's calibration reads from an instance's Stats):
+    # every prompt pass and decode step counted, with the shapes a latency model is a function of
+    eng = LocalEngine(ModelRunner(engine_model_dir, num_kv_blocks=64, block_size=8))
+    prompts = [eng.tokenizer.encode(p) for p in PROMPTS[:3]]
+    new = [6, 4, 4]
+    t0 = time.thread_time()
+    eng.generate(prompts, [SamplingParams(max_tokens=n, ignore_eos=True) for n in new])
+    spent = time.thread_time() - t0
+    cpu = eng.pass_cpu()
+    passes, tokens, tokens_sq, prompt_s, prompt_forward_s = cpu.prefill
+    assert passes == 1  # the three prompts fit one pass
+    assert tokens == sum(len(p) for p in prompts)
+    assert tokens_sq == sum(len(p) ** 2 for p in prompts)
+    # decode: 5 steps; the first 3 of all three sequences, the last 2 of the first alone
+    assert {b: row[0] for b, row in cpu.decode.items()} == {3: 3, 1: 2}
+    # context of a step: each sequence's tokens so far (prompt + the tokens sampled before this step)
+    assert cpu.decode[3][1] == sum(len(p) + k for p in prompts for k in (1, 2, 3))
+    assert cpu.decode[1][1] == sum(len(prompts[0]) + k for k in (4, 5))
+    charged = prompt_s + sum(row[2] for row in cpu.decode.values())
+    # the model call's CPU is part of each pass's, which also holds its bookkeeping
+    assert all(0 < f < c for _, _, c, f in cpu.decode.values()) and 0 < prompt_forward_s < prompt_s
+    assert charged <= spent
+    snap = eng.pass_cpu()
+    snap.decode[3][0] += 100  # a snapshot: the engine's counters are not shared
+    assert eng.pass_cpu().decode[3][0] == 3
 
 
 def test_queueing_when_the_cache_is_small_gives_the_same_outputs(engine_model_dir: str, engine: LocalEngine):

@@ -7,7 +7,7 @@ from dataclasses import astuple
 
 import pytest
 
-from coordinator.planner.calibrate import DecodeCpu, decode_cpu, fit_decode_cpu, one_by_one
+from coordinator.planner.calibrate import DecodeCpu, decode_cpu, fit_decode_cpu, one_by_one, step_model
 from coordinator.planner.latency import Coeffs, Layout, LayoutLatency
 from coordinator.planner.simulator import (
     DecodeInstance,
@@ -36,15 +36,45 @@ def test_two_runs_fix_the_scale_and_the_per_step_term() -> None:
 
 def test_a_negative_per_step_term_falls_back_to_one_scale_through_the_origin() -> None:
     """5 ms / 4 ms and 30 ms / 20 ms a step: the line through them has o = -3 ms < 0, so o = 0 and the scale
-    is the least squares through the origin: (4*5 + 20*30) / (4^2 + 20^2) = 620 / 416. One run alone: its
-    ratio (0.5 / 0.4 = 1.25)."""
+    is the least squares through the origin, each point weighted by its steps: (100*4*5 + 50*20*30) /
+    (100*4^2 + 50*20^2) = 32000 / 21600. One run alone: its ratio (0.5 / 0.4 = 1.25)."""
     got = fit_decode_cpu([(0.4, 100, 0.5), (1.0, 50, 1.5)])
     assert got.per_step_s == 0.0
-    assert got.scale == pytest.approx(620 / 416)
+    assert got.scale == pytest.approx(32000 / 21600)
     one = fit_decode_cpu([(0.4, 100, 0.5)])
     assert (one.scale, one.per_step_s) == (pytest.approx(1.25), 0.0)
     with pytest.raises(ValueError):
         fit_decode_cpu([(0.0, 0, 0.5)])
+
+
+def test_step_model_refits_each_piece_on_the_steps_an_instance_counted() -> None:
+    """The profile: below 16 sequences a step is 4 ms + 0.01 ms per context token + 1 ms per sequence, from
+    16 on 6 ms + 0.01 ms/token + 0.5 ms/sequence. The instance counted, below 16: 100 steps of 1 sequence over
+    10,000 context tokens (100 a step) on 0.36 s (3.6 ms a step) and 10 of 9 over 9,000 (900 a step) on
+    0.164 s (16.4 ms). Less the profile's 0.01 ms a context token (1 ms, 9 ms): 2.6 and 7.4 ms = 2 ms + 0.6 ms
+    * B. From 16: 20 steps of 32 only (64,000 tokens: model 6 + 32 + 16 = 54 ms) on 1.188 s (59.4 ms): one
+    batch size fixes no line, so that piece is the profile's times 1.1."""
+    small, large = Coeffs(0.004, 1e-5, 0.001), Coeffs(0.006, 1e-5, 0.0005)
+    lat = LayoutLatency(Layout(1, 1), Coeffs(1.0, 0.0, 0.0), small, large, threshold=16)
+    rows = [
+        (1, 100, 10_000, 0.36, 0.3),
+        (9, 10, 9_000, 0.164, 0.15),
+        (32, 20, 64_000, 1.188, 1.1),
+        (3, 0, 0, 0.0, 0.0),  # no steps: no point
+    ]
+    got = step_model(lat, rows)
+    assert astuple(got.decode_small) == pytest.approx((0.002, 1e-5, 0.0006))
+    assert astuple(got.decode_large) == pytest.approx((0.0066, 1.1e-5, 0.00055))
+    assert got.prefill == lat.prefill and got.threshold == 16
+    assert got.decode_s(9, 900) == pytest.approx(0.0164)
+    # weighted by steps: a batch size seen once moves the line less than one seen 100 times
+    noisy = step_model(lat, [*rows, (5, 1, 500, 0.05, 0.04)])
+    heavy = step_model(lat, [*rows, (5, 100, 50_000, 5.0, 4.0)])
+    assert abs(noisy.decode_small.c - 0.0006) < abs(heavy.decode_small.c - 0.0006)
+    # a piece with no steps is the profile's
+    assert step_model(lat, rows[:2]).decode_large == large
+    with pytest.raises(ValueError):
+        step_model(lat, [(3, 0, 0, 0.0, 0.0)])
 
 
 def test_apply_maps_decode_steps_only() -> None:
