@@ -13,9 +13,21 @@ Times are seconds; arrivals are the scheduled times of the run (open loop).
 from __future__ import annotations
 
 import heapq
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
-from bench.metrics import RequestRecord
+from bench.goodput import find_goodput
+
+
+class Scheduled(Protocol):
+    """A request as the bound sees it: when it was scheduled and its prompt tokens (a sent request's
+    RequestRecord, or a BenchRequest not sent)."""
+
+    @property
+    def scheduled_s(self) -> float: ...
+
+    @property
+    def prompt_len(self) -> int: ...
 
 
 def fcfs_completion_delays(
@@ -38,7 +50,7 @@ def fcfs_completion_delays(
 
 
 def ideal_ttft_attainment(
-    records: Sequence[RequestRecord], ttft_slo_s: float, prefill_s: float, prefill_len: int, servers: int = 1
+    records: Sequence[Scheduled], ttft_slo_s: float, prefill_s: float, prefill_len: int, servers: int = 1
 ) -> float:
     """Share of the run's requests whose ideal TTFT (see the module doc) is within `ttft_slo_s`, where a
     prompt of n tokens costs prefill_s * n / prefill_len."""
@@ -49,3 +61,28 @@ def ideal_ttft_attainment(
         [r.scheduled_s for r in records], [per_token * r.prompt_len for r in records], servers
     )
     return sum(d <= ttft_slo_s for d in delays) / len(delays)
+
+
+def ideal_goodput(
+    schedule: Callable[[float], Sequence[Scheduled]],
+    ttft_slo_s: float,
+    prefill_s: float,
+    prefill_len: int,
+    servers: int,
+    start_rate: float,
+    target: float = 0.9,
+    rel_tol: float = 0.005,
+) -> float:
+    """The ideal pool's goodput (req/s): the fitted crossing of `target` TTFT attainment, searched on the
+    schedules a load run at each rate would send (`schedule(rate)`, e.g. `bench.probe.Prober.schedule`) to
+    within `rel_tol`; nothing is sent, the bound is computed. Scoring only the rates a system under test ran
+    gives a lower bound wherever the ideal passes all of them (the highest of them)."""
+    res = find_goodput(
+        lambda r: ideal_ttft_attainment(schedule(r), ttft_slo_s, prefill_s, prefill_len, servers),
+        start_rate=start_rate,
+        target=target,
+        rel_tol=rel_tol,
+        max_probes=64,
+        min_rate=start_rate / 1024,
+    )
+    return res.rate_fitted

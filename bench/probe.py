@@ -152,14 +152,19 @@ class Prober:
         self.seeds = seeds or (workload.seed,)
         self.runs: dict[float, Run] = {}
 
+    def schedule(self, rate: float) -> tuple[list[BenchRequest], list[int]]:
+        """The requests a run at `rate` sends (and each one's seed), without sending them."""
+        rate = _rate_key(rate)
+        n = min(self.workload.n_requests, max(self.min_requests, round(rate * self.max_span_s)))
+        n = max(n, math.ceil(rate * self.min_span_s))
+        return make_seeded_requests(
+            replace(self.workload, rate=rate, n_requests=n), self.source, list(self.seeds)
+        )
+
     def run(self, rate: float) -> Run:
         rate = _rate_key(rate)
         if rate not in self.runs:
-            n = min(self.workload.n_requests, max(self.min_requests, round(rate * self.max_span_s)))
-            n = max(n, math.ceil(rate * self.min_span_s))
-            reqs, seed_of = make_seeded_requests(
-                replace(self.workload, rate=rate, n_requests=n), self.source, list(self.seeds)
-            )
+            reqs, seed_of = self.schedule(rate)
             discarded: list[CpuUsage] = []
             while True:
                 run = self._load(rate, reqs)

@@ -100,6 +100,9 @@ def workload_result(plan: Plan, sysres: dict[str, dict[str, Any]]) -> dict[str, 
         seed: vs_best_colocated(g, sysres, DISAGG_COND)[1] if DISAGG_COND in g else None
         for seed, g in by_seed.items()
     }
+    ideal_pool = sysres[DISAGG].get("ideal_prefill_pool") if DISAGG in sysres else None
+    ideal_rate = ideal_pool["goodput_by_k"][headline] if ideal_pool else None
+    share_of_ideal = sysres[DISAGG]["goodput"][headline]["rate"] / ideal_rate if ideal_rate else None
     symmetric = None
     if plan.symmetric_slos:  # k x both isolated latencies: its own search in full mode, every k on all runs
         sym_by_k = {
@@ -137,14 +140,11 @@ def workload_result(plan: Plan, sysres: dict[str, dict[str, Any]]) -> dict[str, 
         "bracket_rel_width": {n: s["goodput"][headline]["bracket"]["rel_width"] for n, s in sysres.items()},
         # the same ratio for the conditional-disaggregation system (the pure split's is the one above)
         "conditional_goodput_ratio_vs_best_colocated": cond_ratio,
-        # the ideal prefill pool's goodput per device (TTFT only, bench.ideal) on the disaggregated system's runs
+        # the ideal prefill pool's goodput per device (TTFT only, bench.ideal) on the schedules the
+        # disaggregated system's runs send, and the pure split's goodput over it
+        "disagg_share_of_ideal_prefill_pool": share_of_ideal,
         "disagg_ideal_prefill_goodput_per_device": (
-            goodput_per_device(
-                sysres[DISAGG]["ideal_prefill_pool"]["goodput_by_k"][headline],
-                sysres[DISAGG]["devices"],
-            )
-            if DISAGG in sysres and sysres[DISAGG].get("ideal_prefill_pool")
-            else None
+            goodput_per_device(ideal_rate, sysres[DISAGG]["devices"]) if ideal_rate is not None else None
         ),
         "symmetric_slos": symmetric,
         "systems": sysres,
@@ -186,9 +186,11 @@ def human_summary(result: dict[str, Any]) -> str:
             lines.append(f"  conditional disaggregation ({DISAGG_COND}) / best colocated: {cond:.2f}x")
         ideal = w.get("disagg_ideal_prefill_goodput_per_device")
         if ideal is not None:
+            share = w.get("disagg_share_of_ideal_prefill_pool")
             lines.append(
                 f"  ideal prefill pool on the disaggregated runs' schedules (queueing only): goodput/device "
-                f">= {ideal:.3f} req/s"
+                f"{ideal:.3f} req/s"
+                + (f"; {DISAGG} at {100 * share:.0f} % of it" if share is not None else "")
             )
         cpus = [run["cpu"] for sres in w["systems"].values() for run in sres["runs"] if run.get("cpu")]
         if cpus:

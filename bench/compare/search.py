@@ -7,7 +7,7 @@ from typing import Any
 
 from bench.compare.modes import Mode
 from bench.goodput import GoodputResult, bracket_rel_width, find_goodput, passing_bracket
-from bench.ideal import ideal_ttft_attainment
+from bench.ideal import ideal_goodput, ideal_ttft_attainment
 from bench.metrics import SLO, attainment, compute_metrics, summarize_records
 from bench.probe import (
     TARGET,
@@ -15,7 +15,6 @@ from bench.probe import (
     Run,
     attainment_by_rate,
     fitted_from_runs,
-    highest_passing_rate,
     recheck,
     refine_goodput,
     tightest_k,
@@ -132,14 +131,19 @@ def evaluate(
         for run in sorted(prober.runs.values(), key=lambda r: r.rate)
     ]
     ideal = None
-    if prefill_servers:  # the highest probed rate the ideal pool passes at each k, every lower run passing
+    if prefill_servers:  # the ideal pool's goodput at each k, searched on the schedules runs would send
         ideal = {
             "prefill_servers": prefill_servers,
             "goodput_by_k": {
-                key: highest_passing_rate(
-                    [(e["rate"], e["ideal_prefill_ttft_attainment_by_k"][key]) for e in runs]
+                f"{k:g}": ideal_goodput(
+                    lambda r: prober.schedule(r)[0],
+                    s.ttft_s,
+                    iso["prefill_s"],
+                    iso["prompt_len"],
+                    prefill_servers,
+                    start_rate,
                 )
-                for key in (f"{k:g}" for k in slos)
+                for k, s in slos.items()
             },
         }
     return {

@@ -52,6 +52,11 @@ def test_bench_compare_quick_end_to_end(tmp_path: Path) -> None:
     else:
         assert ratio is None and bound is None
     assert set(w["goodput_ratio_by_seed"]) == {"0", "1"}
+    # the ideal prefill pool's goodput is searched on the schedules, not bounded by the rates the split ran
+    ideal = w["disagg_ideal_prefill_goodput_per_device"]
+    probed = max(r["rate"] for r in w["systems"][SYSTEMS[0]]["runs"])
+    assert ideal > 0 and ideal * 2 > probed  # a bound at the probed rates would be <= their highest
+    assert w["disagg_share_of_ideal_prefill_pool"] == pytest.approx(disagg / ideal)
     assert w["goodput_ratio_spread"]["n"] + w["goodput_ratio_spread"]["undefined"] == 2
     iso = w["isolated"]
     assert (

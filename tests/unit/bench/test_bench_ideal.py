@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from bench.ideal import fcfs_completion_delays, ideal_ttft_attainment
+from bench.ideal import fcfs_completion_delays, ideal_goodput, ideal_ttft_attainment
+from bench.workload import BenchRequest
 from bench.metrics import RequestRecord
 
 
@@ -45,3 +46,22 @@ def test_attainment_scales_service_with_prompt_length() -> None:
     assert ideal_ttft_attainment(recs, 0.21, prefill_s=0.1, prefill_len=100) == pytest.approx(2 / 3)
     assert ideal_ttft_attainment(recs, 0.21, prefill_s=0.1, prefill_len=100, servers=2) == pytest.approx(1.0)
     assert ideal_ttft_attainment([], 1.0, prefill_s=0.1, prefill_len=100) == 0.0
+
+
+def test_ideal_goodput_is_searched_on_the_schedules_a_run_would_send() -> None:
+    """At rate r, 10 prompts of 100 tokens 1/r apart, 0.1 s each, TTFT SLO 0.15 s, one server: prompt i waits
+    i * (0.1 - 1/r) once 1/r < 0.1, so 9 of 10 pass (attainment 0.9) while 8 * (0.1 - 1/r) <= 0.05, i.e. up to
+    r = 1 / 0.09375 = 10.667 req/s, and 8 of 10 just above it. The fitted crossing lies in the last bracket,
+    at its passing end here (attainment exactly 0.9 there)."""
+    asked: list[float] = []
+
+    def schedule(rate: float) -> list[BenchRequest]:
+        asked.append(rate)
+        return [BenchRequest(i, i / rate, (1,) * 100, 4) for i in range(10)]
+
+    got = ideal_goodput(schedule, 0.15, prefill_s=0.1, prefill_len=100, servers=1, start_rate=2.0)
+    assert 10.667 * (1 - 0.006) <= got <= 10.667 + 1e-6
+    assert max(asked) > 10.667  # it probed past the crossing, as no run of a system needs to
+    # two servers: no prompt waits until 1/r < 0.05, then every other one does
+    assert ideal_goodput(schedule, 0.15, 0.1, 100, servers=2, start_rate=2.0) > 2 * 10.0
+
