@@ -105,8 +105,9 @@ class PassCpu:
     start-up aside), and, apart, the model call's own (`forward_s`, part of `cpu_s`). Decode steps by batch
     size (`decode[batch] = [steps, context tokens, cpu_s, forward_s]`, the context of a step being its
     sequences' tokens so far, prompt included); prompt passes in total (`prefill = [passes, new tokens, sum
-    of squared new tokens per sequence, cpu_s, forward_s]`). What a latency model of the step thread is
-    fitted to (coordinator/planner/calibrate.py)."""
+    of squared new tokens per sequence, cpu_s, forward_s]`; a colocated engine's mixed pass, prompt chunks
+    with decode tokens, counts here). What a latency model of the step thread is fitted to
+    (coordinator/planner/calibrate.py)."""
 
     decode: dict[int, list[float]] = field(default_factory=dict)
     prefill: list[float] = field(default_factory=lambda: [0, 0, 0, 0.0, 0.0])

@@ -25,6 +25,10 @@ CPU of that instance's threads over the run (Linux schedstat, measured by the ca
 work took that many times longer than on a core of its own. `pdserve profile` times with the process's CPU
 clock, which the waiting does not stretch; so the model is calibrated contention-free, each calibration
 run simulated with its own stretches, and a prediction for a run uses that run's (`stretched`).
+
+The decode model itself is refitted before these terms on the decode steps the cluster's decode instance
+counted, by batch size (`step_model`: its step thread's CPU per step, bookkeeping included, as its Stats
+RPC returns it), so the profile gives only its cost per context token and the pieces' split.
 """
 
 from __future__ import annotations
