@@ -206,13 +206,11 @@ def fidelity(quick: bool, log_dir: str, raw_path: str | None = None) -> dict[str
         Stretch,
         simulate,
     )
-    from coordinator.registry import Registry
     from engine.runner import DEFAULT_KV_CACHE_BYTES
     from engine.step_loop import PassCpu
     from pdserve.instance import CPU_BATCH_TOKENS, InstanceConfig
     from pdserve.launcher import ClusterConfig, LocalCluster
     from pdserve.plan_cli import local_topology, profile_from_json, run_profile
-    from pdserve.v1 import common_pb2, decode_pb2_grpc, prefill_pb2_grpc
 
     logging.getLogger("bench.probe").setLevel(logging.WARNING)
     load_before = os.getloadavg()
@@ -265,19 +263,10 @@ def fidelity(quick: bool, log_dir: str, raw_path: str | None = None) -> dict[str
     def pid(role: str) -> int:
         return next(c.proc.pid for c in cluster.children if c.role == role)
 
-    registry = Registry(cluster.redis_url, cfg.cluster)
-
     def pass_cpu(role: str) -> PassCpu:
-        """The `role` instance's step-thread CPU per pass kind so far (its Stats RPC)."""
-        (inst,) = registry.instances(role)
-        with cluster.instance_channel(inst.grpc_address) as ch:
-            stub = prefill_pb2_grpc.PrefillStub(ch) if role == "prefill" else decode_pb2_grpc.DecodeStub(ch)
-            st = stub.Stats(common_pb2.InstanceStatsRequest(), timeout=10)
-        pp = st.prompt_pass_cpu
-        return PassCpu(
-            {r.batch: [r.steps, r.ctx_tokens, r.cpu_s, r.forward_cpu_s] for r in st.decode_step_cpu},
-            [pp.passes, pp.tokens, pp.tokens_sq, pp.cpu_s, pp.forward_cpu_s],
-        )
+        """The `role` instance's step-thread CPU per pass kind so far (its Stats RPC; one instance a role)."""
+        (counted,) = cluster.pass_cpu(role).values()
+        return counted
 
     def step_rows(run_cpu: dict[str, Any]) -> list[tuple[int, int, int, float, float]]:
         """The decode steps the decode instance counted in a run (`load`'s CPU): (batch size, steps, context

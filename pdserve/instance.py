@@ -30,7 +30,7 @@ from coordinator.registry import Heartbeat, InstanceInfo, Registry
 from engine.device import Device, parse_cpus, pin_process
 from engine.model_dir import ModelNotFoundError, resolve_model_dir
 from engine.runner import ModelRunner
-from engine.step_loop import Job, StepEngine
+from engine.step_loop import Job, PassCpu, StepEngine
 from kv_transfer.codec import CodecContext
 from kv_transfer.ranks import RankKVConfig
 from pdserve import telemetry
@@ -576,6 +576,15 @@ def stats_proto(cfg: InstanceConfig, engine: StepEngine) -> common_pb2.InstanceS
             cpu_s=prompt_cpu_s,
             forward_cpu_s=prompt_forward_s,
         ),
+    )
+
+
+def pass_cpu_from_proto(st: common_pb2.InstanceStats) -> PassCpu:
+    """The step thread's CPU per pass kind of a `Stats` answer (the inverse of its part of `stats_proto`)."""
+    pp = st.prompt_pass_cpu
+    return PassCpu(
+        {r.batch: [r.steps, r.ctx_tokens, r.cpu_s, r.forward_cpu_s] for r in st.decode_step_cpu},
+        [pp.passes, pp.tokens, pp.tokens_sq, pp.cpu_s, pp.forward_cpu_s],
     )
 
 

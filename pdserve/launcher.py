@@ -396,6 +396,32 @@ class LocalCluster:
             return grpc.insecure_channel(address, options=options)
         return grpc.secure_channel(address, channel_credentials(self.cfg.tls), options=options)
 
+    def pass_cpu(self, role: str) -> dict[str, Any]:
+        """Each registered `role` instance's step-thread CPU per pass kind so far (engine.step_loop.PassCpu,
+        from its Stats RPC), by instance id."""
+        from coordinator.registry import Registry
+        from pdserve.instance import pass_cpu_from_proto
+        from pdserve.v1 import colocated_pb2_grpc, common_pb2, decode_pb2_grpc, prefill_pb2_grpc
+
+        registry = Registry(self.redis_url, self.cfg.cluster, tls=self.cfg.tls)
+        try:
+            instances = registry.instances(role)
+        finally:
+            registry.close()
+        out = {}
+        for inst in instances:
+            with self.instance_channel(inst.grpc_address) as ch:
+                if role == "prefill":
+                    stub: Any = prefill_pb2_grpc.PrefillStub(ch)
+                elif role == "decode":
+                    stub = decode_pb2_grpc.DecodeStub(ch)
+                else:
+                    stub = colocated_pb2_grpc.ColocatedStub(ch)
+                out[inst.instance_id] = pass_cpu_from_proto(
+                    stub.Stats(common_pb2.InstanceStatsRequest(), timeout=10)
+                )
+        return out
+
     def health(self) -> str:
         """The gateway's overall health status name (SERVING, NOT_SERVING, ...), or UNREACHABLE."""
         with self.gateway_channel() as ch:

@@ -21,7 +21,7 @@ from pdserve.client import Client
 from pdserve.launcher import ClusterConfig, LocalCluster
 from pdserve.rpc import LIVENESS
 from pdserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc
-from tests.cluster import PROMPTS, assert_no_leaks, instance_stats
+from tests.cluster import PROMPTS, assert_no_leaks
 
 
 def _requests(n: int) -> list[tuple[str, int]]:
@@ -106,12 +106,12 @@ def test_greedy_output_equals_single_process_reference(
 
 def _pass_counts(cluster: LocalCluster) -> list[int]:
     """[prompt tokens the prefill instances' passes computed, sequences x steps of the decode instances' decode
-    steps, their context tokens], summed over the cluster's instances (their Stats)."""
-    stats = instance_stats(cluster)
+    steps, their context tokens], summed over the cluster's instances (their Stats: LocalCluster.pass_cpu)."""
+    prefill, decode = cluster.pass_cpu("prefill").values(), cluster.pass_cpu("decode").values()
     return [
-        sum(s.prompt_pass_cpu.tokens for s in stats if s.role == "prefill"),
-        sum(r.batch * r.steps for s in stats if s.role == "decode" for r in s.decode_step_cpu),
-        sum(r.ctx_tokens for s in stats if s.role == "decode" for r in s.decode_step_cpu),
+        sum(int(c.prefill[1]) for c in prefill),
+        sum(b * int(row[0]) for c in decode for b, row in c.decode.items()),
+        sum(int(row[1]) for c in decode for row in c.decode.values()),
     ]
 
 

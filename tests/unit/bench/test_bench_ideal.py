@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from bench.ideal import fcfs_completion_delays, ideal_goodput, ideal_ttft_attainment
-from bench.workload import BenchRequest
 from bench.metrics import RequestRecord
+from bench.workload import BenchRequest
 
 
 def test_one_server_queues_in_arrival_order() -> None:
@@ -64,4 +64,3 @@ def test_ideal_goodput_is_searched_on_the_schedules_a_run_would_send() -> None:
     assert max(asked) > 10.667  # it probed past the crossing, as no run of a system needs to
     # two servers: no prompt waits until 1/r < 0.05, then every other one does
     assert ideal_goodput(schedule, 0.15, 0.1, 100, servers=2, start_rate=2.0) > 2 * 10.0
-
