@@ -176,18 +176,50 @@ def summarize(rows: list[dict[str, float | None]]) -> dict[str, Any]:
     return {"requests": len(rows), "components": comps}
 
 
+def pass_cpu_summary(counted: Any) -> dict[str, float | None]:
+    """What a run's step-thread CPU counters (engine.step_loop.PassCpu, the run's delta) say per pass:
+    prompt passes' CPU and model-call CPU per prompt token (ms), decode steps' mean batch and CPU and
+    model-call CPU per step (ms); None where the run had none of that kind."""
+    passes, tokens, _, cpu_s, fwd_s = counted.prefill
+    steps = sum(row[0] for row in counted.decode.values())
+    seqs = sum(b * row[0] for b, row in counted.decode.items())
+    return {
+        "prompt_passes": passes,
+        "prompt_tokens": tokens,
+        "prompt_cpu_ms_per_token": 1e3 * cpu_s / tokens if tokens else None,
+        "prompt_forward_ms_per_token": 1e3 * fwd_s / tokens if tokens else None,
+        "decode_steps": steps,
+        "decode_mean_batch": seqs / steps if steps else None,
+        "decode_step_cpu_ms": 1e3 * sum(row[2] for row in counted.decode.values()) / steps if steps else None,
+        "decode_step_forward_ms": 1e3 * sum(row[3] for row in counted.decode.values()) / steps
+        if steps
+        else None,
+    }
+
+
 def table(per_system: dict[str, dict[str, Any]]) -> str:
     """Side-by-side p50 / p90 (ms) per component, one column pair per system."""
     names = list(per_system)
-    head = f"{'component':<16}" + "".join(f"{n[:22]:>24}" for n in names)
-    lines = [head, f"{'':<16}" + "".join(f"{'p50 / p90 ms':>24}" for _ in names)]
+    head = f"{'component':<20}" + "".join(f"{n[:22]:>24}" for n in names)
+    lines = [head, f"{'':<20}" + "".join(f"{'p50 / p90 ms':>24}" for _ in names)]
     for comp in COMPONENTS:
         cells = []
         for n in names:
             c = per_system[n]["components"].get(comp)
             cells.append(f"{c['p50_ms']:>11.2f} / {c['p90_ms']:<10.2f}" if c else f"{'-':>24}")
-        lines.append(f"{comp:<16}" + "".join(cells))
-    lines.append(f"{'requests':<16}" + "".join(f"{per_system[n]['requests']:>24}" for n in names))
+        lines.append(f"{comp:<20}" + "".join(cells))
+    lines.append(f"{'requests':<20}" + "".join(f"{per_system[n]['requests']:>24}" for n in names))
+    roles = sorted({role for n in names for role in per_system[n].get("pass_cpu", {})})
+    for role in roles:  # the step threads' CPU as the instances counted it (ms)
+        for key, label in (
+            ("prompt_cpu_ms_per_token", "ms/token"),
+            ("decode_step_cpu_ms", "ms/step"),
+        ):
+            cells = []
+            for n in names:
+                v = per_system[n].get("pass_cpu", {}).get(role, {}).get(key)
+                cells.append(f"{v:>24.3f}" if v is not None else f"{'-':>24}")
+            lines.append(f"{role + ' ' + label:<20}" + "".join(cells))
     return "\n".join(lines)
 
 
@@ -218,8 +250,10 @@ def _trace_system(
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+    roles = ("colocated",) if system.colocated else ("prefill", "decode")
     try:
         warm_up(cluster.gateway_address, source)
+        before = {role: cluster.pass_cpu(role) for role in roles}
         began = time.time_ns()
         records = asyncio.run(
             run_load(
@@ -229,6 +263,7 @@ def _trace_system(
                 drain_s=timeout_s,
             )
         )
+        after = {role: cluster.pass_cpu(role) for role in roles}
     finally:
         cluster.stop()  # flushes every service's span exporter
     spans = [s for s in load_file(span_file) if s.start_ns >= began]  # not the warm-up's
@@ -237,9 +272,21 @@ def _trace_system(
         with open(os.path.join(keep_dir, f"{system.name}.jsonl"), "w", encoding="utf-8") as dst:
             dst.writelines(json.dumps(dataclasses.asdict(s)) + "\n" for s in spans)
     out = summarize(breakdowns(spans))
+    # the run's step-thread CPU per pass, as the instances counted it (summed over a role's instances)
+    out["pass_cpu"] = {role: pass_cpu_summary(_delta(after[role], before[role])) for role in roles}
     out["served"] = sum(1 for r in records if r.ok)
     out["sent"] = len(records)
     return out
+
+
+def _delta(after: dict[str, Any], before: dict[str, Any]) -> Any:
+    """The PassCpu counted between two readings of a role's instances (by instance id), summed over them."""
+    from engine.step_loop import PassCpu
+
+    total = PassCpu()
+    for iid, counted in after.items():
+        total = total.plus(counted.minus(before[iid]) if iid in before else counted)
+    return total
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

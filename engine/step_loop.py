@@ -115,6 +115,13 @@ class PassCpu:
     def copy(self) -> PassCpu:
         return PassCpu({b: list(v) for b, v in self.decode.items()}, list(self.prefill))
 
+    def plus(self, other: PassCpu) -> PassCpu:
+        """Both engines' counts together (a role's instances)."""
+        decode = {b: list(v) for b, v in self.decode.items()}
+        for b, v in other.decode.items():
+            decode[b] = [x + y for x, y in zip(decode.get(b, [0, 0, 0.0, 0.0]), v, strict=True)]
+        return PassCpu(decode, [x + y for x, y in zip(self.prefill, other.prefill, strict=True)])
+
     def minus(self, before: PassCpu) -> PassCpu:
         """What was counted since `before` (an earlier snapshot of the same engine)."""
         zero = [0, 0, 0.0, 0.0]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from bench.breakdown import breakdowns, request_breakdown, summarize, table
+from bench.breakdown import breakdowns, pass_cpu_summary, request_breakdown, summarize, table
+from engine.step_loop import PassCpu
 from pdserve.trace_cli import SpanRecord
 
 MS = 1_000_000  # ns
@@ -94,3 +95,26 @@ def test_summary_quantiles_and_table() -> None:
     assert s["components"]["tpot"] is None
     text = table({"a": s})
     assert "30.00 / 46.00" in text and "tpot" in text
+
+
+def test_pass_cpu_summary_per_token_and_per_step() -> None:
+    # 2 prompt passes, 500 tokens, 1.0 s of CPU of which 0.9 s in the model: 2 / 1.8 ms a token; decode: 10
+    # steps of 4 and 30 of 8 (mean batch 7) on 0.2 + 0.9 s, 0.18 + 0.81 s in the model: 27.5 / 24.75 ms a step
+    counted = PassCpu({4: [10, 1000, 0.2, 0.18], 8: [30, 6000, 0.9, 0.81]}, [2, 500, 130_000, 1.0, 0.9])
+    got = pass_cpu_summary(counted)
+    assert got == pytest.approx(
+        {
+            "prompt_passes": 2,
+            "prompt_tokens": 500,
+            "prompt_cpu_ms_per_token": 2.0,
+            "prompt_forward_ms_per_token": 1.8,
+            "decode_steps": 40,
+            "decode_mean_batch": 7.0,
+            "decode_step_cpu_ms": 27.5,
+            "decode_step_forward_ms": 24.75,
+        }
+    )
+    none = pass_cpu_summary(PassCpu())
+    assert none["prompt_cpu_ms_per_token"] is None and none["decode_mean_batch"] is None
+    table_text = table({"sys": {**summarize([]), "pass_cpu": {"prefill": got}}})
+    assert "prefill ms/token" in table_text and "2.000" in table_text

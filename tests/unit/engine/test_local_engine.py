@@ -68,6 +68,16 @@ def test_pass_cpu_counts_every_pass_and_its_shape(engine_model_dir: str):
     snap = eng.pass_cpu()
     snap.decode[3][0] += 100  # a snapshot: the engine's counters are not shared
     assert eng.pass_cpu().decode[3][0] == 3
+    # snapshots subtract (one engine, two moments) and add (a role's engines)
+    eng.generate(prompts[:1], [SamplingParams(max_tokens=3, ignore_eos=True)])
+    since = eng.pass_cpu().minus(cpu)
+    assert {b: row[0] for b, row in since.decode.items()} == {1: 2} and since.prefill[:3] == [
+        1,
+        len(prompts[0]),
+        len(prompts[0]) ** 2,
+    ]
+    both = cpu.plus(since)
+    assert both.decode[1][:2] == [4, cpu.decode[1][1] + since.decode[1][1]] and both.prefill[0] == 2
 
 
 def test_queueing_when_the_cache_is_small_gives_the_same_outputs(engine_model_dir: str, engine: LocalEngine):
