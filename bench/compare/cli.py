@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
 import time
 from dataclasses import asdict, replace
+from pathlib import Path
 from typing import Any
 
 from bench.compare.modes import FULL, QUICK, Mode
@@ -53,6 +55,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="workload seeds per load run (seed, seed+1, ...; default 3): goodput per seed and its spread",
     )
+    p.add_argument(
+        "--isolated-from",
+        default=None,
+        metavar="JSON",
+        help="take each workload's isolated latencies (so its SLOs and start rate) from an earlier run's JSON "
+        "instead of measuring them: an A/B of two codes on a host whose speed drifts",
+    )
     return p.parse_args(argv)
 
 
@@ -95,7 +104,22 @@ def main(argv: list[str] | None = None) -> int:
     model_dir, shipped_tok = bench_model(mode.model)
     source, source_desc = prompt_source(model_dir, shipped_tok)
     log.info("bench model %s; prompts from %s (%d tokens)", model_dir, source_desc, len(source))
-    plans = [plan_workload(spec, mode, model_dir, cpus[0], source, a.seed) for spec in specs]
+    earlier = json.loads(Path(a.isolated_from).read_text())["workloads"] if a.isolated_from else {}
+    missing = [spec.name for spec in specs if a.isolated_from and spec.name not in earlier]
+    if missing:
+        raise SystemExit(f"{a.isolated_from} has no isolated latencies for {missing}")
+    plans = [
+        plan_workload(
+            spec,
+            mode,
+            model_dir,
+            cpus[0],
+            source,
+            a.seed,
+            earlier[spec.name]["isolated"] if earlier else None,
+        )
+        for spec in specs
+    ]
 
     load_start = os.getloadavg()
     try:
@@ -123,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
             "arrival": "poisson",
             "seed": a.seed,
             "seeds": list(range(a.seed, a.seed + mode.seeds)),
+            # the isolated latencies (SLOs, start rate) were this JSON's, not measured (None: measured)
+            "isolated_from": a.isolated_from,
             "requests_per_run": {  # per seed; a run plays every seed's schedule, one after another
                 "max": mode.n_requests,
                 "min": mode.min_requests,

@@ -175,10 +175,19 @@ def workload_slos(
 
 
 def plan_workload(
-    spec: WorkloadSpec, mode: Mode, model_dir: str, cpu: int, source: list[int], seed: int
+    spec: WorkloadSpec,
+    mode: Mode,
+    model_dir: str,
+    cpu: int,
+    source: list[int],
+    seed: int,
+    isolated: dict[str, Any] | None = None,
 ) -> Plan:
+    """The workload's plan: its isolated latencies (measured now, or `isolated` as an earlier run's JSON
+    recorded them: the same SLOs and start rate, for an A/B of two codes on a host whose speed drifts),
+    SLOs, start rate, timeout, seeds."""
     p_len, o_len = mean_len(spec.prompt), mean_len(spec.output)
-    iso = measure_isolated(model_dir, cpu, source, *iso_lens(spec))
+    iso = isolated if isolated is not None else measure_isolated(model_dir, cpu, source, *iso_lens(spec))
     ks = sorted({*mode.ks, spec.headline_k})
     prefill_s, step_s = iso["slo_prefill_s"], iso["slo_decode_step_s"]
     scale, slos, symmetric = workload_slos(spec, prefill_s, step_s, ks)

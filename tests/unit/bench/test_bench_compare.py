@@ -145,6 +145,23 @@ def test_workload_slos_scale_ttft_by_the_applications_ratio() -> None:
     assert (scale, symmetric) == (1.0, None)
 
 
+def test_a_plan_can_take_an_earlier_runs_isolated_latencies(monkeypatch: pytest.MonkeyPatch) -> None:
+    # --isolated-from: nothing is measured, and the SLOs and start rate are those the latencies give
+    import bench.compare.slos as slos_mod
+
+    def no_measuring(*a: Any, **k: Any) -> None:
+        raise AssertionError("measured the isolated latencies")
+
+    monkeypatch.setattr(slos_mod, "measure_isolated", no_measuring)
+    spec = WorkloadSpec("b", Uniform(8, 8), Uniform(4, 4), headline_k=4.0)
+    iso = {"prefill_s": 0.04, "decode_step_s": 0.009, "slo_prefill_s": 0.05, "slo_decode_step_s": 0.01}
+    plan = slos_mod.plan_workload(spec, QUICK, "unused", 0, [1, 2, 3], 0, isolated=iso)
+    assert plan.isolated is iso
+    assert plan.slos[4.0].ttft_s == pytest.approx(0.2) and plan.slos[4.0].tpot_s == pytest.approx(0.04)
+    # a 1-core capacity estimate: prefill + 4 output tokens at a batch of 8
+    assert plan.start_rate == float(f"{QUICK.load_factor / (0.05 + 4 * 0.01 / 8):.3g}")
+
+
 def test_vs_best_colocated_ratio_and_lower_bound() -> None:
     sysres = {
         DISAGG: {"runs": [{"rate": 1.0}], "devices": 2},
