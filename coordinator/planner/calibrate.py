@@ -123,25 +123,22 @@ class DecodeCpu:
 
 def fit_decode_cpu(runs: Sequence[tuple[float, int, float]]) -> DecodeCpu:
     """Runs: (the model's seconds of decode steps, its number of steps, the CPU seconds the step thread
-    measured on them). Least squares (weighted by steps) of CPU per step = scale * model seconds per step + per_step_s, with
-    per_step_s >= 0 (where the unconstrained fit has it negative, or scale <= 0: per_step_s = 0 and the
-    scale through the origin). Two runs of different mean batch (an isolated run at batch 1, a burst) fix
+    measured on them). Least squares (weighted by steps) of CPU per step = scale * model seconds per step +
+    per_step_s, with per_step_s >= 0 (where the unconstrained fit has it negative, or scale <= 0: per_step_s
+    = 0 and the scale through the origin). Two runs of different mean batch (an isolated run at batch 1, a burst) fix
     both exactly."""
     pts = [
         (busy / steps, cpu / steps, steps) for busy, steps, cpu in runs if steps > 0 and busy > 0 and cpu > 0
     ]
     if not pts:
         raise ValueError("fit_decode_cpu needs a run with decode steps and CPU time")
-    n = sum(w for _, _, w in pts)  # each point weighs its steps
-    mx = sum(x * w for x, _, w in pts) / n
-    my = sum(y * w for _, y, w in pts) / n
-    sxx = sum(w * (x - mx) ** 2 for x, _, w in pts)
-    if sxx > 1e-18 * n * max(1.0, mx * mx):
-        scale = sum(w * (x - mx) * (y - my) for x, y, w in pts) / sxx
-        per_step = my - scale * mx
-        if per_step >= 0 and scale > 0:
-            return DecodeCpu(scale, per_step)
-    return DecodeCpu(sum(w * x * y for x, y, w in pts) / sum(w * x * x for x, _, w in pts), 0.0)
+    per_step, scale = _line(pts)  # each point weighs its steps
+    return DecodeCpu(scale, per_step) if scale > 0 else DecodeCpu(_through_origin(pts), 0.0)
+
+
+def _through_origin(pts: Sequence[tuple[float, float, float]]) -> float:
+    """The slope of y over x through the origin, least squares weighted by w, from (x, y, w) points."""
+    return sum(w * x * y for x, y, w in pts) / max(1e-30, sum(w * x * x for x, _, w in pts))
 
 
 def _line(pts: Sequence[tuple[float, float, float]]) -> tuple[float, float]:
@@ -157,8 +154,7 @@ def _line(pts: Sequence[tuple[float, float, float]]) -> tuple[float, float]:
             return my - slope * mx, slope
         if slope < 0:
             return max(0.0, my), 0.0
-    through_origin = sum(w * x * y for x, y, w in pts) / max(1e-30, sum(w * x * x for x, _, w in pts))
-    return 0.0, max(0.0, through_origin)
+    return 0.0, max(0.0, _through_origin(pts))
 
 
 def step_model(lat: LayoutLatency, rows: Iterable[tuple[int, int, int, float, float]]) -> LayoutLatency:
