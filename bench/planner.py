@@ -44,11 +44,11 @@ DISTSERVE_REPORTED = {
 
 # The instances' stretch per window: schedstat read every STRETCH_WINDOW_S; a window in which the step thread
 # ran less than STRETCH_WINDOW_MIN_RUN_S is merged into the next (bench.cpu.window_stretches)
+STRETCH_WINDOW_S = 0.25
+STRETCH_WINDOW_MIN_RUN_S = 0.05
 # Requests sent at once by the calibration run whose decode batches reach what a run past the knee forms
 # (the planner's fidelity runs here: 43-59 sequences at the third rate)
 STEP_BURST = 48
-STRETCH_WINDOW_S = 0.25
-STRETCH_WINDOW_MIN_RUN_S = 0.05
 
 
 def _summary(plan: Any) -> dict[str, Any]:
@@ -144,7 +144,8 @@ def fidelity(quick: bool, log_dir: str, raw_path: str | None = None) -> dict[str
     the local topology holds), and calibrate the profile to the serving path from three runs through it (an
     isolated one, a burst of 16 and one of STEP_BURST: the decode model is refitted on the decode steps the
     decode instance counted in them by batch size, calibrate.step_model; the isolated run and the first burst
-    split what the path adds into latency and instance capacity, calibrate.calibrate). SLOs are 4x the isolated TTFT and TPOT (the compare bench's balanced k = 4).
+    split what the path adds into latency and instance capacity, calibrate.calibrate). SLOs are 4x the
+    isolated TTFT and TPOT (the compare bench's balanced k = 4).
     The simulator models the cluster as launched: the gateway's local prefill (`--local-prefill busy`), the
     decode instance's `max_running` and its KV cache. Then plan with the calibrated profile and run the
     cluster at 0.6, 1.0 and 1.4 x its predicted goodput on this host as the calibration runs found it (other
@@ -159,8 +160,8 @@ def fidelity(quick: bool, log_dir: str, raw_path: str | None = None) -> dict[str
     per-step term inferred by simulating the isolated run and the burst against the step thread's CPU,
     calibrate.decode_cpu); `decode_step_cpu_over_model` the run's decode steps' CPU as the instance counted
     it over the refitted model's for the same steps (how much faster or slower the host ran than in the
-    calibration, the one input no prediction has); `predicted_cpu_matched_attainment` (a diagnostic, not a prediction: it uses the outcome of the run) the
-    same with each instance's times scaled to the CPU its step thread used in that run
+    calibration, the one input no prediction has); `predicted_cpu_matched_attainment` (a diagnostic, not a
+    prediction: it uses the outcome of the run) the same with each instance's times scaled to the CPU its step thread used in that run
     (calibrate.cpu_matched), `predicted_run_stretch_attainment` the first with one stretch over the run,
     `predicted_attainment_band_5pct` the first with every time 5 % longer / shorter,
     `predicted_idle_host_attainment` the calibrated model unstretched, `predicted_steady_attainment` the

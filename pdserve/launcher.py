@@ -209,6 +209,47 @@ class Child:
         return self.args[self.args.index("--instance-id") + 1] if "--instance-id" in self.args else ""
 
 
+def stats_stub(role: str, channel: grpc.Channel) -> Any:
+    """The stub of a `role` instance's service (prefill, decode or colocated), for its `Stats` RPC."""
+    from pdserve.v1 import colocated_pb2_grpc, decode_pb2_grpc, prefill_pb2_grpc
+
+    if role == "prefill":
+        return prefill_pb2_grpc.PrefillStub(channel)
+    if role == "decode":
+        return decode_pb2_grpc.DecodeStub(channel)
+    if role == "colocated":
+        return colocated_pb2_grpc.ColocatedStub(channel)
+    raise ValueError(f"no instance role {role!r}")
+
+
+def instance_stats(
+    redis_url: str,
+    role: str | None = None,
+    *,
+    cluster: str = "default",
+    tls: TLSFiles | None = None,
+    channel: Callable[[str], grpc.Channel] | None = None,
+    timeout_s: float = 10.0,
+) -> dict[str, Any]:
+    """Every registered instance's (of `role`, or all) `Stats` answer (common_pb2.InstanceStats), by
+    instance id; `channel(address)` opens the channel (default: insecure)."""
+    from coordinator.registry import Registry
+    from pdserve.v1 import common_pb2
+
+    registry = Registry(redis_url, cluster, tls=tls)
+    try:
+        instances = registry.instances(role)
+    finally:
+        registry.close()
+    out = {}
+    for inst in instances:
+        with (channel or grpc.insecure_channel)(inst.grpc_address) as ch:
+            out[inst.instance_id] = stats_stub(inst.role, ch).Stats(
+                common_pb2.InstanceStatsRequest(), timeout=timeout_s
+            )
+    return out
+
+
 @dataclass
 class LocalCluster:
     cfg: ClusterConfig
@@ -399,28 +440,12 @@ class LocalCluster:
     def pass_cpu(self, role: str) -> dict[str, Any]:
         """Each registered `role` instance's step-thread CPU per pass kind so far (engine.step_loop.PassCpu,
         from its Stats RPC), by instance id."""
-        from coordinator.registry import Registry
         from pdserve.instance import pass_cpu_from_proto
-        from pdserve.v1 import colocated_pb2_grpc, common_pb2, decode_pb2_grpc, prefill_pb2_grpc
 
-        registry = Registry(self.redis_url, self.cfg.cluster, tls=self.cfg.tls)
-        try:
-            instances = registry.instances(role)
-        finally:
-            registry.close()
-        out = {}
-        for inst in instances:
-            with self.instance_channel(inst.grpc_address) as ch:
-                if role == "prefill":
-                    stub: Any = prefill_pb2_grpc.PrefillStub(ch)
-                elif role == "decode":
-                    stub = decode_pb2_grpc.DecodeStub(ch)
-                else:
-                    stub = colocated_pb2_grpc.ColocatedStub(ch)
-                out[inst.instance_id] = pass_cpu_from_proto(
-                    stub.Stats(common_pb2.InstanceStatsRequest(), timeout=10)
-                )
-        return out
+        stats = instance_stats(
+            self.redis_url, role, cluster=self.cfg.cluster, tls=self.cfg.tls, channel=self.instance_channel
+        )
+        return {iid: pass_cpu_from_proto(st) for iid, st in stats.items()}
 
     def health(self) -> str:
         """The gateway's overall health status name (SERVING, NOT_SERVING, ...), or UNREACHABLE."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,9 +17,9 @@ from urllib.parse import urlsplit
 import grpc
 import pytest
 
-from coordinator.registry import Registry
+from pdserve import launcher
 from pdserve.launcher import ClusterConfig, LocalCluster
-from pdserve.v1 import colocated_pb2_grpc, common_pb2, decode_pb2_grpc, prefill_pb2_grpc
+from pdserve.v1 import common_pb2
 
 # Code-like prompts of varied lengths that the e2e and integration tests serve (the tiny and shipped models
 # are trained on Python source).
@@ -108,23 +108,11 @@ def running_cluster(model_dir: Path, log_dir: Path, **kw: Any) -> Iterator[Local
         stop_cluster(cluster)
 
 
-StatsStub = prefill_pb2_grpc.PrefillStub | decode_pb2_grpc.DecodeStub | colocated_pb2_grpc.ColocatedStub
-STUBS: dict[str, Callable[[grpc.Channel], StatsStub]] = {
-    "prefill": prefill_pb2_grpc.PrefillStub,
-    "decode": decode_pb2_grpc.DecodeStub,
-    "colocated": colocated_pb2_grpc.ColocatedStub,
-}
-
-
 def instance_stats(cluster: LocalCluster | str) -> list[common_pb2.InstanceStats]:
     """Every registered instance's Stats RPC (prefill, decode or colocated); `cluster` or its Redis URL (a
     cluster `pdserve up` started in a subprocess)."""
-    out = []
     redis_url = cluster if isinstance(cluster, str) else cluster.redis_url
-    for inst in Registry(redis_url).instances():
-        with grpc.insecure_channel(inst.grpc_address) as ch:
-            out.append(STUBS[inst.role](ch).Stats(common_pb2.InstanceStatsRequest(), timeout=5))
-    return out
+    return list(launcher.instance_stats(redis_url, timeout_s=5).values())
 
 
 def _idle(s: common_pb2.InstanceStats) -> bool:

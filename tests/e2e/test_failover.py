@@ -19,9 +19,9 @@ from coordinator.registry import Registry
 from engine.local import LocalEngine
 from engine.params import SamplingParams
 from pdserve.client import Client
-from pdserve.launcher import Child, LocalCluster
+from pdserve.launcher import Child, LocalCluster, stats_stub
 from pdserve.v1 import common_pb2
-from tests.cluster import STUBS, assert_no_leaks
+from tests.cluster import assert_no_leaks
 
 PROMPT = "class Stack:\n    def __init__(self):\n        self.items = []\n"
 
@@ -47,7 +47,7 @@ def _stats(cluster: LocalCluster, role: str) -> list[tuple[str, common_pb2.Insta
     for inst in Registry(cluster.redis_url).instances(role):
         with cluster.instance_channel(inst.grpc_address) as ch:
             try:
-                stats = STUBS[role](ch).Stats(common_pb2.InstanceStatsRequest(), timeout=5)
+                stats = stats_stub(role, ch).Stats(common_pb2.InstanceStatsRequest(), timeout=5)
             except grpc.RpcError:  # a killed instance still registered until its TTL runs out
                 continue
             out.append((inst.instance_id, stats))

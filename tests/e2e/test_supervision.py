@@ -24,9 +24,9 @@ from coordinator.registry import Registry
 from engine.local import LocalEngine
 from engine.params import SamplingParams
 from pdserve.client import Client
-from pdserve.launcher import LocalCluster, RestartPolicy, Supervisor
+from pdserve.launcher import LocalCluster, RestartPolicy, Supervisor, stats_stub
 from pdserve.v1 import common_pb2
-from tests.cluster import STUBS, assert_no_leaks, assert_no_processes_left, redis_address
+from tests.cluster import assert_no_leaks, assert_no_processes_left, redis_address
 
 PROMPT = "def fibonacci(n):\n    if n < 2:\n        return n\n"
 
@@ -276,7 +276,10 @@ def _registered_stats(redis_url: str, role: str) -> list[tuple[str, common_pb2.I
         with grpc.insecure_channel(inst.grpc_address) as ch:
             try:
                 out.append(
-                    (inst.instance_id, STUBS[role](ch).Stats(common_pb2.InstanceStatsRequest(), timeout=5))
+                    (
+                        inst.instance_id,
+                        stats_stub(role, ch).Stats(common_pb2.InstanceStatsRequest(), timeout=5),
+                    )
                 )
             except grpc.RpcError:
                 continue
