@@ -10,8 +10,9 @@ from typing import Any
 from bench.compare.modes import Mode
 from bench.compare.search import evaluate
 from bench.compare.slos import Plan
-from bench.compare.systems import System, start_all, stop_all, warm_up
+from bench.compare.systems import KV_BLOCKS, System, start_all, stop_all, warm_up
 from bench.cpu import NamedPidsFn, PidsFn, memory_mib
+from bench.ideal import IdealSplit, ideal_split_latency
 from bench.metrics import RequestMetrics, compute_metrics
 from bench.probe import Prober, Turns
 
@@ -64,6 +65,7 @@ def evaluate_system(
                 mode,
                 prefill_servers=system.prefill,
                 symmetric_slos=plan.symmetric_slos,
+                ideal_split=ideal_split_of(system, plan),
             )
             results[plan.spec.name] = {
                 "devices": system.devices,
@@ -75,6 +77,25 @@ def evaluate_system(
     finally:
         turns.leave(system.name)
     return results, fixed
+
+
+def ideal_split_of(system: System, plan: Plan) -> IdealSplit | None:
+    """The ideal of a disaggregated system on this workload (bench.ideal): its instance counts, the decode
+    instance's KV cache and sequence limit as launched, the plan's isolated measurement; None for a
+    colocated system or an isolated measurement without batch steps."""
+    from pdserve.instance import InstanceConfig
+
+    lat = ideal_split_latency(plan.isolated)
+    if not (system.prefill and system.decode) or lat is None:
+        return None
+    launched = InstanceConfig(role="decode", model_dir="", redis_url="")  # what the launcher starts
+    return IdealSplit(
+        lat,
+        KV_BLOCKS * launched.block_size,
+        launched.max_running,
+        prefill_servers=system.prefill,
+        decode_servers=system.decode,
+    )
 
 
 def run_all(

@@ -102,7 +102,11 @@ def workload_result(plan: Plan, sysres: dict[str, dict[str, Any]]) -> dict[str, 
     }
     ideal_pool = sysres[DISAGG].get("ideal_prefill_pool") if DISAGG in sysres else None
     ideal_rate = ideal_pool["goodput_by_k"][headline] if ideal_pool else None
-    share_of_ideal = sysres[DISAGG]["goodput"][headline]["rate"] / ideal_rate if ideal_rate else None
+    disagg_rate = sysres[DISAGG]["goodput"][headline]["rate"] if DISAGG in sysres else None
+    share_of_ideal = disagg_rate / ideal_rate if ideal_rate else None
+    ideal_median = ideal_pool["goodput_by_k_at_median"][headline] if ideal_pool else None
+    split = sysres[DISAGG].get("ideal_split") if DISAGG in sysres else None
+    split_rate = split["goodput_by_k"][headline] if split else None
     symmetric = None
     if plan.symmetric_slos:  # k x both isolated latencies: its own search in full mode, every k on all runs
         sym_by_k = {
@@ -146,6 +150,15 @@ def workload_result(plan: Plan, sysres: dict[str, dict[str, Any]]) -> dict[str, 
         "disagg_ideal_prefill_goodput_per_device": (
             goodput_per_device(ideal_rate, sysres[DISAGG]["devices"]) if ideal_rate is not None else None
         ),
+        # the same pool priced at the isolated median prefill (the SLOs' reference), and the pure split over it
+        "disagg_share_of_ideal_prefill_pool_at_median": disagg_rate / ideal_median if ideal_median else None,
+        # the ideal split (bench.ideal.IdealSplit: the prefill pool and the decode instance at the isolated
+        # medians, both SLOs), its goodput per device and the pure split's over it: the bound of a workload
+        # whose decode side is the bottleneck
+        "disagg_ideal_split_goodput_per_device": (
+            goodput_per_device(split_rate, sysres[DISAGG]["devices"]) if split_rate is not None else None
+        ),
+        "disagg_share_of_ideal_split": disagg_rate / split_rate if split_rate else None,
         "symmetric_slos": symmetric,
         "systems": sysres,
     }
@@ -191,6 +204,17 @@ def human_summary(result: dict[str, Any]) -> str:
                 f"  ideal prefill pool on the disaggregated runs' schedules (queueing only): goodput/device "
                 f"{ideal:.3f} req/s"
                 + (f"; {DISAGG} at {100 * share:.0f} % of it" if share is not None else "")
+                + (
+                    f" ({100 * w['disagg_share_of_ideal_prefill_pool_at_median']:.0f} % priced at the median)"
+                    if w.get("disagg_share_of_ideal_prefill_pool_at_median") is not None
+                    else ""
+                )
+            )
+        split = w.get("disagg_ideal_split_goodput_per_device")
+        if split is not None:
+            lines.append(
+                f"  ideal split (prefill pool + decode at the isolated medians, both SLOs): goodput/device "
+                f"{split:.3f} req/s; {DISAGG} at {100 * w['disagg_share_of_ideal_split']:.0f} % of it"
             )
         cpus = [run["cpu"] for sres in w["systems"].values() for run in sres["runs"] if run.get("cpu")]
         if cpus:

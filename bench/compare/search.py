@@ -3,11 +3,12 @@ every k and every seed, the tightest k at the fixed rate, the ideal prefill pool
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from bench.compare.modes import Mode
 from bench.goodput import GoodputResult, bracket_rel_width, find_goodput, passing_bracket
-from bench.ideal import ideal_goodput, ideal_ttft_attainment
+from bench.ideal import IdealSplit, ideal_goodput, ideal_ttft_attainment
 from bench.metrics import SLO, attainment, compute_metrics, summarize_records
 from bench.probe import (
     TARGET,
@@ -39,9 +40,11 @@ def score_run(
     base: tuple[float, float],
     iso: dict,
     prefill_servers: int,
+    ideal_split: IdealSplit | None = None,
 ) -> dict[str, Any]:
     """One load run in the JSON: attainment at every k and per seed (headline k), the tightest k (the SLO
-    at k = 1 is `base`), a summary at the headline k, the CPU use, and the ideal prefill pool's attainment."""
+    at k = 1 is `base`), a summary at the headline k, the CPU use, and the ideal prefill pool's and ideal
+    split's attainment on the run's schedule."""
     entry = {
         "rate": run.rate,
         "attainment_by_k": {f"{k:g}": attainment(compute_metrics(run.records), s) for k, s in slos.items()},
@@ -67,6 +70,10 @@ def score_run(
             )
             for k, s in slos.items()
         }
+    if ideal_split is not None:
+        entry["ideal_split_attainment_by_k"] = {
+            f"{k:g}": ideal_split.attainment(run.records, s) for k, s in slos.items()
+        }
     return entry
 
 
@@ -79,12 +86,15 @@ def evaluate(
     mode: Mode,
     prefill_servers: int = 0,
     symmetric_slos: dict[float, SLO] | None = None,
+    ideal_split: IdealSplit | None = None,
 ) -> dict[str, Any]:
     """Goodput at the headline k (bisection on the attainment pooled over the prober's seeds), then at every
     other k, and the tightest k at start_rate. Every goodput is the fitted crossing (`fitted_from_runs`), over
     all seeds and over each seed alone (`by_seed`), with the bracket it lies in.
     With `prefill_servers` (a disaggregated system), every run is also scored against the ideal prefill pool
-    of that many instances (`bench.ideal`): the TTFT attainment queueing alone allows on the run's schedule.
+    of that many instances (`bench.ideal`): the TTFT attainment queueing alone allows on the run's schedule;
+    with `ideal_split` too, against that ideal split (both SLOs, the decode side included), and each ideal's
+    goodput is searched on the schedules runs would send.
     With `symmetric_slos` (a workload whose TTFT scale is not 1), goodput is also found against SLOs that
     scale both isolated latencies alike: a search of its own at the headline k (`mode.symmetric_probes` load
     runs at most, cached runs included; 0: score the other runs only), every k scored on all runs.
@@ -127,27 +137,46 @@ def evaluate(
     goodput = {f"{k:g}": scored(slo, res if k == headline_k else None) for k, slo in slos.items()}
     fixed = prober.run(start_rate)
     runs = [
-        score_run(run, slos, headline_k, prober.seeds, base, iso, prefill_servers)
+        score_run(run, slos, headline_k, prober.seeds, base, iso, prefill_servers, ideal_split)
         for run in sorted(prober.runs.values(), key=lambda r: r.rate)
     ]
-    ideal = None
-    if prefill_servers:  # the ideal pool's goodput at each k, searched on the schedules runs would send
+
+    def schedule(rate: float) -> list[Any]:
+        return prober.schedule(rate)[0]
+
+    def pool_goodput(ttft_s: float, prefill_s: float) -> float:
+        return ideal_goodput(
+            schedule,
+            lambda recs: ideal_ttft_attainment(recs, ttft_s, prefill_s, iso["prompt_len"], prefill_servers),
+            start_rate,
+        )
+
+    ideal: dict[str, Any] | None = None
+    split: dict[str, Any] | None = None
+    if prefill_servers:  # each ideal's goodput at each k, searched on the schedules runs would send
         ideal = {
             "prefill_servers": prefill_servers,
+            "goodput_by_k": {f"{k:g}": pool_goodput(s.ttft_s, iso["prefill_s"]) for k, s in slos.items()},
+            # the same priced at the isolated median (the SLOs' reference) instead of the best run
+            "goodput_by_k_at_median": {
+                f"{k:g}": pool_goodput(s.ttft_s, iso["slo_prefill_s"]) for k, s in slos.items()
+            },
+        }
+    if ideal_split is not None:
+        split = {
+            "prefill_servers": ideal_split.prefill_servers,
+            "decode_servers": ideal_split.decode_servers,
+            "latency": ideal_split.latency.to_dict(),
+            "kv_tokens": ideal_split.kv_tokens,
+            "max_running": ideal_split.max_running,
             "goodput_by_k": {
-                f"{k:g}": ideal_goodput(
-                    lambda r: prober.schedule(r)[0],
-                    s.ttft_s,
-                    iso["prefill_s"],
-                    iso["prompt_len"],
-                    prefill_servers,
-                    start_rate,
-                )
+                f"{k:g}": ideal_goodput(schedule, partial(ideal_split.attainment, slo=s), start_rate)
                 for k, s in slos.items()
             },
         }
     return {
         "ideal_prefill_pool": ideal,
+        "ideal_split": split,
         "goodput": goodput,
         "tightest_k_at_fixed_rate": tightest_k(fixed.records, *base),
         "goodput_symmetric": (

@@ -70,6 +70,13 @@ def mean_len(dist: LengthDist) -> int:
 ISOLATED_BLOCKS = 6
 
 
+# Batch sizes whose decode step is measured too (with batch 1 above), each for `BATCH_STEPS` steps a block,
+# at the workload's mean context: the decode model of the ideal split (bench.ideal). 48 is the largest batch
+# the CPU's small-matmul kernel takes (engine.kernels); a split near its knee on `balanced` runs 30-40.
+DECODE_BATCHES = (8, 16, 32, 48)
+BATCH_STEPS = 6
+
+
 def measure_isolated(
     model_dir: str,
     cpu: int,
@@ -77,12 +84,16 @@ def measure_isolated(
     prompt_len: int,
     context_len: int,
     blocks: int = ISOLATED_BLOCKS,
+    batches: tuple[int, ...] = DECODE_BATCHES,
 ) -> dict:
     """Prefill of `prompt_len` tokens and the batch-1 decode step at `context_len`, alone, on one core
     (a thread pinned like an instance: affinity + 1 torch thread), over `blocks` blocks: the medians
     (`slo_*`, what SLOs scale with) and the best runs (`prefill_s`, `decode_step_s`: the least disturbed run,
     the closest to "served alone on an idle device"). Each block: 1 + 8 prefills (the first warms up), then
-    4 + 36 decode steps of one sequence."""
+    4 + 36 decode steps of one sequence, then `BATCH_STEPS` steps at each of `batches` sequences (each its
+    own KV blocks; prefilled once before the first block, to `context_len` less half the steps each will
+    take, so that their contexts average `context_len`; every batch takes the sequences that ran fewest
+    steps): `decode_by_batch`, per batch size (1 included) the median and best step and the mean context."""
     out: dict[str, Any] = {}
 
     def work() -> None:
@@ -91,7 +102,11 @@ def measure_isolated(
         from engine.runner import ModelRunner
         from engine.sequence import Sequence
 
-        runner = ModelRunner(model_dir, Device.cpu((cpu,)), num_kv_blocks=4 * (context_len // 16 + 64))
+        pool = max(batches, default=0)
+        steps_each = -(-sum(batches) * BATCH_STEPS * blocks // pool) if pool else 0
+        per_single = context_len // 16 + 64
+        per_seq = -(-(context_len + steps_each + 16) // 16)
+        runner = ModelRunner(model_dir, Device.cpu((cpu,)), num_kv_blocks=4 * per_single + pool * per_seq)
         params = SamplingParams(max_tokens=64, ignore_eos=True)
 
         def fresh(n: int) -> Sequence:
@@ -99,8 +114,23 @@ def measure_isolated(
             s.blocks = list(range(-(-(n + 64) // runner.block_size)))
             return s
 
+        # the batch sequences, each on its own KV blocks (after the single sequence's)
+        long_params = SamplingParams(max_tokens=steps_each + 16, ignore_eos=True)
+        start_len = max(1, context_len - steps_each // 2)
+        group: list[Sequence] = []
+        for j in range(pool):
+            s = Sequence(f"iso-{j}", list(source[j : j + start_len]), long_params)
+            first = 4 * per_single + j * per_seq
+            s.blocks = list(range(first, first + per_seq))
+            group.append(s)
+        for j in range(0, pool, 4):
+            for s, tok in zip(group[j : j + 4], runner.prefill(group[j : j + 4]), strict=True):
+                s.output_ids.append(tok)  # type: ignore[arg-type]
+        batch_steps: dict[int, list[tuple[float, int]]] = {b: [] for b in batches}  # (seconds, context)
+
         prefill: list[float] = []
         steps: list[float] = []
+        contexts: list[int] = []
         best: list[dict[str, float]] = []  # per block
         for _ in range(blocks):
             block_prefill = []
@@ -114,13 +144,25 @@ def measure_isolated(
             s.output_ids.append(runner.prefill([s])[0])  # type: ignore[arg-type]
             block_steps = []
             for i in range(40):
+                ctx = s.num_tokens  # tokens the step attends over
                 t = time.perf_counter()
                 s.output_ids.append(runner.decode([s])[0])
                 if i >= 4:
                     block_steps.append(time.perf_counter() - t)
+                    contexts.append(ctx)
+            for b in batches:
+                for _ in range(BATCH_STEPS):
+                    seqs = sorted(group, key=lambda q: len(q.output_ids))[:b]
+                    ctx = sum(q.num_tokens for q in seqs)
+                    t = time.perf_counter()
+                    toks = runner.decode(seqs)
+                    batch_steps[b].append((time.perf_counter() - t, ctx))
+                    for q, tok in zip(seqs, toks, strict=True):
+                        q.output_ids.append(tok)
             prefill += block_prefill
             steps += block_steps
             best.append({"prefill_s": min(block_prefill), "decode_step_s": min(block_steps)})
+        by_batch = {1: [(t, c) for t, c in zip(steps, contexts, strict=True)], **batch_steps}
         out.update(
             prefill_s=min(prefill),
             decode_step_s=min(steps),
@@ -130,6 +172,15 @@ def measure_isolated(
             prompt_len=prompt_len,
             context_len=context_len,
             cpu=cpu,
+            decode_by_batch={
+                str(b): {
+                    "median_s": statistics.median(t for t, _ in pts),
+                    "best_s": min(t for t, _ in pts),
+                    "mean_context": sum(c for _, c in pts) / len(pts) / b,
+                    "steps": len(pts),
+                }
+                for b, pts in by_batch.items()
+            },
         )
 
     t = threading.Thread(target=work, name="isolated")  # pins only this thread

@@ -132,7 +132,7 @@ def fit_decode_cpu(runs: Sequence[tuple[float, int, float]]) -> DecodeCpu:
     ]
     if not pts:
         raise ValueError("fit_decode_cpu needs a run with decode steps and CPU time")
-    per_step, scale = _line(pts)  # each point weighs its steps
+    per_step, scale = line_fit(pts)  # each point weighs its steps
     return DecodeCpu(scale, per_step) if scale > 0 else DecodeCpu(_through_origin(pts), 0.0)
 
 
@@ -141,7 +141,7 @@ def _through_origin(pts: Sequence[tuple[float, float, float]]) -> float:
     return sum(w * x * y for x, y, w in pts) / max(1e-30, sum(w * x * x for x, _, w in pts))
 
 
-def _line(pts: Sequence[tuple[float, float, float]]) -> tuple[float, float]:
+def line_fit(pts: Sequence[tuple[float, float, float]]) -> tuple[float, float]:
     """(intercept, slope) >= 0 of y over x, least squares weighted by w, from (x, y, w) points; where the
     unconstrained fit has a negative term, that term is 0 and the other is refitted."""
     n = sum(w for _, _, w in pts)
@@ -176,7 +176,7 @@ def step_model(lat: LayoutLatency, rows: Iterable[tuple[int, int, int, float, fl
 
     def piece(c: Coeffs, ps: list[tuple[int, int, float, float]]) -> Coeffs:
         if len({b for b, *_ in ps}) >= 2:
-            a, per_seq = _line([(b, y - c.b * ctx, n) for b, n, ctx, y in ps])
+            a, per_seq = line_fit([(b, y - c.b * ctx, n) for b, n, ctx, y in ps])
             return Coeffs(a, c.b, per_seq)
         if not ps:
             return c

@@ -445,7 +445,7 @@ def test_sigterm_unwinds_a_benchmark_like_ctrl_c() -> None:
 def test_isolated_latencies_are_the_best_and_the_median_over_every_block(tiny_model_dir: Any) -> None:
     import os
 
-    from bench.compare.slos import measure_isolated
+    from bench.compare.slos import BATCH_STEPS, DECODE_BATCHES, measure_isolated
 
     cpu = min(os.sched_getaffinity(0))
     iso = measure_isolated(
@@ -459,3 +459,13 @@ def test_isolated_latencies_are_the_best_and_the_median_over_every_block(tiny_mo
         0 < iso["prefill_s"] <= iso["slo_prefill_s"] and 0 < iso["decode_step_s"] <= iso["slo_decode_step_s"]
     )
     assert (iso["prompt_len"], iso["context_len"], iso["cpu"]) == (32, 40, cpu)
+    # the decode step by batch size (the ideal split's model): batch 1 from the 36 steps a block above, each
+    # other batch BATCH_STEPS a block, its sequences' contexts averaging about the workload's mean context
+    by_batch = iso["decode_by_batch"]
+    assert sorted(map(int, by_batch)) == [1, *DECODE_BATCHES]
+    assert by_batch["1"]["steps"] == 2 * 36 and by_batch["1"]["median_s"] == iso["slo_decode_step_s"]
+    for b in DECODE_BATCHES:
+        point = by_batch[str(b)]
+        assert point["steps"] == 2 * BATCH_STEPS and 0 < point["best_s"] <= point["median_s"]
+        assert 0.75 * 40 <= point["mean_context"] <= 1.25 * 40, point
+    assert by_batch["48"]["median_s"] > by_batch["1"]["median_s"]  # 48 sequences cost more than one
