@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from bench.compare.modes import FULL, QUICK, Mode
-from bench.compare.orchestrate import run_all
+from bench.compare.orchestrate import ideal_split_of, run_all, schedule_of
 from bench.compare.results import human_summary, plot_all, workload_result
+from bench.compare.search import ideal_bounds
 from bench.compare.slos import bench_model, iso_lens, measure_isolated, plan_workload, prompt_source
-from bench.compare.systems import systems
+from bench.compare.systems import DISAGG, systems
 from bench.probe import TARGET
 from bench.report import emit, plots_status, stop_on_sigterm
 
@@ -135,6 +136,23 @@ def main(argv: list[str] | None = None) -> int:
         else None
         for p in plans
     }
+
+    # the ideals priced again at the end's isolated latencies: the host's drift during the run, in the shares
+    for p in plans:
+        end, disagg = drift[p.spec.name], next((s for s in chosen if s.name == DISAGG), None)
+        if end is not None and disagg is not None:
+            pool, split = ideal_bounds(
+                schedule_of(p, mode, source),
+                p.slos,
+                end,
+                p.start_rate,
+                disagg.prefill,
+                ideal_split_of(disagg, p, end),
+            )
+            per_system[p.spec.name][DISAGG]["ideal_at_end"] = {
+                "ideal_prefill_pool": pool,
+                "ideal_split": split,
+            }
 
     result: dict[str, Any] = {
         "benchmark": "compare",

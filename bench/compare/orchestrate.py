@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from typing import Any
@@ -15,6 +16,7 @@ from bench.cpu import NamedPidsFn, PidsFn, memory_mib
 from bench.ideal import IdealSplit, ideal_split_latency
 from bench.metrics import RequestMetrics, compute_metrics
 from bench.probe import Prober, Turns
+from bench.workload import BenchRequest
 
 
 def evaluate_system(
@@ -47,7 +49,7 @@ def evaluate_system(
                 timeout_s=plan.timeout_s,
                 max_span_s=mode.max_span_s,
                 min_requests=mode.min_requests,
-                min_span_s=mode.min_span_ttft_slos * plan.slos[plan.spec.headline_k].ttft_s,
+                min_span_s=min_span_s(plan, mode),
                 turns=turns,
                 log_slo=plan.slos[plan.spec.headline_k],
                 pids=pids,
@@ -79,13 +81,35 @@ def evaluate_system(
     return results, fixed
 
 
-def ideal_split_of(system: System, plan: Plan) -> IdealSplit | None:
+def min_span_s(plan: Plan, mode: Mode) -> float:
+    """Seconds a seed's arrivals span at least, at every rate (bench.probe.Prober)."""
+    return mode.min_span_ttft_slos * plan.slos[plan.spec.headline_k].ttft_s
+
+
+def schedule_of(plan: Plan, mode: Mode, source: list[int]) -> Callable[[float], list[BenchRequest]]:
+    """The requests a load run of `plan` at a rate sends (as every system's Prober makes them); nothing is
+    sent."""
+    prober = Prober(
+        "schedule",
+        "",
+        plan.workload,
+        source,
+        timeout_s=plan.timeout_s,
+        max_span_s=mode.max_span_s,
+        min_requests=mode.min_requests,
+        min_span_s=min_span_s(plan, mode),
+        seeds=plan.seeds,
+    )
+    return lambda rate: prober.schedule(rate)[0]
+
+
+def ideal_split_of(system: System, plan: Plan, iso: dict[str, Any] | None = None) -> IdealSplit | None:
     """The ideal of a disaggregated system on this workload (bench.ideal): its instance counts, the decode
-    instance's KV cache and sequence limit as launched, the plan's isolated measurement; None for a
-    colocated system or an isolated measurement without batch steps."""
+    instance's KV cache and sequence limit as launched, priced at `iso` (default: the plan's isolated
+    measurement); None for a colocated system or an isolated measurement without batch steps."""
     from pdserve.instance import InstanceConfig
 
-    lat = ideal_split_latency(plan.isolated)
+    lat = ideal_split_latency(iso or plan.isolated)
     if not (system.prefill and system.decode) or lat is None:
         return None
     launched = InstanceConfig(role="decode", model_dir="", redis_url="")  # what the launcher starts

@@ -107,6 +107,13 @@ def workload_result(plan: Plan, sysres: dict[str, dict[str, Any]]) -> dict[str, 
     ideal_median = ideal_pool["goodput_by_k_at_median"][headline] if ideal_pool else None
     split = sysres[DISAGG].get("ideal_split") if DISAGG in sysres else None
     split_rate = split["goodput_by_k"][headline] if split else None
+    at_end = sysres[DISAGG].get("ideal_at_end") if DISAGG in sysres else None
+
+    def share_at_end(ideal: str, key: str = "goodput_by_k") -> float | None:
+        bound = at_end[ideal] if at_end else None
+        rate = bound[key][headline] if bound else None
+        return disagg_rate / rate if disagg_rate is not None and rate else None
+
     symmetric = None
     if plan.symmetric_slos:  # k x both isolated latencies: its own search in full mode, every k on all runs
         sym_by_k = {
@@ -159,6 +166,15 @@ def workload_result(plan: Plan, sysres: dict[str, dict[str, Any]]) -> dict[str, 
             goodput_per_device(split_rate, sysres[DISAGG]["devices"]) if split_rate is not None else None
         ),
         "disagg_share_of_ideal_split": disagg_rate / split_rate if split_rate else None,
+        # the same shares with each ideal priced at the isolated latencies measured again after the runs (full
+        # mode): how much the host's drift during the run moves them (None: not measured)
+        "disagg_share_of_ideal_at_end": {
+            "prefill_pool": share_at_end("ideal_prefill_pool"),
+            "prefill_pool_at_median": share_at_end("ideal_prefill_pool", "goodput_by_k_at_median"),
+            "split": share_at_end("ideal_split"),
+        }
+        if at_end
+        else None,
         "symmetric_slos": symmetric,
         "systems": sysres,
     }
@@ -215,6 +231,14 @@ def human_summary(result: dict[str, Any]) -> str:
             lines.append(
                 f"  ideal split (prefill pool + decode at the isolated medians, both SLOs): goodput/device "
                 f"{split:.3f} req/s; {DISAGG} at {100 * w['disagg_share_of_ideal_split']:.0f} % of it"
+            )
+        end = w.get("disagg_share_of_ideal_at_end")
+        if end:
+            lines.append(
+                "  the same shares priced at the isolated latencies measured after the runs: "
+                + ", ".join(
+                    f"{name} {100 * v:.0f} %" if v is not None else f"{name} n/a" for name, v in end.items()
+                )
             )
         cpus = [run["cpu"] for sres in w["systems"].values() for run in sres["runs"] if run.get("cpu")]
         if cpus:

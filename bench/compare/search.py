@@ -3,12 +3,13 @@ every k and every seed, the tightest k at the fixed rate, the ideal prefill pool
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
 from bench.compare.modes import Mode
 from bench.goodput import GoodputResult, bracket_rel_width, find_goodput, passing_bracket
-from bench.ideal import IdealSplit, ideal_goodput, ideal_ttft_attainment
+from bench.ideal import IdealSplit, Scheduled, ideal_goodput, ideal_ttft_attainment
 from bench.metrics import SLO, attainment, compute_metrics, summarize_records
 from bench.probe import (
     TARGET,
@@ -77,6 +78,51 @@ def score_run(
     return entry
 
 
+def ideal_bounds(
+    schedule: Callable[[float], Sequence[Scheduled]],
+    slos: dict[float, SLO],
+    iso: dict,
+    start_rate: float,
+    prefill_servers: int,
+    ideal_split: IdealSplit | None,
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """(the ideal prefill pool, the ideal split) of `prefill_servers` prefill instances, each ideal's goodput
+    at every k searched on `schedule` (the requests a run at a rate sends), priced at the isolated
+    measurement `iso` (the pool at its best and its median prefill; the split as `ideal_split` is made);
+    None for an ideal not asked for (no prefill servers, no ideal split)."""
+
+    def pool_goodput(ttft_s: float, prefill_s: float) -> float:
+        return ideal_goodput(
+            schedule,
+            lambda recs: ideal_ttft_attainment(recs, ttft_s, prefill_s, iso["prompt_len"], prefill_servers),
+            start_rate,
+        )
+
+    pool = split = None
+    if prefill_servers:
+        pool = {
+            "prefill_servers": prefill_servers,
+            "goodput_by_k": {f"{k:g}": pool_goodput(s.ttft_s, iso["prefill_s"]) for k, s in slos.items()},
+            # the same priced at the isolated median (the SLOs' reference) instead of the best run
+            "goodput_by_k_at_median": {
+                f"{k:g}": pool_goodput(s.ttft_s, iso["slo_prefill_s"]) for k, s in slos.items()
+            },
+        }
+    if ideal_split is not None:
+        split = {
+            "prefill_servers": ideal_split.prefill_servers,
+            "decode_servers": ideal_split.decode_servers,
+            "latency": ideal_split.latency.to_dict(),
+            "kv_tokens": ideal_split.kv_tokens,
+            "max_running": ideal_split.max_running,
+            "goodput_by_k": {
+                f"{k:g}": ideal_goodput(schedule, partial(ideal_split.attainment, slo=s), start_rate)
+                for k, s in slos.items()
+            },
+        }
+    return pool, split
+
+
 def evaluate(
     prober: Prober,
     iso: dict,
@@ -141,39 +187,9 @@ def evaluate(
         for run in sorted(prober.runs.values(), key=lambda r: r.rate)
     ]
 
-    def schedule(rate: float) -> list[Any]:
-        return prober.schedule(rate)[0]
-
-    def pool_goodput(ttft_s: float, prefill_s: float) -> float:
-        return ideal_goodput(
-            schedule,
-            lambda recs: ideal_ttft_attainment(recs, ttft_s, prefill_s, iso["prompt_len"], prefill_servers),
-            start_rate,
-        )
-
-    ideal: dict[str, Any] | None = None
-    split: dict[str, Any] | None = None
-    if prefill_servers:  # each ideal's goodput at each k, searched on the schedules runs would send
-        ideal = {
-            "prefill_servers": prefill_servers,
-            "goodput_by_k": {f"{k:g}": pool_goodput(s.ttft_s, iso["prefill_s"]) for k, s in slos.items()},
-            # the same priced at the isolated median (the SLOs' reference) instead of the best run
-            "goodput_by_k_at_median": {
-                f"{k:g}": pool_goodput(s.ttft_s, iso["slo_prefill_s"]) for k, s in slos.items()
-            },
-        }
-    if ideal_split is not None:
-        split = {
-            "prefill_servers": ideal_split.prefill_servers,
-            "decode_servers": ideal_split.decode_servers,
-            "latency": ideal_split.latency.to_dict(),
-            "kv_tokens": ideal_split.kv_tokens,
-            "max_running": ideal_split.max_running,
-            "goodput_by_k": {
-                f"{k:g}": ideal_goodput(schedule, partial(ideal_split.attainment, slo=s), start_rate)
-                for k, s in slos.items()
-            },
-        }
+    ideal, split = ideal_bounds(
+        lambda rate: prober.schedule(rate)[0], slos, iso, start_rate, prefill_servers, ideal_split
+    )
     return {
         "ideal_prefill_pool": ideal,
         "ideal_split": split,

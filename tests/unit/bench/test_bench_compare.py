@@ -469,3 +469,70 @@ def test_isolated_latencies_are_the_best_and_the_median_over_every_block(tiny_mo
         assert point["steps"] == 2 * BATCH_STEPS and 0 < point["best_s"] <= point["median_s"]
         assert 0.75 * 40 <= point["mean_context"] <= 1.25 * 40, point
     assert by_batch["48"]["median_s"] > by_batch["1"]["median_s"]  # 48 sequences cost more than one
+
+
+def _ideal_iso(prefill_s: float, median_s: float, step_s: float) -> dict[str, Any]:
+    """An isolated measurement of 128-token prompts and steps of `step_s` + 1 ms a sequence."""
+    return {
+        "prefill_s": prefill_s,
+        "slo_prefill_s": median_s,
+        "prompt_len": 128,
+        "decode_by_batch": {
+            str(b): {"median_s": step_s + 0.001 * b, "best_s": step_s + 0.001 * b} for b in (1, 8, 16, 32, 48)
+        },
+    }
+
+
+def test_ideal_bounds_price_the_pool_at_the_best_and_the_median_and_the_split_at_the_median() -> None:
+    """20 prompts 1/r apart, TTFT SLO 0.25 s, one prefill server: prompt i waits i * (t - 1/r), so 18 of 20
+    (0.9) pass up to 1/r = t - 0.15 / 17 (t = 0.1: r = 10.97) or, priced at the median, t - 0.125 / 17
+    (t = 0.125: r = 8.50)."""
+    from bench.compare.search import ideal_bounds
+    from bench.ideal import IdealSplit, ideal_split_latency
+    from bench.workload import BenchRequest
+
+    def schedule(rate: float) -> list[BenchRequest]:
+        return [BenchRequest(i, i / rate, (1,) * 128, 11) for i in range(20)]
+
+    iso = _ideal_iso(0.1, 0.125, 0.01)
+    lat = ideal_split_latency(iso)
+    assert lat is not None
+    slos = {2.0: SLO(0.25, 0.05)}
+    pool, split = ideal_bounds(schedule, slos, iso, 1.0, 1, IdealSplit(lat, 1 << 16, 64))
+    assert pool is not None and split is not None
+    assert pool["goodput_by_k"]["2"] == pytest.approx(1 / (0.1 - 0.15 / 17), rel=0.01)
+    assert pool["goodput_by_k_at_median"]["2"] == pytest.approx(1 / (0.125 - 0.125 / 17), rel=0.01)
+    # the split's prefill is the median pool; its decode side only takes requests away
+    assert 0 < split["goodput_by_k"]["2"] <= pool["goodput_by_k_at_median"]["2"] * 1.005
+    assert split["latency"]["prefill"][1] == pytest.approx(0.125 / 128)
+    assert ideal_bounds(schedule, slos, iso, 1.0, 0, None) == (None, None)  # a colocated system
+
+
+def test_workload_result_reports_the_shares_of_each_ideal_at_the_start_and_at_the_end() -> None:
+    from bench.compare import workload_result
+    from bench.compare.slos import Plan
+
+    def bound(rate: float) -> dict[str, Any]:
+        return {"goodput_by_k": {"2": rate}, "goodput_by_k_at_median": {"2": rate / 2}}
+
+    disagg = _evaluate_seeded({0: 2.0, 1: 1.0})  # goodput 1.05 req/s (pooled)
+    disagg |= {"ideal_prefill_pool": bound(2.1), "ideal_split": {"goodput_by_k": {"2": 1.4}}}
+    disagg["ideal_at_end"] = {"ideal_prefill_pool": bound(4.2), "ideal_split": {"goodput_by_k": {"2": 2.1}}}
+    sysres = {
+        DISAGG: {"devices": 2, "config": {}, **disagg},
+        "colocated-a": {"devices": 2, "config": {}, **_evaluate_seeded({0: 1.0, 1: 1.0})},
+    }
+    spec = WorkloadSpec("w", Uniform(8, 8), Uniform(4, 4), headline_k=2.0)
+    plan = Plan(spec, Workload("w", 10, 1.0), {}, {2.0: SLO(0.5, 0.02)}, 1.0, None, 1.0, 5.0, (0, 1))
+    w = workload_result(plan, sysres)
+    assert w["disagg_share_of_ideal_prefill_pool"] == pytest.approx(1.05 / 2.1)
+    assert w["disagg_share_of_ideal_prefill_pool_at_median"] == pytest.approx(1.05 / 1.05)
+    assert w["disagg_ideal_split_goodput_per_device"] == pytest.approx(0.7)
+    assert w["disagg_share_of_ideal_split"] == pytest.approx(0.75)
+    assert w["disagg_share_of_ideal_at_end"] == {
+        "prefill_pool": pytest.approx(0.25),
+        "prefill_pool_at_median": pytest.approx(0.5),
+        "split": pytest.approx(0.5),
+    }
+    del sysres[DISAGG]["ideal_at_end"]  # quick mode measures no end
+    assert workload_result(plan, sysres)["disagg_share_of_ideal_at_end"] is None
