@@ -8,7 +8,7 @@ below this bound is implementation overhead; what the bound itself loses is stru
 while another is being prefilled waits for it).
 
 The ideal split (`IdealSplit`) adds the decode side: the same prefill servers, the KV handed over in no
-time, and one decode instance batching continuously at the isolated step time of its batch size (the
+time, and the decode instances batching continuously at the isolated step time of their batch size (the
 planner's simulator, coordinator/planner/simulator.py, on a latency model made of the isolated
 measurement); a request counts when it meets both TTFT and TPOT. It bounds a workload whose decode instance
 is the bottleneck, where the prefill pool alone is no bound.
@@ -78,7 +78,7 @@ def ideal_ttft_attainment(
 
 
 # The ideal decode model's two pieces meet at this batch size (coordinator/planner/latency.py: a CPU core's
-# cost per sequence falls as the batch grows; one line over 1-48 under-predicts the middle).
+# cost per sequence falls as the batch grows, so one line over batches 1-48 misses both ends).
 SPLIT_THRESHOLD = 16
 
 
