@@ -41,22 +41,18 @@ def evaluate_system(
             warm_up(address, source)
         memory = {n: memory_mib(pid) for n, pid in (named_pids() if named_pids else {}).items()}
         for plan in plans:
-            prober = Prober(
+            prober = prober_for(
+                plan,
+                mode,
+                source,
                 system.name,
                 address,
-                plan.workload,
-                source,
-                timeout_s=plan.timeout_s,
-                max_span_s=mode.max_span_s,
-                min_requests=mode.min_requests,
-                min_span_s=min_span_s(plan, mode),
                 turns=turns,
                 log_slo=plan.slos[plan.spec.headline_k],
                 pids=pids,
                 peer_pids=peer_pids,
                 named_pids=named_pids,
                 max_foreign_cores=mode.max_foreign_cores,
-                seeds=plan.seeds,
             )
             out = evaluate(
                 prober,
@@ -81,25 +77,29 @@ def evaluate_system(
     return results, fixed
 
 
-def min_span_s(plan: Plan, mode: Mode) -> float:
-    """Seconds a seed's arrivals span at least, at every rate (bench.probe.Prober)."""
-    return mode.min_span_ttft_slos * plan.slos[plan.spec.headline_k].ttft_s
-
-
-def schedule_of(plan: Plan, mode: Mode, source: list[int]) -> Callable[[float], list[BenchRequest]]:
-    """The requests a load run of `plan` at a rate sends (as every system's Prober makes them); nothing is
-    sent."""
-    prober = Prober(
-        "schedule",
-        "",
+def prober_for(
+    plan: Plan, mode: Mode, source: list[int], name: str = "schedule", address: str = "", **kw: Any
+) -> Prober:
+    """The Prober of `plan`'s load runs against the gateway at `address` (`kw`: turns, CPU accounting):
+    every system's runs send the same schedules; without an address it only makes them (`schedule`)."""
+    return Prober(
+        name,
+        address,
         plan.workload,
         source,
         timeout_s=plan.timeout_s,
         max_span_s=mode.max_span_s,
         min_requests=mode.min_requests,
-        min_span_s=min_span_s(plan, mode),
+        min_span_s=mode.min_span_ttft_slos * plan.slos[plan.spec.headline_k].ttft_s,
         seeds=plan.seeds,
+        **kw,
     )
+
+
+def schedule_of(plan: Plan, mode: Mode, source: list[int]) -> Callable[[float], list[BenchRequest]]:
+    """The requests a load run of `plan` at a rate sends (as every system's Prober makes them); nothing is
+    sent."""
+    prober = prober_for(plan, mode, source)
     return lambda rate: prober.schedule(rate)[0]
 
 

@@ -57,6 +57,15 @@ def test_bench_compare_quick_end_to_end(tmp_path: Path) -> None:
     probed = max(r["rate"] for r in w["systems"][SYSTEMS[0]]["runs"])
     assert ideal > 0 and ideal * 2 > probed  # a bound at the probed rates would be <= their highest
     assert w["disagg_share_of_ideal_prefill_pool"] == pytest.approx(disagg / ideal)
+    # the ideal split: the prefill pool at the isolated median plus the decode instance at the isolated step
+    # of its batch size (measured in this run, batches 1-48), scored on both SLOs: never above that pool
+    split = w["disagg_ideal_split_goodput_per_device"]
+    pool_median = w["systems"][SYSTEMS[0]]["ideal_prefill_pool"]["goodput_by_k_at_median"]
+    assert 0 < split * 2 <= pool_median[f"{w['headline_k']:g}"] * 1.01
+    assert w["disagg_share_of_ideal_split"] == pytest.approx(disagg / split)
+    assert sorted(map(int, w["isolated"]["decode_by_batch"])) == [1, 8, 16, 32, 48]
+    assert all("ideal_split_attainment_by_k" in r for r in w["systems"][SYSTEMS[0]]["runs"])
+    assert w["disagg_share_of_ideal_at_end"] is None  # quick mode measures no isolated latencies after
     assert w["goodput_ratio_spread"]["n"] + w["goodput_ratio_spread"]["undefined"] == 2
     iso = w["isolated"]
     assert (
