@@ -161,8 +161,8 @@ def fidelity(quick: bool, log_dir: str, raw_path: str | None = None) -> dict[str
     calibrate.decode_cpu); `decode_step_cpu_over_model` the run's decode steps' CPU as the instance counted
     it over the refitted model's for the same steps (how much faster or slower the host ran than in the
     calibration, the one input no prediction has); `predicted_cpu_matched_attainment` (a diagnostic, not a
-    prediction: it uses the outcome of the run) the same with each instance's times scaled to the CPU its step thread used in that run
-    (calibrate.cpu_matched), `predicted_run_stretch_attainment` the first with one stretch over the run,
+    prediction: it uses the outcome of the run) the same with each instance's times scaled to the CPU its
+    step thread used in that run (calibrate.cpu_matched), `predicted_run_stretch_attainment` the first with one stretch over the run,
     `predicted_attainment_band_5pct` the first with every time 5 % longer / shorter,
     `predicted_idle_host_attainment` the calibrated model unstretched, `predicted_steady_attainment` the
     search's steady-state figure at that rate (many more requests than a run sends, idle host),

@@ -230,9 +230,11 @@ def instance_stats(
     tls: TLSFiles | None = None,
     channel: Callable[[str], grpc.Channel] | None = None,
     timeout_s: float = 10.0,
+    skip_unreachable: bool = False,
 ) -> dict[str, Any]:
     """Every registered instance's (of `role`, or all) `Stats` answer (common_pb2.InstanceStats), by
-    instance id; `channel(address)` opens the channel (default: insecure)."""
+    instance id; `channel(address)` opens the channel (default: insecure). With `skip_unreachable`, an
+    instance whose call fails is left out (a killed one stays registered until its TTL runs out)."""
     from coordinator.registry import Registry
     from pdserve.v1 import common_pb2
 
@@ -244,9 +246,13 @@ def instance_stats(
     out = {}
     for inst in instances:
         with (channel or grpc.insecure_channel)(inst.grpc_address) as ch:
-            out[inst.instance_id] = stats_stub(inst.role, ch).Stats(
-                common_pb2.InstanceStatsRequest(), timeout=timeout_s
-            )
+            try:
+                out[inst.instance_id] = stats_stub(inst.role, ch).Stats(
+                    common_pb2.InstanceStatsRequest(), timeout=timeout_s
+                )
+            except grpc.RpcError:
+                if not skip_unreachable:
+                    raise
     return out
 
 

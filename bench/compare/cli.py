@@ -138,8 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     # the ideals priced again at the end's isolated latencies: the host's drift during the run, in the shares
+    disagg = next((s for s in chosen if s.name == DISAGG), None)
     for p in plans:
-        end, disagg = drift[p.spec.name], next((s for s in chosen if s.name == DISAGG), None)
+        end = drift[p.spec.name]
         if end is not None and disagg is not None:
             pool, split = ideal_bounds(
                 schedule_of(p, mode, source),

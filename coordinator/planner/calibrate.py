@@ -124,9 +124,9 @@ class DecodeCpu:
 def fit_decode_cpu(runs: Sequence[tuple[float, int, float]]) -> DecodeCpu:
     """Runs: (the model's seconds of decode steps, its number of steps, the CPU seconds the step thread
     measured on them). Least squares (weighted by steps) of CPU per step = scale * model seconds per step +
-    per_step_s, with per_step_s >= 0 (where the unconstrained fit has it negative, or scale <= 0: per_step_s
-    = 0 and the scale through the origin). Two runs of different mean batch (an isolated run at batch 1, a burst) fix
-    both exactly."""
+    per_step_s, with per_step_s >= 0 (where the unconstrained fit has it negative, or scale <= 0:
+    per_step_s = 0 and the scale through the origin). Two runs of different mean batch (an isolated run at
+    batch 1, a burst) fix both exactly."""
     pts = [
         (busy / steps, cpu / steps, steps) for busy, steps, cpu in runs if steps > 0 and busy > 0 and cpu > 0
     ]

@@ -19,7 +19,7 @@ from coordinator.registry import Registry
 from engine.local import LocalEngine
 from engine.params import SamplingParams
 from pdserve.client import Client
-from pdserve.launcher import Child, LocalCluster, stats_stub
+from pdserve.launcher import Child, LocalCluster, instance_stats
 from pdserve.v1 import common_pb2
 from tests.cluster import assert_no_leaks
 
@@ -43,15 +43,11 @@ def _child_of(cluster: LocalCluster, instance_id: str) -> Child:
 
 
 def _stats(cluster: LocalCluster, role: str) -> list[tuple[str, common_pb2.InstanceStats]]:
-    out = []
-    for inst in Registry(cluster.redis_url).instances(role):
-        with cluster.instance_channel(inst.grpc_address) as ch:
-            try:
-                stats = stats_stub(role, ch).Stats(common_pb2.InstanceStatsRequest(), timeout=5)
-            except grpc.RpcError:  # a killed instance still registered until its TTL runs out
-                continue
-            out.append((inst.instance_id, stats))
-    return out
+    """(instance id, Stats) of the registered `role` instances that answer."""
+    stats = instance_stats(
+        cluster.redis_url, role, channel=cluster.instance_channel, timeout_s=5, skip_unreachable=True
+    )
+    return list(stats.items())
 
 
 def _wait_gone(cluster: LocalCluster, pids: list[int], timeout_s: float = 10.0) -> None:

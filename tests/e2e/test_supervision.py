@@ -24,7 +24,7 @@ from coordinator.registry import Registry
 from engine.local import LocalEngine
 from engine.params import SamplingParams
 from pdserve.client import Client
-from pdserve.launcher import LocalCluster, RestartPolicy, Supervisor, stats_stub
+from pdserve.launcher import LocalCluster, RestartPolicy, Supervisor, instance_stats
 from pdserve.v1 import common_pb2
 from tests.cluster import assert_no_leaks, assert_no_processes_left, redis_address
 
@@ -271,16 +271,4 @@ def test_pdserve_up_prefill_killed_mid_prompt_is_restarted_and_the_output_is_exa
 def _registered_stats(redis_url: str, role: str) -> list[tuple[str, common_pb2.InstanceStats]]:
     """(instance id, Stats) of the registered `role` instances that answer (a killed one stays registered
     until its TTL runs out)."""
-    out = []
-    for inst in Registry(redis_url).instances(role):
-        with grpc.insecure_channel(inst.grpc_address) as ch:
-            try:
-                out.append(
-                    (
-                        inst.instance_id,
-                        stats_stub(role, ch).Stats(common_pb2.InstanceStatsRequest(), timeout=5),
-                    )
-                )
-            except grpc.RpcError:
-                continue
-    return out
+    return list(instance_stats(redis_url, role, timeout_s=5, skip_unreachable=True).items())
