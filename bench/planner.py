@@ -47,8 +47,16 @@ DISTSERVE_REPORTED = {
 STRETCH_WINDOW_S = 0.25
 STRETCH_WINDOW_MIN_RUN_S = 0.05
 # Requests sent at once by the calibration run whose decode batches reach what a run past the knee forms
-# (the planner's fidelity runs here: 43-59 sequences at the third rate)
-STEP_BURST = 48
+# (the fidelity runs past the knee fill the decode instance: max_running, 64 sequences)
+STEP_BURST = 64
+# The fidelity runs: rates as multiples of the predicted goodput, and requests per run, enough to reach the
+# steady state the planner predicts. A run of 60 requests at 20-45 req/s is one burst whose requests share
+# one decode batch: it measures how far that batch grows, and its attainment at 2x flipped from 0.43 to 1.0
+# for 5 % of step time (2026-12-07; docs/benchmarks.md, "Planner")
+RATE_FACTORS = (0.6, 1.0, 1.4)
+STEADY_REQUESTS = 200  # the calibration run at a steady rate (see `fidelity`)
+QUICK_REQUESTS_PER_RATE = 300
+REQUESTS_PER_RATE = 600
 
 
 def _summary(plan: Any) -> dict[str, Any]:
@@ -138,21 +146,26 @@ def run(quick: bool) -> dict[str, Any]:
     return out
 
 
-def fidelity(quick: bool, log_dir: str, raw_path: str | None = None) -> dict[str, Any]:
+def fidelity(
+    quick: bool,
+    log_dir: str,
+    raw_path: str | None = None,
+    requests_per_rate: int | None = None,
+    rate_factors: tuple[float, ...] = RATE_FACTORS,
+) -> dict[str, Any]:
     """Predicted vs measured SLO attainment on this machine. Profile the quick bench model here (TP1, one
     core: the engine's forward passes only), start a 1P1D cluster on this machine's two cores (the only plan
-    the local topology holds), and calibrate the profile to the serving path from three runs through it (an
-    isolated one, a burst of 16 and one of STEP_BURST: the decode model is refitted on the decode steps the
-    decode instance counted in them by batch size, calibrate.step_model; the isolated run and the first burst
-    split what the path adds into latency and instance capacity, calibrate.calibrate). SLOs are 4x the
-    isolated TTFT and TPOT (the compare bench's balanced k = 4).
+    the local topology holds), and calibrate the profile to the serving path from four runs through it (an
+    isolated one, a burst of 16, one of STEP_BURST and a steady one at the goodput the first three predict:
+    the decode model is refitted on the decode steps the decode instance counted in them by batch size,
+    calibrate.step_model; the isolated run and the first burst split what the path adds into latency and
+    instance capacity, calibrate.calibrate). SLOs are 4x the isolated TTFT and TPOT (the compare bench's
+    balanced k = 4).
     The simulator models the cluster as launched: the gateway's local prefill (`--local-prefill busy`), the
     decode instance's `max_running` and its KV cache. Then plan with the calibrated profile and run the
-    cluster at 0.6, 1.0 and 1.4 x its predicted goodput on this host as the calibration runs found it (other
-    tenants' share of the cores stretching the model; `--quick`: 0.6, 1.0 and the first factor from 1.4 up
-    at which the model predicts its own 60-request run to fall to 0.7 attainment, so one rate is past the
-    knee; should the host's contention have eased so that it measures >= 0.9, it is raised 1.5 x, twice at
-    most, the runs it replaced kept in `below_knee`):
+    cluster at `rate_factors` (0.6, 1.0 and 1.4) x its predicted goodput on this host as the calibration runs
+    found it (other tenants' share of the cores stretching the model), `requests_per_rate` requests a run
+    (300, full 600: enough for the steady state the search predicts), the rate nearest 1.0x first:
     `predicted_attainment` is the simulator on the very arrivals and lengths each run sent, every batch and
     step stretched by its instance's wait for a core in the 0.25 s window it starts in (schedstat, measured
     in that run: what other tenants did to the cores, not what the cluster did), on the calibrated model;
@@ -230,7 +243,7 @@ def fidelity(quick: bool, log_dir: str, raw_path: str | None = None) -> dict[str
     mean_o = round(sum(o for _, o in samples) / len(samples))
     topo = local_topology()
     model = spec_from_config(json.loads((Path(model_dir) / "config.json").read_text()))
-    n = 60 if quick else 120
+    n = requests_per_rate or (QUICK_REQUESTS_PER_RATE if quick else REQUESTS_PER_RATE)
     out: dict[str, Any] = {
         "model": SMALL_MODEL,
         "profile_fit_error": lat.fit_error,
@@ -392,8 +405,6 @@ def fidelity(quick: bool, log_dir: str, raw_path: str | None = None) -> dict[str
         prefill_cpu_ratio, decode_batch1_ratio = cpu_scale(
             lat, iso.requests, iso_cpu["prefill_cpu_s"], iso_cpu["decode_cpu_s"], cap, CPU_BATCH_TOKENS
         )
-        calibration_runs = (iso_cpu, burst_cpu, big_cpu)
-        lat_steps = step_model(lat, [row for c in calibration_runs for row in step_rows(c)])
         # the previous model, for comparison: scale * the profile's step + a per-step term, inferred from
         # the step thread's CPU over the isolated run and the burst by simulating them (calibrate.decode_cpu)
         dcpu = decode_cpu(
@@ -415,29 +426,52 @@ def fidelity(quick: bool, log_dir: str, raw_path: str | None = None) -> dict[str
             )
             return terms, apply(lat_run, terms, mean_p)
 
-        terms, cal = calibrated(lat_steps)
         _, cal_previous = calibrated(dcpu.apply(lat))
-        profile = Profile(
-            engine_profile.device, engine_profile.model, (cal,), "pdserve profile + calibration"
-        )
         slo_ttft, slo_tpot = 4 * iso.ttft_s, 4 * iso.tpot_s
-        base = replace(base, profile=profile, slo_ttft_s=slo_ttft, slo_tpot_s=slo_tpot)
+        base = replace(base, slo_ttft_s=slo_ttft, slo_tpot_s=slo_tpot)
         unit = (Layout(1, 1), Layout(1, 1), 1, 1)
-        plan = search(replace(base, fixed_unit=unit, fixed_units=1))
-        uncal = search(replace(base, profile=engine_profile, fixed_unit=unit))
         # The rates: around the goodput predicted for this host as it is now (the burst's stretches), not for
         # an idle host: on a shared host the idle-host goodput can be far beyond what the cluster gets
         burst_k = (burst_cpu["prefill_stretch"], burst_cpu["decode_stretch"])  # over the whole burst
-        now_lat = stretched(cal, *burst_k)
-        now_profile = Profile(profile.device, profile.model, (now_lat,), profile.source)
-        goodput = search(
-            replace(base, profile=now_profile, fixed_unit=unit, fixed_units=1)
-        ).predicted.goodput_rps
+
+        def fitted(
+            runs: list[dict[str, Any]],
+        ) -> tuple[LayoutLatency, Any, LayoutLatency, SearchInput, float]:
+            """The model from the decode steps counted in `runs` (their CPU): (the refitted step model, the
+            serving terms, the calibrated model, the search input on it, the goodput at the burst's
+            contention)."""
+            lat_steps = step_model(lat, [row for c in runs for row in step_rows(c)])
+            terms, cal = calibrated(lat_steps)
+            profile = Profile(
+                engine_profile.device, engine_profile.model, (cal,), "pdserve profile + calibration"
+            )
+            now = Profile(profile.device, profile.model, (stretched(cal, *burst_k),), profile.source)
+            goodput = search(replace(base, profile=now, fixed_unit=unit, fixed_units=1)).predicted.goodput_rps
+            return lat_steps, terms, cal, replace(base, profile=profile), goodput
+
+        # The decode steps of a burst run with the prefill core idle once its prompts are done; in a run at a
+        # steady rate the prefill instance works beside every step, on the other core of the same caches
+        # and memory, and the same batch took 10-15 % more CPU (2026-12-07). So a fourth calibration run at
+        # the goodput the bursts predict (another seed than the fidelity runs) adds the steps of the steady
+        # state, the decode batch growing as far as that rate takes it, and the model is refitted on all.
+        *_, first_goodput = fitted([iso_cpu, burst_cpu, big_cpu])
+        *_, steady_cpu, _ = load(
+            Workload("steady", STEADY_REQUESTS, first_goodput, prompt=spec.prompt, output=spec.output, seed=2)
+        )
+        lat_steps, terms, cal, base, goodput = fitted([iso_cpu, burst_cpu, big_cpu, steady_cpu])
+        plan = search(replace(base, fixed_unit=unit, fixed_units=1))
+        uncal = search(replace(base, profile=engine_profile, fixed_unit=unit))
         out.update(
             {
                 "isolated_ms": {"ttft": iso.ttft_s * 1e3, "tpot": iso.tpot_s * 1e3},
                 "burst_ms": {"ttft": burst.ttft_s * 1e3, "tpot": burst.tpot_s * 1e3},
-                "calibration_cpu": {"isolated": iso_cpu, "burst": burst_cpu, "burst_steps": big_cpu},
+                "calibration_cpu": {
+                    "isolated": iso_cpu,
+                    "burst": burst_cpu,
+                    "burst_steps": big_cpu,
+                    "steady": steady_cpu,
+                },
+                "steady_calibration_rps": first_goodput,
                 "engine_only_ms": {
                     "ttft": lat.prefill_s(mean_p, mean_p * mean_p) * 1e3,
                     "tpot": lat.decode_s(1, mean_p + mean_o / 2) * 1e3,
@@ -495,26 +529,8 @@ def fidelity(quick: bool, log_dir: str, raw_path: str | None = None) -> dict[str
             pre, dec = one_by_one(model, k_prefill, k_decode, cap, CPU_BATCH_TOKENS, max_running)
             return simulate(sent, pre, dec, [[Link(0.0)]], policy)
 
-        def predicted_on(rate: float) -> float:
-            """Attainment the model predicts for the run `--quick` would send at `rate`, on this host as the
-            burst found it (the schedule is known before it is sent: seeded arrivals and lengths)."""
-            sent = [
-                Request(r.scheduled_s, r.prompt_len, r.output_len)
-                for r in make_requests(run_wl(rate), source)
-            ]
-            return on_schedule(sent, *burst_k).attainment(slo_ttft, slo_tpot)
-
-        factors: tuple[float, ...] = (0.6, 1.0, 1.4)
-        if quick:
-            # A short run fills its queue less than a long one, so 1.4x the steady goodput can stay below the
-            # knee for 60 requests: the third rate is the first factor at which the model predicts this very
-            # run to fall to 0.7 or below (past the knee), the first two 0.6x and 1.0x.
-            grid = (1.4, 1.7, 2.0, 2.4, 2.8, 3.4)
-            knee = next((f for f in grid if predicted_on(goodput * f) <= 0.7), grid[-1])
-            factors = (0.6, 1.0, knee)
-
-        def run_rate(rate: float) -> float:
-            """Run the cluster at `rate`, record predicted beside measured; -> measured attainment."""
+        def run_rate(rate: float) -> None:
+            """Run the cluster at `rate`, record predicted beside measured."""
             steady = search(replace(base, rate=rate, fixed_unit=unit, fixed_units=1))
             sent, metrics, cpu, windows = load(run_wl(rate))
 
@@ -597,21 +613,14 @@ def fidelity(quick: bool, log_dir: str, raw_path: str | None = None) -> dict[str
                     "cpu": cpu,
                 }
             )
-            return measured
 
-        for f in factors:
-            last = run_rate(round(goodput * f, 3))
-        # --quick on a shared host: the rates come from the calibration's contention, which a later run may not
-        # see; while the last rate is not past the knee (measured >= 0.9), it is replaced by one 1.5 x higher
-        # (twice at most), the runs below the knee kept in `below_knee`
-        out["below_knee"] = []
-        for _ in range(2 if quick else 0):
-            if last < 0.9:
-                break
-            out["below_knee"].append({k: out[k].pop() for k in ("fidelity", "distributions_ms", "measured")})
-            factors = (*factors[:-1], factors[-1] * 1.5)
-            last = run_rate(round(goodput * factors[-1], 3))
-        out["rate_factors"] = list(factors)
+        # the rate nearest the goodput first, right after the steady calibration run: at the knee a few % of
+        # host speed move attainment by tens of points, and this host's speed drifts over a minute
+        for f in sorted(rate_factors, key=lambda f: abs(f - 1.0)):
+            run_rate(round(goodput * f, 3))
+        for key in ("fidelity", "distributions_ms", "measured"):
+            out[key].sort(key=lambda row: row["rate"])
+        out["rate_factors"] = list(rate_factors)
     finally:
         cluster.stop()
     out["loadavg_after"] = list(os.getloadavg())
@@ -655,11 +664,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="write the JSON here instead of stdout")
     p.add_argument("--no-fidelity", action="store_true", help="skip the cluster runs (search figures only)")
     p.add_argument("--raw", default=None, help="write every run's per-request token times and schedstat here")
+    p.add_argument(
+        "--requests-per-rate",
+        type=int,
+        default=None,
+        help=f"requests per fidelity run (default {QUICK_REQUESTS_PER_RATE}, full {REQUESTS_PER_RATE})",
+    )
+    p.add_argument(
+        "--rate-factors",
+        type=lambda v: tuple(float(x) for x in v.split(",")),
+        default=RATE_FACTORS,
+        help="the fidelity runs' rates, as multiples of the predicted goodput (default 0.6,1.0,1.4)",
+    )
     p.add_argument("--log-dir", default="/tmp/pdserve-bench-planner", help="the cluster's process logs")
     a = p.parse_args(argv)
     out = run(a.quick)
     if not a.no_fidelity:
-        out["fidelity_run"] = fidelity(a.quick, a.log_dir, a.raw)
+        out["fidelity_run"] = fidelity(a.quick, a.log_dir, a.raw, a.requests_per_rate, a.rate_factors)
         out["fidelity"] = out["fidelity_run"]["fidelity"]
     emit(out, a.json)
     return 0

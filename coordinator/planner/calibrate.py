@@ -28,7 +28,8 @@ run simulated with its own stretches, and a prediction for a run uses that run's
 
 The decode model itself is refitted before these terms on the decode steps the cluster's decode instance
 counted, by batch size (`step_model`: its step thread's CPU per step, bookkeeping included, as its Stats
-RPC returns it), so the profile gives only its cost per context token and the pieces' split.
+RPC returns it), so the profile gives only its cost per context token and, unless the counted steps jump
+elsewhere, the pieces' split.
 """
 
 from __future__ import annotations
@@ -161,7 +162,7 @@ def step_model(lat: LayoutLatency, rows: Iterable[tuple[int, int, int, float, fl
     """`lat` with its decode model refitted on the decode steps an instance counted (engine.step_loop.PassCpu,
     its Stats RPC): rows of (batch size, steps, their context tokens, CPU seconds, of which in the model
     call) over calibration runs. Each batch size is a point (its mean CPU per step), weighted by its steps;
-    each piece of the model (batches below `lat.threshold`, and from it) keeps the profile's cost per
+    each piece of the model (batches below the split, and from it) keeps the profile's cost per
     context token and has its per-step and per-sequence terms fitted to the points in its range (least
     squares, both >= 0), so they hold the step loop's own work (scheduling, every token's bookkeeping) with
     the model call's. A piece with points at fewer than two batch sizes is the profile's, scaled by those
@@ -169,7 +170,12 @@ def step_model(lat: LayoutLatency, rows: Iterable[tuple[int, int, int, float, fl
     moment, on a shared host, and they sit 5-10 % off their neighbours, while a calibration burst that
     ramps its batch up to the sizes a run past the knee forms measures every size in one process within a
     second. Counted by the instance, nothing here is inferred from a simulation of the run, and the local
-    prefill passes are counted apart."""
+    prefill passes are counted apart.
+    The split between the pieces is refitted too: of the splits right after every counted batch size with
+    two counted sizes on each side, the one whose two pieces fit the points best (least squares, weighted by
+    steps), where it has under half the squared error of `lat.threshold`'s. An engine's step can jump where
+    a kernel changes: on CPU, past the 48 rows of the small-matmul kernel (engine.kernels) a step of 49
+    sequences took 28 ms against 20 at 48 (2026-12-07), which a split at 16 spread over every large batch."""
     pts = [(b, n, ctx / n, cpu / n) for b, n, ctx, cpu, _ in rows if n > 0]
     if not pts:
         raise ValueError("step_model needs decode steps")
@@ -184,9 +190,21 @@ def step_model(lat: LayoutLatency, rows: Iterable[tuple[int, int, int, float, fl
         k = sum(n * y for (_, n, _, y) in ps) / sum(n * m for (_, n, _, _), m in zip(ps, model, strict=True))
         return Coeffs(c.a * k, c.b * k, c.c * k)
 
-    small = piece(lat.decode_small, [p for p in pts if p[0] < lat.threshold])
-    large = piece(lat.decode_large, [p for p in pts if p[0] >= lat.threshold])
-    return replace(lat, decode_small=small, decode_large=large)
+    def split_at(threshold: int) -> tuple[float, LayoutLatency]:
+        small = piece(lat.decode_small, [p for p in pts if p[0] < threshold])
+        large = piece(lat.decode_large, [p for p in pts if p[0] >= threshold])
+        fitted = replace(lat, decode_small=small, decode_large=large, threshold=threshold)
+        return sum(n * (fitted.decode_s(b, ctx) - y) ** 2 for b, n, ctx, y in pts), fitted
+
+    # a split just above a counted size, with two counted sizes on each side (where in the gap the jump is,
+    # the counts cannot tell; a kernel's limit is its last size, so the split goes right after it)
+    # the profile's split stays unless another at least halves the squared error (noise moves no split)
+    sizes = sorted({b for b, *_ in pts})
+    kept = split_at(lat.threshold)
+    best = min(
+        (split_at(sizes[i - 1] + 1) for i in range(2, len(sizes) - 1)), key=lambda f: f[0], default=kept
+    )
+    return best[1] if best[0] < 0.5 * kept[0] else kept[1]
 
 
 def decode_cpu(

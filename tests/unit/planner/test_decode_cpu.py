@@ -77,6 +77,28 @@ def test_step_model_refits_each_piece_on_the_steps_an_instance_counted() -> None
         step_model(lat, [(3, 0, 0, 0.0, 0.0)])
 
 
+def test_step_model_moves_the_split_to_a_jump_in_the_counted_steps() -> None:
+    """The profile splits at 16; the instance counted steps of 4 ms + 0.3 ms per sequence up to 48 sequences
+    and of 12 ms + 0.3 ms from 52 (a kernel switch after 48 rows; no context term). Two pieces split right
+    after 48 fit every point exactly, the split at 16 does not: the split moves to 49, and a step of 49 costs
+    12 + 14.7 ms. On one line the squared error of every split is ~0, and the profile's split stays."""
+    line = Coeffs(0.004, 0.0, 0.0003)
+    lat = LayoutLatency(Layout(1, 1), Coeffs(1.0, 0.0, 0.0), line, line, threshold=16)
+
+    def rows(jump_s: float) -> list[tuple[int, int, int, float, float]]:
+        return [
+            (b, 10, 0, 10 * (0.004 + 0.0003 * b + (jump_s if b > 48 else 0.0)), 0.0)
+            for b in (4, 8, 16, 32, 48, 52, 60)
+        ]
+
+    got = step_model(lat, rows(0.008))
+    assert got.threshold == 49
+    assert got.decode_s(48, 0) == pytest.approx(0.004 + 0.0003 * 48)
+    assert got.decode_s(49, 0) == pytest.approx(0.012 + 0.0003 * 49)
+    assert astuple(got.decode_large) == pytest.approx((0.012, 0.0, 0.0003))
+    assert step_model(lat, rows(0.0)).threshold == 16
+
+
 def test_apply_maps_decode_steps_only() -> None:
     """a' = a s + o, per-token and per-sequence terms times s; prefill (local passes too) unchanged."""
     small, large = Coeffs(0.004, 1e-6, 0.001), Coeffs(0.006, 2e-6, 5e-4)
