@@ -204,6 +204,7 @@ def fidelity(
         cpu_matched,
         cpu_scale,
         decode_cpu,
+        local_hold,
         observed,
         one_by_one,
         step_model,
@@ -455,10 +456,31 @@ def fidelity(
         # the goodput the bursts predict (another seed than the fidelity runs) adds the steps of the steady
         # state, the decode batch growing as far as that rate takes it, and the model is refitted on all.
         *_, first_goodput = fitted([iso_cpu, burst_cpu, big_cpu])
-        *_, steady_cpu, _ = load(
+        steady_sent, _, steady_cpu, steady_win = load(
             Workload("steady", STEADY_REQUESTS, first_goodput, prompt=spec.prompt, output=spec.output, seed=2)
         )
-        lat_steps, terms, cal, base, goodput = fitted([iso_cpu, burst_cpu, big_cpu, steady_cpu])
+        calibration = [iso_cpu, burst_cpu, big_cpu, steady_cpu]
+        steady_local = int(
+            steady_cpu["decode_pass_cpu"]["prefill"][0]
+        )  # prompts the decode instance prefilled
+        if local is not None:
+            # the gateway hears late that a prompt is done: held in flight until the simulated steady run
+            # sends as many prompts to local prefill as the real one did (calibrate.local_hold)
+            _, _, cal, _, _ = fitted(calibration)
+            hold = local_hold(
+                cal,
+                steady_sent,
+                steady_win["prefill"],
+                steady_win["decode"],
+                cap,
+                CPU_BATCH_TOKENS,
+                max_running,
+                local,
+                steady_local,
+            )
+            local = replace(local, hold_s=hold)
+            base = replace(base, local_prefill=local)
+        lat_steps, terms, cal, base, goodput = fitted(calibration)
         plan = search(replace(base, fixed_unit=unit, fixed_units=1))
         uncal = search(replace(base, profile=engine_profile, fixed_unit=unit))
         out.update(
@@ -472,6 +494,8 @@ def fidelity(
                     "steady": steady_cpu,
                 },
                 "steady_calibration_rps": first_goodput,
+                "steady_local_prefills": steady_local,
+                "local_prefill_hold_ms": None if local is None else local.hold_s * 1e3,
                 "engine_only_ms": {
                     "ttft": lat.prefill_s(mean_p, mean_p * mean_p) * 1e3,
                     "tpot": lat.decode_s(1, mean_p + mean_o / 2) * 1e3,
@@ -601,6 +625,15 @@ def fidelity(
                     "measured": _latency_quantiles(ttfts, tpots),
                     "predicted_decode_batch_max": pred.decode_batch_max,
                     "predicted_local_prefills": pred.local_prefills,
+                    "measured_local_prefills": int(cpu["decode_pass_cpu"]["prefill"][0]),
+                    # the decode instance's work, simulated (contention-free) beside counted (its step
+                    # thread's CPU): steps run, and seconds busy
+                    "predicted_decode_steps": pred.decode_steps[0],
+                    "measured_decode_steps": sum(n for _, n, *_ in step_rows(cpu)),
+                    "predicted_decode_busy_s": pred.decode_busy_s[0],
+                    "measured_decode_cpu_s": cpu["decode_cpu_s"],
+                    "predicted_local_prefill_busy_s": pred.decode_pass_busy_s[0],
+                    "measured_local_prefill_cpu_s": cpu["decode_pass_cpu"]["prefill"][3],
                 }
             )
             out["measured"].append(

@@ -23,7 +23,8 @@ What it models (as pdserve runs, see coordinator/router.py):
   lane is one prefill pass over the admitted local prompts (FIFO up to the instance's `max_batch_tokens`,
   the first always) and then the decode step of the sequences already running, so the running sequences
   stall for the pass (decode_service/engine.py). Its first token comes at the end of the pass (TTFT adds
-  the decode instance's `path_s`); it decodes from the next step on.
+  the decode instance's `path_s`); it decodes from the next step on. A prompt prefilled on a prefill
+  instance counts in flight there until `hold_s` after its pass (the gateway hears of it that late).
 * SLO attainment: the share of requests meeting BOTH the TTFT and the TPOT SLO (DistServe's simulator
   counts the two percentiles separately); a request that can never fit a decode instance misses.
 Not modelled: prefill-side KV memory, link sharing between pairs on one NIC, preemption, stragglers.
@@ -96,6 +97,10 @@ class LocalPrefill:
 
     max_tokens: int = 128  # longest prompt prefilled on a decode instance
     depth: int = 2  # requests in flight on every prefill instance before a prompt goes local
+    # Seconds a prompt still counts in flight on its prefill instance after its pass ended: the gateway
+    # counts it until the instance's done event reaches it (gRPC both ways, the instance's event loop waiting
+    # for its core), which the pass alone does not take. Calibrated (bench planner), 0 by default.
+    hold_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -126,7 +131,7 @@ class SimResult:
         return ok / len(self.ttft_s)
 
 
-_ARRIVE, _PREFILL_FREE, _PREFILL_DONE, _KV_READY, _LANE, _FIRST = range(6)
+_ARRIVE, _PREFILL_FREE, _PREFILL_DONE, _KV_READY, _LANE, _FIRST, _HELD = range(7)
 
 
 class _Lane:
@@ -168,6 +173,7 @@ def simulate(
     for i, r in enumerate(requests):
         push(r.arrival_s, _ARRIVE, i)
 
+    hold_s = local_prefill.hold_s if local_prefill is not None else 0.0
     # prefill state
     p_queue: list[deque[int]] = [deque() for _ in prefill]
     p_inflight = [0] * len(prefill)
@@ -358,7 +364,10 @@ def simulate(
                 start_prefill(a, now)
         elif kind == _PREFILL_DONE:
             for i in p_batches.pop(b):
-                p_inflight[a] -= 1
+                if hold_s > 0:
+                    push(now + hold_s, _HELD, a)
+                else:
+                    p_inflight[a] -= 1
                 first_token[i] = now
                 ttft[i] = now - requests[i].arrival_s + prefill[a].latency.path_s
                 r = requests[i]
@@ -379,6 +388,8 @@ def simulate(
         elif kind == _KV_READY:
             d_wait[b].append(a)
             wake_decode(b, now)
+        elif kind == _HELD:  # the gateway heard that a prompt of prefill instance a is done
+            p_inflight[a] -= 1
         elif kind == _FIRST:  # the local prefill pass of lane b of instance a ended
             _first_tokens(a, lanes[a][b])
         else:  # _LANE: a step of lane b of instance a ended
