@@ -196,9 +196,9 @@ def step_model(lat: LayoutLatency, rows: Iterable[tuple[int, int, int, float, fl
         fitted = replace(lat, decode_small=small, decode_large=large, threshold=threshold)
         return sum(n * (fitted.decode_s(b, ctx) - y) ** 2 for b, n, ctx, y in pts), fitted
 
-    # a split just above a counted size, with two counted sizes on each side (where in the gap the jump is,
-    # the counts cannot tell; a kernel's limit is its last size, so the split goes right after it)
-    # the profile's split stays unless another at least halves the squared error (noise moves no split)
+    # Candidates: right after a counted size, with two counted sizes on each side (where in the gap the jump
+    # is, the counts cannot tell; a kernel's limit is its last size). The profile's split stays unless one
+    # at least halves the squared error, so noise moves no split.
     sizes = sorted({b for b, *_ in pts})
     kept = split_at(lat.threshold)
     best = min(
