@@ -420,14 +420,22 @@ def fidelity(
             local,
         )
 
-        def calibrated(lat_run: LayoutLatency) -> tuple[Any, LayoutLatency]:
-            # the engine profile is CPU-clock time: calibrated with each run's measured stretches taken out
+        def calibrated(lat_run: LayoutLatency, counted: bool) -> tuple[Any, LayoutLatency]:
+            # the engine profile is CPU-clock time: calibrated with each run's measured stretches taken out;
+            # a decode model `counted` on the step thread's CPU (step_model) takes no decode capacity terms
             terms = calibrate(
-                lat_run, iso, burst, cap, CPU_BATCH_TOKENS, local_prefill=local, max_running=max_running
+                lat_run,
+                iso,
+                burst,
+                cap,
+                CPU_BATCH_TOKENS,
+                local_prefill=local,
+                max_running=max_running,
+                decode_terms=not counted,
             )
             return terms, apply(lat_run, terms, mean_p)
 
-        _, cal_previous = calibrated(dcpu.apply(lat))
+        _, cal_previous = calibrated(dcpu.apply(lat), counted=False)
         slo_ttft, slo_tpot = 4 * iso.ttft_s, 4 * iso.tpot_s
         base = replace(base, slo_ttft_s=slo_ttft, slo_tpot_s=slo_tpot)
         unit = (Layout(1, 1), Layout(1, 1), 1, 1)
@@ -442,7 +450,7 @@ def fidelity(
             serving terms, the calibrated model, the search input on it, the goodput at the burst's
             contention)."""
             lat_steps = step_model(lat, [row for c in runs for row in step_rows(c)])
-            terms, cal = calibrated(lat_steps)
+            terms, cal = calibrated(lat_steps, counted=True)
             profile = Profile(
                 engine_profile.device, engine_profile.model, (cal,), "pdserve profile + calibration"
             )

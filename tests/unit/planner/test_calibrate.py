@@ -68,6 +68,26 @@ def test_calibration_recovers_the_terms_a_cluster_was_run_with(true: ServingTerm
     assert abs(got.residual["ttft"]) < 1e-3 and abs(got.residual["tpot"]) < 1e-4
 
 
+def test_a_decode_model_counted_on_the_step_thread_takes_no_decode_capacity_terms() -> None:
+    """Run with path and prefill terms only (the decode model is what the step thread ran): the prefill
+    terms come back as with the decode terms fitted, and none is charged to decode, where the bisection
+    would find the same zeros here but on a real cluster charges the waits the stretch already models."""
+    true = ServingTerms(0.020, 0.010, 0.0, 0.0, {})
+    iso, bur = measure(true, isolated()), measure(true, burst())
+    got = calibrate(ENGINE, iso, bur, CAP, BATCH_TOKENS, decode_terms=False)
+    assert got.path_s == pytest.approx(true.path_s, abs=2e-4)
+    assert got.prefill_per_request_s == pytest.approx(true.prefill_per_request_s, abs=2e-4)
+    assert (got.step_s, got.step_per_seq_s) == (0.0, 0.0)
+    assert abs(got.residual["ttft"]) < 1e-3 and abs(got.residual["tpot"]) < 1e-4
+    # with a per-sequence cost the model does not hold, the burst's TPOT is left as the residual
+    slower = ServingTerms(0.020, 0.010, 0.0, 0.0005, {})
+    left = calibrate(
+        ENGINE, measure(slower, isolated()), measure(slower, burst()), CAP, BATCH_TOKENS, decode_terms=False
+    )
+    assert (left.step_s, left.step_per_seq_s) == (0.0, 0.0)
+    assert left.residual["tpot"] < -1e-3  # simulated below measured
+
+
 def test_isolated_run_alone_fixes_the_sums_and_the_burst_the_split() -> None:
     """Latency and capacity give the same isolated run; only the burst tells them apart: a latency-only
     path leaves every burst request's TTFT shifted by the same amount, a capacity one queues them."""
