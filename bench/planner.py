@@ -337,6 +337,7 @@ def fidelity(
             cpu[f"{role}_cpu_s"] = busiest_run_s(before[role], after)
             w = window_stretches(sampler.samples, role, STRETCH_WINDOW_MIN_RUN_S)
             offset = sampler.samples[0][0] - t_start
+            raw_runs[-1]["window_offset_s"] = offset  # the windows on the requests' clock (planner_replay)
             windows[role] = Stretch(tuple(x[0] + offset for x in w), tuple(x[1] for x in w))
             cpu[f"{role}_window_stretch"] = [round(x[1], 3) for x in w]
         sim = [Request(r.scheduled_s, r.prompt_len, r.output_len) for r in reqs]
