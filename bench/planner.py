@@ -205,6 +205,7 @@ def fidelity(
         cpu_scale,
         decode_cpu,
         local_hold,
+        local_pass_scale,
         observed,
         one_by_one,
         step_model,
@@ -469,13 +470,17 @@ def fidelity(
             Workload("steady", STEADY_REQUESTS, first_goodput, prompt=spec.prompt, output=spec.output, seed=2)
         )
         calibration = [iso_cpu, burst_cpu, big_cpu, steady_cpu]
-        steady_local = int(
-            steady_cpu["decode_pass_cpu"]["prefill"][0]
-        )  # prompts the decode instance prefilled
+        # the decode instance's prompt passes (local prefill) in the steady run: passes, tokens, sum of
+        # squares, CPU seconds (engine.step_loop.PassCpu)
+        lp_passes, lp_tokens, lp_sq, lp_cpu, _ = steady_cpu["decode_pass_cpu"]["prefill"]
+        steady_local = int(lp_passes)  # prompts the decode instance prefilled
+        local_k = 1.0
         if local is not None:
             # the gateway hears late that a prompt is done: held in flight until the simulated steady run
-            # sends as many prompts to local prefill as the real one did (calibrate.local_hold)
+            # sends as many prompts to local prefill as the real one did (calibrate.local_hold), its local
+            # passes as slow as the real ones (calibrate.local_pass_scale)
             _, _, cal, _, _ = fitted(calibration)
+            local_k = local_pass_scale(cal, int(lp_passes), int(lp_tokens), int(lp_sq), lp_cpu)
             hold = local_hold(
                 cal,
                 steady_sent,
@@ -486,10 +491,13 @@ def fidelity(
                 max_running,
                 local,
                 steady_local,
+                local_k,
             )
             local = replace(local, hold_s=hold)
             base = replace(base, local_prefill=local)
         lat_steps, terms, cal, base, goodput = fitted(calibration)
+        if local is not None:
+            local_k = local_pass_scale(cal, int(lp_passes), int(lp_tokens), int(lp_sq), lp_cpu)
         plan = search(replace(base, fixed_unit=unit, fixed_units=1))
         uncal = search(replace(base, profile=engine_profile, fixed_unit=unit))
         out.update(
@@ -505,6 +513,8 @@ def fidelity(
                 "steady_calibration_rps": first_goodput,
                 "steady_local_prefills": steady_local,
                 "local_prefill_hold_ms": None if local is None else local.hold_s * 1e3,
+                # the decode instance's local prefill passes over the prefill model (the steady run's)
+                "local_pass_scale": local_k,
                 "engine_only_ms": {
                     "ttft": lat.prefill_s(mean_p, mean_p * mean_p) * 1e3,
                     "tpot": lat.decode_s(1, mean_p + mean_o / 2) * 1e3,
@@ -559,7 +569,7 @@ def fidelity(
             """The simulator on a run's own arrivals and lengths, the instances' times (`lat`, default the
             calibrated model) stretched (over the run or per window), and all of them `scale` times longer."""
             model = (cal if lat is None else lat).scaled(scale)
-            pre, dec = one_by_one(model, k_prefill, k_decode, cap, CPU_BATCH_TOKENS, max_running)
+            pre, dec = one_by_one(model, k_prefill, k_decode, cap, CPU_BATCH_TOKENS, max_running, local_k)
             return simulate(sent, pre, dec, [[Link(0.0)]], policy)
 
         def run_rate(rate: float) -> None:

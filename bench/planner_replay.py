@@ -82,6 +82,7 @@ def replay_run(
         int(summary["decode_kv_capacity_tokens"]),
         int(consts["max_batch_tokens"]),
         int(consts["max_running"]),
+        float(summary.get("local_pass_scale", 1.0)),
     )
     local = None
     if consts.get("local_prefill"):

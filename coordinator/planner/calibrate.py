@@ -297,6 +297,17 @@ def cpu_matched(
     return replace(stretched(lat, fp, fd), path_s=lat.path_s), fp, fd
 
 
+def local_pass_scale(lat: LayoutLatency, passes: int, tokens: int, sum_sq: int, cpu_s: float) -> float:
+    """The decode instance's prompt passes (local prefill) over what `lat`'s prefill model gives them, from
+    what the instance counted (engine.step_loop.PassCpu: passes, prompt tokens, their sum of squares, the
+    step thread's CPU seconds on them); 1.0 without passes. A decode instance's pass is charged the step
+    thread's work since its previous step (admitting pulled sequences among it), and it took 1.17-1.27x the
+    prefill instance's time for the same prompts in the planner's steady calibration runs (2026-12-07)."""
+    p = lat.prefill
+    model = passes * p.a + tokens * p.b + sum_sq * p.c
+    return cpu_s / model if passes > 0 and model > 0 and cpu_s > 0 else 1.0
+
+
 HOLD_MAX_S = 0.1  # local_hold's bound (a 1P1D gateway on loopback hears of a done pass well within it)
 
 
@@ -310,14 +321,18 @@ def local_hold(
     max_running: int,
     local_prefill: LocalPrefill,
     local_prefills: int,
+    local_pass: float = 1.0,
 ) -> float:
     """The `LocalPrefill.hold_s` at which the simulator sends as many of a 1P1D run's `requests` to local
     prefill as the run did (`local_prefills`, counted by its decode instance): the smallest hold in
     [0, HOLD_MAX_S] reaching that count (bisection; the count grows with the hold, as the prefill instance
     looks busy for longer). The gateway decides on the prompts it has not heard to be done, and hears late
     on a shared host (gRPC both ways, the instance's event loop waiting for its core): in the planner's
-    fidelity runs the cluster prefilled 35-50 % more prompts locally than the simulator without a hold."""
-    pre, dec = one_by_one(lat, k_prefill, k_decode, kv_capacity_tokens, max_batch_tokens, max_running)
+    fidelity runs the cluster prefilled 35-50 % more prompts locally than the simulator without a hold.
+    `local_pass`: the decode instance's `local_pass_scale`."""
+    pre, dec = one_by_one(
+        lat, k_prefill, k_decode, kv_capacity_tokens, max_batch_tokens, max_running, local_pass
+    )
 
     def count(hold_s: float) -> int:
         policy = replace(local_prefill, hold_s=hold_s)
@@ -341,17 +356,21 @@ def one_by_one(
     kv_capacity_tokens: int,
     max_batch_tokens: int,
     max_running: int = 1 << 30,
+    local_pass: float = 1.0,
 ) -> tuple[list[PrefillInstance], list[DecodeInstance]]:
     """A 1P1D cluster of `lat` instances whose runs waited `k_prefill` / `k_decode` times their CPU time for a
     core: one factor for the whole run, or one per time window (`Stretch`: each batch or step stretched by
     its window's; the path latency by the windows' mean). The decode instance's local prefill passes
     (simulator.LocalPrefill) run on the decode instance's core, so they stretch by `k_decode`, as its steps
-    do; it admits at most `max_running` requests."""
+    do, and take `local_pass` times the prefill model's time (measured: `local_pass_scale`); it admits at
+    most `max_running` requests."""
     # one factor over the run is a Stretch of one window: the instances' busy seconds stay contention-free
     sp = k_prefill if isinstance(k_prefill, Stretch) else Stretch((0.0,), (k_prefill,))
     sd = k_decode if isinstance(k_decode, Stretch) else Stretch((0.0,), (k_decode,))
+    p = lat.prefill
+    on_decode = replace(lat, prefill=Coeffs(p.a * local_pass, p.b * local_pass, p.c * local_pass))
     dec = DecodeInstance(
-        lat, kv_capacity_tokens, max_batch_tokens=max_batch_tokens, max_running=max_running, stretch=sd
+        on_decode, kv_capacity_tokens, max_batch_tokens=max_batch_tokens, max_running=max_running, stretch=sd
     )
     # the path latency outside the instances stretches by the prefill's mean
     pre = replace(lat, path_s=lat.path_s * mean_factor(k_prefill))
