@@ -301,8 +301,8 @@ def local_pass_scale(lat: LayoutLatency, passes: int, tokens: int, sum_sq: int, 
     """The decode instance's prompt passes (local prefill) over what `lat`'s prefill model gives them, from
     what the instance counted (engine.step_loop.PassCpu: passes, prompt tokens, their sum of squares, the
     step thread's CPU seconds on them); 1.0 without passes. A decode instance's pass is charged the step
-    thread's work since its previous step (admitting pulled sequences among it), and it took 1.17-1.27x the
-    prefill instance's time for the same prompts in the planner's steady calibration runs (2026-12-07)."""
+    thread's work since its previous step, and in the planner's steady calibration runs of 2026-12-07 it
+    took 0.88-1.32x (mostly 1.08-1.27x) what the prefill model gives the same prompts."""
     p = lat.prefill
     model = passes * p.a + tokens * p.b + sum_sq * p.c
     return cpu_s / model if passes > 0 and model > 0 and cpu_s > 0 else 1.0
