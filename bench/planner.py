@@ -27,6 +27,7 @@ from coordinator.planner.distserve import SHIPPED, profile_from_distserve
 from coordinator.planner.latency import Layout, LayoutLatency
 from coordinator.planner.model import OPT_13B_CONFIG, spec_from_config
 from coordinator.planner.search import SearchInput, search
+from coordinator.planner.simulator import Stretch
 from coordinator.planner.topology import uniform
 
 # simdistserve/README.md (LLMServe/DistServe): "Best per GPU rate: 1.56; Best config: pp_cross=1,
@@ -57,6 +58,16 @@ RATE_FACTORS = (0.6, 1.0, 1.4)
 STEADY_REQUESTS = 200  # the calibration run at a steady rate (see `fidelity`)
 QUICK_REQUESTS_PER_RATE = 300
 REQUESTS_PER_RATE = 600
+
+
+def stretch_windows(samples: list[tuple[float, Any]], role: str, offset_s: float) -> Stretch:
+    """`role`'s stretch per window of a run's schedstat `samples` (bench.cpu.window_stretches; a window in
+    which its step thread ran under STRETCH_WINDOW_MIN_RUN_S merged into the next), on the requests' clock:
+    `offset_s` is the first sample's time on it."""
+    from bench.cpu import window_stretches
+
+    w = window_stretches(samples, role, STRETCH_WINDOW_MIN_RUN_S)
+    return Stretch(tuple(x[0] + offset_s for x in w), tuple(x[1] for x in w))
 
 
 def _summary(plan: Any) -> dict[str, Any]:
@@ -193,7 +204,7 @@ def fidelity(
     from bench.compare.modes import SMALL_MODEL, SMALL_WORKLOADS
     from bench.compare.slos import bench_model, prompt_source
     from bench.compare.systems import warm_up
-    from bench.cpu import CpuMeter, SchedSampler, busiest_run_s, schedstat_ns, stretch, window_stretches
+    from bench.cpu import CpuMeter, SchedSampler, busiest_run_s, schedstat_ns, stretch
     from bench.metrics import SLO, attainment, compute_metrics
     from bench.serving import run_load
     from bench.workload import Fixed, Workload, make_requests
@@ -219,7 +230,6 @@ def fidelity(
         LocalPrefill,
         Request,
         SimResult,
-        Stretch,
         simulate,
     )
     from engine.runner import DEFAULT_KV_CACHE_BYTES
@@ -336,11 +346,10 @@ def fidelity(
             cpu[f"{role}_pass_cpu"] = asdict(pass_cpu(role).minus(passes_before[role]))
             cpu[f"{role}_stretch"] = stretch(before[role], after)
             cpu[f"{role}_cpu_s"] = busiest_run_s(before[role], after)
-            w = window_stretches(sampler.samples, role, STRETCH_WINDOW_MIN_RUN_S)
             offset = sampler.samples[0][0] - t_start
             raw_runs[-1]["window_offset_s"] = offset  # the windows on the requests' clock (planner_replay)
-            windows[role] = Stretch(tuple(x[0] + offset for x in w), tuple(x[1] for x in w))
-            cpu[f"{role}_window_stretch"] = [round(x[1], 3) for x in w]
+            windows[role] = stretch_windows(sampler.samples, role, offset)
+            cpu[f"{role}_window_stretch"] = [round(k, 3) for k in windows[role].factors]
         sim = [Request(r.scheduled_s, r.prompt_len, r.output_len) for r in reqs]
         return sim, metrics, cpu, windows
 
@@ -445,31 +454,30 @@ def fidelity(
         # an idle host: on a shared host the idle-host goodput can be far beyond what the cluster gets
         burst_k = (burst_cpu["prefill_stretch"], burst_cpu["decode_stretch"])  # over the whole burst
 
-        def fitted(
-            runs: list[dict[str, Any]],
-        ) -> tuple[LayoutLatency, Any, LayoutLatency, SearchInput, float]:
-            """The model from the decode steps counted in `runs` (their CPU): (the refitted step model, the
-            serving terms, the calibrated model, the search input on it, the goodput at the burst's
-            contention)."""
-            lat_steps = step_model(lat, [row for c in runs for row in step_rows(c)])
-            terms, cal = calibrated(lat_steps, counted=True)
-            profile = Profile(
-                engine_profile.device, engine_profile.model, (cal,), "pdserve profile + calibration"
+        def profile_of(model: LayoutLatency) -> Profile:
+            return Profile(
+                engine_profile.device, engine_profile.model, (model,), "pdserve profile + calibration"
             )
-            now = Profile(profile.device, profile.model, (stretched(cal, *burst_k),), profile.source)
-            goodput = search(replace(base, profile=now, fixed_unit=unit, fixed_units=1)).predicted.goodput_rps
-            return lat_steps, terms, cal, replace(base, profile=profile), goodput
+
+        def steps_of(runs: list[dict[str, Any]]) -> LayoutLatency:
+            """The step model refitted on the decode steps counted in `runs` (their CPU)."""
+            return step_model(lat, [row for c in runs for row in step_rows(c)])
+
+        def goodput_now(model: LayoutLatency) -> float:
+            """The calibrated `model`'s goodput at the burst's contention (the runs' rates are around it)."""
+            now = profile_of(stretched(model, *burst_k))
+            return search(replace(base, profile=now, fixed_unit=unit, fixed_units=1)).predicted.goodput_rps
 
         # The decode steps of a burst run with the prefill core idle once its prompts are done; in a run at a
         # steady rate the prefill instance works beside every step, on the other core of the same caches
         # and memory, and the same batch took 10-15 % more CPU (2026-12-07). So a fourth calibration run at
         # the goodput the bursts predict (another seed than the fidelity runs) adds the steps of the steady
         # state, the decode batch growing as far as that rate takes it, and the model is refitted on all.
-        *_, first_goodput = fitted([iso_cpu, burst_cpu, big_cpu])
+        first_goodput = goodput_now(calibrated(steps_of([iso_cpu, burst_cpu, big_cpu]), counted=True)[1])
         steady_sent, _, steady_cpu, steady_win = load(
             Workload("steady", STEADY_REQUESTS, first_goodput, prompt=spec.prompt, output=spec.output, seed=2)
         )
-        calibration = [iso_cpu, burst_cpu, big_cpu, steady_cpu]
+        lat_steps = steps_of([iso_cpu, burst_cpu, big_cpu, steady_cpu])
         # the decode instance's prompt passes (local prefill) in the steady run: passes, tokens, sum of
         # squares, CPU seconds (engine.step_loop.PassCpu)
         lp_passes, lp_tokens, lp_sq, lp_cpu, _ = steady_cpu["decode_pass_cpu"]["prefill"]
@@ -479,7 +487,7 @@ def fidelity(
             # the gateway hears late that a prompt is done: held in flight until the simulated steady run
             # sends as many prompts to local prefill as the real one did (calibrate.local_hold), its local
             # passes as slow as the real ones (calibrate.local_pass_scale)
-            _, _, cal, _, _ = fitted(calibration)
+            _, cal = calibrated(lat_steps, counted=True)
             local_k = local_pass_scale(cal, int(lp_passes), int(lp_tokens), int(lp_sq), lp_cpu)
             hold = local_hold(
                 cal,
@@ -495,7 +503,10 @@ def fidelity(
             )
             local = replace(local, hold_s=hold)
             base = replace(base, local_prefill=local)
-        lat_steps, terms, cal, base, goodput = fitted(calibration)
+        # the serving terms again, the burst simulated with the hold (calibrate runs the gateway's policy)
+        terms, cal = calibrated(lat_steps, counted=True)
+        goodput = goodput_now(cal)
+        base = replace(base, profile=profile_of(cal))
         if local is not None:
             local_k = local_pass_scale(cal, int(lp_passes), int(lp_tokens), int(lp_sq), lp_cpu)
         plan = search(replace(base, fixed_unit=unit, fixed_units=1))

@@ -18,15 +18,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from bench.cpu import window_stretches
+from bench.planner import stretch_windows
 from bench.report import emit
 from coordinator.planner.calibrate import ServingTerms, apply, one_by_one
 from coordinator.planner.latency import Coeffs, Layout, LayoutLatency
 from coordinator.planner.simulator import Link, LocalPrefill, Request, SimResult, Stretch, simulate
 from pdserve.plan_cli import profile_from_json
-
-# the planner's own constant: windows in which the step thread ran less are merged (bench.planner)
-STRETCH_WINDOW_MIN_RUN_S = 0.05
 
 
 def calibrated_model(raw: dict[str, Any]) -> LayoutLatency:
@@ -41,14 +38,7 @@ def calibrated_model(raw: dict[str, Any]) -> LayoutLatency:
         decode_large=Coeffs(*steps["large"]),
         threshold=int(steps["threshold"]),
     )
-    t = summary["serving_terms"]
-    terms = ServingTerms(
-        t["path_ms"] / 1e3,
-        t["prefill_per_request_ms"] / 1e3,
-        t["decode_per_step_ms"] / 1e3,
-        t["decode_per_seq_per_step_ms"] / 1e3,
-        {},
-    )
+    terms = ServingTerms.from_dict(summary["serving_terms"])
     return apply(lat, terms, raw["consts"]["mean_prompt"])
 
 
@@ -58,9 +48,7 @@ def windows(run: dict[str, Any], role: str) -> Stretch:
         (t, {name: {int(tid): (int(v[0]), int(v[1])) for tid, v in d.items()} for name, d in m.items()})
         for t, m in run["sched"]
     ]
-    w = window_stretches(samples, role, STRETCH_WINDOW_MIN_RUN_S)
-    offset = float(run.get("window_offset_s", 0.0))
-    return Stretch(tuple(x[0] + offset for x in w), tuple(x[1] for x in w))
+    return stretch_windows(samples, role, float(run.get("window_offset_s", 0.0)))
 
 
 def replay_run(

@@ -37,6 +37,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 from coordinator.planner.latency import Coeffs, LayoutLatency
 from coordinator.planner.simulator import (
@@ -393,6 +394,17 @@ class ServingTerms:
             "decode_per_seq_per_step_ms": self.step_per_seq_s * 1e3,
             "burst_residual_ms": {k: v * 1e3 for k, v in self.residual.items()},
         }
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> ServingTerms:
+        """`to_dict`'s inverse (a recorded calibration, bench.planner_replay)."""
+        return ServingTerms(
+            d["path_ms"] / 1e3,
+            d["prefill_per_request_ms"] / 1e3,
+            d["decode_per_step_ms"] / 1e3,
+            d["decode_per_seq_per_step_ms"] / 1e3,
+            {k: v / 1e3 for k, v in d.get("burst_residual_ms", {}).items()},
+        )
 
 
 def apply(lat: LayoutLatency, terms: ServingTerms, mean_prompt: float) -> LayoutLatency:
